@@ -1,0 +1,82 @@
+//! The domain model shared by every part of the product.
+//!
+//! This crate owns the vocabulary: identifiers (site, host, VM, disk, VPG,
+//! checkpoint, replication stream), checkpoint kinds, retention policies, VPG
+//! settings, and the VPG status state machine with the transitions it allows.
+//!
+//! It must not do I/O, spawn tasks or know about wire or disk formats: the
+//! appliance, the site manager and the clients all depend on it, so it stays
+//! small, pure and cheap to compile.
+
+mod ids;
+mod retention;
+mod status;
+
+pub use ids::{CheckpointId, DiskId, HostId, SiteId, StreamId, VmId, VpgId};
+pub use retention::{RetentionPolicy, SparseTier};
+pub use status::{IllegalTransition, VpgStatus};
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// What kind of recovery point a checkpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CheckpointKind {
+    /// Inserted by the site manager on its timer (every few seconds).
+    Automatic,
+    /// Inserted on an operator's request, with a name ("before patch").
+    Named,
+    /// Inserted after a quiesce hook ran in the guests.
+    ApplicationConsistent,
+    /// Taken while a bitmap or delta sync ran: the disks were not a
+    /// consistent cut, so it is kept for the record but never offered as a
+    /// recovery point.
+    Inconsistent,
+}
+
+impl CheckpointKind {
+    /// Whether an operator may recover to a checkpoint of this kind.
+    pub fn is_recoverable(self) -> bool {
+        !matches!(self, CheckpointKind::Inconsistent)
+    }
+
+    /// Checkpoints kept forever by sparse tiers (until time or space evicts
+    /// them) are the ones an operator named or an application quiesced.
+    pub fn is_notable(self) -> bool {
+        matches!(
+            self,
+            CheckpointKind::Named | CheckpointKind::ApplicationConsistent
+        )
+    }
+}
+
+/// Settings of one virtual protection group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VpgSettings {
+    pub id: VpgId,
+    pub name: String,
+    /// VMs in boot order.
+    pub vms: Vec<VmId>,
+    /// How often the site manager inserts an automatic checkpoint.
+    pub checkpoint_interval: Duration,
+    /// How long a checkpoint barrier may hold the taps before it is aborted.
+    pub barrier_timeout: Duration,
+    pub retention: RetentionPolicy,
+}
+
+impl VpgSettings {
+    /// The defaults of DESIGN 4.2 (5 s checkpoints, 500 ms barrier) and a
+    /// 24 h journal.
+    pub fn new(name: impl Into<String>) -> Self {
+        VpgSettings {
+            id: VpgId::new(),
+            name: name.into(),
+            vms: Vec::new(),
+            checkpoint_interval: Duration::from_secs(5),
+            barrier_timeout: Duration::from_millis(500),
+            retention: RetentionPolicy::Time {
+                history: Duration::from_secs(24 * 3600),
+            },
+        }
+    }
+}

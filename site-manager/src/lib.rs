@@ -1,0 +1,9 @@
+//! The site manager: the control plane of one site.
+//!
+//! It will own the persistent store (sled), the REST API and web UI, pairing
+//! with the peer site, the checkpoint coordinator (the two-phase barrier of
+//! DESIGN 4.2), recovery orchestration (failover, tests, move, failback),
+//! monitoring and log collection, and the operator CLI.
+//!
+//! It must not touch replicated data itself: bytes flow through the VDSAs;
+//! the site manager only tells them what to do.

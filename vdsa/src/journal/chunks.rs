@@ -1,0 +1,576 @@
+//! The content-addressed chunk store: each distinct 4 KiB block once, keyed
+//! by its blake3 hash, zstd-compressed when that pays, appended to pack
+//! files, reference counted, and compacted when packs fill with garbage.
+//!
+//! Packs are append-only. A chunk's bytes are made durable (pack fsync)
+//! before any log record that names it is, so a durable record never points
+//! at a chunk that a crash could lose.
+
+use super::error::{JournalError, Result};
+use super::format::crc32c;
+use super::fsutil;
+use super::model::BLOCK_SIZE;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub const PACK_MAGIC: &[u8; 8] = b"VDSAPAK1";
+pub const PACK_HEADER_LEN: usize = 32;
+pub const CHUNK_MAGIC: u32 = 0x4B4E_4843; // "CHNK"
+pub const CHUNK_HEADER_LEN: usize = 4 + 32 + 1 + 4 + 4;
+const FLAG_ZSTD: u8 = 1;
+/// Store compressed only if it saves at least an eighth of the block.
+const COMPRESSED_LIMIT: usize = BLOCK_SIZE - BLOCK_SIZE / 8;
+const FREE: u32 = u32::MAX;
+
+pub type Hash = [u8; 32];
+pub type ChunkId = u32;
+
+/// The hash's own bytes are uniformly random; hashing them again is waste.
+#[derive(Default)]
+struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().take(8) {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type PrefixMap = HashMap<u64, ChunkId, BuildHasherDefault<PrefixHasher>>;
+
+/// Where one chunk lives. 48 bytes: the catalog is the store's only
+/// per-chunk memory besides the 12-byte prefix map entry.
+#[derive(Debug, Clone)]
+struct ChunkEntry {
+    hash: Hash,
+    pack: u32,
+    /// Offset of the chunk's header in its pack.
+    offset: u32,
+    stored_len: u16,
+    refs: u32,
+}
+
+#[derive(Debug)]
+struct Pack {
+    file: File,
+    path: PathBuf,
+    /// Bytes in the file (for the active pack: written, not pending).
+    len: u64,
+    live_bytes: u64,
+}
+
+/// A block made ready for the store outside the journal's lock.
+#[derive(Debug)]
+pub struct PreparedChunk {
+    pub hash: Hash,
+    /// The zstd frame, when compression saved enough.
+    pub compressed: Option<Vec<u8>>,
+}
+
+#[derive(Debug)]
+pub struct ChunkStore {
+    dir: PathBuf,
+    catalog: Vec<ChunkEntry>,
+    free_ids: Vec<ChunkId>,
+    by_prefix: PrefixMap,
+    /// Chunks whose 8-byte prefix collides with another's; almost always empty.
+    overflow: HashMap<Hash, ChunkId>,
+    packs: BTreeMap<u32, Pack>,
+    active: u32,
+    /// Entries appended to the active pack but not yet written to its file.
+    pending: Vec<u8>,
+    unsynced: Vec<u32>,
+    dir_dirty: bool,
+    pack_bytes: u64,
+    live_chunks: u64,
+}
+
+fn prefix(hash: &Hash) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&hash[..8]);
+    u64::from_le_bytes(a)
+}
+
+fn pack_path(dir: &Path, no: u32) -> PathBuf {
+    dir.join(format!("{no:08}.pack"))
+}
+
+fn pack_header(no: u32) -> [u8; PACK_HEADER_LEN] {
+    let mut h = [0u8; PACK_HEADER_LEN];
+    h[..8].copy_from_slice(PACK_MAGIC);
+    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+    h[12..16].copy_from_slice(&no.to_le_bytes());
+    let crc = crc32c(&h[..16]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Hashes a block and, when `compress` is set, tries zstd on it.
+pub fn prepare(block: &[u8], compress: Option<&mut zstd::bulk::Compressor<'static>>) -> PreparedChunk {
+    let hash = *blake3::hash(block).as_bytes();
+    let compressed = compress.and_then(|c| c.compress(block).ok()).filter(|c| c.len() <= COMPRESSED_LIMIT);
+    PreparedChunk { hash, compressed }
+}
+
+pub fn hash_block(block: &[u8]) -> Hash {
+    *blake3::hash(block).as_bytes()
+}
+
+thread_local! {
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+impl ChunkStore {
+    /// Opens (or creates) the store in `dir`, rebuilding the catalog from the
+    /// packs. A torn tail of the newest pack is cut; anything else that does
+    /// not parse is corruption.
+    pub fn open(dir: &Path, pack_bytes: u64) -> Result<ChunkStore> {
+        fsutil::create_dir(dir)?;
+        let mut store = ChunkStore {
+            dir: dir.to_path_buf(),
+            catalog: Vec::new(),
+            free_ids: Vec::new(),
+            by_prefix: PrefixMap::default(),
+            overflow: HashMap::new(),
+            packs: BTreeMap::new(),
+            active: 0,
+            pending: Vec::new(),
+            unsynced: Vec::new(),
+            dir_dirty: false,
+            pack_bytes: pack_bytes.clamp(64 << 10, 1 << 30),
+            live_chunks: 0,
+        };
+        let numbers = fsutil::numbered_files(dir, "pack")?;
+        let newest = numbers.last().copied();
+        for no in numbers {
+            let no32 = u32::try_from(no).map_err(|_| JournalError::corrupt(pack_path(dir, 0), 0, "pack number out of range"))?;
+            store.load_pack(no32, Some(no) == newest)?;
+        }
+        store.active = store.packs.keys().next_back().map_or(1, |n| n + 1);
+        store.start_pack()?;
+        Ok(store)
+    }
+
+    fn load_pack(&mut self, no: u32, newest: bool) -> Result<()> {
+        let path = pack_path(&self.dir, no);
+        let bytes = std::fs::read(&path).map_err(|e| JournalError::io("reading", &path, e))?;
+        if bytes.len() < PACK_HEADER_LEN {
+            if newest {
+                // Created, header never made durable: nothing in it was either.
+                std::fs::remove_file(&path).map_err(|e| JournalError::io("removing torn pack", &path, e))?;
+                return Ok(());
+            }
+            return Err(JournalError::corrupt(&path, 0, "pack shorter than its header"));
+        }
+        let header = pack_header(no);
+        if bytes[..8] != header[..8] {
+            return Err(JournalError::corrupt(&path, 0, "bad pack magic"));
+        }
+        if bytes[..PACK_HEADER_LEN] != header[..] {
+            return Err(JournalError::corrupt(&path, 0, "pack header does not match its file name or checksum"));
+        }
+        let mut pos = PACK_HEADER_LEN;
+        while pos < bytes.len() {
+            match parse_entry(&bytes[pos..]) {
+                Ok((hash, _flags, stored_len)) => {
+                    let total = CHUNK_HEADER_LEN + stored_len;
+                    if self.lookup(&hash).is_none() {
+                        let offset = u32::try_from(pos).map_err(|_| JournalError::corrupt(&path, pos as u64, "pack larger than 4 GiB"))?;
+                        self.add_entry(ChunkEntry {
+                            hash,
+                            pack: no,
+                            offset,
+                            stored_len: stored_len as u16,
+                            refs: 0,
+                        });
+                    }
+                    pos += total;
+                }
+                Err(reason) => {
+                    let torn = newest && !has_valid_entry_after(&bytes, pos + 1);
+                    if !torn {
+                        return Err(JournalError::corrupt(&path, pos as u64, reason));
+                    }
+                    tracing::warn!(path = %path.display(), offset = pos, "cutting torn tail of chunk pack");
+                    fsutil::truncate(&path, pos as u64)?;
+                    break;
+                }
+            }
+        }
+        let file = File::open(&path).map_err(|e| JournalError::io("opening", &path, e))?;
+        // What survived a kill may not have been synced yet.
+        file.sync_data().map_err(|e| JournalError::io("syncing", &path, e))?;
+        let len = pos.min(bytes.len()) as u64;
+        self.packs.insert(
+            no,
+            Pack {
+                file,
+                path,
+                len,
+                live_bytes: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn start_pack(&mut self) -> Result<()> {
+        let path = pack_path(&self.dir, self.active);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| JournalError::io("creating", &path, e))?;
+        file.write_all_at(&pack_header(self.active), 0)
+            .map_err(|e| JournalError::io("writing", &path, e))?;
+        self.packs.insert(
+            self.active,
+            Pack {
+                file,
+                path,
+                len: PACK_HEADER_LEN as u64,
+                live_bytes: 0,
+            },
+        );
+        self.unsynced.push(self.active);
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    fn add_entry(&mut self, entry: ChunkEntry) -> ChunkId {
+        let hash = entry.hash;
+        let id = match self.free_ids.pop() {
+            Some(id) => {
+                self.catalog[id as usize] = entry;
+                id
+            }
+            None => {
+                self.catalog.push(entry);
+                (self.catalog.len() - 1) as ChunkId
+            }
+        };
+        let p = prefix(&hash);
+        if self.by_prefix.contains_key(&p) {
+            self.overflow.insert(hash, id);
+        } else {
+            self.by_prefix.insert(p, id);
+        }
+        id
+    }
+
+    fn remove_entry(&mut self, id: ChunkId) {
+        let hash = self.catalog[id as usize].hash;
+        let p = prefix(&hash);
+        if self.by_prefix.get(&p) == Some(&id) {
+            self.by_prefix.remove(&p);
+            // Promote a colliding chunk, if any, so lookups by prefix find it.
+            if let Some((&h, &other)) = self.overflow.iter().find(|(h, _)| prefix(h) == p) {
+                self.overflow.remove(&h);
+                self.by_prefix.insert(p, other);
+            }
+        } else {
+            self.overflow.remove(&hash);
+        }
+        let e = &mut self.catalog[id as usize];
+        e.pack = FREE;
+        e.refs = 0;
+        self.free_ids.push(id);
+    }
+
+    /// The id of the chunk with this hash, if the store holds it (live or
+    /// garbage not yet collected).
+    pub fn lookup(&self, hash: &Hash) -> Option<ChunkId> {
+        let id = *self.by_prefix.get(&prefix(hash))?;
+        if &self.catalog[id as usize].hash == hash {
+            return Some(id);
+        }
+        self.overflow.get(hash).copied()
+    }
+
+    pub fn hash_of(&self, id: ChunkId) -> Hash {
+        self.catalog[id as usize].hash
+    }
+
+    /// Appends a new chunk (its hash must not be in the store) with no
+    /// references yet.
+    pub fn insert(&mut self, block: &[u8], prepared: &PreparedChunk) -> Result<ChunkId> {
+        let active_len = self.packs.get(&self.active).map_or(0, |p| p.len);
+        if active_len + self.pending.len() as u64 >= self.pack_bytes {
+            self.roll_pack()?;
+        }
+        let (flags, stored): (u8, &[u8]) = match &prepared.compressed {
+            Some(c) => (FLAG_ZSTD, c),
+            None => (0, block),
+        };
+        let offset = self.packs.get(&self.active).map_or(0, |p| p.len) + self.pending.len() as u64;
+        let offset = u32::try_from(offset).map_err(|_| JournalError::InvalidWrite("pack offset overflow".into()))?;
+        append_entry(&mut self.pending, &prepared.hash, flags, stored);
+        Ok(self.add_entry(ChunkEntry {
+            hash: prepared.hash,
+            pack: self.active,
+            offset,
+            stored_len: stored.len() as u16,
+            refs: 0,
+        }))
+    }
+
+    fn roll_pack(&mut self) -> Result<()> {
+        self.flush_pending()?;
+        self.active += 1;
+        self.start_pack()
+    }
+
+    /// Writes pending entries to the active pack file (no fsync).
+    pub fn flush_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let Some(pack) = self.packs.get_mut(&self.active) else {
+            return Ok(());
+        };
+        pack.file
+            .write_all_at(&self.pending, pack.len)
+            .map_err(|e| JournalError::io("writing", &pack.path, e))?;
+        pack.len += self.pending.len() as u64;
+        self.pending.clear();
+        if !self.unsynced.contains(&self.active) {
+            self.unsynced.push(self.active);
+        }
+        Ok(())
+    }
+
+    /// Makes every chunk inserted so far durable.
+    pub fn sync(&mut self) -> Result<()> {
+        self.flush_pending()?;
+        for no in std::mem::take(&mut self.unsynced) {
+            if let Some(p) = self.packs.get(&no) {
+                p.file.sync_data().map_err(|e| JournalError::io("syncing", &p.path, e))?;
+            }
+        }
+        if std::mem::take(&mut self.dir_dirty) {
+            fsutil::sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn entry_bytes(e: &ChunkEntry) -> u64 {
+        (CHUNK_HEADER_LEN + e.stored_len as usize) as u64
+    }
+
+    pub fn incref(&mut self, id: ChunkId) {
+        let e = &mut self.catalog[id as usize];
+        e.refs += 1;
+        if e.refs == 1 {
+            let bytes = Self::entry_bytes(e);
+            if let Some(p) = self.packs.get_mut(&e.pack) {
+                p.live_bytes += bytes;
+            }
+            self.live_chunks += 1;
+        }
+    }
+
+    pub fn decref(&mut self, id: ChunkId) {
+        let e = &mut self.catalog[id as usize];
+        debug_assert!(e.refs > 0, "decref of an unreferenced chunk");
+        e.refs = e.refs.saturating_sub(1);
+        if e.refs == 0 {
+            let bytes = Self::entry_bytes(e);
+            if let Some(p) = self.packs.get_mut(&e.pack) {
+                p.live_bytes = p.live_bytes.saturating_sub(bytes);
+            }
+            self.live_chunks -= 1;
+        }
+    }
+
+    /// Reads a chunk's 4 KiB into `out`, checking its checksum.
+    pub fn read(&self, id: ChunkId, out: &mut [u8]) -> Result<()> {
+        let e = &self.catalog[id as usize];
+        let Some(pack) = self.packs.get(&e.pack) else {
+            return Err(JournalError::corrupt(&self.dir, 0, format!("chunk {id} has no pack")));
+        };
+        let total = CHUNK_HEADER_LEN + e.stored_len as usize;
+        let mut buf = vec![0u8; total];
+        let off = u64::from(e.offset);
+        if e.pack == self.active && off >= pack.len {
+            let start = (off - pack.len) as usize;
+            buf.copy_from_slice(&self.pending[start..start + total]);
+        } else {
+            pack.file
+                .read_exact_at(&mut buf, off)
+                .map_err(|err| JournalError::io("reading", &pack.path, err))?;
+        }
+        let (hash, flags, stored_len) =
+            parse_entry(&buf).map_err(|reason| JournalError::corrupt(&pack.path, off, reason))?;
+        if hash != e.hash || stored_len != e.stored_len as usize {
+            return Err(JournalError::corrupt(&pack.path, off, "chunk entry does not match the catalog"));
+        }
+        let stored = &buf[CHUNK_HEADER_LEN..];
+        if flags & FLAG_ZSTD == 0 {
+            out.copy_from_slice(stored);
+            return Ok(());
+        }
+        let n = DECOMPRESSOR.with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = zstd::bulk::Decompressor::new().ok();
+            }
+            match d.as_mut() {
+                Some(d) => d.decompress_to_buffer(stored, out).map_err(|e| e.to_string()),
+                None => Err("cannot create a zstd decompressor".to_string()),
+            }
+        });
+        match n {
+            Ok(n) if n == out.len() => Ok(()),
+            Ok(n) => Err(JournalError::corrupt(&pack.path, off, format!("chunk decompressed to {n} bytes"))),
+            Err(reason) => Err(JournalError::corrupt(&pack.path, off, format!("chunk does not decompress: {reason}"))),
+        }
+    }
+
+    /// Drops garbage: deletes packs with nothing live and copies the live
+    /// chunks of mostly-dead packs into the active pack. The copies are made
+    /// durable before an old pack is deleted. Returns bytes reclaimed.
+    pub fn collect_garbage(&mut self) -> Result<u64> {
+        let victims: Vec<u32> = self
+            .packs
+            .iter()
+            .filter(|(&no, p)| no != self.active && p.live_bytes * 2 < p.len)
+            .map(|(&no, _)| no)
+            .collect();
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        let mut moved = Vec::new();
+        for id in 0..self.catalog.len() as ChunkId {
+            let e = &self.catalog[id as usize];
+            if e.pack == FREE || !victims.contains(&e.pack) {
+                continue;
+            }
+            if e.refs == 0 {
+                self.remove_entry(id);
+            } else {
+                moved.push(id);
+            }
+        }
+        for &id in &moved {
+            // Re-store the stored bytes as they are (no recompression).
+            let e = self.catalog[id as usize].clone();
+            let pack = &self.packs[&e.pack];
+            let total = CHUNK_HEADER_LEN + e.stored_len as usize;
+            let mut raw = vec![0u8; total];
+            pack.file
+                .read_exact_at(&mut raw, u64::from(e.offset))
+                .map_err(|err| JournalError::io("reading", &pack.path, err))?;
+            parse_entry(&raw).map_err(|reason| JournalError::corrupt(&pack.path, u64::from(e.offset), reason))?;
+            let active_len = self.packs.get(&self.active).map_or(0, |p| p.len);
+            if active_len + self.pending.len() as u64 >= self.pack_bytes {
+                self.roll_pack()?;
+            }
+            let offset = self.packs.get(&self.active).map_or(0, |p| p.len) + self.pending.len() as u64;
+            self.pending.extend_from_slice(&raw);
+            let bytes = total as u64;
+            if let Some(p) = self.packs.get_mut(&e.pack) {
+                p.live_bytes = p.live_bytes.saturating_sub(bytes);
+            }
+            if let Some(p) = self.packs.get_mut(&self.active) {
+                p.live_bytes += bytes;
+            }
+            let entry = &mut self.catalog[id as usize];
+            entry.pack = self.active;
+            entry.offset = u32::try_from(offset).map_err(|_| JournalError::InvalidWrite("pack offset overflow".into()))?;
+        }
+        self.sync()?;
+        let mut reclaimed = 0;
+        for no in victims {
+            if let Some(p) = self.packs.remove(&no) {
+                reclaimed += p.len;
+                std::fs::remove_file(&p.path).map_err(|e| JournalError::io("removing", &p.path, e))?;
+            }
+        }
+        fsutil::sync_dir(&self.dir)?;
+        Ok(reclaimed)
+    }
+
+    /// Bytes of pack files (including pending).
+    pub fn bytes(&self) -> u64 {
+        self.packs.values().map(|p| p.len).sum::<u64>() + self.pending.len() as u64
+    }
+
+    /// Bytes of pack entries that something still references.
+    pub fn live_bytes(&self) -> u64 {
+        self.packs.values().map(|p| p.live_bytes).sum()
+    }
+
+    pub fn live_chunks(&self) -> u64 {
+        self.live_chunks
+    }
+
+    pub fn stored_chunks(&self) -> u64 {
+        (self.catalog.len() - self.free_ids.len()) as u64
+    }
+}
+
+fn append_entry(out: &mut Vec<u8>, hash: &Hash, flags: u8, stored: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&CHUNK_MAGIC.to_le_bytes());
+    out.extend_from_slice(hash);
+    out.push(flags);
+    out.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+    let crc_pos = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(stored);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&out[start + 4..crc_pos]);
+    h.update(stored);
+    let crc = h.finalize();
+    out[crc_pos..crc_pos + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Parses one entry at the start of `buf`: (hash, flags, stored length).
+fn parse_entry(buf: &[u8]) -> std::result::Result<(Hash, u8, usize), String> {
+    if buf.len() < CHUNK_HEADER_LEN {
+        return Err("chunk entry header cut short".into());
+    }
+    let mut m = [0u8; 4];
+    m.copy_from_slice(&buf[0..4]);
+    if u32::from_le_bytes(m) != CHUNK_MAGIC {
+        return Err("bad chunk magic".into());
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&buf[4..36]);
+    let flags = buf[36];
+    m.copy_from_slice(&buf[37..41]);
+    let stored_len = u32::from_le_bytes(m) as usize;
+    if stored_len == 0 || stored_len > BLOCK_SIZE || flags & !FLAG_ZSTD != 0 {
+        return Err(format!("chunk entry with flags {flags} and length {stored_len}"));
+    }
+    if buf.len() < CHUNK_HEADER_LEN + stored_len {
+        return Err("chunk data cut short".into());
+    }
+    m.copy_from_slice(&buf[41..45]);
+    let crc = u32::from_le_bytes(m);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&buf[4..41]);
+    h.update(&buf[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + stored_len]);
+    if h.finalize() != crc {
+        return Err("chunk checksum mismatch".into());
+    }
+    Ok((hash, flags, stored_len))
+}
+
+fn has_valid_entry_after(bytes: &[u8], from: usize) -> bool {
+    let magic = CHUNK_MAGIC.to_le_bytes();
+    (from..bytes.len().saturating_sub(CHUNK_HEADER_LEN))
+        .filter(|&i| bytes[i..i + 4] == magic)
+        .any(|i| parse_entry(&bytes[i..]).is_ok())
+}

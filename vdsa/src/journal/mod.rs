@@ -1,0 +1,946 @@
+//! The target-side journal engine of one VPG (DESIGN 4.3).
+//!
+//! Writes of the VPG's streams are ingested in seq order, their 4 KiB
+//! blocks stored once in the chunk store, and logged as records that name
+//! the blocks by hash. Checkpoints are consistent cuts across streams; a
+//! read view at a checkpoint reads each block's newest version at or before
+//! it, else the replica, which holds the image at the oldest retained
+//! checkpoint. Retention moves that oldest point forward.
+//!
+//! On-disk layout, write order and crash assumptions: docs/journal-format.md.
+
+mod chunks;
+mod error;
+mod format;
+mod fsutil;
+mod index;
+mod log;
+mod model;
+mod retention;
+mod view;
+
+pub use error::{JournalError, Result};
+pub use model::{
+    Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, TapWrite, WriteData, BLOCK_SIZE,
+};
+pub use retention::RetentionReport;
+pub use view::PitView;
+
+use chunks::{ChunkId, ChunkStore, Hash, PreparedChunk};
+use format::{BlockRef, Record, WriteOp, WriteRecord};
+use index::{CutSet, DiskIndex, Version, MISSING_CHUNK, ZERO_CHUNK};
+use log::{Log, SegmentSummary};
+use protection_groups::{CheckpointId, DiskId, StreamId};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Tunables of a journal. The defaults suit a VPG of a few disks.
+#[derive(Debug, Clone)]
+pub struct JournalConfig {
+    /// A log segment is closed once it reaches this size.
+    pub segment_bytes: u64,
+    /// A chunk pack is closed once it reaches this size.
+    pub pack_bytes: u64,
+    /// zstd level for chunks, or `None` to store them raw.
+    pub compression_level: Option<i32>,
+    /// Threads that hash and compress a batch.
+    pub workers: usize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            segment_bytes: 64 << 20,
+            pack_bytes: 256 << 20,
+            compression_level: Some(1),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+        }
+    }
+}
+
+const META_FILE: &str = "journal.json";
+const META_FORMAT: u32 = 1;
+
+/// The small metadata file, replaced atomically: the disks, the replica's
+/// checkpoint (base) and a retention step in flight (intent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    format: u32,
+    disks: Vec<DiskInfo>,
+    base: Option<Checkpoint>,
+    intent: Option<Checkpoint>,
+}
+
+#[derive(Debug)]
+struct DiskState {
+    info: DiskInfo,
+    index: DiskIndex,
+    replica: File,
+    replica_path: PathBuf,
+}
+
+/// An open view's checkpoint and the blocks retention copied out for it.
+#[derive(Debug)]
+struct ViewState {
+    checkpoint: Checkpoint,
+    cuts: CutSet,
+    /// (disk, block) -> chunk (or ZERO_CHUNK) the view reads there, saved
+    /// because retention moved the replica past the view's checkpoint.
+    preserved: HashMap<(u32, u64), ChunkId>,
+}
+
+/// Where a view reads a block from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Replica,
+    Chunk(ChunkId),
+}
+
+#[derive(Debug)]
+struct State {
+    failed: Option<String>,
+    meta: Meta,
+    disks: Vec<DiskState>,
+    disk_ix: HashMap<DiskId, u32>,
+    streams: Vec<StreamId>,
+    stream_ix: HashMap<StreamId, u16>,
+    /// Per interned stream: (last seq, its lsn).
+    stream_pos: Vec<Option<(u64, u64)>>,
+    chunks: ChunkStore,
+    log: Log,
+    checkpoints: BTreeMap<CheckpointId, Checkpoint>,
+    base_cuts: CutSet,
+    head_lsn: u64,
+    durable_lsn: u64,
+    views: HashMap<u64, ViewState>,
+    next_view: u64,
+    dedup_hits: u64,
+    zero_blocks: u64,
+    compression_level: Option<i32>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    /// Held for the journal's life: the directory's exclusive lock.
+    _lock: File,
+    config: JournalConfig,
+    state: RwLock<State>,
+}
+
+/// A VPG's journal on the recovery site. Cheap to clone; all clones share
+/// one journal.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+impl Journal {
+    /// Opens the journal in `dir`, creating it if empty. Rebuilds the index
+    /// from the log, cuts a torn tail, finishes a retention step a crash
+    /// interrupted, and refuses corruption with an error naming file and
+    /// offset.
+    pub fn open(dir: impl AsRef<Path>, config: JournalConfig) -> Result<Journal> {
+        let dir = dir.as_ref().to_path_buf();
+        fsutil::create_dir(&dir)?;
+        let lock = fsutil::lock_dir(&dir)?;
+        let meta = read_meta(&dir)?;
+        let chunks = ChunkStore::open(&dir.join("chunks"), config.pack_bytes)?;
+        let records = log::scan(&dir.join("log"))?;
+        fsutil::create_dir(&dir.join("replica"))?;
+        let mut disks = Vec::new();
+        let mut disk_ix = HashMap::new();
+        for info in &meta.disks {
+            disk_ix.insert(info.id, disks.len() as u32);
+            disks.push(open_replica(&dir, *info, false)?);
+        }
+        let mut st = State {
+            failed: None,
+            meta,
+            disks,
+            disk_ix,
+            streams: Vec::new(),
+            stream_ix: HashMap::new(),
+            stream_pos: Vec::new(),
+            chunks,
+            // Replaced below, once the segment summaries are known.
+            log: Log::open(&dir.join("log"), config.segment_bytes, BTreeMap::new())?,
+            checkpoints: BTreeMap::new(),
+            base_cuts: CutSet::new(Vec::new(), 0),
+            head_lsn: 0,
+            durable_lsn: 0,
+            views: HashMap::new(),
+            next_view: 1,
+            dedup_hits: 0,
+            zero_blocks: 0,
+            compression_level: config.compression_level,
+        };
+        if let Some(base) = st.meta.base.clone() {
+            for cut in &base.cuts {
+                let s = st.intern(cut.stream);
+                st.stream_pos[s as usize] = Some((cut.seq, cut.lsn));
+            }
+            st.head_lsn = base.lsn;
+            st.base_cuts = st.cutset(&base);
+            st.checkpoints.insert(base.id, base);
+        }
+        let summaries = st.replay(&dir, records)?;
+        // The log opened above created an empty segment before the replay
+        // knew the summaries; reopen with them (the empty one stays valid).
+        st.log = Log::open(&dir.join("log"), config.segment_bytes, summaries)?;
+        if let Some(intent) = st.meta.intent.clone() {
+            tracing::info!(checkpoint = %intent.id, "finishing a retention step interrupted by a crash");
+            st.advance_base(&dir, &intent)?;
+        }
+        st.chunks.sync()?;
+        st.log.sync()?;
+        st.durable_lsn = st.head_lsn;
+        Ok(Journal {
+            inner: Arc::new(Inner {
+                dir,
+                _lock: lock,
+                config,
+                state: RwLock::new(st),
+            }),
+        })
+    }
+
+    fn read_state(&self) -> Result<RwLockReadGuard<'_, State>> {
+        self.inner
+            .state
+            .read()
+            .map_err(|_| JournalError::Failed("a thread panicked while holding the journal".into()))
+    }
+
+    fn write_state(&self) -> Result<RwLockWriteGuard<'_, State>> {
+        let st = self
+            .inner
+            .state
+            .write()
+            .map_err(|_| JournalError::Failed("a thread panicked while holding the journal".into()))?;
+        if let Some(why) = &st.failed {
+            return Err(JournalError::Failed(why.clone()));
+        }
+        Ok(st)
+    }
+
+    /// Runs a mutation; if it fails after it may have changed memory or disk,
+    /// the journal refuses further writes until it is reopened (which
+    /// rebuilds everything from what is durable).
+    fn mutate<T>(&self, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        let mut st = self.write_state()?;
+        let r = f(&mut st);
+        if let Err(e) = &r {
+            if !is_refusal(e) {
+                st.failed = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Adds a disk of `size` bytes (a multiple of 4 KiB); its replica starts
+    /// as zeros.
+    pub fn add_disk(&self, id: DiskId, size: u64) -> Result<()> {
+        if size == 0 || size % BLOCK_SIZE as u64 != 0 {
+            return Err(JournalError::InvalidWrite(format!(
+                "disk size {size} is not a positive multiple of {BLOCK_SIZE}"
+            )));
+        }
+        let dir = self.inner.dir.clone();
+        self.mutate(|st| {
+            if st.disk_ix.contains_key(&id) {
+                return Err(JournalError::DiskExists(id));
+            }
+            let info = DiskInfo { id, size };
+            let disk = open_replica(&dir, info, true)?;
+            st.meta.disks.push(info);
+            st.write_meta(&dir)?;
+            st.disk_ix.insert(id, st.disks.len() as u32);
+            st.disks.push(disk);
+            Ok(())
+        })
+    }
+
+    pub fn disks(&self) -> Result<Vec<DiskInfo>> {
+        Ok(self.read_state()?.meta.disks.clone())
+    }
+
+    /// Ingests writes of one stream, in seq order. The whole batch is
+    /// checked first and refused whole if any write is invalid. Returns the
+    /// lsn of the last write; durable after the next [`Journal::sync`] or
+    /// checkpoint.
+    pub fn ingest(&self, stream: StreamId, writes: &[TapWrite<'_>]) -> Result<u64> {
+        // Hash full blocks before taking the lock: it is most of the CPU.
+        let full: Vec<&[u8]> = writes.iter().flat_map(full_blocks).collect();
+        let workers = self.inner.config.workers;
+        let hashes: Vec<Option<Hash>> = par_map(&full, workers, || (), |_, b| {
+            if is_zero(b) {
+                None
+            } else {
+                Some(chunks::hash_block(b))
+            }
+        });
+        let level = self.inner.config.compression_level;
+        self.mutate(|st| {
+            st.validate(stream, writes)?;
+            // Compress, in parallel, only the blocks the store lacks.
+            let mut seen = HashSet::new();
+            let new: Vec<(Hash, &[u8])> = full
+                .iter()
+                .zip(&hashes)
+                .filter_map(|(b, h)| h.map(|h| (h, *b)))
+                .filter(|(h, _)| st.chunks.lookup(h).is_none() && seen.insert(*h))
+                .collect();
+            let prepared: HashMap<Hash, PreparedChunk> = par_map(&new, workers, || Compression::new(level), |c, (h, b)| {
+                (*h, PreparedChunk { hash: *h, compressed: c.compress(b) })
+            })
+            .into_iter()
+            .collect();
+            st.apply_batch(stream, writes, &hashes, prepared)
+        })
+    }
+
+    /// Makes everything ingested so far durable (group commit). Returns the
+    /// durable lsn.
+    pub fn sync(&self) -> Result<u64> {
+        self.mutate(|st| st.sync())
+    }
+
+    /// The stream's position now (last write's lsn and seq), to build a cut.
+    pub fn stream_position(&self, stream: StreamId) -> Result<Option<Cut>> {
+        let st = self.read_state()?;
+        Ok(st.stream_ix.get(&stream).and_then(|&s| {
+            st.stream_pos[s as usize].map(|(seq, lsn)| Cut { stream, lsn, seq })
+        }))
+    }
+
+    /// Records a checkpoint and makes it durable: when this returns Ok, the
+    /// checkpoint and every write it contains survive a crash.
+    pub fn mark_checkpoint(&self, spec: CheckpointSpec) -> Result<Checkpoint> {
+        self.mutate(|st| st.mark_checkpoint(spec))
+    }
+
+    /// Retained checkpoints, oldest first (the oldest is the replica's).
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        Ok(self.read_state()?.checkpoints.values().cloned().collect())
+    }
+
+    /// Opens a read view at a retained checkpoint. It costs the same for any
+    /// disk size and stays valid while retention runs.
+    pub fn open_view(&self, id: CheckpointId) -> Result<PitView> {
+        let mut st = self.write_state()?;
+        let cp = st.checkpoints.get(&id).cloned().ok_or(JournalError::UnknownCheckpoint(id))?;
+        let cuts = st.cutset(&cp);
+        let view_id = st.next_view;
+        st.next_view += 1;
+        st.views.insert(
+            view_id,
+            ViewState {
+                checkpoint: cp.clone(),
+                cuts,
+                preserved: HashMap::new(),
+            },
+        );
+        Ok(PitView::new(self.clone(), view_id, cp))
+    }
+
+    pub fn stats(&self) -> Result<JournalStats> {
+        let st = self.read_state()?;
+        Ok(JournalStats {
+            head_lsn: st.head_lsn,
+            durable_lsn: st.durable_lsn,
+            disks: st.disks.len(),
+            checkpoints: st.checkpoints.len(),
+            index_versions: st.disks.iter().map(|d| d.index.len() as u64).sum(),
+            live_chunks: st.chunks.live_chunks(),
+            stored_chunks: st.chunks.stored_chunks(),
+            log_bytes: st.log.bytes(),
+            pack_bytes: st.chunks.bytes(),
+            dedup_hits: st.dedup_hits,
+            zero_blocks: st.zero_blocks,
+            open_views: st.views.len(),
+        })
+    }
+}
+
+impl Drop for Inner {
+    /// A clean close makes everything ingested durable.
+    fn drop(&mut self) {
+        if let Ok(st) = self.state.get_mut() {
+            if st.failed.is_none() {
+                if let Err(e) = st.sync() {
+                    tracing::error!(dir = %self.dir.display(), error = %e, "syncing the journal at close failed");
+                }
+            }
+        }
+    }
+}
+
+/// Errors that refuse a request before anything changed.
+fn is_refusal(e: &JournalError) -> bool {
+    matches!(
+        e,
+        JournalError::UnknownDisk(_)
+            | JournalError::DiskExists(_)
+            | JournalError::OutOfRange { .. }
+            | JournalError::InvalidWrite(_)
+            | JournalError::SeqGap { .. }
+            | JournalError::UnknownCheckpoint(_)
+            | JournalError::CheckpointNotNewer { .. }
+            | JournalError::BadCut { .. }
+            | JournalError::CutGoesBack { .. }
+    )
+}
+
+fn read_meta(dir: &Path) -> Result<Meta> {
+    let path = dir.join(META_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let meta: Meta = serde_json::from_slice(&bytes)
+                .map_err(|e| JournalError::corrupt(&path, e.column() as u64, format!("journal metadata: {e}")))?;
+            if meta.format != META_FORMAT {
+                return Err(JournalError::UnsupportedVersion {
+                    path,
+                    found: meta.format,
+                    supported: META_FORMAT,
+                });
+            }
+            Ok(meta)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let meta = Meta {
+                format: META_FORMAT,
+                disks: Vec::new(),
+                base: None,
+                intent: None,
+            };
+            let bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
+            fsutil::write_atomic(&path, &bytes)?;
+            Ok(meta)
+        }
+        Err(e) => Err(JournalError::io("reading", &path, e)),
+    }
+}
+
+fn open_replica(dir: &Path, info: DiskInfo, create: bool) -> Result<DiskState> {
+    let path = dir.join("replica").join(format!("{}.img", info.id.0));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| JournalError::io("opening replica", &path, e))?;
+    let len = file.metadata().map_err(|e| JournalError::io("reading", &path, e))?.len();
+    if create {
+        file.set_len(info.size).map_err(|e| JournalError::io("sizing replica", &path, e))?;
+        file.sync_all().map_err(|e| JournalError::io("syncing", &path, e))?;
+        if let Some(parent) = path.parent() {
+            fsutil::sync_dir(parent)?;
+        }
+    } else if len != info.size {
+        return Err(JournalError::corrupt(&path, len, format!("replica is {len} bytes, the disk {}", info.size)));
+    }
+    Ok(DiskState {
+        info,
+        index: DiskIndex::default(),
+        replica: file,
+        replica_path: path,
+    })
+}
+
+/// The 4 KiB-aligned, whole blocks of a data write, in order.
+fn full_blocks<'a>(w: &TapWrite<'a>) -> impl Iterator<Item = &'a [u8]> {
+    let (data, skip) = match w.data {
+        WriteData::Data(d) => {
+            let skip = ((BLOCK_SIZE as u64 - w.offset % BLOCK_SIZE as u64) % BLOCK_SIZE as u64) as usize;
+            (d, skip.min(d.len()))
+        }
+        _ => (&[][..], 0),
+    };
+    data[skip..].chunks_exact(BLOCK_SIZE)
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only splits the
+        // slice at alignment boundaries.
+        unsafe { b.align_to::<u64>() }
+    };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+/// zstd with a cheap escape for incompressible streams: after eight misses
+/// in a row it only tries one block in sixteen.
+struct Compression {
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    misses: u32,
+}
+
+impl Compression {
+    fn new(level: Option<i32>) -> Self {
+        Compression {
+            zstd: level.and_then(|l| zstd::bulk::Compressor::new(l).ok()),
+            misses: 0,
+        }
+    }
+
+    fn compress(&mut self, block: &[u8]) -> Option<Vec<u8>> {
+        if self.misses >= 8 && self.misses % 16 != 0 {
+            self.misses += 1;
+            return None;
+        }
+        let out = chunks::prepare(block, self.zstd.as_mut()).compressed;
+        if out.is_some() {
+            self.misses = 0;
+        } else {
+            self.misses += 1;
+        }
+        out
+    }
+}
+
+/// Maps `f` over `items` on up to `workers` threads, in order.
+fn par_map<T: Sync, S, R: Send>(
+    items: &[T],
+    workers: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, &T) -> R + Sync,
+) -> Vec<R> {
+    let workers = workers.max(1);
+    if workers == 1 || items.len() < 64 {
+        let mut s = init();
+        return items.iter().map(|t| f(&mut s, t)).collect();
+    }
+    let per = items.len().div_ceil(workers);
+    let parts: Vec<&[T]> = items.chunks(per).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = parts[1..]
+            .iter()
+            .map(|part| {
+                let (f, init) = (&f, &init);
+                scope.spawn(move || {
+                    let mut s = init();
+                    part.iter().map(|t| f(&mut s, t)).collect::<Vec<R>>()
+                })
+            })
+            .collect();
+        let mut s = init();
+        let mut out: Vec<R> = parts[0].iter().map(|t| f(&mut s, t)).collect();
+        for h in handles {
+            match h.join() {
+                Ok(v) => out.extend(v),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        out
+    })
+}
+
+impl State {
+    fn intern(&mut self, stream: StreamId) -> u16 {
+        if let Some(&s) = self.stream_ix.get(&stream) {
+            return s;
+        }
+        let s = self.streams.len() as u16;
+        self.streams.push(stream);
+        self.stream_ix.insert(stream, s);
+        self.stream_pos.push(None);
+        s
+    }
+
+    fn cutset(&self, cp: &Checkpoint) -> CutSet {
+        let mut by_stream = vec![cp.lsn; self.streams.len()];
+        for cut in &cp.cuts {
+            if let Some(&s) = self.stream_ix.get(&cut.stream) {
+                by_stream[s as usize] = cut.lsn;
+            }
+        }
+        CutSet::new(by_stream, cp.lsn)
+    }
+
+    fn write_meta(&self, dir: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.meta)
+            .map_err(|e| JournalError::Failed(format!("encoding journal metadata: {e}")))?;
+        fsutil::write_atomic(&dir.join(META_FILE), &bytes)
+    }
+
+    fn disk(&self, id: DiskId) -> Result<u32> {
+        self.disk_ix.get(&id).copied().ok_or(JournalError::UnknownDisk(id))
+    }
+
+    /// Rebuilds index, streams and checkpoints from the scanned log.
+    fn replay(&mut self, dir: &Path, records: Vec<log::ScannedRecord>) -> Result<BTreeMap<u64, SegmentSummary>> {
+        let last_commit = records
+            .iter()
+            .rposition(|r| matches!(r.record, Record::Commit { .. } | Record::Checkpoint(_)));
+        let base_id = self.meta.base.as_ref().map(|b| b.id);
+        let mut summaries: BTreeMap<u64, SegmentSummary> = BTreeMap::new();
+        let mut missing_at = Vec::new();
+        for (i, rec) in records.into_iter().enumerate() {
+            let summary = summaries.entry(rec.segment).or_default();
+            match rec.record {
+                Record::Write(w) => {
+                    let s = self.intern(w.stream);
+                    summary.note(w.lsn, Some(s));
+                    let missing = w.blocks.iter().find_map(|(_, r)| match r {
+                        BlockRef::Chunk(h) if self.chunks.lookup(h).is_none() => Some(*h),
+                        _ => None,
+                    });
+                    let path = log::segment_path(&dir.join("log"), rec.segment);
+                    if missing.is_some() && last_commit.is_none_or(|c| i > c) {
+                        // Never made durable: the packs lost the tail the log
+                        // kept. Cut the log here.
+                        tracing::warn!(path = %path.display(), offset = rec.offset, "cutting log tail whose chunks were not durable");
+                        fsutil::truncate(&path, rec.offset)?;
+                        for no in fsutil::numbered_files(&dir.join("log"), "log")? {
+                            if no > rec.segment {
+                                let p = log::segment_path(&dir.join("log"), no);
+                                std::fs::remove_file(&p).map_err(|e| JournalError::io("removing", &p, e))?;
+                            }
+                        }
+                        break;
+                    }
+                    self.head_lsn = self.head_lsn.max(w.lsn);
+                    self.stream_pos[s as usize] = Some((w.seq, w.lsn));
+                    if self.base_cuts.visible(w.lsn, s) {
+                        continue; // already in the replica; its chunks may be gone
+                    }
+                    let d = self.disk_ix.get(&w.disk).copied().ok_or_else(|| {
+                        JournalError::corrupt(
+                            &path,
+                            rec.offset,
+                            format!("write record for {}, which the journal metadata does not list", w.disk),
+                        )
+                    })?;
+                    if let Some(hash) = missing {
+                        // Durable, yet its chunk is gone: legitimate only if
+                        // thinning had dropped this version; checked below.
+                        for (block, r) in &w.blocks {
+                            if matches!(r, BlockRef::Chunk(h) if self.chunks.lookup(h).is_none()) {
+                                missing_at.push((d, *block, w.lsn, path.clone(), rec.offset, hash));
+                            }
+                        }
+                    }
+                    self.index_write(d, s, &w);
+                }
+                Record::Checkpoint(cp) => {
+                    summary.note(cp.lsn, None);
+                    self.head_lsn = self.head_lsn.max(cp.lsn);
+                    if base_id.is_none_or(|b| cp.id > b) {
+                        self.checkpoints.insert(cp.id, cp);
+                    }
+                }
+                Record::Commit { lsn } => summary.note(lsn, None),
+                Record::DropCheckpoint { id } => {
+                    self.checkpoints.remove(&id);
+                }
+            }
+        }
+        // Thinning is deterministic given the retained checkpoints, and the
+        // checkpoints only shrank since it last ran: it drops again every
+        // version whose chunk it let garbage collection free.
+        self.thin_versions();
+        for (d, block, lsn, path, offset, hash) in missing_at {
+            if self.disks[d as usize].index.get(block, lsn).is_some() {
+                return Err(JournalError::MissingChunk { path, offset, hash: hex(&hash) });
+            }
+        }
+        Ok(summaries)
+    }
+
+    /// Adds a logged write's block versions to the index, with references.
+    fn index_write(&mut self, d: u32, s: u16, w: &WriteRecord) {
+        let put = |st: &mut State, block: u64, r: &BlockRef| {
+            let chunk = match r {
+                BlockRef::Zero => {
+                    st.zero_blocks += 1;
+                    ZERO_CHUNK
+                }
+                BlockRef::Chunk(h) => match st.chunks.lookup(h) {
+                    Some(id) => {
+                        st.chunks.incref(id);
+                        id
+                    }
+                    None => MISSING_CHUNK, // checked by replay
+                },
+            };
+            st.disks[d as usize].index.insert(block, w.lsn, Version { chunk, stream: s });
+        };
+        for (block, r) in &w.blocks {
+            put(self, *block, r);
+        }
+        if w.op != WriteOp::Data {
+            // Interior blocks of a zero/trim range are zero; the edges were
+            // listed above.
+            let bs = BLOCK_SIZE as u64;
+            let first = w.offset.div_ceil(bs);
+            let end = (w.offset + w.len) / bs;
+            for block in first..end {
+                put(self, block, &BlockRef::Zero);
+            }
+        }
+    }
+
+    fn validate(&self, stream: StreamId, writes: &[TapWrite<'_>]) -> Result<()> {
+        let mut expected = self
+            .stream_ix
+            .get(&stream)
+            .and_then(|&s| self.stream_pos[s as usize])
+            .map(|(seq, _)| seq + 1);
+        for w in writes {
+            let d = self.disk(w.disk)?;
+            let size = self.disks[d as usize].info.size;
+            let len = w.data.len();
+            if len == 0 {
+                return Err(JournalError::InvalidWrite(format!("zero-length write at seq {}", w.seq)));
+            }
+            if w.offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(JournalError::OutOfRange {
+                    disk: w.disk,
+                    offset: w.offset,
+                    len,
+                    size,
+                });
+            }
+            if let Some(exp) = expected {
+                if w.seq != exp {
+                    return Err(JournalError::SeqGap {
+                        stream,
+                        expected: exp,
+                        got: w.seq,
+                    });
+                }
+            }
+            expected = Some(w.seq + 1);
+        }
+        Ok(())
+    }
+
+    /// The block's content at the head of the journal, into `out`.
+    fn read_head(&self, d: u32, block: u64, out: &mut [u8]) -> Result<()> {
+        let disk = &self.disks[d as usize];
+        match disk.index.head(block) {
+            Some(v) if v.chunk == ZERO_CHUNK => {
+                out.fill(0);
+                Ok(())
+            }
+            Some(v) => self.chunks.read(v.chunk, out),
+            None => read_replica(disk, block * BLOCK_SIZE as u64, out),
+        }
+    }
+
+    /// The chunk for a block's content, stored if new; with a reference.
+    fn store_block(&mut self, block: &[u8], hash: Option<Hash>, prepared: Option<PreparedChunk>) -> Result<ChunkId> {
+        let Some(hash) = hash else {
+            self.zero_blocks += 1;
+            return Ok(ZERO_CHUNK);
+        };
+        let id = match self.chunks.lookup(&hash) {
+            Some(id) => {
+                self.dedup_hits += 1;
+                id
+            }
+            None => {
+                let prepared = match prepared {
+                    Some(p) => p,
+                    None => PreparedChunk {
+                        hash,
+                        compressed: Compression::new(self.compression_level).compress(block),
+                    },
+                };
+                self.chunks.insert(block, &prepared)?
+            }
+        };
+        self.chunks.incref(id);
+        Ok(id)
+    }
+
+    fn apply_batch(
+        &mut self,
+        stream: StreamId,
+        writes: &[TapWrite<'_>],
+        hashes: &[Option<Hash>],
+        mut prepared: HashMap<Hash, PreparedChunk>,
+    ) -> Result<u64> {
+        let s = self.intern(stream);
+        let bs = BLOCK_SIZE as u64;
+        let mut next_full = 0usize;
+        let mut buf = Vec::new();
+        let mut summary = SegmentSummary::default();
+        let mut scratch = vec![0u8; BLOCK_SIZE];
+        for w in writes {
+            let d = self.disk(w.disk)?;
+            let lsn = self.head_lsn + 1;
+            let len = w.data.len();
+            let (first, last) = (w.offset / bs, (w.offset + len - 1) / bs);
+            let op = match w.data {
+                WriteData::Data(_) => WriteOp::Data,
+                WriteData::Zero { .. } => WriteOp::Zero,
+                WriteData::Trim { .. } => WriteOp::Trim,
+            };
+            let mut blocks = Vec::new();
+            for block in first..=last {
+                let start = block * bs;
+                let whole = start >= w.offset && start + bs <= w.offset + len;
+                let chunk = match (w.data, whole) {
+                    (WriteData::Data(data), true) => {
+                        let from = (start - w.offset) as usize;
+                        let content = &data[from..from + BLOCK_SIZE];
+                        let h = hashes.get(next_full).copied().flatten();
+                        next_full += 1;
+                        let p = h.and_then(|h| prepared.remove(&h));
+                        self.store_block(content, h, p)?
+                    }
+                    (_, true) => {
+                        self.zero_blocks += 1;
+                        ZERO_CHUNK
+                    }
+                    (data, false) => {
+                        // A partial block: merge onto the block's current
+                        // content, so every version is a whole block.
+                        self.read_head(d, block, &mut scratch)?;
+                        let lo = w.offset.max(start);
+                        let hi = (w.offset + len).min(start + bs);
+                        let dst = &mut scratch[(lo - start) as usize..(hi - start) as usize];
+                        match data {
+                            WriteData::Data(src) => {
+                                dst.copy_from_slice(&src[(lo - w.offset) as usize..(hi - w.offset) as usize])
+                            }
+                            _ => dst.fill(0),
+                        }
+                        let h = if is_zero(&scratch) { None } else { Some(chunks::hash_block(&scratch)) };
+                        let content = scratch.clone();
+                        self.store_block(&content, h, None)?
+                    }
+                };
+                let listed = op == WriteOp::Data || !whole;
+                if listed {
+                    let r = if chunk == ZERO_CHUNK {
+                        BlockRef::Zero
+                    } else {
+                        BlockRef::Chunk(self.chunks.hash_of(chunk))
+                    };
+                    blocks.push((block, r));
+                }
+                self.disks[d as usize].index.insert(block, lsn, Version { chunk, stream: s });
+            }
+            let rec = Record::Write(WriteRecord {
+                lsn,
+                stream,
+                seq: w.seq,
+                disk: w.disk,
+                op,
+                offset: w.offset,
+                len,
+                blocks,
+            });
+            format::encode_record(&rec, &mut buf);
+            summary.note(lsn, Some(s));
+            self.head_lsn = lsn;
+            self.stream_pos[s as usize] = Some((w.seq, lsn));
+        }
+        // Chunks reach their pack file before the records naming them reach
+        // the log, so the page cache never holds a record without its data.
+        self.chunks.flush_pending()?;
+        self.log.append(&buf, &summary)?;
+        Ok(self.head_lsn)
+    }
+
+    fn sync(&mut self) -> Result<u64> {
+        if self.durable_lsn < self.head_lsn {
+            self.chunks.sync()?;
+            let mut buf = Vec::new();
+            format::encode_record(&Record::Commit { lsn: self.head_lsn }, &mut buf);
+            self.log.append(&buf, &SegmentSummary::default())?;
+            self.log.sync()?;
+            self.durable_lsn = self.head_lsn;
+        }
+        Ok(self.durable_lsn)
+    }
+
+    fn mark_checkpoint(&mut self, spec: CheckpointSpec) -> Result<Checkpoint> {
+        if let Some((&newest, _)) = self.checkpoints.iter().next_back() {
+            if spec.id <= newest {
+                return Err(JournalError::CheckpointNotNewer { id: spec.id, newest });
+            }
+        }
+        let previous = self.checkpoints.values().next_back();
+        let mut cuts = Vec::new();
+        for cut in &spec.cuts {
+            if cut.lsn > self.head_lsn {
+                return Err(JournalError::BadCut {
+                    stream: cut.stream,
+                    lsn: cut.lsn,
+                    head: self.head_lsn,
+                });
+            }
+            if let Some(prev) = previous.and_then(|p| p.cuts.iter().find(|c| c.stream == cut.stream)) {
+                if cut.lsn < prev.lsn {
+                    return Err(JournalError::CutGoesBack {
+                        stream: cut.stream,
+                        lsn: cut.lsn,
+                        previous: prev.lsn,
+                    });
+                }
+            }
+            cuts.push(*cut);
+        }
+        // Streams the caller left out are cut where they are now, so that
+        // the checkpoint records every stream's position (kept in the base
+        // after retention has deleted the stream's records).
+        for (ix, stream) in self.streams.iter().enumerate() {
+            if let (Some((seq, lsn)), false) = (self.stream_pos[ix], cuts.iter().any(|c| c.stream == *stream)) {
+                cuts.push(Cut { stream: *stream, lsn, seq });
+            }
+        }
+        self.chunks.sync()?;
+        let cp = Checkpoint {
+            id: spec.id,
+            kind: spec.kind,
+            name: spec.name,
+            source_time_ms: spec.source_time_ms,
+            lsn: self.head_lsn + 1,
+            cuts,
+        };
+        let mut buf = Vec::new();
+        format::encode_record(&Record::Checkpoint(cp.clone()), &mut buf);
+        let mut summary = SegmentSummary::default();
+        summary.note(cp.lsn, None);
+        self.log.append(&buf, &summary)?;
+        self.log.sync()?;
+        self.head_lsn = cp.lsn;
+        self.durable_lsn = cp.lsn;
+        self.checkpoints.insert(cp.id, cp.clone());
+        Ok(cp)
+    }
+
+    /// Where `view` reads `block` of disk `d`.
+    fn source_for(&self, d: u32, block: u64, view: &ViewState) -> Source {
+        if let Some(&c) = view.preserved.get(&(d, block)) {
+            return Source::Chunk(c);
+        }
+        match self.disks[d as usize].index.newest_visible(block, &view.cuts) {
+            Some((_, v)) => Source::Chunk(v.chunk),
+            None => Source::Replica,
+        }
+    }
+}
+
+fn read_replica(disk: &DiskState, offset: u64, out: &mut [u8]) -> Result<()> {
+    disk.replica
+        .read_exact_at(out, offset)
+        .map_err(|e| JournalError::io("reading replica", &disk.replica_path, e))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

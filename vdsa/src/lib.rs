@@ -1,0 +1,12 @@
+//! The virtual data services appliance (VDSA): one per hypervisor host.
+//!
+//! This crate owns the data path of the product: the target-side journal
+//! engine (redo log, content-addressed chunk store, per-disk index, replica,
+//! point-in-time read views, retention) and, as later issues land, the tap
+//! receivers, the replication sender and receiver, and NBD exports.
+//!
+//! It must not hold control-plane state (VPG definitions, pairing, task
+//! tracking: that is the site manager's), and it must not talk to a
+//! hypervisor's management API.
+
+pub mod journal;

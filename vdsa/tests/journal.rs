@@ -1,0 +1,565 @@
+//! The journal engine against a simple in-memory reference model, plus the
+//! corruption and edge cases an operator relies on.
+
+use proptest::prelude::*;
+use protection_groups::{CheckpointId, CheckpointKind, DiskId, RetentionPolicy, SparseTier, StreamId};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, JournalError, PitView, TapWrite, WriteData, BLOCK_SIZE};
+
+const DISK_SIZE: u64 = 32 * BLOCK_SIZE as u64;
+
+fn small_config() -> JournalConfig {
+    JournalConfig {
+        segment_bytes: 64 << 10,
+        pack_bytes: 64 << 10,
+        compression_level: Some(1),
+        workers: 2,
+    }
+}
+
+/// Content of byte `pos` of a write with pattern `seed`: the same seed at
+/// the same in-block offset gives the same byte, so aligned blocks written
+/// with one seed dedup across blocks and disks; seed 0 is all zeros.
+fn pattern(seed: u8, pos: u64) -> u8 {
+    if seed == 0 {
+        return 0;
+    }
+    let x = (pos % BLOCK_SIZE as u64) as u32;
+    let seed = u32::from(seed);
+    // Seeds 1..=3 compress well (few distinct values), others do not.
+    if seed <= 3 {
+        (x / 512) as u8 ^ seed as u8
+    } else {
+        (x.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(0x9E37_79B9)).rotate_left(seed % 31) as u8
+    }
+}
+
+fn spec(id: u64, time_ms: u64, kind: CheckpointKind) -> CheckpointSpec {
+    CheckpointSpec {
+        id: CheckpointId(id),
+        kind,
+        name: format!("cp{id}"),
+        source_time_ms: time_ms,
+        cuts: vec![],
+    }
+}
+
+fn read_disk(view: &PitView, disk: DiskId) -> Vec<u8> {
+    let mut buf = vec![0u8; DISK_SIZE as usize];
+    if let Err(e) = view.read(disk, 0, &mut buf) {
+        panic!("reading {disk} at {}: {e}", view.checkpoint().id);
+    }
+    buf
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { disk: usize, offset: u64, len: u64, seed: u8, kind: u8 },
+    Checkpoint { named: bool },
+    Time { keep: u64 },
+    Space { bytes: u64 },
+    Tiered { keep: u64 },
+    Restart,
+    HoldView { pick: usize },
+    DropViews,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let write = (0..3usize, 0..DISK_SIZE, 1..20_000u64, 0..8u8, 0..10u8, any::<bool>()).prop_map(
+        |(disk, offset, len, seed, kind, align)| {
+            let offset = if align { offset / 4096 * 4096 } else { offset };
+            let len = if align { (len / 4096).max(1) * 4096 } else { len };
+            let len = len.min(DISK_SIZE - offset).max(1);
+            Op::Write { disk, offset, len, seed, kind }
+        },
+    );
+    prop_oneof![
+        12 => write,
+        4 => any::<bool>().prop_map(|named| Op::Checkpoint { named }),
+        1 => (1..12u64).prop_map(|keep| Op::Time { keep }),
+        1 => (50_000..400_000u64).prop_map(|bytes| Op::Space { bytes }),
+        1 => (4..12u64).prop_map(|keep| Op::Tiered { keep }),
+        1 => Just(Op::Restart),
+        1 => (0..100usize).prop_map(|pick| Op::HoldView { pick }),
+        1 => Just(Op::DropViews),
+    ]
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    journal: Option<Journal>,
+    disks: Vec<DiskId>,
+    stream: StreamId,
+    seq: u64,
+    /// Reference images now, and at every checkpoint taken.
+    now: Vec<Vec<u8>>,
+    at: BTreeMap<CheckpointId, Vec<Vec<u8>>>,
+    held: Vec<(PitView, Vec<Vec<u8>>)>,
+    next_cp: u64,
+    clock: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let journal = Journal::open(dir.path(), small_config()).unwrap_or_else(|e| panic!("open: {e}"));
+        let disks: Vec<DiskId> = (0..3).map(|_| DiskId::new()).collect();
+        for d in &disks {
+            journal.add_disk(*d, DISK_SIZE).unwrap_or_else(|e| panic!("add disk: {e}"));
+        }
+        Harness {
+            dir,
+            journal: Some(journal),
+            disks,
+            stream: StreamId::new(),
+            seq: 0,
+            now: vec![vec![0u8; DISK_SIZE as usize]; 3],
+            at: BTreeMap::new(),
+            held: Vec::new(),
+            next_cp: 1,
+            clock: 0,
+        }
+    }
+
+    fn j(&self) -> &Journal {
+        match &self.journal {
+            Some(j) => j,
+            None => panic!("journal closed"),
+        }
+    }
+
+    fn run(&mut self, op: &Op) {
+        self.clock += 1000;
+        match *op {
+            Op::Write { disk, offset, len, seed, kind } => {
+                let data: Vec<u8> = (offset..offset + len).map(|p| pattern(seed, p)).collect();
+                let wd = match kind {
+                    0 => WriteData::Zero { len },
+                    1 => WriteData::Trim { len },
+                    _ => WriteData::Data(&data),
+                };
+                self.seq += 1;
+                let w = TapWrite { seq: self.seq, disk: self.disks[disk], offset, data: wd };
+                self.j().ingest(self.stream, &[w]).unwrap_or_else(|e| panic!("ingest: {e}"));
+                let img = &mut self.now[disk][offset as usize..(offset + len) as usize];
+                match kind {
+                    0 | 1 => img.fill(0),
+                    _ => img.copy_from_slice(&data),
+                }
+            }
+            Op::Checkpoint { named } => {
+                let kind = if named { CheckpointKind::Named } else { CheckpointKind::Automatic };
+                let id = self.next_cp;
+                self.next_cp += 1;
+                let cp = self.j().mark_checkpoint(spec(id, self.clock, kind)).unwrap_or_else(|e| panic!("checkpoint: {e}"));
+                assert_eq!(cp.id, CheckpointId(id));
+                self.at.insert(cp.id, self.now.clone());
+                let view = self.j().open_view(cp.id).unwrap_or_else(|e| panic!("view: {e}"));
+                for (i, d) in self.disks.iter().enumerate() {
+                    assert!(read_disk(&view, *d) == self.now[i], "fresh checkpoint {id} disk {i} differs");
+                }
+            }
+            Op::Time { keep } => {
+                let policy = RetentionPolicy::Time { history: Duration::from_secs(keep) };
+                let before = self.retained();
+                let report = self.j().apply_retention(&policy, self.clock).unwrap_or_else(|e| panic!("retention: {e}"));
+                // Every checkpoint younger than the horizon is still there,
+                // and the replica's is the newest at or before it.
+                let horizon = self.clock.saturating_sub(keep * 1000);
+                let after = self.retained();
+                let times: BTreeMap<CheckpointId, u64> = self.j().checkpoints().unwrap_or_default().into_iter().map(|c| (c.id, c.source_time_ms)).collect();
+                for id in &before {
+                    if !after.contains(id) {
+                        assert!(report.aged_out.contains(id), "{id} vanished without being aged out");
+                    }
+                }
+                if let Some(&oldest) = after.first() {
+                    assert!(after.iter().skip(1).all(|id| times[id] > horizon) || times[&oldest] <= horizon);
+                }
+                self.verify_all();
+            }
+            Op::Space { bytes } => {
+                let policy = RetentionPolicy::Space { max_bytes: bytes };
+                let report = self.j().apply_retention(&policy, self.clock).unwrap_or_else(|e| panic!("retention: {e}"));
+                let newest = self.retained().last().copied();
+                assert!(
+                    report.journal_bytes <= bytes || report.base == newest,
+                    "space policy left {} > {bytes} bytes with older checkpoints to spare",
+                    report.journal_bytes
+                );
+                self.verify_all();
+            }
+            Op::Tiered { keep } => {
+                let policy = RetentionPolicy::Tiered {
+                    base: Box::new(RetentionPolicy::Time { history: Duration::from_secs(keep * 4) }),
+                    tiers: vec![
+                        SparseTier { after: Duration::from_secs(keep), every: Some(Duration::from_secs(3)) },
+                        SparseTier { after: Duration::from_secs(keep * 2), every: None },
+                    ],
+                };
+                self.j().apply_retention(&policy, self.clock).unwrap_or_else(|e| panic!("retention: {e}"));
+                self.verify_all();
+            }
+            Op::Restart => {
+                self.held.clear();
+                self.journal = None;
+                self.journal = Some(Journal::open(self.dir.path(), small_config()).unwrap_or_else(|e| panic!("reopen: {e}")));
+                self.verify_all();
+            }
+            Op::HoldView { pick } => {
+                let retained = self.retained();
+                if !retained.is_empty() {
+                    let id = retained[pick % retained.len()];
+                    let view = self.j().open_view(id).unwrap_or_else(|e| panic!("view: {e}"));
+                    self.held.push((view, self.at[&id].clone()));
+                }
+            }
+            Op::DropViews => self.held.clear(),
+        }
+    }
+
+    fn retained(&self) -> Vec<CheckpointId> {
+        self.j().checkpoints().unwrap_or_else(|e| panic!("list: {e}")).iter().map(|c| c.id).collect()
+    }
+
+    /// Every retained checkpoint, and every held view, reads back exactly
+    /// the reference image.
+    fn verify_all(&self) {
+        for id in self.retained() {
+            let Some(expected) = self.at.get(&id) else {
+                panic!("journal offers {id}, which was never taken");
+            };
+            let view = self.j().open_view(id).unwrap_or_else(|e| panic!("view {id}: {e}"));
+            for (i, d) in self.disks.iter().enumerate() {
+                assert!(read_disk(&view, *d) == expected[i], "checkpoint {id} disk {i} differs from the model");
+            }
+        }
+        for (view, expected) in &self.held {
+            for (i, d) in self.disks.iter().enumerate() {
+                assert!(
+                    read_disk(view, *d) == expected[i],
+                    "held view at {} disk {i} changed under retention",
+                    view.checkpoint().id
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, max_shrink_iters: 400, ..ProptestConfig::default() })]
+    #[test]
+    fn every_retained_checkpoint_reads_back_the_model(ops in prop::collection::vec(op(), 1..80)) {
+        let mut h = Harness::new();
+        for op in &ops {
+            h.run(op);
+        }
+        h.run(&Op::Checkpoint { named: false });
+        h.run(&Op::Restart);
+    }
+}
+
+fn open(dir: &Path) -> Journal {
+    Journal::open(dir, small_config()).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()))
+}
+
+/// A journal with one disk, a few checkpoints and data spread over several
+/// log segments and packs. Returns (disk, stream).
+fn populated(dir: &Path) -> (DiskId, StreamId) {
+    let j = open(dir);
+    let disk = DiskId::new();
+    let stream = StreamId::new();
+    j.add_disk(disk, 4 << 20).unwrap_or_else(|e| panic!("{e}"));
+    let mut seq = 0;
+    for cp in 1..=4u64 {
+        for i in 0..128u64 {
+            seq += 1;
+            let data: Vec<u8> = (0..4 * BLOCK_SIZE as u64).map(|p| pattern(4 + (i % 3) as u8, p * cp + i)).collect();
+            let w = TapWrite { seq, disk, offset: ((i * 7 + cp) % 1000) * 4096, data: WriteData::Data(&data) };
+            j.ingest(stream, &[w]).unwrap_or_else(|e| panic!("{e}"));
+        }
+        j.mark_checkpoint(spec(cp, cp, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    (disk, stream)
+}
+
+fn files(dir: &Path, ext: &str) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == ext)).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn expect_corrupt(dir: &Path, file: &Path) {
+    match Journal::open(dir, small_config()) {
+        Err(JournalError::Corrupt { path, offset, reason }) => {
+            assert_eq!(path, file, "error names the damaged file ({reason} at {offset})");
+        }
+        Err(JournalError::MissingChunk { path, hash, .. }) => {
+            assert!(path.exists(), "missing chunk {hash} reported for a real segment");
+        }
+        Err(other) => panic!("expected a corruption error, got: {other}"),
+        Ok(_) => panic!("a damaged journal opened without complaint"),
+    }
+}
+
+#[test]
+fn a_flipped_byte_in_the_middle_of_a_segment_is_refused_with_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    populated(dir.path());
+    let segs = files(&dir.path().join("log"), "log");
+    assert!(segs.len() >= 3, "test needs several segments, has {}", segs.len());
+    let victim = &segs[0];
+    let mut bytes = std::fs::read(victim).unwrap_or_default();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(victim, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    match Journal::open(dir.path(), small_config()) {
+        Err(JournalError::Corrupt { path, offset, .. }) => {
+            assert_eq!(&path, victim);
+            assert!(offset <= mid as u64, "offset {offset} is at or before the flipped byte {mid}");
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("flipped byte went unnoticed"),
+    }
+}
+
+#[test]
+fn a_flipped_byte_mid_newest_segment_is_corruption_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    populated(dir.path());
+    let segs = files(&dir.path().join("log"), "log");
+    // The newest non-empty segment: records follow the flipped one.
+    let victim = segs.iter().rev().find(|p| std::fs::metadata(p).map(|m| m.len() > 4096).unwrap_or(false)).cloned();
+    let Some(victim) = victim else { panic!("no segment with records") };
+    let mut bytes = std::fs::read(&victim).unwrap_or_default();
+    bytes[100] ^= 0x80;
+    std::fs::write(&victim, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    // Remove the empty segments a reopen would have left after it, so the
+    // damaged one is the newest.
+    for s in &segs {
+        if s > &victim {
+            std::fs::remove_file(s).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    expect_corrupt(dir.path(), &victim);
+}
+
+#[test]
+fn a_truncated_pack_is_refused() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    populated(dir.path());
+    let packs = files(&dir.path().join("chunks"), "pack");
+    let victim = packs.iter().find(|p| std::fs::metadata(p).map(|m| m.len() > 8192).unwrap_or(false)).cloned();
+    let Some(victim) = victim else { panic!("no pack with chunks") };
+    let len = std::fs::metadata(&victim).map(|m| m.len()).unwrap_or(0);
+    let f = std::fs::OpenOptions::new().write(true).open(&victim).unwrap_or_else(|e| panic!("{e}"));
+    f.set_len(len / 2).unwrap_or_else(|e| panic!("{e}"));
+    drop(f);
+    match Journal::open(dir.path(), small_config()) {
+        Err(JournalError::Corrupt { path, .. }) => assert_eq!(path, victim),
+        Err(JournalError::MissingChunk { hash, .. }) => assert_eq!(hash.len(), 64),
+        Err(e) => panic!("expected a corruption error, got {e}"),
+        Ok(_) => panic!("a truncated pack went unnoticed"),
+    }
+}
+
+#[test]
+fn bad_magic_in_a_segment_or_a_pack_is_refused() {
+    for (sub, ext) in [("log", "log"), ("chunks", "pack")] {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        populated(dir.path());
+        let victim = files(&dir.path().join(sub), ext)[0].clone();
+        let mut bytes = std::fs::read(&victim).unwrap_or_default();
+        bytes[0..4].copy_from_slice(b"XXXX");
+        std::fs::write(&victim, &bytes).unwrap_or_else(|e| panic!("{e}"));
+        match Journal::open(dir.path(), small_config()) {
+            Err(JournalError::Corrupt { path, offset, reason }) => {
+                assert_eq!(path, victim);
+                assert_eq!(offset, 0);
+                assert!(reason.contains("magic") || reason.contains("header"), "{reason}");
+            }
+            Err(e) => panic!("expected Corrupt for {sub}, got {e}"),
+            Ok(_) => panic!("bad magic in {sub} went unnoticed"),
+        }
+    }
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_durable_checkpoints_survive() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (disk, stream) = populated(dir.path());
+    let before = {
+        let j = open(dir.path());
+        let v = j.open_view(CheckpointId(4)).unwrap_or_else(|e| panic!("{e}"));
+        let h = v.disk_hash(disk).unwrap_or_else(|e| panic!("{e}"));
+        // Writes after the last checkpoint, never synced.
+        for i in 0..3u64 {
+            let data = vec![0x5Au8; 8192];
+            let w = TapWrite { seq: 513 + i, disk, offset: i * 8192, data: WriteData::Data(&data) };
+            j.ingest(stream, &[w]).unwrap_or_else(|e| panic!("{e}"));
+        }
+        h
+    };
+    // Tear the last write record: the clean close appended a 32-byte commit
+    // record after it, which a crash would not have.
+    let segs = files(&dir.path().join("log"), "log");
+    let last = segs.iter().rev().find(|p| std::fs::metadata(p).map(|m| m.len() > 32).unwrap_or(false)).cloned();
+    let Some(last) = last else { panic!("no segment") };
+    let len = std::fs::metadata(&last).map(|m| m.len()).unwrap_or(0);
+    let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap_or_else(|e| panic!("{e}"));
+    f.set_len(len - 32 - 20).unwrap_or_else(|e| panic!("{e}"));
+    drop(f);
+    for s in &segs {
+        if s > &last {
+            std::fs::remove_file(s).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let j = open(dir.path());
+    let v = j.open_view(CheckpointId(4)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(v.disk_hash(disk).unwrap_or_else(|e| panic!("{e}")), before);
+    // The stream resumes after the last surviving write.
+    let pos = j.stream_position(stream).unwrap_or_default().map(|c| c.seq);
+    assert_eq!(pos, Some(514), "two of three unsynced writes survive the torn tail");
+}
+
+#[test]
+fn unaligned_zero_and_trim_writes_are_exact_and_store_no_zero_chunks() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let j = open(dir.path());
+    let disk = DiskId::new();
+    let s = StreamId::new();
+    j.add_disk(disk, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+    let mut model = vec![0u8; 1 << 20];
+    let data: Vec<u8> = (0..300_000u64).map(|p| pattern(9, p * 3)).collect();
+    let writes = [
+        (1u64, 100u64, WriteData::Data(&data[..512])),
+        (2, 4096 * 3 + 7, WriteData::Data(&data[..300_000])),
+        (3, 5000, WriteData::Zero { len: 200_000 }),
+        (4, 700_001, WriteData::Trim { len: 100_000 }),
+        (5, 4095, WriteData::Data(&data[1000..1002])),
+    ];
+    let stats0 = j.stats().unwrap_or_default();
+    for (seq, offset, wd) in writes {
+        j.ingest(s, &[TapWrite { seq, disk, offset, data: wd }]).unwrap_or_else(|e| panic!("{e}"));
+        let r = &mut model[offset as usize..(offset + wd.len()) as usize];
+        match wd {
+            WriteData::Data(d) => r.copy_from_slice(d),
+            _ => r.fill(0),
+        }
+    }
+    let stats = j.stats().unwrap_or_default();
+    assert!(stats.zero_blocks - stats0.zero_blocks >= 48 + 23, "zero ranges recorded as zero blocks: {stats:?}");
+    j.mark_checkpoint(spec(1, 1, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
+    let v = j.open_view(CheckpointId(1)).unwrap_or_else(|e| panic!("{e}"));
+    let mut got = vec![0u8; 1 << 20];
+    v.read(disk, 0, &mut got).unwrap_or_else(|e| panic!("{e}"));
+    assert!(got == model, "view differs from the model");
+    // Reads at odd offsets and lengths too.
+    let mut part = vec![0u8; 12_345];
+    v.read(disk, 4093, &mut part).unwrap_or_else(|e| panic!("{e}"));
+    assert!(part[..] == model[4093..4093 + 12_345]);
+}
+
+#[test]
+fn bad_requests_are_refused_whole_and_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let j = open(dir.path());
+    let disk = DiskId::new();
+    let s = StreamId::new();
+    j.add_disk(disk, 64 << 10).unwrap_or_else(|e| panic!("{e}"));
+    let d = [1u8; 4096];
+    let ok = TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&d) };
+    j.ingest(s, &[ok]).unwrap_or_else(|e| panic!("{e}"));
+    // A gap: seq 3 after 1, in a batch whose first write is fine.
+    let batch = [TapWrite { seq: 2, ..ok }, TapWrite { seq: 4, ..ok }];
+    match j.ingest(s, &batch) {
+        Err(JournalError::SeqGap { expected: 3, got: 4, .. }) => {}
+        other => panic!("expected a seq gap, got {other:?}"),
+    }
+    // Refused whole: seq 2 is still next.
+    j.ingest(s, &[TapWrite { seq: 2, ..ok }]).unwrap_or_else(|e| panic!("batch was half applied: {e}"));
+    let e = j.ingest(s, &[TapWrite { seq: 3, offset: 62 << 10, ..ok }]);
+    assert!(matches!(e, Err(JournalError::OutOfRange { .. })), "{e:?}");
+    let e = j.ingest(s, &[TapWrite { seq: 3, disk: DiskId::new(), ..ok }]);
+    assert!(matches!(e, Err(JournalError::UnknownDisk(_))), "{e:?}");
+    j.mark_checkpoint(spec(5, 1, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
+    let e = j.mark_checkpoint(spec(5, 2, CheckpointKind::Automatic));
+    assert!(matches!(e, Err(JournalError::CheckpointNotNewer { .. })), "{e:?}");
+    let e = j.open_view(CheckpointId(99));
+    assert!(matches!(e, Err(JournalError::UnknownCheckpoint(_))), "{e:?}");
+    let e = j.add_disk(DiskId::new(), 1000);
+    assert!(matches!(e, Err(JournalError::InvalidWrite(_))), "{e:?}");
+    // A second process (here: a second open) is refused.
+    assert!(matches!(Journal::open(dir.path(), small_config()), Err(JournalError::Locked(_))));
+    // And after all of that the journal still works.
+    j.ingest(s, &[TapWrite { seq: 3, ..ok }]).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn checkpoints_cut_each_stream_at_its_own_marker() {
+    // Stream A's write after its marker arrives before stream B's marker:
+    // the checkpoint must not contain it (DESIGN 4.2).
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let j = open(dir.path());
+    let (da, db) = (DiskId::new(), DiskId::new());
+    let (a, b) = (StreamId::new(), StreamId::new());
+    j.add_disk(da, 64 << 10).unwrap_or_else(|e| panic!("{e}"));
+    j.add_disk(db, 64 << 10).unwrap_or_else(|e| panic!("{e}"));
+    let one = [1u8; 4096];
+    let two = [2u8; 4096];
+    j.ingest(a, &[TapWrite { seq: 1, disk: da, offset: 0, data: WriteData::Data(&one) }]).unwrap_or_else(|e| panic!("{e}"));
+    let cut_a = j.stream_position(a).unwrap_or_default();
+    j.ingest(a, &[TapWrite { seq: 2, disk: da, offset: 0, data: WriteData::Data(&two) }]).unwrap_or_else(|e| panic!("{e}"));
+    j.ingest(b, &[TapWrite { seq: 1, disk: db, offset: 0, data: WriteData::Data(&one) }]).unwrap_or_else(|e| panic!("{e}"));
+    let cut_b = j.stream_position(b).unwrap_or_default();
+    let cuts = [cut_a, cut_b].into_iter().flatten().collect();
+    j.mark_checkpoint(CheckpointSpec { cuts, ..spec(1, 1, CheckpointKind::Automatic) }).unwrap_or_else(|e| panic!("{e}"));
+    let v = j.open_view(CheckpointId(1)).unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = [0u8; 4096];
+    v.read(da, 0, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(buf, one, "A's write after its marker is not in the checkpoint");
+    v.read(db, 0, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(buf, one);
+    drop(v);
+    // A later checkpoint contains it; retention to it keeps both right.
+    j.mark_checkpoint(spec(2, 2, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
+    let old = j.open_view(CheckpointId(1)).unwrap_or_else(|e| panic!("{e}"));
+    j.apply_retention(&RetentionPolicy::Time { history: Duration::from_millis(0) }, 10).unwrap_or_else(|e| panic!("{e}"));
+    let v2 = j.open_view(CheckpointId(2)).unwrap_or_else(|e| panic!("{e}"));
+    v2.read(da, 0, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(buf, two);
+    old.read(da, 0, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(buf, one, "the held view still reads its own checkpoint");
+    // A cut that goes back is refused.
+    let back = vec![vdsa::journal::Cut { stream: a, lsn: 1, seq: 1 }];
+    let e = j.mark_checkpoint(CheckpointSpec { cuts: back, ..spec(3, 3, CheckpointKind::Automatic) });
+    assert!(matches!(e, Err(JournalError::CutGoesBack { .. })), "{e:?}");
+}
+
+#[test]
+fn opening_a_view_costs_the_same_for_a_small_and_a_huge_disk() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let j = open(dir.path());
+    let (small, huge) = (DiskId::new(), DiskId::new());
+    j.add_disk(small, 1 << 30).unwrap_or_else(|e| panic!("{e}"));
+    j.add_disk(huge, 1 << 40).unwrap_or_else(|e| panic!("{e}"));
+    let s = StreamId::new();
+    let d = [7u8; 4096];
+    j.ingest(s, &[TapWrite { seq: 1, disk: huge, offset: (1 << 40) - 4096, data: WriteData::Data(&d) }]).unwrap_or_else(|e| panic!("{e}"));
+    j.mark_checkpoint(spec(1, 1, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
+    let v = j.open_view(CheckpointId(1)).unwrap_or_else(|e| panic!("{e}"));
+    let mut buf = [0u8; 4096];
+    v.read(huge, (1 << 40) - 4096, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(buf, d);
+    v.read(small, (1 << 30) - 4096, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(buf, [0u8; 4096]);
+    // The replica of a 1 TiB disk is a sparse file, not a terabyte.
+    let used: u64 = std::fs::read_dir(dir.path().join("replica"))
+        .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.metadata().ok()).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).sum())
+        .unwrap_or(u64::MAX);
+    assert!(used < 64 << 20, "replicas use {used} bytes on disk");
+}
