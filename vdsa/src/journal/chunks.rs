@@ -10,12 +10,14 @@ use super::error::{JournalError, Result};
 use super::format::crc32c;
 use super::fsutil;
 use super::model::BLOCK_SIZE;
+use super::writer::Writer;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const PACK_MAGIC: &[u8; 8] = b"VDSAPAK1";
 pub const PACK_HEADER_LEN: usize = 32;
@@ -63,7 +65,7 @@ struct ChunkEntry {
 
 #[derive(Debug)]
 struct Pack {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     /// Bytes in the file (for the active pack: written, not pending).
     len: u64,
@@ -88,8 +90,13 @@ pub struct ChunkStore {
     overflow: HashMap<Hash, ChunkId>,
     packs: BTreeMap<u32, Pack>,
     active: u32,
-    /// Entries appended to the active pack but not yet written to its file.
+    /// Entries appended to the active pack but not yet handed to the writer.
     pending: Vec<u8>,
+    /// Buffers handed to the writer, readable here until it wrote them:
+    /// (pack, offset, bytes, writer sequence number).
+    inflight: Vec<(u32, u64, Arc<Vec<u8>>, u64)>,
+    /// Written buffers kept for reuse (fresh ones cost page faults).
+    spare: Vec<Vec<u8>>,
     unsynced: Vec<u32>,
     dir_dirty: bool,
     pack_bytes: u64,
@@ -116,11 +123,21 @@ fn pack_header(no: u32) -> [u8; PACK_HEADER_LEN] {
     h
 }
 
-/// Hashes a block and, when `compress` is set, tries zstd on it.
-pub fn prepare(block: &[u8], compress: Option<&mut zstd::bulk::Compressor<'static>>) -> PreparedChunk {
-    let hash = *blake3::hash(block).as_bytes();
-    let compressed = compress.and_then(|c| c.compress(block).ok()).filter(|c| c.len() <= COMPRESSED_LIMIT);
-    PreparedChunk { hash, compressed }
+/// zstd at `level`, if that saves at least an eighth of the block. Each
+/// thread keeps its own context: creating one costs more than compressing
+/// a block.
+pub fn compress_block(block: &[u8], level: i32) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
+        }
+        let (_, z) = c.as_mut()?;
+        let mut out = vec![0u8; COMPRESSED_LIMIT];
+        let n = z.compress_to_buffer(block, &mut out[..]).ok()?;
+        out.truncate(n);
+        Some(out)
+    })
 }
 
 pub fn hash_block(block: &[u8]) -> Hash {
@@ -128,6 +145,7 @@ pub fn hash_block(block: &[u8]) -> Hash {
 }
 
 thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
@@ -146,6 +164,8 @@ impl ChunkStore {
             packs: BTreeMap::new(),
             active: 0,
             pending: Vec::new(),
+            inflight: Vec::new(),
+            spare: Vec::new(),
             unsynced: Vec::new(),
             dir_dirty: false,
             pack_bytes: pack_bytes.clamp(64 << 10, 1 << 30),
@@ -215,7 +235,7 @@ impl ChunkStore {
         self.packs.insert(
             no,
             Pack {
-                file,
+                file: Arc::new(file),
                 path,
                 len,
                 live_bytes: 0,
@@ -237,7 +257,7 @@ impl ChunkStore {
         self.packs.insert(
             self.active,
             Pack {
-                file,
+                file: Arc::new(file),
                 path,
                 len: PACK_HEADER_LEN as u64,
                 live_bytes: 0,
@@ -304,10 +324,10 @@ impl ChunkStore {
 
     /// Appends a new chunk (its hash must not be in the store) with no
     /// references yet.
-    pub fn insert(&mut self, block: &[u8], prepared: &PreparedChunk) -> Result<ChunkId> {
+    pub fn insert(&mut self, block: &[u8], prepared: &PreparedChunk, w: &mut Writer) -> Result<ChunkId> {
         let active_len = self.packs.get(&self.active).map_or(0, |p| p.len);
         if active_len + self.pending.len() as u64 >= self.pack_bytes {
-            self.roll_pack()?;
+            self.roll_pack(w)?;
         }
         let (flags, stored): (u8, &[u8]) = match &prepared.compressed {
             Some(c) => (FLAG_ZSTD, c),
@@ -325,34 +345,56 @@ impl ChunkStore {
         }))
     }
 
-    fn roll_pack(&mut self) -> Result<()> {
-        self.flush_pending()?;
+    fn roll_pack(&mut self, w: &mut Writer) -> Result<()> {
+        self.flush_pending(w)?;
         self.active += 1;
         self.start_pack()
     }
 
-    /// Writes pending entries to the active pack file (no fsync).
-    pub fn flush_pending(&mut self) -> Result<()> {
+    /// Hands pending entries to the writer for the active pack (no fsync).
+    pub fn flush_pending(&mut self, w: &mut Writer) -> Result<()> {
+        self.reclaim(w.completed()?);
         if self.pending.is_empty() {
             return Ok(());
         }
         let Some(pack) = self.packs.get_mut(&self.active) else {
             return Ok(());
         };
-        pack.file
-            .write_all_at(&self.pending, pack.len)
-            .map_err(|e| JournalError::io("writing", &pack.path, e))?;
-        pack.len += self.pending.len() as u64;
-        self.pending.clear();
+        let fresh = self.spare.pop().unwrap_or_default();
+        let data = Arc::new(std::mem::replace(&mut self.pending, fresh));
+        let len = data.len() as u64;
+        let seq = w.submit(&pack.file, &pack.path, pack.len, data.clone())?;
+        self.inflight.push((self.active, pack.len, data, seq));
+        pack.len += len;
         if !self.unsynced.contains(&self.active) {
             self.unsynced.push(self.active);
         }
         Ok(())
     }
 
+    /// Forgets in-flight buffers the writer has written, keeping them for reuse.
+    fn reclaim(&mut self, completed: u64) {
+        let spare = &mut self.spare;
+        self.inflight.retain_mut(|(_, _, data, seq)| {
+            if *seq > completed {
+                return true;
+            }
+            let taken = std::mem::take(data);
+            if let Ok(mut v) = Arc::try_unwrap(taken) {
+                if spare.len() < 4 {
+                    v.clear();
+                    spare.push(v);
+                }
+            }
+            false
+        });
+    }
+
     /// Makes every chunk inserted so far durable.
-    pub fn sync(&mut self) -> Result<()> {
-        self.flush_pending()?;
+    pub fn sync(&mut self, w: &mut Writer) -> Result<()> {
+        self.flush_pending(w)?;
+        w.drain()?;
+        self.reclaim(w.completed()?);
         for no in std::mem::take(&mut self.unsynced) {
             if let Some(p) = self.packs.get(&no) {
                 p.file.sync_data().map_err(|e| JournalError::io("syncing", &p.path, e))?;
@@ -400,18 +442,26 @@ impl ChunkStore {
             return Err(JournalError::corrupt(&self.dir, 0, format!("chunk {id} has no pack")));
         };
         let total = CHUNK_HEADER_LEN + e.stored_len as usize;
-        let mut buf = vec![0u8; total];
+        let mut stack = [0u8; CHUNK_HEADER_LEN + BLOCK_SIZE];
+        let buf = &mut stack[..total];
         let off = u64::from(e.offset);
+        let inflight = self
+            .inflight
+            .iter()
+            .find(|(p, start, data, _)| *p == e.pack && off >= *start && off + total as u64 <= start + data.len() as u64);
         if e.pack == self.active && off >= pack.len {
             let start = (off - pack.len) as usize;
             buf.copy_from_slice(&self.pending[start..start + total]);
+        } else if let Some((_, start, data, _)) = inflight {
+            let start = (off - start) as usize;
+            buf.copy_from_slice(&data[start..start + total]);
         } else {
             pack.file
-                .read_exact_at(&mut buf, off)
+                .read_exact_at(buf, off)
                 .map_err(|err| JournalError::io("reading", &pack.path, err))?;
         }
         let (hash, flags, stored_len) =
-            parse_entry(&buf).map_err(|reason| JournalError::corrupt(&pack.path, off, reason))?;
+            parse_entry(buf).map_err(|reason| JournalError::corrupt(&pack.path, off, reason))?;
         if hash != e.hash || stored_len != e.stored_len as usize {
             return Err(JournalError::corrupt(&pack.path, off, "chunk entry does not match the catalog"));
         }
@@ -440,7 +490,8 @@ impl ChunkStore {
     /// Drops garbage: deletes packs with nothing live and copies the live
     /// chunks of mostly-dead packs into the active pack. The copies are made
     /// durable before an old pack is deleted. Returns bytes reclaimed.
-    pub fn collect_garbage(&mut self) -> Result<u64> {
+    pub fn collect_garbage(&mut self, w: &mut Writer) -> Result<u64> {
+        self.sync(w)?; // victims are read from their files below
         let victims: Vec<u32> = self
             .packs
             .iter()
@@ -474,7 +525,7 @@ impl ChunkStore {
             parse_entry(&raw).map_err(|reason| JournalError::corrupt(&pack.path, u64::from(e.offset), reason))?;
             let active_len = self.packs.get(&self.active).map_or(0, |p| p.len);
             if active_len + self.pending.len() as u64 >= self.pack_bytes {
-                self.roll_pack()?;
+                self.roll_pack(w)?;
             }
             let offset = self.packs.get(&self.active).map_or(0, |p| p.len) + self.pending.len() as u64;
             self.pending.extend_from_slice(&raw);
@@ -489,7 +540,7 @@ impl ChunkStore {
             entry.pack = self.active;
             entry.offset = u32::try_from(offset).map_err(|_| JournalError::InvalidWrite("pack offset overflow".into()))?;
         }
-        self.sync()?;
+        self.sync(w)?;
         let mut reclaimed = 0;
         for no in victims {
             if let Some(p) = self.packs.remove(&no) {

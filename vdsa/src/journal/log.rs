@@ -6,10 +6,12 @@
 use super::error::{JournalError, Result};
 use super::format::{self, Frame, HeaderError, Record};
 use super::fsutil;
+use super::writer::Writer;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A record found when scanning the log, with where it is.
 #[derive(Debug)]
@@ -52,7 +54,7 @@ pub struct Log {
     segment_bytes: u64,
     segments: BTreeMap<u64, Segment>,
     active: u64,
-    file: File,
+    file: Arc<File>,
     unsynced: Vec<u64>,
     dir_dirty: bool,
 }
@@ -148,15 +150,15 @@ impl Log {
             segment_bytes: segment_bytes.max(1 << 16),
             segments,
             active,
-            file,
+            file: Arc::new(file),
             unsynced: vec![active],
             dir_dirty: true,
         })
     }
 
-    /// Appends encoded records (no fsync), rolling to a new segment first
-    /// when the active one is full.
-    pub fn append(&mut self, bytes: &[u8], summary: &SegmentSummary) -> Result<()> {
+    /// Queues encoded records for appending (no fsync), rolling to a new
+    /// segment first when the active one is full.
+    pub fn append(&mut self, bytes: Vec<u8>, summary: &SegmentSummary, w: &mut Writer) -> Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
@@ -164,7 +166,7 @@ impl Log {
         if active_len >= self.segment_bytes {
             self.active += 1;
             let (file, seg) = create_segment(&self.dir, self.active)?;
-            self.file = file;
+            self.file = Arc::new(file);
             self.segments.insert(self.active, seg);
             self.unsynced.push(self.active);
             self.dir_dirty = true;
@@ -172,10 +174,9 @@ impl Log {
         let Some(seg) = self.segments.get_mut(&self.active) else {
             return Err(JournalError::Failed("active log segment missing".into()));
         };
-        self.file
-            .write_all_at(bytes, seg.len)
-            .map_err(|e| JournalError::io("appending to", &seg.path, e))?;
-        seg.len += bytes.len() as u64;
+        let len = bytes.len() as u64;
+        w.submit(&self.file, &seg.path, seg.len, Arc::new(bytes))?;
+        seg.len += len;
         seg.summary.note(summary.max_lsn, None);
         for &(s, lsn) in &summary.stream_max {
             seg.summary.note(lsn, Some(s));
@@ -186,8 +187,10 @@ impl Log {
         Ok(())
     }
 
-    /// fsync of every segment written since the last sync.
-    pub fn sync(&mut self) -> Result<()> {
+    /// fsync of every segment written since the last sync, once the writer
+    /// has written everything queued.
+    pub fn sync(&mut self, w: &mut Writer) -> Result<()> {
+        w.drain()?;
         for no in std::mem::take(&mut self.unsynced) {
             let Some(seg) = self.segments.get(&no) else { continue };
             let f = if no == self.active {

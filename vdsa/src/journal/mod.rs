@@ -18,6 +18,7 @@ mod log;
 mod model;
 mod retention;
 mod view;
+mod writer;
 
 pub use error::{JournalError, Result};
 pub use model::{
@@ -36,6 +37,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Tunables of a journal. The defaults suit a VPG of a few disks.
@@ -112,6 +114,9 @@ struct State {
     stream_pos: Vec<Option<(u64, u64)>>,
     chunks: ChunkStore,
     log: Log,
+    /// Writes packs and log on its own thread (declared after them, so it
+    /// is dropped, and finishes its queue, after their last use).
+    writer: writer::Writer,
     checkpoints: BTreeMap<CheckpointId, Checkpoint>,
     base_cuts: CutSet,
     head_lsn: u64,
@@ -126,6 +131,10 @@ struct State {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
+    /// Hashes and compresses batches.
+    pool: rayon::ThreadPool,
+    /// Compression attempts that did not pay, in a row.
+    compress_misses: AtomicU32,
     /// Held for the journal's life: the directory's exclusive lock.
     _lock: File,
     config: JournalConfig,
@@ -169,6 +178,7 @@ impl Journal {
             chunks,
             // Replaced below, once the segment summaries are known.
             log: Log::open(&dir.join("log"), config.segment_bytes, BTreeMap::new())?,
+            writer: writer::Writer::start()?,
             checkpoints: BTreeMap::new(),
             base_cuts: CutSet::new(Vec::new(), 0),
             head_lsn: 0,
@@ -196,11 +206,17 @@ impl Journal {
             tracing::info!(checkpoint = %intent.id, "finishing a retention step interrupted by a crash");
             st.advance_base(&dir, &intent)?;
         }
-        st.chunks.sync()?;
-        st.log.sync()?;
+        st.chunks.sync(&mut st.writer)?;
+        st.log.sync(&mut st.writer)?;
         st.durable_lsn = st.head_lsn;
         Ok(Journal {
             inner: Arc::new(Inner {
+                pool: rayon::ThreadPoolBuilder::new()
+                    .num_threads(config.workers.max(1))
+                    .thread_name(|i| format!("journal-worker-{i}"))
+                    .build()
+                    .map_err(|e| JournalError::Failed(format!("starting journal workers: {e}")))?,
+                compress_misses: AtomicU32::new(0),
                 dir,
                 _lock: lock,
                 config,
@@ -280,8 +296,8 @@ impl Journal {
     pub fn ingest(&self, stream: StreamId, writes: &[TapWrite<'_>]) -> Result<u64> {
         // Hash full blocks before taking the lock: it is most of the CPU.
         let full: Vec<&[u8]> = writes.iter().flat_map(full_blocks).collect();
-        let workers = self.inner.config.workers;
-        let hashes: Vec<Option<Hash>> = par_map(&full, workers, || (), |_, b| {
+        let pool = &self.inner.pool;
+        let hashes: Vec<Option<Hash>> = par_map(pool, &full, || (), |_, b| {
             if is_zero(b) {
                 None
             } else {
@@ -299,7 +315,8 @@ impl Journal {
                 .filter_map(|(b, h)| h.map(|h| (h, *b)))
                 .filter(|(h, _)| st.chunks.lookup(h).is_none() && seen.insert(*h))
                 .collect();
-            let prepared: HashMap<Hash, PreparedChunk> = par_map(&new, workers, || Compression::new(level), |c, (h, b)| {
+            let c = Compression { level, misses: &self.inner.compress_misses };
+            let prepared: HashMap<Hash, PreparedChunk> = par_map(pool, &new, || (), |_, (h, b)| {
                 (*h, PreparedChunk { hash: *h, compressed: c.compress(b) })
             })
             .into_iter()
@@ -479,70 +496,47 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// zstd with a cheap escape for incompressible streams: after eight misses
-/// in a row it only tries one block in sixteen.
-struct Compression {
-    zstd: Option<zstd::bulk::Compressor<'static>>,
-    misses: u32,
+/// in a row it tries only one block in sixteen. The run of misses is shared
+/// by the journal's workers and outlives a batch.
+#[derive(Debug, Clone, Copy)]
+struct Compression<'a> {
+    level: Option<i32>,
+    misses: &'a AtomicU32,
 }
 
-impl Compression {
-    fn new(level: Option<i32>) -> Self {
-        Compression {
-            zstd: level.and_then(|l| zstd::bulk::Compressor::new(l).ok()),
-            misses: 0,
-        }
-    }
-
-    fn compress(&mut self, block: &[u8]) -> Option<Vec<u8>> {
-        if self.misses >= 8 && self.misses % 16 != 0 {
-            self.misses += 1;
+impl Compression<'_> {
+    fn compress(&self, block: &[u8]) -> Option<Vec<u8>> {
+        let level = self.level?;
+        let m = self.misses.fetch_add(1, Ordering::Relaxed);
+        if m >= 8 && m % 16 != 0 {
             return None;
         }
-        let out = chunks::prepare(block, self.zstd.as_mut()).compressed;
+        let out = chunks::compress_block(block, level);
         if out.is_some() {
-            self.misses = 0;
-        } else {
-            self.misses += 1;
+            self.misses.store(0, Ordering::Relaxed);
         }
         out
     }
 }
 
-/// Maps `f` over `items` on up to `workers` threads, in order.
+const PARALLEL_MIN_BLOCKS: usize = 512;
+
+/// Maps `f` over `items` on the worker pool, in order; each worker task
+/// gets its own state from `init` (a zstd context, say).
 fn par_map<T: Sync, S, R: Send>(
+    pool: &rayon::ThreadPool,
     items: &[T],
-    workers: usize,
-    init: impl Fn() -> S + Sync,
-    f: impl Fn(&mut S, &T) -> R + Sync,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, &T) -> R + Sync + Send,
 ) -> Vec<R> {
-    let workers = workers.max(1);
-    if workers == 1 || items.len() < 64 {
+    use rayon::prelude::*;
+    // Handing work to another thread costs a wake-up each way (tens of us on
+    // a VM): only worth it for batches of megabytes.
+    if items.len() < PARALLEL_MIN_BLOCKS || pool.current_num_threads() < 2 {
         let mut s = init();
         return items.iter().map(|t| f(&mut s, t)).collect();
     }
-    let per = items.len().div_ceil(workers);
-    let parts: Vec<&[T]> = items.chunks(per).collect();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = parts[1..]
-            .iter()
-            .map(|part| {
-                let (f, init) = (&f, &init);
-                scope.spawn(move || {
-                    let mut s = init();
-                    part.iter().map(|t| f(&mut s, t)).collect::<Vec<R>>()
-                })
-            })
-            .collect();
-        let mut s = init();
-        let mut out: Vec<R> = parts[0].iter().map(|t| f(&mut s, t)).collect();
-        for h in handles {
-            match h.join() {
-                Ok(v) => out.extend(v),
-                Err(p) => std::panic::resume_unwind(p),
-            }
-        }
-        out
-    })
+    pool.install(|| items.par_iter().with_min_len(128).map_init(&init, |s, t| f(s, t)).collect())
 }
 
 impl State {
@@ -754,10 +748,10 @@ impl State {
                     Some(p) => p,
                     None => PreparedChunk {
                         hash,
-                        compressed: Compression::new(self.compression_level).compress(block),
+                        compressed: self.compression_level.and_then(|l| chunks::compress_block(block, l)),
                     },
                 };
-                self.chunks.insert(block, &prepared)?
+                self.chunks.insert(block, &prepared, &mut self.writer)?
             }
         };
         self.chunks.incref(id);
@@ -850,18 +844,18 @@ impl State {
         }
         // Chunks reach their pack file before the records naming them reach
         // the log, so the page cache never holds a record without its data.
-        self.chunks.flush_pending()?;
-        self.log.append(&buf, &summary)?;
+        self.chunks.flush_pending(&mut self.writer)?;
+        self.log.append(buf, &summary, &mut self.writer)?;
         Ok(self.head_lsn)
     }
 
     fn sync(&mut self) -> Result<u64> {
         if self.durable_lsn < self.head_lsn {
-            self.chunks.sync()?;
+            self.chunks.sync(&mut self.writer)?;
             let mut buf = Vec::new();
             format::encode_record(&Record::Commit { lsn: self.head_lsn }, &mut buf);
-            self.log.append(&buf, &SegmentSummary::default())?;
-            self.log.sync()?;
+            self.log.append(buf, &SegmentSummary::default(), &mut self.writer)?;
+            self.log.sync(&mut self.writer)?;
             self.durable_lsn = self.head_lsn;
         }
         Ok(self.durable_lsn)
@@ -902,7 +896,7 @@ impl State {
                 cuts.push(Cut { stream: *stream, lsn, seq });
             }
         }
-        self.chunks.sync()?;
+        self.chunks.sync(&mut self.writer)?;
         let cp = Checkpoint {
             id: spec.id,
             kind: spec.kind,
@@ -915,8 +909,8 @@ impl State {
         format::encode_record(&Record::Checkpoint(cp.clone()), &mut buf);
         let mut summary = SegmentSummary::default();
         summary.note(cp.lsn, None);
-        self.log.append(&buf, &summary)?;
-        self.log.sync()?;
+        self.log.append(buf, &summary, &mut self.writer)?;
+        self.log.sync(&mut self.writer)?;
         self.head_lsn = cp.lsn;
         self.durable_lsn = cp.lsn;
         self.checkpoints.insert(cp.id, cp.clone());

@@ -81,8 +81,8 @@ impl State {
             // checkpoint records it cancels.
             let mut summary = SegmentSummary::default();
             summary.note(self.head_lsn, None);
-            self.log.append(&buf, &summary)?;
-            self.log.sync()?;
+            self.log.append(buf, &summary, &mut self.writer)?;
+            self.log.sync(&mut self.writer)?;
         }
         report.thinned = thinned;
         report.versions_freed += self.thin_versions();
@@ -119,7 +119,7 @@ impl State {
             s.max_lsn <= base_lsn && s.stream_max.iter().all(|&(st, lsn)| base_cuts.visible(lsn, st))
         })?;
         report.bytes_reclaimed += log_before - self.log.bytes();
-        report.bytes_reclaimed += self.chunks.collect_garbage()?;
+        report.bytes_reclaimed += self.chunks.collect_garbage(&mut self.writer)?;
         report.base = self.base_id();
         report.aged_out = before
             .into_iter()
@@ -235,7 +235,7 @@ impl State {
                 .sync_data()
                 .map_err(|e| JournalError::io("syncing replica", &disk.replica_path, e))?;
         }
-        self.chunks.sync()?; // blocks preserved for views
+        self.chunks.sync(&mut self.writer)?; // blocks preserved for views
         self.meta.base = Some(target.clone());
         self.meta.intent = None;
         self.write_meta(dir)?;

@@ -1,0 +1,498 @@
+//! Journal benchmark: the journal against plain file I/O of the same bytes
+//! with the same fsync cadence, in one process, reported as ratios.
+//!
+//! `cargo bench -p vdsa --bench journal [-- --mib N --reps N --dir PATH]`
+
+use protection_groups::{CheckpointId, CheckpointKind, DiskId, RetentionPolicy, StreamId};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, TapWrite, WriteData, BLOCK_SIZE};
+
+/// Counts live heap bytes, to measure the index's memory for real.
+struct Counting;
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+// SAFETY: delegates every call to the system allocator unchanged and only
+// adds bookkeeping of sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as i64, Ordering::Relaxed);
+        // SAFETY: same layout contract as our caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as i64, Ordering::Relaxed);
+        // SAFETY: p was allocated by System with layout l.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as i64 - l.size() as i64, Ordering::Relaxed);
+        // SAFETY: p was allocated by System with layout l.
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const MIB: usize = 1 << 20;
+
+struct Args {
+    only: Option<String>,
+    workers: Option<usize>,
+    mib: usize,
+    reps: usize,
+    dir: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        only: None,
+        workers: None,
+        mib: 512,
+        reps: 3,
+        dir: std::env::temp_dir(),
+    };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        let v = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--mib" => a.mib = v.parse().unwrap_or(a.mib),
+            "--reps" => a.reps = v.parse().unwrap_or(a.reps),
+            "--dir" => a.dir = PathBuf::from(v),
+            "--only" => a.only = Some(v),
+            "--workers" => a.workers = v.parse().ok(),
+            "--no-compress" => {
+                let _ = NO_COMPRESS.set(true);
+                i += 1;
+                continue;
+            }
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+/// One workload: batches of writes (offset, bytes), a checkpoint (and
+/// fsync) every `cadence` batches.
+struct Workload {
+    name: &'static str,
+    disk_size: u64,
+    batches: Vec<Vec<(u64, Vec<u8>)>>,
+    cadence: usize,
+    bytes: usize,
+}
+
+fn random_block(rng: &mut StdRng) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    rng.fill_bytes(&mut b);
+    b
+}
+
+fn random_4k(total: usize) -> Workload {
+    let mut rng = StdRng::seed_from_u64(1);
+    let disk_size = 64u64 << 30;
+    let blocks = total / BLOCK_SIZE;
+    let per_batch = 64;
+    let batches = (0..blocks / per_batch)
+        .map(|_| {
+            (0..per_batch)
+                .map(|_| (rng.gen_range(0..disk_size / 4096) * 4096, random_block(&mut rng)))
+                .collect()
+        })
+        .collect();
+    Workload {
+        name: "4 KiB random writes, incompressible",
+        disk_size,
+        batches,
+        cadence: 32 * MIB / (per_batch * BLOCK_SIZE),
+        bytes: blocks * BLOCK_SIZE,
+    }
+}
+
+fn sequential_64k(total: usize) -> Workload {
+    let mut rng = StdRng::seed_from_u64(2);
+    let disk_size = 64u64 << 30;
+    let writes = total / (64 << 10);
+    let per_batch = 16;
+    let mut offset = 0u64;
+    let batches = (0..writes / per_batch)
+        .map(|_| {
+            (0..per_batch)
+                .map(|_| {
+                    let mut d = vec![0u8; 64 << 10];
+                    rng.fill_bytes(&mut d);
+                    offset += 64 << 10;
+                    (offset - (64 << 10), d)
+                })
+                .collect()
+        })
+        .collect();
+    Workload {
+        name: "64 KiB sequential writes, incompressible",
+        disk_size,
+        batches,
+        cadence: 32 * MIB / (per_batch * (64 << 10)),
+        bytes: writes / per_batch * per_batch * (64 << 10),
+    }
+}
+
+fn half_duplicate(total: usize) -> Workload {
+    let mut rng = StdRng::seed_from_u64(3);
+    let disk_size = 64u64 << 30;
+    let blocks = total / BLOCK_SIZE;
+    let per_batch = 64;
+    let mut written: Vec<Vec<u8>> = Vec::new();
+    let batches = (0..blocks / per_batch)
+        .map(|_| {
+            (0..per_batch)
+                .map(|_| {
+                    let data = if !written.is_empty() && rng.gen_bool(0.5) {
+                        written[rng.gen_range(0..written.len())].clone()
+                    } else {
+                        let b = random_block(&mut rng);
+                        written.push(b.clone());
+                        b
+                    };
+                    (rng.gen_range(0..disk_size / 4096) * 4096, data)
+                })
+                .collect()
+        })
+        .collect();
+    Workload {
+        name: "4 KiB writes, half repeating earlier blocks",
+        disk_size,
+        batches,
+        cadence: 32 * MIB / (per_batch * BLOCK_SIZE),
+        bytes: blocks * BLOCK_SIZE,
+    }
+}
+
+fn spec(id: u64) -> CheckpointSpec {
+    CheckpointSpec {
+        id: CheckpointId(id),
+        kind: CheckpointKind::Automatic,
+        name: String::new(),
+        source_time_ms: id,
+        cuts: vec![],
+    }
+}
+
+fn fresh_dir(base: &Path, name: &str) -> PathBuf {
+    let d = base.join(format!("vdsa-bench-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::create_dir_all(&d);
+    d
+}
+
+/// The baseline: the same bytes appended to a plain file, one write per
+/// batch, fsync at every checkpoint.
+fn run_baseline(w: &Workload, dir: &Path) -> Duration {
+    let path = dir.join("baseline.dat");
+    let mut f = match File::create(&path) {
+        Ok(f) => f,
+        Err(e) => panic!("creating {}: {e}", path.display()),
+    };
+    let mut buf = Vec::with_capacity(2 * MIB);
+    let start = Instant::now();
+    for (i, batch) in w.batches.iter().enumerate() {
+        buf.clear();
+        for (_, d) in batch {
+            buf.extend_from_slice(d);
+        }
+        if let Err(e) = f.write_all(&buf) {
+            panic!("baseline write: {e}");
+        }
+        if (i + 1) % w.cadence == 0 {
+            if let Err(e) = f.sync_data() {
+                panic!("baseline fsync: {e}");
+            }
+        }
+    }
+    let _ = f.sync_data();
+    let t = start.elapsed();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    t
+}
+
+fn run_journal(w: &Workload, dir: &Path) -> Duration {
+    let jdir = dir.join("journal");
+    let _ = std::fs::remove_dir_all(&jdir);
+    let j = Journal::open(&jdir, config()).unwrap_or_else(|e| panic!("{e}"));
+    let disk = DiskId::new();
+    j.add_disk(disk, w.disk_size).unwrap_or_else(|e| panic!("{e}"));
+    let stream = StreamId::new();
+    let mut seq = 0;
+    let mut cp = 0;
+    let start = Instant::now();
+    for (i, batch) in w.batches.iter().enumerate() {
+        let taps: Vec<TapWrite<'_>> = batch
+            .iter()
+            .map(|(off, d)| {
+                seq += 1;
+                TapWrite { seq, disk, offset: *off, data: WriteData::Data(d) }
+            })
+            .collect();
+        j.ingest(stream, &taps).unwrap_or_else(|e| panic!("{e}"));
+        if (i + 1) % w.cadence == 0 {
+            cp += 1;
+            j.mark_checkpoint(spec(cp)).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    cp += 1;
+    j.mark_checkpoint(spec(cp)).unwrap_or_else(|e| panic!("{e}"));
+    let t = start.elapsed();
+    drop(j);
+    let _ = std::fs::remove_dir_all(&jdir);
+    t
+}
+
+static WORKERS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+
+static NO_COMPRESS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn config() -> JournalConfig {
+    let mut c = JournalConfig::default();
+    if NO_COMPRESS.get().copied().unwrap_or(false) {
+        c.compression_level = None;
+    }
+    if let Some(w) = WORKERS.get().copied().flatten() {
+        c.workers = w;
+    }
+    c
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn mbps(bytes: usize, t: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / t.as_secs_f64()
+}
+
+fn ingest(w: &Workload, dir: &Path, reps: usize, goal: f64, ge: bool) -> (f64, f64, f64) {
+    let (mut base, mut jour, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let b = mbps(w.bytes, run_baseline(w, dir));
+        let j = mbps(w.bytes, run_journal(w, dir));
+        base.push(b);
+        jour.push(j);
+        ratios.push(j / b);
+    }
+    let (b, j, r) = (median(base), median(jour), median(ratios));
+    let verdict = if (ge && r >= goal) || (!ge && r <= goal) { "ok" } else { "MISSED" };
+    println!(
+        "{:<46} baseline {:>7.0} MiB/s  journal {:>7.0} MiB/s  ratio {:.2} (goal >= {goal}) {verdict}",
+        w.name, b, j, r
+    );
+    (b, j, r)
+}
+
+/// Sequential read of a view with half its blocks in the journal, against a
+/// plain read of the replica file; both warm in the page cache.
+fn view_read(dir: &Path, mib: usize, reps: usize) {
+    let jdir = dir.join("journal-read");
+    let _ = std::fs::remove_dir_all(&jdir);
+    let j = Journal::open(&jdir, config()).unwrap_or_else(|e| panic!("{e}"));
+    let disk = DiskId::new();
+    let size = (mib * MIB) as u64;
+    j.add_disk(disk, size).unwrap_or_else(|e| panic!("{e}"));
+    let stream = StreamId::new();
+    let mut rng = StdRng::seed_from_u64(4);
+    let mut seq = 0;
+    let mut chunk = vec![0u8; MIB];
+    for off in (0..size).step_by(MIB) {
+        rng.fill_bytes(&mut chunk);
+        seq += 1;
+        j.ingest(stream, &[TapWrite { seq, disk, offset: off, data: WriteData::Data(&chunk) }])
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    j.mark_checkpoint(spec(1)).unwrap_or_else(|e| panic!("{e}"));
+    // Move everything into the replica, then overwrite a random half.
+    j.mark_checkpoint(spec(2)).unwrap_or_else(|e| panic!("{e}"));
+    j.apply_retention(&RetentionPolicy::Time { history: Duration::ZERO }, 1).unwrap_or_else(|e| panic!("{e}"));
+    let mut block = vec![0u8; BLOCK_SIZE];
+    for b in 0..size / BLOCK_SIZE as u64 {
+        if rng.gen_bool(0.5) {
+            rng.fill_bytes(&mut block);
+            seq += 1;
+            j.ingest(stream, &[TapWrite { seq, disk, offset: b * BLOCK_SIZE as u64, data: WriteData::Data(&block) }])
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    j.mark_checkpoint(spec(3)).unwrap_or_else(|e| panic!("{e}"));
+    let in_journal = j.stats().map(|s| s.index_versions).unwrap_or(0);
+    let view = j.open_view(CheckpointId(3)).unwrap_or_else(|e| panic!("{e}"));
+    let replica = jdir.join("replica").join(format!("{}.img", disk.0));
+    let file = File::open(&replica).unwrap_or_else(|e| panic!("{e}"));
+    let read_view = |buf: &mut [u8]| {
+        let t = Instant::now();
+        for off in (0..size).step_by(MIB) {
+            view.read(disk, off, buf).unwrap_or_else(|e| panic!("{e}"));
+        }
+        t.elapsed()
+    };
+    let read_plain = |buf: &mut [u8]| {
+        let t = Instant::now();
+        for off in (0..size).step_by(MIB) {
+            file.read_exact_at(buf, off).unwrap_or_else(|e| panic!("{e}"));
+        }
+        t.elapsed()
+    };
+    read_view(&mut chunk);
+    read_plain(&mut chunk);
+    let (mut pv, mut vv, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let p = mbps(size as usize, read_plain(&mut chunk));
+        let v = mbps(size as usize, read_view(&mut chunk));
+        pv.push(p);
+        vv.push(v);
+        ratios.push(v / p);
+    }
+    let r = median(ratios);
+    println!(
+        "{:<46} replica  {:>7.0} MiB/s  view    {:>7.0} MiB/s  ratio {:.2} (goal >= 0.5) {}",
+        format!("sequential view read, {:.0}% of blocks in journal", in_journal as f64 * 100.0 / (size / 4096) as f64),
+        median(pv),
+        median(vv),
+        r,
+        if r >= 0.5 { "ok" } else { "MISSED" }
+    );
+    drop(view);
+    drop(j);
+    let _ = std::fs::remove_dir_all(&jdir);
+}
+
+/// Opening a view over 1 M journal block versions, and what the index costs
+/// per version (live heap measured by the counting allocator).
+fn index_and_open(dir: &Path) {
+    let jdir = dir.join("journal-index");
+    let _ = std::fs::remove_dir_all(&jdir);
+    let j = Journal::open(&jdir, config()).unwrap_or_else(|e| panic!("{e}"));
+    let disk = DiskId::new();
+    let size = 1u64 << 40;
+    j.add_disk(disk, size).unwrap_or_else(|e| panic!("{e}"));
+    let stream = StreamId::new();
+    j.mark_checkpoint(spec(1)).unwrap_or_else(|e| panic!("{e}"));
+    let small = time_open(&j, CheckpointId(1));
+    let mut rng = StdRng::seed_from_u64(5);
+    let pool: Vec<Vec<u8>> = (0..64).map(|_| random_block(&mut rng)).collect();
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut seq = 0;
+    // 16 block versions per write: 1 Mi versions in all.
+    let target = (1u64 << 20) / 16;
+    let mut batch_data: Vec<Vec<u8>> = Vec::new();
+    while seq < target {
+        batch_data.clear();
+        let mut offs = Vec::new();
+        for _ in 0..64 {
+            // 64 KiB writes of pooled blocks at random places on a 1 TiB disk.
+            let mut d = Vec::with_capacity(64 << 10);
+            for _ in 0..16 {
+                d.extend_from_slice(&pool[rng.gen_range(0..pool.len())]);
+            }
+            batch_data.push(d);
+            offs.push(rng.gen_range(0..size / (64 << 10)) * (64 << 10));
+        }
+        let taps: Vec<TapWrite<'_>> = batch_data
+            .iter()
+            .zip(&offs)
+            .map(|(d, off)| {
+                seq += 1;
+                TapWrite { seq, disk, offset: *off, data: WriteData::Data(d) }
+            })
+            .collect();
+        j.ingest(stream, &taps).unwrap_or_else(|e| panic!("{e}"));
+    }
+    j.mark_checkpoint(spec(2)).unwrap_or_else(|e| panic!("{e}"));
+    drop(batch_data);
+    let after = LIVE.load(Ordering::Relaxed);
+    let versions = j.stats().map(|s| s.index_versions).unwrap_or(0);
+    let per = (after - before) as f64 / versions as f64;
+    let big = time_open(&j, CheckpointId(2));
+    println!(
+        "{:<46} {:>7} versions: open {:>7.1} us (empty journal {:>5.1} us) (goal < 10 ms) {}",
+        "open a view",
+        versions,
+        big.as_secs_f64() * 1e6,
+        small.as_secs_f64() * 1e6,
+        if big < Duration::from_millis(10) { "ok" } else { "MISSED" }
+    );
+    println!(
+        "{:<46} {:>7.1} bytes per block version (live heap) (goal <= 64) {}",
+        "index memory",
+        per,
+        if per <= 64.0 { "ok" } else { "MISSED" }
+    );
+    drop(j);
+    let _ = std::fs::remove_dir_all(&jdir);
+    // Per distinct block: index entry plus chunk catalog and hash lookup.
+    let jdir = dir.join("journal-catalog");
+    let j = Journal::open(&jdir, JournalConfig { compression_level: None, ..config() }).unwrap_or_else(|e| panic!("{e}"));
+    j.add_disk(disk, size).unwrap_or_else(|e| panic!("{e}"));
+    let n = 200_000u64;
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut b = vec![0u8; BLOCK_SIZE];
+    for i in 0..n {
+        b[..8].copy_from_slice(&i.to_le_bytes());
+        j.ingest(stream, &[TapWrite { seq: i + 1, disk, offset: i * 4096, data: WriteData::Data(&b) }])
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let per = (LIVE.load(Ordering::Relaxed) - before) as f64 / n as f64;
+    println!("{:<46} {:>7.1} bytes per distinct block (index + chunk catalog + hash lookup)", "memory, all blocks distinct", per);
+    drop(j);
+    let _ = std::fs::remove_dir_all(&jdir);
+}
+
+fn time_open(j: &Journal, id: CheckpointId) -> Duration {
+    let mut times: Vec<Duration> = (0..101)
+        .map(|_| {
+            let t = Instant::now();
+            let v = j.open_view(id).unwrap_or_else(|e| panic!("{e}"));
+            let e = t.elapsed();
+            drop(v);
+            e
+        })
+        .collect();
+    times.sort();
+    times[50]
+}
+
+fn main() {
+    let a = args();
+    let _ = WORKERS.set(a.workers);
+    let dir = fresh_dir(&a.dir, "run");
+    println!("journal benchmark: {} MiB per case, {} repetitions, medians; directory {}", a.mib, a.reps, dir.display());
+    let total = a.mib * MIB;
+    let run = |name: &str| a.only.as_deref().is_none_or(|o| o == name);
+    if run("random") {
+        ingest(&random_4k(total), &dir, a.reps, 0.6, true);
+    }
+    if run("sequential") {
+        ingest(&sequential_64k(total), &dir, a.reps, 0.6, true);
+    }
+    if run("dedup") {
+        ingest(&half_duplicate(total), &dir, a.reps, 1.5, true);
+    }
+    if run("read") {
+        view_read(&dir, a.mib.min(512), a.reps);
+    }
+    if run("index") {
+        index_and_open(&dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

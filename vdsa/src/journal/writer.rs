@@ -1,0 +1,137 @@
+//! The background writer: appends to pack and log files on its own thread,
+//! in submission order, so that the ingesting thread only hashes and
+//! indexes.
+//!
+//! FIFO order keeps the write-order rule: a batch's pack bytes are written
+//! before the log records that name them. A buffer stays readable in memory
+//! (the caller keeps its `Arc`) until the writer reports it done. The first
+//! error is kept and returned by every later call: the journal then stops
+//! accepting writes.
+
+use super::error::{JournalError, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// How many buffers may wait for the writer before submitters block.
+const QUEUE_DEPTH: usize = 16;
+
+struct Job {
+    seq: u64,
+    file: Arc<File>,
+    path: PathBuf,
+    offset: u64,
+    data: Arc<Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    completed: u64,
+    error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Writer {
+    tx: Option<SyncSender<Job>>,
+    progress: Arc<(Mutex<Progress>, Condvar)>,
+    submitted: u64,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    pub fn start() -> Result<Writer> {
+        let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
+        let progress: Arc<(Mutex<Progress>, Condvar)> = Arc::default();
+        let p = progress.clone();
+        let thread = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || {
+                for job in rx {
+                    let r = job.file.write_all_at(&job.data, job.offset);
+                    drop(job.data); // before reporting, so the owner can reuse it
+                    let (lock, cv) = &*p;
+                    let Ok(mut st) = lock.lock() else { return };
+                    if let Err(e) = r {
+                        if st.error.is_none() {
+                            st.error = Some(JournalError::io("writing", &job.path, e).to_string());
+                        }
+                    }
+                    st.completed = job.seq;
+                    cv.notify_all();
+                }
+            })
+            .map_err(|e| JournalError::Failed(format!("starting the journal writer: {e}")))?;
+        Ok(Writer {
+            tx: Some(tx),
+            progress,
+            submitted: 0,
+            thread: Some(thread),
+        })
+    }
+
+    fn check(&self) -> Result<u64> {
+        let st = self
+            .progress
+            .0
+            .lock()
+            .map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
+        match &st.error {
+            Some(e) => Err(JournalError::Failed(e.clone())),
+            None => Ok(st.completed),
+        }
+    }
+
+    /// Queues `data` to be written at `offset`; returns its sequence number.
+    pub fn submit(&mut self, file: &Arc<File>, path: &std::path::Path, offset: u64, data: Arc<Vec<u8>>) -> Result<u64> {
+        self.check()?;
+        self.submitted += 1;
+        let job = Job {
+            seq: self.submitted,
+            file: file.clone(),
+            path: path.to_path_buf(),
+            offset,
+            data,
+        };
+        match &self.tx {
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| JournalError::Failed("the journal writer stopped".into()))?,
+            None => return Err(JournalError::Failed("the journal writer stopped".into())),
+        }
+        Ok(self.submitted)
+    }
+
+    /// The last sequence number written.
+    pub fn completed(&self) -> Result<u64> {
+        self.check()
+    }
+
+    /// Waits until everything submitted is written.
+    pub fn drain(&self) -> Result<()> {
+        let (lock, cv) = &*self.progress;
+        let mut st = lock
+            .lock()
+            .map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
+        while st.completed < self.submitted && st.error.is_none() {
+            st = cv
+                .wait(st)
+                .map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
+        }
+        match &st.error {
+            Some(e) => Err(JournalError::Failed(e.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.tx = None; // ends the thread's loop once the queue is empty
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
