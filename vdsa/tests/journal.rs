@@ -234,6 +234,12 @@ impl Harness {
             let view = self.j().open_view(id).unwrap_or_else(|e| panic!("view {id}: {e}"));
             for (i, d) in self.disks.iter().enumerate() {
                 assert!(read_disk(&view, *d) == expected[i], "checkpoint {id} disk {i} differs from the model");
+                // Unaligned ranges too: partial edge blocks, mixed sources.
+                for (off, len) in [(1usize, 4095usize), (4000, 9000), (12_345, 70_000), (DISK_SIZE as usize - 5000, 5000)] {
+                    let mut part = vec![0u8; len];
+                    view.read(*d, off as u64, &mut part).unwrap_or_else(|e| panic!("{e}"));
+                    assert!(part[..] == expected[i][off..off + len], "checkpoint {id} disk {i} range {off}+{len} differs");
+                }
             }
         }
         for (view, expected) in &self.held {

@@ -460,12 +460,62 @@ impl ChunkStore {
                 .read_exact_at(buf, off)
                 .map_err(|err| JournalError::io("reading", &pack.path, err))?;
         }
-        let (hash, flags, stored_len) =
-            parse_entry(buf).map_err(|reason| JournalError::corrupt(&pack.path, off, reason))?;
-        if hash != e.hash || stored_len != e.stored_len as usize {
-            return Err(JournalError::corrupt(&pack.path, off, "chunk entry does not match the catalog"));
+        self.decode(id, &pack.path, off, buf, out)
+    }
+
+    /// Reads several chunks, each into `out[at..at + BLOCK_SIZE]`. Entries
+    /// that lie next to each other in a pack are read with one call.
+    pub fn read_many(&self, reqs: &[(ChunkId, usize)], out: &mut [u8]) -> Result<()> {
+        let mut order: Vec<(u32, u64, usize, ChunkId, usize)> = reqs
+            .iter()
+            .map(|&(id, at)| {
+                let e = &self.catalog[id as usize];
+                (e.pack, u64::from(e.offset), CHUNK_HEADER_LEN + e.stored_len as usize, id, at)
+            })
+            .collect();
+        order.sort_unstable_by_key(|r| (r.0, r.1));
+        let mut scratch = Vec::new();
+        let mut i = 0;
+        while i < order.len() {
+            let (pack_no, start, _, _, _) = order[i];
+            let mut j = i;
+            let mut end = start;
+            while j < order.len() && order[j].0 == pack_no && order[j].1 == end && end - start < (1 << 20) {
+                end += order[j].2 as u64;
+                j += 1;
+            }
+            let Some(pack) = self.packs.get(&pack_no) else {
+                return Err(JournalError::corrupt(&self.dir, start, format!("pack {pack_no} is missing")));
+            };
+            let in_memory = pack_no == self.active && start >= pack.len
+                || self.inflight.iter().any(|(p, s, d, _)| *p == pack_no && start >= *s && end <= s + d.len() as u64);
+            if in_memory {
+                for &(_, _, _, id, at) in &order[i..j] {
+                    self.read(id, &mut out[at..at + BLOCK_SIZE])?;
+                }
+            } else {
+                scratch.resize((end - start) as usize, 0);
+                pack.file
+                    .read_exact_at(&mut scratch, start)
+                    .map_err(|err| JournalError::io("reading", &pack.path, err))?;
+                for &(_, off, total, id, at) in &order[i..j] {
+                    let k = (off - start) as usize;
+                    self.decode(id, &pack.path, off, &scratch[k..k + total], &mut out[at..at + BLOCK_SIZE])?;
+                }
+            }
+            i = j;
         }
-        let stored = &buf[CHUNK_HEADER_LEN..];
+        Ok(())
+    }
+
+    /// Checks one entry's bytes against the catalog and unpacks its block.
+    fn decode(&self, id: ChunkId, path: &Path, off: u64, buf: &[u8], out: &mut [u8]) -> Result<()> {
+        let e = &self.catalog[id as usize];
+        let (hash, flags, stored_len) = parse_entry(buf).map_err(|reason| JournalError::corrupt(path, off, reason))?;
+        if hash != e.hash || stored_len != e.stored_len as usize {
+            return Err(JournalError::corrupt(path, off, "chunk entry does not match the catalog"));
+        }
+        let stored = &buf[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + stored_len];
         if flags & FLAG_ZSTD == 0 {
             out.copy_from_slice(stored);
             return Ok(());
@@ -482,8 +532,8 @@ impl ChunkStore {
         });
         match n {
             Ok(n) if n == out.len() => Ok(()),
-            Ok(n) => Err(JournalError::corrupt(&pack.path, off, format!("chunk decompressed to {n} bytes"))),
-            Err(reason) => Err(JournalError::corrupt(&pack.path, off, format!("chunk does not decompress: {reason}"))),
+            Ok(n) => Err(JournalError::corrupt(path, off, format!("chunk decompressed to {n} bytes"))),
+            Err(reason) => Err(JournalError::corrupt(path, off, format!("chunk does not decompress: {reason}"))),
         }
     }
 

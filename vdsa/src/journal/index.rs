@@ -70,6 +70,21 @@ impl DiskIndex {
             .map(|(&(_, lsn), &v)| (lsn, v))
     }
 
+    /// For each block in `first..=last` that has a version visible at `cut`,
+    /// the newest such version, in block order: one descent of the tree.
+    pub fn visible_in_range(&self, first: u64, last: u64, cut: &CutSet, out: &mut Vec<(u64, Version)>) {
+        out.clear();
+        for (&(b, lsn), &v) in self.map.range((first, 0)..=(last, cut.max)) {
+            if lsn > cut.max || !cut.visible(lsn, v.stream) {
+                continue;
+            }
+            match out.last_mut() {
+                Some((lb, lv)) if *lb == b => *lv = v,
+                _ => out.push((b, v)),
+            }
+        }
+    }
+
     /// The newest version of `block`, whatever its checkpoint.
     pub fn head(&self, block: u64) -> Option<Version> {
         self.map.range((block, 0)..=(block, u64::MAX)).next_back().map(|(_, &v)| v)

@@ -59,7 +59,9 @@ impl Default for JournalConfig {
             segment_bytes: 64 << 20,
             pack_bytes: 256 << 20,
             compression_level: Some(1),
-            workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            // The ingesting thread and the background writer already keep two
+            // cores busy; helpers only pay with more cores than that.
+            workers: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 4)),
         }
     }
 }
@@ -131,8 +133,9 @@ struct State {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
-    /// Hashes and compresses batches.
-    pool: rayon::ThreadPool,
+    /// Helps the ingesting thread hash and compress large batches (none
+    /// with one worker).
+    pool: Option<rayon::ThreadPool>,
     /// Compression attempts that did not pay, in a row.
     compress_misses: AtomicU32,
     /// Held for the journal's life: the directory's exclusive lock.
@@ -211,11 +214,16 @@ impl Journal {
         st.durable_lsn = st.head_lsn;
         Ok(Journal {
             inner: Arc::new(Inner {
-                pool: rayon::ThreadPoolBuilder::new()
-                    .num_threads(config.workers.max(1))
-                    .thread_name(|i| format!("journal-worker-{i}"))
-                    .build()
-                    .map_err(|e| JournalError::Failed(format!("starting journal workers: {e}")))?,
+                pool: match config.workers {
+                    0 | 1 => None,
+                    n => Some(
+                        rayon::ThreadPoolBuilder::new()
+                            .num_threads(n - 1)
+                            .thread_name(|i| format!("journal-helper-{i}"))
+                            .build()
+                            .map_err(|e| JournalError::Failed(format!("starting journal helpers: {e}")))?,
+                    ),
+                },
                 compress_misses: AtomicU32::new(0),
                 dir,
                 _lock: lock,
@@ -296,7 +304,7 @@ impl Journal {
     pub fn ingest(&self, stream: StreamId, writes: &[TapWrite<'_>]) -> Result<u64> {
         // Hash full blocks before taking the lock: it is most of the CPU.
         let full: Vec<&[u8]> = writes.iter().flat_map(full_blocks).collect();
-        let pool = &self.inner.pool;
+        let pool = self.inner.pool.as_ref();
         let hashes: Vec<Option<Hash>> = par_map(pool, &full, || (), |_, b| {
             if is_zero(b) {
                 None
@@ -307,21 +315,23 @@ impl Journal {
         let level = self.inner.config.compression_level;
         self.mutate(|st| {
             st.validate(stream, writes)?;
-            // Compress, in parallel, only the blocks the store lacks.
+            // Compress, in parallel, only the blocks the store lacks (each
+            // distinct one once); indexed like `full`.
             let mut seen = HashSet::new();
-            let new: Vec<(Hash, &[u8])> = full
+            let new: Vec<usize> = hashes
                 .iter()
-                .zip(&hashes)
-                .filter_map(|(b, h)| h.map(|h| (h, *b)))
-                .filter(|(h, _)| st.chunks.lookup(h).is_none() && seen.insert(*h))
+                .enumerate()
+                .filter_map(|(i, h)| h.map(|h| (i, h)))
+                .filter(|(_, h)| st.chunks.lookup(h).is_none() && seen.insert(*h))
+                .map(|(i, _)| i)
                 .collect();
             let c = Compression { level, misses: &self.inner.compress_misses };
-            let prepared: HashMap<Hash, PreparedChunk> = par_map(pool, &new, || (), |_, (h, b)| {
-                (*h, PreparedChunk { hash: *h, compressed: c.compress(b) })
-            })
-            .into_iter()
-            .collect();
-            st.apply_batch(stream, writes, &hashes, prepared)
+            let mut compressed: Vec<Option<Vec<u8>>> = vec![None; full.len()];
+            let done = par_map(pool, &new, || (), |_, &i| c.compress(full[i]));
+            for (&i, out) in new.iter().zip(done) {
+                compressed[i] = out;
+            }
+            st.apply_batch(stream, writes, &hashes, compressed)
         })
     }
 
@@ -496,8 +506,8 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// zstd with a cheap escape for incompressible streams: after eight misses
-/// in a row it tries only one block in sixteen. The run of misses is shared
-/// by the journal's workers and outlives a batch.
+/// in a row it tries one block in sixteen, after 256 one in 64. The run of
+/// misses is shared by the journal's workers and outlives a batch.
 #[derive(Debug, Clone, Copy)]
 struct Compression<'a> {
     level: Option<i32>,
@@ -508,7 +518,7 @@ impl Compression<'_> {
     fn compress(&self, block: &[u8]) -> Option<Vec<u8>> {
         let level = self.level?;
         let m = self.misses.fetch_add(1, Ordering::Relaxed);
-        if m >= 8 && m % 16 != 0 {
+        if (m >= 8 && m % 16 != 0) || (m >= 256 && m % 64 != 0) {
             return None;
         }
         let out = chunks::compress_block(block, level);
@@ -519,24 +529,40 @@ impl Compression<'_> {
     }
 }
 
-const PARALLEL_MIN_BLOCKS: usize = 512;
+const PARALLEL_MIN_BLOCKS: usize = 128;
 
-/// Maps `f` over `items` on the worker pool, in order; each worker task
-/// gets its own state from `init` (a zstd context, say).
+/// Maps `f` over `items`, in order. Large batches are split between the
+/// calling thread and the pool's helpers (the caller works too, rather
+/// than waiting: on two cores a waiting caller wastes one); each part gets
+/// its own state from `init`.
 fn par_map<T: Sync, S, R: Send>(
-    pool: &rayon::ThreadPool,
+    pool: Option<&rayon::ThreadPool>,
     items: &[T],
     init: impl Fn() -> S + Sync + Send,
     f: impl Fn(&mut S, &T) -> R + Sync + Send,
 ) -> Vec<R> {
-    use rayon::prelude::*;
     // Handing work to another thread costs a wake-up each way (tens of us on
-    // a VM): only worth it for batches of megabytes.
-    if items.len() < PARALLEL_MIN_BLOCKS || pool.current_num_threads() < 2 {
+    // a VM): only worth it for batches of half a megabyte and more.
+    let Some(pool) = pool.filter(|_| items.len() >= PARALLEL_MIN_BLOCKS) else {
         let mut s = init();
         return items.iter().map(|t| f(&mut s, t)).collect();
-    }
-    pool.install(|| items.par_iter().with_min_len(128).map_init(&init, |s, t| f(s, t)).collect())
+    };
+    let per = items.len().div_ceil(pool.current_num_threads() + 1);
+    let parts: Vec<&[T]> = items.chunks(per).collect();
+    let mut outs: Vec<Vec<R>> = parts.iter().map(|_| Vec::new()).collect();
+    let (f, init) = (&f, &init);
+    pool.in_place_scope(|scope| {
+        let (mine, theirs) = outs.split_at_mut(1);
+        for (part, out) in parts[1..].iter().zip(theirs.iter_mut()) {
+            scope.spawn(move |_| {
+                let mut s = init();
+                *out = part.iter().map(|t| f(&mut s, t)).collect();
+            });
+        }
+        let mut s = init();
+        mine[0] = parts[0].iter().map(|t| f(&mut s, t)).collect();
+    });
+    outs.into_iter().flatten().collect()
 }
 
 impl State {
@@ -763,7 +789,7 @@ impl State {
         stream: StreamId,
         writes: &[TapWrite<'_>],
         hashes: &[Option<Hash>],
-        mut prepared: HashMap<Hash, PreparedChunk>,
+        mut compressed: Vec<Option<Vec<u8>>>,
     ) -> Result<u64> {
         let s = self.intern(stream);
         let bs = BLOCK_SIZE as u64;
@@ -790,8 +816,11 @@ impl State {
                         let from = (start - w.offset) as usize;
                         let content = &data[from..from + BLOCK_SIZE];
                         let h = hashes.get(next_full).copied().flatten();
+                        let p = h.map(|hash| PreparedChunk {
+                            hash,
+                            compressed: compressed.get_mut(next_full).and_then(Option::take),
+                        });
                         next_full += 1;
-                        let p = h.and_then(|h| prepared.remove(&h));
                         self.store_block(content, h, p)?
                     }
                     (_, true) => {

@@ -38,41 +38,75 @@ impl PitView {
             .views
             .get(&self.id)
             .ok_or_else(|| JournalError::Failed("view state missing".into()))?;
+        if len == 0 {
+            return Ok(());
+        }
         let bs = BLOCK_SIZE as u64;
         let end = offset + len;
-        let mut pos = offset;
-        let mut scratch = vec![0u8; BLOCK_SIZE];
-        while pos < end {
-            let block = pos / bs;
-            match st.source_for(d, block, view) {
-                Source::Replica => {
-                    // Coalesce the run of blocks the replica serves into one read.
-                    let mut run_end = (block + 1) * bs;
-                    while run_end < end && st.source_for(d, run_end / bs, view) == Source::Replica {
-                        run_end += bs;
-                    }
-                    let run_end = run_end.min(end);
-                    let out = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
-                    read_replica(&st.disks[d as usize], pos, out)?;
-                    pos = run_end;
-                }
-                Source::Chunk(chunk) => {
-                    let in_block = (pos - block * bs) as usize;
-                    let n = (BLOCK_SIZE - in_block).min((end - pos) as usize);
-                    let out = &mut buf[(pos - offset) as usize..(pos - offset) as usize + n];
-                    if chunk == ZERO_CHUNK {
-                        out.fill(0);
-                    } else if n == BLOCK_SIZE {
-                        st.chunks.read(chunk, out)?;
-                    } else {
-                        st.chunks.read(chunk, &mut scratch)?;
-                        out.copy_from_slice(&scratch[in_block..in_block + n]);
-                    }
-                    pos += n as u64;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let n = (last - first + 1) as usize;
+        // Where each block comes from: one index range scan, then the
+        // blocks retention preserved for this view.
+        let mut sources = vec![Source::Replica; n];
+        let mut found = Vec::new();
+        st.disks[d as usize].index.visible_in_range(first, last, &view.cuts, &mut found);
+        for (b, v) in &found {
+            sources[(b - first) as usize] = Source::Chunk(v.chunk);
+        }
+        if !view.preserved.is_empty() {
+            for (i, src) in sources.iter_mut().enumerate() {
+                if let Some(&c) = view.preserved.get(&(d, first + i as u64)) {
+                    *src = Source::Chunk(c);
                 }
             }
         }
-        Ok(())
+        // Replica blocks: run by run when the runs are few, else the whole
+        // range in one read, overwritten below by the journal's blocks.
+        let disk = &st.disks[d as usize];
+        let runs = sources
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| *s == Source::Replica && (i == 0 || sources[i - 1] != Source::Replica))
+            .count();
+        if runs > 4 {
+            read_replica(disk, offset, buf)?;
+        } else if runs > 0 {
+            let mut i = 0;
+            while i < n {
+                if sources[i] != Source::Replica {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < n && sources[j] == Source::Replica {
+                    j += 1;
+                }
+                let lo = ((first + i as u64) * bs).max(offset);
+                let hi = ((first + j as u64) * bs).min(end);
+                read_replica(disk, lo, &mut buf[(lo - offset) as usize..(hi - offset) as usize])?;
+                i = j;
+            }
+        }
+        // Journal blocks: whole ones straight into `buf`, batched; edges
+        // through a scratch block.
+        let mut whole = Vec::new();
+        let mut scratch = vec![0u8; BLOCK_SIZE];
+        for (i, src) in sources.iter().enumerate() {
+            let Source::Chunk(chunk) = *src else { continue };
+            let start = (first + i as u64) * bs;
+            let lo = start.max(offset);
+            let hi = (start + bs).min(end);
+            let out = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            if chunk == ZERO_CHUNK {
+                out.fill(0);
+            } else if hi - lo == bs {
+                whole.push((chunk, (lo - offset) as usize));
+            } else {
+                st.chunks.read(chunk, &mut scratch)?;
+                out.copy_from_slice(&scratch[(lo - start) as usize..(hi - start) as usize]);
+            }
+        }
+        st.chunks.read_many(&whole, buf)
     }
 
     /// blake3 of the whole disk as this view sees it.
