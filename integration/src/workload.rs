@@ -200,7 +200,7 @@ mod tests {
         for _ in 0..2000 {
             let (x, y) = (a.next_write(), b.next_write());
             assert_eq!(x, y);
-            assert!(x.len() > 0 && x.offset + x.len() <= sizes[x.disk]);
+            assert!(!x.is_empty() && x.offset + x.len() <= sizes[x.disk]);
         }
     }
 }

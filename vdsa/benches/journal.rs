@@ -103,24 +103,38 @@ fn random_block(rng: &mut StdRng) -> Vec<u8> {
     b
 }
 
-fn random_4k(total: usize) -> Workload {
-    let mut rng = StdRng::seed_from_u64(1);
+/// 4 KiB writes at random places on a 64 GiB disk, 256 to a batch; a
+/// share `repeat` of them repeats a block written earlier.
+fn writes_4k(name: &'static str, total: usize, seed: u64, repeat: f64) -> Workload {
+    let mut rng = StdRng::seed_from_u64(seed);
     let disk_size = 64u64 << 30;
     let blocks = total / BLOCK_SIZE;
     let per_batch = 256;
+    let mut written: Vec<Vec<u8>> = Vec::new();
     let batches = (0..blocks / per_batch)
         .map(|_| {
             (0..per_batch)
-                .map(|_| (rng.gen_range(0..disk_size / 4096) * 4096, random_block(&mut rng)))
+                .map(|_| {
+                    let data = if !written.is_empty() && rng.gen_bool(repeat) {
+                        written[rng.gen_range(0..written.len())].clone()
+                    } else {
+                        let b = random_block(&mut rng);
+                        if repeat > 0.0 {
+                            written.push(b.clone());
+                        }
+                        b
+                    };
+                    (rng.gen_range(0..disk_size / 4096) * 4096, data)
+                })
                 .collect()
         })
         .collect();
     Workload {
-        name: "4 KiB random writes, incompressible",
+        name,
         disk_size,
         batches,
         cadence: 32 * MIB / (per_batch * BLOCK_SIZE),
-        bytes: blocks * BLOCK_SIZE,
+        bytes: blocks / per_batch * per_batch * BLOCK_SIZE,
     }
 }
 
@@ -148,37 +162,6 @@ fn sequential_64k(total: usize) -> Workload {
         batches,
         cadence: 32 * MIB / (per_batch * (64 << 10)),
         bytes: writes / per_batch * per_batch * (64 << 10),
-    }
-}
-
-fn half_duplicate(total: usize) -> Workload {
-    let mut rng = StdRng::seed_from_u64(3);
-    let disk_size = 64u64 << 30;
-    let blocks = total / BLOCK_SIZE;
-    let per_batch = 256;
-    let mut written: Vec<Vec<u8>> = Vec::new();
-    let batches = (0..blocks / per_batch)
-        .map(|_| {
-            (0..per_batch)
-                .map(|_| {
-                    let data = if !written.is_empty() && rng.gen_bool(0.5) {
-                        written[rng.gen_range(0..written.len())].clone()
-                    } else {
-                        let b = random_block(&mut rng);
-                        written.push(b.clone());
-                        b
-                    };
-                    (rng.gen_range(0..disk_size / 4096) * 4096, data)
-                })
-                .collect()
-        })
-        .collect();
-    Workload {
-        name: "4 KiB writes, half repeating earlier blocks",
-        disk_size,
-        batches,
-        cadence: 32 * MIB / (per_batch * BLOCK_SIZE),
-        bytes: blocks * BLOCK_SIZE,
     }
 }
 
@@ -485,13 +468,13 @@ fn main() {
     let total = a.mib * MIB;
     let run = |name: &str| a.only.as_deref().is_none_or(|o| o == name);
     if run("random") {
-        ingest(&random_4k(total), &dir, a.reps, 0.6);
+        ingest(&writes_4k("4 KiB random writes, incompressible", total, 1, 0.0), &dir, a.reps, 0.6);
     }
     if run("sequential") {
         ingest(&sequential_64k(total), &dir, a.reps, 0.6);
     }
     if run("dedup") {
-        ingest(&half_duplicate(total), &dir, a.reps, 1.5);
+        ingest(&writes_4k("4 KiB writes, half repeating earlier blocks", total, 3, 0.5), &dir, a.reps, 1.5);
     }
     if run("read") {
         view_read(&dir, a.mib.min(512), a.reps);

@@ -281,10 +281,10 @@ impl ChunkStore {
             }
         };
         let p = prefix(&hash);
-        if self.by_prefix.contains_key(&p) {
-            self.overflow.insert(hash, id);
+        if let std::collections::hash_map::Entry::Vacant(e) = self.by_prefix.entry(p) {
+            e.insert(id);
         } else {
-            self.by_prefix.insert(p, id);
+            self.overflow.insert(hash, id);
         }
         id
     }
@@ -381,7 +381,7 @@ impl ChunkStore {
             }
             let taken = std::mem::take(data);
             if let Ok(mut v) = Arc::try_unwrap(taken) {
-                if spare.len() < 4 {
+                if spare.len() < super::writer::QUEUE_DEPTH {
                     v.clear();
                     spare.push(v);
                 }

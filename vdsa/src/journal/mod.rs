@@ -273,7 +273,7 @@ impl Journal {
     /// Adds a disk of `size` bytes (a multiple of 4 KiB); its replica starts
     /// as zeros.
     pub fn add_disk(&self, id: DiskId, size: u64) -> Result<()> {
-        if size == 0 || size % BLOCK_SIZE as u64 != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE as u64) {
             return Err(JournalError::InvalidWrite(format!(
                 "disk size {size} is not a positive multiple of {BLOCK_SIZE}"
             )));
@@ -518,7 +518,7 @@ impl Compression<'_> {
     fn compress(&self, block: &[u8]) -> Option<Vec<u8>> {
         let level = self.level?;
         let m = self.misses.fetch_add(1, Ordering::Relaxed);
-        if (m >= 8 && m % 16 != 0) || (m >= 256 && m % 64 != 0) {
+        if (m >= 8 && !m.is_multiple_of(16)) || (m >= 256 && !m.is_multiple_of(64)) {
             return None;
         }
         let out = chunks::compress_block(block, level);

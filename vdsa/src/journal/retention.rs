@@ -91,9 +91,7 @@ impl State {
             let horizon = now_ms.saturating_sub(u64::try_from(history.as_millis()).unwrap_or(u64::MAX));
             let target = self
                 .checkpoints
-                .values()
-                .filter(|c| Some(c.id) > self.base_id() && c.source_time_ms <= horizon)
-                .next_back()
+                .values().rfind(|c| Some(c.id) > self.base_id() && c.source_time_ms <= horizon)
                 .cloned();
             if let Some(target) = target {
                 let (blocks, versions) = self.advance_base(dir, &target)?;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 /// How many buffers may wait for the writer before submitters block.
-const QUEUE_DEPTH: usize = 16;
+pub const QUEUE_DEPTH: usize = 16;
 
 struct Job {
     seq: u64,
