@@ -7,3 +7,5 @@
 //!
 //! It must not touch replicated data itself: bytes flow through the VDSAs;
 //! the site manager only tells them what to do.
+
+pub mod kvm;

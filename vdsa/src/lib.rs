@@ -2,11 +2,15 @@
 //!
 //! This crate owns the data path of the product: the target-side journal
 //! engine (redo log, content-addressed chunk store, per-disk index, replica,
-//! point-in-time read views, retention) and, as later issues land, the tap
-//! receivers, the replication sender and receiver, and NBD exports.
+//! point-in-time read views, retention), the tap receivers (an NBD server
+//! that QEMU's block mirror writes to, with the checkpoint barrier), and, as
+//! later issues land, the replication sender and receiver.
 //!
 //! It must not hold control-plane state (VPG definitions, pairing, task
 //! tracking: that is the site manager's), and it must not talk to a
 //! hypervisor's management API.
 
+pub mod daemon;
 pub mod journal;
+pub mod nbd;
+pub mod tap;

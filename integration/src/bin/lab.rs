@@ -71,6 +71,12 @@ impl Default for DemoArgs {
 }
 
 fn main() -> Result<()> {
+    // `lab vdsa ...` runs the appliance daemon itself (the same code as the
+    // `vdsa` binary), so tests always run the daemon built from this tree.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("vdsa") {
+        return vdsa::daemon::main(args.into_iter().skip(1));
+    }
     let cli = Cli::parse();
     match cli.command {
         None => journal_demo(DemoArgs::default()),

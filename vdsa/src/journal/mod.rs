@@ -379,6 +379,31 @@ impl Journal {
         Ok(PitView::new(self.clone(), view_id, cp))
     }
 
+    /// Reads the disk as the newest ingested writes left it (not only what
+    /// a checkpoint holds): what a tap's own reads must see.
+    pub fn read_head(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let st = self.read_state()?;
+        let d = st.disk(disk)?;
+        let size = st.disks[d as usize].info.size;
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(JournalError::OutOfRange { disk, offset, len, size });
+        }
+        let bs = BLOCK_SIZE as u64;
+        let mut scratch = vec![0u8; BLOCK_SIZE];
+        let mut pos = offset;
+        while pos < offset + len {
+            let block = pos / bs;
+            let in_block = (pos - block * bs) as usize;
+            let n = (BLOCK_SIZE - in_block).min((offset + len - pos) as usize);
+            st.read_head(d, block, &mut scratch)?;
+            let at = (pos - offset) as usize;
+            buf[at..at + n].copy_from_slice(&scratch[in_block..in_block + n]);
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
     pub fn stats(&self) -> Result<JournalStats> {
         let st = self.read_state()?;
         Ok(JournalStats {

@@ -1,4 +1,4 @@
-//! End-to-end tests that run, kill and verify real processes.
+//! The journal under SIGKILL: durable means durable.
 
 use integration::workload::{Mix, ReferenceModel, Workload};
 use integration::{checkpoint_spec, crash_child_stream};

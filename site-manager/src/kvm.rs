@@ -1,0 +1,224 @@
+//! The KVM/QEMU hypervisor adapter: attaches a VDSA tap to a VM disk with
+//! QEMU's block mirror in write-blocking mode (see
+//! shared/recipes/kvm-tap.md), reports its state, and detaches it.
+//!
+//! The tap never completes the mirror job (that would switch the VM's disk
+//! to the target): it is ended with `block-job-cancel`.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP protocol: {0}")]
+    Protocol(String),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+}
+
+/// A QMP connection. Events that arrive while waiting for a command's
+/// reply are kept (QEMU sends job events only to connected clients).
+#[derive(Debug)]
+pub struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        let s = UnixStream::connect(path)?;
+        let w = s.try_clone()?;
+        let mut q = Qmp {
+            r: BufReader::new(s),
+            w,
+            events: Vec::new(),
+        };
+        let greeting = q.read_message(Duration::from_secs(10))?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
+        }
+        q.execute("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn read_message(&mut self, timeout: Duration) -> Result<Value, QmpError> {
+        self.r.get_ref().set_read_timeout(Some(timeout))?;
+        let mut line = String::new();
+        match self.r.read_line(&mut line) {
+            Ok(0) => Err(QmpError::Protocol("QEMU closed the QMP connection".into())),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("bad JSON {line:?}: {e}"))),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(QmpError::Timeout(timeout, "a QMP message".into()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs a command and returns its "return" value.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let msg = json!({"execute": command, "arguments": arguments});
+        writeln!(self.w, "{msg}")?;
+        loop {
+            let m = self.read_message(Duration::from_secs(30))?;
+            if m.get("event").is_some() {
+                self.events.push(m);
+                continue;
+            }
+            if let Some(r) = m.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = m.get("error") {
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    class: e.get("class").and_then(Value::as_str).unwrap_or("?").to_string(),
+                    desc: e.get("desc").and_then(Value::as_str).unwrap_or("?").to_string(),
+                });
+            }
+            return Err(QmpError::Protocol(format!("unexpected message {m}")));
+        }
+    }
+}
+
+/// Where the VDSA's tap target listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddress {
+    Unix(String),
+    Tcp { host: String, port: u16 },
+}
+
+/// A tap to attach: QEMU's block node `device` mirrored to `export` at
+/// `server`, through a new NBD client node `target_node`.
+#[derive(Debug, Clone)]
+pub struct TapSpec {
+    pub job_id: String,
+    pub device: String,
+    pub target_node: String,
+    pub server: NbdAddress,
+    pub export: String,
+    /// Copy the whole disk first (initial or delta sync); without it the
+    /// target is assumed in sync.
+    pub sync_full: bool,
+    /// Seconds the NBD client node waits for a restarting VDSA.
+    pub reconnect_delay: Option<u32>,
+}
+
+/// The job's state as QEMU reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapState {
+    pub status: String,
+    pub ready: bool,
+    pub actively_synced: bool,
+    pub io_status: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl TapState {
+    /// Every write is mirrored synchronously: checkpoints are consistent.
+    pub fn in_sync(&self) -> bool {
+        self.ready && self.actively_synced && self.io_status == "ok" && self.status == "ready"
+    }
+
+    /// The target failed; the job stopped and tracks dirty blocks.
+    pub fn failed(&self) -> bool {
+        self.io_status == "failed" || self.status == "paused"
+    }
+}
+
+/// Attaches the tap and waits until the initial copy is done and every
+/// write is mirrored synchronously.
+pub fn attach(qmp: &mut Qmp, spec: &TapSpec, timeout: Duration) -> Result<TapState, QmpError> {
+    let server = match &spec.server {
+        NbdAddress::Unix(path) => json!({"type": "unix", "path": path}),
+        NbdAddress::Tcp { host, port } => json!({"type": "inet", "host": host, "port": port.to_string()}),
+    };
+    let mut node = json!({"driver": "nbd", "node-name": spec.target_node, "server": server, "export": spec.export});
+    if let Some(d) = spec.reconnect_delay {
+        node["reconnect-delay"] = json!(d);
+    }
+    qmp.execute("blockdev-add", node)?;
+    let mirror = json!({
+        "job-id": spec.job_id,
+        "device": spec.device,
+        "target": spec.target_node,
+        "sync": if spec.sync_full { "full" } else { "none" },
+        "copy-mode": "write-blocking",
+        "filter-node-name": format!("{}-filter", spec.job_id),
+        "on-target-error": "stop",
+    });
+    if let Err(e) = qmp.execute("blockdev-mirror", mirror) {
+        let _ = qmp.execute("blockdev-del", json!({"node-name": spec.target_node}));
+        return Err(e);
+    }
+    wait_for(qmp, &spec.job_id, timeout, "the tap to be in sync", |s| s.map(|s| s.in_sync()).unwrap_or(false))
+}
+
+/// The job's state, or None if there is no such job.
+pub fn state(qmp: &mut Qmp, job_id: &str) -> Result<Option<TapState>, QmpError> {
+    let jobs = qmp.execute("query-block-jobs", json!({}))?;
+    let Some(jobs) = jobs.as_array() else {
+        return Err(QmpError::Protocol(format!("query-block-jobs returned {jobs}")));
+    };
+    Ok(jobs
+        .iter()
+        .find(|j| j.get("device").and_then(Value::as_str) == Some(job_id))
+        .map(|j| TapState {
+            status: j.get("status").and_then(Value::as_str).unwrap_or("?").to_string(),
+            ready: j.get("ready").and_then(Value::as_bool).unwrap_or(false),
+            actively_synced: j.get("actively-synced").and_then(Value::as_bool).unwrap_or(false),
+            io_status: j.get("io-status").and_then(Value::as_str).unwrap_or("?").to_string(),
+            offset: j.get("offset").and_then(Value::as_u64).unwrap_or(0),
+            len: j.get("len").and_then(Value::as_u64).unwrap_or(0),
+        }))
+}
+
+/// Polls the job until `done` holds for its state (None: no such job).
+pub fn wait_for(
+    qmp: &mut Qmp,
+    job_id: &str,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(Option<&TapState>) -> bool,
+) -> Result<TapState, QmpError> {
+    let start = Instant::now();
+    loop {
+        let s = state(qmp, job_id)?;
+        if done(s.as_ref()) {
+            return Ok(s.unwrap_or(TapState {
+                status: "gone".into(),
+                ready: false,
+                actively_synced: false,
+                io_status: "ok".into(),
+                offset: 0,
+                len: 0,
+            }));
+        }
+        if start.elapsed() > timeout {
+            return Err(QmpError::Timeout(timeout, format!("{what} (job {job_id}: {s:?})")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Detaches the tap, leaving the VM's disk as it is. `force` abandons a
+/// job whose target is gone instead of waiting for it to drain.
+pub fn detach(qmp: &mut Qmp, job_id: &str, target_node: &str, force: bool) -> Result<(), QmpError> {
+    if state(qmp, job_id)?.is_some() {
+        qmp.execute("block-job-cancel", json!({"device": job_id, "force": force}))?;
+        wait_for(qmp, job_id, Duration::from_secs(30), "the tap job to end", |s| s.is_none())?;
+    }
+    qmp.execute("blockdev-del", json!({"node-name": target_node}))?;
+    Ok(())
+}

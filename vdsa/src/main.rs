@@ -1,0 +1,5 @@
+//! `vdsa`: the appliance daemon (see `vdsa::daemon`).
+
+fn main() -> anyhow::Result<()> {
+    vdsa::daemon::main(std::env::args())
+}

@@ -1,0 +1,341 @@
+//! An NBD server (fixed newstyle handshake, simple replies) over any
+//! byte stream, serving named exports.
+//!
+//! Requests are handled one at a time in arrival order and each is answered
+//! before the next is read: replies in order are always allowed, and a
+//! write is acknowledged only once its export accepted it. Hostile input
+//! (bad magic, oversized lengths, ranges beyond the end, unknown commands, a
+//! peer that vanishes mid-request) gets an NBD error or a clean disconnect;
+//! a write whose payload did not arrive whole is never applied.
+
+use super::proto::*;
+use std::collections::BTreeMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::sync::Arc;
+
+/// Why an export refused a request: the errno the protocol carries and a
+/// message for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportError {
+    pub errno: u32,
+    pub message: String,
+}
+
+impl ExportError {
+    pub fn new(errno: u32, message: impl Into<String>) -> Self {
+        ExportError {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+/// A block device an NBD client can read and write.
+pub trait BlockExport: Send + Sync {
+    fn size(&self) -> u64;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError>;
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), ExportError>;
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError>;
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError>;
+    fn flush(&self) -> Result<(), ExportError>;
+}
+
+/// The exports a server offers, by name. A client asking for the empty
+/// name gets the only export, if there is exactly one.
+#[derive(Default, Clone)]
+pub struct Exports {
+    by_name: BTreeMap<String, Arc<dyn BlockExport>>,
+}
+
+impl std::fmt::Debug for Exports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.by_name.keys()).finish()
+    }
+}
+
+impl Exports {
+    pub fn insert(&mut self, name: impl Into<String>, export: Arc<dyn BlockExport>) {
+        self.by_name.insert(name.into(), export);
+    }
+
+    fn find(&self, name: &str) -> Option<&Arc<dyn BlockExport>> {
+        if name.is_empty() && self.by_name.len() == 1 {
+            return self.by_name.values().next();
+        }
+        self.by_name.get(name)
+    }
+}
+
+/// Longest option payload accepted in the handshake.
+const MAX_OPTION: u32 = 64 << 10;
+
+const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
+    | TFLAG_SEND_FLUSH
+    | TFLAG_SEND_FUA
+    | TFLAG_SEND_TRIM
+    | TFLAG_SEND_WRITE_ZEROES
+    | TFLAG_SEND_FAST_ZERO;
+
+/// How a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// NBD_CMD_DISC or NBD_OPT_ABORT.
+    Disconnect,
+    /// The peer closed the connection.
+    Closed,
+    /// The peer broke the protocol; the connection was dropped.
+    Protocol(String),
+}
+
+/// Serves one client until it disconnects, reading requests from `reader`
+/// and writing replies to `writer` (two handles of one socket; both are
+/// buffered here). I/O errors other than the peer going away are returned.
+pub fn serve<R: Read, W: Write>(reader: R, writer: W, exports: &Exports) -> io::Result<Ending> {
+    let mut conn = Conn {
+        r: BufReader::with_capacity(256 << 10, reader),
+        w: BufWriter::with_capacity(256 << 10, writer),
+        no_zeroes: false,
+    };
+    let export = match conn.handshake(exports) {
+        Ok(Some(e)) => e,
+        Ok(None) => return Ok(Ending::Disconnect),
+        Err(e) => return ending(e),
+    };
+    match conn.transmission(export.as_ref()) {
+        Ok(end) => Ok(end),
+        Err(e) => ending(e),
+    }
+}
+
+fn ending(e: io::Error) -> io::Result<Ending> {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Ok(Ending::Closed),
+        io::ErrorKind::InvalidData => Ok(Ending::Protocol(e.to_string())),
+        _ => Err(e),
+    }
+}
+
+fn protocol(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+struct Conn<R: Read, W: Write> {
+    r: BufReader<R>,
+    w: BufWriter<W>,
+    no_zeroes: bool,
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+impl<R: Read, W: Write> Conn<R, W> {
+    fn read_u32(&mut self) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.r.read_exact(&mut b)?;
+        Ok(u32::from_be_bytes(b))
+    }
+
+    fn read_u64(&mut self) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.r.read_exact(&mut b)?;
+        Ok(u64::from_be_bytes(b))
+    }
+
+    fn option_reply(&mut self, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+        let mut b = Vec::with_capacity(20 + data.len());
+        b.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+        b.extend_from_slice(&option.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.w.write_all(&b)?;
+        self.w.flush()
+    }
+
+    /// Returns the export chosen, or None if the client aborted.
+    fn handshake(&mut self, exports: &Exports) -> io::Result<Option<Arc<dyn BlockExport>>> {
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        self.w.write_all(&hello)?;
+        self.w.flush()?;
+        let client_flags = self.read_u32()?;
+        if client_flags & CLIENT_FIXED_NEWSTYLE == 0 || client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+            return Err(protocol(format!("unsupported client flags {client_flags:#x}")));
+        }
+        self.no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+        loop {
+            let magic = self.read_u64()?;
+            if magic != IHAVEOPT {
+                return Err(protocol(format!("bad option magic {magic:#x}")));
+            }
+            let option = self.read_u32()?;
+            let len = self.read_u32()?;
+            if len > MAX_OPTION {
+                return Err(protocol(format!("option {option} of {len} bytes")));
+            }
+            let mut data = vec![0u8; len as usize];
+            self.r.read_exact(&mut data)?;
+            match option {
+                OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data);
+                    let Some(export) = exports.find(&name).cloned() else {
+                        return Err(protocol(format!("no export named {name:?}")));
+                    };
+                    let mut b = Vec::with_capacity(134);
+                    b.extend_from_slice(&export.size().to_be_bytes());
+                    b.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                    if !self.no_zeroes {
+                        b.extend_from_slice(&[0u8; 124]);
+                    }
+                    self.w.write_all(&b)?;
+                    self.w.flush()?;
+                    return Ok(Some(export));
+                }
+                OPT_ABORT => {
+                    // The reply is a courtesy; the client may be gone already.
+                    let _ = self.option_reply(option, REP_ACK, &[]);
+                    return Ok(None);
+                }
+                OPT_LIST => {
+                    if !data.is_empty() {
+                        self.option_reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                        continue;
+                    }
+                    let names: Vec<String> = exports.by_name.keys().cloned().collect();
+                    for name in names {
+                        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(name.as_bytes());
+                        self.option_reply(option, REP_SERVER, &d)?;
+                    }
+                    self.option_reply(option, REP_ACK, &[])?;
+                }
+                OPT_INFO | OPT_GO => {
+                    let Some(name) = parse_info_request(&data) else {
+                        self.option_reply(option, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO")?;
+                        continue;
+                    };
+                    let Some(export) = exports.find(&name).cloned() else {
+                        self.option_reply(option, REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes())?;
+                        continue;
+                    };
+                    let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                    info.extend_from_slice(&export.size().to_be_bytes());
+                    info.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                    self.option_reply(option, REP_INFO, &info)?;
+                    // Minimum 1: sub-4 KiB writes arrive as they are, with no
+                    // read-modify-write by the client.
+                    let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                    bs.extend_from_slice(&1u32.to_be_bytes());
+                    bs.extend_from_slice(&4096u32.to_be_bytes());
+                    bs.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                    self.option_reply(option, REP_INFO, &bs)?;
+                    self.option_reply(option, REP_ACK, &[])?;
+                    if option == OPT_GO {
+                        return Ok(Some(export));
+                    }
+                }
+                _ => self.option_reply(option, REP_ERR_UNSUP, &[])?,
+            }
+        }
+    }
+
+    fn reply(&mut self, error: u32, handle: u64, data: Option<&[u8]>) -> io::Result<()> {
+        self.w.write_all(&simple_reply(error, handle))?;
+        if let Some(d) = data {
+            self.w.write_all(d)?;
+        }
+        self.w.flush()
+    }
+
+    fn transmission(&mut self, export: &dyn BlockExport) -> io::Result<Ending> {
+        let size = export.size();
+        let mut header = [0u8; Request::LEN];
+        let mut buf = Vec::new();
+        loop {
+            match self.r.read_exact(&mut header) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Ending::Closed),
+                Err(e) => return Err(e),
+            }
+            let req = Request::parse(&header).map_err(|m| protocol(format!("bad request magic {m:#x}")))?;
+            let (off, len) = (req.offset, u64::from(req.length));
+            let in_range = off.checked_add(len).is_some_and(|end| end <= size);
+            let result = match req.kind {
+                CMD_DISC => return Ok(Ending::Disconnect),
+                CMD_WRITE => {
+                    if req.length > MAX_REQUEST {
+                        // Its payload cannot be skipped safely: drop the peer.
+                        return Err(protocol(format!("write of {len} bytes exceeds {MAX_REQUEST}")));
+                    }
+                    buf.resize(req.length as usize, 0);
+                    self.r.read_exact(&mut buf)?;
+                    if !in_range {
+                        Err(ExportError::new(ENOSPC, format!("write {off}+{len} beyond the end ({size})")))
+                    } else {
+                        export.write(off, &buf)
+                    }
+                }
+                CMD_READ => {
+                    if req.length > MAX_REQUEST {
+                        Err(ExportError::new(EOVERFLOW, format!("read of {len} bytes exceeds {MAX_REQUEST}")))
+                    } else if !in_range {
+                        Err(ExportError::new(EINVAL, format!("read {off}+{len} beyond the end ({size})")))
+                    } else {
+                        buf.resize(req.length as usize, 0);
+                        match export.read(off, &mut buf) {
+                            Ok(()) => {
+                                let data = std::mem::take(&mut buf);
+                                self.reply(0, req.handle, Some(&data))?;
+                                buf = data;
+                                continue;
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                }
+                CMD_WRITE_ZEROES if in_range => export.write_zeroes(off, len),
+                CMD_TRIM if in_range => export.trim(off, len),
+                CMD_WRITE_ZEROES | CMD_TRIM => {
+                    Err(ExportError::new(ENOSPC, format!("range {off}+{len} beyond the end ({size})")))
+                }
+                CMD_FLUSH => export.flush(),
+                other => Err(ExportError::new(EINVAL, format!("unknown command {other}"))),
+            };
+            let errno = match result {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::warn!(errno = e.errno, "NBD request refused: {}", e.message);
+                    e.errno
+                }
+            };
+            self.reply(errno, req.handle, None)?;
+        }
+    }
+}
+
+/// Parses NBD_OPT_INFO/GO data: the export name (the requested info types
+/// are accepted and answered with what we always send).
+fn parse_info_request(data: &[u8]) -> Option<String> {
+    if data.len() < 6 {
+        return None;
+    }
+    let name_len = u32_at(data, 0) as usize;
+    let rest = data.get(4..)?;
+    let name = rest.get(..name_len)?;
+    let after = rest.get(name_len..)?;
+    if after.len() < 2 {
+        return None;
+    }
+    let n = u16_at(after, 0) as usize;
+    if after.len() != 2 + 2 * n {
+        return None;
+    }
+    String::from_utf8(name.to_vec()).ok()
+}
