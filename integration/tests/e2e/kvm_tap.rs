@@ -289,32 +289,37 @@ fn a_killed_vdsa_catches_up_by_delta_sync() {
         guest_write(&mut guest, &workload.next_write(), &mut model);
     }
     // Kill it in the middle of a stream of writes.
-    let (tx, rx) = std::sync::mpsc::channel();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_writer = stop.clone();
     let writer = std::thread::spawn(move || {
         let mut n = 0;
-        while rx.try_recv().is_err() || n < 2000 {
+        while !stop_writer.load(std::sync::atomic::Ordering::Relaxed) || n < 2000 {
             guest_write(&mut guest, &workload.next_write(), &mut model);
             n += 1;
         }
         (guest, workload, model, n)
     });
     std::thread::sleep(Duration::from_millis(300));
+    eprintln!("killing the vdsa");
     vdsa.kill();
     let failed = kvm::wait_for(&mut qsd.qmp, "tap0", Duration::from_secs(30), "the job to report the target's failure", |s| {
         s.is_some_and(|s| s.failed())
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failed = failed.unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("job after the kill: {failed:?}");
     assert!(!failed.actively_synced, "{failed:?}");
-    let _ = tx.send(());
     // The guest's writes after the kill all succeeded (guest_write panics
     // on an error).
     let (mut guest, mut workload, mut model, n) = writer.join().unwrap_or_else(|_| panic!("a guest write failed after the kill"));
     assert!(n >= 2000);
+    eprintln!("{n} guest writes during and after the kill");
 
     let vdsa = Vdsa::start(dir.path());
     let resync = vdsa.call(json!({"op": "checkpoint", "name": "during resync"}));
     assert_eq!(resync["kind"], "Inconsistent", "a restarted VDSA offers nothing consistent before its resync");
     kvm::detach(&mut qsd.qmp, "tap0", "tap0-tgt", true).unwrap_or_else(|e| panic!("detach: {e}"));
+    eprintln!("old tap detached; re-attaching with a full (delta) sync");
     let st = qsd.attach(dir.path(), "tap1");
     assert!(st.in_sync(), "{st:?}");
     vdsa.call(json!({"op": "sync", "syncing": false}));
