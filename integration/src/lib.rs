@@ -8,6 +8,7 @@
 //! It must not contain product logic: what it checks, it checks through the
 //! product's public APIs and processes.
 
+pub mod kvm_lab;
 pub mod workload;
 
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};

@@ -1,0 +1,222 @@
+//! Tap benchmark: a guest writes through qemu-storage-daemon (source opened
+//! with O_DIRECT and native AIO, as a VM with cache=none) with
+//! (a) no mirror, (b) QEMU's write-blocking mirror to a plain NBD server
+//! (qemu-nbd on a raw file: the peer), (c) the same mirror to the VDSA.
+//! Prints throughput (4 KiB random at queue depth 16, 1 MiB sequential at
+//! depth 8) and p99 latency (depth 1), and the ratios c/b and c/a.
+//!
+//! `cargo bench -p integration --bench tap [-- --reps N --random-mib N --seq-mib N --dir PATH]`
+
+use anyhow::{Context, Result};
+use integration::kvm_lab::{qemu_available, PlainNbd, StorageDaemon, VdsaProcess};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use vdsa::nbd::client::NbdClient;
+
+const IMAGE: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    None,
+    Plain,
+    Vdsa,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Figures {
+    random_mibs: f64,
+    random_p99_us: f64,
+    seq_mibs: f64,
+    seq_p99_us: f64,
+}
+
+struct Args {
+    reps: usize,
+    random_mib: usize,
+    seq_mib: usize,
+    dir: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        reps: 3,
+        random_mib: 64,
+        seq_mib: 256,
+        dir: std::env::temp_dir(),
+    };
+    let v: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i + 1 < v.len() {
+        match v[i].as_str() {
+            "--reps" => a.reps = v[i + 1].parse().unwrap_or(a.reps),
+            "--random-mib" => a.random_mib = v[i + 1].parse().unwrap_or(a.random_mib),
+            "--seq-mib" => a.seq_mib = v[i + 1].parse().unwrap_or(a.seq_mib),
+            "--dir" => a.dir = PathBuf::from(&v[i + 1]),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+fn preallocated(path: &Path) -> Result<()> {
+    let st = Command::new("fallocate").args(["-l", &IMAGE.to_string()]).arg(path).status()?;
+    anyhow::ensure!(st.success(), "fallocate {} failed", path.display());
+    Ok(())
+}
+
+fn p99(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)].as_secs_f64() * 1e6
+}
+
+/// The guest's four measurements. `pool` is unique random data, so that
+/// no write repeats a block (dedup would flatter the VDSA).
+fn measure(guest: &mut NbdClient, pool: &[u8], a: &Args, rng: &mut StdRng) -> Result<Figures> {
+    let mut f = Figures::default();
+    let mut at = 0usize;
+    let mut take = |n: usize| {
+        if at + n > pool.len() {
+            at = 0;
+        }
+        at += n;
+        at - n
+    };
+    // 4 KiB random, queue depth 16.
+    let n = a.random_mib * 256;
+    let t = Instant::now();
+    for _ in 0..n / 16 {
+        let batch: Vec<(u64, &[u8])> = (0..16)
+            .map(|_| {
+                let o = take(4096);
+                (rng.gen_range(0..IMAGE / 4096) * 4096, &pool[o..o + 4096])
+            })
+            .collect();
+        guest.write_many(&batch)?;
+    }
+    f.random_mibs = (n / 16 * 16) as f64 / 256.0 / t.elapsed().as_secs_f64();
+    let lat: Result<Vec<Duration>> = (0..3000)
+        .map(|_| {
+            let o = take(4096);
+            let off = rng.gen_range(0..IMAGE / 4096) * 4096;
+            let t = Instant::now();
+            guest.write(off, &pool[o..o + 4096])?;
+            Ok(t.elapsed())
+        })
+        .collect();
+    f.random_p99_us = p99(lat?);
+    // 1 MiB sequential, queue depth 8.
+    let mut off = 0u64;
+    let t = Instant::now();
+    for _ in 0..a.seq_mib / 8 {
+        let batch: Vec<(u64, &[u8])> = (0..8)
+            .map(|_| {
+                let o = take(1 << 20);
+                let w = (off, &pool[o..o + (1 << 20)]);
+                off = (off + (1 << 20)) % IMAGE;
+                w
+            })
+            .collect();
+        guest.write_many(&batch)?;
+    }
+    f.seq_mibs = (a.seq_mib / 8 * 8) as f64 / t.elapsed().as_secs_f64();
+    let lat: Result<Vec<Duration>> = (0..200)
+        .map(|_| {
+            let o = take(1 << 20);
+            let t = Instant::now();
+            guest.write(off, &pool[o..o + (1 << 20)])?;
+            off = (off + (1 << 20)) % IMAGE;
+            Ok(t.elapsed())
+        })
+        .collect();
+    f.seq_p99_us = p99(lat?);
+    Ok(f)
+}
+
+fn run(target: Target, a: &Args, pool: &[u8], rng: &mut StdRng) -> Result<Figures> {
+    let tmp = tempfile::tempdir_in(&a.dir)?;
+    let dir = tmp.path();
+    let image = dir.join("source.raw");
+    preallocated(&image)?;
+    let mut qsd = StorageDaemon::start(dir, &image, true)?;
+    let mut plain = None;
+    let mut vdsa = None;
+    match target {
+        Target::None => {}
+        Target::Plain => {
+            let target_image = dir.join("target.raw");
+            preallocated(&target_image)?;
+            let p = PlainNbd::start(&dir.join("plain.sock"), &target_image)?;
+            qsd.attach("tap", &p.sock, "")?;
+            plain = Some(p);
+        }
+        Target::Vdsa => {
+            let v = VdsaProcess::start(Path::new(env!("CARGO_BIN_EXE_lab")), dir, "vmdisk=1G")?;
+            qsd.attach("tap", &v.tap_sock, "vmdisk")?;
+            v.call(json!({"op": "sync", "syncing": false}))?;
+            vdsa = Some(v);
+        }
+    }
+    let mut guest = qsd.guest()?;
+    let f = measure(&mut guest, pool, a, rng).with_context(|| format!("measuring {target:?}"))?;
+    if target != Target::None {
+        qsd.detach("tap", false)?;
+    }
+    if let Some(v) = vdsa {
+        v.shutdown()?;
+    }
+    drop(plain);
+    Ok(f)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> Result<()> {
+    let a = args();
+    anyhow::ensure!(qemu_available(), "qemu-storage-daemon is needed (apt-get install qemu-utils)");
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut pool = vec![0u8; (a.random_mib + a.seq_mib + 16) << 20];
+    rng.fill_bytes(&mut pool);
+    println!(
+        "tap benchmark: 4 KiB random {} MiB at QD16, 1 MiB sequential {} MiB at QD8, p99 at QD1; {} repetitions (medians)",
+        a.random_mib, a.seq_mib, a.reps
+    );
+    let targets = [Target::None, Target::Plain, Target::Vdsa];
+    let mut all: Vec<Vec<Figures>> = vec![Vec::new(); 3];
+    for rep in 0..a.reps {
+        for (i, t) in targets.iter().enumerate() {
+            let f = run(*t, &a, &pool, &mut rng)?;
+            eprintln!("rep {rep} {t:?}: {f:?}");
+            all[i].push(f);
+        }
+    }
+    let med = |i: usize, g: fn(&Figures) -> f64| median(all[i].iter().map(g).collect());
+    let rows: [(&str, fn(&Figures) -> f64, bool); 4] = [
+        ("4 KiB random, QD16, MiB/s", |f| f.random_mibs, true),
+        ("4 KiB random, QD1, p99 us", |f| f.random_p99_us, false),
+        ("1 MiB sequential, QD8, MiB/s", |f| f.seq_mibs, true),
+        ("1 MiB sequential, QD1, p99 us", |f| f.seq_p99_us, false),
+    ];
+    println!("{:<32} {:>10} {:>14} {:>10} {:>8} {:>8}", "", "no mirror", "mirror->plain", "mirror->vdsa", "c/b", "c/a");
+    for (name, g, higher_better) in rows {
+        let (na, pb, vc) = (med(0, g), med(1, g), med(2, g));
+        let (cb, ca) = (vc / pb, vc / na);
+        let goal = if higher_better {
+            format!("(goal c/b >= 0.8) {}", if cb >= 0.8 { "ok" } else { "MISSED" })
+        } else {
+            format!("(goal c/b <= 1.3) {}", if cb <= 1.3 { "ok" } else { "MISSED" })
+        };
+        println!("{name:<32} {na:>10.0} {pb:>14.0} {vc:>10.0} {cb:>8.2} {ca:>8.2} {goal}");
+    }
+    Ok(())
+}

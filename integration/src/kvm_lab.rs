@@ -1,0 +1,226 @@
+//! Real processes for KVM tap tests and benchmarks: the `vdsa` daemon,
+//! qemu-storage-daemon holding a source disk (the hypervisor), and qemu-nbd
+//! as a plain NBD mirror target (the peer the VDSA is measured against).
+//! Each is stopped when dropped.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use site_manager::kvm::{self, NbdAddress, Qmp, TapSpec, TapState};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use vdsa::nbd::client::NbdClient;
+
+fn wait_for_path(p: &Path) -> Result<()> {
+    let start = Instant::now();
+    while !p.exists() {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("{} never appeared", p.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Whether qemu-storage-daemon can be run here.
+pub fn qemu_available() -> bool {
+    Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The `vdsa tap-serve` daemon for one disk, its tap socket and journal in
+/// `dir`.
+#[derive(Debug)]
+pub struct VdsaProcess {
+    child: Option<Child>,
+    pub control: PathBuf,
+    pub tap_sock: PathBuf,
+    pub journal: PathBuf,
+}
+
+impl VdsaProcess {
+    /// `lab` is the lab binary (`lab vdsa ...` runs the daemon); `disk` is
+    /// NAME=SIZE.
+    pub fn start(lab: &Path, dir: &Path, disk: &str) -> Result<VdsaProcess> {
+        let control = dir.join("ctl.sock");
+        let tap_sock = dir.join("tap.sock");
+        let journal = dir.join("journal");
+        let mut child = Command::new(lab)
+            .args(["vdsa", "tap-serve", "--disk", disk])
+            .arg("--journal")
+            .arg(&journal)
+            .arg("--listen")
+            .arg(format!("unix:{}", tap_sock.display()))
+            .arg("--control")
+            .arg(&control)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the vdsa daemon")?;
+        let out = child.stdout.take().context("vdsa stdout")?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        if line.trim() != "READY" {
+            bail!("vdsa did not start (said {line:?})");
+        }
+        Ok(VdsaProcess {
+            child: Some(child),
+            control,
+            tap_sock,
+            journal,
+        })
+    }
+
+    /// One control request; an `"ok": false` answer is an error.
+    pub fn call(&self, req: Value) -> Result<Value> {
+        let mut s = UnixStream::connect(&self.control).context("control socket")?;
+        writeln!(s, "{req}")?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("control answer {line:?}"))?;
+        if v["ok"] != json!(true) {
+            bail!("control {req} failed: {v}");
+        }
+        Ok(v)
+    }
+
+    /// Makes the journal durable and stops the daemon.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.call(json!({"op": "shutdown"}))?;
+        if let Some(mut c) = self.child.take() {
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for VdsaProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// qemu-storage-daemon exporting `image` as NBD export "vmdisk" to the
+/// guest, with its QMP monitor connected.
+#[derive(Debug)]
+pub struct StorageDaemon {
+    child: Child,
+    pub qmp: Qmp,
+    pub guest_sock: PathBuf,
+    pub image: PathBuf,
+}
+
+impl StorageDaemon {
+    /// `direct`: open the source as a VM with cache=none would
+    /// (O_DIRECT, native AIO).
+    pub fn start(dir: &Path, image: &Path, direct: bool) -> Result<StorageDaemon> {
+        let qmp_sock = dir.join("qmp.sock");
+        let guest_sock = dir.join("qsd.sock");
+        let cache = if direct { ",cache.direct=on,aio=native" } else { "" };
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=src-file,filename={}{cache}", image.display()))
+            .args(["--blockdev", "driver=raw,node-name=src,file=src-file"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", guest_sock.display()))
+            .args(["--export", "type=nbd,id=exp0,node-name=src,name=vmdisk,writable=on"])
+            .arg("--chardev")
+            .arg(format!("socket,id=qmp0,path={},server=on,wait=off", qmp_sock.display()))
+            .args(["--monitor", "chardev=qmp0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting qemu-storage-daemon (is qemu-utils installed?)")?;
+        wait_for_path(&qmp_sock)?;
+        wait_for_path(&guest_sock)?;
+        let qmp = Qmp::connect(&qmp_sock)?;
+        Ok(StorageDaemon {
+            child,
+            qmp,
+            guest_sock,
+            image: image.to_path_buf(),
+        })
+    }
+
+    /// A guest: an NBD client writing through QEMU.
+    pub fn guest(&self) -> Result<NbdClient> {
+        Ok(NbdClient::connect_unix(&self.guest_sock, "vmdisk")?)
+    }
+
+    /// Attaches a write-blocking mirror of the disk to `tap_sock` (export
+    /// `export`), full sync first, and waits until it is in sync.
+    pub fn attach(&mut self, job: &str, tap_sock: &Path, export: &str) -> Result<TapState> {
+        let spec = TapSpec {
+            job_id: job.into(),
+            device: "src".into(),
+            target_node: format!("{job}-tgt"),
+            server: NbdAddress::Unix(tap_sock.display().to_string()),
+            export: export.into(),
+            sync_full: true,
+            reconnect_delay: None,
+        };
+        Ok(kvm::attach(&mut self.qmp, &spec, Duration::from_secs(300))?)
+    }
+
+    pub fn detach(&mut self, job: &str, force: bool) -> Result<()> {
+        Ok(kvm::detach(&mut self.qmp, job, &format!("{job}-tgt"), force)?)
+    }
+
+    pub fn image_hash(&self) -> Result<blake3::Hash> {
+        Ok(blake3::hash(&std::fs::read(&self.image)?))
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// qemu-nbd serving a raw file: a plain NBD server as mirror target.
+#[derive(Debug)]
+pub struct PlainNbd {
+    child: Child,
+    pub sock: PathBuf,
+}
+
+impl PlainNbd {
+    pub fn start(sock: &Path, image: &Path) -> Result<PlainNbd> {
+        let child = Command::new("qemu-nbd")
+            .args(["--persistent", "--format=raw", "--shared=4"])
+            .arg(format!("--socket={}", sock.display()))
+            .arg(image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting qemu-nbd")?;
+        wait_for_path(sock)?;
+        Ok(PlainNbd {
+            child,
+            sock: sock.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for PlainNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
