@@ -148,15 +148,22 @@ impl NbdClient {
     }
 
     /// Sends all writes, then reads all replies: up to `writes.len()` in
-    /// flight, as a guest with a queue depth does.
+    /// flight, as a guest with a queue depth does. Replies may come in any
+    /// order; they are matched by handle.
     pub fn write_many(&mut self, writes: &[(u64, &[u8])]) -> io::Result<()> {
-        let mut handles = Vec::with_capacity(writes.len());
+        let mut pending = std::collections::HashSet::with_capacity(writes.len());
         for (off, d) in writes {
-            handles.push(self.send(CMD_WRITE, 0, *off, d.len() as u32, Some(d))?);
+            pending.insert(self.send(CMD_WRITE, 0, *off, d.len() as u32, Some(d))?);
         }
         self.w.flush()?;
-        for h in handles {
-            self.receive(h, None)?;
+        while !pending.is_empty() {
+            let (errno, handle) = self.read_reply()?;
+            if !pending.remove(&handle) {
+                return Err(invalid(format!("reply for unknown request {handle}")));
+            }
+            if errno != 0 {
+                return Err(nbd_error(errno));
+            }
         }
         Ok(())
     }
