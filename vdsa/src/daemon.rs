@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -32,7 +32,9 @@ enum Command {
         /// Journal directory.
         #[arg(long)]
         journal: PathBuf,
-        /// Where taps connect: unix:PATH or tcp:HOST:PORT (repeatable).
+        /// Where taps connect: unix:PATH or tcp:HOST:PORT for NBD (QEMU's
+        /// block mirror), native-unix:PATH or native-tcp:HOST:PORT for the
+        /// native tap protocol (docs/tap-protocol.md). Repeatable.
         #[arg(long, required = true)]
         listen: Vec<String>,
         /// Control socket (line-delimited JSON).
@@ -110,8 +112,25 @@ fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<Str
     }
     let exports = Arc::new(exports);
     for spec in &listen {
+        let (native, rest) = match spec.strip_prefix("native-") {
+            Some(rest) => (true, rest),
+            None => (false, spec.as_str()),
+        };
+        // Both kinds of tap serve the same exports; each connection gets a
+        // thread of its own.
+        let session = move |exports: &Exports, r: Box<dyn Read + Send>, w: Box<dyn Write + Send>| {
+            if native {
+                match crate::native_tap::serve(r, w, exports) {
+                    Ok(crate::native_tap::Ending::Refused(why)) => tracing::warn!("native tap refused: {why}"),
+                    Ok(end) => tracing::info!("native tap ended: {end:?}"),
+                    Err(e) => tracing::warn!("native tap failed: {e}"),
+                }
+            } else {
+                log_end(serve(r, w, exports));
+            }
+        };
         let exports = exports.clone();
-        if let Some(path) = spec.strip_prefix("unix:") {
+        if let Some(path) = rest.strip_prefix("unix:") {
             let _ = std::fs::remove_file(path);
             let l = UnixListener::bind(path).with_context(|| format!("listening on {path}"))?;
             std::thread::spawn(move || {
@@ -119,11 +138,11 @@ fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<Str
                     let exports = exports.clone();
                     std::thread::spawn(move || {
                         let Ok(r) = conn.try_clone() else { return };
-                        log_end(serve(r, conn, &exports));
+                        session(&exports, Box::new(r), Box::new(conn));
                     });
                 }
             });
-        } else if let Some(addr) = spec.strip_prefix("tcp:") {
+        } else if let Some(addr) = rest.strip_prefix("tcp:") {
             let l = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
             std::thread::spawn(move || {
                 for conn in l.incoming().flatten() {
@@ -131,12 +150,12 @@ fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<Str
                     let _ = conn.set_nodelay(true);
                     std::thread::spawn(move || {
                         let Ok(r) = conn.try_clone() else { return };
-                        log_end(serve(r, conn, &exports));
+                        session(&exports, Box::new(r), Box::new(conn));
                     });
                 }
             });
         } else {
-            bail!("--listen {spec:?}: expected unix:PATH or tcp:HOST:PORT");
+            bail!("--listen {spec:?}: expected [native-]unix:PATH or [native-]tcp:HOST:PORT");
         }
     }
     let control_lock = Arc::new(Mutex::new(()));

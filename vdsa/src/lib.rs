@@ -12,5 +12,6 @@
 
 pub mod daemon;
 pub mod journal;
+pub mod native_tap;
 pub mod nbd;
 pub mod tap;

@@ -58,7 +58,7 @@ impl Exports {
         self.by_name.insert(name.into(), export);
     }
 
-    fn find(&self, name: &str) -> Option<&Arc<dyn BlockExport>> {
+    pub fn find(&self, name: &str) -> Option<&Arc<dyn BlockExport>> {
         if name.is_empty() && self.by_name.len() == 1 {
             return self.by_name.values().next();
         }
@@ -246,12 +246,14 @@ impl<R: Read, W: Write> Conn<R, W> {
         }
     }
 
+    /// Queues a reply; replies go out when no further request is buffered
+    /// (one send for a burst of requests, none held back while waiting).
     fn reply(&mut self, error: u32, handle: u64, data: Option<&[u8]>) -> io::Result<()> {
         self.w.write_all(&simple_reply(error, handle))?;
         if let Some(d) = data {
             self.w.write_all(d)?;
         }
-        self.w.flush()
+        Ok(())
     }
 
     fn transmission(&mut self, export: &dyn BlockExport) -> io::Result<Ending> {
@@ -259,6 +261,9 @@ impl<R: Read, W: Write> Conn<R, W> {
         let mut header = [0u8; Request::LEN];
         let mut buf = Vec::new();
         loop {
+            if self.r.buffer().is_empty() {
+                self.w.flush()?;
+            }
             match self.r.read_exact(&mut header) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Ending::Closed),

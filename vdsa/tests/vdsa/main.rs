@@ -3,4 +3,5 @@
 //! hostile input.
 
 mod journal;
+mod native_tap;
 mod nbd;
