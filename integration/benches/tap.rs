@@ -176,6 +176,9 @@ fn run(target: Target, a: &Args, pool: &[u8], rng: &mut StdRng) -> Result<Figure
     Ok(f)
 }
 
+/// A printed row: its name, which figure, and whether higher is better.
+type Row = (&'static str, fn(&Figures) -> f64, bool);
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -201,7 +204,7 @@ fn main() -> Result<()> {
         }
     }
     let med = |i: usize, g: fn(&Figures) -> f64| median(all[i].iter().map(g).collect());
-    let rows: [(&str, fn(&Figures) -> f64, bool); 4] = [
+    let rows: [Row; 4] = [
         ("4 KiB random, QD16, MiB/s", |f| f.random_mibs, true),
         ("4 KiB random, QD1, p99 us", |f| f.random_p99_us, false),
         ("1 MiB sequential, QD8, MiB/s", |f| f.seq_mibs, true),
