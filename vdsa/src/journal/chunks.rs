@@ -351,6 +351,11 @@ impl ChunkStore {
         self.start_pack()
     }
 
+    /// Bytes of entries not yet handed to the writer.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Hands pending entries to the writer for the active pack (no fsync).
     pub fn flush_pending(&mut self, w: &mut Writer) -> Result<()> {
         self.reclaim(w.completed()?);

@@ -57,6 +57,9 @@ pub struct Log {
     file: Arc<File>,
     unsynced: Vec<u64>,
     dir_dirty: bool,
+    /// Records appended but not yet handed to the writer, and their summary.
+    pending: Vec<u8>,
+    pending_summary: SegmentSummary,
 }
 
 pub fn segment_path(dir: &Path, no: u64) -> PathBuf {
@@ -153,15 +156,34 @@ impl Log {
             file: Arc::new(file),
             unsynced: vec![active],
             dir_dirty: true,
+            pending: Vec::new(),
+            pending_summary: SegmentSummary::default(),
         })
     }
 
-    /// Queues encoded records for appending (no fsync), rolling to a new
+    /// Appends encoded records in memory; [`Log::flush`] hands them to the
+    /// writer (callers flush the chunk store first).
+    pub fn append(&mut self, bytes: &[u8], summary: &SegmentSummary) {
+        self.pending.extend_from_slice(bytes);
+        self.pending_summary.note(summary.max_lsn, None);
+        for &(s, lsn) in &summary.stream_max {
+            self.pending_summary.note(lsn, Some(s));
+        }
+    }
+
+    /// Bytes appended and not yet handed to the writer.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Hands appended records to the writer (no fsync), rolling to a new
     /// segment first when the active one is full.
-    pub fn append(&mut self, bytes: Vec<u8>, summary: &SegmentSummary, w: &mut Writer) -> Result<()> {
-        if bytes.is_empty() {
+    pub fn flush(&mut self, w: &mut Writer) -> Result<()> {
+        if self.pending.is_empty() {
             return Ok(());
         }
+        let bytes = std::mem::take(&mut self.pending);
+        let summary = std::mem::take(&mut self.pending_summary);
         let active_len = self.segments.get(&self.active).map_or(0, |s| s.len);
         if active_len >= self.segment_bytes {
             self.active += 1;
@@ -190,6 +212,7 @@ impl Log {
     /// fsync of every segment written since the last sync, once the writer
     /// has written everything queued.
     pub fn sync(&mut self, w: &mut Writer) -> Result<()> {
+        self.flush(w)?;
         w.drain()?;
         for no in std::mem::take(&mut self.unsynced) {
             let Some(seg) = self.segments.get(&no) else { continue };
@@ -228,7 +251,7 @@ impl Log {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.segments.values().map(|s| s.len).sum()
+        self.segments.values().map(|s| s.len).sum::<u64>() + self.pending.len() as u64
     }
 }
 

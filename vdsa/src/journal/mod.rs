@@ -67,6 +67,8 @@ impl Default for JournalConfig {
 }
 
 const META_FILE: &str = "journal.json";
+/// Appended bytes kept in memory before they go to the writer thread.
+const HANDOFF_BYTES: usize = 256 << 10;
 const META_FORMAT: u32 = 1;
 
 /// The small metadata file, replaced atomically: the disks, the replica's
@@ -896,10 +898,15 @@ impl State {
             self.head_lsn = lsn;
             self.stream_pos[s as usize] = Some((w.seq, lsn));
         }
-        // Chunks reach their pack file before the records naming them reach
-        // the log, so the page cache never holds a record without its data.
-        self.chunks.flush_pending(&mut self.writer)?;
-        self.log.append(buf, &summary, &mut self.writer)?;
+        // Small batches (a tap's single writes) accumulate in memory and go
+        // to the writer together: one hand-off per quarter megabyte rather
+        // than per write. Chunks go before the records naming them, so the
+        // page cache never holds a record without its data.
+        self.log.append(&buf, &summary);
+        if self.chunks.pending_len() + self.log.pending_len() >= HANDOFF_BYTES {
+            self.chunks.flush_pending(&mut self.writer)?;
+            self.log.flush(&mut self.writer)?;
+        }
         Ok(self.head_lsn)
     }
 
@@ -908,7 +915,7 @@ impl State {
             self.chunks.sync(&mut self.writer)?;
             let mut buf = Vec::new();
             format::encode_record(&Record::Commit { lsn: self.head_lsn }, &mut buf);
-            self.log.append(buf, &SegmentSummary::default(), &mut self.writer)?;
+            self.log.append(&buf, &SegmentSummary::default());
             self.log.sync(&mut self.writer)?;
             self.durable_lsn = self.head_lsn;
         }
@@ -963,7 +970,7 @@ impl State {
         format::encode_record(&Record::Checkpoint(cp.clone()), &mut buf);
         let mut summary = SegmentSummary::default();
         summary.note(cp.lsn, None);
-        self.log.append(buf, &summary, &mut self.writer)?;
+        self.log.append(&buf, &summary);
         self.log.sync(&mut self.writer)?;
         self.head_lsn = cp.lsn;
         self.durable_lsn = cp.lsn;

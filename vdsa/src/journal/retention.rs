@@ -81,7 +81,7 @@ impl State {
             // checkpoint records it cancels.
             let mut summary = SegmentSummary::default();
             summary.note(self.head_lsn, None);
-            self.log.append(buf, &summary, &mut self.writer)?;
+            self.log.append(&buf, &summary);
             self.log.sync(&mut self.writer)?;
         }
         report.thinned = thinned;
