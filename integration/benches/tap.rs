@@ -3,7 +3,9 @@
 //! (a) no mirror, (b) QEMU's write-blocking mirror to a plain NBD server
 //! (qemu-nbd on a raw file: the peer), (c) the same mirror to the VDSA.
 //! Prints throughput (4 KiB random at queue depth 16, 1 MiB sequential at
-//! depth 8) and p99 latency (depth 1), and the ratios c/b and c/a.
+//! depth 8) and p99 latency (depth 1), and the ratios c/b and c/a. The three
+//! run side by side, each with its own qemu-storage-daemon, and take turns
+//! in small chunks of the workload.
 //!
 //! `cargo bench -p integration --bench tap [-- --reps N --random-mib N --seq-mib N --dir PATH]`
 
@@ -77,103 +79,145 @@ fn p99(mut v: Vec<Duration>) -> f64 {
     v[(v.len() * 99 / 100).min(v.len() - 1)].as_secs_f64() * 1e6
 }
 
-/// The guest's four measurements. `pool` is unique random data, so that
-/// no write repeats a block (dedup would flatter the VDSA).
-fn measure(guest: &mut NbdClient, pool: &[u8], a: &Args, rng: &mut StdRng) -> Result<Figures> {
-    let mut f = Figures::default();
-    let mut at = 0usize;
-    let mut take = |n: usize| {
-        if at + n > pool.len() {
-            at = 0;
-        }
-        at += n;
-        at - n
-    };
-    // 4 KiB random, queue depth 16.
-    let n = a.random_mib * 256;
-    let t = Instant::now();
-    for _ in 0..n / 16 {
-        let batch: Vec<(u64, &[u8])> = (0..16)
-            .map(|_| {
-                let o = take(4096);
-                (rng.gen_range(0..IMAGE / 4096) * 4096, &pool[o..o + 4096])
-            })
-            .collect();
-        guest.write_many(&batch)?;
-    }
-    f.random_mibs = (n / 16 * 16) as f64 / 256.0 / t.elapsed().as_secs_f64();
-    let lat: Result<Vec<Duration>> = (0..3000)
-        .map(|_| {
-            let o = take(4096);
-            let off = rng.gen_range(0..IMAGE / 4096) * 4096;
-            let t = Instant::now();
-            guest.write(off, &pool[o..o + 4096])?;
-            Ok(t.elapsed())
-        })
-        .collect();
-    f.random_p99_us = p99(lat?);
-    // 1 MiB sequential, queue depth 8.
-    let mut off = 0u64;
-    let t = Instant::now();
-    for _ in 0..a.seq_mib / 8 {
-        let batch: Vec<(u64, &[u8])> = (0..8)
-            .map(|_| {
-                let o = take(1 << 20);
-                let w = (off, &pool[o..o + (1 << 20)]);
-                off = (off + (1 << 20)) % IMAGE;
-                w
-            })
-            .collect();
-        guest.write_many(&batch)?;
-    }
-    f.seq_mibs = (a.seq_mib / 8 * 8) as f64 / t.elapsed().as_secs_f64();
-    let lat: Result<Vec<Duration>> = (0..200)
-        .map(|_| {
-            let o = take(1 << 20);
-            let t = Instant::now();
-            guest.write(off, &pool[o..o + (1 << 20)])?;
-            off = (off + (1 << 20)) % IMAGE;
-            Ok(t.elapsed())
-        })
-        .collect();
-    f.seq_p99_us = p99(lat?);
-    Ok(f)
+/// One configuration, set up and ready for the guest.
+struct Setup {
+    target: Target,
+    guest: NbdClient,
+    qsd: StorageDaemon,
+    vdsa: Option<VdsaProcess>,
+    _plain: Option<PlainNbd>,
+    _dir: tempfile::TempDir,
+    /// Where this guest is in the data pool and on its disk.
+    at: usize,
+    seq_off: u64,
 }
 
-fn run(target: Target, a: &Args, pool: &[u8], rng: &mut StdRng) -> Result<Figures> {
-    let tmp = tempfile::tempdir_in(&a.dir)?;
-    let dir = tmp.path();
-    let image = dir.join("source.raw");
-    preallocated(&image)?;
-    let mut qsd = StorageDaemon::start(dir, &image, true)?;
-    let mut plain = None;
-    let mut vdsa = None;
-    match target {
-        Target::None => {}
-        Target::Plain => {
-            let target_image = dir.join("target.raw");
-            preallocated(&target_image)?;
-            let p = PlainNbd::start(&dir.join("plain.sock"), &target_image)?;
-            qsd.attach("tap", &p.sock, "")?;
-            plain = Some(p);
+impl Setup {
+    fn new(target: Target, a: &Args) -> Result<Setup> {
+        let tmp = tempfile::tempdir_in(&a.dir)?;
+        let dir = tmp.path();
+        let image = dir.join("source.raw");
+        preallocated(&image)?;
+        let mut qsd = StorageDaemon::start(dir, &image, true)?;
+        let mut plain = None;
+        let mut vdsa = None;
+        match target {
+            Target::None => {}
+            Target::Plain => {
+                let target_image = dir.join("target.raw");
+                preallocated(&target_image)?;
+                let p = PlainNbd::start(&dir.join("plain.sock"), &target_image)?;
+                qsd.attach("tap", &p.sock, "")?;
+                plain = Some(p);
+            }
+            Target::Vdsa => {
+                let v = VdsaProcess::start(Path::new(env!("CARGO_BIN_EXE_lab")), dir, "vmdisk=1G")?;
+                qsd.attach("tap", &v.tap_sock, "vmdisk")?;
+                v.call(json!({"op": "sync", "syncing": false}))?;
+                vdsa = Some(v);
+            }
         }
-        Target::Vdsa => {
-            let v = VdsaProcess::start(Path::new(env!("CARGO_BIN_EXE_lab")), dir, "vmdisk=1G")?;
-            qsd.attach("tap", &v.tap_sock, "vmdisk")?;
-            v.call(json!({"op": "sync", "syncing": false}))?;
-            vdsa = Some(v);
+        let guest = qsd.guest()?;
+        Ok(Setup { target, guest, qsd, vdsa, _plain: plain, _dir: tmp, at: 0, seq_off: 0 })
+    }
+
+    /// The next `n` bytes of the pool: data no write of this guest repeats
+    /// (dedup would flatter the VDSA).
+    fn take(&mut self, pool: &[u8], n: usize) -> usize {
+        if self.at + n > pool.len() {
+            self.at = 0;
+        }
+        self.at += n;
+        self.at - n
+    }
+
+    fn finish(mut self) -> Result<()> {
+        if self.target != Target::None {
+            self.qsd.detach("tap", false)?;
+        }
+        if let Some(v) = self.vdsa.take() {
+            v.shutdown()?;
+        }
+        Ok(())
+    }
+}
+
+/// All three configurations run side by side and take turns in small
+/// chunks, so that each sees the same machine (its disk's speed drifts by
+/// 2-3x within a minute).
+fn measure_all(a: &Args, pool: &[u8], rng: &mut StdRng) -> Result<Vec<Figures>> {
+    let mut setups: Vec<Setup> = [Target::None, Target::Plain, Target::Vdsa]
+        .into_iter()
+        .map(|t| Setup::new(t, a))
+        .collect::<Result<_>>()?;
+    let k = setups.len();
+    let mut busy = vec![Duration::ZERO; k];
+    // 4 KiB random, queue depth 16: turns of 16 batches.
+    let batches = a.random_mib * 256 / 16;
+    for _ in 0..batches / 16 {
+        for (i, s) in setups.iter_mut().enumerate() {
+            let t = Instant::now();
+            for _ in 0..16 {
+                let offs: Vec<(u64, usize)> = (0..16).map(|_| (rng.gen_range(0..IMAGE / 4096) * 4096, s.take(pool, 4096))).collect();
+                let batch: Vec<(u64, &[u8])> = offs.iter().map(|&(off, o)| (off, &pool[o..o + 4096])).collect();
+                s.guest.write_many(&batch).with_context(|| format!("{:?}", s.target))?;
+            }
+            busy[i] += t.elapsed();
         }
     }
-    let mut guest = qsd.guest()?;
-    let f = measure(&mut guest, pool, a, rng).with_context(|| format!("measuring {target:?}"))?;
-    if target != Target::None {
-        qsd.detach("tap", false)?;
+    let random_mibs: Vec<f64> = busy.iter().map(|b| (batches / 16 * 256) as f64 / 256.0 / b.as_secs_f64()).collect();
+    // 4 KiB random, queue depth 1: one write each in turn.
+    let mut lat = vec![Vec::new(); k];
+    for _ in 0..3000 {
+        let off = rng.gen_range(0..IMAGE / 4096) * 4096;
+        for (i, s) in setups.iter_mut().enumerate() {
+            let o = s.take(pool, 4096);
+            let t = Instant::now();
+            s.guest.write(off, &pool[o..o + 4096])?;
+            lat[i].push(t.elapsed());
+        }
     }
-    if let Some(v) = vdsa {
-        v.shutdown()?;
+    let random_p99: Vec<f64> = lat.into_iter().map(p99).collect();
+    // 1 MiB sequential, queue depth 8: one batch each in turn.
+    let mut busy = vec![Duration::ZERO; k];
+    for _ in 0..a.seq_mib / 8 {
+        for (i, s) in setups.iter_mut().enumerate() {
+            let offs: Vec<(u64, usize)> = (0..8)
+                .map(|_| {
+                    let w = (s.seq_off, s.take(pool, 1 << 20));
+                    s.seq_off = (s.seq_off + (1 << 20)) % IMAGE;
+                    w
+                })
+                .collect();
+            let batch: Vec<(u64, &[u8])> = offs.iter().map(|&(off, o)| (off, &pool[o..o + (1 << 20)])).collect();
+            let t = Instant::now();
+            s.guest.write_many(&batch)?;
+            busy[i] += t.elapsed();
+        }
     }
-    drop(plain);
-    Ok(f)
+    let seq_mibs: Vec<f64> = busy.iter().map(|b| (a.seq_mib / 8 * 8) as f64 / b.as_secs_f64()).collect();
+    let mut lat = vec![Vec::new(); k];
+    for _ in 0..200 {
+        for (i, s) in setups.iter_mut().enumerate() {
+            let o = s.take(pool, 1 << 20);
+            let t = Instant::now();
+            s.guest.write(s.seq_off, &pool[o..o + (1 << 20)])?;
+            lat[i].push(t.elapsed());
+            s.seq_off = (s.seq_off + (1 << 20)) % IMAGE;
+        }
+    }
+    let seq_p99: Vec<f64> = lat.into_iter().map(p99).collect();
+    for s in setups {
+        s.finish()?;
+    }
+    Ok((0..k)
+        .map(|i| Figures {
+            random_mibs: random_mibs[i],
+            random_p99_us: random_p99[i],
+            seq_mibs: seq_mibs[i],
+            seq_p99_us: seq_p99[i],
+        })
+        .collect())
 }
 
 /// A printed row: its name, which figure, and whether higher is better.
@@ -194,12 +238,10 @@ fn main() -> Result<()> {
         "tap benchmark: 4 KiB random {} MiB at QD16, 1 MiB sequential {} MiB at QD8, p99 at QD1; {} repetitions (medians)",
         a.random_mib, a.seq_mib, a.reps
     );
-    let targets = [Target::None, Target::Plain, Target::Vdsa];
     let mut all: Vec<Vec<Figures>> = vec![Vec::new(); 3];
     for rep in 0..a.reps {
-        for (i, t) in targets.iter().enumerate() {
-            let f = run(*t, &a, &pool, &mut rng)?;
-            eprintln!("rep {rep} {t:?}: {f:?}");
+        for (i, f) in measure_all(&a, &pool, &mut rng)?.into_iter().enumerate() {
+            eprintln!("rep {rep} {:?}: {f:?}", [Target::None, Target::Plain, Target::Vdsa][i]);
             all[i].push(f);
         }
     }
