@@ -183,6 +183,14 @@ impl ReferenceModel {
         }
     }
 
+    /// As a disk behind QEMU's block mirror sees the write: the mirror
+    /// drops discards, so a trim changes nothing.
+    pub fn apply_unless_trim(&mut self, w: &GenWrite) {
+        if !matches!(w.payload, Payload::Trim(_)) {
+            self.apply(w);
+        }
+    }
+
     pub fn hashes(&self) -> Vec<blake3::Hash> {
         self.images.iter().map(|i| blake3::hash(i)).collect()
     }
