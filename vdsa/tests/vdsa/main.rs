@@ -5,3 +5,25 @@
 mod journal;
 mod native_tap;
 mod nbd;
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use vdsa::nbd::server::Exports;
+
+/// Serves `exports` on a Unix socket at `sock`, a thread per connection,
+/// with `session` (the NBD server or the native tap protocol).
+fn serve_exports(sock: &Path, exports: Exports, session: fn(UnixStream, UnixStream, &Exports)) {
+    let listener = UnixListener::bind(sock).unwrap_or_else(|e| panic!("{e}"));
+    let exports = Arc::new(exports);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let exports = exports.clone();
+            std::thread::spawn(move || {
+                if let Ok(r) = conn.try_clone() {
+                    session(r, conn, &exports);
+                }
+            });
+        }
+    });
+}

@@ -6,7 +6,7 @@
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use vdsa::journal::{Journal, JournalConfig};
 use vdsa::native_tap::{self, NativeTapClient, EBADMSG, TRIM, WRITE, ZERO};
@@ -34,17 +34,8 @@ fn a_native_tap_feeds_the_journal_and_refuses_bad_input() {
     let mut exports = Exports::default();
     exports.insert("disk0", Arc::new(TapDisk { stream: tap.clone(), disk, size: SIZE }));
     let sock = dir.path().join("native.sock");
-    let listener = UnixListener::bind(&sock).unwrap_or_else(|e| panic!("{e}"));
-    let exports = Arc::new(exports);
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let exports = exports.clone();
-            std::thread::spawn(move || {
-                if let Ok(r) = conn.try_clone() {
-                    let _ = native_tap::serve(r, conn, &exports);
-                }
-            });
-        }
+    super::serve_exports(&sock, exports, |r, w, e| {
+        let _ = native_tap::serve(r, w, e);
     });
 
     // Refused at hello: unknown disk, wrong size.

@@ -7,7 +7,7 @@ use protection_groups::{DiskId, StreamId};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use vdsa::journal::{Journal, JournalConfig};
@@ -28,17 +28,8 @@ fn start_server(dir: &Path) -> (Journal, [DiskId; 2], std::path::PathBuf) {
         exports.insert(*name, Arc::new(TapDisk { stream: tap.clone(), disk: d, size: SIZE }));
     }
     let sock = dir.join("nbd.sock");
-    let listener = UnixListener::bind(&sock).unwrap_or_else(|e| panic!("{e}"));
-    let exports = Arc::new(exports);
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let exports = exports.clone();
-            std::thread::spawn(move || {
-                if let Ok(r) = conn.try_clone() {
-                    let _ = serve(r, conn, &exports);
-                }
-            });
-        }
+    super::serve_exports(&sock, exports, |r, w, e| {
+        let _ = serve(r, w, e);
     });
     (journal, disks, sock)
 }
