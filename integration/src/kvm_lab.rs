@@ -11,7 +11,23 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use crate::workload::{GenWrite, Payload};
 use vdsa::nbd::client::NbdClient;
+
+/// A generated write made by a guest through QEMU. Returns whether it
+/// reaches a tap: QEMU's mirror drops discards (the source ignores them
+/// too), so a trim changes nothing on either side.
+pub fn guest_write(guest: &mut NbdClient, w: &GenWrite) -> std::io::Result<bool> {
+    match &w.payload {
+        Payload::Data(d) => guest.write(w.offset, d)?,
+        Payload::Zero(n) => guest.write_zeroes(w.offset, *n as u32, false)?,
+        Payload::Trim(n) => {
+            guest.trim(w.offset, *n as u32)?;
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
 
 fn wait_for_path(p: &Path) -> Result<()> {
     let start = Instant::now();

@@ -217,7 +217,7 @@ fn journal_demo(args: DemoArgs) -> Result<()> {
 /// and catches up by a delta sync, and every checkpoint is then compared
 /// with the reference model.
 fn kvm_tap_demo() -> Result<()> {
-    use integration::kvm_lab::{qemu_available, StorageDaemon, VdsaProcess};
+    use integration::kvm_lab::{guest_write, qemu_available, StorageDaemon, VdsaProcess};
     use serde_json::json;
     if !qemu_available() {
         println!("lab: KVM tap demo skipped: qemu-storage-daemon is not installed (apt-get install qemu-utils)");
@@ -250,7 +250,7 @@ fn kvm_tap_demo() -> Result<()> {
             // the target gone at the first write that reaches it.
             for _ in 0..200 {
                 let w = workload.next_write();
-                write_through(&mut guest, &w)?;
+                guest_write(&mut guest, &w)?;
                 model.apply_unless_trim(&w);
             }
             let failed = site_manager::kvm::wait_for(&mut qsd.qmp, "tap0", Duration::from_secs(30), "the tap to fail", |s| {
@@ -267,7 +267,7 @@ fn kvm_tap_demo() -> Result<()> {
         }
         for _ in 0..400 {
             let w = workload.next_write();
-            write_through(&mut guest, &w)?;
+            guest_write(&mut guest, &w)?;
             model.apply_unless_trim(&w);
             bytes += w.len();
             writes += 1;
@@ -300,18 +300,6 @@ fn kvm_tap_demo() -> Result<()> {
         expected.len()
     );
     println!("  took {:.1} s", started.elapsed().as_secs_f64());
-    Ok(())
-}
-
-/// A guest write through QEMU (trims are dropped by the mirror and the
-/// source alike).
-fn write_through(guest: &mut vdsa::nbd::client::NbdClient, w: &integration::workload::GenWrite) -> Result<()> {
-    use integration::workload::Payload;
-    match &w.payload {
-        Payload::Data(d) => guest.write(w.offset, d)?,
-        Payload::Zero(n) => guest.write_zeroes(w.offset, *n as u32, false)?,
-        Payload::Trim(n) => guest.trim(w.offset, *n as u32)?,
-    }
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! writes through QEMU. The journal must then read back exactly the source.
 
 use integration::kvm_lab::{qemu_available, StorageDaemon, VdsaProcess};
-use integration::workload::{GenWrite, Mix, Payload, ReferenceModel, Workload};
+use integration::workload::{GenWrite, Mix, ReferenceModel, Workload};
 use protection_groups::{CheckpointId, DiskId};
 use serde_json::{json, Value};
 use site_manager::kvm;
@@ -43,20 +43,12 @@ fn source_image(dir: &Path) -> (PathBuf, ReferenceModel) {
     (path, model)
 }
 
-/// Writes through QEMU as a guest does; the mirror drops discards, so a
-/// trim changes neither the source nor the model. Returns whether the
-/// write reached the tap (trims do not).
+/// Writes through QEMU as a guest does and keeps the model in step.
+/// Returns whether the write reached the tap (trims do not).
 fn guest_write(g: &mut NbdClient, w: &GenWrite, model: &mut ReferenceModel) -> bool {
-    match &w.payload {
-        Payload::Data(d) => g.write(w.offset, d).unwrap_or_else(|e| panic!("guest write: {e}")),
-        Payload::Zero(n) => g.write_zeroes(w.offset, *n as u32, false).unwrap_or_else(|e| panic!("guest zero: {e}")),
-        Payload::Trim(n) => {
-            g.trim(w.offset, *n as u32).unwrap_or_else(|e| panic!("guest trim: {e}"));
-            return false;
-        }
-    }
-    model.apply(w);
-    true
+    let reached = integration::kvm_lab::guest_write(g, w).unwrap_or_else(|e| panic!("guest write: {e}"));
+    model.apply_unless_trim(w);
+    reached
 }
 
 fn view_hash(journal: &Journal, cp: u64) -> blake3::Hash {
