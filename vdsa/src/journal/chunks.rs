@@ -325,16 +325,11 @@ impl ChunkStore {
     /// Appends a new chunk (its hash must not be in the store) with no
     /// references yet.
     pub fn insert(&mut self, block: &[u8], prepared: &PreparedChunk, w: &mut Writer) -> Result<ChunkId> {
-        let active_len = self.packs.get(&self.active).map_or(0, |p| p.len);
-        if active_len + self.pending.len() as u64 >= self.pack_bytes {
-            self.roll_pack(w)?;
-        }
+        let offset = self.next_offset(w)?;
         let (flags, stored): (u8, &[u8]) = match &prepared.compressed {
             Some(c) => (FLAG_ZSTD, c),
             None => (0, block),
         };
-        let offset = self.packs.get(&self.active).map_or(0, |p| p.len) + self.pending.len() as u64;
-        let offset = u32::try_from(offset).map_err(|_| JournalError::InvalidWrite("pack offset overflow".into()))?;
         append_entry(&mut self.pending, &prepared.hash, flags, stored);
         Ok(self.add_entry(ChunkEntry {
             hash: prepared.hash,
@@ -343,6 +338,17 @@ impl ChunkStore {
             stored_len: stored.len() as u16,
             refs: 0,
         }))
+    }
+
+    /// Where the next entry goes in the active pack, after rolling to a new
+    /// pack if this one is full.
+    fn next_offset(&mut self, w: &mut Writer) -> Result<u32> {
+        let active_len = self.packs.get(&self.active).map_or(0, |p| p.len);
+        if active_len + self.pending.len() as u64 >= self.pack_bytes {
+            self.roll_pack(w)?;
+        }
+        let offset = self.packs.get(&self.active).map_or(0, |p| p.len) + self.pending.len() as u64;
+        u32::try_from(offset).map_err(|_| JournalError::InvalidWrite("pack offset overflow".into()))
     }
 
     fn roll_pack(&mut self, w: &mut Writer) -> Result<()> {
@@ -450,22 +456,34 @@ impl ChunkStore {
         let mut stack = [0u8; CHUNK_HEADER_LEN + BLOCK_SIZE];
         let buf = &mut stack[..total];
         let off = u64::from(e.offset);
-        let inflight = self
-            .inflight
-            .iter()
-            .find(|(p, start, data, _)| *p == e.pack && off >= *start && off + total as u64 <= start + data.len() as u64);
-        if e.pack == self.active && off >= pack.len {
-            let start = (off - pack.len) as usize;
-            buf.copy_from_slice(&self.pending[start..start + total]);
-        } else if let Some((_, start, data, _)) = inflight {
-            let start = (off - start) as usize;
-            buf.copy_from_slice(&data[start..start + total]);
+        if let Some(bytes) = self.in_memory(e.pack, off, total) {
+            buf.copy_from_slice(bytes);
         } else {
             pack.file
                 .read_exact_at(buf, off)
                 .map_err(|err| JournalError::io("reading", &pack.path, err))?;
         }
         self.decode(id, &pack.path, off, buf, out)
+    }
+
+    /// The bytes at `off..off + len` of pack `pack_no` if they have not
+    /// reached its file yet: still pending, or handed to the writer.
+    fn in_memory(&self, pack_no: u32, off: u64, len: usize) -> Option<&[u8]> {
+        let (data, start) = self.buffer_at(pack_no, off)?;
+        data.get((off - start) as usize..(off - start) as usize + len)
+    }
+
+    /// The in-memory buffer holding byte `off` of pack `pack_no`, if any,
+    /// and the pack offset where that buffer starts.
+    fn buffer_at(&self, pack_no: u32, off: u64) -> Option<(&[u8], u64)> {
+        let file_len = self.packs.get(&pack_no)?.len;
+        if pack_no == self.active && off >= file_len {
+            return Some((&self.pending, file_len));
+        }
+        self.inflight
+            .iter()
+            .find(|(p, start, data, _)| *p == pack_no && off >= *start && off < start + data.len() as u64)
+            .map(|(_, start, data, _)| (&data[..], *start))
     }
 
     /// Reads several chunks, each into `out[at..at + BLOCK_SIZE]`. Entries
@@ -479,34 +497,41 @@ impl ChunkStore {
             })
             .collect();
         order.sort_unstable_by_key(|r| (r.0, r.1));
+        // Where each entry's bytes are now: a run is read in one piece only
+        // if all of it is in the same place (the file, or one buffer).
+        let place = |pack_no: u32, off: u64| self.buffer_at(pack_no, off).map(|(_, start)| start);
         let mut scratch = Vec::new();
         let mut i = 0;
         while i < order.len() {
             let (pack_no, start, _, _, _) = order[i];
+            let here = place(pack_no, start);
             let mut j = i;
             let mut end = start;
-            while j < order.len() && order[j].0 == pack_no && order[j].1 == end && end - start < (1 << 20) {
+            while j < order.len()
+                && order[j].0 == pack_no
+                && order[j].1 == end
+                && end - start < (1 << 20)
+                && place(pack_no, end) == here
+            {
                 end += order[j].2 as u64;
                 j += 1;
             }
             let Some(pack) = self.packs.get(&pack_no) else {
                 return Err(JournalError::corrupt(&self.dir, start, format!("pack {pack_no} is missing")));
             };
-            let in_memory = pack_no == self.active && start >= pack.len
-                || self.inflight.iter().any(|(p, s, d, _)| *p == pack_no && start >= *s && end <= s + d.len() as u64);
-            if in_memory {
-                for &(_, _, _, id, at) in &order[i..j] {
-                    self.read(id, &mut out[at..at + BLOCK_SIZE])?;
+            let bytes = match self.in_memory(pack_no, start, (end - start) as usize) {
+                Some(bytes) => bytes,
+                None => {
+                    scratch.resize((end - start) as usize, 0);
+                    pack.file
+                        .read_exact_at(&mut scratch, start)
+                        .map_err(|err| JournalError::io("reading", &pack.path, err))?;
+                    &scratch[..]
                 }
-            } else {
-                scratch.resize((end - start) as usize, 0);
-                pack.file
-                    .read_exact_at(&mut scratch, start)
-                    .map_err(|err| JournalError::io("reading", &pack.path, err))?;
-                for &(_, off, total, id, at) in &order[i..j] {
-                    let k = (off - start) as usize;
-                    self.decode(id, &pack.path, off, &scratch[k..k + total], &mut out[at..at + BLOCK_SIZE])?;
-                }
+            };
+            for &(_, off, total, id, at) in &order[i..j] {
+                let k = (off - start) as usize;
+                self.decode(id, &pack.path, off, &bytes[k..k + total], &mut out[at..at + BLOCK_SIZE])?;
             }
             i = j;
         }
@@ -578,11 +603,7 @@ impl ChunkStore {
                 .read_exact_at(&mut raw, u64::from(e.offset))
                 .map_err(|err| JournalError::io("reading", &pack.path, err))?;
             parse_entry(&raw).map_err(|reason| JournalError::corrupt(&pack.path, u64::from(e.offset), reason))?;
-            let active_len = self.packs.get(&self.active).map_or(0, |p| p.len);
-            if active_len + self.pending.len() as u64 >= self.pack_bytes {
-                self.roll_pack(w)?;
-            }
-            let offset = self.packs.get(&self.active).map_or(0, |p| p.len) + self.pending.len() as u64;
+            let offset = self.next_offset(w)?;
             self.pending.extend_from_slice(&raw);
             let bytes = total as u64;
             if let Some(p) = self.packs.get_mut(&e.pack) {
@@ -593,7 +614,7 @@ impl ChunkStore {
             }
             let entry = &mut self.catalog[id as usize];
             entry.pack = self.active;
-            entry.offset = u32::try_from(offset).map_err(|_| JournalError::InvalidWrite("pack offset overflow".into()))?;
+            entry.offset = offset;
         }
         self.sync(w)?;
         let mut reclaimed = 0;
