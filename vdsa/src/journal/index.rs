@@ -41,6 +41,11 @@ impl CutSet {
         CutSet { by_stream, max }
     }
 
+    /// The cut that contains every write: the head of the journal.
+    pub fn everything() -> Self {
+        CutSet::new(Vec::new(), u64::MAX)
+    }
+
     /// The last lsn of `stream` this cut contains.
     pub fn cut(&self, stream: u16) -> u64 {
         self.by_stream.get(stream as usize).copied().unwrap_or(self.max)

@@ -307,7 +307,7 @@ impl Journal {
         // Hash full blocks before taking the lock: it is most of the CPU.
         let full: Vec<&[u8]> = writes.iter().flat_map(full_blocks).collect();
         let pool = self.inner.pool.as_ref();
-        let hashes: Vec<Option<Hash>> = par_map(pool, &full, || (), |_, b| {
+        let hashes: Vec<Option<Hash>> = par_map(pool, &full, |b| {
             if is_zero(b) {
                 None
             } else {
@@ -329,7 +329,7 @@ impl Journal {
                 .collect();
             let c = Compression { level, misses: &self.inner.compress_misses };
             let mut compressed: Vec<Option<Vec<u8>>> = vec![None; full.len()];
-            let done = par_map(pool, &new, || (), |_, &i| c.compress(full[i]));
+            let done = par_map(pool, &new, |&i| c.compress(full[i]));
             for (&i, out) in new.iter().zip(done) {
                 compressed[i] = out;
             }
@@ -385,25 +385,7 @@ impl Journal {
     /// a checkpoint holds): what a tap's own reads must see.
     pub fn read_head(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let st = self.read_state()?;
-        let d = st.disk(disk)?;
-        let size = st.disks[d as usize].info.size;
-        let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(JournalError::OutOfRange { disk, offset, len, size });
-        }
-        let bs = BLOCK_SIZE as u64;
-        let mut scratch = vec![0u8; BLOCK_SIZE];
-        let mut pos = offset;
-        while pos < offset + len {
-            let block = pos / bs;
-            let in_block = (pos - block * bs) as usize;
-            let n = (BLOCK_SIZE - in_block).min((offset + len - pos) as usize);
-            st.read_head(d, block, &mut scratch)?;
-            let at = (pos - offset) as usize;
-            buf[at..at + n].copy_from_slice(&scratch[in_block..in_block + n]);
-            pos += n as u64;
-        }
-        Ok(())
+        st.read_range(disk, &CutSet::everything(), &HashMap::new(), offset, buf)
     }
 
     pub fn stats(&self) -> Result<JournalStats> {
@@ -560,34 +542,23 @@ const PARALLEL_MIN_BLOCKS: usize = 128;
 
 /// Maps `f` over `items`, in order. Large batches are split between the
 /// calling thread and the pool's helpers (the caller works too, rather
-/// than waiting: on two cores a waiting caller wastes one); each part gets
-/// its own state from `init`.
-fn par_map<T: Sync, S, R: Send>(
-    pool: Option<&rayon::ThreadPool>,
-    items: &[T],
-    init: impl Fn() -> S + Sync + Send,
-    f: impl Fn(&mut S, &T) -> R + Sync + Send,
-) -> Vec<R> {
+/// than waiting: on two cores a waiting caller wastes one).
+fn par_map<T: Sync, R: Send>(pool: Option<&rayon::ThreadPool>, items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> Vec<R> {
     // Handing work to another thread costs a wake-up each way (tens of us on
     // a VM): only worth it for batches of half a megabyte and more.
     let Some(pool) = pool.filter(|_| items.len() >= PARALLEL_MIN_BLOCKS) else {
-        let mut s = init();
-        return items.iter().map(|t| f(&mut s, t)).collect();
+        return items.iter().map(&f).collect();
     };
     let per = items.len().div_ceil(pool.current_num_threads() + 1);
     let parts: Vec<&[T]> = items.chunks(per).collect();
     let mut outs: Vec<Vec<R>> = parts.iter().map(|_| Vec::new()).collect();
-    let (f, init) = (&f, &init);
+    let f = &f;
     pool.in_place_scope(|scope| {
         let (mine, theirs) = outs.split_at_mut(1);
         for (part, out) in parts[1..].iter().zip(theirs.iter_mut()) {
-            scope.spawn(move |_| {
-                let mut s = init();
-                *out = part.iter().map(|t| f(&mut s, t)).collect();
-            });
+            scope.spawn(move |_| *out = part.iter().map(f).collect());
         }
-        let mut s = init();
-        mine[0] = parts[0].iter().map(|t| f(&mut s, t)).collect();
+        mine[0] = parts[0].iter().map(f).collect();
     });
     outs.into_iter().flatten().collect()
 }
@@ -912,14 +883,29 @@ impl State {
 
     fn sync(&mut self) -> Result<u64> {
         if self.durable_lsn < self.head_lsn {
-            self.chunks.sync(&mut self.writer)?;
-            let mut buf = Vec::new();
-            format::encode_record(&Record::Commit { lsn: self.head_lsn }, &mut buf);
-            self.log.append(&buf, &SegmentSummary::default());
-            self.log.sync(&mut self.writer)?;
-            self.durable_lsn = self.head_lsn;
+            self.commit_records(&[Record::Commit { lsn: self.head_lsn }], None)?;
         }
         Ok(self.durable_lsn)
+    }
+
+    /// Makes everything ingested durable, then `records` after it: packs are
+    /// fsynced before the log, so a durable record never names a chunk a
+    /// crash could lose. `noted` is the lsn the records' segment must be
+    /// kept for (see `SegmentSummary`), if any.
+    pub(super) fn commit_records(&mut self, records: &[Record], noted: Option<u64>) -> Result<()> {
+        self.chunks.sync(&mut self.writer)?;
+        let mut buf = Vec::new();
+        for r in records {
+            format::encode_record(r, &mut buf);
+        }
+        let mut summary = SegmentSummary::default();
+        if let Some(lsn) = noted {
+            summary.note(lsn, None);
+        }
+        self.log.append(&buf, &summary);
+        self.log.sync(&mut self.writer)?;
+        self.durable_lsn = self.head_lsn;
+        Ok(())
     }
 
     fn mark_checkpoint(&mut self, spec: CheckpointSpec) -> Result<Checkpoint> {
@@ -957,7 +943,6 @@ impl State {
                 cuts.push(Cut { stream: *stream, lsn, seq });
             }
         }
-        self.chunks.sync(&mut self.writer)?;
         let cp = Checkpoint {
             id: spec.id,
             kind: spec.kind,
@@ -966,14 +951,8 @@ impl State {
             lsn: self.head_lsn + 1,
             cuts,
         };
-        let mut buf = Vec::new();
-        format::encode_record(&Record::Checkpoint(cp.clone()), &mut buf);
-        let mut summary = SegmentSummary::default();
-        summary.note(cp.lsn, None);
-        self.log.append(&buf, &summary);
-        self.log.sync(&mut self.writer)?;
         self.head_lsn = cp.lsn;
-        self.durable_lsn = cp.lsn;
+        self.commit_records(&[Record::Checkpoint(cp.clone())], Some(cp.lsn))?;
         self.checkpoints.insert(cp.id, cp.clone());
         Ok(cp)
     }

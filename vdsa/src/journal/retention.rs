@@ -10,9 +10,8 @@
 
 use super::chunks::{hash_block, ChunkId};
 use super::error::Result;
-use super::format::{self, Record};
+use super::format::Record;
 use super::index::{is_stored, CutSet, ZERO_CHUNK};
-use super::log::SegmentSummary;
 use super::model::{Checkpoint, BLOCK_SIZE};
 use super::{is_zero, read_replica, Journal, JournalError, Source, State};
 use protection_groups::{CheckpointId, RetentionPolicy};
@@ -72,17 +71,13 @@ impl State {
             .collect();
         let thinned = policy.thinned(now_ms, &candidates);
         if !thinned.is_empty() {
-            let mut buf = Vec::new();
+            let drops: Vec<Record> = thinned.iter().map(|id| Record::DropCheckpoint { id: *id }).collect();
             for id in &thinned {
-                format::encode_record(&Record::DropCheckpoint { id: *id }, &mut buf);
                 self.checkpoints.remove(id);
             }
-            // Noted at the head lsn so that this segment outlives the
-            // checkpoint records it cancels.
-            let mut summary = SegmentSummary::default();
-            summary.note(self.head_lsn, None);
-            self.log.append(&buf, &summary);
-            self.log.sync(&mut self.writer)?;
+            // Noted at the head lsn so that their segment outlives the
+            // checkpoint records they cancel.
+            self.commit_records(&drops, Some(self.head_lsn))?;
         }
         report.thinned = thinned;
         report.versions_freed += self.thin_versions();

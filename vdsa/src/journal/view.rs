@@ -1,9 +1,11 @@
 //! A read-only view of the VPG's disks at one checkpoint.
 
 use super::error::{JournalError, Result};
-use super::index::ZERO_CHUNK;
+use super::chunks::ChunkId;
+use super::index::{CutSet, ZERO_CHUNK};
 use super::model::{Checkpoint, BLOCK_SIZE};
-use super::{read_replica, Journal, Source};
+use super::{read_replica, Journal, Source, State};
+use std::collections::HashMap;
 use protection_groups::DiskId;
 
 /// The disks as they were at a checkpoint. Opening one copies nothing; it
@@ -28,16 +30,67 @@ impl PitView {
     /// Reads `buf.len()` bytes of `disk` at `offset` (any alignment).
     pub fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let st = self.journal.read_state()?;
-        let d = st.disk(disk)?;
-        let size = st.disks[d as usize].info.size;
-        let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(JournalError::OutOfRange { disk, offset, len, size });
-        }
         let view = st
             .views
             .get(&self.id)
             .ok_or_else(|| JournalError::Failed("view state missing".into()))?;
+        st.read_range(disk, &view.cuts, &view.preserved, offset, buf)
+    }
+
+    /// blake3 of the whole disk as this view sees it.
+    pub fn disk_hash(&self, disk: DiskId) -> Result<blake3::Hash> {
+        let size = {
+            let st = self.journal.read_state()?;
+            let d = st.disk(disk)?;
+            st.disks[d as usize].info.size
+        };
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(buf.len() as u64) as usize;
+            self.read(disk, pos, &mut buf[..n])?;
+            hasher.update(&buf[..n]);
+            pos += n as u64;
+        }
+        Ok(hasher.finalize())
+    }
+}
+
+impl Drop for PitView {
+    fn drop(&mut self) {
+        // A poisoned lock means the journal is being torn down anyway.
+        if let Ok(mut st) = self.journal.inner.state.write() {
+            if let Some(view) = st.views.remove(&self.id) {
+                for chunk in view.preserved.into_values() {
+                    if chunk != ZERO_CHUNK {
+                        st.chunks.decref(chunk);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    /// Reads `buf.len()` bytes of `disk` at `offset` as a reader at `cuts`
+    /// sees them: the blocks in `preserved` (copied out by retention for a
+    /// view), else each block's newest version visible at `cuts`, else the
+    /// replica.
+    pub(super) fn read_range(
+        &self,
+        disk: DiskId,
+        cuts: &CutSet,
+        preserved: &HashMap<(u32, u64), ChunkId>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let d = self.disk(disk)?;
+        let size = self.disks[d as usize].info.size;
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(JournalError::OutOfRange { disk, offset, len, size });
+        }
         if len == 0 {
             return Ok(());
         }
@@ -46,23 +99,23 @@ impl PitView {
         let (first, last) = (offset / bs, (end - 1) / bs);
         let n = (last - first + 1) as usize;
         // Where each block comes from: one index range scan, then the
-        // blocks retention preserved for this view.
+        // blocks retention preserved.
         let mut sources = vec![Source::Replica; n];
         let mut found = Vec::new();
-        st.disks[d as usize].index.visible_in_range(first, last, &view.cuts, &mut found);
+        self.disks[d as usize].index.visible_in_range(first, last, cuts, &mut found);
         for (b, v) in &found {
             sources[(b - first) as usize] = Source::Chunk(v.chunk);
         }
-        if !view.preserved.is_empty() {
+        if !preserved.is_empty() {
             for (i, src) in sources.iter_mut().enumerate() {
-                if let Some(&c) = view.preserved.get(&(d, first + i as u64)) {
+                if let Some(&c) = preserved.get(&(d, first + i as u64)) {
                     *src = Source::Chunk(c);
                 }
             }
         }
         // Replica blocks: run by run when the runs are few, else the whole
         // range in one read, overwritten below by the journal's blocks.
-        let disk = &st.disks[d as usize];
+        let disk = &self.disks[d as usize];
         let runs = sources
             .iter()
             .enumerate()
@@ -102,44 +155,10 @@ impl PitView {
             } else if hi - lo == bs {
                 whole.push((chunk, (lo - offset) as usize));
             } else {
-                st.chunks.read(chunk, &mut scratch)?;
+                self.chunks.read(chunk, &mut scratch)?;
                 out.copy_from_slice(&scratch[(lo - start) as usize..(hi - start) as usize]);
             }
         }
-        st.chunks.read_many(&whole, buf)
-    }
-
-    /// blake3 of the whole disk as this view sees it.
-    pub fn disk_hash(&self, disk: DiskId) -> Result<blake3::Hash> {
-        let size = {
-            let st = self.journal.read_state()?;
-            let d = st.disk(disk)?;
-            st.disks[d as usize].info.size
-        };
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pos = 0;
-        while pos < size {
-            let n = (size - pos).min(buf.len() as u64) as usize;
-            self.read(disk, pos, &mut buf[..n])?;
-            hasher.update(&buf[..n]);
-            pos += n as u64;
-        }
-        Ok(hasher.finalize())
-    }
-}
-
-impl Drop for PitView {
-    fn drop(&mut self) {
-        // A poisoned lock means the journal is being torn down anyway.
-        if let Ok(mut st) = self.journal.inner.state.write() {
-            if let Some(view) = st.views.remove(&self.id) {
-                for chunk in view.preserved.into_values() {
-                    if chunk != ZERO_CHUNK {
-                        st.chunks.decref(chunk);
-                    }
-                }
-            }
-        }
+        self.chunks.read_many(&whole, buf)
     }
 }
