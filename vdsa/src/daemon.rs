@@ -118,7 +118,7 @@ fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<Str
         };
         // Both kinds of tap serve the same exports; each connection gets a
         // thread of its own.
-        let session = move |exports: &Exports, r: Box<dyn Read + Send>, w: Box<dyn Write + Send>| {
+        let session = move |exports: &Exports, r: Reader, w: Writer| {
             if native {
                 match crate::native_tap::serve(r, w, exports) {
                     Ok(crate::native_tap::Ending::Refused(why)) => tracing::warn!("native tap refused: {why}"),
@@ -133,27 +133,17 @@ fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<Str
         if let Some(path) = rest.strip_prefix("unix:") {
             let _ = std::fs::remove_file(path);
             let l = UnixListener::bind(path).with_context(|| format!("listening on {path}"))?;
-            std::thread::spawn(move || {
-                for conn in l.incoming().flatten() {
-                    let exports = exports.clone();
-                    std::thread::spawn(move || {
-                        let Ok(r) = conn.try_clone() else { return };
-                        session(&exports, Box::new(r), Box::new(conn));
-                    });
-                }
-            });
+            let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c)))
+                .flatten()
+                .filter_map(|c| Some(halves(c.try_clone().ok()?, c)));
+            accept_each(conns, exports, session);
         } else if let Some(addr) = rest.strip_prefix("tcp:") {
             let l = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
-            std::thread::spawn(move || {
-                for conn in l.incoming().flatten() {
-                    let exports = exports.clone();
-                    let _ = conn.set_nodelay(true);
-                    std::thread::spawn(move || {
-                        let Ok(r) = conn.try_clone() else { return };
-                        session(&exports, Box::new(r), Box::new(conn));
-                    });
-                }
+            let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c))).flatten().filter_map(|c| {
+                let _ = c.set_nodelay(true);
+                Some(halves(c.try_clone().ok()?, c))
             });
+            accept_each(conns, exports, session);
         } else {
             bail!("--listen {spec:?}: expected [native-]unix:PATH or [native-]tcp:HOST:PORT");
         }
@@ -178,6 +168,27 @@ fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<Str
         std::thread::spawn(move || control_session(conn, &tap, &lock));
     }
     Ok(())
+}
+
+type Reader = Box<dyn Read + Send>;
+type Writer = Box<dyn Write + Send>;
+
+fn halves(r: impl Read + Send + 'static, w: impl Write + Send + 'static) -> (Reader, Writer) {
+    (Box::new(r), Box::new(w))
+}
+
+/// Serves each accepted connection on a thread of its own.
+fn accept_each(
+    conns: impl Iterator<Item = (Reader, Writer)> + Send + 'static,
+    exports: Arc<Exports>,
+    session: impl Fn(&Exports, Reader, Writer) + Copy + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        for (r, w) in conns {
+            let exports = exports.clone();
+            std::thread::spawn(move || session(&exports, r, w));
+        }
+    });
 }
 
 fn log_end(r: std::io::Result<Ending>) {
