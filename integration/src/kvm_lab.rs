@@ -4,13 +4,12 @@
 //! Each is stopped when dropped.
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use site_manager::kvm::{self, NbdAddress, Qmp, TapSpec, TapState};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use crate::replication_lab::Daemon;
 use crate::workload::{GenWrite, Payload};
 use vdsa::nbd::client::NbdClient;
 
@@ -52,7 +51,7 @@ pub fn qemu_available() -> bool {
 /// `dir`.
 #[derive(Debug)]
 pub struct VdsaProcess {
-    child: Option<Child>,
+    daemon: Daemon,
     pub control: PathBuf,
     pub tap_sock: PathBuf,
     pub journal: PathBuf,
@@ -65,69 +64,34 @@ impl VdsaProcess {
         let control = dir.join("ctl.sock");
         let tap_sock = dir.join("tap.sock");
         let journal = dir.join("journal");
-        let mut child = Command::new(lab)
-            .args(["vdsa", "tap-serve", "--disk", disk])
-            .arg("--journal")
-            .arg(&journal)
-            .arg("--listen")
-            .arg(format!("unix:{}", tap_sock.display()))
-            .arg("--control")
-            .arg(&control)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the vdsa daemon")?;
-        let out = child.stdout.take().context("vdsa stdout")?;
-        let mut line = String::new();
-        BufReader::new(out).read_line(&mut line)?;
-        if line.trim() != "READY" {
-            bail!("vdsa did not start (said {line:?})");
-        }
-        Ok(VdsaProcess {
-            child: Some(child),
-            control,
-            tap_sock,
-            journal,
-        })
+        let args: Vec<String> = vec![
+            "tap-serve".into(),
+            "--disk".into(),
+            disk.into(),
+            "--journal".into(),
+            journal.display().to_string(),
+            "--listen".into(),
+            format!("unix:{}", tap_sock.display()),
+            "--control".into(),
+            control.display().to_string(),
+        ];
+        let daemon = Daemon::start(lab, &args, &control, &dir.join("vdsa.log"))?;
+        Ok(VdsaProcess { daemon, control, tap_sock, journal })
     }
 
     /// One control request; an `"ok": false` answer is an error.
     pub fn call(&self, req: Value) -> Result<Value> {
-        let mut s = UnixStream::connect(&self.control).context("control socket")?;
-        writeln!(s, "{req}")?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line)?;
-        let v: Value = serde_json::from_str(&line).with_context(|| format!("control answer {line:?}"))?;
-        if v["ok"] != json!(true) {
-            bail!("control {req} failed: {v}");
-        }
-        Ok(v)
+        self.daemon.call(req)
     }
 
     /// Makes the journal durable and stops the daemon.
-    pub fn shutdown(mut self) -> Result<()> {
-        self.call(json!({"op": "shutdown"}))?;
-        if let Some(mut c) = self.child.take() {
-            c.wait()?;
-        }
-        Ok(())
+    pub fn shutdown(self) -> Result<()> {
+        self.daemon.shutdown()
     }
 
     /// SIGKILL.
-    pub fn kill(mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for VdsaProcess {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+    pub fn kill(self) {
+        self.daemon.kill()
     }
 }
 

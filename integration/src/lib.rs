@@ -9,6 +9,7 @@
 //! product's public APIs and processes.
 
 pub mod kvm_lab;
+pub mod replication_lab;
 pub mod workload;
 
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};

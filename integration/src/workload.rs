@@ -73,6 +73,8 @@ pub struct Workload {
     mix: Mix,
     next_seq_offset: Vec<u64>,
     pool: Vec<Vec<u8>>,
+    /// Percent of data writes that are half-compressible (the rest random).
+    compressible: u32,
 }
 
 impl Workload {
@@ -91,7 +93,15 @@ impl Workload {
             mix,
             next_seq_offset: vec![0; sizes.len()],
             pool,
+            compressible: 50,
         }
+    }
+
+    /// Percent of data writes that are half-compressible; 0 makes every
+    /// (non-duplicate) data write incompressible.
+    pub fn with_compressible(mut self, percent: u32) -> Workload {
+        self.compressible = percent.min(100);
+        self
     }
 
     pub fn next_write(&mut self) -> GenWrite {
@@ -143,9 +153,32 @@ impl Workload {
 
     fn data(&mut self, disk: usize, offset: u64, len: u64) -> GenWrite {
         let mut data = vec![0u8; len as usize];
-        let compressible = self.rng.gen_bool(0.5);
+        let compressible = self.rng.gen_bool(f64::from(self.compressible) / 100.0);
         fill(&mut self.rng, &mut data, compressible);
         GenWrite { disk, offset, payload: Payload::Data(data) }
+    }
+}
+
+/// Holds a generator to a set rate: call [`Pacer::pace`] after each write.
+#[derive(Debug)]
+pub struct Pacer {
+    start: std::time::Instant,
+    bytes_per_sec: f64,
+    done: u64,
+}
+
+impl Pacer {
+    pub fn new(bytes_per_sec: u64) -> Pacer {
+        Pacer { start: std::time::Instant::now(), bytes_per_sec: bytes_per_sec as f64, done: 0 }
+    }
+
+    /// Counts `bytes` written and sleeps until the rate allows more.
+    pub fn pace(&mut self, bytes: u64) {
+        self.done += bytes;
+        let due = std::time::Duration::from_secs_f64(self.done as f64 / self.bytes_per_sec);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
     }
 }
 

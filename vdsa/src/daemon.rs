@@ -51,6 +51,108 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         checkpoint_interval_ms: u64,
     },
+    /// Source side of replication: serve taps for the disks of one VPG
+    /// stream and replicate their writes to a target VDSA.
+    Source(SourceArgs),
+    /// Target side of replication: accept links from source VDSAs and keep
+    /// each VPG's journal.
+    Target(TargetArgs),
+    /// Site certificates for the replication link.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct SourceArgs {
+    /// This site's name (in logs and the target's refusals).
+    #[arg(long)]
+    site: String,
+    /// The VPG (its name; the id is derived from it).
+    #[arg(long)]
+    vpg: String,
+    /// Stream name: one per VDSA and VPG.
+    #[arg(long, default_value = "host-1")]
+    stream: String,
+    /// Replication direction's epoch; a target refuses older ones.
+    #[arg(long, default_value_t = 1)]
+    epoch: u64,
+    /// The target VDSA, HOST:PORT.
+    #[arg(long)]
+    target: String,
+    /// Folder with node.pem, node.key and peers/ (see `vdsa certs`).
+    #[arg(long)]
+    certs: PathBuf,
+    /// Where taps connect (as for tap-serve). Repeatable.
+    #[arg(long, required = true)]
+    listen: Vec<String>,
+    #[arg(long)]
+    control: PathBuf,
+    /// A protected disk: NAME=SIZE[K|M|G] (repeatable).
+    #[arg(long, required = true)]
+    disk: Vec<String>,
+    /// Memory for queued writes before they spill to disk.
+    #[arg(long, default_value = "256M")]
+    queue_memory: String,
+    /// The spill file, and how large it may grow.
+    #[arg(long)]
+    spill: PathBuf,
+    #[arg(long, default_value = "4G")]
+    spill_size: String,
+    /// When memory and spill are full: block the tap, or mark writes in a
+    /// dirty bitmap (and resync later).
+    #[arg(long, default_value = "block")]
+    backpressure: String,
+    /// Link bandwidth limit in bytes per second (0: none); changeable live.
+    #[arg(long, default_value = "0")]
+    bandwidth: String,
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// Streams of the VPG placing each checkpoint marker.
+    #[arg(long, default_value_t = 1)]
+    streams: u16,
+    /// Insert an automatic checkpoint every N ms (0: only on request).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_interval_ms: u64,
+    /// Start as a continuing stream rather than in sync mode (only for a
+    /// tap known to deliver every write from the start, e.g. benchmarks).
+    #[arg(long)]
+    no_initial_sync: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct TargetArgs {
+    /// HOST:PORT to accept links on.
+    #[arg(long)]
+    listen: String,
+    /// One folder per VPG under here.
+    #[arg(long)]
+    root: PathBuf,
+    #[arg(long)]
+    certs: PathBuf,
+    #[arg(long)]
+    control: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Create the site's CA (unless there) and a node certificate.
+    Create {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Trust a paired site: copy its ca.pem into peers/.
+    Trust {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        peer_site: String,
+        #[arg(long)]
+        ca: PathBuf,
+    },
 }
 
 /// Ids derived from names, so that a restarted daemon finds its disks.
@@ -88,6 +190,19 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
             stream,
             checkpoint_interval_ms,
         } => tap_serve(journal, listen, control, disk, stream, checkpoint_interval_ms),
+        Command::Source(a) => source(a),
+        Command::Target(a) => target(a),
+        Command::Certs(CertsCommand::Create { site, dir }) => {
+            for p in crate::wire::tls::create_site_certificates(&dir, &site)? {
+                println!("wrote {}", p.display());
+            }
+            Ok(())
+        }
+        Command::Certs(CertsCommand::Trust { dir, peer_site, ca }) => {
+            let p = crate::wire::tls::trust_peer(&dir, &peer_site, &ca)?;
+            println!("trusting {peer_site}: {}", p.display());
+            Ok(())
+        }
     }
 }
 
@@ -110,8 +225,26 @@ fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<Str
         }
         exports.insert(name, Arc::new(TapDisk { stream: tap.clone(), disk: id, size }));
     }
-    let exports = Arc::new(exports);
-    for spec in &listen {
+    serve_taps(&listen, Arc::new(exports))?;
+    let control_lock = Arc::new(Mutex::new(()));
+    if interval_ms > 0 {
+        let (tap, lock) = (tap.clone(), control_lock.clone());
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(interval_ms));
+            let _guard = lock.lock();
+            if let Err(e) = checkpoint(&tap, "") {
+                tracing::error!(error = %e, "automatic checkpoint failed");
+            }
+        });
+    }
+    let tap2 = tap.clone();
+    serve_control(&control, control_lock, move |req| handle(req, &tap2))
+}
+
+/// Serves the exports to taps on each `--listen` address: NBD (QEMU's block
+/// mirror) or the native tap protocol, unix or TCP.
+fn serve_taps(listen: &[String], exports: Arc<Exports>) -> Result<()> {
+    for spec in listen {
         let (native, rest) = match spec.strip_prefix("native-") {
             Some(rest) => (true, rest),
             None => (false, spec.as_str()),
@@ -147,25 +280,6 @@ fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<Str
         } else {
             bail!("--listen {spec:?}: expected [native-]unix:PATH or [native-]tcp:HOST:PORT");
         }
-    }
-    let control_lock = Arc::new(Mutex::new(()));
-    if interval_ms > 0 {
-        let (tap, lock) = (tap.clone(), control_lock.clone());
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(interval_ms));
-            let _guard = lock.lock();
-            if let Err(e) = checkpoint(&tap, "") {
-                tracing::error!(error = %e, "automatic checkpoint failed");
-            }
-        });
-    }
-    let _ = std::fs::remove_file(&control);
-    let l = UnixListener::bind(&control).with_context(|| format!("control socket {}", control.display()))?;
-    println!("READY");
-    std::io::stdout().flush()?;
-    for conn in l.incoming().flatten() {
-        let (tap, lock) = (tap.clone(), control_lock.clone());
-        std::thread::spawn(move || control_session(conn, &tap, &lock));
     }
     Ok(())
 }
@@ -207,7 +321,23 @@ fn checkpoint(tap: &TapStream, name: &str) -> Result<Value> {
     Ok(json!({"ok": true, "id": cp.id.0, "kind": format!("{:?}", cp.kind), "seq": seq, "lsn": cp.lsn}))
 }
 
-fn control_session(conn: UnixStream, tap: &TapStream, lock: &Mutex<()>) {
+/// Answers line-delimited JSON requests on a unix socket, one at a time
+/// (under `lock`); prints READY once listening. A reply with "bye" ends
+/// the process.
+fn serve_control(path: &std::path::Path, lock: Arc<Mutex<()>>, handler: impl Fn(&Value) -> Result<Value> + Send + Sync + 'static) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).with_context(|| format!("control socket {}", path.display()))?;
+    println!("READY");
+    std::io::stdout().flush()?;
+    let handler = Arc::new(handler);
+    for conn in l.incoming().flatten() {
+        let (handler, lock) = (handler.clone(), lock.clone());
+        std::thread::spawn(move || control_session(conn, &lock, &*handler));
+    }
+    Ok(())
+}
+
+fn control_session(conn: UnixStream, lock: &Mutex<()>, handler: &dyn Fn(&Value) -> Result<Value>) {
     let Ok(w) = conn.try_clone() else { return };
     let mut w = std::io::BufWriter::new(w);
     for line in BufReader::new(conn).lines() {
@@ -216,7 +346,7 @@ fn control_session(conn: UnixStream, tap: &TapStream, lock: &Mutex<()>) {
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
             Ok(req) => {
                 let _guard = lock.lock();
-                handle(&req, tap).unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}))
+                handler(&req).unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}))
             }
         };
         if writeln!(w, "{reply}").and_then(|_| w.flush()).is_err() {
@@ -249,4 +379,160 @@ fn handle(req: &Value, tap: &TapStream) -> Result<Value> {
         }
         other => bail!("unknown op {other:?}"),
     }
+}
+
+fn parse_disk(spec: &str) -> Result<(String, DiskId, u64)> {
+    let Some((name, size)) = spec.split_once('=') else {
+        bail!("--disk {spec:?}: expected NAME=SIZE");
+    };
+    let size = parse_size(size)?;
+    if size == 0 || !size.is_multiple_of(crate::journal::BLOCK_SIZE as u64) {
+        bail!("--disk {spec:?}: the size must be a positive multiple of 4 KiB");
+    }
+    Ok((name.to_string(), DiskId::from_bytes(derived_id("disk", name)), size))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+fn source(a: SourceArgs) -> Result<()> {
+    use crate::replication::queue::{Backpressure, QueueConfig};
+    use crate::replication::source::{SourceDisk, SourceOptions, SourceStream};
+    let identity = crate::wire::tls::SiteIdentity::load(&a.certs)?;
+    let disks: Vec<(String, DiskId, u64)> = a.disk.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?;
+    let backpressure = match a.backpressure.as_str() {
+        "block" => Backpressure::Block,
+        "bitmap" => Backpressure::Bitmap,
+        other => bail!("--backpressure {other:?}: expected block or bitmap"),
+    };
+    let opts = SourceOptions {
+        site: a.site,
+        vpg: protection_groups::VpgId::from_bytes(derived_id("vpg", &a.vpg)),
+        stream: StreamId::from_bytes(derived_id("stream", &a.stream)),
+        epoch: a.epoch,
+        disks: disks.iter().map(|(_, id, size)| (*id, *size)).collect(),
+        target: a.target,
+        heartbeat: Duration::from_millis(a.heartbeat_ms.max(50)),
+        bandwidth: parse_size(&a.bandwidth)?,
+        streams: a.streams,
+        batch_bytes: 4 << 20,
+        window: 4,
+    };
+    let queue = QueueConfig {
+        memory_bytes: parse_size(&a.queue_memory)?,
+        spill_path: a.spill,
+        spill_bytes: parse_size(&a.spill_size)?,
+        backpressure,
+    };
+    let stream = SourceStream::new(opts, queue).context("creating the send queue")?;
+    if a.no_initial_sync {
+        stream.set_syncing(false);
+    }
+    let mut exports = Exports::default();
+    for (name, id, size) in &disks {
+        exports.insert(name.clone(), Arc::new(SourceDisk { stream: stream.clone(), disk: *id, size: *size }));
+    }
+    serve_taps(&a.listen, Arc::new(exports))?;
+    let cfg = identity.client_config()?;
+    let link = stream.clone();
+    std::thread::spawn(move || link.run_link(cfg));
+    let lock = Arc::new(Mutex::new(()));
+    let last_id = Arc::new(Mutex::new(0u64));
+    if a.checkpoint_interval_ms > 0 {
+        let (stream, lock, last_id) = (stream.clone(), lock.clone(), last_id.clone());
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(a.checkpoint_interval_ms));
+            let _guard = lock.lock();
+            if let Err(e) = source_checkpoint(&stream, &last_id, None, "") {
+                tracing::error!("automatic checkpoint failed: {e:#}");
+            }
+        });
+    }
+    let s = stream.clone();
+    serve_control(&a.control, lock, move |req| match req.get("op").and_then(Value::as_str) {
+        Some("checkpoint") => source_checkpoint(
+            &s,
+            &last_id,
+            req.get("id").and_then(Value::as_u64),
+            req.get("name").and_then(Value::as_str).unwrap_or(""),
+        ),
+        Some("sync") => {
+            let Some(syncing) = req.get("syncing").and_then(Value::as_bool) else {
+                bail!("sync needs \"syncing\": true|false");
+            };
+            s.set_syncing(syncing);
+            Ok(json!({"ok": true}))
+        }
+        Some("bandwidth") => {
+            let Some(rate) = req.get("bytes_per_sec").and_then(Value::as_u64) else {
+                bail!("bandwidth needs \"bytes_per_sec\" (0: no limit)");
+            };
+            s.throttle.set_rate(rate);
+            Ok(json!({"ok": true}))
+        }
+        Some("status") => {
+            let mut st = s.status();
+            st["ok"] = json!(true);
+            st["drained"] = json!(s.drained());
+            Ok(st)
+        }
+        Some("shutdown") => {
+            s.stop();
+            Ok(json!({"ok": true, "bye": true}))
+        }
+        other => bail!("unknown op {other:?}"),
+    })
+}
+
+/// Checkpoint ids grow across restarts: by default the time in ms.
+fn source_checkpoint(s: &crate::replication::source::SourceStream, last: &Mutex<u64>, id: Option<u64>, name: &str) -> Result<Value> {
+    let mut last = last.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let id = id.unwrap_or_else(|| now_ms().max(*last + 1));
+    if id <= *last {
+        bail!("checkpoint id {id} is not newer than the last one, {}", *last);
+    }
+    let kind = if name.is_empty() { CheckpointKind::Automatic } else { CheckpointKind::Named };
+    let kind = s.checkpoint(id, name, kind)?;
+    *last = id;
+    Ok(json!({"ok": true, "id": id, "kind": format!("{kind:?}")}))
+}
+
+fn target(a: TargetArgs) -> Result<()> {
+    use crate::replication::target::{TargetOptions, TargetServer};
+    let identity = crate::wire::tls::SiteIdentity::load(&a.certs)?;
+    std::fs::create_dir_all(&a.root).with_context(|| format!("creating {}", a.root.display()))?;
+    let server = TargetServer::new(TargetOptions {
+        root: a.root,
+        heartbeat: Duration::from_millis(a.heartbeat_ms.max(50)),
+        journal: JournalConfig::default(),
+    });
+    server.open_existing().context("opening the VPG journals")?;
+    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    let cfg = identity.server_config()?;
+    let srv = server.clone();
+    std::thread::spawn(move || srv.serve(listener, cfg));
+    serve_control(&a.control, Arc::new(Mutex::new(())), move |req| match req.get("op").and_then(Value::as_str) {
+        Some("status") => {
+            let vpgs: Vec<Value> = server.replicas().iter().map(|r| r.status()).collect();
+            Ok(json!({"ok": true, "vpgs": vpgs}))
+        }
+        Some("promote") => {
+            let Some(name) = req.get("vpg").and_then(Value::as_str) else {
+                bail!("promote needs \"vpg\" (its name)");
+            };
+            let vpg = protection_groups::VpgId::from_bytes(derived_id("vpg", name));
+            let r = server.replica(vpg).map_err(|e| anyhow::anyhow!(e))?;
+            let epoch = r.bump_epoch()?;
+            Ok(json!({"ok": true, "epoch": epoch}))
+        }
+        Some("shutdown") => {
+            server.sync_all();
+            Ok(json!({"ok": true, "bye": true}))
+        }
+        other => bail!("unknown op {other:?}"),
+    })
 }

@@ -14,4 +14,6 @@ pub mod daemon;
 pub mod journal;
 pub mod native_tap;
 pub mod nbd;
+pub mod replication;
 pub mod tap;
+pub mod wire;

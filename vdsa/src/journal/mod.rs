@@ -22,7 +22,8 @@ mod writer;
 
 pub use error::{JournalError, Result};
 pub use model::{
-    Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, TapWrite, WriteData, BLOCK_SIZE,
+    BlockQuery, Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, TapWrite, WireBlock, WriteData,
+    BLOCK_SIZE,
 };
 pub use retention::RetentionReport;
 pub use view::PitView;
@@ -314,6 +315,60 @@ impl Journal {
                 Some(chunks::hash_block(b))
             }
         });
+        self.ingest_hashed(stream, writes, &hashes, &[])
+    }
+
+    /// Which of `queries` the journal can supply without the bytes: the
+    /// chunk store holds the hash, or (with `at_position`) the block's head
+    /// content has it. A yes is re-checked at ingest, so a race with
+    /// retention or compaction is an error, never wrong data.
+    pub fn holds(&self, queries: &[BlockQuery]) -> Result<Vec<bool>> {
+        let st = self.read_state()?;
+        let mut scratch = vec![0u8; BLOCK_SIZE];
+        queries
+            .iter()
+            .map(|q| {
+                if st.chunks.lookup(&q.hash).is_some() {
+                    return Ok(true);
+                }
+                if !q.at_position {
+                    return Ok(false);
+                }
+                let d = st.disk(q.disk)?;
+                if q.block >= st.disks[d as usize].info.size / BLOCK_SIZE as u64 {
+                    return Ok(false);
+                }
+                st.read_head(d, q.block, &mut scratch)?;
+                Ok(chunks::hash_block(&scratch) == q.hash)
+            })
+            .collect()
+    }
+
+    /// Ingests replicated writes whose whole blocks come as [`WireBlock`]s,
+    /// in the order of [`TapWrite`] data's aligned whole blocks. Sent blocks
+    /// are not hashed again; a held block's bytes in `writes` are ignored.
+    pub fn ingest_wire(&self, stream: StreamId, writes: &[TapWrite<'_>], blocks: &[WireBlock]) -> Result<u64> {
+        let expected: usize = writes.iter().map(|w| full_blocks(w).count()).sum();
+        if blocks.len() != expected {
+            return Err(JournalError::InvalidWrite(format!(
+                "{} block descriptions for {expected} whole blocks",
+                blocks.len()
+            )));
+        }
+        let hashes: Vec<Option<Hash>> = blocks
+            .iter()
+            .map(|b| match b {
+                WireBlock::Zero => None,
+                WireBlock::Sent { hash } | WireBlock::Held { hash } => Some(*hash),
+            })
+            .collect();
+        let held: Vec<bool> = blocks.iter().map(|b| matches!(b, WireBlock::Held { .. })).collect();
+        self.ingest_hashed(stream, writes, &hashes, &held)
+    }
+
+    fn ingest_hashed(&self, stream: StreamId, writes: &[TapWrite<'_>], hashes: &[Option<Hash>], held: &[bool]) -> Result<u64> {
+        let full: Vec<&[u8]> = writes.iter().flat_map(full_blocks).collect();
+        let pool = self.inner.pool.as_ref();
         let level = self.inner.config.compression_level;
         self.mutate(|st| {
             st.validate(stream, writes)?;
@@ -324,6 +379,7 @@ impl Journal {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, h)| h.map(|h| (i, h)))
+                .filter(|(i, _)| !held.get(*i).copied().unwrap_or(false))
                 .filter(|(_, h)| st.chunks.lookup(h).is_none() && seen.insert(*h))
                 .map(|(i, _)| i)
                 .collect();
@@ -333,7 +389,7 @@ impl Journal {
             for (&i, out) in new.iter().zip(done) {
                 compressed[i] = out;
             }
-            st.apply_batch(stream, writes, &hashes, compressed)
+            st.apply_batch(stream, writes, hashes, held, compressed)
         })
     }
 
@@ -782,11 +838,29 @@ impl State {
         Ok(id)
     }
 
+    /// The chunk for a block that came as a hash only: from the store, or
+    /// from the block's head content if that has the hash.
+    fn store_held(&mut self, d: u32, block: u64, hash: Hash, scratch: &mut [u8]) -> Result<ChunkId> {
+        if self.chunks.lookup(&hash).is_none() {
+            self.read_head(d, block, scratch)?;
+            if chunks::hash_block(scratch) != hash {
+                return Err(JournalError::BlockNotHeld {
+                    disk: self.disks[d as usize].info.id,
+                    block,
+                    hash: hex(&hash),
+                });
+            }
+        }
+        let content = scratch.to_vec();
+        self.store_block(&content, Some(hash), None)
+    }
+
     fn apply_batch(
         &mut self,
         stream: StreamId,
         writes: &[TapWrite<'_>],
         hashes: &[Option<Hash>],
+        held: &[bool],
         mut compressed: Vec<Option<Vec<u8>>>,
     ) -> Result<u64> {
         let s = self.intern(stream);
@@ -814,12 +888,16 @@ impl State {
                         let from = (start - w.offset) as usize;
                         let content = &data[from..from + BLOCK_SIZE];
                         let h = hashes.get(next_full).copied().flatten();
+                        let is_held = held.get(next_full).copied().unwrap_or(false);
                         let p = h.map(|hash| PreparedChunk {
                             hash,
                             compressed: compressed.get_mut(next_full).and_then(Option::take),
                         });
                         next_full += 1;
-                        self.store_block(content, h, p)?
+                        match h {
+                            Some(hash) if is_held => self.store_held(d, block, hash, &mut scratch)?,
+                            _ => self.store_block(content, h, p)?,
+                        }
                     }
                     (_, true) => {
                         self.zero_blocks += 1;

@@ -117,3 +117,29 @@ pub struct JournalStats {
     pub zero_blocks: u64,
     pub open_views: usize,
 }
+
+/// How a whole, aligned block of a replicated data write arrives: the
+/// sender hashed it and, when the journal said it holds that content, did
+/// not send the bytes (DESIGN 4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireBlock {
+    /// All zeros; no hash, no bytes.
+    Zero,
+    /// The bytes are in the write's data; `hash` is the sender's blake3.
+    Sent { hash: [u8; 32] },
+    /// Only the hash came: the journal's chunk store, or the block's head
+    /// content at its position, holds it.
+    Held { hash: [u8; 32] },
+}
+
+/// A question to [`crate::journal::Journal::holds`]: is this content
+/// available without its bytes?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockQuery {
+    pub disk: DiskId,
+    pub block: u64,
+    pub hash: [u8; 32],
+    /// Also count the block's current (head) content at `block` (a resync
+    /// or a pre-seeded replica), not only the chunk store.
+    pub at_position: bool,
+}

@@ -1,0 +1,468 @@
+//! The source's send queue (DESIGN 4.4): writes wait here, in stream
+//! order, until the target has made them durable. Memory first, up to a
+//! budget; then a spill file; when both are full, either the tap waits
+//! (back-pressure) or writes are only marked in a dirty-block bitmap and
+//! the stream needs a resync.
+
+use crate::journal::BLOCK_SIZE;
+use crate::wire::msg::{Marker, WriteKind};
+use protection_groups::{CheckpointKind, DiskId};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// What the queue does when memory and spill file are both full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backpressure {
+    /// The tap waits until the target acknowledges (no resync ever).
+    Block,
+    /// The tap goes on; writes are only marked dirty, and checkpoints are
+    /// inconsistent until a resync.
+    Bitmap,
+}
+
+/// One write of the stream, numbered by the local sequencer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedWrite {
+    pub seq: u64,
+    pub disk: DiskId,
+    pub offset: u64,
+    pub len: u64,
+    pub kind: WriteKind,
+    pub sync: bool,
+    pub data: Arc<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Write(QueuedWrite),
+    Marker(Marker),
+}
+
+impl Entry {
+    fn cost(&self) -> u64 {
+        match self {
+            Entry::Write(w) => w.data.len() as u64 + 96,
+            Entry::Marker(m) => m.name.len() as u64 + 96,
+        }
+    }
+}
+
+/// Limits of a queue.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub memory_bytes: u64,
+    pub spill_path: PathBuf,
+    pub spill_bytes: u64,
+    pub backpressure: Backpressure,
+}
+
+/// Counters an operator looks at.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct QueueStats {
+    pub entries: u64,
+    pub memory_bytes: u64,
+    pub spill_bytes: u64,
+    pub spilled_total: u64,
+    pub dirty_blocks: u64,
+    pub needs_resync: bool,
+}
+
+#[derive(Debug)]
+struct Spill {
+    file: File,
+    read_at: u64,
+    write_at: u64,
+    entries: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The oldest entries, in stream order; `sent` of them are on the link.
+    mem: VecDeque<Entry>,
+    mem_bytes: u64,
+    sent: usize,
+    /// Newer entries than all of `mem`.
+    spill: Spill,
+    spilled_total: u64,
+    /// Writes dropped for lack of room: (disk, block). While non-empty (or
+    /// until a resync starts) the stream is not a consistent copy.
+    dirty: HashMap<DiskId, BTreeSet<u64>>,
+    needs_resync: bool,
+    closed: bool,
+}
+
+/// The queue; shared by the tap threads (producers) and the sender.
+#[derive(Debug)]
+pub struct SendQueue {
+    cfg: QueueConfig,
+    state: Mutex<State>,
+    /// Signalled when room is freed (producers wait) or entries arrive.
+    changed: Condvar,
+}
+
+/// What became of a pushed write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// Only marked in the dirty bitmap.
+    Dirty,
+}
+
+fn lock(m: &Mutex<State>) -> io::Result<MutexGuard<'_, State>> {
+    m.lock().map_err(|_| io::Error::other("send queue poisoned"))
+}
+
+impl SendQueue {
+    pub fn new(cfg: QueueConfig) -> io::Result<SendQueue> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&cfg.spill_path)?;
+        Ok(SendQueue {
+            cfg,
+            state: Mutex::new(State {
+                mem: VecDeque::new(),
+                mem_bytes: 0,
+                sent: 0,
+                spill: Spill { file, read_at: 0, write_at: 0, entries: 0 },
+                spilled_total: 0,
+                dirty: HashMap::new(),
+                needs_resync: false,
+                closed: false,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Appends a write. With [`Backpressure::Block`] waits for room; with
+    /// `Bitmap` marks it dirty when there is none (and from then on until
+    /// [`SendQueue::resync_started`]).
+    pub fn push_write(&self, w: QueuedWrite) -> io::Result<Pushed> {
+        let mut st = lock(&self.state)?;
+        loop {
+            if st.needs_resync && !w.sync {
+                mark_dirty(&mut st, &w);
+                return Ok(Pushed::Dirty);
+            }
+            let e = Entry::Write(w.clone());
+            if self.room(&st, &e) {
+                self.append(&mut st, e)?;
+                return Ok(Pushed::Queued);
+            }
+            match self.cfg.backpressure {
+                Backpressure::Block => {
+                    if st.closed {
+                        return Err(io::Error::other("send queue closed"));
+                    }
+                    st = self
+                        .changed
+                        .wait_timeout(st, Duration::from_millis(100))
+                        .map_err(|_| io::Error::other("send queue poisoned"))?
+                        .0;
+                }
+                Backpressure::Bitmap => {
+                    if !st.needs_resync {
+                        tracing::warn!("send queue and spill file full: writes are now only marked dirty; a resync is needed");
+                    }
+                    st.needs_resync = true;
+                    mark_dirty(&mut st, &w);
+                    return Ok(Pushed::Dirty);
+                }
+            }
+        }
+    }
+
+    /// Appends a checkpoint marker (small: never refused for room). A marker
+    /// placed while writes were dropped to the bitmap is inconsistent.
+    pub fn push_marker(&self, mut m: Marker) -> io::Result<CheckpointKind> {
+        let mut st = lock(&self.state)?;
+        if st.needs_resync || !st.dirty.is_empty() {
+            m.kind = CheckpointKind::Inconsistent;
+        }
+        let kind = m.kind;
+        self.append(&mut st, Entry::Marker(m))?;
+        Ok(kind)
+    }
+
+    /// A resync (the tap re-sending every block) begins: writes are queued
+    /// again, and the dirty bitmap is covered by it.
+    pub fn resync_started(&self) -> io::Result<()> {
+        let mut st = lock(&self.state)?;
+        st.needs_resync = false;
+        st.dirty.clear();
+        Ok(())
+    }
+
+    fn room(&self, st: &State, e: &Entry) -> bool {
+        let c = e.cost();
+        if st.spill.entries == 0 && st.mem_bytes + c <= self.cfg.memory_bytes {
+            return true;
+        }
+        st.spill.write_at - st.spill.read_at + c <= self.cfg.spill_bytes
+    }
+
+    fn append(&self, st: &mut State, e: Entry) -> io::Result<()> {
+        let c = e.cost();
+        if st.spill.entries == 0 && st.mem_bytes + c <= self.cfg.memory_bytes {
+            st.mem_bytes += c;
+            st.mem.push_back(e);
+        } else {
+            let buf = encode_entry(&e);
+            st.spill.file.seek(SeekFrom::Start(st.spill.write_at))?;
+            st.spill.file.write_all(&buf)?;
+            st.spill.write_at += buf.len() as u64;
+            st.spill.entries += 1;
+            st.spilled_total += 1;
+        }
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Moves spilled entries back into memory while there is room.
+    fn refill(&self, st: &mut State) -> io::Result<()> {
+        while st.spill.entries > 0 && st.mem_bytes < self.cfg.memory_bytes {
+            st.spill.file.seek(SeekFrom::Start(st.spill.read_at))?;
+            let mut len = [0u8; 4];
+            st.spill.file.read_exact(&mut len)?;
+            let n = u32::from_be_bytes(len) as usize;
+            let mut buf = vec![0u8; n];
+            st.spill.file.read_exact(&mut buf)?;
+            let e = decode_entry(&buf).ok_or_else(|| io::Error::other("spill file entry unreadable"))?;
+            st.spill.read_at += 4 + n as u64;
+            st.spill.entries -= 1;
+            st.mem_bytes += e.cost();
+            st.mem.push_back(e);
+        }
+        if st.spill.entries == 0 && st.spill.write_at > 0 {
+            st.spill.file.set_len(0)?;
+            st.spill.read_at = 0;
+            st.spill.write_at = 0;
+        }
+        Ok(())
+    }
+
+    /// Up to `max_bytes` of entries not yet on the link (at least one if
+    /// any), waiting up to `wait` for one to arrive.
+    pub fn next_unsent(&self, max_bytes: u64, max_items: usize, wait: Duration) -> io::Result<Vec<Entry>> {
+        let mut st = lock(&self.state)?;
+        if st.sent >= st.mem.len() {
+            self.refill(&mut st)?;
+        }
+        if st.sent >= st.mem.len() && !wait.is_zero() {
+            st = self
+                .changed
+                .wait_timeout(st, wait)
+                .map_err(|_| io::Error::other("send queue poisoned"))?
+                .0;
+            self.refill(&mut st)?;
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while st.sent < st.mem.len() && out.len() < max_items {
+            let e = &st.mem[st.sent];
+            if !out.is_empty() && bytes + e.cost() > max_bytes {
+                break;
+            }
+            bytes += e.cost();
+            out.push(e.clone());
+            st.sent += 1;
+        }
+        Ok(out)
+    }
+
+    /// The link broke: everything not acknowledged is sent again.
+    pub fn rewind(&self) -> io::Result<()> {
+        lock(&self.state)?.sent = 0;
+        Ok(())
+    }
+
+    /// The target made writes up to `seq` and markers up to checkpoint
+    /// `checkpoint` durable: they leave the queue.
+    pub fn acknowledge(&self, seq: u64, checkpoint: u64) -> io::Result<()> {
+        let mut st = lock(&self.state)?;
+        while let Some(front) = st.mem.front() {
+            let done = match front {
+                Entry::Write(w) => w.seq <= seq,
+                Entry::Marker(m) => m.id <= checkpoint && m.cut_seq <= seq,
+            };
+            if !done {
+                break;
+            }
+            let c = front.cost();
+            st.mem.pop_front();
+            st.mem_bytes -= c;
+            st.sent = st.sent.saturating_sub(1);
+        }
+        self.refill(&mut st)?;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Wakes producers and the sender for shutdown.
+    pub fn close(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.closed = true;
+        }
+        self.changed.notify_all();
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        match self.state.lock() {
+            Ok(st) => QueueStats {
+                entries: st.mem.len() as u64 + st.spill.entries,
+                memory_bytes: st.mem_bytes,
+                spill_bytes: st.spill.write_at - st.spill.read_at,
+                spilled_total: st.spilled_total,
+                dirty_blocks: st.dirty.values().map(|s| s.len() as u64).sum(),
+                needs_resync: st.needs_resync,
+            },
+            Err(_) => QueueStats::default(),
+        }
+    }
+
+    /// Whether every queued entry has been acknowledged.
+    pub fn is_empty(&self) -> bool {
+        self.state.lock().is_ok_and(|st| st.mem.is_empty() && st.spill.entries == 0)
+    }
+}
+
+fn mark_dirty(st: &mut State, w: &QueuedWrite) {
+    let bs = BLOCK_SIZE as u64;
+    let set = st.dirty.entry(w.disk).or_default();
+    if w.len > 0 {
+        for b in w.offset / bs..=(w.offset + w.len - 1) / bs {
+            set.insert(b);
+        }
+    }
+}
+
+fn kind_code(k: CheckpointKind) -> u8 {
+    match k {
+        CheckpointKind::Automatic => 1,
+        CheckpointKind::Named => 2,
+        CheckpointKind::ApplicationConsistent => 3,
+        CheckpointKind::Inconsistent => 4,
+    }
+}
+
+/// Spill file records: length, then the entry. Not crash-safe by design:
+/// after a source restart the queue is gone and a delta sync follows.
+fn encode_entry(e: &Entry) -> Vec<u8> {
+    let mut b = vec![0u8; 4];
+    match e {
+        Entry::Write(w) => {
+            b.push(1);
+            b.extend_from_slice(&w.seq.to_be_bytes());
+            b.extend_from_slice(w.disk.as_bytes());
+            b.extend_from_slice(&w.offset.to_be_bytes());
+            b.extend_from_slice(&w.len.to_be_bytes());
+            b.push(w.kind as u8);
+            b.push(w.sync as u8);
+            b.extend_from_slice(&w.data);
+        }
+        Entry::Marker(m) => {
+            b.push(2);
+            b.extend_from_slice(&m.id.to_be_bytes());
+            b.push(kind_code(m.kind));
+            b.extend_from_slice(&m.source_time_ms.to_be_bytes());
+            b.extend_from_slice(&m.cut_seq.to_be_bytes());
+            b.extend_from_slice(&m.streams.to_be_bytes());
+            b.extend_from_slice(m.name.as_bytes());
+        }
+    }
+    let n = (b.len() - 4) as u32;
+    b[..4].copy_from_slice(&n.to_be_bytes());
+    b
+}
+
+fn decode_entry(b: &[u8]) -> Option<Entry> {
+    let u64_at = |i: usize| b.get(i..i + 8).map(|s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])));
+    match b.first()? {
+        1 => {
+            let seq = u64_at(1)?;
+            let disk = DiskId::from_bytes(b.get(9..25)?.try_into().ok()?);
+            let offset = u64_at(25)?;
+            let len = u64_at(33)?;
+            let kind = match b.get(41)? {
+                1 => WriteKind::Data,
+                2 => WriteKind::Zero,
+                _ => WriteKind::Trim,
+            };
+            let sync = *b.get(42)? != 0;
+            let data = Arc::new(b.get(43..)?.to_vec());
+            Some(Entry::Write(QueuedWrite { seq, disk, offset, len, kind, sync, data }))
+        }
+        2 => {
+            let id = u64_at(1)?;
+            let kind = match b.get(9)? {
+                1 => CheckpointKind::Automatic,
+                2 => CheckpointKind::Named,
+                3 => CheckpointKind::ApplicationConsistent,
+                _ => CheckpointKind::Inconsistent,
+            };
+            let source_time_ms = u64_at(10)?;
+            let cut_seq = u64_at(18)?;
+            let streams = u16::from_be_bytes(b.get(26..28)?.try_into().ok()?);
+            let name = String::from_utf8(b.get(28..)?.to_vec()).ok()?;
+            Some(Entry::Marker(Marker { id, kind, name, source_time_ms, cut_seq, streams }))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(seq: u64, n: usize) -> QueuedWrite {
+        QueuedWrite {
+            seq,
+            disk: DiskId::from_bytes([1; 16]),
+            offset: seq * 4096,
+            len: n as u64,
+            kind: WriteKind::Data,
+            sync: false,
+            data: Arc::new(vec![seq as u8; n]),
+        }
+    }
+
+    #[test]
+    fn spills_in_order_and_falls_back_to_bitmap() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let q = SendQueue::new(QueueConfig {
+            memory_bytes: 3 * (4096 + 96),
+            spill_path: dir.path().join("spill"),
+            spill_bytes: 3 * (4096 + 100),
+            backpressure: Backpressure::Bitmap,
+        })?;
+        for s in 1..=6 {
+            assert_eq!(q.push_write(w(s, 4096))?, Pushed::Queued);
+        }
+        assert_eq!(q.push_write(w(7, 4096))?, Pushed::Dirty);
+        assert!(q.stats().needs_resync);
+        let mut got = Vec::new();
+        loop {
+            let batch = q.next_unsent(1 << 20, 100, Duration::ZERO)?;
+            if batch.is_empty() {
+                break;
+            }
+            for e in batch {
+                if let Entry::Write(x) = e {
+                    assert_eq!(x.data[0], x.seq as u8);
+                    got.push(x.seq);
+                    q.acknowledge(x.seq, 0)?;
+                }
+            }
+        }
+        assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
+        assert!(q.is_empty());
+        Ok(())
+    }
+}

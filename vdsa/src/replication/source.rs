@@ -1,0 +1,627 @@
+//! The source side of replication: the tap's writes of one VPG stream are
+//! numbered, queued, and sent to the target VDSA over the TLS link, batch
+//! by batch: hashes first, then only the blocks the target lacks
+//! (DESIGN 4.1, 4.4).
+
+use super::queue::{Entry, Pushed, QueueConfig, QueueStats, QueuedWrite, SendQueue};
+use super::throttle::Throttle;
+use crate::journal::BLOCK_SIZE;
+use crate::nbd::proto::{EIO, ENOSPC};
+use crate::nbd::server::{BlockExport, ExportError};
+use crate::tap::CheckpointBarrier;
+use crate::wire::frame::{read_frame, write_frame, FrameError, HEADER_LEN, VERSION};
+use crate::wire::msg::{self, Ack, Blocks, Enc, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind};
+use crate::wire::tls::{self, LinkWriter};
+use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId};
+use std::collections::VecDeque;
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// What a source stream replicates, and to where.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub site: String,
+    pub vpg: VpgId,
+    pub stream: StreamId,
+    pub epoch: u64,
+    pub disks: Vec<(DiskId, u64)>,
+    /// HOST:PORT of the target VDSA.
+    pub target: String,
+    pub heartbeat: Duration,
+    /// Bytes per second on the link; 0 is no limit.
+    pub bandwidth: u64,
+    /// Streams of the VPG that place each checkpoint marker.
+    pub streams: u16,
+    /// Data bytes per batch at most.
+    pub batch_bytes: u64,
+    /// Batches offered and not yet filled, at most.
+    pub window: usize,
+}
+
+/// Counters of the link, for status and benchmarks.
+#[derive(Debug, Default)]
+pub struct LinkCounters {
+    /// Bytes of write data offered (what the tap wrote).
+    pub raw_bytes: AtomicU64,
+    /// Bytes of frames sent (before TLS).
+    pub wire_bytes: AtomicU64,
+    pub blocks_offered: AtomicU64,
+    pub blocks_sent: AtomicU64,
+    pub links: AtomicU64,
+    pub durable_seq: AtomicU64,
+    /// Source time of the newest consistent checkpoint durable at the target.
+    pub newest_consistent_ms: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct SyncProgress {
+    started: Option<Instant>,
+    /// Per disk, one bit per block the sync has covered.
+    covered: Vec<Vec<u64>>,
+    done_blocks: u64,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    connected: bool,
+    last_error: Option<String>,
+    /// Wire seq = base + local seq; set at the first welcome of this process.
+    base: Option<u64>,
+}
+
+/// One VPG stream at the source.
+#[derive(Debug)]
+pub struct SourceStream {
+    opts: SourceOptions,
+    queue: SendQueue,
+    /// The sequencer: the next local seq, held while a write is queued, so
+    /// that seq order is queue order.
+    next_seq: Mutex<u64>,
+    barrier: CheckpointBarrier,
+    syncing: AtomicBool,
+    progress: Mutex<SyncProgress>,
+    pub throttle: Throttle,
+    pub counters: LinkCounters,
+    link: Mutex<LinkState>,
+    stop: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the target refused: {0}")]
+    Refused(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl SourceStream {
+    /// Starts in sync mode: until told the tap's full sync is done,
+    /// checkpoints are inconsistent.
+    pub fn new(opts: SourceOptions, queue: QueueConfig) -> io::Result<Arc<SourceStream>> {
+        let covered = opts.disks.iter().map(|(_, size)| vec![0u64; (size / BLOCK_SIZE as u64).div_ceil(64) as usize]).collect();
+        Ok(Arc::new(SourceStream {
+            throttle: Throttle::new(opts.bandwidth),
+            queue: SendQueue::new(queue)?,
+            next_seq: Mutex::new(1),
+            barrier: CheckpointBarrier::new((0, 0)),
+            syncing: AtomicBool::new(false),
+            progress: Mutex::new(SyncProgress { started: None, covered, done_blocks: 0 }),
+            counters: LinkCounters::default(),
+            link: Mutex::new(LinkState::default()),
+            stop: AtomicBool::new(false),
+            opts,
+        }))
+        .inspect(|s| s.set_syncing(true))
+    }
+
+    pub fn options(&self) -> &SourceOptions {
+        &self.opts
+    }
+
+    /// A full or delta sync through the tap begins (true) or is done.
+    pub fn set_syncing(&self, syncing: bool) {
+        if syncing {
+            if let Ok(mut p) = self.progress.lock() {
+                p.started = Some(Instant::now());
+                p.done_blocks = 0;
+                p.covered.iter_mut().for_each(|c| c.fill(0));
+            }
+            if let Err(e) = self.queue.resync_started() {
+                tracing::error!("send queue: {e}");
+            }
+        }
+        self.syncing.store(syncing, Ordering::SeqCst);
+    }
+
+    pub fn is_syncing(&self) -> bool {
+        self.syncing.load(Ordering::SeqCst)
+    }
+
+    /// Numbers and queues one tap write, then acknowledges it unless a
+    /// checkpoint barrier holds acknowledgements.
+    pub fn put(&self, disk: DiskId, offset: u64, len: u64, kind: WriteKind, data: Vec<u8>) -> Result<(), ExportError> {
+        let sync = self.is_syncing();
+        if sync {
+            self.note_synced(disk, offset, len);
+        }
+        let seq = {
+            let mut next = self.next_seq.lock().map_err(|_| ExportError::new(EIO, "sequencer poisoned"))?;
+            let seq = *next;
+            let w = QueuedWrite { seq, disk, offset, len, kind, sync, data: Arc::new(data) };
+            match self.queue.push_write(w) {
+                Ok(Pushed::Queued) | Ok(Pushed::Dirty) => {}
+                Err(e) => return Err(ExportError::new(EIO, format!("send queue: {e}"))),
+            }
+            *next += 1;
+            seq
+        };
+        self.barrier.acknowledge(seq, seq);
+        Ok(())
+    }
+
+    fn note_synced(&self, disk: DiskId, offset: u64, len: u64) {
+        let Some(d) = self.opts.disks.iter().position(|(id, _)| *id == disk) else { return };
+        let Ok(mut p) = self.progress.lock() else { return };
+        let bs = BLOCK_SIZE as u64;
+        let mut added = 0;
+        if let Some(bits) = p.covered.get_mut(d) {
+            for b in offset / bs..(offset + len).div_ceil(bs) {
+                let (w, m) = ((b / 64) as usize, 1u64 << (b % 64));
+                if let Some(word) = bits.get_mut(w) {
+                    if *word & m == 0 {
+                        *word |= m;
+                        added += 1;
+                    }
+                }
+            }
+        }
+        p.done_blocks += added;
+    }
+
+    /// Places checkpoint `id` in the stream after the last queued write
+    /// (DESIGN 4.2): acknowledgements are held while the marker goes in.
+    /// Returns the kind recorded: inconsistent while a sync runs or writes
+    /// were dropped to the dirty bitmap.
+    pub fn checkpoint(&self, id: u64, name: &str, kind: CheckpointKind) -> io::Result<CheckpointKind> {
+        let next = self.next_seq.lock().map_err(|_| io::Error::other("sequencer poisoned"))?;
+        self.barrier.prepare();
+        let kind = if self.is_syncing() { CheckpointKind::Inconsistent } else { kind };
+        let marker = Marker {
+            id,
+            kind,
+            name: name.to_string(),
+            source_time_ms: now_ms(),
+            cut_seq: *next - 1,
+            streams: self.opts.streams,
+        };
+        let r = self.queue.push_marker(marker);
+        drop(next);
+        self.barrier.release();
+        r
+    }
+
+    pub fn queue_stats(&self) -> QueueStats {
+        self.queue.stats()
+    }
+
+    /// Whether the target has made everything queued durable.
+    pub fn drained(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// What an operator sees: link, queue, sync progress, RPO.
+    pub fn status(&self) -> serde_json::Value {
+        let c = &self.counters;
+        let newest = c.newest_consistent_ms.load(Ordering::Relaxed);
+        let link = self.link.lock().map(|l| (l.connected, l.last_error.clone())).unwrap_or((false, None));
+        let total: u64 = self.opts.disks.iter().map(|(_, s)| s).sum();
+        let sync = self.progress.lock().ok().map(|p| {
+            let done = p.done_blocks * BLOCK_SIZE as u64;
+            let secs = p.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+            let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+            let eta = if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { f64::NAN };
+            serde_json::json!({"done_bytes": done, "total_bytes": total, "rate_bytes_per_sec": rate as u64,
+                "eta_sec": if eta.is_finite() { serde_json::json!(eta.round()) } else { serde_json::Value::Null }})
+        });
+        serde_json::json!({
+            "syncing": self.is_syncing(),
+            "sync": sync,
+            "connected": link.0,
+            "last_error": link.1,
+            "queue": self.queue.stats(),
+            "raw_bytes": c.raw_bytes.load(Ordering::Relaxed),
+            "wire_bytes": c.wire_bytes.load(Ordering::Relaxed),
+            "blocks_offered": c.blocks_offered.load(Ordering::Relaxed),
+            "blocks_sent": c.blocks_sent.load(Ordering::Relaxed),
+            "links": c.links.load(Ordering::Relaxed),
+            "durable_seq": c.durable_seq.load(Ordering::Relaxed),
+            "rpo_ms": if newest == 0 { serde_json::Value::Null } else { serde_json::json!(now_ms().saturating_sub(newest)) },
+            "bandwidth": self.throttle.rate(),
+        })
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.queue.close();
+    }
+
+    /// Runs the link until [`SourceStream::stop`]: connects, resumes where
+    /// the target is, sends, and reconnects after any failure.
+    pub fn run_link(self: &Arc<Self>, cfg: Arc<rustls::ClientConfig>) {
+        let mut backoff = Duration::from_millis(50);
+        while !self.stop.load(Ordering::SeqCst) {
+            let started = Instant::now();
+            let r = self.one_link(&cfg);
+            if let Ok(mut l) = self.link.lock() {
+                l.connected = false;
+                l.last_error = r.as_ref().err().map(|e| e.to_string());
+            }
+            if let Err(e) = r {
+                tracing::warn!(target = %self.opts.target, "replication link lost: {e}");
+            }
+            if let Err(e) = self.queue.rewind() {
+                tracing::error!("send queue: {e}");
+                return;
+            }
+            backoff = if started.elapsed() > Duration::from_secs(5) { Duration::from_millis(50) } else { (backoff * 2).min(Duration::from_secs(1)) };
+            std::thread::sleep(backoff);
+        }
+    }
+
+    fn one_link(self: &Arc<Self>, cfg: &Arc<rustls::ClientConfig>) -> Result<(), LinkError> {
+        let hb = self.opts.heartbeat;
+        let addr = self
+            .opts
+            .target
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| LinkError::Protocol(format!("{} resolves to nothing", self.opts.target)))?;
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(hb * 3))?;
+        tcp.set_write_timeout(Some(hb * 3))?;
+        let (mut r, mut w) = tls::connect(cfg.clone(), tcp)?;
+        let hello = Hello {
+            site: self.opts.site.clone(),
+            vpg: self.opts.vpg,
+            stream: self.opts.stream,
+            epoch: self.opts.epoch,
+            disks: self.opts.disks.clone(),
+        };
+        write_frame(&mut w, VERSION, msg::HELLO, &hello.encode())?;
+        let f = read_frame(&mut r)?;
+        let welcome = match f.kind {
+            msg::WELCOME => Welcome::decode(&f.payload)?,
+            msg::REFUSE => return Err(LinkError::Refused(Refuse::decode(&f.payload)?.reason)),
+            k => return Err(FrameError::UnexpectedKind(k).into()),
+        };
+        let base = {
+            let mut l = self.link.lock().map_err(|_| LinkError::Protocol("poisoned".into()))?;
+            l.connected = true;
+            *l.base.get_or_insert(welcome.resume_after_seq)
+        };
+        if welcome.resume_after_seq < base {
+            return Err(LinkError::Protocol(format!(
+                "the target holds the stream only up to seq {}, before this source's start at {base}: it lost writes; a full sync is needed",
+                welcome.resume_after_seq
+            )));
+        }
+        self.counters.links.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(target = %self.opts.target, resume_after = welcome.resume_after_seq, "replication link up");
+        let skip_seq = welcome.resume_after_seq - base;
+        let skip_cp = welcome.last_checkpoint;
+
+        let (tx, rx) = mpsc::channel::<Result<Need, LinkError>>();
+        let me = self.clone();
+        let reader = std::thread::spawn(move || {
+            let r = me.read_replies(&mut r, base, &tx);
+            let _ = tx.send(Err(r));
+        });
+        let result = self.send_loop(&mut w, &rx, base, skip_seq, skip_cp);
+        w.shutdown();
+        let _ = reader.join();
+        result
+    }
+
+    /// Reads needs, acks and heartbeats until the link fails.
+    fn read_replies(&self, r: &mut tls::LinkReader, base: u64, tx: &mpsc::Sender<Result<Need, LinkError>>) -> LinkError {
+        loop {
+            let f = match read_frame(r) {
+                Ok(f) => f,
+                Err(e) => return e.into(),
+            };
+            match f.kind {
+                msg::NEED => match Need::decode(&f.payload) {
+                    Ok(n) => {
+                        if tx.send(Ok(n)).is_err() {
+                            return LinkError::Protocol("sender gone".into());
+                        }
+                    }
+                    Err(e) => return e.into(),
+                },
+                msg::ACK => match Ack::decode(&f.payload) {
+                    Ok(a) => {
+                        self.counters.durable_seq.store(a.durable_seq, Ordering::Relaxed);
+                        if a.newest_consistent_ms > 0 {
+                            self.counters.newest_consistent_ms.fetch_max(a.newest_consistent_ms, Ordering::Relaxed);
+                        }
+                        if let Err(e) = self.queue.acknowledge(a.durable_seq.saturating_sub(base), a.durable_checkpoint) {
+                            return e.into();
+                        }
+                    }
+                    Err(e) => return e.into(),
+                },
+                msg::HEARTBEAT => {}
+                msg::REFUSE => {
+                    return match Refuse::decode(&f.payload) {
+                        Ok(r) => LinkError::Refused(r.reason),
+                        Err(e) => e.into(),
+                    }
+                }
+                k => return FrameError::UnexpectedKind(k).into(),
+            }
+        }
+    }
+
+    fn send_loop(&self, w: &mut LinkWriter, rx: &Receiver<Result<Need, LinkError>>, base: u64, skip_seq: u64, skip_cp: u64) -> Result<(), LinkError> {
+        let hb = self.opts.heartbeat;
+        let mut pending: VecDeque<PendingBatch> = VecDeque::new();
+        let mut next_batch = 1u64;
+        let mut last_send = Instant::now();
+        let mut compress = CompressProbe::default();
+        let mut enc = Enc::default();
+        while !self.stop.load(Ordering::SeqCst) {
+            // Needs first: they unblock the target.
+            let wait = if pending.len() >= self.opts.window { Duration::from_millis(20) } else { Duration::ZERO };
+            match rx.recv_timeout(wait) {
+                Ok(Ok(need)) => {
+                    let batch = pending
+                        .pop_front()
+                        .ok_or_else(|| LinkError::Protocol(format!("need for batch {} that was not offered", need.batch)))?;
+                    self.send_blocks(w, batch, need, &mut compress, &mut enc)?;
+                    last_send = Instant::now();
+                    continue;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(RecvTimeoutError::Disconnected) => return Err(LinkError::Protocol("reader gone".into())),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if pending.len() < self.opts.window {
+                let wait = if pending.is_empty() { Duration::from_millis(5) } else { Duration::ZERO };
+                let entries = self.queue.next_unsent(self.opts.batch_bytes, 4096, wait)?;
+                let entries: Vec<Entry> = entries
+                    .into_iter()
+                    .filter(|e| match e {
+                        Entry::Write(x) => x.seq > skip_seq,
+                        Entry::Marker(m) => m.id > skip_cp,
+                    })
+                    .collect();
+                if !entries.is_empty() {
+                    let batch = self.offer(w, next_batch, entries, base)?;
+                    next_batch += 1;
+                    pending.push_back(batch);
+                    last_send = Instant::now();
+                    continue;
+                }
+            }
+            if last_send.elapsed() >= hb {
+                self.send_frame(w, msg::HEARTBEAT, &now_ms().to_be_bytes())?;
+                last_send = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    fn send_frame(&self, w: &mut LinkWriter, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
+        let n = (HEADER_LEN + payload.len()) as u64;
+        self.throttle.take(n);
+        write_frame(w, VERSION, kind, payload)?;
+        self.counters.wire_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Hashes the batch's whole blocks and offers them.
+    fn offer(&self, w: &mut LinkWriter, batch: u64, entries: Vec<Entry>, base: u64) -> Result<PendingBatch, LinkError> {
+        let mut items = Vec::with_capacity(entries.len());
+        let mut raw = 0u64;
+        let mut hashed = 0u64;
+        for e in &entries {
+            items.push(match e {
+                Entry::Write(x) => {
+                    let blocks = if x.kind == WriteKind::Data {
+                        let (head, full, _) = split(x.offset, x.len);
+                        x.data[head..head + full * BLOCK_SIZE]
+                            .chunks_exact(BLOCK_SIZE)
+                            .map(|b| {
+                                if b.iter().all(|&v| v == 0) {
+                                    OfferedBlock::Zero
+                                } else {
+                                    hashed += 1;
+                                    OfferedBlock::Hash(*blake3::hash(b).as_bytes())
+                                }
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    raw += x.data.len() as u64;
+                    OfferItem::Write(OfferedWrite {
+                        seq: base + x.seq,
+                        disk: x.disk,
+                        offset: x.offset,
+                        len: x.len,
+                        kind: x.kind,
+                        sync: x.sync,
+                        blocks,
+                    })
+                }
+                Entry::Marker(m) => OfferItem::Marker(Marker { cut_seq: base + m.cut_seq, ..m.clone() }),
+            });
+        }
+        let offer = Offer { batch, epoch: self.opts.epoch, items };
+        self.send_frame(w, msg::OFFER, &offer.encode())?;
+        self.counters.raw_bytes.fetch_add(raw, Ordering::Relaxed);
+        self.counters.blocks_offered.fetch_add(hashed, Ordering::Relaxed);
+        Ok(PendingBatch { batch, entries, hashed: hashed as usize })
+    }
+
+    /// Sends the bytes the target lacks: partial blocks always, whole
+    /// blocks as asked.
+    fn send_blocks(&self, w: &mut LinkWriter, p: PendingBatch, need: Need, compress: &mut CompressProbe, enc: &mut Enc) -> Result<(), LinkError> {
+        if need.batch != p.batch || need.bits.len() != p.hashed {
+            return Err(LinkError::Protocol(format!(
+                "need for batch {} with {} bits, but batch {} offered {} hashes",
+                need.batch,
+                need.bits.len(),
+                p.batch,
+                p.hashed
+            )));
+        }
+        let mut data = Vec::new();
+        let mut bit = 0usize;
+        let mut sent = 0u64;
+        for e in &p.entries {
+            let Entry::Write(x) = e else { continue };
+            if x.kind != WriteKind::Data {
+                continue;
+            }
+            let (head, full, _) = split(x.offset, x.len);
+            data.extend_from_slice(&x.data[..head]);
+            for b in x.data[head..head + full * BLOCK_SIZE].chunks_exact(BLOCK_SIZE) {
+                if b.iter().all(|&v| v == 0) {
+                    continue;
+                }
+                if need.bits[bit] {
+                    data.extend_from_slice(b);
+                    sent += 1;
+                }
+                bit += 1;
+            }
+            data.extend_from_slice(&x.data[head + full * BLOCK_SIZE..]);
+        }
+        let raw_len = data.len() as u32;
+        let (compressed, payload) = match compress.try_compress(&data) {
+            Some(c) => (true, c),
+            None => (false, data),
+        };
+        enc.0.clear();
+        Blocks { batch: p.batch, compressed, raw_len, data: Vec::new() }.encode_into(enc);
+        enc.0.extend_from_slice(&payload);
+        let frame = std::mem::take(&mut enc.0);
+        self.send_frame(w, msg::BLOCKS, &frame)?;
+        enc.0 = frame;
+        self.counters.blocks_sent.fetch_add(sent, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// (bytes of a partial first block, whole blocks, bytes of a partial last
+/// block) of a write at `offset` of `len` bytes.
+pub fn split(offset: u64, len: u64) -> (usize, usize, usize) {
+    let bs = BLOCK_SIZE as u64;
+    let head = if offset % bs == 0 { 0 } else { (bs - offset % bs).min(len) };
+    let rest = len - head;
+    (head as usize, (rest / bs) as usize, (rest % bs) as usize)
+}
+
+#[derive(Debug)]
+struct PendingBatch {
+    batch: u64,
+    entries: Vec<Entry>,
+    hashed: usize,
+}
+
+/// zstd per batch, skipped when data does not compress: after a miss,
+/// only every 8th batch is tried until one pays again.
+#[derive(Debug, Default)]
+struct CompressProbe {
+    misses: u32,
+}
+
+impl CompressProbe {
+    fn try_compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        if data.len() < 512 || (self.misses > 0 && !self.misses.is_multiple_of(8)) {
+            self.misses += u32::from(self.misses > 0);
+            return None;
+        }
+        match zstd::bulk::compress(data, 1) {
+            Ok(c) if c.len() < data.len() - data.len() / 10 => {
+                self.misses = 0;
+                Some(c)
+            }
+            _ => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+}
+
+/// One protected disk of a source stream as an NBD (or native tap) export.
+#[derive(Debug)]
+pub struct SourceDisk {
+    pub stream: Arc<SourceStream>,
+    pub disk: DiskId,
+    pub size: u64,
+}
+
+impl SourceDisk {
+    fn check(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(ExportError::new(ENOSPC, format!("{len} bytes at {offset} is beyond the disk's {} bytes", self.size)));
+        }
+        Ok(())
+    }
+}
+
+impl BlockExport for SourceDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// A source VDSA holds no copy of the disk: the tap only writes.
+    fn read(&self, _offset: u64, _buf: &mut [u8]) -> Result<(), ExportError> {
+        Err(ExportError::new(EIO, "a source VDSA holds no copy of the disk to read"))
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), ExportError> {
+        self.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.stream.put(self.disk, offset, data.len() as u64, WriteKind::Data, data.to_vec())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.stream.put(self.disk, offset, len, WriteKind::Zero, Vec::new())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.stream.put(self.disk, offset, len, WriteKind::Trim, Vec::new())
+    }
+
+    /// Replication is asynchronous: a flush does not wait for the target.
+    fn flush(&self) -> Result<(), ExportError> {
+        Ok(())
+    }
+}

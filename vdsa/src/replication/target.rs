@@ -1,0 +1,630 @@
+//! The target side of replication: accepts TLS links from source VDSAs,
+//! checks who they are and their epoch, tells each source where to resume,
+//! asks only for the blocks its journal lacks, ingests each stream strictly
+//! in seq order, records checkpoints once every stream of the VPG placed
+//! its marker, and acknowledges what is durable (DESIGN 4.1–4.4).
+
+use super::source::split;
+use crate::journal::{BlockQuery, CheckpointSpec, Cut, Journal, JournalConfig, JournalError, TapWrite, WireBlock, WriteData, BLOCK_SIZE};
+use crate::wire::frame::{read_frame, write_frame, FrameError, VERSION};
+use crate::wire::msg::{self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind};
+use crate::wire::tls::{self, LinkWriter};
+use protection_groups::{CheckpointId, CheckpointKind, StreamId, VpgId};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone)]
+pub struct TargetOptions {
+    /// One folder per VPG under here: `<vpg id>/journal`, `<vpg id>/epoch`.
+    pub root: PathBuf,
+    pub heartbeat: Duration,
+    pub journal: JournalConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("journal: {0}")]
+    Journal(#[from] JournalError),
+    /// Refused with a reason the source is told.
+    #[error("{0}")]
+    Refused(String),
+    #[error("a newer link of the same stream took over")]
+    Superseded,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
+}
+
+/// A stream's ingest slot: one link at a time ingests it.
+#[derive(Debug, Default)]
+struct StreamSlot {
+    generation: AtomicU64,
+    ingest: Mutex<()>,
+}
+
+#[derive(Debug)]
+struct PendingCheckpoint {
+    marker: Marker,
+    cuts: Vec<Cut>,
+}
+
+/// The replica of one VPG at this site.
+#[derive(Debug)]
+pub struct VpgReplica {
+    pub vpg: VpgId,
+    pub journal: Journal,
+    dir: PathBuf,
+    epoch: Mutex<u64>,
+    streams: Mutex<HashMap<StreamId, Arc<StreamSlot>>>,
+    pending: Mutex<BTreeMap<u64, PendingCheckpoint>>,
+    newest_consistent_ms: AtomicU64,
+}
+
+impl VpgReplica {
+    fn open(root: &Path, vpg: VpgId, cfg: JournalConfig) -> Result<VpgReplica, LinkError> {
+        let dir = root.join(vpg.0.to_string());
+        std::fs::create_dir_all(&dir)?;
+        let journal = Journal::open(dir.join("journal"), cfg)?;
+        let epoch = match std::fs::read_to_string(dir.join("epoch")) {
+            Ok(s) => s.trim().parse().map_err(|_| LinkError::Refused(format!("{}: not an epoch number", dir.join("epoch").display())))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e.into()),
+        };
+        let newest = journal
+            .checkpoints()?
+            .iter()
+            .filter(|c| c.kind.is_recoverable())
+            .map(|c| c.source_time_ms)
+            .max()
+            .unwrap_or(0);
+        Ok(VpgReplica {
+            vpg,
+            journal,
+            dir,
+            epoch: Mutex::new(epoch),
+            streams: Mutex::new(HashMap::new()),
+            pending: Mutex::new(BTreeMap::new()),
+            newest_consistent_ms: AtomicU64::new(newest),
+        })
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.lock().map_or(0, |e| *e)
+    }
+
+    /// Persists a new epoch (write, fsync, rename): after a crash the VPG
+    /// never goes back to an older one.
+    fn store_epoch(&self, epoch: u64) -> io::Result<()> {
+        let tmp = self.dir.join("epoch.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            writeln!(f, "{epoch}")?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.dir.join("epoch"))?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        *self.epoch.lock().map_err(|_| io::Error::other("epoch poisoned"))? = epoch;
+        Ok(())
+    }
+
+    /// Failover or reverse protection: links of the old direction's epoch
+    /// are refused from now on. Returns the new epoch.
+    pub fn bump_epoch(&self) -> io::Result<u64> {
+        let next = self.epoch() + 1;
+        self.store_epoch(next)?;
+        Ok(next)
+    }
+
+    fn slot(&self, stream: StreamId) -> Arc<StreamSlot> {
+        match self.streams.lock() {
+            Ok(mut m) => m.entry(stream).or_default().clone(),
+            Err(_) => Arc::new(StreamSlot::default()),
+        }
+    }
+
+    fn newest_checkpoint(&self) -> Result<u64, JournalError> {
+        Ok(self.journal.checkpoints()?.last().map_or(0, |c| c.id.0))
+    }
+
+    /// Now minus the source time of the newest consistent checkpoint
+    /// durable here; None before the first.
+    pub fn rpo_ms(&self) -> Option<u64> {
+        match self.newest_consistent_ms.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(now_ms().saturating_sub(t)),
+        }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let cps = self.journal.checkpoints().unwrap_or_default();
+        let consistent = cps.iter().filter(|c| c.kind.is_recoverable()).count();
+        serde_json::json!({
+            "vpg": self.vpg.0.to_string(),
+            "epoch": self.epoch(),
+            "checkpoints": cps.len(),
+            "consistent_checkpoints": consistent,
+            "newest_checkpoint": cps.last().map(|c| c.id.0),
+            "rpo_ms": self.rpo_ms(),
+            "stats": self.journal.stats().ok(),
+        })
+    }
+}
+
+/// The target daemon's state: the VPG replicas it holds.
+#[derive(Debug)]
+pub struct TargetServer {
+    opts: TargetOptions,
+    vpgs: Mutex<HashMap<VpgId, Arc<VpgReplica>>>,
+}
+
+impl TargetServer {
+    pub fn new(opts: TargetOptions) -> Arc<TargetServer> {
+        Arc::new(TargetServer { opts, vpgs: Mutex::new(HashMap::new()) })
+    }
+
+    /// The replica of `vpg`, opened on first use.
+    pub fn replica(&self, vpg: VpgId) -> Result<Arc<VpgReplica>, String> {
+        let mut m = self.vpgs.lock().map_err(|_| "poisoned".to_string())?;
+        if let Some(r) = m.get(&vpg) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(VpgReplica::open(&self.opts.root, vpg, self.opts.journal.clone()).map_err(|e| e.to_string())?);
+        m.insert(vpg, r.clone());
+        Ok(r)
+    }
+
+    /// Opens every VPG replica found under the root (after a restart).
+    pub fn open_existing(&self) -> io::Result<()> {
+        for entry in std::fs::read_dir(&self.opts.root)? {
+            let entry = entry?;
+            if let Some(id) = entry.file_name().to_str().and_then(|s| uuid::Uuid::parse_str(s).ok()) {
+                self.replica(VpgId(id)).map_err(io::Error::other)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn replicas(&self) -> Vec<Arc<VpgReplica>> {
+        self.vpgs.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Makes every journal durable (before a clean shutdown).
+    pub fn sync_all(&self) {
+        for r in self.replicas() {
+            if let Err(e) = r.journal.sync() {
+                tracing::error!(vpg = %r.vpg.0, "sync before shutdown failed: {e}");
+            }
+        }
+    }
+
+    /// Accepts links forever, each on a thread of its own.
+    pub fn serve(self: &Arc<Self>, listener: TcpListener, cfg: Arc<rustls::ServerConfig>) {
+        for conn in listener.incoming() {
+            let tcp = match conn {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    continue;
+                }
+            };
+            let (me, cfg) = (self.clone(), cfg.clone());
+            std::thread::spawn(move || me.serve_link(tcp, cfg));
+        }
+    }
+
+    fn serve_link(self: &Arc<Self>, tcp: TcpStream, cfg: Arc<rustls::ServerConfig>) {
+        let peer = tcp.peer_addr().map_or_else(|_| "?".to_string(), |a: SocketAddr| a.to_string());
+        let hb = self.opts.heartbeat;
+        let setup = tcp
+            .set_nodelay(true)
+            .and_then(|_| tcp.set_read_timeout(Some(hb * 3)))
+            .and_then(|_| tcp.set_write_timeout(Some(hb * 3)));
+        if let Err(e) = setup {
+            tracing::warn!(%peer, "link setup failed: {e}");
+            return;
+        }
+        let (mut r, w) = match tls::accept(cfg, tcp) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(%peer, "refused link: TLS handshake failed: {e}");
+                return;
+            }
+        };
+        let w = Arc::new(Mutex::new(w));
+        let stop = Arc::new(AtomicBool::new(false));
+        let result = self.run_link(&peer, &mut r, &w, &stop);
+        stop.store(true, Ordering::SeqCst);
+        match result {
+            Ok(()) => tracing::info!(%peer, "link closed"),
+            Err(LinkError::Refused(reason)) => {
+                tracing::warn!(%peer, "refused link: {reason}");
+                if let Ok(mut w) = w.lock() {
+                    let _ = write_frame(&mut *w, VERSION, msg::REFUSE, &Refuse { reason }.encode());
+                }
+            }
+            Err(LinkError::Frame(e @ (FrameError::Checksum { .. } | FrameError::Version { .. } | FrameError::BadMagic(_) | FrameError::Malformed { .. } | FrameError::TooLong { .. } | FrameError::UnexpectedKind(_)))) => {
+                let reason = format!("bad frame: {e}");
+                tracing::warn!(%peer, "refused link: {reason}");
+                if let Ok(mut w) = w.lock() {
+                    let _ = write_frame(&mut *w, VERSION, msg::REFUSE, &Refuse { reason }.encode());
+                }
+            }
+            Err(e) => tracing::warn!(%peer, "link lost: {e}"),
+        }
+        let guard = w.lock();
+        if let Ok(w) = guard {
+            w.shutdown();
+        }
+    }
+
+    fn run_link(self: &Arc<Self>, peer: &str, r: &mut tls::LinkReader, w: &Arc<Mutex<LinkWriter>>, stop: &Arc<AtomicBool>) -> Result<(), LinkError> {
+        let f = read_frame(r)?;
+        if f.kind != msg::HELLO {
+            return Err(FrameError::UnexpectedKind(f.kind).into());
+        }
+        let hello = Hello::decode(&f.payload)?;
+        let replica = self.replica(hello.vpg).map_err(LinkError::Refused)?;
+        let epoch = replica.epoch();
+        if hello.epoch < epoch {
+            return Err(LinkError::Refused(format!(
+                "site {} sends VPG {} with epoch {}, older than the VPG's epoch {epoch}: that source was demoted",
+                hello.site, hello.vpg.0, hello.epoch
+            )));
+        }
+        if hello.epoch > epoch {
+            replica.store_epoch(hello.epoch)?;
+        }
+        let known = replica.journal.disks()?;
+        for (disk, size) in &hello.disks {
+            match known.iter().find(|d| d.id == *disk) {
+                Some(d) if d.size != *size => {
+                    return Err(LinkError::Refused(format!("disk {} is {} bytes here, the source says {size}", disk.0, d.size)))
+                }
+                Some(_) => {}
+                None => replica.journal.add_disk(*disk, *size)?,
+            }
+        }
+        let slot = replica.slot(hello.stream);
+        let generation = slot.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let welcome = {
+            let _g = slot.ingest.lock();
+            replica.journal.sync()?;
+            let seq = replica.journal.stream_position(hello.stream)?.map_or(0, |c| c.seq);
+            Welcome {
+                resume_after_seq: seq,
+                last_checkpoint: replica.newest_checkpoint()?,
+                durable_seq: seq,
+            }
+        };
+        send(w, msg::WELCOME, &welcome.encode())?;
+        tracing::info!(%peer, site = %hello.site, vpg = %hello.vpg.0, resume_after = welcome.resume_after_seq, "link up");
+        let link = Link {
+            replica: replica.clone(),
+            stream: hello.stream,
+            epoch: hello.epoch,
+            slot,
+            generation,
+            pending: VecDeque::new(),
+            promised: HashSet::new(),
+            acked: AtomicU64::new(welcome.durable_seq),
+        };
+        let link = Arc::new(Mutex::new(link));
+        self.spawn_ticker(link.clone(), w.clone(), stop.clone());
+        loop {
+            let f = read_frame(r)?;
+            let mut l = link.lock().map_err(|_| io::Error::other("link poisoned"))?;
+            match f.kind {
+                msg::OFFER => {
+                    let need = l.on_offer(Offer::decode(&f.payload)?)?;
+                    send(w, msg::NEED, &need.encode())?;
+                }
+                msg::BLOCKS => {
+                    let acked = l.on_blocks(Blocks::decode(&f.payload)?)?;
+                    if let Some(ack) = acked {
+                        send(w, msg::ACK, &ack.encode())?;
+                    }
+                }
+                msg::HEARTBEAT => {}
+                k => return Err(FrameError::UnexpectedKind(k).into()),
+            }
+        }
+    }
+
+    /// Group commit and liveness: every 50 ms makes the stream durable and
+    /// acknowledges it if it moved; a heartbeat at least every interval.
+    fn spawn_ticker(&self, link: Arc<Mutex<Link>>, w: Arc<Mutex<LinkWriter>>, stop: Arc<AtomicBool>) {
+        let hb = self.opts.heartbeat;
+        std::thread::spawn(move || {
+            let mut last_beat = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+                let ack = match link.lock() {
+                    Ok(l) => l.durable_ack(false),
+                    Err(_) => return,
+                };
+                match ack {
+                    Ok(Some(a)) => {
+                        if send(&w, msg::ACK, &a.encode()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("group commit failed: {e}");
+                        return;
+                    }
+                }
+                if last_beat.elapsed() >= hb {
+                    if send(&w, msg::HEARTBEAT, &now_ms().to_be_bytes()).is_err() {
+                        return;
+                    }
+                    last_beat = Instant::now();
+                }
+            }
+        });
+    }
+}
+
+fn send(w: &Arc<Mutex<LinkWriter>>, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
+    let mut w = w.lock().map_err(|_| io::Error::other("link writer poisoned"))?;
+    write_frame(&mut *w, VERSION, kind, payload)?;
+    Ok(())
+}
+
+/// One link's ingest state.
+#[derive(Debug)]
+struct Link {
+    replica: Arc<VpgReplica>,
+    stream: StreamId,
+    epoch: u64,
+    slot: Arc<StreamSlot>,
+    generation: u64,
+    /// Offers answered and waiting for their blocks, with which hashed
+    /// blocks were asked for.
+    pending: VecDeque<(Offer, Vec<bool>)>,
+    /// Hashes asked for in pending offers: a later offer need not ask again.
+    promised: HashSet<[u8; 32]>,
+    acked: AtomicU64,
+}
+
+impl Link {
+    fn check_current(&self) -> Result<(), LinkError> {
+        if self.slot.generation.load(Ordering::SeqCst) != self.generation {
+            return Err(LinkError::Superseded);
+        }
+        let epoch = self.replica.epoch();
+        if self.epoch < epoch {
+            return Err(LinkError::Refused(format!(
+                "epoch {} is older than the VPG's epoch {epoch}: this source was demoted",
+                self.epoch
+            )));
+        }
+        Ok(())
+    }
+
+    /// Which offered blocks this site lacks.
+    fn on_offer(&mut self, offer: Offer) -> Result<Need, LinkError> {
+        self.check_current()?;
+        if offer.epoch != self.epoch {
+            return Err(LinkError::Refused(format!("batch {} carries epoch {}, the link was opened with {}", offer.batch, offer.epoch, self.epoch)));
+        }
+        let mut queries = Vec::new();
+        for item in &offer.items {
+            if let OfferItem::Write(w) = item {
+                check_shape(w)?;
+                let first = w.offset / BLOCK_SIZE as u64 + u64::from(w.offset % BLOCK_SIZE as u64 != 0);
+                for (i, b) in w.blocks.iter().enumerate() {
+                    if let OfferedBlock::Hash(h) = b {
+                        queries.push(BlockQuery { disk: w.disk, block: first + i as u64, hash: *h, at_position: w.sync });
+                    }
+                }
+            }
+        }
+        let held = self.replica.journal.holds(&queries)?;
+        let mut bits = Vec::with_capacity(queries.len());
+        for (q, held) in queries.iter().zip(held) {
+            let need = !held && self.promised.insert(q.hash);
+            bits.push(need);
+        }
+        self.pending.push_back((offer, bits.clone()));
+        Ok(Need { batch: self.pending.back().map_or(0, |p| p.0.batch), bits })
+    }
+
+    /// Ingests the batch the blocks fill, in order, with its markers.
+    fn on_blocks(&mut self, blocks: Blocks) -> Result<Option<Ack>, LinkError> {
+        self.check_current()?;
+        let (offer, bits) = self
+            .pending
+            .pop_front()
+            .ok_or_else(|| LinkError::Refused(format!("blocks for batch {} that was never offered", blocks.batch)))?;
+        if offer.batch != blocks.batch {
+            return Err(LinkError::Refused(format!("blocks for batch {} arrived, batch {} was next", blocks.batch, offer.batch)));
+        }
+        let data = if blocks.compressed {
+            zstd::bulk::decompress(&blocks.data, blocks.raw_len as usize)
+                .map_err(|e| LinkError::Refused(format!("batch {}: zstd data does not decompress: {e}", blocks.batch)))?
+        } else {
+            blocks.data
+        };
+        if data.len() != blocks.raw_len as usize {
+            return Err(LinkError::Refused(format!("batch {}: {} data bytes, {} announced", blocks.batch, data.len(), blocks.raw_len)));
+        }
+        let _g = self.slot.ingest.lock().map_err(|_| io::Error::other("stream slot poisoned"))?;
+        self.check_current()?;
+        let mut cursor = 0usize;
+        let mut bit = 0usize;
+        let mut run: Vec<(OfferedWrite, Vec<u8>, Vec<WireBlock>)> = Vec::new();
+        let mut ack = None;
+        for item in &offer.items {
+            match item {
+                OfferItem::Write(w) => {
+                    let (buf, wb) = assemble(w, &data, &mut cursor, &bits, &mut bit)?;
+                    run.push((w.clone(), buf, wb));
+                }
+                OfferItem::Marker(m) => {
+                    self.ingest_run(&mut run)?;
+                    if self.on_marker(m)? {
+                        ack = self.durable_ack(true)?;
+                    }
+                }
+            }
+        }
+        self.ingest_run(&mut run)?;
+        if cursor != data.len() {
+            return Err(LinkError::Refused(format!("batch {}: {} data bytes left over", offer.batch, data.len() - cursor)));
+        }
+        for item in &offer.items {
+            if let OfferItem::Write(w) = item {
+                for b in &w.blocks {
+                    if let OfferedBlock::Hash(h) = b {
+                        self.promised.remove(h);
+                    }
+                }
+            }
+        }
+        Ok(ack)
+    }
+
+    fn ingest_run(&self, run: &mut Vec<(OfferedWrite, Vec<u8>, Vec<WireBlock>)>) -> Result<(), LinkError> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let writes: Vec<TapWrite<'_>> = run
+            .iter()
+            .map(|(w, buf, _)| TapWrite {
+                seq: w.seq,
+                disk: w.disk,
+                offset: w.offset,
+                data: match w.kind {
+                    WriteKind::Data => WriteData::Data(buf),
+                    WriteKind::Zero => WriteData::Zero { len: w.len },
+                    WriteKind::Trim => WriteData::Trim { len: w.len },
+                },
+            })
+            .collect();
+        let blocks: Vec<WireBlock> = run.iter().flat_map(|(_, _, b)| b.iter().copied()).collect();
+        self.replica.journal.ingest_wire(self.stream, &writes, &blocks)?;
+        run.clear();
+        Ok(())
+    }
+
+    /// Places this stream's cut for the checkpoint; records the checkpoint
+    /// (durably) once every stream of the VPG has. Returns whether it did.
+    fn on_marker(&self, m: &Marker) -> Result<bool, LinkError> {
+        let pos = self.replica.journal.stream_position(self.stream)?;
+        let cut = pos.unwrap_or(Cut { stream: self.stream, lsn: 0, seq: 0 });
+        if cut.seq != m.cut_seq {
+            return Err(LinkError::Refused(format!("checkpoint {} is cut at seq {}, but the stream is at seq {}", m.id, m.cut_seq, cut.seq)));
+        }
+        if m.id <= self.replica.newest_checkpoint()? {
+            return Ok(false); // a resent marker
+        }
+        let mut pending = self.replica.pending.lock().map_err(|_| io::Error::other("checkpoints poisoned"))?;
+        let p = pending.entry(m.id).or_insert_with(|| PendingCheckpoint { marker: m.clone(), cuts: Vec::new() });
+        p.cuts.retain(|c| c.stream != self.stream);
+        p.cuts.push(cut);
+        // Any stream's marker saying inconsistent makes the cut inconsistent.
+        if m.kind == CheckpointKind::Inconsistent {
+            p.marker.kind = CheckpointKind::Inconsistent;
+        }
+        if p.cuts.len() < m.streams.max(1) as usize {
+            return Ok(false);
+        }
+        let Some(p) = pending.remove(&m.id) else { return Ok(false) };
+        // Older checkpoints some stream never completed are abandoned.
+        pending.retain(|&id, _| id > m.id);
+        drop(pending);
+        let cp = self.replica.journal.mark_checkpoint(CheckpointSpec {
+            id: CheckpointId(m.id),
+            kind: p.marker.kind,
+            name: p.marker.name.clone(),
+            source_time_ms: p.marker.source_time_ms,
+            cuts: p.cuts,
+        })?;
+        if cp.kind.is_recoverable() {
+            self.replica.newest_consistent_ms.fetch_max(cp.source_time_ms, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
+    /// Makes the stream durable and returns the ack to send, if it moved
+    /// (or `force`).
+    fn durable_ack(&self, force: bool) -> Result<Option<Ack>, JournalError> {
+        let seq = self.replica.journal.stream_position(self.stream)?.map_or(0, |c| c.seq);
+        if !force && seq == self.acked.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        self.replica.journal.sync()?;
+        self.acked.store(seq, Ordering::Relaxed);
+        Ok(Some(Ack {
+            durable_seq: seq,
+            durable_checkpoint: self.replica.newest_checkpoint()?,
+            newest_consistent_ms: self.replica.newest_consistent_ms.load(Ordering::Relaxed),
+        }))
+    }
+}
+
+fn check_shape(w: &OfferedWrite) -> Result<(), LinkError> {
+    let (_, full, _) = split(w.offset, w.len);
+    let want = if w.kind == WriteKind::Data { full } else { 0 };
+    if w.blocks.len() != want || w.len == 0 {
+        return Err(LinkError::Refused(format!(
+            "write seq {} of {} bytes at {} lists {} whole blocks, not {want}",
+            w.seq,
+            w.len,
+            w.offset,
+            w.blocks.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The write's bytes from the batch data: partial edges and the blocks
+/// that were sent; held blocks are left zero (the journal supplies them).
+fn assemble(w: &OfferedWrite, data: &[u8], cursor: &mut usize, bits: &[bool], bit: &mut usize) -> Result<(Vec<u8>, Vec<WireBlock>), LinkError> {
+    if w.kind != WriteKind::Data {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let short = || LinkError::Refused(format!("batch data ends inside write seq {}", w.seq));
+    let take = |n: usize, cursor: &mut usize| -> Result<&[u8], LinkError> {
+        let s = data.get(*cursor..*cursor + n).ok_or_else(short)?;
+        *cursor += n;
+        Ok(s)
+    };
+    let (head, _, tail) = split(w.offset, w.len);
+    let mut buf = Vec::with_capacity(w.len as usize);
+    buf.extend_from_slice(take(head, cursor)?);
+    let mut wb = Vec::with_capacity(w.blocks.len());
+    for b in &w.blocks {
+        match b {
+            OfferedBlock::Zero => {
+                buf.resize(buf.len() + BLOCK_SIZE, 0);
+                wb.push(WireBlock::Zero);
+            }
+            OfferedBlock::Hash(h) => {
+                let sent = bits.get(*bit).copied().ok_or_else(short)?;
+                *bit += 1;
+                if sent {
+                    buf.extend_from_slice(take(BLOCK_SIZE, cursor)?);
+                    wb.push(WireBlock::Sent { hash: *h });
+                } else {
+                    buf.resize(buf.len() + BLOCK_SIZE, 0);
+                    wb.push(WireBlock::Held { hash: *h });
+                }
+            }
+        }
+    }
+    buf.extend_from_slice(take(tail, cursor)?);
+    Ok((buf, wb))
+}

@@ -1,0 +1,73 @@
+//! A token bucket: the bandwidth limit of a site pair, changeable while
+//! the link runs (DESIGN 4.4).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct Throttle {
+    /// Bytes per second; 0 is no limit.
+    rate: AtomicU64,
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl Throttle {
+    pub fn new(bytes_per_sec: u64) -> Throttle {
+        Throttle {
+            rate: AtomicU64::new(bytes_per_sec),
+            bucket: Mutex::new((0.0, Instant::now())),
+        }
+    }
+
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Takes `n` bytes' worth of tokens, sleeping until the bucket allows
+    /// it. The bucket holds at most a tenth of a second of tokens, so a
+    /// quiet spell does not turn into a burst.
+    pub fn take(&self, n: u64) {
+        let rate = self.rate();
+        if rate == 0 {
+            return;
+        }
+        let wait = {
+            let Ok(mut b) = self.bucket.lock() else { return };
+            let now = Instant::now();
+            let burst = (rate as f64 / 10.0).max(64.0 * 1024.0);
+            let refill = now.duration_since(b.1).as_secs_f64() * rate as f64;
+            b.0 = (b.0 + refill).min(burst) - n as f64;
+            b.1 = now;
+            if b.0 < 0.0 {
+                Duration::from_secs_f64(-b.0 / rate as f64)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_the_rate() {
+        let t = Throttle::new(10 << 20);
+        let start = Instant::now();
+        for _ in 0..40 {
+            t.take(128 << 10);
+        }
+        // 5 MiB at 10 MiB/s: about half a second (less the first burst).
+        let took = start.elapsed().as_secs_f64();
+        assert!(took > 0.35, "5 MiB at 10 MiB/s took only {took:.3}s");
+    }
+}

@@ -1,0 +1,8 @@
+//! The replication link between a source and a target VDSA: frames,
+//! messages and the TLS 1.3 transport (DESIGN 4.4, docs/wire-protocol.md).
+
+pub mod frame;
+pub mod msg;
+pub mod tls;
+
+pub use frame::{read_frame, write_frame, Frame, FrameError, VERSION};

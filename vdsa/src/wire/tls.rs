@@ -1,0 +1,317 @@
+//! Site certificates and the TLS 1.3 link with mutual authentication.
+//!
+//! Each site has a CA (`ca.pem`, `ca.key`) that signs its VDSAs' node
+//! certificates (`node.pem`, `node.key`). A VDSA trusts exactly the CAs in
+//! its `peers/` folder: pairing two sites is copying each site's `ca.pem`
+//! there. A certificate signed by any other CA is refused in the handshake.
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection};
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The name every node certificate carries and every client checks.
+pub const NODE_NAME: &str = "vdsa";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {why}")]
+    Bad { path: PathBuf, why: String },
+    #[error("creating a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("no peer site is trusted: {0} holds no CA certificate (pair the sites first)")]
+    NoPeers(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CertError + '_ {
+    move |source| CertError::Io { path: path.to_path_buf(), source }
+}
+
+fn ca_params(site: &str) -> Result<CertificateParams, CertError> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::OrganizationName, site);
+    p.distinguished_name.push(DnType::CommonName, format!("{site} replication CA"));
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    Ok(p)
+}
+
+/// Creates the site's CA in `dir` unless it is there, then a node
+/// certificate `node.pem`/`node.key` signed by it. Returns what it wrote.
+pub fn create_site_certificates(dir: &Path, site: &str) -> Result<Vec<PathBuf>, CertError> {
+    std::fs::create_dir_all(dir.join("peers")).map_err(io_err(dir))?;
+    let ca_key_path = dir.join("ca.key");
+    let mut written = Vec::new();
+    let ca_key = if ca_key_path.exists() {
+        let pem = std::fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
+        KeyPair::from_pem(&pem)?
+    } else {
+        let k = KeyPair::generate()?;
+        write_private(&ca_key_path, &k.serialize_pem())?;
+        written.push(ca_key_path.clone());
+        k
+    };
+    // The same DN and key give a CA certificate that verifies the same
+    // chains, so re-deriving it to sign another node is sound.
+    let ca = ca_params(site)?.self_signed(&ca_key)?;
+    let ca_path = dir.join("ca.pem");
+    if !ca_path.exists() {
+        std::fs::write(&ca_path, ca.pem()).map_err(io_err(&ca_path))?;
+        written.push(ca_path);
+    }
+    let node_key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(vec![NODE_NAME.to_string(), "localhost".to_string()])?;
+    p.subject_alt_names.push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    p.distinguished_name.push(DnType::OrganizationName, site);
+    p.distinguished_name.push(DnType::CommonName, format!("{site} vdsa"));
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let node = p.signed_by(&node_key, &ca, &ca_key)?;
+    let (cert_path, key_path) = (dir.join("node.pem"), dir.join("node.key"));
+    std::fs::write(&cert_path, node.pem()).map_err(io_err(&cert_path))?;
+    write_private(&key_path, &node_key.serialize_pem())?;
+    written.push(cert_path);
+    written.push(key_path);
+    Ok(written)
+}
+
+fn write_private(path: &Path, pem: &str) -> Result<(), CertError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(pem.as_bytes()).map_err(io_err(path))
+}
+
+/// Trusts the CA of a paired site: copies its `ca.pem` into `peers/`.
+pub fn trust_peer(dir: &Path, peer_site: &str, peer_ca: &Path) -> Result<PathBuf, CertError> {
+    let pem = std::fs::read(peer_ca).map_err(io_err(peer_ca))?;
+    if CertificateDer::pem_slice_iter(&pem).next().is_none() {
+        return Err(CertError::Bad { path: peer_ca.to_path_buf(), why: "holds no PEM certificate".into() });
+    }
+    let out = dir.join("peers").join(format!("{peer_site}.pem"));
+    std::fs::create_dir_all(dir.join("peers")).map_err(io_err(dir))?;
+    std::fs::write(&out, pem).map_err(io_err(&out))?;
+    Ok(out)
+}
+
+/// A VDSA's identity and the peer sites it trusts, loaded from its folder.
+#[derive(Debug)]
+pub struct SiteIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    peers: RootCertStore,
+}
+
+impl Clone for SiteIdentity {
+    fn clone(&self) -> Self {
+        SiteIdentity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+impl SiteIdentity {
+    pub fn load(dir: &Path) -> Result<SiteIdentity, CertError> {
+        let cert_path = dir.join("node.pem");
+        let chain = CertificateDer::pem_file_iter(&cert_path)
+            .map_err(|e| CertError::Bad { path: cert_path.clone(), why: e.to_string() })?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CertError::Bad { path: cert_path.clone(), why: e.to_string() })?;
+        if chain.is_empty() {
+            return Err(CertError::Bad { path: cert_path, why: "holds no certificate".into() });
+        }
+        let key_path = dir.join("node.key");
+        let key = PrivateKeyDer::from_pem_file(&key_path)
+            .map_err(|e| CertError::Bad { path: key_path.clone(), why: e.to_string() })?;
+        let peers_dir = dir.join("peers");
+        let mut peers = RootCertStore::empty();
+        let entries = std::fs::read_dir(&peers_dir).map_err(io_err(&peers_dir))?;
+        for entry in entries {
+            let path = entry.map_err(io_err(&peers_dir))?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("pem") {
+                continue;
+            }
+            for cert in CertificateDer::pem_file_iter(&path).map_err(|e| CertError::Bad { path: path.clone(), why: e.to_string() })? {
+                let cert = cert.map_err(|e| CertError::Bad { path: path.clone(), why: e.to_string() })?;
+                peers.add(cert).map_err(|e| CertError::Bad { path: path.clone(), why: e.to_string() })?;
+            }
+        }
+        if peers.is_empty() {
+            return Err(CertError::NoPeers(peers_dir));
+        }
+        Ok(SiteIdentity { chain, key, peers })
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// The listening side: TLS 1.3 only, client certificates required and
+    /// checked against the trusted peer CAs.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, CertError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.peers.clone()), Self::provider())
+            .build()
+            .map_err(|e| CertError::Tls(rustls::Error::General(e.to_string())))?;
+        let cfg = ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        Ok(Arc::new(cfg))
+    }
+
+    /// The connecting side: TLS 1.3 only, the server checked against the
+    /// trusted peer CAs, our node certificate presented.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, CertError> {
+        let cfg = ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.peers.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// Completes the handshake as a client over `tcp`.
+pub fn connect(cfg: Arc<ClientConfig>, tcp: TcpStream) -> io::Result<(LinkReader, LinkWriter)> {
+    let name = ServerName::try_from(NODE_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let conn = ClientConnection::new(cfg, name).map_err(io::Error::other)?;
+    handshake(Connection::Client(conn), tcp)
+}
+
+/// Completes the handshake as a server over `tcp`. A client certificate
+/// not signed by a trusted peer CA fails here.
+pub fn accept(cfg: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<(LinkReader, LinkWriter)> {
+    let conn = ServerConnection::new(cfg).map_err(io::Error::other)?;
+    handshake(Connection::Server(conn), tcp)
+}
+
+fn handshake(mut conn: Connection, mut tcp: TcpStream) -> io::Result<(LinkReader, LinkWriter)> {
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    while conn.wants_write() {
+        conn.write_tls(&mut tcp)?;
+    }
+    let conn = Arc::new(Mutex::new(conn));
+    let w = tcp.try_clone()?;
+    Ok((
+        LinkReader { conn: conn.clone(), tcp, cipher: vec![0u8; 64 << 10], start: 0, end: 0 },
+        LinkWriter { conn, tcp: w, out: Vec::new() },
+    ))
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("TLS state poisoned by a panic")
+}
+
+/// The receiving half of a link: one thread reads while another writes.
+#[derive(Debug)]
+pub struct LinkReader {
+    conn: Arc<Mutex<Connection>>,
+    tcp: TcpStream,
+    cipher: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl LinkReader {
+    /// A read blocked longer than this fails (the peer went silent).
+    pub fn set_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.tcp.set_read_timeout(t)
+    }
+}
+
+impl Read for LinkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut conn = self.conn.lock().map_err(|_| poisoned())?;
+                match conn.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                // Feed ciphertext only once the plaintext is drained: rustls
+                // refuses more while its plaintext buffer is full.
+                if self.start < self.end {
+                    let mut rest = &self.cipher[self.start..self.end];
+                    let before = rest.len();
+                    conn.read_tls(&mut rest)?;
+                    self.start += before - rest.len();
+                    conn.process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    continue;
+                }
+            }
+            // Read ciphertext without the lock, so the writer is never
+            // held up by a quiet peer.
+            let n = self.tcp.read(&mut self.cipher)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the link"));
+            }
+            self.start = 0;
+            self.end = n;
+        }
+    }
+}
+
+/// The sending half of a link.
+#[derive(Debug)]
+pub struct LinkWriter {
+    conn: Arc<Mutex<Connection>>,
+    tcp: TcpStream,
+    out: Vec<u8>,
+}
+
+impl LinkWriter {
+    /// Closes the TCP connection both ways (the reader then fails at once).
+    pub fn shutdown(&self) {
+        let _ = self.tcp.shutdown(std::net::Shutdown::Both);
+    }
+
+    pub fn set_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.tcp.set_write_timeout(t)
+    }
+}
+
+impl Write for LinkWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    /// Encrypts under the lock, sends without it.
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.out.clear();
+        {
+            let mut conn = self.conn.lock().map_err(|_| poisoned())?;
+            let mut rest = buf;
+            while !rest.is_empty() {
+                let n = conn.writer().write(rest)?;
+                rest = &rest[n..];
+                while conn.wants_write() {
+                    conn.write_tls(&mut self.out)?;
+                }
+            }
+        }
+        self.tcp.write_all(&self.out)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
