@@ -3,3 +3,4 @@
 
 mod crash;
 mod kvm_tap;
+mod replication;
