@@ -427,7 +427,12 @@ impl SourceStream {
     fn send_frame(&self, w: &mut LinkWriter, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
         let n = (HEADER_LEN + payload.len()) as u64;
         self.throttle.take(n);
-        write_frame(w, VERSION, kind, payload)?;
+        write_frame(w, VERSION, kind, payload).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                LinkError::Protocol("the link took nothing within three heartbeats: it is stalled".into())
+            }
+            _ => LinkError::Io(e),
+        })?;
         self.counters.wire_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }

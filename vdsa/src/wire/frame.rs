@@ -19,6 +19,8 @@ pub const MAX_PAYLOAD: u32 = 64 << 20;
 pub enum FrameError {
     #[error("link: {0}")]
     Io(#[from] io::Error),
+    #[error("the peer sent nothing within the timeout (three heartbeats): the link is stalled or the peer hung")]
+    Silent,
     #[error("bad frame magic {0:#010x}: the peer does not speak this protocol")]
     BadMagic(u32),
     #[error("protocol version {got} is not supported (this build speaks version {VERSION})")]
@@ -59,7 +61,7 @@ pub fn encode_header(version: u16, kind: u16, payload: &[u8]) -> [u8; HEADER_LEN
 /// Reads one frame and checks magic, version, length and checksum.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, FrameError> {
     let mut h = [0u8; HEADER_LEN];
-    r.read_exact(&mut h)?;
+    r.read_exact(&mut h).map_err(silent)?;
     let be32 = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     let magic = be32(0);
     if magic != MAGIC {
@@ -76,10 +78,18 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, FrameError> {
         return Err(FrameError::TooLong { kind, len });
     }
     let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
+    r.read_exact(&mut payload).map_err(silent)?;
     let got = crc32fast::hash(&payload);
     if got != want {
         return Err(FrameError::Checksum { kind, len, got, want });
     }
     Ok(Frame { kind, payload })
+}
+
+/// A read timeout (the socket's, set to three heartbeats) means silence.
+fn silent(e: io::Error) -> FrameError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => FrameError::Silent,
+        _ => FrameError::Io(e),
+    }
 }
