@@ -389,7 +389,8 @@ impl Journal {
             for (&i, out) in new.iter().zip(done) {
                 compressed[i] = out;
             }
-            st.apply_batch(stream, writes, hashes, held, compressed)
+            let captured = st.capture_held(writes, hashes, held)?;
+            st.apply_batch(stream, writes, hashes, held, &captured, compressed)
         })
     }
 
@@ -489,6 +490,7 @@ fn is_refusal(e: &JournalError) -> bool {
             | JournalError::CheckpointNotNewer { .. }
             | JournalError::BadCut { .. }
             | JournalError::CutGoesBack { .. }
+            | JournalError::BlockNotHeld { .. }
     )
 }
 
@@ -838,21 +840,40 @@ impl State {
         Ok(id)
     }
 
-    /// The chunk for a block that came as a hash only: from the store, or
-    /// from the block's head content if that has the hash.
-    fn store_held(&mut self, d: u32, block: u64, hash: Hash, scratch: &mut [u8]) -> Result<ChunkId> {
-        if self.chunks.lookup(&hash).is_none() {
-            self.read_head(d, block, scratch)?;
-            if chunks::hash_block(scratch) != hash {
-                return Err(JournalError::BlockNotHeld {
-                    disk: self.disks[d as usize].info.id,
-                    block,
-                    hash: hex(&hash),
-                });
+    /// Checks, before anything changes, that every block sent as a hash
+    /// only is here: in the chunk store, or as the block's head content at
+    /// its position (captured, since the batch may overwrite it). A batch
+    /// with one block not held is refused whole.
+    fn capture_held(&self, writes: &[TapWrite<'_>], hashes: &[Option<Hash>], held: &[bool]) -> Result<HashMap<Hash, Vec<u8>>> {
+        let mut captured = HashMap::new();
+        if !held.contains(&true) {
+            return Ok(captured);
+        }
+        let bs = BLOCK_SIZE as u64;
+        let mut i = 0usize;
+        for w in writes {
+            let first = w.offset.div_ceil(bs);
+            for k in 0..full_blocks(w).count() {
+                let (is_held, hash) = (held.get(i).copied().unwrap_or(false), hashes.get(i).copied().flatten());
+                i += 1;
+                let Some(hash) = hash.filter(|_| is_held) else { continue };
+                if self.chunks.lookup(&hash).is_some() || captured.contains_key(&hash) {
+                    continue;
+                }
+                let d = self.disk(w.disk)?;
+                let mut content = vec![0u8; BLOCK_SIZE];
+                self.read_head(d, first + k as u64, &mut content)?;
+                if chunks::hash_block(&content) != hash {
+                    return Err(JournalError::BlockNotHeld {
+                        disk: w.disk,
+                        block: first + k as u64,
+                        hash: hex(&hash),
+                    });
+                }
+                captured.insert(hash, content);
             }
         }
-        let content = scratch.to_vec();
-        self.store_block(&content, Some(hash), None)
+        Ok(captured)
     }
 
     fn apply_batch(
@@ -861,6 +882,7 @@ impl State {
         writes: &[TapWrite<'_>],
         hashes: &[Option<Hash>],
         held: &[bool],
+        captured: &HashMap<Hash, Vec<u8>>,
         mut compressed: Vec<Option<Vec<u8>>>,
     ) -> Result<u64> {
         let s = self.intern(stream);
@@ -895,7 +917,10 @@ impl State {
                         });
                         next_full += 1;
                         match h {
-                            Some(hash) if is_held => self.store_held(d, block, hash, &mut scratch)?,
+                            Some(hash) if is_held => {
+                                let content = captured.get(&hash).map_or(content, Vec::as_slice);
+                                self.store_block(content, Some(hash), None)?
+                            }
                             _ => self.store_block(content, h, p)?,
                         }
                     }

@@ -237,7 +237,12 @@ impl TargetServer {
         let (mut r, w) = match tls::accept(cfg, tcp) {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(%peer, "refused link: TLS handshake failed: {e}");
+                let hint = if e.to_string().contains("certificate") {
+                    " (the peer's certificate is not signed by the CA of a paired site)"
+                } else {
+                    ""
+                };
+                tracing::warn!(%peer, "refused link: TLS handshake failed: {e}{hint}");
                 return;
             }
         };

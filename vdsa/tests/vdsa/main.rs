@@ -5,6 +5,7 @@
 mod journal;
 mod native_tap;
 mod nbd;
+mod wire;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;

@@ -1,0 +1,158 @@
+//! The replication wire: frames and messages round-trip, and no input a
+//! peer can send makes a decoder panic or allocate what is not there.
+
+use proptest::prelude::*;
+use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId};
+use vdsa::wire::frame::{encode_header, read_frame, FrameError, HEADER_LEN, VERSION};
+use vdsa::wire::msg::*;
+
+fn offer() -> Offer {
+    Offer {
+        batch: 7,
+        epoch: 3,
+        items: vec![
+            OfferItem::Write(OfferedWrite {
+                seq: 41,
+                disk: DiskId::from_bytes([2; 16]),
+                offset: 4096 * 3 + 17,
+                len: 4096 * 2 + 100,
+                kind: WriteKind::Data,
+                sync: true,
+                blocks: vec![OfferedBlock::Hash([9; 32])],
+            }),
+            OfferItem::Write(OfferedWrite {
+                seq: 42,
+                disk: DiskId::from_bytes([2; 16]),
+                offset: 0,
+                len: 1 << 20,
+                kind: WriteKind::Zero,
+                sync: false,
+                blocks: vec![],
+            }),
+            OfferItem::Marker(Marker {
+                id: 12,
+                kind: CheckpointKind::Named,
+                name: "before patch".into(),
+                source_time_ms: 1_700_000_000_000,
+                cut_seq: 42,
+                streams: 2,
+            }),
+        ],
+    }
+}
+
+#[test]
+fn messages_round_trip() {
+    let o = offer();
+    assert_eq!(Offer::decode(&o.encode()).ok(), Some(o));
+    let h = Hello {
+        site: "prod".into(),
+        vpg: VpgId::from_bytes([1; 16]),
+        stream: StreamId::from_bytes([3; 16]),
+        epoch: 5,
+        disks: vec![(DiskId::from_bytes([4; 16]), 1 << 30)],
+    };
+    assert_eq!(Hello::decode(&h.encode()).ok(), Some(h));
+    let n = Need { batch: 9, bits: vec![true, false, false, true, true, false, true, false, true] };
+    assert_eq!(Need::decode(&n.encode()).ok(), Some(n));
+    let a = Ack { durable_seq: 1, durable_checkpoint: 2, newest_consistent_ms: 3 };
+    assert_eq!(Ack::decode(&a.encode()).ok(), Some(a));
+    let w = Welcome { resume_after_seq: 4, last_checkpoint: 5, durable_seq: 4 };
+    assert_eq!(Welcome::decode(&w.encode()).ok(), Some(w));
+}
+
+#[test]
+fn frames_refuse_bad_checksum_version_magic_and_length() {
+    let payload = offer().encode();
+    let mut f = encode_header(VERSION, OFFER, &payload).to_vec();
+    f.extend_from_slice(&payload);
+    assert!(read_frame(&mut &f[..]).is_ok());
+
+    let mut bad = f.clone();
+    bad[HEADER_LEN + 5] ^= 1;
+    assert!(matches!(read_frame(&mut &bad[..]), Err(FrameError::Checksum { .. })));
+    let mut bad = f.clone();
+    bad[5] = 2;
+    assert!(matches!(read_frame(&mut &bad[..]), Err(FrameError::Version { got: 2 })));
+    let mut bad = f.clone();
+    bad[0] = b'X';
+    assert!(matches!(read_frame(&mut &bad[..]), Err(FrameError::BadMagic(_))));
+    let mut bad = f.clone();
+    bad[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert!(matches!(read_frame(&mut &bad[..]), Err(FrameError::TooLong { .. })));
+    // Truncated: an I/O error, never a short frame.
+    assert!(matches!(read_frame(&mut &f[..f.len() - 1]), Err(FrameError::Io(_))));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Any bytes: every decoder answers Ok or a Malformed error.
+    #[test]
+    fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = Hello::decode(&bytes);
+        let _ = Welcome::decode(&bytes);
+        let _ = Refuse::decode(&bytes);
+        let _ = Offer::decode(&bytes);
+        let _ = Need::decode(&bytes);
+        let _ = Blocks::decode(&bytes);
+        let _ = Ack::decode(&bytes);
+        let _ = read_frame(&mut &bytes[..]);
+    }
+
+    /// A valid offer with bytes flipped or cut decodes to an error or to
+    /// some offer, never a panic.
+    #[test]
+    fn damaged_offers_never_panic(cut in 0usize..400, flip in 0usize..400, bit in 0u8..8) {
+        let mut b = offer().encode();
+        if flip < b.len() {
+            b[flip] ^= 1 << bit;
+        }
+        b.truncate(cut.min(b.len()));
+        let _ = Offer::decode(&b);
+    }
+}
+
+mod journal_side {
+    use protection_groups::{DiskId, StreamId};
+    use vdsa::journal::{BlockQuery, Journal, JournalConfig, JournalError, TapWrite, WireBlock, WriteData};
+
+    fn block(v: u8) -> Vec<u8> {
+        (0..4096).map(|i| (i as u8).wrapping_mul(v) ^ v).collect()
+    }
+
+    /// Blocks that arrive as hashes only: taken from the store or from the
+    /// block's content at its position; one that is not here refuses the
+    /// whole batch and changes nothing.
+    #[test]
+    fn held_blocks_come_from_the_journal_or_refuse_the_batch() -> Result<(), JournalError> {
+        let dir = tempfile::tempdir().map_err(|e| JournalError::InvalidWrite(e.to_string()))?;
+        let j = Journal::open(dir.path(), JournalConfig::default())?;
+        let (disk, s) = (DiskId::from_bytes([1; 16]), StreamId::from_bytes([2; 16]));
+        j.add_disk(disk, 1 << 20)?;
+        let (a, b) = (block(3), block(5));
+        let h = |x: &[u8]| *blake3::hash(x).as_bytes();
+        j.ingest(s, &[TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&a) }])?;
+        let q = |blk: u64, hash, at_position| BlockQuery { disk, block: blk, hash, at_position };
+        assert_eq!(j.holds(&[q(9, h(&a), false), q(9, h(&b), false), q(0, h(&a), true), q(1, h(&b), true)])?, vec![true, false, true, false]);
+
+        // `b` is not here: refused whole, nothing written.
+        let placeholder = vec![0u8; 8192];
+        let w = [TapWrite { seq: 2, disk, offset: 4096, data: WriteData::Data(&placeholder) }];
+        let r = j.ingest_wire(s, &w, &[WireBlock::Held { hash: h(&a) }, WireBlock::Held { hash: h(&b) }]);
+        assert!(matches!(r, Err(JournalError::BlockNotHeld { block: 2, .. })), "{r:?}");
+        assert_eq!(j.stream_position(s)?.map(|c| c.seq), Some(1));
+
+        // Sent and held together.
+        let mut data = vec![0u8; 4096];
+        data.extend_from_slice(&b);
+        let w = [TapWrite { seq: 2, disk, offset: 4096, data: WriteData::Data(&data) }];
+        j.ingest_wire(s, &w, &[WireBlock::Held { hash: h(&a) }, WireBlock::Sent { hash: h(&b) }])?;
+        let mut got = vec![0u8; 3 * 4096];
+        j.read_head(disk, 0, &mut got)?;
+        assert_eq!(&got[..4096], &a[..]);
+        assert_eq!(&got[4096..8192], &a[..]);
+        assert_eq!(&got[8192..], &b[..]);
+        Ok(())
+    }
+}
