@@ -276,6 +276,20 @@ impl Journal {
     /// Adds a disk of `size` bytes (a multiple of 4 KiB); its replica starts
     /// as zeros.
     pub fn add_disk(&self, id: DiskId, size: u64) -> Result<()> {
+        self.register_disk(id, size, None)
+    }
+
+    /// Adds a disk whose replica starts as a copy of `seed` (a pre-seeded
+    /// disk: an earlier copy of the source brought to the recovery site).
+    /// An initial sync then sends only the blocks that differ. Returns the
+    /// disk's size.
+    pub fn add_seeded_disk(&self, id: DiskId, seed: &Path) -> Result<u64> {
+        let size = std::fs::metadata(seed).map_err(|e| JournalError::io("reading", seed, e))?.len();
+        self.register_disk(id, size, Some(seed))?;
+        Ok(size)
+    }
+
+    fn register_disk(&self, id: DiskId, size: u64, seed: Option<&Path>) -> Result<()> {
         if size == 0 || !size.is_multiple_of(BLOCK_SIZE as u64) {
             return Err(JournalError::InvalidWrite(format!(
                 "disk size {size} is not a positive multiple of {BLOCK_SIZE}"
@@ -287,7 +301,23 @@ impl Journal {
                 return Err(JournalError::DiskExists(id));
             }
             let info = DiskInfo { id, size };
-            let disk = open_replica(&dir, info, true)?;
+            // The replica is complete and durable before the metadata names
+            // the disk; a crash in between leaves a file the next add
+            // overwrites.
+            let disk = match seed {
+                None => open_replica(&dir, info, true)?,
+                Some(seed) => {
+                    let path = replica_path(&dir, id);
+                    let tmp = path.with_extension("seeding");
+                    std::fs::copy(seed, &tmp).map_err(|e| JournalError::io("copying the seed", &tmp, e))?;
+                    File::open(&tmp)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| JournalError::io("syncing", &tmp, e))?;
+                    std::fs::rename(&tmp, &path).map_err(|e| JournalError::io("renaming", &path, e))?;
+                    fsutil::sync_dir(&dir.join("replica"))?;
+                    open_replica(&dir, info, false)?
+                }
+            };
             st.meta.disks.push(info);
             st.write_meta(&dir)?;
             st.disk_ix.insert(id, st.disks.len() as u32);
@@ -524,8 +554,12 @@ fn read_meta(dir: &Path) -> Result<Meta> {
     }
 }
 
+fn replica_path(dir: &Path, id: DiskId) -> PathBuf {
+    dir.join("replica").join(format!("{}.img", id.0))
+}
+
 fn open_replica(dir: &Path, info: DiskInfo, create: bool) -> Result<DiskState> {
-    let path = dir.join("replica").join(format!("{}.img", info.id.0));
+    let path = replica_path(dir, info.id);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -535,7 +569,10 @@ fn open_replica(dir: &Path, info: DiskInfo, create: bool) -> Result<DiskState> {
         .map_err(|e| JournalError::io("opening replica", &path, e))?;
     let len = file.metadata().map_err(|e| JournalError::io("reading", &path, e))?.len();
     if create {
-        file.set_len(info.size).map_err(|e| JournalError::io("sizing replica", &path, e))?;
+        // Zeros, whatever an interrupted earlier add left there.
+        file.set_len(0)
+            .and_then(|_| file.set_len(info.size))
+            .map_err(|e| JournalError::io("sizing replica", &path, e))?;
         file.sync_all().map_err(|e| JournalError::io("syncing", &path, e))?;
         if let Some(parent) = path.parent() {
             fsutil::sync_dir(parent)?;
