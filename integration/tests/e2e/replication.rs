@@ -494,3 +494,119 @@ fn initial_sync_sends_only_what_the_seed_lacks() {
     expected.insert(1, vec![want]);
     assert_eq!(verify_checkpoints(&tspec.journal_dir("vpg1"), &["d0".to_string()], &expected, &[]), 1);
 }
+
+/// A slow link (bandwidth limit set while running) fills the queue's
+/// memory and spill file. With the bitmap policy the tap goes on, writes
+/// are only marked dirty and checkpoints are inconsistent until QEMU's full
+/// sync re-sends the disk; then everything is exact again.
+#[test]
+fn a_full_queue_spills_then_falls_back_to_the_bitmap_and_resyncs() {
+    use integration::kvm_lab::{qemu_available, StorageDaemon};
+    assert!(qemu_available(), "qemu-storage-daemon is needed (integration/run-tests installs qemu-utils)");
+    const SIZE: u64 = 32 << 20;
+    let dir = ok(tempfile::tempdir().map_err(Into::into));
+    let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
+    let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 300));
+    let target = ok(tspec.start(lab()));
+    let proxy = ok(FaultProxy::start(tspec.port));
+    let disks = vec![("d0".to_string(), SIZE)];
+    let mut sspec = SourceSpec::new(dir.path(), &src_certs, &proxy.addr(), "vpg1", &disks);
+    sspec.extra = ["--queue-memory", "1M", "--spill-size", "2M", "--backpressure", "bitmap"].map(String::from).to_vec();
+    let source = ok(sspec.start(lab()));
+    let image = dir.path().join("source.raw");
+    ok(std::fs::write(&image, vec![0u8; SIZE as usize]).map_err(Into::into));
+    let mut qsd = ok(StorageDaemon::start(dir.path(), &image, false));
+    ok(qsd.attach("tap0", &sspec.tap_sock, "d0").map(|_| ()));
+    ok(source.call(json!({"op": "sync", "syncing": false})));
+    let mut guest = ok(qsd.guest());
+    let mut work = Workload::new(8, &[SIZE], Mix::default()).with_compressible(0);
+    let mut model = ReferenceModel::new(&[SIZE]);
+    let mut write = |n: usize, guest: &mut NbdClient, model: &mut ReferenceModel| {
+        for _ in 0..n {
+            let w = work.next_write();
+            ok(integration::kvm_lab::guest_write(guest, &w).map_err(Into::into));
+            model.apply_unless_trim(&w);
+        }
+    };
+    write(100, &mut guest, &mut model);
+    assert_eq!(ok(source.call(json!({"op": "checkpoint", "id": 1})))["kind"], "Automatic");
+    let mut expected = BTreeMap::new();
+    expected.insert(1, model.hashes());
+    ok(wait_until("checkpoint 1 at the target", Duration::from_secs(30), || Ok(status(&source)["drained"] == json!(true))));
+
+    // 256 KiB/s from now on.
+    ok(source.call(json!({"op": "bandwidth", "bytes_per_sec": 256 << 10})));
+    let before = proxy.forwarded();
+    let t0 = std::time::Instant::now();
+    write(1500, &mut guest, &mut model);
+    let st = status(&source);
+    eprintln!("after the burst: {}", st["queue"]);
+    assert!(st["queue"]["spilled_total"].as_u64().unwrap_or(0) > 0, "the queue spilled: {st}");
+    assert_eq!(st["queue"]["needs_resync"], json!(true), "{st}");
+    assert!(st["queue"]["dirty_blocks"].as_u64().unwrap_or(0) > 0, "{st}");
+    let r = ok(source.call(json!({"op": "checkpoint", "id": 2})));
+    assert_eq!(r["kind"], "Inconsistent", "a checkpoint with writes only in the bitmap");
+    std::thread::sleep(Duration::from_secs(2));
+    let secs = t0.elapsed().as_secs_f64();
+    let rate = (proxy.forwarded() - before) as f64 / secs;
+    eprintln!("link rate under the limit: {:.0} KiB/s", rate / 1024.0);
+    assert!(rate < 1.5 * 256.0 * 1024.0, "the limit holds: {rate:.0} B/s");
+
+    // Lift the limit, and resync through the tap: QEMU's full sync.
+    ok(source.call(json!({"op": "bandwidth", "bytes_per_sec": 0})));
+    ok(source.call(json!({"op": "sync", "syncing": true})));
+    ok(qsd.detach("tap0", false));
+    ok(qsd.attach("tap1", &sspec.tap_sock, "d0").map(|_| ()));
+    ok(source.call(json!({"op": "sync", "syncing": false})));
+    write(100, &mut guest, &mut model);
+    assert_eq!(ok(source.call(json!({"op": "checkpoint", "id": 3})))["kind"], "Automatic");
+    expected.insert(3, model.hashes());
+    ok(wait_until("the resync to reach the target", Duration::from_secs(60), || Ok(status(&source)["drained"] == json!(true))));
+    let st = status(&source);
+    assert_eq!(st["queue"]["needs_resync"], json!(false), "{st}");
+    ok(qsd.detach("tap1", false));
+    assert_eq!(ok(qsd.image_hash()), model.hashes()[0]);
+    ok(source.shutdown());
+    ok(target.shutdown());
+    assert_eq!(verify_checkpoints(&tspec.journal_dir("vpg1"), &["d0".to_string()], &expected, &[2]), 2);
+}
+
+/// With the block policy a slow link slows the tap instead: nothing is
+/// dropped, the queue spills and drains, and every checkpoint is exact.
+#[test]
+fn a_full_queue_with_the_block_policy_holds_the_tap() {
+    let dir = ok(tempfile::tempdir().map_err(Into::into));
+    let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
+    let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 300));
+    let target = ok(tspec.start(lab()));
+    let disks = vec![("d0".to_string(), 16u64 << 20)];
+    let mut sspec = SourceSpec::new(dir.path(), &src_certs, &format!("127.0.0.1:{}", tspec.port), "vpg1", &disks);
+    sspec.extra = ["--queue-memory", "512K", "--spill-size", "1M", "--backpressure", "block", "--bandwidth", "2M"].map(String::from).to_vec();
+    let source = ok(sspec.start(lab()));
+    ok(source.call(json!({"op": "sync", "syncing": false})));
+    let mut tap = ok(NbdClient::connect_unix(&sspec.tap_sock, "d0").map_err(Into::into));
+    let mut work = Workload::new(9, &[16 << 20], Mix::default()).with_compressible(0);
+    let mut model = ReferenceModel::new(&[16 << 20]);
+    let mut expected = BTreeMap::new();
+    let mut bytes = 0;
+    let t0 = std::time::Instant::now();
+    for id in 1..=4 {
+        for _ in 0..150 {
+            let w = work.next_write();
+            tap_write(&mut tap, &w);
+            model.apply(&w);
+            bytes += w.len();
+        }
+        assert_eq!(ok(source.call(json!({"op": "checkpoint", "id": id})))["kind"], "Automatic");
+        expected.insert(id, model.hashes());
+    }
+    let st = status(&source);
+    eprintln!("{bytes} bytes written in {:.1}s; queue {}", t0.elapsed().as_secs_f64(), st["queue"]);
+    assert!(st["queue"]["spilled_total"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert_eq!(st["queue"]["needs_resync"], json!(false));
+    ok(source.call(json!({"op": "bandwidth", "bytes_per_sec": 0})));
+    ok(wait_until("the queue to drain", Duration::from_secs(60), || Ok(status(&source)["drained"] == json!(true))));
+    ok(source.shutdown());
+    ok(target.shutdown());
+    assert_eq!(verify_checkpoints(&tspec.journal_dir("vpg1"), &["d0".to_string()], &expected, &[]), 4);
+}

@@ -888,13 +888,20 @@ impl State {
         }
         let bs = BLOCK_SIZE as u64;
         let mut i = 0usize;
+        // Blocks sent earlier in this batch are stored before a later held
+        // block with their hash is.
+        let mut sent_before = HashSet::new();
         for w in writes {
             let first = w.offset.div_ceil(bs);
             for k in 0..full_blocks(w).count() {
                 let (is_held, hash) = (held.get(i).copied().unwrap_or(false), hashes.get(i).copied().flatten());
                 i += 1;
-                let Some(hash) = hash.filter(|_| is_held) else { continue };
-                if self.chunks.lookup(&hash).is_some() || captured.contains_key(&hash) {
+                let Some(hash) = hash else { continue };
+                if !is_held {
+                    sent_before.insert(hash);
+                    continue;
+                }
+                if self.chunks.lookup(&hash).is_some() || captured.contains_key(&hash) || sent_before.contains(&hash) {
                     continue;
                 }
                 let d = self.disk(w.disk)?;
@@ -955,7 +962,20 @@ impl State {
                         next_full += 1;
                         match h {
                             Some(hash) if is_held => {
-                                let content = captured.get(&hash).map_or(content, Vec::as_slice);
+                                // capture_held vouched for it: stored, sent
+                                // earlier in the batch, or captured.
+                                let content = match (self.chunks.lookup(&hash), captured.get(&hash)) {
+                                    (Some(_), _) => content,
+                                    (None, Some(c)) => c.as_slice(),
+                                    // Not a refusal: the batch is half
+                                    // applied, so the journal stops.
+                                    (None, None) => {
+                                        return Err(JournalError::Failed(format!(
+                                            "held block {block} of {} vanished mid-batch",
+                                            w.disk
+                                        )))
+                                    }
+                                };
                                 self.store_block(content, Some(hash), None)?
                             }
                             _ => self.store_block(content, h, p)?,

@@ -153,6 +153,22 @@ mod journal_side {
         assert_eq!(&got[..4096], &a[..]);
         assert_eq!(&got[4096..8192], &a[..]);
         assert_eq!(&got[8192..], &b[..]);
+
+        // A new block sent once and named again, as a hash only, later in
+        // the same batch (and in the same write).
+        let c = block(7);
+        let mut data = c.clone();
+        data.extend_from_slice(&[0u8; 4096]);
+        let w = [
+            TapWrite { seq: 3, disk, offset: 8 * 4096, data: WriteData::Data(&data) },
+            TapWrite { seq: 4, disk, offset: 20 * 4096, data: WriteData::Data(&placeholder[..4096]) },
+        ];
+        j.ingest_wire(s, &w, &[WireBlock::Sent { hash: h(&c) }, WireBlock::Held { hash: h(&c) }, WireBlock::Held { hash: h(&c) }])?;
+        let mut got = vec![0u8; 4096];
+        for blk in [8u64, 9, 20] {
+            j.read_head(disk, blk * 4096, &mut got)?;
+            assert_eq!(got, c, "block {blk}");
+        }
         Ok(())
     }
 }
