@@ -511,7 +511,7 @@ fn a_full_queue_spills_then_falls_back_to_the_bitmap_and_resyncs() {
     let proxy = ok(FaultProxy::start(tspec.port));
     let disks = vec![("d0".to_string(), SIZE)];
     let mut sspec = SourceSpec::new(dir.path(), &src_certs, &proxy.addr(), "vpg1", &disks);
-    sspec.extra = ["--queue-memory", "1M", "--spill-size", "2M", "--backpressure", "bitmap"].map(String::from).to_vec();
+    sspec.extra = ["--queue-memory", "2M", "--spill-size", "4M", "--backpressure", "bitmap"].map(String::from).to_vec();
     let source = ok(sspec.start(lab()));
     let image = dir.path().join("source.raw");
     ok(std::fs::write(&image, vec![0u8; SIZE as usize]).map_err(Into::into));
@@ -528,8 +528,9 @@ fn a_full_queue_spills_then_falls_back_to_the_bitmap_and_resyncs() {
             model.apply_unless_trim(&w);
         }
     };
-    write(100, &mut guest, &mut model);
-    assert_eq!(ok(source.call(json!({"op": "checkpoint", "id": 1})))["kind"], "Automatic");
+    write(30, &mut guest, &mut model);
+    let r = ok(source.call(json!({"op": "checkpoint", "id": 1})));
+    assert_eq!(r["kind"], "Automatic", "{}", status(&source));
     let mut expected = BTreeMap::new();
     expected.insert(1, model.hashes());
     ok(wait_until("checkpoint 1 at the target", Duration::from_secs(30), || Ok(status(&source)["drained"] == json!(true))));
@@ -556,9 +557,14 @@ fn a_full_queue_spills_then_falls_back_to_the_bitmap_and_resyncs() {
     ok(source.call(json!({"op": "bandwidth", "bytes_per_sec": 0})));
     ok(source.call(json!({"op": "sync", "syncing": true})));
     ok(qsd.detach("tap0", false));
+    eprintln!("old tap detached; resyncing: {}", status(&source)["queue"]);
     ok(qsd.attach("tap1", &sspec.tap_sock, "d0").map(|_| ()));
+    eprintln!("resynced: {}", status(&source)["queue"]);
     ok(source.call(json!({"op": "sync", "syncing": false})));
-    write(100, &mut guest, &mut model);
+    // The tiny queue is still full of the resync: let it reach the target
+    // before the next burst, or the bitmap takes over again.
+    ok(wait_until("the resync to drain", Duration::from_secs(60), || Ok(status(&source)["drained"] == json!(true))));
+    write(30, &mut guest, &mut model);
     assert_eq!(ok(source.call(json!({"op": "checkpoint", "id": 3})))["kind"], "Automatic");
     expected.insert(3, model.hashes());
     ok(wait_until("the resync to reach the target", Duration::from_secs(60), || Ok(status(&source)["drained"] == json!(true))));

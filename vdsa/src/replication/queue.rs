@@ -143,7 +143,7 @@ impl SendQueue {
 
     /// Appends a write. With [`Backpressure::Block`] waits for room; with
     /// `Bitmap` marks it dirty when there is none (and from then on until
-    /// [`SendQueue::resync_started`]).
+    /// [`SendQueue::resync_started`]). Writes of a sync always wait.
     pub fn push_write(&self, w: QueuedWrite) -> io::Result<Pushed> {
         let mut st = lock(&self.state)?;
         loop {
@@ -156,7 +156,10 @@ impl SendQueue {
                 self.append(&mut st, e)?;
                 return Ok(Pushed::Queued);
             }
-            match self.cfg.backpressure {
+            // A sync's writes are never dropped (the sync would have to
+            // start over): the sync goes at the link's pace.
+            let policy = if w.sync { Backpressure::Block } else { self.cfg.backpressure };
+            match policy {
                 Backpressure::Block => {
                     if st.closed {
                         return Err(io::Error::other("send queue closed"));

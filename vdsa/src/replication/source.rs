@@ -161,10 +161,12 @@ impl SourceStream {
             let seq = *next;
             let w = QueuedWrite { seq, disk, offset, len, kind, sync, data: Arc::new(data) };
             match self.queue.push_write(w) {
-                Ok(Pushed::Queued) | Ok(Pushed::Dirty) => {}
+                // A write only marked dirty takes no seq: the stream the
+                // target sees has no gap.
+                Ok(Pushed::Queued) => *next += 1,
+                Ok(Pushed::Dirty) => {}
                 Err(e) => return Err(ExportError::new(EIO, format!("send queue: {e}"))),
             }
-            *next += 1;
             seq
         };
         self.barrier.acknowledge(seq, seq);
@@ -400,7 +402,7 @@ impl SourceStream {
             }
             if pending.len() < self.opts.window {
                 let wait = if pending.is_empty() { Duration::from_millis(5) } else { Duration::ZERO };
-                let entries = self.queue.next_unsent(self.opts.batch_bytes, 4096, wait)?;
+                let entries = self.queue.next_unsent(self.throttle.batch_bytes(self.opts.batch_bytes), 4096, wait)?;
                 let entries: Vec<Entry> = entries
                     .into_iter()
                     .filter(|e| match e {

@@ -30,27 +30,42 @@ impl Throttle {
 
     /// Takes `n` bytes' worth of tokens, sleeping until the bucket allows
     /// it. The bucket holds at most a tenth of a second of tokens, so a
-    /// quiet spell does not turn into a burst.
+    /// quiet spell does not turn into a burst. The wait re-reads the rate
+    /// every 50 ms, so lifting or changing the limit acts at once.
     pub fn take(&self, n: u64) {
-        let rate = self.rate();
-        if rate == 0 {
+        if self.rate() == 0 {
             return;
         }
-        let wait = {
-            let Ok(mut b) = self.bucket.lock() else { return };
-            let now = Instant::now();
-            let burst = (rate as f64 / 10.0).max(64.0 * 1024.0);
-            let refill = now.duration_since(b.1).as_secs_f64() * rate as f64;
-            b.0 = (b.0 + refill).min(burst) - n as f64;
-            b.1 = now;
-            if b.0 < 0.0 {
+        let mut charge = n as f64;
+        loop {
+            let rate = self.rate();
+            let wait = {
+                let Ok(mut b) = self.bucket.lock() else { return };
+                let now = Instant::now();
+                if rate == 0 {
+                    b.0 = 0.0;
+                    return;
+                }
+                let burst = (rate as f64 / 10.0).max(64.0 * 1024.0);
+                let refill = now.duration_since(b.1).as_secs_f64() * rate as f64;
+                b.0 = (b.0 + refill).min(burst) - charge;
+                b.1 = now;
+                charge = 0.0;
+                if b.0 >= 0.0 {
+                    return;
+                }
                 Duration::from_secs_f64(-b.0 / rate as f64)
-            } else {
-                Duration::ZERO
-            }
-        };
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+            };
+            std::thread::sleep(wait.min(Duration::from_millis(50)));
+        }
+    }
+
+    /// A batch size that keeps the link smooth at the current rate: a
+    /// quarter second's worth, within [64 KiB, `max`].
+    pub fn batch_bytes(&self, max: u64) -> u64 {
+        match self.rate() {
+            0 => max,
+            r => (r / 4).clamp(64 << 10, max.max(64 << 10)),
         }
     }
 }
