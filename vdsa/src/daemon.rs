@@ -91,7 +91,7 @@ struct SourceArgs {
     #[arg(long, required = true)]
     disk: Vec<String>,
     /// Memory for queued writes before they spill to disk.
-    #[arg(long, default_value = "256M")]
+    #[arg(long, default_value = "128M")]
     queue_memory: String,
     /// The spill file, and how large it may grow.
     #[arg(long)]
