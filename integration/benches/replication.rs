@@ -32,10 +32,12 @@ struct Args {
     rpo_secs: u64,
     rpo_rate: u64,
     dir: PathBuf,
+    /// Only the throughput part (for profiling).
+    only_throughput: bool,
 }
 
 fn args() -> Args {
-    let mut a = Args { mib: 1024, reps: 3, rpo_secs: 20, rpo_rate: 100, dir: PathBuf::from("target/bench-replication") };
+    let mut a = Args { mib: 1024, reps: 3, rpo_secs: 20, rpo_rate: 100, dir: PathBuf::from("target/bench-replication"), only_throughput: false };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i + 1 < v.len() {
@@ -45,6 +47,7 @@ fn args() -> Args {
             "--rpo-secs" => a.rpo_secs = v[i + 1].parse().unwrap_or(a.rpo_secs),
             "--rpo-rate" => a.rpo_rate = v[i + 1].parse().unwrap_or(a.rpo_rate),
             "--dir" => a.dir = PathBuf::from(&v[i + 1]),
+            "--only" => a.only_throughput = v[i + 1] == "throughput",
             _ => {
                 i += 1;
                 continue;
@@ -262,6 +265,10 @@ fn main() -> Result<()> {
     let (rss_s1, rss_t1) = pair.peak_rss();
     drop(tap);
     drop(pair);
+    if a.only_throughput {
+        println!("replication {:.0} MB/s; ratios {ratios:.2?}", repl / 1e6);
+        return Ok(());
+    }
 
     // 2. RPO at a constant load, checkpoints every second.
     let pair = Pair::start(&a.dir, &[("d0".into(), disk_mib << 20)], &["--checkpoint-interval-ms", "1000"], false)?;

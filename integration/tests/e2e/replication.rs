@@ -4,7 +4,6 @@
 
 use integration::replication_lab::{paired_sites, wait_until, Daemon, FaultProxy, SourceSpec, TargetSpec};
 use integration::workload::{GenWrite, Mix, Payload, ReferenceModel, Workload};
-use protection_groups::{CheckpointId, DiskId};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,9 +19,7 @@ pub fn ok<T>(r: anyhow::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-pub fn disk_id(name: &str) -> DiskId {
-    DiskId::from_bytes(vdsa::daemon::derived_id("disk", name))
-}
+use integration::two_sites::disk_id;
 
 /// A guest write straight into the source VDSA's tap (NBD), as a
 /// hypervisor filter delivers it.
@@ -35,32 +32,8 @@ fn tap_write(c: &mut NbdClient, w: &GenWrite) {
     r.unwrap_or_else(|e| panic!("tap write: {e}"));
 }
 
-/// Every checkpoint the target recorded as consistent reads back exactly
-/// the model at that checkpoint; returns how many were checked.
-pub fn verify_checkpoints(journal_dir: &Path, disks: &[String], expected: &BTreeMap<u64, Vec<blake3::Hash>>, must_be_inconsistent: &[u64]) -> usize {
-    let j = ok(Journal::open(journal_dir, JournalConfig::default()).map_err(Into::into));
-    let mut checked = 0;
-    for cp in ok(j.checkpoints().map_err(Into::into)) {
-        if !cp.kind.is_recoverable() {
-            continue;
-        }
-        assert!(
-            !must_be_inconsistent.contains(&cp.id.0),
-            "checkpoint {} was taken during a resync but is offered as consistent ({:?})",
-            cp.id.0,
-            cp.kind
-        );
-        let Some(want) = expected.get(&cp.id.0) else {
-            panic!("the target offers checkpoint {} as consistent, but the test never saw it consistent at the source", cp.id.0);
-        };
-        let v = ok(j.open_view(CheckpointId(cp.id.0)).map_err(Into::into));
-        for (i, name) in disks.iter().enumerate() {
-            let got = ok(v.disk_hash(disk_id(name)).map_err(Into::into));
-            assert_eq!(got, want[i], "checkpoint {} disk {name}: target differs from the source", cp.id.0);
-        }
-        checked += 1;
-    }
-    checked
+fn verify_checkpoints(journal_dir: &Path, disks: &[String], expected: &BTreeMap<u64, Vec<blake3::Hash>>, must_be_inconsistent: &[u64]) -> usize {
+    ok(integration::two_sites::verify_checkpoints(journal_dir, disks, expected, must_be_inconsistent))
 }
 
 fn status(d: &Daemon) -> serde_json::Value {
@@ -109,206 +82,26 @@ fn replicates_writes_and_checkpoints_exactly() {
     assert_eq!(checked, 20);
 }
 
-/// A source disk behind qemu-storage-daemon, with some content already on
-/// it (the initial sync copies it), and its guest connection.
-struct QemuDisk {
-    qsd: integration::kvm_lab::StorageDaemon,
-    job: String,
-}
-
-fn qemu_disk(dir: &Path, i: usize, size: u64, model: &mut ReferenceModel) -> QemuDisk {
-    let d = dir.join(format!("qsd{i}"));
-    ok(std::fs::create_dir_all(&d).map_err(Into::into));
-    let image = d.join("source.raw");
-    let mut seed = Workload::new(100 + i as u64, &[size], Mix { random: 1, sequential: 3, unaligned: 0, duplicate: 1, zero: 0 });
-    let mut one = ReferenceModel::new(&[size]);
-    for _ in 0..150 {
-        one.apply(&seed.next_write());
-    }
-    ok(std::fs::write(&image, &one.images[0]).map_err(Into::into));
-    model.images[i] = one.images.remove(0);
-    QemuDisk { qsd: ok(integration::kvm_lab::StorageDaemon::start(&d, &image, false)), job: String::new() }
-}
-
 /// Three disks behind QEMU's block mirror replicate through a fault proxy
 /// while the guest writes and a checkpoint is taken every second. The link
 /// is cut five times and stalled past the heartbeat, the target and then
 /// the source are SIGKILLed. Every checkpoint the target offers as
 /// consistent is exactly the source at that checkpoint, none taken during
-/// the resync is offered as consistent, and the last is the source disks.
+/// the resync is offered as consistent, and the last is the source disks
+/// (`integration::two_sites` checks all that and fails otherwise).
 #[test]
 fn survives_cuts_stalls_and_kills_of_both_daemons() {
-    use integration::kvm_lab::qemu_available;
-    use std::time::Instant;
-    assert!(qemu_available(), "qemu-storage-daemon is needed (integration/run-tests installs qemu-utils)");
-    const SIZE: u64 = 32 << 20;
+    use integration::two_sites::{run, TwoSiteOptions};
+    assert!(integration::kvm_lab::qemu_available(), "qemu-storage-daemon is needed (integration/run-tests installs qemu-utils)");
     let dir = ok(tempfile::tempdir().map_err(Into::into));
-    let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
-    let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 300));
-    let mut target = Some(ok(tspec.start(lab())));
-    let proxy = ok(FaultProxy::start(tspec.port));
-    let disks: Vec<(String, u64)> = (0..3).map(|i| (format!("d{i}"), SIZE)).collect();
-    let names: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
-    let mut sspec = SourceSpec::new(dir.path(), &src_certs, &proxy.addr(), "vpg1", &disks);
-    sspec.extra = vec!["--heartbeat-ms".into(), "300".into(), "--queue-memory".into(), "64M".into()];
-    let mut source = Some(ok(sspec.start(lab())));
-    let mut model = ReferenceModel::new(&[SIZE; 3]);
-    let mut qemu: Vec<QemuDisk> = (0..3).map(|i| qemu_disk(dir.path(), i, SIZE, &mut model)).collect();
-    for (i, q) in qemu.iter_mut().enumerate() {
-        q.job = format!("tap{i}a");
-        ok(q.qsd.attach(&q.job, &sspec.tap_sock, &names[i]).map(|_| ()));
-    }
-    let initial = status(source.as_ref().unwrap_or_else(|| unreachable!()));
-    eprintln!("initial sync done: {}", initial["sync"]);
-    ok(source.as_ref().map_or(Ok(json!(null)), |s| s.call(json!({"op": "sync", "syncing": false}))));
-    let mut guests: Vec<NbdClient> = qemu.iter().map(|q| ok(q.qsd.guest())).collect();
-    let mut work = Workload::new(5, &[SIZE; 3], Mix::default());
-
-    let mut expected: BTreeMap<u64, Vec<blake3::Hash>> = BTreeMap::new();
-    let mut in_resync: Vec<u64> = Vec::new();
-    let mut next_id = 1u64;
-    let start = Instant::now();
-    let mut last_cp = Instant::now();
-    let mut cuts = 0;
-    let mut stalled_at: Option<Instant> = None;
-    let mut stalls = 0;
-    let mut target_killed_at: Option<Instant> = None;
-    let mut source_killed = false;
-    let mut resync: Option<std::thread::JoinHandle<Vec<QemuDisk>>> = None;
-    let mut writes = 0u64;
-    loop {
-        let t = start.elapsed().as_secs_f64();
-        for _ in 0..20 {
-            let w = work.next_write();
-            ok(integration::kvm_lab::guest_write(&mut guests[w.disk], &w).map_err(Into::into));
-            model.apply_unless_trim(&w);
-            writes += 1;
-        }
-        // Faults, on a timeline.
-        if cuts < 5 && t > 2.0 + 2.0 * cuts as f64 {
-            proxy.cut();
-            cuts += 1;
-            eprintln!("[{t:.1}s] link cut #{cuts}");
-        }
-        if stalls == 0 && t > 12.5 && stalled_at.is_none() {
-            proxy.stall(true);
-            stalled_at = Some(Instant::now());
-            eprintln!("[{t:.1}s] link stalled");
-        }
-        if let Some(s) = stalled_at {
-            if s.elapsed() > Duration::from_millis(1500) {
-                proxy.stall(false);
-                stalled_at = None;
-                stalls = 1;
-                eprintln!("[{t:.1}s] link flows again");
-            }
-        }
-        if target_killed_at.is_none() && t > 16.0 {
-            if let Some(d) = target.take() {
-                d.kill();
-            }
-            target_killed_at = Some(Instant::now());
-            eprintln!("[{t:.1}s] target SIGKILLed");
-        }
-        if target.is_none() && target_killed_at.is_some_and(|k| k.elapsed() > Duration::from_millis(800)) {
-            target = Some(ok(tspec.start(lab())));
-            eprintln!("[{t:.1}s] target restarted");
-        }
-        if !source_killed && t > 20.0 {
-            if let Some(d) = source.take() {
-                d.kill();
-            }
-            source_killed = true;
-            eprintln!("[{t:.1}s] source SIGKILLed");
-            // QEMU notices at the next write of each disk; the guest's
-            // writes keep succeeding.
-            for (i, q) in qemu.iter_mut().enumerate() {
-                let w = GenWrite { disk: i, offset: 0, payload: Payload::Data(vec![0xAB; 4096]) };
-                ok(integration::kvm_lab::guest_write(&mut guests[i], &w).map_err(Into::into));
-                model.apply(&w);
-                ok(site_manager::kvm::wait_for(&mut q.qsd.qmp, &q.job, Duration::from_secs(30), "the job to fail", |s| s.is_some_and(|s| s.failed()))
-                    .map(|_| ())
-                    .map_err(Into::into));
-                ok(q.qsd.detach(&q.job, true));
-            }
-            let s = ok(sspec.start(lab()));
-            // A restarted source lost its queue: nothing is consistent
-            // until the tap has re-sent every block.
-            let r = ok(s.call(json!({"op": "checkpoint", "id": next_id})));
-            assert_eq!(r["kind"], "Inconsistent", "checkpoint {next_id} right after the source restart");
-            in_resync.push(next_id);
-            next_id += 1;
-            source = Some(s);
-            // Re-attach with a full sync while the guest keeps writing.
-            let mut moved = std::mem::take(&mut qemu);
-            let (sock, names2) = (sspec.tap_sock.clone(), names.clone());
-            resync = Some(std::thread::spawn(move || {
-                for (i, q) in moved.iter_mut().enumerate() {
-                    q.job = format!("tap{i}b");
-                    ok(q.qsd.attach(&q.job, &sock, &names2[i]).map(|_| ()));
-                }
-                moved
-            }));
-        }
-        if resync.as_ref().is_some_and(|h| h.is_finished()) {
-            let h = resync.take().unwrap_or_else(|| unreachable!());
-            qemu = h.join().unwrap_or_else(|_| panic!("re-attaching the taps failed"));
-            if let Some(s) = &source {
-                eprintln!("[{t:.1}s] resync done: {}", status(s)["sync"]);
-                ok(s.call(json!({"op": "sync", "syncing": false})));
-            }
-        }
-        if last_cp.elapsed() >= Duration::from_secs(1) || resync.is_some() {
-            if let Some(s) = &source {
-                let r = ok(s.call(json!({"op": "checkpoint", "id": next_id})));
-                if r["kind"] == "Inconsistent" {
-                    in_resync.push(next_id);
-                } else {
-                    assert!(resync.is_none(), "checkpoint {next_id} during the resync is {}", r["kind"]);
-                    expected.insert(next_id, model.hashes());
-                }
-                next_id += 1;
-            }
-            last_cp = Instant::now();
-        }
-        if t > 30.0 && resync.is_none() && target.is_some() {
-            break;
-        }
-    }
-    assert!(!in_resync.is_empty(), "no checkpoint was taken during the resync");
-    let (source, target) = (source.unwrap_or_else(|| unreachable!()), target.unwrap_or_else(|| unreachable!()));
-    let last = next_id;
-    let r = ok(source.call(json!({"op": "checkpoint", "id": last, "name": "final"})));
-    assert_eq!(r["kind"], "Named");
-    expected.insert(last, model.hashes());
-    ok(wait_until("the target to hold everything", Duration::from_secs(120), || Ok(status(&source)["drained"] == json!(true))));
-    let st = status(&source);
-    eprintln!("{writes} guest writes; source: {st}");
-    let slog = source.log_text();
-    let ups = slog.matches("replication link up").count();
-    eprintln!("source log:\n{}", slog.lines().filter(|l| l.contains("link")).collect::<Vec<_>>().join("\n"));
-    // First link, five cuts, the stall, the target's restart, the source's.
-    assert!(ups >= 9, "the link should have come back after each fault ({ups} times up)");
-    for q in &mut qemu {
-        ok(q.qsd.detach(&q.job, false));
-    }
-    let source_hashes: Vec<blake3::Hash> = qemu.iter().map(|q| ok(q.qsd.image_hash())).collect();
-    assert_eq!(source_hashes, model.hashes(), "the model follows the source disks");
-    ok(source.shutdown());
-    let tlog = target.log_text();
-    ok(target.shutdown());
-    assert!(tlog.contains("link up"), "{tlog}");
-    let checked = verify_checkpoints(&tspec.journal_dir("vpg1"), &names, &expected, &in_resync);
-    eprintln!("{checked} consistent checkpoints verified, {} taken during the resync", in_resync.len());
-    let j = ok(Journal::open(tspec.journal_dir("vpg1"), JournalConfig::default()).map_err(Into::into));
-    let cps = ok(j.checkpoints().map_err(Into::into));
-    let newest = cps.iter().rev().find(|c| c.kind.is_recoverable()).unwrap_or_else(|| panic!("no consistent checkpoint"));
-    assert_eq!(newest.id.0, last, "the latest consistent checkpoint is the final one");
-    let v = ok(j.open_view(newest.id).map_err(Into::into));
-    for (i, n) in names.iter().enumerate() {
-        assert_eq!(ok(v.disk_hash(disk_id(n)).map_err(Into::into)), source_hashes[i], "disk {n} at the latest checkpoint");
-    }
-    assert!(checked >= 15, "only {checked} consistent checkpoints verified");
+    let r = ok(run(lab(), dir.path(), &TwoSiteOptions::default(), |line| eprintln!("{line}")));
+    eprintln!("{r:?}");
+    assert_eq!((r.cuts, r.stalls), (5, 1));
+    // The first link, five cuts, the stall, the target's restart, the
+    // source's restart: each time the link came back.
+    assert!(r.links_up >= 9, "the link came up only {} times", r.links_up);
+    assert!(r.inconsistent_during_resync >= 2, "{r:?}");
+    assert!(r.consistent_verified >= 15, "only {} consistent checkpoints verified", r.consistent_verified);
 }
 
 /// A TLS link to the target with the given site's certificates.
