@@ -1,7 +1,13 @@
-//! The `vdsa` daemon's command line and services. Today: `tap-serve`
-//! receives a hypervisor's tap (QEMU's block mirror over NBD) for the disks
-//! of one stream into a journal, with a control socket (line-delimited
-//! JSON: checkpoint, sync, status, shutdown). The `vdsa` binary is a thin
+//! The `vdsa` daemon's command line and services:
+//! - `tap-serve` receives a hypervisor's tap (QEMU's block mirror over NBD,
+//!   or the native tap protocol) for the disks of one stream into a local
+//!   journal;
+//! - `source` receives the tap and replicates to a target VDSA;
+//! - `target` accepts source links and keeps each VPG's journal;
+//! - `certs` creates site certificates and pairs sites.
+//!
+//! Each service has a control socket (line-delimited JSON: checkpoint,
+//! sync, bandwidth, status, promote, shutdown). The `vdsa` binary is a thin
 //! wrapper over [`main`].
 
 use crate::journal::{Journal, JournalConfig};

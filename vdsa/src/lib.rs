@@ -3,8 +3,10 @@
 //! This crate owns the data path of the product: the target-side journal
 //! engine (redo log, content-addressed chunk store, per-disk index, replica,
 //! point-in-time read views, retention), the tap receivers (an NBD server
-//! that QEMU's block mirror writes to, with the checkpoint barrier), and, as
-//! later issues land, the replication sender and receiver.
+//! that QEMU's block mirror writes to, with the checkpoint barrier), and
+//! replication between VDSAs: the wire (frames, messages, TLS 1.3 with
+//! site certificates), the source stream with its send queue, and the
+//! target server that feeds each VPG's journal.
 //!
 //! It must not hold control-plane state (VPG definitions, pairing, task
 //! tracking: that is the site manager's), and it must not talk to a
