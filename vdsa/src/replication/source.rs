@@ -10,7 +10,7 @@ use crate::nbd::proto::{EIO, ENOSPC};
 use crate::nbd::server::{BlockExport, ExportError};
 use crate::tap::CheckpointBarrier;
 use crate::wire::frame::{read_frame, write_frame, FrameError, HEADER_LEN, VERSION};
-use crate::wire::msg::{self, Ack, Blocks, Enc, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind};
+use crate::wire::msg::{self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind};
 use crate::wire::tls::{self, LinkWriter};
 use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId};
 use std::collections::VecDeque;
@@ -383,7 +383,6 @@ impl SourceStream {
         let mut next_batch = 1u64;
         let mut last_send = Instant::now();
         let mut compress = CompressProbe::default();
-        let mut enc = Enc::default();
         while !self.stop.load(Ordering::SeqCst) {
             // Needs first: they unblock the target.
             let wait = if pending.len() >= self.opts.window { Duration::from_millis(20) } else { Duration::ZERO };
@@ -392,7 +391,7 @@ impl SourceStream {
                     let batch = pending
                         .pop_front()
                         .ok_or_else(|| LinkError::Protocol(format!("need for batch {} that was not offered", need.batch)))?;
-                    self.send_blocks(w, batch, need, &mut compress, &mut enc)?;
+                    self.send_blocks(w, batch, need, &mut compress)?;
                     last_send = Instant::now();
                     continue;
                 }
@@ -486,7 +485,7 @@ impl SourceStream {
 
     /// Sends the bytes the target lacks: partial blocks always, whole
     /// blocks as asked.
-    fn send_blocks(&self, w: &mut LinkWriter, p: PendingBatch, need: Need, compress: &mut CompressProbe, enc: &mut Enc) -> Result<(), LinkError> {
+    fn send_blocks(&self, w: &mut LinkWriter, p: PendingBatch, need: Need, compress: &mut CompressProbe) -> Result<(), LinkError> {
         if need.batch != p.batch || need.bits.len() != p.hashed {
             return Err(LinkError::Protocol(format!(
                 "need for batch {} with {} bits, but batch {} offered {} hashes",
@@ -496,7 +495,8 @@ impl SourceStream {
                 p.hashed
             )));
         }
-        let mut data = Vec::new();
+        // The message header goes in front, so the data is copied once.
+        let mut data = vec![0u8; Blocks::HEADER_LEN];
         let mut bit = 0usize;
         let mut sent = 0u64;
         for e in &p.entries {
@@ -518,17 +518,20 @@ impl SourceStream {
             }
             data.extend_from_slice(&x.data[head + full * BLOCK_SIZE..]);
         }
-        let raw_len = data.len() as u32;
-        let (compressed, payload) = match compress.try_compress(&data) {
-            Some(c) => (true, c),
-            None => (false, data),
+        let raw_len = (data.len() - Blocks::HEADER_LEN) as u32;
+        let frame = match compress.try_compress(&data[Blocks::HEADER_LEN..]) {
+            Some(c) => {
+                let mut f = vec![0u8; Blocks::HEADER_LEN];
+                f.extend_from_slice(&c);
+                Blocks::put_header(&mut f, p.batch, true, raw_len);
+                f
+            }
+            None => {
+                Blocks::put_header(&mut data, p.batch, false, raw_len);
+                data
+            }
         };
-        enc.0.clear();
-        Blocks { batch: p.batch, compressed, raw_len, data: Vec::new() }.encode_into(enc);
-        enc.0.extend_from_slice(&payload);
-        let frame = std::mem::take(&mut enc.0);
         self.send_frame(w, msg::BLOCKS, &frame)?;
-        enc.0 = frame;
         self.counters.blocks_sent.fetch_add(sent, Ordering::Relaxed);
         Ok(())
     }

@@ -10,6 +10,7 @@ use crate::wire::frame::{read_frame, write_frame, FrameError, VERSION};
 use crate::wire::msg::{self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind};
 use crate::wire::tls::{self, LinkWriter};
 use protection_groups::{CheckpointId, CheckpointKind, StreamId, VpgId};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -335,7 +336,7 @@ impl TargetServer {
                     send(w, msg::NEED, &need.encode())?;
                 }
                 msg::BLOCKS => {
-                    let acked = l.on_blocks(Blocks::decode(&f.payload)?)?;
+                    let acked = l.on_blocks(Blocks::decode_owned(f.payload)?)?;
                     if let Some(ack) = acked {
                         send(w, msg::ACK, &ack.encode())?;
                     }
@@ -469,7 +470,7 @@ impl Link {
         self.check_current()?;
         let mut cursor = 0usize;
         let mut bit = 0usize;
-        let mut run: Vec<(OfferedWrite, Vec<u8>, Vec<WireBlock>)> = Vec::new();
+        let mut run: Vec<(OfferedWrite, Cow<'_, [u8]>, Vec<WireBlock>)> = Vec::new();
         let mut ack = None;
         for item in &offer.items {
             match item {
@@ -501,7 +502,7 @@ impl Link {
         Ok(ack)
     }
 
-    fn ingest_run(&self, run: &mut Vec<(OfferedWrite, Vec<u8>, Vec<WireBlock>)>) -> Result<(), LinkError> {
+    fn ingest_run(&self, run: &mut Vec<(OfferedWrite, Cow<'_, [u8]>, Vec<WireBlock>)>) -> Result<(), LinkError> {
         if run.is_empty() {
             return Ok(());
         }
@@ -597,9 +598,29 @@ fn check_shape(w: &OfferedWrite) -> Result<(), LinkError> {
 
 /// The write's bytes from the batch data: partial edges and the blocks
 /// that were sent; held blocks are left zero (the journal supplies them).
-fn assemble(w: &OfferedWrite, data: &[u8], cursor: &mut usize, bits: &[bool], bit: &mut usize) -> Result<(Vec<u8>, Vec<WireBlock>), LinkError> {
+/// When every block was sent the bytes are one piece of the batch data and
+/// are not copied.
+fn assemble<'a>(w: &OfferedWrite, data: &'a [u8], cursor: &mut usize, bits: &[bool], bit: &mut usize) -> Result<(Cow<'a, [u8]>, Vec<WireBlock>), LinkError> {
     if w.kind != WriteKind::Data {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok((Cow::Borrowed(&[]), Vec::new()));
+    }
+    let n_hashed = w.blocks.iter().filter(|b| matches!(b, OfferedBlock::Hash(_))).count();
+    let all_sent = n_hashed == w.blocks.len() && bits.get(*bit..*bit + n_hashed).is_some_and(|b| b.iter().all(|&x| x));
+    if all_sent {
+        let piece = data
+            .get(*cursor..*cursor + w.len as usize)
+            .ok_or_else(|| LinkError::Refused(format!("batch data ends inside write seq {}", w.seq)))?;
+        *cursor += w.len as usize;
+        *bit += n_hashed;
+        let wb = w
+            .blocks
+            .iter()
+            .map(|b| match b {
+                OfferedBlock::Hash(h) => WireBlock::Sent { hash: *h },
+                OfferedBlock::Zero => WireBlock::Zero,
+            })
+            .collect();
+        return Ok((Cow::Borrowed(piece), wb));
     }
     let short = || LinkError::Refused(format!("batch data ends inside write seq {}", w.seq));
     let take = |n: usize, cursor: &mut usize| -> Result<&[u8], LinkError> {
@@ -631,5 +652,5 @@ fn assemble(w: &OfferedWrite, data: &[u8], cursor: &mut usize, bits: &[bool], bi
         }
     }
     buf.extend_from_slice(take(tail, cursor)?);
-    Ok((buf, wb))
+    Ok((Cow::Owned(buf), wb))
 }

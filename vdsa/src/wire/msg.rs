@@ -429,12 +429,29 @@ impl Blocks {
         e.u64(self.batch).u8(self.compressed as u8).u32(self.raw_len).raw(&self.data);
     }
     pub fn decode(p: &[u8]) -> Result<Self, FrameError> {
-        let mut d = Dec::new(p, "blocks");
+        Self::decode_owned(p.to_vec())
+    }
+
+    /// Decodes a frame's payload it takes over: the data stays where it is
+    /// (a batch is megabytes; a copy would cost more than the decoding).
+    pub fn decode_owned(mut p: Vec<u8>) -> Result<Self, FrameError> {
+        let mut d = Dec::new(&p, "blocks");
         let batch = d.u64()?;
         let compressed = d.u8()? != 0;
         let raw_len = d.u32()?;
-        let data = d.buf.to_vec();
-        Ok(Blocks { batch, compressed, raw_len, data })
+        p.drain(..Self::HEADER_LEN);
+        Ok(Blocks { batch, compressed, raw_len, data: p })
+    }
+
+    /// Bytes before the data: batch, compressed flag, raw length.
+    pub const HEADER_LEN: usize = 13;
+
+    /// Writes the header into the first [`Blocks::HEADER_LEN`] bytes of
+    /// `buf`, which the caller filled with data after them.
+    pub fn put_header(buf: &mut [u8], batch: u64, compressed: bool, raw_len: u32) {
+        buf[..8].copy_from_slice(&batch.to_be_bytes());
+        buf[8] = compressed as u8;
+        buf[9..13].copy_from_slice(&raw_len.to_be_bytes());
     }
 }
 
