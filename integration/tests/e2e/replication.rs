@@ -409,3 +409,59 @@ fn a_full_queue_with_the_block_policy_holds_the_tap() {
     ok(target.shutdown());
     assert_eq!(verify_checkpoints(&tspec.journal_dir("vpg1"), &["d0".to_string()], &expected, &[]), 4);
 }
+
+/// A VPG spanning two hosts: two source VDSAs (two streams) replicate into
+/// one journal. A checkpoint is recorded once both placed its marker, and
+/// then holds both hosts' writes up to their markers; a marker only one
+/// host placed is never offered, and does not hold up that host's queue.
+#[test]
+fn a_checkpoint_across_two_hosts_waits_for_both_markers() {
+    let dir = ok(tempfile::tempdir().map_err(Into::into));
+    let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
+    let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 300));
+    let target = ok(tspec.start(lab()));
+    let mut sources = Vec::new();
+    for (h, disk) in [("h1", "vm1"), ("h2", "vm2")] {
+        let d = dir.path().join(h);
+        ok(std::fs::create_dir_all(&d).map_err(Into::into));
+        let mut spec = SourceSpec::new(&d, &src_certs, &format!("127.0.0.1:{}", tspec.port), "vpg1", &[(disk.to_string(), 8 << 20)]);
+        spec.extra = ["--stream", h, "--streams", "2"].map(String::from).to_vec();
+        let s = ok(spec.start(lab()));
+        ok(s.call(json!({"op": "sync", "syncing": false})));
+        let tap = ok(NbdClient::connect_unix(&spec.tap_sock, disk).map_err(Into::into));
+        sources.push((s, tap));
+    }
+    let mut model = ReferenceModel::new(&[8 << 20, 8 << 20]);
+    let mut work = Workload::new(4, &[8 << 20, 8 << 20], Mix::default());
+    let mut expected = BTreeMap::new();
+    for id in 1..=6u64 {
+        for _ in 0..100 {
+            let w = work.next_write();
+            tap_write(&mut sources[w.disk].1, &w);
+            model.apply(&w);
+        }
+        // Both hosts place the marker (the site manager's PREPARE), except
+        // checkpoint 4, which host 2 never places.
+        for (h, (s, _)) in sources.iter().enumerate() {
+            if id == 4 && h == 1 {
+                continue;
+            }
+            assert_eq!(ok(s.call(json!({"op": "checkpoint", "id": id})))["kind"], "Automatic");
+        }
+        if id != 4 {
+            expected.insert(id, model.hashes());
+        }
+    }
+    for (s, _) in &sources {
+        ok(wait_until("both hosts' streams to be durable", Duration::from_secs(30), || Ok(status(s)["drained"] == json!(true))));
+    }
+    for (s, _) in sources {
+        ok(s.shutdown());
+    }
+    ok(target.shutdown());
+    let j = ok(Journal::open(tspec.journal_dir("vpg1"), JournalConfig::default()).map_err(Into::into));
+    let ids: Vec<u64> = ok(j.checkpoints().map_err(Into::into)).iter().map(|c| c.id.0).collect();
+    assert_eq!(ids, vec![1, 2, 3, 5, 6], "checkpoint 4 had only one host's marker");
+    drop(j);
+    assert_eq!(verify_checkpoints(&tspec.journal_dir("vpg1"), &["vm1".to_string(), "vm2".to_string()], &expected, &[]), 5);
+}

@@ -9,7 +9,8 @@ use crate::journal::BLOCK_SIZE;
 use crate::nbd::proto::{EIO, ENOSPC};
 use crate::nbd::server::{BlockExport, ExportError};
 use crate::tap::CheckpointBarrier;
-use crate::wire::frame::{read_frame, write_frame, FrameError, HEADER_LEN, VERSION};
+use crate::wire::frame::{encode_header, read_frame, write_frame, FrameError, HEADER_LEN, VERSION};
+use std::io::Write;
 use crate::wire::msg::{self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind};
 use crate::wire::tls::{self, LinkWriter};
 use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId};
@@ -425,15 +426,28 @@ impl SourceStream {
         Ok(())
     }
 
+    /// Sends a frame. Under a bandwidth limit it goes in pieces of at most
+    /// 16 KiB, each after its tokens, so that a slow link trickles rather
+    /// than falling silent for longer than the peer's heartbeat timeout.
     fn send_frame(&self, w: &mut LinkWriter, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
-        let n = (HEADER_LEN + payload.len()) as u64;
-        self.throttle.take(n);
-        write_frame(w, VERSION, kind, payload).map_err(|e| match e.kind() {
+        let stalled = |e: io::Error| match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                 LinkError::Protocol("the link took nothing within three heartbeats: it is stalled".into())
             }
             _ => LinkError::Io(e),
-        })?;
+        };
+        let n = (HEADER_LEN + payload.len()) as u64;
+        if self.throttle.rate() == 0 {
+            write_frame(w, VERSION, kind, payload).map_err(stalled)?;
+        } else {
+            let header = encode_header(VERSION, kind, payload);
+            self.throttle.take(HEADER_LEN as u64);
+            w.write_all(&header).map_err(stalled)?;
+            for piece in payload.chunks(16 << 10) {
+                self.throttle.take(piece.len() as u64);
+                w.write_all(piece).map_err(stalled)?;
+            }
+        }
         self.counters.wire_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }

@@ -324,6 +324,7 @@ impl TargetServer {
             pending: VecDeque::new(),
             promised: HashSet::new(),
             acked: AtomicU64::new(welcome.durable_seq),
+            last_marker: AtomicU64::new(welcome.last_checkpoint),
         };
         let link = Arc::new(Mutex::new(link));
         self.spawn_ticker(link.clone(), w.clone(), stop.clone());
@@ -402,6 +403,9 @@ struct Link {
     /// Hashes asked for in pending offers: a later offer need not ask again.
     promised: HashSet<[u8; 32]>,
     acked: AtomicU64,
+    /// The newest marker of this stream placed (recorded, or waiting for
+    /// the VPG's other streams): the source may forget it once durable.
+    last_marker: AtomicU64,
 }
 
 impl Link {
@@ -533,6 +537,7 @@ impl Link {
         if cut.seq != m.cut_seq {
             return Err(LinkError::Refused(format!("checkpoint {} is cut at seq {}, but the stream is at seq {}", m.id, m.cut_seq, cut.seq)));
         }
+        self.last_marker.fetch_max(m.id, Ordering::Relaxed);
         if m.id <= self.replica.newest_checkpoint()? {
             return Ok(false); // a resent marker
         }
@@ -575,7 +580,7 @@ impl Link {
         self.acked.store(seq, Ordering::Relaxed);
         Ok(Some(Ack {
             durable_seq: seq,
-            durable_checkpoint: self.replica.newest_checkpoint()?,
+            durable_checkpoint: self.last_marker.load(Ordering::Relaxed),
             newest_consistent_ms: self.replica.newest_consistent_ms.load(Ordering::Relaxed),
         }))
     }
