@@ -2,11 +2,12 @@
 //! end-to-end test: three VM disks behind QEMU's block mirror replicate
 //! from a source VDSA over TLS through a fault proxy to a target VDSA while
 //! a guest writes and a checkpoint is taken every second. The link is cut,
-//! stalled past the heartbeat, the target and then the source are
-//! SIGKILLed (the source's restart needs QEMU's full resync). At the end
-//! every checkpoint the target offers as consistent must be exactly the
-//! source at that checkpoint, none taken during the resync may be offered
-//! as consistent, and the newest must be the source disks.
+//! stalled past the heartbeat, slowed to a WAN's latency and bandwidth;
+//! the target and then the source are SIGKILLed (the source's restart
+//! needs QEMU's full resync). At the end every checkpoint the target offers
+//! as consistent must be exactly the source at that checkpoint, none taken
+//! during the resync may be offered as consistent, and the newest must be
+//! the source disks.
 
 use crate::kvm_lab::{guest_write, StorageDaemon};
 use crate::replication_lab::{paired_sites, wait_until, Daemon, FaultProxy, SourceSpec, TargetSpec};
@@ -144,6 +145,7 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
     let start = Instant::now();
     let mut last_cp = Instant::now();
     let mut stalled_at: Option<Instant> = None;
+    let mut wan_since: Option<Instant> = None;
     let mut target_killed_at: Option<Instant> = None;
     let mut source_killed = false;
     let mut resync: Option<std::thread::JoinHandle<Result<Vec<QemuDisk>>>> = None;
@@ -174,7 +176,18 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
                 stalled_at = None;
                 report.stalls = 1;
                 say(format!("[{t:.1}s] link flows again after {} ms (heartbeat {} ms)", 5 * o.heartbeat_ms, o.heartbeat_ms));
+                // A WAN for a while: 20 ms each way, 8 MB/s.
+                proxy.delay(Duration::from_millis(20));
+                proxy.limit(8_000_000);
+                wan_since = Some(Instant::now());
+                say(format!("[{t:.1}s] link now 20 ms each way and 8 MB/s"));
             }
+        }
+        if wan_since.is_some_and(|w| w.elapsed() > Duration::from_secs(2)) {
+            proxy.delay(Duration::ZERO);
+            proxy.limit(0);
+            wan_since = None;
+            say(format!("[{t:.1}s] link back to loopback speed"));
         }
         if target_killed_at.is_none() && t > t_target {
             if let Some(d) = target.take() {

@@ -365,16 +365,20 @@ fn control_session(conn: UnixStream, lock: &Mutex<()>, handler: &dyn Fn(&Value) 
     }
 }
 
+/// The `sync` control op: a full or delta sync through the tap begins
+/// (`"syncing": true`) or is done.
+fn sync_op(req: &Value, set: impl FnOnce(bool)) -> Result<Value> {
+    let Some(syncing) = req.get("syncing").and_then(Value::as_bool) else {
+        bail!("sync needs \"syncing\": true|false");
+    };
+    set(syncing);
+    Ok(json!({"ok": true}))
+}
+
 fn handle(req: &Value, tap: &TapStream) -> Result<Value> {
     match req.get("op").and_then(Value::as_str) {
         Some("checkpoint") => checkpoint(tap, req.get("name").and_then(Value::as_str).unwrap_or("")),
-        Some("sync") => {
-            let Some(syncing) = req.get("syncing").and_then(Value::as_bool) else {
-                bail!("sync needs \"syncing\": true|false");
-            };
-            tap.set_syncing(syncing);
-            Ok(json!({"ok": true}))
-        }
+        Some("sync") => sync_op(req, |on| tap.set_syncing(on)),
         Some("status") => {
             let stats = tap.journal().stats()?;
             let seq = tap.position()?.map_or(0, |c| c.seq);
@@ -467,13 +471,7 @@ fn source(a: SourceArgs) -> Result<()> {
             req.get("id").and_then(Value::as_u64),
             req.get("name").and_then(Value::as_str).unwrap_or(""),
         ),
-        Some("sync") => {
-            let Some(syncing) = req.get("syncing").and_then(Value::as_bool) else {
-                bail!("sync needs \"syncing\": true|false");
-            };
-            s.set_syncing(syncing);
-            Ok(json!({"ok": true}))
-        }
+        Some("sync") => sync_op(req, |on| s.set_syncing(on)),
         Some("bandwidth") => {
             let Some(rate) = req.get("bytes_per_sec").and_then(Value::as_u64) else {
                 bail!("bandwidth needs \"bytes_per_sec\" (0: no limit)");

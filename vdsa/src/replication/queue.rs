@@ -5,7 +5,7 @@
 //! the stream needs a resync.
 
 use crate::journal::BLOCK_SIZE;
-use crate::wire::msg::{Marker, WriteKind};
+use crate::wire::msg::{kind_code, kind_from_code, Marker, WriteKind};
 use protection_groups::{CheckpointKind, DiskId};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::File;
@@ -346,15 +346,6 @@ fn mark_dirty(st: &mut State, w: &QueuedWrite) {
     }
 }
 
-fn kind_code(k: CheckpointKind) -> u8 {
-    match k {
-        CheckpointKind::Automatic => 1,
-        CheckpointKind::Named => 2,
-        CheckpointKind::ApplicationConsistent => 3,
-        CheckpointKind::Inconsistent => 4,
-    }
-}
-
 /// Spill file records: length, then the entry. Not crash-safe by design:
 /// after a source restart the queue is gone and a delta sync follows.
 fn encode_entry(e: &Entry) -> Vec<u8> {
@@ -393,23 +384,14 @@ fn decode_entry(b: &[u8]) -> Option<Entry> {
             let disk = DiskId::from_bytes(b.get(9..25)?.try_into().ok()?);
             let offset = u64_at(25)?;
             let len = u64_at(33)?;
-            let kind = match b.get(41)? {
-                1 => WriteKind::Data,
-                2 => WriteKind::Zero,
-                _ => WriteKind::Trim,
-            };
+            let kind = WriteKind::from_code(*b.get(41)?)?;
             let sync = *b.get(42)? != 0;
             let data = Arc::new(b.get(43..)?.to_vec());
             Some(Entry::Write(QueuedWrite { seq, disk, offset, len, kind, sync, data }))
         }
         2 => {
             let id = u64_at(1)?;
-            let kind = match b.get(9)? {
-                1 => CheckpointKind::Automatic,
-                2 => CheckpointKind::Named,
-                3 => CheckpointKind::ApplicationConsistent,
-                _ => CheckpointKind::Inconsistent,
-            };
+            let kind = kind_from_code(*b.get(9)?)?;
             let source_time_ms = u64_at(10)?;
             let cut_seq = u64_at(18)?;
             let streams = u16::from_be_bytes(b.get(26..28)?.try_into().ok()?);

@@ -236,7 +236,8 @@ impl<'a> Dec<'a> {
     }
 }
 
-fn kind_code(k: CheckpointKind) -> u8 {
+/// A checkpoint kind's code on the wire (and in the source's spill file).
+pub fn kind_code(k: CheckpointKind) -> u8 {
     match k {
         CheckpointKind::Automatic => 1,
         CheckpointKind::Named => 2,
@@ -245,14 +246,29 @@ fn kind_code(k: CheckpointKind) -> u8 {
     }
 }
 
-fn kind_from(code: u8, d: &Dec<'_>) -> Result<CheckpointKind, FrameError> {
-    Ok(match code {
+pub fn kind_from_code(code: u8) -> Option<CheckpointKind> {
+    Some(match code {
         1 => CheckpointKind::Automatic,
         2 => CheckpointKind::Named,
         3 => CheckpointKind::ApplicationConsistent,
         4 => CheckpointKind::Inconsistent,
-        c => return Err(d.bad(format!("unknown checkpoint kind {c}"))),
+        _ => return None,
     })
+}
+
+fn kind_from(code: u8, d: &Dec<'_>) -> Result<CheckpointKind, FrameError> {
+    kind_from_code(code).ok_or_else(|| d.bad(format!("unknown checkpoint kind {code}")))
+}
+
+impl WriteKind {
+    pub fn from_code(code: u8) -> Option<WriteKind> {
+        Some(match code {
+            1 => WriteKind::Data,
+            2 => WriteKind::Zero,
+            3 => WriteKind::Trim,
+            _ => return None,
+        })
+    }
 }
 
 impl Hello {
@@ -364,12 +380,8 @@ impl Offer {
                     let disk = DiskId::from_bytes(d.id16()?);
                     let offset = d.u64()?;
                     let len = d.u64()?;
-                    let kind = match d.u8()? {
-                        1 => WriteKind::Data,
-                        2 => WriteKind::Zero,
-                        3 => WriteKind::Trim,
-                        k => return Err(d.bad(format!("unknown write kind {k}"))),
-                    };
+                    let code = d.u8()?;
+                    let kind = WriteKind::from_code(code).ok_or_else(|| d.bad(format!("unknown write kind {code}")))?;
                     let sync = d.u8()? != 0;
                     let nb = d.count(1)?;
                     let mut blocks = Vec::with_capacity(nb);
