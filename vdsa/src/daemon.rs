@@ -59,7 +59,7 @@ enum Command {
     },
     /// Source side of replication: serve taps for the disks of one VPG
     /// stream and replicate their writes to a target VDSA.
-    Source(SourceArgs),
+    Source(Box<SourceArgs>),
     /// Target side of replication: accept links from source VDSAs and keep
     /// each VPG's journal.
     Target(TargetArgs),
@@ -197,7 +197,7 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
             stream,
             checkpoint_interval_ms,
         } => tap_serve(journal, listen, control, disk, stream, checkpoint_interval_ms),
-        Command::Source(a) => source(a),
+        Command::Source(a) => source(*a),
         Command::Target(a) => target(a),
         Command::Certs(CertsCommand::Create { site, dir }) => {
             for p in crate::wire::tls::create_site_certificates(&dir, &site)? {

@@ -555,7 +555,7 @@ impl SourceStream {
 /// block) of a write at `offset` of `len` bytes.
 pub fn split(offset: u64, len: u64) -> (usize, usize, usize) {
     let bs = BLOCK_SIZE as u64;
-    let head = if offset % bs == 0 { 0 } else { (bs - offset % bs).min(len) };
+    let head = if offset.is_multiple_of(bs) { 0 } else { (bs - offset % bs).min(len) };
     let rest = len - head;
     (head as usize, (rest / bs) as usize, (rest % bs) as usize)
 }

@@ -389,6 +389,10 @@ fn send(w: &Arc<Mutex<LinkWriter>>, kind: u16, payload: &[u8]) -> Result<(), Lin
     Ok(())
 }
 
+/// Writes of a batch between two markers, ready for the journal: each with
+/// its bytes (borrowed from the batch where possible) and block kinds.
+type Run<'a> = Vec<(OfferedWrite, Cow<'a, [u8]>, Vec<WireBlock>)>;
+
 /// One link's ingest state.
 #[derive(Debug)]
 struct Link {
@@ -474,7 +478,7 @@ impl Link {
         self.check_current()?;
         let mut cursor = 0usize;
         let mut bit = 0usize;
-        let mut run: Vec<(OfferedWrite, Cow<'_, [u8]>, Vec<WireBlock>)> = Vec::new();
+        let mut run: Run<'_> = Vec::new();
         let mut ack = None;
         for item in &offer.items {
             match item {
@@ -506,7 +510,7 @@ impl Link {
         Ok(ack)
     }
 
-    fn ingest_run(&self, run: &mut Vec<(OfferedWrite, Cow<'_, [u8]>, Vec<WireBlock>)>) -> Result<(), LinkError> {
+    fn ingest_run(&self, run: &mut Run<'_>) -> Result<(), LinkError> {
         if run.is_empty() {
             return Ok(());
         }
