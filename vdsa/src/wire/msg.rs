@@ -119,7 +119,8 @@ pub struct Blocks {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
     pub durable_seq: u64,
-    /// Markers up to this checkpoint id are durable.
+    /// The stream's markers up to this checkpoint id are placed (recorded,
+    /// or waiting for the VPG's other streams): the source may forget them.
     pub durable_checkpoint: u64,
     /// Source time of the newest consistent checkpoint durable at the
     /// target (0: none): the RPO's reference.
