@@ -465,3 +465,60 @@ fn a_checkpoint_across_two_hosts_waits_for_both_markers() {
     drop(j);
     assert_eq!(verify_checkpoints(&tspec.journal_dir("vpg1"), &["vm1".to_string(), "vm2".to_string()], &expected, &[]), 5);
 }
+
+/// Unmounts a small tmpfs when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &Path, size: &str) -> SmallDisk {
+        ok(std::fs::create_dir_all(path).map_err(Into::into));
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status();
+        assert!(st.is_ok_and(|s| s.success()), "mounting a {size} tmpfs at {} (the test suite runs as root)", path.display());
+        SmallDisk(path.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The recovery site's disk fills up: the target stops that VPG's journal
+/// (nothing half-written is ever offered), keeps serving, and the source's
+/// status names the cause instead of a closed link.
+#[test]
+fn a_full_disk_at_the_target_is_named_at_the_source() {
+    use rand::{RngCore, SeedableRng};
+    let dir = ok(tempfile::tempdir().map_err(Into::into));
+    let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
+    let mut tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 300));
+    let small = SmallDisk::mount(&dir.path().join("small"), "48M");
+    tspec.root = small.0.join("target");
+    let target = ok(tspec.start(lab()));
+    let disks = vec![("d0".to_string(), 256u64 << 20)];
+    let sspec = SourceSpec::new(dir.path(), &src_certs, &format!("127.0.0.1:{}", tspec.port), "vpg1", &disks);
+    let source = ok(sspec.start(lab()));
+    ok(source.call(json!({"op": "sync", "syncing": false})));
+    let mut tap = ok(NbdClient::connect_unix(&sspec.tap_sock, "d0").map_err(Into::into));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..96u64 {
+        rng.fill_bytes(&mut buf);
+        ok(tap.write(i << 20, &buf).map_err(Into::into));
+    }
+    ok(wait_until("the source to report the full disk", Duration::from_secs(60), || {
+        Ok(status(&source)["last_error"].as_str().is_some_and(|e| e.contains("no space left on the device")))
+    }));
+    let why = status(&source)["last_error"].clone();
+    eprintln!("source: {why}");
+    assert!(why.as_str().is_some_and(|e| e.contains("journal failed")), "{why}");
+    // The target still answers.
+    assert_eq!(status(&target)["ok"], json!(true));
+    drop(source);
+    drop(target);
+    drop(small);
+}

@@ -262,8 +262,12 @@ impl Journal {
         let mut st = self.write_state()?;
         let r = f(&mut st);
         if let Err(e) = &r {
-            if !is_refusal(e) {
-                st.failed = Some(e.to_string());
+            // The first failure is the cause; later ones only repeat it.
+            if !is_refusal(e) && st.failed.is_none() {
+                st.failed = Some(match e {
+                    JournalError::Failed(cause) => cause.clone(),
+                    e => e.to_string(),
+                });
             }
         }
         r

@@ -266,6 +266,16 @@ impl TargetServer {
                     let _ = write_frame(&mut *w, VERSION, msg::REFUSE, &Refuse { reason }.encode());
                 }
             }
+            // The journal failed (a full disk, an I/O error): the source is
+            // told why, so its status names the cause rather than a closed
+            // link.
+            Err(LinkError::Journal(e)) => {
+                let reason = format!("the recovery site's journal failed: {e}");
+                tracing::error!(%peer, "{reason}");
+                if let Ok(mut w) = w.lock() {
+                    let _ = write_frame(&mut *w, VERSION, msg::REFUSE, &Refuse { reason }.encode());
+                }
+            }
             Err(e) => tracing::warn!(%peer, "link lost: {e}"),
         }
         let guard = w.lock();
