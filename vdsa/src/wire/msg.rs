@@ -438,9 +438,6 @@ impl Need {
 }
 
 impl Blocks {
-    pub fn encode_into(&self, e: &mut Enc) {
-        e.u64(self.batch).u8(self.compressed as u8).u32(self.raw_len).raw(&self.data);
-    }
     pub fn decode(p: &[u8]) -> Result<Self, FrameError> {
         Self::decode_owned(p.to_vec())
     }

@@ -59,6 +59,11 @@ fn messages_round_trip() {
     assert_eq!(Ack::decode(&a.encode()).ok(), Some(a));
     let w = Welcome { resume_after_seq: 4, last_checkpoint: 5, durable_seq: 4 };
     assert_eq!(Welcome::decode(&w.encode()).ok(), Some(w));
+    let mut b = vec![0u8; Blocks::HEADER_LEN];
+    b.extend_from_slice(b"block bytes");
+    Blocks::put_header(&mut b, 12, true, 4096);
+    let got = Blocks::decode_owned(b).ok();
+    assert_eq!(got, Some(Blocks { batch: 12, compressed: true, raw_len: 4096, data: b"block bytes".to_vec() }));
 }
 
 #[test]
