@@ -38,18 +38,8 @@ enum Command {
         /// Journal directory.
         #[arg(long)]
         journal: PathBuf,
-        /// Where taps connect: unix:PATH or tcp:HOST:PORT for NBD (QEMU's
-        /// block mirror), native-unix:PATH or native-tcp:HOST:PORT for the
-        /// native tap protocol (docs/tap-protocol.md). Repeatable.
-        #[arg(long, required = true)]
-        listen: Vec<String>,
-        /// Control socket (line-delimited JSON).
-        #[arg(long)]
-        control: PathBuf,
-        /// A protected disk: NAME=SIZE[K|M|G] (repeatable). NAME is its NBD
-        /// export name.
-        #[arg(long, required = true)]
-        disk: Vec<String>,
+        #[command(flatten)]
+        taps: TapArgs,
         /// Stream name (one per VDSA and VPG).
         #[arg(long, default_value = "local")]
         stream: String,
@@ -66,6 +56,24 @@ enum Command {
     /// Site certificates for the replication link.
     #[command(subcommand)]
     Certs(CertsCommand),
+}
+
+/// Where taps connect and which disks they write: shared by `tap-serve`
+/// and `source`.
+#[derive(clap::Args, Debug)]
+struct TapArgs {
+    /// Where taps connect: unix:PATH or tcp:HOST:PORT for NBD (QEMU's
+    /// block mirror), native-unix:PATH or native-tcp:HOST:PORT for the
+    /// native tap protocol (docs/tap-protocol.md). Repeatable.
+    #[arg(long, required = true)]
+    listen: Vec<String>,
+    /// Control socket (line-delimited JSON).
+    #[arg(long)]
+    control: PathBuf,
+    /// A protected disk: NAME=SIZE[K|M|G] (repeatable). NAME is its NBD
+    /// export name.
+    #[arg(long, required = true)]
+    disk: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -88,14 +96,8 @@ struct SourceArgs {
     /// Folder with node.pem, node.key and peers/ (see `vdsa certs`).
     #[arg(long)]
     certs: PathBuf,
-    /// Where taps connect (as for tap-serve). Repeatable.
-    #[arg(long, required = true)]
-    listen: Vec<String>,
-    #[arg(long)]
-    control: PathBuf,
-    /// A protected disk: NAME=SIZE[K|M|G] (repeatable).
-    #[arg(long, required = true)]
-    disk: Vec<String>,
+    #[command(flatten)]
+    taps: TapArgs,
     /// Memory for queued writes before they spill to disk.
     #[arg(long, default_value = "128M")]
     queue_memory: String,
@@ -191,12 +193,10 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
     match cli.command {
         Command::TapServe {
             journal,
-            listen,
-            control,
-            disk,
+            taps,
             stream,
             checkpoint_interval_ms,
-        } => tap_serve(journal, listen, control, disk, stream, checkpoint_interval_ms),
+        } => tap_serve(journal, taps.listen, taps.control, taps.disk, stream, checkpoint_interval_ms),
         Command::Source(a) => source(*a),
         Command::Target(a) => target(a),
         Command::Certs(CertsCommand::Create { site, dir }) => {
@@ -220,11 +220,7 @@ fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<Str
     let tap = TapStream::new(journal.clone(), stream_id)?;
     let mut exports = Exports::default();
     for spec in &disks {
-        let Some((name, size)) = spec.split_once('=') else {
-            bail!("--disk {spec:?}: expected NAME=SIZE");
-        };
-        let size = parse_size(size)?;
-        let id = DiskId::from_bytes(derived_id("disk", name));
+        let (name, id, size) = parse_disk(spec)?;
         match known.iter().find(|d| d.id == id) {
             Some(d) if d.size != size => bail!("disk {name} is {} bytes in the journal, not {size}", d.size),
             Some(_) => {}
@@ -403,18 +399,11 @@ fn parse_disk(spec: &str) -> Result<(String, DiskId, u64)> {
     Ok((name.to_string(), DiskId::from_bytes(derived_id("disk", name)), size))
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis() as u64
-}
-
 fn source(a: SourceArgs) -> Result<()> {
     use crate::replication::queue::{Backpressure, QueueConfig};
     use crate::replication::source::{SourceDisk, SourceOptions, SourceStream};
     let identity = crate::wire::tls::SiteIdentity::load(&a.certs)?;
-    let disks: Vec<(String, DiskId, u64)> = a.disk.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?;
+    let disks: Vec<(String, DiskId, u64)> = a.taps.disk.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?;
     let backpressure = match a.backpressure.as_str() {
         "block" => Backpressure::Block,
         "bitmap" => Backpressure::Bitmap,
@@ -447,7 +436,7 @@ fn source(a: SourceArgs) -> Result<()> {
     for (name, id, size) in &disks {
         exports.insert(name.clone(), Arc::new(SourceDisk { stream: stream.clone(), disk: *id, size: *size }));
     }
-    serve_taps(&a.listen, Arc::new(exports))?;
+    serve_taps(&a.taps.listen, Arc::new(exports))?;
     let cfg = identity.client_config()?;
     let link = stream.clone();
     std::thread::spawn(move || link.run_link(cfg));
@@ -464,7 +453,7 @@ fn source(a: SourceArgs) -> Result<()> {
         });
     }
     let s = stream.clone();
-    serve_control(&a.control, lock, move |req| match req.get("op").and_then(Value::as_str) {
+    serve_control(&a.taps.control, lock, move |req| match req.get("op").and_then(Value::as_str) {
         Some("checkpoint") => source_checkpoint(
             &s,
             &last_id,
@@ -496,7 +485,7 @@ fn source(a: SourceArgs) -> Result<()> {
 /// Checkpoint ids grow across restarts: by default the time in ms.
 fn source_checkpoint(s: &crate::replication::source::SourceStream, last: &Mutex<u64>, id: Option<u64>, name: &str) -> Result<Value> {
     let mut last = last.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    let id = id.unwrap_or_else(|| now_ms().max(*last + 1));
+    let id = id.unwrap_or_else(|| crate::replication::now_ms().max(*last + 1));
     if id <= *last {
         bail!("checkpoint id {id} is not newer than the last one, {}", *last);
     }

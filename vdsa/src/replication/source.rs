@@ -4,6 +4,7 @@
 //! (DESIGN 4.1, 4.4).
 
 use super::queue::{Entry, Pushed, QueueConfig, QueueStats, QueuedWrite, SendQueue};
+use super::now_ms;
 use super::throttle::Throttle;
 use crate::journal::BLOCK_SIZE;
 use crate::nbd::proto::{EIO, ENOSPC};
@@ -20,7 +21,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// What a source stream replicates, and to where.
 #[derive(Debug, Clone)]
@@ -89,10 +90,6 @@ pub struct SourceStream {
     pub counters: LinkCounters,
     link: Mutex<LinkState>,
     stop: AtomicBool,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
 }
 
 #[derive(Debug, thiserror::Error)]

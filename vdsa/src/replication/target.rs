@@ -4,6 +4,7 @@
 //! in seq order, records checkpoints once every stream of the VPG placed
 //! its marker, and acknowledges what is durable (DESIGN 4.1–4.4).
 
+use super::now_ms;
 use super::source::split;
 use crate::journal::{BlockQuery, CheckpointSpec, Cut, Journal, JournalConfig, JournalError, TapWrite, WireBlock, WriteData, BLOCK_SIZE};
 use crate::wire::frame::{read_frame, write_frame, FrameError, VERSION};
@@ -17,7 +18,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
 pub struct TargetOptions {
@@ -40,10 +41,6 @@ enum LinkError {
     Refused(String),
     #[error("a newer link of the same stream took over")]
     Superseded,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
 }
 
 /// A stream's ingest slot: one link at a time ingests it.
