@@ -454,6 +454,7 @@ impl SourceStream {
         let mut items = Vec::with_capacity(entries.len());
         let mut raw = 0u64;
         let mut hashed = 0u64;
+        let mut zero = Vec::new();
         for e in &entries {
             items.push(match e {
                 Entry::Write(x) => {
@@ -462,7 +463,9 @@ impl SourceStream {
                         x.data[head..head + full * BLOCK_SIZE]
                             .chunks_exact(BLOCK_SIZE)
                             .map(|b| {
-                                if b.iter().all(|&v| v == 0) {
+                                let is_zero = b.iter().all(|&v| v == 0);
+                                zero.push(is_zero);
+                                if is_zero {
                                     OfferedBlock::Zero
                                 } else {
                                     hashed += 1;
@@ -491,7 +494,7 @@ impl SourceStream {
         self.send_frame(w, msg::OFFER, &offer.encode())?;
         self.counters.raw_bytes.fetch_add(raw, Ordering::Relaxed);
         self.counters.blocks_offered.fetch_add(hashed, Ordering::Relaxed);
-        Ok(PendingBatch { batch, entries, hashed: hashed as usize })
+        Ok(PendingBatch { batch, entries, zero, hashed: hashed as usize })
     }
 
     /// Sends the bytes the target lacks: partial blocks always, whole
@@ -510,6 +513,7 @@ impl SourceStream {
         let mut data = vec![0u8; Blocks::HEADER_LEN];
         let mut bit = 0usize;
         let mut sent = 0u64;
+        let mut zero = p.zero.iter();
         for e in &p.entries {
             let Entry::Write(x) = e else { continue };
             if x.kind != WriteKind::Data {
@@ -518,7 +522,7 @@ impl SourceStream {
             let (head, full, _) = split(x.offset, x.len);
             data.extend_from_slice(&x.data[..head]);
             for b in x.data[head..head + full * BLOCK_SIZE].chunks_exact(BLOCK_SIZE) {
-                if b.iter().all(|&v| v == 0) {
+                if zero.next().copied().unwrap_or(false) {
                     continue;
                 }
                 if need.bits[bit] {
@@ -561,6 +565,9 @@ pub fn split(offset: u64, len: u64) -> (usize, usize, usize) {
 struct PendingBatch {
     batch: u64,
     entries: Vec<Entry>,
+    /// Per whole block of the batch's data writes, in order: all zeros
+    /// (offered as such, never sent), as found when the batch was offered.
+    zero: Vec<bool>,
     hashed: usize,
 }
 
