@@ -203,17 +203,20 @@ impl SendQueue {
         Ok(())
     }
 
+    /// Whether an entry of cost `c` goes to memory: only while nothing is
+    /// spilled (order) and within the budget.
+    fn fits_memory(&self, st: &State, c: u64) -> bool {
+        st.spill.entries == 0 && st.mem_bytes + c <= self.cfg.memory_bytes
+    }
+
     fn room(&self, st: &State, e: &Entry) -> bool {
         let c = e.cost();
-        if st.spill.entries == 0 && st.mem_bytes + c <= self.cfg.memory_bytes {
-            return true;
-        }
-        st.spill.write_at - st.spill.read_at + c <= self.cfg.spill_bytes
+        self.fits_memory(st, c) || st.spill.write_at - st.spill.read_at + c <= self.cfg.spill_bytes
     }
 
     fn append(&self, st: &mut State, e: Entry) -> io::Result<()> {
         let c = e.cost();
-        if st.spill.entries == 0 && st.mem_bytes + c <= self.cfg.memory_bytes {
+        if self.fits_memory(st, c) {
             st.mem_bytes += c;
             st.mem.push_back(e);
         } else {
