@@ -312,12 +312,12 @@ impl TargetServer {
         let generation = slot.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let welcome = {
             let _g = slot.ingest.lock();
+            // Synced first: what the welcome says the target holds is durable.
             replica.journal.sync()?;
             let seq = replica.journal.stream_position(hello.stream)?.map_or(0, |c| c.seq);
             Welcome {
                 resume_after_seq: seq,
                 last_checkpoint: replica.newest_checkpoint()?,
-                durable_seq: seq,
             }
         };
         send(w, msg::WELCOME, &welcome.encode())?;
@@ -330,7 +330,7 @@ impl TargetServer {
             generation,
             pending: VecDeque::new(),
             promised: HashSet::new(),
-            acked: AtomicU64::new(welcome.durable_seq),
+            acked: AtomicU64::new(welcome.resume_after_seq),
             last_marker: AtomicU64::new(welcome.last_checkpoint),
         };
         let link = Arc::new(Mutex::new(link));

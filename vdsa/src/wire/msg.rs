@@ -32,7 +32,6 @@ pub struct Welcome {
     pub resume_after_seq: u64,
     /// The newest checkpoint id the target recorded from any stream.
     pub last_checkpoint: u64,
-    pub durable_seq: u64,
 }
 
 /// Target → source, then the link closes.
@@ -304,7 +303,7 @@ impl Hello {
 impl Welcome {
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
-        e.u64(self.resume_after_seq).u64(self.last_checkpoint).u64(self.durable_seq);
+        e.u64(self.resume_after_seq).u64(self.last_checkpoint);
         e.0
     }
     pub fn decode(p: &[u8]) -> Result<Self, FrameError> {
@@ -312,7 +311,6 @@ impl Welcome {
         let w = Welcome {
             resume_after_seq: d.u64()?,
             last_checkpoint: d.u64()?,
-            durable_seq: d.u64()?,
         };
         d.end()?;
         Ok(w)

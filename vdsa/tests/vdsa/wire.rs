@@ -57,7 +57,7 @@ fn messages_round_trip() {
     assert_eq!(Need::decode(&n.encode()).ok(), Some(n));
     let a = Ack { durable_seq: 1, durable_checkpoint: 2, newest_consistent_ms: 3 };
     assert_eq!(Ack::decode(&a.encode()).ok(), Some(a));
-    let w = Welcome { resume_after_seq: 4, last_checkpoint: 5, durable_seq: 4 };
+    let w = Welcome { resume_after_seq: 4, last_checkpoint: 5 };
     assert_eq!(Welcome::decode(&w.encode()).ok(), Some(w));
     let mut b = vec![0u8; Blocks::HEADER_LEN];
     b.extend_from_slice(b"block bytes");
