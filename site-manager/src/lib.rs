@@ -8,4 +8,6 @@
 //! It must not touch replicated data itself: bytes flow through the VDSAs;
 //! the site manager only tells them what to do.
 
+pub mod cli;
 pub mod kvm;
+pub mod vsphere;

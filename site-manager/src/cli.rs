@@ -1,0 +1,280 @@
+//! The operator command: `site-manager vsphere …` lists hosts with their
+//! VDSA state, deploys the VDSA OVA to a host or a whole cluster with a
+//! progress bar per host, undeploys, lists VMs with their disks, and makes
+//! or removes an isolated test network.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use vsphere_client::{Ova, ServerTrust};
+
+use crate::vsphere::{DeployEvent, DeployRequest, DeploySettings, TestNetwork, VsphereSite};
+
+#[derive(Parser)]
+#[command(name = "site-manager", about = "The site manager's operator command")]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// Operations on a vCenter: VDSAs, VMs, test networks.
+    Vsphere {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        op: VsphereOp,
+    },
+}
+
+#[derive(Args)]
+struct Connection {
+    /// https://vcenter/sdk
+    #[arg(long, env = "VSPHERE_URL")]
+    url: String,
+    #[arg(long, env = "VSPHERE_USER")]
+    user: String,
+    /// A file holding the password (or VSPHERE_PASSWORD).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// The server certificate's SHA-1 or SHA-256 thumbprint to pin.
+    #[arg(long, conflicts_with_all = ["ca_file", "insecure"])]
+    thumbprint: Option<String>,
+    /// A PEM file of the CA that signed the server certificate.
+    #[arg(long, conflicts_with = "insecure")]
+    ca_file: Option<PathBuf>,
+    /// Accept any server certificate (labs only).
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Subcommand)]
+enum VsphereOp {
+    /// Hosts and the state of their VDSA.
+    Hosts,
+    /// Deploy the VDSA OVA to one host or every host of a cluster.
+    Deploy {
+        #[arg(long)]
+        ova: PathBuf,
+        #[arg(long, required_unless_present = "cluster", conflicts_with = "cluster")]
+        host: Option<String>,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        datastore: String,
+        #[arg(long)]
+        network: String,
+        /// The (first) VDSA address; a cluster's hosts get consecutive ones.
+        #[arg(long)]
+        ip: Ipv4Addr,
+        #[arg(long)]
+        netmask: Ipv4Addr,
+        #[arg(long)]
+        gateway: Option<Ipv4Addr>,
+        #[arg(long, value_delimiter = ',')]
+        dns: Vec<Ipv4Addr>,
+        /// HOST:PORT of this site's site manager.
+        #[arg(long)]
+        site_manager: String,
+        #[arg(long, env = "VDSA_PAIRING_TOKEN")]
+        pairing_token: String,
+        /// Deploys running at once.
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+    },
+    /// Remove the VDSA of a host.
+    Undeploy {
+        #[arg(long)]
+        host: String,
+    },
+    /// VMs that can be protected, with their disks.
+    Vms,
+    /// Create an isolated test network (a switch without uplinks) on hosts.
+    TestNetworkCreate {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+    },
+    /// Remove an isolated test network and the VMs of a test.
+    TestCleanup {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+        /// The failover test whose VMs go too.
+        #[arg(long)]
+        test_id: Option<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("site-manager: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn connect(c: &Connection) -> Result<VsphereSite> {
+    let password = match &c.password_file {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim_end().to_string(),
+        None => std::env::var("VSPHERE_PASSWORD").context("give --password-file or set VSPHERE_PASSWORD")?,
+    };
+    let trust = if let Some(t) = &c.thumbprint {
+        ServerTrust::thumbprint(t)?
+    } else if let Some(ca) = &c.ca_file {
+        ServerTrust::ca_pem(&std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?)?
+    } else if c.insecure {
+        ServerTrust::Insecure
+    } else {
+        bail!("say how to check the vCenter's certificate: --thumbprint, --ca-file or (labs only) --insecure");
+    };
+    Ok(VsphereSite::connect(&c.url, trust, &c.user, &password)?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let Top::Vsphere { conn, op } = cli.command;
+    let site = connect(&conn)?;
+    match op {
+        VsphereOp::Hosts => {
+            println!("{:<24} {:<16} {:<14} VM", "HOST", "CLUSTER", "VDSA");
+            for h in site.hosts()? {
+                println!(
+                    "{:<24} {:<16} {:<14} {}",
+                    h.host,
+                    h.cluster.as_deref().unwrap_or("-"),
+                    h.state.to_string(),
+                    h.vm.as_ref().map(|v| v.name.as_str()).unwrap_or("-")
+                );
+            }
+        }
+        VsphereOp::Deploy {
+            ova,
+            host,
+            cluster,
+            datastore,
+            network,
+            ip,
+            netmask,
+            gateway,
+            dns,
+            site_manager,
+            pairing_token,
+            parallel,
+        } => {
+            let ova = Ova::open(&ova)?;
+            let settings =
+                DeploySettings { datastore, network, ip, netmask, gateway, dns, site_manager, pairing_token };
+            let reqs = match (host, cluster) {
+                (Some(h), _) => vec![DeployRequest { host: h, ip, settings }],
+                (None, Some(c)) => site.plan_cluster(&c, &settings)?,
+                (None, None) => bail!("give --host or --cluster"),
+            };
+            deploy_with_bars(&site, &ova, &reqs, parallel)?;
+        }
+        VsphereOp::Undeploy { host } => {
+            site.undeploy(&host)?;
+            println!("{host}: VDSA removed");
+        }
+        VsphereOp::Vms => {
+            for v in site.vms_with_disks()? {
+                println!("{} ({}, on {})", v.name, v.power_state, v.host.as_deref().unwrap_or("?"));
+                for d in &v.disks {
+                    println!("    {:>10} MiB  {}", d.capacity_bytes >> 20, d.file);
+                }
+            }
+        }
+        VsphereOp::TestNetworkCreate { name, hosts } => {
+            let net = site.create_test_network(&name, &hosts)?;
+            println!("test network {} on {} hosts (no uplinks)", net.name, net.hosts.len());
+        }
+        VsphereOp::TestCleanup { name, hosts, test_id } => {
+            if let Some(t) = test_id {
+                for vm in site.remove_test_vms(&t)? {
+                    println!("removed test VM {vm}");
+                }
+            }
+            // What create made: a switch and port group per host.
+            let inv = site.client().inventory()?;
+            let mut net = TestNetwork { name: name.clone(), hosts: Vec::new() };
+            for h in &hosts {
+                let host = inv.host(h)?;
+                if let Some(ns) = &host.network_system {
+                    let info = site.client().host_network_info(ns)?;
+                    net.hosts.push((h.clone(), ns.clone(), info.has_vswitch(&name), info.has_portgroup(&name)));
+                }
+            }
+            site.remove_test_network(&net)?;
+            println!("test network {name} removed");
+        }
+    }
+    site.logout()?;
+    Ok(())
+}
+
+fn deploy_with_bars(site: &VsphereSite, ova: &Ova, reqs: &[DeployRequest], parallel: usize) -> Result<()> {
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:<20} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bars: Vec<(String, ProgressBar)> = reqs
+        .iter()
+        .map(|r| {
+            let b = multi.add(ProgressBar::new(0).with_style(style.clone()).with_prefix(r.host.clone()));
+            b.set_message("waiting");
+            (r.host.clone(), b)
+        })
+        .collect();
+    let plain = multi.is_hidden();
+    let last: Mutex<Vec<String>> = Mutex::new(vec![String::new(); reqs.len()]);
+    let on_event = |host: &str, e: DeployEvent| {
+        let Some(i) = bars.iter().position(|(h, _)| h == host) else { return };
+        let bar = &bars[i].1;
+        let msg = match &e {
+            DeployEvent::Preparing => "preparing".to_string(),
+            DeployEvent::Uploading { done, total } => {
+                bar.set_length(*total);
+                bar.set_position(*done);
+                "uploading".to_string()
+            }
+            DeployEvent::PoweringOn => "powering on".to_string(),
+            DeployEvent::Installed { vm } => format!("installed ({vm})"),
+            DeployEvent::Failed { error } => format!("FAILED: {error}"),
+        };
+        if matches!(e, DeployEvent::Installed { .. } | DeployEvent::Failed { .. }) {
+            bar.finish_with_message(msg.clone());
+        } else {
+            bar.set_message(msg.clone());
+        }
+        // Without a terminal, one line per state change.
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        if plain && last[i] != msg {
+            eprintln!("{host}: {msg}");
+            last[i] = msg;
+        }
+    };
+    let results = site.deploy_many(ova, reqs, parallel, &on_event)?;
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    println!("{} of {} hosts have the VDSA installed", results.len() - failed.len(), results.len());
+    if !failed.is_empty() {
+        for (h, r) in &failed {
+            if let Err(e) = r {
+                eprintln!("{h}: {e}");
+            }
+        }
+        bail!("{} deploys failed", failed.len());
+    }
+    Ok(())
+}
