@@ -119,6 +119,17 @@ pub fn thumbprints(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (sha1.as_ref().to_vec(), sha256.as_ref().to_vec())
 }
 
+#[derive(Debug)]
+struct ThumbprintMismatch(String);
+
+impl std::fmt::Display for ThumbprintMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ThumbprintMismatch {}
+
 /// Accepts exactly the certificate with the pinned thumbprint (or any, when
 /// none is pinned), and checks that the peer holds its key.
 #[derive(Debug)]
@@ -142,11 +153,14 @@ impl ServerCertVerifier for PinnedCertificate {
         if &got == want {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
+            let mismatch = ThumbprintMismatch(format!(
                 "the server's certificate has thumbprint {}, not the pinned {}",
                 format_thumbprint(&got),
                 format_thumbprint(want)
-            )))
+            ));
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+                mismatch,
+            )))))
         }
     }
 

@@ -105,7 +105,7 @@ fn write_nic(w: &mut Writer, key: i32, nic: &NicSpec) {
 
 fn write_extra_config(w: &mut Writer, extra: &[(String, String)]) {
     for (k, v) in extra {
-        w.open("extraConfig").text("key", k).typed_text("value", "string", v).close("extraConfig");
+        w.open("extraConfig").text("key", k).typed_text("value", "xsd:string", v).close("extraConfig");
     }
 }
 

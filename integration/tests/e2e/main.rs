@@ -4,3 +4,4 @@
 mod crash;
 mod kvm_tap;
 mod replication;
+mod vsphere;

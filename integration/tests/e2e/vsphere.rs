@@ -1,0 +1,405 @@
+//! The vSphere adapter against the real vCenter simulator (vcsim built from
+//! Debian's govmomi): the OVA built by `packaging` deployed to every host of
+//! two clusters, typed errors, recovery VMs in boot order, isolated test
+//! networks.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use integration::vcsim::{Vcsim, VcsimOptions};
+use site_manager::vsphere::{DeployEvent, DeploySettings, RecoveryVmSpec, VdsaState, VsphereSite};
+use vsphere_client::{Client, Error, MoRef, Ova, ServerTrust};
+
+const USER: &str = "administrator@vsphere.local";
+const PASSWORD: &str = "lab-password";
+
+/// The real `vdsa` release binary, beside this test's folder.
+fn vdsa_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("vdsa"))
+        .context("locating the target folder")?;
+    anyhow::ensure!(bin.is_file(), "{} is missing: build the workspace first", bin.display());
+    Ok(bin)
+}
+
+/// The VDSA OVA, built once per test run by the packaging crate.
+fn vdsa_ova() -> Result<PathBuf> {
+    static OVA: OnceLock<Result<(tempfile::TempDir, PathBuf), String>> = OnceLock::new();
+    let r = OVA.get_or_init(|| {
+        (|| -> Result<(tempfile::TempDir, PathBuf)> {
+            let dir = tempfile::tempdir()?;
+            let vdsa = packaging::stripped_copy(&vdsa_binary()?, dir.path())?;
+            let out = dir.path().join("vdsa.ova");
+            packaging::build_ova(&packaging::OvaInputs { vdsa, version: "test".into(), out: out.clone() })?;
+            Ok((dir, out))
+        })()
+        .map_err(|e| format!("{e:#}"))
+    });
+    match r {
+        Ok((_, p)) => Ok(p.clone()),
+        Err(e) => anyhow::bail!("building the OVA: {e}"),
+    }
+}
+
+fn trust(sim: &Vcsim) -> Result<ServerTrust> {
+    let ca = sim.ca_pem.as_ref().context("the harness made no CA")?;
+    Ok(ServerTrust::ca_pem(&std::fs::read(ca)?)?)
+}
+
+fn site(sim: &Vcsim) -> Result<VsphereSite> {
+    Ok(VsphereSite::connect(&sim.url, trust(sim)?, USER, PASSWORD)?)
+}
+
+fn settings() -> DeploySettings {
+    DeploySettings {
+        datastore: "LocalDS_0".into(),
+        network: "VM Network".into(),
+        ip: Ipv4Addr::new(192, 0, 2, 10),
+        netmask: Ipv4Addr::new(255, 255, 255, 0),
+        gateway: Some(Ipv4Addr::new(192, 0, 2, 1)),
+        dns: vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)],
+        site_manager: "192.0.2.2:8443".into(),
+        pairing_token: "pair-7f3a".into(),
+    }
+}
+
+#[test]
+fn deploys_the_ova_to_every_host_of_two_clusters_then_undeploys_one() -> Result<()> {
+    let sim = Vcsim::start(&VcsimOptions { clusters: 2, hosts_per_cluster: 2, standalone_hosts: 1, ..Default::default() })?;
+    let site = site(&sim)?;
+    let ova_path = vdsa_ova()?;
+    let ova = Ova::open(&ova_path)?;
+    let vmdk_size = ova.entry("vdsa-disk1.vmdk").context("the OVA's disk")?.size;
+
+    let before = site.hosts()?;
+    assert_eq!(before.len(), 5, "{before:?}");
+    assert!(before.iter().all(|h| h.state == VdsaState::NotInstalled));
+
+    // Both clusters, one plan each, run together with every deploy in
+    // parallel.
+    let mut reqs = site.plan_cluster("DC0_C0", &settings())?;
+    let mut c1 = settings();
+    c1.ip = Ipv4Addr::new(192, 0, 2, 20);
+    reqs.extend(site.plan_cluster("DC0_C1", &c1)?);
+    assert_eq!(reqs.len(), 4);
+    let events: Mutex<Vec<(String, DeployEvent)>> = Mutex::new(Vec::new());
+    let results = site.deploy_many(&ova, &reqs, 4, &|h, e| {
+        events.lock().unwrap_or_else(|p| p.into_inner()).push((h.to_string(), e));
+    })?;
+    for (h, r) in &results {
+        assert!(r.is_ok(), "{h}: {r:?}");
+    }
+    let events = events.into_inner().unwrap_or_else(|p| p.into_inner());
+    for r in &reqs {
+        let mine: Vec<&DeployEvent> = events.iter().filter(|(h, _)| h == &r.host).map(|(_, e)| e).collect();
+        assert!(
+            mine.iter().any(|e| matches!(e, DeployEvent::Uploading { done, total } if done == total && *total == vmdk_size)),
+            "{}: no complete upload of {vmdk_size} bytes in {mine:?}",
+            r.host
+        );
+        assert!(matches!(mine.last(), Some(DeployEvent::Installed { .. })), "{}: {mine:?}", r.host);
+    }
+
+    let inv = site.client().inventory()?;
+    let hosts = site.hosts()?;
+    for r in &reqs {
+        let h = hosts.iter().find(|h| h.host == r.host).context("host listed")?;
+        assert_eq!(h.state, VdsaState::Installed, "{}", r.host);
+        let vm = h.vm.as_ref().context("its VDSA VM")?;
+        assert_eq!(vm.name, format!("VDSA-{}", r.host));
+        assert_eq!(vm.host.as_ref(), Some(&h.host_ref), "the VDSA runs on its own host");
+        assert_eq!(vm.power_state, "poweredOn");
+        let ds = inv.datastore_for(inv.host(&r.host)?, "LocalDS_0")?;
+        assert!(vm.datastores.contains(&ds.moref), "{} is on {:?}", vm.name, vm.datastores);
+        assert_eq!(vm.nics.len(), 1);
+        assert_eq!(vm.nics[0].network_name, "VM Network");
+        // The vApp properties read back as given.
+        let s = &r.settings;
+        for (k, want) in [
+            ("ip", r.ip.to_string()),
+            ("netmask", "255.255.255.0".to_string()),
+            ("gateway", "192.0.2.1".to_string()),
+            ("dns", "192.0.2.53,192.0.2.54".to_string()),
+            ("site_manager", s.site_manager.clone()),
+            ("pairing_token", s.pairing_token.clone()),
+        ] {
+            assert_eq!(vm.vapp_property(k), Some(want.as_str()), "{} property {k}", vm.name);
+        }
+    }
+    // Consecutive addresses per cluster, in host name order.
+    let ips: Vec<String> = reqs.iter().map(|r| r.ip.to_string()).collect();
+    assert_eq!(ips, ["192.0.2.10", "192.0.2.11", "192.0.2.20", "192.0.2.21"]);
+    // The standalone host was not in either cluster.
+    assert_eq!(hosts.iter().find(|h| h.host == "DC0_H0").map(|h| h.state), Some(VdsaState::NotInstalled));
+    // VDSAs are not offered for protection.
+    assert!(site.vms_with_disks()?.iter().all(|v| !v.name.starts_with("VDSA-")));
+
+    // Deploying twice is refused; undeploy removes exactly one.
+    let again = site.deploy(&ova, &reqs[0], &|_| {});
+    assert!(matches!(again, Err(site_manager::vsphere::Error::AlreadyDeployed { .. })), "{again:?}");
+    site.undeploy("DC0_C1_H0")?;
+    let after = site.hosts()?;
+    for h in &after {
+        let want = match h.host.as_str() {
+            "DC0_C1_H0" | "DC0_H0" => VdsaState::NotInstalled,
+            _ => VdsaState::Installed,
+        };
+        assert_eq!(h.state, want, "{}", h.host);
+    }
+    let gone = site.undeploy("DC0_C1_H0");
+    assert!(matches!(gone, Err(site_manager::vsphere::Error::NotDeployed { .. })), "{gone:?}");
+    site.logout()?;
+    Ok(())
+}
+
+#[test]
+fn bad_logins_names_certificates_and_dropped_connections_give_typed_errors() -> Result<()> {
+    let mut sim = Vcsim::start(&VcsimOptions::default())?;
+    let trust = trust(&sim)?;
+
+    // A wrong password.
+    let c = Client::connect(&sim.url, trust.clone())?;
+    let e = c.login(USER, "wrong").expect_err("a wrong password is refused");
+    assert!(matches!(&e, Error::InvalidLogin { user } if user == USER), "{e:?}");
+    assert!(e.to_string().contains("wrong user name or password"), "{e}");
+
+    // Not logged in, or logged out.
+    let e = c.inventory().expect_err("no session");
+    assert!(matches!(e, Error::NotAuthenticated { .. }), "{e:?}");
+    c.login(USER, PASSWORD)?;
+    c.inventory()?;
+    c.logout()?;
+    let e = c.inventory().expect_err("logged out");
+    assert!(matches!(e, Error::NotAuthenticated { .. }), "{e:?}");
+
+    // The server's certificate: the CA, the pinned thumbprint (SHA-256 and
+    // SHA-1) and the insecure switch work; another thumbprint does not.
+    let pem = std::fs::read(sim.cert_pem.as_ref().context("cert")?)?;
+    let der = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(&pem)?
+    };
+    let (sha1, sha256) = vsphere_client::soap::thumbprints(&der);
+    for t in [&sha256, &sha1] {
+        let pinned = ServerTrust::thumbprint(&vsphere_client::soap::format_thumbprint(t))?;
+        Client::connect(&sim.url, pinned)?.login(USER, PASSWORD)?;
+    }
+    Client::connect(&sim.url, ServerTrust::Insecure)?.login(USER, PASSWORD)?;
+    let mut wrong = sha256.clone();
+    wrong[0] ^= 0xff;
+    let e = Client::connect(&sim.url, ServerTrust::Thumbprint(wrong)).expect_err("another thumbprint");
+    assert!(matches!(&e, Error::Tls { message, .. } if message.contains("not the pinned")), "{e:?}");
+    let other_ca = rcgen::generate_simple_self_signed(vec!["x".to_string()])?;
+    let e = Client::connect(&sim.url, ServerTrust::ca_pem(other_ca.cert.pem().as_bytes())?).expect_err("another CA");
+    assert!(matches!(&e, Error::Tls { .. }), "{e:?}");
+
+    // Names not in the inventory.
+    let site = site(&sim)?;
+    let ova = Ova::open(&vdsa_ova()?)?;
+    let mut req = site.plan_cluster("DC0_C0", &settings())?.remove(0);
+    req.host = "esx-nowhere".into();
+    let e = site.deploy(&ova, &req, &|_| {}).expect_err("an unknown host");
+    assert!(
+        matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "host", known, .. }) if known.contains(&"DC0_C0_H0".to_string())),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("no host named \"esx-nowhere\""), "{e}");
+    let mut req = site.plan_cluster("DC0_C0", &settings())?.remove(0);
+    req.settings.datastore = "NoSuchDS".into();
+    let e = site.deploy(&ova, &req, &|_| {}).expect_err("a bad datastore");
+    assert!(matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "datastore", known, .. }) if known == &["LocalDS_0".to_string()]), "{e:?}");
+    let e = site.plan_cluster("NoCluster", &settings()).expect_err("an unknown cluster");
+    assert!(matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "cluster", .. })), "{e:?}");
+    // A reference the server does not know.
+    let e = site.client().vm(&MoRef::new("VirtualMachine", "vm-404")).expect_err("unknown VM");
+    assert!(matches!(&e, Error::ObjectNotFound { obj } if obj.value == "vm-404"), "{e:?}");
+    // A failing task: powering on a VM that is on.
+    let on = site.client().vms()?.into_iter().find(|v| v.power_state == "poweredOn").context("a running VM")?;
+    let e = site.client().power_on(&on.moref).expect_err("already on");
+    assert!(matches!(&e, Error::TaskFailed { fault, .. } if fault == "InvalidPowerState"), "{e:?}");
+
+    // The server goes away mid-session.
+    sim.kill();
+    let e = site.hosts().expect_err("the server is gone");
+    assert!(matches!(&e, site_manager::vsphere::Error::Vsphere(err) if err.is_connection()), "{e:?}");
+    Ok(())
+}
+
+/// Seconds and nanoseconds of an xsd:dateTime in UTC ("…T01:32:37.8998Z").
+fn instant(t: &str) -> Result<(u64, u32)> {
+    let (date, time) = t.trim_end_matches('Z').split_once('T').context("dateTime")?;
+    let d: Vec<u64> = date.split('-').map(str::parse).collect::<Result<_, _>>()?;
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let h: Vec<u64> = hms.split(':').map(str::parse).collect::<Result<_, _>>()?;
+    let nanos: u32 = format!("{frac:0<9}")[..9].parse()?;
+    // Days are compared within one run, so a month length of 31 suffices.
+    let secs = ((d[0] * 12 + d[1]) * 31 + d[2]) * 86400 + h[0] * 3600 + h[1] * 60 + h[2];
+    Ok((secs, nanos))
+}
+
+#[test]
+fn recovery_vms_land_on_their_host_datastore_and_networks_and_boot_in_order() -> Result<()> {
+    let sim = Vcsim::start(&VcsimOptions { datastores: 2, dv_portgroups: 1, vms: 0, ..Default::default() })?;
+    let site = site(&sim)?;
+    let specs = [
+        ("db", "DC0_C0_H0", "LocalDS_0", vec!["VM Network"], 1, vec![4u64 << 30, 8 << 30]),
+        ("app-1", "DC0_C0_H1", "LocalDS_1", vec!["DC0_DVPG0"], 2, vec![2 << 30]),
+        ("app-2", "DC0_C1_H0", "LocalDS_1", vec!["VM Network", "DC0_DVPG0"], 2, vec![2 << 30]),
+        ("web", "DC0_C1_H1", "LocalDS_0", vec!["VM Network"], 3, vec![1 << 30]),
+    ];
+    let mut created = Vec::new();
+    // Created in reverse boot order, so creation order cannot pass for
+    // boot order.
+    for (name, host, ds, nets, group, disks) in specs.iter().rev() {
+        let vm = site.create_recovery_vm(&RecoveryVmSpec {
+            name: name.to_string(),
+            host: host.to_string(),
+            datastore: ds.to_string(),
+            guest_id: "otherLinux64Guest".into(),
+            cpus: 2,
+            memory_mb: 2048,
+            disks: disks.clone(),
+            networks: nets.iter().map(|n| n.to_string()).collect(),
+            boot_group: *group,
+            test_id: None,
+        })?;
+        created.push((vm, *group));
+    }
+    let inv = site.client().inventory()?;
+    for ((name, host, ds, nets, _, disks), (vm, _)) in specs.iter().rev().zip(&created) {
+        let v = site.client().vm(vm)?;
+        assert_eq!(&v.name, name);
+        assert_eq!(v.host.as_ref(), Some(&inv.host(host)?.moref), "{name} host");
+        assert_eq!(v.power_state, "poweredOff");
+        let ds_ref = inv.datastore_for(inv.host(host)?, ds)?.moref.clone();
+        assert_eq!(v.disks.len(), disks.len(), "{name} disks");
+        for (d, want) in v.disks.iter().zip(disks) {
+            assert_eq!(d.capacity_bytes, *want, "{name} disk size");
+            assert_eq!(vsphere_client::datastore_name(&d.file), *ds, "{name} disk file {}", d.file);
+            assert!(d.datastore.is_none() || d.datastore.as_ref() == Some(&ds_ref), "{name} disk datastore");
+        }
+        let mut got: Vec<MoRef> = v.networks.clone();
+        got.sort();
+        let mut want: Vec<MoRef> =
+            nets.iter().map(|n| inv.network_for(inv.host(host).expect("host"), n).map(|n| n.moref.clone())).collect::<Result<_, _>>()?;
+        want.sort();
+        assert_eq!(got, want, "{name} networks");
+        assert_eq!(v.nics.len(), nets.len());
+    }
+    // An unknown network is refused before anything is made.
+    let e = site
+        .create_recovery_vm(&RecoveryVmSpec {
+            name: "stray".into(),
+            host: "DC0_C0_H0".into(),
+            datastore: "LocalDS_0".into(),
+            guest_id: "otherLinux64Guest".into(),
+            cpus: 1,
+            memory_mb: 512,
+            disks: vec![1 << 30],
+            networks: vec!["No Such Net".into()],
+            boot_group: 1,
+            test_id: None,
+        })
+        .expect_err("unknown network");
+    assert!(matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "network", .. })), "{e:?}");
+    assert!(site.client().vms()?.iter().all(|v| v.name != "stray"));
+
+    let records = site.power_on_in_boot_order(&created, Duration::from_millis(50))?;
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        assert_eq!(site.client().vm(&r.vm)?.power_state, "poweredOn");
+    }
+    // By the server's own clock: every VM of a group was on before any VM
+    // of the next group started.
+    for g in 1..3u32 {
+        let last_on = records
+            .iter()
+            .filter(|r| r.boot_group == g)
+            .map(|r| instant(r.complete_time.as_deref().unwrap_or("")))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .max()
+            .context("group has VMs")?;
+        let first_start = records
+            .iter()
+            .filter(|r| r.boot_group == g + 1)
+            .map(|r| instant(r.start_time.as_deref().unwrap_or("")))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .min()
+            .context("next group has VMs")?;
+        assert!(last_on < first_start, "group {g} finished at {last_on:?}, group {} started at {first_start:?}", g + 1);
+    }
+    Ok(())
+}
+
+#[test]
+fn test_vms_on_an_isolated_network_are_removed_with_it() -> Result<()> {
+    let sim = Vcsim::start(&VcsimOptions { vms: 1, ..Default::default() })?;
+    let site = site(&sim)?;
+    let production_before: Vec<String> = site.vms_with_disks()?.into_iter().map(|v| v.name).collect();
+    assert!(!production_before.is_empty());
+
+    // A real network's name is refused.
+    let e = site.create_test_network("VM Network", &["DC0_C0_H0".to_string()]).expect_err("a real network's name");
+    assert!(matches!(e, site_manager::vsphere::Error::NetworkExists { .. }), "{e:?}");
+
+    let hosts = vec!["DC0_C0_H0".to_string(), "DC0_C1_H1".to_string()];
+    let net = site.create_test_network("test-net-42", &hosts)?;
+    let inv = site.client().inventory()?;
+    for h in &hosts {
+        let ns = inv.host(h)?.network_system.clone().context("network system")?;
+        let info = site.client().host_network_info(&ns)?;
+        let sw = info.vswitches.iter().find(|(n, _, _)| n == "test-net-42").context("the switch")?;
+        assert!(sw.2.is_empty(), "{h}: the test switch has uplinks {:?}", sw.2);
+    }
+    let first_ns = inv.host("DC0_C0_H0")?.network_system.clone().context("ns")?;
+    assert!(site.client().host_network_info(&first_ns)?.has_portgroup("test-net-42"));
+
+    let mut test_vms = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        test_vms.push(site.create_recovery_vm(&RecoveryVmSpec {
+            name: format!("test-42-vm{i}"),
+            host: h.clone(),
+            datastore: "LocalDS_0".into(),
+            guest_id: "otherLinux64Guest".into(),
+            cpus: 1,
+            memory_mb: 1024,
+            disks: vec![1 << 30],
+            networks: vec!["test-net-42".into()],
+            boot_group: 1,
+            test_id: Some("42".into()),
+        })?);
+    }
+    let test_net_ref = site.client().inventory()?.network_for(inv.host("DC0_C0_H0")?, "test-net-42")?.moref.clone();
+    for vm in &test_vms {
+        let v = site.client().vm(vm)?;
+        assert_eq!(v.networks, vec![test_net_ref.clone()], "{} is only on the test network", v.name);
+        assert_eq!(v.nics[0].network_name, "test-net-42");
+    }
+    site.power_on_in_boot_order(&test_vms.iter().map(|v| (v.clone(), 1)).collect::<Vec<_>>(), Duration::ZERO)?;
+
+    let mut removed = site.remove_test_vms("42")?;
+    removed.sort();
+    assert_eq!(removed, ["test-42-vm0", "test-42-vm1"]);
+    site.remove_test_network(&net)?;
+
+    let names: Vec<String> = site.client().vms()?.into_iter().map(|v| v.name).collect();
+    assert!(names.iter().all(|n| !n.starts_with("test-42")), "{names:?}");
+    let production_after: Vec<String> = site.vms_with_disks()?.into_iter().map(|v| v.name).collect();
+    assert_eq!(production_after, production_before, "production VMs untouched");
+    let inv = site.client().inventory()?;
+    assert!(inv.networks.iter().all(|n| n.name != "test-net-42"), "the network is gone");
+    for h in &hosts {
+        let ns = inv.host(h)?.network_system.clone().context("ns")?;
+        let info = site.client().host_network_info(&ns)?;
+        assert!(!info.has_vswitch("test-net-42") && !info.has_portgroup("test-net-42"), "{h}: {info:?}");
+    }
+    Ok(())
+}
