@@ -12,6 +12,7 @@ pub mod kvm_lab;
 pub mod replication_lab;
 pub mod two_sites;
 pub mod vcsim;
+pub mod vsphere_lab;
 pub mod workload;
 
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};

@@ -24,6 +24,8 @@ pub struct VcsimOptions {
     /// VMs per resource pool.
     pub vms: u32,
     pub dv_portgroups: u32,
+    /// Milliseconds every SOAP call waits before it is served.
+    pub delay_ms: u32,
     pub tls: bool,
     /// Only this user and password are accepted.
     pub user: Option<(String, String)>,
@@ -43,6 +45,7 @@ impl Default for VcsimOptions {
             datastores: 1,
             vms: 1,
             dv_portgroups: 0,
+            delay_ms: 0,
             tls: true,
             user: Some(("administrator@vsphere.local".into(), "lab-password".into())),
             cert: None,
@@ -164,7 +167,8 @@ impl Vcsim {
                 .arg(format!("-standalone-host={}", opts.standalone_hosts))
                 .arg(format!("-ds={}", opts.datastores))
                 .arg(format!("-vm={}", opts.vms))
-                .arg(format!("-pg={}", opts.dv_portgroups));
+                .arg(format!("-pg={}", opts.dv_portgroups))
+                .arg(format!("-delay={}", opts.delay_ms));
             if let Some(p) = &cert_pem {
                 cmd.arg("-cert-out").arg(p);
             }

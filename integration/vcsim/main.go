@@ -38,6 +38,7 @@ func main() {
 	ds := flag.Int("ds", 1, "datastores (each mounted on every host)")
 	vms := flag.Int("vm", 2, "VMs per resource pool")
 	pg := flag.Int("pg", 1, "distributed port groups per datacenter")
+	delay := flag.Int("delay", 0, "milliseconds each SOAP call waits before it is served (a distant vCenter)")
 	flag.Parse()
 
 	m := simulator.VPX()
@@ -48,6 +49,7 @@ func main() {
 	m.Datastore = *ds
 	m.Machine = *vms
 	m.Portgroup = *pg
+	m.DelayConfig.Delay = *delay
 
 	if err := m.Create(); err != nil {
 		log.Fatalf("vcsim: creating the model: %v", err)

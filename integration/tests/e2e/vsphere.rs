@@ -10,34 +10,22 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use integration::vcsim::{Vcsim, VcsimOptions};
+use integration::vsphere_lab;
 use site_manager::vsphere::{DeployEvent, DeploySettings, RecoveryVmSpec, VdsaState, VsphereSite};
 use vsphere_client::{Client, Error, MoRef, Ova, ServerTrust};
 
-const USER: &str = "administrator@vsphere.local";
-const PASSWORD: &str = "lab-password";
+const USER: &str = vsphere_lab::LAB_USER;
+const PASSWORD: &str = vsphere_lab::LAB_PASSWORD;
 
-/// The real `vdsa` release binary, beside this test's folder.
-fn vdsa_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("vdsa"))
-        .context("locating the target folder")?;
-    anyhow::ensure!(bin.is_file(), "{} is missing: build the workspace first", bin.display());
-    Ok(bin)
-}
-
-/// The VDSA OVA, built once per test run by the packaging crate.
+/// The VDSA OVA, built once per test run by the packaging crate from the
+/// real `vdsa` binary.
 fn vdsa_ova() -> Result<PathBuf> {
     static OVA: OnceLock<Result<(tempfile::TempDir, PathBuf), String>> = OnceLock::new();
     let r = OVA.get_or_init(|| {
         (|| -> Result<(tempfile::TempDir, PathBuf)> {
             let dir = tempfile::tempdir()?;
-            let vdsa = packaging::stripped_copy(&vdsa_binary()?, dir.path())?;
-            let out = dir.path().join("vdsa.ova");
-            packaging::build_ova(&packaging::OvaInputs { vdsa, version: "test".into(), out: out.clone() })?;
-            Ok((dir, out))
+            let ova = vsphere_lab::build_vdsa_ova(dir.path())?;
+            Ok((dir, ova))
         })()
         .map_err(|e| format!("{e:#}"))
     });
@@ -48,8 +36,7 @@ fn vdsa_ova() -> Result<PathBuf> {
 }
 
 fn trust(sim: &Vcsim) -> Result<ServerTrust> {
-    let ca = sim.ca_pem.as_ref().context("the harness made no CA")?;
-    Ok(ServerTrust::ca_pem(&std::fs::read(ca)?)?)
+    vsphere_lab::lab_trust(sim)
 }
 
 fn site(sim: &Vcsim) -> Result<VsphereSite> {
@@ -57,16 +44,11 @@ fn site(sim: &Vcsim) -> Result<VsphereSite> {
 }
 
 fn settings() -> DeploySettings {
-    DeploySettings {
-        datastore: "LocalDS_0".into(),
-        network: "VM Network".into(),
-        ip: Ipv4Addr::new(192, 0, 2, 10),
-        netmask: Ipv4Addr::new(255, 255, 255, 0),
-        gateway: Some(Ipv4Addr::new(192, 0, 2, 1)),
-        dns: vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)],
-        site_manager: "192.0.2.2:8443".into(),
-        pairing_token: "pair-7f3a".into(),
-    }
+    let mut s = vsphere_lab::lab_settings(Ipv4Addr::new(192, 0, 2, 10));
+    s.dns = vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)];
+    s.site_manager = "192.0.2.2:8443".into();
+    s.pairing_token = "pair-7f3a".into();
+    s
 }
 
 #[test]
