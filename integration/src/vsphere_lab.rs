@@ -150,7 +150,7 @@ pub fn run(say: impl Fn(&str)) -> Result<Report> {
     }
     let records = site.power_on_in_boot_order(&vms, Duration::from_millis(10))?;
     ensure!(records.len() == 3, "three VMs powered on");
-    say(&format!("failover test: 3 recovery VMs on isolated network lab-test-net (no uplinks) powered on in 2 boot groups"));
+    say("failover test: 3 recovery VMs on isolated network lab-test-net (no uplinks) powered on in 2 boot groups");
     let removed = site.remove_test_vms("lab")?;
     site.remove_test_network(&net)?;
     ensure!(removed.len() == 3, "removed {removed:?}");

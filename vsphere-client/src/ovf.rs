@@ -216,7 +216,7 @@ impl Client {
                     let sent = done_seen.load(Ordering::Relaxed);
                     progress(ImportProgress::Uploading { done: sent, total });
                     if lease_told.elapsed() >= LEASE_KEEPALIVE {
-                        let percent = if total == 0 { 0 } else { (sent * 100 / total).min(99) };
+                        let percent = (sent * 100).checked_div(total).unwrap_or(0).min(99);
                         if let Err(e) = self.invoke("HttpNfcLeaseProgress", lease, |w| {
                             w.text("percent", &percent.to_string());
                         }) {

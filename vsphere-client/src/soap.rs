@@ -64,7 +64,7 @@ impl ServerTrust {
             url: String::new(),
             message: format!("{s:?} is not a SHA-1 or SHA-256 thumbprint (hex bytes, colons optional)"),
         };
-        if hex.len() % 2 != 0 {
+        if !hex.len().is_multiple_of(2) {
             return Err(bad());
         }
         let bytes = (0..hex.len())
