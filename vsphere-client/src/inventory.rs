@@ -303,6 +303,8 @@ pub struct VirtualDiskInfo {
     pub controller_key: Option<i32>,
     pub unit_number: Option<i32>,
     pub thin: bool,
+    /// The device as the server described it (a removal sends it back).
+    pub device: Node,
 }
 
 /// A network adapter of a VM.
@@ -316,6 +318,8 @@ pub struct NicInfo {
     pub network_name: String,
     pub network: Option<MoRef>,
     pub mac: Option<String>,
+    /// The device as the server described it (a removal sends it back).
+    pub device: Node,
 }
 
 #[derive(Debug, Clone)]
@@ -416,6 +420,7 @@ fn vm_from(o: &ObjectContent) -> Result<Vm> {
                     controller_key: d.parse_of("controllerKey")?,
                     unit_number: d.parse_of("unitNumber")?,
                     thin: backing.and_then(|b| b.text_of("thinProvisioned")) == Some("true"),
+                    device: d.clone(),
                 });
             } else if NIC_TYPES.contains(&t) {
                 let backing = d.child("backing");
@@ -430,6 +435,7 @@ fn vm_from(o: &ObjectContent) -> Result<Vm> {
                     network_name,
                     network: backing.map(|b| b.moref_of("network")).transpose()?.flatten(),
                     mac: d.text_of("macAddress").map(str::to_string),
+                    device: d.clone(),
                 });
             } else if t.ends_with("SCSIController") || t == "VirtualLsiLogicController" || t == "ParaVirtualSCSIController" {
                 scsi_controllers.push(device_key(d)?);

@@ -46,7 +46,8 @@ pub struct VmSpec {
 pub struct VmChange {
     pub add_disks: Vec<DiskSpec>,
     pub add_nics: Vec<NicSpec>,
-    /// Device keys of disks or NICs to remove (disk files are kept).
+    /// Device keys of disks or NICs to remove (disk files are kept: a
+    /// recovery VM's disks may be replicas).
     pub remove_devices: Vec<i32>,
     pub extra_config: Vec<(String, String)>,
 }
@@ -199,11 +200,20 @@ impl Client {
             }
             if let Some(cur) = &current {
                 for key in &change.remove_devices {
-                    let kind = if cur.disks.iter().any(|d| d.key == *key) { "VirtualDisk" } else { "VirtualEthernetCard" };
-                    let adapter = cur.nics.iter().find(|n| n.key == *key).map(|n| n.adapter.as_str()).unwrap_or(kind);
-                    w.open("deviceChange").text("operation", "remove");
-                    w.open_typed("device", adapter).text("key", &key.to_string()).close("device");
-                    w.close("deviceChange");
+                    // The whole device as the server knows it: servers read
+                    // its backing to unhook networks. No fileOperation, so a
+                    // removed disk's file stays (it may be a replica).
+                    let device = cur
+                        .disks
+                        .iter()
+                        .find(|d| d.key == *key)
+                        .map(|d| &d.device)
+                        .or_else(|| cur.nics.iter().find(|n| n.key == *key).map(|n| &n.device));
+                    if let Some(device) = device {
+                        let mut device = device.clone();
+                        device.name = "device".into();
+                        w.open("deviceChange").text("operation", "remove").node(&device).close("deviceChange");
+                    }
                 }
             }
             write_extra_config(w, &change.extra_config);

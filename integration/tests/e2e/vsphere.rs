@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use integration::vcsim::{Vcsim, VcsimOptions};
 use integration::vsphere_lab;
 use site_manager::vsphere::{DeployEvent, DeploySettings, RecoveryVmSpec, VdsaState, VsphereSite};
-use vsphere_client::{Client, Error, MoRef, Ova, ServerTrust};
+use vsphere_client::{Client, DiskSpec, Error, MoRef, NicSpec, Ova, ServerTrust, VmChange};
 
 const USER: &str = vsphere_lab::LAB_USER;
 const PASSWORD: &str = vsphere_lab::LAB_PASSWORD;
@@ -274,6 +274,33 @@ fn recovery_vms_land_on_their_host_datastore_and_networks_and_boot_in_order() ->
         assert_eq!(got, want, "{name} networks");
         assert_eq!(v.nics.len(), nets.len());
     }
+    // Reconfigure "web" (created first): a disk and a NIC more, then its
+    // first NIC removed.
+    let web = &created[0].0;
+    let web_host = inv.host("DC0_C1_H1")?;
+    site.client().reconfigure_vm(
+        web,
+        &VmChange {
+            add_disks: vec![DiskSpec { capacity_bytes: 3 << 30, thin: true, datastore: None }],
+            add_nics: vec![NicSpec { network: inv.network_for(web_host, "DC0_DVPG0")?.clone(), adapter: None }],
+            ..Default::default()
+        },
+    )?;
+    let v = site.client().vm(web)?;
+    assert_eq!(v.disks.len(), 2);
+    assert_eq!(v.disks[1].capacity_bytes, 3 << 30);
+    assert_eq!(vsphere_client::datastore_name(&v.disks[1].file), "LocalDS_0", "a new disk goes beside the first");
+    assert_ne!(v.disks[0].unit_number, v.disks[1].unit_number);
+    assert_eq!(v.nics.len(), 2);
+    let first_nic = v.nics[0].key;
+    site.client().reconfigure_vm(web, &VmChange { remove_devices: vec![first_nic], ..Default::default() })?;
+    let v = site.client().vm(web)?;
+    assert_eq!(v.nics.len(), 1);
+    assert_eq!(v.networks, vec![inv.network_for(web_host, "DC0_DVPG0")?.moref.clone()], "only the DV port group is left");
+    assert_eq!(v.disks.len(), 2);
+    let e = site.client().reconfigure_vm(web, &VmChange { remove_devices: vec![first_nic], ..Default::default() });
+    assert!(matches!(e, Err(Error::NotFound { kind: "device", .. })), "{e:?}");
+
     // An unknown network is refused before anything is made.
     let e = site
         .create_recovery_vm(&RecoveryVmSpec {
