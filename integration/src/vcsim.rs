@@ -110,6 +110,8 @@ fn build() -> Result<PathBuf> {
         .current_dir(&src)
         .env("GOPATH", "/usr/share/gocode")
         .env("GO111MODULE", "off")
+        // Its own build cache: CI may run without a HOME for Go's default.
+        .env("GOCACHE", out_dir.join("gocache"))
         .env_remove("GOFLAGS")
         .status()
         .context("running go build (is golang-go installed?)")?;

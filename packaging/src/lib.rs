@@ -82,22 +82,30 @@ pub struct OvaBuilt {
     pub disk_capacity: u64,
 }
 
+/// Writes `bytes` to `root/rel` with `mode`, making folders on the way.
+fn put(root: &Path, rel: &str, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = root.join(rel);
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+    }
+    fs::write(&p, bytes).map_err(io(format!("writing {}", p.display())))?;
+    fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(io(format!("chmod {}", p.display())))
+}
+
+/// An executable's bytes; anything but an ELF file is refused.
+fn read_elf(path: &Path) -> Result<Vec<u8>> {
+    let bytes = fs::read(path).map_err(io(format!("reading {}", path.display())))?;
+    if !bytes.starts_with(b"\x7fELF") {
+        return Err(Error::Input(format!("{} is not an ELF executable", path.display())));
+    }
+    Ok(bytes)
+}
+
 /// Paths and modes of the appliance payload, relative to the disk's root.
 fn payload(dir: &Path, vdsa: &Path) -> Result<()> {
-    let put = |rel: &str, bytes: &[u8], mode: u32| -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        let p = dir.join(rel);
-        if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
-        }
-        fs::write(&p, bytes).map_err(io(format!("writing {}", p.display())))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(io(format!("chmod {}", p.display())))
-    };
-    let binary = fs::read(vdsa).map_err(io(format!("reading the vdsa binary {}", vdsa.display())))?;
-    if !binary.starts_with(b"\x7fELF") {
-        return Err(Error::Input(format!("{} is not an ELF executable", vdsa.display())));
-    }
-    put("usr/bin/vdsa", &binary, 0o755)?;
+    let put = |rel: &str, bytes: &[u8], mode: u32| put(dir, rel, bytes, mode);
+    put("usr/bin/vdsa", &read_elf(vdsa)?, 0o755)?;
     put("usr/lib/vdsa/first-boot", FIRST_BOOT.as_bytes(), 0o755)?;
     put("lib/systemd/system/vdsa@.service", UNIT_VDSA.as_bytes(), 0o644)?;
     put("lib/systemd/system/vdsa-firstboot.service", UNIT_FIRSTBOOT.as_bytes(), 0o644)?;
@@ -351,23 +359,11 @@ pub const DEB_PACKAGE: &str = "hypervisor-replication";
 /// Builds `hypervisor-replication_VERSION_amd64.deb` with both binaries,
 /// the `vdsa@.service` template unit and an example role file.
 pub fn build_deb(inputs: &DebInputs) -> Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
     let work = tempfile::tempdir().map_err(io("making a work folder"))?;
     let root = work.path().join("root");
-    let put = |rel: &str, bytes: &[u8], mode: u32| -> Result<()> {
-        let p = root.join(rel);
-        if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
-        }
-        fs::write(&p, bytes).map_err(io(format!("writing {}", p.display())))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(io(format!("chmod {}", p.display())))
-    };
+    let put = |rel: &str, bytes: &[u8], mode: u32| put(&root, rel, bytes, mode);
     for (bin, name) in [(&inputs.vdsa, "vdsa"), (&inputs.site_manager, "site-manager")] {
-        let bytes = fs::read(bin).map_err(io(format!("reading {}", bin.display())))?;
-        if !bytes.starts_with(b"\x7fELF") {
-            return Err(Error::Input(format!("{} is not an ELF executable", bin.display())));
-        }
-        put(&format!("usr/bin/{name}"), &bytes, 0o755)?;
+        put(&format!("usr/bin/{name}"), &read_elf(bin)?, 0o755)?;
     }
     put("lib/systemd/system/vdsa@.service", UNIT_VDSA.as_bytes(), 0o644)?;
     put(
