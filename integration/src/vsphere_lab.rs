@@ -18,33 +18,37 @@ use crate::vcsim::{Vcsim, VcsimOptions};
 pub const LAB_USER: &str = "administrator@vsphere.local";
 pub const LAB_PASSWORD: &str = "lab-password";
 
-/// The release `vdsa` binary beside the running executable (tests and
-/// benchmarks live one folder further down, in `deps/`). Under `cargo run`
-/// it is built when missing.
-pub fn vdsa_binary() -> Result<PathBuf> {
+/// A workspace binary beside the running executable (tests and benchmarks
+/// live one folder further down, in `deps/`). Under `cargo run` it is
+/// built when missing.
+pub fn workspace_binary(package: &str, name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let mut dir = exe.parent().context("the executable's folder")?.to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let bin = dir.join("vdsa");
+    let bin = dir.join(name);
     if bin.is_file() {
         return Ok(bin);
     }
     if let Some(cargo) = std::env::var_os("CARGO") {
-        let release = dir.ends_with("release");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "vdsa", "--bin", "vdsa"]);
-        if release {
+        cmd.args(["build", "-q", "-p", package, "--bin", name]);
+        if dir.ends_with("release") {
             cmd.arg("--release");
         }
-        let status = cmd.status().context("running cargo build for the vdsa binary")?;
-        ensure!(status.success(), "cargo build -p vdsa failed ({status})");
+        let status = cmd.status().with_context(|| format!("running cargo build for {name}"))?;
+        ensure!(status.success(), "cargo build -p {package} failed ({status})");
         if bin.is_file() {
             return Ok(bin);
         }
     }
     bail!("{} is missing: build the workspace first (cargo build --release --workspace)", bin.display())
+}
+
+/// The release `vdsa` binary.
+pub fn vdsa_binary() -> Result<PathBuf> {
+    workspace_binary("vdsa", "vdsa")
 }
 
 /// Builds the VDSA OVA into `dir` from the real binary (debug info

@@ -191,19 +191,35 @@ impl VsphereSite {
         let inv = self.client.inventory()?;
         let c = inv.cluster(cluster)?;
         let hosts = inv.hosts_of(c);
+        let mask = u32::from(settings.netmask);
+        let first = u32::from(settings.ip);
+        let subnet = first & mask;
+        let broadcast = subnet | !mask;
         let mut out = Vec::new();
         for (i, h) in hosts.iter().enumerate() {
-            let ip = u32::from(settings.ip)
+            // Every address in the subnet, neither its network nor its
+            // broadcast address.
+            let ip = first
                 .checked_add(i as u32)
+                .filter(|ip| ip & mask == subnet && *ip != subnet && (*ip != broadcast || mask == u32::MAX))
                 .map(Ipv4Addr::from)
-                .ok_or_else(|| Error::Settings(format!("no address left for host {} after {}", h.name, settings.ip)))?;
+                .ok_or_else(|| {
+                    Error::Settings(format!(
+                        "{} hosts from {} leave the subnet {}/{} at host {}",
+                        hosts.len(),
+                        settings.ip,
+                        Ipv4Addr::from(subnet),
+                        mask.count_ones(),
+                        h.name
+                    ))
+                })?;
             out.push(DeployRequest { host: h.name.clone(), ip, settings: settings.clone() });
         }
         Ok(out)
     }
 
-    /// Deploys the VDSA to one host: import (marked installing), mark
-    /// installed, power on. A VDSA left `installing` or `uninstalling` by an
+    /// Deploys the VDSA to one host: import (marked installing), power on,
+    /// mark installed. A VDSA left `installing` or `uninstalling` by an
     /// interrupted run is removed first.
     pub fn deploy(&self, ova: &Ova, req: &DeployRequest, progress: &(dyn Fn(DeployEvent) + Sync)) -> Result<MoRef> {
         let inv = self.client.inventory()?;
@@ -318,12 +334,14 @@ impl VsphereSite {
             ImportProgress::Preparing | ImportProgress::Completing => progress(DeployEvent::Preparing),
             ImportProgress::Uploading { done, total } => progress(DeployEvent::Uploading { done, total }),
         })?;
+        // Marked installed only once it runs: a VDSA that failed to start
+        // stays `installing`, and the next deploy replaces it.
+        progress(DeployEvent::PoweringOn);
+        self.client.power_on(&vm)?;
         self.client.reconfigure_vm(
             &vm,
             &VmChange { extra_config: vec![(MARK_STATE.into(), "installed".into())], ..Default::default() },
         )?;
-        progress(DeployEvent::PoweringOn);
-        self.client.power_on(&vm)?;
         Ok(vm)
     }
 

@@ -196,6 +196,10 @@ fn bad_logins_names_certificates_and_dropped_connections_give_typed_errors() -> 
     req.settings.datastore = "NoSuchDS".into();
     let e = site.deploy(&ova, &req, &|_| {}).expect_err("a bad datastore");
     assert!(matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "datastore", known, .. }) if known == &["LocalDS_0".to_string()]), "{e:?}");
+    let mut near_end = settings();
+    near_end.ip = Ipv4Addr::new(192, 0, 2, 254);
+    let e = site.plan_cluster("DC0_C0", &near_end).expect_err("addresses past the subnet");
+    assert!(e.to_string().contains("leave the subnet 192.0.2.0/24"), "{e}");
     let e = site.plan_cluster("NoCluster", &settings()).expect_err("an unknown cluster");
     assert!(matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "cluster", .. })), "{e:?}");
     // A reference the server does not know.
@@ -410,5 +414,60 @@ fn test_vms_on_an_isolated_network_are_removed_with_it() -> Result<()> {
         let info = site.client().host_network_info(&ns)?;
         assert!(!info.has_vswitch("test-net-42") && !info.has_portgroup("test-net-42"), "{h}: {info:?}");
     }
+    Ok(())
+}
+
+#[test]
+fn the_operator_command_deploys_lists_and_undeploys_with_clear_errors() -> Result<()> {
+    let sim = Vcsim::start(&VcsimOptions { clusters: 1, hosts_per_cluster: 2, ..Default::default() })?;
+    let bin = vsphere_lab::workspace_binary("site-manager", "site-manager")?;
+    let dir = tempfile::tempdir()?;
+    let password = dir.path().join("password");
+    std::fs::write(&password, format!("{PASSWORD}\n"))?;
+    let ca = sim.ca_pem.clone().context("CA")?;
+    let run = |pw: &std::path::Path, args: &[&str]| -> Result<(bool, String, String)> {
+        let out = std::process::Command::new(&bin)
+            .args(["vsphere", "--url", &sim.url, "--user", USER, "--password-file"])
+            .arg(pw)
+            .arg("--ca-file")
+            .arg(&ca)
+            .args(args)
+            .env_remove("VSPHERE_PASSWORD")
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let ova = vdsa_ova()?;
+    let (ok, out, err) = run(
+        &password,
+        &[
+            "deploy", "--ova", ova.to_str().context("path")?, "--cluster", "DC0_C0", "--datastore", "LocalDS_0",
+            "--network", "VM Network", "--ip", "192.0.2.30", "--netmask", "255.255.255.0", "--site-manager",
+            "192.0.2.2:8443", "--pairing-token", "t0k",
+        ],
+    )?;
+    assert!(ok, "deploy failed: {out}{err}");
+    assert!(out.contains("2 of 2 hosts have the VDSA installed"), "{out}");
+    // Without a terminal, one line per state change per host.
+    assert!(err.contains("DC0_C0_H0: uploading") && err.contains("DC0_C0_H1: installed"), "{err}");
+    let (ok, out, _) = run(&password, &["hosts"])?;
+    assert!(ok);
+    let line = out.lines().find(|l| l.starts_with("DC0_C0_H1")).context("host line")?;
+    assert!(line.contains("installed") && line.contains("VDSA-DC0_C0_H1"), "{out}");
+    let (ok, out, _) = run(&password, &["undeploy", "--host", "DC0_C0_H1"])?;
+    assert!(ok && out.contains("VDSA removed"), "{out}");
+    let (_, out, _) = run(&password, &["hosts"])?;
+    let line = out.lines().find(|l| l.starts_with("DC0_C0_H1")).context("host line")?;
+    assert!(line.contains("not installed"), "{out}");
+
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "nope\n")?;
+    let (ok, _, err) = run(&wrong, &["hosts"])?;
+    assert!(!ok && err.contains("wrong user name or password"), "{err}");
+    let (ok, _, err) = run(&password, &["undeploy", "--host", "esx-99"])?;
+    assert!(!ok && err.contains("no host named \"esx-99\""), "{err}");
     Ok(())
 }
