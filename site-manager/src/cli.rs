@@ -24,6 +24,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Top {
+    /// Print a vCenter's certificate thumbprints, to compare with its
+    /// console and pin with --thumbprint.
+    Thumbprint {
+        /// https://vcenter/sdk
+        #[arg(long)]
+        url: String,
+    },
     /// Operations on a vCenter: VDSAs, VMs, test networks.
     Vsphere {
         #[command(flatten)]
@@ -146,7 +153,16 @@ fn connect(c: &Connection) -> Result<VsphereSite> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let Top::Vsphere { conn, op } = cli.command;
+    let (conn, op) = match cli.command {
+        Top::Thumbprint { url } => {
+            let der = vsphere_client::soap::fetch_server_certificate(&url)?;
+            let (sha1, sha256) = vsphere_client::soap::thumbprints(&der);
+            println!("SHA-1   {}", vsphere_client::soap::format_thumbprint(&sha1));
+            println!("SHA-256 {}", vsphere_client::soap::format_thumbprint(&sha256));
+            return Ok(());
+        }
+        Top::Vsphere { conn, op } => (conn, op),
+    };
     let site = connect(&conn)?;
     match op {
         VsphereOp::Hosts => {

@@ -53,7 +53,10 @@ impl ServiceContent {
 pub struct Client {
     soap: Soap,
     content: ServiceContent,
-    user: Mutex<Option<String>>,
+    /// The credentials of the last login, kept to log in again when the
+    /// server has expired the session (vCenter does after idle time);
+    /// cleared by logout.
+    credentials: Mutex<Option<(String, String)>>,
 }
 
 /// How long one SOAP call may take before the connection counts as lost.
@@ -85,7 +88,7 @@ impl Client {
         w.moref("_this", &MoRef::new("ServiceInstance", "ServiceInstance"));
         let resp = soap.call("RetrieveServiceContent", &w.finish())?;
         let content = ServiceContent::from_node(&resp)?;
-        Ok(Client { soap, content, user: Mutex::new(None) })
+        Ok(Client { soap, content, credentials: Mutex::new(None) })
     }
 
     pub fn content(&self) -> &ServiceContent {
@@ -102,7 +105,8 @@ impl Client {
         w.moref("_this", &self.content.session_manager).text("userName", user).text("password", password);
         match self.soap.call("Login", &w.finish()) {
             Ok(_) => {
-                *self.user.lock().unwrap_or_else(|p| p.into_inner()) = Some(user.to_string());
+                *self.credentials.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((user.to_string(), password.to_string()));
                 Ok(())
             }
             Err(Error::InvalidLogin { .. }) => Err(Error::InvalidLogin { user: user.to_string() }),
@@ -114,19 +118,31 @@ impl Client {
     pub fn logout(&self) -> Result<()> {
         let mut w = Writer::new();
         w.moref("_this", &self.content.session_manager);
-        self.soap.call("Logout", &w.finish())?;
+        *self.credentials.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let r = self.soap.call("Logout", &w.finish());
         self.soap.forget_session();
-        *self.user.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        Ok(())
+        r.map(|_| ())
     }
 
     /// Calls `method` on `this`, the rest of the arguments written by `args`
     /// in schema order.
+    /// A session the server expired is logged in again once, and the call
+    /// repeated: NotAuthenticated means the server did not run it.
     pub fn invoke(&self, method: &str, this: &MoRef, args: impl FnOnce(&mut Writer)) -> Result<Node> {
         let mut w = Writer::new();
         w.moref("_this", this);
         args(&mut w);
-        self.soap.call(method, &w.finish())
+        let body = w.finish();
+        match self.soap.call(method, &body) {
+            Err(Error::NotAuthenticated { message }) => {
+                let creds = self.credentials.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let Some((user, password)) = creds else { return Err(Error::NotAuthenticated { message }) };
+                tracing::info!(method, "the vCenter session expired; logging in again");
+                self.login(&user, &password)?;
+                self.soap.call(method, &body)
+            }
+            other => other,
+        }
     }
 
     /// Calls a `*_Task` method and returns its task.

@@ -119,6 +119,31 @@ pub fn thumbprints(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (sha1.as_ref().to_vec(), sha256.as_ref().to_vec())
 }
 
+/// The certificate a TLS server presents, unchecked, for an operator to
+/// compare with what the vCenter's console shows and then pin. Returns the
+/// DER certificate; [`thumbprints`] gives its SHA-1 and SHA-256.
+pub fn fetch_server_certificate(url: &str) -> Result<Vec<u8>> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| Error::InvalidArgument {
+        property: Some("url".into()),
+        message: format!("{url:?} is not a URL: {e}"),
+    })?;
+    let host = parsed.host_str().unwrap_or_default().to_string();
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let conn_err = |m: String| Error::Connection { url: url.to_string(), message: m };
+    let config = Arc::new(ServerTrust::Insecure.rustls_config()?);
+    let name = ServerName::try_from(host.clone()).map_err(|e| conn_err(format!("bad host name: {e}")))?;
+    let mut tls = rustls::ClientConnection::new(config, name).map_err(|e| conn_err(e.to_string()))?;
+    let mut tcp = std::net::TcpStream::connect((host.as_str(), port)).map_err(|e| conn_err(e.to_string()))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).map_err(|e| conn_err(e.to_string()))?;
+    while tls.is_handshaking() {
+        tls.complete_io(&mut tcp).map_err(|e| Error::Tls { url: url.to_string(), message: e.to_string() })?;
+    }
+    tls.peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec())
+        .ok_or_else(|| Error::Tls { url: url.to_string(), message: "the server sent no certificate".into() })
+}
+
 #[derive(Debug)]
 struct ThumbprintMismatch(String);
 

@@ -122,6 +122,46 @@ fn deploys_the_ova_to_every_host_of_two_clusters_then_undeploys_one() -> Result<
     // VDSAs are not offered for protection.
     assert!(site.vms_with_disks()?.iter().all(|v| !v.name.starts_with("VDSA-")));
 
+    // An interrupted deploy (imported, marked installing, never powered on)
+    // shows as installing; deploying again replaces it.
+    let c1h1 = inv.host("DC0_C1_H1")?;
+    site.undeploy("DC0_C1_H1")?;
+    let half = site.client().import_ova(
+        &ova,
+        &vsphere_client::ImportTarget {
+            name: "VDSA-DC0_C1_H1".into(),
+            host: c1h1.moref.clone(),
+            resource_pool: inv.resource_pool_of(c1h1)?,
+            folder: inv.datacenter_of(c1h1)?.vm_folder.clone(),
+            datastore: inv.datastore_for(c1h1, "LocalDS_0")?.moref.clone(),
+            network_mapping: vec![(packaging::OVF_NETWORK.into(), inv.network_for(c1h1, "VM Network")?.moref.clone())],
+            properties: Vec::new(),
+            extra_config: vec![
+                (site_manager::vsphere::MARK_ROLE.into(), "vdsa".into()),
+                (site_manager::vsphere::MARK_STATE.into(), "installing".into()),
+                (site_manager::vsphere::MARK_HOST.into(), c1h1.moref.value.clone()),
+            ],
+        },
+        &|_| {},
+    )?;
+    let state = |name: &str| -> Result<VdsaState> {
+        Ok(site.hosts()?.into_iter().find(|h| h.host == name).context("host")?.state)
+    };
+    assert_eq!(state("DC0_C1_H1")?, VdsaState::Installing);
+    let c1 = reqs.iter().find(|r| r.host == "DC0_C1_H1").context("request")?;
+    let replaced = site.deploy(&ova, c1, &|_| {})?;
+    assert_ne!(replaced, half, "a new VDSA, not the half-made one");
+    assert!(matches!(site.client().vm(&half), Err(Error::ObjectNotFound { .. })), "the half-made VDSA is gone");
+    assert_eq!(state("DC0_C1_H1")?, VdsaState::Installed);
+    // One marked uninstalling (an undeploy cut short) shows so.
+    site.client().reconfigure_vm(
+        &replaced,
+        &VmChange { extra_config: vec![(site_manager::vsphere::MARK_STATE.into(), "uninstalling".into())], ..Default::default() },
+    )?;
+    assert_eq!(state("DC0_C1_H1")?, VdsaState::Uninstalling);
+    site.deploy(&ova, c1, &|_| {})?;
+    assert_eq!(state("DC0_C1_H1")?, VdsaState::Installed);
+
     // Deploying twice is refused; undeploy removes exactly one.
     let again = site.deploy(&ova, &reqs[0], &|_| {});
     assert!(matches!(again, Err(site_manager::vsphere::Error::AlreadyDeployed { .. })), "{again:?}");
@@ -155,6 +195,10 @@ fn bad_logins_names_certificates_and_dropped_connections_give_typed_errors() -> 
     let e = c.inventory().expect_err("no session");
     assert!(matches!(e, Error::NotAuthenticated { .. }), "{e:?}");
     c.login(USER, PASSWORD)?;
+    c.inventory()?;
+    // The server ends the session behind the client's back (as vCenter
+    // does after idle time): the client logs in again and goes on.
+    c.soap().call("Logout", r#"<_this type="SessionManager">SessionManager</_this>"#)?;
     c.inventory()?;
     c.logout()?;
     let e = c.inventory().expect_err("logged out");
@@ -462,6 +506,17 @@ fn the_operator_command_deploys_lists_and_undeploys_with_clear_errors() -> Resul
     let (_, out, _) = run(&password, &["hosts"])?;
     let line = out.lines().find(|l| l.starts_with("DC0_C0_H1")).context("host line")?;
     assert!(line.contains("not installed"), "{out}");
+
+    // The thumbprint an operator pins is the one the server presents.
+    let out = std::process::Command::new(&bin).args(["thumbprint", "--url", &sim.url]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let pinned = text.lines().find_map(|l| l.strip_prefix("SHA-256 ")).context("SHA-256 line")?.trim().to_string();
+    let out = std::process::Command::new(&bin)
+        .args(["vsphere", "--url", &sim.url, "--user", USER, "--password-file"])
+        .arg(&password)
+        .args(["--thumbprint", &pinned, "hosts"])
+        .output()?;
+    assert!(out.status.success(), "pinned {pinned}: {}", String::from_utf8_lossy(&out.stderr));
 
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "nope\n")?;
