@@ -34,7 +34,7 @@ enum Top {
     /// Operations on a vCenter: VDSAs, VMs, test networks.
     Vsphere {
         #[command(flatten)]
-        conn: Connection,
+        conn: Box<Connection>,
         #[command(subcommand)]
         op: VsphereOp,
     },
