@@ -187,6 +187,17 @@ impl ObjectContent {
         self.get(path).map(Node::moref).transpose()
     }
 
+    /// A numeric property (absent: `None`); a value that is not a number
+    /// is a protocol error, never a silent zero.
+    pub fn number<T: std::str::FromStr>(&self, path: &str) -> Result<Option<T>> {
+        match self.get(path) {
+            None => Ok(None),
+            Some(v) => v.text.trim().parse().map(Some).map_err(|_| {
+                Error::Protocol(format!("{} property {path} is not a number: {:?}", self.obj, v.text))
+            }),
+        }
+    }
+
     /// A property holding an array of references
     /// (`ArrayOfManagedObjectReference`).
     pub fn morefs(&self, path: &str) -> Result<Vec<MoRef>> {
