@@ -211,18 +211,18 @@ impl Client {
             // every LEASE_KEEPALIVE.
             let done_seen = &done;
             let watcher = s.spawn(move || {
-                let mut lease_told = Instant::now() - LEASE_KEEPALIVE;
+                let mut lease_told: Option<Instant> = None;
                 loop {
                     let sent = done_seen.load(Ordering::Relaxed);
                     progress(ImportProgress::Uploading { done: sent, total });
-                    if lease_told.elapsed() >= LEASE_KEEPALIVE {
+                    if lease_told.is_none_or(|t| t.elapsed() >= LEASE_KEEPALIVE) {
                         let percent = (sent * 100).checked_div(total).unwrap_or(0).min(99);
                         if let Err(e) = self.invoke("HttpNfcLeaseProgress", lease, |w| {
                             w.text("percent", &percent.to_string());
                         }) {
                             tracing::warn!(lease = %lease, error = %e, "lease progress failed");
                         }
-                        lease_told = Instant::now();
+                        lease_told = Some(Instant::now());
                     }
                     match stop_rx.recv_timeout(PROGRESS_TICK) {
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
