@@ -47,6 +47,15 @@ impl ServiceContent {
     }
 }
 
+/// A `LocalizedMethodFault` (a task's, a lease's, an import spec's or a
+/// missing property's error): its vim25 fault type (`unknown` when the
+/// server names none) and its message.
+pub(crate) fn localized_fault(e: &Node) -> (String, String) {
+    let kind = e.child("fault").and_then(|f| f.xsi_type.clone()).unwrap_or_else(|| "unknown".into());
+    let message = e.text_of("localizedMessage").unwrap_or_default().to_string();
+    (kind, message)
+}
+
 /// A connection to one vCenter (or ESXi host). Shareable between threads:
 /// one logged-in session serves concurrent calls.
 #[derive(Debug)]
@@ -220,11 +229,7 @@ impl ObjectContent {
             .children_named("missingSet")
             .map(|m| {
                 let path = m.text_of("path").unwrap_or_default().to_string();
-                let fault = m
-                    .child("fault")
-                    .and_then(|f| f.child("fault"))
-                    .and_then(|f| f.xsi_type.clone())
-                    .unwrap_or_else(|| "unknown".into());
+                let fault = m.child("fault").map(localized_fault).map_or_else(|| "unknown".into(), |(kind, _)| kind);
                 (path, fault)
             })
             .collect();
@@ -351,11 +356,7 @@ impl TaskInfo {
             "error" => TaskState::Error,
             other => return Err(Error::Protocol(format!("task {task} has unknown state {other:?}"))),
         };
-        let error = v.child("error").map(|e| {
-            let kind = e.child("fault").and_then(|f| f.xsi_type.clone()).unwrap_or_else(|| "unknown".into());
-            let msg = e.text_of("localizedMessage").unwrap_or_default().to_string();
-            (kind, msg)
-        });
+        let error = v.child("error").map(localized_fault);
         Ok(TaskInfo {
             task: task.clone(),
             name: v.text_of("descriptionId").or(v.text_of("name")).unwrap_or_default().to_string(),

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use crate::client::Client;
+use crate::client::{localized_fault, Client};
 use crate::error::{Error, Result};
 use crate::ova::Ova;
 use crate::soap::{self, ServerTrust};
@@ -94,8 +94,8 @@ impl Client {
         let errors: Vec<String> = rv
             .children_named("error")
             .map(|e| {
-                let kind = e.child("fault").and_then(|f| f.xsi_type.clone()).unwrap_or_default();
-                format!("{kind}: {}", e.text_of("localizedMessage").unwrap_or_default())
+                let (kind, message) = localized_fault(e);
+                format!("{kind}: {message}")
             })
             .collect();
         if !errors.is_empty() {
@@ -172,10 +172,8 @@ impl Client {
             match o.text("state") {
                 Some("ready") => break,
                 Some("error") => {
-                    let e = o.get("error");
-                    let kind = e.and_then(|e| e.child("fault")).and_then(|f| f.xsi_type.clone()).unwrap_or_default();
-                    let msg = e.and_then(|e| e.text_of("localizedMessage")).unwrap_or_default().to_string();
-                    return Err(Error::TaskFailed { task: lease.clone(), name: "import".into(), fault: kind, message: msg });
+                    let (fault, message) = o.get("error").map(localized_fault).unwrap_or_default();
+                    return Err(Error::TaskFailed { task: lease.clone(), name: "import".into(), fault, message });
                 }
                 Some("initializing") | None => {}
                 Some(other) => return Err(Error::Protocol(format!("import lease {lease} is in state {other:?}"))),
