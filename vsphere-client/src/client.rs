@@ -24,12 +24,7 @@ pub struct ServiceContent {
 }
 
 impl ServiceContent {
-    #[cfg(test)]
-    pub(crate) fn from_node_for_tests(n: &Node) -> Result<Self> {
-        Self::from_node(n)
-    }
-
-    fn from_node(n: &Node) -> Result<Self> {
+    pub(crate) fn from_node(n: &Node) -> Result<Self> {
         let rv = n.req("returnval")?;
         let about = rv.req("about")?;
         let req_moref = |name: &str| rv.req(name).and_then(Node::moref);
@@ -343,12 +338,7 @@ pub struct TaskInfo {
 }
 
 impl TaskInfo {
-    #[cfg(test)]
-    pub(crate) fn from_node_for_tests(task: &MoRef, v: &Node) -> Result<Self> {
-        Self::from_node(task, v)
-    }
-
-    fn from_node(task: &MoRef, v: &Node) -> Result<Self> {
+    pub(crate) fn from_node(task: &MoRef, v: &Node) -> Result<Self> {
         let state = match v.req_text("state")? {
             "queued" => TaskState::Queued,
             "running" => TaskState::Running,

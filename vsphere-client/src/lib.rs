@@ -56,7 +56,7 @@ mod fixtures {
     #[test]
     fn service_content() {
         let n = body("RetrieveServiceContent", include_bytes!("../tests/fixtures/01-RetrieveServiceContent.response.xml"));
-        let sc = ServiceContent::from_node_for_tests(&n).expect("service content");
+        let sc = ServiceContent::from_node(&n).expect("service content");
         assert_eq!(sc.root_folder, MoRef::new("Folder", "group-d1"));
         assert_eq!(sc.property_collector, MoRef::new("PropertyCollector", "propertyCollector"));
         assert_eq!(sc.ovf_manager, Some(MoRef::new("OvfManager", "OvfManager")));
@@ -119,13 +119,13 @@ mod fixtures {
     fn task_info_success_and_error() {
         let n = body("RetrievePropertiesEx", include_bytes!("../tests/fixtures/10-RetrievePropertiesEx-Task-info-success.response.xml"));
         let o = &objects(&n)[0];
-        let t = TaskInfo::from_node_for_tests(&o.obj, o.get("info").expect("info")).expect("task info");
+        let t = TaskInfo::from_node(&o.obj, o.get("info").expect("info")).expect("task info");
         assert_eq!(t.state, TaskState::Success);
         assert_eq!(t.name, "VirtualMachine.powerOn");
         assert!(t.complete_time.is_some());
         let n = body("RetrievePropertiesEx", include_bytes!("../tests/fixtures/11-RetrievePropertiesEx-Task-info-error.response.xml"));
         let o = &objects(&n)[0];
-        let t = TaskInfo::from_node_for_tests(&o.obj, o.get("info").expect("info")).expect("task info");
+        let t = TaskInfo::from_node(&o.obj, o.get("info").expect("info")).expect("task info");
         assert_eq!(t.state, TaskState::Error);
         assert_eq!(t.error.as_ref().map(|e| e.0.as_str()), Some("InvalidPowerState"));
     }

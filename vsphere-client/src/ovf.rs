@@ -119,13 +119,14 @@ impl Client {
                 config.insert_after_last_of(BEFORE_EXTRA_CONFIG, ov);
             }
         }
-        let file_items: Vec<(String, String, u64, bool)> = rv
+        // (device id, file in the OVA, whether the server creates it); the
+        // size comes from the OVA itself.
+        let file_items: Vec<(String, String, bool)> = rv
             .children_named("fileItem")
             .map(|f| {
                 Ok((
                     f.req_text("deviceId")?.to_string(),
                     f.req_text("path")?.to_string(),
-                    f.parse_of::<u64>("size")?.unwrap_or(0),
                     f.text_of("create") == Some("true"),
                 ))
             })
@@ -162,7 +163,7 @@ impl Client {
         &self,
         ova: &Ova,
         lease: &MoRef,
-        file_items: &[(String, String, u64, bool)],
+        file_items: &[(String, String, bool)],
         entity: &std::cell::RefCell<Option<MoRef>>,
         progress: &(dyn Fn(ImportProgress) + Sync),
     ) -> Result<MoRef> {
@@ -190,7 +191,7 @@ impl Client {
 
         // Match each file to upload with its device URL.
         let mut uploads = Vec::new();
-        for (device_id, path, _, create) in file_items {
+        for (device_id, path, create) in file_items {
             let du = info
                 .children_named("deviceUrl")
                 .find(|d| d.text_of("importKey") == Some(device_id.as_str()))
