@@ -119,11 +119,13 @@ impl Client {
                 config.insert_after_last_of(BEFORE_EXTRA_CONFIG, ov);
             }
         }
-        // (device id, file in the OVA, whether the server creates it); the
-        // size comes from the OVA itself.
+        // (device id, file in the OVA, whether the server creates it). The
+        // upload's size comes from the OVA itself; the server's is only
+        // checked to be a number.
         let file_items: Vec<(String, String, bool)> = rv
             .children_named("fileItem")
             .map(|f| {
+                f.parse_of::<u64>("size")?;
                 Ok((
                     f.req_text("deviceId")?.to_string(),
                     f.req_text("path")?.to_string(),
