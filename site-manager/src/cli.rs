@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use vsphere_client::{Ova, ServerTrust};
 
-use crate::vsphere::{DeployEvent, DeployRequest, DeploySettings, TestNetwork, VsphereSite};
+use crate::vsphere::{DeployEvent, DeployRequest, DeploySettings, VsphereSite};
 
 #[derive(Parser)]
 #[command(name = "site-manager", about = "The site manager's operator command")]
@@ -223,16 +223,7 @@ fn run(cli: Cli) -> Result<()> {
                     println!("removed test VM {vm}");
                 }
             }
-            // What create made: a switch and port group per host.
-            let inv = site.client().inventory()?;
-            let mut net = TestNetwork { name: name.clone(), hosts: Vec::new() };
-            for h in &hosts {
-                let host = inv.host(h)?;
-                if let Some(ns) = &host.network_system {
-                    let info = site.client().host_network_info(ns)?;
-                    net.hosts.push((h.clone(), ns.clone(), info.has_vswitch(&name), info.has_portgroup(&name)));
-                }
-            }
+            let net = site.find_test_network(&name, &hosts)?;
             site.remove_test_network(&net)?;
             println!("test network {name} removed");
         }

@@ -492,6 +492,21 @@ impl VsphereSite {
         Ok(net)
     }
 
+    /// The test network `name` as it stands on `hosts` (for a cleanup by
+    /// another process than the one that made it): what switch and port
+    /// group each host has.
+    pub fn find_test_network(&self, name: &str, hosts: &[String]) -> Result<TestNetwork> {
+        let inv = self.client.inventory()?;
+        let mut net = TestNetwork { name: name.to_string(), hosts: Vec::new() };
+        for h in hosts {
+            if let Some(ns) = &inv.host(h)?.network_system {
+                let info = self.client.host_network_info(ns)?;
+                net.hosts.push((h.clone(), ns.clone(), info.has_vswitch(name), info.has_portgroup(name)));
+            }
+        }
+        Ok(net)
+    }
+
     /// Removes what `create_test_network` added.
     pub fn remove_test_network(&self, net: &TestNetwork) -> Result<()> {
         for (_, ns, switch, pg) in &net.hosts {

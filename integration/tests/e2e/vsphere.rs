@@ -445,7 +445,13 @@ fn test_vms_on_an_isolated_network_are_removed_with_it() -> Result<()> {
     let mut removed = site.remove_test_vms("42")?;
     removed.sort();
     assert_eq!(removed, ["test-42-vm0", "test-42-vm1"]);
-    site.remove_test_network(&net)?;
+    // Another process finds what this one made, and removes it.
+    let found = site.find_test_network("test-net-42", &hosts)?;
+    assert_eq!(
+        found.hosts.iter().map(|(h, _, sw, pg)| (h.clone(), *sw, *pg)).collect::<Vec<_>>(),
+        net.hosts.iter().map(|(h, _, sw, pg)| (h.clone(), *sw, *pg)).collect::<Vec<_>>()
+    );
+    site.remove_test_network(&found)?;
 
     let names: Vec<String> = site.client().vms()?.into_iter().map(|v| v.name).collect();
     assert!(names.iter().all(|n| !n.starts_with("test-42")), "{names:?}");
