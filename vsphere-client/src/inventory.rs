@@ -126,10 +126,12 @@ impl Client {
         let objects = self.retrieve_from_view(&root, &specs)?;
 
         // Datacenter of each entity by walking parents.
-        let parents: HashMap<MoRef, MoRef> = objects
-            .iter()
-            .filter_map(|o| o.moref("parent").ok().flatten().map(|p| (o.obj.clone(), p)))
-            .collect();
+        let mut parents: HashMap<MoRef, MoRef> = HashMap::new();
+        for o in &objects {
+            if let Some(p) = o.moref("parent")? {
+                parents.insert(o.obj.clone(), p);
+            }
+        }
         let datacenter_of = |m: &MoRef| -> Result<MoRef> {
             let mut cur = m.clone();
             for _ in 0..64 {
