@@ -164,15 +164,25 @@ impl Client {
         let mut free_units = Vec::new();
         let mut controller = NEW_CONTROLLER_KEY;
         let mut default_ds = String::new();
+        // The devices to remove, whole, as the server knows them: servers
+        // read a removed device's backing to unhook its network.
+        let mut removed = Vec::new();
         if let Some(cur) = &current {
             for key in &change.remove_devices {
-                if !cur.disks.iter().any(|d| d.key == *key) && !cur.nics.iter().any(|n| n.key == *key) {
-                    return Err(Error::NotFound {
+                let device = cur
+                    .disks
+                    .iter()
+                    .find(|d| d.key == *key)
+                    .map(|d| &d.device)
+                    .or_else(|| cur.nics.iter().find(|n| n.key == *key).map(|n| &n.device))
+                    .ok_or_else(|| Error::NotFound {
                         kind: "device",
                         name: format!("key {key} on VM {}", cur.name),
                         known: Vec::new(),
-                    });
-                }
+                    })?;
+                let mut device = device.clone();
+                device.name = "device".into();
+                removed.push(device);
             }
             if !change.add_disks.is_empty() {
                 controller = *cur.scsi_controllers.first().ok_or_else(|| Error::InvalidArgument {
@@ -198,23 +208,10 @@ impl Client {
             for (i, nic) in change.add_nics.iter().enumerate() {
                 write_nic(w, -200 - i as i32, nic);
             }
-            if let Some(cur) = &current {
-                for key in &change.remove_devices {
-                    // The whole device as the server knows it: servers read
-                    // its backing to unhook networks. No fileOperation, so a
-                    // removed disk's file stays (it may be a replica).
-                    let device = cur
-                        .disks
-                        .iter()
-                        .find(|d| d.key == *key)
-                        .map(|d| &d.device)
-                        .or_else(|| cur.nics.iter().find(|n| n.key == *key).map(|n| &n.device));
-                    if let Some(device) = device {
-                        let mut device = device.clone();
-                        device.name = "device".into();
-                        w.open("deviceChange").text("operation", "remove").node(&device).close("deviceChange");
-                    }
-                }
+            // No fileOperation: a removed disk's file stays (it may be a
+            // replica).
+            for device in &removed {
+                w.open("deviceChange").text("operation", "remove").node(device).close("deviceChange");
             }
             write_extra_config(w, &change.extra_config);
             w.close("spec");
