@@ -123,24 +123,12 @@ fn build() -> Result<PathBuf> {
 }
 
 /// A lab CA and a server certificate for 127.0.0.1 signed by it, as PEM
-/// files: (CA, certificate, key).
+/// files: (CA, certificate, key). They are made as the VDSAs make their
+/// site certificates.
 fn lab_certificate(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "vcsim lab CA");
-    let ca = ca_params.self_signed(&ca_key)?;
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
-    params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
-    params.distinguished_name.push(rcgen::DnType::CommonName, "vcsim");
-    let cert = params.signed_by(&key, &ca, &ca_key)?;
-    let paths = (dir.join("ca.pem"), dir.join("vcsim-cert.pem"), dir.join("vcsim-key.pem"));
-    std::fs::write(&paths.0, ca.pem())?;
-    std::fs::write(&paths.1, cert.pem())?;
-    std::fs::write(&paths.2, key.serialize_pem())?;
-    Ok(paths)
+    let certs = dir.join("certs");
+    vdsa::wire::tls::create_site_certificates(&certs, "vcsim-lab")?;
+    Ok((certs.join("ca.pem"), certs.join("node.pem"), certs.join("node.key")))
 }
 
 impl Vcsim {

@@ -221,8 +221,10 @@ fn bad_logins_names_certificates_and_dropped_connections_give_typed_errors() -> 
     wrong[0] ^= 0xff;
     let e = Client::connect(&sim.url, ServerTrust::Thumbprint(wrong)).expect_err("another thumbprint");
     assert!(matches!(&e, Error::Tls { message, .. } if message.contains("not the pinned")), "{e:?}");
-    let other_ca = rcgen::generate_simple_self_signed(vec!["x".to_string()])?;
-    let e = Client::connect(&sim.url, ServerTrust::ca_pem(other_ca.cert.pem().as_bytes())?).expect_err("another CA");
+    let elsewhere = tempfile::tempdir()?;
+    vdsa::wire::tls::create_site_certificates(elsewhere.path(), "elsewhere")?;
+    let other_ca = std::fs::read(elsewhere.path().join("ca.pem"))?;
+    let e = Client::connect(&sim.url, ServerTrust::ca_pem(&other_ca)?).expect_err("another CA");
     assert!(matches!(&e, Error::Tls { .. }), "{e:?}");
 
     // Names not in the inventory.
