@@ -133,9 +133,11 @@ fn dir_size(dir: &Path) -> u64 {
     total
 }
 
+/// A file's SHA-256 in hex (over ring, the provider the workspace already
+/// builds).
 fn sha256_file(p: &Path) -> Result<String> {
     let mut f = fs::File::open(p).map_err(io(format!("opening {}", p.display())))?;
-    let mut h = Sha256::new();
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).map_err(io(format!("reading {}", p.display())))?;
@@ -144,25 +146,10 @@ fn sha256_file(p: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.hex())
-}
-
-/// SHA-256 over ring, the provider the workspace already builds.
-struct Sha256(ring::digest::Context);
-
-impl Sha256 {
-    fn new() -> Self {
-        Sha256(ring::digest::Context::new(&ring::digest::SHA256))
-    }
-    fn update(&mut self, b: &[u8]) {
-        self.0.update(b)
-    }
-    fn hex(self) -> String {
-        self.0.finish().as_ref().iter().fold(String::new(), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-    }
+    Ok(h.finish().as_ref().iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    }))
 }
 
 /// Builds the VDSA OVA: payload folder → ext4 image → streamOptimized VMDK,
