@@ -12,6 +12,7 @@
 //! It talks only through `vsphere_client`; it must not move disk data.
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -238,17 +239,12 @@ impl VsphereSite {
     ) -> Result<Vec<(String, Result<MoRef>)>> {
         let inv = self.client.inventory()?;
         let vms = self.client.vms()?;
-        let next = Mutex::new(0usize);
+        let next = AtomicUsize::new(0);
         let results: Mutex<Vec<Option<Result<MoRef>>>> = Mutex::new((0..reqs.len()).map(|_| None).collect());
         std::thread::scope(|s| {
             for _ in 0..parallel.max(1).min(reqs.len().max(1)) {
                 s.spawn(|| loop {
-                    let i = {
-                        let mut n = next.lock().unwrap_or_else(|p| p.into_inner());
-                        let i = *n;
-                        *n += 1;
-                        i
-                    };
+                    let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(req) = reqs.get(i) else { return };
                     let r = self.deploy_with(&inv, &vms, ova, req, &|e| progress(&req.host, e));
                     results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
