@@ -331,6 +331,7 @@ impl TargetServer {
             pending: VecDeque::new(),
             promised: HashSet::new(),
             acked: AtomicU64::new(welcome.resume_after_seq),
+            acked_marker: AtomicU64::new(welcome.last_checkpoint),
             last_marker: AtomicU64::new(welcome.last_checkpoint),
         };
         let link = Arc::new(Mutex::new(link));
@@ -413,7 +414,10 @@ struct Link {
     pending: VecDeque<(Offer, Vec<bool>)>,
     /// Hashes asked for in pending offers: a later offer need not ask again.
     promised: HashSet<[u8; 32]>,
+    /// What the last ACK said: the stream's durable seq and its newest
+    /// marker.
     acked: AtomicU64,
+    acked_marker: AtomicU64,
     /// The newest marker of this stream placed (recorded, or waiting for
     /// the VPG's other streams): the source may forget it once durable.
     last_marker: AtomicU64,
@@ -580,18 +584,21 @@ impl Link {
         Ok(true)
     }
 
-    /// Makes the stream durable and returns the ack to send, if it moved
-    /// (or `force`).
+    /// Makes the stream durable and returns the ack to send, if its seq or
+    /// its newest marker moved (or `force`). A marker alone in its batch
+    /// moves no seq, and the source keeps it queued until it is acked.
     fn durable_ack(&self, force: bool) -> Result<Option<Ack>, JournalError> {
         let seq = self.replica.journal.stream_position(self.stream)?.map_or(0, |c| c.seq);
-        if !force && seq == self.acked.load(Ordering::Relaxed) {
+        let marker = self.last_marker.load(Ordering::Relaxed);
+        if !force && seq == self.acked.load(Ordering::Relaxed) && marker == self.acked_marker.load(Ordering::Relaxed) {
             return Ok(None);
         }
         self.replica.journal.sync()?;
         self.acked.store(seq, Ordering::Relaxed);
+        self.acked_marker.store(marker, Ordering::Relaxed);
         Ok(Some(Ack {
             durable_seq: seq,
-            durable_checkpoint: self.last_marker.load(Ordering::Relaxed),
+            durable_checkpoint: marker,
             newest_consistent_ms: self.replica.newest_consistent_ms.load(Ordering::Relaxed),
         }))
     }
