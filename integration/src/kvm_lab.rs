@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use site_manager::kvm::{self, NbdAddress, Qmp, TapSpec, TapState};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use crate::process::ChildGuard;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use crate::replication_lab::Daemon;
 use crate::workload::{GenWrite, Payload};
@@ -99,7 +100,7 @@ impl VdsaProcess {
 /// guest, with its QMP monitor connected.
 #[derive(Debug)]
 pub struct StorageDaemon {
-    child: Child,
+    _child: ChildGuard,
     pub qmp: Qmp,
     pub guest_sock: PathBuf,
     pub image: PathBuf,
@@ -112,7 +113,11 @@ impl StorageDaemon {
         let qmp_sock = dir.join("qmp.sock");
         let guest_sock = dir.join("qsd.sock");
         let cache = if direct { ",cache.direct=on,aio=native" } else { "" };
-        let child = Command::new("qemu-storage-daemon")
+        // A socket left by an earlier run would pass for this one's.
+        for p in [&qmp_sock, &guest_sock] {
+            let _ = std::fs::remove_file(p);
+        }
+        let child = ChildGuard::spawn(Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!("driver=file,node-name=src-file,filename={}{cache}", image.display()))
             .args(["--blockdev", "driver=raw,node-name=src,file=src-file"])
@@ -123,14 +128,14 @@ impl StorageDaemon {
             .arg(format!("socket,id=qmp0,path={},server=on,wait=off", qmp_sock.display()))
             .args(["--monitor", "chardev=qmp0"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting qemu-storage-daemon (is qemu-utils installed?)")?;
+            .stderr(Stdio::null()), "qemu-storage-daemon")
+            .context("is qemu-utils installed?")?;
+        // From here on, an error drops `child`, which stops the daemon.
         wait_for_path(&qmp_sock)?;
         wait_for_path(&guest_sock)?;
         let qmp = Qmp::connect(&qmp_sock)?;
         Ok(StorageDaemon {
-            child,
+            _child: child,
             qmp,
             guest_sock,
             image: image.to_path_buf(),
@@ -166,41 +171,31 @@ impl StorageDaemon {
     }
 }
 
-impl Drop for StorageDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// qemu-nbd serving a raw file: a plain NBD server as mirror target.
 #[derive(Debug)]
 pub struct PlainNbd {
-    child: Child,
+    _child: ChildGuard,
     pub sock: PathBuf,
 }
 
 impl PlainNbd {
     pub fn start(sock: &Path, image: &Path) -> Result<PlainNbd> {
-        let child = Command::new("qemu-nbd")
-            .args(["--persistent", "--format=raw", "--shared=4"])
-            .arg(format!("--socket={}", sock.display()))
-            .arg(image)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting qemu-nbd")?;
+        let _ = std::fs::remove_file(sock);
+        let child = ChildGuard::spawn(
+            Command::new("qemu-nbd")
+                .args(["--persistent", "--format=raw", "--shared=4"])
+                .arg(format!("--socket={}", sock.display()))
+                .arg(image)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            "qemu-nbd",
+        )?;
         wait_for_path(sock)?;
         Ok(PlainNbd {
-            child,
+            _child: child,
             sock: sock.to_path_buf(),
         })
     }
 }
 
-impl Drop for PlainNbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+

@@ -8,7 +8,9 @@
 //! It must not contain product logic: what it checks, it checks through the
 //! product's public APIs and processes.
 
+pub mod guest;
 pub mod kvm_lab;
+pub mod process;
 pub mod replication_lab;
 pub mod two_sites;
 pub mod vcsim;

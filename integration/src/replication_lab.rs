@@ -8,7 +8,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use crate::process::ChildGuard;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 /// Its log (stderr) goes to a file tests can search.
 #[derive(Debug)]
 pub struct Daemon {
-    child: Option<Child>,
+    child: ChildGuard,
     pub control: PathBuf,
     pub log: PathBuf,
 }
@@ -26,23 +27,25 @@ impl Daemon {
     /// Starts it and waits for READY.
     pub fn start(lab: &Path, args: &[String], control: &Path, log: &Path) -> Result<Daemon> {
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let mut child = Command::new(lab)
-            .arg("vdsa")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(logf)
-            .spawn()
-            .context("starting a vdsa daemon")?;
-        let out = child.stdout.take().context("vdsa stdout")?;
+        let mut child = ChildGuard::spawn(
+            Command::new(lab)
+                .arg("vdsa")
+                .args(args)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::piped())
+                .stderr(logf),
+            "a vdsa daemon",
+        )?;
+        // From here on, an error drops `child`, which stops the daemon.
+        let out = child.child_mut().and_then(|c| c.stdout.take()).context("vdsa stdout")?;
         let mut line = String::new();
         BufReader::new(out).read_line(&mut line)?;
         if line.trim() != "READY" {
-            let _ = child.kill();
+            child.kill();
             let log = std::fs::read_to_string(log).unwrap_or_default();
             bail!("vdsa {} did not start (said {line:?}); log:\n{log}", args.first().map_or("", |s| s.as_str()));
         }
-        Ok(Daemon { child: Some(child), control: control.to_path_buf(), log: log.to_path_buf() })
+        Ok(Daemon { child, control: control.to_path_buf(), log: log.to_path_buf() })
     }
 
     /// One control request; an `"ok": false` answer is an error.
@@ -62,35 +65,21 @@ impl Daemon {
     /// Stops it cleanly (the daemon makes its state durable first).
     pub fn shutdown(mut self) -> Result<()> {
         self.call(json!({"op": "shutdown"}))?;
-        if let Some(mut c) = self.child.take() {
-            c.wait()?;
-        }
+        self.child.wait()?;
         Ok(())
     }
 
     /// SIGKILL.
     pub fn kill(mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill();
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

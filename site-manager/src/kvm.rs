@@ -29,10 +29,19 @@ pub enum QmpError {
 
 /// A QMP connection. Events that arrive while waiting for a command's
 /// reply are kept (QEMU sends job events only to connected clients).
+///
+/// Every command carries an id and only the reply with that id answers it:
+/// a greeting or a stale reply that arrives where a reply was expected (a
+/// monitor that only now took this connection, a reply to a command that
+/// timed out earlier) is passed over rather than mistaken for the answer.
 #[derive(Debug)]
 pub struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
+    /// Bytes of a message whose line end has not arrived yet (a read that
+    /// timed out mid-line keeps them for the next read).
+    partial: Vec<u8>,
+    next_id: u64,
     pub events: Vec<Value>,
 }
 
@@ -43,6 +52,8 @@ impl Qmp {
         let mut q = Qmp {
             r: BufReader::new(s),
             w,
+            partial: Vec::new(),
+            next_id: 1,
             events: Vec::new(),
         };
         let greeting = q.read_message(Duration::from_secs(10))?;
@@ -55,10 +66,16 @@ impl Qmp {
 
     fn read_message(&mut self, timeout: Duration) -> Result<Value, QmpError> {
         self.r.get_ref().set_read_timeout(Some(timeout))?;
-        let mut line = String::new();
-        match self.r.read_line(&mut line) {
+        match self.r.read_until(b'\n', &mut self.partial) {
             Ok(0) => Err(QmpError::Protocol("QEMU closed the QMP connection".into())),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("bad JSON {line:?}: {e}"))),
+            Ok(_) if self.partial.last() != Some(&b'\n') => {
+                Err(QmpError::Protocol("QEMU closed the QMP connection mid-message".into()))
+            }
+            Ok(_) => {
+                let line = std::mem::take(&mut self.partial);
+                serde_json::from_slice(&line)
+                    .map_err(|e| QmpError::Protocol(format!("bad JSON {:?}: {e}", String::from_utf8_lossy(&line))))
+            }
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 Err(QmpError::Timeout(timeout, "a QMP message".into()))
             }
@@ -68,12 +85,18 @@ impl Qmp {
 
     /// Runs a command and returns its "return" value.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
-        let msg = json!({"execute": command, "arguments": arguments});
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = json!({"execute": command, "arguments": arguments, "id": id});
         writeln!(self.w, "{msg}")?;
         loop {
             let m = self.read_message(Duration::from_secs(30))?;
             if m.get("event").is_some() {
                 self.events.push(m);
+                continue;
+            }
+            if m.get("QMP").is_some() || m.get("id") != Some(&json!(id)) {
+                tracing::debug!(%m, "QMP message that answers no pending command, passed over");
                 continue;
             }
             if let Some(r) = m.get("return") {
@@ -221,4 +244,56 @@ pub fn detach(qmp: &mut Qmp, job_id: &str, target_node: &str, force: bool) -> Re
     }
     qmp.execute("blockdev-del", json!({"node-name": target_node}))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A scripted monitor: greets, then answers each command with the
+    /// lines `script` gives for it (`{id}` replaced by the command's id).
+    fn monitor(path: &Path, script: Vec<Vec<&'static str>>) -> std::thread::JoinHandle<()> {
+        let l = UnixListener::bind(path).unwrap_or_else(|e| panic!("{e}"));
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap_or_else(|e| panic!("{e}"));
+            let mut w = s.try_clone().unwrap_or_else(|e| panic!("{e}"));
+            let mut r = BufReader::new(s);
+            let _ = writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#);
+            for lines in script {
+                let mut cmd = String::new();
+                if r.read_line(&mut cmd).unwrap_or(0) == 0 {
+                    return;
+                }
+                let v: Value = serde_json::from_str(&cmd).unwrap_or_default();
+                let id = v["id"].to_string();
+                for line in lines {
+                    let _ = writeln!(w, "{}", line.replace("{id}", &id));
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn a_greeting_or_stale_reply_where_a_reply_is_expected_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("qmp.sock");
+        let t = monitor(
+            &path,
+            vec![
+                vec![r#"{"return": {}, "id": {id}}"#],
+                vec![
+                    r#"{"QMP": {"version": {}, "capabilities": []}}"#,
+                    r#"{"return": ["stale"], "id": 999}"#,
+                    r#"{"event": "JOB_STATUS_CHANGE", "data": {}}"#,
+                    r#"{"return": ["mine"], "id": {id}}"#,
+                ],
+            ],
+        );
+        let mut q = Qmp::connect(&path).unwrap_or_else(|e| panic!("{e}"));
+        let r = q.execute("query-block-jobs", json!({})).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r, json!(["mine"]));
+        assert_eq!(q.events.len(), 1);
+        let _ = t.join();
+    }
 }

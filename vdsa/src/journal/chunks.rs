@@ -27,6 +27,8 @@ const FLAG_ZSTD: u8 = 1;
 /// Store compressed only if it saves at least an eighth of the block.
 const COMPRESSED_LIMIT: usize = BLOCK_SIZE - BLOCK_SIZE / 8;
 const FREE: u32 = u32::MAX;
+/// `active` before the first insert after an open: pack numbers start at 1.
+const NO_PACK: u32 = 0;
 
 pub type Hash = [u8; 32];
 pub type ChunkId = u32;
@@ -151,8 +153,9 @@ thread_local! {
 
 impl ChunkStore {
     /// Opens (or creates) the store in `dir`, rebuilding the catalog from the
-    /// packs. A torn tail of the newest pack is cut; anything else that does
-    /// not parse is corruption.
+    /// packs. A pack that holds nothing is removed, a torn tail is cut and
+    /// damaged entries between good ones are passed over (see `load_pack`);
+    /// a bad header is corruption.
     pub fn open(dir: &Path, pack_bytes: u64) -> Result<ChunkStore> {
         fsutil::create_dir(dir)?;
         let mut store = ChunkStore {
@@ -172,23 +175,26 @@ impl ChunkStore {
             live_chunks: 0,
         };
         let numbers = fsutil::numbered_files(dir, "pack")?;
-        let newest = numbers.last().copied();
         for no in numbers {
             let no32 = u32::try_from(no).map_err(|_| JournalError::corrupt(pack_path(dir, 0), 0, "pack number out of range"))?;
-            store.load_pack(no32, Some(no) == newest)?;
+            store.load_pack(no32)?;
         }
-        store.active = store.packs.keys().next_back().map_or(1, |n| n + 1);
-        store.start_pack()?;
+        // The next pack is created at the first insert: opening writes
+        // nothing, so a journal on a full disk still opens.
+        store.active = NO_PACK;
         Ok(store)
     }
 
-    fn load_pack(&mut self, no: u32, newest: bool) -> Result<()> {
+    fn load_pack(&mut self, no: u32) -> Result<()> {
         let path = pack_path(&self.dir, no);
         let bytes = std::fs::read(&path).map_err(|e| JournalError::io("reading", &path, e))?;
         if bytes.len() < PACK_HEADER_LEN {
-            if newest {
-                // Created, header never made durable: nothing in it was either.
-                std::fs::remove_file(&path).map_err(|e| JournalError::io("removing torn pack", &path, e))?;
+            if bytes.iter().all(|&b| b == 0) {
+                // Created, header never made durable: nothing in it was
+                // either (a pack's header is synced before any entry).
+                tracing::warn!(path = %path.display(), "removing a chunk pack that holds nothing");
+                std::fs::remove_file(&path).map_err(|e| JournalError::io("removing empty pack", &path, e))?;
+                self.dir_dirty = true;
                 return Ok(());
             }
             return Err(JournalError::corrupt(&path, 0, "pack shorter than its header"));
@@ -217,15 +223,22 @@ impl ChunkStore {
                     }
                     pos += total;
                 }
-                Err(reason) => {
-                    let torn = newest && !has_valid_entry_after(&bytes, pos + 1);
-                    if !torn {
-                        return Err(JournalError::corrupt(&path, pos as u64, reason));
+                Err(reason) => match next_valid_entry(&bytes, pos + 1) {
+                    // Pages of a pack reach the disk in any order before its
+                    // fsync, so after a power cut entries that were never
+                    // durable can be missing between good ones. They are
+                    // passed over: a durable log record that names one of
+                    // them is reported by the replay (MissingChunk).
+                    Some(next) => {
+                        tracing::warn!(path = %path.display(), offset = pos, %reason, "passing over a damaged chunk entry");
+                        pos = next;
                     }
-                    tracing::warn!(path = %path.display(), offset = pos, "cutting torn tail of chunk pack");
-                    fsutil::truncate(&path, pos as u64)?;
-                    break;
-                }
+                    None => {
+                        tracing::warn!(path = %path.display(), offset = pos, %reason, "cutting torn tail of chunk pack");
+                        fsutil::truncate(&path, pos as u64)?;
+                        break;
+                    }
+                },
             }
         }
         let file = File::open(&path).map_err(|e| JournalError::io("opening", &path, e))?;
@@ -252,8 +265,11 @@ impl ChunkStore {
             .create_new(true)
             .open(&path)
             .map_err(|e| JournalError::io("creating", &path, e))?;
+        // Header and directory entry are durable before any entry goes in.
         file.write_all_at(&pack_header(self.active), 0)
-            .map_err(|e| JournalError::io("writing", &path, e))?;
+            .and_then(|()| file.sync_data())
+            .map_err(|e| JournalError::io("writing the header of", &path, e))?;
+        fsutil::sync_dir(&self.dir)?;
         self.packs.insert(
             self.active,
             Pack {
@@ -263,8 +279,6 @@ impl ChunkStore {
                 live_bytes: 0,
             },
         );
-        self.unsynced.push(self.active);
-        self.dir_dirty = true;
         Ok(())
     }
 
@@ -343,9 +357,13 @@ impl ChunkStore {
     /// Where the next entry goes in the active pack, after rolling to a new
     /// pack if this one is full.
     fn next_offset(&mut self, w: &mut Writer) -> Result<u32> {
-        let active_len = self.packs.get(&self.active).map_or(0, |p| p.len);
-        if active_len + self.pending.len() as u64 >= self.pack_bytes {
-            self.roll_pack(w)?;
+        match self.packs.get(&self.active) {
+            Some(p) if p.len + self.pending.len() as u64 >= self.pack_bytes => self.roll_pack(w)?,
+            Some(_) => {}
+            None => {
+                self.active = self.packs.keys().next_back().map_or(1, |n| n + 1);
+                self.start_pack()?;
+            }
         }
         let offset = self.packs.get(&self.active).map_or(0, |p| p.len) + self.pending.len() as u64;
         u32::try_from(offset).map_err(|_| JournalError::InvalidWrite("pack offset overflow".into()))
@@ -353,7 +371,7 @@ impl ChunkStore {
 
     fn roll_pack(&mut self, w: &mut Writer) -> Result<()> {
         self.flush_pending(w)?;
-        self.active += 1;
+        self.active = self.packs.keys().next_back().map_or(1, |n| n + 1);
         self.start_pack()
     }
 
@@ -695,9 +713,10 @@ fn parse_entry(buf: &[u8]) -> std::result::Result<(Hash, u8, usize), String> {
     Ok((hash, flags, stored_len))
 }
 
-fn has_valid_entry_after(bytes: &[u8], from: usize) -> bool {
+/// Where the next valid entry starts at or after `from`, if any.
+fn next_valid_entry(bytes: &[u8], from: usize) -> Option<usize> {
     let magic = CHUNK_MAGIC.to_le_bytes();
     (from..bytes.len().saturating_sub(CHUNK_HEADER_LEN))
         .filter(|&i| bytes[i..i + 4] == magic)
-        .any(|i| parse_entry(&bytes[i..]).is_ok())
+        .find(|&i| parse_entry(&bytes[i..]).is_ok())
 }

@@ -55,6 +55,8 @@ pub enum JournalError {
     },
     #[error("{0} is not a retained checkpoint of this journal")]
     UnknownCheckpoint(CheckpointId),
+    #[error("checkpoint refused: {0}")]
+    InvalidCheckpoint(String),
     #[error("checkpoint {id} is not newer than the newest checkpoint {newest}")]
     CheckpointNotNewer { id: CheckpointId, newest: CheckpointId },
     #[error("checkpoint cut for {stream} at lsn {lsn} is beyond the journal head {head}")]

@@ -20,6 +20,11 @@ pub const RECORD_TRAILER_LEN: usize = 12;
 /// Refuses a length field larger than this before allocating for it.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 
+/// The longest checkpoint name, in bytes of UTF-8. Names come from
+/// operators and control clients: bounded so that every record fits far
+/// inside `MAX_PAYLOAD`.
+pub const MAX_CHECKPOINT_NAME: usize = 1024;
+
 pub const TYPE_WRITE: u8 = 1;
 pub const TYPE_CHECKPOINT: u8 = 2;
 pub const TYPE_COMMIT: u8 = 3;
@@ -117,8 +122,16 @@ fn le_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Appends one framed record to `out`.
-pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
+/// Whether records of this type are appended only after everything
+/// before them is durable (see `Log::commit`).
+pub fn is_commit_class(kind: u8) -> bool {
+    matches!(kind, TYPE_CHECKPOINT | TYPE_COMMIT | TYPE_DROP_CHECKPOINT)
+}
+
+/// Appends one framed record to `out`. A record larger than a reader
+/// accepts is refused (and `out` left as it was): what cannot be read back
+/// is never written, let alone acknowledged.
+pub fn encode_record(record: &Record, out: &mut Vec<u8>) -> Result<(), String> {
     let start = out.len();
     out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
     out.push(FORMAT_VERSION);
@@ -128,12 +141,17 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
     let payload_start = out.len();
     encode_payload(record, out);
     let payload_len = out.len() - payload_start;
-    let len32 = u32::try_from(payload_len).unwrap_or(u32::MAX);
+    if payload_len > MAX_PAYLOAD {
+        out.truncate(start);
+        return Err(format!("a record of {payload_len} bytes exceeds the largest a reader accepts ({MAX_PAYLOAD})"));
+    }
+    let len32 = payload_len as u32;
     out[start + 8..start + 12].copy_from_slice(&len32.to_le_bytes());
     let crc = crc32c(&out[start + 4..]);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&len32.to_le_bytes());
     out.extend_from_slice(&TRAILER_MAGIC.to_le_bytes());
+    Ok(())
 }
 
 fn record_type(record: &Record) -> u8 {
@@ -416,10 +434,21 @@ mod tests {
     }
 
     #[test]
+    fn a_record_larger_than_a_reader_accepts_is_refused_and_nothing_written() {
+        let mut big = sample()[1].clone();
+        if let Record::Checkpoint(c) = &mut big {
+            c.name = "x".repeat(MAX_PAYLOAD + 1);
+        }
+        let mut buf = vec![7u8];
+        assert!(encode_record(&big, &mut buf).is_err());
+        assert_eq!(buf, vec![7u8]);
+    }
+
+    #[test]
     fn records_round_trip() {
         for rec in sample() {
             let mut buf = Vec::new();
-            encode_record(&rec, &mut buf);
+            assert_eq!(encode_record(&rec, &mut buf), Ok(()));
             match read_frame(&buf) {
                 Frame::Ok { kind, payload, len } => {
                     assert_eq!(len, buf.len());
@@ -433,7 +462,7 @@ mod tests {
     #[test]
     fn torn_and_flipped_frames_are_told_apart() {
         let mut buf = Vec::new();
-        encode_record(&sample()[0], &mut buf);
+        assert_eq!(encode_record(&sample()[0], &mut buf), Ok(()));
         for cut in 0..buf.len() {
             assert!(matches!(read_frame(&buf[..cut]), Frame::Incomplete), "cut at {cut}");
         }

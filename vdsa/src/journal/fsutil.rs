@@ -80,3 +80,19 @@ pub fn lock_dir(dir: &Path) -> Result<File> {
     }
     Ok(f)
 }
+
+/// Bytes free for unprivileged writers on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| JournalError::io("checking free space of", path, std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: statvfs reads the NUL-terminated path and writes only the
+    // struct we pass, which lives for the call; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(JournalError::io("checking free space of", path, std::io::Error::last_os_error()));
+    }
+    Ok(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+}

@@ -30,6 +30,13 @@ pub struct SegmentSummary {
 }
 
 impl SegmentSummary {
+    pub fn merge(&mut self, other: &SegmentSummary) {
+        self.note(other.max_lsn, None);
+        for &(s, lsn) in &other.stream_max {
+            self.note(lsn, Some(s));
+        }
+    }
+
     pub fn note(&mut self, lsn: u64, stream: Option<u16>) {
         self.max_lsn = self.max_lsn.max(lsn);
         if let Some(s) = stream {
@@ -53,10 +60,11 @@ pub struct Log {
     dir: PathBuf,
     segment_bytes: u64,
     segments: BTreeMap<u64, Segment>,
-    active: u64,
-    file: Arc<File>,
+    /// The segment appends go to, created at the first append after an
+    /// open or a rollover (so that opening writes nothing: a journal on a
+    /// full disk still opens).
+    active: Option<(u64, Arc<File>)>,
     unsynced: Vec<u64>,
-    dir_dirty: bool,
     /// Records appended but not yet handed to the writer, and their summary.
     pending: Vec<u8>,
     pending_summary: SegmentSummary,
@@ -66,26 +74,32 @@ pub fn segment_path(dir: &Path, no: u64) -> PathBuf {
     dir.join(format!("{no:012}.log"))
 }
 
-/// Reads every record of every segment in order. A torn tail of the newest
-/// segment is cut (and the cut made durable); a frame that fails anywhere
-/// else, or followed by a valid frame, is corruption, reported with the file
-/// and offset.
+/// Reads every record of every segment in order.
+///
+/// What a power cut can leave, and what is done with it:
+/// - a segment that holds nothing (shorter than its header and all zeros:
+///   created, never made durable) is removed, wherever it is;
+/// - a bad frame with no valid commit-class record (Commit, Checkpoint,
+///   DropCheckpoint) anywhere after it is an unacknowledged tail: such
+///   records are appended only once everything before them is durable
+///   (`Log::commit`), so what follows a bad frame was never acknowledged.
+///   The segment is cut there and later segments are removed, durably;
+/// - a bad frame followed by a valid commit-class record was durable, so it
+///   is corruption, reported with the file and offset and nothing changed.
 pub fn scan(dir: &Path) -> Result<Vec<ScannedRecord>> {
     fsutil::create_dir(dir)?;
-    let numbers = fsutil::numbered_files(dir, "log")?;
-    let newest = numbers.last().copied();
-    let mut out = Vec::new();
-    for no in numbers {
-        let is_newest = Some(no) == newest;
+    let mut segments = Vec::new();
+    let mut removed = false;
+    for no in fsutil::numbered_files(dir, "log")? {
         let path = segment_path(dir, no);
         let bytes = std::fs::read(&path).map_err(|e| JournalError::io("reading", &path, e))?;
         match format::parse_segment_header(&bytes) {
-            Ok(n) if n == no => {}
+            Ok(n) if n == no => segments.push((no, path, bytes)),
             Ok(n) => return Err(JournalError::corrupt(&path, 0, format!("segment header says segment {n}"))),
-            Err(HeaderError::Short) if is_newest && bytes.iter().all(|&b| b == 0) => {
-                // Created, header never made durable, so nothing after it was.
-                std::fs::remove_file(&path).map_err(|e| JournalError::io("removing torn segment", &path, e))?;
-                continue;
+            Err(HeaderError::Short) if bytes.iter().all(|&b| b == 0) => {
+                tracing::warn!(path = %path.display(), "removing a log segment that holds nothing");
+                std::fs::remove_file(&path).map_err(|e| JournalError::io("removing empty segment", &path, e))?;
+                removed = true;
             }
             Err(HeaderError::Version(v)) => {
                 return Err(JournalError::UnsupportedVersion {
@@ -96,47 +110,60 @@ pub fn scan(dir: &Path) -> Result<Vec<ScannedRecord>> {
             }
             Err(e) => return Err(JournalError::corrupt(&path, 0, format!("segment header: {e:?}"))),
         }
+    }
+    let mut out = Vec::new();
+    for (i, (no, path, bytes)) in segments.iter().enumerate() {
         let mut pos = format::SEGMENT_HEADER_LEN;
         while pos < bytes.len() {
-            match format::read_frame(&bytes[pos..]) {
+            let reason = match format::read_frame(&bytes[pos..]) {
                 Frame::Ok { kind, payload, len } => {
                     let record = format::decode_payload(kind, payload)
-                        .map_err(|reason| JournalError::corrupt(&path, pos as u64, reason))?;
+                        .map_err(|reason| JournalError::corrupt(path, pos as u64, reason))?;
                     out.push(ScannedRecord {
-                        segment: no,
+                        segment: *no,
                         offset: pos as u64,
                         record,
                     });
                     pos += len;
+                    continue;
                 }
-                bad => {
-                    let reason = match bad {
-                        Frame::Invalid(r) => r,
-                        _ => "record cut short".to_string(),
-                    };
-                    if is_newest && !valid_frame_after(&bytes, pos + 1) {
-                        tracing::warn!(path = %path.display(), offset = pos, %reason, "cutting torn tail of the log");
-                        fsutil::truncate(&path, pos as u64)?;
-                        break;
-                    }
-                    return Err(JournalError::corrupt(&path, pos as u64, reason));
-                }
+                Frame::Invalid(r) => r,
+                Frame::Incomplete => "record cut short".to_string(),
+            };
+            let later = segments[i + 1..].iter().map(|(_, _, b)| (b.as_slice(), format::SEGMENT_HEADER_LEN));
+            let mut rest = std::iter::once((bytes.as_slice(), pos + 1)).chain(later);
+            if rest.any(|(b, from)| commit_frame_after(b, from)) {
+                return Err(JournalError::corrupt(path, pos as u64, reason));
             }
+            tracing::warn!(path = %path.display(), offset = pos, %reason, "cutting the unacknowledged tail of the log");
+            fsutil::truncate(path, pos as u64)?;
+            for (_, later, _) in &segments[i + 1..] {
+                std::fs::remove_file(later).map_err(|e| JournalError::io("removing", later, e))?;
+            }
+            if i + 1 < segments.len() {
+                fsutil::sync_dir(dir)?;
+            }
+            return Ok(out);
         }
+    }
+    if removed {
+        fsutil::sync_dir(dir)?;
     }
     Ok(out)
 }
 
-fn valid_frame_after(bytes: &[u8], from: usize) -> bool {
+/// Whether a valid commit-class frame starts anywhere in `bytes` at or
+/// after `from`.
+fn commit_frame_after(bytes: &[u8], from: usize) -> bool {
     let magic = format::RECORD_MAGIC.to_le_bytes();
     (from..bytes.len().saturating_sub(format::RECORD_HEADER_LEN))
         .filter(|&i| bytes[i..i + 4] == magic)
-        .any(|i| matches!(format::read_frame(&bytes[i..]), Frame::Ok { .. }))
+        .any(|i| matches!(format::read_frame(&bytes[i..]), Frame::Ok { kind, .. } if format::is_commit_class(kind)))
 }
 
 impl Log {
-    /// Opens the log for appending in a fresh segment after the existing
-    /// ones, whose summaries the caller rebuilt from the scan.
+    /// Opens the log for appending after the existing segments, whose
+    /// summaries the caller rebuilt from the scan. Creates nothing yet.
     pub fn open(dir: &Path, segment_bytes: u64, existing: BTreeMap<u64, SegmentSummary>) -> Result<Log> {
         let mut segments = BTreeMap::new();
         for no in fsutil::numbered_files(dir, "log")? {
@@ -145,17 +172,12 @@ impl Log {
             let summary = existing.get(&no).cloned().unwrap_or_default();
             segments.insert(no, Segment { path, len, summary });
         }
-        let active = segments.keys().next_back().map_or(1, |n| n + 1);
-        let (file, seg) = create_segment(dir, active)?;
-        segments.insert(active, seg);
         Ok(Log {
             dir: dir.to_path_buf(),
             segment_bytes: segment_bytes.max(1 << 16),
             segments,
-            active,
-            file: Arc::new(file),
-            unsynced: vec![active],
-            dir_dirty: true,
+            active: None,
+            unsynced: Vec::new(),
             pending: Vec::new(),
             pending_summary: SegmentSummary::default(),
         })
@@ -165,10 +187,7 @@ impl Log {
     /// writer (callers flush the chunk store first).
     pub fn append(&mut self, bytes: &[u8], summary: &SegmentSummary) {
         self.pending.extend_from_slice(bytes);
-        self.pending_summary.note(summary.max_lsn, None);
-        for &(s, lsn) in &summary.stream_max {
-            self.pending_summary.note(lsn, Some(s));
-        }
+        self.pending_summary.merge(summary);
     }
 
     /// Bytes appended and not yet handed to the writer.
@@ -176,35 +195,36 @@ impl Log {
         self.pending.len()
     }
 
-    /// Hands appended records to the writer (no fsync), rolling to a new
-    /// segment first when the active one is full.
+    /// Hands appended records to the writer (no fsync). Each open writes a
+    /// fresh segment, and a full one is followed by the next; a new segment
+    /// is durable, header and directory entry, before any record goes in.
     pub fn flush(&mut self, w: &mut Writer) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let bytes = std::mem::take(&mut self.pending);
-        let summary = std::mem::take(&mut self.pending_summary);
-        let active_len = self.segments.get(&self.active).map_or(0, |s| s.len);
-        if active_len >= self.segment_bytes {
-            self.active += 1;
-            let (file, seg) = create_segment(&self.dir, self.active)?;
-            self.file = Arc::new(file);
-            self.segments.insert(self.active, seg);
-            self.unsynced.push(self.active);
-            self.dir_dirty = true;
+        let full = match &self.active {
+            Some((no, _)) => self.segments.get(no).is_none_or(|s| s.len >= self.segment_bytes),
+            None => true,
+        };
+        if full {
+            let no = self.segments.keys().next_back().map_or(1, |n| n + 1);
+            let (file, seg) = create_segment(&self.dir, no)?;
+            self.segments.insert(no, seg);
+            self.active = Some((no, Arc::new(file)));
         }
-        let Some(seg) = self.segments.get_mut(&self.active) else {
+        let Some((no, file)) = &self.active else {
             return Err(JournalError::Failed("active log segment missing".into()));
         };
+        let Some(seg) = self.segments.get_mut(no) else {
+            return Err(JournalError::Failed("active log segment missing".into()));
+        };
+        let bytes = std::mem::take(&mut self.pending);
         let len = bytes.len() as u64;
-        w.submit(&self.file, &seg.path, seg.len, Arc::new(bytes))?;
+        w.submit(file, &seg.path, seg.len, Arc::new(bytes))?;
         seg.len += len;
-        seg.summary.note(summary.max_lsn, None);
-        for &(s, lsn) in &summary.stream_max {
-            seg.summary.note(lsn, Some(s));
-        }
-        if self.unsynced.last() != Some(&self.active) {
-            self.unsynced.push(self.active);
+        seg.summary.merge(&std::mem::take(&mut self.pending_summary));
+        if !self.unsynced.contains(no) {
+            self.unsynced.push(*no);
         }
         Ok(())
     }
@@ -216,25 +236,34 @@ impl Log {
         w.drain()?;
         for no in std::mem::take(&mut self.unsynced) {
             let Some(seg) = self.segments.get(&no) else { continue };
-            let f = if no == self.active {
-                self.file.sync_data()
-            } else {
-                OpenOptions::new().write(true).open(&seg.path).and_then(|f| f.sync_data())
+            let r = match &self.active {
+                Some((active, file)) if *active == no => file.sync_data(),
+                _ => OpenOptions::new().write(true).open(&seg.path).and_then(|f| f.sync_data()),
             };
-            f.map_err(|e| JournalError::io("syncing", &seg.path, e))?;
-        }
-        if std::mem::take(&mut self.dir_dirty) {
-            fsutil::sync_dir(&self.dir)?;
+            r.map_err(|e| JournalError::io("syncing", &seg.path, e))?;
         }
         Ok(())
     }
 
+    /// Group commit: makes everything appended so far durable, and only
+    /// then appends the commit-class `records` and makes them durable too.
+    /// So a valid commit-class record on disk proves that every record
+    /// before it is durable; `scan` relies on it to tell a torn tail from
+    /// corruption after a power cut, whatever order the page cache wrote
+    /// pages back in.
+    pub fn commit(&mut self, w: &mut Writer, records: &[u8], summary: &SegmentSummary) -> Result<()> {
+        self.sync(w)?;
+        self.append(records, summary);
+        self.sync(w)
+    }
+
     /// Deletes the closed segments `done` says retention has fully consumed.
     pub fn remove_segments(&mut self, done: impl Fn(&SegmentSummary) -> bool) -> Result<u64> {
+        let active = self.active.as_ref().map(|(no, _)| *no);
         let victims: Vec<u64> = self
             .segments
             .iter()
-            .filter(|(&no, s)| no != self.active && done(&s.summary))
+            .filter(|(&no, s)| Some(no) != active && done(&s.summary))
             .map(|(&no, _)| no)
             .collect();
         let mut freed = 0;
@@ -255,6 +284,7 @@ impl Log {
     }
 }
 
+/// Creates segment `no` with its header, durable with its directory entry.
 fn create_segment(dir: &Path, no: u64) -> Result<(File, Segment)> {
     let path = segment_path(dir, no);
     let file = OpenOptions::new()
@@ -264,7 +294,9 @@ fn create_segment(dir: &Path, no: u64) -> Result<(File, Segment)> {
         .open(&path)
         .map_err(|e| JournalError::io("creating", &path, e))?;
     file.write_all_at(&format::segment_header(no), 0)
-        .map_err(|e| JournalError::io("writing", &path, e))?;
+        .and_then(|()| file.sync_data())
+        .map_err(|e| JournalError::io("writing the header of", &path, e))?;
+    fsutil::sync_dir(dir)?;
     Ok((
         file,
         Segment {

@@ -70,6 +70,10 @@ impl Default for JournalConfig {
 const META_FILE: &str = "journal.json";
 /// Appended bytes kept in memory before they go to the writer thread.
 const HANDOFF_BYTES: usize = 256 << 10;
+/// The largest data write accepted in one piece (taps send at most 32 MiB):
+/// its record, which lists every block, stays far inside what a reader
+/// accepts.
+pub const MAX_DATA_WRITE: u64 = 256 << 20;
 const META_FORMAT: u32 = 1;
 
 /// The small metadata file, replaced atomically: the disks, the replica's
@@ -182,7 +186,9 @@ impl Journal {
             stream_ix: HashMap::new(),
             stream_pos: Vec::new(),
             chunks,
-            // Replaced below, once the segment summaries are known.
+            // Replaced below, once the replay knew the segment summaries
+            // and cut what a crash left unacknowledged (opening creates
+            // nothing).
             log: Log::open(&dir.join("log"), config.segment_bytes, BTreeMap::new())?,
             writer: writer::Writer::start()?,
             checkpoints: BTreeMap::new(),
@@ -205,8 +211,6 @@ impl Journal {
             st.checkpoints.insert(base.id, base);
         }
         let summaries = st.replay(&dir, records)?;
-        // The log opened above created an empty segment before the replay
-        // knew the summaries; reopen with them (the empty one stays valid).
         st.log = Log::open(&dir.join("log"), config.segment_bytes, summaries)?;
         if let Some(intent) = st.meta.intent.clone() {
             tracing::info!(checkpoint = %intent.id, "finishing a retention step interrupted by a crash");
@@ -479,6 +483,12 @@ impl Journal {
         st.read_range(disk, &CutSet::everything(), &HashMap::new(), offset, buf)
     }
 
+    /// Bytes free for the journal on its file system (as an unprivileged
+    /// writer sees them).
+    pub fn free_bytes(&self) -> Result<u64> {
+        fsutil::free_bytes(&self.inner.dir)
+    }
+
     pub fn stats(&self) -> Result<JournalStats> {
         let st = self.read_state()?;
         Ok(JournalStats {
@@ -522,6 +532,7 @@ fn is_refusal(e: &JournalError) -> bool {
             | JournalError::SeqGap { .. }
             | JournalError::UnknownCheckpoint(_)
             | JournalError::CheckpointNotNewer { .. }
+            | JournalError::InvalidCheckpoint(_)
             | JournalError::BadCut { .. }
             | JournalError::CutGoesBack { .. }
             | JournalError::BlockNotHeld { .. }
@@ -808,6 +819,9 @@ impl State {
     }
 
     fn validate(&self, stream: StreamId, writes: &[TapWrite<'_>]) -> Result<()> {
+        if !self.stream_ix.contains_key(&stream) && self.streams.len() > usize::from(u16::MAX) {
+            return Err(JournalError::InvalidWrite(format!("a journal holds at most {} streams", u16::MAX)));
+        }
         let mut expected = self
             .stream_ix
             .get(&stream)
@@ -819,6 +833,12 @@ impl State {
             let len = w.data.len();
             if len == 0 {
                 return Err(JournalError::InvalidWrite(format!("zero-length write at seq {}", w.seq)));
+            }
+            if matches!(w.data, WriteData::Data(_)) && len > MAX_DATA_WRITE {
+                return Err(JournalError::InvalidWrite(format!(
+                    "data write of {len} bytes at seq {} exceeds {MAX_DATA_WRITE}",
+                    w.seq
+                )));
             }
             if w.offset.checked_add(len).is_none_or(|end| end > size) {
                 return Err(JournalError::OutOfRange {
@@ -1028,7 +1048,9 @@ impl State {
                 len,
                 blocks,
             });
-            format::encode_record(&rec, &mut buf);
+            // validate() bounded every field, so this cannot fail; if it
+            // did, the batch is half applied and the journal stops.
+            format::encode_record(&rec, &mut buf).map_err(JournalError::Failed)?;
             summary.note(lsn, Some(s));
             self.head_lsn = lsn;
             self.stream_pos[s as usize] = Some((w.seq, lsn));
@@ -1057,22 +1079,31 @@ impl State {
     /// crash could lose. `noted` is the lsn the records' segment must be
     /// kept for (see `SegmentSummary`), if any.
     pub(super) fn commit_records(&mut self, records: &[Record], noted: Option<u64>) -> Result<()> {
-        self.chunks.sync(&mut self.writer)?;
         let mut buf = Vec::new();
         for r in records {
-            format::encode_record(r, &mut buf);
+            format::encode_record(r, &mut buf).map_err(JournalError::Failed)?;
         }
+        self.chunks.sync(&mut self.writer)?;
         let mut summary = SegmentSummary::default();
         if let Some(lsn) = noted {
             summary.note(lsn, None);
         }
-        self.log.append(&buf, &summary);
-        self.log.sync(&mut self.writer)?;
+        self.log.commit(&mut self.writer, &buf, &summary)?;
         self.durable_lsn = self.head_lsn;
         Ok(())
     }
 
     fn mark_checkpoint(&mut self, spec: CheckpointSpec) -> Result<Checkpoint> {
+        if spec.name.len() > format::MAX_CHECKPOINT_NAME {
+            return Err(JournalError::InvalidCheckpoint(format!(
+                "its name is {} bytes; at most {} are kept",
+                spec.name.len(),
+                format::MAX_CHECKPOINT_NAME
+            )));
+        }
+        if spec.cuts.len() > usize::from(u16::MAX) {
+            return Err(JournalError::InvalidCheckpoint(format!("{} cuts; a journal holds at most {} streams", spec.cuts.len(), u16::MAX)));
+        }
         if let Some((&newest, _)) = self.checkpoints.iter().next_back() {
             if spec.id <= newest {
                 return Err(JournalError::CheckpointNotNewer { id: spec.id, newest });

@@ -147,6 +147,11 @@ impl NbdClient {
         self.call(CMD_WRITE, 0, offset, data.len() as u32, Some(data))
     }
 
+    /// A write with FUA: acknowledged only once durable.
+    pub fn write_fua(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.call(CMD_WRITE, CMD_FLAG_FUA, offset, data.len() as u32, Some(data))
+    }
+
     /// Sends all writes, then reads all replies: up to `writes.len()` in
     /// flight, as a guest with a queue depth does. Replies may come in any
     /// order; they are matched by handle.

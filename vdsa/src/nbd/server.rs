@@ -3,7 +3,8 @@
 //!
 //! Requests are handled one at a time in arrival order and each is answered
 //! before the next is read: replies in order are always allowed, and a
-//! write is acknowledged only once its export accepted it. Hostile input
+//! write is acknowledged only once its export accepted it (and, with FUA,
+//! made it durable). Hostile input
 //! (bad magic, oversized lengths, ranges beyond the end, unknown commands, a
 //! peer that vanishes mid-request) gets an NBD error or a clean disconnect;
 //! a write whose payload did not arrive whole is never applied.
@@ -38,6 +39,13 @@ pub trait BlockExport: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError>;
     fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError>;
     fn flush(&self) -> Result<(), ExportError>;
+    /// Whether a flush makes writes durable here, so that FLUSH and FUA are
+    /// offered to clients. An export that only forwards writes (a source
+    /// VDSA: the protected disk itself holds them, replication is
+    /// asynchronous) offers neither rather than pretend.
+    fn offers_durability(&self) -> bool {
+        true
+    }
 }
 
 /// The exports a server offers, by name. A client asking for the empty
@@ -69,12 +77,15 @@ impl Exports {
 /// Longest option payload accepted in the handshake.
 const MAX_OPTION: u32 = 64 << 10;
 
-const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
-    | TFLAG_SEND_FLUSH
-    | TFLAG_SEND_FUA
-    | TFLAG_SEND_TRIM
-    | TFLAG_SEND_WRITE_ZEROES
-    | TFLAG_SEND_FAST_ZERO;
+/// The transmission flags offered for `export`.
+fn transmission_flags(export: &dyn BlockExport) -> u16 {
+    let base = TFLAG_HAS_FLAGS | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    if export.offers_durability() {
+        base | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA
+    } else {
+        base
+    }
+}
 
 /// How a connection ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -190,7 +201,7 @@ impl<R: Read, W: Write> Conn<R, W> {
                     };
                     let mut b = Vec::with_capacity(134);
                     b.extend_from_slice(&export.size().to_be_bytes());
-                    b.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                    b.extend_from_slice(&transmission_flags(export.as_ref()).to_be_bytes());
                     if !self.no_zeroes {
                         b.extend_from_slice(&[0u8; 124]);
                     }
@@ -227,7 +238,7 @@ impl<R: Read, W: Write> Conn<R, W> {
                     };
                     let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                     info.extend_from_slice(&export.size().to_be_bytes());
-                    info.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                    info.extend_from_slice(&transmission_flags(export.as_ref()).to_be_bytes());
                     self.option_reply(option, REP_INFO, &info)?;
                     // Minimum 1: sub-4 KiB writes arrive as they are, with no
                     // read-modify-write by the client.
@@ -312,6 +323,14 @@ impl<R: Read, W: Write> Conn<R, W> {
                 }
                 CMD_FLUSH => export.flush(),
                 other => Err(ExportError::new(EINVAL, format!("unknown command {other}"))),
+            };
+            // FUA: the write is durable before it is acknowledged. A flush
+            // makes everything acknowledged so far durable, this write
+            // included.
+            let fua = req.flags & CMD_FLAG_FUA != 0 && matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
+            let result = match result {
+                Ok(()) if fua => export.flush(),
+                other => other,
             };
             let errno = match result {
                 Ok(()) => 0,

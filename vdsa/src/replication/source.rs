@@ -648,8 +648,15 @@ impl BlockExport for SourceDisk {
         self.stream.put(self.disk, offset, len, WriteKind::Trim, Vec::new())
     }
 
-    /// Replication is asynchronous: a flush does not wait for the target.
+    /// Replication is asynchronous: nothing is made durable here (the
+    /// protected disk holds the writes; a restarted source resyncs), so
+    /// FLUSH and FUA are not offered. A client that sends a flush anyway
+    /// is answered at once.
     fn flush(&self) -> Result<(), ExportError> {
         Ok(())
+    }
+
+    fn offers_durability(&self) -> bool {
+        false
     }
 }

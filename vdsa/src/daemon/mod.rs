@@ -6,9 +6,11 @@
 //! - `target` accepts source links and keeps each VPG's journal;
 //! - `certs` creates site certificates and pairs sites.
 //!
-//! Each service has a control socket (line-delimited JSON: checkpoint,
-//! sync, bandwidth, status, promote, shutdown). The `vdsa` binary is a thin
-//! wrapper over [`main`].
+//! Each service has a control socket (`control`: typed line-delimited JSON
+//! requests: checkpoint, sync, bandwidth, status, promote, shutdown). The
+//! `vdsa` binary is a thin wrapper over [`main`].
+
+pub mod control;
 
 use crate::journal::{Journal, JournalConfig};
 use crate::nbd::server::{serve, Ending, Exports};
@@ -17,9 +19,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use control::{claim_socket, not_served, serve_control, ControlRequest, SocketClaim};
+use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -214,13 +217,19 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
 }
 
 fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<String>, stream: String, interval_ms: u64) -> Result<()> {
+    // Everything the command line says is checked before anything is
+    // created or taken over.
+    let disks: Vec<(String, DiskId, u64)> = disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?;
+    let listeners = TapListener::parse_all(&listen)?;
+    let control = claim_socket(&control)?;
+    let claims = claim_listeners(&listeners)?;
     let journal = Journal::open(&dir, JournalConfig::default()).with_context(|| format!("opening journal {}", dir.display()))?;
+    warn_if_full(&journal);
     let known = journal.disks()?;
     let stream_id = StreamId::from_bytes(derived_id("stream", &stream));
     let tap = TapStream::new(journal.clone(), stream_id)?;
     let mut exports = Exports::default();
-    for spec in &disks {
-        let (name, id, size) = parse_disk(spec)?;
+    for (name, id, size) in disks {
         match known.iter().find(|d| d.id == id) {
             Some(d) if d.size != size => bail!("disk {name} is {} bytes in the journal, not {size}", d.size),
             Some(_) => {}
@@ -228,30 +237,91 @@ fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<Str
         }
         exports.insert(name, Arc::new(TapDisk { stream: tap.clone(), disk: id, size }));
     }
-    serve_taps(&listen, Arc::new(exports))?;
+    serve_taps(listeners, claims, Arc::new(exports))?;
     let control_lock = Arc::new(Mutex::new(()));
     if interval_ms > 0 {
         let (tap, lock) = (tap.clone(), control_lock.clone());
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(interval_ms));
             let _guard = lock.lock();
-            if let Err(e) = checkpoint(&tap, "") {
+            if let Err(e) = checkpoint(&tap, None, None) {
                 tracing::error!(error = %e, "automatic checkpoint failed");
             }
         });
     }
     let tap2 = tap.clone();
-    serve_control(&control, control_lock, move |req| handle(req, &tap2))
+    serve_control(control, control_lock, move |req| handle(req, &tap2))
 }
 
-/// Serves the exports to taps on each `--listen` address: NBD (QEMU's block
-/// mirror) or the native tap protocol, unix or TCP.
-fn serve_taps(listen: &[String], exports: Arc<Exports>) -> Result<()> {
-    for spec in listen {
-        let (native, rest) = match spec.strip_prefix("native-") {
-            Some(rest) => (true, rest),
-            None => (false, spec.as_str()),
-        };
+/// Says at start when the journal's disk has no room left: the VDSA still
+/// starts (reads, status and checkpoints of what is there keep working) and
+/// writes are refused with ENOSPC until space is freed.
+fn warn_if_full(journal: &Journal) {
+    match journal.free_bytes() {
+        Ok(free) if free < JOURNAL_LOW_SPACE => tracing::warn!(
+            journal = %journal.dir().display(),
+            free_bytes = free,
+            "the journal's disk is full: writes will be refused until space is freed"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot tell the journal disk's free space"),
+    }
+}
+
+/// Below this much free space a journal's disk counts as full.
+const JOURNAL_LOW_SPACE: u64 = 16 << 20;
+
+/// One `--listen` address of a tap.
+#[derive(Debug, Clone)]
+struct TapListener {
+    native: bool,
+    endpoint: Endpoint,
+}
+
+#[derive(Debug, Clone)]
+enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl TapListener {
+    fn parse_all(specs: &[String]) -> Result<Vec<TapListener>> {
+        specs
+            .iter()
+            .map(|spec| {
+                let (native, rest) = match spec.strip_prefix("native-") {
+                    Some(rest) => (true, rest),
+                    None => (false, spec.as_str()),
+                };
+                let endpoint = if let Some(path) = rest.strip_prefix("unix:") {
+                    Endpoint::Unix(PathBuf::from(path))
+                } else if let Some(addr) = rest.strip_prefix("tcp:") {
+                    Endpoint::Tcp(addr.to_string())
+                } else {
+                    bail!("--listen {spec:?}: expected [native-]unix:PATH or [native-]tcp:HOST:PORT");
+                };
+                Ok(TapListener { native, endpoint })
+            })
+            .collect()
+    }
+}
+
+/// Claims every unix path among `listeners` (see [`claim_socket`]).
+fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<SocketClaim>> {
+    listeners
+        .iter()
+        .filter_map(|l| match &l.endpoint {
+            Endpoint::Unix(p) => Some(claim_socket(p)),
+            Endpoint::Tcp(_) => None,
+        })
+        .collect()
+}
+
+/// Serves the exports to taps on each listener: NBD (QEMU's block mirror)
+/// or the native tap protocol, unix or TCP. The claims of the unix paths
+/// are held for the life of the process.
+fn serve_taps(listeners: Vec<TapListener>, claims: Vec<SocketClaim>, exports: Arc<Exports>) -> Result<()> {
+    for TapListener { native, endpoint } in listeners {
         // Both kinds of tap serve the same exports; each connection gets a
         // thread of its own.
         let session = move |exports: &Exports, r: Reader, w: Writer| {
@@ -266,24 +336,26 @@ fn serve_taps(listen: &[String], exports: Arc<Exports>) -> Result<()> {
             }
         };
         let exports = exports.clone();
-        if let Some(path) = rest.strip_prefix("unix:") {
-            let _ = std::fs::remove_file(path);
-            let l = UnixListener::bind(path).with_context(|| format!("listening on {path}"))?;
-            let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c)))
-                .flatten()
-                .filter_map(|c| Some(halves(c.try_clone().ok()?, c)));
-            accept_each(conns, exports, session);
-        } else if let Some(addr) = rest.strip_prefix("tcp:") {
-            let l = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
-            let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c))).flatten().filter_map(|c| {
-                let _ = c.set_nodelay(true);
-                Some(halves(c.try_clone().ok()?, c))
-            });
-            accept_each(conns, exports, session);
-        } else {
-            bail!("--listen {spec:?}: expected [native-]unix:PATH or [native-]tcp:HOST:PORT");
+        match endpoint {
+            Endpoint::Unix(path) => {
+                let l = UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+                let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c)))
+                    .flatten()
+                    .filter_map(|c| Some(halves(c.try_clone().ok()?, c)));
+                accept_each(conns, exports, session);
+            }
+            Endpoint::Tcp(addr) => {
+                let l = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
+                let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c))).flatten().filter_map(|c| {
+                    let _ = c.set_nodelay(true);
+                    Some(halves(c.try_clone().ok()?, c))
+                });
+                accept_each(conns, exports, session);
+            }
         }
     }
+    // The paths stay ours until the process ends.
+    std::mem::forget(claims);
     Ok(())
 }
 
@@ -316,75 +388,41 @@ fn log_end(r: std::io::Result<Ending>) {
     }
 }
 
-fn checkpoint(tap: &TapStream, name: &str) -> Result<Value> {
-    let next = tap.journal().checkpoints()?.last().map_or(1, |c| c.id.0 + 1);
+fn checkpoint(tap: &TapStream, id: Option<u64>, name: Option<&str>) -> Result<Value> {
+    let newest = tap.journal().checkpoints()?.last().map_or(0, |c| c.id.0);
+    let id = id.unwrap_or(newest + 1);
+    let name = name.unwrap_or("");
     let kind = if name.is_empty() { CheckpointKind::Automatic } else { CheckpointKind::Named };
-    let cp = tap.checkpoint(CheckpointId(next), name, kind)?;
+    let cp = tap.checkpoint(CheckpointId(id), name, kind)?;
     let seq = cp.cuts.first().map_or(0, |c| c.seq);
     Ok(json!({"ok": true, "id": cp.id.0, "kind": format!("{:?}", cp.kind), "seq": seq, "lsn": cp.lsn}))
 }
 
-/// Answers line-delimited JSON requests on a unix socket, one at a time
-/// (under `lock`); prints READY once listening. A reply with "bye" ends
-/// the process.
-fn serve_control(path: &std::path::Path, lock: Arc<Mutex<()>>, handler: impl Fn(&Value) -> Result<Value> + Send + Sync + 'static) -> Result<()> {
-    let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path).with_context(|| format!("control socket {}", path.display()))?;
-    println!("READY");
-    std::io::stdout().flush()?;
-    let handler = Arc::new(handler);
-    for conn in l.incoming().flatten() {
-        let (handler, lock) = (handler.clone(), lock.clone());
-        std::thread::spawn(move || control_session(conn, &lock, &*handler));
-    }
-    Ok(())
-}
-
-fn control_session(conn: UnixStream, lock: &Mutex<()>, handler: &dyn Fn(&Value) -> Result<Value>) {
-    let Ok(w) = conn.try_clone() else { return };
-    let mut w = std::io::BufWriter::new(w);
-    for line in BufReader::new(conn).lines() {
-        let Ok(line) = line else { return };
-        let reply = match serde_json::from_str::<Value>(&line) {
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
-            Ok(req) => {
-                let _guard = lock.lock();
-                handler(&req).unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}))
-            }
-        };
-        if writeln!(w, "{reply}").and_then(|_| w.flush()).is_err() {
-            return;
+fn handle(req: ControlRequest, tap: &TapStream) -> Result<Value> {
+    match req {
+        ControlRequest::Checkpoint { id, name } => checkpoint(tap, id, name.as_deref()),
+        ControlRequest::Sync { syncing } => {
+            tap.set_syncing(syncing);
+            Ok(json!({"ok": true}))
         }
-        if reply.get("bye").is_some() {
-            std::process::exit(0);
-        }
-    }
-}
-
-/// The `sync` control op: a full or delta sync through the tap begins
-/// (`"syncing": true`) or is done.
-fn sync_op(req: &Value, set: impl FnOnce(bool)) -> Result<Value> {
-    let Some(syncing) = req.get("syncing").and_then(Value::as_bool) else {
-        bail!("sync needs \"syncing\": true|false");
-    };
-    set(syncing);
-    Ok(json!({"ok": true}))
-}
-
-fn handle(req: &Value, tap: &TapStream) -> Result<Value> {
-    match req.get("op").and_then(Value::as_str) {
-        Some("checkpoint") => checkpoint(tap, req.get("name").and_then(Value::as_str).unwrap_or("")),
-        Some("sync") => sync_op(req, |on| tap.set_syncing(on)),
-        Some("status") => {
+        ControlRequest::Status {} => {
             let stats = tap.journal().stats()?;
             let seq = tap.position()?.map_or(0, |c| c.seq);
-            Ok(json!({"ok": true, "syncing": tap.is_syncing(), "seq": seq, "stats": stats}))
+            let free = tap.journal().free_bytes()?;
+            Ok(json!({
+                "ok": true,
+                "syncing": tap.is_syncing(),
+                "seq": seq,
+                "stats": stats,
+                "journal_free_bytes": free,
+                "journal_disk_full": free < JOURNAL_LOW_SPACE,
+            }))
         }
-        Some("shutdown") => {
+        ControlRequest::Shutdown {} => {
             tap.journal().sync()?;
             Ok(json!({"ok": true, "bye": true}))
         }
-        other => bail!("unknown op {other:?}"),
+        other => Err(not_served("tap-serve", &other)),
     }
 }
 
@@ -404,6 +442,7 @@ fn source(a: SourceArgs) -> Result<()> {
     use crate::replication::source::{SourceDisk, SourceOptions, SourceStream};
     let identity = crate::wire::tls::SiteIdentity::load(&a.certs)?;
     let disks: Vec<(String, DiskId, u64)> = a.taps.disk.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?;
+    let listeners = TapListener::parse_all(&a.taps.listen)?;
     let backpressure = match a.backpressure.as_str() {
         "block" => Backpressure::Block,
         "bitmap" => Backpressure::Bitmap,
@@ -428,6 +467,8 @@ fn source(a: SourceArgs) -> Result<()> {
         spill_bytes: parse_size(&a.spill_size)?,
         backpressure,
     };
+    let control = claim_socket(&a.taps.control)?;
+    let claims = claim_listeners(&listeners)?;
     let stream = SourceStream::new(opts, queue).context("creating the send queue")?;
     if a.no_initial_sync {
         stream.set_syncing(false);
@@ -436,7 +477,7 @@ fn source(a: SourceArgs) -> Result<()> {
     for (name, id, size) in &disks {
         exports.insert(name.clone(), Arc::new(SourceDisk { stream: stream.clone(), disk: *id, size: *size }));
     }
-    serve_taps(&a.taps.listen, Arc::new(exports))?;
+    serve_taps(listeners, claims, Arc::new(exports))?;
     let cfg = identity.client_config()?;
     let link = stream.clone();
     std::thread::spawn(move || link.run_link(cfg));
@@ -453,32 +494,27 @@ fn source(a: SourceArgs) -> Result<()> {
         });
     }
     let s = stream.clone();
-    serve_control(&a.taps.control, lock, move |req| match req.get("op").and_then(Value::as_str) {
-        Some("checkpoint") => source_checkpoint(
-            &s,
-            &last_id,
-            req.get("id").and_then(Value::as_u64),
-            req.get("name").and_then(Value::as_str).unwrap_or(""),
-        ),
-        Some("sync") => sync_op(req, |on| s.set_syncing(on)),
-        Some("bandwidth") => {
-            let Some(rate) = req.get("bytes_per_sec").and_then(Value::as_u64) else {
-                bail!("bandwidth needs \"bytes_per_sec\" (0: no limit)");
-            };
-            s.throttle.set_rate(rate);
+    serve_control(control, lock, move |req| match req {
+        ControlRequest::Checkpoint { id, name } => source_checkpoint(&s, &last_id, id, name.as_deref().unwrap_or("")),
+        ControlRequest::Sync { syncing } => {
+            s.set_syncing(syncing);
             Ok(json!({"ok": true}))
         }
-        Some("status") => {
+        ControlRequest::Bandwidth { bytes_per_sec } => {
+            s.throttle.set_rate(bytes_per_sec);
+            Ok(json!({"ok": true}))
+        }
+        ControlRequest::Status {} => {
             let mut st = s.status();
             st["ok"] = json!(true);
             st["drained"] = json!(s.drained());
             Ok(st)
         }
-        Some("shutdown") => {
+        ControlRequest::Shutdown {} => {
             s.stop();
             Ok(json!({"ok": true, "bye": true}))
         }
-        other => bail!("unknown op {other:?}"),
+        other => Err(not_served("source", &other)),
     })
 }
 
@@ -504,29 +540,27 @@ fn target(a: TargetArgs) -> Result<()> {
         heartbeat: Duration::from_millis(a.heartbeat_ms.max(50)),
         journal: JournalConfig::default(),
     });
+    let control = claim_socket(&a.control)?;
     server.open_existing().context("opening the VPG journals")?;
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     let cfg = identity.server_config()?;
     let srv = server.clone();
     std::thread::spawn(move || srv.serve(listener, cfg));
-    serve_control(&a.control, Arc::new(Mutex::new(())), move |req| match req.get("op").and_then(Value::as_str) {
-        Some("status") => {
+    serve_control(control, Arc::new(Mutex::new(())), move |req| match req {
+        ControlRequest::Status {} => {
             let vpgs: Vec<Value> = server.replicas().iter().map(|r| r.status()).collect();
             Ok(json!({"ok": true, "vpgs": vpgs}))
         }
-        Some("promote") => {
-            let Some(name) = req.get("vpg").and_then(Value::as_str) else {
-                bail!("promote needs \"vpg\" (its name)");
-            };
-            let vpg = protection_groups::VpgId::from_bytes(derived_id("vpg", name));
+        ControlRequest::Promote { vpg } => {
+            let vpg = protection_groups::VpgId::from_bytes(derived_id("vpg", &vpg));
             let r = server.replica(vpg).map_err(|e| anyhow::anyhow!(e))?;
             let epoch = r.bump_epoch()?;
             Ok(json!({"ok": true, "epoch": epoch}))
         }
-        Some("shutdown") => {
+        ControlRequest::Shutdown {} => {
             server.sync_all();
             Ok(json!({"ok": true, "bye": true}))
         }
-        other => bail!("unknown op {other:?}"),
+        other => Err(not_served("target", &other)),
     })
 }

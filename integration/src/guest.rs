@@ -1,0 +1,404 @@
+//! The guest kit: real Linux guests under QEMU, for tests, benchmarks and
+//! the lab.
+//!
+//! It unpacks Debian's qemu-system, the cloud kernel and busybox into a
+//! private folder (no system-wide QEMU: Debian's qemu-system conflicts with
+//! the qemu-utils the taps use), builds initramfs images holding given
+//! programs and an init script, and boots guests under TCG (nested KVM does
+//! not boot here) with virtio disks and user-mode networking. A guest is a
+//! [`Guest`]: stopped when dropped, and killed with its parent should the
+//! test process die. SIGKILL of QEMU is a power cut for the guest: what it
+//! had not written to its virtual disk is lost, what it had stays.
+
+use crate::process::ChildGuard;
+use anyhow::{bail, ensure, Context, Result};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Debian packages unpacked into the kit (the kernel's comes from
+/// `linux-image-cloud-amd64`'s dependency).
+const PACKAGES: &[&str] = &["qemu-system-x86", "qemu-system-common", "qemu-system-data", "seabios", "busybox-static"];
+
+/// Shared libraries the unpacked QEMU links against, installed with apt
+/// when missing (they do not conflict with anything).
+pub const QEMU_LIBRARIES: &[&str] = &[
+    "libcapstone4",
+    "libfdt1",
+    "libpmem1",
+    "librdmacm1",
+    "libibverbs1",
+    "libslirp0",
+    "libvdeplug2",
+];
+
+/// Kernel modules (under `kernel/`, without `.ko`) for virtio disks, in
+/// load order: the cloud kernel builds them as modules.
+pub const BLOCK_MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring",
+    "drivers/virtio/virtio",
+    "drivers/virtio/virtio_pci_modern_dev",
+    "drivers/virtio/virtio_pci_legacy_dev",
+    "drivers/virtio/virtio_pci",
+    "drivers/block/virtio_blk",
+];
+
+/// Kernel modules for a virtio NIC, loaded after [`BLOCK_MODULES`].
+pub const NET_MODULES: &[&str] = &["net/core/failover", "drivers/net/net_failover", "drivers/net/virtio_net"];
+
+/// The unpacked kit.
+#[derive(Debug, Clone)]
+pub struct GuestKit {
+    root: PathBuf,
+    kernel_version: String,
+}
+
+/// The kit's folder: under the build's target folder, shared by every test
+/// and run of this checkout.
+pub fn default_kit_dir() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+    target.join("guest-kit")
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {what}"))?;
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn apt_update() -> Result<()> {
+    run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")
+}
+
+/// The kernel package the cloud kernel's meta package points at.
+fn kernel_package() -> Result<String> {
+    for attempt in 0..2 {
+        let out = Command::new("apt-cache")
+            .args(["depends", "linux-image-cloud-amd64"])
+            .output()
+            .context("running apt-cache (is this Debian?)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let found = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .find(|p| p.starts_with("linux-image-"));
+        if let Some(p) = found {
+            return Ok(p.trim().to_string());
+        }
+        if attempt == 0 {
+            apt_update()?;
+        }
+    }
+    bail!("apt-cache knows no dependency of linux-image-cloud-amd64")
+}
+
+impl GuestKit {
+    /// The kit in [`default_kit_dir`], unpacked on first use.
+    pub fn prepare() -> Result<GuestKit> {
+        GuestKit::prepare_in(&default_kit_dir())
+    }
+
+    /// Unpacks the kit into `dir` unless it is there already. Safe to call
+    /// from several threads and processes at once (a lock file serialises
+    /// them).
+    pub fn prepare_in(dir: &Path) -> Result<GuestKit> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lock = std::fs::File::create(dir.join(".lock")).context("the guest kit's lock file")?;
+        // SAFETY: flock takes a descriptor we own for the duration of the
+        // call and touches no memory of ours.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!("locking the guest kit: {}", std::io::Error::last_os_error());
+        }
+        let root = dir.join("root");
+        if !root.join(".ready").exists() {
+            let debs = dir.join("debs");
+            let _ = std::fs::remove_dir_all(&debs);
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&debs)?;
+            let mut packages: Vec<String> = PACKAGES.iter().map(|s| s.to_string()).collect();
+            packages.push(kernel_package()?);
+            let download = || run(Command::new("apt-get").arg("download").args(&packages).current_dir(&debs), "apt-get download");
+            if download().is_err() {
+                apt_update()?;
+                download()?;
+            }
+            for deb in std::fs::read_dir(&debs)?.flatten() {
+                run(Command::new("dpkg-deb").arg("-x").arg(deb.path()).arg(&root), "dpkg-deb -x")?;
+            }
+        }
+        let modules = root.join("lib/modules");
+        let kernel_version = std::fs::read_dir(&modules)
+            .with_context(|| format!("listing {}", modules.display()))?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .next()
+            .context("the kit holds no kernel")?;
+        let kit = GuestKit { root, kernel_version };
+        if kit.qemu_version().is_err() {
+            let mut apt = Command::new("apt-get");
+            apt.args(["install", "-y", "-qq"]).args(QEMU_LIBRARIES).env("DEBIAN_FRONTEND", "noninteractive");
+            if run(&mut apt, "apt-get install").is_err() {
+                apt_update()?;
+                run(&mut apt, "apt-get install")?;
+            }
+            kit.qemu_version()?;
+        }
+        std::fs::write(kit.root.join(".ready"), b"")?;
+        Ok(kit)
+    }
+
+    fn qemu(&self) -> Command {
+        let mut cmd = Command::new(self.root.join("usr/bin/qemu-system-x86_64"));
+        cmd.env("QEMU_MODULE_DIR", self.root.join("usr/lib/x86_64-linux-gnu/qemu"));
+        cmd
+    }
+
+    fn qemu_version(&self) -> Result<String> {
+        let out = self.qemu().arg("--version").output().context("running the kit's QEMU")?;
+        ensure!(out.status.success(), "the kit's QEMU does not run: {}", String::from_utf8_lossy(&out.stderr).trim());
+        Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string())
+    }
+
+    pub fn kernel(&self) -> PathBuf {
+        self.root.join(format!("boot/vmlinuz-{}", self.kernel_version))
+    }
+
+    fn module(&self, name: &str) -> PathBuf {
+        self.root
+            .join("lib/modules")
+            .join(&self.kernel_version)
+            .join("kernel")
+            .join(format!("{name}.ko"))
+    }
+
+    /// Builds an initramfs at `out` from `spec` (an uncompressed newc cpio,
+    /// which the kernel reads as it is).
+    pub fn build_initramfs(&self, spec: &Initramfs, out: &Path) -> Result<()> {
+        let stage = tempfile::tempdir().context("staging folder")?;
+        let s = stage.path();
+        for d in ["bin", "dev", "proc", "sys", "mods", "data", "run", "tmp", "etc"] {
+            std::fs::create_dir_all(s.join(d))?;
+        }
+        std::fs::copy(self.root.join("bin/busybox"), s.join("bin/busybox")).context("copying busybox")?;
+        let mut load = String::new();
+        for m in &spec.modules {
+            let src = self.module(m);
+            let name = Path::new(m).file_name().and_then(|n| n.to_str()).context("module name")?;
+            std::fs::copy(&src, s.join("mods").join(format!("{name}.ko"))).with_context(|| format!("copying {}", src.display()))?;
+            load.push_str(&format!("insmod /mods/{name}.ko\n"));
+        }
+        for (host, guest) in &spec.programs {
+            copy_program(host, &s.join(guest.trim_start_matches('/')))?;
+            for lib in shared_libraries(host)? {
+                let to = s.join(lib.strip_prefix("/").unwrap_or(&lib));
+                if !to.exists() {
+                    std::fs::create_dir_all(to.parent().context("library folder")?)?;
+                    std::fs::copy(&lib, &to).with_context(|| format!("copying {}", lib.display()))?;
+                }
+            }
+        }
+        let init = format!(
+            "#!/bin/busybox sh\n\
+             /bin/busybox --install -s /bin\n\
+             mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+             dmesg -n 1\n\
+             {load}\
+             {body}\n\
+             poweroff -f\n",
+            body = spec.init
+        );
+        write_mode(&s.join("init"), init.as_bytes(), 0o755)?;
+        let f = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+        let status = Command::new("sh")
+            .args(["-c", "find . | ./bin/busybox cpio -o -H newc"])
+            .current_dir(s)
+            .stdout(f)
+            .stderr(Stdio::null())
+            .status()
+            .context("running busybox cpio")?;
+        ensure!(status.success(), "busybox cpio failed ({status})");
+        Ok(())
+    }
+
+    /// Boots a guest. Its serial console goes to `config.console`.
+    pub fn boot(&self, config: &GuestConfig) -> Result<Guest> {
+        let mut cmd = self.qemu();
+        cmd.arg("-L")
+            .arg(self.root.join("usr/share/qemu"))
+            .arg("-L")
+            .arg(self.root.join("usr/share/seabios"))
+            .args(["-machine", "q35,accel=tcg", "-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-m", &config.memory_mb.to_string()])
+            .arg("-kernel")
+            .arg(self.kernel())
+            .arg("-initrd")
+            .arg(&config.initramfs)
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet panic=-1 {}", config.append))
+            .arg("-serial")
+            .arg(format!("file:{}", config.console.display()));
+        for d in &config.disks {
+            cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio,cache=writeback", d.display()));
+        }
+        if config.forwards.is_empty() {
+            cmd.args(["-nic", "none"]);
+        } else {
+            let fwd: String = config
+                .forwards
+                .iter()
+                .map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-10.0.2.15:{guest}"))
+                .collect();
+            cmd.args(["-netdev", &format!("user,id=n0{fwd}"), "-device", "virtio-net-pci,netdev=n0,romfile="]);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        // SAFETY: prctl in the forked child before exec touches no memory of
+        // ours; it asks the kernel to SIGKILL QEMU when the thread that
+        // started it dies, so a killed test leaves no guest running.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let _ = std::fs::remove_file(&config.console);
+        let child = ChildGuard::spawn(&mut cmd, "QEMU")?;
+        Ok(Guest { child, console: config.console.clone() })
+    }
+}
+
+/// What an initramfs holds besides busybox: kernel modules to load (in
+/// order), programs (host path -> guest path, stripped of debug info, with
+/// their shared libraries), and the body of the init script, run after the
+/// modules are loaded; the guest powers off when it ends.
+#[derive(Debug, Clone, Default)]
+pub struct Initramfs {
+    pub modules: Vec<&'static str>,
+    pub programs: Vec<(PathBuf, String)>,
+    pub init: String,
+}
+
+/// How to boot a guest.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    pub initramfs: PathBuf,
+    pub memory_mb: u32,
+    /// Extra kernel command line.
+    pub append: String,
+    /// Raw images, attached as virtio disks in order (/dev/vda, /dev/vdb…).
+    pub disks: Vec<PathBuf>,
+    /// TCP ports forwarded from 127.0.0.1 on the host to the guest (whose
+    /// address is 10.0.2.15; it reaches the host as 10.0.2.2).
+    pub forwards: Vec<(u16, u16)>,
+    pub console: PathBuf,
+}
+
+/// A running guest, stopped (SIGKILL: a power cut) when dropped.
+#[derive(Debug)]
+pub struct Guest {
+    child: ChildGuard,
+    console: PathBuf,
+}
+
+impl Guest {
+    pub fn console_text(&self) -> String {
+        std::fs::read(&self.console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `needle`; fails if QEMU ends first or
+    /// `timeout` passes, with the console's end in the error.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let text = self.console_text();
+            if text.contains(needle) {
+                return Ok(());
+            }
+            if !self.child.is_running() {
+                bail!("the guest stopped before printing {needle:?}; console:\n{}", tail(&text));
+            }
+            if start.elapsed() > timeout {
+                bail!("the guest did not print {needle:?} within {timeout:?}; console:\n{}", tail(&text));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Cuts the guest's power: SIGKILL of QEMU.
+    pub fn power_cut(&mut self) {
+        self.child.kill();
+    }
+
+    /// Waits for the guest to power off by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let start = Instant::now();
+        while self.child.is_running() {
+            if start.elapsed() > timeout {
+                self.child.kill();
+                bail!("the guest did not power off within {timeout:?}; console:\n{}", tail(&self.console_text()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(self.child.wait()?)
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A free TCP port on 127.0.0.1 (for a guest's forwarded port).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// Copies a program without its debug information (a release build of ours
+/// carries tens of MB of it, which a guest would have to unpack).
+fn copy_program(host: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to.parent().context("program folder")?)?;
+    let stripped = Command::new("objcopy").arg("--strip-debug").arg(host).arg(to).status();
+    if !stripped.is_ok_and(|s| s.success()) {
+        std::fs::copy(host, to).with_context(|| format!("copying {}", host.display()))?;
+    }
+    Ok(())
+}
+
+/// The shared libraries `program` loads, as `ldd` lists them (the loader
+/// included).
+fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(program).output().context("running ldd")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
+        .map(PathBuf::from)
+        .collect())
+}
+
+/// Makes an ext4 image of `size_mb` MiB at `path` (mkfs.ext4 works on a
+/// plain file, no root needed).
+pub fn make_ext4(path: &Path, size_mb: u64) -> Result<()> {
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(size_mb << 20)?;
+    drop(f);
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(path), "mkfs.ext4")
+}
