@@ -339,6 +339,22 @@ impl Guest {
         self.child.kill();
     }
 
+    /// Cuts the guest's power after `delay`, from another thread (while
+    /// the caller drives I/O). Join the handle, then call
+    /// [`Guest::power_cut`] to reap QEMU.
+    pub fn power_cut_after(&self, delay: Duration) -> std::thread::JoinHandle<()> {
+        let pid = self.child.id();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                // SAFETY: kill(2) on our own child's pid, not yet reaped
+                // (the Guest reaps it only in power_cut/drop, after this
+                // thread is joined), has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        })
+    }
+
     /// Waits for the guest to power off by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let start = Instant::now();

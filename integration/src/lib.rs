@@ -10,6 +10,7 @@
 
 pub mod guest;
 pub mod kvm_lab;
+pub mod power_loss;
 pub mod process;
 pub mod replication_lab;
 pub mod two_sites;

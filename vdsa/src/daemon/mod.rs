@@ -49,6 +49,12 @@ enum Command {
         /// Insert an automatic checkpoint every N ms (0: only on request).
         #[arg(long, default_value_t = 0)]
         checkpoint_interval_ms: u64,
+        /// A log segment is closed at this size (at least 64K).
+        #[arg(long, default_value = "64M")]
+        segment_bytes: String,
+        /// A chunk pack is closed at this size (at least 64K).
+        #[arg(long, default_value = "256M")]
+        pack_bytes: String,
     },
     /// Source side of replication: serve taps for the disks of one VPG
     /// stream and replicate their writes to a target VDSA.
@@ -199,7 +205,16 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
             taps,
             stream,
             checkpoint_interval_ms,
-        } => tap_serve(journal, taps.listen, taps.control, taps.disk, stream, checkpoint_interval_ms),
+            segment_bytes,
+            pack_bytes,
+        } => {
+            let config = JournalConfig {
+                segment_bytes: parse_size(&segment_bytes)?,
+                pack_bytes: parse_size(&pack_bytes)?,
+                ..JournalConfig::default()
+            };
+            tap_serve(journal, config, taps, stream, checkpoint_interval_ms)
+        }
         Command::Source(a) => source(*a),
         Command::Target(a) => target(a),
         Command::Certs(CertsCommand::Create { site, dir }) => {
@@ -216,14 +231,14 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
     }
 }
 
-fn tap_serve(dir: PathBuf, listen: Vec<String>, control: PathBuf, disks: Vec<String>, stream: String, interval_ms: u64) -> Result<()> {
+fn tap_serve(dir: PathBuf, config: JournalConfig, taps: TapArgs, stream: String, interval_ms: u64) -> Result<()> {
     // Everything the command line says is checked before anything is
     // created or taken over.
-    let disks: Vec<(String, DiskId, u64)> = disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?;
-    let listeners = TapListener::parse_all(&listen)?;
-    let control = claim_socket(&control)?;
+    let disks: Vec<(String, DiskId, u64)> = taps.disk.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?;
+    let listeners = TapListener::parse_all(&taps.listen)?;
+    let control = claim_socket(&taps.control)?;
     let claims = claim_listeners(&listeners)?;
-    let journal = Journal::open(&dir, JournalConfig::default()).with_context(|| format!("opening journal {}", dir.display()))?;
+    let journal = Journal::open(&dir, config).with_context(|| format!("opening journal {}", dir.display()))?;
     warn_if_full(&journal);
     let known = journal.disks()?;
     let stream_id = StreamId::from_bytes(derived_id("stream", &stream));
@@ -430,7 +445,7 @@ fn parse_disk(spec: &str) -> Result<(String, DiskId, u64)> {
     let Some((name, size)) = spec.split_once('=') else {
         bail!("--disk {spec:?}: expected NAME=SIZE");
     };
-    let size = parse_size(size)?;
+    let size = parse_size(size).with_context(|| format!("--disk {spec:?}"))?;
     if size == 0 || !size.is_multiple_of(crate::journal::BLOCK_SIZE as u64) {
         bail!("--disk {spec:?}: the size must be a positive multiple of 4 KiB");
     }

@@ -94,7 +94,14 @@ pub fn scan(dir: &Path) -> Result<Vec<ScannedRecord>> {
         let path = segment_path(dir, no);
         let bytes = std::fs::read(&path).map_err(|e| JournalError::io("reading", &path, e))?;
         match format::parse_segment_header(&bytes) {
-            Ok(n) if n == no => segments.push((no, path, bytes)),
+            Ok(n) if n == no => {
+                // What survived a process kill may be in the page cache
+                // only: durable before anything new builds on it.
+                std::fs::File::open(&path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| JournalError::io("syncing", &path, e))?;
+                segments.push((no, path, bytes));
+            }
             Ok(n) => return Err(JournalError::corrupt(&path, 0, format!("segment header says segment {n}"))),
             Err(HeaderError::Short) if bytes.iter().all(|&b| b == 0) => {
                 tracing::warn!(path = %path.display(), "removing a log segment that holds nothing");
@@ -305,4 +312,91 @@ fn create_segment(dir: &Path, no: u64) -> Result<(File, Segment)> {
             summary: SegmentSummary::default(),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::format::{encode_record, WriteOp, WriteRecord};
+    use protection_groups::{DiskId, StreamId};
+
+    fn write(lsn: u64) -> Record {
+        Record::Write(WriteRecord {
+            lsn,
+            stream: StreamId::from_bytes([1; 16]),
+            seq: lsn,
+            disk: DiskId::from_bytes([2; 16]),
+            op: WriteOp::Zero,
+            offset: 0,
+            len: 4096,
+            blocks: Vec::new(),
+        })
+    }
+
+    fn frames(records: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            assert_eq!(encode_record(r, &mut out), Ok(()));
+        }
+        out
+    }
+
+    fn segment(dir: &Path, no: u64, body: &[u8]) {
+        let mut bytes = format::segment_header(no).to_vec();
+        bytes.extend_from_slice(body);
+        std::fs::write(segment_path(dir, no), bytes).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Pages reach the disk in any order before an fsync: a write record
+    /// can survive a power cut while an earlier one did not. With no commit
+    /// after the hole, nothing from it on was acknowledged: cut, not
+    /// corruption.
+    #[test]
+    fn a_hole_followed_only_by_unacknowledged_writes_is_cut() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut body = frames(&[write(1), Record::Commit { lsn: 1 }]);
+        let hole = body.len();
+        body.extend(vec![0u8; 200]);
+        body.extend(frames(&[write(3)]));
+        segment(dir.path(), 1, &body);
+        segment(dir.path(), 2, &frames(&[write(4)]));
+        let records = scan(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(records.len(), 2);
+        let len = std::fs::metadata(segment_path(dir.path(), 1)).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(len, (format::SEGMENT_HEADER_LEN + hole) as u64);
+        assert!(!segment_path(dir.path(), 2).exists(), "segments after the cut are removed");
+    }
+
+    /// A commit after the hole proves the hole was durable: corruption,
+    /// reported, nothing cut.
+    #[test]
+    fn a_hole_followed_by_a_commit_is_corruption() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut body = frames(&[write(1)]);
+        let hole = body.len();
+        body.extend(vec![0u8; 200]);
+        segment(dir.path(), 1, &body);
+        segment(dir.path(), 2, &frames(&[write(3), Record::Commit { lsn: 3 }]));
+        match scan(dir.path()) {
+            Err(JournalError::Corrupt { path, offset, .. }) => {
+                assert_eq!(path, segment_path(dir.path(), 1));
+                assert_eq!(offset, (format::SEGMENT_HEADER_LEN + hole) as u64);
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert!(segment_path(dir.path(), 2).exists());
+    }
+
+    /// A segment created but never made durable reads back empty; it must
+    /// not block opening wherever it is (it used to, when not the newest).
+    #[test]
+    fn an_empty_segment_before_the_newest_is_removed() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        segment(dir.path(), 1, &frames(&[write(1), Record::Commit { lsn: 1 }]));
+        std::fs::write(segment_path(dir.path(), 2), b"").unwrap_or_else(|e| panic!("{e}"));
+        segment(dir.path(), 3, &frames(&[write(2), Record::Commit { lsn: 2 }]));
+        let records = scan(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(records.len(), 4);
+        assert!(!segment_path(dir.path(), 2).exists());
+    }
 }

@@ -2,6 +2,7 @@
 //! its corruption and edge cases, and the NBD tap server under random and
 //! hostile input.
 
+mod daemon;
 mod journal;
 mod native_tap;
 mod nbd;
