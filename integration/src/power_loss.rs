@@ -132,10 +132,10 @@ pub fn run(dir: &Path, cuts: u64, seed: u64, vdsa: &Path) -> Result<PowerLossRep
             break;
         }
         let cut = guest.power_cut_after(Duration::from_millis(rng.gen_range(50..1500)));
-        let (acked, durable_upto, (fua, flushes)) = write_until_error(&mut nbd, &mut rng, &mut next_value);
+        let (acked, durable_upto, (fua, flushes), in_flight) = write_until_error(&mut nbd, &mut rng, &mut next_value);
         let _ = cut.join();
         guest.power_cut();
-        report.writes_acknowledged += acked.len() as u64;
+        report.writes_acknowledged += (acked.len() - usize::from(in_flight)) as u64;
         report.fua_writes += fua;
         report.flushes += flushes;
         for a in &acked[..durable_upto] {
@@ -159,10 +159,10 @@ fn connect(addr: &str) -> Result<NbdClient> {
 
 /// Writes random blocks (some FUA, a FLUSH now and then) until the
 /// connection fails (the power cut), at most a minute. Returns the writes
-/// acknowledged in order, how many of them were durable (acknowledged
-/// before or by the last FLUSH or FUA reply), and (FUA writes, flushes)
-/// acknowledged.
-fn write_until_error(nbd: &mut NbdClient, rng: &mut StdRng, next_value: &mut u64) -> (Vec<Acked>, usize, (u64, u64)) {
+/// acknowledged in order (and last the one in flight at the cut, if any), how many of them were durable (acknowledged
+/// before or by the last FLUSH or FUA reply), (FUA writes, flushes)
+/// acknowledged, and whether the last write was in flight.
+fn write_until_error(nbd: &mut NbdClient, rng: &mut StdRng, next_value: &mut u64) -> (Vec<Acked>, usize, (u64, u64), bool) {
     let start = Instant::now();
     let mut acked = Vec::new();
     let (mut durable_upto, mut fua, mut flushes) = (0usize, 0u64, 0u64);
@@ -186,17 +186,20 @@ fn write_until_error(nbd: &mut NbdClient, rng: &mut StdRng, next_value: &mut u64
         let with_fua = r < 0.3;
         let offset = block * BLOCK as u64;
         let ok = if with_fua { nbd.write_fua(offset, &data) } else { nbd.write(offset, &data) };
-        if ok.is_err() {
-            break;
-        }
         acked.push(Acked { block, value });
+        if ok.is_err() {
+            // In flight when the power went: it may or may not have been
+            // applied, and if it was, it is the last write that survived.
+            // It stays at the end of the unsettled writes.
+            return (acked, durable_upto, (fua, flushes), true);
+        }
         if with_fua {
             fua += 1;
             // Durable, and the log keeps order: so is all before it.
             durable_upto = acked.len();
         }
     }
-    (acked, durable_upto, (fua, flushes))
+    (acked, durable_upto, (fua, flushes), false)
 }
 
 /// Reads every block the model knows and those `tail` touches. Each block
@@ -234,13 +237,17 @@ fn verify(nbd: &mut NbdClient, model: &Model, tail: &mut Vec<Acked>) -> Result<u
             Ok(seen.len() as u64)
         }
         None => {
-            let wrong: Vec<u64> = seen
+            let wrong: Vec<String> = seen
                 .iter()
                 .filter(|(&b, got)| **got != expect(b, value_of(b, 0)))
-                .map(|(&b, _)| b)
+                .map(|(&b, got)| {
+                    let mut v = [0u8; 8];
+                    v.copy_from_slice(&got[..8]);
+                    format!("block {b}: durable value {}, found {}", value_of(b, 0), u64::from_le_bytes(v))
+                })
                 .take(8)
                 .collect();
-            bail!("no prefix of the writes after the last durable one explains the disk; blocks differing from what was durable: {wrong:?}")
+            bail!("no prefix of the writes after the last durable one explains the disk: {wrong:?}")
         }
     }
 }

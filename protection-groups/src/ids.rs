@@ -71,7 +71,7 @@ uuid_id!(
     "vpg"
 );
 uuid_id!(
-    /// One source VDSA's flow of writes for one VPG (DESIGN 4.1).
+    /// One source VDSA's flow of writes for one VPG (architecture.md §2).
     StreamId,
     "stream"
 );

@@ -65,7 +65,7 @@ pub struct VpgSettings {
 }
 
 impl VpgSettings {
-    /// The defaults of DESIGN 4.2 (5 s checkpoints, 500 ms barrier) and a
+    /// The defaults of architecture.md §3 (5 s checkpoints, 500 ms barrier) and a
     /// 24 h journal.
     pub fn new(name: impl Into<String>) -> Self {
         VpgSettings {

@@ -1,4 +1,4 @@
-//! The VPG status state machine (DESIGN 4.6).
+//! The VPG status state machine (architecture.md §7).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

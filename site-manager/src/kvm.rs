@@ -1,6 +1,6 @@
 //! The KVM/QEMU hypervisor adapter: attaches a VDSA tap to a VM disk with
 //! QEMU's block mirror in write-blocking mode (see
-//! shared/recipes/kvm-tap.md), reports its state, and detaches it.
+//! docs/architecture.md §10), reports its state, and detaches it.
 //!
 //! The tap never completes the mirror job (that would switch the VM's disk
 //! to the target): it is ended with `block-job-cancel`.

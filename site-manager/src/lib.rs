@@ -2,7 +2,7 @@
 //!
 //! It will own the persistent store (sled), the REST API and web UI, pairing
 //! with the peer site, the checkpoint coordinator (the two-phase barrier of
-//! DESIGN 4.2), recovery orchestration (failover, tests, move, failback),
+//! architecture.md §3), recovery orchestration (failover, tests, move, failback),
 //! monitoring and log collection, and the operator CLI.
 //!
 //! It must not touch replicated data itself: bytes flow through the VDSAs;

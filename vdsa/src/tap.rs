@@ -1,7 +1,7 @@
 //! The tap side of a VDSA: every write a hypervisor tap delivers is numbered
 //! by the stream's sequencer, put into the stream (here: the journal), and
 //! only then acknowledged, unless a checkpoint barrier holds
-//! acknowledgements (DESIGN 4.2).
+//! acknowledgements (architecture.md §3).
 
 use crate::journal::{Checkpoint, CheckpointSpec, Cut, Journal, JournalError, TapWrite, WriteData};
 use crate::nbd::server::{BlockExport, ExportError};
@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Holds acknowledgements of tap writes while a checkpoint's marker is
 /// placed, so that no write acknowledged after the marker can have caused
-/// a write before it (DESIGN 4.2).
+/// a write before it (architecture.md §3).
 #[derive(Debug, Default)]
 pub struct CheckpointBarrier {
     state: Mutex<BarrierState>,
@@ -38,33 +38,30 @@ impl CheckpointBarrier {
     }
 
     /// Waits while the barrier is held, then records the write as
-    /// acknowledged. Call just before replying to the tap.
-    pub fn acknowledge(&self, lsn: u64, seq: u64) {
-        let Ok(mut st) = self.state.lock() else { return };
+    /// acknowledged. Call just before replying to the tap. A poisoned
+    /// barrier (a thread panicked holding it) refuses: no write is
+    /// acknowledged past a barrier that may be held (fail stop).
+    pub fn acknowledge(&self, lsn: u64, seq: u64) -> Result<(), BarrierPoisoned> {
+        let mut st = self.state.lock().map_err(|_| BarrierPoisoned)?;
         while st.held {
-            st = match self.released.wait(st) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
+            st = self.released.wait(st).map_err(|_| BarrierPoisoned)?;
         }
         if lsn > st.acked.0 {
             st.acked = (lsn, seq);
         }
+        Ok(())
     }
 
     /// PREPARE: stop acknowledging; returns the last acknowledged write,
     /// where the marker goes.
-    pub fn prepare(&self) -> (u64, u64) {
-        match self.state.lock() {
-            Ok(mut st) => {
-                st.held = true;
-                st.acked
-            }
-            Err(_) => (0, 0),
-        }
+    pub fn prepare(&self) -> Result<(u64, u64), BarrierPoisoned> {
+        let mut st = self.state.lock().map_err(|_| BarrierPoisoned)?;
+        st.held = true;
+        Ok(st.acked)
     }
 
-    /// COMMIT or ABORT: acknowledge again.
+    /// COMMIT or ABORT: acknowledge again. (On a poisoned barrier the
+    /// waiters wake to refuse.)
     pub fn release(&self) {
         if let Ok(mut st) = self.state.lock() {
             st.held = false;
@@ -72,6 +69,11 @@ impl CheckpointBarrier {
         self.released.notify_all();
     }
 }
+
+/// The barrier's lock was poisoned by a panic: the tap stream stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the checkpoint barrier failed (a thread panicked holding it); the tap stream stops")]
+pub struct BarrierPoisoned;
 
 /// One stream of tapped writes (one VDSA's writes of one VPG) into a journal.
 #[derive(Debug)]
@@ -83,7 +85,7 @@ pub struct TapStream {
     next_seq: Mutex<u64>,
     barrier: CheckpointBarrier,
     /// Set while a full or bitmap sync runs: checkpoints are then not a
-    /// consistent cut (DESIGN 4.4) and are recorded as inconsistent.
+    /// consistent cut (architecture.md §5) and are recorded as inconsistent.
     syncing: AtomicBool,
 }
 
@@ -129,14 +131,13 @@ impl TapStream {
             *next += 1;
             (lsn, seq)
         };
-        self.barrier.acknowledge(lsn, seq);
-        Ok(())
+        self.barrier.acknowledge(lsn, seq).map_err(|e| ExportError::new(EIO, e.to_string()))
     }
 
     /// Inserts a checkpoint: holds acknowledgements, cuts the stream after
     /// the last acknowledged write, makes the checkpoint durable, releases.
     pub fn checkpoint(&self, id: CheckpointId, name: &str, kind: CheckpointKind) -> Result<Checkpoint, JournalError> {
-        let (lsn, seq) = self.barrier.prepare();
+        let (lsn, seq) = self.barrier.prepare().map_err(|e| JournalError::Failed(e.to_string()))?;
         let kind = if self.is_syncing() { CheckpointKind::Inconsistent } else { kind };
         let source_time_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -3,5 +3,6 @@
 
 mod crash;
 mod kvm_tap;
+mod power_loss;
 mod replication;
 mod vsphere;

@@ -1,4 +1,4 @@
-//! The target-side journal engine of one VPG (DESIGN 4.3).
+//! The target-side journal engine of one VPG (architecture.md §4).
 //!
 //! Writes of the VPG's streams are ingested in seq order, their 4 KiB
 //! blocks stored once in the chunk store, and logged as records that name
@@ -21,6 +21,7 @@ mod view;
 mod writer;
 
 pub use error::{JournalError, Result};
+pub use format::MAX_CHECKPOINT_NAME;
 pub use model::{
     BlockQuery, Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, TapWrite, WireBlock, WriteData,
     BLOCK_SIZE,

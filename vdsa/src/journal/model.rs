@@ -48,7 +48,7 @@ pub struct CheckpointSpec {
     pub kind: CheckpointKind,
     pub name: String,
     pub source_time_ms: u64,
-    /// Per-stream positions (DESIGN 4.2: where each source VDSA placed its
+    /// Per-stream positions (architecture.md §3: where each source VDSA placed its
     /// marker). Streams left out are cut at the checkpoint record.
     pub cuts: Vec<Cut>,
 }
@@ -120,7 +120,7 @@ pub struct JournalStats {
 
 /// How a whole, aligned block of a replicated data write arrives: the
 /// sender hashed it and, when the journal said it holds that content, did
-/// not send the bytes (DESIGN 4.4).
+/// not send the bytes (architecture.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireBlock {
     /// All zeros; no hash, no bytes.

@@ -1,4 +1,4 @@
-//! The source's send queue (DESIGN 4.4): writes wait here, in stream
+//! The source's send queue (architecture.md §5): writes wait here, in stream
 //! order, until the target has made them durable. Memory first, up to a
 //! budget; then a spill file; when both are full, either the tap waits
 //! (back-pressure) or writes are only marked in a dirty-block bitmap and

@@ -1,7 +1,7 @@
 //! The source side of replication: the tap's writes of one VPG stream are
 //! numbered, queued, and sent to the target VDSA over the TLS link, batch
 //! by batch: hashes first, then only the blocks the target lacks
-//! (DESIGN 4.1, 4.4).
+//! (architecture.md §2, §5).
 
 use super::queue::{Entry, Pushed, QueueConfig, QueueStats, QueuedWrite, SendQueue};
 use super::now_ms;
@@ -167,8 +167,7 @@ impl SourceStream {
             }
             seq
         };
-        self.barrier.acknowledge(seq, seq);
-        Ok(())
+        self.barrier.acknowledge(seq, seq).map_err(|e| ExportError::new(EIO, e.to_string()))
     }
 
     fn note_synced(&self, disk: DiskId, offset: u64, len: u64) {
@@ -191,12 +190,18 @@ impl SourceStream {
     }
 
     /// Places checkpoint `id` in the stream after the last queued write
-    /// (DESIGN 4.2): acknowledgements are held while the marker goes in.
+    /// (architecture.md §3): acknowledgements are held while the marker goes in.
     /// Returns the kind recorded: inconsistent while a sync runs or writes
     /// were dropped to the dirty bitmap.
     pub fn checkpoint(&self, id: u64, name: &str, kind: CheckpointKind) -> io::Result<CheckpointKind> {
+        if name.len() > crate::journal::MAX_CHECKPOINT_NAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("checkpoint name of {} bytes; at most {} are kept", name.len(), crate::journal::MAX_CHECKPOINT_NAME),
+            ));
+        }
         let next = self.next_seq.lock().map_err(|_| io::Error::other("sequencer poisoned"))?;
-        self.barrier.prepare();
+        self.barrier.prepare().map_err(io::Error::other)?;
         let kind = if self.is_syncing() { CheckpointKind::Inconsistent } else { kind };
         let marker = Marker {
             id,

@@ -2,7 +2,7 @@
 //! checks who they are and their epoch, tells each source where to resume,
 //! asks only for the blocks its journal lacks, ingests each stream strictly
 //! in seq order, records checkpoints once every stream of the VPG placed
-//! its marker, and acknowledges what is durable (DESIGN 4.1–4.4).
+//! its marker, and acknowledges what is durable (architecture.md §2–§5).
 
 use super::now_ms;
 use super::source::split;
@@ -62,7 +62,9 @@ pub struct VpgReplica {
     pub vpg: VpgId,
     pub journal: Journal,
     dir: PathBuf,
-    epoch: Mutex<u64>,
+    /// The replication epoch: an atomic, so that no panic elsewhere can
+    /// turn it into a default that accepts any epoch.
+    epoch: AtomicU64,
     streams: Mutex<HashMap<StreamId, Arc<StreamSlot>>>,
     pending: Mutex<BTreeMap<u64, PendingCheckpoint>>,
     newest_consistent_ms: AtomicU64,
@@ -89,7 +91,7 @@ impl VpgReplica {
             vpg,
             journal,
             dir,
-            epoch: Mutex::new(epoch),
+            epoch: AtomicU64::new(epoch),
             streams: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             newest_consistent_ms: AtomicU64::new(newest),
@@ -97,7 +99,7 @@ impl VpgReplica {
     }
 
     pub fn epoch(&self) -> u64 {
-        self.epoch.lock().map_or(0, |e| *e)
+        self.epoch.load(Ordering::SeqCst)
     }
 
     /// Persists a new epoch (write, fsync, rename): after a crash the VPG
@@ -112,7 +114,7 @@ impl VpgReplica {
         }
         std::fs::rename(&tmp, self.dir.join("epoch"))?;
         std::fs::File::open(&self.dir)?.sync_all()?;
-        *self.epoch.lock().map_err(|_| io::Error::other("epoch poisoned"))? = epoch;
+        self.epoch.store(epoch, Ordering::SeqCst);
         Ok(())
     }
 
@@ -124,11 +126,12 @@ impl VpgReplica {
         Ok(next)
     }
 
-    fn slot(&self, stream: StreamId) -> Arc<StreamSlot> {
-        match self.streams.lock() {
-            Ok(mut m) => m.entry(stream).or_default().clone(),
-            Err(_) => Arc::new(StreamSlot::default()),
-        }
+    /// The stream's slot. A poisoned map fails the link (fail stop) rather
+    /// than hand out a fresh slot that would let two links of one stream
+    /// ingest at once.
+    fn slot(&self, stream: StreamId) -> io::Result<Arc<StreamSlot>> {
+        let mut m = self.streams.lock().map_err(|_| io::Error::other("stream slots poisoned"))?;
+        Ok(m.entry(stream).or_default().clone())
     }
 
     fn newest_checkpoint(&self) -> Result<u64, JournalError> {
@@ -308,7 +311,7 @@ impl TargetServer {
                 None => replica.journal.add_disk(*disk, *size)?,
             }
         }
-        let slot = replica.slot(hello.stream);
+        let slot = replica.slot(hello.stream)?;
         let generation = slot.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let welcome = {
             let _g = slot.ingest.lock();

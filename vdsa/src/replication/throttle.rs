@@ -1,5 +1,5 @@
 //! A token bucket: the bandwidth limit of a site pair, changeable while
-//! the link runs (DESIGN 4.4).
+//! the link runs (architecture.md §5).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

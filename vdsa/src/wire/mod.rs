@@ -1,5 +1,5 @@
 //! The replication link between a source and a target VDSA: frames,
-//! messages and the TLS 1.3 transport (DESIGN 4.4, docs/wire-protocol.md).
+//! messages and the TLS 1.3 transport (architecture.md §5, docs/wire-protocol.md).
 
 pub mod frame;
 pub mod msg;

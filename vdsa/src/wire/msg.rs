@@ -77,7 +77,7 @@ pub struct Marker {
     pub name: String,
     pub source_time_ms: u64,
     pub cut_seq: u64,
-    /// How many streams of the VPG place this marker (DESIGN 4.2).
+    /// How many streams of the VPG place this marker (architecture.md §3).
     pub streams: u16,
 }
 
