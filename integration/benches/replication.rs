@@ -37,7 +37,14 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { mib: 1024, reps: 3, rpo_secs: 20, rpo_rate: 100, dir: PathBuf::from("target/bench-replication"), only_throughput: false };
+    let mut a = Args {
+        mib: 1024,
+        reps: 3,
+        rpo_secs: 20,
+        rpo_rate: 100,
+        dir: PathBuf::from("target/bench-replication"),
+        only_throughput: false,
+    };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i + 1 < v.len() {
@@ -165,7 +172,9 @@ impl Pair {
     }
 
     fn drained(&self, timeout: Duration) -> Result<()> {
-        wait_until("the target to hold everything", timeout, || Ok(self.source.call(json!({"op": "status"}))?["drained"] == json!(true)))
+        wait_until("the target to hold everything", timeout, || {
+            Ok(self.source.call(json!({"op": "status"}))?["drained"] == json!(true))
+        })
     }
 
     fn link_bytes(&self) -> u64 {

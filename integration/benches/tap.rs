@@ -44,12 +44,7 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        reps: 3,
-        random_mib: 64,
-        seq_mib: 256,
-        dir: std::env::temp_dir(),
-    };
+    let mut a = Args { reps: 3, random_mib: 64, seq_mib: 256, dir: std::env::temp_dir() };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i + 1 < v.len() {
@@ -146,10 +141,8 @@ impl Setup {
 /// chunks, so that each sees the same machine (its disk's speed drifts by
 /// 2-3x within a minute).
 fn measure_all(a: &Args, pool: &[u8], rng: &mut StdRng) -> Result<Vec<Figures>> {
-    let mut setups: Vec<Setup> = [Target::None, Target::Plain, Target::Vdsa]
-        .into_iter()
-        .map(|t| Setup::new(t, a))
-        .collect::<Result<_>>()?;
+    let mut setups: Vec<Setup> =
+        [Target::None, Target::Plain, Target::Vdsa].into_iter().map(|t| Setup::new(t, a)).collect::<Result<_>>()?;
     let k = setups.len();
     let mut busy = vec![Duration::ZERO; k];
     // 4 KiB random, queue depth 16: turns of 16 batches.
@@ -158,7 +151,8 @@ fn measure_all(a: &Args, pool: &[u8], rng: &mut StdRng) -> Result<Vec<Figures>> 
         for (i, s) in setups.iter_mut().enumerate() {
             let t = Instant::now();
             for _ in 0..16 {
-                let offs: Vec<(u64, usize)> = (0..16).map(|_| (rng.gen_range(0..IMAGE / 4096) * 4096, s.take(pool, 4096))).collect();
+                let offs: Vec<(u64, usize)> =
+                    (0..16).map(|_| (rng.gen_range(0..IMAGE / 4096) * 4096, s.take(pool, 4096))).collect();
                 let batch: Vec<(u64, &[u8])> = offs.iter().map(|&(off, o)| (off, &pool[o..o + 4096])).collect();
                 s.guest.write_many(&batch).with_context(|| format!("{:?}", s.target))?;
             }

@@ -54,7 +54,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Deploys to all 32 hosts of a fresh simulator, `parallel` at a time;
 /// returns the seconds it took and checks every host shows installed.
 fn deploy_32(ova: &Ova, parallel: usize, delay_ms: u32) -> Result<f64> {
-    let sim = Vcsim::start(&VcsimOptions { clusters: 2, hosts_per_cluster: 16, vms: 0, delay_ms, ..Default::default() })?;
+    let sim =
+        Vcsim::start(&VcsimOptions { clusters: 2, hosts_per_cluster: 16, vms: 0, delay_ms, ..Default::default() })?;
     let site = VsphereSite::connect(&sim.url, lab_trust(&sim)?, LAB_USER, LAB_PASSWORD)?;
     let mut reqs = site.plan_cluster("DC0_C0", &lab_settings(Ipv4Addr::new(10, 0, 0, 10)))?;
     reqs.extend(site.plan_cluster("DC0_C1", &lab_settings(Ipv4Addr::new(10, 0, 1, 10)))?);
@@ -87,8 +88,16 @@ fn main() -> Result<()> {
             let order = if rep % 2 == 0 { [1, 32] } else { [32, 1] };
             for p in order {
                 let s = deploy_32(&ova, p, delay)?;
-                println!("  delay {delay:>3} ms/call  rep {rep}  {:<9} {:>7.3} s", if p == 1 { "serial" } else { "parallel" }, s);
-                if p == 1 { serial.push(s) } else { parallel.push(s) }
+                println!(
+                    "  delay {delay:>3} ms/call  rep {rep}  {:<9} {:>7.3} s",
+                    if p == 1 { "serial" } else { "parallel" },
+                    s
+                );
+                if p == 1 {
+                    serial.push(s)
+                } else {
+                    parallel.push(s)
+                }
             }
         }
         let (s, p) = (median(serial), median(parallel));

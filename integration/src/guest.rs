@@ -25,15 +25,8 @@ const PACKAGES: &[&str] = &["qemu-system-x86", "qemu-system-common", "qemu-syste
 
 /// Shared libraries the unpacked QEMU links against, installed with apt
 /// when missing (they do not conflict with anything).
-pub const QEMU_LIBRARIES: &[&str] = &[
-    "libcapstone4",
-    "libfdt1",
-    "libpmem1",
-    "librdmacm1",
-    "libibverbs1",
-    "libslirp0",
-    "libvdeplug2",
-];
+pub const QEMU_LIBRARIES: &[&str] =
+    &["libcapstone4", "libfdt1", "libpmem1", "librdmacm1", "libibverbs1", "libslirp0", "libvdeplug2"];
 
 /// Kernel modules (under `kernel/`, without `.ko`) for virtio disks, in
 /// load order: the cloud kernel builds them as modules.
@@ -66,12 +59,7 @@ pub fn default_kit_dir() -> PathBuf {
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {what}"))?;
-    ensure!(
-        out.status.success(),
-        "{what} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    ensure!(out.status.success(), "{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     Ok(())
 }
 
@@ -87,10 +75,8 @@ fn kernel_package() -> Result<String> {
             .output()
             .context("running apt-cache (is this Debian?)")?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let found = text
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("Depends: "))
-            .find(|p| p.starts_with("linux-image-"));
+        let found =
+            text.lines().filter_map(|l| l.trim().strip_prefix("Depends: ")).find(|p| p.starts_with("linux-image-"));
         if let Some(p) = found {
             return Ok(p.trim().to_string());
         }
@@ -126,7 +112,8 @@ impl GuestKit {
             std::fs::create_dir_all(&debs)?;
             let mut packages: Vec<String> = PACKAGES.iter().map(|s| s.to_string()).collect();
             packages.push(kernel_package()?);
-            let download = || run(Command::new("apt-get").arg("download").args(&packages).current_dir(&debs), "apt-get download");
+            let download =
+                || run(Command::new("apt-get").arg("download").args(&packages).current_dir(&debs), "apt-get download");
             if download().is_err() {
                 apt_update()?;
                 download()?;
@@ -173,11 +160,7 @@ impl GuestKit {
     }
 
     fn module(&self, name: &str) -> PathBuf {
-        self.root
-            .join("lib/modules")
-            .join(&self.kernel_version)
-            .join("kernel")
-            .join(format!("{name}.ko"))
+        self.root.join("lib/modules").join(&self.kernel_version).join("kernel").join(format!("{name}.ko"))
     }
 
     /// Builds an initramfs at `out` from `spec` (an uncompressed newc cpio,
@@ -193,7 +176,8 @@ impl GuestKit {
         for m in &spec.modules {
             let src = self.module(m);
             let name = Path::new(m).file_name().and_then(|n| n.to_str()).context("module name")?;
-            std::fs::copy(&src, s.join("mods").join(format!("{name}.ko"))).with_context(|| format!("copying {}", src.display()))?;
+            std::fs::copy(&src, s.join("mods").join(format!("{name}.ko")))
+                .with_context(|| format!("copying {}", src.display()))?;
             load.push_str(&format!("insmod /mods/{name}.ko\n"));
         }
         for (host, guest) in &spec.programs {
@@ -403,11 +387,7 @@ fn copy_program(host: &Path, to: &Path) -> Result<()> {
 fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(program).output().context("running ldd")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
-        .map(PathBuf::from)
-        .collect())
+    Ok(text.lines().filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/'))).map(PathBuf::from).collect())
 }
 
 /// Makes an ext4 image of `size_mb` MiB at `path` (mkfs.ext4 works on a

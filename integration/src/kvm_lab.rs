@@ -3,15 +3,15 @@
 //! as a plain NBD mirror target (the peer the VDSA is measured against).
 //! Each is stopped when dropped.
 
+use crate::process::ChildGuard;
+use crate::replication_lab::Daemon;
+use crate::workload::{GenWrite, Payload};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use site_manager::kvm::{self, NbdAddress, Qmp, TapSpec, TapState};
 use std::path::{Path, PathBuf};
-use crate::process::ChildGuard;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use crate::replication_lab::Daemon;
-use crate::workload::{GenWrite, Payload};
 use vdsa::nbd::client::NbdClient;
 
 /// A generated write made by a guest through QEMU. Returns whether it
@@ -42,10 +42,7 @@ fn wait_for_path(p: &Path) -> Result<()> {
 
 /// Whether qemu-storage-daemon can be run here.
 pub fn qemu_available() -> bool {
-    Command::new("qemu-storage-daemon")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    Command::new("qemu-storage-daemon").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 /// The `vdsa tap-serve` daemon for one disk, its tap socket and journal in
@@ -117,29 +114,27 @@ impl StorageDaemon {
         for p in [&qmp_sock, &guest_sock] {
             let _ = std::fs::remove_file(p);
         }
-        let child = ChildGuard::spawn(Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!("driver=file,node-name=src-file,filename={}{cache}", image.display()))
-            .args(["--blockdev", "driver=raw,node-name=src,file=src-file"])
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", guest_sock.display()))
-            .args(["--export", "type=nbd,id=exp0,node-name=src,name=vmdisk,writable=on"])
-            .arg("--chardev")
-            .arg(format!("socket,id=qmp0,path={},server=on,wait=off", qmp_sock.display()))
-            .args(["--monitor", "chardev=qmp0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()), "qemu-storage-daemon")
-            .context("is qemu-utils installed?")?;
+        let child = ChildGuard::spawn(
+            Command::new("qemu-storage-daemon")
+                .arg("--blockdev")
+                .arg(format!("driver=file,node-name=src-file,filename={}{cache}", image.display()))
+                .args(["--blockdev", "driver=raw,node-name=src,file=src-file"])
+                .arg("--nbd-server")
+                .arg(format!("addr.type=unix,addr.path={}", guest_sock.display()))
+                .args(["--export", "type=nbd,id=exp0,node-name=src,name=vmdisk,writable=on"])
+                .arg("--chardev")
+                .arg(format!("socket,id=qmp0,path={},server=on,wait=off", qmp_sock.display()))
+                .args(["--monitor", "chardev=qmp0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            "qemu-storage-daemon",
+        )
+        .context("is qemu-utils installed?")?;
         // From here on, an error drops `child`, which stops the daemon.
         wait_for_path(&qmp_sock)?;
         wait_for_path(&guest_sock)?;
         let qmp = Qmp::connect(&qmp_sock)?;
-        Ok(StorageDaemon {
-            _child: child,
-            qmp,
-            guest_sock,
-            image: image.to_path_buf(),
-        })
+        Ok(StorageDaemon { _child: child, qmp, guest_sock, image: image.to_path_buf() })
     }
 
     /// A guest: an NBD client writing through QEMU.
@@ -191,11 +186,6 @@ impl PlainNbd {
             "qemu-nbd",
         )?;
         wait_for_path(sock)?;
-        Ok(PlainNbd {
-            _child: child,
-            sock: sock.to_path_buf(),
-        })
+        Ok(PlainNbd { _child: child, sock: sock.to_path_buf() })
     }
 }
-
-

@@ -29,22 +29,11 @@ pub fn tap_write<'a>(w: &'a GenWrite, disks: &[DiskId], seq: u64) -> TapWrite<'a
         Payload::Zero(len) => WriteData::Zero { len: *len },
         Payload::Trim(len) => WriteData::Trim { len: *len },
     };
-    TapWrite {
-        seq,
-        disk: disks[w.disk],
-        offset: w.offset,
-        data,
-    }
+    TapWrite { seq, disk: disks[w.disk], offset: w.offset, data }
 }
 
 pub fn checkpoint_spec(id: u64, source_time_ms: u64, kind: CheckpointKind) -> CheckpointSpec {
-    CheckpointSpec {
-        id: CheckpointId(id),
-        kind,
-        name: format!("checkpoint {id}"),
-        source_time_ms,
-        cuts: Vec::new(),
-    }
+    CheckpointSpec { id: CheckpointId(id), kind, name: format!("checkpoint {id}"), source_time_ms, cuts: Vec::new() }
 }
 
 /// The stream the crash child writes, known to the parent too.

@@ -162,7 +162,11 @@ fn connect(addr: &str) -> Result<NbdClient> {
 /// acknowledged in order (and last the one in flight at the cut, if any), how many of them were durable (acknowledged
 /// before or by the last FLUSH or FUA reply), (FUA writes, flushes)
 /// acknowledged, and whether the last write was in flight.
-fn write_until_error(nbd: &mut NbdClient, rng: &mut StdRng, next_value: &mut u64) -> (Vec<Acked>, usize, (u64, u64), bool) {
+fn write_until_error(
+    nbd: &mut NbdClient,
+    rng: &mut StdRng,
+    next_value: &mut u64,
+) -> (Vec<Acked>, usize, (u64, u64), bool) {
     let start = Instant::now();
     let mut acked = Vec::new();
     let (mut durable_upto, mut fua, mut flushes) = (0usize, 0u64, 0u64);
@@ -228,9 +232,7 @@ fn verify(nbd: &mut NbdClient, model: &Model, tail: &mut Vec<Acked>) -> Result<u
             .unwrap_or(0)
     };
     let expect = |block: u64, value: u64| if value == 0 { vec![0u8; BLOCK] } else { pattern(block, value) };
-    let prefix = (0..=tail.len())
-        .rev()
-        .find(|&k| seen.iter().all(|(&b, got)| *got == expect(b, value_of(b, k))));
+    let prefix = (0..=tail.len()).rev().find(|&k| seen.iter().all(|(&b, got)| *got == expect(b, value_of(b, k))));
     match prefix {
         Some(k) => {
             tail.truncate(k);

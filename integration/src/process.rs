@@ -16,9 +16,7 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawns `cmd`; `what` names it in errors.
     pub fn spawn(cmd: &mut Command, what: &str) -> std::io::Result<ChildGuard> {
-        let child = cmd
-            .spawn()
-            .map_err(|e| std::io::Error::new(e.kind(), format!("starting {what}: {e}")))?;
+        let child = cmd.spawn().map_err(|e| std::io::Error::new(e.kind(), format!("starting {what}: {e}")))?;
         Ok(ChildGuard { child: Some(child), what: what.to_string() })
     }
 

@@ -2,13 +2,13 @@
 //! target `vdsa` daemon with site certificates, and a fault proxy on the
 //! link between them. Each process is stopped when dropped.
 
+use crate::process::ChildGuard;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use crate::process::ChildGuard;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,12 +28,7 @@ impl Daemon {
     pub fn start(lab: &Path, args: &[String], control: &Path, log: &Path) -> Result<Daemon> {
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let mut child = ChildGuard::spawn(
-            Command::new(lab)
-                .arg("vdsa")
-                .args(args)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::piped())
-                .stderr(logf),
+            Command::new(lab).arg("vdsa").args(args).env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(logf),
             "a vdsa daemon",
         )?;
         // From here on, an error drops `child`, which stops the daemon.

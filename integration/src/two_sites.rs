@@ -99,7 +99,8 @@ fn qemu_disk(dir: &Path, i: usize, size: u64, model: &mut ReferenceModel) -> Res
     let d = dir.join(format!("qsd{i}"));
     std::fs::create_dir_all(&d)?;
     let image = d.join("source.raw");
-    let mut seed = Workload::new(100 + i as u64, &[size], Mix { random: 1, sequential: 3, unaligned: 0, duplicate: 1, zero: 0 });
+    let mut seed =
+        Workload::new(100 + i as u64, &[size], Mix { random: 1, sequential: 3, unaligned: 0, duplicate: 1, zero: 0 });
     let mut one = ReferenceModel::new(&[size]);
     for _ in 0..150 {
         one.apply(&seed.next_write());
@@ -175,7 +176,11 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
                 proxy.stall(false);
                 stalled_at = None;
                 report.stalls = 1;
-                say(format!("[{t:.1}s] link flows again after {} ms (heartbeat {} ms)", 5 * o.heartbeat_ms, o.heartbeat_ms));
+                say(format!(
+                    "[{t:.1}s] link flows again after {} ms (heartbeat {} ms)",
+                    5 * o.heartbeat_ms,
+                    o.heartbeat_ms
+                ));
                 // A WAN for a while: 20 ms each way, 8 MB/s.
                 proxy.delay(Duration::from_millis(20));
                 proxy.limit(8_000_000);
@@ -211,7 +216,9 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
                 let w = GenWrite { disk: i, offset: 0, payload: Payload::Data(vec![0xAB; 4096]) };
                 guest_write(&mut guests[i], &w)?;
                 model.apply(&w);
-                site_manager::kvm::wait_for(&mut q.qsd.qmp, &q.job, Duration::from_secs(30), "the job to fail", |s| s.is_some_and(|s| s.failed()))?;
+                site_manager::kvm::wait_for(&mut q.qsd.qmp, &q.job, Duration::from_secs(30), "the job to fail", |s| {
+                    s.is_some_and(|s| s.failed())
+                })?;
                 q.qsd.detach(&q.job, true)?;
             }
             let s = sspec.start(lab)?;
@@ -269,7 +276,9 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
         bail!("the final checkpoint is {}", r["kind"]);
     }
     expected.insert(last, model.hashes());
-    wait_until("the target to hold everything", Duration::from_secs(120), || Ok(status(&source)?["drained"] == json!(true)))?;
+    wait_until("the target to hold everything", Duration::from_secs(120), || {
+        Ok(status(&source)?["drained"] == json!(true))
+    })?;
     report.source_status = status(&source)?;
     report.links_up = source.log_text().matches("replication link up").count();
     for q in &mut qemu {

@@ -71,10 +71,7 @@ static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 /// Builds the simulator once per process (and only when its source is newer
 /// than the binary) and returns the binary.
 pub fn vcsim_binary() -> Result<PathBuf> {
-    BUILT
-        .get_or_init(|| build().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow::anyhow!(e))
+    BUILT.get_or_init(|| build().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow::anyhow!(e))
 }
 
 fn repo_root() -> PathBuf {
@@ -169,11 +166,8 @@ impl Vcsim {
                 cmd.arg("-cert").arg(c).arg("-key").arg(k);
             }
             let log = dir.path().join("vcsim.log");
-            let mut child = cmd
-                .stdout(Stdio::piped())
-                .stderr(std::fs::File::create(&log)?)
-                .spawn()
-                .context("starting vcsim")?;
+            let mut child =
+                cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(&log)?).spawn().context("starting vcsim")?;
             let out = child.stdout.take().context("vcsim stdout")?;
             let mut line = String::new();
             BufReader::new(out).read_line(&mut line)?;

@@ -98,7 +98,10 @@ pub fn run(say: impl Fn(&str)) -> Result<Report> {
     let ova_path = build_vdsa_ova(dir.path())?;
     let ova = Ova::open(&ova_path)?;
     let ova_bytes = std::fs::metadata(&ova_path)?.len();
-    say(&format!("OVA built and checked against its manifest: {ova_bytes} bytes, vApp properties {}", ova.properties.join(", ")));
+    say(&format!(
+        "OVA built and checked against its manifest: {ova_bytes} bytes, vApp properties {}",
+        ova.properties.join(", ")
+    ));
 
     let sim = Vcsim::start(&VcsimOptions { clusters: 2, hosts_per_cluster: 3, vms: 1, ..Default::default() })?;
     let site = VsphereSite::connect(&sim.url, lab_trust(&sim)?, LAB_USER, LAB_PASSWORD)?;
@@ -108,7 +111,14 @@ pub fn run(say: impl Fn(&str)) -> Result<Report> {
     let seen = Mutex::new(Vec::<String>::new());
     let results = site.deploy_many(&ova, &reqs, reqs.len(), &|host, e| {
         if let DeployEvent::Installed { vm } | DeployEvent::Failed { error: vm } = &e {
-            let line = format!("{host}: {}", if matches!(e, DeployEvent::Installed { .. }) { format!("installed ({vm})") } else { format!("FAILED: {vm}") });
+            let line = format!(
+                "{host}: {}",
+                if matches!(e, DeployEvent::Installed { .. }) {
+                    format!("installed ({vm})")
+                } else {
+                    format!("FAILED: {vm}")
+                }
+            );
             seen.lock().unwrap_or_else(|p| p.into_inner()).push(line);
         }
     })?;

@@ -55,13 +55,7 @@ pub struct Mix {
 
 impl Default for Mix {
     fn default() -> Self {
-        Mix {
-            random: 35,
-            sequential: 25,
-            unaligned: 15,
-            duplicate: 15,
-            zero: 10,
-        }
+        Mix { random: 35, sequential: 25, unaligned: 15, duplicate: 15, zero: 10 }
     }
 }
 
@@ -87,14 +81,7 @@ impl Workload {
                 b
             })
             .collect();
-        Workload {
-            rng,
-            sizes: sizes.to_vec(),
-            mix,
-            next_seq_offset: vec![0; sizes.len()],
-            pool,
-            compressible: 50,
-        }
+        Workload { rng, sizes: sizes.to_vec(), mix, next_seq_offset: vec![0; sizes.len()], pool, compressible: 50 }
     }
 
     /// Percent of data writes that are half-compressible; 0 makes every
@@ -203,9 +190,7 @@ pub struct ReferenceModel {
 
 impl ReferenceModel {
     pub fn new(sizes: &[u64]) -> Self {
-        ReferenceModel {
-            images: sizes.iter().map(|&s| vec![0u8; s as usize]).collect(),
-        }
+        ReferenceModel { images: sizes.iter().map(|&s| vec![0u8; s as usize]).collect() }
     }
 
     pub fn apply(&mut self, w: &GenWrite) {

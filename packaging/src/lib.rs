@@ -163,9 +163,7 @@ pub fn build_ova(inputs: &OvaInputs) -> Result<OvaBuilt> {
     let used = dir_size(&root);
     let capacity = ((used + used / 4 + (32 << 20)) >> 20 << 20).max(64 << 20);
     let raw = work.path().join("payload.raw");
-    fs::File::create(&raw)
-        .and_then(|f| f.set_len(capacity))
-        .map_err(io("making the raw disk image"))?;
+    fs::File::create(&raw).and_then(|f| f.set_len(capacity)).map_err(io("making the raw disk image"))?;
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "vdsa-payload", "-E", "root_owner=0:0", "-d"])
         .arg(&root)

@@ -40,7 +40,8 @@ fn the_ova_holds_the_payload_its_manifest_and_properties_say() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let elf = some_elf()?;
     let out = dir.path().join("vdsa.ova");
-    let built = packaging::build_ova(&packaging::OvaInputs { vdsa: elf.clone(), version: "9.9.9".into(), out: out.clone() })?;
+    let built =
+        packaging::build_ova(&packaging::OvaInputs { vdsa: elf.clone(), version: "9.9.9".into(), out: out.clone() })?;
 
     // Descriptor first, then the manifest, then the disk.
     let listing = run(Command::new("tar").arg("tf").arg(&out))?;
@@ -80,7 +81,10 @@ fn the_ova_holds_the_payload_its_manifest_and_properties_say() -> Result<()> {
     let ls = run(Command::new("debugfs").arg("-R").arg("ls -l /etc/systemd/system/multi-user.target.wants").arg(&raw))?;
     assert!(ls.contains("vdsa-firstboot.service") && ls.contains("vdsa@target.service"), "{ls}");
     let unit = dir.path().join("unit");
-    run(Command::new("debugfs").arg("-R").arg(format!("dump /lib/systemd/system/vdsa@.service {}", unit.display())).arg(&raw))?;
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump /lib/systemd/system/vdsa@.service {}", unit.display()))
+        .arg(&raw))?;
     assert_eq!(std::fs::read_to_string(&unit)?, packaging::UNIT_VDSA);
     Ok(())
 }
@@ -110,8 +114,12 @@ fn a_damaged_ova_is_refused_before_anything_is_uploaded() -> Result<()> {
     assert!(matches!(e, vsphere_client::Error::Ova { .. } | vsphere_client::Error::Io { .. }), "{e:?}");
 
     // Not an executable as payload.
-    let e = packaging::build_ova(&packaging::OvaInputs { vdsa: out.clone(), version: "1".into(), out: dir.path().join("o.ova") })
-        .expect_err("not ELF");
+    let e = packaging::build_ova(&packaging::OvaInputs {
+        vdsa: out.clone(),
+        version: "1".into(),
+        out: dir.path().join("o.ova"),
+    })
+    .expect_err("not ELF");
     assert!(e.to_string().contains("is not an ELF executable"), "{e}");
     Ok(())
 }

@@ -43,10 +43,7 @@ impl CheckpointKind {
     /// Checkpoints kept forever by sparse tiers (until time or space evicts
     /// them) are the ones an operator named or an application quiesced.
     pub fn is_notable(self) -> bool {
-        matches!(
-            self,
-            CheckpointKind::Named | CheckpointKind::ApplicationConsistent
-        )
+        matches!(self, CheckpointKind::Named | CheckpointKind::ApplicationConsistent)
     }
 }
 
@@ -74,9 +71,7 @@ impl VpgSettings {
             vms: Vec::new(),
             checkpoint_interval: Duration::from_secs(5),
             barrier_timeout: Duration::from_millis(500),
-            retention: RetentionPolicy::Time {
-                history: Duration::from_secs(24 * 3600),
-            },
+            retention: RetentionPolicy::Time { history: Duration::from_secs(24 * 3600) },
         }
     }
 }

@@ -28,19 +28,14 @@ pub enum RetentionPolicy {
     /// Whichever of the two evicts first.
     TimeAndSpace { history: Duration, max_bytes: u64 },
     /// A base policy plus sparse tiers, ordered by `after`.
-    Tiered {
-        base: Box<RetentionPolicy>,
-        tiers: Vec<SparseTier>,
-    },
+    Tiered { base: Box<RetentionPolicy>, tiers: Vec<SparseTier> },
 }
 
 impl RetentionPolicy {
     /// How long checkpoints are kept, if time limits this policy.
     pub fn history(&self) -> Option<Duration> {
         match self {
-            RetentionPolicy::Time { history } | RetentionPolicy::TimeAndSpace { history, .. } => {
-                Some(*history)
-            }
+            RetentionPolicy::Time { history } | RetentionPolicy::TimeAndSpace { history, .. } => Some(*history),
             RetentionPolicy::Space { .. } => None,
             RetentionPolicy::Tiered { base, .. } => base.history(),
         }
@@ -49,9 +44,7 @@ impl RetentionPolicy {
     /// The journal size limit, if space limits this policy.
     pub fn max_bytes(&self) -> Option<u64> {
         match self {
-            RetentionPolicy::Space { max_bytes } | RetentionPolicy::TimeAndSpace { max_bytes, .. } => {
-                Some(*max_bytes)
-            }
+            RetentionPolicy::Space { max_bytes } | RetentionPolicy::TimeAndSpace { max_bytes, .. } => Some(*max_bytes),
             RetentionPolicy::Time { .. } => None,
             RetentionPolicy::Tiered { base, .. } => base.max_bytes(),
         }
@@ -118,10 +111,7 @@ mod tests {
     #[test]
     fn limits_are_read_through_tiers() {
         let p = RetentionPolicy::Tiered {
-            base: Box::new(RetentionPolicy::TimeAndSpace {
-                history: Duration::from_secs(48 * 3600),
-                max_bytes: 10,
-            }),
+            base: Box::new(RetentionPolicy::TimeAndSpace { history: Duration::from_secs(48 * 3600), max_bytes: 10 }),
             tiers: vec![],
         };
         assert_eq!(p.history(), Some(Duration::from_secs(48 * 3600)));
@@ -132,18 +122,10 @@ mod tests {
     #[test]
     fn sparse_tiers_keep_one_per_interval_and_notable_ones() {
         let policy = RetentionPolicy::Tiered {
-            base: Box::new(RetentionPolicy::Time {
-                history: Duration::from_secs(72 * 3600),
-            }),
+            base: Box::new(RetentionPolicy::Time { history: Duration::from_secs(72 * 3600) }),
             tiers: vec![
-                SparseTier {
-                    after: Duration::from_secs(24 * 3600),
-                    every: Some(Duration::from_secs(4 * 3600)),
-                },
-                SparseTier {
-                    after: Duration::from_secs(48 * 3600),
-                    every: None,
-                },
+                SparseTier { after: Duration::from_secs(24 * 3600), every: Some(Duration::from_secs(4 * 3600)) },
+                SparseTier { after: Duration::from_secs(48 * 3600), every: None },
             ],
         };
         let now = 100 * H;

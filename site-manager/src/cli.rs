@@ -137,7 +137,9 @@ pub fn main() -> ExitCode {
 
 fn connect(c: &Connection) -> Result<VsphereSite> {
     let password = match &c.password_file {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim_end().to_string(),
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim_end().to_string()
+        }
         None => std::env::var("VSPHERE_PASSWORD").context("give --password-file or set VSPHERE_PASSWORD")?,
     };
     let trust = if let Some(t) = &c.thumbprint {

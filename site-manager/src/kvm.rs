@@ -16,11 +16,7 @@ pub enum QmpError {
     #[error("QMP socket: {0}")]
     Io(#[from] std::io::Error),
     #[error("QMP command {command} failed: {class}: {desc}")]
-    Command {
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Command { command: String, class: String, desc: String },
     #[error("QMP protocol: {0}")]
     Protocol(String),
     #[error("timed out after {0:?} waiting for {1}")]
@@ -49,13 +45,7 @@ impl Qmp {
     pub fn connect(path: &Path) -> Result<Qmp, QmpError> {
         let s = UnixStream::connect(path)?;
         let w = s.try_clone()?;
-        let mut q = Qmp {
-            r: BufReader::new(s),
-            w,
-            partial: Vec::new(),
-            next_id: 1,
-            events: Vec::new(),
-        };
+        let mut q = Qmp { r: BufReader::new(s), w, partial: Vec::new(), next_id: 1, events: Vec::new() };
         let greeting = q.read_message(Duration::from_secs(10))?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
@@ -194,17 +184,14 @@ pub fn state(qmp: &mut Qmp, job_id: &str) -> Result<Option<TapState>, QmpError> 
     let Some(jobs) = jobs.as_array() else {
         return Err(QmpError::Protocol(format!("query-block-jobs returned {jobs}")));
     };
-    Ok(jobs
-        .iter()
-        .find(|j| j.get("device").and_then(Value::as_str) == Some(job_id))
-        .map(|j| TapState {
-            status: j.get("status").and_then(Value::as_str).unwrap_or("?").to_string(),
-            ready: j.get("ready").and_then(Value::as_bool).unwrap_or(false),
-            actively_synced: j.get("actively-synced").and_then(Value::as_bool).unwrap_or(false),
-            io_status: j.get("io-status").and_then(Value::as_str).unwrap_or("?").to_string(),
-            offset: j.get("offset").and_then(Value::as_u64).unwrap_or(0),
-            len: j.get("len").and_then(Value::as_u64).unwrap_or(0),
-        }))
+    Ok(jobs.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(job_id)).map(|j| TapState {
+        status: j.get("status").and_then(Value::as_str).unwrap_or("?").to_string(),
+        ready: j.get("ready").and_then(Value::as_bool).unwrap_or(false),
+        actively_synced: j.get("actively-synced").and_then(Value::as_bool).unwrap_or(false),
+        io_status: j.get("io-status").and_then(Value::as_str).unwrap_or("?").to_string(),
+        offset: j.get("offset").and_then(Value::as_u64).unwrap_or(0),
+        len: j.get("len").and_then(Value::as_u64).unwrap_or(0),
+    }))
 }
 
 /// Polls the job until `done` holds for its state (None: no such job).

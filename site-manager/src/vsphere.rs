@@ -430,7 +430,10 @@ impl VsphereSite {
                 let handles: Vec<_> = members.iter().map(|m| s.spawn(|| self.client.power_on(m))).collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(vsphere_client::Error::Protocol("power-on thread panicked".into()))))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(vsphere_client::Error::Protocol("power-on thread panicked".into())))
+                    })
                     .collect()
             });
             for (m, r) in members.iter().zip(results) {
@@ -459,9 +462,10 @@ impl VsphereSite {
         let r = (|| -> Result<()> {
             for h in hosts {
                 let host = inv.host(h)?;
-                let ns = host.network_system.clone().ok_or_else(|| {
-                    Error::Settings(format!("host {h} has no network system to add a switch to"))
-                })?;
+                let ns = host
+                    .network_system
+                    .clone()
+                    .ok_or_else(|| Error::Settings(format!("host {h} has no network system to add a switch to")))?;
                 self.client.add_virtual_switch(&ns, name, 128)?;
                 net.hosts.push((h.clone(), ns.clone(), true, false));
                 match self.client.add_port_group(&ns, name, name, 0) {

@@ -53,13 +53,7 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        only: None,
-        workers: None,
-        mib: 512,
-        reps: 3,
-        dir: std::env::temp_dir(),
-    };
+    let mut a = Args { only: None, workers: None, mib: 512, reps: 3, dir: std::env::temp_dir() };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < argv.len() {
@@ -430,7 +424,8 @@ fn index_and_open(dir: &Path) {
     let _ = std::fs::remove_dir_all(&jdir);
     // Per distinct block: index entry plus chunk catalog and hash lookup.
     let jdir = dir.join("journal-catalog");
-    let j = Journal::open(&jdir, JournalConfig { compression_level: None, ..config() }).unwrap_or_else(|e| panic!("{e}"));
+    let j =
+        Journal::open(&jdir, JournalConfig { compression_level: None, ..config() }).unwrap_or_else(|e| panic!("{e}"));
     j.add_disk(disk, size).unwrap_or_else(|e| panic!("{e}"));
     let n = 200_000u64;
     let before = LIVE.load(Ordering::Relaxed);
@@ -441,7 +436,10 @@ fn index_and_open(dir: &Path) {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     let per = (LIVE.load(Ordering::Relaxed) - before) as f64 / n as f64;
-    println!("{:<46} {:>7.1} bytes per distinct block (index + chunk catalog + hash lookup)", "memory, all blocks distinct", per);
+    println!(
+        "{:<46} {:>7.1} bytes per distinct block (index + chunk catalog + hash lookup)",
+        "memory, all blocks distinct", per
+    );
     drop(j);
     let _ = std::fs::remove_dir_all(&jdir);
 }

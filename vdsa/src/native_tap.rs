@@ -130,7 +130,11 @@ fn session<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports
     };
     if u64::from_be_bytes(size) != export.size() {
         welcome(w, EINVAL, export.size())?;
-        return Ok(Ending::Refused(format!("disk {name} is {} bytes, the filter says {}", export.size(), u64::from_be_bytes(size))));
+        return Ok(Ending::Refused(format!(
+            "disk {name} is {} bytes, the filter says {}",
+            export.size(),
+            u64::from_be_bytes(size)
+        )));
     }
     welcome(w, 0, export.size())?;
     let mut h = [0u8; HEADER_LEN];
@@ -146,12 +150,7 @@ fn session<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports
         if be_u32(&h) != MAGIC {
             return Ok(Ending::Refused("bad request magic".into()));
         }
-        let header = Header {
-            kind: h[4],
-            id,
-            offset: be_u64(&h[16..24]),
-            length: be_u32(&h[24..28]),
-        };
+        let header = Header { kind: h[4], id, offset: be_u64(&h[16..24]), length: be_u32(&h[24..28]) };
         if header.length > MAX_PAYLOAD {
             ack(w, EBADMSG, id)?;
             w.flush()?;
@@ -217,12 +216,7 @@ impl<R: Read, W: Write> NativeTapClient<R, W> {
     /// Says hello for `disk` of `size` bytes; the VDSA's status is an error
     /// if not 0.
     pub fn connect(reader: R, writer: W, disk: &str, size: u64) -> io::Result<Self> {
-        let mut c = NativeTapClient {
-            r: BufReader::new(reader),
-            w: BufWriter::new(writer),
-            next_id: 1,
-            size,
-        };
+        let mut c = NativeTapClient { r: BufReader::new(reader), w: BufWriter::new(writer), next_id: 1, size };
         c.w.write_all(&MAGIC.to_be_bytes())?;
         c.w.write_all(&VERSION.to_be_bytes())?;
         c.w.write_all(&(disk.len() as u16).to_be_bytes())?;

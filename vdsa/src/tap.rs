@@ -4,8 +4,8 @@
 //! acknowledgements (architecture.md §3).
 
 use crate::journal::{Checkpoint, CheckpointSpec, Cut, Journal, JournalError, TapWrite, WriteData};
-use crate::nbd::server::{BlockExport, ExportError};
 use crate::nbd::proto::{EINVAL, EIO, ENOSPC};
+use crate::nbd::server::{BlockExport, ExportError};
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -31,10 +31,7 @@ impl CheckpointBarrier {
     /// Starts with `acked` as the last acknowledged write (after a restart:
     /// the journal's stream position).
     pub fn new(acked: (u64, u64)) -> Self {
-        CheckpointBarrier {
-            state: Mutex::new(BarrierState { held: false, acked }),
-            released: Condvar::new(),
-        }
+        CheckpointBarrier { state: Mutex::new(BarrierState { held: false, acked }), released: Condvar::new() }
     }
 
     /// Waits while the barrier is held, then records the write as
@@ -121,10 +118,7 @@ impl TapStream {
 
     fn put(&self, disk: DiskId, offset: u64, data: WriteData<'_>) -> Result<(), ExportError> {
         let (lsn, seq) = {
-            let mut next = self
-                .next_seq
-                .lock()
-                .map_err(|_| ExportError::new(EIO, "sequencer poisoned"))?;
+            let mut next = self.next_seq.lock().map_err(|_| ExportError::new(EIO, "sequencer poisoned"))?;
             let seq = *next;
             let w = TapWrite { seq, disk, offset, data };
             let lsn = self.journal.ingest(self.stream, &[w]).map_err(to_export_error)?;
@@ -139,20 +133,13 @@ impl TapStream {
     pub fn checkpoint(&self, id: CheckpointId, name: &str, kind: CheckpointKind) -> Result<Checkpoint, JournalError> {
         let (lsn, seq) = self.barrier.prepare().map_err(|e| JournalError::Failed(e.to_string()))?;
         let kind = if self.is_syncing() { CheckpointKind::Inconsistent } else { kind };
-        let source_time_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_millis() as u64;
+        let source_time_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64;
         let r = self.journal.mark_checkpoint(CheckpointSpec {
             id,
             kind,
             name: name.to_string(),
             source_time_ms,
-            cuts: vec![Cut {
-                stream: self.stream,
-                lsn,
-                seq,
-            }],
+            cuts: vec![Cut { stream: self.stream, lsn, seq }],
         });
         self.barrier.release();
         r
@@ -185,10 +172,7 @@ impl BlockExport for TapDisk {
 
     /// Serves the head of the journal: what the tap wrote last.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
-        self.stream
-            .journal
-            .read_head(self.disk, offset, buf)
-            .map_err(to_export_error)
+        self.stream.journal.read_head(self.disk, offset, buf).map_err(to_export_error)
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), ExportError> {

@@ -196,9 +196,12 @@ impl ObjectContent {
     pub fn number<T: std::str::FromStr>(&self, path: &str) -> Result<Option<T>> {
         match self.get(path) {
             None => Ok(None),
-            Some(v) => v.text.trim().parse().map(Some).map_err(|_| {
-                Error::Protocol(format!("{} property {path} is not a number: {:?}", self.obj, v.text))
-            }),
+            Some(v) => v
+                .text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| Error::Protocol(format!("{} property {path} is not a number: {:?}", self.obj, v.text))),
         }
     }
 

@@ -94,10 +94,7 @@ impl Client {
         let root = self.content().root_folder.clone();
         let specs = [
             PropertySpec { kind: "Folder", paths: &["name", "parent"] },
-            PropertySpec {
-                kind: "Datacenter",
-                paths: &["name", "parent", "vmFolder", "hostFolder", "networkFolder"],
-            },
+            PropertySpec { kind: "Datacenter", paths: &["name", "parent", "vmFolder", "hostFolder", "networkFolder"] },
             PropertySpec { kind: "ComputeResource", paths: &["name", "parent", "resourcePool", "host"] },
             PropertySpec {
                 kind: "HostSystem",
@@ -116,10 +113,7 @@ impl Client {
                 paths: &["name", "parent", "summary.capacity", "summary.freeSpace", "summary.accessible"],
             },
             PropertySpec { kind: "Network", paths: &["name", "parent"] },
-            PropertySpec {
-                kind: "DistributedVirtualPortgroup",
-                paths: &["key", "config.distributedVirtualSwitch"],
-            },
+            PropertySpec { kind: "DistributedVirtualPortgroup", paths: &["key", "config.distributedVirtualSwitch"] },
             PropertySpec { kind: "DistributedVirtualSwitch", paths: &["name", "parent", "uuid"] },
             PropertySpec { kind: "ResourcePool", paths: &["name", "parent", "owner"] },
         ];
@@ -360,11 +354,7 @@ impl Vm {
     /// A vApp property as deployed: from `config.vAppConfig`, or from extra
     /// config where the server keeps them there (vcsim).
     pub fn vapp_property(&self, key: &str) -> Option<&str> {
-        self.vapp_properties
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .or_else(|| self.extra(key))
+        self.vapp_properties.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).or_else(|| self.extra(key))
     }
 }
 
@@ -398,7 +388,8 @@ const NIC_TYPES: &[&str] = &[
 ];
 
 fn device_key(d: &Node) -> Result<i32> {
-    d.parse_of("key")?.ok_or_else(|| Error::Protocol(format!("a {} device has no key", d.xsi_type.as_deref().unwrap_or("?"))))
+    d.parse_of("key")?
+        .ok_or_else(|| Error::Protocol(format!("a {} device has no key", d.xsi_type.as_deref().unwrap_or("?"))))
 }
 
 fn vm_from(o: &ObjectContent) -> Result<Vm> {
@@ -427,7 +418,9 @@ fn vm_from(o: &ObjectContent) -> Result<Vm> {
             } else if NIC_TYPES.contains(&t) {
                 let backing = d.child("backing");
                 let network_name = backing
-                    .and_then(|b| b.text_of("deviceName").or_else(|| b.child("port").and_then(|p| p.text_of("portgroupKey"))))
+                    .and_then(|b| {
+                        b.text_of("deviceName").or_else(|| b.child("port").and_then(|p| p.text_of("portgroupKey")))
+                    })
                     .unwrap_or_default()
                     .to_string();
                 nics.push(NicInfo {
@@ -439,7 +432,10 @@ fn vm_from(o: &ObjectContent) -> Result<Vm> {
                     mac: d.text_of("macAddress").map(str::to_string),
                     device: d.clone(),
                 });
-            } else if t.ends_with("SCSIController") || t == "VirtualLsiLogicController" || t == "ParaVirtualSCSIController" {
+            } else if t.ends_with("SCSIController")
+                || t == "VirtualLsiLogicController"
+                || t == "ParaVirtualSCSIController"
+            {
                 scsi_controllers.push(device_key(d)?);
             }
         }

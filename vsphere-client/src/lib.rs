@@ -23,9 +23,13 @@ pub mod soap;
 mod vm;
 pub mod xml;
 
-pub use client::{Client, ObjectContent, PropertySpec, ServiceContent, TaskInfo, TaskState, CALL_TIMEOUT, TASK_TIMEOUT};
+pub use client::{
+    Client, ObjectContent, PropertySpec, ServiceContent, TaskInfo, TaskState, CALL_TIMEOUT, TASK_TIMEOUT,
+};
 pub use error::{Error, Result};
-pub use inventory::{ComputeResource, Datacenter, Datastore, Host, Inventory, Network, NicInfo, ResourcePool, VirtualDiskInfo, Vm};
+pub use inventory::{
+    ComputeResource, Datacenter, Datastore, Host, Inventory, Network, NicInfo, ResourcePool, VirtualDiskInfo, Vm,
+};
 pub use network::HostNetworkInfo;
 pub use ova::{Ova, OvaEntry};
 pub use ovf::{ImportProgress, ImportTarget};
@@ -55,7 +59,8 @@ mod fixtures {
 
     #[test]
     fn service_content() {
-        let n = body("RetrieveServiceContent", include_bytes!("../tests/fixtures/01-RetrieveServiceContent.response.xml"));
+        let n =
+            body("RetrieveServiceContent", include_bytes!("../tests/fixtures/01-RetrieveServiceContent.response.xml"));
         let sc = ServiceContent::from_node(&n).expect("service content");
         assert_eq!(sc.root_folder, MoRef::new("Folder", "group-d1"));
         assert_eq!(sc.property_collector, MoRef::new("PropertyCollector", "propertyCollector"));
@@ -73,7 +78,10 @@ mod fixtures {
 
     #[test]
     fn host_properties_with_the_vcsim_xsi_prefix() {
-        let n = body("RetrievePropertiesEx", include_bytes!("../tests/fixtures/03-RetrievePropertiesEx-hosts-name-datastore.response.xml"));
+        let n = body(
+            "RetrievePropertiesEx",
+            include_bytes!("../tests/fixtures/03-RetrievePropertiesEx-hosts-name-datastore.response.xml"),
+        );
         let objs = objects(&n);
         assert_eq!(objs.len(), 4);
         assert_eq!(objs[0].obj, MoRef::new("HostSystem", "host-21"));
@@ -105,7 +113,10 @@ mod fixtures {
         let n = body("ImportVApp", include_bytes!("../tests/fixtures/05-ImportVApp.response.xml"));
         let lease = n.child("returnval").expect("returnval").moref().expect("lease");
         assert_eq!(lease.kind, "HttpNfcLease");
-        let n = body("RetrievePropertiesEx", include_bytes!("../tests/fixtures/06-RetrievePropertiesEx-HttpNfcLease-state-info.response.xml"));
+        let n = body(
+            "RetrievePropertiesEx",
+            include_bytes!("../tests/fixtures/06-RetrievePropertiesEx-HttpNfcLease-state-info.response.xml"),
+        );
         let o = &objects(&n)[0];
         assert_eq!(o.text("state"), Some("ready"));
         let info = o.get("info").expect("info");
@@ -117,13 +128,19 @@ mod fixtures {
 
     #[test]
     fn task_info_success_and_error() {
-        let n = body("RetrievePropertiesEx", include_bytes!("../tests/fixtures/10-RetrievePropertiesEx-Task-info-success.response.xml"));
+        let n = body(
+            "RetrievePropertiesEx",
+            include_bytes!("../tests/fixtures/10-RetrievePropertiesEx-Task-info-success.response.xml"),
+        );
         let o = &objects(&n)[0];
         let t = TaskInfo::from_node(&o.obj, o.get("info").expect("info")).expect("task info");
         assert_eq!(t.state, TaskState::Success);
         assert_eq!(t.name, "VirtualMachine.powerOn");
         assert!(t.complete_time.is_some());
-        let n = body("RetrievePropertiesEx", include_bytes!("../tests/fixtures/11-RetrievePropertiesEx-Task-info-error.response.xml"));
+        let n = body(
+            "RetrievePropertiesEx",
+            include_bytes!("../tests/fixtures/11-RetrievePropertiesEx-Task-info-error.response.xml"),
+        );
         let o = &objects(&n)[0];
         let t = TaskInfo::from_node(&o.obj, o.get("info").expect("info")).expect("task info");
         assert_eq!(t.state, TaskState::Error);

@@ -67,8 +67,7 @@ impl Ova {
             properties: Vec::new(),
         };
         let descriptor = ova.read_entry(&ova.descriptor_name.clone())?;
-        ova.descriptor =
-            String::from_utf8(descriptor).map_err(|_| bad("the descriptor is not UTF-8".into()))?;
+        ova.descriptor = String::from_utf8(descriptor).map_err(|_| bad("the descriptor is not UTF-8".into()))?;
         ova.check_manifest()?;
         ova.read_descriptor()?;
         Ok(ova)
@@ -111,7 +110,8 @@ impl Ova {
             .ok_or_else(|| self.bad("it has no manifest (.mf), so its files cannot be checked".into()))?
             .name
             .clone();
-        let text = String::from_utf8(self.read_entry(&mf)?).map_err(|_| self.bad("the manifest is not UTF-8".into()))?;
+        let text =
+            String::from_utf8(self.read_entry(&mf)?).map_err(|_| self.bad("the manifest is not UTF-8".into()))?;
         let mut listed = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             // SHA256(name)= hex
@@ -142,7 +142,9 @@ impl Ova {
             }
             let got: String = ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
             if !got.eq_ignore_ascii_case(want) {
-                return Err(self.bad(format!("{name} does not match the manifest: {algo} is {got}, the manifest says {want}")));
+                return Err(
+                    self.bad(format!("{name} does not match the manifest: {algo} is {got}, the manifest says {want}"))
+                );
             }
             listed.push(name.to_string());
         }
@@ -155,8 +157,8 @@ impl Ova {
     }
 
     fn read_descriptor(&mut self) -> Result<()> {
-        let env = xml::parse(self.descriptor.as_bytes())
-            .map_err(|e| self.bad(format!("the descriptor is not XML: {e}")))?;
+        let env =
+            xml::parse(self.descriptor.as_bytes()).map_err(|e| self.bad(format!("the descriptor is not XML: {e}")))?;
         if env.name != "Envelope" {
             return Err(self.bad(format!("the descriptor's root is <{}>, not an OVF <Envelope>", env.name)));
         }
@@ -172,9 +174,7 @@ impl Ova {
         if let Some(ns) = env.child("NetworkSection") {
             self.networks = ns.children_named("Network").filter_map(|n| n.attr("name")).map(str::to_string).collect();
         }
-        let vs = env
-            .child("VirtualSystem")
-            .ok_or_else(|| self.bad("the descriptor has no <VirtualSystem>".into()))?;
+        let vs = env.child("VirtualSystem").ok_or_else(|| self.bad("the descriptor has no <VirtualSystem>".into()))?;
         self.virtual_system = vs.attr("id").unwrap_or_default().to_string();
         for ps in vs.children_named("ProductSection") {
             for p in ps.children_named("Property") {

@@ -52,16 +52,40 @@ const PROGRESS_TICK: Duration = Duration::from_millis(100);
 /// Elements of VirtualMachineConfigSpec that come before `extraConfig` in
 /// schema order, nearest last.
 const BEFORE_EXTRA_CONFIG: &[&str] = &[
-    "name", "version", "guestId", "annotation", "files", "tools", "flags", "powerOpInfo", "numCPUs",
-    "numCoresPerSocket", "memoryMB", "memoryHotAddEnabled", "cpuHotAddEnabled", "cpuHotRemoveEnabled",
-    "deviceChange", "cpuAllocation", "memoryAllocation", "latencySensitivity", "cpuAffinity", "memoryAffinity",
-    "networkShaper", "cpuFeatureMask", "extraConfig",
+    "name",
+    "version",
+    "guestId",
+    "annotation",
+    "files",
+    "tools",
+    "flags",
+    "powerOpInfo",
+    "numCPUs",
+    "numCoresPerSocket",
+    "memoryMB",
+    "memoryHotAddEnabled",
+    "cpuHotAddEnabled",
+    "cpuHotRemoveEnabled",
+    "deviceChange",
+    "cpuAllocation",
+    "memoryAllocation",
+    "latencySensitivity",
+    "cpuAffinity",
+    "memoryAffinity",
+    "networkShaper",
+    "cpuFeatureMask",
+    "extraConfig",
 ];
 
 impl Client {
     /// Imports `ova` as a new VM and returns it. On any failure after the
     /// lease was taken the lease is aborted and the half-made VM removed.
-    pub fn import_ova(&self, ova: &Ova, target: &ImportTarget, progress: &(dyn Fn(ImportProgress) + Sync)) -> Result<MoRef> {
+    pub fn import_ova(
+        &self,
+        ova: &Ova,
+        target: &ImportTarget,
+        progress: &(dyn Fn(ImportProgress) + Sync),
+    ) -> Result<MoRef> {
         for (k, _) in &target.properties {
             if !ova.properties.contains(k) {
                 return Err(Error::InvalidArgument {
@@ -182,7 +206,10 @@ impl Client {
                 Some(other) => return Err(Error::Protocol(format!("import lease {lease} is in state {other:?}"))),
             }
             if start.elapsed() > LEASE_READY_TIMEOUT {
-                return Err(Error::Timeout { what: format!("import lease {lease}"), secs: LEASE_READY_TIMEOUT.as_secs() });
+                return Err(Error::Timeout {
+                    what: format!("import lease {lease}"),
+                    secs: LEASE_READY_TIMEOUT.as_secs(),
+                });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -261,14 +288,19 @@ impl Client {
             let mut base = sdk.clone();
             base.set_path("/");
             base.set_query(None);
-            return base
-                .join(rest)
-                .map_err(|e| Error::Protocol(format!("lease device URL {raw:?}: {e}")));
+            return base.join(rest).map_err(|e| Error::Protocol(format!("lease device URL {raw:?}: {e}")));
         }
         reqwest::Url::parse(raw).map_err(|e| Error::Protocol(format!("lease device URL {raw:?}: {e}")))
     }
 
-    fn upload(&self, url: &reqwest::Url, thumbprint: Option<&str>, create: bool, size: u64, body: impl Read + Send + 'static) -> Result<()> {
+    fn upload(
+        &self,
+        url: &reqwest::Url,
+        thumbprint: Option<&str>,
+        create: bool,
+        size: u64,
+        body: impl Read + Send + 'static,
+    ) -> Result<()> {
         // A host named by the lease with its own thumbprint gets a client
         // pinned to it; otherwise the session's trust applies.
         let pinned;

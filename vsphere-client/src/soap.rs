@@ -353,13 +353,9 @@ pub fn parse_response(method: &str, status: u16, body: &[u8]) -> Result<Node> {
         }
         Err(e) => return Err(e),
     };
-    let body = envelope
-        .child("Body")
-        .ok_or_else(|| Error::Protocol(format!("{method}: the answer has no SOAP Body")))?;
-    let first = body
-        .children
-        .first()
-        .ok_or_else(|| Error::Protocol(format!("{method}: the SOAP Body is empty")))?;
+    let body =
+        envelope.child("Body").ok_or_else(|| Error::Protocol(format!("{method}: the answer has no SOAP Body")))?;
+    let first = body.children.first().ok_or_else(|| Error::Protocol(format!("{method}: the SOAP Body is empty")))?;
     if first.name == "Fault" {
         return Err(fault_error(method, first));
     }

@@ -156,11 +156,8 @@ impl Client {
 
     /// Applies `change` to `vm`.
     pub fn reconfigure_vm(&self, vm: &MoRef, change: &VmChange) -> Result<()> {
-        let current = if change.add_disks.is_empty() && change.remove_devices.is_empty() {
-            None
-        } else {
-            Some(self.vm(vm)?)
-        };
+        let current =
+            if change.add_disks.is_empty() && change.remove_devices.is_empty() { None } else { Some(self.vm(vm)?) };
         let mut free_units = Vec::new();
         let mut controller = NEW_CONTROLLER_KEY;
         let mut default_ds = String::new();
@@ -245,8 +242,5 @@ impl Client {
 
 /// `ds1` of `[ds1] folder/file.vmdk`.
 pub fn datastore_name(path: &str) -> String {
-    path.strip_prefix('[')
-        .and_then(|p| p.split_once(']'))
-        .map(|(ds, _)| ds.to_string())
-        .unwrap_or_default()
+    path.strip_prefix('[').and_then(|p| p.split_once(']')).map(|(ds, _)| ds.to_string()).unwrap_or_default()
 }

@@ -56,8 +56,7 @@ impl Node {
 
     /// The child, or a protocol error naming what was missing.
     pub fn req(&self, name: &str) -> Result<&Node, Error> {
-        self.child(name)
-            .ok_or_else(|| Error::Protocol(format!("<{}> has no <{}>", self.name, name)))
+        self.child(name).ok_or_else(|| Error::Protocol(format!("<{}> has no <{}>", self.name, name)))
     }
 
     /// Text of a child element.
@@ -74,9 +73,11 @@ impl Node {
     pub fn parse_of<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, Error> {
         match self.child(name) {
             None => Ok(None),
-            Some(c) => c.text.trim().parse().map(Some).map_err(|_| {
-                Error::Protocol(format!("<{}> in <{}> is not a number: {:?}", name, self.name, c.text))
-            }),
+            Some(c) => {
+                c.text.trim().parse().map(Some).map_err(|_| {
+                    Error::Protocol(format!("<{}> in <{}> is not a number: {:?}", name, self.name, c.text))
+                })
+            }
         }
     }
 
@@ -87,9 +88,9 @@ impl Node {
     /// This element read as a managed object reference (`type` attribute and
     /// text).
     pub fn moref(&self) -> Result<MoRef, Error> {
-        let kind = self.attr("type").ok_or_else(|| {
-            Error::Protocol(format!("<{}> is not a managed object reference (no type)", self.name))
-        })?;
+        let kind = self
+            .attr("type")
+            .ok_or_else(|| Error::Protocol(format!("<{}> is not a managed object reference (no type)", self.name)))?;
         if self.text.is_empty() {
             return Err(Error::Protocol(format!("<{}> is an empty managed object reference", self.name)));
         }
@@ -139,9 +140,7 @@ pub fn parse(doc: &[u8]) -> Result<Node, Error> {
     let mut stack: Vec<Node> = Vec::new();
     let bad = |what: String| Error::Protocol(format!("the server sent malformed XML: {what}"));
     loop {
-        let (_, event) = reader
-            .read_resolved_event_into(&mut buf)
-            .map_err(|e| bad(e.to_string()))?;
+        let (_, event) = reader.read_resolved_event_into(&mut buf).map_err(|e| bad(e.to_string()))?;
         match event {
             Event::Start(start) => {
                 if stack.len() >= MAX_DEPTH {
@@ -205,10 +204,7 @@ fn open_node(reader: &NsReader<&[u8]>, start: &BytesStart<'_>) -> Result<Node, S
                 }
             }
             ResolveResult::Unknown(p) => {
-                return Err(format!(
-                    "attribute prefix {:?} is not declared",
-                    String::from_utf8_lossy(&p)
-                ))
+                return Err(format!("attribute prefix {:?} is not declared", String::from_utf8_lossy(&p)))
             }
             _ => node.attrs.push((local, value)),
         }

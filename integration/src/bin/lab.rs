@@ -88,14 +88,7 @@ struct DemoArgs {
 
 impl Default for DemoArgs {
     fn default() -> Self {
-        DemoArgs {
-            dir: None,
-            disks: 3,
-            disk_mib: 64,
-            checkpoints: 60,
-            writes_per_checkpoint: 64,
-            seed: 1,
-        }
+        DemoArgs { dir: None, disks: 3, disk_mib: 64, checkpoints: 60, writes_per_checkpoint: 64, seed: 1 }
     }
 }
 
@@ -119,19 +112,13 @@ fn main() -> Result<()> {
         Some(Command::TwoSiteDemo { seconds }) => two_site_demo(seconds),
         Some(Command::JournalDemo(args)) => journal_demo(args),
         Some(Command::PowerLoss { long, cuts, seed }) => power_loss(cuts.unwrap_or(if long { 100 } else { 10 }), seed),
-        Some(Command::CrashChild {
-            dir,
-            seed,
-            writes_per_checkpoint,
-        }) => crash_child(dir, seed, writes_per_checkpoint),
+        Some(Command::CrashChild { dir, seed, writes_per_checkpoint }) => crash_child(dir, seed, writes_per_checkpoint),
     }
 }
 
 fn power_loss(cuts: u64, seed: Option<u64>) -> Result<()> {
     let seed = seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_secs())
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
     });
     println!("power loss: {cuts} cuts, seed {seed}");
     let vdsa = integration::vsphere_lab::workspace_binary("vdsa", "vdsa")?;
@@ -180,13 +167,8 @@ fn journal_demo(args: DemoArgs) -> Result<()> {
     let mut model = ReferenceModel::new(&sizes);
     let mut expected: BTreeMap<CheckpointId, Vec<blake3::Hash>> = BTreeMap::new();
     let policy = RetentionPolicy::Tiered {
-        base: Box::new(RetentionPolicy::Time {
-            history: Duration::from_secs(120),
-        }),
-        tiers: vec![SparseTier {
-            after: Duration::from_secs(60),
-            every: Some(Duration::from_secs(20)),
-        }],
+        base: Box::new(RetentionPolicy::Time { history: Duration::from_secs(120) }),
+        tiers: vec![SparseTier { after: Duration::from_secs(60), every: Some(Duration::from_secs(20)) }],
     };
     let (mut seq, mut bytes, mut retention_runs, mut verified) = (0u64, 0u64, 0u64, 0u64);
     let mut held = None;
@@ -309,9 +291,10 @@ fn kvm_tap_demo() -> Result<()> {
                 guest_write(&mut guest, &w)?;
                 model.apply_unless_trim(&w);
             }
-            let failed = site_manager::kvm::wait_for(&mut qsd.qmp, "tap0", Duration::from_secs(30), "the tap to fail", |s| {
-                s.is_some_and(|s| s.failed())
-            })?;
+            let failed =
+                site_manager::kvm::wait_for(&mut qsd.qmp, "tap0", Duration::from_secs(30), "the tap to fail", |s| {
+                    s.is_some_and(|s| s.failed())
+                })?;
             vdsa = VdsaProcess::start(&lab, dir, "vmdisk=256M")?;
             qsd.detach("tap0", true)?;
             qsd.attach("tap1", &vdsa.tap_sock, "vmdisk")?;
@@ -407,7 +390,10 @@ fn two_site_demo(seconds: f64) -> Result<()> {
         "  {} checkpoints offered as consistent by the target each equal the source at that checkpoint (blake3); the newest equals QEMU's source disks",
         r.consistent_verified
     );
-    println!("  {} checkpoints taken while the source resynced are recorded inconsistent and never offered", r.inconsistent_during_resync);
+    println!(
+        "  {} checkpoints taken while the source resynced are recorded inconsistent and never offered",
+        r.inconsistent_during_resync
+    );
     println!(
         "  since the source's restart: {} of {} offered blocks crossed the link (the rest the target held); RPO at the end {} ms",
         st["blocks_sent"], st["blocks_offered"], st["rpo_ms"]
@@ -461,9 +447,7 @@ fn crash_child(dir: PathBuf, seed: u64, per: u64) -> Result<()> {
         lock.flush()?;
         drop(lock);
         if cp % 7 == 0 {
-            let policy = RetentionPolicy::Time {
-                history: Duration::from_secs(12),
-            };
+            let policy = RetentionPolicy::Time { history: Duration::from_secs(12) };
             let r = journal.apply_retention(&policy, cp * 1000)?;
             let mut lock = out.lock();
             writeln!(lock, "BASE {}", r.base.map_or(0, |b| b.0))?;

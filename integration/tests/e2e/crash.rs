@@ -52,7 +52,8 @@ fn checkpoints_reported_durable_survive_sigkill_at_random_moments() {
             .spawn()
             .unwrap_or_else(|e| panic!("spawning the crash child: {e}"));
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let reader = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>());
+        let reader =
+            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>());
         std::thread::sleep(Duration::from_millis(rng.gen_range(5..400)));
         let exited_early = child.try_wait().ok().flatten();
         let _ = child.kill(); // SIGKILL
@@ -65,7 +66,8 @@ fn checkpoints_reported_durable_survive_sigkill_at_random_moments() {
             }
             panic!("round {round}: the child exited by itself ({status}): {err}");
         }
-        let durable: Vec<u64> = lines.iter().filter_map(|l| l.strip_prefix("DURABLE ")).filter_map(|n| n.parse().ok()).collect();
+        let durable: Vec<u64> =
+            lines.iter().filter_map(|l| l.strip_prefix("DURABLE ")).filter_map(|n| n.parse().ok()).collect();
         if !durable.is_empty() {
             kills_after_durable += 1;
         }

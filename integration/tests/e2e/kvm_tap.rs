@@ -17,7 +17,6 @@ use vdsa::nbd::client::NbdClient;
 
 const DISK: u64 = 256 << 20;
 
-
 fn lab() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_lab"))
 }
@@ -144,7 +143,11 @@ fn the_kvm_tap_mirrors_every_guest_write_into_the_journal() {
             }
             idx += 1;
         }
-        assert_eq!(view_hash(&journal, *id), blake3::hash(&replay.images[0]), "checkpoint {id} (after {k} guest writes) differs");
+        assert_eq!(
+            view_hash(&journal, *id),
+            blake3::hash(&replay.images[0]),
+            "checkpoint {id} (after {k} guest writes) differs"
+        );
     }
 }
 
@@ -179,16 +182,18 @@ fn a_killed_vdsa_catches_up_by_delta_sync() {
     std::thread::sleep(Duration::from_millis(300));
     eprintln!("killing the vdsa");
     vdsa.kill();
-    let failed = kvm::wait_for(&mut qsd.qmp, "tap0", Duration::from_secs(30), "the job to report the target's failure", |s| {
-        s.is_some_and(|s| s.failed())
-    });
+    let failed =
+        kvm::wait_for(&mut qsd.qmp, "tap0", Duration::from_secs(30), "the job to report the target's failure", |s| {
+            s.is_some_and(|s| s.failed())
+        });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let failed = failed.unwrap_or_else(|e| panic!("{e}"));
     eprintln!("job after the kill: {failed:?}");
     assert!(!failed.actively_synced, "{failed:?}");
     // The guest's writes after the kill all succeeded (guest_write panics
     // on an error).
-    let (mut guest, mut workload, mut model, n) = writer.join().unwrap_or_else(|_| panic!("a guest write failed after the kill"));
+    let (mut guest, mut workload, mut model, n) =
+        writer.join().unwrap_or_else(|_| panic!("a guest write failed after the kill"));
     assert!(n >= 2000);
     eprintln!("{n} guest writes during and after the kill");
 
@@ -211,5 +216,9 @@ fn a_killed_vdsa_catches_up_by_delta_sync() {
     let vdsa_journal = vdsa.journal.clone();
     ok(vdsa.shutdown());
     let journal = Journal::open(&vdsa_journal, JournalConfig::default()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(view_hash(&journal, last["id"].as_u64().unwrap_or(0)), source, "after the delta sync the journal is the source");
+    assert_eq!(
+        view_hash(&journal, last["id"].as_u64().unwrap_or(0)),
+        source,
+        "after the delta sync the journal is the source"
+    );
 }

@@ -8,10 +8,9 @@ use integration::vsphere_lab::workspace_binary;
 
 #[test]
 fn a_vdsa_in_a_guest_starts_after_every_power_cut_and_keeps_what_it_acknowledged() {
-    let seed = std::env::var("POWER_LOSS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs()));
+    let seed = std::env::var("POWER_LOSS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
+    });
     println!("power-loss seed {seed} (POWER_LOSS_SEED={seed} repeats this run)");
     let vdsa = workspace_binary("vdsa", "vdsa").unwrap_or_else(|e| panic!("{e:#}"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -32,7 +32,12 @@ fn tap_write(c: &mut NbdClient, w: &GenWrite) {
     r.unwrap_or_else(|e| panic!("tap write: {e}"));
 }
 
-fn verify_checkpoints(journal_dir: &Path, disks: &[String], expected: &BTreeMap<u64, Vec<blake3::Hash>>, must_be_inconsistent: &[u64]) -> usize {
+fn verify_checkpoints(
+    journal_dir: &Path,
+    disks: &[String],
+    expected: &BTreeMap<u64, Vec<blake3::Hash>>,
+    must_be_inconsistent: &[u64],
+) -> usize {
     ok(integration::two_sites::verify_checkpoints(journal_dir, disks, expected, must_be_inconsistent))
 }
 
@@ -57,7 +62,8 @@ fn replicates_writes_and_checkpoints_exactly() {
     let sizes: Vec<u64> = disks.iter().map(|d| d.1).collect();
     let mut model = ReferenceModel::new(&sizes);
     let mut work = Workload::new(11, &sizes, Mix::default());
-    let mut taps: Vec<NbdClient> = names.iter().map(|n| ok(NbdClient::connect_unix(&sspec.tap_sock, n).map_err(Into::into))).collect();
+    let mut taps: Vec<NbdClient> =
+        names.iter().map(|n| ok(NbdClient::connect_unix(&sspec.tap_sock, n).map_err(Into::into))).collect();
     let mut expected = BTreeMap::new();
     for round in 1..=20u64 {
         for _ in 0..100 {
@@ -92,7 +98,10 @@ fn replicates_writes_and_checkpoints_exactly() {
 #[test]
 fn survives_cuts_stalls_and_kills_of_both_daemons() {
     use integration::two_sites::{run, TwoSiteOptions};
-    assert!(integration::kvm_lab::qemu_available(), "qemu-storage-daemon is needed (integration/run-tests installs qemu-utils)");
+    assert!(
+        integration::kvm_lab::qemu_available(),
+        "qemu-storage-daemon is needed (integration/run-tests installs qemu-utils)"
+    );
     let dir = ok(tempfile::tempdir().map_err(Into::into));
     let r = ok(run(lab(), dir.path(), &TwoSiteOptions::default(), |line| eprintln!("{line}")));
     eprintln!("{r:?}");
@@ -148,7 +157,16 @@ fn refuses_bad_frames_strangers_and_stale_epochs_and_keeps_serving() {
     let (rogue, _) = ok(paired_sites(lab(), &dir.path().join("other"), "rogue", "dr2"));
     ok(integration::replication_lab::run_vdsa(
         lab(),
-        &["certs", "trust", "--dir", &rogue.display().to_string(), "--peer-site", "dr", "--ca", &dst_certs.join("ca.pem").display().to_string()],
+        &[
+            "certs",
+            "trust",
+            "--dir",
+            &rogue.display().to_string(),
+            "--peer-site",
+            "dr",
+            "--ca",
+            &dst_certs.join("ca.pem").display().to_string(),
+        ],
     ));
     let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 300));
     let target = ok(tspec.start(lab()));
@@ -187,10 +205,13 @@ fn refuses_bad_frames_strangers_and_stale_epochs_and_keeps_serving() {
     let why = refused_for(&src_certs, tspec.port, &frame);
     assert!(why.contains("protocol version 9 is not supported"), "{why}");
     // 3. A client certificate of a site that was never paired.
-    let stranger = raw_link(&rogue, tspec.port).and_then(|(mut r, _w)| vdsa::wire::read_frame(&mut r).map_err(std::io::Error::other));
+    let stranger = raw_link(&rogue, tspec.port)
+        .and_then(|(mut r, _w)| vdsa::wire::read_frame(&mut r).map_err(std::io::Error::other));
     assert!(stranger.is_err(), "a stranger's certificate must not get a link");
     round(2, &mut tap, &mut expected);
-    ok(wait_until("the good source to be replicated", Duration::from_secs(30), || Ok(status(&source)["drained"] == json!(true))));
+    ok(wait_until("the good source to be replicated", Duration::from_secs(30), || {
+        Ok(status(&source)["drained"] == json!(true))
+    }));
 
     // 4. Failover promoted the VPG here: the old source's epoch is stale.
     let p = ok(target.call(json!({"op": "promote", "vpg": "vpg1"})));
@@ -272,10 +293,15 @@ fn initial_sync_sends_only_what_the_seed_lacks() {
     ok(source.call(json!({"op": "sync", "syncing": false})));
     let r = ok(source.call(json!({"op": "checkpoint", "id": 1})));
     assert_eq!(r["kind"], "Automatic");
-    ok(wait_until("the initial sync to reach the target", Duration::from_secs(60), || Ok(status(&source)["drained"] == json!(true))));
+    ok(wait_until("the initial sync to reach the target", Duration::from_secs(60), || {
+        Ok(status(&source)["drained"] == json!(true))
+    }));
     let st = status(&source);
     let (offered, sent) = (st["blocks_offered"].as_u64().unwrap_or(0), st["blocks_sent"].as_u64().unwrap_or(u64::MAX));
-    eprintln!("{nonzero} non-zero blocks, {differ} differ from the seed; offered {offered}, sent {sent}; wire {} of raw {}", st["wire_bytes"], st["raw_bytes"]);
+    eprintln!(
+        "{nonzero} non-zero blocks, {differ} differ from the seed; offered {offered}, sent {sent}; wire {} of raw {}",
+        st["wire_bytes"], st["raw_bytes"]
+    );
     assert!(offered >= nonzero, "every block is offered by hash ({offered} < {nonzero})");
     assert!(sent <= differ, "only blocks that differ from the seed cross the link ({sent} > {differ})");
     assert!(sent > 0);
@@ -326,7 +352,9 @@ fn a_full_queue_spills_then_falls_back_to_the_bitmap_and_resyncs() {
     assert_eq!(r["kind"], "Automatic", "{}", status(&source));
     let mut expected = BTreeMap::new();
     expected.insert(1, model.hashes());
-    ok(wait_until("checkpoint 1 at the target", Duration::from_secs(30), || Ok(status(&source)["drained"] == json!(true))));
+    ok(wait_until("checkpoint 1 at the target", Duration::from_secs(30), || {
+        Ok(status(&source)["drained"] == json!(true))
+    }));
 
     // 256 KiB/s from now on.
     ok(source.call(json!({"op": "bandwidth", "bytes_per_sec": 256 << 10})));
@@ -360,7 +388,9 @@ fn a_full_queue_spills_then_falls_back_to_the_bitmap_and_resyncs() {
     write(30, &mut guest, &mut model);
     assert_eq!(ok(source.call(json!({"op": "checkpoint", "id": 3})))["kind"], "Automatic");
     expected.insert(3, model.hashes());
-    ok(wait_until("the resync to reach the target", Duration::from_secs(60), || Ok(status(&source)["drained"] == json!(true))));
+    ok(wait_until("the resync to reach the target", Duration::from_secs(60), || {
+        Ok(status(&source)["drained"] == json!(true))
+    }));
     let st = status(&source);
     assert_eq!(st["queue"]["needs_resync"], json!(false), "{st}");
     ok(qsd.detach("tap1", false));
@@ -380,7 +410,9 @@ fn a_full_queue_with_the_block_policy_holds_the_tap() {
     let target = ok(tspec.start(lab()));
     let disks = vec![("d0".to_string(), 16u64 << 20)];
     let mut sspec = SourceSpec::new(dir.path(), &src_certs, &format!("127.0.0.1:{}", tspec.port), "vpg1", &disks);
-    sspec.extra = ["--queue-memory", "512K", "--spill-size", "1M", "--backpressure", "block", "--bandwidth", "2M"].map(String::from).to_vec();
+    sspec.extra = ["--queue-memory", "512K", "--spill-size", "1M", "--backpressure", "block", "--bandwidth", "2M"]
+        .map(String::from)
+        .to_vec();
     let source = ok(sspec.start(lab()));
     ok(source.call(json!({"op": "sync", "syncing": false})));
     let mut tap = ok(NbdClient::connect_unix(&sspec.tap_sock, "d0").map_err(Into::into));
@@ -424,7 +456,13 @@ fn a_checkpoint_across_two_hosts_waits_for_both_markers() {
     for (h, disk) in [("h1", "vm1"), ("h2", "vm2")] {
         let d = dir.path().join(h);
         ok(std::fs::create_dir_all(&d).map_err(Into::into));
-        let mut spec = SourceSpec::new(&d, &src_certs, &format!("127.0.0.1:{}", tspec.port), "vpg1", &[(disk.to_string(), 8 << 20)]);
+        let mut spec = SourceSpec::new(
+            &d,
+            &src_certs,
+            &format!("127.0.0.1:{}", tspec.port),
+            "vpg1",
+            &[(disk.to_string(), 8 << 20)],
+        );
         spec.extra = ["--stream", h, "--streams", "2"].map(String::from).to_vec();
         let s = ok(spec.start(lab()));
         ok(s.call(json!({"op": "sync", "syncing": false})));
@@ -461,7 +499,9 @@ fn a_checkpoint_across_two_hosts_waits_for_both_markers() {
     assert_eq!(ok(sources[1].0.call(json!({"op": "checkpoint", "id": 7})))["kind"], "Automatic");
     expected.insert(7, model.hashes());
     for (s, _) in &sources {
-        ok(wait_until("both hosts' streams to be durable", Duration::from_secs(30), || Ok(status(s)["drained"] == json!(true))));
+        ok(wait_until("both hosts' streams to be durable", Duration::from_secs(30), || {
+            Ok(status(s)["drained"] == json!(true))
+        }));
     }
     for (s, _) in sources {
         ok(s.shutdown());
@@ -471,7 +511,10 @@ fn a_checkpoint_across_two_hosts_waits_for_both_markers() {
     let ids: Vec<u64> = ok(j.checkpoints().map_err(Into::into)).iter().map(|c| c.id.0).collect();
     assert_eq!(ids, vec![1, 2, 3, 5, 6, 7], "checkpoint 4 had only one host's marker");
     drop(j);
-    assert_eq!(verify_checkpoints(&tspec.journal_dir("vpg1"), &["vm1".to_string(), "vm2".to_string()], &expected, &[]), 6);
+    assert_eq!(
+        verify_checkpoints(&tspec.journal_dir("vpg1"), &["vm1".to_string(), "vm2".to_string()], &expected, &[]),
+        6
+    );
 }
 
 /// Unmounts a small tmpfs when dropped.
@@ -484,7 +527,11 @@ impl SmallDisk {
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(path)
             .status();
-        assert!(st.is_ok_and(|s| s.success()), "mounting a {size} tmpfs at {} (the test suite runs as root)", path.display());
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "mounting a {size} tmpfs at {} (the test suite runs as root)",
+            path.display()
+        );
         SmallDisk(path.to_path_buf())
     }
 }

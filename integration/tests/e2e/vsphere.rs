@@ -53,7 +53,8 @@ fn settings() -> DeploySettings {
 
 #[test]
 fn deploys_the_ova_to_every_host_of_two_clusters_then_undeploys_one() -> Result<()> {
-    let sim = Vcsim::start(&VcsimOptions { clusters: 2, hosts_per_cluster: 2, standalone_hosts: 1, ..Default::default() })?;
+    let sim =
+        Vcsim::start(&VcsimOptions { clusters: 2, hosts_per_cluster: 2, standalone_hosts: 1, ..Default::default() })?;
     let site = site(&sim)?;
     let ova_path = vdsa_ova()?;
     let ova = Ova::open(&ova_path)?;
@@ -81,7 +82,8 @@ fn deploys_the_ova_to_every_host_of_two_clusters_then_undeploys_one() -> Result<
     for r in &reqs {
         let mine: Vec<&DeployEvent> = events.iter().filter(|(h, _)| h == &r.host).map(|(_, e)| e).collect();
         assert!(
-            mine.iter().any(|e| matches!(e, DeployEvent::Uploading { done, total } if done == total && *total == vmdk_size)),
+            mine.iter()
+                .any(|e| matches!(e, DeployEvent::Uploading { done, total } if done == total && *total == vmdk_size)),
             "{}: no complete upload of {vmdk_size} bytes in {mine:?}",
             r.host
         );
@@ -156,7 +158,10 @@ fn deploys_the_ova_to_every_host_of_two_clusters_then_undeploys_one() -> Result<
     // One marked uninstalling (an undeploy cut short) shows so.
     site.client().reconfigure_vm(
         &replaced,
-        &VmChange { extra_config: vec![(site_manager::vsphere::MARK_STATE.into(), "uninstalling".into())], ..Default::default() },
+        &VmChange {
+            extra_config: vec![(site_manager::vsphere::MARK_STATE.into(), "uninstalling".into())],
+            ..Default::default()
+        },
     )?;
     assert_eq!(state("DC0_C1_H1")?, VdsaState::Uninstalling);
     site.deploy(&ova, c1, &|_| {})?;
@@ -241,7 +246,10 @@ fn bad_logins_names_certificates_and_dropped_connections_give_typed_errors() -> 
     let mut req = site.plan_cluster("DC0_C0", &settings())?.remove(0);
     req.settings.datastore = "NoSuchDS".into();
     let e = site.deploy(&ova, &req, &|_| {}).expect_err("a bad datastore");
-    assert!(matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "datastore", known, .. }) if known == &["LocalDS_0".to_string()]), "{e:?}");
+    assert!(
+        matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "datastore", known, .. }) if known == &["LocalDS_0".to_string()]),
+        "{e:?}"
+    );
     let mut near_end = settings();
     near_end.ip = Ipv4Addr::new(192, 0, 2, 254);
     let e = site.plan_cluster("DC0_C0", &near_end).expect_err("addresses past the subnet");
@@ -318,8 +326,10 @@ fn recovery_vms_land_on_their_host_datastore_and_networks_and_boot_in_order() ->
         }
         let mut got: Vec<MoRef> = v.networks.clone();
         got.sort();
-        let mut want: Vec<MoRef> =
-            nets.iter().map(|n| inv.network_for(inv.host(host).expect("host"), n).map(|n| n.moref.clone())).collect::<Result<_, _>>()?;
+        let mut want: Vec<MoRef> = nets
+            .iter()
+            .map(|n| inv.network_for(inv.host(host).expect("host"), n).map(|n| n.moref.clone()))
+            .collect::<Result<_, _>>()?;
         want.sort();
         assert_eq!(got, want, "{name} networks");
         assert_eq!(v.nics.len(), nets.len());
@@ -346,7 +356,11 @@ fn recovery_vms_land_on_their_host_datastore_and_networks_and_boot_in_order() ->
     site.client().reconfigure_vm(web, &VmChange { remove_devices: vec![first_nic], ..Default::default() })?;
     let v = site.client().vm(web)?;
     assert_eq!(v.nics.len(), 1);
-    assert_eq!(v.networks, vec![inv.network_for(web_host, "DC0_DVPG0")?.moref.clone()], "only the DV port group is left");
+    assert_eq!(
+        v.networks,
+        vec![inv.network_for(web_host, "DC0_DVPG0")?.moref.clone()],
+        "only the DV port group is left"
+    );
     assert_eq!(v.disks.len(), 2);
     let e = site.client().reconfigure_vm(web, &VmChange { remove_devices: vec![first_nic], ..Default::default() });
     assert!(matches!(e, Err(Error::NotFound { kind: "device", .. })), "{e:?}");
@@ -496,9 +510,23 @@ fn the_operator_command_deploys_lists_and_undeploys_with_clear_errors() -> Resul
     let (ok, out, err) = run(
         &password,
         &[
-            "deploy", "--ova", ova.to_str().context("path")?, "--cluster", "DC0_C0", "--datastore", "LocalDS_0",
-            "--network", "VM Network", "--ip", "192.0.2.30", "--netmask", "255.255.255.0", "--site-manager",
-            "192.0.2.2:8443", "--pairing-token", "t0k",
+            "deploy",
+            "--ova",
+            ova.to_str().context("path")?,
+            "--cluster",
+            "DC0_C0",
+            "--datastore",
+            "LocalDS_0",
+            "--network",
+            "VM Network",
+            "--ip",
+            "192.0.2.30",
+            "--netmask",
+            "255.255.255.0",
+            "--site-manager",
+            "192.0.2.2:8443",
+            "--pairing-token",
+            "t0k",
         ],
     )?;
     assert!(ok, "deploy failed: {out}{err}");

@@ -42,8 +42,8 @@ fn main() -> Result<()> {
     match cli.what {
         What::Ova { vdsa, out, version } => {
             let vdsa = packaging::stripped_copy(&vdsa, scratch.path())?;
-            let built = packaging::build_ova(&packaging::OvaInputs { vdsa, version, out })
-                .context("building the OVA")?;
+            let built =
+                packaging::build_ova(&packaging::OvaInputs { vdsa, version, out }).context("building the OVA")?;
             println!("{}", built.path.display());
             for (name, sha) in &built.files {
                 println!("  SHA256({name})= {sha}");

@@ -17,9 +17,9 @@ use crate::nbd::server::{serve, Ending, Exports};
 use crate::tap::{TapDisk, TapStream};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use control::{claim_socket, not_served, serve_control, ControlRequest, SocketClaim};
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
 use serde_json::{json, Value};
-use control::{claim_socket, not_served, serve_control, ControlRequest, SocketClaim};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -200,14 +200,7 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
         .try_init();
     let cli = Cli::parse_from(args);
     match cli.command {
-        Command::TapServe {
-            journal,
-            taps,
-            stream,
-            checkpoint_interval_ms,
-            segment_bytes,
-            pack_bytes,
-        } => {
+        Command::TapServe { journal, taps, stream, checkpoint_interval_ms, segment_bytes, pack_bytes } => {
             let config = JournalConfig {
                 segment_bytes: parse_size(&segment_bytes)?,
                 pack_bytes: parse_size(&pack_bytes)?,
@@ -534,7 +527,12 @@ fn source(a: SourceArgs) -> Result<()> {
 }
 
 /// Checkpoint ids grow across restarts: by default the time in ms.
-fn source_checkpoint(s: &crate::replication::source::SourceStream, last: &Mutex<u64>, id: Option<u64>, name: &str) -> Result<Value> {
+fn source_checkpoint(
+    s: &crate::replication::source::SourceStream,
+    last: &Mutex<u64>,
+    id: Option<u64>,
+    name: &str,
+) -> Result<Value> {
     let mut last = last.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     let id = id.unwrap_or_else(|| crate::replication::now_ms().max(*last + 1));
     if id <= *last {

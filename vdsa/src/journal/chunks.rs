@@ -176,7 +176,8 @@ impl ChunkStore {
         };
         let numbers = fsutil::numbered_files(dir, "pack")?;
         for no in numbers {
-            let no32 = u32::try_from(no).map_err(|_| JournalError::corrupt(pack_path(dir, 0), 0, "pack number out of range"))?;
+            let no32 = u32::try_from(no)
+                .map_err(|_| JournalError::corrupt(pack_path(dir, 0), 0, "pack number out of range"))?;
             store.load_pack(no32)?;
         }
         // The next pack is created at the first insert: opening writes
@@ -212,14 +213,9 @@ impl ChunkStore {
                 Ok((hash, _flags, stored_len)) => {
                     let total = CHUNK_HEADER_LEN + stored_len;
                     if self.lookup(&hash).is_none() {
-                        let offset = u32::try_from(pos).map_err(|_| JournalError::corrupt(&path, pos as u64, "pack larger than 4 GiB"))?;
-                        self.add_entry(ChunkEntry {
-                            hash,
-                            pack: no,
-                            offset,
-                            stored_len: stored_len as u16,
-                            refs: 0,
-                        });
+                        let offset = u32::try_from(pos)
+                            .map_err(|_| JournalError::corrupt(&path, pos as u64, "pack larger than 4 GiB"))?;
+                        self.add_entry(ChunkEntry { hash, pack: no, offset, stored_len: stored_len as u16, refs: 0 });
                     }
                     pos += total;
                 }
@@ -245,15 +241,7 @@ impl ChunkStore {
         // What survived a kill may not have been synced yet.
         file.sync_data().map_err(|e| JournalError::io("syncing", &path, e))?;
         let len = pos.min(bytes.len()) as u64;
-        self.packs.insert(
-            no,
-            Pack {
-                file: Arc::new(file),
-                path,
-                len,
-                live_bytes: 0,
-            },
-        );
+        self.packs.insert(no, Pack { file: Arc::new(file), path, len, live_bytes: 0 });
         Ok(())
     }
 
@@ -270,15 +258,7 @@ impl ChunkStore {
             .and_then(|()| file.sync_data())
             .map_err(|e| JournalError::io("writing the header of", &path, e))?;
         fsutil::sync_dir(&self.dir)?;
-        self.packs.insert(
-            self.active,
-            Pack {
-                file: Arc::new(file),
-                path,
-                len: PACK_HEADER_LEN as u64,
-                live_bytes: 0,
-            },
-        );
+        self.packs.insert(self.active, Pack { file: Arc::new(file), path, len: PACK_HEADER_LEN as u64, live_bytes: 0 });
         Ok(())
     }
 
@@ -477,9 +457,7 @@ impl ChunkStore {
         if let Some(bytes) = self.in_memory(e.pack, off, total) {
             buf.copy_from_slice(bytes);
         } else {
-            pack.file
-                .read_exact_at(buf, off)
-                .map_err(|err| JournalError::io("reading", &pack.path, err))?;
+            pack.file.read_exact_at(buf, off).map_err(|err| JournalError::io("reading", &pack.path, err))?;
         }
         self.decode(id, &pack.path, off, buf, out)
     }

@@ -17,42 +17,21 @@ pub enum JournalError {
     #[error("no space left on the device holding {path} while {action}")]
     DiskFull { action: &'static str, path: PathBuf },
     #[error("{path} is corrupt at offset {offset}: {reason}")]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, reason: String },
     #[error("{path} has format version {found}; this build reads version {supported}")]
-    UnsupportedVersion {
-        path: PathBuf,
-        found: u32,
-        supported: u32,
-    },
+    UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
     #[error("the write record at {path} offset {offset} (before a durable commit) references chunk {hash}, which no pack holds: a pack file was lost or truncated")]
-    MissingChunk {
-        path: PathBuf,
-        offset: u64,
-        hash: String,
-    },
+    MissingChunk { path: PathBuf, offset: u64, hash: String },
     #[error("{0} is not a disk of this journal")]
     UnknownDisk(DiskId),
     #[error("{0} is already a disk of this journal")]
     DiskExists(DiskId),
     #[error("write of {len} bytes at offset {offset} is beyond the end of {disk} ({size} bytes)")]
-    OutOfRange {
-        disk: DiskId,
-        offset: u64,
-        len: u64,
-        size: u64,
-    },
+    OutOfRange { disk: DiskId, offset: u64, len: u64, size: u64 },
     #[error("invalid write: {0}")]
     InvalidWrite(String),
     #[error("{stream}: write seq {got} arrived but {expected} is next; a gap is never skipped")]
-    SeqGap {
-        stream: StreamId,
-        expected: u64,
-        got: u64,
-    },
+    SeqGap { stream: StreamId, expected: u64, got: u64 },
     #[error("{0} is not a retained checkpoint of this journal")]
     UnknownCheckpoint(CheckpointId),
     #[error("checkpoint refused: {0}")]
@@ -60,17 +39,9 @@ pub enum JournalError {
     #[error("checkpoint {id} is not newer than the newest checkpoint {newest}")]
     CheckpointNotNewer { id: CheckpointId, newest: CheckpointId },
     #[error("checkpoint cut for {stream} at lsn {lsn} is beyond the journal head {head}")]
-    BadCut {
-        stream: StreamId,
-        lsn: u64,
-        head: u64,
-    },
+    BadCut { stream: StreamId, lsn: u64, head: u64 },
     #[error("checkpoint cut for {stream} at lsn {lsn} is before the previous checkpoint's cut {previous}")]
-    CutGoesBack {
-        stream: StreamId,
-        lsn: u64,
-        previous: u64,
-    },
+    CutGoesBack { stream: StreamId, lsn: u64, previous: u64 },
     #[error("block {block} of {disk} arrived as hash {hash} only, and the journal holds no such content")]
     BlockNotHeld { disk: DiskId, block: u64, hash: String },
     #[error("the journal at {0} is open in another process")]
@@ -92,11 +63,7 @@ impl JournalError {
     }
 
     pub(crate) fn corrupt(path: impl Into<PathBuf>, offset: u64, reason: impl Into<String>) -> Self {
-        JournalError::Corrupt {
-            path: path.into(),
-            offset,
-            reason: reason.into(),
-        }
+        JournalError::Corrupt { path: path.into(), offset, reason: reason.into() }
     }
 }
 

@@ -65,9 +65,13 @@ pub enum Record {
     Write(WriteRecord),
     Checkpoint(Checkpoint),
     /// Group commit: everything before it was made durable, packs first.
-    Commit { lsn: u64 },
+    Commit {
+        lsn: u64,
+    },
     /// A sparse tier dropped this checkpoint.
-    DropCheckpoint { id: CheckpointId },
+    DropCheckpoint {
+        id: CheckpointId,
+    },
 }
 
 pub fn segment_header(segment_no: u64) -> [u8; SEGMENT_HEADER_LEN] {
@@ -228,11 +232,7 @@ fn kind_from_code(code: u8) -> Option<CheckpointKind> {
 #[derive(Debug)]
 pub enum Frame<'a> {
     /// A whole, checksummed frame: its type, payload and total length.
-    Ok {
-        kind: u8,
-        payload: &'a [u8],
-        len: usize,
-    },
+    Ok { kind: u8, payload: &'a [u8], len: usize },
     /// The bytes end before the frame does.
     Incomplete,
     /// The bytes are all there but are not a valid frame.
@@ -267,11 +267,7 @@ pub fn read_frame(buf: &[u8]) -> Frame<'_> {
     {
         return Frame::Invalid("record trailer mismatch".into());
     }
-    Frame::Ok {
-        kind: buf[5],
-        payload: &buf[RECORD_HEADER_LEN..body_end],
-        len: total,
-    }
+    Frame::Ok { kind: buf[5], payload: &buf[RECORD_HEADER_LEN..body_end], len: total }
 }
 
 /// A bounds-checked little-endian reader over a payload.
@@ -351,16 +347,7 @@ pub fn decode_payload(kind: u8, payload: &[u8]) -> Result<Record, String> {
                 };
                 blocks.push((block, r));
             }
-            Record::Write(WriteRecord {
-                lsn,
-                stream,
-                seq,
-                disk,
-                op,
-                offset,
-                len,
-                blocks,
-            })
+            Record::Write(WriteRecord { lsn, stream, seq, disk, op, offset, len, blocks })
         }
         TYPE_CHECKPOINT => {
             let lsn = r.u64()?;
@@ -375,25 +362,12 @@ pub fn decode_payload(kind: u8, payload: &[u8]) -> Result<Record, String> {
             }
             let mut cuts = Vec::with_capacity(n);
             for _ in 0..n {
-                cuts.push(Cut {
-                    stream: StreamId::from_bytes(r.id16()?),
-                    lsn: r.u64()?,
-                    seq: r.u64()?,
-                });
+                cuts.push(Cut { stream: StreamId::from_bytes(r.id16()?), lsn: r.u64()?, seq: r.u64()? });
             }
-            Record::Checkpoint(Checkpoint {
-                id,
-                kind,
-                name,
-                source_time_ms,
-                lsn,
-                cuts,
-            })
+            Record::Checkpoint(Checkpoint { id, kind, name, source_time_ms, lsn, cuts })
         }
         TYPE_COMMIT => Record::Commit { lsn: r.u64()? },
-        TYPE_DROP_CHECKPOINT => Record::DropCheckpoint {
-            id: CheckpointId(r.u64()?),
-        },
+        TYPE_DROP_CHECKPOINT => Record::DropCheckpoint { id: CheckpointId(r.u64()?) },
         other => return Err(format!("unknown record type {other}")),
     };
     r.done()?;
@@ -422,11 +396,7 @@ mod tests {
                 name: "before patch".into(),
                 source_time_ms: 123,
                 lsn: 8,
-                cuts: vec![Cut {
-                    stream: StreamId::new(),
-                    lsn: 7,
-                    seq: 3,
-                }],
+                cuts: vec![Cut { stream: StreamId::new(), lsn: 7, seq: 3 }],
             }),
             Record::Commit { lsn: 8 },
             Record::DropCheckpoint { id: CheckpointId(2) },

@@ -12,9 +12,7 @@ pub fn create_dir(dir: &Path) -> Result<()> {
 /// fsync of a directory, so that files created, renamed or removed in it
 /// stay so after a power loss.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| JournalError::io("syncing directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| JournalError::io("syncing directory", dir, e))
 }
 
 /// The numbers of files named `<number>.<ext>` in `dir`, ascending. Other
@@ -39,10 +37,7 @@ pub fn numbered_files(dir: &Path, ext: &str) -> Result<Vec<u64>> {
 
 /// Cuts a file to `len` and makes the cut durable.
 pub fn truncate(path: &Path, len: u64) -> Result<()> {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| JournalError::io("opening", path, e))?;
+    let f = OpenOptions::new().write(true).open(path).map_err(|e| JournalError::io("opening", path, e))?;
     f.set_len(len).map_err(|e| JournalError::io("truncating", path, e))?;
     f.sync_all().map_err(|e| JournalError::io("syncing", path, e))
 }
@@ -94,5 +89,5 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
     if rc != 0 {
         return Err(JournalError::io("checking free space of", path, std::io::Error::last_os_error()));
     }
-    Ok(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }

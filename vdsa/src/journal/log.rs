@@ -126,11 +126,7 @@ pub fn scan(dir: &Path) -> Result<Vec<ScannedRecord>> {
                 Frame::Ok { kind, payload, len } => {
                     let record = format::decode_payload(kind, payload)
                         .map_err(|reason| JournalError::corrupt(path, pos as u64, reason))?;
-                    out.push(ScannedRecord {
-                        segment: *no,
-                        offset: pos as u64,
-                        record,
-                    });
+                    out.push(ScannedRecord { segment: *no, offset: pos as u64, record });
                     pos += len;
                     continue;
                 }
@@ -267,12 +263,8 @@ impl Log {
     /// Deletes the closed segments `done` says retention has fully consumed.
     pub fn remove_segments(&mut self, done: impl Fn(&SegmentSummary) -> bool) -> Result<u64> {
         let active = self.active.as_ref().map(|(no, _)| *no);
-        let victims: Vec<u64> = self
-            .segments
-            .iter()
-            .filter(|(&no, s)| Some(no) != active && done(&s.summary))
-            .map(|(&no, _)| no)
-            .collect();
+        let victims: Vec<u64> =
+            self.segments.iter().filter(|(&no, s)| Some(no) != active && done(&s.summary)).map(|(&no, _)| no).collect();
         let mut freed = 0;
         for no in &victims {
             if let Some(seg) = self.segments.remove(no) {
@@ -304,14 +296,7 @@ fn create_segment(dir: &Path, no: u64) -> Result<(File, Segment)> {
         .and_then(|()| file.sync_data())
         .map_err(|e| JournalError::io("writing the header of", &path, e))?;
     fsutil::sync_dir(dir)?;
-    Ok((
-        file,
-        Segment {
-            path,
-            len: format::SEGMENT_HEADER_LEN as u64,
-            summary: SegmentSummary::default(),
-        },
-    ))
+    Ok((file, Segment { path, len: format::SEGMENT_HEADER_LEN as u64, summary: SegmentSummary::default() }))
 }
 
 #[cfg(test)]

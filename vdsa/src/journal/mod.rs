@@ -23,8 +23,7 @@ mod writer;
 pub use error::{JournalError, Result};
 pub use format::MAX_CHECKPOINT_NAME;
 pub use model::{
-    BlockQuery, Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, TapWrite, WireBlock, WriteData,
-    BLOCK_SIZE,
+    BlockQuery, Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, TapWrite, WireBlock, WriteData, BLOCK_SIZE,
 };
 pub use retention::RetentionReport;
 pub use view::PitView;
@@ -242,10 +241,7 @@ impl Journal {
     }
 
     fn read_state(&self) -> Result<RwLockReadGuard<'_, State>> {
-        self.inner
-            .state
-            .read()
-            .map_err(|_| JournalError::Failed("a thread panicked while holding the journal".into()))
+        self.inner.state.read().map_err(|_| JournalError::Failed("a thread panicked while holding the journal".into()))
     }
 
     fn write_state(&self) -> Result<RwLockWriteGuard<'_, State>> {
@@ -319,9 +315,7 @@ impl Journal {
                     let path = replica_path(&dir, id);
                     let tmp = path.with_extension("seeding");
                     std::fs::copy(seed, &tmp).map_err(|e| JournalError::io("copying the seed", &tmp, e))?;
-                    File::open(&tmp)
-                        .and_then(|f| f.sync_all())
-                        .map_err(|e| JournalError::io("syncing", &tmp, e))?;
+                    File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| JournalError::io("syncing", &tmp, e))?;
                     std::fs::rename(&tmp, &path).map_err(|e| JournalError::io("renaming", &path, e))?;
                     fsutil::sync_dir(&dir.join("replica"))?;
                     open_replica(&dir, info, false)?
@@ -347,13 +341,8 @@ impl Journal {
         // Hash full blocks before taking the lock: it is most of the CPU.
         let full: Vec<&[u8]> = writes.iter().flat_map(full_blocks).collect();
         let pool = self.inner.pool.as_ref();
-        let hashes: Vec<Option<Hash>> = par_map(pool, &full, |b| {
-            if is_zero(b) {
-                None
-            } else {
-                Some(chunks::hash_block(b))
-            }
-        });
+        let hashes: Vec<Option<Hash>> =
+            par_map(pool, &full, |b| if is_zero(b) { None } else { Some(chunks::hash_block(b)) });
         self.ingest_hashed(stream, writes, &hashes, &[])
     }
 
@@ -405,7 +394,13 @@ impl Journal {
         self.ingest_hashed(stream, writes, &hashes, &held)
     }
 
-    fn ingest_hashed(&self, stream: StreamId, writes: &[TapWrite<'_>], hashes: &[Option<Hash>], held: &[bool]) -> Result<u64> {
+    fn ingest_hashed(
+        &self,
+        stream: StreamId,
+        writes: &[TapWrite<'_>],
+        hashes: &[Option<Hash>],
+        held: &[bool],
+    ) -> Result<u64> {
         let full: Vec<&[u8]> = writes.iter().flat_map(full_blocks).collect();
         let pool = self.inner.pool.as_ref();
         let level = self.inner.config.compression_level;
@@ -442,9 +437,10 @@ impl Journal {
     /// The stream's position now (last write's lsn and seq), to build a cut.
     pub fn stream_position(&self, stream: StreamId) -> Result<Option<Cut>> {
         let st = self.read_state()?;
-        Ok(st.stream_ix.get(&stream).and_then(|&s| {
-            st.stream_pos[s as usize].map(|(seq, lsn)| Cut { stream, lsn, seq })
-        }))
+        Ok(st
+            .stream_ix
+            .get(&stream)
+            .and_then(|&s| st.stream_pos[s as usize].map(|(seq, lsn)| Cut { stream, lsn, seq })))
     }
 
     /// Records a checkpoint and makes it durable: when this returns Ok, the
@@ -466,14 +462,7 @@ impl Journal {
         let cuts = st.cutset(&cp);
         let view_id = st.next_view;
         st.next_view += 1;
-        st.views.insert(
-            view_id,
-            ViewState {
-                checkpoint: cp.clone(),
-                cuts,
-                preserved: HashMap::new(),
-            },
-        );
+        st.views.insert(view_id, ViewState { checkpoint: cp.clone(), cuts, preserved: HashMap::new() });
         Ok(PitView::new(self.clone(), view_id, cp))
     }
 
@@ -547,21 +536,12 @@ fn read_meta(dir: &Path) -> Result<Meta> {
             let meta: Meta = serde_json::from_slice(&bytes)
                 .map_err(|e| JournalError::corrupt(&path, e.column() as u64, format!("journal metadata: {e}")))?;
             if meta.format != META_FORMAT {
-                return Err(JournalError::UnsupportedVersion {
-                    path,
-                    found: meta.format,
-                    supported: META_FORMAT,
-                });
+                return Err(JournalError::UnsupportedVersion { path, found: meta.format, supported: META_FORMAT });
             }
             Ok(meta)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let meta = Meta {
-                format: META_FORMAT,
-                disks: Vec::new(),
-                base: None,
-                intent: None,
-            };
+            let meta = Meta { format: META_FORMAT, disks: Vec::new(), base: None, intent: None };
             let bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
             fsutil::write_atomic(&path, &bytes)?;
             Ok(meta)
@@ -596,12 +576,7 @@ fn open_replica(dir: &Path, info: DiskInfo, create: bool) -> Result<DiskState> {
     } else if len != info.size {
         return Err(JournalError::corrupt(&path, len, format!("replica is {len} bytes, the disk {}", info.size)));
     }
-    Ok(DiskState {
-        info,
-        index: DiskIndex::default(),
-        replica: file,
-        replica_path: path,
-    })
+    Ok(DiskState { info, index: DiskIndex::default(), replica: file, replica_path: path })
 }
 
 /// The 4 KiB-aligned, whole blocks of a data write, in order.
@@ -654,7 +629,11 @@ const PARALLEL_MIN_BLOCKS: usize = 128;
 /// Maps `f` over `items`, in order. Large batches are split between the
 /// calling thread and the pool's helpers (the caller works too, rather
 /// than waiting: on two cores a waiting caller wastes one).
-fn par_map<T: Sync, R: Send>(pool: Option<&rayon::ThreadPool>, items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> Vec<R> {
+fn par_map<T: Sync, R: Send>(
+    pool: Option<&rayon::ThreadPool>,
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync + Send,
+) -> Vec<R> {
     // Handing work to another thread costs a wake-up each way (tens of us on
     // a VM): only worth it for batches of half a megabyte and more.
     let Some(pool) = pool.filter(|_| items.len() >= PARALLEL_MIN_BLOCKS) else {
@@ -708,9 +687,8 @@ impl State {
 
     /// Rebuilds index, streams and checkpoints from the scanned log.
     fn replay(&mut self, dir: &Path, records: Vec<log::ScannedRecord>) -> Result<BTreeMap<u64, SegmentSummary>> {
-        let last_commit = records
-            .iter()
-            .rposition(|r| matches!(r.record, Record::Commit { .. } | Record::Checkpoint(_)));
+        let last_commit =
+            records.iter().rposition(|r| matches!(r.record, Record::Commit { .. } | Record::Checkpoint(_)));
         let base_id = self.meta.base.as_ref().map(|b| b.id);
         let mut summaries: BTreeMap<u64, SegmentSummary> = BTreeMap::new();
         let mut missing_at = Vec::new();
@@ -823,11 +801,8 @@ impl State {
         if !self.stream_ix.contains_key(&stream) && self.streams.len() > usize::from(u16::MAX) {
             return Err(JournalError::InvalidWrite(format!("a journal holds at most {} streams", u16::MAX)));
         }
-        let mut expected = self
-            .stream_ix
-            .get(&stream)
-            .and_then(|&s| self.stream_pos[s as usize])
-            .map(|(seq, _)| seq + 1);
+        let mut expected =
+            self.stream_ix.get(&stream).and_then(|&s| self.stream_pos[s as usize]).map(|(seq, _)| seq + 1);
         for w in writes {
             let d = self.disk(w.disk)?;
             let size = self.disks[d as usize].info.size;
@@ -842,20 +817,11 @@ impl State {
                 )));
             }
             if w.offset.checked_add(len).is_none_or(|end| end > size) {
-                return Err(JournalError::OutOfRange {
-                    disk: w.disk,
-                    offset: w.offset,
-                    len,
-                    size,
-                });
+                return Err(JournalError::OutOfRange { disk: w.disk, offset: w.offset, len, size });
             }
             if let Some(exp) = expected {
                 if w.seq != exp {
-                    return Err(JournalError::SeqGap {
-                        stream,
-                        expected: exp,
-                        got: w.seq,
-                    });
+                    return Err(JournalError::SeqGap { stream, expected: exp, got: w.seq });
                 }
             }
             expected = Some(w.seq + 1);
@@ -906,7 +872,12 @@ impl State {
     /// only is here: in the chunk store, or as the block's head content at
     /// its position (captured, since the batch may overwrite it). A batch
     /// with one block not held is refused whole.
-    fn capture_held(&self, writes: &[TapWrite<'_>], hashes: &[Option<Hash>], held: &[bool]) -> Result<HashMap<Hash, Vec<u8>>> {
+    fn capture_held(
+        &self,
+        writes: &[TapWrite<'_>],
+        hashes: &[Option<Hash>],
+        held: &[bool],
+    ) -> Result<HashMap<Hash, Vec<u8>>> {
         let mut captured = HashMap::new();
         if !held.contains(&true) {
             return Ok(captured);
@@ -933,11 +904,7 @@ impl State {
                 let mut content = vec![0u8; BLOCK_SIZE];
                 self.read_head(d, first + k as u64, &mut content)?;
                 if chunks::hash_block(&content) != hash {
-                    return Err(JournalError::BlockNotHeld {
-                        disk: w.disk,
-                        block: first + k as u64,
-                        hash: hex(&hash),
-                    });
+                    return Err(JournalError::BlockNotHeld { disk: w.disk, block: first + k as u64, hash: hex(&hash) });
                 }
                 captured.insert(hash, content);
             }
@@ -1030,25 +997,14 @@ impl State {
                 };
                 let listed = op == WriteOp::Data || !whole;
                 if listed {
-                    let r = if chunk == ZERO_CHUNK {
-                        BlockRef::Zero
-                    } else {
-                        BlockRef::Chunk(self.chunks.hash_of(chunk))
-                    };
+                    let r =
+                        if chunk == ZERO_CHUNK { BlockRef::Zero } else { BlockRef::Chunk(self.chunks.hash_of(chunk)) };
                     blocks.push((block, r));
                 }
                 self.disks[d as usize].index.insert(block, lsn, Version { chunk, stream: s });
             }
-            let rec = Record::Write(WriteRecord {
-                lsn,
-                stream,
-                seq: w.seq,
-                disk: w.disk,
-                op,
-                offset: w.offset,
-                len,
-                blocks,
-            });
+            let rec =
+                Record::Write(WriteRecord { lsn, stream, seq: w.seq, disk: w.disk, op, offset: w.offset, len, blocks });
             // validate() bounded every field, so this cannot fail; if it
             // did, the batch is half applied and the journal stops.
             format::encode_record(&rec, &mut buf).map_err(JournalError::Failed)?;
@@ -1103,7 +1059,11 @@ impl State {
             )));
         }
         if spec.cuts.len() > usize::from(u16::MAX) {
-            return Err(JournalError::InvalidCheckpoint(format!("{} cuts; a journal holds at most {} streams", spec.cuts.len(), u16::MAX)));
+            return Err(JournalError::InvalidCheckpoint(format!(
+                "{} cuts; a journal holds at most {} streams",
+                spec.cuts.len(),
+                u16::MAX
+            )));
         }
         if let Some((&newest, _)) = self.checkpoints.iter().next_back() {
             if spec.id <= newest {
@@ -1114,19 +1074,11 @@ impl State {
         let mut cuts = Vec::new();
         for cut in &spec.cuts {
             if cut.lsn > self.head_lsn {
-                return Err(JournalError::BadCut {
-                    stream: cut.stream,
-                    lsn: cut.lsn,
-                    head: self.head_lsn,
-                });
+                return Err(JournalError::BadCut { stream: cut.stream, lsn: cut.lsn, head: self.head_lsn });
             }
             if let Some(prev) = previous.and_then(|p| p.cuts.iter().find(|c| c.stream == cut.stream)) {
                 if cut.lsn < prev.lsn {
-                    return Err(JournalError::CutGoesBack {
-                        stream: cut.stream,
-                        lsn: cut.lsn,
-                        previous: prev.lsn,
-                    });
+                    return Err(JournalError::CutGoesBack { stream: cut.stream, lsn: cut.lsn, previous: prev.lsn });
                 }
             }
             cuts.push(*cut);
@@ -1166,9 +1118,7 @@ impl State {
 }
 
 fn read_replica(disk: &DiskState, offset: u64, out: &mut [u8]) -> Result<()> {
-    disk.replica
-        .read_exact_at(out, offset)
-        .map_err(|e| JournalError::io("reading replica", &disk.replica_path, e))
+    disk.replica.read_exact_at(out, offset).map_err(|e| JournalError::io("reading replica", &disk.replica_path, e))
 }
 
 fn hex(bytes: &[u8]) -> String {

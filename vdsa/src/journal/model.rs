@@ -34,10 +34,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// The last lsn of `stream` this checkpoint contains.
     pub fn cut_of(&self, stream: StreamId) -> u64 {
-        self.cuts
-            .iter()
-            .find(|c| c.stream == stream)
-            .map_or(self.lsn, |c| c.lsn)
+        self.cuts.iter().find(|c| c.stream == stream).map_or(self.lsn, |c| c.lsn)
     }
 }
 
@@ -58,9 +55,13 @@ pub struct CheckpointSpec {
 pub enum WriteData<'a> {
     Data(&'a [u8]),
     /// WRITE_ZEROES: the range reads as zeros.
-    Zero { len: u64 },
+    Zero {
+        len: u64,
+    },
     /// TRIM/discard: recorded as such; the range reads as zeros.
-    Trim { len: u64 },
+    Trim {
+        len: u64,
+    },
 }
 
 impl WriteData<'_> {

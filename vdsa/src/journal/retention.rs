@@ -86,7 +86,8 @@ impl State {
             let horizon = now_ms.saturating_sub(u64::try_from(history.as_millis()).unwrap_or(u64::MAX));
             let target = self
                 .checkpoints
-                .values().rfind(|c| Some(c.id) > self.base_id() && c.source_time_ms <= horizon)
+                .values()
+                .rfind(|c| Some(c.id) > self.base_id() && c.source_time_ms <= horizon)
                 .cloned();
             if let Some(target) = target {
                 let (blocks, versions) = self.advance_base(dir, &target)?;
@@ -176,12 +177,8 @@ impl State {
         self.meta.intent = Some(target.clone());
         self.write_meta(dir)?;
         let cuts = self.cutset(target);
-        let older_views: Vec<u64> = self
-            .views
-            .iter()
-            .filter(|(_, v)| v.checkpoint.id < target.id)
-            .map(|(&k, _)| k)
-            .collect();
+        let older_views: Vec<u64> =
+            self.views.iter().filter(|(_, v)| v.checkpoint.id < target.id).map(|(&k, _)| k).collect();
         let mut scratch = vec![0u8; BLOCK_SIZE];
         let (mut blocks, mut versions) = (0, 0);
         for d in 0..self.disks.len() as u32 {
@@ -224,9 +221,7 @@ impl State {
                 blocks += 1;
             }
             let disk = &self.disks[d as usize];
-            disk.replica
-                .sync_data()
-                .map_err(|e| JournalError::io("syncing replica", &disk.replica_path, e))?;
+            disk.replica.sync_data().map_err(|e| JournalError::io("syncing replica", &disk.replica_path, e))?;
         }
         self.chunks.sync(&mut self.writer)?; // blocks preserved for views
         self.meta.base = Some(target.clone());

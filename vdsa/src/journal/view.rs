@@ -1,12 +1,12 @@
 //! A read-only view of the VPG's disks at one checkpoint.
 
-use super::error::{JournalError, Result};
 use super::chunks::ChunkId;
+use super::error::{JournalError, Result};
 use super::index::{CutSet, ZERO_CHUNK};
 use super::model::{Checkpoint, BLOCK_SIZE};
 use super::{read_replica, Journal, Source, State};
-use std::collections::HashMap;
 use protection_groups::DiskId;
+use std::collections::HashMap;
 
 /// The disks as they were at a checkpoint. Opening one copies nothing; it
 /// pins what it reads, so retention running meanwhile does not change it.
@@ -30,10 +30,7 @@ impl PitView {
     /// Reads `buf.len()` bytes of `disk` at `offset` (any alignment).
     pub fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let st = self.journal.read_state()?;
-        let view = st
-            .views
-            .get(&self.id)
-            .ok_or_else(|| JournalError::Failed("view state missing".into()))?;
+        let view = st.views.get(&self.id).ok_or_else(|| JournalError::Failed("view state missing".into()))?;
         st.read_range(disk, &view.cuts, &view.preserved, offset, buf)
     }
 

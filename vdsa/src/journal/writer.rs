@@ -67,20 +67,11 @@ impl Writer {
                 }
             })
             .map_err(|e| JournalError::Failed(format!("starting the journal writer: {e}")))?;
-        Ok(Writer {
-            tx: Some(tx),
-            progress,
-            submitted: 0,
-            thread: Some(thread),
-        })
+        Ok(Writer { tx: Some(tx), progress, submitted: 0, thread: Some(thread) })
     }
 
     fn check(&self) -> Result<u64> {
-        let st = self
-            .progress
-            .0
-            .lock()
-            .map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
+        let st = self.progress.0.lock().map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
         match &st.error {
             Some(e) => Err(JournalError::Failed(e.clone())),
             None => Ok(st.completed),
@@ -91,17 +82,9 @@ impl Writer {
     pub fn submit(&mut self, file: &Arc<File>, path: &std::path::Path, offset: u64, data: Arc<Vec<u8>>) -> Result<u64> {
         self.check()?;
         self.submitted += 1;
-        let job = Job {
-            seq: self.submitted,
-            file: file.clone(),
-            path: path.to_path_buf(),
-            offset,
-            data,
-        };
+        let job = Job { seq: self.submitted, file: file.clone(), path: path.to_path_buf(), offset, data };
         match &self.tx {
-            Some(tx) => tx
-                .send(job)
-                .map_err(|_| JournalError::Failed("the journal writer stopped".into()))?,
+            Some(tx) => tx.send(job).map_err(|_| JournalError::Failed("the journal writer stopped".into()))?,
             None => return Err(JournalError::Failed("the journal writer stopped".into())),
         }
         Ok(self.submitted)
@@ -115,13 +98,9 @@ impl Writer {
     /// Waits until everything submitted is written.
     pub fn drain(&self) -> Result<()> {
         let (lock, cv) = &*self.progress;
-        let mut st = lock
-            .lock()
-            .map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
+        let mut st = lock.lock().map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
         while st.completed < self.submitted && st.error.is_none() {
-            st = cv
-                .wait(st)
-                .map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
+            st = cv.wait(st).map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
         }
         match &st.error {
             Some(e) => Err(JournalError::Failed(e.clone())),

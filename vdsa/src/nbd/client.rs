@@ -102,13 +102,7 @@ impl NbdClient {
     fn send(&mut self, kind: u16, flags: u16, offset: u64, length: u32, data: Option<&[u8]>) -> io::Result<u64> {
         let handle = self.next_handle;
         self.next_handle += 1;
-        let req = Request {
-            flags,
-            kind,
-            handle,
-            offset,
-            length,
-        };
+        let req = Request { flags, kind, handle, offset, length };
         self.w.write_all(&req.encode())?;
         if let Some(d) = data {
             self.w.write_all(d)?;

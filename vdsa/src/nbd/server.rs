@@ -24,10 +24,7 @@ pub struct ExportError {
 
 impl ExportError {
     pub fn new(errno: u32, message: impl Into<String>) -> Self {
-        ExportError {
-            errno,
-            message: message.into(),
-        }
+        ExportError { errno, message: message.into() }
     }
 }
 
@@ -177,7 +174,8 @@ impl<R: Read, W: Write> Conn<R, W> {
         self.w.write_all(&hello)?;
         self.w.flush()?;
         let client_flags = self.read_u32()?;
-        if client_flags & CLIENT_FIXED_NEWSTYLE == 0 || client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        if client_flags & CLIENT_FIXED_NEWSTYLE == 0 || client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
+        {
             return Err(protocol(format!("unsupported client flags {client_flags:#x}")));
         }
         self.no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;

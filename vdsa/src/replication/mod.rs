@@ -10,8 +10,6 @@ pub mod throttle;
 /// Wall-clock time in ms since the Unix epoch: checkpoints carry their
 /// source time in it, and the RPO is measured against it.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or(std::time::Duration::ZERO)
-        .as_millis() as u64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or(std::time::Duration::ZERO).as_millis()
+        as u64
 }

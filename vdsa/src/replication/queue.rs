@@ -119,12 +119,8 @@ fn lock(m: &Mutex<State>) -> io::Result<MutexGuard<'_, State>> {
 
 impl SendQueue {
     pub fn new(cfg: QueueConfig) -> io::Result<SendQueue> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&cfg.spill_path)?;
+        let file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&cfg.spill_path)?;
         Ok(SendQueue {
             cfg,
             state: Mutex::new(State {
@@ -172,7 +168,9 @@ impl SendQueue {
                 }
                 Backpressure::Bitmap => {
                     if !st.needs_resync {
-                        tracing::warn!("send queue and spill file full: writes are now only marked dirty; a resync is needed");
+                        tracing::warn!(
+                            "send queue and spill file full: writes are now only marked dirty; a resync is needed"
+                        );
                     }
                     st.needs_resync = true;
                     mark_dirty(&mut st, &w);
@@ -262,11 +260,7 @@ impl SendQueue {
             self.refill(&mut st)?;
         }
         if st.sent >= st.mem.len() && !wait.is_zero() {
-            st = self
-                .changed
-                .wait_timeout(st, wait)
-                .map_err(|_| io::Error::other("send queue poisoned"))?
-                .0;
+            st = self.changed.wait_timeout(st, wait).map_err(|_| io::Error::other("send queue poisoned"))?.0;
             self.refill(&mut st)?;
         }
         let mut out = Vec::new();

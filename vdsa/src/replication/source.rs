@@ -3,20 +3,22 @@
 //! by batch: hashes first, then only the blocks the target lacks
 //! (architecture.md §2, §5).
 
-use super::queue::{Entry, Pushed, QueueConfig, QueueStats, QueuedWrite, SendQueue};
 use super::now_ms;
+use super::queue::{Entry, Pushed, QueueConfig, QueueStats, QueuedWrite, SendQueue};
 use super::throttle::Throttle;
 use crate::journal::BLOCK_SIZE;
 use crate::nbd::proto::{EIO, ENOSPC};
 use crate::nbd::server::{BlockExport, ExportError};
 use crate::tap::CheckpointBarrier;
 use crate::wire::frame::{encode_header, read_frame, write_frame, FrameError, HEADER_LEN, VERSION};
-use std::io::Write;
-use crate::wire::msg::{self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind};
+use crate::wire::msg::{
+    self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind,
+};
 use crate::wire::tls::{self, LinkWriter};
 use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId};
 use std::collections::VecDeque;
 use std::io;
+use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -108,7 +110,8 @@ impl SourceStream {
     /// Starts in sync mode: until told the tap's full sync is done,
     /// checkpoints are inconsistent.
     pub fn new(opts: SourceOptions, queue: QueueConfig) -> io::Result<Arc<SourceStream>> {
-        let covered = opts.disks.iter().map(|(_, size)| vec![0u64; (size / BLOCK_SIZE as u64).div_ceil(64) as usize]).collect();
+        let covered =
+            opts.disks.iter().map(|(_, size)| vec![0u64; (size / BLOCK_SIZE as u64).div_ceil(64) as usize]).collect();
         Ok(Arc::new(SourceStream {
             throttle: Throttle::new(opts.bandwidth),
             queue: SendQueue::new(queue)?,
@@ -197,7 +200,11 @@ impl SourceStream {
         if name.len() > crate::journal::MAX_CHECKPOINT_NAME {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("checkpoint name of {} bytes; at most {} are kept", name.len(), crate::journal::MAX_CHECKPOINT_NAME),
+                format!(
+                    "checkpoint name of {} bytes; at most {} are kept",
+                    name.len(),
+                    crate::journal::MAX_CHECKPOINT_NAME
+                ),
             ));
         }
         let next = self.next_seq.lock().map_err(|_| io::Error::other("sequencer poisoned"))?;
@@ -280,7 +287,11 @@ impl SourceStream {
                 tracing::error!("send queue: {e}");
                 return;
             }
-            backoff = if started.elapsed() > Duration::from_secs(5) { Duration::from_millis(50) } else { (backoff * 2).min(Duration::from_secs(1)) };
+            backoff = if started.elapsed() > Duration::from_secs(5) {
+                Duration::from_millis(50)
+            } else {
+                (backoff * 2).min(Duration::from_secs(1))
+            };
             std::thread::sleep(backoff);
         }
     }
@@ -341,7 +352,12 @@ impl SourceStream {
     }
 
     /// Reads needs, acks and heartbeats until the link fails.
-    fn read_replies(&self, r: &mut tls::LinkReader, base: u64, tx: &mpsc::Sender<Result<Need, LinkError>>) -> LinkError {
+    fn read_replies(
+        &self,
+        r: &mut tls::LinkReader,
+        base: u64,
+        tx: &mpsc::Sender<Result<Need, LinkError>>,
+    ) -> LinkError {
         loop {
             let f = match read_frame(r) {
                 Ok(f) => f,
@@ -362,7 +378,8 @@ impl SourceStream {
                         if a.newest_consistent_ms > 0 {
                             self.counters.newest_consistent_ms.fetch_max(a.newest_consistent_ms, Ordering::Relaxed);
                         }
-                        if let Err(e) = self.queue.acknowledge(a.durable_seq.saturating_sub(base), a.durable_checkpoint) {
+                        if let Err(e) = self.queue.acknowledge(a.durable_seq.saturating_sub(base), a.durable_checkpoint)
+                        {
                             return e.into();
                         }
                     }
@@ -380,7 +397,14 @@ impl SourceStream {
         }
     }
 
-    fn send_loop(&self, w: &mut LinkWriter, rx: &Receiver<Result<Need, LinkError>>, base: u64, skip_seq: u64, skip_cp: u64) -> Result<(), LinkError> {
+    fn send_loop(
+        &self,
+        w: &mut LinkWriter,
+        rx: &Receiver<Result<Need, LinkError>>,
+        base: u64,
+        skip_seq: u64,
+        skip_cp: u64,
+    ) -> Result<(), LinkError> {
         let hb = self.opts.heartbeat;
         let mut pending: VecDeque<PendingBatch> = VecDeque::new();
         let mut next_batch = 1u64;
@@ -391,9 +415,9 @@ impl SourceStream {
             let wait = if pending.len() >= self.opts.window { Duration::from_millis(20) } else { Duration::ZERO };
             match rx.recv_timeout(wait) {
                 Ok(Ok(need)) => {
-                    let batch = pending
-                        .pop_front()
-                        .ok_or_else(|| LinkError::Protocol(format!("need for batch {} that was not offered", need.batch)))?;
+                    let batch = pending.pop_front().ok_or_else(|| {
+                        LinkError::Protocol(format!("need for batch {} that was not offered", need.batch))
+                    })?;
                     self.send_blocks(w, batch, need, &mut compress)?;
                     last_send = Instant::now();
                     continue;
@@ -504,7 +528,13 @@ impl SourceStream {
 
     /// Sends the bytes the target lacks: partial blocks always, whole
     /// blocks as asked.
-    fn send_blocks(&self, w: &mut LinkWriter, p: PendingBatch, need: Need, compress: &mut CompressProbe) -> Result<(), LinkError> {
+    fn send_blocks(
+        &self,
+        w: &mut LinkWriter,
+        p: PendingBatch,
+        need: Need,
+        compress: &mut CompressProbe,
+    ) -> Result<(), LinkError> {
         if need.batch != p.batch || need.bits.len() != p.hashed {
             return Err(LinkError::Protocol(format!(
                 "need for batch {} with {} bits, but batch {} offered {} hashes",
@@ -613,7 +643,10 @@ pub struct SourceDisk {
 impl SourceDisk {
     fn check(&self, offset: u64, len: u64) -> Result<(), ExportError> {
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(ExportError::new(ENOSPC, format!("{len} bytes at {offset} is beyond the disk's {} bytes", self.size)));
+            return Err(ExportError::new(
+                ENOSPC,
+                format!("{len} bytes at {offset} is beyond the disk's {} bytes", self.size),
+            ));
         }
         Ok(())
     }

@@ -6,9 +6,13 @@
 
 use super::now_ms;
 use super::source::split;
-use crate::journal::{BlockQuery, CheckpointSpec, Cut, Journal, JournalConfig, JournalError, TapWrite, WireBlock, WriteData, BLOCK_SIZE};
+use crate::journal::{
+    BlockQuery, CheckpointSpec, Cut, Journal, JournalConfig, JournalError, TapWrite, WireBlock, WriteData, BLOCK_SIZE,
+};
 use crate::wire::frame::{read_frame, write_frame, FrameError, VERSION};
-use crate::wire::msg::{self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind};
+use crate::wire::msg::{
+    self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind,
+};
 use crate::wire::tls::{self, LinkWriter};
 use protection_groups::{CheckpointId, CheckpointKind, StreamId, VpgId};
 use std::borrow::Cow;
@@ -76,7 +80,10 @@ impl VpgReplica {
         std::fs::create_dir_all(&dir)?;
         let journal = Journal::open(dir.join("journal"), cfg)?;
         let epoch = match std::fs::read_to_string(dir.join("epoch")) {
-            Ok(s) => s.trim().parse().map_err(|_| LinkError::Refused(format!("{}: not an epoch number", dir.join("epoch").display())))?,
+            Ok(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| LinkError::Refused(format!("{}: not an epoch number", dir.join("epoch").display())))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e.into()),
         };
@@ -259,7 +266,14 @@ impl TargetServer {
                     let _ = write_frame(&mut *w, VERSION, msg::REFUSE, &Refuse { reason }.encode());
                 }
             }
-            Err(LinkError::Frame(e @ (FrameError::Checksum { .. } | FrameError::Version { .. } | FrameError::BadMagic(_) | FrameError::Malformed { .. } | FrameError::TooLong { .. } | FrameError::UnexpectedKind(_)))) => {
+            Err(LinkError::Frame(
+                e @ (FrameError::Checksum { .. }
+                | FrameError::Version { .. }
+                | FrameError::BadMagic(_)
+                | FrameError::Malformed { .. }
+                | FrameError::TooLong { .. }
+                | FrameError::UnexpectedKind(_)),
+            )) => {
                 let reason = format!("bad frame: {e}");
                 tracing::warn!(%peer, "refused link: {reason}");
                 if let Ok(mut w) = w.lock() {
@@ -284,7 +298,13 @@ impl TargetServer {
         }
     }
 
-    fn run_link(self: &Arc<Self>, peer: &str, r: &mut tls::LinkReader, w: &Arc<Mutex<LinkWriter>>, stop: &Arc<AtomicBool>) -> Result<(), LinkError> {
+    fn run_link(
+        self: &Arc<Self>,
+        peer: &str,
+        r: &mut tls::LinkReader,
+        w: &Arc<Mutex<LinkWriter>>,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<(), LinkError> {
         let f = read_frame(r)?;
         if f.kind != msg::HELLO {
             return Err(FrameError::UnexpectedKind(f.kind).into());
@@ -305,7 +325,10 @@ impl TargetServer {
         for (disk, size) in &hello.disks {
             match known.iter().find(|d| d.id == *disk) {
                 Some(d) if d.size != *size => {
-                    return Err(LinkError::Refused(format!("disk {} is {} bytes here, the source says {size}", disk.0, d.size)))
+                    return Err(LinkError::Refused(format!(
+                        "disk {} is {} bytes here, the source says {size}",
+                        disk.0, d.size
+                    )))
                 }
                 Some(_) => {}
                 None => replica.journal.add_disk(*disk, *size)?,
@@ -318,10 +341,7 @@ impl TargetServer {
             // Synced first: what the welcome says the target holds is durable.
             replica.journal.sync()?;
             let seq = replica.journal.stream_position(hello.stream)?.map_or(0, |c| c.seq);
-            Welcome {
-                resume_after_seq: seq,
-                last_checkpoint: replica.newest_checkpoint()?,
-            }
+            Welcome { resume_after_seq: seq, last_checkpoint: replica.newest_checkpoint()? }
         };
         send(w, msg::WELCOME, &welcome.encode())?;
         tracing::info!(%peer, site = %hello.site, vpg = %hello.vpg.0, resume_after = welcome.resume_after_seq, "link up");
@@ -445,7 +465,10 @@ impl Link {
     fn on_offer(&mut self, offer: Offer) -> Result<Need, LinkError> {
         self.check_current()?;
         if offer.epoch != self.epoch {
-            return Err(LinkError::Refused(format!("batch {} carries epoch {}, the link was opened with {}", offer.batch, offer.epoch, self.epoch)));
+            return Err(LinkError::Refused(format!(
+                "batch {} carries epoch {}, the link was opened with {}",
+                offer.batch, offer.epoch, self.epoch
+            )));
         }
         let mut queries = Vec::new();
         for item in &offer.items {
@@ -454,7 +477,12 @@ impl Link {
                 let first = w.offset / BLOCK_SIZE as u64 + u64::from(w.offset % BLOCK_SIZE as u64 != 0);
                 for (i, b) in w.blocks.iter().enumerate() {
                     if let OfferedBlock::Hash(h) = b {
-                        queries.push(BlockQuery { disk: w.disk, block: first + i as u64, hash: *h, at_position: w.sync });
+                        queries.push(BlockQuery {
+                            disk: w.disk,
+                            block: first + i as u64,
+                            hash: *h,
+                            at_position: w.sync,
+                        });
                     }
                 }
             }
@@ -477,16 +505,25 @@ impl Link {
             .pop_front()
             .ok_or_else(|| LinkError::Refused(format!("blocks for batch {} that was never offered", blocks.batch)))?;
         if offer.batch != blocks.batch {
-            return Err(LinkError::Refused(format!("blocks for batch {} arrived, batch {} was next", blocks.batch, offer.batch)));
+            return Err(LinkError::Refused(format!(
+                "blocks for batch {} arrived, batch {} was next",
+                blocks.batch, offer.batch
+            )));
         }
         let data = if blocks.compressed {
-            zstd::bulk::decompress(&blocks.data, blocks.raw_len as usize)
-                .map_err(|e| LinkError::Refused(format!("batch {}: zstd data does not decompress: {e}", blocks.batch)))?
+            zstd::bulk::decompress(&blocks.data, blocks.raw_len as usize).map_err(|e| {
+                LinkError::Refused(format!("batch {}: zstd data does not decompress: {e}", blocks.batch))
+            })?
         } else {
             blocks.data
         };
         if data.len() != blocks.raw_len as usize {
-            return Err(LinkError::Refused(format!("batch {}: {} data bytes, {} announced", blocks.batch, data.len(), blocks.raw_len)));
+            return Err(LinkError::Refused(format!(
+                "batch {}: {} data bytes, {} announced",
+                blocks.batch,
+                data.len(),
+                blocks.raw_len
+            )));
         }
         let _g = self.slot.ingest.lock().map_err(|_| io::Error::other("stream slot poisoned"))?;
         self.check_current()?;
@@ -510,7 +547,11 @@ impl Link {
         }
         self.ingest_run(&mut run)?;
         if cursor != data.len() {
-            return Err(LinkError::Refused(format!("batch {}: {} data bytes left over", offer.batch, data.len() - cursor)));
+            return Err(LinkError::Refused(format!(
+                "batch {}: {} data bytes left over",
+                offer.batch,
+                data.len() - cursor
+            )));
         }
         for item in &offer.items {
             if let OfferItem::Write(w) = item {
@@ -553,7 +594,10 @@ impl Link {
         let pos = self.replica.journal.stream_position(self.stream)?;
         let cut = pos.unwrap_or(Cut { stream: self.stream, lsn: 0, seq: 0 });
         if cut.seq != m.cut_seq {
-            return Err(LinkError::Refused(format!("checkpoint {} is cut at seq {}, but the stream is at seq {}", m.id, m.cut_seq, cut.seq)));
+            return Err(LinkError::Refused(format!(
+                "checkpoint {} is cut at seq {}, but the stream is at seq {}",
+                m.id, m.cut_seq, cut.seq
+            )));
         }
         self.last_marker.fetch_max(m.id, Ordering::Relaxed);
         if m.id <= self.replica.newest_checkpoint()? {
@@ -626,7 +670,13 @@ fn check_shape(w: &OfferedWrite) -> Result<(), LinkError> {
 /// that were sent; held blocks are left zero (the journal supplies them).
 /// When every block was sent the bytes are one piece of the batch data and
 /// are not copied.
-fn assemble<'a>(w: &OfferedWrite, data: &'a [u8], cursor: &mut usize, bits: &[bool], bit: &mut usize) -> Result<(Cow<'a, [u8]>, Vec<WireBlock>), LinkError> {
+fn assemble<'a>(
+    w: &OfferedWrite,
+    data: &'a [u8],
+    cursor: &mut usize,
+    bits: &[bool],
+    bit: &mut usize,
+) -> Result<(Cow<'a, [u8]>, Vec<WireBlock>), LinkError> {
     if w.kind != WriteKind::Data {
         return Ok((Cow::Borrowed(&[]), Vec::new()));
     }

@@ -14,10 +14,7 @@ pub struct Throttle {
 
 impl Throttle {
     pub fn new(bytes_per_sec: u64) -> Throttle {
-        Throttle {
-            rate: AtomicU64::new(bytes_per_sec),
-            bucket: Mutex::new((0.0, Instant::now())),
-        }
+        Throttle { rate: AtomicU64::new(bytes_per_sec), bucket: Mutex::new((0.0, Instant::now())) }
     }
 
     pub fn set_rate(&self, bytes_per_sec: u64) {

@@ -27,7 +27,9 @@ pub enum FrameError {
     Version { got: u16 },
     #[error("frame of kind {kind} announces {len} bytes, more than the {MAX_PAYLOAD} allowed")]
     TooLong { kind: u16, len: u32 },
-    #[error("frame of kind {kind} ({len} bytes) has checksum {got:#010x}, expected {want:#010x}: corrupted in transit")]
+    #[error(
+        "frame of kind {kind} ({len} bytes) has checksum {got:#010x}, expected {want:#010x}: corrupted in transit"
+    )]
     Checksum { kind: u16, len: u32, got: u32, want: u32 },
     #[error("malformed {what} message: {why}")]
     Malformed { what: &'static str, why: String },

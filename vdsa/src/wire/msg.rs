@@ -170,10 +170,7 @@ impl<'a> Dec<'a> {
         Dec { buf, what }
     }
     fn bad(&self, why: impl Into<String>) -> FrameError {
-        FrameError::Malformed {
-            what: self.what,
-            why: why.into(),
-        }
+        FrameError::Malformed { what: self.what, why: why.into() }
     }
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
         if self.buf.len() < n {
@@ -308,10 +305,7 @@ impl Welcome {
     }
     pub fn decode(p: &[u8]) -> Result<Self, FrameError> {
         let mut d = Dec::new(p, "welcome");
-        let w = Welcome {
-            resume_after_seq: d.u64()?,
-            last_checkpoint: d.u64()?,
-        };
+        let w = Welcome { resume_after_seq: d.u64()?, last_checkpoint: d.u64()? };
         d.end()?;
         Ok(w)
     }
@@ -471,11 +465,7 @@ impl Ack {
     }
     pub fn decode(p: &[u8]) -> Result<Self, FrameError> {
         let mut d = Dec::new(p, "ack");
-        let a = Ack {
-            durable_seq: d.u64()?,
-            durable_checkpoint: d.u64()?,
-            newest_consistent_ms: d.u64()?,
-        };
+        let a = Ack { durable_seq: d.u64()?, durable_checkpoint: d.u64()?, newest_consistent_ms: d.u64()? };
         d.end()?;
         Ok(a)
     }

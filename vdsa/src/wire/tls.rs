@@ -5,7 +5,9 @@
 //! its `peers/` folder: pairing two sites is copying each site's `ca.pem`
 //! there. A certificate signed by any other CA is refused in the handshake.
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
@@ -117,11 +119,7 @@ pub struct SiteIdentity {
 
 impl Clone for SiteIdentity {
     fn clone(&self) -> Self {
-        SiteIdentity {
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-            peers: self.peers.clone(),
-        }
+        SiteIdentity { chain: self.chain.clone(), key: self.key.clone_key(), peers: self.peers.clone() }
     }
 }
 
@@ -146,7 +144,9 @@ impl SiteIdentity {
             if path.extension().and_then(|e| e.to_str()) != Some("pem") {
                 continue;
             }
-            for cert in CertificateDer::pem_file_iter(&path).map_err(|e| CertError::Bad { path: path.clone(), why: e.to_string() })? {
+            for cert in CertificateDer::pem_file_iter(&path)
+                .map_err(|e| CertError::Bad { path: path.clone(), why: e.to_string() })?
+            {
                 let cert = cert.map_err(|e| CertError::Bad { path: path.clone(), why: e.to_string() })?;
                 peers.add(cert).map_err(|e| CertError::Bad { path: path.clone(), why: e.to_string() })?;
             }
@@ -252,8 +252,7 @@ impl Read for LinkReader {
                     let before = rest.len();
                     conn.read_tls(&mut rest)?;
                     self.start += before - rest.len();
-                    conn.process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                     continue;
                 }
             }

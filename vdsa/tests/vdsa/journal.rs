@@ -11,12 +11,7 @@ use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, JournalError, PitVie
 const DISK_SIZE: u64 = 32 * BLOCK_SIZE as u64;
 
 fn small_config() -> JournalConfig {
-    JournalConfig {
-        segment_bytes: 64 << 10,
-        pack_bytes: 64 << 10,
-        compression_level: Some(1),
-        workers: 2,
-    }
+    JournalConfig { segment_bytes: 64 << 10, pack_bytes: 64 << 10, compression_level: Some(1), workers: 2 }
 }
 
 /// Content of byte `pos` of a write with pattern `seed`: the same seed at
@@ -37,13 +32,7 @@ fn pattern(seed: u8, pos: u64) -> u8 {
 }
 
 fn spec(id: u64, time_ms: u64, kind: CheckpointKind) -> CheckpointSpec {
-    CheckpointSpec {
-        id: CheckpointId(id),
-        kind,
-        name: format!("cp{id}"),
-        source_time_ms: time_ms,
-        cuts: vec![],
-    }
+    CheckpointSpec { id: CheckpointId(id), kind, name: format!("cp{id}"), source_time_ms: time_ms, cuts: vec![] }
 }
 
 fn read_disk(view: &PitView, disk: DiskId) -> Vec<u8> {
@@ -153,7 +142,8 @@ impl Harness {
                 let kind = if named { CheckpointKind::Named } else { CheckpointKind::Automatic };
                 let id = self.next_cp;
                 self.next_cp += 1;
-                let cp = self.j().mark_checkpoint(spec(id, self.clock, kind)).unwrap_or_else(|e| panic!("checkpoint: {e}"));
+                let cp =
+                    self.j().mark_checkpoint(spec(id, self.clock, kind)).unwrap_or_else(|e| panic!("checkpoint: {e}"));
                 assert_eq!(cp.id, CheckpointId(id));
                 self.at.insert(cp.id, self.now.clone());
                 let view = self.j().open_view(cp.id).unwrap_or_else(|e| panic!("view: {e}"));
@@ -164,14 +154,16 @@ impl Harness {
             Op::Time { keep } => {
                 let policy = RetentionPolicy::Time { history: Duration::from_secs(keep) };
                 let before = self.retained();
-                let times: BTreeMap<CheckpointId, u64> = self.j().checkpoints().unwrap_or_default().into_iter().map(|c| (c.id, c.source_time_ms)).collect();
+                let times: BTreeMap<CheckpointId, u64> =
+                    self.j().checkpoints().unwrap_or_default().into_iter().map(|c| (c.id, c.source_time_ms)).collect();
                 let report = self.j().apply_retention(&policy, self.clock).unwrap_or_else(|e| panic!("retention: {e}"));
                 // The replica moves to the newest checkpoint at or before
                 // the horizon (if there is one); exactly the checkpoints
                 // older than it age out.
                 let horizon = self.clock.saturating_sub(keep * 1000);
                 let base = before.iter().rev().find(|id| times[id] <= horizon).copied();
-                let expected: Vec<CheckpointId> = before.iter().filter(|id| base.is_none_or(|b| **id >= b)).copied().collect();
+                let expected: Vec<CheckpointId> =
+                    before.iter().filter(|id| base.is_none_or(|b| **id >= b)).copied().collect();
                 let aged: Vec<CheckpointId> = before.iter().filter(|id| !expected.contains(id)).copied().collect();
                 assert_eq!(self.retained(), expected, "retained after a {keep} s time policy at {}", self.clock);
                 let mut reported = report.aged_out.clone();
@@ -204,7 +196,8 @@ impl Harness {
             Op::Restart => {
                 self.held.clear();
                 self.journal = None;
-                self.journal = Some(Journal::open(self.dir.path(), small_config()).unwrap_or_else(|e| panic!("reopen: {e}")));
+                self.journal =
+                    Some(Journal::open(self.dir.path(), small_config()).unwrap_or_else(|e| panic!("reopen: {e}")));
                 self.verify_all();
             }
             Op::HoldView { pick } => {
@@ -234,10 +227,15 @@ impl Harness {
             for (i, d) in self.disks.iter().enumerate() {
                 assert!(read_disk(&view, *d) == expected[i], "checkpoint {id} disk {i} differs from the model");
                 // Unaligned ranges too: partial edge blocks, mixed sources.
-                for (off, len) in [(1usize, 4095usize), (4000, 9000), (12_345, 70_000), (DISK_SIZE as usize - 5000, 5000)] {
+                for (off, len) in
+                    [(1usize, 4095usize), (4000, 9000), (12_345, 70_000), (DISK_SIZE as usize - 5000, 5000)]
+                {
                     let mut part = vec![0u8; len];
                     view.read(*d, off as u64, &mut part).unwrap_or_else(|e| panic!("{e}"));
-                    assert!(part[..] == expected[i][off..off + len], "checkpoint {id} disk {i} range {off}+{len} differs");
+                    assert!(
+                        part[..] == expected[i][off..off + len],
+                        "checkpoint {id} disk {i} range {off}+{len} differs"
+                    );
                 }
             }
         }
@@ -292,7 +290,9 @@ fn populated(dir: &Path) -> (DiskId, StreamId) {
 
 fn files(dir: &Path, ext: &str) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == ext)).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == ext)).collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -516,13 +516,17 @@ fn checkpoints_cut_each_stream_at_its_own_marker() {
     j.add_disk(db, 64 << 10).unwrap_or_else(|e| panic!("{e}"));
     let one = [1u8; 4096];
     let two = [2u8; 4096];
-    j.ingest(a, &[TapWrite { seq: 1, disk: da, offset: 0, data: WriteData::Data(&one) }]).unwrap_or_else(|e| panic!("{e}"));
+    j.ingest(a, &[TapWrite { seq: 1, disk: da, offset: 0, data: WriteData::Data(&one) }])
+        .unwrap_or_else(|e| panic!("{e}"));
     let cut_a = j.stream_position(a).unwrap_or_default();
-    j.ingest(a, &[TapWrite { seq: 2, disk: da, offset: 0, data: WriteData::Data(&two) }]).unwrap_or_else(|e| panic!("{e}"));
-    j.ingest(b, &[TapWrite { seq: 1, disk: db, offset: 0, data: WriteData::Data(&one) }]).unwrap_or_else(|e| panic!("{e}"));
+    j.ingest(a, &[TapWrite { seq: 2, disk: da, offset: 0, data: WriteData::Data(&two) }])
+        .unwrap_or_else(|e| panic!("{e}"));
+    j.ingest(b, &[TapWrite { seq: 1, disk: db, offset: 0, data: WriteData::Data(&one) }])
+        .unwrap_or_else(|e| panic!("{e}"));
     let cut_b = j.stream_position(b).unwrap_or_default();
     let cuts = [cut_a, cut_b].into_iter().flatten().collect();
-    j.mark_checkpoint(CheckpointSpec { cuts, ..spec(1, 1, CheckpointKind::Automatic) }).unwrap_or_else(|e| panic!("{e}"));
+    j.mark_checkpoint(CheckpointSpec { cuts, ..spec(1, 1, CheckpointKind::Automatic) })
+        .unwrap_or_else(|e| panic!("{e}"));
     let v = j.open_view(CheckpointId(1)).unwrap_or_else(|e| panic!("{e}"));
     let mut buf = [0u8; 4096];
     v.read(da, 0, &mut buf).unwrap_or_else(|e| panic!("{e}"));
@@ -533,7 +537,8 @@ fn checkpoints_cut_each_stream_at_its_own_marker() {
     // A later checkpoint contains it; retention to it keeps both right.
     j.mark_checkpoint(spec(2, 2, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
     let old = j.open_view(CheckpointId(1)).unwrap_or_else(|e| panic!("{e}"));
-    j.apply_retention(&RetentionPolicy::Time { history: Duration::from_millis(0) }, 10).unwrap_or_else(|e| panic!("{e}"));
+    j.apply_retention(&RetentionPolicy::Time { history: Duration::from_millis(0) }, 10)
+        .unwrap_or_else(|e| panic!("{e}"));
     let v2 = j.open_view(CheckpointId(2)).unwrap_or_else(|e| panic!("{e}"));
     v2.read(da, 0, &mut buf).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(buf, two);
@@ -554,7 +559,8 @@ fn opening_a_view_costs_the_same_for_a_small_and_a_huge_disk() {
     j.add_disk(huge, 1 << 40).unwrap_or_else(|e| panic!("{e}"));
     let s = StreamId::new();
     let d = [7u8; 4096];
-    j.ingest(s, &[TapWrite { seq: 1, disk: huge, offset: (1 << 40) - 4096, data: WriteData::Data(&d) }]).unwrap_or_else(|e| panic!("{e}"));
+    j.ingest(s, &[TapWrite { seq: 1, disk: huge, offset: (1 << 40) - 4096, data: WriteData::Data(&d) }])
+        .unwrap_or_else(|e| panic!("{e}"));
     j.mark_checkpoint(spec(1, 1, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
     let v = j.open_view(CheckpointId(1)).unwrap_or_else(|e| panic!("{e}"));
     let mut buf = [0u8; 4096];
@@ -564,7 +570,12 @@ fn opening_a_view_costs_the_same_for_a_small_and_a_huge_disk() {
     assert_eq!(buf, [0u8; 4096]);
     // The replica of a 1 TiB disk is a sparse file, not a terabyte.
     let used: u64 = std::fs::read_dir(dir.path().join("replica"))
-        .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.metadata().ok()).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).sum())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .sum()
+        })
         .unwrap_or(u64::MAX);
     assert!(used < 64 << 20, "replicas use {used} bytes on disk");
 }

@@ -68,7 +68,8 @@ fn a_native_tap_feeds_the_journal_and_refuses_bad_input() {
     for id in &ids {
         assert_eq!(c.ack().ok(), Some((0, *id)));
     }
-    let cp = tap.checkpoint(CheckpointId(1), "after the burst", CheckpointKind::Named).unwrap_or_else(|e| panic!("{e}"));
+    let cp =
+        tap.checkpoint(CheckpointId(1), "after the burst", CheckpointKind::Named).unwrap_or_else(|e| panic!("{e}"));
     // Beyond the end: refused, the connection stays usable.
     let id = c.send(WRITE, SIZE - 10, 100, &[7u8; 100]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.ack().ok(), Some((28, id)));

@@ -75,7 +75,10 @@ fn the_nbd_server_survives_random_and_hostile_requests() {
                     let len = rng.gen_range(1..=(SIZE - off).min(100_000));
                     let mut buf = vec![0u8; len as usize];
                     c.read(off, &mut buf).unwrap_or_else(|e| panic!("read: {e}"));
-                    assert!(buf[..] == img[off as usize..(off + len) as usize], "read {off}+{len} differs from the model");
+                    assert!(
+                        buf[..] == img[off as usize..(off + len) as usize],
+                        "read {off}+{len} differs from the model"
+                    );
                     served += 1;
                 }
                 55..=62 => {

@@ -139,7 +139,10 @@ mod journal_side {
         let h = |x: &[u8]| *blake3::hash(x).as_bytes();
         j.ingest(s, &[TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&a) }])?;
         let q = |blk: u64, hash, at_position| BlockQuery { disk, block: blk, hash, at_position };
-        assert_eq!(j.holds(&[q(9, h(&a), false), q(9, h(&b), false), q(0, h(&a), true), q(1, h(&b), true)])?, vec![true, false, true, false]);
+        assert_eq!(
+            j.holds(&[q(9, h(&a), false), q(9, h(&b), false), q(0, h(&a), true), q(1, h(&b), true)])?,
+            vec![true, false, true, false]
+        );
 
         // `b` is not here: refused whole, nothing written.
         let placeholder = vec![0u8; 8192];
@@ -168,7 +171,11 @@ mod journal_side {
             TapWrite { seq: 3, disk, offset: 8 * 4096, data: WriteData::Data(&data) },
             TapWrite { seq: 4, disk, offset: 20 * 4096, data: WriteData::Data(&placeholder[..4096]) },
         ];
-        j.ingest_wire(s, &w, &[WireBlock::Sent { hash: h(&c) }, WireBlock::Held { hash: h(&c) }, WireBlock::Held { hash: h(&c) }])?;
+        j.ingest_wire(
+            s,
+            &w,
+            &[WireBlock::Sent { hash: h(&c) }, WireBlock::Held { hash: h(&c) }, WireBlock::Held { hash: h(&c) }],
+        )?;
         let mut got = vec![0u8; 4096];
         for blk in [8u64, 9, 20] {
             j.read_head(disk, blk * 4096, &mut got)?;

@@ -20,11 +20,7 @@ struct Scripted {
 
 fn soap_method(body: &str) -> String {
     // The element after <soapenv:Body>.
-    body.split("<soapenv:Body><")
-        .nth(1)
-        .and_then(|r| r.split([' ', '>']).next())
-        .unwrap_or("?")
-        .to_string()
+    body.split("<soapenv:Body><").nth(1).and_then(|r| r.split([' ', '>']).next()).unwrap_or("?").to_string()
 }
 
 fn serve(handler: Arc<Handler>) -> Scripted {
@@ -70,11 +66,7 @@ fn connection(stream: TcpStream, handler: &Handler, rec: &Mutex<Vec<String>>) ->
         let what = if path == "/sdk" { soap_method(&body) } else { format!("UPLOAD {path} {len}") };
         rec.lock().unwrap_or_else(|p| p.into_inner()).push(what.clone());
         let (status, reply) = handler(&what, &body);
-        write!(
-            out,
-            "HTTP/1.1 {status} X\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{reply}",
-            reply.len()
-        )?;
+        write!(out, "HTTP/1.1 {status} X\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{reply}", reply.len())?;
     }
 }
 
@@ -162,15 +154,31 @@ fn a_refused_upload_aborts_the_lease_and_removes_the_half_made_vm() {
         let ok = |s: &str| (200, envelope(s));
         match what {
             "RetrieveServiceContent" => (200, SERVICE_CONTENT.to_string()),
-            "CreateImportSpec" => ok(r#"<CreateImportSpecResponse xmlns="urn:vim25"><returnval><importSpec xsi:type="VirtualMachineImportSpec"><configSpec><name>t</name><deviceChange><operation>add</operation></deviceChange></configSpec><resPoolEntity type="ResourcePool">rp-1</resPoolEntity></importSpec><fileItem><deviceId>/t/disk:0</deviceId><path>d.vmdk</path><size>10000</size><create>false</create></fileItem></returnval></CreateImportSpecResponse>"#),
-            "ImportVApp" => ok(r#"<ImportVAppResponse xmlns="urn:vim25"><returnval type="HttpNfcLease">lease-1</returnval></ImportVAppResponse>"#),
-            "RetrievePropertiesEx" => ok(r#"<RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="HttpNfcLease">lease-1</obj><propSet><name>state</name><val xsi:type="HttpNfcLeaseState">ready</val></propSet><propSet><name>info</name><val xsi:type="HttpNfcLeaseInfo"><entity type="VirtualMachine">vm-9</entity><deviceUrl><key>/vm-9/disk:0</key><importKey>/t/disk:0</importKey><url>https://*/nfc/lease-1/disk-0.vmdk</url><sslThumbprint></sslThumbprint><disk>true</disk></deviceUrl></val></propSet></objects></returnval></RetrievePropertiesExResponse>"#),
+            "CreateImportSpec" => ok(
+                r#"<CreateImportSpecResponse xmlns="urn:vim25"><returnval><importSpec xsi:type="VirtualMachineImportSpec"><configSpec><name>t</name><deviceChange><operation>add</operation></deviceChange></configSpec><resPoolEntity type="ResourcePool">rp-1</resPoolEntity></importSpec><fileItem><deviceId>/t/disk:0</deviceId><path>d.vmdk</path><size>10000</size><create>false</create></fileItem></returnval></CreateImportSpecResponse>"#,
+            ),
+            "ImportVApp" => ok(
+                r#"<ImportVAppResponse xmlns="urn:vim25"><returnval type="HttpNfcLease">lease-1</returnval></ImportVAppResponse>"#,
+            ),
+            "RetrievePropertiesEx" => ok(
+                r#"<RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="HttpNfcLease">lease-1</obj><propSet><name>state</name><val xsi:type="HttpNfcLeaseState">ready</val></propSet><propSet><name>info</name><val xsi:type="HttpNfcLeaseInfo"><entity type="VirtualMachine">vm-9</entity><deviceUrl><key>/vm-9/disk:0</key><importKey>/t/disk:0</importKey><url>https://*/nfc/lease-1/disk-0.vmdk</url><sslThumbprint></sslThumbprint><disk>true</disk></deviceUrl></val></propSet></objects></returnval></RetrievePropertiesExResponse>"#,
+            ),
             "HttpNfcLeaseProgress" => ok(r#"<HttpNfcLeaseProgressResponse xmlns="urn:vim25"/>"#),
             "HttpNfcLeaseAbort" => ok(r#"<HttpNfcLeaseAbortResponse xmlns="urn:vim25"/>"#),
             w if w.starts_with("UPLOAD ") => (507, "datastore full".into()),
             // vCenter removes the VM on abort: Destroy finds it gone.
-            "Destroy_Task" => (500, envelope(r#"<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>gone</faultstring><detail><ManagedObjectNotFoundFault xsi:type="ManagedObjectNotFound"><obj type="VirtualMachine">vm-9</obj></ManagedObjectNotFoundFault></detail></soapenv:Fault>"#)),
-            _ => (500, envelope(r#"<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>unexpected</faultstring><detail><InvalidRequestFault xsi:type="InvalidRequest"/></detail></soapenv:Fault>"#)),
+            "Destroy_Task" => (
+                500,
+                envelope(
+                    r#"<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>gone</faultstring><detail><ManagedObjectNotFoundFault xsi:type="ManagedObjectNotFound"><obj type="VirtualMachine">vm-9</obj></ManagedObjectNotFoundFault></detail></soapenv:Fault>"#,
+                ),
+            ),
+            _ => (
+                500,
+                envelope(
+                    r#"<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>unexpected</faultstring><detail><InvalidRequestFault xsi:type="InvalidRequest"/></detail></soapenv:Fault>"#,
+                ),
+            ),
         }
     });
     let server = serve(handler);
@@ -190,7 +198,10 @@ fn a_refused_upload_aborts_the_lease_and_removes_the_half_made_vm() {
     let e = client.import_ova(&ova, &target, &|_| {}).expect_err("the upload is refused");
     assert!(matches!(&e, Error::Fault { fault, .. } if fault == "HTTP 507"), "{e:?}");
     let calls = server.calls.lock().expect("calls").clone();
-    let upload = calls.iter().position(|c| c.starts_with("UPLOAD /nfc/lease-1/disk-0.vmdk 10000")).expect("uploaded to the lease URL");
+    let upload = calls
+        .iter()
+        .position(|c| c.starts_with("UPLOAD /nfc/lease-1/disk-0.vmdk 10000"))
+        .expect("uploaded to the lease URL");
     let abort = calls.iter().position(|c| c == "HttpNfcLeaseAbort").expect("aborted");
     let destroy = calls.iter().position(|c| c == "Destroy_Task").expect("removed the VM");
     assert!(upload < abort && abort < destroy, "{calls:?}");
