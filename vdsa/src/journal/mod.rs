@@ -14,8 +14,10 @@ mod error;
 mod format;
 mod fsutil;
 mod index;
+mod ingest;
 mod log;
 mod model;
+mod replay;
 mod retention;
 mod view;
 mod writer;
@@ -28,9 +30,10 @@ pub use model::{
 pub use retention::RetentionReport;
 pub use view::PitView;
 
-use chunks::{ChunkId, ChunkStore, Hash, PreparedChunk};
-use format::{BlockRef, Record, WriteOp, WriteRecord};
-use index::{CutSet, DiskIndex, Version, MISSING_CHUNK, ZERO_CHUNK};
+use chunks::{ChunkId, ChunkStore, Hash};
+use format::Record;
+use index::{CutSet, DiskIndex, ZERO_CHUNK};
+use ingest::{full_blocks, is_zero, par_map, Compression};
 use log::{Log, SegmentSummary};
 use protection_groups::{CheckpointId, DiskId, StreamId};
 use serde::{Deserialize, Serialize};
@@ -38,7 +41,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Tunables of a journal. The defaults suit a VPG of a few disks.
@@ -579,80 +582,6 @@ fn open_replica(dir: &Path, info: DiskInfo, create: bool) -> Result<DiskState> {
     Ok(DiskState { info, index: DiskIndex::default(), replica: file, replica_path: path })
 }
 
-/// The 4 KiB-aligned, whole blocks of a data write, in order.
-fn full_blocks<'a>(w: &TapWrite<'a>) -> impl Iterator<Item = &'a [u8]> {
-    let (data, skip) = match w.data {
-        WriteData::Data(d) => {
-            let skip = ((BLOCK_SIZE as u64 - w.offset % BLOCK_SIZE as u64) % BLOCK_SIZE as u64) as usize;
-            (d, skip.min(d.len()))
-        }
-        _ => (&[][..], 0),
-    };
-    data[skip..].chunks_exact(BLOCK_SIZE)
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only splits the
-        // slice at alignment boundaries.
-        unsafe { b.align_to::<u64>() }
-    };
-    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
-}
-
-/// zstd with a cheap escape for incompressible streams: after eight misses
-/// in a row it tries one block in sixteen, after 256 one in 64. The run of
-/// misses is shared by the journal's workers and outlives a batch.
-#[derive(Debug, Clone, Copy)]
-struct Compression<'a> {
-    level: Option<i32>,
-    misses: &'a AtomicU32,
-}
-
-impl Compression<'_> {
-    fn compress(&self, block: &[u8]) -> Option<Vec<u8>> {
-        let level = self.level?;
-        let m = self.misses.fetch_add(1, Ordering::Relaxed);
-        if (m >= 8 && !m.is_multiple_of(16)) || (m >= 256 && !m.is_multiple_of(64)) {
-            return None;
-        }
-        let out = chunks::compress_block(block, level);
-        if out.is_some() {
-            self.misses.store(0, Ordering::Relaxed);
-        }
-        out
-    }
-}
-
-const PARALLEL_MIN_BLOCKS: usize = 128;
-
-/// Maps `f` over `items`, in order. Large batches are split between the
-/// calling thread and the pool's helpers (the caller works too, rather
-/// than waiting: on two cores a waiting caller wastes one).
-fn par_map<T: Sync, R: Send>(
-    pool: Option<&rayon::ThreadPool>,
-    items: &[T],
-    f: impl Fn(&T) -> R + Sync + Send,
-) -> Vec<R> {
-    // Handing work to another thread costs a wake-up each way (tens of us on
-    // a VM): only worth it for batches of half a megabyte and more.
-    let Some(pool) = pool.filter(|_| items.len() >= PARALLEL_MIN_BLOCKS) else {
-        return items.iter().map(&f).collect();
-    };
-    let per = items.len().div_ceil(pool.current_num_threads() + 1);
-    let parts: Vec<&[T]> = items.chunks(per).collect();
-    let mut outs: Vec<Vec<R>> = parts.iter().map(|_| Vec::new()).collect();
-    let f = &f;
-    pool.in_place_scope(|scope| {
-        let (mine, theirs) = outs.split_at_mut(1);
-        for (part, out) in parts[1..].iter().zip(theirs.iter_mut()) {
-            scope.spawn(move |_| *out = part.iter().map(f).collect());
-        }
-        mine[0] = parts[0].iter().map(f).collect();
-    });
-    outs.into_iter().flatten().collect()
-}
-
 impl State {
     fn intern(&mut self, stream: StreamId) -> u16 {
         if let Some(&s) = self.stream_ix.get(&stream) {
@@ -685,150 +614,6 @@ impl State {
         self.disk_ix.get(&id).copied().ok_or(JournalError::UnknownDisk(id))
     }
 
-    /// Rebuilds index, streams and checkpoints from the scanned log.
-    fn replay(&mut self, dir: &Path, records: Vec<log::ScannedRecord>) -> Result<BTreeMap<u64, SegmentSummary>> {
-        let last_commit =
-            records.iter().rposition(|r| matches!(r.record, Record::Commit { .. } | Record::Checkpoint(_)));
-        let base_id = self.meta.base.as_ref().map(|b| b.id);
-        let mut summaries: BTreeMap<u64, SegmentSummary> = BTreeMap::new();
-        let mut missing_at = Vec::new();
-        for (i, rec) in records.into_iter().enumerate() {
-            let summary = summaries.entry(rec.segment).or_default();
-            match rec.record {
-                Record::Write(w) => {
-                    let s = self.intern(w.stream);
-                    summary.note(w.lsn, Some(s));
-                    let missing = w.blocks.iter().find_map(|(_, r)| match r {
-                        BlockRef::Chunk(h) if self.chunks.lookup(h).is_none() => Some(*h),
-                        _ => None,
-                    });
-                    let path = log::segment_path(&dir.join("log"), rec.segment);
-                    if missing.is_some() && last_commit.is_none_or(|c| i > c) {
-                        // Never made durable: the packs lost the tail the log
-                        // kept. Cut the log here.
-                        tracing::warn!(path = %path.display(), offset = rec.offset, "cutting log tail whose chunks were not durable");
-                        fsutil::truncate(&path, rec.offset)?;
-                        for no in fsutil::numbered_files(&dir.join("log"), "log")? {
-                            if no > rec.segment {
-                                let p = log::segment_path(&dir.join("log"), no);
-                                std::fs::remove_file(&p).map_err(|e| JournalError::io("removing", &p, e))?;
-                            }
-                        }
-                        break;
-                    }
-                    self.head_lsn = self.head_lsn.max(w.lsn);
-                    self.stream_pos[s as usize] = Some((w.seq, w.lsn));
-                    if self.base_cuts.visible(w.lsn, s) {
-                        continue; // already in the replica; its chunks may be gone
-                    }
-                    let d = self.disk_ix.get(&w.disk).copied().ok_or_else(|| {
-                        JournalError::corrupt(
-                            &path,
-                            rec.offset,
-                            format!("write record for {}, which the journal metadata does not list", w.disk),
-                        )
-                    })?;
-                    if let Some(hash) = missing {
-                        // Durable, yet its chunk is gone: legitimate only if
-                        // thinning had dropped this version; checked below.
-                        for (block, r) in &w.blocks {
-                            if matches!(r, BlockRef::Chunk(h) if self.chunks.lookup(h).is_none()) {
-                                missing_at.push((d, *block, w.lsn, path.clone(), rec.offset, hash));
-                            }
-                        }
-                    }
-                    self.index_write(d, s, &w);
-                }
-                Record::Checkpoint(cp) => {
-                    summary.note(cp.lsn, None);
-                    self.head_lsn = self.head_lsn.max(cp.lsn);
-                    if base_id.is_none_or(|b| cp.id > b) {
-                        self.checkpoints.insert(cp.id, cp);
-                    }
-                }
-                Record::Commit { lsn } => summary.note(lsn, None),
-                Record::DropCheckpoint { id } => {
-                    self.checkpoints.remove(&id);
-                }
-            }
-        }
-        // Thinning is deterministic given the retained checkpoints, and the
-        // checkpoints only shrank since it last ran: it drops again every
-        // version whose chunk it let garbage collection free.
-        self.thin_versions();
-        for (d, block, lsn, path, offset, hash) in missing_at {
-            if self.disks[d as usize].index.get(block, lsn).is_some() {
-                return Err(JournalError::MissingChunk { path, offset, hash: hex(&hash) });
-            }
-        }
-        Ok(summaries)
-    }
-
-    /// Adds a logged write's block versions to the index, with references.
-    fn index_write(&mut self, d: u32, s: u16, w: &WriteRecord) {
-        let put = |st: &mut State, block: u64, r: &BlockRef| {
-            let chunk = match r {
-                BlockRef::Zero => {
-                    st.zero_blocks += 1;
-                    ZERO_CHUNK
-                }
-                BlockRef::Chunk(h) => match st.chunks.lookup(h) {
-                    Some(id) => {
-                        st.chunks.incref(id);
-                        id
-                    }
-                    None => MISSING_CHUNK, // checked by replay
-                },
-            };
-            st.disks[d as usize].index.insert(block, w.lsn, Version { chunk, stream: s });
-        };
-        for (block, r) in &w.blocks {
-            put(self, *block, r);
-        }
-        if w.op != WriteOp::Data {
-            // Interior blocks of a zero/trim range are zero; the edges were
-            // listed above.
-            let bs = BLOCK_SIZE as u64;
-            let first = w.offset.div_ceil(bs);
-            let end = (w.offset + w.len) / bs;
-            for block in first..end {
-                put(self, block, &BlockRef::Zero);
-            }
-        }
-    }
-
-    fn validate(&self, stream: StreamId, writes: &[TapWrite<'_>]) -> Result<()> {
-        if !self.stream_ix.contains_key(&stream) && self.streams.len() > usize::from(u16::MAX) {
-            return Err(JournalError::InvalidWrite(format!("a journal holds at most {} streams", u16::MAX)));
-        }
-        let mut expected =
-            self.stream_ix.get(&stream).and_then(|&s| self.stream_pos[s as usize]).map(|(seq, _)| seq + 1);
-        for w in writes {
-            let d = self.disk(w.disk)?;
-            let size = self.disks[d as usize].info.size;
-            let len = w.data.len();
-            if len == 0 {
-                return Err(JournalError::InvalidWrite(format!("zero-length write at seq {}", w.seq)));
-            }
-            if matches!(w.data, WriteData::Data(_)) && len > MAX_DATA_WRITE {
-                return Err(JournalError::InvalidWrite(format!(
-                    "data write of {len} bytes at seq {} exceeds {MAX_DATA_WRITE}",
-                    w.seq
-                )));
-            }
-            if w.offset.checked_add(len).is_none_or(|end| end > size) {
-                return Err(JournalError::OutOfRange { disk: w.disk, offset: w.offset, len, size });
-            }
-            if let Some(exp) = expected {
-                if w.seq != exp {
-                    return Err(JournalError::SeqGap { stream, expected: exp, got: w.seq });
-                }
-            }
-            expected = Some(w.seq + 1);
-        }
-        Ok(())
-    }
-
     /// The block's content at the head of the journal, into `out`.
     fn read_head(&self, d: u32, block: u64, out: &mut [u8]) -> Result<()> {
         let disk = &self.disks[d as usize];
@@ -840,188 +625,6 @@ impl State {
             Some(v) => self.chunks.read(v.chunk, out),
             None => read_replica(disk, block * BLOCK_SIZE as u64, out),
         }
-    }
-
-    /// The chunk for a block's content, stored if new; with a reference.
-    fn store_block(&mut self, block: &[u8], hash: Option<Hash>, prepared: Option<PreparedChunk>) -> Result<ChunkId> {
-        let Some(hash) = hash else {
-            self.zero_blocks += 1;
-            return Ok(ZERO_CHUNK);
-        };
-        let id = match self.chunks.lookup(&hash) {
-            Some(id) => {
-                self.dedup_hits += 1;
-                id
-            }
-            None => {
-                let prepared = match prepared {
-                    Some(p) => p,
-                    None => PreparedChunk {
-                        hash,
-                        compressed: self.compression_level.and_then(|l| chunks::compress_block(block, l)),
-                    },
-                };
-                self.chunks.insert(block, &prepared, &mut self.writer)?
-            }
-        };
-        self.chunks.incref(id);
-        Ok(id)
-    }
-
-    /// Checks, before anything changes, that every block sent as a hash
-    /// only is here: in the chunk store, or as the block's head content at
-    /// its position (captured, since the batch may overwrite it). A batch
-    /// with one block not held is refused whole.
-    fn capture_held(
-        &self,
-        writes: &[TapWrite<'_>],
-        hashes: &[Option<Hash>],
-        held: &[bool],
-    ) -> Result<HashMap<Hash, Vec<u8>>> {
-        let mut captured = HashMap::new();
-        if !held.contains(&true) {
-            return Ok(captured);
-        }
-        let bs = BLOCK_SIZE as u64;
-        let mut i = 0usize;
-        // Blocks sent earlier in this batch are stored before a later held
-        // block with their hash is.
-        let mut sent_before = HashSet::new();
-        for w in writes {
-            let first = w.offset.div_ceil(bs);
-            for k in 0..full_blocks(w).count() {
-                let (is_held, hash) = (held.get(i).copied().unwrap_or(false), hashes.get(i).copied().flatten());
-                i += 1;
-                let Some(hash) = hash else { continue };
-                if !is_held {
-                    sent_before.insert(hash);
-                    continue;
-                }
-                if self.chunks.lookup(&hash).is_some() || captured.contains_key(&hash) || sent_before.contains(&hash) {
-                    continue;
-                }
-                let d = self.disk(w.disk)?;
-                let mut content = vec![0u8; BLOCK_SIZE];
-                self.read_head(d, first + k as u64, &mut content)?;
-                if chunks::hash_block(&content) != hash {
-                    return Err(JournalError::BlockNotHeld { disk: w.disk, block: first + k as u64, hash: hex(&hash) });
-                }
-                captured.insert(hash, content);
-            }
-        }
-        Ok(captured)
-    }
-
-    fn apply_batch(
-        &mut self,
-        stream: StreamId,
-        writes: &[TapWrite<'_>],
-        hashes: &[Option<Hash>],
-        held: &[bool],
-        captured: &HashMap<Hash, Vec<u8>>,
-        mut compressed: Vec<Option<Vec<u8>>>,
-    ) -> Result<u64> {
-        let s = self.intern(stream);
-        let bs = BLOCK_SIZE as u64;
-        let mut next_full = 0usize;
-        let mut buf = Vec::new();
-        let mut summary = SegmentSummary::default();
-        let mut scratch = vec![0u8; BLOCK_SIZE];
-        for w in writes {
-            let d = self.disk(w.disk)?;
-            let lsn = self.head_lsn + 1;
-            let len = w.data.len();
-            let (first, last) = (w.offset / bs, (w.offset + len - 1) / bs);
-            let op = match w.data {
-                WriteData::Data(_) => WriteOp::Data,
-                WriteData::Zero { .. } => WriteOp::Zero,
-                WriteData::Trim { .. } => WriteOp::Trim,
-            };
-            let mut blocks = Vec::new();
-            for block in first..=last {
-                let start = block * bs;
-                let whole = start >= w.offset && start + bs <= w.offset + len;
-                let chunk = match (w.data, whole) {
-                    (WriteData::Data(data), true) => {
-                        let from = (start - w.offset) as usize;
-                        let content = &data[from..from + BLOCK_SIZE];
-                        let h = hashes.get(next_full).copied().flatten();
-                        let is_held = held.get(next_full).copied().unwrap_or(false);
-                        let p = h.map(|hash| PreparedChunk {
-                            hash,
-                            compressed: compressed.get_mut(next_full).and_then(Option::take),
-                        });
-                        next_full += 1;
-                        match h {
-                            Some(hash) if is_held => {
-                                // capture_held vouched for it: stored, sent
-                                // earlier in the batch, or captured.
-                                let content = match (self.chunks.lookup(&hash), captured.get(&hash)) {
-                                    (Some(_), _) => content,
-                                    (None, Some(c)) => c.as_slice(),
-                                    // Not a refusal: the batch is half
-                                    // applied, so the journal stops.
-                                    (None, None) => {
-                                        return Err(JournalError::Failed(format!(
-                                            "held block {block} of {} vanished mid-batch",
-                                            w.disk
-                                        )))
-                                    }
-                                };
-                                self.store_block(content, Some(hash), None)?
-                            }
-                            _ => self.store_block(content, h, p)?,
-                        }
-                    }
-                    (_, true) => {
-                        self.zero_blocks += 1;
-                        ZERO_CHUNK
-                    }
-                    (data, false) => {
-                        // A partial block: merge onto the block's current
-                        // content, so every version is a whole block.
-                        self.read_head(d, block, &mut scratch)?;
-                        let lo = w.offset.max(start);
-                        let hi = (w.offset + len).min(start + bs);
-                        let dst = &mut scratch[(lo - start) as usize..(hi - start) as usize];
-                        match data {
-                            WriteData::Data(src) => {
-                                dst.copy_from_slice(&src[(lo - w.offset) as usize..(hi - w.offset) as usize])
-                            }
-                            _ => dst.fill(0),
-                        }
-                        let h = if is_zero(&scratch) { None } else { Some(chunks::hash_block(&scratch)) };
-                        let content = scratch.clone();
-                        self.store_block(&content, h, None)?
-                    }
-                };
-                let listed = op == WriteOp::Data || !whole;
-                if listed {
-                    let r =
-                        if chunk == ZERO_CHUNK { BlockRef::Zero } else { BlockRef::Chunk(self.chunks.hash_of(chunk)) };
-                    blocks.push((block, r));
-                }
-                self.disks[d as usize].index.insert(block, lsn, Version { chunk, stream: s });
-            }
-            let rec =
-                Record::Write(WriteRecord { lsn, stream, seq: w.seq, disk: w.disk, op, offset: w.offset, len, blocks });
-            // validate() bounded every field, so this cannot fail; if it
-            // did, the batch is half applied and the journal stops.
-            format::encode_record(&rec, &mut buf).map_err(JournalError::Failed)?;
-            summary.note(lsn, Some(s));
-            self.head_lsn = lsn;
-            self.stream_pos[s as usize] = Some((w.seq, lsn));
-        }
-        // Small batches (a tap's single writes) accumulate in memory and go
-        // to the writer together: one hand-off per quarter megabyte rather
-        // than per write. Chunks go before the records naming them, so the
-        // page cache never holds a record without its data.
-        self.log.append(&buf, &summary);
-        if self.chunks.pending_len() + self.log.pending_len() >= HANDOFF_BYTES {
-            self.chunks.flush_pending(&mut self.writer)?;
-            self.log.flush(&mut self.writer)?;
-        }
-        Ok(self.head_lsn)
     }
 
     fn sync(&mut self) -> Result<u64> {
