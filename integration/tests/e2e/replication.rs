@@ -19,6 +19,7 @@ pub fn ok<T>(r: anyhow::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+use crate::SmallDisk;
 use integration::two_sites::disk_id;
 
 /// A guest write straight into the source VDSA's tap (NBD), as a
@@ -515,31 +516,6 @@ fn a_checkpoint_across_two_hosts_waits_for_both_markers() {
         verify_checkpoints(&tspec.journal_dir("vpg1"), &["vm1".to_string(), "vm2".to_string()], &expected, &[]),
         6
     );
-}
-
-/// Unmounts a small tmpfs when dropped.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(path: &Path, size: &str) -> SmallDisk {
-        ok(std::fs::create_dir_all(path).map_err(Into::into));
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .status();
-        assert!(
-            st.is_ok_and(|s| s.success()),
-            "mounting a {size} tmpfs at {} (the test suite runs as root)",
-            path.display()
-        );
-        SmallDisk(path.to_path_buf())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 /// The recovery site's disk fills up: the target stops that VPG's journal
