@@ -64,9 +64,23 @@ struct Model {
     durable: HashMap<u64, u64>,
 }
 
-/// Runs `cuts` power cuts with `seed`; `dir` holds the guest's disk, its
-/// consoles and the kit's images.
-pub fn run(dir: &Path, cuts: u64, seed: u64, vdsa: &Path) -> Result<PowerLossReport> {
+/// How to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PowerLossOptions {
+    pub cuts: u64,
+    pub seed: u64,
+    /// The control run: the VDSA acknowledges FLUSH and FUA without making
+    /// anything durable (and takes no automatic checkpoints, which would),
+    /// and every cut comes while the host writes. The checker must then
+    /// find acknowledged writes missing.
+    pub control: bool,
+}
+
+/// Runs the power cuts; `dir` holds the guest's disk, its consoles and the
+/// kit's images.
+pub fn run(dir: &Path, opts: PowerLossOptions, vdsa: &Path) -> Result<PowerLossReport> {
+    let PowerLossOptions { cuts, seed, control } = opts;
+    let durability = if control { "--unsafe-no-durability" } else { "--checkpoint-interval-ms 300" };
     let kit = GuestKit::prepare()?;
     let initramfs = dir.join("vdsa-guest.cpio");
     kit.build_initramfs(
@@ -79,7 +93,7 @@ pub fn run(dir: &Path, cuts: u64, seed: u64, vdsa: &Path) -> Result<PowerLossRep
                  echo GUEST: booted\n\
                  /usr/bin/vdsa tap-serve --journal /data/journal --disk d0={DISK_BYTES} \
                  --listen tcp:0.0.0.0:{GUEST_PORT} --control /run/ctl.sock \
-                 --checkpoint-interval-ms 300 --segment-bytes 64K --pack-bytes 64K > /dev/console 2>&1\n\
+                 {durability} --segment-bytes 64K --pack-bytes 64K > /dev/console 2>&1\n\
                  echo \"GUEST: vdsa exited with $?\""
             ),
         },
@@ -108,7 +122,7 @@ pub fn run(dir: &Path, cuts: u64, seed: u64, vdsa: &Path) -> Result<PowerLossRep
         let mut guest = kit.boot(&config)?;
         // About one cut in four comes while the VDSA starts: creating its
         // journal on the first boot, opening it after a cut later.
-        if round < cuts && rng.gen_bool(0.25) {
+        if round < cuts && !control && rng.gen_bool(0.25) {
             guest.wait_for("GUEST: booted", Duration::from_secs(120))?;
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..400)));
             guest.power_cut();

@@ -124,7 +124,8 @@ fn power_loss(cuts: u64, seed: Option<u64>) -> Result<()> {
     let vdsa = integration::vsphere_lab::workspace_binary("vdsa", "vdsa")?;
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
-    let r = integration::power_loss::run(dir.path(), cuts, seed, &vdsa)?;
+    let opts = integration::power_loss::PowerLossOptions { cuts, seed, control: false };
+    let r = integration::power_loss::run(dir.path(), opts, &vdsa)?;
     println!(
         "power loss: {} cuts ({} while the VDSA started), {} writes acknowledged ({} FUA), {} flushes, {} blocks verified, every restart succeeded, in {:.0} s",
         r.cuts,

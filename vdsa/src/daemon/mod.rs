@@ -13,7 +13,7 @@
 pub mod control;
 
 use crate::journal::{Journal, JournalConfig};
-use crate::nbd::server::{serve, Ending, Exports};
+use crate::nbd::server::{serve, BlockExport, Ending, ExportError, Exports};
 use crate::tap::{TapDisk, TapStream};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -55,6 +55,11 @@ enum Command {
         /// A chunk pack is closed at this size (at least 64K).
         #[arg(long, default_value = "256M")]
         pack_bytes: String,
+        /// For control runs of durability checkers only: FLUSH and FUA are
+        /// acknowledged without making anything durable, so a checker can
+        /// show that it catches the loss.
+        #[arg(long, hide = true)]
+        unsafe_no_durability: bool,
     },
     /// Source side of replication: serve taps for the disks of one VPG
     /// stream and replicate their writes to a target VDSA.
@@ -200,13 +205,21 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
         .try_init();
     let cli = Cli::parse_from(args);
     match cli.command {
-        Command::TapServe { journal, taps, stream, checkpoint_interval_ms, segment_bytes, pack_bytes } => {
+        Command::TapServe {
+            journal,
+            taps,
+            stream,
+            checkpoint_interval_ms,
+            segment_bytes,
+            pack_bytes,
+            unsafe_no_durability,
+        } => {
             let config = JournalConfig {
                 segment_bytes: parse_size(&segment_bytes)?,
                 pack_bytes: parse_size(&pack_bytes)?,
                 ..JournalConfig::default()
             };
-            tap_serve(journal, config, taps, stream, checkpoint_interval_ms)
+            tap_serve(journal, config, taps, stream, checkpoint_interval_ms, unsafe_no_durability)
         }
         Command::Source(a) => source(*a),
         Command::Target(a) => target(a),
@@ -224,7 +237,14 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
     }
 }
 
-fn tap_serve(dir: PathBuf, config: JournalConfig, taps: TapArgs, stream: String, interval_ms: u64) -> Result<()> {
+fn tap_serve(
+    dir: PathBuf,
+    config: JournalConfig,
+    taps: TapArgs,
+    stream: String,
+    interval_ms: u64,
+    no_durability: bool,
+) -> Result<()> {
     // Everything the command line says is checked before anything is
     // created or taken over.
     let disks: Vec<(String, DiskId, u64)> = taps.disk.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?;
@@ -243,7 +263,13 @@ fn tap_serve(dir: PathBuf, config: JournalConfig, taps: TapArgs, stream: String,
             Some(_) => {}
             None => journal.add_disk(id, size)?,
         }
-        exports.insert(name, Arc::new(TapDisk { stream: tap.clone(), disk: id, size }));
+        let disk = Arc::new(TapDisk { stream: tap.clone(), disk: id, size });
+        if no_durability {
+            tracing::warn!(disk = %name, "control run: FLUSH and FUA make nothing durable");
+            exports.insert(name, Arc::new(NoDurability(disk)));
+        } else {
+            exports.insert(name, disk);
+        }
     }
     serve_taps(listeners, claims, Arc::new(exports))?;
     let control_lock = Arc::new(Mutex::new(()));
@@ -259,6 +285,32 @@ fn tap_serve(dir: PathBuf, config: JournalConfig, taps: TapArgs, stream: String,
     }
     let tap2 = tap.clone();
     serve_control(control, control_lock, move |req| handle(req, &tap2))
+}
+
+/// A tap disk whose FLUSH (and so FUA) makes nothing durable: only for the
+/// control runs that show a durability checker catches the loss.
+#[derive(Debug)]
+struct NoDurability(Arc<TapDisk>);
+
+impl BlockExport for NoDurability {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        self.0.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), ExportError> {
+        self.0.write(offset, data)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.0.write_zeroes(offset, len)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.0.trim(offset, len)
+    }
+    fn flush(&self) -> Result<(), ExportError> {
+        Ok(())
+    }
 }
 
 /// Says at start when the journal's disk has no room left: the VDSA still
