@@ -19,6 +19,19 @@ pub use status::{IllegalTransition, VpgStatus};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// What a guest write did to its range. One vocabulary for the tap, the
+/// journal's log, the wire and the send queue; each format has its own
+/// byte code for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WriteKind {
+    /// New bytes for the range.
+    Data,
+    /// WRITE_ZEROES: the range reads as zeros.
+    Zero,
+    /// TRIM/discard: recorded as such; the range reads as zeros.
+    Trim,
+}
+
 /// What kind of recovery point a checkpoint is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CheckpointKind {

@@ -3,7 +3,7 @@
 //! only then acknowledged, unless a checkpoint barrier holds
 //! acknowledgements (architecture.md §3).
 
-use crate::journal::{Checkpoint, CheckpointSpec, Cut, Journal, JournalError, TapWrite, WriteData};
+use crate::journal::{Checkpoint, CheckpointSpec, Cut, Journal, JournalError, StreamPosition, TapWrite, WriteData};
 use crate::nbd::proto::{EINVAL, EIO, ENOSPC};
 use crate::nbd::server::{BlockExport, ExportError};
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
@@ -23,14 +23,14 @@ pub struct CheckpointBarrier {
 #[derive(Debug, Default)]
 struct BarrierState {
     held: bool,
-    /// The last write acknowledged to the tap: (lsn, seq).
-    acked: (u64, u64),
+    /// The last write acknowledged to the tap.
+    acked: StreamPosition,
 }
 
 impl CheckpointBarrier {
     /// Starts with `acked` as the last acknowledged write (after a restart:
     /// the journal's stream position).
-    pub fn new(acked: (u64, u64)) -> Self {
+    pub fn new(acked: StreamPosition) -> Self {
         CheckpointBarrier { state: Mutex::new(BarrierState { held: false, acked }), released: Condvar::new() }
     }
 
@@ -38,20 +38,20 @@ impl CheckpointBarrier {
     /// acknowledged. Call just before replying to the tap. A poisoned
     /// barrier (a thread panicked holding it) refuses: no write is
     /// acknowledged past a barrier that may be held (fail stop).
-    pub fn acknowledge(&self, lsn: u64, seq: u64) -> Result<(), BarrierPoisoned> {
+    pub fn acknowledge(&self, written: StreamPosition) -> Result<(), BarrierPoisoned> {
         let mut st = self.state.lock().map_err(|_| BarrierPoisoned)?;
         while st.held {
             st = self.released.wait(st).map_err(|_| BarrierPoisoned)?;
         }
-        if lsn > st.acked.0 {
-            st.acked = (lsn, seq);
+        if written.seq > st.acked.seq {
+            st.acked = written;
         }
         Ok(())
     }
 
     /// PREPARE: stop acknowledging; returns the last acknowledged write,
     /// where the marker goes.
-    pub fn prepare(&self) -> Result<(u64, u64), BarrierPoisoned> {
+    pub fn prepare(&self) -> Result<StreamPosition, BarrierPoisoned> {
         let mut st = self.state.lock().map_err(|_| BarrierPoisoned)?;
         st.held = true;
         Ok(st.acked)
@@ -88,13 +88,12 @@ pub struct TapStream {
 
 impl TapStream {
     pub fn new(journal: Journal, stream: StreamId) -> Result<Arc<TapStream>, JournalError> {
-        let pos = journal.stream_position(stream)?;
-        let (lsn, seq) = pos.map_or((0, 0), |c| (c.lsn, c.seq));
+        let pos = journal.stream_position(stream)?.map(|c| c.position()).unwrap_or_default();
         Ok(Arc::new(TapStream {
             journal,
             stream,
-            next_seq: Mutex::new(seq + 1),
-            barrier: CheckpointBarrier::new((lsn, seq)),
+            next_seq: Mutex::new(pos.seq + 1),
+            barrier: CheckpointBarrier::new(pos),
             syncing: AtomicBool::new(true),
         }))
     }
@@ -117,21 +116,21 @@ impl TapStream {
     }
 
     fn put(&self, disk: DiskId, offset: u64, data: WriteData<'_>) -> Result<(), ExportError> {
-        let (lsn, seq) = {
+        let written = {
             let mut next = self.next_seq.lock().map_err(|_| ExportError::new(EIO, "sequencer poisoned"))?;
             let seq = *next;
             let w = TapWrite { seq, disk, offset, data };
             let lsn = self.journal.ingest(self.stream, &[w]).map_err(to_export_error)?;
             *next += 1;
-            (lsn, seq)
+            StreamPosition { lsn, seq }
         };
-        self.barrier.acknowledge(lsn, seq).map_err(|e| ExportError::new(EIO, e.to_string()))
+        self.barrier.acknowledge(written).map_err(|e| ExportError::new(EIO, e.to_string()))
     }
 
     /// Inserts a checkpoint: holds acknowledgements, cuts the stream after
     /// the last acknowledged write, makes the checkpoint durable, releases.
     pub fn checkpoint(&self, id: CheckpointId, name: &str, kind: CheckpointKind) -> Result<Checkpoint, JournalError> {
-        let (lsn, seq) = self.barrier.prepare().map_err(|e| JournalError::Failed(e.to_string()))?;
+        let acked = self.barrier.prepare().map_err(|e| JournalError::Failed(e.to_string()))?;
         let kind = if self.is_syncing() { CheckpointKind::Inconsistent } else { kind };
         let source_time_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64;
         let r = self.journal.mark_checkpoint(CheckpointSpec {
@@ -139,7 +138,7 @@ impl TapStream {
             kind,
             name: name.to_string(),
             source_time_ms,
-            cuts: vec![Cut { stream: self.stream, lsn, seq }],
+            cuts: vec![Cut { stream: self.stream, lsn: acked.lsn, seq: acked.seq }],
         });
         self.barrier.release();
         r

@@ -7,7 +7,7 @@
 //! second magic.
 
 use super::model::{Checkpoint, Cut};
-use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
+use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId, WriteKind};
 
 pub const FORMAT_VERSION: u8 = 1;
 
@@ -30,14 +30,6 @@ pub const TYPE_CHECKPOINT: u8 = 2;
 pub const TYPE_COMMIT: u8 = 3;
 pub const TYPE_DROP_CHECKPOINT: u8 = 4;
 
-/// What a guest write did to its range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteOp {
-    Data = 0,
-    Zero = 1,
-    Trim = 2,
-}
-
 /// A block's content as a record names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockRef {
@@ -54,7 +46,7 @@ pub struct WriteRecord {
     pub stream: StreamId,
     pub seq: u64,
     pub disk: DiskId,
-    pub op: WriteOp,
+    pub kind: WriteKind,
     pub offset: u64,
     pub len: u64,
     pub blocks: Vec<(u64, BlockRef)>,
@@ -174,7 +166,7 @@ fn encode_payload(record: &Record, out: &mut Vec<u8>) {
             out.extend_from_slice(w.stream.as_bytes());
             out.extend_from_slice(&w.seq.to_le_bytes());
             out.extend_from_slice(w.disk.as_bytes());
-            out.push(w.op as u8);
+            out.push(write_kind_code(w.kind));
             out.extend_from_slice(&w.offset.to_le_bytes());
             out.extend_from_slice(&w.len.to_le_bytes());
             out.extend_from_slice(&(w.blocks.len() as u32).to_le_bytes());
@@ -206,6 +198,15 @@ fn encode_payload(record: &Record, out: &mut Vec<u8>) {
         }
         Record::Commit { lsn } => out.extend_from_slice(&lsn.to_le_bytes()),
         Record::DropCheckpoint { id } => out.extend_from_slice(&id.0.to_le_bytes()),
+    }
+}
+
+/// A write kind's code in the log (docs/journal-format.md).
+fn write_kind_code(kind: WriteKind) -> u8 {
+    match kind {
+        WriteKind::Data => 0,
+        WriteKind::Zero => 1,
+        WriteKind::Trim => 2,
     }
 }
 
@@ -321,11 +322,11 @@ pub fn decode_payload(kind: u8, payload: &[u8]) -> Result<Record, String> {
             let stream = StreamId::from_bytes(r.id16()?);
             let seq = r.u64()?;
             let disk = DiskId::from_bytes(r.id16()?);
-            let op = match r.u8()? {
-                0 => WriteOp::Data,
-                1 => WriteOp::Zero,
-                2 => WriteOp::Trim,
-                other => return Err(format!("unknown write op {other}")),
+            let kind = match r.u8()? {
+                0 => WriteKind::Data,
+                1 => WriteKind::Zero,
+                2 => WriteKind::Trim,
+                other => return Err(format!("unknown write kind {other}")),
             };
             let offset = r.u64()?;
             let len = r.u64()?;
@@ -347,7 +348,7 @@ pub fn decode_payload(kind: u8, payload: &[u8]) -> Result<Record, String> {
                 };
                 blocks.push((block, r));
             }
-            Record::Write(WriteRecord { lsn, stream, seq, disk, op, offset, len, blocks })
+            Record::Write(WriteRecord { lsn, stream, seq, disk, kind, offset, len, blocks })
         }
         TYPE_CHECKPOINT => {
             let lsn = r.u64()?;
@@ -385,7 +386,7 @@ mod tests {
                 stream: StreamId::new(),
                 seq: 3,
                 disk: DiskId::new(),
-                op: WriteOp::Data,
+                kind: WriteKind::Data,
                 offset: 4096 + 17,
                 len: 9000,
                 blocks: vec![(1, BlockRef::Chunk([9; 32])), (2, BlockRef::Zero), (3, BlockRef::Chunk([1; 32]))],

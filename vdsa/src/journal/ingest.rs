@@ -4,11 +4,14 @@
 //! the write records handed to the log after their chunks.
 
 use super::chunks::{self, ChunkId, Hash, PreparedChunk};
-use super::format::{self, BlockRef, Record, WriteOp, WriteRecord};
+use super::format::{self, BlockRef, Record, WriteRecord};
 use super::index::{Version, ZERO_CHUNK};
 use super::log::SegmentSummary;
-use super::{hex, JournalError, Result, State, TapWrite, WriteData, BLOCK_SIZE, HANDOFF_BYTES, MAX_DATA_WRITE};
+use super::{
+    hex, JournalError, Result, State, StreamPosition, TapWrite, WriteData, BLOCK_SIZE, HANDOFF_BYTES, MAX_DATA_WRITE,
+};
 use protection_groups::StreamId;
+use protection_groups::WriteKind;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -91,8 +94,7 @@ impl State {
         if !self.stream_ix.contains_key(&stream) && self.streams.len() > usize::from(u16::MAX) {
             return Err(JournalError::InvalidWrite(format!("a journal holds at most {} streams", u16::MAX)));
         }
-        let mut expected =
-            self.stream_ix.get(&stream).and_then(|&s| self.stream_pos[s as usize]).map(|(seq, _)| seq + 1);
+        let mut expected = self.stream_ix.get(&stream).and_then(|&s| self.stream_pos[s as usize]).map(|p| p.seq + 1);
         for w in writes {
             let d = self.disk(w.disk)?;
             let size = self.disks[d as usize].info.size;
@@ -214,11 +216,7 @@ impl State {
             let lsn = self.head_lsn + 1;
             let len = w.data.len();
             let (first, last) = (w.offset / bs, (w.offset + len - 1) / bs);
-            let op = match w.data {
-                WriteData::Data(_) => WriteOp::Data,
-                WriteData::Zero { .. } => WriteOp::Zero,
-                WriteData::Trim { .. } => WriteOp::Trim,
-            };
+            let kind = w.data.kind();
             let mut blocks = Vec::new();
             for block in first..=last {
                 let start = block * bs;
@@ -277,7 +275,7 @@ impl State {
                         self.store_block(&content, h, None)?
                     }
                 };
-                let listed = op == WriteOp::Data || !whole;
+                let listed = kind == WriteKind::Data || !whole;
                 if listed {
                     let r =
                         if chunk == ZERO_CHUNK { BlockRef::Zero } else { BlockRef::Chunk(self.chunks.hash_of(chunk)) };
@@ -285,14 +283,22 @@ impl State {
                 }
                 self.disks[d as usize].index.insert(block, lsn, Version { chunk, stream: s });
             }
-            let rec =
-                Record::Write(WriteRecord { lsn, stream, seq: w.seq, disk: w.disk, op, offset: w.offset, len, blocks });
+            let rec = Record::Write(WriteRecord {
+                lsn,
+                stream,
+                seq: w.seq,
+                disk: w.disk,
+                kind,
+                offset: w.offset,
+                len,
+                blocks,
+            });
             // validate() bounded every field, so this cannot fail; if it
             // did, the batch is half applied and the journal stops.
             format::encode_record(&rec, &mut buf).map_err(JournalError::Failed)?;
             summary.note(lsn, Some(s));
             self.head_lsn = lsn;
-            self.stream_pos[s as usize] = Some((w.seq, lsn));
+            self.stream_pos[s as usize] = Some(StreamPosition { lsn, seq: w.seq });
         }
         // Small batches (a tap's single writes) accumulate in memory and go
         // to the writer together: one hand-off per quarter megabyte rather

@@ -302,7 +302,8 @@ fn create_segment(dir: &Path, no: u64) -> Result<(File, Segment)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::format::{encode_record, WriteOp, WriteRecord};
+    use crate::journal::format::{encode_record, WriteRecord};
+    use protection_groups::WriteKind;
     use protection_groups::{DiskId, StreamId};
 
     fn write(lsn: u64) -> Record {
@@ -311,7 +312,7 @@ mod tests {
             stream: StreamId::from_bytes([1; 16]),
             seq: lsn,
             disk: DiskId::from_bytes([2; 16]),
-            op: WriteOp::Zero,
+            kind: WriteKind::Zero,
             offset: 0,
             len: 4096,
             blocks: Vec::new(),

@@ -25,7 +25,8 @@ mod writer;
 pub use error::{JournalError, Result};
 pub use format::MAX_CHECKPOINT_NAME;
 pub use model::{
-    BlockQuery, Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, TapWrite, WireBlock, WriteData, BLOCK_SIZE,
+    BlockQuery, Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, StreamPosition, TapWrite, WireBlock,
+    WriteData, BLOCK_SIZE,
 };
 pub use retention::RetentionReport;
 pub use view::PitView;
@@ -122,8 +123,8 @@ struct State {
     disk_ix: HashMap<DiskId, u32>,
     streams: Vec<StreamId>,
     stream_ix: HashMap<StreamId, u16>,
-    /// Per interned stream: (last seq, its lsn).
-    stream_pos: Vec<Option<(u64, u64)>>,
+    /// Per interned stream: where its last write stands.
+    stream_pos: Vec<Option<StreamPosition>>,
     chunks: ChunkStore,
     log: Log,
     /// Writes packs and log on its own thread (declared after them, so it
@@ -207,7 +208,7 @@ impl Journal {
         if let Some(base) = st.meta.base.clone() {
             for cut in &base.cuts {
                 let s = st.intern(cut.stream);
-                st.stream_pos[s as usize] = Some((cut.seq, cut.lsn));
+                st.stream_pos[s as usize] = Some(cut.position());
             }
             st.head_lsn = base.lsn;
             st.base_cuts = st.cutset(&base);
@@ -443,7 +444,7 @@ impl Journal {
         Ok(st
             .stream_ix
             .get(&stream)
-            .and_then(|&s| st.stream_pos[s as usize].map(|(seq, lsn)| Cut { stream, lsn, seq })))
+            .and_then(|&s| st.stream_pos[s as usize].map(|p| Cut { stream, lsn: p.lsn, seq: p.seq })))
     }
 
     /// Records a checkpoint and makes it durable: when this returns Ok, the
@@ -690,7 +691,9 @@ impl State {
         // the checkpoint records every stream's position (kept in the base
         // after retention has deleted the stream's records).
         for (ix, stream) in self.streams.iter().enumerate() {
-            if let (Some((seq, lsn)), false) = (self.stream_pos[ix], cuts.iter().any(|c| c.stream == *stream)) {
+            if let (Some(StreamPosition { lsn, seq }), false) =
+                (self.stream_pos[ix], cuts.iter().any(|c| c.stream == *stream))
+            {
                 cuts.push(Cut { stream: *stream, lsn, seq });
             }
         }

@@ -1,10 +1,18 @@
 //! Values the journal API hands out and takes in.
 
-use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
+use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId, WriteKind};
 use serde::{Deserialize, Serialize};
 
 /// The journal's block size: dedup, index and replica all work in 4 KiB.
 pub const BLOCK_SIZE: usize = 4096;
+
+/// Where a stream stands: its last write's position in the journal (lsn)
+/// and in the stream (seq). Both grow with every write of the stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPosition {
+    pub lsn: u64,
+    pub seq: u64,
+}
 
 /// A stream's position at a checkpoint: its writes up to `lsn` (the last
 /// being `seq`) are in the checkpoint, later ones are not.
@@ -29,6 +37,12 @@ pub struct Checkpoint {
     /// Position of the checkpoint record in the journal.
     pub lsn: u64,
     pub cuts: Vec<Cut>,
+}
+
+impl Cut {
+    pub fn position(&self) -> StreamPosition {
+        StreamPosition { lsn: self.lsn, seq: self.seq }
+    }
 }
 
 impl Checkpoint {
@@ -65,6 +79,14 @@ pub enum WriteData<'a> {
 }
 
 impl WriteData<'_> {
+    pub fn kind(&self) -> WriteKind {
+        match self {
+            WriteData::Data(_) => WriteKind::Data,
+            WriteData::Zero { .. } => WriteKind::Zero,
+            WriteData::Trim { .. } => WriteKind::Trim,
+        }
+    }
+
     pub fn len(&self) -> u64 {
         match self {
             WriteData::Data(d) => d.len() as u64,

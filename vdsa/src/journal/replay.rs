@@ -3,10 +3,11 @@
 //! write never made durable from a chunk that was lost (journal-format.md,
 //! "Recovery").
 
-use super::format::{BlockRef, Record, WriteOp, WriteRecord};
+use super::format::{BlockRef, Record, WriteRecord};
 use super::index::{Version, MISSING_CHUNK, ZERO_CHUNK};
 use super::log::{self, SegmentSummary};
-use super::{fsutil, hex, JournalError, Result, State, BLOCK_SIZE};
+use super::{fsutil, hex, JournalError, Result, State, StreamPosition, BLOCK_SIZE};
+use protection_groups::WriteKind;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -47,7 +48,7 @@ impl State {
                         break;
                     }
                     self.head_lsn = self.head_lsn.max(w.lsn);
-                    self.stream_pos[s as usize] = Some((w.seq, w.lsn));
+                    self.stream_pos[s as usize] = Some(StreamPosition { lsn: w.lsn, seq: w.seq });
                     if self.base_cuts.visible(w.lsn, s) {
                         continue; // already in the replica; its chunks may be gone
                     }
@@ -115,7 +116,7 @@ impl State {
         for (block, r) in &w.blocks {
             put(self, *block, r);
         }
-        if w.op != WriteOp::Data {
+        if w.kind != WriteKind::Data {
             // Interior blocks of a zero/trim range are zero; the edges were
             // listed above.
             let bs = BLOCK_SIZE as u64;

@@ -7,6 +7,28 @@ pub mod source;
 pub mod target;
 pub mod throttle;
 
+use crate::journal::JournalError;
+use crate::wire::frame::FrameError;
+
+/// Why a replication link ended, on either side. The link is then redialed
+/// (source) or dropped (target); `Refused` carries the reason the peer is,
+/// or was, told.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("a newer link of the same stream took over")]
+    Superseded,
+}
+
 /// Wall-clock time in ms since the Unix epoch: checkpoints carry their
 /// source time in it, and the RPO is measured against it.
 pub fn now_ms() -> u64 {

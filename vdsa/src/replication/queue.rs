@@ -5,7 +5,7 @@
 //! the stream needs a resync.
 
 use crate::journal::BLOCK_SIZE;
-use crate::wire::msg::{kind_code, kind_from_code, Marker, WriteKind};
+use crate::wire::msg::{kind_code, kind_from_code, write_kind_code, write_kind_from_code, Marker, StreamWrite};
 use protection_groups::{CheckpointKind, DiskId};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::File;
@@ -25,15 +25,11 @@ pub enum Backpressure {
     Bitmap,
 }
 
-/// One write of the stream, numbered by the local sequencer.
+/// One write of the stream with its bytes, numbered by the local
+/// sequencer (its seq counts from the queue's base).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedWrite {
-    pub seq: u64,
-    pub disk: DiskId,
-    pub offset: u64,
-    pub len: u64,
-    pub kind: WriteKind,
-    pub sync: bool,
+    pub write: StreamWrite,
     pub data: Arc<Vec<u8>>,
 }
 
@@ -143,7 +139,7 @@ impl SendQueue {
     pub fn push_write(&self, w: QueuedWrite) -> io::Result<Pushed> {
         let mut st = lock(&self.state)?;
         loop {
-            if st.needs_resync && !w.sync {
+            if st.needs_resync && !w.write.sync {
                 mark_dirty(&mut st, &w);
                 return Ok(Pushed::Dirty);
             }
@@ -154,7 +150,7 @@ impl SendQueue {
             }
             // A sync's writes are never dropped (the sync would have to
             // start over): the sync goes at the link's pace.
-            let policy = if w.sync { Backpressure::Block } else { self.cfg.backpressure };
+            let policy = if w.write.sync { Backpressure::Block } else { self.cfg.backpressure };
             match policy {
                 Backpressure::Block => {
                     if st.closed {
@@ -289,7 +285,7 @@ impl SendQueue {
         let mut st = lock(&self.state)?;
         while let Some(front) = st.mem.front() {
             let done = match front {
-                Entry::Write(w) => w.seq <= seq,
+                Entry::Write(w) => w.write.seq <= seq,
                 Entry::Marker(m) => m.id <= checkpoint && m.cut_seq <= seq,
             };
             if !done {
@@ -335,9 +331,9 @@ impl SendQueue {
 
 fn mark_dirty(st: &mut State, w: &QueuedWrite) {
     let bs = BLOCK_SIZE as u64;
-    let set = st.dirty.entry(w.disk).or_default();
-    if w.len > 0 {
-        for b in w.offset / bs..=(w.offset + w.len - 1) / bs {
+    let set = st.dirty.entry(w.write.disk).or_default();
+    if w.write.len > 0 {
+        for b in w.write.offset / bs..=(w.write.offset + w.write.len - 1) / bs {
             set.insert(b);
         }
     }
@@ -350,12 +346,12 @@ fn encode_entry(e: &Entry) -> Vec<u8> {
     match e {
         Entry::Write(w) => {
             b.push(1);
-            b.extend_from_slice(&w.seq.to_be_bytes());
-            b.extend_from_slice(w.disk.as_bytes());
-            b.extend_from_slice(&w.offset.to_be_bytes());
-            b.extend_from_slice(&w.len.to_be_bytes());
-            b.push(w.kind as u8);
-            b.push(w.sync as u8);
+            b.extend_from_slice(&w.write.seq.to_be_bytes());
+            b.extend_from_slice(w.write.disk.as_bytes());
+            b.extend_from_slice(&w.write.offset.to_be_bytes());
+            b.extend_from_slice(&w.write.len.to_be_bytes());
+            b.push(write_kind_code(w.write.kind));
+            b.push(w.write.sync as u8);
             b.extend_from_slice(&w.data);
         }
         Entry::Marker(m) => {
@@ -381,10 +377,10 @@ fn decode_entry(b: &[u8]) -> Option<Entry> {
             let disk = DiskId::from_bytes(b.get(9..25)?.try_into().ok()?);
             let offset = u64_at(25)?;
             let len = u64_at(33)?;
-            let kind = WriteKind::from_code(*b.get(41)?)?;
+            let kind = write_kind_from_code(*b.get(41)?)?;
             let sync = *b.get(42)? != 0;
             let data = Arc::new(b.get(43..)?.to_vec());
-            Some(Entry::Write(QueuedWrite { seq, disk, offset, len, kind, sync, data }))
+            Some(Entry::Write(QueuedWrite { write: StreamWrite { seq, disk, offset, len, kind, sync }, data }))
         }
         2 => {
             let id = u64_at(1)?;
@@ -402,15 +398,18 @@ fn decode_entry(b: &[u8]) -> Option<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protection_groups::WriteKind;
 
     fn w(seq: u64, n: usize) -> QueuedWrite {
         QueuedWrite {
-            seq,
-            disk: DiskId::from_bytes([1; 16]),
-            offset: seq * 4096,
-            len: n as u64,
-            kind: WriteKind::Data,
-            sync: false,
+            write: StreamWrite {
+                seq,
+                disk: DiskId::from_bytes([1; 16]),
+                offset: seq * 4096,
+                len: n as u64,
+                kind: WriteKind::Data,
+                sync: false,
+            },
             data: Arc::new(vec![seq as u8; n]),
         }
     }
@@ -437,9 +436,9 @@ mod tests {
             }
             for e in batch {
                 if let Entry::Write(x) = e {
-                    assert_eq!(x.data[0], x.seq as u8);
-                    got.push(x.seq);
-                    q.acknowledge(x.seq, 0)?;
+                    assert_eq!(x.data[0], x.write.seq as u8);
+                    got.push(x.write.seq);
+                    q.acknowledge(x.write.seq, 0)?;
                 }
             }
         }

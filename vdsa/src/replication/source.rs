@@ -6,16 +6,18 @@
 use super::now_ms;
 use super::queue::{Entry, Pushed, QueueConfig, QueueStats, QueuedWrite, SendQueue};
 use super::throttle::Throttle;
+use super::LinkError;
+use crate::journal::StreamPosition;
 use crate::journal::BLOCK_SIZE;
 use crate::nbd::proto::{EIO, ENOSPC};
 use crate::nbd::server::{BlockExport, ExportError};
 use crate::tap::CheckpointBarrier;
 use crate::wire::frame::{encode_header, read_frame, write_frame, FrameError, HEADER_LEN, VERSION};
 use crate::wire::msg::{
-    self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind,
+    self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, StreamWrite, Welcome,
 };
 use crate::wire::tls::{self, LinkWriter};
-use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId};
+use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId, WriteKind};
 use std::collections::VecDeque;
 use std::io;
 use std::io::Write;
@@ -94,16 +96,8 @@ pub struct SourceStream {
     stop: AtomicBool,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum LinkError {
-    #[error("{0}")]
-    Frame(#[from] FrameError),
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("the target refused: {0}")]
-    Refused(String),
-    #[error("protocol: {0}")]
-    Protocol(String),
+fn refused_by_target(reason: String) -> LinkError {
+    LinkError::Refused(format!("the target refused: {reason}"))
 }
 
 impl SourceStream {
@@ -116,7 +110,7 @@ impl SourceStream {
             throttle: Throttle::new(opts.bandwidth),
             queue: SendQueue::new(queue)?,
             next_seq: Mutex::new(1),
-            barrier: CheckpointBarrier::new((0, 0)),
+            barrier: CheckpointBarrier::new(StreamPosition::default()),
             syncing: AtomicBool::new(false),
             progress: Mutex::new(SyncProgress { started: None, covered, done_blocks: 0 }),
             counters: LinkCounters::default(),
@@ -160,7 +154,7 @@ impl SourceStream {
         let seq = {
             let mut next = self.next_seq.lock().map_err(|_| ExportError::new(EIO, "sequencer poisoned"))?;
             let seq = *next;
-            let w = QueuedWrite { seq, disk, offset, len, kind, sync, data: Arc::new(data) };
+            let w = QueuedWrite { write: StreamWrite { seq, disk, offset, len, kind, sync }, data: Arc::new(data) };
             match self.queue.push_write(w) {
                 // A write only marked dirty takes no seq: the stream the
                 // target sees has no gap.
@@ -170,7 +164,9 @@ impl SourceStream {
             }
             seq
         };
-        self.barrier.acknowledge(seq, seq).map_err(|e| ExportError::new(EIO, e.to_string()))
+        // A source keeps no journal: only the barrier's hold matters here,
+        // and the marker goes after the last queued write (`checkpoint`).
+        self.barrier.acknowledge(StreamPosition { lsn: 0, seq }).map_err(|e| ExportError::new(EIO, e.to_string()))
     }
 
     fn note_synced(&self, disk: DiskId, offset: u64, len: u64) {
@@ -320,7 +316,7 @@ impl SourceStream {
         let f = read_frame(&mut r)?;
         let welcome = match f.kind {
             msg::WELCOME => Welcome::decode(&f.payload)?,
-            msg::REFUSE => return Err(LinkError::Refused(Refuse::decode(&f.payload)?.reason)),
+            msg::REFUSE => return Err(refused_by_target(Refuse::decode(&f.payload)?.reason)),
             k => return Err(FrameError::UnexpectedKind(k).into()),
         };
         let base = {
@@ -388,7 +384,7 @@ impl SourceStream {
                 msg::HEARTBEAT => {}
                 msg::REFUSE => {
                     return match Refuse::decode(&f.payload) {
-                        Ok(r) => LinkError::Refused(r.reason),
+                        Ok(r) => refused_by_target(r.reason),
                         Err(e) => e.into(),
                     }
                 }
@@ -432,7 +428,7 @@ impl SourceStream {
                 let entries: Vec<Entry> = entries
                     .into_iter()
                     .filter(|e| match e {
-                        Entry::Write(x) => x.seq > skip_seq,
+                        Entry::Write(x) => x.write.seq > skip_seq,
                         Entry::Marker(m) => m.id > skip_cp,
                     })
                     .collect();
@@ -487,8 +483,8 @@ impl SourceStream {
         for e in &entries {
             items.push(match e {
                 Entry::Write(x) => {
-                    let blocks = if x.kind == WriteKind::Data {
-                        let (head, full, _) = split(x.offset, x.len);
+                    let blocks = if x.write.kind == WriteKind::Data {
+                        let (head, full, _) = split(x.write.offset, x.write.len);
                         x.data[head..head + full * BLOCK_SIZE]
                             .chunks_exact(BLOCK_SIZE)
                             .map(|b| {
@@ -506,15 +502,7 @@ impl SourceStream {
                         Vec::new()
                     };
                     raw += x.data.len() as u64;
-                    OfferItem::Write(OfferedWrite {
-                        seq: base + x.seq,
-                        disk: x.disk,
-                        offset: x.offset,
-                        len: x.len,
-                        kind: x.kind,
-                        sync: x.sync,
-                        blocks,
-                    })
+                    OfferItem::Write(OfferedWrite { write: StreamWrite { seq: base + x.write.seq, ..x.write }, blocks })
                 }
                 Entry::Marker(m) => OfferItem::Marker(Marker { cut_seq: base + m.cut_seq, ..m.clone() }),
             });
@@ -551,10 +539,10 @@ impl SourceStream {
         let mut zero = p.zero.iter();
         for e in &p.entries {
             let Entry::Write(x) = e else { continue };
-            if x.kind != WriteKind::Data {
+            if x.write.kind != WriteKind::Data {
                 continue;
             }
-            let (head, full, _) = split(x.offset, x.len);
+            let (head, full, _) = split(x.write.offset, x.write.len);
             data.extend_from_slice(&x.data[..head]);
             for b in x.data[head..head + full * BLOCK_SIZE].chunks_exact(BLOCK_SIZE) {
                 if zero.next().copied().unwrap_or(false) {

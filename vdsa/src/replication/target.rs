@@ -6,15 +6,16 @@
 
 use super::now_ms;
 use super::source::split;
+use super::LinkError;
 use crate::journal::{
     BlockQuery, CheckpointSpec, Cut, Journal, JournalConfig, JournalError, TapWrite, WireBlock, WriteData, BLOCK_SIZE,
 };
 use crate::wire::frame::{read_frame, write_frame, FrameError, VERSION};
 use crate::wire::msg::{
-    self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome, WriteKind,
+    self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome,
 };
 use crate::wire::tls::{self, LinkWriter};
-use protection_groups::{CheckpointId, CheckpointKind, StreamId, VpgId};
+use protection_groups::{CheckpointId, CheckpointKind, StreamId, VpgId, WriteKind};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
@@ -30,21 +31,6 @@ pub struct TargetOptions {
     pub root: PathBuf,
     pub heartbeat: Duration,
     pub journal: JournalConfig,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum LinkError {
-    #[error("{0}")]
-    Frame(#[from] FrameError),
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("journal: {0}")]
-    Journal(#[from] JournalError),
-    /// Refused with a reason the source is told.
-    #[error("{0}")]
-    Refused(String),
-    #[error("a newer link of the same stream took over")]
-    Superseded,
 }
 
 /// A stream's ingest slot: one link at a time ingests it.
@@ -474,14 +460,14 @@ impl Link {
         for item in &offer.items {
             if let OfferItem::Write(w) = item {
                 check_shape(w)?;
-                let first = w.offset / BLOCK_SIZE as u64 + u64::from(w.offset % BLOCK_SIZE as u64 != 0);
+                let first = w.write.offset / BLOCK_SIZE as u64 + u64::from(w.write.offset % BLOCK_SIZE as u64 != 0);
                 for (i, b) in w.blocks.iter().enumerate() {
                     if let OfferedBlock::Hash(h) = b {
                         queries.push(BlockQuery {
-                            disk: w.disk,
+                            disk: w.write.disk,
                             block: first + i as u64,
                             hash: *h,
-                            at_position: w.sync,
+                            at_position: w.write.sync,
                         });
                     }
                 }
@@ -572,13 +558,13 @@ impl Link {
         let writes: Vec<TapWrite<'_>> = run
             .iter()
             .map(|(w, buf, _)| TapWrite {
-                seq: w.seq,
-                disk: w.disk,
-                offset: w.offset,
-                data: match w.kind {
+                seq: w.write.seq,
+                disk: w.write.disk,
+                offset: w.write.offset,
+                data: match w.write.kind {
                     WriteKind::Data => WriteData::Data(buf),
-                    WriteKind::Zero => WriteData::Zero { len: w.len },
-                    WriteKind::Trim => WriteData::Trim { len: w.len },
+                    WriteKind::Zero => WriteData::Zero { len: w.write.len },
+                    WriteKind::Trim => WriteData::Trim { len: w.write.len },
                 },
             })
             .collect();
@@ -652,14 +638,14 @@ impl Link {
 }
 
 fn check_shape(w: &OfferedWrite) -> Result<(), LinkError> {
-    let (_, full, _) = split(w.offset, w.len);
-    let want = if w.kind == WriteKind::Data { full } else { 0 };
-    if w.blocks.len() != want || w.len == 0 {
+    let (_, full, _) = split(w.write.offset, w.write.len);
+    let want = if w.write.kind == WriteKind::Data { full } else { 0 };
+    if w.blocks.len() != want || w.write.len == 0 {
         return Err(LinkError::Refused(format!(
             "write seq {} of {} bytes at {} lists {} whole blocks, not {want}",
-            w.seq,
-            w.len,
-            w.offset,
+            w.write.seq,
+            w.write.len,
+            w.write.offset,
             w.blocks.len()
         )));
     }
@@ -677,16 +663,16 @@ fn assemble<'a>(
     bits: &[bool],
     bit: &mut usize,
 ) -> Result<(Cow<'a, [u8]>, Vec<WireBlock>), LinkError> {
-    if w.kind != WriteKind::Data {
+    if w.write.kind != WriteKind::Data {
         return Ok((Cow::Borrowed(&[]), Vec::new()));
     }
     let n_hashed = w.blocks.iter().filter(|b| matches!(b, OfferedBlock::Hash(_))).count();
     let all_sent = n_hashed == w.blocks.len() && bits.get(*bit..*bit + n_hashed).is_some_and(|b| b.iter().all(|&x| x));
     if all_sent {
         let piece = data
-            .get(*cursor..*cursor + w.len as usize)
-            .ok_or_else(|| LinkError::Refused(format!("batch data ends inside write seq {}", w.seq)))?;
-        *cursor += w.len as usize;
+            .get(*cursor..*cursor + w.write.len as usize)
+            .ok_or_else(|| LinkError::Refused(format!("batch data ends inside write seq {}", w.write.seq)))?;
+        *cursor += w.write.len as usize;
         *bit += n_hashed;
         let wb = w
             .blocks
@@ -698,14 +684,14 @@ fn assemble<'a>(
             .collect();
         return Ok((Cow::Borrowed(piece), wb));
     }
-    let short = || LinkError::Refused(format!("batch data ends inside write seq {}", w.seq));
+    let short = || LinkError::Refused(format!("batch data ends inside write seq {}", w.write.seq));
     let take = |n: usize, cursor: &mut usize| -> Result<&[u8], LinkError> {
         let s = data.get(*cursor..*cursor + n).ok_or_else(short)?;
         *cursor += n;
         Ok(s)
     };
-    let (head, _, tail) = split(w.offset, w.len);
-    let mut buf = Vec::with_capacity(w.len as usize);
+    let (head, _, tail) = split(w.write.offset, w.write.len);
+    let mut buf = Vec::with_capacity(w.write.len as usize);
     buf.extend_from_slice(take(head, cursor)?);
     let mut wb = Vec::with_capacity(w.blocks.len());
     for b in &w.blocks {

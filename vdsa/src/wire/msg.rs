@@ -3,7 +3,7 @@
 //! peer sends: each is checked against the bytes that are there.
 
 use super::frame::FrameError;
-use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId};
+use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId, WriteKind};
 
 pub const HELLO: u16 = 1;
 pub const WELCOME: u16 = 2;
@@ -40,13 +40,6 @@ pub struct Refuse {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteKind {
-    Data = 1,
-    Zero = 2,
-    Trim = 3,
-}
-
 /// A whole aligned block of a data write, as offered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OfferedBlock {
@@ -54,9 +47,11 @@ pub enum OfferedBlock {
     Hash([u8; 32]),
 }
 
-/// One write of the stream, by its blocks' hashes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OfferedWrite {
+/// A write of a stream, without its bytes: which write it is and what it
+/// did to which range (architecture.md §2). The send queue keeps it with
+/// the bytes, the wire offers it with the blocks' hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamWrite {
     pub seq: u64,
     pub disk: DiskId,
     pub offset: u64,
@@ -65,6 +60,12 @@ pub struct OfferedWrite {
     /// Sent by a full or delta sync: the target also counts a block as held
     /// when its current content at that position has the hash.
     pub sync: bool,
+}
+
+/// One write of the stream, by its blocks' hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferedWrite {
+    pub write: StreamWrite,
     /// The whole aligned blocks of a data write, in order.
     pub blocks: Vec<OfferedBlock>,
 }
@@ -257,15 +258,22 @@ fn kind_from(code: u8, d: &Dec<'_>) -> Result<CheckpointKind, FrameError> {
     kind_from_code(code).ok_or_else(|| d.bad(format!("unknown checkpoint kind {code}")))
 }
 
-impl WriteKind {
-    pub fn from_code(code: u8) -> Option<WriteKind> {
-        Some(match code {
-            1 => WriteKind::Data,
-            2 => WriteKind::Zero,
-            3 => WriteKind::Trim,
-            _ => return None,
-        })
+/// A write kind's code on the wire and in the spill file.
+pub fn write_kind_code(k: WriteKind) -> u8 {
+    match k {
+        WriteKind::Data => 1,
+        WriteKind::Zero => 2,
+        WriteKind::Trim => 3,
     }
+}
+
+pub fn write_kind_from_code(code: u8) -> Option<WriteKind> {
+    Some(match code {
+        1 => WriteKind::Data,
+        2 => WriteKind::Zero,
+        3 => WriteKind::Trim,
+        _ => return None,
+    })
 }
 
 impl Hello {
@@ -333,12 +341,12 @@ impl Offer {
             match item {
                 OfferItem::Write(w) => {
                     e.u8(1)
-                        .u64(w.seq)
-                        .raw(w.disk.as_bytes())
-                        .u64(w.offset)
-                        .u64(w.len)
-                        .u8(w.kind as u8)
-                        .u8(w.sync as u8)
+                        .u64(w.write.seq)
+                        .raw(w.write.disk.as_bytes())
+                        .u64(w.write.offset)
+                        .u64(w.write.len)
+                        .u8(write_kind_code(w.write.kind))
+                        .u8(w.write.sync as u8)
                         .u32(w.blocks.len() as u32);
                     for b in &w.blocks {
                         match b {
@@ -374,7 +382,7 @@ impl Offer {
                     let offset = d.u64()?;
                     let len = d.u64()?;
                     let code = d.u8()?;
-                    let kind = WriteKind::from_code(code).ok_or_else(|| d.bad(format!("unknown write kind {code}")))?;
+                    let kind = write_kind_from_code(code).ok_or_else(|| d.bad(format!("unknown write kind {code}")))?;
                     let sync = d.u8()? != 0;
                     let nb = d.count(1)?;
                     let mut blocks = Vec::with_capacity(nb);
@@ -385,7 +393,10 @@ impl Offer {
                             t => return Err(d.bad(format!("unknown block tag {t}"))),
                         });
                     }
-                    items.push(OfferItem::Write(OfferedWrite { seq, disk, offset, len, kind, sync, blocks }));
+                    items.push(OfferItem::Write(OfferedWrite {
+                        write: StreamWrite { seq, disk, offset, len, kind, sync },
+                        blocks,
+                    }));
                 }
                 2 => {
                     let id = d.u64()?;

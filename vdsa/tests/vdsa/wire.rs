@@ -2,7 +2,7 @@
 //! peer can send makes a decoder panic or allocate what is not there.
 
 use proptest::prelude::*;
-use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId};
+use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId, WriteKind};
 use vdsa::wire::frame::{encode_header, read_frame, FrameError, HEADER_LEN, VERSION};
 use vdsa::wire::msg::*;
 
@@ -12,21 +12,25 @@ fn offer() -> Offer {
         epoch: 3,
         items: vec![
             OfferItem::Write(OfferedWrite {
-                seq: 41,
-                disk: DiskId::from_bytes([2; 16]),
-                offset: 4096 * 3 + 17,
-                len: 4096 * 2 + 100,
-                kind: WriteKind::Data,
-                sync: true,
+                write: StreamWrite {
+                    seq: 41,
+                    disk: DiskId::from_bytes([2; 16]),
+                    offset: 4096 * 3 + 17,
+                    len: 4096 * 2 + 100,
+                    kind: WriteKind::Data,
+                    sync: true,
+                },
                 blocks: vec![OfferedBlock::Hash([9; 32])],
             }),
             OfferItem::Write(OfferedWrite {
-                seq: 42,
-                disk: DiskId::from_bytes([2; 16]),
-                offset: 0,
-                len: 1 << 20,
-                kind: WriteKind::Zero,
-                sync: false,
+                write: StreamWrite {
+                    seq: 42,
+                    disk: DiskId::from_bytes([2; 16]),
+                    offset: 0,
+                    len: 1 << 20,
+                    kind: WriteKind::Zero,
+                    sync: false,
+                },
                 blocks: vec![],
             }),
             OfferItem::Marker(Marker {
