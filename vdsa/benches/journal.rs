@@ -458,6 +458,52 @@ fn time_open(j: &Journal, id: CheckpointId) -> Duration {
     times[50]
 }
 
+/// What a guest's FUA write (or a write and a FLUSH) costs: one 4 KiB
+/// write made durable before the next, `n` times, through the journal
+/// (ingest, then the group commit: pack fsync, log fsync, commit record,
+/// log fsync) against a plain file (pwrite, fdatasync), interleaved.
+fn durable_writes(dir: &Path, n: usize) {
+    let path = dir.join("baseline-flush.dat");
+    let f = File::create(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    let jdir = dir.join("journal-flush");
+    let _ = std::fs::remove_dir_all(&jdir);
+    let j = Journal::open(&jdir, config()).unwrap_or_else(|e| panic!("{e}"));
+    let disk = DiskId::new();
+    let size = 64 * MIB as u64;
+    j.add_disk(disk, size).unwrap_or_else(|e| panic!("{e}"));
+    let stream = StreamId::new();
+    let mut rng = StdRng::seed_from_u64(9);
+    let (mut lat_b, mut lat_j) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for seq in 1..=n as u64 {
+        let block = random_block(&mut rng);
+        let off = rng.gen_range(0..size / BLOCK_SIZE as u64) * BLOCK_SIZE as u64;
+        let t = Instant::now();
+        f.write_all_at(&block, off).unwrap_or_else(|e| panic!("baseline write: {e}"));
+        f.sync_data().unwrap_or_else(|e| panic!("baseline fsync: {e}"));
+        lat_b.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        j.ingest(stream, &[TapWrite { seq, disk, offset: off, data: WriteData::Data(&block) }])
+            .unwrap_or_else(|e| panic!("{e}"));
+        j.sync().unwrap_or_else(|e| panic!("{e}"));
+        lat_j.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[((v.len() - 1) as f64 * p) as usize]
+    };
+    let (b50, b99) = (pct(&mut lat_b, 0.5), pct(&mut lat_b, 0.99));
+    let (j50, j99) = (pct(&mut lat_j, 0.5), pct(&mut lat_j, 0.99));
+    println!(
+        "durable 4 KiB writes ({n}, FUA-like): journal p50 {j50:.0} us, p99 {j99:.0} us; plain file p50 {b50:.0} us, \
+         p99 {b99:.0} us; journal / file p50 {:.2}, p99 {:.2}",
+        j50 / b50,
+        j99 / b99
+    );
+    drop(j);
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&jdir);
+}
+
 fn main() {
     let a = args();
     let _ = WORKERS.set(a.workers);
@@ -479,6 +525,9 @@ fn main() {
     }
     if run("index") {
         index_and_open(&dir);
+    }
+    if run("flush") {
+        durable_writes(&dir, 2000);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -403,6 +403,12 @@ impl ChunkStore {
     pub fn sync(&mut self, w: &mut Writer) -> Result<()> {
         self.flush_pending(w)?;
         w.drain()?;
+        self.sync_files(w)
+    }
+
+    /// fsync of the packs written since the last sync, once the writer has
+    /// written them (the caller drained it).
+    pub fn sync_files(&mut self, w: &Writer) -> Result<()> {
         self.reclaim(w.completed()?);
         for no in std::mem::take(&mut self.unsynced) {
             if let Some(p) = self.packs.get(&no) {

@@ -82,7 +82,8 @@ pub fn segment_path(dir: &Path, no: u64) -> PathBuf {
 /// - a bad frame with no valid commit-class record (Commit, Checkpoint,
 ///   DropCheckpoint) anywhere after it is an unacknowledged tail: such
 ///   records are appended only once everything before them is durable
-///   (`Log::commit`), so what follows a bad frame was never acknowledged.
+///   (`State::commit_records`), so what follows a bad frame was never
+///   acknowledged.
 ///   The segment is cut there and later segments are removed, durably;
 /// - a bad frame followed by a valid commit-class record was durable, so it
 ///   is corruption, reported with the file and offset and nothing changed.
@@ -237,6 +238,12 @@ impl Log {
     pub fn sync(&mut self, w: &mut Writer) -> Result<()> {
         self.flush(w)?;
         w.drain()?;
+        self.sync_files()
+    }
+
+    /// fsync of the segments written since the last sync (the caller
+    /// drained the writer).
+    pub fn sync_files(&mut self) -> Result<()> {
         for no in std::mem::take(&mut self.unsynced) {
             let Some(seg) = self.segments.get(&no) else { continue };
             let r = match &self.active {
@@ -246,18 +253,6 @@ impl Log {
             r.map_err(|e| JournalError::io("syncing", &seg.path, e))?;
         }
         Ok(())
-    }
-
-    /// Group commit: makes everything appended so far durable, and only
-    /// then appends the commit-class `records` and makes them durable too.
-    /// So a valid commit-class record on disk proves that every record
-    /// before it is durable; `scan` relies on it to tell a torn tail from
-    /// corruption after a power cut, whatever order the page cache wrote
-    /// pages back in.
-    pub fn commit(&mut self, w: &mut Writer, records: &[u8], summary: &SegmentSummary) -> Result<()> {
-        self.sync(w)?;
-        self.append(records, summary);
-        self.sync(w)
     }
 
     /// Deletes the closed segments `done` says retention has fully consumed.

@@ -635,21 +635,28 @@ impl State {
         Ok(self.durable_lsn)
     }
 
-    /// Makes everything ingested durable, then `records` after it: packs are
-    /// fsynced before the log, so a durable record never names a chunk a
-    /// crash could lose. `noted` is the lsn the records' segment must be
-    /// kept for (see `SegmentSummary`), if any.
+    /// Group commit: makes everything ingested durable, and only then
+    /// appends the commit-class `records` and makes them durable too. So a
+    /// valid commit-class record on disk proves every record before it
+    /// durable, whatever order the page cache wrote pages back in
+    /// (`log::scan` relies on it after a power cut). Packs go first, so a
+    /// durable record never names a chunk a crash could lose. (fsyncing
+    /// packs and log at once on two threads measured no faster here.)
+    /// `noted` is the lsn the records' segment must be kept for (see
+    /// `SegmentSummary`), if any.
     pub(super) fn commit_records(&mut self, records: &[Record], noted: Option<u64>) -> Result<()> {
         let mut buf = Vec::new();
         for r in records {
             format::encode_record(r, &mut buf).map_err(JournalError::Failed)?;
         }
         self.chunks.sync(&mut self.writer)?;
+        self.log.sync(&mut self.writer)?;
         let mut summary = SegmentSummary::default();
         if let Some(lsn) = noted {
             summary.note(lsn, None);
         }
-        self.log.commit(&mut self.writer, &buf, &summary)?;
+        self.log.append(&buf, &summary);
+        self.log.sync(&mut self.writer)?;
         self.durable_lsn = self.head_lsn;
         Ok(())
     }
