@@ -46,6 +46,11 @@ impl ChildGuard {
         }
     }
 
+    /// Gives the child up: the caller stops it from now on.
+    pub fn release(mut self) -> Option<Child> {
+        self.child.take()
+    }
+
     /// Waits for it to end by itself and gives up ownership.
     pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
         match self.child.take() {

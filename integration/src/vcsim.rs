@@ -4,6 +4,7 @@
 //! chosen inventory. Stopped (SIGTERM, so it removes its datastore folders)
 //! when dropped.
 
+use crate::process::ChildGuard;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -166,16 +167,17 @@ impl Vcsim {
                 cmd.arg("-cert").arg(c).arg("-key").arg(k);
             }
             let log = dir.path().join("vcsim.log");
+            // Owned by a guard until it answered: an error on the way
+            // stops it.
             let mut child =
-                cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(&log)?).spawn().context("starting vcsim")?;
-            let out = child.stdout.take().context("vcsim stdout")?;
+                ChildGuard::spawn(cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(&log)?), "vcsim")?;
+            let out = child.child_mut().and_then(|c| c.stdout.take()).context("vcsim stdout")?;
             let mut line = String::new();
             BufReader::new(out).read_line(&mut line)?;
             if let Some(url) = line.trim().strip_prefix("VCSIM_URL ") {
-                return Ok(Vcsim { child: Some(child), url: url.to_string(), cert_pem, ca_pem, _dir: dir });
+                return Ok(Vcsim { child: child.release(), url: url.to_string(), cert_pem, ca_pem, _dir: dir });
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
             last = std::fs::read_to_string(&log).unwrap_or_default();
         }
         bail!("vcsim did not start; its log:\n{last}")

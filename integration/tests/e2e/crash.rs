@@ -1,5 +1,6 @@
 //! The journal under SIGKILL: durable means durable.
 
+use integration::process::ChildGuard;
 use integration::workload::{Mix, ReferenceModel, Workload};
 use integration::{checkpoint_spec, crash_child_stream};
 use protection_groups::{CheckpointId, CheckpointKind, DiskId};
@@ -42,7 +43,7 @@ fn checkpoints_reported_durable_survive_sigkill_at_random_moments() {
     let (mut kills_after_durable, mut durable_verified, mut views_verified) = (0, 0, 0);
     for round in 0..ROUNDS {
         let seed = 1000 + round;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lab"))
+        let spawned = Command::new(env!("CARGO_BIN_EXE_lab"))
             .args(["crash-child", "--seed", &seed.to_string(), "--writes-per-checkpoint"])
             .arg(PER_CHECKPOINT.to_string())
             .arg("--dir")
@@ -51,17 +52,19 @@ fn checkpoints_reported_durable_survive_sigkill_at_random_moments() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawning the crash child: {e}"));
-        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        // Stopped on every path, a failing assertion included.
+        let mut child = ChildGuard::adopt(spawned, "the crash child");
+        let stdout = child.child_mut().and_then(|c| c.stdout.take()).unwrap_or_else(|| panic!("no stdout"));
+        let mut stderr = child.child_mut().and_then(|c| c.stderr.take());
         let reader =
             std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>());
         std::thread::sleep(Duration::from_millis(rng.gen_range(5..400)));
-        let exited_early = child.try_wait().ok().flatten();
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
+        let exited_early = child.child_mut().and_then(|c| c.try_wait().ok().flatten());
+        child.kill(); // SIGKILL
         let lines = reader.join().unwrap_or_default();
         if let Some(status) = exited_early {
             let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
+            if let Some(e) = stderr.as_mut() {
                 let _ = e.read_to_string(&mut err);
             }
             panic!("round {round}: the child exited by itself ({status}): {err}");
