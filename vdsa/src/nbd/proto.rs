@@ -49,6 +49,7 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_FLAG_FUA: u16 = 1;
 pub const CMD_FLAG_NO_HOLE: u16 = 2;
+pub const CMD_FLAG_DF: u16 = 4;
 pub const CMD_FLAG_FAST_ZERO: u16 = 16;
 
 // Errors (errno values as the protocol fixes them).

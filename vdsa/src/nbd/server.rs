@@ -267,6 +267,7 @@ impl<R: Read, W: Write> Conn<R, W> {
 
     fn transmission(&mut self, export: &dyn BlockExport) -> io::Result<Ending> {
         let size = export.size();
+        let durable = export.offers_durability();
         let mut header = [0u8; Request::LEN];
         let mut buf = Vec::new();
         loop {
@@ -281,7 +282,19 @@ impl<R: Read, W: Write> Conn<R, W> {
             let req = Request::parse(&header).map_err(|m| protocol(format!("bad request magic {m:#x}")))?;
             let (off, len) = (req.offset, u64::from(req.length));
             let in_range = off.checked_add(len).is_some_and(|end| end <= size);
+            let unknown_flags = req.flags & !allowed_flags(req.kind, durable);
             let result = match req.kind {
+                // Refused after its payload was read, so the stream stays
+                // in step.
+                CMD_WRITE if unknown_flags != 0 && req.length <= MAX_REQUEST => {
+                    buf.resize(req.length as usize, 0);
+                    self.r.read_exact(&mut buf)?;
+                    Err(ExportError::new(EINVAL, format!("flags {unknown_flags:#x} are not offered for a write")))
+                }
+                CMD_READ | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES if unknown_flags != 0 => Err(ExportError::new(
+                    EINVAL,
+                    format!("flags {unknown_flags:#x} are not offered for command {}", req.kind),
+                )),
                 CMD_DISC => return Ok(Ending::Disconnect),
                 CMD_WRITE => {
                     if req.length > MAX_REQUEST {
@@ -339,6 +352,20 @@ impl<R: Read, W: Write> Conn<R, W> {
             };
             self.reply(errno, req.handle, None)?;
         }
+    }
+}
+
+/// The command flags a client may set on `kind` given what was offered
+/// (FUA only where durability is offered; DF is harmless without
+/// structured replies). Any other flag is refused with EINVAL, as the
+/// protocol recommends, rather than silently ignored.
+fn allowed_flags(kind: u16, durable: bool) -> u16 {
+    let fua = if durable { CMD_FLAG_FUA } else { 0 };
+    match kind {
+        CMD_WRITE | CMD_TRIM => fua,
+        CMD_WRITE_ZEROES => fua | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_READ => CMD_FLAG_DF,
+        _ => 0,
     }
 }
 

@@ -161,3 +161,31 @@ fn the_nbd_server_survives_random_and_hostile_requests() {
     assert!(NbdClient::connect_unix(&sock, "nope").is_err());
     assert!(served > 500 && refused > 50 && dropped > 30, "served {served}, refused {refused}, dropped {dropped}");
 }
+
+/// Flags the server did not offer for a command are refused with EINVAL
+/// (a write's payload is still read, so the connection stays in step);
+/// FUA on a write is honoured.
+#[test]
+fn unoffered_command_flags_are_refused_and_fua_is_honoured() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (journal, disks, sock) = start_server(dir.path());
+    let mut c = NbdClient::connect_unix(&sock, "a").unwrap_or_else(|e| panic!("{e}"));
+    let send = |c: &mut NbdClient, flags: u16, kind: u16, length: u32, payload: &[u8], handle: u64| {
+        let mut bytes = Request { flags, kind, handle, offset: 0, length }.encode().to_vec();
+        bytes.extend_from_slice(payload);
+        c.send_raw(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        let (errno, h) = c.read_reply().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(h, handle);
+        errno
+    };
+    let block = vec![7u8; 4096];
+    assert_eq!(send(&mut c, 0x40, CMD_WRITE, 4096, &block, 1), EINVAL);
+    assert_eq!(send(&mut c, CMD_FLAG_NO_HOLE, CMD_TRIM, 4096, &[], 2), EINVAL);
+    assert_eq!(send(&mut c, CMD_FLAG_FUA, CMD_FLUSH, 0, &[], 3), EINVAL);
+    assert_eq!(send(&mut c, CMD_FLAG_FUA, CMD_WRITE, 4096, &block, 4), 0);
+    assert_eq!(send(&mut c, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 4096, &[], 5), 0);
+    let mut got = vec![1u8; 4096];
+    journal.read_head(disks[0], 0, &mut got).unwrap_or_else(|e| panic!("{e}"));
+    assert!(got.iter().all(|&b| b == 0), "the FUA zeroes after the FUA write");
+    assert_eq!(journal.stats().map(|s| s.durable_lsn == s.head_lsn).ok(), Some(true), "FUA left writes undurable");
+}
