@@ -166,7 +166,12 @@ fn session<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports
             w.flush()?;
             return Ok(Ending::Refused(format!("request {id}: bad CRC")));
         }
-        let result = apply(export.as_ref(), &header, &payload);
+        // Flags are reserved in version 1: a filter that sets them expects
+        // something this VDSA does not do.
+        let result = match h[5] {
+            0 => apply(export.as_ref(), &header, &payload),
+            flags => Err(ExportError::new(EINVAL, format!("request flags {flags:#x}; version 1 has none"))),
+        };
         if header.kind == BYE {
             return Ok(Ending::Bye);
         }

@@ -75,6 +75,21 @@ fn a_native_tap_feeds_the_journal_and_refuses_bad_input() {
     assert_eq!(c.ack().ok(), Some((28, id)));
     c.write(0, &[9u8; 512]).unwrap_or_else(|e| panic!("{e}"));
     model[..512].fill(9);
+    // A reserved flag set: refused with EINVAL, nothing applied, the
+    // connection stays usable.
+    let payload = vec![0x66u8; 4096];
+    let mut frame = native_tap::Header { kind: WRITE, id: 77, offset: 4096, length: 4096 }.encode(&payload).to_vec();
+    frame[5] = 1;
+    let crc = {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&frame[..28]);
+        h.update(&payload);
+        h.finalize()
+    };
+    frame[28..32].copy_from_slice(&crc.to_be_bytes());
+    frame.extend_from_slice(&payload);
+    c.send_raw(&frame).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.ack().ok(), Some((22, 77)));
     // A corrupted payload: refused with EBADMSG and the connection closed;
     // its bytes never reach the disk.
     let payload = vec![0x55u8; 4096];
