@@ -1,11 +1,13 @@
 //! The guest kit: real Linux guests under QEMU, for tests, benchmarks and
 //! the lab.
 //!
-//! It unpacks Debian's qemu-system, the cloud kernel and busybox into a
-//! private folder (no system-wide QEMU: Debian's qemu-system conflicts with
-//! the qemu-utils the taps use), builds initramfs images holding given
-//! programs and an init script, and boots guests under TCG (nested KVM does
-//! not boot here) with virtio disks and user-mode networking. A guest is a
+//! It unpacks Debian's qemu-system, the cloud kernel, busybox and the disk
+//! tools (sfdisk, mkfs.vfat, SYSLINUX) into a private folder (no
+//! system-wide QEMU: Debian's qemu-system conflicts with the qemu-utils the
+//! taps use), builds initramfs images holding given programs and an init
+//! script, and bootable disks holding them, and boots guests under TCG
+//! (nested KVM does not boot here), from the kernel or through the firmware
+//! from a disk, with virtio disks and user-mode networking. A guest is a
 //! [`Guest`]: stopped when dropped, and killed with its parent should the
 //! test process die. SIGKILL of QEMU is a power cut for the guest: what it
 //! had not written to its virtual disk is lost, what it had stays.
@@ -20,8 +22,21 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Debian packages unpacked into the kit (the kernel's comes from
-/// `linux-image-cloud-amd64`'s dependency).
-const PACKAGES: &[&str] = &["qemu-system-x86", "qemu-system-common", "qemu-system-data", "seabios", "busybox-static"];
+/// `linux-image-cloud-amd64`'s dependency): QEMU and its firmware, busybox
+/// for the guests' userland, and what makes a bootable disk from files
+/// alone (sfdisk, mkfs.vfat, SYSLINUX with mtools).
+const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-system-common",
+    "qemu-system-data",
+    "seabios",
+    "busybox-static",
+    "syslinux",
+    "syslinux-common",
+    "mtools",
+    "dosfstools",
+    "fdisk",
+];
 
 /// Shared libraries the unpacked QEMU links against, installed with apt
 /// when missing (they do not conflict with anything).
@@ -105,7 +120,9 @@ impl GuestKit {
             bail!("locking the guest kit: {}", std::io::Error::last_os_error());
         }
         let root = dir.join("root");
-        if !root.join(".ready").exists() {
+        let ready = root.join(".ready");
+        let wanted = PACKAGES.join(" ");
+        if std::fs::read_to_string(&ready).ok().as_deref() != Some(wanted.as_str()) {
             let debs = dir.join("debs");
             let _ = std::fs::remove_dir_all(&debs);
             let _ = std::fs::remove_dir_all(&root);
@@ -139,7 +156,7 @@ impl GuestKit {
             }
             kit.qemu_version()?;
         }
-        std::fs::write(kit.root.join(".ready"), b"")?;
+        std::fs::write(&ready, wanted)?;
         Ok(kit)
     }
 
@@ -222,14 +239,16 @@ impl GuestKit {
             .arg(self.root.join("usr/share/seabios"))
             .args(["-machine", "q35,accel=tcg", "-display", "none", "-monitor", "none", "-no-reboot"])
             .args(["-m", &config.memory_mb.to_string()])
-            .arg("-kernel")
-            .arg(self.kernel())
-            .arg("-initrd")
-            .arg(&config.initramfs)
-            .arg("-append")
-            .arg(format!("console=ttyS0 quiet panic=-1 {}", config.append))
             .arg("-serial")
             .arg(format!("file:{}", config.console.display()));
+        if let Boot::Kernel { initramfs, append } = &config.boot {
+            cmd.arg("-kernel")
+                .arg(self.kernel())
+                .arg("-initrd")
+                .arg(initramfs)
+                .arg("-append")
+                .arg(format!("{KERNEL_COMMAND_LINE} {append}"));
+        }
         for d in &config.disks {
             cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio,cache=writeback", d.display()));
         }
@@ -261,6 +280,97 @@ impl GuestKit {
     }
 }
 
+/// The kernel command line every guest gets: the serial console, and a
+/// panic powers the guest off rather than hanging it.
+const KERNEL_COMMAND_LINE: &str = "console=ttyS0 quiet panic=-1";
+
+/// A disk that boots by itself: an MBR partition table, a FAT32 partition
+/// holding SYSLINUX, the kit's kernel and an initramfs, and after it an
+/// optional data area (a second partition, `/dev/vda2` in the guest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootDisk {
+    pub path: PathBuf,
+    /// Where the data area starts in the image, and its length (bytes).
+    pub data_offset: u64,
+    pub data_len: u64,
+}
+
+impl GuestKit {
+    fn tool(&self, name: &str) -> Command {
+        let mut cmd = Command::new(name);
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![self.root.join("usr/bin"), self.root.join("sbin"), self.root.join("usr/sbin")];
+        dirs.extend(std::env::split_paths(&path));
+        if let Ok(joined) = std::env::join_paths(dirs) {
+            cmd.env("PATH", joined);
+        }
+        cmd
+    }
+
+    /// Builds a bootable raw disk at `out` (made from files alone: no root,
+    /// no loop device): `boot_mb` MiB for the partition table and the boot
+    /// partition (at least 48), then `data_mb` MiB of data area.
+    pub fn build_boot_disk(
+        &self,
+        initramfs: &Path,
+        append: &str,
+        boot_mb: u64,
+        data_mb: u64,
+        out: &Path,
+    ) -> Result<BootDisk> {
+        ensure!(boot_mb >= 48, "a boot partition of {boot_mb} MiB is too small for FAT32 and the kernel (48 at least)");
+        const SECTOR: u64 = 512;
+        let (part_start, part_sectors) = (2048u64, boot_mb * 2048 - 2048);
+        let total = (boot_mb + data_mb) << 20;
+        let disk = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+        disk.set_len(total)?;
+        drop(disk);
+        let mut table = format!("label: dos\nstart={part_start}, size={part_sectors}, type=c, bootable\n");
+        if data_mb > 0 {
+            table.push_str(&format!("start={}, size={}, type=83\n", boot_mb * 2048, data_mb * 2048));
+        }
+        let mut sfdisk = self
+            .tool("sfdisk")
+            .arg("-q")
+            .arg(out)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running sfdisk")?;
+        sfdisk.stdin.take().context("sfdisk stdin")?.write_all(table.as_bytes())?;
+        let done = sfdisk.wait_with_output()?;
+        ensure!(done.status.success(), "sfdisk failed: {}", String::from_utf8_lossy(&done.stderr).trim());
+        let stage = tempfile::tempdir().context("staging folder")?;
+        let part = stage.path().join("part.img");
+        std::fs::File::create(&part)?.set_len(part_sectors * SECTOR)?;
+        run(self.tool("mkfs.vfat").args(["-F", "32", "-n", "VDSA"]).arg(&part), "mkfs.vfat")?;
+        run(self.tool("syslinux").arg("--install").arg(&part), "syslinux --install")?;
+        let cfg = stage.path().join("syslinux.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "DEFAULT guest\nPROMPT 0\nTIMEOUT 0\nLABEL guest\n  KERNEL /vmlinuz\n  INITRD /initrd\n  APPEND {KERNEL_COMMAND_LINE} {append}\n"
+            ),
+        )?;
+        for (file, name) in
+            [(cfg.as_path(), "::/syslinux.cfg"), (&self.kernel(), "::/vmlinuz"), (initramfs, "::/initrd")]
+        {
+            run(self.tool("mcopy").arg("-i").arg(&part).arg(file).arg(name), "mcopy")?;
+        }
+        // The partition goes in at its place, and SYSLINUX's MBR code in
+        // front of the partition table.
+        let disk = std::fs::OpenOptions::new().write(true).open(out)?;
+        let bytes = std::fs::read(&part)?;
+        std::os::unix::fs::FileExt::write_all_at(&disk, &bytes, part_start * SECTOR)?;
+        let mbr = std::fs::read(self.root.join("usr/lib/syslinux/mbr/mbr.bin")).context("SYSLINUX's mbr.bin")?;
+        ensure!(mbr.len() >= 440, "mbr.bin is {} bytes", mbr.len());
+        std::os::unix::fs::FileExt::write_all_at(&disk, &mbr[..440], 0)?;
+        disk.sync_all()?;
+        Ok(BootDisk { path: out.to_path_buf(), data_offset: boot_mb << 20, data_len: data_mb << 20 })
+    }
+}
+
 /// What an initramfs holds besides busybox: kernel modules to load (in
 /// order), programs (host path -> guest path, stripped of debug info, with
 /// their shared libraries), and the body of the init script, run after the
@@ -272,13 +382,22 @@ pub struct Initramfs {
     pub init: String,
 }
 
+/// How a guest boots.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// QEMU loads the kit's kernel and this initramfs, with extra kernel
+    /// command line.
+    Kernel { initramfs: PathBuf, append: String },
+    /// Through its firmware from the first of its disks (one made by
+    /// [`GuestKit::build_boot_disk`], say), as a real VM boots.
+    FirstDisk,
+}
+
 /// How to boot a guest.
 #[derive(Debug, Clone)]
 pub struct GuestConfig {
-    pub initramfs: PathBuf,
+    pub boot: Boot,
     pub memory_mb: u32,
-    /// Extra kernel command line.
-    pub append: String,
     /// Raw images, attached as virtio disks in order (/dev/vda, /dev/vdb…).
     pub disks: Vec<PathBuf>,
     /// TCP ports forwarded from 127.0.0.1 on the host to the guest (whose

@@ -12,7 +12,7 @@
 //! what is there must be a prefix of the writes in the order they were
 //! acknowledged (the log keeps a stream's order; nothing half-applied).
 
-use crate::guest::{free_port, make_ext4, GuestConfig, GuestKit, Initramfs, BLOCK_MODULES, NET_MODULES};
+use crate::guest::{free_port, make_ext4, Boot, GuestConfig, GuestKit, Initramfs, BLOCK_MODULES, NET_MODULES};
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -112,9 +112,8 @@ pub fn run(dir: &Path, opts: PowerLossOptions, vdsa: &Path) -> Result<PowerLossR
     for round in 0..=cuts {
         let port = free_port()?;
         let config = GuestConfig {
-            initramfs: initramfs.clone(),
+            boot: Boot::Kernel { initramfs: initramfs.clone(), append: String::new() },
             memory_mb: 384,
-            append: String::new(),
             disks: vec![data.clone()],
             forwards: vec![(port, GUEST_PORT)],
             console: dir.join(format!("console-{round}.log")),

@@ -3,6 +3,7 @@
 
 mod crash;
 mod full_disk;
+mod guest_kit;
 mod kvm_tap;
 mod power_loss;
 mod replication;
