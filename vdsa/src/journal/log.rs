@@ -144,7 +144,7 @@ pub fn scan(dir: &Path) -> Result<Vec<ScannedRecord>> {
             for (_, later, _) in &segments[i + 1..] {
                 std::fs::remove_file(later).map_err(|e| JournalError::io("removing", later, e))?;
             }
-            if i + 1 < segments.len() {
+            if removed || i + 1 < segments.len() {
                 fsutil::sync_dir(dir)?;
             }
             return Ok(out);
