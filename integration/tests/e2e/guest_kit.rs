@@ -7,6 +7,7 @@ use std::time::Duration;
 
 #[test]
 fn a_guest_boots_from_a_disk_the_kit_built_and_writes_its_data_area() {
+    let _turn = crate::take_turns();
     let kit = GuestKit::prepare().unwrap_or_else(|e| panic!("{e:#}"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let initramfs = dir.path().join("initrd");

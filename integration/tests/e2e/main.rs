@@ -9,6 +9,15 @@ mod power_loss;
 mod replication;
 mod vsphere;
 
+/// Tests that keep a core busy for a long time (guests under TCG) and tests
+/// whose faults are timed (the two-site scenario's cuts and kills) take
+/// turns: on two cores a TCG guest beside timed link cuts starves the link
+/// of CPU and blurs what the timing checks.
+pub fn take_turns() -> std::sync::MutexGuard<'static, ()> {
+    static TURNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURNS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Unmounts a small tmpfs when dropped.
 #[derive(Debug)]
 pub struct SmallDisk(pub std::path::PathBuf);

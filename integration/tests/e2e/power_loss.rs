@@ -8,6 +8,7 @@ use integration::vsphere_lab::workspace_binary;
 
 #[test]
 fn a_vdsa_in_a_guest_starts_after_every_power_cut_and_keeps_what_it_acknowledged() {
+    let _turn = crate::take_turns();
     let seed = std::env::var("POWER_LOSS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
     });
@@ -26,6 +27,7 @@ fn a_vdsa_in_a_guest_starts_after_every_power_cut_and_keeps_what_it_acknowledged
 /// the same checker must find acknowledged writes missing after a cut.
 #[test]
 fn the_power_loss_checker_catches_a_vdsa_that_acknowledges_without_durability() {
+    let _turn = crate::take_turns();
     let seed = 7;
     let vdsa = workspace_binary("vdsa", "vdsa").unwrap_or_else(|e| panic!("{e:#}"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -98,6 +98,7 @@ fn replicates_writes_and_checkpoints_exactly() {
 /// (`integration::two_sites` checks all that and fails otherwise).
 #[test]
 fn survives_cuts_stalls_and_kills_of_both_daemons() {
+    let _turn = crate::take_turns();
     use integration::two_sites::{run, TwoSiteOptions};
     assert!(
         integration::kvm_lab::qemu_available(),
@@ -449,6 +450,7 @@ fn a_full_queue_with_the_block_policy_holds_the_tap() {
 /// host placed is never offered, and does not hold up that host's queue.
 #[test]
 fn a_checkpoint_across_two_hosts_waits_for_both_markers() {
+    let _turn = crate::take_turns();
     let dir = ok(tempfile::tempdir().map_err(Into::into));
     let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
     let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 300));
