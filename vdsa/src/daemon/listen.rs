@@ -1,0 +1,156 @@
+//! Where taps connect: each `--listen` address (NBD or the native tap
+//! protocol, over a unix or TCP socket), its unix path claimed for this
+//! process, and a thread per connection serving the exports.
+
+use super::control::{claim_socket, SocketClaim};
+use crate::nbd::server::{serve, BlockExport, Ending, ExportError, Exports};
+use crate::tap::TapDisk;
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// One `--listen` address of a tap.
+#[derive(Debug, Clone)]
+pub(super) struct TapListener {
+    pub(super) native: bool,
+    pub(super) endpoint: Endpoint,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl TapListener {
+    pub(super) fn parse_all(specs: &[String]) -> Result<Vec<TapListener>> {
+        specs
+            .iter()
+            .map(|spec| {
+                let (native, rest) = match spec.strip_prefix("native-") {
+                    Some(rest) => (true, rest),
+                    None => (false, spec.as_str()),
+                };
+                let endpoint = if let Some(path) = rest.strip_prefix("unix:") {
+                    Endpoint::Unix(PathBuf::from(path))
+                } else if let Some(addr) = rest.strip_prefix("tcp:") {
+                    Endpoint::Tcp(addr.to_string())
+                } else {
+                    bail!("--listen {spec:?}: expected [native-]unix:PATH or [native-]tcp:HOST:PORT");
+                };
+                Ok(TapListener { native, endpoint })
+            })
+            .collect()
+    }
+}
+
+/// Claims every unix path among `listeners` (see [`claim_socket`]).
+pub(super) fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<SocketClaim>> {
+    listeners
+        .iter()
+        .filter_map(|l| match &l.endpoint {
+            Endpoint::Unix(p) => Some(claim_socket(p)),
+            Endpoint::Tcp(_) => None,
+        })
+        .collect()
+}
+
+/// Serves the exports to taps on each listener: NBD (QEMU's block mirror)
+/// or the native tap protocol, unix or TCP. The claims of the unix paths
+/// are held for the life of the process.
+pub(super) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<SocketClaim>, exports: Arc<Exports>) -> Result<()> {
+    for TapListener { native, endpoint } in listeners {
+        // Both kinds of tap serve the same exports; each connection gets a
+        // thread of its own.
+        let session = move |exports: &Exports, r: Reader, w: Writer| {
+            if native {
+                match crate::native_tap::serve(r, w, exports) {
+                    Ok(crate::native_tap::Ending::Refused(why)) => tracing::warn!("native tap refused: {why}"),
+                    Ok(end) => tracing::info!("native tap ended: {end:?}"),
+                    Err(e) => tracing::warn!("native tap failed: {e}"),
+                }
+            } else {
+                log_end(serve(r, w, exports));
+            }
+        };
+        let exports = exports.clone();
+        match endpoint {
+            Endpoint::Unix(path) => {
+                let l = UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+                let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c)))
+                    .flatten()
+                    .filter_map(|c| Some(halves(c.try_clone().ok()?, c)));
+                accept_each(conns, exports, session);
+            }
+            Endpoint::Tcp(addr) => {
+                let l = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
+                let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c))).flatten().filter_map(|c| {
+                    let _ = c.set_nodelay(true);
+                    Some(halves(c.try_clone().ok()?, c))
+                });
+                accept_each(conns, exports, session);
+            }
+        }
+    }
+    // The paths stay ours until the process ends.
+    std::mem::forget(claims);
+    Ok(())
+}
+
+pub(super) type Reader = Box<dyn Read + Send>;
+pub(super) type Writer = Box<dyn Write + Send>;
+
+pub(super) fn halves(r: impl Read + Send + 'static, w: impl Write + Send + 'static) -> (Reader, Writer) {
+    (Box::new(r), Box::new(w))
+}
+
+/// Serves each accepted connection on a thread of its own.
+pub(super) fn accept_each(
+    conns: impl Iterator<Item = (Reader, Writer)> + Send + 'static,
+    exports: Arc<Exports>,
+    session: impl Fn(&Exports, Reader, Writer) + Copy + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        for (r, w) in conns {
+            let exports = exports.clone();
+            std::thread::spawn(move || session(&exports, r, w));
+        }
+    });
+}
+
+pub(super) fn log_end(r: std::io::Result<Ending>) {
+    match r {
+        Ok(Ending::Protocol(why)) => tracing::warn!("tap connection dropped: {why}"),
+        Ok(end) => tracing::info!("tap connection ended: {end:?}"),
+        Err(e) => tracing::warn!("tap connection failed: {e}"),
+    }
+}
+
+/// A tap disk whose FLUSH (and so FUA) makes nothing durable: only for the
+/// control runs that show a durability checker catches the loss.
+#[derive(Debug)]
+pub(super) struct NoDurability(pub(super) Arc<TapDisk>);
+
+impl BlockExport for NoDurability {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        self.0.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), ExportError> {
+        self.0.write(offset, data)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.0.write_zeroes(offset, len)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.0.trim(offset, len)
+    }
+    fn flush(&self) -> Result<(), ExportError> {
+        Ok(())
+    }
+}
