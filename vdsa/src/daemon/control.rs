@@ -7,9 +7,9 @@
 //! and the connection closed, without buffering it), and a line that is not
 //! UTF-8 gets an error reply.
 //!
-//! A unix socket path is claimed with a lock file beside it, so a second
-//! daemon given the same path refuses to start and names the running one
-//! instead of silently taking the path over.
+//! A unix socket path (and a source's spill file) is claimed with a lock
+//! file beside it, so a second daemon given the same path refuses to start
+//! and names the running one instead of silently taking the path over.
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -68,18 +68,19 @@ pub fn not_served(service: &str, req: &ControlRequest) -> anyhow::Error {
     anyhow::anyhow!("op {:?} is not served by `vdsa {service}`", req.op())
 }
 
-/// Holds a unix socket path for this process: a lock file `PATH.lock`
-/// with our pid, locked for as long as the value lives.
+/// Holds a path for this process alone (a unix socket it listens on, a
+/// spill file it truncates): a lock file `PATH.lock` with our pid, locked
+/// for as long as the value lives.
 #[derive(Debug)]
-pub struct SocketClaim {
+pub struct PathClaim {
     _lock: File,
     pub path: PathBuf,
 }
 
-/// Claims `path` for a listening socket: refuses, naming the holder, if a
-/// running process holds it; otherwise removes a stale socket left by a
-/// process that died.
-pub fn claim_socket(path: &Path) -> Result<SocketClaim> {
+/// Claims `path`: refuses, naming the holder, if a running process holds
+/// it; otherwise removes what a process that died left there (a stale
+/// socket, an old spill file), so the caller creates it afresh.
+pub fn claim_path(path: &Path) -> Result<PathClaim> {
     let lock_path = PathBuf::from(format!("{}.lock", path.display()));
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -106,18 +107,18 @@ pub fn claim_socket(path: &Path) -> Result<SocketClaim> {
         .and_then(|()| f.write_all(format!("{}\n", std::process::id()).as_bytes()))
         .with_context(|| format!("writing {}", lock_path.display()))?;
     match std::fs::remove_file(path) {
-        Ok(()) => tracing::info!(path = %path.display(), "removed a stale socket left by a stopped process"),
+        Ok(()) => tracing::info!(path = %path.display(), "removed what a stopped process left there"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
+        Err(e) => return Err(e).with_context(|| format!("removing the stale {}", path.display())),
     }
-    Ok(SocketClaim { _lock: f, path: path.to_path_buf() })
+    Ok(PathClaim { _lock: f, path: path.to_path_buf() })
 }
 
 /// Answers control requests on the claimed socket, one at a time (under
 /// `lock`); prints READY once listening. A reply with "bye" ends the
 /// process.
 pub fn serve_control(
-    claim: SocketClaim,
+    claim: PathClaim,
     lock: Arc<Mutex<()>>,
     handler: impl Fn(ControlRequest) -> Result<Value> + Send + Sync + 'static,
 ) -> Result<()> {
@@ -253,12 +254,12 @@ mod tests {
     fn a_claimed_socket_path_is_refused_naming_the_holder() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("ctl.sock");
-        let first = claim_socket(&path).unwrap_or_else(|e| panic!("{e:#}"));
+        let first = claim_path(&path).unwrap_or_else(|e| panic!("{e:#}"));
         // flock locks belong to the open file description: a second open
         // in this process conflicts like another process would.
-        let e = claim_socket(&path).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let e = claim_path(&path).err().map(|e| format!("{e:#}")).unwrap_or_default();
         assert!(e.contains(&format!("process {}", std::process::id())), "{e}");
         drop(first);
-        assert!(claim_socket(&path).is_ok());
+        assert!(claim_path(&path).is_ok());
     }
 }

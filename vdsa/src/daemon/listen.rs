@@ -2,7 +2,7 @@
 //! protocol, over a unix or TCP socket), its unix path claimed for this
 //! process, and a thread per connection serving the exports.
 
-use super::control::{claim_socket, SocketClaim};
+use super::control::{claim_path, PathClaim};
 use crate::nbd::server::{serve, BlockExport, Ending, ExportError, Exports};
 use crate::tap::TapDisk;
 use anyhow::{bail, Context, Result};
@@ -47,12 +47,12 @@ impl TapListener {
     }
 }
 
-/// Claims every unix path among `listeners` (see [`claim_socket`]).
-pub(super) fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<SocketClaim>> {
+/// Claims every unix path among `listeners` (see [`claim_path`]).
+pub(super) fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<PathClaim>> {
     listeners
         .iter()
         .filter_map(|l| match &l.endpoint {
-            Endpoint::Unix(p) => Some(claim_socket(p)),
+            Endpoint::Unix(p) => Some(claim_path(p)),
             Endpoint::Tcp(_) => None,
         })
         .collect()
@@ -61,7 +61,7 @@ pub(super) fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<SocketCla
 /// Serves the exports to taps on each listener: NBD (QEMU's block mirror)
 /// or the native tap protocol, unix or TCP. The claims of the unix paths
 /// are held for the life of the process.
-pub(super) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<SocketClaim>, exports: Arc<Exports>) -> Result<()> {
+pub(super) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<PathClaim>, exports: Arc<Exports>) -> Result<()> {
     for TapListener { native, endpoint } in listeners {
         // Both kinds of tap serve the same exports; each connection gets a
         // thread of its own.

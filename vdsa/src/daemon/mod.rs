@@ -19,7 +19,7 @@ use crate::nbd::server::Exports;
 use crate::tap::{TapDisk, TapStream};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use control::{claim_socket, not_served, serve_control, ControlRequest};
+use control::{claim_path, not_served, serve_control, ControlRequest};
 use listen::{claim_listeners, serve_taps, NoDurability, TapListener};
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
 use serde_json::{json, Value};
@@ -250,7 +250,7 @@ fn tap_serve(
     // created or taken over.
     let disks: Vec<(String, DiskId, u64)> = taps.disk.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?;
     let listeners = TapListener::parse_all(&taps.listen)?;
-    let control = claim_socket(&taps.control)?;
+    let control = claim_path(&taps.control)?;
     let claims = claim_listeners(&listeners)?;
     let journal = Journal::open(&dir, config).with_context(|| format!("opening journal {}", dir.display()))?;
     warn_if_full(&journal);
@@ -385,8 +385,10 @@ fn source(a: SourceArgs) -> Result<()> {
         spill_bytes: parse_size(&a.spill_size)?,
         backpressure,
     };
-    let control = claim_socket(&a.taps.control)?;
-    let claims = claim_listeners(&listeners)?;
+    let control = claim_path(&a.taps.control)?;
+    let mut claims = claim_listeners(&listeners)?;
+    // The spill file is truncated at start: never another daemon's.
+    claims.push(claim_path(&queue.spill_path)?);
     let stream = SourceStream::new(opts, queue).context("creating the send queue")?;
     if a.no_initial_sync {
         stream.set_syncing(false);
@@ -457,15 +459,17 @@ fn source_checkpoint(
 fn target(a: TargetArgs) -> Result<()> {
     use crate::replication::target::{TargetOptions, TargetServer};
     let identity = crate::wire::tls::SiteIdentity::load(&a.certs)?;
+    // The addresses are taken before anything is created or opened: a
+    // daemon that cannot have them changes nothing.
+    let control = claim_path(&a.control)?;
+    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     std::fs::create_dir_all(&a.root).with_context(|| format!("creating {}", a.root.display()))?;
     let server = TargetServer::new(TargetOptions {
         root: a.root,
         heartbeat: Duration::from_millis(a.heartbeat_ms.max(50)),
         journal: JournalConfig::default(),
     });
-    let control = claim_socket(&a.control)?;
     server.open_existing().context("opening the VPG journals")?;
-    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     let cfg = identity.server_config()?;
     let srv = server.clone();
     std::thread::spawn(move || srv.serve(listener, cfg));

@@ -143,3 +143,58 @@ fn the_control_socket_refuses_bad_requests_by_name() {
     let ok = call(dir.path(), br#"{"op":"checkpoint","name":"before patch"}"#);
     assert_eq!(ok["ok"], json!(true), "{ok}");
 }
+
+/// A second target given the running one's port is refused before it
+/// creates or opens anything.
+#[test]
+fn a_second_target_on_the_same_port_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (certs, peer) = (dir.path().join("certs"), dir.path().join("peer"));
+    let vdsa = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vdsa")).args(args).output().unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let os = std::ffi::OsStr::new;
+    vdsa(&[os("certs"), os("create"), os("--site"), os("dr"), os("--dir"), certs.as_os_str()]);
+    vdsa(&[os("certs"), os("create"), os("--site"), os("prod"), os("--dir"), peer.as_os_str()]);
+    let peer_ca = peer.join("ca.pem");
+    vdsa(&[
+        os("certs"),
+        os("trust"),
+        os("--dir"),
+        certs.as_os_str(),
+        os("--peer-site"),
+        os("prod"),
+        os("--ca"),
+        peer_ca.as_os_str(),
+    ]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let target = |n: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vdsa"));
+        cmd.args(["target", "--listen", &format!("127.0.0.1:{port}"), "--certs"])
+            .arg(&certs)
+            .arg("--root")
+            .arg(dir.path().join(format!("root-{n}")))
+            .arg("--control")
+            .arg(dir.path().join(format!("ctl-{n}.sock")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let mut first = target("a").spawn().unwrap_or_else(|e| panic!("{e}"));
+    let out = first.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let first = TapServe(first);
+    let mut line = String::new();
+    let _ = BufReader::new(out).read_line(&mut line);
+    assert_eq!(line.trim(), "READY");
+    let second = target("b").output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "the error names the address: {err}");
+    assert!(!dir.path().join("root-b").exists(), "the refused target created its root");
+    drop(first);
+}
