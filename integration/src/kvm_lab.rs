@@ -59,9 +59,15 @@ impl VdsaProcess {
     /// `lab` is the lab binary (`lab vdsa ...` runs the daemon); `disk` is
     /// NAME=SIZE.
     pub fn start(lab: &Path, dir: &Path, disk: &str) -> Result<VdsaProcess> {
+        VdsaProcess::start_with_journal(lab, dir, &dir.join("journal"), disk)
+    }
+
+    /// The same, with the journal at `journal` (on another file system,
+    /// say).
+    pub fn start_with_journal(lab: &Path, dir: &Path, journal: &Path, disk: &str) -> Result<VdsaProcess> {
         let control = dir.join("ctl.sock");
         let tap_sock = dir.join("tap.sock");
-        let journal = dir.join("journal");
+        let journal = journal.to_path_buf();
         let args: Vec<String> = vec![
             "tap-serve".into(),
             "--disk".into(),
@@ -90,6 +96,11 @@ impl VdsaProcess {
     /// SIGKILL.
     pub fn kill(self) {
         self.daemon.kill()
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        self.daemon.log_text()
     }
 }
 

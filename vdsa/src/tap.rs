@@ -72,6 +72,12 @@ impl CheckpointBarrier {
 #[error("the checkpoint barrier failed (a thread panicked holding it); the tap stream stops")]
 pub struct BarrierPoisoned;
 
+impl From<BarrierPoisoned> for ExportError {
+    fn from(e: BarrierPoisoned) -> Self {
+        ExportError::new(EIO, e.to_string())
+    }
+}
+
 /// One stream of tapped writes (one VDSA's writes of one VPG) into a journal.
 #[derive(Debug)]
 pub struct TapStream {
@@ -124,7 +130,7 @@ impl TapStream {
             *next += 1;
             StreamPosition { lsn, seq }
         };
-        self.barrier.acknowledge(written).map_err(|e| ExportError::new(EIO, e.to_string()))
+        Ok(self.barrier.acknowledge(written)?)
     }
 
     /// Inserts a checkpoint: holds acknowledgements, cuts the stream after

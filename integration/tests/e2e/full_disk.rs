@@ -4,27 +4,13 @@
 
 use crate::replication::{lab, ok};
 use crate::SmallDisk;
-use integration::replication_lab::Daemon;
+use integration::kvm_lab::VdsaProcess;
 use rand::{RngCore, SeedableRng};
 use serde_json::json;
 use vdsa::nbd::client::NbdClient;
 
-fn start(dir: &std::path::Path, journal: &std::path::Path) -> Daemon {
-    let args: Vec<String> = [
-        "tap-serve",
-        "--journal",
-        &journal.display().to_string(),
-        "--listen",
-        &format!("unix:{}", dir.join("tap.sock").display()),
-        "--control",
-        &dir.join("ctl.sock").display().to_string(),
-        "--disk",
-        "d0=256M",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    ok(Daemon::start(lab(), &args, &dir.join("ctl.sock"), &dir.join("vdsa.log")))
+fn start(dir: &std::path::Path, journal: &std::path::Path) -> VdsaProcess {
+    ok(VdsaProcess::start_with_journal(lab(), dir, journal, "d0=256M"))
 }
 
 #[test]
@@ -33,7 +19,7 @@ fn a_vdsa_on_a_full_journal_disk_starts_and_says_so() {
     let small = SmallDisk::mount(&dir.path().join("small"), "24M");
     let journal = small.0.join("journal");
     let daemon = start(dir.path(), &journal);
-    let mut tap = ok(NbdClient::connect_unix(&dir.path().join("tap.sock"), "d0").map_err(Into::into));
+    let mut tap = ok(NbdClient::connect_unix(&daemon.tap_sock, "d0").map_err(Into::into));
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut buf = vec![0u8; 1 << 20];
     rng.fill_bytes(&mut buf);
@@ -58,7 +44,7 @@ fn a_vdsa_on_a_full_journal_disk_starts_and_says_so() {
     let st = ok(daemon.call(json!({"op": "status"})));
     assert_eq!(st["journal_disk_full"], json!(true), "{st}");
     assert!(daemon.log_text().contains("the journal's disk is full"), "{}", daemon.log_text());
-    let mut tap = ok(NbdClient::connect_unix(&dir.path().join("tap.sock"), "d0").map_err(Into::into));
+    let mut tap = ok(NbdClient::connect_unix(&daemon.tap_sock, "d0").map_err(Into::into));
     let mut got = vec![0u8; 1 << 20];
     ok(tap.read(0, &mut got).map_err(Into::into));
     assert!(got == first, "the flushed first MiB reads back");

@@ -245,7 +245,9 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Creates the pack after the newest and makes it the active one.
     fn start_pack(&mut self) -> Result<()> {
+        self.active = self.packs.keys().next_back().map_or(1, |n| n + 1);
         let path = pack_path(&self.dir, self.active);
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -340,10 +342,7 @@ impl ChunkStore {
         match self.packs.get(&self.active) {
             Some(p) if p.len + self.pending.len() as u64 >= self.pack_bytes => self.roll_pack(w)?,
             Some(_) => {}
-            None => {
-                self.active = self.packs.keys().next_back().map_or(1, |n| n + 1);
-                self.start_pack()?;
-            }
+            None => self.start_pack()?,
         }
         let offset = self.packs.get(&self.active).map_or(0, |p| p.len) + self.pending.len() as u64;
         u32::try_from(offset).map_err(|_| JournalError::InvalidWrite("pack offset overflow".into()))
@@ -351,7 +350,6 @@ impl ChunkStore {
 
     fn roll_pack(&mut self, w: &mut Writer) -> Result<()> {
         self.flush_pending(w)?;
-        self.active = self.packs.keys().next_back().map_or(1, |n| n + 1);
         self.start_pack()
     }
 

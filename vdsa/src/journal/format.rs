@@ -25,6 +25,15 @@ pub const MAX_PAYLOAD: usize = 64 << 20;
 /// inside `MAX_PAYLOAD`.
 pub const MAX_CHECKPOINT_NAME: usize = 1024;
 
+/// Why `name` cannot be a checkpoint's name, if it cannot: the one check
+/// for the journal and for a source that queues a marker.
+pub fn check_checkpoint_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_CHECKPOINT_NAME {
+        return Err(format!("its name is {} bytes; at most {MAX_CHECKPOINT_NAME} are kept", name.len()));
+    }
+    Ok(())
+}
+
 pub const TYPE_WRITE: u8 = 1;
 pub const TYPE_CHECKPOINT: u8 = 2;
 pub const TYPE_COMMIT: u8 = 3;

@@ -23,7 +23,7 @@ mod view;
 mod writer;
 
 pub use error::{JournalError, Result};
-pub use format::MAX_CHECKPOINT_NAME;
+pub use format::check_checkpoint_name;
 pub use model::{
     BlockQuery, Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, StreamPosition, TapWrite, WireBlock,
     WriteData, BLOCK_SIZE,
@@ -662,13 +662,7 @@ impl State {
     }
 
     fn mark_checkpoint(&mut self, spec: CheckpointSpec) -> Result<Checkpoint> {
-        if spec.name.len() > format::MAX_CHECKPOINT_NAME {
-            return Err(JournalError::InvalidCheckpoint(format!(
-                "its name is {} bytes; at most {} are kept",
-                spec.name.len(),
-                format::MAX_CHECKPOINT_NAME
-            )));
-        }
+        format::check_checkpoint_name(&spec.name).map_err(JournalError::InvalidCheckpoint)?;
         if spec.cuts.len() > usize::from(u16::MAX) {
             return Err(JournalError::InvalidCheckpoint(format!(
                 "{} cuts; a journal holds at most {} streams",

@@ -166,7 +166,7 @@ impl SourceStream {
         };
         // A source keeps no journal: only the barrier's hold matters here,
         // and the marker goes after the last queued write (`checkpoint`).
-        self.barrier.acknowledge(StreamPosition { lsn: 0, seq }).map_err(|e| ExportError::new(EIO, e.to_string()))
+        Ok(self.barrier.acknowledge(StreamPosition { lsn: 0, seq })?)
     }
 
     fn note_synced(&self, disk: DiskId, offset: u64, len: u64) {
@@ -193,16 +193,8 @@ impl SourceStream {
     /// Returns the kind recorded: inconsistent while a sync runs or writes
     /// were dropped to the dirty bitmap.
     pub fn checkpoint(&self, id: u64, name: &str, kind: CheckpointKind) -> io::Result<CheckpointKind> {
-        if name.len() > crate::journal::MAX_CHECKPOINT_NAME {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "checkpoint name of {} bytes; at most {} are kept",
-                    name.len(),
-                    crate::journal::MAX_CHECKPOINT_NAME
-                ),
-            ));
-        }
+        crate::journal::check_checkpoint_name(name)
+            .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, format!("checkpoint refused: {why}")))?;
         let next = self.next_seq.lock().map_err(|_| io::Error::other("sequencer poisoned"))?;
         self.barrier.prepare().map_err(io::Error::other)?;
         let kind = if self.is_syncing() { CheckpointKind::Inconsistent } else { kind };
