@@ -9,6 +9,7 @@ macro_rules! uuid_id {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
         #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(value_type = String, format = Uuid))]
         pub struct $name(pub Uuid);
 
         impl $name {
@@ -79,6 +80,7 @@ uuid_id!(
 /// A checkpoint of a VPG. Checkpoint ids grow with time within a VPG, so
 /// their order is the order of the points in time they name.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(value_type = u64))]
 pub struct CheckpointId(pub u64);
 
 impl fmt::Display for CheckpointId {

@@ -9,15 +9,19 @@
 //! small, pure and cheap to compile.
 
 mod ids;
+pub mod mgmt;
 mod retention;
 mod status;
+mod vpg;
 
 pub use ids::{CheckpointId, DiskId, HostId, SiteId, StreamId, VmId, VpgId};
 pub use retention::{RetentionPolicy, SparseTier};
 pub use status::{IllegalTransition, VpgStatus};
+pub use vpg::{
+    DiskSpec, InvalidSetting, Priority, ProtectedVm, VpgSettings, CHECKPOINT_INTERVAL_MS, JOURNAL_HISTORY_SECS,
+};
 
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 
 /// What a guest write did to its range. One vocabulary for the tap, the
 /// journal's log, the wire and the send queue; each format has its own
@@ -34,6 +38,7 @@ pub enum WriteKind {
 
 /// What kind of recovery point a checkpoint is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum CheckpointKind {
     /// Inserted by the site manager on its timer (every few seconds).
     Automatic,
@@ -57,34 +62,5 @@ impl CheckpointKind {
     /// them) are the ones an operator named or an application quiesced.
     pub fn is_notable(self) -> bool {
         matches!(self, CheckpointKind::Named | CheckpointKind::ApplicationConsistent)
-    }
-}
-
-/// Settings of one virtual protection group.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VpgSettings {
-    pub id: VpgId,
-    pub name: String,
-    /// VMs in boot order.
-    pub vms: Vec<VmId>,
-    /// How often the site manager inserts an automatic checkpoint.
-    pub checkpoint_interval: Duration,
-    /// How long a checkpoint barrier may hold the taps before it is aborted.
-    pub barrier_timeout: Duration,
-    pub retention: RetentionPolicy,
-}
-
-impl VpgSettings {
-    /// The defaults of architecture.md §3 (5 s checkpoints, 500 ms barrier) and a
-    /// 24 h journal.
-    pub fn new(name: impl Into<String>) -> Self {
-        VpgSettings {
-            id: VpgId::new(),
-            name: name.into(),
-            vms: Vec::new(),
-            checkpoint_interval: Duration::from_secs(5),
-            barrier_timeout: Duration::from_millis(500),
-            retention: RetentionPolicy::Time { history: Duration::from_secs(24 * 3600) },
-        }
     }
 }

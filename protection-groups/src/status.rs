@@ -5,6 +5,7 @@ use std::fmt;
 
 /// Where a VPG is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum VpgStatus {
     /// Created; initial sync running.
     Initializing,

@@ -31,6 +31,9 @@ enum Top {
         #[arg(long)]
         url: String,
     },
+    /// Run the site manager daemon: store, API over HTTPS, the management
+    /// link its VDSAs dial, the reconciler and checkpoint coordinator.
+    Serve(ServeArgs),
     /// Operations on a vCenter: VDSAs, VMs, test networks.
     Vsphere {
         #[command(flatten)]
@@ -38,6 +41,33 @@ enum Top {
         #[command(subcommand)]
         op: VsphereOp,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The data folder: store, site CA, admin token.
+    #[arg(long)]
+    data: PathBuf,
+    /// HOST:PORT for the API (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:9440")]
+    listen: std::net::SocketAddr,
+    /// HOST:PORT VDSAs dial (default: the API's port plus one).
+    #[arg(long)]
+    management_listen: Option<std::net::SocketAddr>,
+    /// The site's name on its first start.
+    #[arg(long, default_value = "site")]
+    name: String,
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let management_listen = a.management_listen.unwrap_or_else(|| {
+        let mut m = a.listen;
+        m.set_port(if a.listen.port() == 0 { 0 } else { a.listen.port().wrapping_add(1) });
+        m
+    });
+    let config = crate::state::ServeConfig { data: a.data, api_listen: a.listen, management_listen };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(crate::server::serve(config, &a.name))
 }
 
 #[derive(Args)]
@@ -156,6 +186,7 @@ fn connect(c: &Connection) -> Result<VsphereSite> {
 
 fn run(cli: Cli) -> Result<()> {
     let (conn, op) = match cli.command {
+        Top::Serve(a) => return serve(a),
         Top::Thumbprint { url } => {
             let der = vsphere_client::soap::fetch_server_certificate(&url)?;
             let (sha1, sha256) = vsphere_client::soap::thumbprints(&der);

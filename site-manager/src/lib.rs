@@ -1,13 +1,23 @@
 //! The site manager: the control plane of one site.
 //!
-//! It will own the persistent store (sled), the REST API and web UI, pairing
-//! with the peer site, the checkpoint coordinator (the two-phase barrier of
-//! architecture.md §3), recovery orchestration (failover, tests, move, failback),
-//! monitoring and log collection, and the operator CLI.
+//! It owns the persistent store (sled), the REST API, the management link
+//! its VDSAs dial, the reconciler that drives them towards the VPGs'
+//! definitions, the checkpoint coordinator (the two-phase barrier of
+//! docs/architecture.md §3), the hypervisor adapters (KVM over QMP, vSphere)
+//! and the operator CLI.
 //!
 //! It must not touch replicated data itself: bytes flow through the VDSAs;
 //! the site manager only tells them what to do.
 
+pub mod api;
 pub mod cli;
+pub mod coordinator;
 pub mod kvm;
+pub mod mgmt;
+pub mod model;
+pub mod pki;
+pub mod reconcile;
+pub mod server;
+pub mod state;
+pub mod store;
 pub mod vsphere;

@@ -1,0 +1,234 @@
+//! The management link between a site manager and its VDSAs: one message
+//! enum per direction, shared by both daemons (docs/management-protocol.md).
+//!
+//! Each frame is a 4-byte big-endian length and that many bytes of one JSON
+//! message; the framing and the TLS transport live in each daemon. The VDSA
+//! always dials. Words kept apart: the *registration token* a VDSA presents
+//! once to get its certificate, the *manager generation* that fences a
+//! stale site manager, and the wire's *replication epoch* (in a role).
+
+use crate::{CheckpointId, CheckpointKind, DiskSpec, HostId, RetentionPolicy, StreamId, VpgId};
+use serde::{Deserialize, Serialize};
+
+/// The protocol version both sides put in their first message. A peer of
+/// another version is refused with a message that names both.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest frame either side accepts.
+pub const MAX_FRAME_BYTES: u32 = 4 << 20;
+
+/// The name the site manager's certificate carries on the management link.
+pub const SITE_MANAGER_NAME: &str = "site-manager";
+
+/// VDSA → site manager.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VdsaMessage {
+    /// First frame of a link without a certificate (server-authenticated TLS
+    /// whose CA the VDSA checked against the hash its token carries).
+    Register {
+        protocol: u32,
+        /// The one-time registration token.
+        token: String,
+        /// This host's name, as the hypervisor knows it.
+        host_name: String,
+        /// A PKCS#10 request for the VDSA's own key: the key never leaves it.
+        csr_pem: String,
+        software_version: String,
+    },
+    /// First frame of a mutual-TLS link.
+    Hello {
+        protocol: u32,
+        host: HostId,
+        /// The newest manager generation this VDSA has obeyed.
+        newest_generation: u64,
+        /// The newest checkpoint id it has placed, in any VPG (so that a
+        /// site manager restored from a backup can `reclaim` above it).
+        newest_checkpoint: CheckpointId,
+        /// How long it holds tap acknowledgements for a barrier at most.
+        hold_limit_ms: u64,
+        /// HOST:PORT its replication listener accepts source links on.
+        replication_address: String,
+        software_version: String,
+    },
+    /// What the VDSA runs, every heartbeat interval and after each change.
+    Report { actual: ActualState },
+    /// PREPARE done: every source role of the VPG holds its acknowledgements
+    /// and has placed the marker.
+    Prepared { vpg: VpgId, checkpoint: CheckpointId },
+    /// PREPARE could not be done; the VDSA holds nothing for it.
+    PrepareFailed { vpg: VpgId, checkpoint: CheckpointId, reason: String },
+    /// The decision for a marker is written into the stream and the hold
+    /// released; `committed: false` also when the VDSA's own hold limit
+    /// ran out first.
+    Decided { vpg: VpgId, checkpoint: CheckpointId, committed: bool, reason: String },
+    /// A command this VDSA does not obey, and why (an older generation, a
+    /// role it cannot run).
+    Refused { reason: String },
+}
+
+/// Site manager → VDSA. Every command carries the manager generation; a
+/// VDSA ignores one older than the newest it has obeyed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ManagerMessage {
+    /// Answer to `Register`: the VDSA's identity. From now on it dials with
+    /// mutual TLS.
+    Registered {
+        host: HostId,
+        certificate_pem: String,
+        /// The site CA: the only CA the VDSA trusts for its site manager.
+        site_ca_pem: String,
+    },
+    /// Answer to `Hello`.
+    Welcome { protocol: u32, generation: u64 },
+    /// The whole desired state; the VDSA reconciles towards it.
+    Desired { generation: u64, state: DesiredState },
+    /// Phase one of the checkpoint barrier (docs/architecture.md §3).
+    Prepare { generation: u64, vpg: VpgId, checkpoint: CheckpointId, kind: CheckpointKind, name: String },
+    /// Phase two: every source VDSA of the VPG answered.
+    Commit { generation: u64, vpg: VpgId, checkpoint: CheckpointId },
+    /// Phase two when one did not answer in time or failed.
+    Abort { generation: u64, vpg: VpgId, checkpoint: CheckpointId, reason: String },
+    /// The link is refused (bad or reused token, unknown host, wrong
+    /// protocol version); the VDSA logs it and retries later.
+    Refused { reason: String },
+}
+
+impl ManagerMessage {
+    /// The manager generation a command carries (None for answers that
+    /// are not commands).
+    pub fn generation(&self) -> Option<u64> {
+        match self {
+            ManagerMessage::Welcome { generation, .. }
+            | ManagerMessage::Desired { generation, .. }
+            | ManagerMessage::Prepare { generation, .. }
+            | ManagerMessage::Commit { generation, .. }
+            | ManagerMessage::Abort { generation, .. } => Some(*generation),
+            ManagerMessage::Registered { .. } | ManagerMessage::Refused { .. } => None,
+        }
+    }
+}
+
+/// Everything a VDSA should run. `version` grows with each change, so a
+/// report says which desired state it has reached.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredState {
+    pub version: u64,
+    pub sources: Vec<SourceRole>,
+    pub targets: Vec<TargetRole>,
+}
+
+/// One stream at its source VDSA: the VPG's disks on this host that recover
+/// to one target VDSA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceRole {
+    pub vpg: VpgId,
+    pub stream: StreamId,
+    /// The replication epoch; a target refuses an older one.
+    pub epoch: u64,
+    pub target_host: HostId,
+    /// HOST:PORT of the target VDSA's replication listener.
+    pub target_address: String,
+    pub disks: Vec<DiskSpec>,
+    /// Streams of the VPG into the same target (each places every marker).
+    pub streams_to_target: u16,
+    /// Link bandwidth limit in bytes per second, 0 for none.
+    pub bandwidth_bytes_per_sec: u64,
+}
+
+/// One VPG's journal at a target VDSA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetRole {
+    pub vpg: VpgId,
+    pub epoch: u64,
+    /// The streams it accepts; any other is refused.
+    pub streams: Vec<StreamId>,
+    pub disks: Vec<DiskSpec>,
+    pub retention: RetentionPolicy,
+}
+
+/// What a VDSA runs now.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActualState {
+    /// The desired-state version it has reconciled to.
+    pub desired_version: u64,
+    pub roles: Vec<RoleState>,
+    /// Free bytes on the volume of its journals and spill files.
+    pub data_free_bytes: u64,
+}
+
+/// Source or target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleKind {
+    Source,
+    Target,
+}
+
+/// Where a role is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolePhase {
+    /// Created, not yet linked to its peer.
+    Starting,
+    /// Initial or delta sync running: checkpoints are inconsistent.
+    Syncing,
+    /// Replicating write by write.
+    Protecting,
+    /// Stopped on purpose (a full journal volume pauses a VPG).
+    Paused,
+    /// Failed; `detail` says why.
+    Failed,
+}
+
+/// One role's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleState {
+    pub vpg: VpgId,
+    pub kind: RoleKind,
+    /// The stream (sources only).
+    pub stream: Option<StreamId>,
+    pub phase: RolePhase,
+    pub detail: String,
+    pub sync_done_bytes: u64,
+    pub sync_total_bytes: u64,
+    /// Source: the newest checkpoint the target acknowledged durable.
+    /// Target: the newest checkpoint complete and durable in its journal.
+    pub durable_checkpoint: CheckpointId,
+    /// Source: what the tap wrote; target: what it ingested.
+    pub written_bytes: u64,
+    /// Source: bytes on the link.
+    pub link_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_unknown_fields_are_refused() {
+        let m = ManagerMessage::Prepare {
+            generation: 3,
+            vpg: VpgId::new(),
+            checkpoint: CheckpointId(9),
+            kind: CheckpointKind::Automatic,
+            name: String::new(),
+        };
+        let json = serde_json::to_string(&m).unwrap_or_default();
+        assert!(json.contains(r#""type":"prepare""#), "{json}");
+        let back: ManagerMessage = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, m);
+        assert_eq!(back.generation(), Some(3));
+        let bad = json.replace(r#""generation":3"#, r#""generation":3,"extra":1"#);
+        assert!(serde_json::from_str::<ManagerMessage>(&bad).is_err());
+        let v = VdsaMessage::Refused { reason: "old".into() };
+        let json = serde_json::to_string(&v).unwrap_or_default();
+        assert_eq!(serde_json::from_str::<VdsaMessage>(&json).ok(), Some(v));
+    }
+}

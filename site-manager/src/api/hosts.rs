@@ -1,0 +1,139 @@
+//! The hosts service: hypervisor hosts, their VDSAs' state, and the
+//! registration tokens that let a VDSA join.
+
+use super::extract::{ApiJson, ApiPath, Caller};
+use super::{blocking, ApiError, ApiResult, AppState};
+use crate::model::{now_ms, ErrorBody, Host, NewHost, RegistrationToken, Role, VdsaState};
+use crate::pki::sha256_hex;
+use crate::state::new_secret;
+use crate::store::StoredRegistration;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use protection_groups::HostId;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+/// A registration token is good for this long.
+const REGISTRATION_VALID_MS: u64 = 24 * 3600 * 1000;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_hosts, add_host))
+        .routes(routes!(get_host, remove_host))
+        .routes(routes!(registration_token))
+}
+
+/// Every host with its VDSA's state.
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", responses((status = 200, body = Vec<Host>)))]
+async fn list_hosts(State(sm): State<AppState>, _caller: Caller) -> ApiResult<Json<Vec<Host>>> {
+    blocking(move || {
+        let mut all = sm.hosts_with_health()?;
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Json(all))
+    })
+    .await
+}
+
+/// Adds a host (its VDSA is not installed yet).
+#[utoipa::path(post, path = "/api/v1/hosts", tag = "hosts", request_body = NewHost,
+    responses((status = 201, body = Host), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn add_host(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewHost>,
+) -> ApiResult<(StatusCode, Json<Host>)> {
+    caller.require(Role::Admin)?;
+    if req.name.trim().is_empty() || req.name.len() > 253 || req.name.chars().any(|c| c.is_control() || c == '/') {
+        return Err(ApiError::bad("name", "name: 1 to 253 printable characters, no '/'"));
+    }
+    blocking(move || {
+        let hosts = sm.with_store(|s| s.hosts.list())?;
+        if hosts.iter().any(|h| h.name == req.name) {
+            return Err(ApiError::Conflict(format!("a host named {:?} exists", req.name)));
+        }
+        let h = Host {
+            id: HostId::new(),
+            name: req.name,
+            hypervisor: req.hypervisor,
+            vdsa: VdsaState::NotInstalled,
+            replication_address: None,
+            last_heartbeat_ms: None,
+            software_version: None,
+            vdsa_generation: 0,
+            vdsa_newest_checkpoint: 0,
+        };
+        sm.with_store(|s| s.hosts.put(h.id.as_bytes(), &h))?;
+        Ok((StatusCode::CREATED, Json(h)))
+    })
+    .await
+}
+
+fn host(sm: &AppState, id: Uuid) -> ApiResult<Host> {
+    sm.hosts_with_health()?
+        .into_iter()
+        .find(|h| h.id.0 == id)
+        .ok_or_else(|| ApiError::NotFound(format!("no host {}", HostId(id))))
+}
+
+/// One host.
+#[utoipa::path(get, path = "/api/v1/hosts/{id}", tag = "hosts", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Host), (status = 404, body = ErrorBody)))]
+async fn get_host(State(sm): State<AppState>, _caller: Caller, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<Host>> {
+    blocking(move || Ok(Json(host(&sm, id)?))).await
+}
+
+/// Removes a host that no VPG uses.
+#[utoipa::path(delete, path = "/api/v1/hosts/{id}", tag = "hosts", params(("id" = Uuid, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove_host(State(sm): State<AppState>, caller: Caller, ApiPath(id): ApiPath<Uuid>) -> ApiResult<StatusCode> {
+    caller.require(Role::Admin)?;
+    blocking(move || {
+        let h = host(&sm, id)?;
+        let vpgs = sm.with_store(|s| s.vpgs.list())?;
+        if let Some(v) = vpgs.iter().find(|v| v.settings.vms.iter().any(|m| m.host == h.id || m.recovery_host == h.id))
+        {
+            return Err(ApiError::Conflict(format!("host {} is used by VPG {:?}", h.name, v.settings.name)));
+        }
+        sm.with_store(|s| s.hosts.remove(h.id.as_bytes()))?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+/// Mints a one-time registration token for the host's VDSA (the KVM
+/// deploy: put it in the VDSA's config file). The host shows Installing
+/// until its VDSA registers with it.
+#[utoipa::path(post, path = "/api/v1/hosts/{id}/registration-token", tag = "hosts", params(("id" = Uuid, Path)),
+    responses((status = 201, body = RegistrationToken), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn registration_token(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<(StatusCode, Json<RegistrationToken>)> {
+    caller.require(Role::Admin)?;
+    blocking(move || {
+        let mut h = host(&sm, id)?;
+        if matches!(h.vdsa, VdsaState::Installed | VdsaState::Down) {
+            return Err(ApiError::Conflict(format!(
+                "host {} already has a registered VDSA (state {:?}); undeploy it first",
+                h.name, h.vdsa
+            )));
+        }
+        let secret = new_secret();
+        let expires_ms = now_ms() + REGISTRATION_VALID_MS;
+        let reg = StoredRegistration { host: h.id, expires_ms, used: false };
+        sm.with_store(|s| s.registrations.put(sha256_hex(secret.as_bytes()).as_bytes(), &reg))?;
+        h.vdsa = VdsaState::Installing;
+        sm.with_store(|s| s.hosts.put(h.id.as_bytes(), &h))?;
+        let token = RegistrationToken {
+            host: h.id,
+            token: format!("{secret}.{}", sm.pki.ca_sha256()),
+            expires_ms,
+            management_address: sm.management_address(),
+        };
+        Ok((StatusCode::CREATED, Json(token)))
+    })
+    .await
+}

@@ -1,0 +1,257 @@
+//! The protection groups service: VPGs, their VMs and status.
+
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::{blocking, ApiError, ApiResult, AppState};
+use crate::model::{now_ms, ErrorBody, NewVm, Role, Task, TaskDriver, Vpg};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use protection_groups::{VpgId, VpgSettings, VpgStatus};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_vpgs, create_vpg))
+        .routes(routes!(get_vpg, update_vpg, remove_vpg))
+        .routes(routes!(add_vm))
+        .routes(routes!(remove_vm))
+}
+
+/// A VPG and the task that brings it to Protecting (or removes it).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VpgTask {
+    pub vpg: Vpg,
+    pub task: Task,
+}
+
+/// Every VPG of this site.
+#[utoipa::path(get, path = "/api/v1/vpgs", tag = "vpgs", responses((status = 200, body = Vec<Vpg>)))]
+async fn list_vpgs(State(sm): State<AppState>, _caller: Caller) -> ApiResult<Json<Vec<Vpg>>> {
+    blocking(move || Ok(Json(sm.with_store(|s| s.vpgs.list())?))).await
+}
+
+/// Checks settings against this site's inventory: known hosts, a known
+/// recovery site, names and VMs not used by another VPG.
+fn check_inventory(sm: &AppState, settings: &VpgSettings, this: Option<VpgId>) -> ApiResult<()> {
+    settings.validate()?;
+    let site = sm.site()?;
+    let peer = sm.peer_site_id()?;
+    let local_recovery = settings.recovery_site == site.id;
+    if !local_recovery && Some(settings.recovery_site) != peer {
+        return Err(ApiError::bad(
+            "recovery_site",
+            format!("recovery_site: {} is neither this site nor its paired site", settings.recovery_site),
+        ));
+    }
+    let hosts = sm.with_store(|s| s.hosts.list())?;
+    for (i, vm) in settings.vms.iter().enumerate() {
+        if !hosts.iter().any(|h| h.id == vm.host) {
+            return Err(ApiError::bad(format!("vms[{i}].host"), format!("vms[{i}].host: no host {}", vm.host)));
+        }
+        if local_recovery && !hosts.iter().any(|h| h.id == vm.recovery_host) {
+            return Err(ApiError::bad(
+                format!("vms[{i}].recovery_host"),
+                format!("vms[{i}].recovery_host: no host {}", vm.recovery_host),
+            ));
+        }
+    }
+    for other in sm.with_store(|s| s.vpgs.list())?.into_iter().filter(|v| Some(v.id) != this) {
+        if other.settings.name == settings.name {
+            return Err(ApiError::Conflict(format!("a VPG named {:?} exists", settings.name)));
+        }
+        for vm in &settings.vms {
+            if other.settings.vm(vm.id).is_some() {
+                return Err(ApiError::Conflict(format!(
+                    "VM {} ({}) is already protected by VPG {:?}",
+                    vm.name, vm.id, other.settings.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates a VPG; the returned task ends when its initial sync is done.
+#[utoipa::path(post, path = "/api/v1/vpgs", tag = "vpgs", request_body = VpgSettings,
+    responses((status = 202, body = VpgTask), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_vpg(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiJson(settings): ApiJson<VpgSettings>,
+) -> ApiResult<(StatusCode, Json<VpgTask>)> {
+    caller.require(Role::Operator)?;
+    blocking(move || {
+        check_inventory(&sm, &settings, None)?;
+        let vpg = Vpg {
+            id: VpgId::new(),
+            status: VpgStatus::Initializing,
+            status_reason: "initial sync".into(),
+            created_ms: now_ms(),
+            revision: 1,
+            epoch: 1,
+            settings,
+        };
+        let task = sm.start_task(
+            "create_vpg",
+            format!("protect VPG {:?}", vpg.settings.name),
+            Some(vpg.id),
+            None,
+            TaskDriver::Vdsa,
+        )?;
+        sm.with_store(|s| s.vpgs.put(vpg.id.as_bytes(), &vpg))?;
+        sm.changed();
+        Ok((StatusCode::ACCEPTED, Json(VpgTask { vpg, task })))
+    })
+    .await
+}
+
+fn vpg(sm: &AppState, id: Uuid) -> ApiResult<Vpg> {
+    sm.with_store(|s| s.vpgs.get(VpgId(id).as_bytes()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no VPG {}", VpgId(id))))
+}
+
+/// One VPG.
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}", tag = "vpgs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Vpg), (status = 404, body = ErrorBody)))]
+async fn get_vpg(State(sm): State<AppState>, _caller: Caller, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<Vpg>> {
+    blocking(move || Ok(Json(vpg(&sm, id)?))).await
+}
+
+/// Statuses in which a VPG's definition may change.
+fn editable(status: VpgStatus) -> bool {
+    matches!(
+        status,
+        VpgStatus::Initializing | VpgStatus::Protecting | VpgStatus::MissingConfiguration | VpgStatus::Error
+    )
+}
+
+fn save_settings(sm: &AppState, mut v: Vpg, settings: VpgSettings) -> ApiResult<Vpg> {
+    if !editable(v.status) {
+        return Err(ApiError::Conflict(format!(
+            "VPG {:?} is {}; its definition can change only while protecting",
+            v.settings.name, v.status
+        )));
+    }
+    if settings.recovery_site != v.settings.recovery_site {
+        return Err(ApiError::bad("recovery_site", "recovery_site: cannot change; create a new VPG"));
+    }
+    check_inventory(sm, &settings, Some(v.id))?;
+    v.settings = settings;
+    v.revision += 1;
+    sm.with_store(|s| s.vpgs.put(v.id.as_bytes(), &v))?;
+    sm.changed();
+    Ok(v)
+}
+
+/// Replaces a VPG's settings (VMs included).
+#[utoipa::path(put, path = "/api/v1/vpgs/{id}", tag = "vpgs", params(("id" = Uuid, Path)), request_body = VpgSettings,
+    responses((status = 200, body = Vpg), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn update_vpg(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(settings): ApiJson<VpgSettings>,
+) -> ApiResult<Json<Vpg>> {
+    caller.require(Role::Operator)?;
+    blocking(move || {
+        let v = vpg(&sm, id)?;
+        Ok(Json(save_settings(&sm, v, settings)?))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct RemoveQuery {
+    /// Remove whatever the VPG's state (a failover or test in progress is
+    /// abandoned).
+    force: Option<bool>,
+}
+
+/// Removes a VPG: its roles are taken down at every VDSA, then its record.
+#[utoipa::path(delete, path = "/api/v1/vpgs/{id}", tag = "vpgs", params(("id" = Uuid, Path), RemoveQuery),
+    responses((status = 202, body = VpgTask), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove_vpg(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<RemoveQuery>,
+) -> ApiResult<(StatusCode, Json<VpgTask>)> {
+    caller.require(Role::Operator)?;
+    let force = q.force.unwrap_or(false);
+    blocking(move || {
+        let mut v = vpg(&sm, id)?;
+        if !force && !editable(v.status) {
+            return Err(ApiError::Conflict(format!(
+                "VPG {:?} is {}; remove it with force=true, or end what runs first",
+                v.settings.name, v.status
+            )));
+        }
+        v.status = v.status.transition(VpgStatus::RemoveInProgress)?;
+        v.status_reason = if force { "removal forced by an operator".into() } else { "removal".into() };
+        let task = sm.start_task(
+            "remove_vpg",
+            format!("remove VPG {:?}", v.settings.name),
+            Some(v.id),
+            None,
+            TaskDriver::SiteManager,
+        )?;
+        sm.with_store(|s| s.vpgs.put(v.id.as_bytes(), &v))?;
+        sm.changed();
+        Ok((StatusCode::ACCEPTED, Json(VpgTask { vpg: v, task })))
+    })
+    .await
+}
+
+/// Adds a VM (with its disks) to a VPG.
+#[utoipa::path(post, path = "/api/v1/vpgs/{id}/vms", tag = "vpgs", params(("id" = Uuid, Path)), request_body = NewVm,
+    responses((status = 200, body = Vpg), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn add_vm(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(vm): ApiJson<NewVm>,
+) -> ApiResult<Json<Vpg>> {
+    caller.require(Role::Operator)?;
+    blocking(move || {
+        let v = vpg(&sm, id)?;
+        if v.settings.vm(vm.id).is_some() {
+            return Err(ApiError::Conflict(format!("VM {} is already in VPG {:?}", vm.id, v.settings.name)));
+        }
+        let mut settings = v.settings.clone();
+        settings.vms.push(vm);
+        Ok(Json(save_settings(&sm, v, settings)?))
+    })
+    .await
+}
+
+/// Removes a VM from a VPG (its history stays in the journal until it
+/// ages out).
+#[utoipa::path(delete, path = "/api/v1/vpgs/{id}/vms/{vm}", tag = "vpgs", params(("id" = Uuid, Path), ("vm" = Uuid, Path)),
+    responses((status = 200, body = Vpg), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove_vm(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath((id, vm)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<Json<Vpg>> {
+    caller.require(Role::Operator)?;
+    blocking(move || {
+        let v = vpg(&sm, id)?;
+        let mut settings = v.settings.clone();
+        let before = settings.vms.len();
+        settings.vms.retain(|m| m.id.0 != vm);
+        if settings.vms.len() == before {
+            return Err(ApiError::NotFound(format!(
+                "VPG {:?} has no VM {}",
+                v.settings.name,
+                protection_groups::VmId(vm)
+            )));
+        }
+        Ok(Json(save_settings(&sm, v, settings)?))
+    })
+    .await
+}

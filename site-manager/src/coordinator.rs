@@ -1,0 +1,137 @@
+//! The checkpoint coordinator: the two-phase barrier across every source
+//! VDSA of a VPG (docs/architecture.md §3). PREPARE goes to each; when all
+//! answered within the deadline, COMMIT; otherwise ABORT. Ids come from the
+//! store's counter, so they grow across restarts. A checkpoint is
+//! recorded at once as consistent or not, and marked durable once every
+//! target VDSA of the VPG reports holding it.
+
+use crate::model::{now_ms, Checkpoint};
+use crate::state::SiteManager;
+use protection_groups::mgmt::{ManagerMessage, VdsaMessage};
+use protection_groups::{CheckpointId, CheckpointKind, HostId, VpgId};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long the coordinator waits for every PREPARE answer. A VDSA's own
+/// hold limit must be longer (it releases on its own after it).
+pub const PREPARE_DEADLINE: Duration = Duration::from_millis(500);
+
+/// Answers to one barrier in flight.
+#[derive(Debug)]
+struct Pending {
+    tx: mpsc::UnboundedSender<(HostId, VdsaMessage)>,
+}
+
+/// Routes PREPARE answers to the barrier waiting for them.
+#[derive(Debug, Default)]
+pub struct Coordinator {
+    pending: Mutex<HashMap<(VpgId, CheckpointId), Pending>>,
+    /// For control runs of the write-order checker only: COMMIT without
+    /// waiting for PREPARE answers, so the hold does not cover the cut.
+    pub unsafe_no_barrier: std::sync::atomic::AtomicBool,
+}
+
+impl Coordinator {
+    /// Called by a session with a PREPARE answer or a decision report.
+    pub fn on_answer(&self, host: HostId, m: VdsaMessage) {
+        let key = match &m {
+            VdsaMessage::Prepared { vpg, checkpoint } | VdsaMessage::PrepareFailed { vpg, checkpoint, .. } => {
+                (*vpg, *checkpoint)
+            }
+            VdsaMessage::Decided { vpg, checkpoint, committed, reason } => {
+                if !committed {
+                    tracing::info!(%host, %vpg, %checkpoint, %reason, "a VDSA aborted a checkpoint");
+                }
+                return;
+            }
+            _ => return,
+        };
+        if let Ok(p) = self.pending.lock() {
+            if let Some(p) = p.get(&key) {
+                let _ = p.tx.send((host, m));
+            }
+        }
+    }
+}
+
+/// The outcome of one barrier.
+#[derive(Debug, Clone)]
+pub struct BarrierOutcome {
+    pub checkpoint: Checkpoint,
+    /// First PREPARE sent to last COMMIT sent.
+    pub hold: Duration,
+}
+
+/// Runs one barrier over `hosts` (the VPG's source VDSAs) and records the
+/// checkpoint. Fails only if the store does.
+pub async fn take_checkpoint(
+    sm: &SiteManager,
+    vpg: VpgId,
+    hosts: &[HostId],
+    kind: CheckpointKind,
+    name: String,
+    id: CheckpointId,
+) -> Result<BarrierOutcome, crate::store::StoreError> {
+    let generation = sm.generation();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Ok(mut p) = sm.coordinator.pending.lock() {
+        p.insert((vpg, id), Pending { tx });
+    }
+    let started = tokio::time::Instant::now();
+    let mut missing: Vec<HostId> = Vec::new();
+    let mut sent = Vec::new();
+    for &h in hosts {
+        let prepare = ManagerMessage::Prepare { generation, vpg, checkpoint: id, kind, name: name.clone() };
+        match sm.link_sender(h) {
+            Some(tx) if tx.send(prepare).await.is_ok() => sent.push(h),
+            _ => missing.push(h),
+        }
+    }
+    let mut failed: Vec<String> = missing.iter().map(|h| format!("VDSA of host {h} is not connected")).collect();
+    let skip_wait = sm.coordinator.unsafe_no_barrier.load(std::sync::atomic::Ordering::Relaxed);
+    let mut answered: Vec<HostId> = Vec::new();
+    let deadline = started + PREPARE_DEADLINE;
+    while !skip_wait && failed.is_empty() && answered.len() < sent.len() {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((h, VdsaMessage::Prepared { .. }))) if sent.contains(&h) && !answered.contains(&h) => {
+                answered.push(h)
+            }
+            Ok(Some((h, VdsaMessage::PrepareFailed { reason, .. }))) => failed.push(format!("host {h}: {reason}")),
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                let late: Vec<String> = sent.iter().filter(|h| !answered.contains(h)).map(|h| h.to_string()).collect();
+                failed.push(format!(
+                    "no PREPARE answer within {} ms from {}",
+                    PREPARE_DEADLINE.as_millis(),
+                    late.join(", ")
+                ));
+            }
+        }
+    }
+    let commit = failed.is_empty() && !hosts.is_empty();
+    for &h in &sent {
+        let m = if commit {
+            ManagerMessage::Commit { generation, vpg, checkpoint: id }
+        } else {
+            ManagerMessage::Abort { generation, vpg, checkpoint: id, reason: failed.join("; ") }
+        };
+        if let Some(tx) = sm.link_sender(h) {
+            let _ = tx.send(m).await;
+        }
+    }
+    let hold = started.elapsed();
+    if let Ok(mut p) = sm.coordinator.pending.lock() {
+        p.remove(&(vpg, id));
+    }
+    let reason = if hosts.is_empty() { "the VPG has no protected host".to_string() } else { failed.join("; ") };
+    let checkpoint = Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent: commit, durable: false, reason };
+    let cp = checkpoint.clone();
+    sm.with_store(|s| {
+        s.put_checkpoint_unflushed(&cp)?;
+        s.flush()
+    })?;
+    Ok(BarrierOutcome { checkpoint, hold })
+}

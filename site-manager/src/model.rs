@@ -1,0 +1,264 @@
+//! The API's resources, typed once: the REST API serves them, the store
+//! keeps them as they are served, and the CLI reads them back
+//! (docs/api.md). Plain serde types with their OpenAPI schemas.
+
+use protection_groups::{CheckpointId, CheckpointKind, HostId, SiteId, VpgId, VpgSettings, VpgStatus};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What a token may do. Each role may do everything of the roles below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads only.
+    Viewer,
+    /// VPGs, checkpoints, tests, failover.
+    Operator,
+    /// Tokens, pairing, site settings, hosts, and all below.
+    Admin,
+}
+
+/// The site this manager runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Site {
+    pub id: SiteId,
+    pub name: String,
+    pub location: String,
+    pub contact: String,
+    /// Where the API and console are served, as operators reach it.
+    pub address: String,
+    pub api_port: u16,
+    /// Where VDSAs dial their site manager.
+    pub management_port: u16,
+    /// The port VDSAs of this site accept replication links on.
+    pub replication_port: u16,
+    /// SHA-256 of the site CA certificate (DER), hex: what registration
+    /// tokens carry and what operators compare.
+    pub ca_sha256: String,
+    /// The current manager generation.
+    pub generation: u64,
+}
+
+/// Site settings an admin may change (absent fields are left as they are).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteUpdate {
+    pub name: Option<String>,
+    pub location: Option<String>,
+    pub contact: Option<String>,
+    pub address: Option<String>,
+    pub replication_port: Option<u16>,
+}
+
+/// An API token as listed (the secret itself is shown once, at creation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    pub id: Uuid,
+    pub name: String,
+    pub role: Role,
+    pub created_ms: u64,
+    pub revoked_ms: Option<u64>,
+}
+
+/// A request for a new API token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    pub name: String,
+    pub role: Role,
+}
+
+/// A new token and its secret, shown only in this answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    pub token: Token,
+    pub secret: String,
+}
+
+/// One line of the audit log: who did what, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub time_ms: u64,
+    /// The token's name, or why none was accepted.
+    pub who: String,
+    pub token: Option<Uuid>,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+/// The hypervisor a host runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Hypervisor {
+    Kvm,
+    Vsphere,
+}
+
+/// Where a host's VDSA is (DESIGN's host states, plus down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VdsaState {
+    NotInstalled,
+    Installing,
+    /// Registered and answering heartbeats.
+    Installed,
+    /// Registered, but no heartbeat for longer than the limit.
+    Down,
+    Uninstalling,
+}
+
+/// A hypervisor host and its VDSA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub id: HostId,
+    pub name: String,
+    pub hypervisor: Hypervisor,
+    pub vdsa: VdsaState,
+    /// HOST:PORT of its VDSA's replication listener, once it registered.
+    pub replication_address: Option<String>,
+    pub last_heartbeat_ms: Option<u64>,
+    pub software_version: Option<String>,
+    /// The newest manager generation the VDSA reported obeying.
+    pub vdsa_generation: u64,
+    /// The newest checkpoint id the VDSA reported placing.
+    pub vdsa_newest_checkpoint: u64,
+}
+
+/// A request to add a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewHost {
+    pub name: String,
+    pub hypervisor: Hypervisor,
+}
+
+/// A one-time registration token for a host's VDSA: give it to the VDSA's
+/// configuration (the deb's config file, the OVA's properties).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RegistrationToken {
+    pub host: HostId,
+    /// `<secret>.<site CA SHA-256>`: the VDSA checks the CA before it
+    /// sends the secret.
+    pub token: String,
+    pub expires_ms: u64,
+    /// HOST:PORT where the VDSA dials its site manager.
+    pub management_address: String,
+}
+
+/// A protection group as served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Vpg {
+    pub id: VpgId,
+    pub settings: VpgSettings,
+    pub status: VpgStatus,
+    /// Why the status is what it is, when that needs saying.
+    pub status_reason: String,
+    pub created_ms: u64,
+    /// Grows with every change of the definition.
+    pub revision: u64,
+    /// The replication epoch its streams carry.
+    pub epoch: u64,
+}
+
+/// A VM to add to a VPG.
+pub type NewVm = protection_groups::ProtectedVm;
+
+/// One recovery point of a VPG, as the coordinator recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Checkpoint {
+    pub vpg: VpgId,
+    pub id: CheckpointId,
+    pub time_ms: u64,
+    pub kind: CheckpointKind,
+    pub name: String,
+    /// Every source VDSA placed it before the deadline (COMMIT), and no
+    /// sync made the cut inconsistent.
+    pub consistent: bool,
+    /// Every target VDSA of the VPG holds it durably.
+    pub durable: bool,
+    /// Why it is not consistent, when it is not.
+    pub reason: String,
+}
+
+/// A request to insert a named checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewCheckpoint {
+    pub name: String,
+}
+
+/// A task's state (DESIGN's command tracker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum TaskStatus {
+    Active,
+    Running,
+    Aborted,
+    Completed,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum CompletionCode {
+    /// Still running.
+    NotAvailable,
+    Success,
+    Aborted,
+    Failed,
+    HadException,
+}
+
+/// Who carries a task's work: after a site manager restart, work a VDSA
+/// carries is taken back; steps the site manager drove are aborted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskDriver {
+    SiteManager,
+    Vdsa,
+}
+
+/// A long operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Task {
+    pub id: Uuid,
+    pub kind: String,
+    pub description: String,
+    pub vpg: Option<VpgId>,
+    pub host: Option<HostId>,
+    pub status: TaskStatus,
+    pub completion: CompletionCode,
+    pub driver: TaskDriver,
+    /// 0 to 100.
+    pub progress: u8,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    #[schema(value_type = Object)]
+    pub result: serde_json::Value,
+    pub exception: Option<String>,
+}
+
+impl Task {
+    pub fn is_finished(&self) -> bool {
+        matches!(self.status, TaskStatus::Aborted | TaskStatus::Completed)
+    }
+}
+
+/// The error body of every 4xx and 5xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// A stable word for scripts: bad_request, unauthorized, forbidden,
+    /// not_found, conflict, internal.
+    pub error: String,
+    /// The request field at fault, when one is.
+    pub field: Option<String>,
+    pub message: String,
+}

@@ -1,0 +1,267 @@
+//! The reconciler: drives what the VDSAs run towards what the VPGs ask for.
+//! It computes each host's desired state, sends it when it changed, moves
+//! VPG statuses and their tasks on from the VDSAs' reports, inserts the
+//! automatic checkpoints, and marks checkpoints durable.
+
+use crate::coordinator::take_checkpoint;
+use crate::model::{CompletionCode, Host, Vpg};
+use crate::state::SiteManager;
+use protection_groups::mgmt::{DesiredState, ManagerMessage, RoleKind, RolePhase, SourceRole, TargetRole};
+use protection_groups::{CheckpointKind, HostId, StreamId, VpgId, VpgStatus};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The stream of a VPG from one source host to one target host.
+pub fn stream_id(vpg: VpgId, source: HostId, target: HostId) -> StreamId {
+    let h = crate::pki::sha256_hex(format!("stream:{vpg}:{source}:{target}").as_bytes());
+    let mut b = [0u8; 16];
+    for (i, byte) in b.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap_or(0);
+    }
+    StreamId::from_bytes(b)
+}
+
+/// Whether a VPG in this status replicates (has roles at its VDSAs).
+fn replicates(status: VpgStatus) -> bool {
+    matches!(status, VpgStatus::Initializing | VpgStatus::Protecting | VpgStatus::Test)
+}
+
+/// Every host's desired state for these VPGs (hosts with nothing get an
+/// empty one, which takes their roles down).
+pub fn desired_states(vpgs: &[Vpg], hosts: &[Host]) -> BTreeMap<HostId, DesiredState> {
+    let mut out: BTreeMap<HostId, DesiredState> = hosts.iter().map(|h| (h.id, DesiredState::default())).collect();
+    let address = |id: HostId| hosts.iter().find(|h| h.id == id).and_then(|h| h.replication_address.clone());
+    for v in vpgs.iter().filter(|v| replicates(v.status)) {
+        // (source host, target host) -> disks
+        let mut pairs: BTreeMap<(HostId, HostId), Vec<protection_groups::DiskSpec>> = BTreeMap::new();
+        for vm in &v.settings.vms {
+            pairs.entry((vm.host, vm.recovery_host)).or_default().extend(vm.disks.iter().cloned());
+        }
+        let mut into: BTreeMap<HostId, Vec<StreamId>> = BTreeMap::new();
+        for &(src, dst) in pairs.keys() {
+            into.entry(dst).or_default().push(stream_id(v.id, src, dst));
+        }
+        for (&(src, dst), disks) in &pairs {
+            let Some(target_address) = address(dst) else { continue };
+            let streams_to_target = u16::try_from(into.get(&dst).map_or(1, Vec::len)).unwrap_or(u16::MAX);
+            out.entry(src).or_default().sources.push(SourceRole {
+                vpg: v.id,
+                stream: stream_id(v.id, src, dst),
+                epoch: v.epoch,
+                target_host: dst,
+                target_address,
+                disks: disks.clone(),
+                streams_to_target,
+                bandwidth_bytes_per_sec: 0,
+            });
+        }
+        for (dst, streams) in into {
+            let disks = pairs.iter().filter(|((_, d), _)| *d == dst).flat_map(|(_, ds)| ds.iter().cloned()).collect();
+            out.entry(dst).or_default().targets.push(TargetRole {
+                vpg: v.id,
+                epoch: v.epoch,
+                streams,
+                disks,
+                retention: v.settings.retention(),
+            });
+        }
+    }
+    out
+}
+
+/// What the reconciler remembers between passes.
+#[derive(Debug, Default)]
+struct Memory {
+    /// Per host: the desired state last sent, and to which session.
+    sent: HashMap<HostId, (u64, DesiredState)>,
+    version: u64,
+    next_checkpoint: HashMap<VpgId, Instant>,
+    in_flight: HashSet<VpgId>,
+}
+
+/// Runs until the daemon stops.
+pub async fn run(sm: Arc<SiteManager>) {
+    let mut mem = Memory { version: sm.generation() << 32, ..Memory::default() };
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<VpgId>();
+    loop {
+        tokio::select! {
+            _ = sm.changes.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            Some(v) = done_rx.recv() => { mem.in_flight.remove(&v); }
+        }
+        let sm2 = sm.clone();
+        let loaded = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+            Ok((sm2.with_store(|s| s.vpgs.list())?, sm2.with_store(|s| s.hosts.list())?))
+        })
+        .await;
+        let (vpgs, hosts) = match loaded {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reconciler cannot read the store");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        push_desired(&sm, &mut mem, &vpgs, &hosts).await;
+        let sm2 = sm.clone();
+        let v2 = vpgs.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || advance_statuses(&sm2, &v2)).await {
+            tracing::error!(error = %e, "reconciler cannot advance VPG statuses");
+        }
+        schedule_checkpoints(&sm, &mut mem, &vpgs, &done_tx);
+    }
+}
+
+async fn push_desired(sm: &SiteManager, mem: &mut Memory, vpgs: &[Vpg], hosts: &[Host]) {
+    let links: Vec<(HostId, u64)> =
+        sm.links.lock().map(|l| l.values().map(|x| (x.host, x.session)).collect()).unwrap_or_default();
+    let generation = sm.generation();
+    for (host, mut state) in desired_states(vpgs, hosts) {
+        let Some(&(_, session)) = links.iter().find(|(h, _)| *h == host) else { continue };
+        let unchanged = mem
+            .sent
+            .get(&host)
+            .is_some_and(|(s, d)| *s == session && d.sources == state.sources && d.targets == state.targets);
+        if unchanged {
+            continue;
+        }
+        mem.version += 1;
+        state.version = mem.version;
+        if let Some(tx) = sm.link_sender(host) {
+            if tx.send(ManagerMessage::Desired { generation, state: state.clone() }).await.is_ok() {
+                mem.sent.insert(host, (session, state));
+            }
+        }
+    }
+}
+
+/// Moves VPGs on from what the VDSAs report: Initializing to Protecting
+/// once every source role protects; a removal finishes once no VDSA runs
+/// a role of it. Marks checkpoints durable.
+fn advance_statuses(sm: &SiteManager, vpgs: &[Vpg]) -> Result<(), crate::store::StoreError> {
+    let reports: Vec<protection_groups::mgmt::RoleState> =
+        sm.links.lock().map(|l| l.values().flat_map(|x| x.actual.roles.clone()).collect()).unwrap_or_default();
+    let tasks = sm.with_store(|s| s.tasks.list())?;
+    for v in vpgs {
+        let roles: Vec<_> = reports.iter().filter(|r| r.vpg == v.id).collect();
+        match v.status {
+            VpgStatus::RemoveInProgress if roles.is_empty() => {
+                sm.with_store(|s| {
+                    for cp in s.checkpoints.list_prefix(v.id.as_bytes())? {
+                        s.checkpoints.remove(&crate::store::checkpoint_key(v.id, cp.id))?;
+                    }
+                    s.vpgs.remove(v.id.as_bytes())
+                })?;
+                for t in tasks.iter().filter(|t| t.vpg == Some(v.id) && !t.is_finished()) {
+                    let code = if t.kind == "remove_vpg" { CompletionCode::Success } else { CompletionCode::Aborted };
+                    sm.finish_task(t.id, code, serde_json::json!({"removed": v.id}), None)?;
+                }
+                tracing::info!(vpg = %v.id, name = %v.settings.name, "VPG removed");
+            }
+            VpgStatus::Initializing => {
+                let sources = desired_source_count(v);
+                let protecting =
+                    roles.iter().filter(|r| r.kind == RoleKind::Source && r.phase == RolePhase::Protecting).count();
+                let (done, total) = roles
+                    .iter()
+                    .filter(|r| r.kind == RoleKind::Source)
+                    .fold((0u64, 0u64), |(d, t), r| (d + r.sync_done_bytes, t + r.sync_total_bytes));
+                if sources > 0 && protecting == sources {
+                    let mut nv = v.clone();
+                    nv.status = v.status.transition(VpgStatus::Protecting).map_err(|e| {
+                        crate::store::StoreError::Corrupt { tree: "vpgs", key: v.id.to_string(), why: e.to_string() }
+                    })?;
+                    nv.status_reason = String::new();
+                    sm.with_store(|s| s.vpgs.put(nv.id.as_bytes(), &nv))?;
+                    for t in tasks.iter().filter(|t| t.vpg == Some(v.id) && t.kind == "create_vpg" && !t.is_finished())
+                    {
+                        sm.finish_task(
+                            t.id,
+                            CompletionCode::Success,
+                            serde_json::json!({"status": "Protecting"}),
+                            None,
+                        )?;
+                    }
+                } else if let Some(pct) = done.saturating_mul(100).checked_div(total) {
+                    let pct = u8::try_from(pct).unwrap_or(100).min(99);
+                    for t in tasks.iter().filter(|t| t.vpg == Some(v.id) && t.kind == "create_vpg" && !t.is_finished())
+                    {
+                        if t.progress != pct {
+                            sm.update_task(t.id, |t| t.progress = pct)?;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        mark_durable(sm, v, &roles)?;
+    }
+    Ok(())
+}
+
+fn desired_source_count(v: &Vpg) -> usize {
+    let pairs: HashSet<(HostId, HostId)> = v.settings.vms.iter().map(|m| (m.host, m.recovery_host)).collect();
+    pairs.len()
+}
+
+/// Marks a VPG's checkpoints durable up to what every target holds.
+fn mark_durable(
+    sm: &SiteManager,
+    v: &Vpg,
+    roles: &[&protection_groups::mgmt::RoleState],
+) -> Result<(), crate::store::StoreError> {
+    let targets: HashSet<HostId> = v.settings.vms.iter().map(|m| m.recovery_host).collect();
+    let reported: Vec<_> = roles.iter().filter(|r| r.kind == RoleKind::Target).collect();
+    if targets.is_empty() || reported.len() < targets.len() {
+        return Ok(());
+    }
+    let floor = reported.iter().map(|r| r.durable_checkpoint).min().unwrap_or(protection_groups::CheckpointId(0));
+    if floor.0 == 0 {
+        return Ok(());
+    }
+    sm.with_store(|s| {
+        let mut changed = false;
+        for mut cp in s.checkpoints.list_prefix(v.id.as_bytes())? {
+            if !cp.durable && cp.consistent && cp.id <= floor {
+                cp.durable = true;
+                s.put_checkpoint_unflushed(&cp)?;
+                changed = true;
+            }
+        }
+        if changed {
+            s.flush()?;
+        }
+        Ok(())
+    })
+}
+
+fn schedule_checkpoints(
+    sm: &Arc<SiteManager>,
+    mem: &mut Memory,
+    vpgs: &[Vpg],
+    done: &tokio::sync::mpsc::UnboundedSender<VpgId>,
+) {
+    let now = Instant::now();
+    for v in vpgs.iter().filter(|v| replicates(v.status)) {
+        let due = *mem.next_checkpoint.entry(v.id).or_insert(now);
+        if now < due || mem.in_flight.contains(&v.id) {
+            continue;
+        }
+        mem.next_checkpoint.insert(v.id, now + Duration::from_millis(v.settings.checkpoint_interval_ms));
+        mem.in_flight.insert(v.id);
+        let (sm, done, vpg) = (sm.clone(), done.clone(), v.id);
+        let hosts = v.settings.protected_hosts();
+        tokio::spawn(async move {
+            let sm2 = sm.clone();
+            let id = tokio::task::spawn_blocking(move || sm2.with_store(|s| s.next_checkpoint_id())).await;
+            if let Ok(Ok(id)) = id {
+                if let Err(e) = take_checkpoint(&sm, vpg, &hosts, CheckpointKind::Automatic, String::new(), id).await {
+                    tracing::error!(%vpg, error = %e, "cannot record a checkpoint");
+                }
+            }
+            let _ = done.send(vpg);
+        });
+    }
+}

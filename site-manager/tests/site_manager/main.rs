@@ -1,0 +1,7 @@
+//! The site manager daemon, started as a real process over HTTPS: API
+//! input checking, roles, tokens, the OpenAPI document against the served
+//! routes, and restarts (clean and SIGKILL).
+
+mod api;
+mod daemon;
+mod restart;
