@@ -251,7 +251,7 @@ where
         while let Some(m) = rx.recv().await {
             write_message(&mut wr, &m).await?;
         }
-        Ok(())
+        Ok::<(), FrameError>(())
     });
     let result = loop {
         let m = match tokio::time::timeout(SESSION_IDLE_LIMIT, read_message(&mut rd)).await {
