@@ -8,10 +8,10 @@ use crate::replication_lab::Daemon;
 use crate::workload::{GenWrite, Payload};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use site_manager::kvm::{self, NbdAddress, Qmp, TapSpec, TapState};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use vdsa::kvm::{self, NbdAddress, Qmp, TapSpec, TapState};
 use vdsa::nbd::client::NbdClient;
 
 /// A generated write made by a guest through QEMU. Returns whether it
@@ -111,6 +111,8 @@ pub struct StorageDaemon {
     _child: ChildGuard,
     pub qmp: Qmp,
     pub guest_sock: PathBuf,
+    /// The monitor a VDSA agent uses to attach its taps.
+    pub vdsa_qmp_sock: PathBuf,
     pub image: PathBuf,
 }
 
@@ -119,10 +121,11 @@ impl StorageDaemon {
     /// (O_DIRECT, native AIO).
     pub fn start(dir: &Path, image: &Path, direct: bool) -> Result<StorageDaemon> {
         let qmp_sock = dir.join("qmp.sock");
+        let vdsa_qmp_sock = dir.join("vdsa-qmp.sock");
         let guest_sock = dir.join("qsd.sock");
         let cache = if direct { ",cache.direct=on,aio=native" } else { "" };
         // A socket left by an earlier run would pass for this one's.
-        for p in [&qmp_sock, &guest_sock] {
+        for p in [&qmp_sock, &guest_sock, &vdsa_qmp_sock] {
             let _ = std::fs::remove_file(p);
         }
         let child = ChildGuard::spawn(
@@ -136,6 +139,11 @@ impl StorageDaemon {
                 .arg("--chardev")
                 .arg(format!("socket,id=qmp0,path={},server=on,wait=off", qmp_sock.display()))
                 .args(["--monitor", "chardev=qmp0"])
+                // A second monitor for a VDSA agent that attaches its own
+                // taps (a monitor serves one client at a time).
+                .arg("--chardev")
+                .arg(format!("socket,id=qmp1,path={},server=on,wait=off", vdsa_qmp_sock.display()))
+                .args(["--monitor", "chardev=qmp1"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
             "qemu-storage-daemon",
@@ -143,9 +151,10 @@ impl StorageDaemon {
         .context("is qemu-utils installed?")?;
         // From here on, an error drops `child`, which stops the daemon.
         wait_for_path(&qmp_sock)?;
+        wait_for_path(&vdsa_qmp_sock)?;
         wait_for_path(&guest_sock)?;
         let qmp = Qmp::connect(&qmp_sock)?;
-        Ok(StorageDaemon { _child: child, qmp, guest_sock, image: image.to_path_buf() })
+        Ok(StorageDaemon { _child: child, qmp, guest_sock, vdsa_qmp_sock, image: image.to_path_buf() })
     }
 
     /// A guest: an NBD client writing through QEMU.

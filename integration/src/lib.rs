@@ -13,10 +13,12 @@ pub mod kvm_lab;
 pub mod power_loss;
 pub mod process;
 pub mod replication_lab;
+pub mod site_lab;
 pub mod two_sites;
 pub mod vcsim;
 pub mod vsphere_lab;
 pub mod workload;
+pub mod write_order;
 
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
 use vdsa::journal::{CheckpointSpec, TapWrite, WriteData};

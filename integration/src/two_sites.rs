@@ -216,7 +216,7 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
                 let w = GenWrite { disk: i, offset: 0, payload: Payload::Data(vec![0xAB; 4096]) };
                 guest_write(&mut guests[i], &w)?;
                 model.apply(&w);
-                site_manager::kvm::wait_for(&mut q.qsd.qmp, &q.job, Duration::from_secs(30), "the job to fail", |s| {
+                vdsa::kvm::wait_for(&mut q.qsd.qmp, &q.job, Duration::from_secs(30), "the job to fail", |s| {
                     s.is_some_and(|s| s.failed())
                 })?;
                 q.qsd.detach(&q.job, true)?;

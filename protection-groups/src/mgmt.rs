@@ -137,6 +137,21 @@ pub struct SourceRole {
     pub streams_to_target: u16,
     /// Link bandwidth limit in bytes per second, 0 for none.
     pub bandwidth_bytes_per_sec: u64,
+    /// Taps the VDSA attaches itself (KVM: QEMU's block mirror over the
+    /// VM's QMP socket). Disks not listed are tapped from outside.
+    #[serde(default)]
+    pub taps: Vec<TapAttach>,
+}
+
+/// A disk whose tap the VDSA attaches through its host's QEMU monitor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TapAttach {
+    pub disk: crate::DiskId,
+    /// The QMP socket of the VM's QEMU on this host.
+    pub qmp_socket: String,
+    /// The block node the mirror job taps.
+    pub device: String,
 }
 
 /// One VPG's journal at a target VDSA.
@@ -199,9 +214,14 @@ pub struct RoleState {
     pub sync_done_bytes: u64,
     pub sync_total_bytes: u64,
     /// Source: the newest checkpoint the target acknowledged durable.
-    /// Target: the newest checkpoint complete and durable in its journal.
+    /// Target: the newest checkpoint recorded in its journal.
     pub durable_checkpoint: CheckpointId,
-    /// Source: what the tap wrote; target: what it ingested.
+    /// Target only: the newest recoverable checkpoints its journal holds
+    /// durably, complete from every stream (at most 256). A checkpoint is
+    /// durable for the VPG when every target lists it.
+    #[serde(default)]
+    pub recoverable_checkpoints: Vec<CheckpointId>,
+    /// Source: what the tap wrote; target: its journal's bytes on disk.
     pub written_bytes: u64,
     /// Source: bytes on the link.
     pub link_bytes: u64,

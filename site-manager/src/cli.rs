@@ -57,6 +57,10 @@ struct ServeArgs {
     /// The site's name on its first start.
     #[arg(long, default_value = "site")]
     name: String,
+    /// For control runs of the write-order checker only: checkpoints are
+    /// taken host by host without the barrier.
+    #[arg(long, hide = true)]
+    unsafe_no_barrier: bool,
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
@@ -65,7 +69,12 @@ fn serve(a: ServeArgs) -> Result<()> {
         m.set_port(if a.listen.port() == 0 { 0 } else { a.listen.port().wrapping_add(1) });
         m
     });
-    let config = crate::state::ServeConfig { data: a.data, api_listen: a.listen, management_listen };
+    let config = crate::state::ServeConfig {
+        data: a.data,
+        api_listen: a.listen,
+        management_listen,
+        unsafe_no_barrier: a.unsafe_no_barrier,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(crate::server::serve(config, &a.name))
 }
@@ -152,11 +161,16 @@ enum VsphereOp {
 }
 
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    main_with(std::env::args())
+}
+
+/// The command with `args` (the first is the program name).
+pub fn main_with<I: IntoIterator<Item = String>>(args: I) -> ExitCode {
+    let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+        .try_init();
+    match run(Cli::parse_from(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("site-manager: {e:#}");

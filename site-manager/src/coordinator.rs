@@ -10,7 +10,7 @@ use crate::state::SiteManager;
 use protection_groups::mgmt::{ManagerMessage, VdsaMessage};
 use protection_groups::{CheckpointId, CheckpointKind, HostId, VpgId};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -24,13 +24,22 @@ struct Pending {
     tx: mpsc::UnboundedSender<(HostId, VdsaMessage)>,
 }
 
-/// Routes PREPARE answers to the barrier waiting for them.
+/// Routes PREPARE answers to the barrier waiting for them, and runs one
+/// barrier per VPG at a time.
 #[derive(Debug, Default)]
 pub struct Coordinator {
     pending: Mutex<HashMap<(VpgId, CheckpointId), Pending>>,
-    /// For control runs of the write-order checker only: COMMIT without
-    /// waiting for PREPARE answers, so the hold does not cover the cut.
+    turns: Mutex<HashMap<VpgId, Arc<tokio::sync::Mutex<()>>>>,
+    /// For control runs of the write-order checker only: no barrier; each
+    /// VDSA places its marker on its own, one after another, as if each
+    /// host were checkpointed alone.
     pub unsafe_no_barrier: std::sync::atomic::AtomicBool,
+}
+
+impl Coordinator {
+    fn turn(&self, vpg: VpgId) -> Arc<tokio::sync::Mutex<()>> {
+        self.turns.lock().map(|mut t| t.entry(vpg).or_default().clone()).unwrap_or_default()
+    }
 }
 
 impl Coordinator {
@@ -74,6 +83,11 @@ pub async fn take_checkpoint(
     name: String,
     id: CheckpointId,
 ) -> Result<BarrierOutcome, crate::store::StoreError> {
+    let turn = sm.coordinator.turn(vpg);
+    let _turn = turn.lock().await;
+    if sm.coordinator.unsafe_no_barrier.load(std::sync::atomic::Ordering::Relaxed) {
+        return no_barrier(sm, vpg, hosts, kind, name, id).await;
+    }
     let generation = sm.generation();
     let (tx, mut rx) = mpsc::unbounded_channel();
     if let Ok(mut p) = sm.coordinator.pending.lock() {
@@ -90,10 +104,9 @@ pub async fn take_checkpoint(
         }
     }
     let mut failed: Vec<String> = missing.iter().map(|h| format!("VDSA of host {h} is not connected")).collect();
-    let skip_wait = sm.coordinator.unsafe_no_barrier.load(std::sync::atomic::Ordering::Relaxed);
     let mut answered: Vec<HostId> = Vec::new();
     let deadline = started + PREPARE_DEADLINE;
-    while !skip_wait && failed.is_empty() && answered.len() < sent.len() {
+    while failed.is_empty() && answered.len() < sent.len() {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some((h, VdsaMessage::Prepared { .. }))) if sent.contains(&h) && !answered.contains(&h) => {
                 answered.push(h)
@@ -134,4 +147,35 @@ pub async fn take_checkpoint(
         s.flush()
     })?;
     Ok(BarrierOutcome { checkpoint, hold })
+}
+
+/// The control run's checkpoint: each VDSA in turn gets PREPARE and COMMIT
+/// at once, a few milliseconds apart, so that each cut is taken alone.
+/// Recorded as consistent: the write-order checker must find it is not.
+async fn no_barrier(
+    sm: &SiteManager,
+    vpg: VpgId,
+    hosts: &[HostId],
+    kind: CheckpointKind,
+    name: String,
+    id: CheckpointId,
+) -> Result<BarrierOutcome, crate::store::StoreError> {
+    let generation = sm.generation();
+    let started = tokio::time::Instant::now();
+    for &h in hosts {
+        if let Some(tx) = sm.link_sender(h) {
+            let _ =
+                tx.send(ManagerMessage::Prepare { generation, vpg, checkpoint: id, kind, name: name.clone() }).await;
+            let _ = tx.send(ManagerMessage::Commit { generation, vpg, checkpoint: id }).await;
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let checkpoint =
+        Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent: true, durable: false, reason: String::new() };
+    let cp = checkpoint.clone();
+    sm.with_store(|s| {
+        s.put_checkpoint_unflushed(&cp)?;
+        s.flush()
+    })?;
+    Ok(BarrierOutcome { checkpoint, hold: started.elapsed() })
 }

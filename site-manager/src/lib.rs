@@ -3,8 +3,8 @@
 //! It owns the persistent store (sled), the REST API, the management link
 //! its VDSAs dial, the reconciler that drives them towards the VPGs'
 //! definitions, the checkpoint coordinator (the two-phase barrier of
-//! docs/architecture.md §3), the hypervisor adapters (KVM over QMP, vSphere)
-//! and the operator CLI.
+//! docs/architecture.md §3), the vSphere adapter and the operator CLI. On
+//! KVM the VDSA attaches its own taps over QMP, on the desired state's word.
 //!
 //! It must not touch replicated data itself: bytes flow through the VDSAs;
 //! the site manager only tells them what to do.
@@ -12,7 +12,6 @@
 pub mod api;
 pub mod cli;
 pub mod coordinator;
-pub mod kvm;
 pub mod mgmt;
 pub mod model;
 pub mod pki;

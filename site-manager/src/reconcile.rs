@@ -6,7 +6,7 @@
 use crate::coordinator::take_checkpoint;
 use crate::model::{CompletionCode, Host, Vpg};
 use crate::state::SiteManager;
-use protection_groups::mgmt::{DesiredState, ManagerMessage, RoleKind, RolePhase, SourceRole, TargetRole};
+use protection_groups::mgmt::{DesiredState, ManagerMessage, RoleKind, RolePhase, SourceRole, TapAttach, TargetRole};
 use protection_groups::{CheckpointKind, HostId, StreamId, VpgId, VpgStatus};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -36,8 +36,19 @@ pub fn desired_states(vpgs: &[Vpg], hosts: &[Host]) -> BTreeMap<HostId, DesiredS
     for v in vpgs.iter().filter(|v| replicates(v.status)) {
         // (source host, target host) -> disks
         let mut pairs: BTreeMap<(HostId, HostId), Vec<protection_groups::DiskSpec>> = BTreeMap::new();
+        let mut taps: BTreeMap<(HostId, HostId), Vec<TapAttach>> = BTreeMap::new();
         for vm in &v.settings.vms {
             pairs.entry((vm.host, vm.recovery_host)).or_default().extend(vm.disks.iter().cloned());
+            // A KVM VM names its QMP socket: its VDSA attaches the taps.
+            if !vm.hypervisor_ref.is_empty() {
+                taps.entry((vm.host, vm.recovery_host)).or_default().extend(
+                    vm.disks.iter().filter(|d| !d.device.is_empty()).map(|d| TapAttach {
+                        disk: d.id,
+                        qmp_socket: vm.hypervisor_ref.clone(),
+                        device: d.device.clone(),
+                    }),
+                );
+            }
         }
         let mut into: BTreeMap<HostId, Vec<StreamId>> = BTreeMap::new();
         for &(src, dst) in pairs.keys() {
@@ -55,6 +66,7 @@ pub fn desired_states(vpgs: &[Vpg], hosts: &[Host]) -> BTreeMap<HostId, DesiredS
                 disks: disks.clone(),
                 streams_to_target,
                 bandwidth_bytes_per_sec: 0,
+                taps: taps.get(&(src, dst)).cloned().unwrap_or_default(),
             });
         }
         for (dst, streams) in into {
@@ -206,7 +218,10 @@ fn desired_source_count(v: &Vpg) -> usize {
     pairs.len()
 }
 
-/// Marks a VPG's checkpoints durable up to what every target holds.
+/// Marks a VPG's checkpoints durable once every target VDSA lists them as
+/// recoverable in its journal. A checkpoint some stream never completed
+/// (a VDSA died between PREPARE and COMMIT) is never listed, so never
+/// offered.
 fn mark_durable(
     sm: &SiteManager,
     v: &Vpg,
@@ -217,17 +232,26 @@ fn mark_durable(
     if targets.is_empty() || reported.len() < targets.len() {
         return Ok(());
     }
-    let floor = reported.iter().map(|r| r.durable_checkpoint).min().unwrap_or(protection_groups::CheckpointId(0));
-    if floor.0 == 0 {
+    let Some(first) = reported.first() else { return Ok(()) };
+    let everywhere: Vec<protection_groups::CheckpointId> = first
+        .recoverable_checkpoints
+        .iter()
+        .filter(|id| reported.iter().all(|r| r.recoverable_checkpoints.contains(id)))
+        .copied()
+        .collect();
+    if everywhere.is_empty() {
         return Ok(());
     }
     sm.with_store(|s| {
         let mut changed = false;
-        for mut cp in s.checkpoints.list_prefix(v.id.as_bytes())? {
-            if !cp.durable && cp.consistent && cp.id <= floor {
-                cp.durable = true;
-                s.put_checkpoint_unflushed(&cp)?;
-                changed = true;
+        for id in everywhere {
+            let key = crate::store::checkpoint_key(v.id, id);
+            if let Some(mut cp) = s.checkpoints.get(&key)? {
+                if !cp.durable && cp.consistent {
+                    cp.durable = true;
+                    s.put_checkpoint_unflushed(&cp)?;
+                    changed = true;
+                }
             }
         }
         if changed {

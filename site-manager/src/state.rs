@@ -17,6 +17,9 @@ pub struct ServeConfig {
     pub data: PathBuf,
     pub api_listen: std::net::SocketAddr,
     pub management_listen: std::net::SocketAddr,
+    /// Control runs of the write-order checker only: checkpoints without
+    /// the barrier.
+    pub unsafe_no_barrier: bool,
 }
 
 /// The daemon's shared state.

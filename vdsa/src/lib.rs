@@ -8,12 +8,18 @@
 //! site certificates), the source stream with its send queue, and the
 //! target server that feeds each VPG's journal.
 //!
+//! Under a site manager, one long-lived `vdsa agent` per host runs any
+//! number of roles that the site manager's desired state names.
+//!
 //! It must not hold control-plane state (VPG definitions, pairing, task
 //! tracking: that is the site manager's), and it must not talk to a
-//! hypervisor's management API.
+//! hypervisor's management API beyond its own host's QEMU monitor (QMP),
+//! where it attaches and detaches the taps its desired state names.
 
+pub mod agent;
 pub mod daemon;
 pub mod journal;
+pub mod kvm;
 pub mod native_tap;
 pub mod nbd;
 pub mod replication;

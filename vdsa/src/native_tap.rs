@@ -124,7 +124,7 @@ fn session<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports
     let mut size = [0u8; 8];
     r.read_exact(&mut size)?;
     let name = String::from_utf8_lossy(&name).into_owned();
-    let Some(export) = exports.find(&name).cloned() else {
+    let Some(export) = exports.find(&name) else {
         welcome(w, ENOENT, 0)?;
         return Ok(Ending::Refused(format!("no disk named {name:?}")));
     };

@@ -7,12 +7,12 @@ use integration::kvm_lab::{qemu_available, StorageDaemon, VdsaProcess};
 use integration::workload::{GenWrite, Mix, ReferenceModel, Workload};
 use protection_groups::{CheckpointId, DiskId};
 use serde_json::{json, Value};
-use site_manager::kvm;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vdsa::journal::{Journal, JournalConfig};
+use vdsa::kvm;
 use vdsa::nbd::client::NbdClient;
 
 const DISK: u64 = 256 << 20;

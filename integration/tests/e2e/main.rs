@@ -8,6 +8,7 @@ mod kvm_tap;
 mod power_loss;
 mod replication;
 mod vsphere;
+mod write_order;
 
 /// Tests that keep a core busy for a long time (guests under TCG) and tests
 /// whose faults are timed (the two-site scenario's cuts and kills) take

@@ -2,11 +2,11 @@
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
-use crate::model::{now_ms, ErrorBody, NewVm, Role, Task, TaskDriver, Vpg};
+use crate::model::{now_ms, Checkpoint, ErrorBody, NewCheckpoint, NewVm, Role, Task, TaskDriver, Vpg};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use protection_groups::{VpgId, VpgSettings, VpgStatus};
+use protection_groups::{CheckpointId, CheckpointKind, VpgId, VpgSettings, VpgStatus};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -19,6 +19,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_vpg, update_vpg, remove_vpg))
         .routes(routes!(add_vm))
         .routes(routes!(remove_vm))
+        .routes(routes!(list_checkpoints, insert_checkpoint))
+        .routes(routes!(wait_checkpoint))
 }
 
 /// A VPG and the task that brings it to Protecting (or removes it).
@@ -254,4 +256,99 @@ async fn remove_vm(
         Ok(Json(save_settings(&sm, v, settings)?))
     })
     .await
+}
+
+/// A VPG's checkpoints, oldest first.
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/checkpoints", tag = "vpgs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Vec<Checkpoint>), (status = 404, body = ErrorBody)))]
+async fn list_checkpoints(
+    State(sm): State<AppState>,
+    _caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Vec<Checkpoint>>> {
+    blocking(move || {
+        let v = vpg(&sm, id)?;
+        Ok(Json(sm.with_store(|s| s.checkpoints.list_prefix(v.id.as_bytes()))?))
+    })
+    .await
+}
+
+/// The id a checkpoint insertion was given: it is recorded once its
+/// barrier ends (wait for it with the wait call).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InsertedCheckpoint {
+    pub vpg: VpgId,
+    pub id: CheckpointId,
+}
+
+/// Inserts a named checkpoint; returns at once with its id.
+#[utoipa::path(post, path = "/api/v1/vpgs/{id}/checkpoints", tag = "vpgs", params(("id" = Uuid, Path)),
+    request_body = NewCheckpoint,
+    responses((status = 202, body = InsertedCheckpoint), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn insert_checkpoint(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(req): ApiJson<NewCheckpoint>,
+) -> ApiResult<(StatusCode, Json<InsertedCheckpoint>)> {
+    caller.require(Role::Operator)?;
+    if req.name.trim().is_empty() || req.name.len() > 1024 || req.name.chars().any(char::is_control) {
+        return Err(ApiError::bad("name", "name: 1 to 1024 bytes of printable characters"));
+    }
+    let sm2 = sm.clone();
+    let (v, cp) = blocking(move || {
+        let v = vpg(&sm2, id)?;
+        if !matches!(v.status, VpgStatus::Protecting | VpgStatus::Test | VpgStatus::Initializing) {
+            return Err(ApiError::Conflict(format!(
+                "VPG {:?} is {}; checkpoints are inserted while it replicates",
+                v.settings.name, v.status
+            )));
+        }
+        let cp = sm2.with_store(|s| s.next_checkpoint_id())?;
+        Ok((v, cp))
+    })
+    .await?;
+    let hosts = v.settings.protected_hosts();
+    let sm3 = sm.clone();
+    tokio::spawn(async move {
+        if let Err(e) =
+            crate::coordinator::take_checkpoint(&sm3, v.id, &hosts, CheckpointKind::Named, req.name, cp).await
+        {
+            tracing::error!(vpg = %v.id, error = %e, "cannot record a checkpoint");
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(InsertedCheckpoint { vpg: v.id, id: cp })))
+}
+
+/// Waits until the checkpoint is durable at every target VDSA of the VPG,
+/// or known not to be consistent, or the timeout passes; returns the record
+/// as it is then (404 if it was never recorded in that time).
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/checkpoints/{checkpoint}/wait", tag = "vpgs",
+    params(("id" = Uuid, Path), ("checkpoint" = u64, Path), super::tasks::WaitQuery),
+    responses((status = 200, body = Checkpoint), (status = 404, body = ErrorBody)))]
+async fn wait_checkpoint(
+    State(sm): State<AppState>,
+    _caller: Caller,
+    ApiPath((id, checkpoint)): ApiPath<(Uuid, u64)>,
+    ApiQuery(q): ApiQuery<super::tasks::WaitQuery>,
+) -> ApiResult<Json<Checkpoint>> {
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(q.timeout_ms.unwrap_or(30_000).min(600_000));
+    let sm2 = sm.clone();
+    let v = blocking(move || vpg(&sm2, id)).await?;
+    loop {
+        let sm2 = sm.clone();
+        let cp = blocking(move || {
+            Ok(sm2.with_store(|s| s.checkpoints.get(&crate::store::checkpoint_key(v.id, CheckpointId(checkpoint))))?)
+        })
+        .await?;
+        let now = std::time::Instant::now();
+        match cp {
+            Some(cp) if cp.durable || !cp.consistent || now >= deadline => return Ok(Json(cp)),
+            None if now >= deadline => {
+                return Err(ApiError::NotFound(format!("VPG {} has no checkpoint {checkpoint}", v.id)))
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
 }

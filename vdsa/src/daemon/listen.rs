@@ -14,19 +14,19 @@ use std::sync::Arc;
 
 /// One `--listen` address of a tap.
 #[derive(Debug, Clone)]
-pub(super) struct TapListener {
-    pub(super) native: bool,
-    pub(super) endpoint: Endpoint,
+pub(crate) struct TapListener {
+    pub(crate) native: bool,
+    pub(crate) endpoint: Endpoint,
 }
 
 #[derive(Debug, Clone)]
-pub(super) enum Endpoint {
+pub(crate) enum Endpoint {
     Unix(PathBuf),
     Tcp(String),
 }
 
 impl TapListener {
-    pub(super) fn parse_all(specs: &[String]) -> Result<Vec<TapListener>> {
+    pub(crate) fn parse_all(specs: &[String]) -> Result<Vec<TapListener>> {
         specs
             .iter()
             .map(|spec| {
@@ -48,7 +48,7 @@ impl TapListener {
 }
 
 /// Claims every unix path among `listeners` (see [`claim_path`]).
-pub(super) fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<PathClaim>> {
+pub(crate) fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<PathClaim>> {
     listeners
         .iter()
         .filter_map(|l| match &l.endpoint {
@@ -61,7 +61,7 @@ pub(super) fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<PathClaim
 /// Serves the exports to taps on each listener: NBD (QEMU's block mirror)
 /// or the native tap protocol, unix or TCP. The claims of the unix paths
 /// are held for the life of the process.
-pub(super) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<PathClaim>, exports: Arc<Exports>) -> Result<()> {
+pub(crate) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<PathClaim>, exports: Arc<Exports>) -> Result<()> {
     for TapListener { native, endpoint } in listeners {
         // Both kinds of tap serve the same exports; each connection gets a
         // thread of its own.
@@ -100,15 +100,15 @@ pub(super) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<PathClaim>, ex
     Ok(())
 }
 
-pub(super) type Reader = Box<dyn Read + Send>;
-pub(super) type Writer = Box<dyn Write + Send>;
+pub(crate) type Reader = Box<dyn Read + Send>;
+pub(crate) type Writer = Box<dyn Write + Send>;
 
-pub(super) fn halves(r: impl Read + Send + 'static, w: impl Write + Send + 'static) -> (Reader, Writer) {
+pub(crate) fn halves(r: impl Read + Send + 'static, w: impl Write + Send + 'static) -> (Reader, Writer) {
     (Box::new(r), Box::new(w))
 }
 
 /// Serves each accepted connection on a thread of its own.
-pub(super) fn accept_each(
+pub(crate) fn accept_each(
     conns: impl Iterator<Item = (Reader, Writer)> + Send + 'static,
     exports: Arc<Exports>,
     session: impl Fn(&Exports, Reader, Writer) + Copy + Send + 'static,
@@ -121,7 +121,7 @@ pub(super) fn accept_each(
     });
 }
 
-pub(super) fn log_end(r: std::io::Result<Ending>) {
+pub(crate) fn log_end(r: std::io::Result<Ending>) {
     match r {
         Ok(Ending::Protocol(why)) => tracing::warn!("tap connection dropped: {why}"),
         Ok(end) => tracing::info!("tap connection ended: {end:?}"),
@@ -132,7 +132,7 @@ pub(super) fn log_end(r: std::io::Result<Ending>) {
 /// A tap disk whose FLUSH (and so FUA) makes nothing durable: only for the
 /// control runs that show a durability checker catches the loss.
 #[derive(Debug)]
-pub(super) struct NoDurability(pub(super) Arc<TapDisk>);
+pub(crate) struct NoDurability(pub(crate) Arc<TapDisk>);
 
 impl BlockExport for NoDurability {
     fn size(&self) -> u64 {

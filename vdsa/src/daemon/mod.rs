@@ -12,7 +12,7 @@
 //! `vdsa` binary is a thin wrapper over [`main`].
 
 pub mod control;
-mod listen;
+pub(crate) mod listen;
 
 use crate::journal::{Journal, JournalConfig};
 use crate::nbd::server::Exports;
@@ -68,9 +68,83 @@ enum Command {
     /// Target side of replication: accept links from source VDSAs and keep
     /// each VPG's journal.
     Target(TargetArgs),
+    /// The long-lived VDSA of a host under a site manager: registers,
+    /// then runs the roles its site manager asks for.
+    Agent(AgentArgs),
     /// Site certificates for the replication link.
     #[command(subcommand)]
     Certs(CertsCommand),
+}
+
+/// `vdsa agent`: a configuration file, each field overridable by a flag.
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// The configuration file (JSON; see docs/management-protocol.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// HOST:PORT of the site manager's management listener.
+    #[arg(long)]
+    site_manager: Option<String>,
+    #[arg(long, env = "VDSA_REGISTRATION_TOKEN")]
+    registration_token: Option<String>,
+    #[arg(long)]
+    replication_listen: Option<String>,
+    #[arg(long)]
+    replication_address: Option<String>,
+    /// Where taps connect (repeatable; replaces the file's list).
+    #[arg(long)]
+    tap_listen: Vec<String>,
+    #[arg(long)]
+    hold_limit_ms: Option<u64>,
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+}
+
+fn agent_config(a: AgentArgs) -> Result<crate::agent::AgentConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => crate::agent::AgentConfig::load(p)?,
+        None => {
+            let need = |v: &Option<String>, flag: &str| v.clone().with_context(|| format!("give --config or --{flag}"));
+            serde_json::from_value(json!({
+                "name": need(&a.name, "name")?,
+                "data": a.data.clone().with_context(|| "give --config or --data")?,
+                "site_manager": need(&a.site_manager, "site-manager")?,
+                "replication_listen": need(&a.replication_listen, "replication-listen")?,
+            }))?
+        }
+    };
+    if let Some(v) = a.name {
+        cfg.name = v;
+    }
+    if let Some(v) = a.data {
+        cfg.data = v;
+    }
+    if let Some(v) = a.site_manager {
+        cfg.site_manager = v;
+    }
+    if let Some(v) = a.registration_token {
+        cfg.registration_token = Some(v);
+    }
+    if let Some(v) = a.replication_listen {
+        cfg.replication_listen = v;
+    }
+    if let Some(v) = a.replication_address {
+        cfg.replication_address = Some(v);
+    }
+    if !a.tap_listen.is_empty() {
+        cfg.tap_listen = a.tap_listen;
+    }
+    if let Some(v) = a.hold_limit_ms {
+        cfg.hold_limit_ms = v;
+    }
+    if let Some(v) = a.heartbeat_ms {
+        cfg.heartbeat_ms = v;
+    }
+    Ok(cfg)
 }
 
 /// Where taps connect and which disks they write: shared by `tap-serve`
@@ -224,6 +298,7 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
         }
         Command::Source(a) => source(*a),
         Command::Target(a) => target(a),
+        Command::Agent(a) => crate::agent::run(agent_config(a)?),
         Command::Certs(CertsCommand::Create { site, dir }) => {
             for p in crate::wire::tls::create_site_certificates(&dir, &site)? {
                 println!("wrote {}", p.display());
@@ -257,7 +332,7 @@ fn tap_serve(
     let known = journal.disks()?;
     let stream_id = StreamId::from_bytes(derived_id("stream", &stream));
     let tap = TapStream::new(journal.clone(), stream_id)?;
-    let mut exports = Exports::default();
+    let exports = Exports::default();
     for (name, id, size) in disks {
         match known.iter().find(|d| d.id == id) {
             Some(d) if d.size != size => bail!("disk {name} is {} bytes in the journal, not {size}", d.size),
@@ -393,7 +468,7 @@ fn source(a: SourceArgs) -> Result<()> {
     if a.no_initial_sync {
         stream.set_syncing(false);
     }
-    let mut exports = Exports::default();
+    let exports = Exports::default();
     for (name, id, size) in &disks {
         exports.insert(name.clone(), Arc::new(SourceDisk { stream: stream.clone(), disk: *id, size: *size }));
     }
@@ -440,7 +515,7 @@ fn source(a: SourceArgs) -> Result<()> {
 
 /// Checkpoint ids grow across restarts: by default the time in ms.
 fn source_checkpoint(
-    s: &crate::replication::source::SourceStream,
+    s: &Arc<crate::replication::source::SourceStream>,
     last: &Mutex<u64>,
     id: Option<u64>,
     name: &str,

@@ -24,6 +24,7 @@ mod writer;
 
 pub use error::{JournalError, Result};
 pub use format::check_checkpoint_name;
+pub use fsutil::free_bytes as free_bytes_at;
 pub use model::{
     BlockQuery, Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, StreamPosition, TapWrite, WireBlock,
     WriteData, BLOCK_SIZE,

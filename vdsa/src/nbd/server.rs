@@ -47,27 +47,43 @@ pub trait BlockExport: Send + Sync {
 
 /// The exports a server offers, by name. A client asking for the empty
 /// name gets the only export, if there is exactly one.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct Exports {
-    by_name: BTreeMap<String, Arc<dyn BlockExport>>,
+    /// Exports come and go at run time (a VDSA's roles change); a
+    /// connection keeps the export it opened.
+    by_name: std::sync::RwLock<BTreeMap<String, Arc<dyn BlockExport>>>,
 }
 
 impl std::fmt::Debug for Exports {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.by_name.keys()).finish()
+        f.debug_list().entries(self.names()).finish()
     }
 }
 
 impl Exports {
-    pub fn insert(&mut self, name: impl Into<String>, export: Arc<dyn BlockExport>) {
-        self.by_name.insert(name.into(), export);
+    pub fn insert(&self, name: impl Into<String>, export: Arc<dyn BlockExport>) {
+        if let Ok(mut m) = self.by_name.write() {
+            m.insert(name.into(), export);
+        }
     }
 
-    pub fn find(&self, name: &str) -> Option<&Arc<dyn BlockExport>> {
-        if name.is_empty() && self.by_name.len() == 1 {
-            return self.by_name.values().next();
+    pub fn remove(&self, name: &str) {
+        if let Ok(mut m) = self.by_name.write() {
+            m.remove(name);
         }
-        self.by_name.get(name)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.by_name.read().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The export a client asked for; the empty name means the only one.
+    pub fn find(&self, name: &str) -> Option<Arc<dyn BlockExport>> {
+        let m = self.by_name.read().ok()?;
+        if name.is_empty() && m.len() == 1 {
+            return m.values().next().cloned();
+        }
+        m.get(name).cloned()
     }
 }
 
@@ -194,7 +210,7 @@ impl<R: Read, W: Write> Conn<R, W> {
             match option {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data);
-                    let Some(export) = exports.find(&name).cloned() else {
+                    let Some(export) = exports.find(&name) else {
                         return Err(protocol(format!("no export named {name:?}")));
                     };
                     let mut b = Vec::with_capacity(134);
@@ -217,7 +233,7 @@ impl<R: Read, W: Write> Conn<R, W> {
                         self.option_reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
                         continue;
                     }
-                    let names: Vec<String> = exports.by_name.keys().cloned().collect();
+                    let names: Vec<String> = exports.names();
                     for name in names {
                         let mut d = (name.len() as u32).to_be_bytes().to_vec();
                         d.extend_from_slice(name.as_bytes());
@@ -230,7 +246,7 @@ impl<R: Read, W: Write> Conn<R, W> {
                         self.option_reply(option, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO")?;
                         continue;
                     };
-                    let Some(export) = exports.find(&name).cloned() else {
+                    let Some(export) = exports.find(&name) else {
                         self.option_reply(option, REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes())?;
                         continue;
                     };

@@ -7,11 +7,9 @@ use super::now_ms;
 use super::queue::{Entry, Pushed, QueueConfig, QueueStats, QueuedWrite, SendQueue};
 use super::throttle::Throttle;
 use super::LinkError;
-use crate::journal::StreamPosition;
 use crate::journal::BLOCK_SIZE;
 use crate::nbd::proto::{EIO, ENOSPC};
 use crate::nbd::server::{BlockExport, ExportError};
-use crate::tap::CheckpointBarrier;
 use crate::wire::frame::{encode_header, read_frame, write_frame, FrameError, HEADER_LEN, VERSION};
 use crate::wire::msg::{
     self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, StreamWrite, Welcome,
@@ -24,7 +22,7 @@ use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// What a source stream replicates, and to where.
@@ -61,6 +59,19 @@ pub struct LinkCounters {
     pub durable_seq: AtomicU64,
     /// Source time of the newest consistent checkpoint durable at the target.
     pub newest_consistent_ms: AtomicU64,
+    /// Barrier holds: how many, their total and longest time (µs).
+    pub holds: AtomicU64,
+    pub hold_us_total: AtomicU64,
+    pub hold_us_max: AtomicU64,
+}
+
+impl LinkCounters {
+    fn note_hold(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.holds.fetch_add(1, Ordering::Relaxed);
+        self.hold_us_total.fetch_add(us, Ordering::Relaxed);
+        self.hold_us_max.fetch_max(us, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -79,15 +90,34 @@ struct LinkState {
     base: Option<u64>,
 }
 
+/// The sequencer's state.
+#[derive(Debug)]
+struct Sequencer {
+    next: u64,
+    /// A PREPAREd checkpoint: no write is sequenced (nor acknowledged)
+    /// until it is decided, so its cut is the last write sequenced before.
+    held: Option<HeldCut>,
+}
+
+#[derive(Debug, Clone)]
+struct HeldCut {
+    id: u64,
+    kind: CheckpointKind,
+    name: String,
+    time_ms: u64,
+    since: Instant,
+}
+
 /// One VPG stream at the source.
 #[derive(Debug)]
 pub struct SourceStream {
     opts: SourceOptions,
     queue: SendQueue,
-    /// The sequencer: the next local seq, held while a write is queued, so
-    /// that seq order is queue order.
-    next_seq: Mutex<u64>,
-    barrier: CheckpointBarrier,
+    /// The sequencer: the next local seq, locked while a write is queued,
+    /// so that seq order is queue order; and the checkpoint barrier's hold.
+    sequencer: Mutex<Sequencer>,
+    /// Signalled when a hold ends.
+    released: Condvar,
     syncing: AtomicBool,
     progress: Mutex<SyncProgress>,
     pub throttle: Throttle,
@@ -109,8 +139,8 @@ impl SourceStream {
         Ok(Arc::new(SourceStream {
             throttle: Throttle::new(opts.bandwidth),
             queue: SendQueue::new(queue)?,
-            next_seq: Mutex::new(1),
-            barrier: CheckpointBarrier::new(StreamPosition::default()),
+            sequencer: Mutex::new(Sequencer { next: 1, held: None }),
+            released: Condvar::new(),
             syncing: AtomicBool::new(false),
             progress: Mutex::new(SyncProgress { started: None, covered, done_blocks: 0 }),
             counters: LinkCounters::default(),
@@ -144,29 +174,28 @@ impl SourceStream {
         self.syncing.load(Ordering::SeqCst)
     }
 
-    /// Numbers and queues one tap write, then acknowledges it unless a
-    /// checkpoint barrier holds acknowledgements.
+    /// Numbers and queues one tap write and acknowledges it; while a
+    /// checkpoint is PREPAREd, waits until it is decided first.
     pub fn put(&self, disk: DiskId, offset: u64, len: u64, kind: WriteKind, data: Vec<u8>) -> Result<(), ExportError> {
         let sync = self.is_syncing();
         if sync {
             self.note_synced(disk, offset, len);
         }
-        let seq = {
-            let mut next = self.next_seq.lock().map_err(|_| ExportError::new(EIO, "sequencer poisoned"))?;
-            let seq = *next;
-            let w = QueuedWrite { write: StreamWrite { seq, disk, offset, len, kind, sync }, data: Arc::new(data) };
-            match self.queue.push_write(w) {
-                // A write only marked dirty takes no seq: the stream the
-                // target sees has no gap.
-                Ok(Pushed::Queued) => *next += 1,
-                Ok(Pushed::Dirty) => {}
-                Err(e) => return Err(ExportError::new(EIO, format!("send queue: {e}"))),
-            }
-            seq
-        };
-        // A source keeps no journal: only the barrier's hold matters here,
-        // and the marker goes after the last queued write (`checkpoint`).
-        Ok(self.barrier.acknowledge(StreamPosition { lsn: 0, seq })?)
+        let poisoned = || ExportError::new(EIO, "sequencer poisoned");
+        let mut sq = self.sequencer.lock().map_err(|_| poisoned())?;
+        while sq.held.is_some() {
+            sq = self.released.wait(sq).map_err(|_| poisoned())?;
+        }
+        let seq = sq.next;
+        let w = QueuedWrite { write: StreamWrite { seq, disk, offset, len, kind, sync }, data: Arc::new(data) };
+        match self.queue.push_write(w) {
+            // A write only marked dirty takes no seq: the stream the
+            // target sees has no gap.
+            Ok(Pushed::Queued) => sq.next += 1,
+            Ok(Pushed::Dirty) => {}
+            Err(e) => return Err(ExportError::new(EIO, format!("send queue: {e}"))),
+        }
+        Ok(())
     }
 
     fn note_synced(&self, disk: DiskId, offset: u64, len: u64) {
@@ -188,28 +217,86 @@ impl SourceStream {
         p.done_blocks += added;
     }
 
-    /// Places checkpoint `id` in the stream after the last queued write
-    /// (architecture.md §3): acknowledgements are held while the marker goes in.
+    /// Places checkpoint `id` in the stream after the last queued write at
+    /// once (PREPARE and COMMIT in one step, for a VPG of one stream).
     /// Returns the kind recorded: inconsistent while a sync runs or writes
     /// were dropped to the dirty bitmap.
-    pub fn checkpoint(&self, id: u64, name: &str, kind: CheckpointKind) -> io::Result<CheckpointKind> {
+    pub fn checkpoint(self: &Arc<Self>, id: u64, name: &str, kind: CheckpointKind) -> io::Result<CheckpointKind> {
+        self.prepare(id, name, kind, None)?;
+        self.decide(id, true)?.ok_or_else(|| io::Error::other(format!("checkpoint {id} was decided by another")))
+    }
+
+    /// PREPARE (docs/architecture.md §3): from now on no tap write is
+    /// sequenced or acknowledged until [`SourceStream::decide`]; the cut
+    /// is the last write sequenced before. With a `hold_limit` the hold
+    /// ends on its own after it, as an ABORT. Preparing the checkpoint that
+    /// is already held again is a no-op.
+    pub fn prepare(
+        self: &Arc<Self>,
+        id: u64,
+        name: &str,
+        kind: CheckpointKind,
+        hold_limit: Option<Duration>,
+    ) -> io::Result<()> {
         crate::journal::check_checkpoint_name(name)
             .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, format!("checkpoint refused: {why}")))?;
-        let next = self.next_seq.lock().map_err(|_| io::Error::other("sequencer poisoned"))?;
-        self.barrier.prepare().map_err(io::Error::other)?;
-        let kind = if self.is_syncing() { CheckpointKind::Inconsistent } else { kind };
+        let mut sq = self.sequencer.lock().map_err(|_| io::Error::other("sequencer poisoned"))?;
+        match &sq.held {
+            Some(h) if h.id == id => return Ok(()),
+            Some(h) => {
+                return Err(io::Error::other(format!("checkpoint {} is still held; {id} must wait", h.id)));
+            }
+            None => {}
+        }
+        sq.held = Some(HeldCut { id, kind, name: name.to_string(), time_ms: now_ms(), since: Instant::now() });
+        drop(sq);
+        if let Some(limit) = hold_limit {
+            let me = Arc::downgrade(self);
+            std::thread::spawn(move || {
+                std::thread::sleep(limit);
+                if let Some(s) = me.upgrade() {
+                    if let Ok(Some(_)) = s.decide(id, false) {
+                        tracing::warn!(
+                            checkpoint = id,
+                            limit_ms = limit.as_millis() as u64,
+                            "no decision within the hold limit: released and recorded as aborted"
+                        );
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// COMMIT (`commit`) or ABORT of a held checkpoint: its marker goes
+    /// into the stream (an aborted one as inconsistent, never offered for
+    /// recovery) and the hold ends. Returns the kind recorded, or None if
+    /// `id` is not held (decided already, or never prepared).
+    pub fn decide(&self, id: u64, commit: bool) -> io::Result<Option<CheckpointKind>> {
+        let mut sq = self.sequencer.lock().map_err(|_| io::Error::other("sequencer poisoned"))?;
+        if sq.held.as_ref().is_none_or(|h| h.id != id) {
+            return Ok(None);
+        }
+        let Some(h) = sq.held.take() else { return Ok(None) };
+        let kind = if !commit || self.is_syncing() { CheckpointKind::Inconsistent } else { h.kind };
         let marker = Marker {
             id,
             kind,
-            name: name.to_string(),
-            source_time_ms: now_ms(),
-            cut_seq: *next - 1,
+            name: h.name,
+            source_time_ms: h.time_ms,
+            cut_seq: sq.next - 1,
             streams: self.opts.streams,
         };
         let r = self.queue.push_marker(marker);
-        drop(next);
-        self.barrier.release();
-        r
+        self.counters.note_hold(h.since.elapsed());
+        drop(sq);
+        self.released.notify_all();
+        r.map(Some)
+    }
+
+    /// The checkpoint held now, if any.
+    pub fn held(&self) -> Option<u64> {
+        self.sequencer.lock().ok()?.held.as_ref().map(|h| h.id)
     }
 
     pub fn queue_stats(&self) -> QueueStats {

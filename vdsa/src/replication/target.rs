@@ -155,16 +155,58 @@ impl VpgReplica {
     }
 }
 
+/// A VPG its site manager defined at this target: the streams it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetDefinition {
+    pub streams: Vec<StreamId>,
+}
+
 /// The target daemon's state: the VPG replicas it holds.
 #[derive(Debug)]
 pub struct TargetServer {
     opts: TargetOptions,
     vpgs: Mutex<HashMap<VpgId, Arc<VpgReplica>>>,
+    /// Under a site manager: only these VPGs and streams are accepted.
+    /// None (the standalone `target` command) accepts any VPG a trusted
+    /// peer sends.
+    defined: Mutex<Option<HashMap<VpgId, TargetDefinition>>>,
 }
 
 impl TargetServer {
     pub fn new(opts: TargetOptions) -> Arc<TargetServer> {
-        Arc::new(TargetServer { opts, vpgs: Mutex::new(HashMap::new()) })
+        Arc::new(TargetServer { opts, vpgs: Mutex::new(HashMap::new()), defined: Mutex::new(None) })
+    }
+
+    /// From now on only these VPGs and streams are accepted (links of
+    /// others are refused at their next hello).
+    pub fn set_defined(&self, defined: HashMap<VpgId, TargetDefinition>) {
+        if let Ok(mut d) = self.defined.lock() {
+            *d = Some(defined);
+        }
+    }
+
+    /// Refuses a stream its site manager did not define here.
+    fn check_defined(&self, vpg: VpgId, stream: StreamId) -> Result<(), LinkError> {
+        let d = self.defined.lock().map_err(|_| LinkError::Refused("definitions poisoned".into()))?;
+        match d.as_ref() {
+            None => Ok(()),
+            Some(d) => match d.get(&vpg) {
+                Some(def) if def.streams.contains(&stream) => Ok(()),
+                Some(_) => Err(LinkError::Refused(format!("stream {stream} is not a stream of VPG {vpg} here"))),
+                None => Err(LinkError::Refused(format!("VPG {vpg} is not defined at this VDSA by its site manager"))),
+            },
+        }
+    }
+
+    /// Closes a VPG's journal (its role was removed); its files stay.
+    pub fn close(&self, vpg: VpgId) {
+        if let Ok(mut m) = self.vpgs.lock() {
+            if let Some(r) = m.remove(&vpg) {
+                if let Err(e) = r.journal.sync() {
+                    tracing::error!(%vpg, "sync on close failed: {e}");
+                }
+            }
+        }
     }
 
     /// The replica of `vpg`, opened on first use.
@@ -296,6 +338,7 @@ impl TargetServer {
             return Err(FrameError::UnexpectedKind(f.kind).into());
         }
         let hello = Hello::decode(&f.payload)?;
+        self.check_defined(hello.vpg, hello.stream)?;
         let replica = self.replica(hello.vpg).map_err(LinkError::Refused)?;
         let epoch = replica.epoch();
         if hello.epoch < epoch {

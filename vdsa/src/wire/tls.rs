@@ -110,6 +110,9 @@ pub fn trust_peer(dir: &Path, peer_site: &str, peer_ca: &Path) -> Result<PathBuf
 }
 
 /// A VDSA's identity and the peer sites it trusts, loaded from its folder.
+/// Under a site manager the folder is the agent's `identity/` (its node
+/// certificate signed by the site CA; `peers/` holds the site CA and the
+/// paired sites' CAs).
 #[derive(Debug)]
 pub struct SiteIdentity {
     chain: Vec<CertificateDer<'static>>,
@@ -185,9 +188,16 @@ impl SiteIdentity {
     }
 }
 
-/// Completes the handshake as a client over `tcp`.
+/// Completes the handshake as a client over `tcp` with a VDSA.
 pub fn connect(cfg: Arc<ClientConfig>, tcp: TcpStream) -> io::Result<(LinkReader, LinkWriter)> {
-    let name = ServerName::try_from(NODE_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    connect_to(cfg, tcp, NODE_NAME)
+}
+
+/// Completes the handshake as a client over `tcp`, checking that the
+/// server's certificate names `server_name`.
+pub fn connect_to(cfg: Arc<ClientConfig>, tcp: TcpStream, server_name: &str) -> io::Result<(LinkReader, LinkWriter)> {
+    let name =
+        ServerName::try_from(server_name.to_string()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let conn = ClientConnection::new(cfg, name).map_err(io::Error::other)?;
     handshake(Connection::Client(conn), tcp)
 }

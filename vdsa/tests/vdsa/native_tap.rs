@@ -31,7 +31,7 @@ fn a_native_tap_feeds_the_journal_and_refuses_bad_input() {
     journal.add_disk(disk, SIZE).unwrap_or_else(|e| panic!("{e}"));
     let tap = TapStream::new(journal.clone(), StreamId::new()).unwrap_or_else(|e| panic!("{e}"));
     tap.set_syncing(false);
-    let mut exports = Exports::default();
+    let exports = Exports::default();
     exports.insert("disk0", Arc::new(TapDisk { stream: tap.clone(), disk, size: SIZE }));
     let sock = dir.path().join("native.sock");
     super::serve_exports(&sock, exports, |r, w, e| {

@@ -22,7 +22,7 @@ fn start_server(dir: &Path) -> (Journal, [DiskId; 2], std::path::PathBuf) {
     let journal = Journal::open(dir.join("journal"), JournalConfig::default()).unwrap_or_else(|e| panic!("{e}"));
     let disks = [DiskId::new(), DiskId::new()];
     let tap = TapStream::new(journal.clone(), StreamId::new()).unwrap_or_else(|e| panic!("{e}"));
-    let mut exports = Exports::default();
+    let exports = Exports::default();
     for (name, d) in ["a", "b"].iter().zip(disks) {
         journal.add_disk(d, SIZE).unwrap_or_else(|e| panic!("{e}"));
         exports.insert(*name, Arc::new(TapDisk { stream: tap.clone(), disk: d, size: SIZE }));

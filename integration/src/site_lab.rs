@@ -1,0 +1,222 @@
+//! A site as real processes: `site-manager serve` and `vdsa agent`s that
+//! register with it, each started from the lab binary (`lab site-manager
+//! …`, `lab vdsa agent …`) so that tests run the daemons of this tree, and
+//! an API client. Every process is stopped when dropped.
+
+use crate::process::ChildGuard;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_or(0, |a| a.port())
+}
+
+/// Appends a child's output to a log file.
+fn log_to(path: &Path) -> Result<(Stdio, Stdio)> {
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    Ok((Stdio::from(f.try_clone()?), Stdio::from(f)))
+}
+
+/// A running site manager and a client of its API.
+#[derive(Debug)]
+pub struct SiteManagerProcess {
+    child: ChildGuard,
+    pub dir: PathBuf,
+    pub api_port: u16,
+    pub management_port: u16,
+    pub admin: String,
+    client: reqwest::blocking::Client,
+}
+
+impl SiteManagerProcess {
+    /// Starts on `dir` (`extra`: more `serve` flags); waits until it serves.
+    pub fn start(lab: &Path, dir: &Path, extra: &[&str]) -> Result<SiteManagerProcess> {
+        SiteManagerProcess::start_on(lab, dir, free_port(), free_port(), extra)
+    }
+
+    pub fn start_on(
+        lab: &Path,
+        dir: &Path,
+        api_port: u16,
+        management_port: u16,
+        extra: &[&str],
+    ) -> Result<SiteManagerProcess> {
+        std::fs::create_dir_all(dir)?;
+        let (_, err) = log_to(&dir.join("site-manager.log"))?;
+        let mut child = ChildGuard::spawn(
+            Command::new(lab)
+                .args(["site-manager", "serve", "--data"])
+                .arg(dir.join("data"))
+                .args(["--listen", &format!("127.0.0.1:{api_port}")])
+                .args(["--management-listen", &format!("127.0.0.1:{management_port}")])
+                .args(extra)
+                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+                .stdout(Stdio::piped())
+                .stderr(err),
+            "site-manager",
+        )?;
+        let out = child.child_mut().and_then(|c| c.stdout.take()).context("no stdout")?;
+        let mut lines = BufReader::new(out).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("site manager: API") => break,
+                Some(Ok(_)) => {}
+                _ => bail!("the site manager exited before serving (see {})", dir.join("site-manager.log").display()),
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        let data = dir.join("data");
+        let admin = std::fs::read_to_string(data.join("admin-token"))?.trim().to_string();
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(data.join("pki/ca.pem"))?)?;
+        let client =
+            reqwest::blocking::Client::builder().add_root_certificate(ca).timeout(Duration::from_secs(60)).build()?;
+        Ok(SiteManagerProcess { child, dir: dir.to_path_buf(), api_port, management_port, admin, client })
+    }
+
+    pub fn management_address(&self) -> String {
+        format!("127.0.0.1:{}", self.management_port)
+    }
+
+    /// One API call as the admin; a non-2xx answer is an error naming it.
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        let url = format!("https://127.0.0.1:{}{path}", self.api_port);
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut r = self.client.request(method.clone(), &url).bearer_auth(&self.admin);
+        if let Some(b) = body {
+            r = r.header("content-type", "application/json").body(b.to_string());
+        }
+        let resp = r.send().with_context(|| format!("{method} {path}"))?;
+        let status = resp.status();
+        let text = resp.text()?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            bail!("{method} {path}: {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value> {
+        self.call("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Result<Value> {
+        self.call("POST", path, Some(body))
+    }
+
+    /// Adds a KVM host and returns its id and a registration token.
+    pub fn add_host(&self, name: &str) -> Result<(String, String)> {
+        let h = self.post("/api/v1/hosts", json!({"name": name, "hypervisor": "kvm"}))?;
+        let id = h["id"].as_str().context("host id")?.to_string();
+        let t = self.call("POST", &format!("/api/v1/hosts/{id}/registration-token"), None)?;
+        Ok((id, t["token"].as_str().context("token")?.to_string()))
+    }
+
+    /// Waits until `done` holds for `GET path`.
+    pub fn wait_until(
+        &self,
+        path: &str,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let start = Instant::now();
+        loop {
+            let v = self.get(path)?;
+            if done(&v) {
+                return Ok(v);
+            }
+            if start.elapsed() > timeout {
+                bail!("timed out after {timeout:?} waiting for {what}: {v}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, and wait for the clean exit.
+    pub fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child, not reaped yet.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill();
+    }
+}
+
+/// A running `vdsa agent`.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: ChildGuard,
+    pub dir: PathBuf,
+    pub tap_sock: PathBuf,
+    pub replication_port: u16,
+}
+
+impl AgentProcess {
+    /// Starts an agent in `dir` that registers with `token` (ignored once
+    /// registered).
+    pub fn start(lab: &Path, dir: &Path, name: &str, site_manager: &str, token: &str) -> Result<AgentProcess> {
+        AgentProcess::start_on(lab, dir, name, site_manager, token, free_port())
+    }
+
+    pub fn start_on(
+        lab: &Path,
+        dir: &Path,
+        name: &str,
+        site_manager: &str,
+        token: &str,
+        replication_port: u16,
+    ) -> Result<AgentProcess> {
+        std::fs::create_dir_all(dir)?;
+        let tap_sock = dir.join("tap.sock");
+        let (out, err) = log_to(&dir.join("vdsa.log"))?;
+        let child = ChildGuard::spawn(
+            Command::new(lab)
+                .args(["vdsa", "agent", "--name", name, "--data"])
+                .arg(dir.join("data"))
+                .args(["--site-manager", site_manager, "--registration-token", token])
+                .args(["--replication-listen", &format!("127.0.0.1:{replication_port}")])
+                .arg("--tap-listen")
+                .arg(format!("unix:{}", tap_sock.display()))
+                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+                .stdout(out)
+                .stderr(err),
+            "vdsa agent",
+        )?;
+        Ok(AgentProcess { child, dir: dir.to_path_buf(), tap_sock, replication_port })
+    }
+
+    /// The journal folder of a VPG at this (recovery) VDSA.
+    pub fn journal(&self, vpg: &str) -> PathBuf {
+        self.dir.join("data/journals").join(vpg).join("journal")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("vdsa.log")).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_running()
+    }
+
+    /// SIGTERM: a clean stop (queues drained, journals synced).
+    pub fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child, not reaped yet.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+}

@@ -1,0 +1,259 @@
+//! `vdsa agent`: the long-lived VDSA of a host under a site manager
+//! (docs/management-protocol.md). It registers once with a one-time
+//! registration token, then dials its site manager over mutual TLS,
+//! obeys the newest manager generation only, runs the roles of the desired
+//! state it receives (source streams and target journals), takes part in
+//! the checkpoint barrier, and reports its actual state every heartbeat.
+
+mod config;
+mod identity;
+mod link;
+mod roles;
+mod taps;
+
+pub use config::AgentConfig;
+pub use identity::{newest_generation, Identity};
+
+use crate::daemon::listen::{claim_listeners, serve_taps, TapListener};
+use crate::journal::JournalConfig;
+use crate::nbd::server::Exports;
+use crate::replication::target::{TargetOptions, TargetServer};
+use crate::wire::tls;
+use anyhow::{bail, Context, Result};
+use identity::{connect_tcp, store_generation};
+use link::{read_message, write_message};
+use protection_groups::mgmt::{ManagerMessage, VdsaMessage, PROTOCOL_VERSION, SITE_MANAGER_NAME};
+use roles::Roles;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a clean stop waits for the send queues to drain.
+const DRAIN_LIMIT: Duration = Duration::from_secs(20);
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(cfg: AgentConfig) -> Result<()> {
+    cfg.check()?;
+    let stop = install_signal_thread()?;
+    std::fs::create_dir_all(&cfg.data).with_context(|| format!("creating {}", cfg.data.display()))?;
+    // The addresses are taken before anything is created.
+    let listeners = TapListener::parse_all(&cfg.tap_listen)?;
+    let claims = claim_listeners(&listeners)?;
+    let replication = TcpListener::bind(&cfg.replication_listen)
+        .with_context(|| format!("listening for replication on {}", cfg.replication_listen))?;
+    let identity = loop {
+        if let Some(i) = Identity::load(&cfg.data)? {
+            break i;
+        }
+        match identity::register(&cfg) {
+            Ok(i) => break i,
+            Err(e) if is_refusal(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!("registration failed, retrying: {e:#}");
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    };
+    let site = identity.replication().context("loading the replication identity")?;
+    let root = cfg.data.join("journals");
+    std::fs::create_dir_all(&root)?;
+    let target = TargetServer::new(TargetOptions {
+        root,
+        heartbeat: Duration::from_millis(cfg.heartbeat_ms.max(50)),
+        journal: JournalConfig::default(),
+    });
+    let server_tls = site.server_config()?;
+    let t = target.clone();
+    std::thread::spawn(move || t.serve(replication, server_tls));
+    let exports = Arc::new(Exports::default());
+    serve_taps(listeners, claims, exports.clone())?;
+    let roles = Arc::new(Roles::new(cfg.clone(), target, exports, site.client_config()?));
+    let r = roles.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(5));
+        r.run_retention();
+    });
+    println!("vdsa agent: host {} , replication on {}", identity.host, cfg.replication_listen);
+    let agent = Arc::new(Agent { cfg, identity, roles });
+    let a = agent.clone();
+    std::thread::spawn(move || loop {
+        if let Err(e) = a.session() {
+            tracing::warn!("site manager link: {e:#}");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.shutdown();
+    Ok(())
+}
+
+fn is_refusal(e: &anyhow::Error) -> bool {
+    let s = format!("{e:#}");
+    s.contains("refused the registration") || s.contains("malformed") || s.contains("not registered yet")
+}
+
+/// SIGTERM and SIGINT set the returned flag (they are blocked in every
+/// thread and taken by one).
+fn install_signal_thread() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    // SAFETY: sigset_t is plain data; the calls only read and write the
+    // set we pass, and pthread_sigmask changes this thread's mask, which
+    // the threads spawned after inherit.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            bail!("cannot block SIGTERM: {}", std::io::Error::last_os_error());
+        }
+        set
+    };
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: sigwait reads the set and writes the signal number.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        tracing::info!(signal = sig, "stopping");
+        s.store(true, Ordering::SeqCst);
+    });
+    Ok(stop)
+}
+
+#[derive(Debug)]
+struct Agent {
+    cfg: AgentConfig,
+    identity: Identity,
+    roles: Arc<Roles>,
+}
+
+impl Agent {
+    /// A clean stop: waits (bounded) for every send queue to drain, so a
+    /// planned restart needs no resync, then syncs the journals.
+    fn shutdown(&self) {
+        let deadline = std::time::Instant::now() + DRAIN_LIMIT;
+        while !self.roles.drained() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !self.roles.drained() {
+            tracing::warn!("send queues not drained in {} s: a resync follows the restart", DRAIN_LIMIT.as_secs());
+        }
+        self.roles.stop_all();
+        println!("vdsa agent stopped");
+    }
+
+    /// One session with the site manager, until the link breaks.
+    fn session(&self) -> Result<()> {
+        let tcp = connect_tcp(&self.cfg.site_manager)?;
+        let (mut r, w) = tls::connect_to(self.identity.management_client()?, tcp, SITE_MANAGER_NAME)
+            .with_context(|| format!("TLS with the site manager at {}", self.cfg.site_manager))?;
+        let w = Arc::new(Mutex::new(w));
+        let send = |m: &VdsaMessage| -> Result<()> {
+            let mut g = w.lock().map_err(|_| anyhow::anyhow!("link writer poisoned"))?;
+            write_message(&mut *g, m)
+        };
+        let obeyed = newest_generation(&self.cfg.data);
+        send(&VdsaMessage::Hello {
+            protocol: PROTOCOL_VERSION,
+            host: self.identity.host,
+            newest_generation: obeyed,
+            newest_checkpoint: self.roles.newest_checkpoint(),
+            hold_limit_ms: self.cfg.hold_limit_ms,
+            replication_address: self.cfg.advertised_replication_address(),
+            software_version: env!("CARGO_PKG_VERSION").to_string(),
+        })?;
+        let mut current = match read_message(&mut r)? {
+            ManagerMessage::Welcome { generation, .. } if generation < obeyed => {
+                bail!(
+                    "the site manager's generation {generation} is older than {obeyed}, which this VDSA obeys: \
+                     ignoring a stale site manager (restored from a backup? run reclaim on it)"
+                );
+            }
+            ManagerMessage::Welcome { generation, .. } => generation,
+            ManagerMessage::Refused { reason } => bail!("the site manager refused the link: {reason}"),
+            other => bail!("unexpected answer to hello: {other:?}"),
+        };
+        if current > obeyed {
+            store_generation(&self.cfg.data, current)?;
+        }
+        tracing::info!(generation = current, "connected to the site manager");
+        let ended = Arc::new(AtomicBool::new(false));
+        let (roles, w2, ended2) = (self.roles.clone(), w.clone(), ended.clone());
+        let beat = Duration::from_millis(self.cfg.heartbeat_ms);
+        let reporter = std::thread::spawn(move || {
+            while !ended2.load(Ordering::SeqCst) {
+                let m = VdsaMessage::Report { actual: roles.actual() };
+                let ok = w2.lock().map_err(|_| ()).and_then(|mut g| write_message(&mut *g, &m).map_err(|_| ()));
+                if ok.is_err() {
+                    if let Ok(g) = w2.lock() {
+                        g.shutdown();
+                    }
+                    break;
+                }
+                std::thread::sleep(beat);
+            }
+        });
+        let result = self.obey(&mut r, &send, &mut current);
+        ended.store(true, Ordering::SeqCst);
+        if let Ok(g) = w.lock() {
+            g.shutdown();
+        }
+        let _ = reporter.join();
+        result
+    }
+
+    /// Carries out commands until the link breaks.
+    fn obey(
+        &self,
+        r: &mut tls::LinkReader,
+        send: &dyn Fn(&VdsaMessage) -> Result<()>,
+        current: &mut u64,
+    ) -> Result<()> {
+        loop {
+            let m = read_message(r)?;
+            if let Some(g) = m.generation() {
+                if g < *current {
+                    send(&VdsaMessage::Refused {
+                        reason: format!("generation {g} is older than {current}, which this VDSA obeys"),
+                    })?;
+                    continue;
+                }
+                if g > *current {
+                    store_generation(&self.cfg.data, g)?;
+                    *current = g;
+                }
+            }
+            match m {
+                ManagerMessage::Desired { state, .. } => {
+                    self.roles.apply(&state);
+                    send(&VdsaMessage::Report { actual: self.roles.actual() })?;
+                }
+                ManagerMessage::Prepare { vpg, checkpoint, kind, name, .. } => {
+                    let answer = match self.roles.prepare(vpg, checkpoint, kind, &name) {
+                        Ok(()) => VdsaMessage::Prepared { vpg, checkpoint },
+                        Err(reason) => VdsaMessage::PrepareFailed { vpg, checkpoint, reason },
+                    };
+                    send(&answer)?;
+                }
+                ManagerMessage::Commit { vpg, checkpoint, .. } => {
+                    let (committed, reason) = self.roles.decide(vpg, checkpoint, true);
+                    send(&VdsaMessage::Decided { vpg, checkpoint, committed, reason })?;
+                }
+                ManagerMessage::Abort { vpg, checkpoint, reason, .. } => {
+                    let _ = self.roles.decide(vpg, checkpoint, false);
+                    send(&VdsaMessage::Decided { vpg, checkpoint, committed: false, reason })?;
+                }
+                ManagerMessage::Refused { reason } => tracing::warn!(%reason, "the site manager refused"),
+                ManagerMessage::Welcome { .. } | ManagerMessage::Registered { .. } => {
+                    tracing::warn!("unexpected message in a session: {m:?}")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The roles a VDSA runs, reconciled to the desired state its site manager
+//! sends: source streams (each with its tap exports and its link to a
+//! target VDSA) and target journals (each accepting only the streams the
+//! site manager defined). The checkpoint barrier's PREPARE and decision
+//! land here for every source stream of a VPG.
+
+use super::AgentConfig;
+use crate::nbd::server::Exports;
+use crate::replication::queue::{Backpressure, QueueConfig};
+use crate::replication::source::{SourceDisk, SourceOptions, SourceStream};
+use crate::replication::target::{TargetDefinition, TargetServer};
+use protection_groups::mgmt::{ActualState, DesiredState, RoleKind, RolePhase, RoleState, SourceRole, TargetRole};
+use protection_groups::{CheckpointId, CheckpointKind, StreamId, VpgId};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A running source role.
+#[derive(Debug)]
+struct SourceRun {
+    role: SourceRole,
+    stream: Arc<SourceStream>,
+    /// Set when the role stops: its tap thread detaches and ends.
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Every role of this VDSA.
+#[derive(Debug)]
+pub struct Roles {
+    cfg: AgentConfig,
+    sources: Mutex<HashMap<StreamId, SourceRun>>,
+    targets: Mutex<HashMap<VpgId, TargetRole>>,
+    pub target: Arc<TargetServer>,
+    pub exports: Arc<Exports>,
+    replication_tls: Arc<rustls::ClientConfig>,
+    applied_version: AtomicU64,
+}
+
+/// The newest recoverable checkpoints a target reports, at most.
+const REPORTED_CHECKPOINTS: usize = 256;
+
+impl Roles {
+    pub fn new(
+        cfg: AgentConfig,
+        target: Arc<TargetServer>,
+        exports: Arc<Exports>,
+        replication_tls: Arc<rustls::ClientConfig>,
+    ) -> Roles {
+        // Until the site manager says otherwise, no VPG is accepted.
+        target.set_defined(HashMap::new());
+        Roles {
+            cfg,
+            sources: Mutex::default(),
+            targets: Mutex::default(),
+            target,
+            exports,
+            replication_tls,
+            applied_version: AtomicU64::new(0),
+        }
+    }
+
+    /// Reconciles to `desired`: starts, changes and stops roles.
+    pub fn apply(&self, desired: &DesiredState) {
+        let defined = desired
+            .targets
+            .iter()
+            .map(|t| (t.vpg, TargetDefinition { streams: t.streams.clone() }))
+            .collect::<HashMap<_, _>>();
+        self.target.set_defined(defined);
+        if let Ok(mut targets) = self.targets.lock() {
+            for vpg in targets.keys().copied().collect::<Vec<_>>() {
+                if !desired.targets.iter().any(|t| t.vpg == vpg) {
+                    tracing::info!(%vpg, "target role removed");
+                    self.target.close(vpg);
+                    targets.remove(&vpg);
+                }
+            }
+            for t in &desired.targets {
+                if !targets.contains_key(&t.vpg) {
+                    tracing::info!(vpg = %t.vpg, streams = t.streams.len(), "target role added");
+                    if let Err(e) = self.target.replica(t.vpg) {
+                        tracing::error!(vpg = %t.vpg, "cannot open the journal: {e}");
+                        continue;
+                    }
+                }
+                targets.insert(t.vpg, t.clone());
+            }
+        }
+        if let Ok(mut sources) = self.sources.lock() {
+            for id in sources.keys().copied().collect::<Vec<_>>() {
+                let keep =
+                    desired.sources.iter().any(|r| r.stream == id && sources.get(&id).is_some_and(|s| s.role == *r));
+                if !keep {
+                    if let Some(run) = sources.remove(&id) {
+                        self.stop_source(run);
+                    }
+                }
+            }
+            for r in &desired.sources {
+                if sources.contains_key(&r.stream) {
+                    continue;
+                }
+                match self.start_source(r) {
+                    Ok(run) => {
+                        sources.insert(r.stream, run);
+                    }
+                    Err(e) => tracing::error!(vpg = %r.vpg, stream = %r.stream, "cannot start the source role: {e}"),
+                }
+            }
+        }
+        self.applied_version.store(desired.version, Ordering::SeqCst);
+    }
+
+    fn start_source(&self, r: &SourceRole) -> std::io::Result<SourceRun> {
+        let spill_dir = self.cfg.data.join("spill");
+        std::fs::create_dir_all(&spill_dir)?;
+        let opts = SourceOptions {
+            site: self.cfg.name.clone(),
+            vpg: r.vpg,
+            stream: r.stream,
+            epoch: r.epoch,
+            disks: r.disks.iter().map(|d| (d.id, d.size_bytes)).collect(),
+            target: r.target_address.clone(),
+            heartbeat: Duration::from_millis(self.cfg.heartbeat_ms.max(50)),
+            bandwidth: r.bandwidth_bytes_per_sec,
+            streams: r.streams_to_target,
+            batch_bytes: 4 << 20,
+            window: 4,
+        };
+        let queue = QueueConfig {
+            memory_bytes: self.cfg.queue_memory_bytes,
+            spill_path: spill_dir.join(format!("{}.spill", r.stream.0)),
+            spill_bytes: self.cfg.spill_bytes,
+            backpressure: Backpressure::Block,
+        };
+        let stream = SourceStream::new(opts, queue)?;
+        for d in &r.disks {
+            self.exports.insert(
+                d.name.clone(),
+                Arc::new(SourceDisk { stream: stream.clone(), disk: d.id, size: d.size_bytes }),
+            );
+        }
+        let (link, tls) = (stream.clone(), self.replication_tls.clone());
+        std::thread::spawn(move || link.run_link(tls));
+        tracing::info!(vpg = %r.vpg, stream = %r.stream, target = %r.target_address, disks = r.disks.len(), "source role started");
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if !r.taps.is_empty() {
+            match self.nbd_address() {
+                Some(server) => {
+                    let (role, s, stop) = (r.clone(), stream.clone(), stopped.clone());
+                    std::thread::spawn(move || super::taps::run(&role, &s, server, &stop));
+                }
+                None => {
+                    tracing::error!(vpg = %r.vpg, "the role has taps to attach but this VDSA has no NBD tap listener")
+                }
+            }
+        }
+        Ok(SourceRun { role: r.clone(), stream, stopped })
+    }
+
+    /// Where QEMU's mirror jobs reach this VDSA's taps: its first NBD
+    /// listener.
+    fn nbd_address(&self) -> Option<crate::kvm::NbdAddress> {
+        self.cfg.tap_listen.iter().find_map(|l| {
+            if let Some(p) = l.strip_prefix("unix:") {
+                Some(crate::kvm::NbdAddress::Unix(p.to_string()))
+            } else {
+                let (host, port) = l.strip_prefix("tcp:")?.rsplit_once(':')?;
+                Some(crate::kvm::NbdAddress::Tcp { host: host.to_string(), port: port.parse().ok()? })
+            }
+        })
+    }
+
+    fn stop_source(&self, run: SourceRun) {
+        run.stopped.store(true, Ordering::SeqCst);
+        for d in &run.role.disks {
+            self.exports.remove(&d.name);
+        }
+        // A held checkpoint is released so no tap waits on a role that is
+        // gone.
+        if let Some(id) = run.stream.held() {
+            let _ = run.stream.decide(id, false);
+        }
+        run.stream.stop();
+        tracing::info!(vpg = %run.role.vpg, stream = %run.role.stream, "source role stopped");
+    }
+
+    /// Whether every source stream's queue is empty (all durable at its
+    /// target).
+    pub fn drained(&self) -> bool {
+        self.sources.lock().map(|s| s.values().all(|r| r.stream.drained())).unwrap_or(true)
+    }
+
+    /// Stops every source role (a clean shutdown).
+    pub fn stop_all(&self) {
+        if let Ok(mut sources) = self.sources.lock() {
+            for (_, run) in sources.drain() {
+                self.stop_source(run);
+            }
+        }
+        self.target.sync_all();
+    }
+
+    fn streams_of(&self, vpg: VpgId) -> Vec<Arc<SourceStream>> {
+        self.sources
+            .lock()
+            .map(|s| s.values().filter(|r| r.role.vpg == vpg).map(|r| r.stream.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// PREPARE on every source stream of `vpg` here.
+    pub fn prepare(&self, vpg: VpgId, id: CheckpointId, kind: CheckpointKind, name: &str) -> Result<(), String> {
+        let streams = self.streams_of(vpg);
+        if streams.is_empty() {
+            return Err(format!("no source role of VPG {vpg} runs here"));
+        }
+        let limit = Duration::from_millis(self.cfg.hold_limit_ms);
+        for (i, s) in streams.iter().enumerate() {
+            if let Err(e) = s.prepare(id.0, name, kind, Some(limit)) {
+                for done in &streams[..i] {
+                    let _ = done.decide(id.0, false);
+                }
+                return Err(e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// COMMIT or ABORT on every source stream of `vpg`; returns whether
+    /// every stream recorded it as committed, and why not.
+    pub fn decide(&self, vpg: VpgId, id: CheckpointId, commit: bool) -> (bool, String) {
+        let mut committed = commit;
+        let mut why = Vec::new();
+        for s in self.streams_of(vpg) {
+            match s.decide(id.0, commit) {
+                Ok(Some(CheckpointKind::Inconsistent)) if commit => {
+                    committed = false;
+                    why.push("a sync runs: the checkpoint is inconsistent".to_string());
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    committed = false;
+                    why.push("released on the hold limit before the decision came".to_string());
+                }
+                Err(e) => {
+                    committed = false;
+                    why.push(e.to_string());
+                }
+            }
+        }
+        (committed, why.join("; "))
+    }
+
+    /// The newest checkpoint id placed by any role here.
+    pub fn newest_checkpoint(&self) -> CheckpointId {
+        let t =
+            self.target.replicas().iter().filter_map(|r| r.journal.checkpoints().ok()?.last().map(|c| c.id.0)).max();
+        CheckpointId(t.unwrap_or(0))
+    }
+
+    /// What runs now, for the report.
+    pub fn actual(&self) -> ActualState {
+        let mut roles = Vec::new();
+        if let Ok(sources) = self.sources.lock() {
+            for run in sources.values() {
+                let st = run.stream.status();
+                let syncing = run.stream.is_syncing();
+                let connected = st["connected"].as_bool().unwrap_or(false);
+                let phase = if syncing {
+                    RolePhase::Syncing
+                } else if connected {
+                    RolePhase::Protecting
+                } else {
+                    RolePhase::Starting
+                };
+                roles.push(RoleState {
+                    vpg: run.role.vpg,
+                    kind: RoleKind::Source,
+                    stream: Some(run.role.stream),
+                    phase,
+                    detail: st["last_error"].as_str().unwrap_or_default().to_string(),
+                    sync_done_bytes: st["sync"]["done_bytes"].as_u64().unwrap_or(0),
+                    sync_total_bytes: st["sync"]["total_bytes"].as_u64().unwrap_or(0),
+                    durable_checkpoint: CheckpointId(0),
+                    recoverable_checkpoints: Vec::new(),
+                    written_bytes: st["raw_bytes"].as_u64().unwrap_or(0),
+                    link_bytes: st["wire_bytes"].as_u64().unwrap_or(0),
+                });
+            }
+        }
+        let targets: Vec<VpgId> = self.targets.lock().map(|t| t.keys().copied().collect()).unwrap_or_default();
+        for vpg in targets {
+            let Ok(r) = self.target.replica(vpg) else { continue };
+            let cps = r.journal.checkpoints().unwrap_or_default();
+            let recoverable: Vec<CheckpointId> =
+                cps.iter().rev().filter(|c| c.kind.is_recoverable()).take(REPORTED_CHECKPOINTS).map(|c| c.id).collect();
+            let stats = r.journal.stats().ok();
+            roles.push(RoleState {
+                vpg,
+                kind: RoleKind::Target,
+                stream: None,
+                phase: RolePhase::Protecting,
+                detail: String::new(),
+                sync_done_bytes: 0,
+                sync_total_bytes: 0,
+                durable_checkpoint: cps.last().map_or(CheckpointId(0), |c| c.id),
+                recoverable_checkpoints: recoverable,
+                written_bytes: stats.as_ref().map_or(0, |s| s.log_bytes + s.pack_bytes),
+                link_bytes: 0,
+            });
+        }
+        let data_free_bytes = crate::journal::free_bytes_at(&self.cfg.data).unwrap_or(0);
+        ActualState { desired_version: self.applied_version.load(Ordering::SeqCst), roles, data_free_bytes }
+    }
+
+    /// Applies each target role's retention (every few seconds).
+    pub fn run_retention(&self) {
+        let targets: Vec<TargetRole> = self.targets.lock().map(|t| t.values().cloned().collect()).unwrap_or_default();
+        for t in targets {
+            if let Ok(r) = self.target.replica(t.vpg) {
+                if let Err(e) = r.journal.apply_retention(&t.retention, crate::replication::now_ms()) {
+                    tracing::error!(vpg = %t.vpg, "retention failed: {e}");
+                }
+            }
+        }
+    }
+}
