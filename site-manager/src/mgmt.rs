@@ -164,6 +164,15 @@ async fn handle(
             if newest_generation > generation {
                 tracing::error!(%host, vdsa_generation = newest_generation, generation,
                     "this VDSA obeys a newer site manager: this one is stale (restored from a backup?) and cannot steer it; run reclaim");
+                // What it reported is kept for reclaim; it is not counted
+                // as installed, since it will not obey.
+                record.vdsa_generation = newest_generation;
+                record.vdsa_newest_checkpoint = record.vdsa_newest_checkpoint.max(newest_checkpoint.0);
+                let sm = sm.clone();
+                let r = record.clone();
+                let _ = tokio::task::spawn_blocking(move || sm.with_store(|s| s.hosts.put(r.id.as_bytes(), &r))).await;
+                return write_message(&mut wr, &ManagerMessage::Welcome { protocol: PROTOCOL_VERSION, generation })
+                    .await;
             }
             if hold_limit_ms <= crate::coordinator::PREPARE_DEADLINE.as_millis() as u64 {
                 tracing::warn!(%host, hold_limit_ms, "the VDSA's hold limit is not longer than the barrier deadline");

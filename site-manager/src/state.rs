@@ -128,21 +128,22 @@ impl SiteManager {
         Ok(None)
     }
 
-    /// Hosts, with an installed VDSA that missed its heartbeats shown down.
+    /// Hosts with their VDSA's health: a registered VDSA counts as
+    /// installed only while it is connected and reporting; otherwise it
+    /// shows as down (also right after a site manager restart, until it
+    /// dials back in).
     pub fn hosts_with_health(&self) -> Result<Vec<crate::model::Host>, StoreError> {
         let now = now_ms();
         let mut hosts = self.with_store(|s| s.hosts.list())?;
-        if let Ok(links) = self.links.lock() {
-            for h in &mut hosts {
-                if let Some(l) = links.get(&h.id) {
-                    h.last_heartbeat_ms = Some(l.last_seen_ms);
-                }
-            }
-        }
+        let links = self.links.lock().map(|l| l.clone()).unwrap_or_default();
         for h in &mut hosts {
-            let stale = h.last_heartbeat_ms.is_none_or(|t| now.saturating_sub(t) > HEARTBEAT_LIMIT_MS);
-            if h.vdsa == crate::model::VdsaState::Installed && stale {
-                h.vdsa = crate::model::VdsaState::Down;
+            let live = links.get(&h.id).filter(|l| now.saturating_sub(l.last_seen_ms) <= HEARTBEAT_LIMIT_MS);
+            if let Some(l) = links.get(&h.id) {
+                h.last_heartbeat_ms = Some(l.last_seen_ms);
+            }
+            if matches!(h.vdsa, crate::model::VdsaState::Installed | crate::model::VdsaState::Down) {
+                h.vdsa =
+                    if live.is_some() { crate::model::VdsaState::Installed } else { crate::model::VdsaState::Down };
             }
         }
         Ok(hosts)

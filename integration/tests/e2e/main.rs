@@ -7,6 +7,7 @@ mod guest_kit;
 mod kvm_tap;
 mod power_loss;
 mod replication;
+mod site_manager;
 mod vsphere;
 mod write_order;
 

@@ -95,7 +95,11 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
 
 fn is_refusal(e: &anyhow::Error) -> bool {
     let s = format!("{e:#}");
-    s.contains("refused the registration") || s.contains("malformed") || s.contains("not registered yet")
+    // Retrying cannot help these: the token or the site manager is wrong.
+    s.contains("refused the registration")
+        || s.contains("malformed")
+        || s.contains("not registered yet")
+        || s.contains("not the one the registration token names")
 }
 
 /// SIGTERM and SIGINT set the returned flag (they are blocked in every
