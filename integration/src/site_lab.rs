@@ -164,7 +164,7 @@ impl AgentProcess {
     /// Starts an agent in `dir` that registers with `token` (ignored once
     /// registered).
     pub fn start(lab: &Path, dir: &Path, name: &str, site_manager: &str, token: &str) -> Result<AgentProcess> {
-        AgentProcess::start_on(lab, dir, name, site_manager, token, free_port())
+        AgentProcess::start_on(lab, dir, name, site_manager, token, free_port(), &[])
     }
 
     pub fn start_on(
@@ -174,6 +174,7 @@ impl AgentProcess {
         site_manager: &str,
         token: &str,
         replication_port: u16,
+        extra: &[&str],
     ) -> Result<AgentProcess> {
         std::fs::create_dir_all(dir)?;
         let tap_sock = dir.join("tap.sock");
@@ -186,6 +187,7 @@ impl AgentProcess {
                 .args(["--replication-listen", &format!("127.0.0.1:{replication_port}")])
                 .arg("--tap-listen")
                 .arg(format!("unix:{}", tap_sock.display()))
+                .args(extra)
                 .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
                 .stdout(out)
                 .stderr(err),

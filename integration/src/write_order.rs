@@ -34,6 +34,17 @@ pub struct WriteOrderOptions {
     /// The control run: the site manager takes checkpoints without the
     /// barrier.
     pub control: bool,
+    /// A SIGKILL between PREPARE and COMMIT, after this many barriers.
+    pub fault: Option<(Fault, u64)>,
+}
+
+/// Who is killed between PREPARE and COMMIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The VDSA of the second protected host, after answering PREPARE.
+    Vdsa,
+    /// The site manager, after sending PREPARE.
+    SiteManager,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -47,6 +58,12 @@ pub struct WriteOrderReport {
     /// Chain writes made.
     pub writes: u64,
     pub first_violation: Option<String>,
+    /// The longest a guest write took, per protected host (ms).
+    pub max_write_ms: Vec<u64>,
+    /// The checkpoint in flight when the fault struck, and its record.
+    pub faulted: Option<(u64, Option<Value>)>,
+    /// Checkpoints offered after the faulted one (protection resumed).
+    pub offered_after_fault: usize,
 }
 
 /// One chain record: write `id` on host `id % HOSTS`, referring to write
@@ -65,6 +82,10 @@ fn parse(block: &[u8]) -> Option<(u64, u64)> {
     Some((id, r))
 }
 
+fn sm_ref(sm: &Option<SiteManagerProcess>) -> Result<&SiteManagerProcess> {
+    sm.as_ref().context("no site manager")
+}
+
 fn slot_of(id: u64) -> (usize, u64) {
     ((id % HOSTS as u64) as usize, (id / HOSTS as u64) % SLOTS)
 }
@@ -72,18 +93,45 @@ fn slot_of(id: u64) -> (usize, u64) {
 /// Runs the scenario in `dir` with `lab` (whose `lab vdsa` and `lab
 /// site-manager` are the daemons); `say` hears progress.
 pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(String)) -> Result<WriteOrderReport> {
-    let extra: &[&str] = if o.control { &["--unsafe-no-barrier"] } else { &[] };
-    let sm = SiteManagerProcess::start(lab, &dir.join("site-manager"), extra)?;
-    let site = sm.get("/api/v1/site")?["id"].as_str().context("site id")?.to_string();
+    let mut extra: Vec<String> = Vec::new();
+    if o.control {
+        extra.push("--unsafe-no-barrier".into());
+    }
+    let fault_arg = |f: Fault| match o.fault {
+        Some((g, n)) if g == f => vec!["--fault-kill-after-prepare".to_string(), n.to_string()],
+        _ => Vec::new(),
+    };
+    extra.extend(fault_arg(Fault::SiteManager));
+    let sm_dir = dir.join("site-manager");
+    let (api_port, mgmt_port) = (crate::site_lab::free_port(), crate::site_lab::free_port());
+    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut sm = Some(SiteManagerProcess::start_on(lab, &sm_dir, api_port, mgmt_port, &args)?);
+    let plain: Vec<&str> = if o.control { vec!["--unsafe-no-barrier"] } else { Vec::new() };
+    let first = sm_ref(&sm)?;
+    let site = first.get("/api/v1/site")?["id"].as_str().context("site id")?.to_string();
     let mut agents = Vec::new();
     let mut host_ids = Vec::new();
+    let mut names = Vec::new();
+    let vdsa_fault = fault_arg(Fault::Vdsa);
     for i in 0..=HOSTS {
         let name = if i < HOSTS { format!("kvm-{i}") } else { "recovery-0".to_string() };
-        let (id, token) = sm.add_host(&name)?;
-        agents.push(AgentProcess::start(lab, &dir.join(&name), &name, &sm.management_address(), &token)?);
+        let (id, token) = first.add_host(&name)?;
+        let extra: Vec<&str> = if i == 1 { vdsa_fault.iter().map(String::as_str).collect() } else { Vec::new() };
+        let port = crate::site_lab::free_port();
+        agents.push(AgentProcess::start_on(
+            lab,
+            &dir.join(&name),
+            &name,
+            &first.management_address(),
+            &token,
+            port,
+            &extra,
+        )?);
         host_ids.push(id);
+        names.push((name, token, port));
     }
-    sm.wait_until("/api/v1/hosts", Duration::from_secs(60), "every VDSA to register", |v| {
+    let sm_now = sm_ref(&sm)?;
+    sm_now.wait_until("/api/v1/hosts", Duration::from_secs(60), "every VDSA to register", |v| {
         v.as_array().is_some_and(|hs| hs.len() == HOSTS + 1 && hs.iter().all(|h| h["vdsa"] == "installed"))
     })?;
     say(format!("{} VDSAs registered", HOSTS + 1));
@@ -109,13 +157,13 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
         qsds.push(qsd);
     }
     let guests: Vec<_> = qsds.iter().map(|q| q.guest()).collect::<Result<_>>()?;
-    let created = sm.post(
+    let created = sm_now.post(
         "/api/v1/vpgs",
         json!({"name": "write-order", "recovery_site": site, "vms": vms, "checkpoint_interval_ms": 3_600_000}),
     )?;
     let vpg = created["vpg"]["id"].as_str().context("vpg id")?.to_string();
     let task = created["task"]["id"].as_str().context("task id")?.to_string();
-    let t = sm.get(&format!("/api/v1/tasks/{task}/wait?timeout_ms=120000"))?;
+    let t = sm_now.get(&format!("/api/v1/tasks/{task}/wait?timeout_ms=120000"))?;
     if t["completion"] != "Success" {
         bail!("the VPG did not reach Protecting: {t}");
     }
@@ -126,36 +174,85 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
     let (stop2, written2) = (stop.clone(), written.clone());
-    let writer = std::thread::spawn(move || -> Result<()> {
+    let writer = std::thread::spawn(move || -> Result<Vec<u64>> {
         let mut guests = guests;
         let mut id = 1u64;
+        let mut max_ms = vec![0u64; HOSTS];
         while !stop2.load(Ordering::Relaxed) {
             let (host, slot) = slot_of(id);
-            guests[host].write(slot * BLOCK as u64, &record(id))?;
+            let t = Instant::now();
+            guests[host]
+                .write(slot * BLOCK as u64, &record(id))
+                .with_context(|| format!("guest write {id} on host {host}"))?;
+            max_ms[host] = max_ms[host].max(t.elapsed().as_millis() as u64);
             written2.store(id, Ordering::Relaxed);
             id += 1;
         }
-        Ok(())
+        Ok(max_ms)
     });
     let mut rng = o.seed.max(1);
     let mut inserted = Vec::new();
+    let mut faulted: Option<u64> = None;
     let started = Instant::now();
-    for i in 0..o.checkpoints {
-        let r = sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": format!("wo-{i}")}))?;
-        let id = r["id"].as_u64().context("checkpoint id")?;
-        let w = sm.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=20000"))?;
-        inserted.push((id, w));
+    let mut i = 0;
+    let mut extra_since: Option<Instant> = None;
+    loop {
+        let done = i >= o.checkpoints;
+        let resumed =
+            faulted.is_none_or(|f| inserted.iter().any(|(id, w): &(u64, Value)| *id > f && w["durable"] == true));
+        if done && (o.fault.is_none() || (faulted.is_some() && resumed)) {
+            break;
+        }
+        if done && extra_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(120) {
+            bail!("protection did not resume after the fault (faulted checkpoint {faulted:?})");
+        }
+        let api = sm_ref(&sm)?;
+        let attempt =
+            api.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": format!("wo-{i}")})).and_then(|r| {
+                let id = r["id"].as_u64().context("checkpoint id")?;
+                let w = api.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=20000"))?;
+                Ok((id, w))
+            });
+        match attempt {
+            Ok((id, w)) => inserted.push((id, w)),
+            Err(e) if o.fault.is_some_and(|(f, _)| f == Fault::SiteManager) && faulted.is_none() => {
+                // The site manager died between PREPARE and COMMIT: start
+                // it again (a new generation) and go on.
+                say(format!("the site manager died mid-barrier ({e:#}); restarting it"));
+                if let Some(old) = sm.take() {
+                    old.kill();
+                }
+                faulted = Some(inserted.last().map_or(0, |(id, _)| *id) + 1);
+                let restarted = SiteManagerProcess::start_on(lab, &sm_dir, api_port, mgmt_port, &plain)?;
+                restarted.wait_until("/api/v1/hosts", Duration::from_secs(60), "the VDSAs to dial back in", |v| {
+                    v.as_array().is_some_and(|hs| hs.iter().all(|h| h["vdsa"] == "installed"))
+                })?;
+                sm = Some(restarted);
+            }
+            Err(e) => return Err(e),
+        }
+        if o.fault.is_some_and(|(f, _)| f == Fault::Vdsa) && faulted.is_none() && !agents[1].is_running() {
+            let (id, _) = inserted.last().cloned().unwrap_or((0, Value::Null));
+            say(format!("the VDSA of kvm-1 died between PREPARE and COMMIT of checkpoint {id}; restarting it"));
+            faulted = Some(id);
+            let (name, token, port) = &names[1];
+            let api = sm_ref(&sm)?;
+            agents[1] =
+                AgentProcess::start_on(lab, &dir.join(name), name, &api.management_address(), token, *port, &[])?;
+        }
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         std::thread::sleep(Duration::from_millis(rng % 20));
-        if (i + 1) % 10 == 0 {
-            say(format!("{} checkpoints, {} chain writes", i + 1, written.load(Ordering::Relaxed)));
+        i += 1;
+        if i % 10 == 0 {
+            say(format!("{i} checkpoints, {} chain writes", written.load(Ordering::Relaxed)));
         }
     }
     stop.store(true, Ordering::Relaxed);
-    writer.join().map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+    let max_write_ms = writer.join().map_err(|_| anyhow::anyhow!("the writer panicked"))??;
     let writes = written.load(Ordering::Relaxed);
+    let sm = sm.context("no site manager")?;
     // Durable at the target: the wait answered after the target listed
     // it; take the final records.
     let records: Vec<Value> =
@@ -178,7 +275,21 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
     }
     drop(qsds);
     let journal = Journal::open(agents[HOSTS].journal(&vpg), JournalConfig::default())?;
-    let mut report = WriteOrderReport { inserted: inserted.len(), writes, ..Default::default() };
+    let faulted = faulted.map(|id| (id, records.iter().find(|c| c["id"].as_u64() == Some(id)).cloned()));
+    let offered_after_fault = faulted.as_ref().map_or(0, |(f, _)| offered.iter().filter(|id| *id > f).count());
+    if let Some((id, _)) = &faulted {
+        if offered.contains(id) {
+            bail!("checkpoint {id}, in flight when the fault struck, is offered as consistent and durable");
+        }
+    }
+    let mut report = WriteOrderReport {
+        inserted: inserted.len(),
+        writes,
+        max_write_ms,
+        faulted,
+        offered_after_fault,
+        ..Default::default()
+    };
     let recoverable: Vec<u64> =
         journal.checkpoints()?.iter().filter(|c| c.kind.is_recoverable()).map(|c| c.id.0).collect();
     for id in offered {

@@ -61,6 +61,10 @@ struct ServeArgs {
     /// taken host by host without the barrier.
     #[arg(long, hide = true)]
     unsafe_no_barrier: bool,
+    /// Fault injection for tests: SIGKILL itself after sending the
+    /// PREPAREs of the Nth barrier.
+    #[arg(long, hide = true, default_value_t = 0)]
+    fault_kill_after_prepare: u64,
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
@@ -74,6 +78,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         api_listen: a.listen,
         management_listen,
         unsafe_no_barrier: a.unsafe_no_barrier,
+        fault_kill_after_prepare: a.fault_kill_after_prepare,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(crate::server::serve(config, &a.name))

@@ -18,6 +18,12 @@ use tokio::sync::mpsc;
 /// hold limit must be longer (it releases on its own after it).
 pub const PREPARE_DEADLINE: Duration = Duration::from_millis(500);
 
+/// How long the coordinator waits for the VDSAs to say how they recorded a
+/// committed marker. One that does not say in time is left as committed:
+/// durability (every target listing it as recoverable) still decides
+/// whether it is offered.
+const DECISION_WAIT: Duration = Duration::from_millis(500);
+
 /// Answers to one barrier in flight.
 #[derive(Debug)]
 struct Pending {
@@ -34,9 +40,18 @@ pub struct Coordinator {
     /// VDSA places its marker on its own, one after another, as if each
     /// host were checkpointed alone.
     pub unsafe_no_barrier: std::sync::atomic::AtomicBool,
+    /// Fault injection for tests: the site manager kills itself after
+    /// sending the PREPAREs of this many barriers (0: never).
+    pub fault_kill_after_prepare: std::sync::atomic::AtomicU64,
 }
 
 impl Coordinator {
+    fn fault_after_prepare(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let left = self.fault_kill_after_prepare.load(SeqCst);
+        left > 0 && self.fault_kill_after_prepare.fetch_sub(1, SeqCst) == 1
+    }
+
     fn turn(&self, vpg: VpgId) -> Arc<tokio::sync::Mutex<()>> {
         self.turns.lock().map(|mut t| t.entry(vpg).or_default().clone()).unwrap_or_default()
     }
@@ -51,9 +66,9 @@ impl Coordinator {
             }
             VdsaMessage::Decided { vpg, checkpoint, committed, reason } => {
                 if !committed {
-                    tracing::info!(%host, %vpg, %checkpoint, %reason, "a VDSA aborted a checkpoint");
+                    tracing::info!(%host, %vpg, %checkpoint, %reason, "a VDSA recorded a checkpoint as not consistent");
                 }
-                return;
+                (*vpg, *checkpoint)
             }
             _ => return,
         };
@@ -125,6 +140,12 @@ pub async fn take_checkpoint(
         }
     }
     let commit = failed.is_empty() && !hosts.is_empty();
+    if sm.coordinator.fault_after_prepare() {
+        // Fault injection for tests: die between PREPARE and COMMIT.
+        tracing::warn!(%vpg, checkpoint = %id, "fault injection: the site manager dies after PREPARE");
+        // SAFETY: kill(2) on this process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
     for &h in &sent {
         let m = if commit {
             ManagerMessage::Commit { generation, vpg, checkpoint: id }
@@ -136,11 +157,31 @@ pub async fn take_checkpoint(
         }
     }
     let hold = started.elapsed();
+    // Each VDSA says how it recorded the marker: a sync running or its own
+    // hold limit passed makes it inconsistent in the stream.
+    let mut consistent = commit;
+    if commit {
+        let mut decided: Vec<HostId> = Vec::new();
+        let deadline = tokio::time::Instant::now() + DECISION_WAIT;
+        while decided.len() < sent.len() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((h, VdsaMessage::Decided { committed, reason, .. }))) if !decided.contains(&h) => {
+                    decided.push(h);
+                    if !committed {
+                        consistent = false;
+                        failed.push(format!("host {h}: {reason}"));
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
     if let Ok(mut p) = sm.coordinator.pending.lock() {
         p.remove(&(vpg, id));
     }
     let reason = if hosts.is_empty() { "the VPG has no protected host".to_string() } else { failed.join("; ") };
-    let checkpoint = Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent: commit, durable: false, reason };
+    let checkpoint = Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent, durable: false, reason };
     let cp = checkpoint.clone();
     sm.with_store(|s| {
         s.put_checkpoint_unflushed(&cp)?;

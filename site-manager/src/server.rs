@@ -45,11 +45,13 @@ pub fn open(config: ServeConfig, site_name: &str) -> Result<Arc<SiteManager>> {
     site.generation = store.generation();
     store.site.put(b"site", &site)?;
     let unsafe_no_barrier = config.unsafe_no_barrier;
+    let fault = config.fault_kill_after_prepare;
     let sm = Arc::new(SiteManager::new(store, pki, config));
     if unsafe_no_barrier {
         tracing::warn!("control run: checkpoints are taken without the barrier; write order is not kept");
         sm.coordinator.unsafe_no_barrier.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    sm.coordinator.fault_kill_after_prepare.store(fault, std::sync::atomic::Ordering::SeqCst);
     if fresh || sm.with_store(|s| Ok(s.tokens.is_empty()))? {
         write_admin_token(&sm, &sm.config.data)?;
     }

@@ -20,6 +20,9 @@ pub struct ServeConfig {
     /// Control runs of the write-order checker only: checkpoints without
     /// the barrier.
     pub unsafe_no_barrier: bool,
+    /// Fault injection for tests: die after the PREPAREs of the Nth
+    /// barrier (0: never).
+    pub fault_kill_after_prepare: u64,
 }
 
 /// The daemon's shared state.

@@ -73,6 +73,13 @@ enum Command {
         seed: Option<u64>,
         #[arg(long)]
         control: bool,
+        /// SIGKILL between PREPARE and COMMIT of the 8th barrier: `vdsa`
+        /// (a protected host's VDSA) or `site-manager`.
+        #[arg(long)]
+        fault: Option<String>,
+        /// Keep the processes' folders and logs here.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Used by the crash test: ingests and checkpoints until killed,
     /// printing "DURABLE <id>" after each checkpoint is durable.
@@ -140,28 +147,50 @@ fn main() -> Result<()> {
             power_loss(cuts.unwrap_or(if long { 100 } else { 10 }), seed)
         }
         Some(Command::CrashChild { dir, seed, writes_per_checkpoint }) => crash_child(dir, seed, writes_per_checkpoint),
-        Some(Command::WriteOrder { long, checkpoints, seed, control }) => {
-            write_order(checkpoints.unwrap_or(if long { 500 } else { 50 }), seed, control)
+        Some(Command::WriteOrder { long, checkpoints, seed, control, fault, dir }) => {
+            use integration::write_order::Fault;
+            let fault = match fault.as_deref() {
+                None => None,
+                Some("vdsa") => Some((Fault::Vdsa, 8)),
+                Some("site-manager") => Some((Fault::SiteManager, 8)),
+                Some(other) => bail!("--fault {other:?}: expected vdsa or site-manager"),
+            };
+            write_order(checkpoints.unwrap_or(if long { 500 } else { 50 }), seed, control, fault, dir)
         }
     }
 }
 
-fn write_order(checkpoints: usize, seed: Option<u64>, control: bool) -> Result<()> {
+fn write_order(
+    checkpoints: usize,
+    seed: Option<u64>,
+    control: bool,
+    fault: Option<(integration::write_order::Fault, u64)>,
+    keep: Option<PathBuf>,
+) -> Result<()> {
     let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     });
     let what = if control { "control run, barrier off" } else { "two-phase barrier" };
     println!("lab: write order across 3 hosts ({what}), {checkpoints} checkpoints, seed {seed}");
     let lab = std::env::current_exe()?;
-    let dir = tempfile::tempdir()?;
-    let opts = integration::write_order::WriteOrderOptions { checkpoints, seed, control };
-    let r = integration::write_order::run(&lab, dir.path(), &opts, |m| println!("  {m}"))?;
+    let temp = tempfile::tempdir()?;
+    let dir = keep.unwrap_or_else(|| temp.path().to_path_buf());
+    let opts = integration::write_order::WriteOrderOptions { checkpoints, seed, control, fault };
+    let r = integration::write_order::run(&lab, &dir, &opts, |m| println!("  {m}"))?;
     println!(
         "  {} checkpoints checked of {} inserted, {} chain writes, {} violations",
         r.checked, r.inserted, r.writes, r.violations
     );
     if let Some(v) = &r.first_violation {
         println!("  first violation: {v}");
+    }
+    println!("  longest guest write per host: {:?} ms", r.max_write_ms);
+    if let Some((id, rec)) = &r.faulted {
+        println!(
+            "  the checkpoint in flight at the fault, {id}: {}",
+            rec.as_ref().map_or("never recorded".to_string(), |v| v.to_string())
+        );
+        println!("  {} checkpoints offered after it", r.offered_after_fault);
     }
     if control {
         if r.violations == 0 {

@@ -39,6 +39,10 @@ pub struct AgentConfig {
     /// Spill file size per source stream.
     #[serde(default = "defaults::spill_bytes")]
     pub spill_bytes: u64,
+    /// Fault injection for tests: SIGKILL itself after answering the Nth
+    /// PREPARE (0: never).
+    #[serde(default)]
+    pub fault_kill_after_prepare: u64,
 }
 
 mod defaults {

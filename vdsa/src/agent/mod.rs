@@ -78,7 +78,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         r.run_retention();
     });
     println!("vdsa agent: host {} , replication on {}", identity.host, cfg.replication_listen);
-    let agent = Arc::new(Agent { cfg, identity, roles });
+    let agent = Arc::new(Agent { cfg, identity, roles, prepares: Default::default() });
     let a = agent.clone();
     std::thread::spawn(move || loop {
         if let Err(e) = a.session() {
@@ -135,6 +135,8 @@ struct Agent {
     cfg: AgentConfig,
     identity: Identity,
     roles: Arc<Roles>,
+    /// PREPAREs answered (for fault injection).
+    prepares: std::sync::atomic::AtomicU64,
 }
 
 impl Agent {
@@ -244,6 +246,12 @@ impl Agent {
                         Err(reason) => VdsaMessage::PrepareFailed { vpg, checkpoint, reason },
                     };
                     send(&answer)?;
+                    let n = self.prepares.fetch_add(1, Ordering::SeqCst) + 1;
+                    if self.cfg.fault_kill_after_prepare == n {
+                        tracing::warn!(%checkpoint, "fault injection: the VDSA dies between PREPARE and COMMIT");
+                        // SAFETY: kill(2) on this process.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                    }
                 }
                 ManagerMessage::Commit { vpg, checkpoint, .. } => {
                     let (committed, reason) = self.roles.decide(vpg, checkpoint, true);

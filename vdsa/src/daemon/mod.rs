@@ -102,6 +102,10 @@ struct AgentArgs {
     hold_limit_ms: Option<u64>,
     #[arg(long)]
     heartbeat_ms: Option<u64>,
+    /// Fault injection for tests: SIGKILL itself after answering the Nth
+    /// PREPARE.
+    #[arg(long, hide = true)]
+    fault_kill_after_prepare: Option<u64>,
 }
 
 fn agent_config(a: AgentArgs) -> Result<crate::agent::AgentConfig> {
@@ -143,6 +147,9 @@ fn agent_config(a: AgentArgs) -> Result<crate::agent::AgentConfig> {
     }
     if let Some(v) = a.heartbeat_ms {
         cfg.heartbeat_ms = v;
+    }
+    if let Some(v) = a.fault_kill_after_prepare {
+        cfg.fault_kill_after_prepare = v;
     }
     Ok(cfg)
 }
