@@ -1,5 +1,5 @@
 //! A VPG's definition: its VMs with their disks and placement, and the
-//! settings an operator chooses (docs/architecture.md §11). The site manager
+//! settings an operator chooses (docs/api.md). The site manager
 //! stores it, the API carries it and a paired site keeps a copy of it.
 
 use crate::{DiskId, HostId, RetentionPolicy, SiteId, VmId};

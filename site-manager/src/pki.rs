@@ -1,7 +1,7 @@
 //! The site's certificate authority: it signs the site manager's own
 //! certificate (the API and the management link) and each VDSA's node
 //! certificate from the VDSA's signing request, so that no private key
-//! leaves the machine that made it (docs/architecture.md §11).
+//! leaves the machine that made it (docs/architecture.md §8).
 //!
 //! Files under `DIR/pki/`: `ca.pem`, `ca.key` (0600), `server.pem`,
 //! `server.key` (0600). Peer sites' CAs are kept in the store, not here.
