@@ -82,6 +82,10 @@ impl SiteManagerProcess {
         format!("127.0.0.1:{}", self.management_port)
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// One API call as the admin; a non-2xx answer is an error naming it.
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         let url = format!("https://127.0.0.1:{}{path}", self.api_port);
@@ -102,6 +106,17 @@ impl SiteManagerProcess {
 
     pub fn get(&self, path: &str) -> Result<Value> {
         self.call("GET", path, None)
+    }
+
+    /// GET, the body's bytes as they came (for timing the server, not the
+    /// client's JSON parser).
+    pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let url = format!("https://127.0.0.1:{}{path}", self.api_port);
+        let resp = self.client.get(&url).bearer_auth(&self.admin).send().with_context(|| format!("GET {path}"))?;
+        if !resp.status().is_success() {
+            bail!("GET {path}: {}", resp.status());
+        }
+        Ok(resp.bytes()?.to_vec())
     }
 
     pub fn post(&self, path: &str, body: Value) -> Result<Value> {
@@ -220,5 +235,145 @@ impl AgentProcess {
 
     pub fn kill(&mut self) {
         self.child.kill();
+    }
+}
+
+/// What [`ProtectedSite::start`] builds.
+#[derive(Debug, Clone)]
+pub struct SiteSpec {
+    /// Protected hosts, one VM with one disk each; one recovery host more.
+    pub hosts: usize,
+    pub disk_bytes: u64,
+    /// More `serve` flags for the site manager.
+    pub site_manager_args: Vec<String>,
+    /// More `vdsa agent` flags for protected host `i`.
+    pub vdsa_args: Vec<(usize, Vec<String>)>,
+    pub checkpoint_interval_ms: u64,
+}
+
+/// A site manager, `hosts` protected hosts (each a qemu-storage-daemon
+/// VM whose disk its `vdsa agent` taps) and one recovery host, with one
+/// VPG over all the VMs, protecting.
+#[derive(Debug)]
+pub struct ProtectedSite {
+    pub site_manager: Option<SiteManagerProcess>,
+    pub site_manager_dir: PathBuf,
+    pub api_port: u16,
+    pub management_port: u16,
+    /// Protected hosts first, the recovery host last.
+    pub agents: Vec<AgentProcess>,
+    /// (name, registration token, replication port) per agent.
+    pub agent_names: Vec<(String, String, u16)>,
+    pub host_ids: Vec<String>,
+    pub vms: Vec<crate::kvm_lab::StorageDaemon>,
+    pub disks: Vec<protection_groups::DiskId>,
+    pub vpg: String,
+}
+
+impl ProtectedSite {
+    pub fn start(lab: &Path, dir: &Path, spec: &SiteSpec, mut say: impl FnMut(String)) -> Result<ProtectedSite> {
+        let site_manager_dir = dir.join("site-manager");
+        let (api_port, management_port) = (free_port(), free_port());
+        let args: Vec<&str> = spec.site_manager_args.iter().map(String::as_str).collect();
+        let sm = SiteManagerProcess::start_on(lab, &site_manager_dir, api_port, management_port, &args)?;
+        let site = sm.get("/api/v1/site")?["id"].as_str().context("site id")?.to_string();
+        let (mut agents, mut host_ids, mut agent_names) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..=spec.hosts {
+            let name = if i < spec.hosts { format!("kvm-{i}") } else { "recovery-0".to_string() };
+            let (id, token) = sm.add_host(&name)?;
+            let extra: Vec<&str> = spec
+                .vdsa_args
+                .iter()
+                .filter(|(h, _)| *h == i)
+                .flat_map(|(_, a)| a.iter().map(String::as_str))
+                .collect();
+            let port = free_port();
+            agents.push(AgentProcess::start_on(
+                lab,
+                &dir.join(&name),
+                &name,
+                &sm.management_address(),
+                &token,
+                port,
+                &extra,
+            )?);
+            host_ids.push(id);
+            agent_names.push((name, token, port));
+        }
+        let n = spec.hosts + 1;
+        sm.wait_until("/api/v1/hosts", Duration::from_secs(120), "every VDSA to register", |v| {
+            v.as_array().is_some_and(|hs| hs.len() == n && hs.iter().all(|h| h["vdsa"] == "installed"))
+        })?;
+        say(format!("{n} VDSAs registered"));
+        let (mut vms, mut vm_specs, mut disks) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..spec.hosts {
+            let d = dir.join(format!("vm-{i}"));
+            std::fs::create_dir_all(&d)?;
+            let image = d.join("disk.raw");
+            std::fs::File::create(&image)?.set_len(spec.disk_bytes)?;
+            let qsd = crate::kvm_lab::StorageDaemon::start(&d, &image, false)?;
+            let disk = protection_groups::DiskId::new();
+            vm_specs.push(json!({
+                "id": uuid::Uuid::new_v4(),
+                "name": format!("vm-{i}"),
+                "host": host_ids[i],
+                "hypervisor_ref": qsd.vdsa_qmp_sock,
+                "disks": [{"id": disk.0, "name": format!("vm-{i}-disk"), "size_bytes": spec.disk_bytes, "device": "src"}],
+                "recovery_host": host_ids[spec.hosts],
+            }));
+            vms.push(qsd);
+            disks.push(disk);
+        }
+        let created = sm.post(
+            "/api/v1/vpgs",
+            json!({"name": "vpg-1", "recovery_site": site, "vms": vm_specs,
+                   "checkpoint_interval_ms": spec.checkpoint_interval_ms}),
+        )?;
+        let vpg = created["vpg"]["id"].as_str().context("vpg id")?.to_string();
+        let task = created["task"]["id"].as_str().context("task id")?.to_string();
+        let t = sm.get(&format!("/api/v1/tasks/{task}/wait?timeout_ms=300000"))?;
+        if t["completion"] != "Success" {
+            bail!("the VPG did not reach Protecting: {t}");
+        }
+        say("the VPG protects: every tap is in sync".into());
+        Ok(ProtectedSite {
+            site_manager: Some(sm),
+            site_manager_dir,
+            api_port,
+            management_port,
+            agents,
+            agent_names,
+            host_ids,
+            vms,
+            disks,
+            vpg,
+        })
+    }
+
+    pub fn sm(&self) -> Result<&SiteManagerProcess> {
+        self.site_manager.as_ref().context("the site manager is not running")
+    }
+
+    /// Starts the site manager again on its folder and ports and waits for
+    /// every VDSA to dial back in.
+    pub fn restart_site_manager(&mut self, lab: &Path, args: &[&str]) -> Result<()> {
+        if let Some(old) = self.site_manager.take() {
+            old.kill();
+        }
+        let sm = SiteManagerProcess::start_on(lab, &self.site_manager_dir, self.api_port, self.management_port, args)?;
+        sm.wait_until("/api/v1/hosts", Duration::from_secs(60), "the VDSAs to dial back in", |v| {
+            v.as_array().is_some_and(|hs| hs.iter().all(|h| h["vdsa"] == "installed"))
+        })?;
+        self.site_manager = Some(sm);
+        Ok(())
+    }
+
+    /// Starts agent `i` again (it is registered already).
+    pub fn restart_agent(&mut self, lab: &Path, dir: &Path, i: usize) -> Result<()> {
+        let (name, token, port) = self.agent_names[i].clone();
+        let addr = format!("127.0.0.1:{}", self.management_port);
+        self.agents[i].kill();
+        self.agents[i] = AgentProcess::start_on(lab, &dir.join(&name), &name, &addr, &token, port, &[])?;
+        Ok(())
     }
 }

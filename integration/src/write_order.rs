@@ -9,10 +9,9 @@
 //! checkpoint holds. A control run with the barrier switched off must find
 //! violations.
 
-use crate::kvm_lab::StorageDaemon;
-use crate::site_lab::{AgentProcess, SiteManagerProcess};
+use crate::site_lab::{ProtectedSite, SiteSpec};
 use anyhow::{bail, Context, Result};
-use protection_groups::{CheckpointId, DiskId};
+use protection_groups::CheckpointId;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -82,10 +81,6 @@ fn parse(block: &[u8]) -> Option<(u64, u64)> {
     Some((id, r))
 }
 
-fn sm_ref(sm: &Option<SiteManagerProcess>) -> Result<&SiteManagerProcess> {
-    sm.as_ref().context("no site manager")
-}
-
 fn slot_of(id: u64) -> (usize, u64) {
     ((id % HOSTS as u64) as usize, (id / HOSTS as u64) % SLOTS)
 }
@@ -93,81 +88,27 @@ fn slot_of(id: u64) -> (usize, u64) {
 /// Runs the scenario in `dir` with `lab` (whose `lab vdsa` and `lab
 /// site-manager` are the daemons); `say` hears progress.
 pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(String)) -> Result<WriteOrderReport> {
-    let mut extra: Vec<String> = Vec::new();
+    let mut sm_args: Vec<String> = Vec::new();
     if o.control {
-        extra.push("--unsafe-no-barrier".into());
+        sm_args.push("--unsafe-no-barrier".into());
     }
     let fault_arg = |f: Fault| match o.fault {
         Some((g, n)) if g == f => vec!["--fault-kill-after-prepare".to_string(), n.to_string()],
         _ => Vec::new(),
     };
-    extra.extend(fault_arg(Fault::SiteManager));
-    let sm_dir = dir.join("site-manager");
-    let (api_port, mgmt_port) = (crate::site_lab::free_port(), crate::site_lab::free_port());
-    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let mut sm = Some(SiteManagerProcess::start_on(lab, &sm_dir, api_port, mgmt_port, &args)?);
+    sm_args.extend(fault_arg(Fault::SiteManager));
+    let spec = SiteSpec {
+        hosts: HOSTS,
+        disk_bytes: DISK_BYTES,
+        site_manager_args: sm_args,
+        vdsa_args: vec![(1, fault_arg(Fault::Vdsa))],
+        checkpoint_interval_ms: 3_600_000,
+    };
+    let mut site = ProtectedSite::start(lab, dir, &spec, &mut say)?;
     let plain: Vec<&str> = if o.control { vec!["--unsafe-no-barrier"] } else { Vec::new() };
-    let first = sm_ref(&sm)?;
-    let site = first.get("/api/v1/site")?["id"].as_str().context("site id")?.to_string();
-    let mut agents = Vec::new();
-    let mut host_ids = Vec::new();
-    let mut names = Vec::new();
-    let vdsa_fault = fault_arg(Fault::Vdsa);
-    for i in 0..=HOSTS {
-        let name = if i < HOSTS { format!("kvm-{i}") } else { "recovery-0".to_string() };
-        let (id, token) = first.add_host(&name)?;
-        let extra: Vec<&str> = if i == 1 { vdsa_fault.iter().map(String::as_str).collect() } else { Vec::new() };
-        let port = crate::site_lab::free_port();
-        agents.push(AgentProcess::start_on(
-            lab,
-            &dir.join(&name),
-            &name,
-            &first.management_address(),
-            &token,
-            port,
-            &extra,
-        )?);
-        host_ids.push(id);
-        names.push((name, token, port));
-    }
-    let sm_now = sm_ref(&sm)?;
-    sm_now.wait_until("/api/v1/hosts", Duration::from_secs(60), "every VDSA to register", |v| {
-        v.as_array().is_some_and(|hs| hs.len() == HOSTS + 1 && hs.iter().all(|h| h["vdsa"] == "installed"))
-    })?;
-    say(format!("{} VDSAs registered", HOSTS + 1));
-    let mut qsds = Vec::new();
-    let mut vms = Vec::new();
-    let mut disks = Vec::new();
-    for i in 0..HOSTS {
-        let d = dir.join(format!("qsd-{i}"));
-        std::fs::create_dir_all(&d)?;
-        let image = d.join("disk.raw");
-        std::fs::write(&image, vec![0u8; DISK_BYTES as usize])?;
-        let qsd = StorageDaemon::start(&d, &image, false)?;
-        let disk = DiskId::new();
-        disks.push(disk);
-        vms.push(json!({
-            "id": uuid::Uuid::new_v4(),
-            "name": format!("vm-{i}"),
-            "host": host_ids[i],
-            "hypervisor_ref": qsd.vdsa_qmp_sock,
-            "disks": [{"id": disk.0, "name": format!("vm-{i}-disk"), "size_bytes": DISK_BYTES, "device": "src"}],
-            "recovery_host": host_ids[HOSTS],
-        }));
-        qsds.push(qsd);
-    }
-    let guests: Vec<_> = qsds.iter().map(|q| q.guest()).collect::<Result<_>>()?;
-    let created = sm_now.post(
-        "/api/v1/vpgs",
-        json!({"name": "write-order", "recovery_site": site, "vms": vms, "checkpoint_interval_ms": 3_600_000}),
-    )?;
-    let vpg = created["vpg"]["id"].as_str().context("vpg id")?.to_string();
-    let task = created["task"]["id"].as_str().context("task id")?.to_string();
-    let t = sm_now.get(&format!("/api/v1/tasks/{task}/wait?timeout_ms=120000"))?;
-    if t["completion"] != "Success" {
-        bail!("the VPG did not reach Protecting: {t}");
-    }
-    say("the VPG protects: every tap is in sync".into());
+    let guests: Vec<_> = site.vms.iter().map(|q| q.guest()).collect::<Result<_>>()?;
+    let vpg = site.vpg.clone();
+    let disks = site.disks.clone();
 
     // The chain: one writer, host by host, each write completed (the tap
     // acknowledged it) before the next is issued.
@@ -206,7 +147,7 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
         if done && extra_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(120) {
             bail!("protection did not resume after the fault (faulted checkpoint {faulted:?})");
         }
-        let api = sm_ref(&sm)?;
+        let api = site.sm()?;
         let attempt =
             api.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": format!("wo-{i}")})).and_then(|r| {
                 let id = r["id"].as_u64().context("checkpoint id")?;
@@ -219,26 +160,16 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
                 // The site manager died between PREPARE and COMMIT: start
                 // it again (a new generation) and go on.
                 say(format!("the site manager died mid-barrier ({e:#}); restarting it"));
-                if let Some(old) = sm.take() {
-                    old.kill();
-                }
                 faulted = Some(inserted.last().map_or(0, |(id, _)| *id) + 1);
-                let restarted = SiteManagerProcess::start_on(lab, &sm_dir, api_port, mgmt_port, &plain)?;
-                restarted.wait_until("/api/v1/hosts", Duration::from_secs(60), "the VDSAs to dial back in", |v| {
-                    v.as_array().is_some_and(|hs| hs.iter().all(|h| h["vdsa"] == "installed"))
-                })?;
-                sm = Some(restarted);
+                site.restart_site_manager(lab, &plain)?;
             }
             Err(e) => return Err(e),
         }
-        if o.fault.is_some_and(|(f, _)| f == Fault::Vdsa) && faulted.is_none() && !agents[1].is_running() {
+        if o.fault.is_some_and(|(f, _)| f == Fault::Vdsa) && faulted.is_none() && !site.agents[1].is_running() {
             let (id, _) = inserted.last().cloned().unwrap_or((0, Value::Null));
             say(format!("the VDSA of kvm-1 died between PREPARE and COMMIT of checkpoint {id}; restarting it"));
             faulted = Some(id);
-            let (name, token, port) = &names[1];
-            let api = sm_ref(&sm)?;
-            agents[1] =
-                AgentProcess::start_on(lab, &dir.join(name), name, &api.management_address(), token, *port, &[])?;
+            site.restart_agent(lab, dir, 1)?;
         }
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -252,7 +183,7 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
     stop.store(true, Ordering::Relaxed);
     let max_write_ms = writer.join().map_err(|_| anyhow::anyhow!("the writer panicked"))??;
     let writes = written.load(Ordering::Relaxed);
-    let sm = sm.context("no site manager")?;
+    let sm = site.sm()?;
     // Durable at the target: the wait answered after the target listed
     // it; take the final records.
     let records: Vec<Value> =
@@ -270,11 +201,10 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
         started.elapsed().as_secs_f64()
     ));
     // Stop the sources (drained), then the recovery VDSA (journal synced).
-    for a in agents.iter_mut() {
+    for a in site.agents.iter_mut() {
         a.stop();
     }
-    drop(qsds);
-    let journal = Journal::open(agents[HOSTS].journal(&vpg), JournalConfig::default())?;
+    let journal = Journal::open(site.agents[HOSTS].journal(&vpg), JournalConfig::default())?;
     let faulted = faulted.map(|id| (id, records.iter().find(|c| c["id"].as_u64() == Some(id)).cloned()));
     let offered_after_fault = faulted.as_ref().map_or(0, |(f, _)| offered.iter().filter(|id| *id > f).count());
     if let Some((id, _)) = &faulted {

@@ -181,7 +181,8 @@ pub async fn take_checkpoint(
         p.remove(&(vpg, id));
     }
     let reason = if hosts.is_empty() { "the VPG has no protected host".to_string() } else { failed.join("; ") };
-    let checkpoint = Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent, durable: false, reason };
+    let hold_us = u64::try_from(hold.as_micros()).unwrap_or(u64::MAX);
+    let checkpoint = Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent, durable: false, reason, hold_us };
     let cp = checkpoint.clone();
     sm.with_store(|s| {
         s.put_checkpoint_unflushed(&cp)?;
@@ -211,12 +212,23 @@ async fn no_barrier(
         }
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
-    let checkpoint =
-        Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent: true, durable: false, reason: String::new() };
+    let hold = started.elapsed();
+    let hold_us = u64::try_from(hold.as_micros()).unwrap_or(u64::MAX);
+    let checkpoint = Checkpoint {
+        vpg,
+        id,
+        time_ms: now_ms(),
+        kind,
+        name,
+        consistent: true,
+        durable: false,
+        reason: String::new(),
+        hold_us,
+    };
     let cp = checkpoint.clone();
     sm.with_store(|s| {
         s.put_checkpoint_unflushed(&cp)?;
         s.flush()
     })?;
-    Ok(BarrierOutcome { checkpoint, hold: started.elapsed() })
+    Ok(BarrierOutcome { checkpoint, hold })
 }

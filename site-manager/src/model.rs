@@ -188,6 +188,10 @@ pub struct Checkpoint {
     pub durable: bool,
     /// Why it is not consistent, when it is not.
     pub reason: String,
+    /// How long the barrier held the guests' writes: first PREPARE sent
+    /// to last decision sent (µs).
+    #[serde(default)]
+    pub hold_us: u64,
 }
 
 /// A request to insert a named checkpoint.

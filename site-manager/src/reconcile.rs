@@ -83,13 +83,19 @@ pub fn desired_states(vpgs: &[Vpg], hosts: &[Host]) -> BTreeMap<HostId, DesiredS
     out
 }
 
+/// The reconciler runs at least this often (automatic checkpoints are
+/// scheduled to this resolution), and at once after any change.
+const TICK: Duration = Duration::from_millis(100);
+
 /// What the reconciler remembers between passes.
 #[derive(Debug, Default)]
 struct Memory {
     /// Per host: the desired state last sent, and to which session.
     sent: HashMap<HostId, (u64, DesiredState)>,
     version: u64,
-    next_checkpoint: HashMap<VpgId, Instant>,
+    /// Per VPG: when its next automatic checkpoint is due, and the
+    /// interval that was computed with (a changed interval reschedules).
+    next_checkpoint: HashMap<VpgId, (Instant, u64)>,
     in_flight: HashSet<VpgId>,
 }
 
@@ -100,7 +106,7 @@ pub async fn run(sm: Arc<SiteManager>) {
     loop {
         tokio::select! {
             _ = sm.changes.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(TICK) => {}
             Some(v) = done_rx.recv() => { mem.in_flight.remove(&v); }
         }
         let sm2 = sm.clone();
@@ -155,7 +161,14 @@ async fn push_desired(sm: &SiteManager, mem: &mut Memory, vpgs: &[Vpg], hosts: &
 fn advance_statuses(sm: &SiteManager, vpgs: &[Vpg]) -> Result<(), crate::store::StoreError> {
     let reports: Vec<protection_groups::mgmt::RoleState> =
         sm.links.lock().map(|l| l.values().flat_map(|x| x.actual.roles.clone()).collect()).unwrap_or_default();
-    let tasks = sm.with_store(|s| s.tasks.list())?;
+    // Tasks are read only when a VPG's status or progress moves.
+    let mut tasks_cache: Option<Vec<crate::model::Task>> = None;
+    let mut tasks = || -> Result<Vec<crate::model::Task>, crate::store::StoreError> {
+        if tasks_cache.is_none() {
+            tasks_cache = Some(sm.with_store(|s| s.tasks.list())?);
+        }
+        Ok(tasks_cache.clone().unwrap_or_default())
+    };
     for v in vpgs {
         let roles: Vec<_> = reports.iter().filter(|r| r.vpg == v.id).collect();
         match v.status {
@@ -166,7 +179,7 @@ fn advance_statuses(sm: &SiteManager, vpgs: &[Vpg]) -> Result<(), crate::store::
                     }
                     s.vpgs.remove(v.id.as_bytes())
                 })?;
-                for t in tasks.iter().filter(|t| t.vpg == Some(v.id) && !t.is_finished()) {
+                for t in tasks()?.iter().filter(|t| t.vpg == Some(v.id) && !t.is_finished()) {
                     let code = if t.kind == "remove_vpg" { CompletionCode::Success } else { CompletionCode::Aborted };
                     sm.finish_task(t.id, code, serde_json::json!({"removed": v.id}), None)?;
                 }
@@ -187,7 +200,8 @@ fn advance_statuses(sm: &SiteManager, vpgs: &[Vpg]) -> Result<(), crate::store::
                     })?;
                     nv.status_reason = String::new();
                     sm.with_store(|s| s.vpgs.put(nv.id.as_bytes(), &nv))?;
-                    for t in tasks.iter().filter(|t| t.vpg == Some(v.id) && t.kind == "create_vpg" && !t.is_finished())
+                    for t in
+                        tasks()?.iter().filter(|t| t.vpg == Some(v.id) && t.kind == "create_vpg" && !t.is_finished())
                     {
                         sm.finish_task(
                             t.id,
@@ -198,7 +212,8 @@ fn advance_statuses(sm: &SiteManager, vpgs: &[Vpg]) -> Result<(), crate::store::
                     }
                 } else if let Some(pct) = done.saturating_mul(100).checked_div(total) {
                     let pct = u8::try_from(pct).unwrap_or(100).min(99);
-                    for t in tasks.iter().filter(|t| t.vpg == Some(v.id) && t.kind == "create_vpg" && !t.is_finished())
+                    for t in
+                        tasks()?.iter().filter(|t| t.vpg == Some(v.id) && t.kind == "create_vpg" && !t.is_finished())
                     {
                         if t.progress != pct {
                             sm.update_task(t.id, |t| t.progress = pct)?;
@@ -268,12 +283,23 @@ fn schedule_checkpoints(
     done: &tokio::sync::mpsc::UnboundedSender<VpgId>,
 ) {
     let now = Instant::now();
+    let connected: HashSet<HostId> = sm.links.lock().map(|l| l.keys().copied().collect()).unwrap_or_default();
     for v in vpgs.iter().filter(|v| replicates(v.status)) {
-        let due = *mem.next_checkpoint.entry(v.id).or_insert(now);
-        if now < due || mem.in_flight.contains(&v.id) {
+        let interval = v.settings.checkpoint_interval_ms;
+        let entry = mem.next_checkpoint.entry(v.id).or_insert((now, interval));
+        if entry.1 != interval {
+            *entry = (now + Duration::from_millis(interval).min(entry.0.saturating_duration_since(now)), interval);
+        }
+        if now < entry.0 || mem.in_flight.contains(&v.id) {
             continue;
         }
-        mem.next_checkpoint.insert(v.id, now + Duration::from_millis(v.settings.checkpoint_interval_ms));
+        // A VPG none of whose source VDSAs is connected gets no automatic
+        // checkpoint (it could only be aborted); a named one still is
+        // tried and recorded as not consistent, saying why.
+        if !v.settings.protected_hosts().iter().any(|h| connected.contains(h)) {
+            continue;
+        }
+        mem.next_checkpoint.insert(v.id, (now + Duration::from_millis(interval), interval));
         mem.in_flight.insert(v.id);
         let (sm, done, vpg) = (sm.clone(), done.clone(), v.id);
         let hosts = v.settings.protected_hosts();

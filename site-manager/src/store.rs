@@ -118,6 +118,85 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
     }
 }
 
+/// A table kept in memory as well: reads never touch sled nor decode
+/// JSON (the VPG list is read often and by everyone). Writes go to sled
+/// first, flushed, then to memory.
+#[derive(Debug)]
+pub struct CachedTable<T> {
+    table: Table<T>,
+    memory: std::sync::RwLock<std::collections::BTreeMap<Vec<u8>, T>>,
+    /// The whole list as JSON, made on the first read after a change.
+    list_json: std::sync::Mutex<Option<std::sync::Arc<Vec<u8>>>>,
+}
+
+impl<T: Serialize + DeserializeOwned + Clone> CachedTable<T> {
+    fn open(db: &sled::Db, name: &'static str) -> Result<Self> {
+        let table = Table::open(db, name)?;
+        let mut memory = std::collections::BTreeMap::new();
+        for kv in table.tree.iter() {
+            let (k, v) = kv?;
+            memory.insert(k.to_vec(), table.decode(&k, &v)?);
+        }
+        Ok(CachedTable { table, memory: std::sync::RwLock::new(memory), list_json: std::sync::Mutex::new(None) })
+    }
+
+    fn poisoned(&self) -> StoreError {
+        StoreError::Corrupt { tree: self.table.name, key: "cache".into(), why: "lock poisoned".into() }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<T>> {
+        Ok(self.memory.read().map_err(|_| self.poisoned())?.get(key).cloned())
+    }
+
+    pub fn put(&self, key: &[u8], value: &T) -> Result<()> {
+        let mut m = self.memory.write().map_err(|_| self.poisoned())?;
+        self.table.put(key, value)?;
+        m.insert(key.to_vec(), value.clone());
+        self.forget_list();
+        Ok(())
+    }
+
+    fn forget_list(&self) {
+        if let Ok(mut j) = self.list_json.lock() {
+            *j = None;
+        }
+    }
+
+    /// Every value as one JSON array, in key order (the same as
+    /// serializing [`CachedTable::list`]), kept until the next change.
+    pub fn list_json(&self) -> Result<std::sync::Arc<Vec<u8>>> {
+        let mut j = self.list_json.lock().map_err(|_| self.poisoned())?;
+        if let Some(bytes) = j.as_ref() {
+            return Ok(bytes.clone());
+        }
+        let m = self.memory.read().map_err(|_| self.poisoned())?;
+        let values: Vec<&T> = m.values().collect();
+        let bytes = std::sync::Arc::new(serde_json::to_vec(&values)?);
+        *j = Some(bytes.clone());
+        Ok(bytes)
+    }
+
+    pub fn remove(&self, key: &[u8]) -> Result<()> {
+        let mut m = self.memory.write().map_err(|_| self.poisoned())?;
+        self.table.remove(key)?;
+        m.remove(key);
+        self.forget_list();
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<T>> {
+        Ok(self.memory.read().map_err(|_| self.poisoned())?.values().cloned().collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.memory.read().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -138,9 +217,9 @@ pub struct Store {
     pub site: Table<Site>,
     pub tokens: Table<StoredToken>,
     pub audit: Table<AuditEntry>,
-    pub hosts: Table<Host>,
+    pub hosts: CachedTable<Host>,
     pub registrations: Table<StoredRegistration>,
-    pub vpgs: Table<Vpg>,
+    pub vpgs: CachedTable<Vpg>,
     pub checkpoints: Table<Checkpoint>,
     pub tasks: Table<Task>,
     /// Peer VPG definitions kept for a failover without the protected site.
@@ -199,9 +278,9 @@ impl Store {
             site: Table::open(&db, "site")?,
             tokens: Table::open(&db, "tokens")?,
             audit: Table::open(&db, "audit")?,
-            hosts: Table::open(&db, "hosts")?,
+            hosts: CachedTable::open(&db, "hosts")?,
             registrations: Table::open(&db, "registrations")?,
-            vpgs: Table::open(&db, "vpgs")?,
+            vpgs: CachedTable::open(&db, "vpgs")?,
             checkpoints: Table::open(&db, "checkpoints")?,
             tasks: Table::open(&db, "tasks")?,
             peer_vpgs: Table::open(&db, "peer_vpgs")?,

@@ -5,6 +5,7 @@ use super::{blocking, ApiError, ApiResult, AppState};
 use crate::model::{now_ms, Checkpoint, ErrorBody, NewCheckpoint, NewVm, Role, Task, TaskDriver, Vpg};
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::Json;
 use protection_groups::{CheckpointId, CheckpointKind, VpgId, VpgSettings, VpgStatus};
 use serde::{Deserialize, Serialize};
@@ -32,8 +33,11 @@ pub struct VpgTask {
 
 /// Every VPG of this site.
 #[utoipa::path(get, path = "/api/v1/vpgs", tag = "vpgs", responses((status = 200, body = Vec<Vpg>)))]
-async fn list_vpgs(State(sm): State<AppState>, _caller: Caller) -> ApiResult<Json<Vec<Vpg>>> {
-    blocking(move || Ok(Json(sm.with_store(|s| s.vpgs.list())?))).await
+async fn list_vpgs(State(sm): State<AppState>, _caller: Caller) -> ApiResult<axum::response::Response> {
+    // The list is read often (consoles poll it): its JSON is kept until the
+    // next change.
+    let bytes = blocking(move || Ok(sm.with_store(|s| s.vpgs.list_json())?)).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], bytes.as_ref().clone()).into_response())
 }
 
 /// Checks settings against this site's inventory: known hosts, a known
