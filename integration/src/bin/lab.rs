@@ -136,6 +136,7 @@ fn main() -> Result<()> {
             power_loss_demo()?;
             kvm_tap_demo()?;
             two_site_demo(30.0)?;
+            site_manager_demo()?;
             vsphere_demo()
         }
         Some(Command::VsphereDemo) => vsphere_demo(),
@@ -358,6 +359,19 @@ fn journal_demo(args: DemoArgs) -> Result<()> {
 /// daemon; checkpoints are taken as the guest writes, the VDSA is killed
 /// and catches up by a delta sync, and every checkpoint is then compared
 /// with the reference model.
+/// The default run's site manager stage: a site manager with three
+/// protected hosts and a recovery host (each a `vdsa agent` that registered
+/// with a one-time token), one VPG over three QEMU VMs, checkpoints through
+/// the API under the two-phase barrier, write order checked on each.
+fn site_manager_demo() -> Result<()> {
+    if !integration::kvm_lab::qemu_available() {
+        println!("lab: site manager demo skipped: qemu-storage-daemon is not installed (apt-get install qemu-utils)");
+        return Ok(());
+    }
+    println!("lab: site manager demo — a site manager, four VDSAs registering with one-time tokens, a VPG over VMs on three hosts, checkpoints through the API under the two-phase barrier");
+    write_order(20, None, false, None, None)
+}
+
 fn kvm_tap_demo() -> Result<()> {
     use integration::kvm_lab::{guest_write, qemu_available, StorageDaemon, VdsaProcess};
     use serde_json::json;
