@@ -88,20 +88,37 @@ pub struct BarrierOutcome {
     pub hold: Duration,
 }
 
-/// Runs one barrier over `hosts` (the VPG's source VDSAs) and records the
+/// One checkpoint to take: its id (from the store's counter), the VPG and
+/// its source VDSAs' hosts.
+#[derive(Debug, Clone)]
+pub struct CheckpointRequest {
+    pub vpg: VpgId,
+    pub hosts: Vec<HostId>,
+    pub kind: CheckpointKind,
+    pub name: String,
+    pub id: CheckpointId,
+}
+
+/// Stores a checkpoint's record, flushed.
+fn record(sm: &SiteManager, cp: &Checkpoint) -> Result<(), crate::store::StoreError> {
+    sm.with_store(|s| {
+        s.put_checkpoint_unflushed(cp)?;
+        s.flush()
+    })
+}
+
+/// Runs one barrier over the VPG's source VDSAs and records the
 /// checkpoint. Fails only if the store does.
 pub async fn take_checkpoint(
     sm: &SiteManager,
-    vpg: VpgId,
-    hosts: &[HostId],
-    kind: CheckpointKind,
-    name: String,
-    id: CheckpointId,
+    req: CheckpointRequest,
 ) -> Result<BarrierOutcome, crate::store::StoreError> {
+    let CheckpointRequest { vpg, hosts, kind, name, id } = req;
+    let hosts = &hosts[..];
     let turn = sm.coordinator.turn(vpg);
     let _turn = turn.lock().await;
     if sm.coordinator.unsafe_no_barrier.load(std::sync::atomic::Ordering::Relaxed) {
-        return no_barrier(sm, vpg, hosts, kind, name, id).await;
+        return no_barrier(sm, CheckpointRequest { vpg, hosts: hosts.to_vec(), kind, name, id }).await;
     }
     let generation = sm.generation();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -183,28 +200,18 @@ pub async fn take_checkpoint(
     let reason = if hosts.is_empty() { "the VPG has no protected host".to_string() } else { failed.join("; ") };
     let hold_us = u64::try_from(hold.as_micros()).unwrap_or(u64::MAX);
     let checkpoint = Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent, durable: false, reason, hold_us };
-    let cp = checkpoint.clone();
-    sm.with_store(|s| {
-        s.put_checkpoint_unflushed(&cp)?;
-        s.flush()
-    })?;
+    record(sm, &checkpoint)?;
     Ok(BarrierOutcome { checkpoint, hold })
 }
 
 /// The control run's checkpoint: each VDSA in turn gets PREPARE and COMMIT
 /// at once, a few milliseconds apart, so that each cut is taken alone.
 /// Recorded as consistent: the write-order checker must find it is not.
-async fn no_barrier(
-    sm: &SiteManager,
-    vpg: VpgId,
-    hosts: &[HostId],
-    kind: CheckpointKind,
-    name: String,
-    id: CheckpointId,
-) -> Result<BarrierOutcome, crate::store::StoreError> {
+async fn no_barrier(sm: &SiteManager, req: CheckpointRequest) -> Result<BarrierOutcome, crate::store::StoreError> {
+    let CheckpointRequest { vpg, hosts, kind, name, id } = req;
     let generation = sm.generation();
     let started = tokio::time::Instant::now();
-    for &h in hosts {
+    for &h in &hosts {
         if let Some(tx) = sm.link_sender(h) {
             let _ =
                 tx.send(ManagerMessage::Prepare { generation, vpg, checkpoint: id, kind, name: name.clone() }).await;
@@ -225,10 +232,6 @@ async fn no_barrier(
         reason: String::new(),
         hold_us,
     };
-    let cp = checkpoint.clone();
-    sm.with_store(|s| {
-        s.put_checkpoint_unflushed(&cp)?;
-        s.flush()
-    })?;
+    record(sm, &checkpoint)?;
     Ok(BarrierOutcome { checkpoint, hold })
 }

@@ -3,7 +3,7 @@
 //! VPG statuses and their tasks on from the VDSAs' reports, inserts the
 //! automatic checkpoints, and marks checkpoints durable.
 
-use crate::coordinator::take_checkpoint;
+use crate::coordinator::{take_checkpoint, CheckpointRequest};
 use crate::model::{CompletionCode, Host, Vpg};
 use crate::state::SiteManager;
 use protection_groups::mgmt::{DesiredState, ManagerMessage, RoleKind, RolePhase, SourceRole, TapAttach, TargetRole};
@@ -307,7 +307,8 @@ fn schedule_checkpoints(
             let sm2 = sm.clone();
             let id = tokio::task::spawn_blocking(move || sm2.with_store(|s| s.next_checkpoint_id())).await;
             if let Ok(Ok(id)) = id {
-                if let Err(e) = take_checkpoint(&sm, vpg, &hosts, CheckpointKind::Automatic, String::new(), id).await {
+                let req = CheckpointRequest { vpg, hosts, kind: CheckpointKind::Automatic, name: String::new(), id };
+                if let Err(e) = take_checkpoint(&sm, req).await {
                     tracing::error!(%vpg, error = %e, "cannot record a checkpoint");
                 }
             }

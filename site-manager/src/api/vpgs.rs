@@ -315,9 +315,14 @@ async fn insert_checkpoint(
     let hosts = v.settings.protected_hosts();
     let sm3 = sm.clone();
     tokio::spawn(async move {
-        if let Err(e) =
-            crate::coordinator::take_checkpoint(&sm3, v.id, &hosts, CheckpointKind::Named, req.name, cp).await
-        {
+        let request = crate::coordinator::CheckpointRequest {
+            vpg: v.id,
+            hosts,
+            kind: CheckpointKind::Named,
+            name: req.name,
+            id: cp,
+        };
+        if let Err(e) = crate::coordinator::take_checkpoint(&sm3, request).await {
             tracing::error!(vpg = %v.id, error = %e, "cannot record a checkpoint");
         }
     });
