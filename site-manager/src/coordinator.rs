@@ -5,8 +5,9 @@
 //! recorded at once as consistent or not, and marked durable once every
 //! target VDSA of the VPG reports holding it.
 
+use crate::links::Links;
 use crate::model::{now_ms, Checkpoint};
-use crate::state::SiteManager;
+use crate::store::Store;
 use protection_groups::mgmt::{ManagerMessage, VdsaMessage};
 use protection_groups::{CheckpointId, CheckpointKind, HostId, VpgId};
 use std::collections::HashMap;
@@ -100,119 +101,134 @@ pub struct CheckpointRequest {
 }
 
 /// Stores a checkpoint's record, flushed.
-fn record(sm: &SiteManager, cp: &Checkpoint) -> Result<(), crate::store::StoreError> {
-    sm.with_store(|s| {
-        s.put_checkpoint_unflushed(cp)?;
-        s.flush()
-    })
+fn record(store: &std::sync::RwLock<Store>, cp: &Checkpoint) -> Result<(), crate::store::StoreError> {
+    let s = store.read().map_err(|_| crate::store::StoreError::Corrupt {
+        tree: "checkpoints",
+        key: cp.id.to_string(),
+        why: "store lock poisoned".into(),
+    })?;
+    s.put_checkpoint_unflushed(cp)?;
+    s.flush()
 }
 
-/// Runs one barrier over the VPG's source VDSAs and records the
-/// checkpoint. Fails only if the store does.
-pub async fn take_checkpoint(
-    sm: &SiteManager,
-    req: CheckpointRequest,
-) -> Result<BarrierOutcome, crate::store::StoreError> {
-    let CheckpointRequest { vpg, hosts, kind, name, id } = req;
-    let hosts = &hosts[..];
-    let turn = sm.coordinator.turn(vpg);
-    let _turn = turn.lock().await;
-    if sm.coordinator.unsafe_no_barrier.load(std::sync::atomic::Ordering::Relaxed) {
-        return no_barrier(sm, CheckpointRequest { vpg, hosts: hosts.to_vec(), kind, name, id }).await;
-    }
-    let generation = sm.generation();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    if let Ok(mut p) = sm.coordinator.pending.lock() {
-        p.insert((vpg, id), Pending { tx });
-    }
-    let started = tokio::time::Instant::now();
-    let mut missing: Vec<HostId> = Vec::new();
-    let mut sent = Vec::new();
-    for &h in hosts {
-        let prepare = ManagerMessage::Prepare { generation, vpg, checkpoint: id, kind, name: name.clone() };
-        match sm.link_sender(h) {
-            Some(tx) if tx.send(prepare).await.is_ok() => sent.push(h),
-            _ => missing.push(h),
+impl Coordinator {
+    /// Runs one barrier over the VPG's source VDSAs (through `links`, as
+    /// manager `generation`) and records the checkpoint in `store`. Fails only
+    /// if the store does.
+    pub async fn take_checkpoint(
+        &self,
+        links: &Links,
+        store: &std::sync::RwLock<Store>,
+        generation: u64,
+        req: CheckpointRequest,
+    ) -> Result<BarrierOutcome, crate::store::StoreError> {
+        let CheckpointRequest { vpg, hosts, kind, name, id } = req;
+        let hosts = &hosts[..];
+        let turn = self.turn(vpg);
+        let _turn = turn.lock().await;
+        if self.unsafe_no_barrier.load(std::sync::atomic::Ordering::Relaxed) {
+            let req = CheckpointRequest { vpg, hosts: hosts.to_vec(), kind, name, id };
+            return no_barrier(links, store, generation, req).await;
         }
-    }
-    let mut failed: Vec<String> = missing.iter().map(|h| format!("VDSA of host {h} is not connected")).collect();
-    let mut answered: Vec<HostId> = Vec::new();
-    let deadline = started + PREPARE_DEADLINE;
-    while failed.is_empty() && answered.len() < sent.len() {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some((h, VdsaMessage::Prepared { .. }))) if sent.contains(&h) && !answered.contains(&h) => {
-                answered.push(h)
-            }
-            Ok(Some((h, VdsaMessage::PrepareFailed { reason, .. }))) => failed.push(format!("host {h}: {reason}")),
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => {
-                let late: Vec<String> = sent.iter().filter(|h| !answered.contains(h)).map(|h| h.to_string()).collect();
-                failed.push(format!(
-                    "no PREPARE answer within {} ms from {}",
-                    PREPARE_DEADLINE.as_millis(),
-                    late.join(", ")
-                ));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert((vpg, id), Pending { tx });
+        }
+        let started = tokio::time::Instant::now();
+        let mut missing: Vec<HostId> = Vec::new();
+        let mut sent = Vec::new();
+        for &h in hosts {
+            let prepare = ManagerMessage::Prepare { generation, vpg, checkpoint: id, kind, name: name.clone() };
+            match links.sender(h) {
+                Some(tx) if tx.send(prepare).await.is_ok() => sent.push(h),
+                _ => missing.push(h),
             }
         }
-    }
-    let commit = failed.is_empty() && !hosts.is_empty();
-    if sm.coordinator.fault_after_prepare() {
-        // Fault injection for tests: die between PREPARE and COMMIT.
-        tracing::warn!(%vpg, checkpoint = %id, "fault injection: the site manager dies after PREPARE");
-        // SAFETY: kill(2) on this process.
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-    }
-    for &h in &sent {
-        let m = if commit {
-            ManagerMessage::Commit { generation, vpg, checkpoint: id }
-        } else {
-            ManagerMessage::Abort { generation, vpg, checkpoint: id, reason: failed.join("; ") }
-        };
-        if let Some(tx) = sm.link_sender(h) {
-            let _ = tx.send(m).await;
-        }
-    }
-    let hold = started.elapsed();
-    // Each VDSA says how it recorded the marker: a sync running or its own
-    // hold limit passed makes it inconsistent in the stream.
-    let mut consistent = commit;
-    if commit {
-        let mut decided: Vec<HostId> = Vec::new();
-        let deadline = tokio::time::Instant::now() + DECISION_WAIT;
-        while decided.len() < sent.len() {
+        let mut failed: Vec<String> = missing.iter().map(|h| format!("VDSA of host {h} is not connected")).collect();
+        let mut answered: Vec<HostId> = Vec::new();
+        let deadline = started + PREPARE_DEADLINE;
+        while failed.is_empty() && answered.len() < sent.len() {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some((h, VdsaMessage::Decided { committed, reason, .. }))) if !decided.contains(&h) => {
-                    decided.push(h);
-                    if !committed {
-                        consistent = false;
-                        failed.push(format!("host {h}: {reason}"));
-                    }
+                Ok(Some((h, VdsaMessage::Prepared { .. }))) if sent.contains(&h) && !answered.contains(&h) => {
+                    answered.push(h)
                 }
+                Ok(Some((h, VdsaMessage::PrepareFailed { reason, .. }))) => failed.push(format!("host {h}: {reason}")),
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(_) => {
+                    let late: Vec<String> =
+                        sent.iter().filter(|h| !answered.contains(h)).map(|h| h.to_string()).collect();
+                    failed.push(format!(
+                        "no PREPARE answer within {} ms from {}",
+                        PREPARE_DEADLINE.as_millis(),
+                        late.join(", ")
+                    ));
+                }
             }
         }
+        let commit = failed.is_empty() && !hosts.is_empty();
+        if self.fault_after_prepare() {
+            // Fault injection for tests: die between PREPARE and COMMIT.
+            tracing::warn!(%vpg, checkpoint = %id, "fault injection: the site manager dies after PREPARE");
+            // SAFETY: kill(2) on this process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        for &h in &sent {
+            let m = if commit {
+                ManagerMessage::Commit { generation, vpg, checkpoint: id }
+            } else {
+                ManagerMessage::Abort { generation, vpg, checkpoint: id, reason: failed.join("; ") }
+            };
+            if let Some(tx) = links.sender(h) {
+                let _ = tx.send(m).await;
+            }
+        }
+        let hold = started.elapsed();
+        // Each VDSA says how it recorded the marker: a sync running or its own
+        // hold limit passed makes it inconsistent in the stream.
+        let mut consistent = commit;
+        if commit {
+            let mut decided: Vec<HostId> = Vec::new();
+            let deadline = tokio::time::Instant::now() + DECISION_WAIT;
+            while decided.len() < sent.len() {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some((h, VdsaMessage::Decided { committed, reason, .. }))) if !decided.contains(&h) => {
+                        decided.push(h);
+                        if !committed {
+                            consistent = false;
+                            failed.push(format!("host {h}: {reason}"));
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(&(vpg, id));
+        }
+        let reason = if hosts.is_empty() { "the VPG has no protected host".to_string() } else { failed.join("; ") };
+        let hold_us = u64::try_from(hold.as_micros()).unwrap_or(u64::MAX);
+        let checkpoint =
+            Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent, durable: false, reason, hold_us };
+        record(store, &checkpoint)?;
+        Ok(BarrierOutcome { checkpoint, hold })
     }
-    if let Ok(mut p) = sm.coordinator.pending.lock() {
-        p.remove(&(vpg, id));
-    }
-    let reason = if hosts.is_empty() { "the VPG has no protected host".to_string() } else { failed.join("; ") };
-    let hold_us = u64::try_from(hold.as_micros()).unwrap_or(u64::MAX);
-    let checkpoint = Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent, durable: false, reason, hold_us };
-    record(sm, &checkpoint)?;
-    Ok(BarrierOutcome { checkpoint, hold })
 }
 
 /// The control run's checkpoint: each VDSA in turn gets PREPARE and COMMIT
 /// at once, a few milliseconds apart, so that each cut is taken alone.
 /// Recorded as consistent: the write-order checker must find it is not.
-async fn no_barrier(sm: &SiteManager, req: CheckpointRequest) -> Result<BarrierOutcome, crate::store::StoreError> {
+async fn no_barrier(
+    links: &Links,
+    store: &std::sync::RwLock<Store>,
+    generation: u64,
+    req: CheckpointRequest,
+) -> Result<BarrierOutcome, crate::store::StoreError> {
     let CheckpointRequest { vpg, hosts, kind, name, id } = req;
-    let generation = sm.generation();
     let started = tokio::time::Instant::now();
     for &h in &hosts {
-        if let Some(tx) = sm.link_sender(h) {
+        if let Some(tx) = links.sender(h) {
             let _ =
                 tx.send(ManagerMessage::Prepare { generation, vpg, checkpoint: id, kind, name: name.clone() }).await;
             let _ = tx.send(ManagerMessage::Commit { generation, vpg, checkpoint: id }).await;
@@ -232,6 +248,6 @@ async fn no_barrier(sm: &SiteManager, req: CheckpointRequest) -> Result<BarrierO
         reason: String::new(),
         hold_us,
     };
-    record(sm, &checkpoint)?;
+    record(store, &checkpoint)?;
     Ok(BarrierOutcome { checkpoint, hold })
 }

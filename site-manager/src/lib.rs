@@ -12,6 +12,7 @@
 pub mod api;
 pub mod cli;
 pub mod coordinator;
+pub mod links;
 pub mod mgmt;
 pub mod model;
 pub mod pki;

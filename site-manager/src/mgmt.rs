@@ -5,6 +5,7 @@
 //! generation, then desired state down and reports up
 //! (docs/management-protocol.md).
 
+use crate::links::VdsaLink;
 use crate::model::{now_ms, VdsaState};
 use crate::pki::sha256_hex;
 use crate::state::SiteManager;
@@ -51,19 +52,6 @@ pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, m: &ManagerMessage)
     w.write_all(&bytes).await?;
     w.flush().await?;
     Ok(())
-}
-
-/// A connected VDSA, as the coordinator and reconciler see it.
-#[derive(Debug, Clone)]
-pub struct VdsaLink {
-    pub host: HostId,
-    /// Commands to send on its session.
-    pub tx: mpsc::Sender<ManagerMessage>,
-    pub last_seen_ms: u64,
-    pub actual: ActualState,
-    pub hold_limit_ms: u64,
-    /// Which session this is (a reconnect replaces the entry).
-    pub session: u64,
 }
 
 /// Accepts VDSA links until the task is dropped.
@@ -246,7 +234,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel::<ManagerMessage>(256);
-    let session = sm.attach(VdsaLink {
+    let session = sm.links.attach(VdsaLink {
         host,
         tx,
         last_seen_ms: now_ms(),
@@ -271,7 +259,10 @@ where
             }
         };
         match m {
-            VdsaMessage::Report { actual } => sm.on_report(host, session, actual),
+            VdsaMessage::Report { actual } => {
+                sm.links.on_report(host, session, actual);
+                sm.changed();
+            }
             VdsaMessage::Prepared { .. } | VdsaMessage::PrepareFailed { .. } | VdsaMessage::Decided { .. } => {
                 sm.coordinator.on_answer(host, m)
             }
@@ -279,7 +270,8 @@ where
             other => tracing::warn!(%host, "unexpected message on a session: {other:?}"),
         }
     };
-    sm.detach(host, session);
+    sm.links.detach(host, session);
+    sm.changed();
     writer.abort();
     tracing::info!(%host, "VDSA disconnected");
     result

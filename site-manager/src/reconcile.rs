@@ -3,7 +3,7 @@
 //! VPG statuses and their tasks on from the VDSAs' reports, inserts the
 //! automatic checkpoints, and marks checkpoints durable.
 
-use crate::coordinator::{take_checkpoint, CheckpointRequest};
+use crate::coordinator::CheckpointRequest;
 use crate::model::{CompletionCode, Host, Vpg};
 use crate::state::SiteManager;
 use protection_groups::mgmt::{DesiredState, ManagerMessage, RoleKind, RolePhase, SourceRole, TapAttach, TargetRole};
@@ -133,8 +133,7 @@ pub async fn run(sm: Arc<SiteManager>) {
 }
 
 async fn push_desired(sm: &SiteManager, mem: &mut Memory, vpgs: &[Vpg], hosts: &[Host]) {
-    let links: Vec<(HostId, u64)> =
-        sm.links.lock().map(|l| l.values().map(|x| (x.host, x.session)).collect()).unwrap_or_default();
+    let links = sm.links.sessions();
     let generation = sm.generation();
     for (host, mut state) in desired_states(vpgs, hosts) {
         let Some(&(_, session)) = links.iter().find(|(h, _)| *h == host) else { continue };
@@ -147,7 +146,7 @@ async fn push_desired(sm: &SiteManager, mem: &mut Memory, vpgs: &[Vpg], hosts: &
         }
         mem.version += 1;
         state.version = mem.version;
-        if let Some(tx) = sm.link_sender(host) {
+        if let Some(tx) = sm.links.sender(host) {
             if tx.send(ManagerMessage::Desired { generation, state: state.clone() }).await.is_ok() {
                 mem.sent.insert(host, (session, state));
             }
@@ -159,8 +158,7 @@ async fn push_desired(sm: &SiteManager, mem: &mut Memory, vpgs: &[Vpg], hosts: &
 /// once every source role protects; a removal finishes once no VDSA runs
 /// a role of it. Marks checkpoints durable.
 fn advance_statuses(sm: &SiteManager, vpgs: &[Vpg]) -> Result<(), crate::store::StoreError> {
-    let reports: Vec<protection_groups::mgmt::RoleState> =
-        sm.links.lock().map(|l| l.values().flat_map(|x| x.actual.roles.clone()).collect()).unwrap_or_default();
+    let reports: Vec<protection_groups::mgmt::RoleState> = sm.links.roles();
     // Tasks are read only when a VPG's status or progress moves.
     let mut tasks_cache: Option<Vec<crate::model::Task>> = None;
     let mut tasks = || -> Result<Vec<crate::model::Task>, crate::store::StoreError> {
@@ -283,7 +281,7 @@ fn schedule_checkpoints(
     done: &tokio::sync::mpsc::UnboundedSender<VpgId>,
 ) {
     let now = Instant::now();
-    let connected: HashSet<HostId> = sm.links.lock().map(|l| l.keys().copied().collect()).unwrap_or_default();
+    let connected = sm.links.connected();
     for v in vpgs.iter().filter(|v| replicates(v.status)) {
         let interval = v.settings.checkpoint_interval_ms;
         let entry = mem.next_checkpoint.entry(v.id).or_insert((now, interval));
@@ -308,7 +306,7 @@ fn schedule_checkpoints(
             let id = tokio::task::spawn_blocking(move || sm2.with_store(|s| s.next_checkpoint_id())).await;
             if let Ok(Ok(id)) = id {
                 let req = CheckpointRequest { vpg, hosts, kind: CheckpointKind::Automatic, name: String::new(), id };
-                if let Err(e) = take_checkpoint(&sm, req).await {
+                if let Err(e) = sm.take_checkpoint(req).await {
                     tracing::error!(%vpg, error = %e, "cannot record a checkpoint");
                 }
             }

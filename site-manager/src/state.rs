@@ -4,7 +4,6 @@
 use crate::model::{now_ms, AuditEntry, CompletionCode, CreatedToken, Role, Site, Task, TaskDriver, TaskStatus, Token};
 use crate::pki::{sha256_hex, SitePki};
 use crate::store::{uuid_key, Store, StoreError, StoredToken};
-use protection_groups::mgmt::ManagerMessage;
 use protection_groups::{HostId, VpgId};
 use rand::RngCore;
 use std::path::PathBuf;
@@ -34,8 +33,7 @@ pub struct SiteManager {
     /// Woken when desired state changed: the reconciler runs.
     pub changes: tokio::sync::Notify,
     /// Connected VDSAs.
-    pub links: std::sync::Mutex<std::collections::HashMap<HostId, crate::mgmt::VdsaLink>>,
-    next_session: std::sync::atomic::AtomicU64,
+    pub links: crate::links::Links,
     pub coordinator: crate::coordinator::Coordinator,
 }
 
@@ -72,44 +70,16 @@ impl SiteManager {
             config,
             changes: tokio::sync::Notify::new(),
             links: Default::default(),
-            next_session: std::sync::atomic::AtomicU64::new(1),
             coordinator: Default::default(),
         }
     }
 
-    /// Registers a VDSA's session (replacing an older one of the same
-    /// host); returns its session number.
-    pub fn attach(&self, mut link: crate::mgmt::VdsaLink) -> u64 {
-        let n = self.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        link.session = n;
-        if let Ok(mut l) = self.links.lock() {
-            l.insert(link.host, link);
-        }
-        n
-    }
-
-    pub fn detach(&self, host: HostId, session: u64) {
-        if let Ok(mut l) = self.links.lock() {
-            if l.get(&host).is_some_and(|x| x.session == session) {
-                l.remove(&host);
-            }
-        }
-        self.changed();
-    }
-
-    pub fn on_report(&self, host: HostId, session: u64, actual: protection_groups::mgmt::ActualState) {
-        if let Ok(mut l) = self.links.lock() {
-            if let Some(link) = l.get_mut(&host).filter(|x| x.session == session) {
-                link.last_seen_ms = now_ms();
-                link.actual = actual;
-            }
-        }
-        self.changed();
-    }
-
-    /// Where to send commands for `host`'s VDSA, if it is connected.
-    pub fn link_sender(&self, host: HostId) -> Option<tokio::sync::mpsc::Sender<ManagerMessage>> {
-        self.links.lock().ok()?.get(&host).map(|l| l.tx.clone())
+    /// Takes a checkpoint of a VPG through the barrier and records it.
+    pub async fn take_checkpoint(
+        &self,
+        req: crate::coordinator::CheckpointRequest,
+    ) -> Result<crate::coordinator::BarrierOutcome, StoreError> {
+        self.coordinator.take_checkpoint(&self.links, &self.store, self.generation(), req).await
     }
 
     /// Says that desired state changed.
@@ -138,7 +108,7 @@ impl SiteManager {
     pub fn hosts_with_health(&self) -> Result<Vec<crate::model::Host>, StoreError> {
         let now = now_ms();
         let mut hosts = self.with_store(|s| s.hosts.list())?;
-        let links = self.links.lock().map(|l| l.clone()).unwrap_or_default();
+        let links = self.links.snapshot();
         for h in &mut hosts {
             let live = links.get(&h.id).filter(|l| now.saturating_sub(l.last_seen_ms) <= HEARTBEAT_LIMIT_MS);
             if let Some(l) = links.get(&h.id) {

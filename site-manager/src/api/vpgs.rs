@@ -322,7 +322,7 @@ async fn insert_checkpoint(
             name: req.name,
             id: cp,
         };
-        if let Err(e) = crate::coordinator::take_checkpoint(&sm3, request).await {
+        if let Err(e) = sm3.take_checkpoint(request).await {
             tracing::error!(vpg = %v.id, error = %e, "cannot record a checkpoint");
         }
     });
