@@ -97,6 +97,9 @@ struct Memory {
     /// interval that was computed with (a changed interval reschedules).
     next_checkpoint: HashMap<VpgId, (Instant, u64)>,
     in_flight: HashSet<VpgId>,
+    /// Per VPG, the newest checkpoint whose durability was settled: only
+    /// newer ones listed by the targets are looked up in the store.
+    durable_seen: HashMap<VpgId, protection_groups::CheckpointId>,
 }
 
 /// Runs until the daemon stops.
@@ -125,8 +128,15 @@ pub async fn run(sm: Arc<SiteManager>) {
         push_desired(&sm, &mut mem, &vpgs, &hosts).await;
         let sm2 = sm.clone();
         let v2 = vpgs.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || advance_statuses(&sm2, &v2)).await {
-            tracing::error!(error = %e, "reconciler cannot advance VPG statuses");
+        let mut seen = std::mem::take(&mut mem.durable_seen);
+        match tokio::task::spawn_blocking(move || (advance_statuses(&sm2, &v2, &mut seen), seen)).await {
+            Ok((r, seen)) => {
+                mem.durable_seen = seen;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "reconciler cannot advance VPG statuses");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reconciler pass failed"),
         }
         schedule_checkpoints(&sm, &mut mem, &vpgs, &done_tx);
     }
@@ -157,7 +167,11 @@ async fn push_desired(sm: &SiteManager, mem: &mut Memory, vpgs: &[Vpg], hosts: &
 /// Moves VPGs on from what the VDSAs report: Initializing to Protecting
 /// once every source role protects; a removal finishes once no VDSA runs
 /// a role of it. Marks checkpoints durable.
-fn advance_statuses(sm: &SiteManager, vpgs: &[Vpg]) -> Result<(), crate::store::StoreError> {
+fn advance_statuses(
+    sm: &SiteManager,
+    vpgs: &[Vpg],
+    seen: &mut HashMap<VpgId, protection_groups::CheckpointId>,
+) -> Result<(), crate::store::StoreError> {
     let reports: Vec<protection_groups::mgmt::RoleState> = sm.links.roles();
     // Tasks are read only when a VPG's status or progress moves.
     let mut tasks_cache: Option<Vec<crate::model::Task>> = None;
@@ -221,7 +235,7 @@ fn advance_statuses(sm: &SiteManager, vpgs: &[Vpg]) -> Result<(), crate::store::
             }
             _ => {}
         }
-        mark_durable(sm, v, &roles)?;
+        mark_durable(sm, v, &roles, seen)?;
     }
     Ok(())
 }
@@ -239,33 +253,38 @@ fn mark_durable(
     sm: &SiteManager,
     v: &Vpg,
     roles: &[&protection_groups::mgmt::RoleState],
+    seen: &mut HashMap<VpgId, protection_groups::CheckpointId>,
 ) -> Result<(), crate::store::StoreError> {
+    let floor = seen.get(&v.id).copied().unwrap_or(protection_groups::CheckpointId(0));
     let targets: HashSet<HostId> = v.settings.vms.iter().map(|m| m.recovery_host).collect();
     let reported: Vec<_> = roles.iter().filter(|r| r.kind == RoleKind::Target).collect();
     if targets.is_empty() || reported.len() < targets.len() {
         return Ok(());
     }
     let Some(first) = reported.first() else { return Ok(()) };
-    let everywhere: Vec<protection_groups::CheckpointId> = first
+    let mut everywhere: Vec<protection_groups::CheckpointId> = first
         .recoverable_checkpoints
         .iter()
-        .filter(|id| reported.iter().all(|r| r.recoverable_checkpoints.contains(id)))
+        .filter(|id| **id > floor && reported.iter().all(|r| r.recoverable_checkpoints.contains(id)))
         .copied()
         .collect();
     if everywhere.is_empty() {
         return Ok(());
     }
+    everywhere.sort();
     sm.with_store(|s| {
         let mut changed = false;
         for id in everywhere {
             let key = crate::store::checkpoint_key(v.id, id);
-            if let Some(mut cp) = s.checkpoints.get(&key)? {
-                if !cp.durable && cp.consistent {
-                    cp.durable = true;
-                    s.put_checkpoint_unflushed(&cp)?;
-                    changed = true;
-                }
+            // A target can list a checkpoint a moment before the
+            // coordinator has recorded it: stop there and look again.
+            let Some(mut cp) = s.checkpoints.get(&key)? else { break };
+            if !cp.durable && cp.consistent {
+                cp.durable = true;
+                s.put_checkpoint_unflushed(&cp)?;
+                changed = true;
             }
+            seen.insert(v.id, id);
         }
         if changed {
             s.flush()?;
