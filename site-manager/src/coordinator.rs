@@ -122,14 +122,13 @@ impl Coordinator {
         generation: u64,
         req: CheckpointRequest,
     ) -> Result<BarrierOutcome, crate::store::StoreError> {
-        let CheckpointRequest { vpg, hosts, kind, name, id } = req;
-        let hosts = &hosts[..];
-        let turn = self.turn(vpg);
+        let turn = self.turn(req.vpg);
         let _turn = turn.lock().await;
         if self.unsafe_no_barrier.load(std::sync::atomic::Ordering::Relaxed) {
-            let req = CheckpointRequest { vpg, hosts: hosts.to_vec(), kind, name, id };
             return no_barrier(links, store, generation, req).await;
         }
+        let CheckpointRequest { vpg, hosts, kind, name, id } = req;
+        let hosts = &hosts[..];
         let (tx, mut rx) = mpsc::unbounded_channel();
         if let Ok(mut p) = self.pending.lock() {
             p.insert((vpg, id), Pending { tx });
