@@ -370,6 +370,22 @@ pub fn uuid_key(id: &Uuid) -> [u8; 16] {
 mod tests {
     use super::*;
 
+    /// Reopens a store just dropped in this process: sled's background
+    /// flusher lets go of the file lock a moment after the drop (a new
+    /// process, as in a real restart, never waits for it).
+    fn reopen(dir: &Path) -> (Store, bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir) {
+                Ok(s) => return s,
+                Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     #[test]
     fn generation_and_checkpoint_ids_grow_across_reopens() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -380,7 +396,7 @@ mod tests {
         let b = s.next_checkpoint_id().unwrap_or_else(|e| panic!("{e}"));
         assert!(b > a);
         drop(s);
-        let (mut s, fresh) = Store::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let (mut s, fresh) = reopen(dir.path());
         assert!(!fresh);
         assert_eq!(s.generation(), g1 + 1);
         let c = s.next_checkpoint_id().unwrap_or_else(|e| panic!("{e}"));
@@ -389,7 +405,7 @@ mod tests {
         assert_eq!(g, 51);
         assert!(s.next_checkpoint_id().unwrap_or_else(|e| panic!("{e}")).0 > c.0 + 10_000);
         drop(s);
-        let (s, _) = Store::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let (s, _) = reopen(dir.path());
         assert_eq!(s.generation(), 52);
         assert!(s.next_checkpoint_id().unwrap_or_else(|e| panic!("{e}")).0 > c.0 + 10_000);
     }
