@@ -152,6 +152,10 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
     let mut resync: Option<std::thread::JoinHandle<Result<Vec<QemuDisk>>>> = None;
     let span = o.seconds * 2.0 / 3.0;
     let (t_stall, t_target, t_source) = (span * 0.6, span * 0.75, span);
+    // Each fault waits until the link has come back from the one before, so
+    // a slow machine cannot fold two faults into one outage.
+    let links_up = |s: &Option<Daemon>| s.as_ref().map_or(0, |s| s.log_text().matches("replication link up").count());
+    let mut ups_at_fault = 0usize;
     loop {
         let t = start.elapsed().as_secs_f64();
         for _ in 0..20 {
@@ -160,16 +164,6 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
             model.apply_unless_trim(&w);
             report.guest_writes += 1;
             report.guest_bytes += w.len();
-        }
-        if report.cuts < o.cuts && t > (report.cuts + 1) as f64 * t_stall / (o.cuts + 1) as f64 {
-            proxy.cut();
-            report.cuts += 1;
-            say(format!("[{t:.1}s] link cut #{}", report.cuts));
-        }
-        if report.stalls == 0 && stalled_at.is_none() && t > t_stall {
-            proxy.stall(true);
-            stalled_at = Some(Instant::now());
-            say(format!("[{t:.1}s] link stalled (nothing flows, the TCP connection stays up)"));
         }
         if let Some(s) = stalled_at {
             if s.elapsed() > Duration::from_millis(5 * o.heartbeat_ms) {
@@ -194,18 +188,35 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
             wan_since = None;
             say(format!("[{t:.1}s] link back to loopback speed"));
         }
-        if target_killed_at.is_none() && t > t_target {
-            if let Some(d) = target.take() {
-                d.kill();
+        let cut_due = report.cuts < o.cuts && t > (report.cuts + 1) as f64 * t_stall / (o.cuts + 1) as f64;
+        let stall_due = report.cuts == o.cuts && report.stalls == 0 && stalled_at.is_none() && t > t_stall;
+        let kill_due = report.stalls == 1 && target_killed_at.is_none() && t > t_target;
+        if (cut_due || stall_due || kill_due) && stalled_at.is_none() {
+            let ups = links_up(&source);
+            if ups > ups_at_fault {
+                ups_at_fault = ups;
+                if cut_due {
+                    proxy.cut();
+                    report.cuts += 1;
+                    say(format!("[{t:.1}s] link cut #{}", report.cuts));
+                } else if stall_due {
+                    proxy.stall(true);
+                    stalled_at = Some(Instant::now());
+                    say(format!("[{t:.1}s] link stalled (nothing flows, the TCP connection stays up)"));
+                } else {
+                    if let Some(d) = target.take() {
+                        d.kill();
+                    }
+                    target_killed_at = Some(Instant::now());
+                    say(format!("[{t:.1}s] target VDSA SIGKILLed"));
+                }
             }
-            target_killed_at = Some(Instant::now());
-            say(format!("[{t:.1}s] target VDSA SIGKILLed"));
         }
         if target.is_none() && target_killed_at.is_some_and(|k| k.elapsed() > Duration::from_millis(800)) {
             target = Some(tspec.start(lab)?);
             say(format!("[{t:.1}s] target VDSA restarted"));
         }
-        if !source_killed && t > t_source {
+        if !source_killed && t > t_source && target.is_some() && links_up(&source) > ups_at_fault {
             if let Some(d) = source.take() {
                 d.kill();
             }
@@ -265,7 +276,7 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
             }
             last_cp = Instant::now();
         }
-        if t > o.seconds && resync.is_none() && target.is_some() {
+        if t > o.seconds && source_killed && resync.is_none() && target.is_some() {
             break;
         }
     }
