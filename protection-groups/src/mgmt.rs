@@ -7,7 +7,7 @@
 //! once to get its certificate, the *manager generation* that fences a
 //! stale site manager, and the wire's *replication epoch* (in a role).
 
-use crate::{CheckpointId, CheckpointKind, DiskSpec, HostId, RetentionPolicy, StreamId, VpgId};
+use crate::{CheckpointId, CheckpointKind, DiskSpec, HostId, RetentionPolicy, SiteId, StreamId, VpgId};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides put in their first message. A peer of
@@ -118,6 +118,22 @@ pub struct DesiredState {
     pub version: u64,
     pub sources: Vec<SourceRole>,
     pub targets: Vec<TargetRole>,
+    /// The paired sites whose VDSAs this VDSA's replication links accept
+    /// (and whose VDSAs it dials). Its own site's CA is always trusted; a
+    /// site missing here is refused in the TLS handshake, and links of a
+    /// site that was dropped are closed.
+    #[serde(default)]
+    pub trusted_sites: Vec<TrustedSite>,
+}
+
+/// A paired site's CA, as the VDSAs trust it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedSite {
+    pub site: SiteId,
+    pub name: String,
+    /// The site CA certificate, PEM.
+    pub ca_pem: String,
 }
 
 /// One stream at its source VDSA: the VPG's disks on this host that recover
@@ -178,6 +194,7 @@ pub struct ActualState {
 }
 
 /// Source or target.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RoleKind {
@@ -186,6 +203,7 @@ pub enum RoleKind {
 }
 
 /// Where a role is.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RolePhase {
@@ -202,6 +220,7 @@ pub enum RolePhase {
 }
 
 /// One role's state.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleState {

@@ -15,6 +15,7 @@ pub mod coordinator;
 pub mod links;
 pub mod mgmt;
 pub mod model;
+pub mod peering;
 pub mod pki;
 pub mod reconcile;
 pub mod server;

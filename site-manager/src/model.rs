@@ -266,3 +266,84 @@ pub struct ErrorBody {
     pub field: Option<String>,
     pub message: String,
 }
+
+/// A one-time site pairing token: the other site's admin gives it to
+/// their site manager's pair call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PairingToken {
+    /// `<secret>.<site CA SHA-256>`: the pairing site checks this site's CA
+    /// before it sends the secret.
+    pub token: String,
+    pub expires_ms: u64,
+    /// HOST:PORT of this site's API, where the other site dials.
+    pub address: String,
+}
+
+/// A request to pair with another site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PairRequest {
+    /// HOST:PORT of the other site manager's API.
+    pub address: String,
+    /// The pairing token the other site made.
+    pub token: String,
+}
+
+/// The paired site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Peer {
+    pub site: SiteId,
+    pub name: String,
+    /// HOST:PORT of its API.
+    pub address: String,
+    /// SHA-256 of its site CA (DER), hex.
+    pub ca_sha256: String,
+    pub paired_ms: u64,
+    /// When the last exchange with it succeeded.
+    pub last_contact_ms: Option<u64>,
+    /// Why the last exchange failed, if it did.
+    pub last_error: String,
+}
+
+/// What a pairing site sends: the token's secret, who it is, its CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PairingOffer {
+    pub secret: String,
+    pub site: SiteId,
+    pub name: String,
+    /// HOST:PORT of its API.
+    pub address: String,
+    /// Its site CA, PEM.
+    pub ca_pem: String,
+}
+
+/// The answer to a pairing offer: who this site is and its CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PairingAnswer {
+    pub site: SiteId,
+    pub name: String,
+    pub ca_pem: String,
+}
+
+/// A host of the paired site, as replication needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PeerHost {
+    pub id: HostId,
+    pub name: String,
+    pub replication_address: Option<String>,
+}
+
+/// One round of the site-to-site exchange (each side sends its own): its
+/// VPGs that recover to the other site (the other keeps copies), its
+/// hosts, and the target roles its VDSAs run for the other's VPGs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PeerExchange {
+    pub site: SiteId,
+    pub vpgs: Vec<Vpg>,
+    pub hosts: Vec<PeerHost>,
+    pub target_roles: Vec<protection_groups::mgmt::RoleState>,
+}

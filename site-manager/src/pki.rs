@@ -151,11 +151,22 @@ impl SitePki {
         Ok(cert.pem())
     }
 
-    /// The server side of the API: TLS 1.3, no client certificate.
-    pub fn api_server_config(&self) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    /// The site manager's certificate chain and key (the API's, and what
+    /// it presents to the paired site).
+    pub fn own_certificate(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (self.server_chain.clone(), self.server_key.clone_key())
+    }
+
+    /// The server side of the API: TLS 1.3; a client certificate is asked
+    /// for and, when offered, must be signed by the paired site's CA
+    /// (`peer`, replaced at pairing and unpairing).
+    pub fn api_server_config(
+        &self,
+        peer: Arc<crate::peering::tls::PeerClientVerifier>,
+    ) -> Result<Arc<rustls::ServerConfig>, PkiError> {
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
+            .with_client_cert_verifier(peer)
             .with_single_cert(self.server_chain.clone(), self.server_key.clone_key())?;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))

@@ -28,12 +28,36 @@ fn replicates(status: VpgStatus) -> bool {
     matches!(status, VpgStatus::Initializing | VpgStatus::Protecting | VpgStatus::Test)
 }
 
-/// Every host's desired state for these VPGs (hosts with nothing get an
-/// empty one, which takes their roles down).
-pub fn desired_states(vpgs: &[Vpg], hosts: &[Host]) -> BTreeMap<HostId, DesiredState> {
-    let mut out: BTreeMap<HostId, DesiredState> = hosts.iter().map(|h| (h.id, DesiredState::default())).collect();
-    let address = |id: HostId| hosts.iter().find(|h| h.id == id).and_then(|h| h.replication_address.clone());
-    for v in vpgs.iter().filter(|v| replicates(v.status)) {
+/// What the reconciler knows of the paired site.
+#[derive(Debug, Clone, Default)]
+pub struct PeerView {
+    /// Copies of its VPGs that recover to this site.
+    pub vpgs: Vec<Vpg>,
+    pub hosts: Vec<crate::model::PeerHost>,
+    /// Its CA, for the VDSAs to trust.
+    pub trusted: Vec<protection_groups::mgmt::TrustedSite>,
+}
+
+/// Every host's desired state for this site's VPGs and the paired site's
+/// copies (hosts with nothing get an empty one, which takes their roles
+/// down). A VPG's source roles run at this site's hosts only; its target
+/// roles at the hosts of the site it recovers to, set up by that site's
+/// manager from its copy.
+pub fn desired_states(vpgs: &[Vpg], hosts: &[Host], peer: &PeerView) -> BTreeMap<HostId, DesiredState> {
+    let mut out: BTreeMap<HostId, DesiredState> = hosts
+        .iter()
+        .map(|h| (h.id, DesiredState { trusted_sites: peer.trusted.clone(), ..DesiredState::default() }))
+        .collect();
+    let own = |id: HostId| hosts.iter().any(|h| h.id == id);
+    let address = |id: HostId| {
+        hosts
+            .iter()
+            .find(|h| h.id == id)
+            .and_then(|h| h.replication_address.clone())
+            .or_else(|| peer.hosts.iter().find(|h| h.id == id).and_then(|h| h.replication_address.clone()))
+    };
+    let all = vpgs.iter().map(|v| (v, true)).chain(peer.vpgs.iter().map(|v| (v, false)));
+    for (v, ours) in all.filter(|(v, _)| replicates(v.status)) {
         // (source host, target host) -> disks
         let mut pairs: BTreeMap<(HostId, HostId), Vec<protection_groups::DiskSpec>> = BTreeMap::new();
         let mut taps: BTreeMap<(HostId, HostId), Vec<TapAttach>> = BTreeMap::new();
@@ -54,7 +78,7 @@ pub fn desired_states(vpgs: &[Vpg], hosts: &[Host]) -> BTreeMap<HostId, DesiredS
         for &(src, dst) in pairs.keys() {
             into.entry(dst).or_default().push(stream_id(v.id, src, dst));
         }
-        for (&(src, dst), disks) in &pairs {
+        for (&(src, dst), disks) in pairs.iter().filter(|((src, _), _)| ours && own(*src)) {
             let Some(target_address) = address(dst) else { continue };
             let streams_to_target = u16::try_from(into.get(&dst).map_or(1, Vec::len)).unwrap_or(u16::MAX);
             out.entry(src).or_default().sources.push(SourceRole {
@@ -69,7 +93,7 @@ pub fn desired_states(vpgs: &[Vpg], hosts: &[Host]) -> BTreeMap<HostId, DesiredS
                 taps: taps.get(&(src, dst)).cloned().unwrap_or_default(),
             });
         }
-        for (dst, streams) in into {
+        for (dst, streams) in into.into_iter().filter(|(dst, _)| own(*dst)) {
             let disks = pairs.iter().filter(|((_, d), _)| *d == dst).flat_map(|(_, ds)| ds.iter().cloned()).collect();
             out.entry(dst).or_default().targets.push(TargetRole {
                 vpg: v.id,
@@ -114,10 +138,15 @@ pub async fn run(sm: Arc<SiteManager>) {
         }
         let sm2 = sm.clone();
         let loaded = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
-            Ok((sm2.with_store(|s| s.vpgs.list())?, sm2.with_store(|s| s.hosts.list())?))
+            let peer = PeerView {
+                vpgs: sm2.with_store(|s| s.peer_vpgs.list())?,
+                hosts: sm2.peering.hosts(),
+                trusted: crate::peering::trusted_sites(&sm2)?,
+            };
+            Ok((sm2.with_store(|s| s.vpgs.list())?, sm2.with_store(|s| s.hosts.list())?, peer))
         })
         .await;
-        let (vpgs, hosts) = match loaded {
+        let (vpgs, hosts, peer) = match loaded {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reconciler cannot read the store");
@@ -125,7 +154,7 @@ pub async fn run(sm: Arc<SiteManager>) {
             }
             Err(_) => continue,
         };
-        push_desired(&sm, &mut mem, &vpgs, &hosts).await;
+        push_desired(&sm, &mut mem, &vpgs, &hosts, &peer).await;
         let sm2 = sm.clone();
         let v2 = vpgs.clone();
         let mut seen = std::mem::take(&mut mem.durable_seen);
@@ -142,15 +171,17 @@ pub async fn run(sm: Arc<SiteManager>) {
     }
 }
 
-async fn push_desired(sm: &SiteManager, mem: &mut Memory, vpgs: &[Vpg], hosts: &[Host]) {
+async fn push_desired(sm: &SiteManager, mem: &mut Memory, vpgs: &[Vpg], hosts: &[Host], peer: &PeerView) {
     let links = sm.links.sessions();
     let generation = sm.generation();
-    for (host, mut state) in desired_states(vpgs, hosts) {
+    for (host, mut state) in desired_states(vpgs, hosts, peer) {
         let Some(&(_, session)) = links.iter().find(|(h, _)| *h == host) else { continue };
-        let unchanged = mem
-            .sent
-            .get(&host)
-            .is_some_and(|(s, d)| *s == session && d.sources == state.sources && d.targets == state.targets);
+        let unchanged = mem.sent.get(&host).is_some_and(|(s, d)| {
+            *s == session
+                && d.sources == state.sources
+                && d.targets == state.targets
+                && d.trusted_sites == state.trusted_sites
+        });
         if unchanged {
             continue;
         }
@@ -172,7 +203,9 @@ fn advance_statuses(
     vpgs: &[Vpg],
     seen: &mut HashMap<VpgId, protection_groups::CheckpointId>,
 ) -> Result<(), crate::store::StoreError> {
-    let reports: Vec<protection_groups::mgmt::RoleState> = sm.links.roles();
+    // Target roles at the paired site count as this site's own do.
+    let mut reports: Vec<protection_groups::mgmt::RoleState> = sm.links.roles();
+    reports.extend(sm.peering.target_roles());
     // Tasks are read only when a VPG's status or progress moves.
     let mut tasks_cache: Option<Vec<crate::model::Task>> = None;
     let mut tasks = || -> Result<Vec<crate::model::Task>, crate::store::StoreError> {

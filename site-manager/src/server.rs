@@ -55,6 +55,7 @@ pub fn open(config: ServeConfig, site_name: &str) -> Result<Arc<SiteManager>> {
     if fresh || sm.with_store(|s| Ok(s.tokens.is_empty()))? {
         write_admin_token(&sm, &sm.config.data)?;
     }
+    crate::peering::load(&sm)?;
     let (aborted, resumed) = sm.take_back_tasks()?;
     tracing::info!(
         generation = sm.generation(),
@@ -105,10 +106,11 @@ pub async fn serve(config: ServeConfig, site_name: &str) -> Result<()> {
         sm.generation()
     );
     let app = crate::api::router(sm.clone());
-    let tls = tokio_rustls::TlsAcceptor::from(sm.pki.api_server_config()?);
+    let tls = tokio_rustls::TlsAcceptor::from(sm.pki.api_server_config(sm.peering.verifier.clone())?);
     let api_task = tokio::spawn(serve_api(api, tls, app));
     let mgmt_task = tokio::spawn(crate::mgmt::serve(sm.clone(), mgmt));
     let reconciler = tokio::spawn(crate::reconcile::run(sm.clone()));
+    let peering = tokio::spawn(crate::peering::run(sm.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
@@ -116,6 +118,7 @@ pub async fn serve(config: ServeConfig, site_name: &str) -> Result<()> {
         r = api_task => tracing::error!("the API server stopped: {r:?}"),
         r = mgmt_task => tracing::error!("the management server stopped: {r:?}"),
         r = reconciler => tracing::error!("the reconciler stopped: {r:?}"),
+        r = peering => tracing::error!("the exchange with the paired site stopped: {r:?}"),
     }
     let sm2 = sm.clone();
     tokio::task::spawn_blocking(move || sm2.with_store(|s| s.flush())).await??;
@@ -143,6 +146,10 @@ async fn serve_api(listener: TcpListener, tls: tokio_rustls::TlsAcceptor, app: a
                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "API TLS handshake failed"),
                 Err(_) => return tracing::debug!(%peer, "API TLS handshake timed out"),
             };
+            // The paired site manager identifies by its certificate; the
+            // handshake checked it, the peer routes check it again.
+            let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+            let app = app.layer(axum::Extension(crate::api::ClientCertificate(cert)));
             let svc = hyper_util::service::TowerToHyperService::new(app);
             if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)

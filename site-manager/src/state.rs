@@ -35,6 +35,9 @@ pub struct SiteManager {
     /// Connected VDSAs.
     pub links: crate::links::Links,
     pub coordinator: crate::coordinator::Coordinator,
+    /// The paired site: the API's certificate check, its hosts and the
+    /// target roles it runs for this site's VPGs.
+    pub peering: crate::peering::Peering,
 }
 
 /// A VDSA without a heartbeat for this long shows as down.
@@ -71,6 +74,7 @@ impl SiteManager {
             changes: tokio::sync::Notify::new(),
             links: Default::default(),
             coordinator: Default::default(),
+            peering: Default::default(),
         }
     }
 
@@ -98,7 +102,17 @@ impl SiteManager {
 
     /// The paired site's id, if the site is paired.
     pub fn peer_site_id(&self) -> Result<Option<protection_groups::SiteId>, StoreError> {
-        Ok(None)
+        Ok(crate::peering::stored_peer(self)?.map(|p| p.peer.site))
+    }
+
+    /// Where the other site and operators reach the API: the site's
+    /// address and the API port.
+    pub fn api_address(&self) -> String {
+        let port = self.config.api_listen.port();
+        match self.site() {
+            Ok(site) if !site.address.is_empty() => format!("{}:{port}", site.address),
+            _ => self.config.api_listen.to_string(),
+        }
     }
 
     /// Hosts with their VDSA's health: a registered VDSA counts as

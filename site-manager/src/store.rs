@@ -44,6 +44,23 @@ pub struct StoredRegistration {
     pub used: bool,
 }
 
+/// A site pairing token as stored, keyed by the hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct StoredPairingToken {
+    pub expires_ms: u64,
+    pub used: bool,
+}
+
+/// The paired site as stored: what the API shows and its CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct StoredPeer {
+    pub peer: crate::model::Peer,
+    pub ca_pem: String,
+}
+
+/// The key of the one paired site in the `peer` tree.
+pub const PEER_KEY: &[u8] = b"peer";
+
 /// An API token as stored: its public part and the hash of its secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StoredToken {
@@ -224,6 +241,9 @@ pub struct Store {
     pub tasks: Table<Task>,
     /// Peer VPG definitions kept for a failover without the protected site.
     pub peer_vpgs: Table<Vpg>,
+    /// The paired site (at most one, under [`PEER_KEY`]).
+    pub peer: Table<StoredPeer>,
+    pub pairing_tokens: Table<StoredPairingToken>,
     checkpoint_ids: Mutex<CheckpointIds>,
     generation: u64,
 }
@@ -284,6 +304,8 @@ impl Store {
             checkpoints: Table::open(&db, "checkpoints")?,
             tasks: Table::open(&db, "tasks")?,
             peer_vpgs: Table::open(&db, "peer_vpgs")?,
+            peer: Table::open(&db, "peer")?,
+            pairing_tokens: Table::open(&db, "pairing_tokens")?,
             checkpoint_ids: Mutex::new(CheckpointIds { next: leased, leased }),
             generation,
             meta,

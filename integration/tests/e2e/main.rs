@@ -5,6 +5,7 @@ mod crash;
 mod full_disk;
 mod guest_kit;
 mod kvm_tap;
+mod pairing;
 mod power_loss;
 mod replication;
 mod site_manager;

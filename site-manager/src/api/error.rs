@@ -23,6 +23,10 @@ pub enum ApiError {
     /// The resource's state does not allow this now.
     #[error("{0}")]
     Conflict(String),
+    /// Another party (the paired site) failed or could not be reached:
+    /// try again.
+    #[error("{0}")]
+    Upstream(String),
     /// The site manager failed; the message says where.
     #[error("{0}")]
     Internal(String),
@@ -40,6 +44,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -51,6 +56,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Upstream(_) => "bad_gateway",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -6,6 +6,7 @@
 mod error;
 mod extract;
 mod hosts;
+mod peering;
 mod site;
 mod tasks;
 mod tokens;
@@ -26,6 +27,11 @@ use utoipa_axum::router::OpenApiRouter;
 
 pub type AppState = Arc<SiteManager>;
 
+/// The client certificate the connection's TLS handshake checked (only
+/// the paired site manager presents one).
+#[derive(Debug, Clone, Default)]
+pub struct ClientCertificate(pub Option<rustls::pki_types::CertificateDer<'static>>);
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Site manager API", description = "The control plane of one site: site, hosts, protection groups, command tracker, log collector."),
@@ -36,6 +42,7 @@ pub type AppState = Arc<SiteManager>;
         (name = "hosts", description = "Hypervisor hosts and their VDSAs"),
         (name = "vpgs", description = "Virtual protection groups"),
         (name = "tasks", description = "The command tracker"),
+        (name = "pairing", description = "Pairing with the other site, and the calls between paired site managers"),
     )
 )]
 struct ApiDoc;
@@ -60,6 +67,7 @@ fn documented() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(hosts::routes())
         .merge(vpgs::routes())
         .merge(tasks::routes())
+        .merge(peering::routes())
         .split_for_parts()
 }
 
@@ -103,14 +111,20 @@ async fn authenticate(State(sm): State<AppState>, mut req: Request, next: Next) 
             }
         }
     };
+    let from_peer = req.extensions().get::<ClientCertificate>().is_some_and(|c| c.0.is_some());
     let who = match &found {
         Ok(t) => (t.name.clone(), Some(t.id)),
+        Err(_) if from_peer => ("(the paired site manager)".to_string(), None),
+        Err(_) if path == "/api/v1/pairing" => ("(a site pairing with this one)".to_string(), None),
         Err(_) => ("(no valid token)".to_string(), None),
     };
     req.extensions_mut().insert(Authenticated(found));
     let response = next.run(req).await;
     let status = response.status().as_u16();
-    if method != Method::GET || status == 401 || status == 403 {
+    // The exchange runs every second and changes nothing an operator did:
+    // only its refusals are recorded.
+    let routine = path == "/api/v1/peer/exchange" && response.status().is_success();
+    if (method != Method::GET || status == 401 || status == 403) && !routine {
         let m = method.to_string();
         let _ = tokio::task::spawn_blocking(move || sm.audit(&who.0, who.1, &m, &path, status)).await;
     }

@@ -54,6 +54,7 @@ fn check_inventory(sm: &AppState, settings: &VpgSettings, this: Option<VpgId>) -
         ));
     }
     let hosts = sm.with_store(|s| s.hosts.list())?;
+    let peer_hosts = sm.peering.hosts();
     for (i, vm) in settings.vms.iter().enumerate() {
         if !hosts.iter().any(|h| h.id == vm.host) {
             return Err(ApiError::bad(format!("vms[{i}].host"), format!("vms[{i}].host: no host {}", vm.host)));
@@ -63,6 +64,14 @@ fn check_inventory(sm: &AppState, settings: &VpgSettings, this: Option<VpgId>) -
                 format!("vms[{i}].recovery_host"),
                 format!("vms[{i}].recovery_host: no host {}", vm.recovery_host),
             ));
+        }
+        if !local_recovery && !peer_hosts.iter().any(|h| h.id == vm.recovery_host) {
+            let why = if peer_hosts.is_empty() {
+                "the paired site's hosts are not known yet (it has not answered); try again".to_string()
+            } else {
+                format!("no host {} at the paired site", vm.recovery_host)
+            };
+            return Err(ApiError::bad(format!("vms[{i}].recovery_host"), format!("vms[{i}].recovery_host: {why}")));
         }
     }
     for other in sm.with_store(|s| s.vpgs.list())?.into_iter().filter(|v| Some(v.id) != this) {

@@ -66,12 +66,17 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         heartbeat: Duration::from_millis(cfg.heartbeat_ms.max(50)),
         journal: JournalConfig::default(),
     });
-    let server_tls = site.server_config()?;
-    let t = target.clone();
-    std::thread::spawn(move || t.serve(replication, server_tls));
+    let server_tls = Arc::new(std::sync::RwLock::new(site.server_config()?));
+    let (t, tls) = (target.clone(), server_tls.clone());
+    std::thread::spawn(move || t.serve(replication, tls));
     let exports = Arc::new(Exports::default());
     serve_taps(listeners, claims, exports.clone())?;
-    let roles = Arc::new(Roles::new(cfg.clone(), target, exports, site.client_config()?));
+    let tls = super::agent::roles::ReplicationTls {
+        identity_dir: identity.dir.clone(),
+        server: server_tls,
+        client: std::sync::Mutex::new(site.client_config()?),
+    };
+    let roles = Arc::new(Roles::new(cfg.clone(), target, exports, tls));
     let r = roles.clone();
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(5));

@@ -8,10 +8,13 @@ use super::AgentConfig;
 use crate::nbd::server::Exports;
 use crate::replication::queue::{Backpressure, QueueConfig};
 use crate::replication::source::{SourceDisk, SourceOptions, SourceStream};
-use crate::replication::target::{TargetDefinition, TargetServer};
-use protection_groups::mgmt::{ActualState, DesiredState, RoleKind, RolePhase, RoleState, SourceRole, TargetRole};
+use crate::replication::target::{ServerTls, TargetDefinition, TargetServer};
+use protection_groups::mgmt::{
+    ActualState, DesiredState, RoleKind, RolePhase, RoleState, SourceRole, TargetRole, TrustedSite,
+};
 use protection_groups::{CheckpointId, CheckpointKind, StreamId, VpgId};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,20 +36,29 @@ pub struct Roles {
     targets: Mutex<HashMap<VpgId, TargetRole>>,
     pub target: Arc<TargetServer>,
     pub exports: Arc<Exports>,
-    replication_tls: Arc<rustls::ClientConfig>,
+    tls: ReplicationTls,
+    /// The paired sites trusted now (None until the first desired state
+    /// of this run; until then the files from the last run apply).
+    trusted: Mutex<Option<Vec<TrustedSite>>>,
     applied_version: AtomicU64,
+}
+
+/// The replication link's TLS: both sides' configurations, rebuilt from
+/// the identity folder when the trusted sites change.
+#[derive(Debug)]
+pub struct ReplicationTls {
+    /// The agent's `identity/`: `peers/site.pem` is its own site's CA,
+    /// `peers/site-<id>.pem` a paired site's.
+    pub identity_dir: PathBuf,
+    pub server: ServerTls,
+    pub client: Mutex<Arc<rustls::ClientConfig>>,
 }
 
 /// The newest recoverable checkpoints a target reports, at most.
 const REPORTED_CHECKPOINTS: usize = 256;
 
 impl Roles {
-    pub fn new(
-        cfg: AgentConfig,
-        target: Arc<TargetServer>,
-        exports: Arc<Exports>,
-        replication_tls: Arc<rustls::ClientConfig>,
-    ) -> Roles {
+    pub fn new(cfg: AgentConfig, target: Arc<TargetServer>, exports: Arc<Exports>, tls: ReplicationTls) -> Roles {
         // Until the site manager says otherwise, no VPG is accepted.
         target.set_defined(HashMap::new());
         Roles {
@@ -55,13 +67,15 @@ impl Roles {
             targets: Mutex::default(),
             target,
             exports,
-            replication_tls,
+            tls,
+            trusted: Mutex::new(None),
             applied_version: AtomicU64::new(0),
         }
     }
 
-    /// Reconciles to `desired`: starts, changes and stops roles.
+    /// Reconciles to `desired`: the trusted sites, then the roles.
     pub fn apply(&self, desired: &DesiredState) {
+        self.apply_trust(&desired.trusted_sites);
         let defined = desired
             .targets
             .iter()
@@ -112,6 +126,66 @@ impl Roles {
         self.applied_version.store(desired.version, Ordering::SeqCst);
     }
 
+    /// Trusts exactly the paired sites in `sites` (besides its own): their
+    /// CAs are kept in `identity/peers/` (so they hold across restarts),
+    /// both TLS configurations are rebuilt, and when a site was dropped
+    /// every live link is closed so each passes the handshake again.
+    fn apply_trust(&self, sites: &[TrustedSite]) {
+        let Ok(mut current) = self.trusted.lock() else { return };
+        if current.as_deref() == Some(sites) {
+            return;
+        }
+        let peers = self.tls.identity_dir.join("peers");
+        let wanted: HashMap<String, &TrustedSite> = sites.iter().map(|s| (format!("site-{}.pem", s.site), s)).collect();
+        let mut narrowed = false;
+        for entry in std::fs::read_dir(&peers).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("site-") && name.ends_with(".pem") && !wanted.contains_key(&name) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(file = %name, "no longer trusting a site that was unpaired");
+                        narrowed = true;
+                    }
+                    Err(e) => tracing::error!(file = %name, "cannot remove an unpaired site's CA: {e}"),
+                }
+            }
+        }
+        for (name, site) in &wanted {
+            let path = peers.join(name);
+            if std::fs::read_to_string(&path).is_ok_and(|pem| pem == site.ca_pem) {
+                continue;
+            }
+            if let Err(e) = super::identity::write_durably(&path, site.ca_pem.as_bytes(), false) {
+                tracing::error!(site = %site.name, "cannot store the paired site's CA: {e:#}");
+            }
+        }
+        if narrowed {
+            if let Ok(d) = std::fs::File::open(&peers) {
+                let _ = d.sync_all();
+            }
+        }
+        match crate::wire::tls::SiteIdentity::load(&self.tls.identity_dir) {
+            Ok(id) => match (id.server_config(), id.client_config()) {
+                (Ok(server), Ok(client)) => {
+                    if let Ok(mut s) = self.tls.server.write() {
+                        *s = server;
+                    }
+                    if let Ok(mut c) = self.tls.client.lock() {
+                        *c = client;
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => tracing::error!("cannot rebuild the replication TLS: {e}"),
+            },
+            Err(e) => tracing::error!("cannot reload the replication identity: {e}"),
+        }
+        if narrowed {
+            self.target.close_all_links();
+        }
+        let names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+        tracing::info!(sites = ?names, "trusted paired sites");
+        *current = Some(sites.to_vec());
+    }
+
     fn start_source(&self, r: &SourceRole) -> std::io::Result<SourceRun> {
         let spill_dir = self.cfg.data.join("spill");
         std::fs::create_dir_all(&spill_dir)?;
@@ -141,7 +215,8 @@ impl Roles {
                 Arc::new(SourceDisk { stream: stream.clone(), disk: d.id, size: d.size_bytes }),
             );
         }
-        let (link, tls) = (stream.clone(), self.replication_tls.clone());
+        let tls = self.tls.client.lock().map_err(|_| std::io::Error::other("TLS configuration poisoned"))?.clone();
+        let link = stream.clone();
         std::thread::spawn(move || link.run_link(tls));
         tracing::info!(vpg = %r.vpg, stream = %r.stream, target = %r.target_address, disks = r.disks.len(), "source role started");
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -554,7 +554,8 @@ fn target(a: TargetArgs) -> Result<()> {
     server.open_existing().context("opening the VPG journals")?;
     let cfg = identity.server_config()?;
     let srv = server.clone();
-    std::thread::spawn(move || srv.serve(listener, cfg));
+    let tls = Arc::new(std::sync::RwLock::new(cfg));
+    std::thread::spawn(move || srv.serve(listener, tls));
     serve_control(control, Arc::new(Mutex::new(())), move |req| match req {
         ControlRequest::Status {} => {
             let vpgs: Vec<Value> = server.replicas().iter().map(|r| r.status()).collect();

@@ -161,6 +161,18 @@ pub struct TargetDefinition {
     pub streams: Vec<StreamId>,
 }
 
+/// The TLS configuration links are accepted with; replaced when the
+/// trusted sites change (pairing, unpairing), read at each accept.
+pub type ServerTls = Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>;
+
+/// A live link, so it can be closed from outside its thread.
+#[derive(Debug)]
+struct LiveLink {
+    tcp: TcpStream,
+    /// Set once its hello was accepted.
+    stream: Option<(VpgId, StreamId)>,
+}
+
 /// The target daemon's state: the VPG replicas it holds.
 #[derive(Debug)]
 pub struct TargetServer {
@@ -170,18 +182,44 @@ pub struct TargetServer {
     /// None (the standalone `target` command) accepts any VPG a trusted
     /// peer sends.
     defined: Mutex<Option<HashMap<VpgId, TargetDefinition>>>,
+    live: Mutex<HashMap<u64, LiveLink>>,
+    next_link: AtomicU64,
 }
 
 impl TargetServer {
     pub fn new(opts: TargetOptions) -> Arc<TargetServer> {
-        Arc::new(TargetServer { opts, vpgs: Mutex::new(HashMap::new()), defined: Mutex::new(None) })
+        Arc::new(TargetServer {
+            opts,
+            vpgs: Mutex::new(HashMap::new()),
+            defined: Mutex::new(None),
+            live: Mutex::new(HashMap::new()),
+            next_link: AtomicU64::new(1),
+        })
     }
 
-    /// From now on only these VPGs and streams are accepted (links of
-    /// others are refused at their next hello).
+    /// From now on only these VPGs and streams are accepted; live links of
+    /// streams no longer defined are closed.
     pub fn set_defined(&self, defined: HashMap<VpgId, TargetDefinition>) {
+        self.close_links(|s| {
+            s.is_some_and(|(vpg, stream)| !defined.get(&vpg).is_some_and(|d| d.streams.contains(&stream)))
+        });
         if let Ok(mut d) = self.defined.lock() {
             *d = Some(defined);
+        }
+    }
+
+    /// Closes every live link (the trusted sites narrowed: each link must
+    /// pass the handshake again with the new configuration).
+    pub fn close_all_links(&self) {
+        self.close_links(|_| true);
+    }
+
+    fn close_links(&self, close: impl Fn(Option<(VpgId, StreamId)>) -> bool) {
+        if let Ok(live) = self.live.lock() {
+            for (id, l) in live.iter().filter(|(_, l)| close(l.stream)) {
+                tracing::info!(link = id, "closing a replication link that is no longer allowed");
+                let _ = l.tcp.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 
@@ -245,7 +283,7 @@ impl TargetServer {
     }
 
     /// Accepts links forever, each on a thread of its own.
-    pub fn serve(self: &Arc<Self>, listener: TcpListener, cfg: Arc<rustls::ServerConfig>) {
+    pub fn serve(self: &Arc<Self>, listener: TcpListener, tls: ServerTls) {
         for conn in listener.incoming() {
             let tcp = match conn {
                 Ok(t) => t,
@@ -254,7 +292,11 @@ impl TargetServer {
                     continue;
                 }
             };
-            let (me, cfg) = (self.clone(), cfg.clone());
+            let cfg = match tls.read() {
+                Ok(c) => c.clone(),
+                Err(_) => continue,
+            };
+            let me = self.clone();
             std::thread::spawn(move || me.serve_link(tcp, cfg));
         }
     }
@@ -266,10 +308,25 @@ impl TargetServer {
             .set_nodelay(true)
             .and_then(|_| tcp.set_read_timeout(Some(hb * 3)))
             .and_then(|_| tcp.set_write_timeout(Some(hb * 3)));
-        if let Err(e) = setup {
-            tracing::warn!(%peer, "link setup failed: {e}");
-            return;
+        let registered = setup.and_then(|_| tcp.try_clone());
+        let tcp_clone = match registered {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(%peer, "link setup failed: {e}");
+                return;
+            }
+        };
+        let link_id = self.next_link.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(link_id, LiveLink { tcp: tcp_clone, stream: None });
         }
+        self.serve_tls(link_id, &peer, tcp, cfg);
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&link_id);
+        }
+    }
+
+    fn serve_tls(self: &Arc<Self>, link_id: u64, peer: &str, tcp: TcpStream, cfg: Arc<rustls::ServerConfig>) {
         let (mut r, w) = match tls::accept(cfg, tcp) {
             Ok(x) => x,
             Err(e) => {
@@ -284,7 +341,7 @@ impl TargetServer {
         };
         let w = Arc::new(Mutex::new(w));
         let stop = Arc::new(AtomicBool::new(false));
-        let result = self.run_link(&peer, &mut r, &w, &stop);
+        let result = self.run_link(link_id, peer, &mut r, &w, &stop);
         stop.store(true, Ordering::SeqCst);
         match result {
             Ok(()) => tracing::info!(%peer, "link closed"),
@@ -328,6 +385,7 @@ impl TargetServer {
 
     fn run_link(
         self: &Arc<Self>,
+        link_id: u64,
         peer: &str,
         r: &mut tls::LinkReader,
         w: &Arc<Mutex<LinkWriter>>,
@@ -339,6 +397,11 @@ impl TargetServer {
         }
         let hello = Hello::decode(&f.payload)?;
         self.check_defined(hello.vpg, hello.stream)?;
+        if let Ok(mut live) = self.live.lock() {
+            if let Some(l) = live.get_mut(&link_id) {
+                l.stream = Some((hello.vpg, hello.stream));
+            }
+        }
         let replica = self.replica(hello.vpg).map_err(LinkError::Refused)?;
         let epoch = replica.epoch();
         if hello.epoch < epoch {
