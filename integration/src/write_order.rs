@@ -145,7 +145,17 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
             break;
         }
         if done && extra_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(120) {
-            bail!("protection did not resume after the fault (faulted checkpoint {faulted:?})");
+            // What the site saw, so a failure can be understood from the
+            // test's output alone.
+            let last = inserted.last().map(|(_, w)| w.to_string()).unwrap_or_default();
+            let vpg_now = site.sm().and_then(|sm| sm.get(&format!("/api/v1/vpgs/{vpg}"))).map(|v| v.to_string());
+            let log = site.agents[1].log_text();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect();
+            bail!(
+                "protection did not resume after the fault (faulted checkpoint {faulted:?}); last checkpoint {last}; \
+                 VPG {vpg_now:?}; the log of kvm-1's VDSA ends:\n{}",
+                tail.join("\n")
+            );
         }
         let api = site.sm()?;
         let attempt =

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod coordinator;
 pub mod links;
 pub mod mgmt;

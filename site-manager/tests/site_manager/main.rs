@@ -3,5 +3,6 @@
 //! routes, and restarts (clean and SIGKILL).
 
 mod api;
+mod cli;
 mod daemon;
 mod restart;

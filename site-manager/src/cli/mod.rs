@@ -1,4 +1,6 @@
-//! The operator command: `site-manager vsphere …` lists hosts with their
+//! The operator command: `site-manager serve` runs the daemon; `site`,
+//! `token`, `host`, `vpg`, `checkpoint`, `task` and `peer` call its API
+//! (`api`); `site-manager vsphere …` lists hosts with their
 //! VDSA state, deploys the VDSA OVA to a host or a whole cluster with a
 //! progress bar per host, undeploys, lists VMs with their disks, and makes
 //! or removes an isolated test network.
@@ -22,6 +24,8 @@ struct Cli {
     command: Top,
 }
 
+mod api;
+
 #[derive(Subcommand)]
 enum Top {
     /// Print a vCenter's certificate thumbprints, to compare with its
@@ -34,6 +38,8 @@ enum Top {
     /// Run the site manager daemon: store, API over HTTPS, the management
     /// link its VDSAs dial, the reconciler and checkpoint coordinator.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Api(api::ApiOp),
     /// Operations on a vCenter: VDSAs, VMs, test networks.
     Vsphere {
         #[command(flatten)]
@@ -213,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("SHA-256 {}", vsphere_client::soap::format_thumbprint(&sha256));
             return Ok(());
         }
+        Top::Api(op) => return api::run(op),
         Top::Vsphere { conn, op } => (conn, op),
     };
     let site = connect(&conn)?;

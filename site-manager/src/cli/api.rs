@@ -1,0 +1,615 @@
+//! The operator command over the API (docs/api.md): one subcommand per
+//! operation, tables for people, `--json` for scripts, a progress bar
+//! while a task runs, and a non-zero exit with the server's message when
+//! it refuses.
+
+use crate::client::{ApiClient, ClientError};
+use crate::model::{
+    AuditEntry, Checkpoint, CreatedToken, Host, Hypervisor, NewCheckpoint, NewHost, NewToken, PairRequest,
+    PairingToken, Peer, RegistrationToken, Role, Site, SiteUpdate, Task, Token, Vpg,
+};
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the API is and how to authenticate.
+#[derive(Args, Debug)]
+pub struct ApiConnection {
+    /// https://HOST:PORT of the site manager's API.
+    #[arg(long, global = true, env = "SITE_MANAGER_API")]
+    api: Option<String>,
+    /// A file holding the API token.
+    #[arg(long, global = true, env = "SITE_MANAGER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The site CA (PEM) the API's certificate must chain to.
+    #[arg(long, global = true, env = "SITE_MANAGER_CA")]
+    ca_file: Option<PathBuf>,
+    /// A local site manager's data folder: its API address, admin token
+    /// and CA are taken from there unless given.
+    #[arg(long, global = true, env = "SITE_MANAGER_DATA")]
+    data: Option<PathBuf>,
+    /// Print JSON (the API's own) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApiOp {
+    /// This site: show, change, reclaim, the audit log.
+    Site {
+        #[command(flatten)]
+        conn: ApiConnection,
+        #[command(subcommand)]
+        op: SiteOp,
+    },
+    /// API tokens.
+    Token {
+        #[command(flatten)]
+        conn: ApiConnection,
+        #[command(subcommand)]
+        op: TokenOp,
+    },
+    /// Hypervisor hosts and their VDSAs.
+    Host {
+        #[command(flatten)]
+        conn: ApiConnection,
+        #[command(subcommand)]
+        op: HostOp,
+    },
+    /// Protection groups.
+    Vpg {
+        #[command(flatten)]
+        conn: ApiConnection,
+        #[command(subcommand)]
+        op: VpgOp,
+    },
+    /// Checkpoints of a VPG.
+    Checkpoint {
+        #[command(flatten)]
+        conn: ApiConnection,
+        #[command(subcommand)]
+        op: CheckpointOp,
+    },
+    /// The command tracker.
+    Task {
+        #[command(flatten)]
+        conn: ApiConnection,
+        #[command(subcommand)]
+        op: TaskOp,
+    },
+    /// Pairing with the other site.
+    Peer {
+        #[command(flatten)]
+        conn: ApiConnection,
+        #[command(subcommand)]
+        op: PeerOp,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteOp {
+    /// This site's details.
+    Show,
+    /// Change the site's settings.
+    Set {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        location: Option<String>,
+        #[arg(long)]
+        contact: Option<String>,
+        #[arg(long)]
+        address: Option<String>,
+        #[arg(long)]
+        replication_port: Option<u16>,
+    },
+    /// After a restore from a backup: steer the VDSAs again.
+    Reclaim,
+    /// The newest entries of the audit log.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenOp {
+    /// Every token (never a secret).
+    List,
+    /// Prints the secret once.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["admin", "operator", "viewer"])]
+        role: String,
+    },
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostOp {
+    /// Every host with its VDSA's state.
+    List,
+    /// One host.
+    Show { id: String },
+    /// Add a host (its VDSA is not installed yet).
+    Add {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["kvm", "vsphere"], default_value = "kvm")]
+        hypervisor: String,
+    },
+    /// Remove a host no VPG uses.
+    Remove { id: String },
+    /// A one-time registration token for the host's VDSA.
+    RegistrationToken { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VpgOp {
+    /// Every VPG with its status.
+    List,
+    /// One VPG.
+    Show { id: String },
+    /// Create from a JSON file of settings (docs/api.md); waits for the
+    /// initial sync unless --no-wait.
+    Create {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Replace the settings from a JSON file.
+    Update {
+        id: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove a VPG (waits for its roles to stop unless --no-wait).
+    Remove {
+        id: String,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Add a VM from a JSON file.
+    AddVm {
+        id: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove a VM from a VPG.
+    RemoveVm { id: String, vm: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CheckpointOp {
+    /// The VPG's checkpoint catalog.
+    List { vpg: String },
+    /// Insert a named checkpoint; with --wait, until it is durable.
+    Insert {
+        vpg: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TaskOp {
+    /// Every task.
+    List,
+    /// One task.
+    Show { id: String },
+    /// Follow a task to its end with a progress bar.
+    Wait { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PeerOp {
+    /// The paired site and its last contact.
+    Show,
+    /// Make a site pairing token for the other site's admin.
+    Token,
+    /// Pair with the site at ADDRESS using its token.
+    Pair {
+        #[arg(long)]
+        address: String,
+        #[arg(long, env = "SITE_PAIRING_TOKEN")]
+        token: String,
+    },
+    /// Unpair (refused while a VPG spans the sites).
+    Unpair,
+    /// The copies of the paired site's VPGs that recover here.
+    Vpgs,
+}
+
+fn client(c: &ApiConnection) -> Result<ApiClient> {
+    let api = c.api.clone().unwrap_or_else(|| "https://127.0.0.1:9440".to_string());
+    let token_file = c.token_file.clone().or_else(|| c.data.as_ref().map(|d| d.join("admin-token")));
+    let token = match (token_file, std::env::var("SITE_MANAGER_TOKEN").ok()) {
+        (Some(f), _) => std::fs::read_to_string(&f).with_context(|| format!("reading the token {}", f.display()))?,
+        (None, Some(t)) => t,
+        (None, None) => anyhow::bail!("give --token-file (or --data, or set SITE_MANAGER_TOKEN)"),
+    };
+    let ca_file = c.ca_file.clone().or_else(|| c.data.as_ref().map(|d| d.join("pki/ca.pem")));
+    let ca_file = ca_file.context("give --ca-file with the site CA (or --data)")?;
+    let ca = std::fs::read(&ca_file).with_context(|| format!("reading the site CA {}", ca_file.display()))?;
+    Ok(ApiClient::new(&api, &token, &ca)?)
+}
+
+/// Prints `value` as JSON, or `table` for people.
+fn show<T: Serialize>(c: &ApiConnection, value: &T, table: impl FnOnce(&T) -> Vec<Vec<String>>) -> Result<()> {
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print_table(&table(value));
+    }
+    Ok(())
+}
+
+/// Column-aligned rows; the first is the header.
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|i| rows.iter().filter_map(|r| r.get(i)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| if i + 1 == r.len() { s.clone() } else { format!("{s:<w$}", w = widths[i]) })
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+/// UTC time of milliseconds since the epoch, for tables.
+fn when(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (h, m, s) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    // The civil date of a day count (the proleptic Gregorian calendar in
+    // 400-year eras).
+    let z = i64::try_from(secs / 86_400).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{m:02}:{s:02}Z")
+}
+
+/// An enum as the API spells it.
+fn word<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+fn fields(pairs: &[(&str, String)]) -> Vec<Vec<String>> {
+    pairs.iter().map(|(k, v)| vec![format!("{k}:"), v.clone()]).collect()
+}
+
+fn json_file<T: serde::de::DeserializeOwned>(path: &PathBuf) -> Result<T> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    crate::api::parse_json(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Follows a task with a progress bar (or silently with --json) and fails
+/// unless it succeeded.
+fn follow(client: &ApiClient, c: &ApiConnection, task: &Task) -> Result<Task> {
+    let bar = if c.json { ProgressBar::hidden() } else { ProgressBar::new(100) };
+    bar.set_style(
+        ProgressStyle::with_template("{msg:40} [{bar:30}] {pos:>3}%")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(task.description.clone());
+    let done =
+        client.wait_task(task.id, Duration::from_secs(24 * 3600), |t| bar.set_position(u64::from(t.progress)))?;
+    bar.finish_and_clear();
+    if done.completion != crate::model::CompletionCode::Success {
+        anyhow::bail!(
+            "task {} ({}) ended {:?}: {}",
+            done.id,
+            done.description,
+            done.completion,
+            done.exception.as_deref().unwrap_or("no reason given")
+        );
+    }
+    Ok(done)
+}
+
+fn vpg_rows(v: &[Vpg]) -> Vec<Vec<String>> {
+    let mut rows = vec![vec!["ID".into(), "NAME".into(), "STATUS".into(), "VMS".into(), "RECOVERY SITE".into()]];
+    rows.extend(v.iter().map(|v| {
+        vec![
+            v.id.to_string(),
+            v.settings.name.clone(),
+            v.status.to_string(),
+            v.settings.vms.len().to_string(),
+            v.settings.recovery_site.to_string(),
+        ]
+    }));
+    rows
+}
+
+#[derive(Debug, serde::Deserialize, Serialize)]
+struct VpgTask {
+    vpg: Vpg,
+    task: Task,
+}
+
+#[derive(Debug, serde::Deserialize, Serialize)]
+struct Inserted {
+    vpg: protection_groups::VpgId,
+    id: protection_groups::CheckpointId,
+}
+
+/// Runs one API operation.
+pub fn run(op: ApiOp) -> Result<()> {
+    let (c, op) = match op {
+        ApiOp::Site { conn, op } => (conn, Op::Site(op)),
+        ApiOp::Token { conn, op } => (conn, Op::Token(op)),
+        ApiOp::Host { conn, op } => (conn, Op::Host(op)),
+        ApiOp::Vpg { conn, op } => (conn, Op::Vpg(op)),
+        ApiOp::Checkpoint { conn, op } => (conn, Op::Checkpoint(op)),
+        ApiOp::Task { conn, op } => (conn, Op::Task(op)),
+        ApiOp::Peer { conn, op } => (conn, Op::Peer(op)),
+    };
+    let c = &c;
+    let api = client(c)?;
+    let r = run_op(&api, c, op);
+    // The server's refusal is the message, as it said it.
+    r.map_err(|e| match e.downcast::<ClientError>() {
+        Ok(ClientError::Refused { body, status, .. }) => {
+            let field = body.field.map(|f| format!(" (field {f})")).unwrap_or_default();
+            anyhow::anyhow!("the site manager refused ({status} {}): {}{field}", body.error, body.message)
+        }
+        Ok(other) => other.into(),
+        Err(e) => e,
+    })
+}
+
+/// An operation without its connection.
+enum Op {
+    Site(SiteOp),
+    Token(TokenOp),
+    Host(HostOp),
+    Vpg(VpgOp),
+    Checkpoint(CheckpointOp),
+    Task(TaskOp),
+    Peer(PeerOp),
+}
+
+fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
+    match op {
+        Op::Site(op) => match op {
+            SiteOp::Show => show(c, &api.get::<Site>("/api/v1/site")?, site_rows),
+            SiteOp::Set { name, location, contact, address, replication_port } => {
+                let u = SiteUpdate { name, location, contact, address, replication_port };
+                show(c, &api.call::<Site>(Method::PATCH, "/api/v1/site", Some(&u))?, site_rows)
+            }
+            SiteOp::Reclaim => {
+                let v: serde_json::Value = api.post("/api/v1/site/reclaim", &serde_json::json!({}))?;
+                show(c, &v, |v| fields(&[("result", v.to_string())]))
+            }
+            SiteOp::Audit { limit } => {
+                let a: Vec<AuditEntry> = api.get(&format!("/api/v1/audit?limit={limit}"))?;
+                show(c, &a, |a| {
+                    let mut rows = vec![vec!["SEQ".into(), "WHO".into(), "STATUS".into(), "CALL".into()]];
+                    rows.extend(a.iter().map(|e| {
+                        vec![e.seq.to_string(), e.who.clone(), e.status.to_string(), format!("{} {}", e.method, e.path)]
+                    }));
+                    rows
+                })
+            }
+        },
+        Op::Token(op) => match op {
+            TokenOp::List => show(c, &api.get::<Vec<Token>>("/api/v1/tokens")?, |t| {
+                let mut rows = vec![vec!["ID".into(), "NAME".into(), "ROLE".into(), "REVOKED".into()]];
+                rows.extend(t.iter().map(|t| {
+                    vec![
+                        t.id.to_string(),
+                        t.name.clone(),
+                        word(&t.role),
+                        if t.revoked_ms.is_some() { "yes".into() } else { "no".into() },
+                    ]
+                }));
+                rows
+            }),
+            TokenOp::Create { name, role } => {
+                let role = match role.as_str() {
+                    "admin" => Role::Admin,
+                    "operator" => Role::Operator,
+                    _ => Role::Viewer,
+                };
+                let t: CreatedToken = api.post("/api/v1/tokens", &NewToken { name, role })?;
+                show(c, &t, |t| fields(&[("id", t.token.id.to_string()), ("secret", t.secret.clone())]))
+            }
+            TokenOp::Revoke { id } => {
+                let t: Token = api.call(Method::DELETE, &format!("/api/v1/tokens/{id}"), None::<&()>)?;
+                show(c, &t, |t| fields(&[("revoked", t.id.to_string())]))
+            }
+        },
+        Op::Host(op) => match op {
+            HostOp::List => show(c, &api.get::<Vec<Host>>("/api/v1/hosts")?, |h| host_rows(h)),
+            HostOp::Show { id } => {
+                show(c, &api.get::<Host>(&format!("/api/v1/hosts/{id}"))?, |h| host_rows(std::slice::from_ref(h)))
+            }
+            HostOp::Add { name, hypervisor } => {
+                let hypervisor = if hypervisor == "vsphere" { Hypervisor::Vsphere } else { Hypervisor::Kvm };
+                let h: Host = api.post("/api/v1/hosts", &NewHost { name, hypervisor })?;
+                show(c, &h, |h| host_rows(std::slice::from_ref(h)))
+            }
+            HostOp::Remove { id } => {
+                let h: serde_json::Value = api.call(Method::DELETE, &format!("/api/v1/hosts/{id}"), None::<&()>)?;
+                show(c, &h, |_| fields(&[("removed", id.clone())]))
+            }
+            HostOp::RegistrationToken { id } => {
+                let t: RegistrationToken =
+                    api.call(Method::POST, &format!("/api/v1/hosts/{id}/registration-token"), None::<&()>)?;
+                show(c, &t, |t| fields(&[("token", t.token.clone()), ("site manager", t.management_address.clone())]))
+            }
+        },
+        Op::Vpg(op) => match op {
+            VpgOp::List => show(c, &api.get::<Vec<Vpg>>("/api/v1/vpgs")?, |v| vpg_rows(v)),
+            VpgOp::Show { id } => {
+                show(c, &api.get::<Vpg>(&format!("/api/v1/vpgs/{id}"))?, |v| vpg_rows(std::slice::from_ref(v)))
+            }
+            VpgOp::Create { file, no_wait } => {
+                let settings: protection_groups::VpgSettings = json_file(&file)?;
+                let vt: VpgTask = api.post("/api/v1/vpgs", &settings)?;
+                if !no_wait {
+                    follow(api, c, &vt.task)?;
+                }
+                let v: Vpg = api.get(&format!("/api/v1/vpgs/{}", vt.vpg.id))?;
+                show(c, &v, |v| vpg_rows(std::slice::from_ref(v)))
+            }
+            VpgOp::Update { id, file } => {
+                let settings: protection_groups::VpgSettings = json_file(&file)?;
+                let v: Vpg = api.call(Method::PUT, &format!("/api/v1/vpgs/{id}"), Some(&settings))?;
+                show(c, &v, |v| vpg_rows(std::slice::from_ref(v)))
+            }
+            VpgOp::Remove { id, force, no_wait } => {
+                let vt: VpgTask = api.call(Method::DELETE, &format!("/api/v1/vpgs/{id}?force={force}"), None::<&()>)?;
+                let t = if no_wait { vt.task } else { follow(api, c, &vt.task)? };
+                show(c, &t, |t| task_rows(std::slice::from_ref(t)))
+            }
+            VpgOp::AddVm { id, file } => {
+                let vm: protection_groups::ProtectedVm = json_file(&file)?;
+                let v: Vpg = api.post(&format!("/api/v1/vpgs/{id}/vms"), &vm)?;
+                show(c, &v, |v| vpg_rows(std::slice::from_ref(v)))
+            }
+            VpgOp::RemoveVm { id, vm } => {
+                let v: Vpg = api.call(Method::DELETE, &format!("/api/v1/vpgs/{id}/vms/{vm}"), None::<&()>)?;
+                show(c, &v, |v| vpg_rows(std::slice::from_ref(v)))
+            }
+        },
+        Op::Checkpoint(op) => match op {
+            CheckpointOp::List { vpg } => {
+                show(c, &api.get::<Vec<Checkpoint>>(&format!("/api/v1/vpgs/{vpg}/checkpoints"))?, |cps| {
+                    checkpoint_rows(cps)
+                })
+            }
+            CheckpointOp::Insert { vpg, name, wait } => {
+                let ins: Inserted = api.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), &NewCheckpoint { name })?;
+                if !wait {
+                    return show(c, &ins, |i| fields(&[("checkpoint", i.id.0.to_string())]));
+                }
+                let cp: Checkpoint =
+                    api.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{}/wait?timeout_ms=600000", ins.id.0))?;
+                show(c, &cp, |cp| checkpoint_rows(std::slice::from_ref(cp)))?;
+                if !(cp.consistent && cp.durable) {
+                    anyhow::bail!(
+                        "checkpoint {} is not usable: {}",
+                        cp.id.0,
+                        if cp.reason.is_empty() { "not durable in time" } else { &cp.reason }
+                    );
+                }
+                Ok(())
+            }
+        },
+        Op::Task(op) => match op {
+            TaskOp::List => show(c, &api.get::<Vec<Task>>("/api/v1/tasks")?, |t| task_rows(t)),
+            TaskOp::Show { id } => {
+                show(c, &api.get::<Task>(&format!("/api/v1/tasks/{id}"))?, |t| task_rows(std::slice::from_ref(t)))
+            }
+            TaskOp::Wait { id } => {
+                let t: Task = api.get(&format!("/api/v1/tasks/{id}"))?;
+                let t = follow(api, c, &t)?;
+                show(c, &t, |t| task_rows(std::slice::from_ref(t)))
+            }
+        },
+        Op::Peer(op) => match op {
+            PeerOp::Show => show(c, &api.get::<Peer>("/api/v1/site/peer")?, peer_rows),
+            PeerOp::Token => {
+                let t: PairingToken = api.post("/api/v1/site/pairing-tokens", &serde_json::json!({}))?;
+                show(c, &t, |t| fields(&[("token", t.token.clone()), ("address", t.address.clone())]))
+            }
+            PeerOp::Pair { address, token } => {
+                show(c, &api.post::<Peer>("/api/v1/site/peer", &PairRequest { address, token })?, peer_rows)
+            }
+            PeerOp::Unpair => show(c, &api.call::<Peer>(Method::DELETE, "/api/v1/site/peer", None::<&()>)?, peer_rows),
+            PeerOp::Vpgs => show(c, &api.get::<Vec<Vpg>>("/api/v1/site/peer/vpgs")?, |v| vpg_rows(v)),
+        },
+    }
+}
+
+fn site_rows(s: &Site) -> Vec<Vec<String>> {
+    fields(&[
+        ("id", s.id.to_string()),
+        ("name", s.name.clone()),
+        ("address", s.address.clone()),
+        ("api port", s.api_port.to_string()),
+        ("management port", s.management_port.to_string()),
+        ("CA SHA-256", s.ca_sha256.clone()),
+        ("generation", s.generation.to_string()),
+    ])
+}
+
+fn host_rows(h: &[Host]) -> Vec<Vec<String>> {
+    let mut rows = vec![vec!["ID".into(), "NAME".into(), "HYPERVISOR".into(), "VDSA".into(), "REPLICATION".into()]];
+    rows.extend(h.iter().map(|h| {
+        vec![
+            h.id.to_string(),
+            h.name.clone(),
+            word(&h.hypervisor),
+            word(&h.vdsa),
+            h.replication_address.clone().unwrap_or_else(|| "-".into()),
+        ]
+    }));
+    rows
+}
+
+fn checkpoint_rows(cps: &[Checkpoint]) -> Vec<Vec<String>> {
+    let mut rows =
+        vec![vec!["ID".into(), "TIME".into(), "KIND".into(), "NAME".into(), "CONSISTENT".into(), "DURABLE".into()]];
+    rows.extend(cps.iter().map(|cp| {
+        vec![
+            cp.id.0.to_string(),
+            when(cp.time_ms),
+            word(&cp.kind),
+            cp.name.clone(),
+            if cp.consistent { "yes".into() } else { format!("no: {}", cp.reason) },
+            if cp.durable { "yes".into() } else { "no".into() },
+        ]
+    }));
+    rows
+}
+
+fn task_rows(t: &[Task]) -> Vec<Vec<String>> {
+    let mut rows = vec![vec!["ID".into(), "KIND".into(), "STATUS".into(), "PROGRESS".into(), "DESCRIPTION".into()]];
+    rows.extend(t.iter().map(|t| {
+        vec![
+            t.id.to_string(),
+            t.kind.clone(),
+            format!("{} {}", word(&t.status), word(&t.completion)),
+            format!("{}%", t.progress),
+            t.description.clone(),
+        ]
+    }));
+    rows
+}
+
+fn peer_rows(p: &Peer) -> Vec<Vec<String>> {
+    fields(&[
+        ("site", p.site.to_string()),
+        ("name", p.name.clone()),
+        ("address", p.address.clone()),
+        ("CA SHA-256", p.ca_sha256.clone()),
+        ("last contact", p.last_contact_ms.map_or("never".into(), when)),
+        ("last error", if p.last_error.is_empty() { "-".into() } else { p.last_error.clone() }),
+    ])
+}
