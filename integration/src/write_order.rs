@@ -35,6 +35,10 @@ pub struct WriteOrderOptions {
     pub control: bool,
     /// A SIGKILL between PREPARE and COMMIT, after this many barriers.
     pub fault: Option<(Fault, u64)>,
+    /// Change the protected VMs while the workload runs: a disk added to
+    /// the first VM, then removed, then the third VM moved to the second
+    /// host (its stream handed over).
+    pub changes: bool,
 }
 
 /// Who is killed between PREPARE and COMMIT.
@@ -63,6 +67,45 @@ pub struct WriteOrderReport {
     pub faulted: Option<(u64, Option<Value>)>,
     /// Checkpoints offered after the faulted one (protection resumed).
     pub offered_after_fault: usize,
+    /// The changes made, each with the newest checkpoint before it.
+    pub changes: Vec<(String, u64)>,
+    /// Checkpoints offered after the last change.
+    pub offered_after_changes: usize,
+}
+
+/// The VM changes of [`WriteOrderOptions::changes`], in order.
+const CHANGES: [&str; 3] = ["add a disk to vm-0", "remove that disk", "move vm-2 to kvm-1"];
+
+/// Makes change `step` through the API (and, for a new disk, in the VM).
+fn change_vms(site: &mut ProtectedSite, dir: &Path, vpg: &str, step: usize) -> Result<()> {
+    let sm = site.sm()?;
+    let mut settings = sm.get(&format!("/api/v1/vpgs/{vpg}"))?["settings"].clone();
+    let vms = settings["vms"].as_array_mut().context("vms")?;
+    match step {
+        0 => {
+            // A second disk in the first VM, as a hypervisor adds one.
+            let image = dir.join("vm-0/extra.raw");
+            std::fs::File::create(&image)?.set_len(4 << 20)?;
+            site.vms[0].qmp.execute(
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": "extra",
+                       "file": {"driver": "file", "filename": image.to_string_lossy()}}),
+            )?;
+            let disks = vms[0]["disks"].as_array_mut().context("disks")?;
+            disks.push(json!({"id": uuid::Uuid::new_v4(), "name": "vm-0-extra", "size_bytes": 4u64 << 20,
+                              "device": "extra"}));
+        }
+        1 => {
+            let disks = vms[0]["disks"].as_array_mut().context("disks")?;
+            disks.retain(|d| d["name"] != "vm-0-extra");
+        }
+        _ => {
+            vms[2]["host"] = json!(site.host_ids[1]);
+        }
+    }
+    let sm = site.sm()?;
+    sm.call("PUT", &format!("/api/v1/vpgs/{vpg}"), Some(settings))?;
+    Ok(())
 }
 
 /// One chain record: write `id` on host `id % HOSTS`, referring to write
@@ -134,14 +177,17 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
     let mut rng = o.seed.max(1);
     let mut inserted = Vec::new();
     let mut faulted: Option<u64> = None;
+    let mut changes: Vec<(String, u64)> = Vec::new();
     let started = Instant::now();
     let mut i = 0;
     let mut extra_since: Option<Instant> = None;
     loop {
         let done = i >= o.checkpoints;
-        let resumed =
-            faulted.is_none_or(|f| inserted.iter().any(|(id, w): &(u64, Value)| *id > f && w["durable"] == true));
-        if done && (o.fault.is_none() || (faulted.is_some() && resumed)) {
+        let durable_after = |after: Option<u64>| {
+            after.is_none_or(|f| inserted.iter().any(|(id, w): &(u64, Value)| *id > f && w["durable"] == true))
+        };
+        let resumed = durable_after(faulted) && durable_after(changes.last().map(|(_, id)| *id));
+        if done && (o.fault.is_none() || faulted.is_some()) && resumed {
             break;
         }
         if done && extra_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(120) {
@@ -152,7 +198,8 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
             let log = site.agents[1].log_text();
             let tail: Vec<&str> = log.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect();
             bail!(
-                "protection did not resume after the fault (faulted checkpoint {faulted:?}); last checkpoint {last}; \
+                "protection did not resume after the fault (faulted checkpoint {faulted:?}) or the changes \
+                 ({changes:?}); last checkpoint {last}; \
                  VPG {vpg_now:?}; the log of kvm-1's VDSA ends:\n{}",
                 tail.join("\n")
             );
@@ -180,6 +227,18 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
             say(format!("the VDSA of kvm-1 died between PREPARE and COMMIT of checkpoint {id}; restarting it"));
             faulted = Some(id);
             site.restart_agent(lab, dir, 1)?;
+        }
+        // Each change waits until a checkpoint after the one before was
+        // offered: protection resumed.
+        let step = changes.len();
+        let settled = changes.last().is_none_or(|(_, before)| {
+            inserted.iter().any(|(id, w): &(u64, Value)| id > before && w["durable"] == true)
+        });
+        if o.changes && settled && step < CHANGES.len() && i >= (step + 1) * o.checkpoints / (CHANGES.len() + 1) {
+            let before = inserted.last().map_or(0, |(id, _)| *id);
+            change_vms(&mut site, dir, &vpg, step)?;
+            say(format!("changed the VMs: {} (after checkpoint {before})", CHANGES[step]));
+            changes.push((CHANGES[step].to_string(), before));
         }
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -228,6 +287,8 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
         max_write_ms,
         faulted,
         offered_after_fault,
+        offered_after_changes: changes.last().map_or(0, |(_, c)| offered.iter().filter(|id| *id > c).count()),
+        changes,
         ..Default::default()
     };
     let recoverable: Vec<u64> =

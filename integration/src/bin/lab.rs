@@ -80,6 +80,10 @@ enum Command {
         /// Keep the processes' folders and logs here.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Change the VMs while the chains run: add a disk, remove it,
+        /// move a VM to another host.
+        #[arg(long)]
+        changes: bool,
     },
     /// Used by the crash test: ingests and checkpoints until killed,
     /// printing "DURABLE <id>" after each checkpoint is durable.
@@ -148,7 +152,7 @@ fn main() -> Result<()> {
             power_loss(cuts.unwrap_or(if long { 100 } else { 10 }), seed)
         }
         Some(Command::CrashChild { dir, seed, writes_per_checkpoint }) => crash_child(dir, seed, writes_per_checkpoint),
-        Some(Command::WriteOrder { long, checkpoints, seed, control, fault, dir }) => {
+        Some(Command::WriteOrder { long, checkpoints, seed, control, fault, dir, changes }) => {
             use integration::write_order::Fault;
             let fault = match fault.as_deref() {
                 None => None,
@@ -156,7 +160,7 @@ fn main() -> Result<()> {
                 Some("site-manager") => Some((Fault::SiteManager, 8)),
                 Some(other) => bail!("--fault {other:?}: expected vdsa or site-manager"),
             };
-            write_order(checkpoints.unwrap_or(if long { 500 } else { 50 }), seed, control, fault, dir)
+            write_order(checkpoints.unwrap_or(if long { 500 } else { 50 }), seed, control, fault, changes, dir)
         }
     }
 }
@@ -166,6 +170,7 @@ fn write_order(
     seed: Option<u64>,
     control: bool,
     fault: Option<(integration::write_order::Fault, u64)>,
+    changes: bool,
     keep: Option<PathBuf>,
 ) -> Result<()> {
     let seed = seed.unwrap_or_else(|| {
@@ -176,7 +181,7 @@ fn write_order(
     let lab = std::env::current_exe()?;
     let temp = tempfile::tempdir()?;
     let dir = keep.unwrap_or_else(|| temp.path().to_path_buf());
-    let opts = integration::write_order::WriteOrderOptions { checkpoints, seed, control, fault };
+    let opts = integration::write_order::WriteOrderOptions { checkpoints, seed, control, fault, changes };
     let r = integration::write_order::run(&lab, &dir, &opts, |m| println!("  {m}"))?;
     println!(
         "  {} checkpoints checked of {} inserted, {} chain writes, {} violations",
@@ -192,6 +197,12 @@ fn write_order(
             rec.as_ref().map_or("never recorded".to_string(), |v| v.to_string())
         );
         println!("  {} checkpoints offered after it", r.offered_after_fault);
+    }
+    if !r.changes.is_empty() {
+        for (what, after) in &r.changes {
+            println!("  changed the VMs after checkpoint {after}: {what}");
+        }
+        println!("  {} checkpoints offered after the last change", r.offered_after_changes);
     }
     if control {
         if r.violations == 0 {
@@ -369,7 +380,7 @@ fn site_manager_demo() -> Result<()> {
         return Ok(());
     }
     println!("lab: site manager demo — a site manager, four VDSAs registering with one-time tokens, a VPG over VMs on three hosts, checkpoints through the API under the two-phase barrier");
-    write_order(20, None, false, None, None)
+    write_order(20, None, false, None, false, None)
 }
 
 fn kvm_tap_demo() -> Result<()> {

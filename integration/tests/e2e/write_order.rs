@@ -22,9 +22,12 @@ fn every_offered_checkpoint_keeps_write_order_across_three_hosts() {
     println!("write order: 50 checkpoints, seed {seed} (WRITE_ORDER_SEED)");
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
-    let r = run(lab, dir.path(), &WriteOrderOptions { checkpoints: 50, seed, control: false, fault: None }, |m| {
-        println!("{m}")
-    })
+    let r = run(
+        lab,
+        dir.path(),
+        &WriteOrderOptions { checkpoints: 50, seed, control: false, fault: None, changes: false },
+        |m| println!("{m}"),
+    )
     .unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
     assert_eq!(r.violations, 0, "seed {seed}: {:?}", r.first_violation);
     assert!(r.checked >= 45, "seed {seed}: only {} of {} checkpoints were offered", r.checked, r.inserted);
@@ -41,9 +44,12 @@ fn with_the_barrier_off_the_checker_finds_violations() {
     println!("write order control run: 20 checkpoints, seed {seed}");
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
-    let r = run(lab, dir.path(), &WriteOrderOptions { checkpoints: 20, seed, control: true, fault: None }, |m| {
-        println!("{m}")
-    })
+    let r = run(
+        lab,
+        dir.path(),
+        &WriteOrderOptions { checkpoints: 20, seed, control: true, fault: None, changes: false },
+        |m| println!("{m}"),
+    )
     .unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
     assert!(r.violations > 0, "seed {seed}: the barrier was off, yet {} checkpoints showed no violation", r.checked);
 }
@@ -64,7 +70,7 @@ fn a_sigkill_between_prepare_and_commit_offers_no_half_made_checkpoint() {
         println!("write order with {fault:?} killed after PREPARE 8: 15 checkpoints, seed {seed}");
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
-        let opts = WriteOrderOptions { checkpoints: 15, seed, control: false, fault: Some((fault, 8)) };
+        let opts = WriteOrderOptions { checkpoints: 15, seed, control: false, fault: Some((fault, 8)), changes: false };
         let r =
             run(lab, dir.path(), &opts, |m| println!("{m}")).unwrap_or_else(|e| panic!("{fault:?} seed {seed}: {e:#}"));
         assert_eq!(r.violations, 0, "{fault:?} seed {seed}: {:?}", r.first_violation);
@@ -81,4 +87,26 @@ fn a_sigkill_between_prepare_and_commit_offers_no_half_made_checkpoint() {
             assert!(*ms <= 1500, "{fault:?}: a guest write on host {host} waited {ms} ms (hold limit 1000 ms)");
         }
     }
+}
+
+/// Changes to the protected VMs while the chains run: a disk added to a
+/// VM, then removed, then a VM moved to another host (its stream handed
+/// over). Write order still holds on every checkpoint offered, and
+/// protection resumes after each change.
+#[test]
+fn write_order_holds_while_disks_are_added_and_removed_and_a_vm_moves() {
+    if !qemu_available() {
+        panic!("qemu-storage-daemon is missing: integration/run-tests installs qemu-utils");
+    }
+    let _turn = crate::take_turns();
+    let seed = seed();
+    println!("write order with VM changes: 24 checkpoints, seed {seed}");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
+    let opts = WriteOrderOptions { checkpoints: 24, seed, control: false, fault: None, changes: true };
+    let r = run(lab, dir.path(), &opts, |m| println!("{m}")).unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
+    assert_eq!(r.violations, 0, "seed {seed}: {:?}", r.first_violation);
+    assert_eq!(r.changes.len(), 3, "{:?}", r.changes);
+    assert!(r.offered_after_changes > 0, "seed {seed}: no checkpoint offered after the VM moved");
+    assert!(r.checked >= 3, "seed {seed}: only {} checkpoints checked", r.checked);
 }

@@ -26,7 +26,13 @@ struct SourceRun {
     stream: Arc<SourceStream>,
     /// Set when the role stops: its tap thread detaches and ends.
     stopped: Arc<std::sync::atomic::AtomicBool>,
+    taps: Option<std::thread::JoinHandle<()>>,
 }
+
+/// How long a stopping role waits for its taps to be detached before its
+/// exports go (QEMU's mirror would otherwise fail writes to a vanished
+/// export and stall the guest until its reconnect delay).
+const DETACH_WAIT: Duration = Duration::from_secs(15);
 
 /// Every role of this VDSA.
 #[derive(Debug)]
@@ -220,18 +226,19 @@ impl Roles {
         std::thread::spawn(move || link.run_link(tls));
         tracing::info!(vpg = %r.vpg, stream = %r.stream, target = %r.target_address, disks = r.disks.len(), "source role started");
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut taps = None;
         if !r.taps.is_empty() {
             match self.nbd_address() {
                 Some(server) => {
                     let (role, s, stop) = (r.clone(), stream.clone(), stopped.clone());
-                    std::thread::spawn(move || super::taps::run(&role, &s, server, &stop));
+                    taps = Some(std::thread::spawn(move || super::taps::run(&role, &s, server, &stop)));
                 }
                 None => {
                     tracing::error!(vpg = %r.vpg, "the role has taps to attach but this VDSA has no NBD tap listener")
                 }
             }
         }
-        Ok(SourceRun { role: r.clone(), stream, stopped })
+        Ok(SourceRun { role: r.clone(), stream, stopped, taps })
     }
 
     /// Where QEMU's mirror jobs reach this VDSA's taps: its first NBD
@@ -249,6 +256,15 @@ impl Roles {
 
     fn stop_source(&self, run: SourceRun) {
         run.stopped.store(true, Ordering::SeqCst);
+        if let Some(t) = run.taps {
+            let start = std::time::Instant::now();
+            while !t.is_finished() && start.elapsed() < DETACH_WAIT {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !t.is_finished() {
+                tracing::warn!(stream = %run.role.stream, "the taps are still attaching; the exports go anyway");
+            }
+        }
         for d in &run.role.disks {
             self.exports.remove(&d.name);
         }
