@@ -9,6 +9,7 @@
 //! small, pure and cheap to compile.
 
 mod ids;
+pub mod logs;
 pub mod mgmt;
 mod retention;
 mod status;

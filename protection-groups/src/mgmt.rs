@@ -65,7 +65,13 @@ pub enum VdsaMessage {
     /// A command this VDSA does not obey, and why (an older generation, a
     /// role it cannot run).
     Refused { reason: String },
+    /// The answer to `CollectLogs`: the records, newest kept when they are
+    /// more than [`MAX_LOG_BYTES`] (then `truncated`).
+    Logs { request: u64, text: String, truncated: bool },
 }
+
+/// The most log text one `Logs` answer carries (a frame holds 4 MiB).
+pub const MAX_LOG_BYTES: usize = 3 << 20;
 
 /// Site manager → VDSA. Every command carries the manager generation; a
 /// VDSA ignores one older than the newest it has obeyed.
@@ -93,6 +99,9 @@ pub enum ManagerMessage {
     /// The link is refused (bad or reused token, unknown host, wrong
     /// protocol version); the VDSA logs it and retries later.
     Refused { reason: String },
+    /// The log collector: send the records of this VDSA's log file from
+    /// `since_ms` to `until_ms` at `level` or more severe.
+    CollectLogs { generation: u64, request: u64, since_ms: u64, until_ms: u64, level: crate::logs::LogLevel },
 }
 
 impl ManagerMessage {
@@ -104,7 +113,8 @@ impl ManagerMessage {
             | ManagerMessage::Desired { generation, .. }
             | ManagerMessage::Prepare { generation, .. }
             | ManagerMessage::Commit { generation, .. }
-            | ManagerMessage::Abort { generation, .. } => Some(*generation),
+            | ManagerMessage::Abort { generation, .. }
+            | ManagerMessage::CollectLogs { generation, .. } => Some(*generation),
             ManagerMessage::Registered { .. } | ManagerMessage::Refused { .. } => None,
         }
     }

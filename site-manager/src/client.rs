@@ -87,6 +87,33 @@ impl ApiClient {
         serde_json::from_str(&text).map_err(|e| ClientError::Decode { path: path.to_string(), why: e.to_string() })
     }
 
+    /// GET of a file (a log bundle): its bytes as they came.
+    pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .map_err(|e| ClientError::Transport(format!("GET {path}: {}", chain(&e))))?;
+        let status = resp.status();
+        let bytes = resp.bytes().map_err(|e| ClientError::Transport(format!("GET {path}: {}", chain(&e))))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let body = serde_json::from_str::<ErrorBody>(&text).unwrap_or(ErrorBody {
+                error: status.canonical_reason().unwrap_or("error").to_string(),
+                field: None,
+                message: text,
+            });
+            return Err(ClientError::Refused {
+                method: Method::GET,
+                path: path.to_string(),
+                status: status.as_u16(),
+                body,
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call(Method::GET, path, None::<&()>)
     }

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod coordinator;
 pub mod links;
+pub mod logs;
 pub mod mgmt;
 pub mod model;
 pub mod peering;

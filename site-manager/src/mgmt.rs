@@ -266,6 +266,7 @@ where
             VdsaMessage::Prepared { .. } | VdsaMessage::PrepareFailed { .. } | VdsaMessage::Decided { .. } => {
                 sm.coordinator.on_answer(host, m)
             }
+            VdsaMessage::Logs { request, text, truncated } => sm.logs.on_answer(request, text, truncated),
             VdsaMessage::Refused { reason } => tracing::warn!(%host, %reason, "the VDSA refused a command"),
             other => tracing::warn!(%host, "unexpected message on a session: {other:?}"),
         }

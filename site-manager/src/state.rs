@@ -38,6 +38,8 @@ pub struct SiteManager {
     /// The paired site: the API's certificate check, its hosts and the
     /// target roles it runs for this site's VPGs.
     pub peering: crate::peering::Peering,
+    /// Log requests to VDSAs waiting for their answers.
+    pub logs: crate::logs::LogCollector,
 }
 
 /// A VDSA without a heartbeat for this long shows as down.
@@ -75,6 +77,7 @@ impl SiteManager {
             links: Default::default(),
             coordinator: Default::default(),
             peering: Default::default(),
+            logs: Default::default(),
         }
     }
 

@@ -110,6 +110,51 @@ fn a_site_manager_restored_from_a_backup_cannot_steer_until_it_reclaims() {
     a.stop();
 }
 
+/// The log collector through the operator command: a tar.gz holding the
+/// site manager's log and its VDSA's, filtered by level, with a manifest.
+#[test]
+fn the_log_collector_bundles_the_site_managers_and_vdsas_logs() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let sm = SiteManagerProcess::start(lab(), &dir.path().join("sm"), &[]).unwrap_or_else(|e| panic!("{e:#}"));
+    let (h, t) = sm.add_host("kvm-logs").unwrap_or_else(|e| panic!("{e:#}"));
+    let mut a = AgentProcess::start(lab(), &dir.path().join("a"), "kvm-logs", &sm.management_address(), &t)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    wait_state(&sm, &h, "installed");
+    let collect = |level: &str, out: &Path| {
+        let o = std::process::Command::new(lab())
+            .args(["site-manager", "logs", "collect", "--level", level, "--api"])
+            .arg(format!("https://127.0.0.1:{}", sm.api_port))
+            .arg("--data")
+            .arg(sm.dir.join("data"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let gz = flate2::read::GzDecoder::new(std::fs::File::open(out).unwrap_or_else(|e| panic!("{e}")));
+        let mut files = std::collections::BTreeMap::new();
+        for e in tar::Archive::new(gz).entries().unwrap_or_else(|e| panic!("{e}")) {
+            let mut e = e.unwrap_or_else(|e| panic!("{e}"));
+            let name = e.path().map(|p| p.display().to_string()).unwrap_or_default();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text).unwrap_or_else(|e| panic!("{e}"));
+            files.insert(name, text);
+        }
+        files
+    };
+    let info = collect("info", &dir.path().join("info.tar.gz"));
+    assert!(info.get("site-manager.log").is_some_and(|l| l.contains("site manager store open")), "{info:?}");
+    assert!(info.get("vdsa-kvm-logs.log").is_some_and(|l| l.contains("connected to the site manager")), "{info:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(info.get("manifest.json").map_or("", String::as_str)).unwrap_or_default();
+    assert_eq!(manifest["hosts"][0]["answered"], true, "{manifest}");
+    // At error level the INFO records are left out.
+    let errors = collect("error", &dir.path().join("errors.tar.gz"));
+    assert!(errors.get("vdsa-kvm-logs.log").is_some_and(|l| !l.contains(" INFO ")), "{errors:?}");
+    assert!(errors.get("site-manager.log").is_some_and(|l| !l.contains(" INFO ")), "{errors:?}");
+    a.stop();
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
     for e in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{e}")) {

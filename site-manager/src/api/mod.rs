@@ -6,6 +6,7 @@
 mod error;
 mod extract;
 mod hosts;
+mod logs;
 mod peering;
 mod site;
 mod tasks;
@@ -42,6 +43,7 @@ pub struct ClientCertificate(pub Option<rustls::pki_types::CertificateDer<'stati
         (name = "hosts", description = "Hypervisor hosts and their VDSAs"),
         (name = "vpgs", description = "Virtual protection groups"),
         (name = "tasks", description = "The command tracker"),
+        (name = "logs", description = "The log collector"),
         (name = "pairing", description = "Pairing with the other site, and the calls between paired site managers"),
     )
 )]
@@ -68,6 +70,7 @@ fn documented() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(vpgs::routes())
         .merge(tasks::routes())
         .merge(peering::routes())
+        .merge(logs::routes())
         .split_for_parts()
 }
 

@@ -88,6 +88,14 @@ pub enum ApiOp {
         #[command(subcommand)]
         op: PeerOp,
     },
+    /// The log collector.
+    #[command(subcommand_required = true)]
+    Logs {
+        #[command(flatten)]
+        conn: ApiConnection,
+        #[command(subcommand)]
+        op: LogsOp,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -210,6 +218,21 @@ pub enum TaskOp {
     Show { id: String },
     /// Follow a task to its end with a progress bar.
     Wait { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LogsOp {
+    /// Bundle the site manager's and its VDSAs' logs into a tar.gz.
+    Collect {
+        /// How far back, in minutes.
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        #[arg(long, value_parser = ["trace", "debug", "info", "warn", "error"], default_value = "info")]
+        level: String,
+        /// Where to write the bundle.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -367,6 +390,7 @@ pub fn run(op: ApiOp) -> Result<()> {
         ApiOp::Checkpoint { conn, op } => (conn, Op::Checkpoint(op)),
         ApiOp::Task { conn, op } => (conn, Op::Task(op)),
         ApiOp::Peer { conn, op } => (conn, Op::Peer(op)),
+        ApiOp::Logs { conn, op } => (conn, Op::Logs(op)),
     };
     let c = &c;
     let api = client(c)?;
@@ -391,6 +415,7 @@ enum Op {
     Checkpoint(CheckpointOp),
     Task(TaskOp),
     Peer(PeerOp),
+    Logs(LogsOp),
 }
 
 fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
@@ -544,6 +569,26 @@ fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
             PeerOp::Unpair => show(c, &api.call::<Peer>(Method::DELETE, "/api/v1/site/peer", None::<&()>)?, peer_rows),
             PeerOp::Vpgs => show(c, &api.get::<Vec<Vpg>>("/api/v1/site/peer/vpgs")?, |v| vpg_rows(v)),
         },
+        Op::Logs(LogsOp::Collect { minutes, level, out }) => {
+            let level: protection_groups::logs::LogLevel = serde_json::from_value(serde_json::json!(level))?;
+            let until = crate::model::now_ms();
+            let req = crate::logs::LogBundleRequest {
+                since_ms: Some(until.saturating_sub(minutes.saturating_mul(60_000))),
+                until_ms: Some(until),
+                level: Some(level),
+            };
+            let task: Task = api.post("/api/v1/logs/bundles", &req)?;
+            let done = follow(api, c, &task)?;
+            let bytes = api.get_bytes(&format!("/api/v1/logs/bundles/{}", task.id))?;
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            show(c, &done.result, |r| {
+                fields(&[
+                    ("bundle", out.display().to_string()),
+                    ("bytes", bytes.len().to_string()),
+                    ("VDSAs missing", r["vdsas_missing"].to_string()),
+                ])
+            })
+        }
     }
 }
 

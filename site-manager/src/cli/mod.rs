@@ -175,13 +175,30 @@ pub fn main() -> ExitCode {
     main_with(std::env::args())
 }
 
+/// Logs to stderr and, for the daemon, also to `file` (what the log
+/// collector reads; moved to `.1` once it passes 32 MiB at a start).
+fn init_tracing(default: &str, file: Option<&std::path::Path>) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let to_file = file.and_then(|p| match crate::logs::open_log_file(p) {
+        Ok(f) => Some(tracing_subscriber::fmt::layer().with_writer(Mutex::new(f)).with_ansi(false)),
+        Err(e) => {
+            eprintln!("site-manager: cannot write the log file {}: {e}", p.display());
+            None
+        }
+    });
+    let _ = tracing_subscriber::registry().with(filter).with(stderr).with(to_file).try_init();
+}
+
 /// The command with `args` (the first is the program name).
 pub fn main_with<I: IntoIterator<Item = String>>(args: I) -> ExitCode {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .try_init();
-    match run(Cli::parse_from(args)) {
+    let cli = Cli::parse_from(args);
+    match &cli.command {
+        Top::Serve(a) => init_tracing("info", Some(&a.data.join("logs/site-manager.log"))),
+        _ => init_tracing("warn", None),
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("site-manager: {e:#}");

@@ -65,6 +65,12 @@ mod defaults {
 pub const MIN_HOLD_LIMIT_MS: u64 = 600;
 
 impl AgentConfig {
+    /// Where the agent keeps its log (besides stderr): what the log
+    /// collector reads.
+    pub fn log_file(&self) -> PathBuf {
+        self.data.join("logs/vdsa.log")
+    }
+
     pub fn load(path: &Path) -> Result<AgentConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{}: not a valid agent configuration", path.display()))

@@ -98,6 +98,36 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     Ok(())
 }
 
+/// The records of this VDSA's log file in the range, the newest kept
+/// when they are too many for one answer.
+fn collect_logs(
+    file: &std::path::Path,
+    since_ms: u64,
+    until_ms: u64,
+    level: protection_groups::logs::LogLevel,
+) -> (String, bool) {
+    let text = match std::fs::read(file) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) => return (format!("(the VDSA cannot read its log {}: {e})\n", file.display()), false),
+    };
+    let lines = protection_groups::logs::filter(&text, since_ms, until_ms, level);
+    let mut out: Vec<&str> = Vec::new();
+    let mut bytes = 0usize;
+    let mut truncated = false;
+    for l in lines.iter().rev() {
+        bytes += l.len() + 1;
+        if bytes > protection_groups::mgmt::MAX_LOG_BYTES {
+            truncated = true;
+            break;
+        }
+        out.push(l);
+    }
+    out.reverse();
+    let mut s = out.join("\n");
+    s.push('\n');
+    (s, truncated)
+}
+
 fn is_refusal(e: &anyhow::Error) -> bool {
     let s = format!("{e:#}");
     // Retrying cannot help these: the token or the site manager is wrong.
@@ -265,6 +295,10 @@ impl Agent {
                 ManagerMessage::Abort { vpg, checkpoint, reason, .. } => {
                     let _ = self.roles.decide(vpg, checkpoint, false);
                     send(&VdsaMessage::Decided { vpg, checkpoint, committed: false, reason })?;
+                }
+                ManagerMessage::CollectLogs { request, since_ms, until_ms, level, .. } => {
+                    let (text, truncated) = collect_logs(&self.cfg.log_file(), since_ms, until_ms, level);
+                    send(&VdsaMessage::Logs { request, text, truncated })?;
                 }
                 ManagerMessage::Refused { reason } => tracing::warn!(%reason, "the site manager refused"),
                 ManagerMessage::Welcome { .. } | ManagerMessage::Registered { .. } => {

@@ -24,7 +24,7 @@ use listen::{claim_listeners, serve_taps, NoDurability, TapListener};
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
 use serde_json::{json, Value};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -278,14 +278,44 @@ fn parse_size(s: &str) -> Result<u64> {
     n.checked_mul(mult).with_context(|| format!("size {s:?} overflows"))
 }
 
+/// Logs to stderr and, for the long-lived agent, also to `file` (what the
+/// log collector reads; moved to `.1` once it passes 32 MiB at a start).
+fn init_tracing(file: Option<&Path>) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let to_file = file.and_then(|p| {
+        let open = || -> std::io::Result<std::fs::File> {
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            if std::fs::metadata(p).is_ok_and(|m| m.len() > 32 << 20) {
+                std::fs::rename(p, p.with_extension("log.1"))?;
+            }
+            std::fs::OpenOptions::new().create(true).append(true).open(p)
+        };
+        match open() {
+            Ok(f) => Some(tracing_subscriber::fmt::layer().with_writer(std::sync::Mutex::new(f)).with_ansi(false)),
+            Err(e) => {
+                eprintln!("vdsa: cannot write the log file {}: {e}", p.display());
+                None
+            }
+        }
+    });
+    let _ = tracing_subscriber::registry().with(filter).with(stderr).with(to_file).try_init();
+}
+
 /// Runs the daemon with `args` (the first is the program name).
 pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
     let cli = Cli::parse_from(args);
+    if let Command::Agent(a) = cli.command {
+        let cfg = agent_config(a)?;
+        init_tracing(Some(&cfg.log_file()));
+        return crate::agent::run(cfg);
+    }
+    init_tracing(None);
     match cli.command {
         Command::TapServe {
             journal,
@@ -305,7 +335,7 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
         }
         Command::Source(a) => source(*a),
         Command::Target(a) => target(a),
-        Command::Agent(a) => crate::agent::run(agent_config(a)?),
+        Command::Agent(_) => Ok(()),
         Command::Certs(CertsCommand::Create { site, dir }) => {
             for p in crate::wire::tls::create_site_certificates(&dir, &site)? {
                 println!("wrote {}", p.display());
