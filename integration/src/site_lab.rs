@@ -249,6 +249,8 @@ pub struct SiteSpec {
     /// More `vdsa agent` flags for protected host `i`.
     pub vdsa_args: Vec<(usize, Vec<String>)>,
     pub checkpoint_interval_ms: u64,
+    /// A quiesce hook for every VM (empty: none).
+    pub quiesce_hook: Vec<String>,
 }
 
 /// A site manager, `hosts` protected hosts (each a qemu-storage-daemon
@@ -321,6 +323,11 @@ impl ProtectedSite {
                 "disks": [{"id": disk.0, "name": format!("vm-{i}-disk"), "size_bytes": spec.disk_bytes, "device": "src"}],
                 "recovery_host": host_ids[spec.hosts],
             }));
+            if !spec.quiesce_hook.is_empty() {
+                if let Some(vm) = vm_specs.last_mut() {
+                    vm["quiesce"] = json!({"hook": spec.quiesce_hook});
+                }
+            }
             vms.push(qsd);
             disks.push(disk);
         }

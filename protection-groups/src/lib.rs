@@ -19,7 +19,8 @@ pub use ids::{CheckpointId, DiskId, HostId, SiteId, StreamId, VmId, VpgId};
 pub use retention::{RetentionPolicy, SparseTier};
 pub use status::{IllegalTransition, VpgStatus};
 pub use vpg::{
-    DiskSpec, InvalidSetting, Priority, ProtectedVm, VpgSettings, CHECKPOINT_INTERVAL_MS, JOURNAL_HISTORY_SECS,
+    DiskSpec, InvalidSetting, Priority, ProtectedVm, QuiesceSpec, VpgSettings, APP_CONSISTENT_MIN_SECS,
+    CHECKPOINT_INTERVAL_MS, JOURNAL_HISTORY_SECS,
 };
 
 use serde::{Deserialize, Serialize};

@@ -7,7 +7,9 @@
 //! once to get its certificate, the *manager generation* that fences a
 //! stale site manager, and the wire's *replication epoch* (in a role).
 
-use crate::{CheckpointId, CheckpointKind, DiskSpec, HostId, RetentionPolicy, SiteId, StreamId, VpgId};
+use crate::{
+    CheckpointId, CheckpointKind, DiskSpec, HostId, QuiesceSpec, RetentionPolicy, SiteId, StreamId, VmId, VpgId,
+};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides put in their first message. A peer of
@@ -65,6 +67,10 @@ pub enum VdsaMessage {
     /// A command this VDSA does not obey, and why (an older generation, a
     /// role it cannot run).
     Refused { reason: String },
+    /// QUIESCE done: every VM of the VPG on this host that names a way to
+    /// quiesce was tried; `failures` says which could not be, and why
+    /// (empty: all are quiesced until THAW).
+    Quiesced { vpg: VpgId, checkpoint: CheckpointId, failures: Vec<String> },
     /// The answer to `CollectLogs`: the records, newest kept when they are
     /// more than [`MAX_LOG_BYTES`] (then `truncated`).
     Logs { request: u64, text: String, truncated: bool },
@@ -99,6 +105,12 @@ pub enum ManagerMessage {
     /// The link is refused (bad or reused token, unknown host, wrong
     /// protocol version); the VDSA logs it and retries later.
     Refused { reason: String },
+    /// Before an application-consistent checkpoint's PREPARE: quiesce the
+    /// VPG's VMs on this host (the VDSA thaws them on THAW, or on its own
+    /// after a limit if THAW never comes).
+    Quiesce { generation: u64, vpg: VpgId, checkpoint: CheckpointId },
+    /// After the checkpoint's decision: thaw what QUIESCE froze.
+    Thaw { generation: u64, vpg: VpgId, checkpoint: CheckpointId },
     /// The log collector: send the records of this VDSA's log file from
     /// `since_ms` to `until_ms` at `level` or more severe.
     CollectLogs { generation: u64, request: u64, since_ms: u64, until_ms: u64, level: crate::logs::LogLevel },
@@ -114,7 +126,9 @@ impl ManagerMessage {
             | ManagerMessage::Prepare { generation, .. }
             | ManagerMessage::Commit { generation, .. }
             | ManagerMessage::Abort { generation, .. }
-            | ManagerMessage::CollectLogs { generation, .. } => Some(*generation),
+            | ManagerMessage::CollectLogs { generation, .. }
+            | ManagerMessage::Quiesce { generation, .. }
+            | ManagerMessage::Thaw { generation, .. } => Some(*generation),
             ManagerMessage::Registered { .. } | ManagerMessage::Refused { .. } => None,
         }
     }
@@ -134,6 +148,15 @@ pub struct DesiredState {
     /// site that was dropped are closed.
     #[serde(default)]
     pub trusted_sites: Vec<TrustedSite>,
+}
+
+/// One VM a source role quiesces for application-consistent checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmQuiesce {
+    pub vm: VmId,
+    pub name: String,
+    pub spec: QuiesceSpec,
 }
 
 /// A paired site's CA, as the VDSAs trust it.
@@ -167,6 +190,9 @@ pub struct SourceRole {
     /// VM's QMP socket). Disks not listed are tapped from outside.
     #[serde(default)]
     pub taps: Vec<TapAttach>,
+    /// How to quiesce the stream's VMs (those that name a way).
+    #[serde(default)]
+    pub quiesce: Vec<VmQuiesce>,
 }
 
 /// A disk whose tap the VDSA attaches through its host's QEMU monitor.

@@ -46,6 +46,26 @@ pub struct ProtectedVm {
     /// order.
     #[serde(default)]
     pub boot_delay_secs: u32,
+    /// How to quiesce it for an application-consistent checkpoint (none:
+    /// its checkpoints are crash-consistent).
+    #[serde(default)]
+    pub quiesce: Option<QuiesceSpec>,
+}
+
+/// How a VM is quiesced around the barrier, on its host: the QEMU guest
+/// agent's fsfreeze through the agent socket, else a command hook run with
+/// `freeze` or `thaw` appended (exit 0 is success).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct QuiesceSpec {
+    /// The guest agent's socket on the VM's host (`-chardev socket` of
+    /// the VM's `virtio-serial` port `org.qemu.guest_agent.0`).
+    #[serde(default)]
+    pub guest_agent_socket: String,
+    /// The hook's program and arguments.
+    #[serde(default)]
+    pub hook: Vec<String>,
 }
 
 /// Which VPG's checkpoints and link bandwidth come first under contention.
@@ -89,7 +109,15 @@ pub struct VpgSettings {
     pub failover_network: String,
     #[serde(default)]
     pub priority: Priority,
+    /// Every this many seconds an application-consistent checkpoint (its
+    /// VMs quiesced); 0: only on demand.
+    #[serde(default)]
+    pub app_consistent_interval_secs: u64,
 }
+
+/// Application-consistent checkpoints at most this often (quiescing
+/// stalls the guests' writes).
+pub const APP_CONSISTENT_MIN_SECS: u64 = 60;
 
 mod defaults {
     pub fn journal_history_secs() -> u64 {
@@ -149,6 +177,7 @@ impl VpgSettings {
             test_network: String::new(),
             failover_network: String::new(),
             priority: Priority::default(),
+            app_consistent_interval_secs: 0,
         }
     }
 
@@ -185,6 +214,15 @@ impl VpgSettings {
         if self.rpo_alert_secs == 0 {
             return Err(invalid("rpo_alert_secs", "must be at least 1"));
         }
+        if self.app_consistent_interval_secs != 0 && self.app_consistent_interval_secs < APP_CONSISTENT_MIN_SECS {
+            return Err(invalid(
+                "app_consistent_interval_secs",
+                format!(
+                    "{} is below {APP_CONSISTENT_MIN_SECS} (0 turns the schedule off)",
+                    self.app_consistent_interval_secs
+                ),
+            ));
+        }
         let (mut vms, mut disks) = (HashSet::new(), HashSet::new());
         for (i, vm) in self.vms.iter().enumerate() {
             let at = format!("vms[{i}]");
@@ -194,6 +232,11 @@ impl VpgSettings {
             }
             if vm.disks.is_empty() {
                 return Err(invalid(format!("{at}.disks"), "a protected VM needs at least one disk"));
+            }
+            if let Some(q) = &vm.quiesce {
+                if q.guest_agent_socket.is_empty() && q.hook.first().is_none_or(|p| p.trim().is_empty()) {
+                    return Err(invalid(format!("{at}.quiesce"), "names neither a guest agent socket nor a hook"));
+                }
             }
             for (j, d) in vm.disks.iter().enumerate() {
                 let at = format!("{at}.disks[{j}]");
@@ -243,6 +286,7 @@ mod tests {
 
     fn vm(name: &str) -> ProtectedVm {
         ProtectedVm {
+            quiesce: None,
             id: VmId::new(),
             name: name.into(),
             host: HostId::new(),

@@ -19,6 +19,10 @@ use tokio::sync::mpsc;
 /// hold limit must be longer (it releases on its own after it).
 pub const PREPARE_DEADLINE: Duration = Duration::from_millis(500);
 
+/// How long the coordinator waits for every QUIESCE answer (a VDSA gives
+/// each VM five seconds; a VPG rarely has many VMs on one host).
+pub const QUIESCE_DEADLINE: Duration = Duration::from_secs(12);
+
 /// How long the coordinator waits for the VDSAs to say how they recorded a
 /// committed marker. One that does not say in time is left as committed:
 /// durability (every target listing it as recoverable) still decides
@@ -62,9 +66,9 @@ impl Coordinator {
     /// Called by a session with a PREPARE answer or a decision report.
     pub fn on_answer(&self, host: HostId, m: VdsaMessage) {
         let key = match &m {
-            VdsaMessage::Prepared { vpg, checkpoint } | VdsaMessage::PrepareFailed { vpg, checkpoint, .. } => {
-                (*vpg, *checkpoint)
-            }
+            VdsaMessage::Prepared { vpg, checkpoint }
+            | VdsaMessage::PrepareFailed { vpg, checkpoint, .. }
+            | VdsaMessage::Quiesced { vpg, checkpoint, .. } => (*vpg, *checkpoint),
             VdsaMessage::Decided { vpg, checkpoint, committed, reason } => {
                 if !committed {
                     tracing::info!(%host, %vpg, %checkpoint, %reason, "a VDSA recorded a checkpoint as not consistent");
@@ -98,6 +102,8 @@ pub struct CheckpointRequest {
     pub kind: CheckpointKind,
     pub name: String,
     pub id: CheckpointId,
+    /// Quiesce the VMs around the barrier (application-consistent).
+    pub quiesce: bool,
 }
 
 /// Stores a checkpoint's record, flushed.
@@ -127,12 +133,14 @@ impl Coordinator {
         if self.unsafe_no_barrier.load(std::sync::atomic::Ordering::Relaxed) {
             return no_barrier(links, store, generation, req).await;
         }
-        let CheckpointRequest { vpg, hosts, kind, name, id } = req;
+        let CheckpointRequest { vpg, hosts, kind, name, id, quiesce } = req;
         let hosts = &hosts[..];
         let (tx, mut rx) = mpsc::unbounded_channel();
         if let Ok(mut p) = self.pending.lock() {
             p.insert((vpg, id), Pending { tx });
         }
+        let quiesce_failures =
+            if quiesce { quiesce_all(links, generation, vpg, id, hosts, &mut rx).await } else { Vec::new() };
         let started = tokio::time::Instant::now();
         let mut missing: Vec<HostId> = Vec::new();
         let mut sent = Vec::new();
@@ -203,16 +211,72 @@ impl Coordinator {
                 }
             }
         }
+        if quiesce {
+            for &h in hosts {
+                if let Some(tx) = links.sender(h) {
+                    let _ = tx.send(ManagerMessage::Thaw { generation, vpg, checkpoint: id }).await;
+                }
+            }
+        }
         if let Ok(mut p) = self.pending.lock() {
             p.remove(&(vpg, id));
         }
         let reason = if hosts.is_empty() { "the VPG has no protected host".to_string() } else { failed.join("; ") };
         let hold_us = u64::try_from(hold.as_micros()).unwrap_or(u64::MAX);
-        let checkpoint =
-            Checkpoint { vpg, id, time_ms: now_ms(), kind, name, consistent, durable: false, reason, hold_us };
+        let checkpoint = Checkpoint {
+            vpg,
+            id,
+            time_ms: now_ms(),
+            kind,
+            name,
+            consistent,
+            durable: false,
+            reason,
+            hold_us,
+            application_consistent: quiesce && consistent && quiesce_failures.is_empty(),
+            quiesce_reason: quiesce_failures.join("; "),
+        };
         record(store, &checkpoint)?;
         Ok(BarrierOutcome { checkpoint, hold })
     }
+}
+
+/// QUIESCE to every host, then waits for their answers; returns why VMs
+/// could not be quiesced (a host that does not answer in time counts).
+async fn quiesce_all(
+    links: &Links,
+    generation: u64,
+    vpg: VpgId,
+    checkpoint: CheckpointId,
+    hosts: &[HostId],
+    rx: &mut mpsc::UnboundedReceiver<(HostId, VdsaMessage)>,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut sent = Vec::new();
+    for &h in hosts {
+        match links.sender(h) {
+            Some(tx) if tx.send(ManagerMessage::Quiesce { generation, vpg, checkpoint }).await.is_ok() => sent.push(h),
+            _ => failures.push(format!("VDSA of host {h} is not connected")),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + QUIESCE_DEADLINE;
+    let mut answered = Vec::new();
+    while answered.len() < sent.len() {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((h, VdsaMessage::Quiesced { failures: f, .. }))) if !answered.contains(&h) => {
+                answered.push(h);
+                failures.extend(f);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                for h in sent.iter().filter(|h| !answered.contains(h)) {
+                    failures.push(format!("host {h} did not quiesce within {} s", QUIESCE_DEADLINE.as_secs()));
+                }
+                break;
+            }
+        }
+    }
+    failures
 }
 
 /// The control run's checkpoint: each VDSA in turn gets PREPARE and COMMIT
@@ -224,7 +288,7 @@ async fn no_barrier(
     generation: u64,
     req: CheckpointRequest,
 ) -> Result<BarrierOutcome, crate::store::StoreError> {
-    let CheckpointRequest { vpg, hosts, kind, name, id } = req;
+    let CheckpointRequest { vpg, hosts, kind, name, id, .. } = req;
     let started = tokio::time::Instant::now();
     for &h in &hosts {
         if let Some(tx) = links.sender(h) {
@@ -246,6 +310,8 @@ async fn no_barrier(
         durable: false,
         reason: String::new(),
         hold_us,
+        application_consistent: false,
+        quiesce_reason: String::new(),
     };
     record(store, &checkpoint)?;
     Ok(BarrierOutcome { checkpoint, hold })

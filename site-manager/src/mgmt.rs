@@ -263,9 +263,10 @@ where
                 sm.links.on_report(host, session, actual);
                 sm.changed();
             }
-            VdsaMessage::Prepared { .. } | VdsaMessage::PrepareFailed { .. } | VdsaMessage::Decided { .. } => {
-                sm.coordinator.on_answer(host, m)
-            }
+            VdsaMessage::Prepared { .. }
+            | VdsaMessage::PrepareFailed { .. }
+            | VdsaMessage::Decided { .. }
+            | VdsaMessage::Quiesced { .. } => sm.coordinator.on_answer(host, m),
             VdsaMessage::Logs { request, text, truncated } => sm.logs.on_answer(request, text, truncated),
             VdsaMessage::Refused { reason } => tracing::warn!(%host, %reason, "the VDSA refused a command"),
             other => tracing::warn!(%host, "unexpected message on a session: {other:?}"),

@@ -192,6 +192,14 @@ pub struct Checkpoint {
     /// to last decision sent (µs).
     #[serde(default)]
     pub hold_us: u64,
+    /// Every VM that names a way to quiesce was quiesced around the barrier
+    /// (and the checkpoint is consistent).
+    #[serde(default)]
+    pub application_consistent: bool,
+    /// Why an application-consistent checkpoint that was asked for is only
+    /// crash-consistent.
+    #[serde(default)]
+    pub quiesce_reason: String,
 }
 
 /// A request to insert a named checkpoint.
@@ -199,6 +207,9 @@ pub struct Checkpoint {
 #[serde(deny_unknown_fields)]
 pub struct NewCheckpoint {
     pub name: String,
+    /// Quiesce the VPG's VMs around the barrier (those that name a way).
+    #[serde(default)]
+    pub application_consistent: bool,
 }
 
 /// A task's state (DESIGN's command tracker).

@@ -61,8 +61,16 @@ pub fn desired_states(vpgs: &[Vpg], hosts: &[Host], peer: &PeerView) -> BTreeMap
         // (source host, target host) -> disks
         let mut pairs: BTreeMap<(HostId, HostId), Vec<protection_groups::DiskSpec>> = BTreeMap::new();
         let mut taps: BTreeMap<(HostId, HostId), Vec<TapAttach>> = BTreeMap::new();
+        let mut quiesce: BTreeMap<(HostId, HostId), Vec<protection_groups::mgmt::VmQuiesce>> = BTreeMap::new();
         for vm in &v.settings.vms {
             pairs.entry((vm.host, vm.recovery_host)).or_default().extend(vm.disks.iter().cloned());
+            if let Some(spec) = &vm.quiesce {
+                quiesce.entry((vm.host, vm.recovery_host)).or_default().push(protection_groups::mgmt::VmQuiesce {
+                    vm: vm.id,
+                    name: vm.name.clone(),
+                    spec: spec.clone(),
+                });
+            }
             // A KVM VM names its QMP socket: its VDSA attaches the taps.
             if !vm.hypervisor_ref.is_empty() {
                 taps.entry((vm.host, vm.recovery_host)).or_default().extend(
@@ -91,6 +99,7 @@ pub fn desired_states(vpgs: &[Vpg], hosts: &[Host], peer: &PeerView) -> BTreeMap
                 streams_to_target,
                 bandwidth_bytes_per_sec: 0,
                 taps: taps.get(&(src, dst)).cloned().unwrap_or_default(),
+                quiesce: quiesce.get(&(src, dst)).cloned().unwrap_or_default(),
             });
         }
         for (dst, streams) in into.into_iter().filter(|(dst, _)| own(*dst)) {
@@ -120,6 +129,9 @@ struct Memory {
     /// Per VPG: when its next automatic checkpoint is due, and the
     /// interval that was computed with (a changed interval reschedules).
     next_checkpoint: HashMap<VpgId, (Instant, u64)>,
+    /// Per VPG with a schedule: when its next application-consistent
+    /// checkpoint is due (the automatic one then quiesces).
+    next_app_consistent: HashMap<VpgId, Instant>,
     in_flight: HashSet<VpgId>,
     /// Per VPG, the newest checkpoint whose durability was settled: only
     /// newer ones listed by the targets are looked up in the store.
@@ -350,6 +362,19 @@ fn schedule_checkpoints(
             continue;
         }
         mem.next_checkpoint.insert(v.id, (now + Duration::from_millis(interval), interval));
+        let app_every = Duration::from_secs(v.settings.app_consistent_interval_secs);
+        let quiesce = if app_every.is_zero() {
+            mem.next_app_consistent.remove(&v.id);
+            false
+        } else {
+            let due = mem.next_app_consistent.entry(v.id).or_insert(now + app_every);
+            if now >= *due {
+                *due = now + app_every;
+                true
+            } else {
+                false
+            }
+        };
         mem.in_flight.insert(v.id);
         let (sm, done, vpg) = (sm.clone(), done.clone(), v.id);
         let hosts = v.settings.protected_hosts();
@@ -357,7 +382,8 @@ fn schedule_checkpoints(
             let sm2 = sm.clone();
             let id = tokio::task::spawn_blocking(move || sm2.with_store(|s| s.next_checkpoint_id())).await;
             if let Ok(Ok(id)) = id {
-                let req = CheckpointRequest { vpg, hosts, kind: CheckpointKind::Automatic, name: String::new(), id };
+                let name = if quiesce { "scheduled application-consistent".to_string() } else { String::new() };
+                let req = CheckpointRequest { vpg, hosts, kind: CheckpointKind::Automatic, name, id, quiesce };
                 if let Err(e) = sm.take_checkpoint(req).await {
                     tracing::error!(%vpg, error = %e, "cannot record a checkpoint");
                 }

@@ -7,6 +7,7 @@ mod guest_kit;
 mod kvm_tap;
 mod pairing;
 mod power_loss;
+mod quiesce;
 mod replication;
 mod site_manager;
 mod vsphere;

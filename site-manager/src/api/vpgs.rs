@@ -330,6 +330,7 @@ async fn insert_checkpoint(
             kind: CheckpointKind::Named,
             name: req.name,
             id: cp,
+            quiesce: req.application_consistent,
         };
         if let Err(e) = sm3.take_checkpoint(request).await {
             tracing::error!(vpg = %v.id, error = %e, "cannot record a checkpoint");

@@ -207,6 +207,9 @@ pub enum CheckpointOp {
         name: String,
         #[arg(long)]
         wait: bool,
+        /// Quiesce the VMs around it (those that name a way).
+        #[arg(long)]
+        app_consistent: bool,
     },
 }
 
@@ -528,8 +531,9 @@ fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
                     checkpoint_rows(cps)
                 })
             }
-            CheckpointOp::Insert { vpg, name, wait } => {
-                let ins: Inserted = api.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), &NewCheckpoint { name })?;
+            CheckpointOp::Insert { vpg, name, wait, app_consistent } => {
+                let new = NewCheckpoint { name, application_consistent: app_consistent };
+                let ins: Inserted = api.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), &new)?;
                 if !wait {
                     return show(c, &ins, |i| fields(&[("checkpoint", i.id.0.to_string())]));
                 }
@@ -627,7 +631,12 @@ fn checkpoint_rows(cps: &[Checkpoint]) -> Vec<Vec<String>> {
             when(cp.time_ms),
             word(&cp.kind),
             cp.name.clone(),
-            if cp.consistent { "yes".into() } else { format!("no: {}", cp.reason) },
+            match (cp.consistent, cp.application_consistent) {
+                (true, true) => "application".into(),
+                (true, false) if !cp.quiesce_reason.is_empty() => format!("crash: {}", cp.quiesce_reason),
+                (true, false) => "crash".into(),
+                (false, _) => format!("no: {}", cp.reason),
+            },
             if cp.durable { "yes".into() } else { "no".into() },
         ]
     }));

@@ -8,6 +8,7 @@
 mod config;
 mod identity;
 mod link;
+mod quiesce;
 mod roles;
 mod taps;
 
@@ -83,7 +84,18 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         r.run_retention();
     });
     println!("vdsa agent: host {} , replication on {}", identity.host, cfg.replication_listen);
-    let agent = Arc::new(Agent { cfg, identity, roles, prepares: Default::default() });
+    let agent = Arc::new(Agent {
+        cfg,
+        identity,
+        roles,
+        prepares: Default::default(),
+        quiescer: Arc::new(quiesce::Quiescer::default()),
+    });
+    let q = agent.quiescer.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(1));
+        q.thaw_overdue();
+    });
     let a = agent.clone();
     std::thread::spawn(move || loop {
         if let Err(e) = a.session() {
@@ -172,6 +184,8 @@ struct Agent {
     roles: Arc<Roles>,
     /// PREPAREs answered (for fault injection).
     prepares: std::sync::atomic::AtomicU64,
+    /// VMs frozen for application-consistent checkpoints.
+    quiescer: Arc<quiesce::Quiescer>,
 }
 
 impl Agent {
@@ -296,6 +310,11 @@ impl Agent {
                     let _ = self.roles.decide(vpg, checkpoint, false);
                     send(&VdsaMessage::Decided { vpg, checkpoint, committed: false, reason })?;
                 }
+                ManagerMessage::Quiesce { vpg, checkpoint, .. } => {
+                    let failures = self.quiescer.quiesce(vpg, checkpoint, &self.roles.quiesce_specs(vpg));
+                    send(&VdsaMessage::Quiesced { vpg, checkpoint, failures })?;
+                }
+                ManagerMessage::Thaw { vpg, checkpoint, .. } => self.quiescer.thaw(vpg, checkpoint),
                 ManagerMessage::CollectLogs { request, since_ms, until_ms, level, .. } => {
                     let (text, truncated) = collect_logs(&self.cfg.log_file(), since_ms, until_ms, level);
                     send(&VdsaMessage::Logs { request, text, truncated })?;

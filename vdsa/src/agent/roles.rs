@@ -300,6 +300,14 @@ impl Roles {
             .unwrap_or_default()
     }
 
+    /// The VMs of `vpg` on this host that name a way to quiesce them.
+    pub fn quiesce_specs(&self, vpg: VpgId) -> Vec<protection_groups::mgmt::VmQuiesce> {
+        self.sources
+            .lock()
+            .map(|s| s.values().filter(|r| r.role.vpg == vpg).flat_map(|r| r.role.quiesce.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// PREPARE on every source stream of `vpg` here.
     pub fn prepare(&self, vpg: VpgId, id: CheckpointId, kind: CheckpointKind, name: &str) -> Result<(), String> {
         let streams = self.streams_of(vpg);
