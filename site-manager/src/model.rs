@@ -168,6 +168,12 @@ pub struct Vpg {
     pub revision: u64,
     /// The replication epoch its streams carry.
     pub epoch: u64,
+    /// Protection is paused (status Error) because a recovery journal
+    /// refuses writes (its volume is full): its roles keep running, the
+    /// writes wait in the protected site's queues, and it goes back to
+    /// Protecting on its own once the journal takes writes again.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// A VM to add to a VPG.

@@ -23,9 +23,11 @@ pub fn stream_id(vpg: VpgId, source: HostId, target: HostId) -> StreamId {
     StreamId::from_bytes(b)
 }
 
-/// Whether a VPG in this status replicates (has roles at its VDSAs).
-fn replicates(status: VpgStatus) -> bool {
-    matches!(status, VpgStatus::Initializing | VpgStatus::Protecting | VpgStatus::Test)
+/// Whether a VPG replicates (has roles at its VDSAs): also while its
+/// protection is paused on a full recovery journal.
+fn replicates(v: &Vpg) -> bool {
+    matches!(v.status, VpgStatus::Initializing | VpgStatus::Protecting | VpgStatus::Test)
+        || (v.status == VpgStatus::Error && v.paused)
 }
 
 /// What the reconciler knows of the paired site.
@@ -57,7 +59,7 @@ pub fn desired_states(vpgs: &[Vpg], hosts: &[Host], peer: &PeerView) -> BTreeMap
             .or_else(|| peer.hosts.iter().find(|h| h.id == id).and_then(|h| h.replication_address.clone()))
     };
     let all = vpgs.iter().map(|v| (v, true)).chain(peer.vpgs.iter().map(|v| (v, false)));
-    for (v, ours) in all.filter(|(v, _)| replicates(v.status)) {
+    for (v, ours) in all.filter(|(v, _)| replicates(v)) {
         // (source host, target host) -> disks
         let mut pairs: BTreeMap<(HostId, HostId), Vec<protection_groups::DiskSpec>> = BTreeMap::new();
         let mut taps: BTreeMap<(HostId, HostId), Vec<TapAttach>> = BTreeMap::new();
@@ -280,7 +282,56 @@ fn advance_statuses(
             }
             _ => {}
         }
+        pause_or_resume(sm, v, &roles)?;
         mark_durable(sm, v, &roles, seen)?;
+    }
+    Ok(())
+}
+
+/// Pauses protection (status Error, `paused`) while a target role's
+/// journal refuses writes, naming the host's reason; resumes (back to
+/// Protecting) once none does.
+fn pause_or_resume(
+    sm: &SiteManager,
+    v: &Vpg,
+    roles: &[&protection_groups::mgmt::RoleState],
+) -> Result<(), crate::store::StoreError> {
+    let failed: Vec<&str> = roles
+        .iter()
+        .filter(|r| r.kind == RoleKind::Target && r.phase == RolePhase::Failed)
+        .map(|r| r.detail.as_str())
+        .collect();
+    let targets_reporting = roles.iter().any(|r| r.kind == RoleKind::Target);
+    let next = match (v.status, v.paused) {
+        (VpgStatus::Protecting | VpgStatus::Initializing, false) if !failed.is_empty() => {
+            let mut nv = v.clone();
+            nv.status = VpgStatus::Error;
+            nv.paused = true;
+            nv.status_reason = format!(
+                "protection paused: {}; the protected site's writes wait in its queues until the recovery volume has room",
+                failed.join("; ")
+            );
+            tracing::error!(vpg = %v.id, reason = %nv.status_reason, "VPG paused");
+            Some(nv)
+        }
+        (VpgStatus::Error, true) if failed.is_empty() && targets_reporting => {
+            let mut nv = v.clone();
+            // A source still copying (the pause came during the initial
+            // sync) goes back to Initializing, which finishes on its own.
+            let syncing = roles.iter().any(|r| r.kind == RoleKind::Source && r.phase == RolePhase::Syncing);
+            nv.status = if syncing { VpgStatus::Initializing } else { VpgStatus::Protecting };
+            nv.paused = false;
+            nv.status_reason = "resumed: the recovery journal takes writes again".into();
+            tracing::warn!(vpg = %v.id, "VPG resumed");
+            Some(nv)
+        }
+        _ => None,
+    };
+    if let Some(nv) = next {
+        sm.with_store(|s| {
+            s.vpgs.put(nv.id.as_bytes(), &nv)?;
+            s.flush()
+        })?;
     }
     Ok(())
 }
@@ -346,7 +397,7 @@ fn schedule_checkpoints(
 ) {
     let now = Instant::now();
     let connected = sm.links.connected();
-    for v in vpgs.iter().filter(|v| replicates(v.status)) {
+    for v in vpgs.iter().filter(|v| replicates(v)) {
         let interval = v.settings.checkpoint_interval_ms;
         let entry = mem.next_checkpoint.entry(v.id).or_insert((now, interval));
         if entry.1 != interval {

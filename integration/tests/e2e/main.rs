@@ -4,6 +4,7 @@
 mod crash;
 mod full_disk;
 mod guest_kit;
+mod journal_full;
 mod kvm_tap;
 mod pairing;
 mod power_loss;

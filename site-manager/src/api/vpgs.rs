@@ -109,6 +109,7 @@ async fn create_vpg(
             revision: 1,
             epoch: 1,
             settings,
+            paused: false,
         };
         let task = sm.start_task(
             "create_vpg",

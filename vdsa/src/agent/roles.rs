@@ -60,6 +60,9 @@ pub struct ReplicationTls {
     pub client: Mutex<Arc<rustls::ClientConfig>>,
 }
 
+/// A failed journal is reopened once its volume has this much free.
+const REOPEN_FREE_BYTES: u64 = 8 << 20;
+
 /// The newest recoverable checkpoints a target reports, at most.
 const REPORTED_CHECKPOINTS: usize = 256;
 
@@ -395,12 +398,13 @@ impl Roles {
             let recoverable: Vec<CheckpointId> =
                 cps.iter().rev().filter(|c| c.kind.is_recoverable()).take(REPORTED_CHECKPOINTS).map(|c| c.id).collect();
             let stats = r.journal.stats().ok();
+            let failure = r.journal.failure();
             roles.push(RoleState {
                 vpg,
                 kind: RoleKind::Target,
                 stream: None,
-                phase: RolePhase::Protecting,
-                detail: String::new(),
+                phase: if failure.is_some() { RolePhase::Failed } else { RolePhase::Protecting },
+                detail: failure.map(|why| format!("the recovery journal refuses writes: {why}")).unwrap_or_default(),
                 sync_done_bytes: 0,
                 sync_total_bytes: 0,
                 durable_checkpoint: cps.last().map_or(CheckpointId(0), |c| c.id),
@@ -413,11 +417,23 @@ impl Roles {
         ActualState { desired_version: self.applied_version.load(Ordering::SeqCst), roles, data_free_bytes }
     }
 
-    /// Applies each target role's retention (every few seconds).
+    /// Applies each target role's retention (every few seconds), and
+    /// reopens a journal that failed once its volume has room again.
     pub fn run_retention(&self) {
         let targets: Vec<TargetRole> = self.targets.lock().map(|t| t.values().cloned().collect()).unwrap_or_default();
         for t in targets {
             if let Ok(r) = self.target.replica(t.vpg) {
+                if let Some(why) = r.journal.failure() {
+                    let free = crate::journal::free_bytes_at(&self.cfg.data).unwrap_or(0);
+                    if free < REOPEN_FREE_BYTES {
+                        continue;
+                    }
+                    tracing::warn!(vpg = %t.vpg, %why, free, "reopening the failed journal: its volume has room again");
+                    if let Err(e) = self.target.reopen(t.vpg) {
+                        tracing::error!(vpg = %t.vpg, "cannot reopen the journal: {e}");
+                    }
+                    continue;
+                }
                 if let Err(e) = r.journal.apply_retention(&t.retention, crate::replication::now_ms()) {
                     tracing::error!(vpg = %t.vpg, "retention failed: {e}");
                 }

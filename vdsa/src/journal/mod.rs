@@ -283,6 +283,11 @@ impl Journal {
         &self.inner.dir
     }
 
+    /// Why the journal refuses writes until it is reopened, if it does.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.state.read().ok().and_then(|st| st.failed.clone())
+    }
+
     /// Adds a disk of `size` bytes (a multiple of 4 KiB); its replica starts
     /// as zeros.
     pub fn add_disk(&self, id: DiskId, size: u64) -> Result<()> {

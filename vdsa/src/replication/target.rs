@@ -236,6 +236,17 @@ impl TargetServer {
         }
     }
 
+    /// Reopens a VPG's journal that failed (a full disk that has space
+    /// again): its live links are closed (the sources reconnect and resume
+    /// from what is durable) and the journal is rebuilt from its files.
+    pub fn reopen(&self, vpg: VpgId) -> Result<(), String> {
+        self.close_links(|s| s.is_some_and(|(v, _)| v == vpg));
+        if let Ok(mut m) = self.vpgs.lock() {
+            m.remove(&vpg);
+        }
+        self.replica(vpg).map(|_| ())
+    }
+
     /// Closes a VPG's journal (its role was removed); its files stay.
     pub fn close(&self, vpg: VpgId) {
         if let Ok(mut m) = self.vpgs.lock() {

@@ -1,0 +1,90 @@
+//! A recovery journal whose volume fills under a site manager: the VPG's
+//! protection pauses with a status naming the cause, the protected site's
+//! writes wait in its queues, and once the volume has room the journal is
+//! reopened, protection resumes on its own, and a new checkpoint holds
+//! exactly the source's bytes: nothing lost or silently dropped.
+
+use crate::SmallDisk;
+use integration::kvm_lab::qemu_available;
+use integration::site_lab::{ProtectedSite, SiteSpec};
+use rand::{RngCore, SeedableRng};
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vdsa::journal::{Journal, JournalConfig};
+
+fn ok<T>(r: anyhow::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+#[test]
+fn a_full_recovery_journal_pauses_protection_and_it_resumes_with_nothing_lost() {
+    assert!(qemu_available(), "qemu-storage-daemon is needed");
+    let _turn = crate::take_turns();
+    let dir = ok(tempfile::tempdir().map_err(Into::into));
+    let d = dir.path();
+    // The recovery host's whole data folder on a small volume, with room
+    // held by a filler file to free later.
+    let small = SmallDisk::mount(&d.join("recovery-0"), "64M");
+    let filler = small.0.join("filler");
+    ok(std::fs::write(&filler, vec![0x5Au8; 24 << 20]).map_err(Into::into));
+    let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
+    let spec = SiteSpec {
+        hosts: 1,
+        disk_bytes: 8 << 20,
+        site_manager_args: Vec::new(),
+        vdsa_args: Vec::new(),
+        checkpoint_interval_ms: 1000,
+        quiesce_hook: Vec::new(),
+    };
+    let site = ok(ProtectedSite::start(lab, d, &spec, |m| println!("{m}")));
+    let sm = ok(site.sm());
+    let vpg = site.vpg.clone();
+    let mut guest = ok(site.vms[0].guest());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut block = vec![0u8; 1 << 20];
+    let started = Instant::now();
+    let paused = loop {
+        assert!(started.elapsed() < Duration::from_secs(120), "protection never paused");
+        rng.fill_bytes(&mut block);
+        let at = (rng.next_u64() % 8) << 20;
+        ok(guest.write(at, &block).map_err(Into::into));
+        std::thread::sleep(Duration::from_millis(200));
+        let v = ok(sm.get(&format!("/api/v1/vpgs/{vpg}")));
+        if v["status"] == "Error" {
+            break v;
+        }
+    };
+    println!("paused: {}", paused["status_reason"]);
+    assert_eq!(paused["paused"], true, "{paused}");
+    let reason = paused["status_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("paused") && reason.contains("journal"), "{reason}");
+    // Room again: the journal is reopened and protection resumes.
+    ok(std::fs::remove_file(&filler).map_err(Into::into));
+    ok(sm.wait_until(&format!("/api/v1/vpgs/{vpg}"), Duration::from_secs(90), "protection to resume", |v| {
+        v["status"] == "Protecting"
+    }));
+    let cp = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": "after-resume"})));
+    let id = cp["id"].as_u64().unwrap_or_default();
+    let start = Instant::now();
+    loop {
+        let rec = ok(sm.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=30000")));
+        if rec["durable"] == true {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "the checkpoint after the resume is not durable: {rec}");
+    }
+    let source = ok(site.vms[0].image_hash());
+    let mut site = site;
+    for a in site.agents.iter_mut() {
+        a.stop();
+    }
+    let journal = ok(Journal::open(site.agents[1].journal(&vpg), JournalConfig::default()).map_err(Into::into));
+    let view = ok(journal.open_view(protection_groups::CheckpointId(id)).map_err(Into::into));
+    let mut bytes = vec![0u8; 8 << 20];
+    ok(view.read(site.disks[0], 0, &mut bytes).map_err(Into::into));
+    assert_eq!(blake3::hash(&bytes), source, "the recovered bytes differ from the source after the pause");
+    drop(journal);
+    drop(site);
+    drop(small);
+}
