@@ -75,7 +75,7 @@ pub fn lab_settings(first_ip: Ipv4Addr) -> DeploySettings {
         gateway: Some(Ipv4Addr::new(192, 0, 2, 1)),
         dns: vec![Ipv4Addr::new(192, 0, 2, 53)],
         site_manager: "127.0.0.1:8443".into(),
-        pairing_token: "lab-pairing-token".into(),
+        registration_token: "lab-registration-token".into(),
     }
 }
 
@@ -139,7 +139,7 @@ pub fn run(say: impl Fn(&str)) -> Result<Report> {
         let vm = h.vm.as_ref().context("VDSA VM")?;
         ensure!(vm.host.as_ref() == Some(&h.host_ref), "{} runs elsewhere", vm.name);
         ensure!(vm.vapp_property("ip") == Some(r.ip.to_string().as_str()), "{} ip", vm.name);
-        ensure!(vm.vapp_property("pairing_token") == Some("lab-pairing-token"), "{} token", vm.name);
+        ensure!(vm.vapp_property("registration_token") == Some("lab-registration-token"), "{} token", vm.name);
         properties_checked += 2;
     }
 

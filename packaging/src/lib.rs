@@ -26,7 +26,7 @@ pub const VAPP_PROPERTIES: &[(&str, &str, &str)] = &[
     ("gateway", "Gateway", "Default gateway (empty for none)"),
     ("dns", "DNS servers", "Comma-separated DNS servers (empty for none)"),
     ("site_manager", "Site manager", "HOST:PORT of this site's site manager"),
-    ("pairing_token", "Pairing token", "One-time token the site manager issued for this VDSA"),
+    ("registration_token", "Registration token", "One-time token the site manager issued for this VDSA"),
 ];
 
 /// The OVF network the appliance's NIC is mapped from at deploy.

@@ -152,7 +152,7 @@ fn first_boot_turns_ovf_properties_into_network_and_vdsa_settings() -> Result<()
             ("gateway", "192.0.2.1"),
             ("dns", "192.0.2.53,192.0.2.54"),
             ("site_manager", "sm.example:8443"),
-            ("pairing_token", "tok&amp;en"),
+            ("registration_token", "tok&amp;en"),
         ]),
     )?;
     let root = dir.path().join("root");
@@ -164,20 +164,33 @@ fn first_boot_turns_ovf_properties_into_network_and_vdsa_settings() -> Result<()
     assert!(network.contains("DNS=192.0.2.53\nDNS=192.0.2.54"), "{network}");
     let appliance = std::fs::read_to_string(root.join("etc/vdsa/appliance.env"))?;
     assert!(appliance.contains("VDSA_SITE_MANAGER=sm.example:8443"), "{appliance}");
-    assert!(appliance.contains("VDSA_PAIRING_TOKEN=tok&en"), "{appliance}");
+    assert!(appliance.contains("VDSA_REGISTRATION_TOKEN=tok&en"), "{appliance}");
     let target = std::fs::read_to_string(root.join("etc/vdsa/target.env"))?;
     assert!(target.contains("VDSA_MODE=target") && target.contains("--listen 192.0.2.10:4007"), "{target}");
     assert!(root.join("etc/vdsa/first-boot.done").exists());
 
     // A missing property and a bad netmask stop it with a reason.
     for (props, says) in [
-        (vec![("ip", "192.0.2.10"), ("netmask", "255.255.255.0"), ("site_manager", "x:1")], "pairing_token is empty"),
         (
-            vec![("ip", "192.0.2.10"), ("netmask", "255.0.255.0"), ("site_manager", "x:1"), ("pairing_token", "t")],
+            vec![("ip", "192.0.2.10"), ("netmask", "255.255.255.0"), ("site_manager", "x:1")],
+            "registration_token is empty",
+        ),
+        (
+            vec![
+                ("ip", "192.0.2.10"),
+                ("netmask", "255.0.255.0"),
+                ("site_manager", "x:1"),
+                ("registration_token", "t"),
+            ],
             "not a valid mask",
         ),
         (
-            vec![("ip", "192.0.2.10"), ("netmask", "255.255.3.0"), ("site_manager", "x:1"), ("pairing_token", "t")],
+            vec![
+                ("ip", "192.0.2.10"),
+                ("netmask", "255.255.3.0"),
+                ("site_manager", "x:1"),
+                ("registration_token", "t"),
+            ],
             "not a valid mask",
         ),
     ] {

@@ -89,7 +89,7 @@ pub struct DeploySettings {
     pub gateway: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
     pub site_manager: String,
-    pub pairing_token: String,
+    pub registration_token: String,
 }
 
 /// One host's deploy, as planned.
@@ -318,7 +318,7 @@ impl VsphereSite {
                 ("gateway".into(), s.gateway.map(|g| g.to_string()).unwrap_or_default()),
                 ("dns".into(), dns),
                 ("site_manager".into(), s.site_manager.clone()),
-                ("pairing_token".into(), s.pairing_token.clone()),
+                ("registration_token".into(), s.registration_token.clone()),
             ],
             extra_config: vec![
                 (MARK_ROLE.into(), ROLE_VDSA.into()),

@@ -47,7 +47,7 @@ fn settings() -> DeploySettings {
     let mut s = vsphere_lab::lab_settings(Ipv4Addr::new(192, 0, 2, 10));
     s.dns = vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)];
     s.site_manager = "192.0.2.2:8443".into();
-    s.pairing_token = "pair-7f3a".into();
+    s.registration_token = "pair-7f3a".into();
     s
 }
 
@@ -111,7 +111,7 @@ fn deploys_the_ova_to_every_host_of_two_clusters_then_undeploys_one() -> Result<
             ("gateway", "192.0.2.1".to_string()),
             ("dns", "192.0.2.53,192.0.2.54".to_string()),
             ("site_manager", s.site_manager.clone()),
-            ("pairing_token", s.pairing_token.clone()),
+            ("registration_token", s.registration_token.clone()),
         ] {
             assert_eq!(vm.vapp_property(k), Some(want.as_str()), "{} property {k}", vm.name);
         }
@@ -525,7 +525,7 @@ fn the_operator_command_deploys_lists_and_undeploys_with_clear_errors() -> Resul
             "255.255.255.0",
             "--site-manager",
             "192.0.2.2:8443",
-            "--pairing-token",
+            "--registration-token",
             "t0k",
         ],
     )?;

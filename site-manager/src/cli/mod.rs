@@ -139,8 +139,8 @@ enum VsphereOp {
         /// HOST:PORT of this site's site manager.
         #[arg(long)]
         site_manager: String,
-        #[arg(long, env = "VDSA_PAIRING_TOKEN")]
-        pairing_token: String,
+        #[arg(long, env = "VDSA_REGISTRATION_TOKEN")]
+        registration_token: String,
         /// Deploys running at once.
         #[arg(long, default_value_t = 8)]
         parallel: usize,
@@ -264,12 +264,12 @@ fn run(cli: Cli) -> Result<()> {
             gateway,
             dns,
             site_manager,
-            pairing_token,
+            registration_token,
             parallel,
         } => {
             let ova = Ova::open(&ova)?;
             let settings =
-                DeploySettings { datastore, network, ip, netmask, gateway, dns, site_manager, pairing_token };
+                DeploySettings { datastore, network, ip, netmask, gateway, dns, site_manager, registration_token };
             let reqs = match (host, cluster) {
                 (Some(h), _) => vec![DeployRequest { host: h, ip, settings }],
                 (None, Some(c)) => site.plan_cluster(&c, &settings)?,
