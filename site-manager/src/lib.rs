@@ -13,6 +13,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod coordinator;
+pub mod deploy;
 pub mod links;
 pub mod logs;
 pub mod mgmt;

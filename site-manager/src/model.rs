@@ -364,3 +364,41 @@ pub struct PeerExchange {
     pub hosts: Vec<PeerHost>,
     pub target_roles: Vec<protection_groups::mgmt::RoleState>,
 }
+
+/// How the site manager reaches its vCenter, and the VDSA OVA it deploys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VcenterSettings {
+    /// https://vcenter/sdk
+    pub url: String,
+    pub user: String,
+    /// Write-only: never returned.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub password: String,
+    /// Trust: the CA (PEM) that signed vCenter's certificate, or its SHA-1
+    /// or SHA-256 thumbprint.
+    #[serde(default)]
+    pub ca_pem: String,
+    #[serde(default)]
+    pub thumbprint: String,
+    /// The VDSA OVA on the site manager's machine.
+    pub ova_path: String,
+}
+
+/// Where and how to deploy a host's VDSA (its appliance's network).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployVdsa {
+    pub datastore: String,
+    pub network: String,
+    #[schema(value_type = String)]
+    pub ip: std::net::Ipv4Addr,
+    #[schema(value_type = String)]
+    pub netmask: std::net::Ipv4Addr,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub dns: Vec<std::net::Ipv4Addr>,
+}

@@ -244,6 +244,8 @@ pub struct Store {
     /// The paired site (at most one, under [`PEER_KEY`]).
     pub peer: Table<StoredPeer>,
     pub pairing_tokens: Table<StoredPairingToken>,
+    /// How to reach vCenter (under `deploy::VCENTER_KEY`).
+    pub vcenter: Table<crate::model::VcenterSettings>,
     checkpoint_ids: Mutex<CheckpointIds>,
     generation: u64,
 }
@@ -306,6 +308,7 @@ impl Store {
             peer_vpgs: Table::open(&db, "peer_vpgs")?,
             peer: Table::open(&db, "peer")?,
             pairing_tokens: Table::open(&db, "pairing_tokens")?,
+            vcenter: Table::open(&db, "vcenter")?,
             checkpoint_ids: Mutex::new(CheckpointIds { next: leased, leased }),
             generation,
             meta,

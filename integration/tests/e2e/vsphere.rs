@@ -562,3 +562,46 @@ fn the_operator_command_deploys_lists_and_undeploys_with_clear_errors() -> Resul
     assert!(!ok && err.contains("no host named \"esx-99\""), "{err}");
     Ok(())
 }
+
+/// The site manager's API deploys a host's VDSA to vCenter as a task (the
+/// appliance carries a registration token minted for it, so the host shows
+/// installing) and undeploys it as a task.
+#[test]
+fn the_site_manager_deploys_and_undeploys_a_vdsa_as_tasks() -> Result<()> {
+    use integration::site_lab::SiteManagerProcess;
+    use serde_json::json;
+    let sim =
+        Vcsim::start(&VcsimOptions { clusters: 1, hosts_per_cluster: 1, standalone_hosts: 0, ..Default::default() })?;
+    let ova = vdsa_ova()?;
+    let dir = tempfile::tempdir()?;
+    let lab = std::path::Path::new(env!("CARGO_BIN_EXE_lab"));
+    let sm = SiteManagerProcess::start(lab, &dir.path().join("sm"), &[])?;
+    let host_name = site(&sim)?.hosts()?.first().context("a simulated host")?.host.clone();
+    let h = sm.post("/api/v1/hosts", json!({"name": host_name, "hypervisor": "vsphere"}))?;
+    let id = h["id"].as_str().context("host id")?.to_string();
+    let deploy = json!({"datastore": "LocalDS_0", "network": "VM Network", "ip": "192.0.2.30",
+                        "netmask": "255.255.255.0", "gateway": "192.0.2.1", "dns": ["192.0.2.53"]});
+    // Without vCenter settings the deploy is refused, naming what to do.
+    let refused = sm.post(&format!("/api/v1/hosts/{id}/deploy"), deploy.clone()).err().context("refused")?;
+    assert!(format!("{refused:#}").contains("PUT /api/v1/site/vcenter"), "{refused:#}");
+    let ca = std::fs::read_to_string(sim.ca_pem.as_ref().context("the simulator's CA")?)?;
+    let set = sm.call(
+        "PUT",
+        "/api/v1/site/vcenter",
+        Some(json!({"url": sim.url, "user": USER, "password": PASSWORD, "ca_pem": ca, "ova_path": ova})),
+    )?;
+    assert!(set.get("password").is_none(), "the password came back: {set}");
+    let task = sm.post(&format!("/api/v1/hosts/{id}/deploy"), deploy)?;
+    let t = sm.get(&format!("/api/v1/tasks/{}/wait?timeout_ms=120000", task["id"].as_str().unwrap_or_default()))?;
+    assert_eq!(t["completion"], "Success", "{t}");
+    assert_eq!(sm.get(&format!("/api/v1/hosts/{id}"))?["vdsa"], "installing");
+    let deployed = site(&sim)?.hosts()?;
+    let vm = deployed.iter().find(|x| x.host == host_name).context("the host")?;
+    assert_eq!(vm.state, VdsaState::Installed, "{deployed:?}");
+    let task = sm.post(&format!("/api/v1/hosts/{id}/undeploy"), json!({}))?;
+    let t = sm.get(&format!("/api/v1/tasks/{}/wait?timeout_ms=120000", task["id"].as_str().unwrap_or_default()))?;
+    assert_eq!(t["completion"], "Success", "{t}");
+    assert_eq!(sm.get(&format!("/api/v1/hosts/{id}"))?["vdsa"], "not_installed");
+    assert!(site(&sim)?.hosts()?.iter().all(|x| x.state == VdsaState::NotInstalled));
+    Ok(())
+}

@@ -3,10 +3,7 @@
 
 use super::extract::{ApiJson, ApiPath, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
-use crate::model::{now_ms, ErrorBody, Host, NewHost, RegistrationToken, Role, VdsaState};
-use crate::pki::sha256_hex;
-use crate::state::new_secret;
-use crate::store::StoredRegistration;
+use crate::model::{ErrorBody, Host, NewHost, RegistrationToken, Role, VdsaState};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -15,14 +12,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-/// A registration token is good for this long.
-const REGISTRATION_VALID_MS: u64 = 24 * 3600 * 1000;
-
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_hosts, add_host))
         .routes(routes!(get_host, remove_host))
         .routes(routes!(registration_token))
+        .routes(routes!(deploy))
+        .routes(routes!(undeploy))
 }
 
 /// Every host with its VDSA's state.
@@ -121,19 +117,72 @@ async fn registration_token(
                 h.name, h.vdsa
             )));
         }
-        let secret = new_secret();
-        let expires_ms = now_ms() + REGISTRATION_VALID_MS;
-        let reg = StoredRegistration { host: h.id, expires_ms, used: false };
-        sm.with_store(|s| s.registrations.put(sha256_hex(secret.as_bytes()).as_bytes(), &reg))?;
-        h.vdsa = VdsaState::Installing;
-        sm.with_store(|s| s.hosts.put(h.id.as_bytes(), &h))?;
-        let token = RegistrationToken {
-            host: h.id,
-            token: format!("{secret}.{}", sm.pki.ca_sha256()),
-            expires_ms,
-            management_address: sm.management_address(),
-        };
+        let (token, expires_ms) = crate::deploy::mint_registration(&sm, &mut h)?;
+        let token = RegistrationToken { host: h.id, token, expires_ms, management_address: sm.management_address() };
         Ok((StatusCode::CREATED, Json(token)))
+    })
+    .await
+}
+
+fn vcenter(sm: &AppState) -> ApiResult<crate::model::VcenterSettings> {
+    sm.with_store(|s| s.vcenter.get(crate::deploy::VCENTER_KEY))?
+        .ok_or_else(|| ApiError::Conflict("no vCenter is set: PUT /api/v1/site/vcenter first".into()))
+}
+
+/// Deploys the VDSA OVA to a vSphere host (a task); the appliance
+/// registers with a token minted for it, and the host shows installing
+/// until it does.
+#[utoipa::path(post, path = "/api/v1/hosts/{id}/deploy", tag = "hosts", params(("id" = Uuid, Path)),
+    request_body = crate::model::DeployVdsa,
+    responses((status = 202, body = crate::model::Task), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn deploy(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(req): ApiJson<crate::model::DeployVdsa>,
+) -> ApiResult<(StatusCode, Json<crate::model::Task>)> {
+    caller.require(Role::Admin)?;
+    if req.datastore.trim().is_empty() {
+        return Err(ApiError::bad("datastore", "datastore: must not be empty"));
+    }
+    if req.network.trim().is_empty() {
+        return Err(ApiError::bad("network", "network: must not be empty"));
+    }
+    blocking(move || {
+        let h = host(&sm, id)?;
+        crate::deploy::check_vsphere(&h).map_err(ApiError::Conflict)?;
+        if !matches!(h.vdsa, VdsaState::NotInstalled) {
+            return Err(ApiError::Conflict(format!(
+                "host {} has a VDSA already (state {:?}); undeploy it first",
+                h.name, h.vdsa
+            )));
+        }
+        let v = vcenter(&sm)?;
+        Ok((StatusCode::ACCEPTED, Json(crate::deploy::start_deploy(&sm, h, v, req)?)))
+    })
+    .await
+}
+
+/// Removes a vSphere host's VDSA (a task).
+#[utoipa::path(post, path = "/api/v1/hosts/{id}/undeploy", tag = "hosts", params(("id" = Uuid, Path)),
+    responses((status = 202, body = crate::model::Task), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn undeploy(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<(StatusCode, Json<crate::model::Task>)> {
+    caller.require(Role::Admin)?;
+    blocking(move || {
+        let h = host(&sm, id)?;
+        crate::deploy::check_vsphere(&h).map_err(ApiError::Conflict)?;
+        let vpgs = sm.with_store(|s| s.vpgs.list())?;
+        if let Some(v) = vpgs.iter().find(|v| v.settings.vms.iter().any(|m| m.host == h.id || m.recovery_host == h.id))
+        {
+            return Err(ApiError::Conflict(format!("host {} is used by VPG {:?}", h.name, v.settings.name)));
+        }
+        let v = vcenter(&sm)?;
+        Ok((StatusCode::ACCEPTED, Json(crate::deploy::start_undeploy(&sm, h, v)?)))
     })
     .await
 }

@@ -11,7 +11,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(get_site, update_site)).routes(routes!(list_audit)).routes(routes!(reclaim))
+    OpenApiRouter::new()
+        .routes(routes!(get_site, update_site))
+        .routes(routes!(list_audit))
+        .routes(routes!(reclaim))
+        .routes(routes!(get_vcenter, set_vcenter))
 }
 
 /// This site's details.
@@ -120,6 +124,59 @@ async fn reclaim(State(sm): State<AppState>, caller: Caller) -> ApiResult<Json<R
     blocking(move || {
         let (generation, floor) = sm.reclaim()?;
         Ok(Json(Reclaimed { generation, checkpoint_floor: floor }))
+    })
+    .await
+}
+
+/// How this site reaches vCenter (the password is never returned).
+#[utoipa::path(get, path = "/api/v1/site/vcenter", tag = "site",
+    responses((status = 200, body = crate::model::VcenterSettings), (status = 404, body = ErrorBody)))]
+async fn get_vcenter(State(sm): State<AppState>, caller: Caller) -> ApiResult<Json<crate::model::VcenterSettings>> {
+    caller.require(Role::Admin)?;
+    blocking(move || {
+        let mut v = sm
+            .with_store(|s| s.vcenter.get(crate::deploy::VCENTER_KEY))?
+            .ok_or_else(|| ApiError::NotFound("no vCenter is set".into()))?;
+        v.password.clear();
+        Ok(Json(v))
+    })
+    .await
+}
+
+/// Sets how this site reaches vCenter and the VDSA OVA it deploys.
+#[utoipa::path(put, path = "/api/v1/site/vcenter", tag = "site", request_body = crate::model::VcenterSettings,
+    responses((status = 200, body = crate::model::VcenterSettings), (status = 400, body = ErrorBody)))]
+async fn set_vcenter(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiJson(v): ApiJson<crate::model::VcenterSettings>,
+) -> ApiResult<Json<crate::model::VcenterSettings>> {
+    caller.require(Role::Admin)?;
+    if !v.url.starts_with("https://") {
+        return Err(ApiError::bad("url", "url: must be https://HOST/sdk"));
+    }
+    if v.ca_pem.is_empty() && v.thumbprint.is_empty() {
+        return Err(ApiError::bad("thumbprint", "thumbprint: give the certificate's thumbprint or ca_pem"));
+    }
+    if !v.thumbprint.is_empty() {
+        vsphere_client::ServerTrust::thumbprint(&v.thumbprint)
+            .map_err(|e| ApiError::bad("thumbprint", format!("thumbprint: {e}")))?;
+    }
+    if !v.ca_pem.is_empty() {
+        vsphere_client::ServerTrust::ca_pem(v.ca_pem.as_bytes())
+            .map_err(|e| ApiError::bad("ca_pem", format!("ca_pem: {e}")))?;
+    }
+    if !std::path::Path::new(&v.ova_path).is_file() {
+        return Err(ApiError::bad("ova_path", format!("ova_path: {} is not a file here", v.ova_path)));
+    }
+    blocking(move || {
+        sm.with_store(|s| {
+            s.vcenter.put(crate::deploy::VCENTER_KEY, &v)?;
+            s.flush()
+        })?;
+        let mut shown = v;
+        shown.password.clear();
+        Ok(Json(shown))
     })
     .await
 }

@@ -1,0 +1,162 @@
+//! Deploying and undeploying a vSphere host's VDSA as tasks: the site
+//! manager mints the host's registration token, deploys the OVA through
+//! the vSphere adapter with it in the appliance's properties, and reports
+//! the upload as the task's progress. The host shows installing until the
+//! VDSA registers (docs/api.md "Hosts").
+
+use crate::model::{
+    now_ms, CompletionCode, DeployVdsa, Host, Hypervisor, Task, TaskDriver, VcenterSettings, VdsaState,
+};
+use crate::pki::sha256_hex;
+use crate::state::{new_secret, SiteManager};
+use crate::store::StoredRegistration;
+use crate::vsphere::{DeployEvent, DeployRequest, DeploySettings, VsphereSite};
+use std::sync::Arc;
+
+/// A registration token is good for this long.
+pub const REGISTRATION_VALID_MS: u64 = 24 * 3600 * 1000;
+
+/// Key of the vCenter settings in the `settings` tree.
+pub const VCENTER_KEY: &[u8] = b"vcenter";
+
+/// Mints a one-time registration token for `h`'s VDSA and marks the host
+/// installing. Returns `SECRET.CA_SHA256` and when it expires.
+pub fn mint_registration(sm: &SiteManager, h: &mut Host) -> Result<(String, u64), crate::store::StoreError> {
+    let secret = new_secret();
+    let expires_ms = now_ms() + REGISTRATION_VALID_MS;
+    let reg = StoredRegistration { host: h.id, expires_ms, used: false };
+    sm.with_store(|s| s.registrations.put(sha256_hex(secret.as_bytes()).as_bytes(), &reg))?;
+    h.vdsa = VdsaState::Installing;
+    sm.with_store(|s| {
+        s.hosts.put(h.id.as_bytes(), h)?;
+        s.flush()
+    })?;
+    Ok((format!("{secret}.{}", sm.pki.ca_sha256()), expires_ms))
+}
+
+fn connect(v: &VcenterSettings) -> Result<VsphereSite, String> {
+    let trust = if !v.thumbprint.is_empty() {
+        vsphere_client::ServerTrust::thumbprint(&v.thumbprint).map_err(|e| e.to_string())?
+    } else if !v.ca_pem.is_empty() {
+        vsphere_client::ServerTrust::ca_pem(v.ca_pem.as_bytes()).map_err(|e| e.to_string())?
+    } else {
+        return Err("the vCenter settings name neither a CA nor a thumbprint".into());
+    };
+    VsphereSite::connect(&v.url, trust, &v.user, &v.password).map_err(|e| format!("vCenter {}: {e}", v.url))
+}
+
+fn set_host_state(sm: &SiteManager, id: protection_groups::HostId, state: VdsaState) {
+    let r = sm.with_store(|s| {
+        if let Some(mut h) = s.hosts.get(id.as_bytes())? {
+            h.vdsa = state;
+            s.hosts.put(id.as_bytes(), &h)?;
+            s.flush()?;
+        }
+        Ok(())
+    });
+    if let Err(e) = r {
+        tracing::error!(host = %id, error = %e, "cannot record the host's VDSA state");
+    }
+}
+
+/// Starts the deploy of `h`'s VDSA as a task.
+pub fn start_deploy(
+    sm: &Arc<SiteManager>,
+    mut h: Host,
+    vcenter: VcenterSettings,
+    req: DeployVdsa,
+) -> Result<Task, crate::store::StoreError> {
+    let task = sm.start_task(
+        "deploy_vdsa",
+        format!("deploy the VDSA to {}", h.name),
+        None,
+        Some(h.id),
+        TaskDriver::SiteManager,
+    )?;
+    let (token, _) = mint_registration(sm, &mut h)?;
+    let (sm, id) = (sm.clone(), task.id);
+    std::thread::spawn(move || {
+        let settings = DeploySettings {
+            datastore: req.datastore,
+            network: req.network,
+            ip: req.ip,
+            netmask: req.netmask,
+            gateway: req.gateway,
+            dns: req.dns,
+            site_manager: sm.management_address(),
+            registration_token: token,
+        };
+        let outcome = connect(&vcenter).and_then(|site| {
+            let ova = vsphere_client::Ova::open(std::path::Path::new(&vcenter.ova_path))
+                .map_err(|e| format!("the OVA {}: {e}", vcenter.ova_path))?;
+            let request = DeployRequest { host: h.name.clone(), ip: req.ip, settings };
+            let progress = |e: DeployEvent| {
+                if let DeployEvent::Uploading { done, total } = e {
+                    let pct = u8::try_from(done.saturating_mul(95).checked_div(total).unwrap_or(0)).unwrap_or(95);
+                    let _ = sm.update_task(id, |t| t.progress = pct);
+                }
+            };
+            let vm = site.deploy(&ova, &request, &progress).map_err(|e| e.to_string());
+            let _ = site.logout();
+            vm
+        });
+        match outcome {
+            Ok(vm) => {
+                tracing::info!(host = %h.name, vm = ?vm, "VDSA deployed; waiting for it to register");
+                let _ = sm.finish_task(id, CompletionCode::Success, serde_json::json!({"vm": format!("{vm:?}")}), None);
+            }
+            Err(e) => {
+                tracing::error!(host = %h.name, error = %e, "VDSA deploy failed");
+                set_host_state(&sm, h.id, VdsaState::NotInstalled);
+                let _ = sm.finish_task(id, CompletionCode::Failed, serde_json::Value::Null, Some(e));
+            }
+        }
+    });
+    Ok(task)
+}
+
+/// Starts the undeploy of `h`'s VDSA as a task.
+pub fn start_undeploy(
+    sm: &Arc<SiteManager>,
+    h: Host,
+    vcenter: VcenterSettings,
+) -> Result<Task, crate::store::StoreError> {
+    let task = sm.start_task(
+        "undeploy_vdsa",
+        format!("undeploy the VDSA of {}", h.name),
+        None,
+        Some(h.id),
+        TaskDriver::SiteManager,
+    )?;
+    set_host_state(sm, h.id, VdsaState::Uninstalling);
+    let (sm, id) = (sm.clone(), task.id);
+    std::thread::spawn(move || {
+        let outcome = connect(&vcenter).and_then(|site| {
+            let r = site.undeploy(&h.name).map_err(|e| e.to_string());
+            let _ = site.logout();
+            r
+        });
+        match outcome {
+            Ok(()) => {
+                set_host_state(&sm, h.id, VdsaState::NotInstalled);
+                let _ = sm.finish_task(id, CompletionCode::Success, serde_json::json!({"host": h.name}), None);
+            }
+            Err(e) => {
+                set_host_state(&sm, h.id, h.vdsa);
+                let _ = sm.finish_task(id, CompletionCode::Failed, serde_json::Value::Null, Some(e));
+            }
+        }
+    });
+    Ok(task)
+}
+
+/// Whether a host can take a vSphere deploy.
+pub fn check_vsphere(h: &Host) -> Result<(), String> {
+    if h.hypervisor != Hypervisor::Vsphere {
+        return Err(format!(
+            "host {} is a {:?} host: its VDSA is installed with its deb and a registration token",
+            h.name, h.hypervisor
+        ));
+    }
+    Ok(())
+}
