@@ -28,7 +28,8 @@ pub enum ClientError {
     Timeout(uuid::Uuid),
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+/// An error with its causes, joined by ": ".
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

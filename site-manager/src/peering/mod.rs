@@ -207,7 +207,7 @@ async fn call<T: serde::de::DeserializeOwned>(
     let resp =
         client.post(&url).header(reqwest::header::CONTENT_TYPE, "application/json").body(bytes).send().await.map_err(
             |e| {
-                let why = error_chain(&e);
+                let why = crate::client::chain(&e);
                 // The pinned CA did not match: a wrong token, not an outage.
                 if why.contains("token names") {
                     PeeringError::Refused(format!("{url}: {why}"))
@@ -227,17 +227,6 @@ async fn call<T: serde::de::DeserializeOwned>(
         });
     }
     serde_json::from_str(&text).map_err(|e| PeeringError::Unreachable(format!("{url}: not the expected answer: {e}")))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Pairs with the site at `req.address` using its token.
