@@ -153,6 +153,9 @@ pub struct RegistrationToken {
     pub expires_ms: u64,
     /// HOST:PORT where the VDSA dials its site manager.
     pub management_address: String,
+    /// The task that ends when the VDSA has registered and reported.
+    #[serde(default)]
+    pub task: Option<Uuid>,
 }
 
 /// A protection group as served.

@@ -116,9 +116,20 @@ fn a_site_manager_restored_from_a_backup_cannot_steer_until_it_reclaims() {
 fn the_log_collector_bundles_the_site_managers_and_vdsas_logs() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let sm = SiteManagerProcess::start(lab(), &dir.path().join("sm"), &[]).unwrap_or_else(|e| panic!("{e:#}"));
-    let (h, t) = sm.add_host("kvm-logs").unwrap_or_else(|e| panic!("{e:#}"));
+    // The KVM deploy: a registration token and a task that ends when the
+    // VDSA given it has registered and reported.
+    let host = sm.post("/api/v1/hosts", serde_json::json!({"name": "kvm-logs", "hypervisor": "kvm"}));
+    let h = host.unwrap_or_else(|e| panic!("{e:#}"))["id"].as_str().unwrap_or_default().to_string();
+    let reg =
+        sm.call("POST", &format!("/api/v1/hosts/{h}/registration-token"), None).unwrap_or_else(|e| panic!("{e:#}"));
+    let t = reg["token"].as_str().unwrap_or_default().to_string();
+    let task = reg["task"].as_str().unwrap_or_default().to_string();
+    let running = sm.get(&format!("/api/v1/tasks/{task}")).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(running["status"], "Running", "{running}");
     let mut a = AgentProcess::start(lab(), &dir.path().join("a"), "kvm-logs", &sm.management_address(), &t)
         .unwrap_or_else(|e| panic!("{e:#}"));
+    let done = sm.get(&format!("/api/v1/tasks/{task}/wait?timeout_ms=60000")).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(done["completion"], "Success", "{done}");
     wait_state(&sm, &h, "installed");
     let collect = |level: &str, out: &Path| {
         let o = std::process::Command::new(lab())
