@@ -3,8 +3,12 @@
 //! It owns the persistent store (sled), the REST API, the management link
 //! its VDSAs dial, the reconciler that drives them towards the VPGs'
 //! definitions, the checkpoint coordinator (the two-phase barrier of
-//! docs/architecture.md §3), the vSphere adapter and the operator CLI. On
-//! KVM the VDSA attaches its own taps over QMP, on the desired state's word.
+//! docs/architecture.md §3, with the quiesce step of application-consistent
+//! checkpoints), pairing with the other site and the site-to-site exchange
+//! (`peering`), the log collector (`logs`), vSphere deploys as tasks
+//! (`deploy`, over the vSphere adapter), and the operator CLI over a typed
+//! client (`cli`, `client`). On KVM the VDSA attaches its own taps over
+//! QMP, on the desired state's word.
 //!
 //! It must not touch replicated data itself: bytes flow through the VDSAs;
 //! the site manager only tells them what to do.

@@ -14,7 +14,8 @@
 //! It must not hold control-plane state (VPG definitions, pairing, task
 //! tracking: that is the site manager's), and it must not talk to a
 //! hypervisor's management API beyond its own host's QEMU monitor (QMP),
-//! where it attaches and detaches the taps its desired state names.
+//! where it attaches and detaches the taps its desired state names, and
+//! its VMs' guest agents or quiesce hooks, which it runs when asked.
 
 pub mod agent;
 pub mod daemon;

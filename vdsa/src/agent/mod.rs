@@ -2,8 +2,10 @@
 //! (docs/management-protocol.md). It registers once with a one-time
 //! registration token, then dials its site manager over mutual TLS,
 //! obeys the newest manager generation only, runs the roles of the desired
-//! state it receives (source streams and target journals), takes part in
-//! the checkpoint barrier, and reports its actual state every heartbeat.
+//! state it receives (source streams and target journals), trusts the
+//! paired sites it names, takes part in the checkpoint barrier (quiescing
+//! its VMs when asked), answers the log collector, and reports its actual
+//! state every heartbeat.
 
 mod config;
 mod identity;
