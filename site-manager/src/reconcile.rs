@@ -27,7 +27,7 @@ pub fn stream_id(vpg: VpgId, source: HostId, target: HostId) -> StreamId {
 /// protection is paused on a full recovery journal.
 fn replicates(v: &Vpg) -> bool {
     matches!(v.status, VpgStatus::Initializing | VpgStatus::Protecting | VpgStatus::Test)
-        || (v.status == VpgStatus::Error && v.paused)
+        || (matches!(v.status, VpgStatus::Error | VpgStatus::MissingConfiguration) && v.paused)
 }
 
 /// What the reconciler knows of the paired site.
@@ -288,40 +288,56 @@ fn advance_statuses(
     Ok(())
 }
 
-/// Pauses protection (status Error, `paused`) while a target role's
-/// journal refuses writes, naming the host's reason; resumes (back to
-/// Protecting) once none does.
+/// Pauses protection while a role cannot work, naming why: a target whose
+/// journal refuses writes (status Error), a source whose VM's monitor does
+/// not answer (status MissingConfiguration: the VM was deleted or shut
+/// down). The roles keep running (`paused`), so it resumes on its own once
+/// none fails.
 fn pause_or_resume(
     sm: &SiteManager,
     v: &Vpg,
     roles: &[&protection_groups::mgmt::RoleState],
 ) -> Result<(), crate::store::StoreError> {
-    let failed: Vec<&str> = roles
-        .iter()
-        .filter(|r| r.kind == RoleKind::Target && r.phase == RolePhase::Failed)
-        .map(|r| r.detail.as_str())
-        .collect();
+    let failed = |kind: RoleKind| -> Vec<&str> {
+        roles.iter().filter(|r| r.kind == kind && r.phase == RolePhase::Failed).map(|r| r.detail.as_str()).collect()
+    };
+    let (targets_failed, sources_failed) = (failed(RoleKind::Target), failed(RoleKind::Source));
     let targets_reporting = roles.iter().any(|r| r.kind == RoleKind::Target);
     let next = match (v.status, v.paused) {
-        (VpgStatus::Protecting | VpgStatus::Initializing, false) if !failed.is_empty() => {
+        (VpgStatus::Protecting | VpgStatus::Initializing, false)
+            if !targets_failed.is_empty() || !sources_failed.is_empty() =>
+        {
             let mut nv = v.clone();
-            nv.status = VpgStatus::Error;
+            let (status, why) = if targets_failed.is_empty() {
+                (
+                    VpgStatus::MissingConfiguration,
+                    format!("{}; it resumes when the VM answers again", sources_failed.join("; ")),
+                )
+            } else {
+                (
+                    VpgStatus::Error,
+                    format!(
+                        "{}; the protected site's writes wait in its queues until the recovery volume has room",
+                        targets_failed.join("; ")
+                    ),
+                )
+            };
+            nv.status = v.status.transition(status).unwrap_or(VpgStatus::Error);
             nv.paused = true;
-            nv.status_reason = format!(
-                "protection paused: {}; the protected site's writes wait in its queues until the recovery volume has room",
-                failed.join("; ")
-            );
+            nv.status_reason = format!("protection paused: {why}");
             tracing::error!(vpg = %v.id, reason = %nv.status_reason, "VPG paused");
             Some(nv)
         }
-        (VpgStatus::Error, true) if failed.is_empty() && targets_reporting => {
+        (VpgStatus::Error | VpgStatus::MissingConfiguration, true)
+            if targets_failed.is_empty() && sources_failed.is_empty() && targets_reporting =>
+        {
             let mut nv = v.clone();
             // A source still copying (the pause came during the initial
             // sync) goes back to Initializing, which finishes on its own.
             let syncing = roles.iter().any(|r| r.kind == RoleKind::Source && r.phase == RolePhase::Syncing);
             nv.status = if syncing { VpgStatus::Initializing } else { VpgStatus::Protecting };
             nv.paused = false;
-            nv.status_reason = "resumed: the recovery journal takes writes again".into();
+            nv.status_reason = "resumed: every role works again".into();
             tracing::warn!(vpg = %v.id, "VPG resumed");
             Some(nv)
         }

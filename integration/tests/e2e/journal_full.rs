@@ -88,3 +88,57 @@ fn a_full_recovery_journal_pauses_protection_and_it_resumes_with_nothing_lost() 
     drop(site);
     drop(small);
 }
+
+/// A protected VM whose QEMU goes away (deleted or shut down) pauses the
+/// VPG with a status naming the VM's monitor; when the VM is back, its tap
+/// is attached again with a full copy and protection resumes on its own,
+/// with a new checkpoint holding the VM's bytes.
+#[test]
+fn a_vm_that_goes_away_pauses_protection_until_it_is_back() {
+    assert!(qemu_available(), "qemu-storage-daemon is needed");
+    let _turn = crate::take_turns();
+    let dir = ok(tempfile::tempdir().map_err(Into::into));
+    let d = dir.path();
+    let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
+    let spec = SiteSpec {
+        hosts: 1,
+        disk_bytes: 8 << 20,
+        site_manager_args: Vec::new(),
+        vdsa_args: Vec::new(),
+        checkpoint_interval_ms: 1000,
+        quiesce_hook: Vec::new(),
+    };
+    let mut site = ok(ProtectedSite::start(lab, d, &spec, |m| println!("{m}")));
+    let vpg = site.vpg.clone();
+    let image = site.vms[0].image.clone();
+    drop(site.vms.remove(0));
+    let paused = ok(ok(site.sm()).wait_until(
+        &format!("/api/v1/vpgs/{vpg}"),
+        Duration::from_secs(60),
+        "the VPG to pause",
+        |v| v["status"] == "MissingConfiguration",
+    ));
+    let reason = paused["status_reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("paused") && reason.contains("vdsa-qmp.sock"), "{reason}");
+    // The VM is back (same image, same sockets) and writes.
+    let vm = ok(integration::kvm_lab::StorageDaemon::start(&d.join("vm-0"), &image, false));
+    let mut guest = ok(vm.guest());
+    ok(guest.write(4096, &[0xC3u8; 65536]).map_err(Into::into));
+    let sm = ok(site.sm());
+    ok(sm.wait_until(&format!("/api/v1/vpgs/{vpg}"), Duration::from_secs(90), "protection to resume", |v| {
+        v["status"] == "Protecting"
+    }));
+    let cp = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": "back"})));
+    let id = cp["id"].as_u64().unwrap_or_default();
+    let rec = ok(sm.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=60000")));
+    assert!(rec["consistent"] == true && rec["durable"] == true, "{rec}");
+    let source = ok(vm.image_hash());
+    for a in site.agents.iter_mut() {
+        a.stop();
+    }
+    let journal = ok(Journal::open(site.agents[1].journal(&vpg), JournalConfig::default()).map_err(Into::into));
+    let view = ok(journal.open_view(protection_groups::CheckpointId(id)).map_err(Into::into));
+    let mut bytes = vec![0u8; 8 << 20];
+    ok(view.read(site.disks[0], 0, &mut bytes).map_err(Into::into));
+    assert_eq!(blake3::hash(&bytes), source, "the recovered bytes differ from the VM's after it came back");
+}

@@ -27,6 +27,8 @@ struct SourceRun {
     /// Set when the role stops: its tap thread detaches and ends.
     stopped: Arc<std::sync::atomic::AtomicBool>,
     taps: Option<std::thread::JoinHandle<()>>,
+    /// Why a tap cannot be attached (the VM's monitor does not answer).
+    tap_problem: Arc<Mutex<Option<String>>>,
 }
 
 /// How long a stopping role waits for its taps to be detached before its
@@ -230,18 +232,19 @@ impl Roles {
         tracing::info!(vpg = %r.vpg, stream = %r.stream, target = %r.target_address, disks = r.disks.len(), "source role started");
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut taps = None;
+        let tap_problem = Arc::new(Mutex::new(None));
         if !r.taps.is_empty() {
             match self.nbd_address() {
                 Some(server) => {
-                    let (role, s, stop) = (r.clone(), stream.clone(), stopped.clone());
-                    taps = Some(std::thread::spawn(move || super::taps::run(&role, &s, server, &stop)));
+                    let (role, s, stop, problem) = (r.clone(), stream.clone(), stopped.clone(), tap_problem.clone());
+                    taps = Some(std::thread::spawn(move || super::taps::run(&role, &s, server, &stop, &problem)));
                 }
                 None => {
                     tracing::error!(vpg = %r.vpg, "the role has taps to attach but this VDSA has no NBD tap listener")
                 }
             }
         }
-        Ok(SourceRun { role: r.clone(), stream, stopped, taps })
+        Ok(SourceRun { role: r.clone(), stream, stopped, taps, tap_problem })
     }
 
     /// Where QEMU's mirror jobs reach this VDSA's taps: its first NBD
@@ -369,7 +372,10 @@ impl Roles {
                 let st = run.stream.status();
                 let syncing = run.stream.is_syncing();
                 let connected = st["connected"].as_bool().unwrap_or(false);
-                let phase = if syncing {
+                let problem = run.tap_problem.lock().ok().and_then(|p| p.clone());
+                let phase = if problem.is_some() {
+                    RolePhase::Failed
+                } else if syncing {
                     RolePhase::Syncing
                 } else if connected {
                     RolePhase::Protecting
@@ -381,7 +387,7 @@ impl Roles {
                     kind: RoleKind::Source,
                     stream: Some(run.role.stream),
                     phase,
-                    detail: st["last_error"].as_str().unwrap_or_default().to_string(),
+                    detail: problem.unwrap_or_else(|| st["last_error"].as_str().unwrap_or_default().to_string()),
                     sync_done_bytes: st["sync"]["done_bytes"].as_u64().unwrap_or(0),
                     sync_total_bytes: st["sync"]["total_bytes"].as_u64().unwrap_or(0),
                     durable_checkpoint: CheckpointId(0),

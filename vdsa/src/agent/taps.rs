@@ -90,36 +90,93 @@ fn attach_one(t: &TapAttach, export: &str, server: &NbdAddress) -> Result<String
     })
 }
 
+/// How often an attached tap's job is looked at.
+const WATCH_EVERY: Duration = Duration::from_secs(3);
+
 /// Attaches every tap of `role` (retrying each until it is in sync or the
-/// role stops), then leaves sync mode, watches until the role stops, and
-/// detaches.
-pub fn run(role: &SourceRole, stream: &SourceStream, server: NbdAddress, stopped: &AtomicBool) {
+/// role stops), then leaves sync mode and watches the jobs until the role
+/// stops: a job that ended (the VM restarted) is attached again with a
+/// full copy; a monitor that does not answer (the VM was deleted or shut
+/// down) is put in `problem`, which the role reports. Then it detaches.
+pub fn run(
+    role: &SourceRole,
+    stream: &SourceStream,
+    server: NbdAddress,
+    stopped: &AtomicBool,
+    problem: &Mutex<Option<String>>,
+) {
+    let set_problem = |p: Option<String>| {
+        if let Ok(mut g) = problem.lock() {
+            *g = p;
+        }
+    };
     let mut attached: Vec<(String, String)> = Vec::new();
-    for t in &role.taps {
-        let Some(disk) = role.disks.iter().find(|d| d.id == t.disk) else { continue };
-        stream.set_syncing(true);
-        let mut attempt = 0u32;
-        while !stopped.load(Ordering::SeqCst) {
-            attempt += 1;
-            match attach_one(t, &disk.name, &server) {
-                Ok(job) => {
-                    tracing::info!(disk = %disk.name, attempt, "tap attached and in sync");
-                    attached.push((t.qmp_socket.clone(), job));
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!(disk = %disk.name, attempt, "{e}; retrying");
-                    std::thread::sleep(RETRY);
+    let mut pending: Vec<&TapAttach> = role.taps.iter().collect();
+    while !stopped.load(Ordering::SeqCst) {
+        if !pending.is_empty() {
+            stream.set_syncing(true);
+        }
+        for t in std::mem::take(&mut pending) {
+            let Some(disk) = role.disks.iter().find(|d| d.id == t.disk) else { continue };
+            let mut attempt = 0u32;
+            while !stopped.load(Ordering::SeqCst) {
+                attempt += 1;
+                match attach_one(t, &disk.name, &server) {
+                    Ok(job) => {
+                        tracing::info!(disk = %disk.name, attempt, "tap attached and in sync");
+                        attached.retain(|(_, j)| !j.starts_with(&job_prefix(&t.disk)));
+                        attached.push((t.qmp_socket.clone(), job));
+                        set_problem(None);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(disk = %disk.name, attempt, "{e}; retrying");
+                        if e.starts_with("cannot reach") {
+                            set_problem(Some(format!(
+                                "disk {}: the VM's monitor {} does not answer (was the VM deleted or shut down?): {e}",
+                                disk.name, t.qmp_socket
+                            )));
+                        }
+                        std::thread::sleep(RETRY);
+                    }
                 }
             }
         }
-    }
-    if !stopped.load(Ordering::SeqCst) {
+        if stopped.load(Ordering::SeqCst) {
+            break;
+        }
         stream.set_syncing(false);
         tracing::info!(vpg = %role.vpg, stream = %role.stream, "initial sync done: checkpoints are consistent");
-    }
-    while !stopped.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(50));
+        // Watch until the role stops or a job needs attaching again.
+        let mut last = std::time::Instant::now();
+        while !stopped.load(Ordering::SeqCst) && pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(50));
+            if last.elapsed() < WATCH_EVERY {
+                continue;
+            }
+            last = std::time::Instant::now();
+            for t in &role.taps {
+                let Some((_, job)) = attached.iter().find(|(_, j)| j.starts_with(&job_prefix(&t.disk))) else {
+                    continue;
+                };
+                let state = with_monitor(&t.qmp_socket, |qmp| kvm::state(qmp, job).map_err(|e| e.to_string()));
+                match state {
+                    Ok(Some(s)) if !s.failed() => set_problem(None),
+                    Ok(_) => {
+                        tracing::warn!(%job, "the tap's job ended: attaching again with a full copy");
+                        pending.push(t);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%job, "the VM's monitor does not answer: {e}");
+                        set_problem(Some(format!(
+                            "the VM's monitor {} does not answer (was the VM deleted or shut down?): {e}",
+                            t.qmp_socket
+                        )));
+                        pending.push(t);
+                    }
+                }
+            }
+        }
     }
     for (socket, job) in attached {
         let r =
