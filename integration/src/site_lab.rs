@@ -253,6 +253,20 @@ pub struct SiteSpec {
     pub quiesce_hook: Vec<String>,
 }
 
+impl SiteSpec {
+    /// One protected VM with an 8 MiB disk, checkpoints every second.
+    pub fn one_vm() -> SiteSpec {
+        SiteSpec {
+            hosts: 1,
+            disk_bytes: 8 << 20,
+            site_manager_args: Vec::new(),
+            vdsa_args: Vec::new(),
+            checkpoint_interval_ms: 1000,
+            quiesce_hook: Vec::new(),
+        }
+    }
+}
+
 /// A site manager, `hosts` protected hosts (each a qemu-storage-daemon
 /// VM whose disk its `vdsa agent` taps) and one recovery host, with one
 /// VPG over all the VMs, protecting.
@@ -373,6 +387,21 @@ impl ProtectedSite {
         })?;
         self.site_manager = Some(sm);
         Ok(())
+    }
+
+    /// Stops every VDSA (queues drained, journals synced) and hashes disk
+    /// `i` of the VPG as the recovery journal holds it at `checkpoint`.
+    pub fn recovered_hash(&mut self, checkpoint: u64, i: usize, size: u64) -> Result<blake3::Hash> {
+        for a in self.agents.iter_mut() {
+            a.stop();
+        }
+        let recovery = self.agents.last().context("no recovery VDSA")?;
+        let journal =
+            vdsa::journal::Journal::open(recovery.journal(&self.vpg), vdsa::journal::JournalConfig::default())?;
+        let view = journal.open_view(protection_groups::CheckpointId(checkpoint))?;
+        let mut bytes = vec![0u8; usize::try_from(size)?];
+        view.read(*self.disks.get(i).context("no such disk")?, 0, &mut bytes)?;
+        Ok(blake3::hash(&bytes))
     }
 
     /// Starts agent `i` again (it is registered already).

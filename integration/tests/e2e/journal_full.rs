@@ -11,7 +11,6 @@ use rand::{RngCore, SeedableRng};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use vdsa::journal::{Journal, JournalConfig};
 
 fn ok<T>(r: anyhow::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{e:#}"))
@@ -29,14 +28,7 @@ fn a_full_recovery_journal_pauses_protection_and_it_resumes_with_nothing_lost() 
     let filler = small.0.join("filler");
     ok(std::fs::write(&filler, vec![0x5Au8; 24 << 20]).map_err(Into::into));
     let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
-    let spec = SiteSpec {
-        hosts: 1,
-        disk_bytes: 8 << 20,
-        site_manager_args: Vec::new(),
-        vdsa_args: Vec::new(),
-        checkpoint_interval_ms: 1000,
-        quiesce_hook: Vec::new(),
-    };
+    let spec = SiteSpec::one_vm();
     let site = ok(ProtectedSite::start(lab, d, &spec, |m| println!("{m}")));
     let sm = ok(site.sm());
     let vpg = site.vpg.clone();
@@ -76,15 +68,8 @@ fn a_full_recovery_journal_pauses_protection_and_it_resumes_with_nothing_lost() 
     }
     let source = ok(site.vms[0].image_hash());
     let mut site = site;
-    for a in site.agents.iter_mut() {
-        a.stop();
-    }
-    let journal = ok(Journal::open(site.agents[1].journal(&vpg), JournalConfig::default()).map_err(Into::into));
-    let view = ok(journal.open_view(protection_groups::CheckpointId(id)).map_err(Into::into));
-    let mut bytes = vec![0u8; 8 << 20];
-    ok(view.read(site.disks[0], 0, &mut bytes).map_err(Into::into));
-    assert_eq!(blake3::hash(&bytes), source, "the recovered bytes differ from the source after the pause");
-    drop(journal);
+    let recovered = ok(site.recovered_hash(id, 0, 8 << 20));
+    assert_eq!(recovered, source, "the recovered bytes differ from the source after the pause");
     drop(site);
     drop(small);
 }
@@ -100,14 +85,7 @@ fn a_vm_that_goes_away_pauses_protection_until_it_is_back() {
     let dir = ok(tempfile::tempdir().map_err(Into::into));
     let d = dir.path();
     let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
-    let spec = SiteSpec {
-        hosts: 1,
-        disk_bytes: 8 << 20,
-        site_manager_args: Vec::new(),
-        vdsa_args: Vec::new(),
-        checkpoint_interval_ms: 1000,
-        quiesce_hook: Vec::new(),
-    };
+    let spec = SiteSpec::one_vm();
     let mut site = ok(ProtectedSite::start(lab, d, &spec, |m| println!("{m}")));
     let vpg = site.vpg.clone();
     let image = site.vms[0].image.clone();
@@ -133,12 +111,6 @@ fn a_vm_that_goes_away_pauses_protection_until_it_is_back() {
     let rec = ok(sm.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=60000")));
     assert!(rec["consistent"] == true && rec["durable"] == true, "{rec}");
     let source = ok(vm.image_hash());
-    for a in site.agents.iter_mut() {
-        a.stop();
-    }
-    let journal = ok(Journal::open(site.agents[1].journal(&vpg), JournalConfig::default()).map_err(Into::into));
-    let view = ok(journal.open_view(protection_groups::CheckpointId(id)).map_err(Into::into));
-    let mut bytes = vec![0u8; 8 << 20];
-    ok(view.read(site.disks[0], 0, &mut bytes).map_err(Into::into));
-    assert_eq!(blake3::hash(&bytes), source, "the recovered bytes differ from the VM's after it came back");
+    let recovered = ok(site.recovered_hash(id, 0, 8 << 20));
+    assert_eq!(recovered, source, "the recovered bytes differ from the VM's after it came back");
 }

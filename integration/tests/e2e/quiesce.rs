@@ -32,12 +32,9 @@ fn quiesced_checkpoints_are_application_consistent_and_a_failed_quiesce_says_why
     ok(std::fs::write(&hook, script).map_err(Into::into));
     let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
     let spec = SiteSpec {
-        hosts: 1,
-        disk_bytes: 8 << 20,
-        site_manager_args: Vec::new(),
-        vdsa_args: Vec::new(),
         checkpoint_interval_ms: 3_600_000,
         quiesce_hook: vec!["sh".into(), hook.display().to_string()],
+        ..SiteSpec::one_vm()
     };
     let site = ok(ProtectedSite::start(lab, d, &spec, |m| println!("{m}")));
     let sm = ok(site.sm());
