@@ -90,6 +90,12 @@ fn attach_one(t: &TapAttach, export: &str, server: &NbdAddress) -> Result<String
     })
 }
 
+/// Whether a monitor error says the VM's QEMU is gone (its socket missing
+/// or nobody listening), not merely busy.
+fn monitor_gone(e: &str) -> bool {
+    e.starts_with("cannot reach") && (e.contains("(os error 2)") || e.contains("(os error 111)"))
+}
+
 /// How often an attached tap's job is looked at.
 const WATCH_EVERY: Duration = Duration::from_secs(3);
 
@@ -131,7 +137,7 @@ pub fn run(
                     }
                     Err(e) => {
                         tracing::error!(disk = %disk.name, attempt, "{e}; retrying");
-                        if e.starts_with("cannot reach") {
+                        if monitor_gone(&e) {
                             set_problem(Some(format!(
                                 "disk {}: the VM's monitor {} does not answer (was the VM deleted or shut down?): {e}",
                                 disk.name, t.qmp_socket
@@ -166,14 +172,18 @@ pub fn run(
                         tracing::warn!(%job, "the tap's job ended: attaching again with a full copy");
                         pending.push(t);
                     }
-                    Err(e) => {
-                        tracing::warn!(%job, "the VM's monitor does not answer: {e}");
+                    // Gone (no socket, nobody listening): the VM was deleted
+                    // or shut down. Only slow (busy with another client or
+                    // a drain): look again next round.
+                    Err(e) if monitor_gone(&e) => {
+                        tracing::warn!(%job, "the VM's monitor is gone: {e}");
                         set_problem(Some(format!(
                             "the VM's monitor {} does not answer (was the VM deleted or shut down?): {e}",
                             t.qmp_socket
                         )));
                         pending.push(t);
                     }
+                    Err(e) => tracing::warn!(%job, "the VM's monitor is slow to answer: {e}"),
                 }
             }
         }
