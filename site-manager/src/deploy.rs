@@ -34,6 +34,39 @@ pub fn mint_registration(sm: &SiteManager, h: &mut Host) -> Result<(String, u64)
     Ok((format!("{secret}.{}", sm.pki.ca_sha256()), expires_ms))
 }
 
+/// The KVM deploy's task: it ends when the VDSA given the host's newest
+/// registration token has registered and reported.
+const REGISTER_TASK: &str = "register_vdsa";
+
+/// Starts the task that waits for `h`'s VDSA to register; an older one of
+/// the host is aborted (its token was superseded).
+pub fn start_register_wait(sm: &SiteManager, h: &Host) -> Result<Task, crate::store::StoreError> {
+    for t in sm.with_store(|s| s.tasks.list())? {
+        if t.kind == REGISTER_TASK && t.host == Some(h.id) && !t.is_finished() {
+            let why = "a newer registration token was made for the host".to_string();
+            sm.finish_task(t.id, CompletionCode::Aborted, serde_json::Value::Null, Some(why))?;
+        }
+    }
+    sm.start_task(
+        REGISTER_TASK,
+        format!("wait for the VDSA of {} to register", h.name),
+        None,
+        Some(h.id),
+        TaskDriver::Vdsa,
+    )
+}
+
+/// `h`'s VDSA has registered and reported: its waiting task succeeds.
+pub fn finish_register_wait(sm: &SiteManager, h: &Host) -> Result<(), crate::store::StoreError> {
+    for t in sm.with_store(|s| s.tasks.list())? {
+        if t.kind == REGISTER_TASK && t.host == Some(h.id) && !t.is_finished() {
+            let result = serde_json::json!({"host": h.id, "software_version": h.software_version});
+            sm.finish_task(t.id, CompletionCode::Success, result, None)?;
+        }
+    }
+    Ok(())
+}
+
 fn connect(v: &VcenterSettings) -> Result<VsphereSite, String> {
     let trust = if !v.thumbprint.is_empty() {
         vsphere_client::ServerTrust::thumbprint(&v.thumbprint).map_err(|e| e.to_string())?

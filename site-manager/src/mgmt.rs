@@ -177,13 +177,7 @@ async fn handle(
                 let _ = tokio::task::spawn_blocking(move || -> Result<(), crate::store::StoreError> {
                     sm.with_store(|s| s.hosts.put(r.id.as_bytes(), &r))?;
                     // A KVM deploy's task ends when its VDSA first reports.
-                    for t in sm.with_store(|s| s.tasks.list())? {
-                        if t.kind == "register_vdsa" && t.host == Some(r.id) && !t.is_finished() {
-                            let result = serde_json::json!({"host": r.id, "software_version": r.software_version});
-                            sm.finish_task(t.id, crate::model::CompletionCode::Success, result, None)?;
-                        }
-                    }
-                    Ok(())
+                    crate::deploy::finish_register_wait(&sm, &r)
                 })
                 .await;
             }

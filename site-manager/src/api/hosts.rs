@@ -119,19 +119,7 @@ async fn registration_token(
         }
         let (token, expires_ms) = crate::deploy::mint_registration(&sm, &mut h)?;
         // The KVM deploy: done when the VDSA given this token reports.
-        for t in sm.with_store(|s| s.tasks.list())? {
-            if t.kind == "register_vdsa" && t.host == Some(h.id) && !t.is_finished() {
-                let why = "a newer registration token was made for the host".to_string();
-                sm.finish_task(t.id, crate::model::CompletionCode::Aborted, serde_json::Value::Null, Some(why))?;
-            }
-        }
-        let task = sm.start_task(
-            "register_vdsa",
-            format!("wait for the VDSA of {} to register", h.name),
-            None,
-            Some(h.id),
-            crate::model::TaskDriver::Vdsa,
-        )?;
+        let task = crate::deploy::start_register_wait(&sm, &h)?;
         let token = RegistrationToken {
             host: h.id,
             token,
