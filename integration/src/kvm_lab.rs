@@ -124,6 +124,8 @@ impl StorageDaemon {
         let vdsa_qmp_sock = dir.join("vdsa-qmp.sock");
         let guest_sock = dir.join("qsd.sock");
         let cache = if direct { ",cache.direct=on,aio=native" } else { "" };
+        // What QEMU says when it fails (an assertion, a crash) is kept.
+        let log = std::fs::File::create(dir.join("qsd.log")).context("creating qsd.log")?;
         // A socket left by an earlier run would pass for this one's.
         for p in [&qmp_sock, &guest_sock, &vdsa_qmp_sock] {
             let _ = std::fs::remove_file(p);
@@ -145,7 +147,7 @@ impl StorageDaemon {
                 .arg(format!("socket,id=qmp1,path={},server=on,wait=off", vdsa_qmp_sock.display()))
                 .args(["--monitor", "chardev=qmp1"])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null()),
+                .stderr(log),
             "qemu-storage-daemon",
         )
         .context("is qemu-utils installed?")?;

@@ -71,13 +71,25 @@ pub struct WriteOrderReport {
     pub changes: Vec<(String, u64)>,
     /// Checkpoints offered after the last change.
     pub offered_after_changes: usize,
+    /// With the changes: how vm-1's grown disk looked in the offered
+    /// checkpoints (each checkpoint's size, in id order).
+    pub grown_disk_sizes: Vec<(u64, u64)>,
+    /// What is wrong with those sizes (a checkpoint from before the
+    /// resize with the new size, a size that went back, the last offered
+    /// checkpoint without the new size).
+    pub size_problems: Vec<String>,
 }
 
 /// The VM changes of [`WriteOrderOptions::changes`], in order.
-const CHANGES: [&str; 3] = ["add a disk to vm-0", "remove that disk", "move vm-2 to kvm-1"];
+const CHANGES: [&str; 4] =
+    ["add a disk to vm-0", "remove that disk", "grow vm-1's disk by 4 MiB", "move vm-2 to kvm-1"];
+
+/// vm-1's disk after the grow.
+const GROWN_BYTES: u64 = DISK_BYTES + (4 << 20);
 
 /// Makes change `step` through the API (and, for a new disk, in the VM).
-fn change_vms(site: &mut ProtectedSite, dir: &Path, vpg: &str, step: usize) -> Result<()> {
+/// `paused` (vm-1's guest is paused) is set while vm-1's disk is grown.
+fn change_vms(site: &mut ProtectedSite, dir: &Path, vpg: &str, step: usize, paused: &AtomicBool) -> Result<()> {
     let sm = site.sm()?;
     let mut settings = sm.get(&format!("/api/v1/vpgs/{vpg}"))?["settings"].clone();
     let vms = settings["vms"].as_array_mut().context("vms")?;
@@ -98,6 +110,46 @@ fn change_vms(site: &mut ProtectedSite, dir: &Path, vpg: &str, step: usize) -> R
         1 => {
             let disks = vms[0]["disks"].as_array_mut().context("disks")?;
             disks.retain(|d| d["name"] != "vm-0-extra");
+        }
+        // The operator grows a protected disk through the site manager; its
+        // VDSA detaches the tap (QEMU resizes no mirrored node), resizes it
+        // and attaches again. The lab's VM hands its guest the disk through
+        // an NBD export, which QEMU never lets be resized: like a guest
+        // paused for it, the export goes while the VDSA resizes, and comes
+        // back on top of the new tap's filter (as a VM's device stays above
+        // it; on `src` itself its writes would pass the tap by).
+        2 => {
+            vms[1]["disks"][0]["size_bytes"] = json!(GROWN_BYTES);
+            paused.store(true, Ordering::SeqCst);
+            let qmp = &mut site.vms[1].qmp;
+            let job_ids = |jobs: &Value| -> Vec<String> {
+                let ids = jobs.as_array().map(|a| a.iter().filter_map(|j| j["device"].as_str()).map(str::to_string));
+                ids.map(Iterator::collect).unwrap_or_default()
+            };
+            let before = job_ids(&qmp.execute("query-block-jobs", json!({}))?);
+            qmp.execute("block-export-del", json!({"id": "exp0", "mode": "hard"}))?;
+            let sm = site.sm()?;
+            sm.call("PUT", &format!("/api/v1/vpgs/{vpg}"), Some(settings))?;
+            let qmp = &mut site.vms[1].qmp;
+            let start = Instant::now();
+            let job = loop {
+                let jobs = qmp.execute("query-block-jobs", json!({}))?;
+                let ready = jobs.as_array().and_then(|a| a.iter().find(|j| j["ready"] == true)).map(|j| &j["device"]);
+                if let Some(id) = ready.and_then(Value::as_str).filter(|id| !before.iter().any(|b| b == id)) {
+                    break id.to_string();
+                }
+                if start.elapsed() > Duration::from_secs(60) {
+                    bail!("vm-1's disk was not grown and tapped again within 60 s: {jobs}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            qmp.execute(
+                "block-export-add",
+                json!({"type": "nbd", "id": "exp0", "node-name": format!("{job}-filter"), "name": "vmdisk",
+                       "writable": true}),
+            )?;
+            paused.store(false, Ordering::SeqCst);
+            return Ok(());
         }
         _ => {
             vms[2]["host"] = json!(site.host_ids[1]);
@@ -122,6 +174,31 @@ fn parse(block: &[u8]) -> Option<(u64, u64)> {
     let id = it.next()?.strip_prefix("id=")?.parse().ok()?;
     let r = it.next()?.strip_prefix("ref=")?.parse().ok()?;
     Some((id, r))
+}
+
+/// What is wrong with vm-1's disk size across the offered checkpoints
+/// (`sizes`, in id order): before the grow it is the old size, it never
+/// goes back, and the newest offered checkpoint has the new size.
+fn check_grown_sizes(sizes: &[(u64, u64)], changes: &[(String, u64)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let before = changes.iter().find(|(c, _)| c == CHANGES[2]).map(|(_, id)| *id);
+    let mut last = 0;
+    for &(id, size) in sizes {
+        if size != DISK_BYTES && size != GROWN_BYTES {
+            problems.push(format!("checkpoint {id}: vm-1's disk is {size} bytes"));
+        }
+        if before.is_none_or(|b| id <= b) && size != DISK_BYTES {
+            problems.push(format!("checkpoint {id}, from before the grow, has {size} bytes"));
+        }
+        if size < last {
+            problems.push(format!("checkpoint {id}: vm-1's disk went back from {last} to {size} bytes"));
+        }
+        last = size;
+    }
+    if sizes.last().is_none_or(|&(_, s)| s != GROWN_BYTES) {
+        problems.push(format!("the newest offered checkpoint does not have the grown disk: {:?}", sizes.last()));
+    }
+    problems
 }
 
 fn slot_of(id: u64) -> (usize, u64) {
@@ -151,6 +228,13 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
     let mut site = ProtectedSite::start(lab, dir, &spec, &mut say)?;
     let plain: Vec<&str> = if o.control { vec!["--unsafe-no-barrier"] } else { Vec::new() };
     let guests: Vec<_> = site.vms.iter().map(|q| q.guest()).collect::<Result<_>>()?;
+    let sockets: Vec<_> = site.vms.iter().map(|q| q.guest_sock.clone()).collect();
+    // With the changes, vm-1's guest waits while it is paused for a
+    // resize, then connects again and repeats the write its export's going
+    // cut short.
+    let reconnect = o.changes;
+    let paused = Arc::new(AtomicBool::new(false));
+    let paused2 = paused.clone();
     let vpg = site.vpg.clone();
     let disks = site.disks.clone();
 
@@ -166,9 +250,22 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
         while !stop2.load(Ordering::Relaxed) {
             let (host, slot) = slot_of(id);
             let t = Instant::now();
-            guests[host]
-                .write(slot * BLOCK as u64, &record(id))
-                .with_context(|| format!("guest write {id} on host {host}"))?;
+            let wait_paused = || {
+                while host == 1 && paused2.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            };
+            wait_paused();
+            while let Err(e) = guests[host].write(slot * BLOCK as u64, &record(id)) {
+                if !reconnect || t.elapsed() > Duration::from_secs(90) {
+                    return Err(e).with_context(|| format!("guest write {id} on host {host}"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                wait_paused();
+                if let Ok(g) = vdsa::nbd::client::NbdClient::connect_unix(&sockets[host], "vmdisk") {
+                    guests[host] = g;
+                }
+            }
             max_ms[host] = max_ms[host].max(t.elapsed().as_millis() as u64);
             written2.store(id, Ordering::Relaxed);
             id += 1;
@@ -237,7 +334,7 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
         });
         if o.changes && settled && step < CHANGES.len() && i >= (step + 1) * o.checkpoints / (CHANGES.len() + 1) {
             let before = inserted.last().map_or(0, |(id, _)| *id);
-            change_vms(&mut site, dir, &vpg, step)?;
+            change_vms(&mut site, dir, &vpg, step, &paused)?;
             say(format!("changed the VMs: {} (after checkpoint {before})", CHANGES[step]));
             changes.push((CHANGES[step].to_string(), before));
         }
@@ -324,6 +421,12 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
             }
         }
         report.checked += 1;
+        if o.changes {
+            report.grown_disk_sizes.push((id, view.disk_size(disks[1])?));
+        }
+    }
+    if o.changes {
+        report.size_problems = check_grown_sizes(&report.grown_disk_sizes, &report.changes);
     }
     Ok(report)
 }

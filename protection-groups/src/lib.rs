@@ -36,6 +36,10 @@ pub enum WriteKind {
     Zero,
     /// TRIM/discard: recorded as such; the range reads as zeros.
     Trim,
+    /// The disk grew: from here on in the stream it is `len` bytes (the
+    /// offset is 0). Ordered with the writes, so a checkpoint before it
+    /// has the old size and one after it the new. Disks never shrink.
+    Resize,
 }
 
 /// What kind of recovery point a checkpoint is.

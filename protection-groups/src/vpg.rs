@@ -255,6 +255,27 @@ impl VpgSettings {
         Ok(())
     }
 
+    /// Checks what a change from `before` may not do: shrink a protected
+    /// disk (a disk only grows; its journal keeps the old size for the
+    /// checkpoints before the change).
+    pub fn validate_change(&self, before: &VpgSettings) -> Result<(), InvalidSetting> {
+        for (i, vm) in self.vms.iter().enumerate() {
+            for (j, d) in vm.disks.iter().enumerate() {
+                let old = before.vms.iter().flat_map(|v| &v.disks).find(|o| o.id == d.id);
+                if let Some(old) = old.filter(|o| d.size_bytes < o.size_bytes) {
+                    return Err(invalid(
+                        format!("vms[{i}].disks[{j}].size_bytes"),
+                        format!(
+                            "{} is below {}: a protected disk can grow but not shrink",
+                            d.size_bytes, old.size_bytes
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The journal retention these settings ask for.
     pub fn retention(&self) -> RetentionPolicy {
         let history = Duration::from_secs(self.journal_history_secs);

@@ -203,6 +203,11 @@ fn write_order(
             println!("  changed the VMs after checkpoint {after}: {what}");
         }
         println!("  {} checkpoints offered after the last change", r.offered_after_changes);
+        let sizes: Vec<String> = r.grown_disk_sizes.iter().map(|(id, s)| format!("{id}:{}MiB", s >> 20)).collect();
+        println!("  vm-1's disk per offered checkpoint: {}", sizes.join(" "));
+        if !r.size_problems.is_empty() {
+            bail!("the grown disk's sizes are wrong: {}", r.size_problems.join("; "));
+        }
     }
     if control {
         if r.violations == 0 {

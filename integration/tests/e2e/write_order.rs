@@ -90,11 +90,12 @@ fn a_sigkill_between_prepare_and_commit_offers_no_half_made_checkpoint() {
 }
 
 /// Changes to the protected VMs while the chains run: a disk added to a
-/// VM, then removed, then a VM moved to another host (its stream handed
-/// over). Write order still holds on every checkpoint offered, and
-/// protection resumes after each change.
+/// VM, then removed, then a disk grown, then a VM moved to another host
+/// (its stream handed over). Write order still holds on every checkpoint
+/// offered, protection resumes after each change, and the checkpoints
+/// before the grow keep the old size while the newest has the new one.
 #[test]
-fn write_order_holds_while_disks_are_added_and_removed_and_a_vm_moves() {
+fn write_order_holds_while_disks_are_added_grown_and_removed_and_a_vm_moves() {
     if !qemu_available() {
         panic!("qemu-storage-daemon is missing: integration/run-tests installs qemu-utils");
     }
@@ -106,7 +107,8 @@ fn write_order_holds_while_disks_are_added_and_removed_and_a_vm_moves() {
     let opts = WriteOrderOptions { checkpoints: 24, seed, control: false, fault: None, changes: true };
     let r = run(lab, dir.path(), &opts, |m| println!("{m}")).unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
     assert_eq!(r.violations, 0, "seed {seed}: {:?}", r.first_violation);
-    assert_eq!(r.changes.len(), 3, "{:?}", r.changes);
+    assert_eq!(r.changes.len(), 4, "{:?}", r.changes);
+    assert!(r.size_problems.is_empty(), "seed {seed}: {:?} (sizes {:?})", r.size_problems, r.grown_disk_sizes);
     assert!(r.offered_after_changes > 0, "seed {seed}: no checkpoint offered after the VM moved");
     assert!(r.checked >= 3, "seed {seed}: only {} checkpoints checked", r.checked);
 }

@@ -156,6 +156,7 @@ fn save_settings(sm: &AppState, mut v: Vpg, settings: VpgSettings) -> ApiResult<
         return Err(ApiError::bad("recovery_site", "recovery_site: cannot change; create a new VPG"));
     }
     check_inventory(sm, &settings, Some(v.id))?;
+    settings.validate_change(&v.settings)?;
     v.settings = settings;
     v.revision += 1;
     sm.with_store(|s| s.vpgs.put(v.id.as_bytes(), &v))?;

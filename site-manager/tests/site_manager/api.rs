@@ -52,6 +52,10 @@ fn bad_requests_get_the_right_4xx_and_change_nothing() {
     let admin = d.admin.clone();
     let unknown = uuid::Uuid::new_v4();
     let good_vpg = vpg_body(&site, &host, "db");
+    // A protected disk can grow but not shrink.
+    let mut shrunk = created["vpg"]["settings"].clone();
+    shrunk["vms"][0]["disks"][0]["size_bytes"] = json!(524288);
+    let shrunk = shrunk.to_string();
 
     // (method, path, token, body, status, field)
     type Case<'a> = (Method, String, Option<&'a str>, Option<String>, u16, Option<&'a str>);
@@ -207,6 +211,14 @@ fn bad_requests_get_the_right_4xx_and_change_nothing() {
         (Method::PATCH, "/api/v1/site".into(), Some(&admin), Some(r#"{"name":""}"#.into()), 400, Some("name")),
         (Method::GET, "/api/v1/tasks/not-a-uuid".into(), Some(&admin), None, 400, Some("path")),
         (Method::DELETE, format!("/api/v1/vpgs/{vpg}?force=maybe"), Some(&admin), None, 400, None),
+        (
+            Method::PUT,
+            format!("/api/v1/vpgs/{vpg}"),
+            Some(&admin),
+            Some(shrunk),
+            400,
+            Some("vms[0].disks[0].size_bytes"),
+        ),
         // unknown ids
         (Method::GET, format!("/api/v1/vpgs/{unknown}"), Some(&admin), None, 404, None),
         (Method::PUT, format!("/api/v1/vpgs/{unknown}"), Some(&admin), Some(good_vpg.clone()), 404, None),

@@ -12,7 +12,7 @@ use crate::replication::target::{ServerTls, TargetDefinition, TargetServer};
 use protection_groups::mgmt::{
     ActualState, DesiredState, RoleKind, RolePhase, RoleState, SourceRole, TargetRole, TrustedSite,
 };
-use protection_groups::{CheckpointId, CheckpointKind, StreamId, VpgId};
+use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId, VpgId};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +29,29 @@ struct SourceRun {
     taps: Option<std::thread::JoinHandle<()>>,
     /// Why a tap cannot be attached (the VM's monitor does not answer).
     tap_problem: Arc<Mutex<Option<String>>>,
+    /// Disks to grow, for the tap thread (it detaches the tap, resizes the
+    /// disk in QEMU, puts the resize in the stream and attaches again).
+    resizes: Arc<Mutex<Vec<(DiskId, u64)>>>,
+}
+
+/// The disks `want` grows, if growing disks is all that differs between
+/// the running role `now` and `want`.
+fn grown_disks(now: &SourceRole, want: &SourceRole) -> Option<Vec<(DiskId, u64)>> {
+    if now.disks.len() != want.disks.len() {
+        return None;
+    }
+    let mut grown = Vec::new();
+    for (a, b) in now.disks.iter().zip(&want.disks) {
+        if a.id != b.id || b.size_bytes < a.size_bytes {
+            return None;
+        }
+        if b.size_bytes > a.size_bytes {
+            grown.push((b.id, b.size_bytes));
+        }
+    }
+    let mut same = want.clone();
+    same.disks.clone_from(&now.disks);
+    (same == *now && !grown.is_empty()).then_some(grown)
 }
 
 /// How long a stopping role waits for its taps to be detached before its
@@ -113,6 +136,15 @@ impl Roles {
             }
         }
         if let Ok(mut sources) = self.sources.lock() {
+            // A disk that grew keeps its role running: the resize goes into
+            // the stream in order (a new role would start a new run).
+            for r in &desired.sources {
+                if let Some(run) = sources.get_mut(&r.stream) {
+                    if let Some(grown) = grown_disks(&run.role, r) {
+                        self.grow(run, r, grown);
+                    }
+                }
+            }
             for id in sources.keys().copied().collect::<Vec<_>>() {
                 let keep =
                     desired.sources.iter().any(|r| r.stream == id && sources.get(&id).is_some_and(|s| s.role == *r));
@@ -197,6 +229,23 @@ impl Roles {
         *current = Some(sites.to_vec());
     }
 
+    /// Grows disks of a running role: its tap thread detaches, resizes and
+    /// attaches again; a disk tapped from outside is resized in the stream
+    /// at once (whoever taps it resized it first).
+    fn grow(&self, run: &mut SourceRun, want: &SourceRole, grown: Vec<(DiskId, u64)>) {
+        for (disk, size) in grown {
+            tracing::info!(vpg = %want.vpg, %disk, size, "a protected disk grows");
+            if run.taps.is_some() && want.taps.iter().any(|t| t.disk == disk) {
+                if let Ok(mut r) = run.resizes.lock() {
+                    r.push((disk, size));
+                }
+            } else if let Err(e) = run.stream.resize(disk, size) {
+                tracing::error!(%disk, size, "cannot grow the disk: {e}");
+            }
+        }
+        run.role = want.clone();
+    }
+
     fn start_source(&self, r: &SourceRole) -> std::io::Result<SourceRun> {
         let spill_dir = self.cfg.data.join("spill");
         std::fs::create_dir_all(&spill_dir)?;
@@ -220,11 +269,13 @@ impl Roles {
             backpressure: Backpressure::Block,
         };
         let stream = SourceStream::new(opts, queue)?;
-        for d in &r.disks {
-            self.exports.insert(
-                d.name.clone(),
-                Arc::new(SourceDisk { stream: stream.clone(), disk: d.id, size: d.size_bytes }),
-            );
+        // Every run states its disks' sizes first: a resize that a crash
+        // took with the send queue still reaches the target.
+        stream.state_sizes().map_err(|e| std::io::Error::other(e.to_string()))?;
+        // A disk the VDSA taps itself is published by its tap thread, once
+        // an earlier run's jobs are gone (see taps::attach_one).
+        for d in r.disks.iter().filter(|d| !r.taps.iter().any(|t| t.disk == d.id)) {
+            self.exports.insert(d.name.clone(), Arc::new(SourceDisk { stream: stream.clone(), disk: d.id }));
         }
         let tls = self.tls.client.lock().map_err(|_| std::io::Error::other("TLS configuration poisoned"))?.clone();
         let link = stream.clone();
@@ -233,18 +284,22 @@ impl Roles {
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut taps = None;
         let tap_problem = Arc::new(Mutex::new(None));
+        let resizes = Arc::new(Mutex::new(Vec::new()));
         if !r.taps.is_empty() {
             match self.nbd_address() {
                 Some(server) => {
                     let (role, s, stop, problem) = (r.clone(), stream.clone(), stopped.clone(), tap_problem.clone());
-                    taps = Some(std::thread::spawn(move || super::taps::run(&role, &s, server, &stop, &problem)));
+                    let (grow, exports) = (resizes.clone(), self.exports.clone());
+                    taps = Some(std::thread::spawn(move || {
+                        super::taps::run(&role, &s, server, &stop, &problem, &grow, &exports)
+                    }));
                 }
                 None => {
                     tracing::error!(vpg = %r.vpg, "the role has taps to attach but this VDSA has no NBD tap listener")
                 }
             }
         }
-        Ok(SourceRun { role: r.clone(), stream, stopped, taps, tap_problem })
+        Ok(SourceRun { role: r.clone(), stream, stopped, taps, tap_problem, resizes })
     }
 
     /// Where QEMU's mirror jobs reach this VDSA's taps: its first NBD

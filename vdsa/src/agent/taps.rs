@@ -12,14 +12,16 @@
 //! detach never cancels the job of the role that replaced it.
 
 use crate::kvm::{self, NbdAddress, Qmp, TapSpec};
-use crate::replication::source::SourceStream;
+use crate::nbd::server::Exports;
+use crate::replication::source::{SourceDisk, SourceStream};
 use protection_groups::mgmt::{SourceRole, TapAttach};
+use protection_groups::DiskId;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long the initial copy may take.
 const SYNC_LIMIT: Duration = Duration::from_secs(3600);
@@ -72,10 +74,23 @@ fn remove_leftovers(qmp: &mut Qmp, disk: &protection_groups::DiskId) -> Result<(
 
 /// Attaches one tap with a full copy and waits until it is in sync;
 /// returns its job id.
-fn attach_one(t: &TapAttach, export: &str, server: &NbdAddress) -> Result<String, String> {
+///
+/// The export is published only after jobs an earlier run left are gone:
+/// such a job's NBD client reconnects to whatever serves the export's name
+/// at this address, and QEMU (10.0) corrupted its heap when that job was
+/// cancelled just after it had reconnected.
+fn attach_one(
+    t: &TapAttach,
+    export: &str,
+    size: u64,
+    server: &NbdAddress,
+    publish: &dyn Fn(),
+) -> Result<String, String> {
     let job = format!("{}-{}", job_prefix(&t.disk), &uuid::Uuid::new_v4().simple().to_string()[..8]);
     with_monitor(&t.qmp_socket, |qmp| {
         remove_leftovers(qmp, &t.disk)?;
+        publish();
+        grow_node(qmp, &t.device, size)?;
         let spec = TapSpec {
             job_id: job.clone(),
             device: t.device.clone(),
@@ -99,18 +114,56 @@ fn monitor_gone(e: &str) -> bool {
 /// How often an attached tap's job is looked at.
 const WATCH_EVERY: Duration = Duration::from_secs(3);
 
+/// A resize QEMU refused is tried again after this.
+const RESIZE_RETRY: Duration = Duration::from_secs(30);
+
+/// Grows a tapped disk: detaches its tap (QEMU refuses to resize a node
+/// a mirror job uses), then puts the resize in the stream, after every
+/// write the tap took and before any the next attach takes. The caller
+/// attaches again, which resizes the VM's block node first, with a full
+/// copy (writes while no tap was attached are in it).
+fn grow_one(t: &TapAttach, job: Option<&str>, size: u64, stream: &SourceStream) -> Result<(), String> {
+    if let Some(job) = job {
+        with_monitor(&t.qmp_socket, |qmp| {
+            kvm::detach(qmp, job, &format!("{job}-tgt"), true).map_err(|e| format!("cannot detach the tap: {e}"))
+        })?;
+    }
+    stream.resize(t.disk, size).map_err(|e| e.to_string())
+}
+
+/// Grows the VM's block node `device` to `size` bytes if it is smaller (a
+/// protected disk the site manager grew). A larger node is left alone:
+/// the mirror refuses it, naming both sizes.
+fn grow_node(qmp: &mut Qmp, device: &str, size: u64) -> Result<(), String> {
+    let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true})).map_err(|e| e.to_string())?;
+    let now = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n.get("node-name").and_then(Value::as_str) == Some(device)))
+        .and_then(|n| n.pointer("/image/virtual-size").and_then(Value::as_u64));
+    if now.is_some_and(|now| now < size) {
+        tracing::info!(%device, size, "growing the VM's disk in QEMU");
+        qmp.execute("block_resize", json!({"node-name": device, "size": size}))
+            .map_err(|e| format!("QEMU cannot grow {device} to {size} bytes: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Attaches every tap of `role` (retrying each until it is in sync or the
 /// role stops), then leaves sync mode and watches the jobs until the role
 /// stops: a job that ended (the VM restarted) is attached again with a
 /// full copy; a monitor that does not answer (the VM was deleted or shut
-/// down) is put in `problem`, which the role reports. Then it detaches.
+/// down) is put in `problem`, which the role reports; a disk to grow
+/// (from `grow`) is detached, resized and attached again. Then it detaches.
 pub fn run(
     role: &SourceRole,
-    stream: &SourceStream,
+    stream: &Arc<SourceStream>,
     server: NbdAddress,
     stopped: &AtomicBool,
     problem: &Mutex<Option<String>>,
+    grow: &Mutex<Vec<(DiskId, u64)>>,
+    exports: &Exports,
 ) {
+    let mut growing: Vec<(DiskId, u64, Instant)> = Vec::new();
     let set_problem = |p: Option<String>| {
         if let Ok(mut g) = problem.lock() {
             *g = p;
@@ -127,7 +180,11 @@ pub fn run(
             let mut attempt = 0u32;
             while !stopped.load(Ordering::SeqCst) {
                 attempt += 1;
-                match attach_one(t, &disk.name, &server) {
+                let size = stream.disk_size(t.disk).unwrap_or(disk.size_bytes);
+                let publish = || {
+                    exports.insert(disk.name.clone(), Arc::new(SourceDisk { stream: stream.clone(), disk: disk.id }))
+                };
+                match attach_one(t, &disk.name, size, &server, &publish) {
                     Ok(job) => {
                         tracing::info!(disk = %disk.name, attempt, "tap attached and in sync");
                         attached.retain(|(_, j)| !j.starts_with(&job_prefix(&t.disk)));
@@ -157,7 +214,31 @@ pub fn run(
         let mut last = std::time::Instant::now();
         while !stopped.load(Ordering::SeqCst) && pending.is_empty() {
             std::thread::sleep(Duration::from_millis(50));
-            if last.elapsed() < WATCH_EVERY {
+            if let Ok(mut g) = grow.lock() {
+                growing.extend(g.drain(..).map(|(d, size)| (d, size, Instant::now())));
+            }
+            let now = Instant::now();
+            for (disk, size, when) in std::mem::take(&mut growing) {
+                let Some(t) = role.taps.iter().find(|t| t.disk == disk) else { continue };
+                if when > now {
+                    growing.push((disk, size, when));
+                    continue;
+                }
+                let job = attached.iter().position(|(_, j)| j.starts_with(&job_prefix(&disk)));
+                stream.set_syncing(true);
+                match grow_one(t, job.map(|i| attached[i].1.as_str()), size, stream) {
+                    Ok(()) => tracing::info!(%disk, size, "the disk grew: attaching its tap again with a full copy"),
+                    Err(e) => {
+                        tracing::error!(%disk, size, "{e}; trying again in {} s", RESIZE_RETRY.as_secs());
+                        growing.push((disk, size, now + RESIZE_RETRY));
+                    }
+                }
+                if let Some(i) = job {
+                    attached.remove(i);
+                }
+                pending.push(t);
+            }
+            if !pending.is_empty() || last.elapsed() < WATCH_EVERY {
                 continue;
             }
             last = std::time::Instant::now();

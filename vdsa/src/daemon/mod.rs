@@ -506,8 +506,8 @@ fn source(a: SourceArgs) -> Result<()> {
         stream.set_syncing(false);
     }
     let exports = Exports::default();
-    for (name, id, size) in &disks {
-        exports.insert(name.clone(), Arc::new(SourceDisk { stream: stream.clone(), disk: *id, size: *size }));
+    for (name, id, _) in &disks {
+        exports.insert(name.clone(), Arc::new(SourceDisk { stream: stream.clone(), disk: *id }));
     }
     serve_taps(listeners, claims, Arc::new(exports))?;
     let cfg = identity.client_config()?;

@@ -216,6 +216,7 @@ fn write_kind_code(kind: WriteKind) -> u8 {
         WriteKind::Data => 0,
         WriteKind::Zero => 1,
         WriteKind::Trim => 2,
+        WriteKind::Resize => 3,
     }
 }
 
@@ -335,6 +336,7 @@ pub fn decode_payload(kind: u8, payload: &[u8]) -> Result<Record, String> {
                 0 => WriteKind::Data,
                 1 => WriteKind::Zero,
                 2 => WriteKind::Trim,
+                3 => WriteKind::Resize,
                 other => return Err(format!("unknown write kind {other}")),
             };
             let offset = r.u64()?;
@@ -356,6 +358,9 @@ pub fn decode_payload(kind: u8, payload: &[u8]) -> Result<Record, String> {
                     other => return Err(format!("unknown block tag {other}")),
                 };
                 blocks.push((block, r));
+            }
+            if kind == WriteKind::Resize && (offset != 0 || !blocks.is_empty()) {
+                return Err("a resize record with an offset or blocks".into());
             }
             Record::Write(WriteRecord { lsn, stream, seq, disk, kind, offset, len, blocks })
         }

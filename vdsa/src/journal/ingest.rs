@@ -8,7 +8,8 @@ use super::format::{self, BlockRef, Record, WriteRecord};
 use super::index::{Version, ZERO_CHUNK};
 use super::log::SegmentSummary;
 use super::{
-    hex, JournalError, Result, State, StreamPosition, TapWrite, WriteData, BLOCK_SIZE, HANDOFF_BYTES, MAX_DATA_WRITE,
+    hex, JournalError, Result, SizeChange, State, StreamPosition, TapWrite, WriteData, BLOCK_SIZE, HANDOFF_BYTES,
+    MAX_DATA_WRITE,
 };
 use protection_groups::StreamId;
 use protection_groups::WriteKind;
@@ -95,11 +96,29 @@ impl State {
             return Err(JournalError::InvalidWrite(format!("a journal holds at most {} streams", u16::MAX)));
         }
         let mut expected = self.stream_ix.get(&stream).and_then(|&s| self.stream_pos[s as usize]).map(|p| p.seq + 1);
+        // Sizes as the batch's own resizes leave them.
+        let mut grown: HashMap<u32, u64> = HashMap::new();
         for w in writes {
             let d = self.disk(w.disk)?;
-            let size = self.disks[d as usize].info.size;
+            let size = grown.get(&d).copied().unwrap_or_else(|| self.disks[d as usize].head_size());
+            if let WriteData::Resize { size: new } = w.data {
+                if w.offset != 0 || new == 0 || !new.is_multiple_of(BLOCK_SIZE as u64) {
+                    return Err(JournalError::InvalidWrite(format!(
+                        "resize of {} at seq {} to {new} bytes (offset {}): a size is a positive multiple of \
+                         {BLOCK_SIZE} and the offset 0",
+                        w.disk, w.seq, w.offset
+                    )));
+                }
+                if new < size {
+                    return Err(JournalError::InvalidWrite(format!(
+                        "resize of {} at seq {} from {size} to {new} bytes: a protected disk never shrinks",
+                        w.disk, w.seq
+                    )));
+                }
+                grown.insert(d, new);
+            }
             let len = w.data.len();
-            if len == 0 {
+            if len == 0 && !matches!(w.data, WriteData::Resize { .. }) {
                 return Err(JournalError::InvalidWrite(format!("zero-length write at seq {}", w.seq)));
             }
             if matches!(w.data, WriteData::Data(_)) && len > MAX_DATA_WRITE {
@@ -214,6 +233,25 @@ impl State {
         for w in writes {
             let d = self.disk(w.disk)?;
             let lsn = self.head_lsn + 1;
+            if let WriteData::Resize { size } = w.data {
+                self.disks[d as usize].grow_replica(size)?;
+                self.disks[d as usize].resizes.push(SizeChange { lsn, stream: s, size });
+                let rec = Record::Write(WriteRecord {
+                    lsn,
+                    stream,
+                    seq: w.seq,
+                    disk: w.disk,
+                    kind: WriteKind::Resize,
+                    offset: 0,
+                    len: size,
+                    blocks: Vec::new(),
+                });
+                format::encode_record(&rec, &mut buf).map_err(JournalError::Failed)?;
+                summary.note(lsn, Some(s));
+                self.head_lsn = lsn;
+                self.stream_pos[s as usize] = Some(StreamPosition { lsn, seq: w.seq });
+                continue;
+            }
             let len = w.data.len();
             let (first, last) = (w.offset / bs, (w.offset + len - 1) / bs);
             let kind = w.data.kind();

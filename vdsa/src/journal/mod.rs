@@ -93,10 +93,45 @@ struct Meta {
 
 #[derive(Debug)]
 struct DiskState {
+    /// The disk at the base (the replica's checkpoint): its size then.
     info: DiskInfo,
     index: DiskIndex,
+    /// Resizes logged after the base, oldest first (docs/journal-format.md:
+    /// a disk only grows, and its replica file is at least the newest size).
+    resizes: Vec<SizeChange>,
     replica: File,
     replica_path: PathBuf,
+}
+
+/// A logged resize: from `lsn` of interned `stream` on, the disk is `size`.
+#[derive(Debug, Clone, Copy)]
+struct SizeChange {
+    lsn: u64,
+    stream: u16,
+    size: u64,
+}
+
+impl DiskState {
+    /// The size a reader at `cuts` sees.
+    fn size_at(&self, cuts: &CutSet) -> u64 {
+        self.resizes.iter().rev().find(|r| cuts.visible(r.lsn, r.stream)).map_or(self.info.size, |r| r.size)
+    }
+
+    /// The size after the newest logged write.
+    fn head_size(&self) -> u64 {
+        self.resizes.last().map_or(self.info.size, |r| r.size)
+    }
+
+    /// Makes the replica file at least `size` bytes (the grown part reads
+    /// as zeros). Not synced: after a crash, open grows it again from the
+    /// log.
+    fn grow_replica(&self, size: u64) -> Result<()> {
+        let len = self.replica.metadata().map_err(|e| JournalError::io("reading", &self.replica_path, e))?.len();
+        if len < size {
+            self.replica.set_len(size).map_err(|e| JournalError::io("growing replica", &self.replica_path, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// An open view's checkpoint and the blocks retention copied out for it.
@@ -107,6 +142,9 @@ struct ViewState {
     /// (disk, block) -> chunk (or ZERO_CHUNK) the view reads there, saved
     /// because retention moved the replica past the view's checkpoint.
     preserved: HashMap<(u32, u64), ChunkId>,
+    /// disk -> its size at the view's checkpoint, saved when retention
+    /// folded a later resize into the base.
+    sizes: HashMap<u32, u64>,
 }
 
 /// Where a view reads a block from.
@@ -216,6 +254,9 @@ impl Journal {
             st.checkpoints.insert(base.id, base);
         }
         let summaries = st.replay(&dir, records)?;
+        for d in &st.disks {
+            d.grow_replica(d.head_size())?;
+        }
         st.log = Log::open(&dir.join("log"), config.segment_bytes, summaries)?;
         if let Some(intent) = st.meta.intent.clone() {
             tracing::info!(checkpoint = %intent.id, "finishing a retention step interrupted by a crash");
@@ -339,8 +380,9 @@ impl Journal {
         })
     }
 
+    /// The disks and their sizes now (after the newest logged resize).
     pub fn disks(&self) -> Result<Vec<DiskInfo>> {
-        Ok(self.read_state()?.meta.disks.clone())
+        Ok(self.read_state()?.disks.iter().map(|d| DiskInfo { id: d.info.id, size: d.head_size() }).collect())
     }
 
     /// Ingests writes of one stream, in seq order. The whole batch is
@@ -373,7 +415,7 @@ impl Journal {
                     return Ok(false);
                 }
                 let d = st.disk(q.disk)?;
-                if q.block >= st.disks[d as usize].info.size / BLOCK_SIZE as u64 {
+                if q.block >= st.disks[d as usize].head_size() / BLOCK_SIZE as u64 {
                     return Ok(false);
                 }
                 st.read_head(d, q.block, &mut scratch)?;
@@ -472,7 +514,10 @@ impl Journal {
         let cuts = st.cutset(&cp);
         let view_id = st.next_view;
         st.next_view += 1;
-        st.views.insert(view_id, ViewState { checkpoint: cp.clone(), cuts, preserved: HashMap::new() });
+        st.views.insert(
+            view_id,
+            ViewState { checkpoint: cp.clone(), cuts, preserved: HashMap::new(), sizes: HashMap::new() },
+        );
         Ok(PitView::new(self.clone(), view_id, cp))
     }
 
@@ -480,7 +525,7 @@ impl Journal {
     /// a checkpoint holds): what a tap's own reads must see.
     pub fn read_head(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let st = self.read_state()?;
-        st.read_range(disk, &CutSet::everything(), &HashMap::new(), offset, buf)
+        st.read_range(disk, &CutSet::everything(), &HashMap::new(), &HashMap::new(), offset, buf)
     }
 
     /// Bytes free for the journal on its file system (as an unprivileged
@@ -583,10 +628,12 @@ fn open_replica(dir: &Path, info: DiskInfo, create: bool) -> Result<DiskState> {
         if let Some(parent) = path.parent() {
             fsutil::sync_dir(parent)?;
         }
-    } else if len != info.size {
+    } else if len < info.size {
+        // Longer is fine: a resize grew the file before its record was
+        // durable, or one after the base did.
         return Err(JournalError::corrupt(&path, len, format!("replica is {len} bytes, the disk {}", info.size)));
     }
-    Ok(DiskState { info, index: DiskIndex::default(), replica: file, replica_path: path })
+    Ok(DiskState { info, index: DiskIndex::default(), resizes: Vec::new(), replica: file, replica_path: path })
 }
 
 impl State {

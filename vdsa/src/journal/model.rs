@@ -76,6 +76,11 @@ pub enum WriteData<'a> {
     Trim {
         len: u64,
     },
+    /// The disk grows to `size` bytes (the write's offset is 0): a
+    /// checkpoint before it keeps the old size.
+    Resize {
+        size: u64,
+    },
 }
 
 impl WriteData<'_> {
@@ -84,13 +89,16 @@ impl WriteData<'_> {
             WriteData::Data(_) => WriteKind::Data,
             WriteData::Zero { .. } => WriteKind::Zero,
             WriteData::Trim { .. } => WriteKind::Trim,
+            WriteData::Resize { .. } => WriteKind::Resize,
         }
     }
 
+    /// Bytes of the range written (a resize writes none).
     pub fn len(&self) -> u64 {
         match self {
             WriteData::Data(d) => d.len() as u64,
             WriteData::Zero { len } | WriteData::Trim { len } => *len,
+            WriteData::Resize { .. } => 0,
         }
     }
 

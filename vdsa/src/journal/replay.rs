@@ -6,7 +6,7 @@
 use super::format::{BlockRef, Record, WriteRecord};
 use super::index::{Version, MISSING_CHUNK, ZERO_CHUNK};
 use super::log::{self, SegmentSummary};
-use super::{fsutil, hex, JournalError, Result, State, StreamPosition, BLOCK_SIZE};
+use super::{fsutil, hex, JournalError, Result, SizeChange, State, StreamPosition, BLOCK_SIZE};
 use protection_groups::WriteKind;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -97,6 +97,10 @@ impl State {
 
     /// Adds a logged write's block versions to the index, with references.
     pub(super) fn index_write(&mut self, d: u32, s: u16, w: &WriteRecord) {
+        if w.kind == WriteKind::Resize {
+            self.disks[d as usize].resizes.push(SizeChange { lsn: w.lsn, stream: s, size: w.len });
+            return;
+        }
         let put = |st: &mut State, block: u64, r: &BlockRef| {
             let chunk = match r {
                 BlockRef::Zero => {

@@ -225,6 +225,21 @@ impl State {
             disk.replica.sync_data().map_err(|e| JournalError::io("syncing replica", &disk.replica_path, e))?;
         }
         self.chunks.sync(&mut self.writer)?; // blocks preserved for views
+                                             // Resizes the new base holds become the disks' base sizes; older
+                                             // views keep the sizes they saw.
+        for &view in &older_views {
+            for (d, disk) in self.disks.iter().enumerate() {
+                if let Some(v) = self.views.get_mut(&view) {
+                    let size = disk.size_at(&v.cuts);
+                    v.sizes.entry(d as u32).or_insert(size);
+                }
+            }
+        }
+        for disk in &mut self.disks {
+            disk.info.size = disk.size_at(&cuts);
+            disk.resizes.retain(|r| !cuts.visible(r.lsn, r.stream));
+        }
+        self.meta.disks = self.disks.iter().map(|d| d.info).collect();
         self.meta.base = Some(target.clone());
         self.meta.intent = None;
         self.write_meta(dir)?;

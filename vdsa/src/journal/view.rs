@@ -31,16 +31,20 @@ impl PitView {
     pub fn read(&self, disk: DiskId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let st = self.journal.read_state()?;
         let view = st.views.get(&self.id).ok_or_else(|| JournalError::Failed("view state missing".into()))?;
-        st.read_range(disk, &view.cuts, &view.preserved, offset, buf)
+        st.read_range(disk, &view.cuts, &view.preserved, &view.sizes, offset, buf)
+    }
+
+    /// The disk's size at this checkpoint (a later resize does not show).
+    pub fn disk_size(&self, disk: DiskId) -> Result<u64> {
+        let st = self.journal.read_state()?;
+        let view = st.views.get(&self.id).ok_or_else(|| JournalError::Failed("view state missing".into()))?;
+        let d = st.disk(disk)?;
+        Ok(view.sizes.get(&d).copied().unwrap_or_else(|| st.disks[d as usize].size_at(&view.cuts)))
     }
 
     /// blake3 of the whole disk as this view sees it.
     pub fn disk_hash(&self, disk: DiskId) -> Result<blake3::Hash> {
-        let size = {
-            let st = self.journal.read_state()?;
-            let d = st.disk(disk)?;
-            st.disks[d as usize].info.size
-        };
+        let size = self.disk_size(disk)?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut pos = 0;
@@ -79,11 +83,12 @@ impl State {
         disk: DiskId,
         cuts: &CutSet,
         preserved: &HashMap<(u32, u64), ChunkId>,
+        sizes: &HashMap<u32, u64>,
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
         let d = self.disk(disk)?;
-        let size = self.disks[d as usize].info.size;
+        let size = sizes.get(&d).copied().unwrap_or_else(|| self.disks[d as usize].size_at(cuts));
         let len = buf.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(JournalError::OutOfRange { disk, offset, len, size });

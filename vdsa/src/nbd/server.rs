@@ -28,6 +28,12 @@ impl ExportError {
     }
 }
 
+impl std::fmt::Display for ExportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// A block device an NBD client can read and write.
 pub trait BlockExport: Send + Sync {
     fn size(&self) -> u64;

@@ -120,6 +120,8 @@ pub struct SourceStream {
     released: Condvar,
     syncing: AtomicBool,
     progress: Mutex<SyncProgress>,
+    /// Each disk's size now: `opts.disks` until a resize.
+    sizes: Mutex<Vec<(DiskId, u64)>>,
     pub throttle: Throttle,
     pub counters: LinkCounters,
     link: Mutex<LinkState>,
@@ -143,6 +145,7 @@ impl SourceStream {
             released: Condvar::new(),
             syncing: AtomicBool::new(false),
             progress: Mutex::new(SyncProgress { started: None, covered, done_blocks: 0 }),
+            sizes: Mutex::new(opts.disks.clone()),
             counters: LinkCounters::default(),
             link: Mutex::new(LinkState::default()),
             stop: AtomicBool::new(false),
@@ -181,13 +184,67 @@ impl SourceStream {
         if sync {
             self.note_synced(disk, offset, len);
         }
+        self.sequence(StreamWrite { seq: 0, disk, offset, len, kind, sync }, data)
+    }
+
+    /// The disks and their sizes now.
+    pub fn disks(&self) -> Vec<(DiskId, u64)> {
+        self.sizes.lock().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Disk `disk`'s size now, if the stream has it.
+    pub fn disk_size(&self, disk: DiskId) -> Option<u64> {
+        let sizes = self.sizes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sizes.iter().find(|(id, _)| *id == disk).map(|(_, s)| *s)
+    }
+
+    /// The disk grew to `size` bytes: a resize goes into the stream in
+    /// order with the writes (never dropped to the dirty bitmap), so the
+    /// target's checkpoints before it keep the old size. A size equal to
+    /// the current one states it again (see [`SourceStream::state_sizes`]).
+    pub fn resize(&self, disk: DiskId, size: u64) -> Result<(), ExportError> {
+        let current = self.disk_size(disk).ok_or_else(|| ExportError::new(EIO, format!("no disk {disk} here")))?;
+        if size < current || size == 0 || !size.is_multiple_of(BLOCK_SIZE as u64) {
+            return Err(ExportError::new(
+                EIO,
+                format!("disk {disk} cannot go from {current} to {size} bytes: it only grows, in whole 4 KiB blocks"),
+            ));
+        }
+        self.sequence(
+            StreamWrite { seq: 0, disk, offset: 0, len: size, kind: WriteKind::Resize, sync: true },
+            Vec::new(),
+        )?;
+        if let Ok(mut sizes) = self.sizes.lock() {
+            if let Some(d) = sizes.iter().position(|(id, _)| *id == disk) {
+                sizes[d].1 = size;
+                if let Ok(mut p) = self.progress.lock() {
+                    if let Some(bits) = p.covered.get_mut(d) {
+                        bits.resize((size / BLOCK_SIZE as u64).div_ceil(64) as usize, 0);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// States every disk's size in the stream: a run that starts on a
+    /// send queue a crash emptied still tells the target of a resize the
+    /// lost queue held.
+    pub fn state_sizes(&self) -> Result<(), ExportError> {
+        for (disk, size) in self.disks() {
+            self.resize(disk, size)?;
+        }
+        Ok(())
+    }
+
+    /// Numbers `w` (its seq is set here) and queues it.
+    fn sequence(&self, w: StreamWrite, data: Vec<u8>) -> Result<(), ExportError> {
         let poisoned = || ExportError::new(EIO, "sequencer poisoned");
         let mut sq = self.sequencer.lock().map_err(|_| poisoned())?;
         while sq.held.is_some() {
             sq = self.released.wait(sq).map_err(|_| poisoned())?;
         }
-        let seq = sq.next;
-        let w = QueuedWrite { write: StreamWrite { seq, disk, offset, len, kind, sync }, data: Arc::new(data) };
+        let w = QueuedWrite { write: StreamWrite { seq: sq.next, ..w }, data: Arc::new(data) };
         match self.queue.push_write(w) {
             // A write only marked dirty takes no seq: the stream the
             // target sees has no gap.
@@ -199,7 +256,7 @@ impl SourceStream {
     }
 
     fn note_synced(&self, disk: DiskId, offset: u64, len: u64) {
-        let Some(d) = self.opts.disks.iter().position(|(id, _)| *id == disk) else { return };
+        let Some(d) = self.disks().iter().position(|(id, _)| *id == disk) else { return };
         let Ok(mut p) = self.progress.lock() else { return };
         let bs = BLOCK_SIZE as u64;
         let mut added = 0;
@@ -313,7 +370,7 @@ impl SourceStream {
         let c = &self.counters;
         let newest = c.newest_consistent_ms.load(Ordering::Relaxed);
         let link = self.link.lock().map(|l| (l.connected, l.last_error.clone())).unwrap_or((false, None));
-        let total: u64 = self.opts.disks.iter().map(|(_, s)| s).sum();
+        let total: u64 = self.disks().iter().map(|(_, s)| s).sum();
         let sync = self.progress.lock().ok().map(|p| {
             let done = p.done_blocks * BLOCK_SIZE as u64;
             let secs = p.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
@@ -389,7 +446,7 @@ impl SourceStream {
             vpg: self.opts.vpg,
             stream: self.opts.stream,
             epoch: self.opts.epoch,
-            disks: self.opts.disks.clone(),
+            disks: self.disks(),
         };
         write_frame(&mut w, VERSION, msg::HELLO, &hello.encode())?;
         let f = read_frame(&mut r)?;
@@ -704,24 +761,22 @@ impl CompressProbe {
 pub struct SourceDisk {
     pub stream: Arc<SourceStream>,
     pub disk: DiskId,
-    pub size: u64,
 }
 
 impl SourceDisk {
     fn check(&self, offset: u64, len: u64) -> Result<(), ExportError> {
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(ExportError::new(
-                ENOSPC,
-                format!("{len} bytes at {offset} is beyond the disk's {} bytes", self.size),
-            ));
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(ExportError::new(ENOSPC, format!("{len} bytes at {offset} is beyond the disk's {size} bytes")));
         }
         Ok(())
     }
 }
 
 impl BlockExport for SourceDisk {
+    /// The stream's size of the disk: a resize shows to the next client.
     fn size(&self) -> u64 {
-        self.size
+        self.stream.disk_size(self.disk).unwrap_or(0)
     }
 
     /// A source VDSA holds no copy of the disk: the tap only writes.

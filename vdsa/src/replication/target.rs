@@ -427,9 +427,11 @@ impl TargetServer {
         let known = replica.journal.disks()?;
         for (disk, size) in &hello.disks {
             match known.iter().find(|d| d.id == *disk) {
-                Some(d) if d.size != *size => {
+                // A larger size is a resize the stream still carries (in
+                // order with the writes); a protected disk never shrinks.
+                Some(d) if d.size > *size => {
                     return Err(LinkError::Refused(format!(
-                        "disk {} is {} bytes here, the source says {size}",
+                        "disk {} is {} bytes here, the source says {size}: a protected disk cannot shrink",
                         disk.0, d.size
                     )))
                 }
@@ -682,6 +684,7 @@ impl Link {
                     WriteKind::Data => WriteData::Data(buf),
                     WriteKind::Zero => WriteData::Zero { len: w.write.len },
                     WriteKind::Trim => WriteData::Trim { len: w.write.len },
+                    WriteKind::Resize => WriteData::Resize { size: w.write.len },
                 },
             })
             .collect();
@@ -757,6 +760,9 @@ impl Link {
 fn check_shape(w: &OfferedWrite) -> Result<(), LinkError> {
     let (_, full, _) = split(w.write.offset, w.write.len);
     let want = if w.write.kind == WriteKind::Data { full } else { 0 };
+    if w.write.kind == WriteKind::Resize && w.write.offset != 0 {
+        return Err(LinkError::Refused(format!("resize seq {} names offset {}, not 0", w.write.seq, w.write.offset)));
+    }
     if w.blocks.len() != want || w.write.len == 0 {
         return Err(LinkError::Refused(format!(
             "write seq {} of {} bytes at {} lists {} whole blocks, not {want}",

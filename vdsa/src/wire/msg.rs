@@ -264,6 +264,7 @@ pub fn write_kind_code(k: WriteKind) -> u8 {
         WriteKind::Data => 1,
         WriteKind::Zero => 2,
         WriteKind::Trim => 3,
+        WriteKind::Resize => 4,
     }
 }
 
@@ -272,6 +273,7 @@ pub fn write_kind_from_code(code: u8) -> Option<WriteKind> {
         1 => WriteKind::Data,
         2 => WriteKind::Zero,
         3 => WriteKind::Trim,
+        4 => WriteKind::Resize,
         _ => return None,
     })
 }

@@ -630,3 +630,79 @@ fn integration_spec(id: u64) -> vdsa::journal::CheckpointSpec {
         cuts: Vec::new(),
     }
 }
+
+/// A disk that grows: checkpoints before the resize keep the old size (a
+/// view reads no further), later ones see the new size and what was
+/// written there; after a reopen and after retention moved the replica
+/// past the resize, the same holds. A shrink is refused.
+#[test]
+fn a_disk_grows_at_its_place_in_the_stream_and_earlier_checkpoints_keep_the_old_size() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (small, big) = (16 * BLOCK_SIZE as u64, 32 * BLOCK_SIZE as u64);
+    let disk = DiskId::new();
+    let s = StreamId::new();
+    let a: Vec<u8> = (0..BLOCK_SIZE as u64).map(|p| pattern(5, p)).collect();
+    let b: Vec<u8> = (0..BLOCK_SIZE as u64).map(|p| pattern(6, p)).collect();
+    {
+        let j = open(dir.path());
+        j.add_disk(disk, small).unwrap_or_else(|e| panic!("{e}"));
+        j.ingest(s, &[TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&a) }])
+            .unwrap_or_else(|e| panic!("{e}"));
+        j.mark_checkpoint(spec(1, 1_000, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
+        // Beyond the old end before the resize: refused.
+        let early = j.ingest(s, &[TapWrite { seq: 2, disk, offset: small, data: WriteData::Data(&b) }]);
+        assert!(matches!(early, Err(JournalError::OutOfRange { .. })), "{early:?}");
+        // The resize and a write past the old end, in one batch.
+        j.ingest(
+            s,
+            &[
+                TapWrite { seq: 2, disk, offset: 0, data: WriteData::Resize { size: big } },
+                TapWrite { seq: 3, disk, offset: big - BLOCK_SIZE as u64, data: WriteData::Data(&b) },
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let shrink = j.ingest(s, &[TapWrite { seq: 4, disk, offset: 0, data: WriteData::Resize { size: small } }]);
+        assert!(
+            matches!(&shrink, Err(JournalError::InvalidWrite(m)) if m.contains("never shrinks")),
+            "a shrink must be refused: {shrink:?}"
+        );
+        j.mark_checkpoint(spec(2, 2_000, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(j.disks().unwrap_or_default()[0].size, big);
+    }
+    let check = |j: &Journal, with_cp1: bool| {
+        if with_cp1 {
+            let v1 = j.open_view(CheckpointId(1)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(v1.disk_size(disk).unwrap_or(0), small, "checkpoint 1 keeps the old size");
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            let past = v1.read(disk, small, &mut buf);
+            assert!(matches!(past, Err(JournalError::OutOfRange { .. })), "{past:?}");
+            v1.read(disk, 0, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+            assert!(buf == a);
+        }
+        let v2 = j.open_view(CheckpointId(2)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(v2.disk_size(disk).unwrap_or(0), big);
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        v2.read(disk, big - BLOCK_SIZE as u64, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+        assert!(buf == b, "the block written past the old end");
+        v2.read(disk, small, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+        assert!(buf.iter().all(|&x| x == 0), "the grown part reads zeros");
+    };
+    let j = open(dir.path());
+    check(&j, true);
+    // A view of checkpoint 1 held while retention moves the replica past
+    // the resize still sees the old size and content.
+    let held = j.open_view(CheckpointId(1)).unwrap_or_else(|e| panic!("{e}"));
+    let policy = RetentionPolicy::Time { history: Duration::from_secs(1) };
+    j.apply_retention(&policy, 3_500).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(j.checkpoints().unwrap_or_default().first().map(|c| c.id), Some(CheckpointId(2)));
+    assert_eq!(held.disk_size(disk).unwrap_or(0), small);
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    held.read(disk, 0, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+    assert!(buf == a);
+    check(&j, false);
+    drop(held);
+    drop(j);
+    let meta = std::fs::read_to_string(dir.path().join("journal.json")).unwrap_or_default();
+    assert!(meta.contains(&format!("\"size\": {big}")), "the base's size is the new one: {meta}");
+    check(&open(dir.path()), false);
+}
