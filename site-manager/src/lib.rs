@@ -14,6 +14,7 @@
 //! the site manager only tells them what to do.
 
 pub mod api;
+pub mod barrier_thread;
 pub mod cli;
 pub mod client;
 pub mod coordinator;

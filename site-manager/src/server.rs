@@ -46,7 +46,8 @@ pub fn open(config: ServeConfig, site_name: &str) -> Result<Arc<SiteManager>> {
     store.site.put(b"site", &site)?;
     let unsafe_no_barrier = config.unsafe_no_barrier;
     let fault = config.fault_kill_after_prepare;
-    let sm = Arc::new(SiteManager::new(store, pki, config));
+    let barrier = crate::barrier_thread::BarrierThread::start().context("starting the barrier thread")?;
+    let sm = Arc::new(SiteManager::new(store, pki, config, barrier));
     if unsafe_no_barrier {
         tracing::warn!("control run: checkpoints are taken without the barrier; write order is not kept");
         sm.coordinator.unsafe_no_barrier.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -108,7 +109,16 @@ pub async fn serve(config: ServeConfig, site_name: &str) -> Result<()> {
     let app = crate::api::router(sm.clone());
     let tls = tokio_rustls::TlsAcceptor::from(sm.pki.api_server_config(sm.peering.verifier.clone())?);
     let api_task = tokio::spawn(serve_api(api, tls, app));
-    let mgmt_task = tokio::spawn(crate::mgmt::serve(sm.clone(), mgmt));
+    // The management links run on the barrier thread (its own runtime:
+    // the listener moves there).
+    let mgmt = mgmt.into_std()?;
+    let sm_mgmt = sm.clone();
+    let mgmt_task = sm.barrier.spawn(async move {
+        match TcpListener::from_std(mgmt) {
+            Ok(l) => crate::mgmt::serve(sm_mgmt, l).await,
+            Err(e) => tracing::error!(error = %e, "cannot take over the management listener"),
+        }
+    });
     let reconciler = tokio::spawn(crate::reconcile::run(sm.clone()));
     let peering = tokio::spawn(crate::peering::run(sm.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -40,6 +40,8 @@ pub struct SiteManager {
     pub peering: crate::peering::Peering,
     /// Log requests to VDSAs waiting for their answers.
     pub logs: crate::logs::LogCollector,
+    /// Where the management links and the barrier's rounds run.
+    pub barrier: crate::barrier_thread::BarrierThread,
 }
 
 /// A VDSA without a heartbeat for this long shows as down.
@@ -68,8 +70,9 @@ impl SiteManager {
         f(&mut s)
     }
 
-    pub fn new(store: Store, pki: SitePki, config: ServeConfig) -> Self {
+    pub fn new(store: Store, pki: SitePki, config: ServeConfig, barrier: crate::barrier_thread::BarrierThread) -> Self {
         SiteManager {
+            barrier,
             store: RwLock::new(store),
             pki,
             config,
@@ -81,12 +84,15 @@ impl SiteManager {
         }
     }
 
-    /// Takes a checkpoint of a VPG through the barrier and records it.
+    /// Takes a checkpoint of a VPG through the barrier (on the barrier
+    /// thread) and records it.
     pub async fn take_checkpoint(
-        &self,
+        self: &std::sync::Arc<Self>,
         req: crate::coordinator::CheckpointRequest,
     ) -> Result<crate::coordinator::BarrierOutcome, StoreError> {
-        self.coordinator.take_checkpoint(&self.links, &self.store, self.generation(), req).await
+        let sm = self.clone();
+        let round = async move { sm.coordinator.take_checkpoint(&sm.links, &sm.store, sm.generation(), req).await };
+        self.barrier.run(round).await
     }
 
     /// Says that desired state changed.

@@ -422,12 +422,20 @@ impl Roles {
     /// What runs now, for the report.
     pub fn actual(&self) -> ActualState {
         let mut roles = Vec::new();
-        if let Ok(sources) = self.sources.lock() {
-            for run in sources.values() {
-                let st = run.stream.status();
-                let syncing = run.stream.is_syncing();
+        // Taken out first: the barrier's PREPARE needs the roles' lock, and
+        // a status waits on locks the data path holds.
+        type Run = (VpgId, StreamId, Arc<SourceStream>, Arc<Mutex<Option<String>>>);
+        let runs: Vec<Run> = self
+            .sources
+            .lock()
+            .map(|s| s.values().map(|r| (r.role.vpg, r.role.stream, r.stream.clone(), r.tap_problem.clone())).collect())
+            .unwrap_or_default();
+        {
+            for (vpg, stream_id, stream, tap_problem) in runs {
+                let st = stream.status();
+                let syncing = stream.is_syncing();
                 let connected = st["connected"].as_bool().unwrap_or(false);
-                let problem = run.tap_problem.lock().ok().and_then(|p| p.clone());
+                let problem = tap_problem.lock().ok().and_then(|p| p.clone());
                 let phase = if problem.is_some() {
                     RolePhase::Failed
                 } else if syncing {
@@ -438,9 +446,9 @@ impl Roles {
                     RolePhase::Starting
                 };
                 roles.push(RoleState {
-                    vpg: run.role.vpg,
+                    vpg,
                     kind: RoleKind::Source,
-                    stream: Some(run.role.stream),
+                    stream: Some(stream_id),
                     phase,
                     detail: problem.unwrap_or_else(|| st["last_error"].as_str().unwrap_or_default().to_string()),
                     sync_done_bytes: st["sync"]["done_bytes"].as_u64().unwrap_or(0),

@@ -94,9 +94,6 @@ struct LinkState {
 #[derive(Debug)]
 struct Sequencer {
     next: u64,
-    /// A PREPAREd checkpoint: no write is sequenced (nor acknowledged)
-    /// until it is decided, so its cut is the last write sequenced before.
-    held: Option<HeldCut>,
 }
 
 #[derive(Debug, Clone)]
@@ -114,8 +111,15 @@ pub struct SourceStream {
     opts: SourceOptions,
     queue: SendQueue,
     /// The sequencer: the next local seq, locked while a write is queued,
-    /// so that seq order is queue order; and the checkpoint barrier's hold.
+    /// so that seq order is queue order.
     sequencer: Mutex<Sequencer>,
+    /// The PREPAREd checkpoint's id (0: none): a write that finds it set
+    /// waits, under the sequencer's lock, until it is decided. Set without
+    /// that lock, so PREPARE never waits for a write being queued (which
+    /// is then in the cut). Cleared only under the sequencer's lock.
+    holding: AtomicU64,
+    /// The PREPAREd checkpoint (what its marker will say).
+    held: Mutex<Option<HeldCut>>,
     /// Signalled when a hold ends.
     released: Condvar,
     syncing: AtomicBool,
@@ -141,7 +145,9 @@ impl SourceStream {
         Ok(Arc::new(SourceStream {
             throttle: Throttle::new(opts.bandwidth),
             queue: SendQueue::new(queue)?,
-            sequencer: Mutex::new(Sequencer { next: 1, held: None }),
+            sequencer: Mutex::new(Sequencer { next: 1 }),
+            holding: AtomicU64::new(0),
+            held: Mutex::new(None),
             released: Condvar::new(),
             syncing: AtomicBool::new(false),
             progress: Mutex::new(SyncProgress { started: None, covered, done_blocks: 0 }),
@@ -241,7 +247,7 @@ impl SourceStream {
     fn sequence(&self, w: StreamWrite, data: Vec<u8>) -> Result<(), ExportError> {
         let poisoned = || ExportError::new(EIO, "sequencer poisoned");
         let mut sq = self.sequencer.lock().map_err(|_| poisoned())?;
-        while sq.held.is_some() {
+        while self.holding.load(Ordering::SeqCst) != 0 {
             sq = self.released.wait(sq).map_err(|_| poisoned())?;
         }
         let w = QueuedWrite { write: StreamWrite { seq: sq.next, ..w }, data: Arc::new(data) };
@@ -283,11 +289,13 @@ impl SourceStream {
         self.decide(id, true)?.ok_or_else(|| io::Error::other(format!("checkpoint {id} was decided by another")))
     }
 
-    /// PREPARE (docs/architecture.md §3): from now on no tap write is
-    /// sequenced or acknowledged until [`SourceStream::decide`]; the cut
-    /// is the last write sequenced before. With a `hold_limit` the hold
-    /// ends on its own after it, as an ABORT. Preparing the checkpoint that
-    /// is already held again is a no-op.
+    /// PREPARE (docs/architecture.md §3): from now on no tap write starts
+    /// being sequenced or is acknowledged until [`SourceStream::decide`]
+    /// (one already being queued finishes, and is in the cut); the cut is
+    /// the last write sequenced before the decision. It waits for no
+    /// lock the data path holds. With a `hold_limit` the hold ends on its
+    /// own after it, as an ABORT. Preparing the checkpoint that is already
+    /// held again is a no-op.
     pub fn prepare(
         self: &Arc<Self>,
         id: u64,
@@ -297,16 +305,18 @@ impl SourceStream {
     ) -> io::Result<()> {
         crate::journal::check_checkpoint_name(name)
             .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, format!("checkpoint refused: {why}")))?;
-        let mut sq = self.sequencer.lock().map_err(|_| io::Error::other("sequencer poisoned"))?;
-        match &sq.held {
-            Some(h) if h.id == id => return Ok(()),
-            Some(h) => {
-                return Err(io::Error::other(format!("checkpoint {} is still held; {id} must wait", h.id)));
-            }
-            None => {}
+        if id == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "checkpoint id 0 is never used"));
         }
-        sq.held = Some(HeldCut { id, kind, name: name.to_string(), time_ms: now_ms(), since: Instant::now() });
-        drop(sq);
+        let mut held = self.held.lock().map_err(|_| io::Error::other("hold poisoned"))?;
+        match self.holding.load(Ordering::SeqCst) {
+            0 => {}
+            h if h == id => return Ok(()),
+            h => return Err(io::Error::other(format!("checkpoint {h} is still held; {id} must wait"))),
+        }
+        *held = Some(HeldCut { id, kind, name: name.to_string(), time_ms: now_ms(), since: Instant::now() });
+        self.holding.store(id, Ordering::SeqCst);
+        drop(held);
         if let Some(limit) = hold_limit {
             let me = Arc::downgrade(self);
             std::thread::spawn(move || {
@@ -330,11 +340,14 @@ impl SourceStream {
     /// recovery) and the hold ends. Returns the kind recorded, or None if
     /// `id` is not held (decided already, or never prepared).
     pub fn decide(&self, id: u64, commit: bool) -> io::Result<Option<CheckpointKind>> {
-        let mut sq = self.sequencer.lock().map_err(|_| io::Error::other("sequencer poisoned"))?;
-        if sq.held.as_ref().is_none_or(|h| h.id != id) {
+        let sq = self.sequencer.lock().map_err(|_| io::Error::other("sequencer poisoned"))?;
+        let mut held = self.held.lock().map_err(|_| io::Error::other("hold poisoned"))?;
+        if self.holding.load(Ordering::SeqCst) != id {
             return Ok(None);
         }
-        let Some(h) = sq.held.take() else { return Ok(None) };
+        let Some(h) = held.take().filter(|h| h.id == id) else { return Ok(None) };
+        self.holding.store(0, Ordering::SeqCst);
+        drop(held);
         let kind = if !commit || self.is_syncing() { CheckpointKind::Inconsistent } else { h.kind };
         let marker = Marker {
             id,
@@ -353,7 +366,7 @@ impl SourceStream {
 
     /// The checkpoint held now, if any.
     pub fn held(&self) -> Option<u64> {
-        self.sequencer.lock().ok()?.held.as_ref().map(|h| h.id)
+        Some(self.holding.load(Ordering::SeqCst)).filter(|&id| id != 0)
     }
 
     pub fn queue_stats(&self) -> QueueStats {
