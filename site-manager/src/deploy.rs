@@ -67,6 +67,32 @@ pub fn finish_register_wait(sm: &SiteManager, h: &Host) -> Result<(), crate::sto
     Ok(())
 }
 
+/// Fails the waits whose registration token expired before its VDSA
+/// registered (the host goes back to NotInstalled; a deploy makes a new
+/// token). Returns how many it failed.
+pub fn expire_register_waits(sm: &SiteManager) -> Result<usize, crate::store::StoreError> {
+    let mut failed = 0;
+    for t in sm.with_store(|s| s.tasks.list())? {
+        if t.kind != REGISTER_TASK || t.is_finished() || t.started_ms + REGISTRATION_VALID_MS > now_ms() {
+            continue;
+        }
+        let why = format!(
+            "the registration token expired after {} h before the VDSA registered; deploy again for a new one",
+            REGISTRATION_VALID_MS / 3_600_000
+        );
+        sm.finish_task(t.id, CompletionCode::Failed, serde_json::Value::Null, Some(why))?;
+        if let Some(h) = t.host {
+            let installing =
+                sm.with_store(|s| s.hosts.get(h.as_bytes()))?.is_some_and(|h| h.vdsa == VdsaState::Installing);
+            if installing {
+                set_host_state(sm, h, VdsaState::NotInstalled);
+            }
+        }
+        failed += 1;
+    }
+    Ok(failed)
+}
+
 fn connect(v: &VcenterSettings) -> Result<VsphereSite, String> {
     let trust = if !v.thumbprint.is_empty() {
         vsphere_client::ServerTrust::thumbprint(&v.thumbprint).map_err(|e| e.to_string())?
@@ -192,4 +218,46 @@ pub fn check_vsphere(h: &Host) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Host, Hypervisor};
+
+    /// A KVM deploy whose VDSA never registers: once its token expired,
+    /// the wait fails with the reason and the host is NotInstalled again; a
+    /// wait still within its token's life is left running.
+    #[test]
+    fn a_wait_whose_registration_token_expired_fails_and_the_host_goes_back() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let config = crate::state::ServeConfig {
+            data: dir.path().to_path_buf(),
+            api_listen: ([127, 0, 0, 1], 1).into(),
+            management_listen: ([127, 0, 0, 1], 2).into(),
+            unsafe_no_barrier: false,
+            fault_kill_after_prepare: 0,
+        };
+        let sm = crate::server::open(config, "test").unwrap_or_else(|e| panic!("{e:#}"));
+        let mut hosts = Vec::new();
+        for name in ["old", "new"] {
+            let mut h = Host::new(name.into(), Hypervisor::Kvm);
+            mint_registration(&sm, &mut h).unwrap_or_else(|e| panic!("{e}"));
+            let t = start_register_wait(&sm, &h).unwrap_or_else(|e| panic!("{e}"));
+            hosts.push((h, t));
+        }
+        // The first wait started longer ago than a token lives.
+        let mut old = hosts[0].1.clone();
+        old.started_ms -= REGISTRATION_VALID_MS + 1;
+        sm.with_store(|s| s.tasks.put(old.id.as_bytes(), &old)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(expire_register_waits(&sm).unwrap_or_else(|e| panic!("{e}")), 1);
+        let task = |id: uuid::Uuid| sm.with_store(|s| s.tasks.get(id.as_bytes())).ok().flatten();
+        let host = |h: &Host| sm.with_store(|s| s.hosts.get(h.id.as_bytes())).ok().flatten().map(|h| h.vdsa);
+        let t = task(old.id).unwrap_or_else(|| panic!("the task is gone"));
+        assert_eq!(t.completion, CompletionCode::Failed);
+        assert!(t.exception.as_deref().is_some_and(|e| e.contains("expired")), "{t:?}");
+        assert_eq!(host(&hosts[0].0), Some(VdsaState::NotInstalled));
+        assert!(task(hosts[1].1.id).is_some_and(|t| !t.is_finished()), "a live wait was ended");
+        assert_eq!(host(&hosts[1].0), Some(VdsaState::Installing));
+    }
 }

@@ -134,6 +134,23 @@ pub struct Host {
     pub vdsa_newest_checkpoint: u64,
 }
 
+impl Host {
+    /// A host just added: no VDSA yet.
+    pub fn new(name: String, hypervisor: Hypervisor) -> Host {
+        Host {
+            id: HostId::new(),
+            name,
+            hypervisor,
+            vdsa: VdsaState::NotInstalled,
+            replication_address: None,
+            last_heartbeat_ms: None,
+            software_version: None,
+            vdsa_generation: 0,
+            vdsa_newest_checkpoint: 0,
+        }
+    }
+}
+
 /// A request to add a host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

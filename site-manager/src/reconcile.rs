@@ -127,6 +127,8 @@ const TICK: Duration = Duration::from_millis(100);
 struct Memory {
     /// Per host: the desired state last sent, and to which session.
     sent: HashMap<HostId, (u64, DesiredState)>,
+    /// When expired registration waits were last looked for.
+    expiry_checked: Option<std::time::Instant>,
     version: u64,
     /// Per VPG: when its next automatic checkpoint is due, and the
     /// interval that was computed with (a changed interval reschedules).
@@ -182,8 +184,18 @@ pub async fn run(sm: Arc<SiteManager>) {
             Err(e) => tracing::error!(error = %e, "reconciler pass failed"),
         }
         schedule_checkpoints(&sm, &mut mem, &vpgs, &done_tx);
+        if mem.expiry_checked.is_none_or(|t| t.elapsed() >= EXPIRY_CHECK_EVERY) {
+            mem.expiry_checked = Some(std::time::Instant::now());
+            let sm2 = sm.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || crate::deploy::expire_register_waits(&sm2)).await {
+                tracing::error!(error = %e, "cannot expire registration waits");
+            }
+        }
     }
 }
+
+/// How often expired registration waits are looked for.
+const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 async fn push_desired(sm: &SiteManager, mem: &mut Memory, vpgs: &[Vpg], hosts: &[Host], peer: &PeerView) {
     let links = sm.links.sessions();

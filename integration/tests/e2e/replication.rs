@@ -202,7 +202,7 @@ fn refuses_bad_frames_strangers_and_stale_epochs_and_keeps_serving() {
     let why = refused_for(&src_certs, tspec.port, &frame);
     assert!(why.contains("checksum"), "{why}");
     // 2. A protocol version this build does not speak.
-    let mut frame = encode_header(VERSION + 8, vdsa::wire::msg::HELLO, &payload).to_vec();
+    let mut frame = encode_header(VERSION + 7, vdsa::wire::msg::HELLO, &payload).to_vec();
     frame.extend_from_slice(&payload);
     let why = refused_for(&src_certs, tspec.port, &frame);
     assert!(why.contains("protocol version 9 is not supported"), "{why}");

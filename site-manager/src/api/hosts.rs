@@ -49,17 +49,7 @@ async fn add_host(
         if hosts.iter().any(|h| h.name == req.name) {
             return Err(ApiError::Conflict(format!("a host named {:?} exists", req.name)));
         }
-        let h = Host {
-            id: HostId::new(),
-            name: req.name,
-            hypervisor: req.hypervisor,
-            vdsa: VdsaState::NotInstalled,
-            replication_address: None,
-            last_heartbeat_ms: None,
-            software_version: None,
-            vdsa_generation: 0,
-            vdsa_newest_checkpoint: 0,
-        };
+        let h = Host::new(req.name, req.hypervisor);
         sm.with_store(|s| s.hosts.put(h.id.as_bytes(), &h))?;
         Ok((StatusCode::CREATED, Json(h)))
     })

@@ -9,7 +9,7 @@
 use std::io::{self, Read, Write};
 
 pub const MAGIC: u32 = 0x5A57_4952;
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a peer may send: a batch is at most a few MiB.
 pub const MAX_PAYLOAD: u32 = 64 << 20;
