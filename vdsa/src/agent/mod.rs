@@ -113,6 +113,9 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     Ok(())
 }
 
+/// Sends a message to the site manager (any thread of the session).
+type Sender = Arc<dyn Fn(&VdsaMessage) -> Result<()> + Send + Sync>;
+
 /// Real-time priority of the management session thread.
 const SESSION_PRIORITY: libc::c_int = 10;
 
@@ -231,10 +234,11 @@ impl Agent {
         let (mut r, w) = tls::connect_to(self.identity.management_client()?, tcp, SITE_MANAGER_NAME)
             .with_context(|| format!("TLS with the site manager at {}", self.cfg.site_manager))?;
         let w = Arc::new(Mutex::new(w));
-        let send = |m: &VdsaMessage| -> Result<()> {
-            let mut g = w.lock().map_err(|_| anyhow::anyhow!("link writer poisoned"))?;
+        let w1 = w.clone();
+        let send: Sender = Arc::new(move |m: &VdsaMessage| -> Result<()> {
+            let mut g = w1.lock().map_err(|_| anyhow::anyhow!("link writer poisoned"))?;
             write_message(&mut *g, m)
-        };
+        });
         let obeyed = newest_generation(&self.cfg.data);
         send(&VdsaMessage::Hello {
             protocol: PROTOCOL_VERSION,
@@ -286,12 +290,7 @@ impl Agent {
     }
 
     /// Carries out commands until the link breaks.
-    fn obey(
-        &self,
-        r: &mut tls::LinkReader,
-        send: &dyn Fn(&VdsaMessage) -> Result<()>,
-        current: &mut u64,
-    ) -> Result<()> {
+    fn obey(&self, r: &mut tls::LinkReader, send: &Sender, current: &mut u64) -> Result<()> {
         loop {
             let m = read_message(r)?;
             if let Some(g) = m.generation() {
@@ -332,11 +331,21 @@ impl Agent {
                     let _ = self.roles.decide(vpg, checkpoint, false);
                     send(&VdsaMessage::Decided { vpg, checkpoint, committed: false, reason })?;
                 }
+                // Freezing and thawing take seconds: on threads of their own,
+                // so that PREPAREs of other VPGs are answered meanwhile.
                 ManagerMessage::Quiesce { vpg, checkpoint, .. } => {
-                    let failures = self.quiescer.quiesce(vpg, checkpoint, &self.roles.quiesce_specs(vpg));
-                    send(&VdsaMessage::Quiesced { vpg, checkpoint, failures })?;
+                    let (q, specs, send) = (self.quiescer.clone(), self.roles.quiesce_specs(vpg), send.clone());
+                    std::thread::spawn(move || {
+                        let failures = q.quiesce(vpg, checkpoint, &specs);
+                        if let Err(e) = send(&VdsaMessage::Quiesced { vpg, checkpoint, failures }) {
+                            tracing::warn!(%vpg, %checkpoint, "cannot answer QUIESCE: {e:#}");
+                        }
+                    });
                 }
-                ManagerMessage::Thaw { vpg, checkpoint, .. } => self.quiescer.thaw(vpg, checkpoint),
+                ManagerMessage::Thaw { vpg, checkpoint, .. } => {
+                    let q = self.quiescer.clone();
+                    std::thread::spawn(move || q.thaw(vpg, checkpoint));
+                }
                 ManagerMessage::CollectLogs { request, since_ms, until_ms, level, .. } => {
                     let (text, truncated) = collect_logs(&self.cfg.log_file(), since_ms, until_ms, level);
                     send(&VdsaMessage::Logs { request, text, truncated })?;

@@ -27,35 +27,67 @@ struct Frozen {
     since: Instant,
 }
 
-/// The VMs frozen now, per (VPG, checkpoint).
+/// The VMs frozen now, per (VPG, checkpoint), and the rounds still
+/// freezing (QUIESCE and THAW run on threads of their own, so a THAW can
+/// come while its round still freezes: what freezes after it is thawed at
+/// once).
 #[derive(Debug, Default)]
 pub struct Quiescer {
     frozen: Mutex<HashMap<(VpgId, CheckpointId), Vec<Frozen>>>,
+    /// Rounds freezing now: whether their THAW came already.
+    freezing: Mutex<HashMap<(VpgId, CheckpointId), bool>>,
 }
 
 impl Quiescer {
     /// Freezes each VM; returns why some could not be (empty: all are).
     pub fn quiesce(&self, vpg: VpgId, checkpoint: CheckpointId, vms: &[VmQuiesce]) -> Vec<String> {
+        let key = (vpg, checkpoint);
+        if let Ok(mut r) = self.freezing.lock() {
+            r.insert(key, false);
+        }
         let mut failures = Vec::new();
-        let mut frozen = Vec::new();
         for vm in vms {
             match freeze(vm) {
-                Ok(()) => frozen.push(Frozen { vm: vm.clone(), since: Instant::now() }),
+                Ok(()) => {
+                    // Listed at once, so a THAW finds it; frozen after the
+                    // THAW came, thawed at once. (Lock order: freezing,
+                    // then frozen.)
+                    let late = match self.freezing.lock() {
+                        Ok(r) if r.get(&key) != Some(&true) => {
+                            if let Ok(mut f) = self.frozen.lock() {
+                                f.entry(key).or_default().push(Frozen { vm: vm.clone(), since: Instant::now() });
+                            }
+                            false
+                        }
+                        _ => true,
+                    };
+                    if late {
+                        thaw_one(vm);
+                    }
+                }
                 Err(why) => {
                     tracing::warn!(vm = %vm.name, %checkpoint, "cannot quiesce: {why}");
                     failures.push(format!("VM {}: {why}", vm.name));
                 }
             }
         }
-        if let Ok(mut f) = self.frozen.lock() {
-            f.entry((vpg, checkpoint)).or_default().extend(frozen);
+        if let Ok(mut r) = self.freezing.lock() {
+            r.remove(&key);
         }
         failures
     }
 
-    /// Thaws what was frozen for this checkpoint.
+    /// Thaws what was frozen for this checkpoint (and, if its round still
+    /// freezes, what it freezes from now on).
     pub fn thaw(&self, vpg: VpgId, checkpoint: CheckpointId) {
-        let vms = self.frozen.lock().ok().and_then(|mut f| f.remove(&(vpg, checkpoint))).unwrap_or_default();
+        let key = (vpg, checkpoint);
+        let vms = {
+            let mut r = self.freezing.lock().ok();
+            if let Some(thawed) = r.as_mut().and_then(|r| r.get_mut(&key)) {
+                *thawed = true;
+            }
+            self.frozen.lock().ok().and_then(|mut f| f.remove(&key)).unwrap_or_default()
+        };
         for f in vms {
             thaw_one(&f.vm);
         }
