@@ -128,7 +128,7 @@ impl Setup {
 
     fn finish(mut self) -> Result<()> {
         if self.target != Target::None {
-            self.qsd.detach("tap", false)?;
+            self.qsd.detach("tap")?;
         }
         if let Some(v) = self.vdsa.take() {
             v.shutdown()?;

@@ -179,8 +179,10 @@ impl StorageDaemon {
         Ok(kvm::attach(&mut self.qmp, &spec, Duration::from_secs(300))?)
     }
 
-    pub fn detach(&mut self, job: &str, force: bool) -> Result<()> {
-        Ok(kvm::detach(&mut self.qmp, job, &format!("{job}-tgt"), force)?)
+    /// Detaches the tap (gracefully unless its target failed; see
+    /// `vdsa::kvm::detach`).
+    pub fn detach(&mut self, job: &str) -> Result<()> {
+        Ok(kvm::detach(&mut self.qmp, job, &format!("{job}-tgt"))?)
     }
 
     pub fn image_hash(&self) -> Result<blake3::Hash> {

@@ -230,7 +230,7 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
                 vdsa::kvm::wait_for(&mut q.qsd.qmp, &q.job, Duration::from_secs(30), "the job to fail", |s| {
                     s.is_some_and(|s| s.failed())
                 })?;
-                q.qsd.detach(&q.job, true)?;
+                q.qsd.detach(&q.job)?;
             }
             let s = sspec.start(lab)?;
             say(format!("[{t:.1}s] source VDSA SIGKILLed (its queue is lost), QEMU's mirror jobs failed, the guest kept writing; source restarted"));
@@ -293,7 +293,7 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
     report.source_status = status(&source)?;
     report.links_up = source.log_text().matches("replication link up").count();
     for q in &mut qemu {
-        q.qsd.detach(&q.job, false)?;
+        q.qsd.detach(&q.job)?;
     }
     let source_hashes: Vec<blake3::Hash> = qemu.iter().map(|q| q.qsd.image_hash()).collect::<Result<_>>()?;
     if source_hashes != model.hashes() {

@@ -208,6 +208,19 @@ fn slot_of(id: u64) -> (usize, u64) {
     ((id % HOSTS as u64) as usize, (id / HOSTS as u64) % SLOTS)
 }
 
+/// What the site saw (the VPG's record and the ends of the protected
+/// VDSAs' logs), so a failure can be understood from the output alone.
+fn what_the_site_saw(site: &ProtectedSite, vpg: &str) -> String {
+    let vpg_now = site.sm().and_then(|sm| sm.get(&format!("/api/v1/vpgs/{vpg}"))).map(|v| v.to_string());
+    let mut out = format!("VPG {vpg_now:?}");
+    for (h, agent) in site.agents.iter().enumerate().take(HOSTS) {
+        let log = agent.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+        out.push_str(&format!("\nthe log of kvm-{h}'s VDSA ends:\n{}", tail.join("\n")));
+    }
+    out
+}
+
 /// Runs the scenario in `dir` with `lab` (whose `lab vdsa` and `lab
 /// site-manager` are the daemons); `say` hears progress.
 pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(String)) -> Result<WriteOrderReport> {
@@ -292,17 +305,11 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
             break;
         }
         if done && extra_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(120) {
-            // What the site saw, so a failure can be understood from the
-            // test's output alone.
             let last = inserted.last().map(|(_, w)| w.to_string()).unwrap_or_default();
-            let vpg_now = site.sm().and_then(|sm| sm.get(&format!("/api/v1/vpgs/{vpg}"))).map(|v| v.to_string());
-            let log = site.agents[1].log_text();
-            let tail: Vec<&str> = log.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect();
             bail!(
                 "protection did not resume after the fault (faulted checkpoint {faulted:?}) or the changes \
-                 ({changes:?}); last checkpoint {last}; \
-                 VPG {vpg_now:?}; the log of kvm-1's VDSA ends:\n{}",
-                tail.join("\n")
+                 ({changes:?}); last checkpoint {last}; {}",
+                what_the_site_saw(&site, &vpg)
             );
         }
         let api = site.sm()?;
@@ -321,7 +328,7 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
                 faulted = Some(inserted.last().map_or(0, |(id, _)| *id) + 1);
                 site.restart_site_manager(lab, &plain)?;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.context(format!("changes {changes:?}; {}", what_the_site_saw(&site, &vpg)))),
         }
         if o.fault.is_some_and(|(f, _)| f == Fault::Vdsa) && faulted.is_none() && !site.agents[1].is_running() {
             let (id, _) = inserted.last().cloned().unwrap_or((0, Value::Null));

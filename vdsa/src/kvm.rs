@@ -222,16 +222,35 @@ pub fn wait_for(
     }
 }
 
-/// Detaches the tap, leaving the VM's disk as it is. `force` abandons a
-/// job whose target is gone instead of waiting for it to drain.
-pub fn detach(qmp: &mut Qmp, job_id: &str, target_node: &str, force: bool) -> Result<(), QmpError> {
-    if state(qmp, job_id)?.is_some() {
-        qmp.execute("block-job-cancel", json!({"device": job_id, "force": force}))?;
-        wait_for(qmp, job_id, Duration::from_secs(30), "the tap job to end", |s| s.is_none())?;
+/// Detaches the tap, leaving the VM's disk as it is.
+///
+/// A working job is cancelled gracefully: it finishes its in-flight writes
+/// to the target and ends without pivoting. Force-cancelling a ready
+/// write-blocking mirror while the guest writes corrupts QEMU 10.0's heap
+/// (the VM dies; docs/management-protocol.md), so force is used only on a job
+/// whose target failed (paused with io-status failed: nothing is in flight)
+/// or one that did not end gracefully within [`GRACEFUL_DETACH`].
+pub fn detach(qmp: &mut Qmp, job_id: &str, target_node: &str) -> Result<(), QmpError> {
+    if let Some(s) = state(qmp, job_id)? {
+        let ended = if s.failed() {
+            false
+        } else {
+            qmp.execute("block-job-cancel", json!({"device": job_id, "force": false}))?;
+            let gone_or_failed = |s: Option<&TapState>| s.is_none_or(TapState::failed);
+            wait_for(qmp, job_id, GRACEFUL_DETACH, "the tap job to end", gone_or_failed).is_ok()
+                && state(qmp, job_id)?.is_none()
+        };
+        if !ended {
+            qmp.execute("block-job-cancel", json!({"device": job_id, "force": true}))?;
+            wait_for(qmp, job_id, Duration::from_secs(30), "the tap job to end", |s| s.is_none())?;
+        }
     }
     qmp.execute("blockdev-del", json!({"node-name": target_node}))?;
     Ok(())
 }
+
+/// How long a graceful cancel may take before the job is forced.
+pub const GRACEFUL_DETACH: Duration = Duration::from_secs(15);
 
 #[cfg(test)]
 mod tests {

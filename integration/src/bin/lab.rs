@@ -429,7 +429,7 @@ fn kvm_tap_demo() -> Result<()> {
                 s.is_some_and(|s| s.failed())
             })?;
             vdsa = VdsaProcess::start(&lab, dir, "vmdisk=256M")?;
-            qsd.detach("tap0", true)?;
+            qsd.detach("tap0")?;
             qsd.attach("tap1", &vdsa.tap_sock, "vmdisk")?;
             vdsa.call(json!({"op": "sync", "syncing": false}))?;
             println!(
@@ -454,7 +454,7 @@ fn kvm_tap_demo() -> Result<()> {
     if source != blake3::hash(&model.images[0]) {
         bail!("QEMU's source disk differs from the model");
     }
-    qsd.detach("tap1", false)?;
+    qsd.detach("tap1")?;
     let journal_dir = vdsa.journal.clone();
     vdsa.shutdown()?;
     drop(qsd);

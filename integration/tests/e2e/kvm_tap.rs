@@ -113,7 +113,7 @@ fn the_kvm_tap_mirrors_every_guest_write_into_the_journal() {
     let source = ok(qsd.image_hash());
     let state = kvm::state(&mut qsd.qmp, "tap0").unwrap_or_default();
     assert!(state.as_ref().is_some_and(|s| s.in_sync()), "the tap stayed in sync: {state:?}");
-    ok(qsd.detach("tap0", false));
+    ok(qsd.detach("tap0"));
     let vdsa_journal = vdsa.journal.clone();
     ok(vdsa.shutdown());
 
@@ -200,7 +200,7 @@ fn a_killed_vdsa_catches_up_by_delta_sync() {
     let vdsa = ok(VdsaProcess::start(lab(), dir.path(), "vmdisk=256M"));
     let resync = ok(vdsa.call(json!({"op": "checkpoint", "name": "during resync"})));
     assert_eq!(resync["kind"], "Inconsistent", "a restarted VDSA offers nothing consistent before its resync");
-    ok(qsd.detach("tap0", true));
+    ok(qsd.detach("tap0"));
     eprintln!("old tap detached; re-attaching with a full (delta) sync");
     let st = ok(qsd.attach("tap1", &vdsa.tap_sock, "vmdisk"));
     assert!(st.in_sync(), "{st:?}");
@@ -212,7 +212,7 @@ fn a_killed_vdsa_catches_up_by_delta_sync() {
     assert_eq!(last["kind"], "Named");
     let source = ok(qsd.image_hash());
     assert_eq!(source, blake3::hash(&model.images[0]));
-    ok(qsd.detach("tap1", false));
+    ok(qsd.detach("tap1"));
     let vdsa_journal = vdsa.journal.clone();
     ok(vdsa.shutdown());
     let journal = Journal::open(&vdsa_journal, JournalConfig::default()).unwrap_or_else(|e| panic!("{e}"));

@@ -307,7 +307,7 @@ fn initial_sync_sends_only_what_the_seed_lacks() {
     assert!(offered >= nonzero, "every block is offered by hash ({offered} < {nonzero})");
     assert!(sent <= differ, "only blocks that differ from the seed cross the link ({sent} > {differ})");
     assert!(sent > 0);
-    ok(qsd.detach("tap0", false));
+    ok(qsd.detach("tap0"));
     let want = ok(qsd.image_hash());
     ok(source.shutdown());
     ok(target.shutdown());
@@ -379,7 +379,7 @@ fn a_full_queue_spills_then_falls_back_to_the_bitmap_and_resyncs() {
     // Lift the limit, and resync through the tap: QEMU's full sync.
     ok(source.call(json!({"op": "bandwidth", "bytes_per_sec": 0})));
     ok(source.call(json!({"op": "sync", "syncing": true})));
-    ok(qsd.detach("tap0", false));
+    ok(qsd.detach("tap0"));
     eprintln!("old tap detached; resyncing: {}", status(&source)["queue"]);
     ok(qsd.attach("tap1", &sspec.tap_sock, "d0").map(|_| ()));
     eprintln!("resynced: {}", status(&source)["queue"]);
@@ -395,7 +395,7 @@ fn a_full_queue_spills_then_falls_back_to_the_bitmap_and_resyncs() {
     }));
     let st = status(&source);
     assert_eq!(st["queue"]["needs_resync"], json!(false), "{st}");
-    ok(qsd.detach("tap1", false));
+    ok(qsd.detach("tap1"));
     assert_eq!(ok(qsd.image_hash()), model.hashes()[0]);
     ok(source.shutdown());
     ok(target.shutdown());

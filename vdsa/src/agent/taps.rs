@@ -67,7 +67,7 @@ fn remove_leftovers(qmp: &mut Qmp, disk: &protection_groups::DiskId) -> Result<(
         .unwrap_or_default();
     for job in ids {
         tracing::info!(%job, "cancelling a tap job left by an earlier role");
-        kvm::detach(qmp, &job, &format!("{job}-tgt"), true).map_err(|e| e.to_string())?;
+        kvm::detach(qmp, &job, &format!("{job}-tgt")).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -125,7 +125,7 @@ const RESIZE_RETRY: Duration = Duration::from_secs(30);
 fn grow_one(t: &TapAttach, job: Option<&str>, size: u64, stream: &SourceStream) -> Result<(), String> {
     if let Some(job) = job {
         with_monitor(&t.qmp_socket, |qmp| {
-            kvm::detach(qmp, job, &format!("{job}-tgt"), true).map_err(|e| format!("cannot detach the tap: {e}"))
+            kvm::detach(qmp, job, &format!("{job}-tgt")).map_err(|e| format!("cannot detach the tap: {e}"))
         })?;
     }
     stream.resize(t.disk, size).map_err(|e| e.to_string())
@@ -270,8 +270,7 @@ pub fn run(
         }
     }
     for (socket, job) in attached {
-        let r =
-            with_monitor(&socket, |qmp| kvm::detach(qmp, &job, &format!("{job}-tgt"), true).map_err(|e| e.to_string()));
+        let r = with_monitor(&socket, |qmp| kvm::detach(qmp, &job, &format!("{job}-tgt")).map_err(|e| e.to_string()));
         if let Err(e) = r {
             tracing::warn!(%job, "cannot detach the tap: {e}");
         }
