@@ -72,6 +72,14 @@ uuid_id!(
     "vpg"
 );
 uuid_id!(
+    /// A processing stack: a VPG's disks at one checkpoint with a private
+    /// write overlay, for a failover test or a failover (architecture.md
+    /// §6). A failover test is known by its stack's id.
+    StackId,
+    "stack"
+);
+
+uuid_id!(
     /// One source VDSA's flow of writes for one VPG (architecture.md §2).
     StreamId,
     "stream"

@@ -15,7 +15,7 @@ mod retention;
 mod status;
 mod vpg;
 
-pub use ids::{CheckpointId, DiskId, HostId, SiteId, StreamId, VmId, VpgId};
+pub use ids::{CheckpointId, DiskId, HostId, SiteId, StackId, StreamId, VmId, VpgId};
 pub use retention::{RetentionPolicy, SparseTier};
 pub use status::{IllegalTransition, VpgStatus};
 pub use vpg::{

@@ -23,6 +23,7 @@ pub mod journal;
 pub mod kvm;
 pub mod native_tap;
 pub mod nbd;
+pub mod recovery;
 pub mod replication;
 pub mod tap;
 pub mod wire;

@@ -42,6 +42,15 @@ impl PitView {
         Ok(view.sizes.get(&d).copied().unwrap_or_else(|| st.disks[d as usize].size_at(&view.cuts)))
     }
 
+    /// Which blocks of `offset..offset + len` read as zeroes without
+    /// storing anything (a zero block in the journal, a hole in the
+    /// replica): consecutive runs `(length, zero)` covering the range.
+    pub fn zero_runs(&self, disk: DiskId, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let st = self.journal.read_state()?;
+        let view = st.views.get(&self.id).ok_or_else(|| JournalError::Failed("view state missing".into()))?;
+        st.zero_runs(disk, &view.cuts, &view.preserved, &view.sizes, offset, len)
+    }
+
     /// blake3 of the whole disk as this view sees it.
     pub fn disk_hash(&self, disk: DiskId) -> Result<blake3::Hash> {
         let size = self.disk_size(disk)?;
@@ -74,6 +83,59 @@ impl Drop for PitView {
 }
 
 impl State {
+    /// See [`PitView::zero_runs`].
+    pub(super) fn zero_runs(
+        &self,
+        disk: DiskId,
+        cuts: &CutSet,
+        preserved: &HashMap<(u32, u64), ChunkId>,
+        sizes: &HashMap<u32, u64>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, bool)>> {
+        let d = self.disk(disk)?;
+        let size = sizes.get(&d).copied().unwrap_or_else(|| self.disks[d as usize].size_at(cuts));
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(JournalError::OutOfRange { disk, offset, len, size });
+        }
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let bs = BLOCK_SIZE as u64;
+        let end = offset + len;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let mut sources = vec![Source::Replica; (last - first + 1) as usize];
+        let mut found = Vec::new();
+        self.disks[d as usize].index.visible_in_range(first, last, cuts, &mut found);
+        for (b, v) in &found {
+            sources[(b - first) as usize] = Source::Chunk(v.chunk);
+        }
+        for (i, src) in sources.iter_mut().enumerate() {
+            if let Some(&c) = preserved.get(&(d, first + i as u64)) {
+                *src = Source::Chunk(c);
+            }
+        }
+        let holes = replica_holes(&self.disks[d as usize].replica, first * bs, (last + 1) * bs)?;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut hole = holes.iter().peekable();
+        for (i, src) in sources.iter().enumerate() {
+            let start = (first + i as u64) * bs;
+            let zero = match src {
+                Source::Chunk(c) => *c == ZERO_CHUNK,
+                Source::Replica => {
+                    while hole.next_if(|&&(_, e)| e <= start).is_some() {}
+                    hole.peek().is_some_and(|&&(s, e)| s <= start && start + bs <= e)
+                }
+            };
+            let piece = (start + bs).min(end) - start.max(offset);
+            match runs.last_mut() {
+                Some((l, z)) if *z == zero => *l += piece,
+                _ => runs.push((piece, zero)),
+            }
+        }
+        Ok(runs)
+    }
+
     /// Reads `buf.len()` bytes of `disk` at `offset` as a reader at `cuts`
     /// sees them: the blocks in `preserved` (copied out by retention for a
     /// view), else each block's newest version visible at `cuts`, else the
@@ -163,4 +225,45 @@ impl State {
         }
         self.chunks.read_many(&whole, buf)
     }
+}
+
+/// The holes of `file` within `lo..hi` (SEEK_DATA/SEEK_HOLE), as ranges.
+fn replica_holes(file: &std::fs::File, lo: u64, want_hi: u64) -> Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata().map_err(|e| JournalError::Failed(format!("replica metadata: {e}")))?.len();
+    let hi = want_hi.min(len);
+    let mut holes = Vec::new();
+    let mut pos = lo;
+    while pos < hi {
+        // SAFETY: lseek on a file descriptor this File owns; it changes only
+        // the descriptor's offset, which nothing here relies on (reads are
+        // positional).
+        let data = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data after `pos`; another error: say nothing is a
+            // hole (data is always a true answer).
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                holes.push((pos, hi));
+            }
+            break;
+        }
+        let data = data as u64;
+        if data > pos {
+            holes.push((pos, data.min(hi)));
+        }
+        if data >= hi {
+            break;
+        }
+        // SAFETY: as above.
+        let next_hole = unsafe { libc::lseek(file.as_raw_fd(), data as libc::off_t, libc::SEEK_HOLE) };
+        if next_hole < 0 {
+            break;
+        }
+        pos = next_hole as u64;
+    }
+    // Past the file's end (a replica shorter than the disk) reads zeroes.
+    if len < want_hi {
+        holes.push((len.max(lo), want_hi));
+    }
+    Ok(holes)
 }

@@ -6,6 +6,7 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054; // "IHAVEOPT"
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
@@ -19,11 +20,15 @@ pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 // Option replies.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
@@ -37,6 +42,7 @@ pub const TFLAG_HAS_FLAGS: u16 = 1;
 pub const TFLAG_SEND_FLUSH: u16 = 4;
 pub const TFLAG_SEND_FUA: u16 = 8;
 pub const TFLAG_SEND_TRIM: u16 = 32;
+pub const TFLAG_SEND_DF: u16 = 128;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 64;
 pub const TFLAG_SEND_FAST_ZERO: u16 = 2048;
 
@@ -47,10 +53,24 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const CMD_FLAG_FUA: u16 = 1;
 pub const CMD_FLAG_NO_HOLE: u16 = 2;
 pub const CMD_FLAG_DF: u16 = 4;
+pub const CMD_FLAG_REQ_ONE: u16 = 8;
 pub const CMD_FLAG_FAST_ZERO: u16 = 16;
+
+// Structured reply chunk types and flags.
+pub const REPLY_FLAG_DONE: u16 = 1;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+/// The one metadata context served: which ranges are holes and which
+/// read as zeroes.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+pub const STATE_HOLE: u32 = 1;
+pub const STATE_ZERO: u32 = 2;
 
 // Errors (errno values as the protocol fixes them).
 pub const EPERM: u32 = 1;
@@ -113,5 +133,16 @@ pub fn simple_reply(error: u32, handle: u64) -> [u8; 16] {
     b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     b[4..8].copy_from_slice(&error.to_be_bytes());
     b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b
+}
+
+/// The header of one structured reply chunk whose payload is `len` bytes.
+pub fn chunk_header(flags: u16, kind: u16, handle: u64, len: u32) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b[16..20].copy_from_slice(&len.to_be_bytes());
     b
 }

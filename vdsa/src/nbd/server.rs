@@ -1,5 +1,6 @@
-//! An NBD server (fixed newstyle handshake, simple replies) over any
-//! byte stream, serving named exports.
+//! An NBD server (fixed newstyle handshake; simple replies, or structured
+//! ones with the `base:allocation` metadata context when the client asks)
+//! over any byte stream, serving named exports.
 //!
 //! Requests are handled one at a time in arrival order and each is answered
 //! before the next is read: replies in order are always allowed, and a
@@ -39,7 +40,14 @@ pub trait BlockExport: Send + Sync {
     fn size(&self) -> u64;
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError>;
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), ExportError>;
+    /// WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE: the range reads as zeroes
+    /// and stays provisioned.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError>;
+    /// WRITE_ZEROES without NBD_CMD_FLAG_NO_HOLE: the range reads as
+    /// zeroes and may become a hole. By default as with the flag.
+    fn write_zeroes_may_punch(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        self.write_zeroes(offset, len)
+    }
     fn trim(&self, offset: u64, len: u64) -> Result<(), ExportError>;
     fn flush(&self) -> Result<(), ExportError>;
     /// Whether a flush makes writes durable here, so that FLUSH and FUA are
@@ -49,7 +57,29 @@ pub trait BlockExport: Send + Sync {
     fn offers_durability(&self) -> bool {
         true
     }
+    /// What `offset..offset + len` holds, as consecutive extents from
+    /// `offset` (at least one; they may stop short of `len`). States are
+    /// `base:allocation`'s: [`STATE_HOLE`] and [`STATE_ZERO`]; 0 (data) is
+    /// always a true answer, so that is the default.
+    fn block_status(&self, _offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
+        Ok(vec![Extent { length: len, state: 0 }])
+    }
 }
+
+/// One run of a block status answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// [`STATE_HOLE`] | [`STATE_ZERO`], or 0 for data.
+    pub state: u32,
+}
+
+/// The most descriptors one block status reply carries (the protocol lets
+/// a server answer less than asked; the client asks again from there).
+const MAX_EXTENTS: usize = 4096;
+
+/// The context id `base:allocation` gets on a connection.
+const ALLOCATION_CONTEXT: u32 = 1;
 
 /// The exports a server offers, by name. A client asking for the empty
 /// name gets the only export, if there is exactly one.
@@ -96,9 +126,13 @@ impl Exports {
 /// Longest option payload accepted in the handshake.
 const MAX_OPTION: u32 = 64 << 10;
 
-/// The transmission flags offered for `export`.
-fn transmission_flags(export: &dyn BlockExport) -> u16 {
-    let base = TFLAG_HAS_FLAGS | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+/// The transmission flags offered for `export` (DF only with structured
+/// replies, which it is about).
+fn transmission_flags(export: &dyn BlockExport, structured: bool) -> u16 {
+    let mut base = TFLAG_HAS_FLAGS | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    if structured {
+        base |= TFLAG_SEND_DF;
+    }
     if export.offers_durability() {
         base | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA
     } else {
@@ -125,13 +159,15 @@ pub fn serve<R: Read, W: Write>(reader: R, writer: W, exports: &Exports) -> io::
         r: BufReader::with_capacity(256 << 10, reader),
         w: BufWriter::with_capacity(256 << 10, writer),
         no_zeroes: false,
+        structured: false,
+        allocation_for: None,
     };
-    let export = match conn.handshake(exports) {
+    let (export, name) = match conn.handshake(exports) {
         Ok(Some(e)) => e,
         Ok(None) => return Ok(Ending::Disconnect),
         Err(e) => return ending(e),
     };
-    match conn.transmission(export.as_ref()) {
+    match conn.transmission(export.as_ref(), &name) {
         Ok(end) => Ok(end),
         Err(e) => ending(e),
     }
@@ -153,6 +189,11 @@ struct Conn<R: Read, W: Write> {
     r: BufReader<R>,
     w: BufWriter<W>,
     no_zeroes: bool,
+    /// NBD_OPT_STRUCTURED_REPLY was negotiated.
+    structured: bool,
+    /// The export the last NBD_OPT_SET_META_CONTEXT selected
+    /// `base:allocation` for (block status is allowed on it only).
+    allocation_for: Option<String>,
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -187,8 +228,9 @@ impl<R: Read, W: Write> Conn<R, W> {
         self.w.flush()
     }
 
-    /// Returns the export chosen, or None if the client aborted.
-    fn handshake(&mut self, exports: &Exports) -> io::Result<Option<Arc<dyn BlockExport>>> {
+    /// Returns the export chosen and its name, or None if the client
+    /// aborted.
+    fn handshake(&mut self, exports: &Exports) -> io::Result<Option<(Arc<dyn BlockExport>, String)>> {
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -215,19 +257,19 @@ impl<R: Read, W: Write> Conn<R, W> {
             self.r.read_exact(&mut data)?;
             match option {
                 OPT_EXPORT_NAME => {
-                    let name = String::from_utf8_lossy(&data);
+                    let name = String::from_utf8_lossy(&data).into_owned();
                     let Some(export) = exports.find(&name) else {
                         return Err(protocol(format!("no export named {name:?}")));
                     };
                     let mut b = Vec::with_capacity(134);
                     b.extend_from_slice(&export.size().to_be_bytes());
-                    b.extend_from_slice(&transmission_flags(export.as_ref()).to_be_bytes());
+                    b.extend_from_slice(&transmission_flags(export.as_ref(), self.structured).to_be_bytes());
                     if !self.no_zeroes {
                         b.extend_from_slice(&[0u8; 124]);
                     }
                     self.w.write_all(&b)?;
                     self.w.flush()?;
-                    return Ok(Some(export));
+                    return Ok(Some((export, name)));
                 }
                 OPT_ABORT => {
                     // The reply is a courtesy; the client may be gone already.
@@ -258,7 +300,7 @@ impl<R: Read, W: Write> Conn<R, W> {
                     };
                     let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                     info.extend_from_slice(&export.size().to_be_bytes());
-                    info.extend_from_slice(&transmission_flags(export.as_ref()).to_be_bytes());
+                    info.extend_from_slice(&transmission_flags(export.as_ref(), self.structured).to_be_bytes());
                     self.option_reply(option, REP_INFO, &info)?;
                     // Minimum 1: sub-4 KiB writes arrive as they are, with no
                     // read-modify-write by the client.
@@ -269,9 +311,18 @@ impl<R: Read, W: Write> Conn<R, W> {
                     self.option_reply(option, REP_INFO, &bs)?;
                     self.option_reply(option, REP_ACK, &[])?;
                     if option == OPT_GO {
-                        return Ok(Some(export));
+                        return Ok(Some((export, name)));
                     }
                 }
+                OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        self.option_reply(option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                        continue;
+                    }
+                    self.structured = true;
+                    self.option_reply(option, REP_ACK, &[])?;
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, &data, exports)?,
                 _ => self.option_reply(option, REP_ERR_UNSUP, &[])?,
             }
         }
@@ -287,7 +338,93 @@ impl<R: Read, W: Write> Conn<R, W> {
         Ok(())
     }
 
-    fn transmission(&mut self, export: &dyn BlockExport) -> io::Result<Ending> {
+    /// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT: the only
+    /// context is `base:allocation`.
+    fn meta_context(&mut self, option: u32, data: &[u8], exports: &Exports) -> io::Result<()> {
+        if option == OPT_SET_META_CONTEXT {
+            // A SET replaces the selection, also when it fails.
+            self.allocation_for = None;
+        }
+        if !self.structured {
+            return self.option_reply(option, REP_ERR_INVALID, b"negotiate structured replies first");
+        }
+        let Some((name, queries)) = parse_meta_request(data) else {
+            return self.option_reply(option, REP_ERR_INVALID, b"malformed metadata context request");
+        };
+        if exports.find(&name).is_none() {
+            return self.option_reply(option, REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes());
+        }
+        // LIST with no query, or with `base:`, lists everything.
+        let wanted = queries.iter().any(|q| q == BASE_ALLOCATION)
+            || (option == OPT_LIST_META_CONTEXT && (queries.is_empty() || queries.iter().any(|q| q == "base:")));
+        if wanted {
+            let id = if option == OPT_SET_META_CONTEXT { ALLOCATION_CONTEXT } else { 0 };
+            let mut d = id.to_be_bytes().to_vec();
+            d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            self.option_reply(option, REP_META_CONTEXT, &d)?;
+            if option == OPT_SET_META_CONTEXT {
+                self.allocation_for = Some(name);
+            }
+        }
+        self.option_reply(option, REP_ACK, &[])
+    }
+
+    /// A structured error chunk (the last of its reply).
+    fn error_chunk(&mut self, handle: u64, e: &ExportError) -> io::Result<()> {
+        let msg = &e.message.as_bytes()[..e.message.len().min(4096)];
+        self.w.write_all(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, 6 + msg.len() as u32))?;
+        self.w.write_all(&e.errno.to_be_bytes())?;
+        self.w.write_all(&(msg.len() as u16).to_be_bytes())?;
+        self.w.write_all(msg)
+    }
+
+    /// Answers NBD_CMD_BLOCK_STATUS for `off..off + len` (in range).
+    fn block_status(&mut self, export: &dyn BlockExport, handle: u64, off: u64, len: u64, one: bool) -> io::Result<()> {
+        let extents = match export.block_status(off, len) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(errno = e.errno, "NBD block status refused: {}", e.message);
+                return self.error_chunk(handle, &e);
+            }
+        };
+        // Clipped to the request, each under 4 GiB, none empty, adjacent
+        // equal states merged.
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut left = len;
+        for Extent { length, state } in extents {
+            let mut length = length.min(left);
+            left -= length;
+            while length > 0 {
+                let piece = length.min(u64::from(u32::MAX) & !4095) as u32;
+                match out.last_mut() {
+                    Some((l, s)) if *s == state && u64::from(*l) + u64::from(piece) <= u64::from(u32::MAX) => {
+                        *l += piece
+                    }
+                    _ => out.push((piece, state)),
+                }
+                length -= u64::from(piece);
+            }
+            if left == 0 || out.len() >= MAX_EXTENTS {
+                break;
+            }
+        }
+        if out.is_empty() {
+            // An export that answered nothing: data is always true.
+            out.push((len as u32, 0));
+        }
+        out.truncate(if one { 1 } else { MAX_EXTENTS });
+        let payload = 4 + 8 * out.len() as u32;
+        self.w.write_all(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, handle, payload))?;
+        self.w.write_all(&ALLOCATION_CONTEXT.to_be_bytes())?;
+        for (l, s) in out {
+            self.w.write_all(&l.to_be_bytes())?;
+            self.w.write_all(&s.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn transmission(&mut self, export: &dyn BlockExport, name: &str) -> io::Result<Ending> {
+        let allocation = self.allocation_for.as_deref() == Some(name);
         let size = export.size();
         let durable = export.offers_durability();
         let mut header = [0u8; Request::LEN];
@@ -313,10 +450,12 @@ impl<R: Read, W: Write> Conn<R, W> {
                     self.r.read_exact(&mut buf)?;
                     Err(ExportError::new(EINVAL, format!("flags {unknown_flags:#x} are not offered for a write")))
                 }
-                CMD_READ | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES if unknown_flags != 0 => Err(ExportError::new(
-                    EINVAL,
-                    format!("flags {unknown_flags:#x} are not offered for command {}", req.kind),
-                )),
+                CMD_READ | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS if unknown_flags != 0 => {
+                    Err(ExportError::new(
+                        EINVAL,
+                        format!("flags {unknown_flags:#x} are not offered for command {}", req.kind),
+                    ))
+                }
                 CMD_DISC => return Ok(Ending::Disconnect),
                 CMD_WRITE => {
                     if req.length > MAX_REQUEST {
@@ -339,6 +478,16 @@ impl<R: Read, W: Write> Conn<R, W> {
                     } else {
                         buf.resize(req.length as usize, 0);
                         match export.read(off, &mut buf) {
+                            Ok(()) if self.structured => {
+                                // One data chunk: nothing to fragment, so DF
+                                // holds whatever the client asked.
+                                let h =
+                                    chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, req.handle, 8 + req.length);
+                                self.w.write_all(&h)?;
+                                self.w.write_all(&off.to_be_bytes())?;
+                                self.w.write_all(&buf)?;
+                                continue;
+                            }
                             Ok(()) => {
                                 let data = std::mem::take(&mut buf);
                                 self.reply(0, req.handle, Some(&data))?;
@@ -349,12 +498,23 @@ impl<R: Read, W: Write> Conn<R, W> {
                         }
                     }
                 }
-                CMD_WRITE_ZEROES if in_range => export.write_zeroes(off, len),
+                CMD_WRITE_ZEROES if in_range && req.flags & CMD_FLAG_NO_HOLE != 0 => export.write_zeroes(off, len),
+                CMD_WRITE_ZEROES if in_range => export.write_zeroes_may_punch(off, len),
                 CMD_TRIM if in_range => export.trim(off, len),
                 CMD_WRITE_ZEROES | CMD_TRIM => {
                     Err(ExportError::new(ENOSPC, format!("range {off}+{len} beyond the end ({size})")))
                 }
                 CMD_FLUSH => export.flush(),
+                CMD_BLOCK_STATUS if !allocation => {
+                    Err(ExportError::new(EINVAL, "block status without the base:allocation context selected"))
+                }
+                CMD_BLOCK_STATUS if !in_range || len == 0 => {
+                    Err(ExportError::new(EINVAL, format!("block status of {off}+{len} beyond the end ({size})")))
+                }
+                CMD_BLOCK_STATUS => {
+                    self.block_status(export, req.handle, off, len, req.flags & CMD_FLAG_REQ_ONE != 0)?;
+                    continue;
+                }
                 other => Err(ExportError::new(EINVAL, format!("unknown command {other}"))),
             };
             // FUA: the write is durable before it is acknowledged. A flush
@@ -369,6 +529,12 @@ impl<R: Read, W: Write> Conn<R, W> {
                 Ok(()) => 0,
                 Err(e) => {
                     tracing::warn!(errno = e.errno, "NBD request refused: {}", e.message);
+                    // With structured replies a read (and block status) is
+                    // never answered simply.
+                    if self.structured && matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS) {
+                        self.error_chunk(req.handle, &e)?;
+                        continue;
+                    }
                     e.errno
                 }
             };
@@ -387,6 +553,7 @@ fn allowed_flags(kind: u16, durable: bool) -> u16 {
         CMD_WRITE | CMD_TRIM => fua,
         CMD_WRITE_ZEROES => fua | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
         CMD_READ => CMD_FLAG_DF,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
         _ => 0,
     }
 }
@@ -409,4 +576,21 @@ fn parse_info_request(data: &[u8]) -> Option<String> {
         return None;
     }
     String::from_utf8(name.to_vec()).ok()
+}
+
+/// Parses NBD_OPT_LIST/SET_META_CONTEXT data: the export name and the
+/// queries.
+fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let name_len = u32_at(data.get(..4)?, 0) as usize;
+    let name = String::from_utf8(data.get(4..4 + name_len)?.to_vec()).ok()?;
+    let mut rest = data.get(4 + name_len..)?;
+    let n = u32_at(rest.get(..4)?, 0);
+    rest = &rest[4..];
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let l = u32_at(rest.get(..4)?, 0) as usize;
+        queries.push(String::from_utf8(rest.get(4..4 + l)?.to_vec()).ok()?);
+        rest = &rest[4 + l..];
+    }
+    rest.is_empty().then_some((name, queries))
 }

@@ -6,6 +6,7 @@ mod daemon;
 mod journal;
 mod native_tap;
 mod nbd;
+mod recovery;
 mod wire;
 
 use std::os::unix::net::{UnixListener, UnixStream};

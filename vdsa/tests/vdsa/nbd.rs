@@ -16,7 +16,7 @@ use vdsa::nbd::proto::*;
 use vdsa::nbd::server::{serve, Exports};
 use vdsa::tap::{TapDisk, TapStream};
 
-const SIZE: u64 = 1 << 20;
+pub const SIZE: u64 = 1 << 20;
 
 fn start_server(dir: &Path) -> (Journal, [DiskId; 2], std::path::PathBuf) {
     let journal = Journal::open(dir.join("journal"), JournalConfig::default()).unwrap_or_else(|e| panic!("{e}"));
@@ -50,11 +50,25 @@ fn the_nbd_server_survives_random_and_hostile_requests() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (journal, disks, sock) = start_server(dir.path());
     let mut model = [vec![0u8; SIZE as usize], vec![0u8; SIZE as usize]];
-    let mut rng = StdRng::seed_from_u64(0xF022);
+    fuzz(&sock, ["a", "b"], &mut model, 0xF022);
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        let mut head = vec![0u8; SIZE as usize];
+        journal.read_head(disks[i], 0, &mut head).unwrap_or_else(|e| panic!("{e}"));
+        assert!(head == model[i], "journal head of {name} differs from its model");
+    }
+}
+
+/// 200 connections of random valid requests (checked against `model`,
+/// the exports' content, which it updates) mixed with malformed and
+/// hostile ones, on the exports `names` (each `SIZE` bytes) served at
+/// `sock`. Afterwards the server still serves and each export holds
+/// exactly its model.
+pub fn fuzz(sock: &Path, names: [&str; 2], model: &mut [Vec<u8>; 2], seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let (mut dropped, mut refused, mut served) = (0, 0, 0);
     for round in 0..200 {
         let which = rng.gen_range(0..2usize);
-        let mut c = NbdClient::connect_unix(&sock, ["a", "b"][which]).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let mut c = NbdClient::connect_unix(sock, names[which]).unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert_eq!(c.size, SIZE);
         let mut handle = 1u64;
         for _ in 0..rng.gen_range(1..40) {
@@ -136,7 +150,7 @@ fn the_nbd_server_survives_random_and_hostile_requests() {
                 }
                 _ => {
                     // Garbage in the handshake, on a connection of its own.
-                    let mut s = UnixStream::connect(&sock).unwrap_or_else(|e| panic!("{e}"));
+                    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("{e}"));
                     let mut hello = [0u8; 18];
                     let _ = s.read_exact(&mut hello);
                     let mut junk = vec![0u8; rng.gen_range(1..64)];
@@ -148,17 +162,14 @@ fn the_nbd_server_survives_random_and_hostile_requests() {
         }
     }
     // The server still serves, and each export holds exactly its model.
-    for (i, name) in ["a", "b"].iter().enumerate() {
-        let mut c = NbdClient::connect_unix(&sock, name).unwrap_or_else(|e| panic!("{e}"));
+    for (i, name) in names.iter().enumerate() {
+        let mut c = NbdClient::connect_unix(sock, name).unwrap_or_else(|e| panic!("{e}"));
         let mut buf = vec![0u8; SIZE as usize];
         c.read(0, &mut buf).unwrap_or_else(|e| panic!("{e}"));
         assert!(buf == model[i], "export {name} differs from its model");
-        let mut head = vec![0u8; SIZE as usize];
-        journal.read_head(disks[i], 0, &mut head).unwrap_or_else(|e| panic!("{e}"));
-        assert!(head == model[i], "journal head of {name} differs from its model");
     }
     // A refused handshake option and an unknown export name.
-    assert!(NbdClient::connect_unix(&sock, "nope").is_err());
+    assert!(NbdClient::connect_unix(sock, "nope").is_err());
     assert!(served > 500 && refused > 50 && dropped > 30, "served {served}, refused {refused}, dropped {dropped}");
 }
 

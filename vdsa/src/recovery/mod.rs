@@ -1,0 +1,21 @@
+//! Recovery at the target VDSA: processing stacks (a VPG's disks at one
+//! checkpoint, read through a pinned journal view, with a private write
+//! overlay per disk) served as NBD exports, for failover tests and
+//! failover (docs/recovery.md).
+//!
+//! Opening a stack copies nothing and never writes to the journal or the
+//! replica; any number run side by side over one journal. Discarding one
+//! frees its overlays and its pin on the journal's retention.
+
+mod error;
+mod overlay;
+mod stack;
+
+pub use error::{Error, Result};
+pub use overlay::Overlay;
+pub use stack::{ProcessingStack, StackDisk};
+
+/// The NBD export name of one disk of a stack.
+pub fn export_name(stack: protection_groups::StackId, disk: protection_groups::DiskId) -> String {
+    format!("{}/{}", stack.0, disk.0)
+}
