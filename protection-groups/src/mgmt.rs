@@ -8,13 +8,14 @@
 //! stale site manager, and the wire's *replication epoch* (in a role).
 
 use crate::{
-    CheckpointId, CheckpointKind, DiskSpec, HostId, QuiesceSpec, RetentionPolicy, SiteId, StreamId, VmId, VpgId,
+    CheckpointId, CheckpointKind, DiskId, DiskSpec, HostId, QuiesceSpec, RetentionPolicy, SiteId, StackId, StreamId,
+    VmId, VpgId,
 };
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides put in their first message. A peer of
 /// another version is refused with a message that names both.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame either side accepts.
 pub const MAX_FRAME_BYTES: u32 = 4 << 20;
@@ -216,6 +217,52 @@ pub struct TargetRole {
     pub streams: Vec<StreamId>,
     pub disks: Vec<DiskSpec>,
     pub retention: RetentionPolicy,
+    /// Processing stacks to serve over this journal (failover tests): a
+    /// stack not listed is discarded, its overlays freed.
+    #[serde(default)]
+    pub stacks: Vec<StackSpec>,
+}
+
+/// A processing stack the target VDSA serves: the VPG's disks at
+/// `checkpoint` with a private write overlay each (architecture.md §6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackSpec {
+    pub id: StackId,
+    pub checkpoint: CheckpointId,
+}
+
+/// A stack as its VDSA serves it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackState {
+    pub id: StackId,
+    pub checkpoint: CheckpointId,
+    /// One NBD export per disk; empty while it cannot be served.
+    pub exports: Vec<StackExport>,
+    /// Bytes written to it since it was opened.
+    pub written_bytes: u64,
+    /// What its overlays occupy on the VDSA's volume.
+    pub allocated_bytes: u64,
+    /// Why it cannot be served (the checkpoint is no longer retained, the
+    /// volume failed), or empty.
+    pub problem: String,
+    /// Discarded (its overlays freed); reported for a while so that the
+    /// site manager learns its final `written_bytes`.
+    #[serde(default)]
+    pub discarded: bool,
+}
+
+/// One disk of a stack, as an NBD export.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackExport {
+    pub disk: DiskId,
+    /// `nbd://HOST:PORT/NAME`, for qemu, qemu-img or nbdcopy.
+    pub uri: String,
+    pub size_bytes: u64,
 }
 
 /// What a VDSA runs now.
@@ -280,6 +327,9 @@ pub struct RoleState {
     pub written_bytes: u64,
     /// Source: bytes on the link.
     pub link_bytes: u64,
+    /// Target: the processing stacks it serves.
+    #[serde(default)]
+    pub stacks: Vec<StackState>,
 }
 
 #[cfg(test)]

@@ -422,3 +422,61 @@ pub struct DeployVdsa {
     #[schema(value_type = Vec<String>)]
     pub dns: Vec<std::net::Ipv4Addr>,
 }
+
+/// Where a failover test is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum TestState {
+    /// Its stacks are being opened at the recovery VDSAs.
+    Starting,
+    /// Every disk is exported: test VMs can boot from `exports`.
+    Running,
+    /// Stopped by the operator; its stacks are being discarded.
+    Stopping,
+    /// Its stacks are discarded and their space freed: a record.
+    Stopped,
+    /// It could not start (`detail` says why); nothing is kept.
+    Failed,
+}
+
+/// The operator's verdict on a test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TestResult {
+    Pass,
+    Fail,
+}
+
+/// A failover test: a VPG's disks at one checkpoint, exported with a
+/// private write overlay (a processing stack per recovery VDSA), and
+/// afterwards the record of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FailoverTest {
+    /// The test's stack id at every recovery VDSA.
+    pub id: protection_groups::StackId,
+    pub vpg: VpgId,
+    pub vpg_name: String,
+    pub checkpoint: protection_groups::CheckpointId,
+    pub state: TestState,
+    pub started_ms: u64,
+    /// When every disk was exported (start to ready is the test's start
+    /// time).
+    pub ready_ms: Option<u64>,
+    pub stopped_ms: Option<u64>,
+    pub result: Option<TestResult>,
+    pub notes: String,
+    /// Bytes the test VMs wrote (to the overlays only).
+    pub written_bytes: u64,
+    /// One NBD export per disk while it runs.
+    pub exports: Vec<protection_groups::mgmt::StackExport>,
+    pub detail: String,
+    /// The task that starts it, and the one that stops it.
+    pub start_task: Uuid,
+    pub stop_task: Option<Uuid>,
+}
+
+impl FailoverTest {
+    /// Whether its stacks should be served.
+    pub fn serves(&self) -> bool {
+        matches!(self.state, TestState::Starting | TestState::Running)
+    }
+}

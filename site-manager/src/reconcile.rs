@@ -4,7 +4,7 @@
 //! automatic checkpoints, and marks checkpoints durable.
 
 use crate::coordinator::CheckpointRequest;
-use crate::model::{CompletionCode, Host, Vpg};
+use crate::model::{now_ms, CompletionCode, Host, TestState, Vpg};
 use crate::state::SiteManager;
 use protection_groups::mgmt::{DesiredState, ManagerMessage, RoleKind, RolePhase, SourceRole, TapAttach, TargetRole};
 use protection_groups::{CheckpointKind, HostId, StreamId, VpgId, VpgStatus};
@@ -44,8 +44,14 @@ pub struct PeerView {
 /// copies (hosts with nothing get an empty one, which takes their roles
 /// down). A VPG's source roles run at this site's hosts only; its target
 /// roles at the hosts of the site it recovers to, set up by that site's
-/// manager from its copy.
-pub fn desired_states(vpgs: &[Vpg], hosts: &[Host], peer: &PeerView) -> BTreeMap<HostId, DesiredState> {
+/// manager from its copy. Each target role serves the stacks of the VPG's
+/// running failover tests (`tests`).
+pub fn desired_states(
+    vpgs: &[Vpg],
+    hosts: &[Host],
+    peer: &PeerView,
+    tests: &[crate::model::FailoverTest],
+) -> BTreeMap<HostId, DesiredState> {
     let mut out: BTreeMap<HostId, DesiredState> = hosts
         .iter()
         .map(|h| (h.id, DesiredState { trusted_sites: peer.trusted.clone(), ..DesiredState::default() }))
@@ -112,6 +118,11 @@ pub fn desired_states(vpgs: &[Vpg], hosts: &[Host], peer: &PeerView) -> BTreeMap
                 streams,
                 disks,
                 retention: v.settings.retention(),
+                stacks: tests
+                    .iter()
+                    .filter(|t| t.vpg == v.id && t.serves())
+                    .map(|t| protection_groups::mgmt::StackSpec { id: t.id, checkpoint: t.checkpoint })
+                    .collect(),
             });
         }
     }
@@ -159,10 +170,15 @@ pub async fn run(sm: Arc<SiteManager>) {
                 hosts: sm2.peering.hosts(),
                 trusted: crate::peering::trusted_sites(&sm2)?,
             };
-            Ok((sm2.with_store(|s| s.vpgs.list())?, sm2.with_store(|s| s.hosts.list())?, peer))
+            Ok((
+                sm2.with_store(|s| s.vpgs.list())?,
+                sm2.with_store(|s| s.hosts.list())?,
+                peer,
+                sm2.with_store(|s| s.tests.list())?,
+            ))
         })
         .await;
-        let (vpgs, hosts, peer) = match loaded {
+        let (vpgs, hosts, peer, tests) = match loaded {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reconciler cannot read the store");
@@ -170,7 +186,13 @@ pub async fn run(sm: Arc<SiteManager>) {
             }
             Err(_) => continue,
         };
-        push_desired(&sm, &mut mem, &vpgs, &hosts, &peer).await;
+        push_desired(&sm, &mut mem, &vpgs, &hosts, &peer, &tests).await;
+        if tests.iter().any(|t| matches!(t.state, TestState::Starting | TestState::Running | TestState::Stopping)) {
+            let sm2 = sm.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || advance_tests(&sm2, &tests)).await {
+                tracing::error!(error = %e, "reconciler cannot advance failover tests");
+            }
+        }
         let sm2 = sm.clone();
         let v2 = vpgs.clone();
         let mut seen = std::mem::take(&mut mem.durable_seen);
@@ -197,10 +219,17 @@ pub async fn run(sm: Arc<SiteManager>) {
 /// How often expired registration waits are looked for.
 const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(60);
 
-async fn push_desired(sm: &SiteManager, mem: &mut Memory, vpgs: &[Vpg], hosts: &[Host], peer: &PeerView) {
+async fn push_desired(
+    sm: &SiteManager,
+    mem: &mut Memory,
+    vpgs: &[Vpg],
+    hosts: &[Host],
+    peer: &PeerView,
+    tests: &[crate::model::FailoverTest],
+) {
     let links = sm.links.sessions();
     let generation = sm.generation();
-    for (host, mut state) in desired_states(vpgs, hosts, peer) {
+    for (host, mut state) in desired_states(vpgs, hosts, peer, tests) {
         let Some(&(_, session)) = links.iter().find(|(h, _)| *h == host) else { continue };
         let unchanged = mem.sent.get(&host).is_some_and(|(s, d)| {
             *s == session
@@ -470,4 +499,73 @@ fn schedule_checkpoints(
             let _ = done.send(vpg);
         });
     }
+}
+
+/// Moves failover tests on from what this site's recovery VDSAs report: a
+/// starting test runs once every target role of its VPG serves its stack
+/// (or fails, naming why); a stopping one is a record once none does.
+fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Result<(), crate::store::StoreError> {
+    let reports = sm.links.roles();
+    for t in tests {
+        let targets: Vec<_> = reports.iter().filter(|r| r.vpg == t.vpg && r.kind == RoleKind::Target).collect();
+        let reported: Vec<_> = targets.iter().filter_map(|r| r.stacks.iter().find(|s| s.id == t.id)).collect();
+        let stacks: Vec<_> = reported.iter().copied().filter(|s| !s.discarded).collect();
+        let mut next = t.clone();
+        match t.state {
+            TestState::Starting | TestState::Running => {
+                next.written_bytes = stacks.iter().map(|s| s.written_bytes).sum();
+                if let Some(problem) = stacks.iter().find(|s| !s.problem.is_empty()).map(|s| s.problem.clone()) {
+                    next.state = TestState::Failed;
+                    next.detail = format!("a recovery VDSA cannot serve the test: {problem}");
+                    next.stopped_ms = Some(now_ms());
+                    next.exports.clear();
+                    sm.finish_task(
+                        t.start_task,
+                        CompletionCode::Failed,
+                        serde_json::json!({"test": t.id}),
+                        Some(next.detail.clone()),
+                    )?;
+                } else if t.state == TestState::Starting && !targets.is_empty() && stacks.len() == targets.len() {
+                    next.state = TestState::Running;
+                    next.ready_ms = Some(now_ms());
+                    next.exports = stacks.iter().flat_map(|s| s.exports.iter().cloned()).collect();
+                    next.exports.sort_by_key(|e| e.disk);
+                    let result = serde_json::to_value(&next).unwrap_or_default();
+                    // The task completes once every test it started runs.
+                    let siblings = sm.with_store(|s| s.tests.list())?;
+                    let all_running = siblings
+                        .iter()
+                        .filter(|o| o.start_task == t.start_task && o.id != t.id)
+                        .all(|o| o.state == TestState::Running);
+                    if all_running {
+                        sm.finish_task(t.start_task, CompletionCode::Success, result, None)?;
+                    }
+                    tracing::info!(vpg = %t.vpg, test = %t.id, checkpoint = %t.checkpoint,
+                        ms = next.ready_ms.unwrap_or(0).saturating_sub(t.started_ms), "failover test running");
+                }
+            }
+            TestState::Stopping if stacks.is_empty() => {
+                // The final count comes with the discarded stacks' reports.
+                let last: u64 = reported.iter().map(|s| s.written_bytes).sum();
+                next.written_bytes = next.written_bytes.max(last);
+                next.state = TestState::Stopped;
+                next.stopped_ms = Some(now_ms());
+                next.exports.clear();
+                if let Some(task) = t.stop_task {
+                    sm.finish_task(
+                        task,
+                        CompletionCode::Success,
+                        serde_json::to_value(&next).unwrap_or_default(),
+                        None,
+                    )?;
+                }
+                tracing::info!(vpg = %t.vpg, test = %t.id, result = ?t.result, "failover test stopped");
+            }
+            _ => {}
+        }
+        if next != *t {
+            sm.with_store(|s| s.tests.put(t.id.as_bytes(), &next))?;
+        }
+    }
+    Ok(())
 }

@@ -239,6 +239,8 @@ pub struct Store {
     pub vpgs: CachedTable<Vpg>,
     pub checkpoints: Table<Checkpoint>,
     pub tasks: Table<Task>,
+    /// Failover tests, running and recorded (key: the test's id).
+    pub tests: Table<crate::model::FailoverTest>,
     /// Peer VPG definitions kept for a failover without the protected site.
     pub peer_vpgs: Table<Vpg>,
     /// The paired site (at most one, under [`PEER_KEY`]).
@@ -305,6 +307,7 @@ impl Store {
             vpgs: CachedTable::open(&db, "vpgs")?,
             checkpoints: Table::open(&db, "checkpoints")?,
             tasks: Table::open(&db, "tasks")?,
+            tests: Table::open(&db, "tests")?,
             peer_vpgs: Table::open(&db, "peer_vpgs")?,
             peer: Table::open(&db, "peer")?,
             pairing_tokens: Table::open(&db, "pairing_tokens")?,

@@ -5,6 +5,7 @@
 
 mod error;
 mod extract;
+mod failover_tests;
 mod hosts;
 mod logs;
 mod peering;
@@ -68,6 +69,7 @@ fn documented() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(tokens::routes())
         .merge(hosts::routes())
         .merge(vpgs::routes())
+        .merge(failover_tests::routes())
         .merge(tasks::routes())
         .merge(peering::routes())
         .merge(logs::routes())

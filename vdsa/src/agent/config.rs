@@ -28,6 +28,11 @@ pub struct AgentConfig {
     /// native-tcp:HOST:PORT.
     #[serde(default)]
     pub tap_listen: Vec<String>,
+    /// HOST:PORT where processing stacks are served over NBD (plain NBD,
+    /// for the recovery host's hypervisor: keep it on a trusted network).
+    /// Port 0 lets the kernel choose; the bound address is reported.
+    #[serde(default = "defaults::export_listen")]
+    pub export_listen: String,
     /// The longest a checkpoint barrier may hold tap acknowledgements.
     #[serde(default = "defaults::hold_limit_ms")]
     pub hold_limit_ms: u64,
@@ -46,6 +51,9 @@ pub struct AgentConfig {
 }
 
 mod defaults {
+    pub fn export_listen() -> String {
+        "127.0.0.1:0".into()
+    }
     pub fn hold_limit_ms() -> u64 {
         1000
     }

@@ -11,6 +11,7 @@ mod config;
 mod identity;
 mod link;
 mod quiesce;
+mod recovery;
 mod roles;
 mod taps;
 
@@ -34,6 +35,23 @@ use std::time::Duration;
 
 /// How long a clean stop waits for the send queues to drain.
 const DRAIN_LIMIT: Duration = Duration::from_secs(20);
+
+/// Serves the processing stacks' exports on `listen` (plain NBD, a
+/// thread per connection); returns the address bound.
+fn serve_stacks(listen: &str, exports: Arc<Exports>) -> Result<String> {
+    use crate::daemon::listen::{accept_each, halves};
+    let l = TcpListener::bind(listen).with_context(|| format!("listening for stack exports on {listen}"))?;
+    let addr = l.local_addr()?.to_string();
+    let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c))).flatten().filter_map(|c| {
+        let _ = c.set_nodelay(true);
+        Some(halves(c.try_clone().ok()?, c))
+    });
+    accept_each(conns, exports, |exports, r, w| match crate::nbd::server::serve(r, w, exports) {
+        Ok(end) => tracing::debug!("stack export connection ended: {end:?}"),
+        Err(e) => tracing::warn!("stack export connection failed: {e}"),
+    });
+    Ok(addr)
+}
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(cfg: AgentConfig) -> Result<()> {
@@ -74,12 +92,15 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     std::thread::spawn(move || t.serve(replication, tls));
     let exports = Arc::new(Exports::default());
     serve_taps(listeners, claims, exports.clone())?;
+    let stack_exports = Arc::new(Exports::default());
+    let export_address = serve_stacks(&cfg.export_listen, stack_exports.clone())?;
     let tls = super::agent::roles::ReplicationTls {
         identity_dir: identity.dir.clone(),
         server: server_tls,
         client: std::sync::Mutex::new(site.client_config()?),
     };
-    let roles = Arc::new(Roles::new(cfg.clone(), target, exports, tls));
+    let stacks = recovery::Stacks::new(cfg.data.join("stacks"), stack_exports, export_address);
+    let roles = Arc::new(Roles::new(cfg.clone(), target, exports, tls, stacks));
     let r = roles.clone();
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(5));

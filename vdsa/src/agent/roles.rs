@@ -68,6 +68,8 @@ pub struct Roles {
     pub target: Arc<TargetServer>,
     pub exports: Arc<Exports>,
     tls: ReplicationTls,
+    /// The processing stacks of its target roles.
+    stacks: super::recovery::Stacks,
     /// The paired sites trusted now (None until the first desired state
     /// of this run; until then the files from the last run apply).
     trusted: Mutex<Option<Vec<TrustedSite>>>,
@@ -92,7 +94,13 @@ const REOPEN_FREE_BYTES: u64 = 8 << 20;
 const REPORTED_CHECKPOINTS: usize = 256;
 
 impl Roles {
-    pub fn new(cfg: AgentConfig, target: Arc<TargetServer>, exports: Arc<Exports>, tls: ReplicationTls) -> Roles {
+    pub fn new(
+        cfg: AgentConfig,
+        target: Arc<TargetServer>,
+        exports: Arc<Exports>,
+        tls: ReplicationTls,
+        stacks: super::recovery::Stacks,
+    ) -> Roles {
         // Until the site manager says otherwise, no VPG is accepted.
         target.set_defined(HashMap::new());
         Roles {
@@ -102,6 +110,7 @@ impl Roles {
             target,
             exports,
             tls,
+            stacks,
             trusted: Mutex::new(None),
             applied_version: AtomicU64::new(0),
         }
@@ -135,6 +144,8 @@ impl Roles {
                 targets.insert(t.vpg, t.clone());
             }
         }
+        let want: Vec<_> = desired.targets.iter().flat_map(|t| t.stacks.iter().map(|s| (t.vpg, s.clone()))).collect();
+        self.stacks.apply(&want, |vpg| self.target.replica(vpg).map(|r| r.journal.clone()));
         if let Ok(mut sources) = self.sources.lock() {
             // A disk that grew keeps its role running: the resize goes into
             // the stream in order (a new role would start a new run).
@@ -457,6 +468,7 @@ impl Roles {
                     recoverable_checkpoints: Vec::new(),
                     written_bytes: st["raw_bytes"].as_u64().unwrap_or(0),
                     link_bytes: st["wire_bytes"].as_u64().unwrap_or(0),
+                    stacks: Vec::new(),
                 });
             }
         }
@@ -480,6 +492,7 @@ impl Roles {
                 recoverable_checkpoints: recoverable,
                 written_bytes: stats.as_ref().map_or(0, |s| s.log_bytes + s.pack_bytes),
                 link_bytes: 0,
+                stacks: self.stacks.states(vpg),
             });
         }
         let data_free_bytes = crate::journal::free_bytes_at(&self.cfg.data).unwrap_or(0);

@@ -1,0 +1,186 @@
+//! Failover tests through the site manager's API: four tests at four
+//! checkpoints of one VPG at once while it replicates, each export read by
+//! qemu-img equal to the reference image of its checkpoint, writes kept
+//! private to their test, and stopping frees their space and keeps a
+//! record.
+
+use integration::kvm_lab::qemu_available;
+use integration::site_lab::{ProtectedSite, SiteSpec};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use vdsa::nbd::client::NbdClient;
+
+const DISK: u64 = 8 << 20;
+
+fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Copies an `nbd://HOST:PORT/NAME` export with qemu-img and hashes it.
+fn export_hash(uri: &str, scratch: &Path) -> blake3::Hash {
+    let out = scratch.join("copy.raw");
+    let _ = std::fs::remove_file(&out);
+    let r = ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", uri]).arg(&out).output());
+    assert!(r.status.success(), "qemu-img convert {uri}: {}", String::from_utf8_lossy(&r.stderr));
+    blake3::hash(&ok(std::fs::read(&out)))
+}
+
+fn du(path: &Path) -> u64 {
+    let out = Command::new("du").args(["-sk"]).arg(path).output().ok();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    text.split_whitespace().next().and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
+}
+
+/// `nbd://HOST:PORT/NAME` split for our own client.
+fn split_uri(uri: &str) -> (String, String) {
+    let rest = uri.trim_start_matches("nbd://");
+    let (addr, name) = rest.split_once('/').unwrap_or((rest, ""));
+    (addr.to_string(), name.to_string())
+}
+
+#[test]
+fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
+    if !qemu_available() {
+        panic!("qemu-storage-daemon is missing: integration/run-tests installs qemu-utils");
+    }
+    let _turn = crate::take_turns();
+    let dir = ok(tempfile::tempdir());
+    let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
+    let spec = SiteSpec {
+        hosts: 2,
+        disk_bytes: DISK,
+        site_manager_args: Vec::new(),
+        vdsa_args: Vec::new(),
+        checkpoint_interval_ms: 3_600_000,
+        quiesce_hook: Vec::new(),
+    };
+    let site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
+    let sm = ok(site.sm());
+    let vpg = site.vpg.clone();
+    let mut guests: Vec<NbdClient> = ok(site.vms.iter().map(|q| q.guest()).collect::<anyhow::Result<_>>());
+    // Each VM's disk as the guests left it: the reference at each
+    // checkpoint (the guests pause while a checkpoint is taken).
+    let mut model = vec![vec![0u8; DISK as usize]; guests.len()];
+    for (g, m) in guests.iter_mut().zip(&mut model) {
+        ok(g.read(0, m));
+    }
+    let mut refs: Vec<(u64, Vec<blake3::Hash>)> = Vec::new();
+    let mut n = 0u64;
+    for round in 0..4 {
+        for _ in 0..50 {
+            n += 1;
+            let which = (n % guests.len() as u64) as usize;
+            let off = (n * 7919 * 4096) % (DISK - 65536) + (n % 4096);
+            let data: Vec<u8> = (0..(512 + (n * 37) % 60_000)).map(|i| (i * 31 + n) as u8).collect();
+            ok(guests[which].write(off, &data));
+            model[which][off as usize..off as usize + data.len()].copy_from_slice(&data);
+        }
+        let cp = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": format!("ft-{round}")})));
+        let id = cp["id"].as_u64().unwrap_or(0);
+        let w = ok(sm.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=30000")));
+        assert_eq!(w["durable"], true, "checkpoint {id}: {w}");
+        refs.push((id, model.iter().map(|m| blake3::hash(m)).collect()));
+    }
+    // Replication goes on during the tests: a writer keeps writing.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let mut writer_guest = guests.remove(0);
+    let writer = std::thread::spawn(move || {
+        let mut k = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            k += 1;
+            let _ = writer_guest.write((k * 4096) % (DISK - 4096), &[0x5A; 4096]);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        k
+    });
+    let recovery_stacks = site.agents[spec.hosts].dir.join("data/stacks");
+    let du_before = du(&recovery_stacks);
+    let ids: Vec<u64> = refs.iter().map(|(id, _)| *id).collect();
+    let started = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/failover-tests"), json!({"checkpoints": ids})));
+    let task = started["task"]["id"].as_str().unwrap_or_default().to_string();
+    let done = ok(sm.wait_until(&format!("/api/v1/tasks/{task}"), Duration::from_secs(60), "the tests to run", |t| {
+        t["status"] == "Completed"
+    }));
+    assert_eq!(done["completion"], "Success", "{done}");
+    let tests: Vec<Value> =
+        ok(sm.get(&format!("/api/v1/vpgs/{vpg}/failover-tests"))).as_array().cloned().unwrap_or_default();
+    assert_eq!(tests.len(), 4, "{tests:?}");
+    let scratch = dir.path().join("scratch");
+    ok(std::fs::create_dir_all(&scratch));
+    for t in &tests {
+        assert_eq!(t["state"], "Running", "{t}");
+        let cp = t["checkpoint"].as_u64().unwrap_or(0);
+        let (_, want) = refs.iter().find(|(id, _)| *id == cp).unwrap_or_else(|| panic!("test at unknown {cp}"));
+        let exports = t["exports"].as_array().cloned().unwrap_or_default();
+        assert_eq!(exports.len(), site.disks.len(), "{t}");
+        for (i, disk) in site.disks.iter().enumerate() {
+            let e = exports.iter().find(|e| e["disk"] == json!(disk)).unwrap_or_else(|| panic!("no export of {disk}"));
+            let got = export_hash(e["uri"].as_str().unwrap_or_default(), &scratch);
+            assert_eq!(got, want[i], "checkpoint {cp}, disk {i}: the export differs from the reference");
+        }
+        println!("test at checkpoint {cp}: every export equals its reference");
+    }
+    // A write in the first test is seen by it only.
+    let export_of = |t: &Value, disk: usize| {
+        let e = t["exports"].as_array().and_then(|a| a.iter().find(|e| e["disk"] == json!(site.disks[disk]))).cloned();
+        split_uri(e.and_then(|e| e["uri"].as_str().map(str::to_string)).unwrap_or_default().as_str())
+    };
+    let (addr, name) = export_of(&tests[0], 0);
+    let mut c = ok(NbdClient::connect_tcp(&addr, &name));
+    ok(c.write(4096, &[0xEE; 65536]));
+    ok(c.flush());
+    drop(c);
+    let (addr1, name1) = export_of(&tests[1], 0);
+    let mut other = vec![0u8; 65536];
+    ok(ok(NbdClient::connect_tcp(&addr1, &name1)).read(4096, &mut other));
+    assert!(other.iter().any(|&b| b != 0xEE), "another test sees the first test's write");
+    // Stop them with verdicts; their space is freed and records kept.
+    let du_running = du(&recovery_stacks);
+    for (k, t) in tests.iter().enumerate() {
+        let id = t["id"].as_str().unwrap_or_default();
+        let verdict = if k == 1 { "fail" } else { "pass" };
+        let r = ok(sm.post(
+            &format!("/api/v1/failover-tests/{id}/stop"),
+            json!({"result": verdict, "notes": format!("note {k}")}),
+        ));
+        let stop_task = r["task"]["id"].as_str().unwrap_or_default().to_string();
+        ok(sm.wait_until(&format!("/api/v1/tasks/{stop_task}"), Duration::from_secs(30), "the test to stop", |t| {
+            t["status"] == "Completed"
+        }));
+    }
+    let records: Vec<Value> =
+        ok(sm.get(&format!("/api/v1/vpgs/{vpg}/failover-tests"))).as_array().cloned().unwrap_or_default();
+    for r in &records {
+        assert_eq!(r["state"], "Stopped", "{r}");
+        assert!(r["stopped_ms"].as_u64() >= r["started_ms"].as_u64(), "{r}");
+        assert!(r["exports"].as_array().is_some_and(Vec::is_empty), "{r}");
+    }
+    let first = records.iter().find(|r| r["id"] == tests[0]["id"]).cloned().unwrap_or_default();
+    assert!(first["written_bytes"].as_u64().unwrap_or(0) >= 65536, "{first}");
+    assert_eq!(first["result"], "pass");
+    let du_after = du(&recovery_stacks);
+    println!("stack space: {du_before} bytes before, {du_running} running, {du_after} after");
+    assert!(du_running > du_after, "stopping the tests freed nothing: {du_running} -> {du_after}");
+    // A new test at the first test's checkpoint does not see its writes.
+    let again = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/failover-tests"), json!({"checkpoints": [ids[0]]})));
+    let task = again["task"]["id"].as_str().unwrap_or_default().to_string();
+    ok(sm.wait_until(&format!("/api/v1/tasks/{task}"), Duration::from_secs(60), "the test to run", |t| {
+        t["status"] == "Completed"
+    }));
+    let t = ok(sm.get(&format!("/api/v1/failover-tests/{}", again["tests"][0]["id"].as_str().unwrap_or_default())));
+    let got = export_hash(t["exports"][0]["uri"].as_str().unwrap_or_default(), &scratch);
+    let disk0 = site.disks.iter().position(|d| json!(d) == t["exports"][0]["disk"]).unwrap_or(0);
+    assert_eq!(got, refs[0].1[disk0], "a new test at the same checkpoint starts clean");
+    // A checkpoint nobody holds is refused by name; records can be
+    // discarded.
+    let bad = sm.post(&format!("/api/v1/vpgs/{vpg}/failover-tests"), json!({"checkpoints": [999_999]}));
+    assert!(bad.as_ref().err().is_some_and(|e| format!("{e:#}").contains("checkpoints[0]")), "{bad:?}");
+    let discarded = ok(sm.call("DELETE", &format!("/api/v1/vpgs/{vpg}/failover-tests"), None));
+    assert_eq!(discarded["discarded"], 4, "{discarded}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.join().unwrap_or(0);
+    assert!(writes > 10, "replication ran on during the tests ({writes} writes)");
+}

@@ -1,0 +1,283 @@
+//! Failover tests: several at once, each at its own checkpoint, served by
+//! this site's recovery VDSAs as processing stacks (docs/recovery.md);
+//! stopped with a verdict and kept as records.
+
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::{blocking, ApiError, ApiResult, AppState};
+use crate::model::{now_ms, ErrorBody, FailoverTest, Role, Task, TaskDriver, TestResult, TestState, Vpg};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use protection_groups::mgmt::RoleKind;
+use protection_groups::{CheckpointId, StackId, VpgId};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_tests, start_tests, discard_records))
+        .routes(routes!(get_test))
+        .routes(routes!(stop_test))
+}
+
+/// The most tests one request starts.
+const MAX_TESTS_AT_ONCE: usize = 16;
+
+/// Tests to start: one per entry, at that checkpoint, or at the newest
+/// testable one where the entry is null.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTests {
+    pub checkpoints: Vec<Option<u64>>,
+}
+
+/// The tests started and the task that ends when all of them run.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StartedTests {
+    pub task: Task,
+    pub tests: Vec<FailoverTest>,
+}
+
+/// The verdict that stops a test.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopTest {
+    pub result: TestResult,
+    #[serde(default)]
+    pub notes: String,
+}
+
+/// A stop and the task that ends when its space is freed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StoppingTest {
+    pub task: Task,
+    pub test: FailoverTest,
+}
+
+/// Which records to discard.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct DiscardQuery {
+    /// Only records of tests stopped before this time (ms since the epoch);
+    /// all stopped ones if absent.
+    pub before_ms: Option<u64>,
+}
+
+/// How many records were discarded.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Discarded {
+    pub discarded: usize,
+}
+
+/// The VPG `id`, whether defined here or a paired site's copy that
+/// recovers to this site.
+fn find_vpg(sm: &AppState, id: Uuid) -> ApiResult<Vpg> {
+    let key = VpgId(id);
+    if let Some(v) = sm.with_store(|s| s.vpgs.get(key.as_bytes()))? {
+        return Ok(v);
+    }
+    sm.with_store(|s| s.peer_vpgs.get(key.as_bytes()))?.ok_or_else(|| ApiError::NotFound(format!("no VPG {key}")))
+}
+
+/// The checkpoints every recovery VDSA of this site holds for `vpg`,
+/// oldest first; empty when none of its target roles runs here.
+fn testable_checkpoints(sm: &AppState, vpg: VpgId) -> (usize, Vec<CheckpointId>) {
+    let targets: Vec<_> = sm.links.roles().into_iter().filter(|r| r.vpg == vpg && r.kind == RoleKind::Target).collect();
+    let mut common: Vec<CheckpointId> = targets.first().map(|t| t.recoverable_checkpoints.clone()).unwrap_or_default();
+    for t in targets.iter().skip(1) {
+        common.retain(|c| t.recoverable_checkpoints.contains(c));
+    }
+    common.sort();
+    (targets.len(), common)
+}
+
+/// Starts one failover test per entry, each at its own checkpoint; the
+/// task ends when every one is exported. Replication goes on meanwhile.
+#[utoipa::path(post, path = "/api/v1/vpgs/{id}/failover-tests", tag = "failover tests", params(("id" = Uuid, Path)),
+    request_body = NewTests,
+    responses((status = 202, body = StartedTests), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn start_tests(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(req): ApiJson<NewTests>,
+) -> ApiResult<(StatusCode, Json<StartedTests>)> {
+    caller.require(Role::Operator)?;
+    if req.checkpoints.is_empty() || req.checkpoints.len() > MAX_TESTS_AT_ONCE {
+        return Err(ApiError::bad("checkpoints", format!("checkpoints: 1 to {MAX_TESTS_AT_ONCE} entries")));
+    }
+    blocking(move || {
+        let v = find_vpg(&sm, id)?;
+        let (targets, testable) = testable_checkpoints(&sm, v.id);
+        if targets == 0 {
+            return Err(ApiError::Conflict(format!(
+                "VPG {:?} has no recovery VDSA of this site serving its journal; start its tests at the site it \
+                 recovers to",
+                v.settings.name
+            )));
+        }
+        let mut picked = Vec::new();
+        for (i, want) in req.checkpoints.iter().enumerate() {
+            let cp = match want {
+                None => *testable.last().ok_or_else(|| {
+                    ApiError::Conflict(format!("VPG {:?} has no recoverable checkpoint yet", v.settings.name))
+                })?,
+                Some(n) if testable.contains(&CheckpointId(*n)) => CheckpointId(*n),
+                Some(n) => {
+                    return Err(ApiError::bad(
+                        format!("checkpoints[{i}]"),
+                        format!(
+                            "checkpoints[{i}]: {} is not a recoverable checkpoint held by every recovery VDSA of VPG \
+                             {:?}",
+                            CheckpointId(*n),
+                            v.settings.name
+                        ),
+                    ))
+                }
+            };
+            picked.push(cp);
+        }
+        let list: Vec<String> = picked.iter().map(ToString::to_string).collect();
+        let task = sm.start_task(
+            "failover_test",
+            format!("failover test of VPG {:?} at {}", v.settings.name, list.join(", ")),
+            Some(v.id),
+            None,
+            TaskDriver::Vdsa,
+        )?;
+        let tests: Vec<FailoverTest> = picked
+            .into_iter()
+            .map(|checkpoint| FailoverTest {
+                id: StackId::new(),
+                vpg: v.id,
+                vpg_name: v.settings.name.clone(),
+                checkpoint,
+                state: TestState::Starting,
+                started_ms: now_ms(),
+                ready_ms: None,
+                stopped_ms: None,
+                result: None,
+                notes: String::new(),
+                written_bytes: 0,
+                exports: Vec::new(),
+                detail: String::new(),
+                start_task: task.id,
+                stop_task: None,
+            })
+            .collect();
+        sm.with_store(|s| tests.iter().try_for_each(|t| s.tests.put(t.id.as_bytes(), t)))?;
+        sm.changed();
+        Ok((StatusCode::ACCEPTED, Json(StartedTests { task, tests })))
+    })
+    .await
+}
+
+/// The VPG's failover tests, running and recorded, oldest first.
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/failover-tests", tag = "failover tests", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Vec<FailoverTest>), (status = 404, body = ErrorBody)))]
+async fn list_tests(
+    State(sm): State<AppState>,
+    _caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Vec<FailoverTest>>> {
+    blocking(move || {
+        let v = find_vpg(&sm, id)?;
+        let mut tests: Vec<FailoverTest> =
+            sm.with_store(|s| s.tests.list())?.into_iter().filter(|t| t.vpg == v.id).collect();
+        tests.sort_by_key(|t| (t.started_ms, t.id));
+        Ok(Json(tests))
+    })
+    .await
+}
+
+fn test(sm: &AppState, id: Uuid) -> ApiResult<FailoverTest> {
+    sm.with_store(|s| s.tests.get(StackId(id).as_bytes()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no failover test {id}")))
+}
+
+/// One failover test.
+#[utoipa::path(get, path = "/api/v1/failover-tests/{id}", tag = "failover tests", params(("id" = Uuid, Path)),
+    responses((status = 200, body = FailoverTest), (status = 404, body = ErrorBody)))]
+async fn get_test(
+    State(sm): State<AppState>,
+    _caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<FailoverTest>> {
+    blocking(move || Ok(Json(test(&sm, id)?))).await
+}
+
+/// Stops a test with its verdict: its overlays are freed and its record
+/// kept; the task ends when every recovery VDSA has discarded it.
+#[utoipa::path(post, path = "/api/v1/failover-tests/{id}/stop", tag = "failover tests", params(("id" = Uuid, Path)),
+    request_body = StopTest,
+    responses((status = 202, body = StoppingTest), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn stop_test(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(req): ApiJson<StopTest>,
+) -> ApiResult<(StatusCode, Json<StoppingTest>)> {
+    caller.require(Role::Operator)?;
+    if req.notes.len() > 64 << 10 {
+        return Err(ApiError::bad("notes", "notes: at most 64 KiB"));
+    }
+    blocking(move || {
+        let mut t = test(&sm, id)?;
+        if !t.serves() {
+            return Err(ApiError::Conflict(format!("failover test {id} is {:?}, not running", t.state)));
+        }
+        let task = sm.start_task(
+            "stop_failover_test",
+            format!("stop the failover test of VPG {:?} at {}", t.vpg_name, t.checkpoint),
+            Some(t.vpg),
+            None,
+            TaskDriver::Vdsa,
+        )?;
+        if t.state == TestState::Starting {
+            // Stopped before it ran: its start task ends with it.
+            sm.finish_task(
+                t.start_task,
+                crate::model::CompletionCode::Aborted,
+                serde_json::json!({"test": t.id}),
+                Some("stopped before it ran".into()),
+            )?;
+        }
+        t.state = TestState::Stopping;
+        t.result = Some(req.result);
+        t.notes = req.notes;
+        t.stop_task = Some(task.id);
+        sm.with_store(|s| s.tests.put(t.id.as_bytes(), &t))?;
+        sm.changed();
+        Ok((StatusCode::ACCEPTED, Json(StoppingTest { task, test: t })))
+    })
+    .await
+}
+
+/// Discards the records of stopped (and failed) tests of the VPG.
+#[utoipa::path(delete, path = "/api/v1/vpgs/{id}/failover-tests", tag = "failover tests",
+    params(("id" = Uuid, Path), DiscardQuery),
+    responses((status = 200, body = Discarded), (status = 404, body = ErrorBody)))]
+async fn discard_records(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<DiscardQuery>,
+) -> ApiResult<Json<Discarded>> {
+    caller.require(Role::Operator)?;
+    blocking(move || {
+        let v = find_vpg(&sm, id)?;
+        let old: Vec<FailoverTest> = sm
+            .with_store(|s| s.tests.list())?
+            .into_iter()
+            .filter(|t| t.vpg == v.id && matches!(t.state, TestState::Stopped | TestState::Failed))
+            .filter(|t| q.before_ms.is_none_or(|b| t.stopped_ms.is_some_and(|s| s < b)))
+            .collect();
+        sm.with_store(|s| old.iter().try_for_each(|t| s.tests.remove(t.id.as_bytes())))?;
+        Ok(Json(Discarded { discarded: old.len() }))
+    })
+    .await
+}
