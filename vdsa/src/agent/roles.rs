@@ -516,7 +516,9 @@ impl Roles {
                     }
                     continue;
                 }
-                if let Err(e) = r.journal.apply_retention(&t.retention, crate::replication::now_ms()) {
+                // The checkpoints its failover tests read stay retained.
+                let keep: Vec<CheckpointId> = t.stacks.iter().map(|s| s.checkpoint).collect();
+                if let Err(e) = r.journal.apply_retention_keeping(&t.retention, crate::replication::now_ms(), &keep) {
                     tracing::error!(vpg = %t.vpg, "retention failed: {e}");
                 }
             }

@@ -43,8 +43,22 @@ impl Journal {
     /// Applies `policy` as of `now_ms` (ms since the Unix epoch). Open views
     /// keep reading what they read before.
     pub fn apply_retention(&self, policy: &RetentionPolicy, now_ms: u64) -> Result<RetentionReport> {
+        self.apply_retention_keeping(policy, now_ms, &[])
+    }
+
+    /// As [`Journal::apply_retention`], but the checkpoints in `keep` (those
+    /// running failover tests read) stay retained against the history and
+    /// thinning rules, so a restarted VDSA can open them again. A space
+    /// limit still moves past them: space is the hard limit (a test's open
+    /// view keeps reading what it read either way).
+    pub fn apply_retention_keeping(
+        &self,
+        policy: &RetentionPolicy,
+        now_ms: u64,
+        keep: &[CheckpointId],
+    ) -> Result<RetentionReport> {
         let dir = self.inner.dir.clone();
-        self.mutate(|st| st.apply_retention(&dir, policy, now_ms))
+        self.mutate(|st| st.apply_retention(&dir, policy, now_ms, keep))
     }
 }
 
@@ -57,17 +71,24 @@ impl State {
         self.log.bytes() + self.chunks.live_bytes()
     }
 
-    fn apply_retention(&mut self, dir: &Path, policy: &RetentionPolicy, now_ms: u64) -> Result<RetentionReport> {
+    fn apply_retention(
+        &mut self,
+        dir: &Path,
+        policy: &RetentionPolicy,
+        now_ms: u64,
+        keep: &[CheckpointId],
+    ) -> Result<RetentionReport> {
         // Retention frees chunks; replay tells a freed chunk from a lost one
         // only for records before a commit, so commit everything first.
         self.sync()?;
         let mut report = RetentionReport::default();
         let before: Vec<CheckpointId> = self.checkpoints.keys().copied().collect();
         let base_id = self.base_id();
+        let oldest_kept = keep.iter().min().copied();
         let candidates: Vec<_> = self
             .checkpoints
             .values()
-            .filter(|c| Some(c.id) != base_id)
+            .filter(|c| Some(c.id) != base_id && !keep.contains(&c.id))
             .map(|c| (c.id, c.source_time_ms, c.kind))
             .collect();
         let thinned = policy.thinned(now_ms, &candidates);
@@ -88,7 +109,9 @@ impl State {
             let target = self
                 .checkpoints
                 .values()
-                .rfind(|c| Some(c.id) > self.base_id() && c.source_time_ms <= horizon)
+                .rfind(|c| {
+                    Some(c.id) > self.base_id() && c.source_time_ms <= horizon && oldest_kept.is_none_or(|k| c.id <= k)
+                })
                 .cloned();
             if let Some(target) = target {
                 let (blocks, versions) = self.advance_base(dir, &target)?;

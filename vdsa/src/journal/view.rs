@@ -83,6 +83,46 @@ impl Drop for PitView {
 }
 
 impl State {
+    /// Where each block of `offset..offset + len` of `disk` comes from for
+    /// a reader at `cuts`: the blocks in `preserved` (copied out by
+    /// retention for a view), else each block's newest version visible at
+    /// `cuts`, else the replica. Returns the disk's index, the first block
+    /// and the sources (None for an empty range).
+    fn block_sources(
+        &self,
+        disk: DiskId,
+        cuts: &CutSet,
+        preserved: &HashMap<(u32, u64), ChunkId>,
+        sizes: &HashMap<u32, u64>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(u32, u64, Vec<Source>)>> {
+        let d = self.disk(disk)?;
+        let size = sizes.get(&d).copied().unwrap_or_else(|| self.disks[d as usize].size_at(cuts));
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(JournalError::OutOfRange { disk, offset, len, size });
+        }
+        if len == 0 {
+            return Ok(None);
+        }
+        let bs = BLOCK_SIZE as u64;
+        let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        let mut sources = vec![Source::Replica; (last - first + 1) as usize];
+        let mut found = Vec::new();
+        self.disks[d as usize].index.visible_in_range(first, last, cuts, &mut found);
+        for (b, v) in &found {
+            sources[(b - first) as usize] = Source::Chunk(v.chunk);
+        }
+        if !preserved.is_empty() {
+            for (i, src) in sources.iter_mut().enumerate() {
+                if let Some(&c) = preserved.get(&(d, first + i as u64)) {
+                    *src = Source::Chunk(c);
+                }
+            }
+        }
+        Ok(Some((d, first, sources)))
+    }
+
     /// See [`PitView::zero_runs`].
     pub(super) fn zero_runs(
         &self,
@@ -93,28 +133,12 @@ impl State {
         offset: u64,
         len: u64,
     ) -> Result<Vec<(u64, bool)>> {
-        let d = self.disk(disk)?;
-        let size = sizes.get(&d).copied().unwrap_or_else(|| self.disks[d as usize].size_at(cuts));
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(JournalError::OutOfRange { disk, offset, len, size });
-        }
-        if len == 0 {
+        let Some((d, first, sources)) = self.block_sources(disk, cuts, preserved, sizes, offset, len)? else {
             return Ok(Vec::new());
-        }
+        };
         let bs = BLOCK_SIZE as u64;
         let end = offset + len;
-        let (first, last) = (offset / bs, (end - 1) / bs);
-        let mut sources = vec![Source::Replica; (last - first + 1) as usize];
-        let mut found = Vec::new();
-        self.disks[d as usize].index.visible_in_range(first, last, cuts, &mut found);
-        for (b, v) in &found {
-            sources[(b - first) as usize] = Source::Chunk(v.chunk);
-        }
-        for (i, src) in sources.iter_mut().enumerate() {
-            if let Some(&c) = preserved.get(&(d, first + i as u64)) {
-                *src = Source::Chunk(c);
-            }
-        }
+        let last = first + sources.len() as u64 - 1;
         let holes = replica_holes(&self.disks[d as usize].replica, first * bs, (last + 1) * bs)?;
         let mut runs: Vec<(u64, bool)> = Vec::new();
         let mut hole = holes.iter().peekable();
@@ -137,9 +161,7 @@ impl State {
     }
 
     /// Reads `buf.len()` bytes of `disk` at `offset` as a reader at `cuts`
-    /// sees them: the blocks in `preserved` (copied out by retention for a
-    /// view), else each block's newest version visible at `cuts`, else the
-    /// replica.
+    /// sees them (sources as [`State::block_sources`] finds them).
     pub(super) fn read_range(
         &self,
         disk: DiskId,
@@ -149,34 +171,13 @@ impl State {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
-        let d = self.disk(disk)?;
-        let size = sizes.get(&d).copied().unwrap_or_else(|| self.disks[d as usize].size_at(cuts));
         let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(JournalError::OutOfRange { disk, offset, len, size });
-        }
-        if len == 0 {
+        let Some((d, first, sources)) = self.block_sources(disk, cuts, preserved, sizes, offset, len)? else {
             return Ok(());
-        }
+        };
         let bs = BLOCK_SIZE as u64;
         let end = offset + len;
-        let (first, last) = (offset / bs, (end - 1) / bs);
-        let n = (last - first + 1) as usize;
-        // Where each block comes from: one index range scan, then the
-        // blocks retention preserved.
-        let mut sources = vec![Source::Replica; n];
-        let mut found = Vec::new();
-        self.disks[d as usize].index.visible_in_range(first, last, cuts, &mut found);
-        for (b, v) in &found {
-            sources[(b - first) as usize] = Source::Chunk(v.chunk);
-        }
-        if !preserved.is_empty() {
-            for (i, src) in sources.iter_mut().enumerate() {
-                if let Some(&c) = preserved.get(&(d, first + i as u64)) {
-                    *src = Source::Chunk(c);
-                }
-            }
-        }
+        let n = sources.len();
         // Replica blocks: run by run when the runs are few, else the whole
         // range in one read, overwritten below by the journal's blocks.
         let disk = &self.disks[d as usize];

@@ -148,11 +148,21 @@ fn stacks_at_several_checkpoints_are_isolated_and_keep_the_journal_as_it_was() {
     let a = ok(ProcessingStack::open(&journal, &stacks.join("a"), a_id, CheckpointId(3)));
     assert!(read_all(&a, 0) == refs[2][0], "reopened at another checkpoint, the overlay starts empty");
 
-    // Retention cannot change what a running stack reads.
+    // Retention cannot change what a running stack reads, and keeps the
+    // checkpoints stacks are told to keep: a stack at one of them opens
+    // again after retention (as after a VDSA restart).
     let policy = protection_groups::RetentionPolicy::Time { history: std::time::Duration::from_secs(1) };
-    ok(journal.apply_retention(&policy, 1_000_000));
+    ok(journal.apply_retention_keeping(&policy, 1_000_000, &[CheckpointId(1), CheckpointId(2)]));
     assert!(read_all(&b, 0) == refs[1][0], "a stack's view is pinned against retention");
     assert!(read_all(&c, 1) == refs[0][1], "a stack's view is pinned against retention");
+    let kept: Vec<_> = ok(journal.checkpoints()).iter().map(|c| c.id).collect();
+    assert!(kept.contains(&CheckpointId(1)) && kept.contains(&CheckpointId(2)), "{kept:?}");
+    drop(c);
+    let c = ok(ProcessingStack::open(&journal, &stacks.join("c"), c_id, CheckpointId(1)));
+    ok(journal.apply_retention(&policy, 1_000_000));
+    assert!(read_all(&c, 1) == refs[0][1], "without keep, the base moves on and the open view still reads");
+    let kept: Vec<_> = ok(journal.checkpoints()).iter().map(|c| c.id).collect();
+    assert_eq!(kept, vec![CheckpointId(3)], "without keep, retention moves on");
 
     // Discarding frees the overlays.
     let used = du(&stacks);
