@@ -124,6 +124,7 @@ fn barrier(lab: &Path, hosts: usize, seconds: u64) -> Result<()> {
         vdsa_args: Vec::new(),
         checkpoint_interval_ms: 3_600_000,
         quiesce_hook: Vec::new(),
+        disk_image: None,
     };
     let site = ProtectedSite::start(lab, dir.path(), &spec, |m| eprintln!("  {m}"))?;
     let sm = site.sm()?;

@@ -252,6 +252,9 @@ impl GuestKit {
         for d in &config.disks {
             cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio,cache=writeback", d.display()));
         }
+        for uri in &config.nbd_disks {
+            cmd.arg("-drive").arg(format!("file={uri},format=raw,if=virtio,cache=writeback"));
+        }
         if config.forwards.is_empty() {
             cmd.args(["-nic", "none"]);
         } else {
@@ -400,6 +403,9 @@ pub struct GuestConfig {
     pub memory_mb: u32,
     /// Raw images, attached as virtio disks in order (/dev/vda, /dev/vdb…).
     pub disks: Vec<PathBuf>,
+    /// NBD exports (`nbd://HOST:PORT/NAME`), attached after `disks`: a
+    /// failover test's VM boots from its stacks' exports.
+    pub nbd_disks: Vec<String>,
     /// TCP ports forwarded from 127.0.0.1 on the host to the guest (whose
     /// address is 10.0.2.15; it reaches the host as 10.0.2.2).
     pub forwards: Vec<(u16, u16)>,

@@ -116,6 +116,7 @@ pub fn run(dir: &Path, opts: PowerLossOptions, vdsa: &Path) -> Result<PowerLossR
             memory_mb: 384,
             disks: vec![data.clone()],
             forwards: vec![(port, GUEST_PORT)],
+            nbd_disks: Vec::new(),
             console: dir.join(format!("console-{round}.log")),
         };
         let mut guest = kit.boot(&config)?;

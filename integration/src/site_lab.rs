@@ -251,6 +251,9 @@ pub struct SiteSpec {
     pub checkpoint_interval_ms: u64,
     /// A quiesce hook for every VM (empty: none).
     pub quiesce_hook: Vec<String>,
+    /// A template every VM's disk starts as (a bootable image, say); its
+    /// size replaces `disk_bytes`.
+    pub disk_image: Option<PathBuf>,
 }
 
 impl SiteSpec {
@@ -263,6 +266,7 @@ impl SiteSpec {
             vdsa_args: Vec::new(),
             checkpoint_interval_ms: 1000,
             quiesce_hook: Vec::new(),
+            disk_image: None,
         }
     }
 }
@@ -326,7 +330,14 @@ impl ProtectedSite {
             let d = dir.join(format!("vm-{i}"));
             std::fs::create_dir_all(&d)?;
             let image = d.join("disk.raw");
-            std::fs::File::create(&image)?.set_len(spec.disk_bytes)?;
+            let disk_bytes = match &spec.disk_image {
+                Some(template) => std::fs::copy(template, &image)
+                    .with_context(|| format!("copying {} to {}", template.display(), image.display()))?,
+                None => {
+                    std::fs::File::create(&image)?.set_len(spec.disk_bytes)?;
+                    spec.disk_bytes
+                }
+            };
             let qsd = crate::kvm_lab::StorageDaemon::start(&d, &image, false)?;
             let disk = protection_groups::DiskId::new();
             vm_specs.push(json!({
@@ -334,7 +345,7 @@ impl ProtectedSite {
                 "name": format!("vm-{i}"),
                 "host": host_ids[i],
                 "hypervisor_ref": qsd.vdsa_qmp_sock,
-                "disks": [{"id": disk.0, "name": format!("vm-{i}-disk"), "size_bytes": spec.disk_bytes, "device": "src"}],
+                "disks": [{"id": disk.0, "name": format!("vm-{i}-disk"), "size_bytes": disk_bytes, "device": "src"}],
                 "recovery_host": host_ids[spec.hosts],
             }));
             if !spec.quiesce_hook.is_empty() {

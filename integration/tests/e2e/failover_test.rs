@@ -1,9 +1,11 @@
 //! Failover tests through the site manager's API: four tests at four
 //! checkpoints of one VPG at once while it replicates, each export read by
-//! qemu-img equal to the reference image of its checkpoint, writes kept
-//! private to their test, and stopping frees their space and keeps a
-//! record.
+//! qemu-img equal to the reference image of its checkpoint, a real guest
+//! booted through its firmware from each test's export that checks its
+//! data area and writes, writes kept private to their test, and stopping
+//! frees their space and keeps a record.
 
+use integration::guest::{Boot, GuestConfig, GuestKit, Initramfs, BLOCK_MODULES};
 use integration::kvm_lab::qemu_available;
 use integration::site_lab::{ProtectedSite, SiteSpec};
 use serde_json::{json, Value};
@@ -12,7 +14,21 @@ use std::process::Command;
 use std::time::Duration;
 use vdsa::nbd::client::NbdClient;
 
-const DISK: u64 = 8 << 20;
+/// The test VM's init: waits for its data area, prints its SHA-256 and a
+/// marker of its own, writes the marker into the data area (sector 3) and
+/// powers off.
+const TEST_VM_INIT: &str = "i=0; while [ ! -b /dev/vda2 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
+    echo \"TESTVM: data $(sha256sum /dev/vda2 | cut -d' ' -f1)\"\n\
+    m=test-vm-$(cat /proc/sys/kernel/random/uuid)\n\
+    echo $m | dd of=/dev/vda2 bs=512 seek=3 conv=notrunc,fsync 2>/dev/null\n\
+    echo \"TESTVM: wrote $m\"";
+
+fn sha256_hex(bytes: &[u8], scratch: &Path) -> String {
+    let f = scratch.join("area.bin");
+    ok(std::fs::write(&f, bytes));
+    let out = ok(Command::new("sha256sum").arg(&f).output());
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+}
 
 fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
     r.unwrap_or_else(|e| panic!("{e:#}"))
@@ -48,31 +64,48 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
     let _turn = crate::take_turns();
     let dir = ok(tempfile::tempdir());
     let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
+    // The protected VMs' disks: bootable images (SYSLINUX, the kit's kernel
+    // and the test VM's initramfs) with an 8 MiB data area the workload
+    // writes.
+    let kit = ok(GuestKit::prepare());
+    let initramfs = dir.path().join("initrd");
+    ok(kit.build_initramfs(
+        &Initramfs { modules: BLOCK_MODULES.to_vec(), programs: Vec::new(), init: TEST_VM_INIT.into() },
+        &initramfs,
+    ));
+    let boot = ok(kit.build_boot_disk(&initramfs, "", 48, 8, &dir.path().join("template.raw")));
+    let (area, area_len) = (boot.data_offset, boot.data_len);
+    let disk_len = area + area_len;
     let spec = SiteSpec {
         hosts: 2,
-        disk_bytes: DISK,
+        disk_bytes: disk_len,
         site_manager_args: Vec::new(),
         vdsa_args: Vec::new(),
         checkpoint_interval_ms: 3_600_000,
         quiesce_hook: Vec::new(),
+        disk_image: Some(boot.path.clone()),
     };
-    let site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
+    let mut site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
     let sm = ok(site.sm());
     let vpg = site.vpg.clone();
     let mut guests: Vec<NbdClient> = ok(site.vms.iter().map(|q| q.guest()).collect::<anyhow::Result<_>>());
     // Each VM's disk as the guests left it: the reference at each
     // checkpoint (the guests pause while a checkpoint is taken).
-    let mut model = vec![vec![0u8; DISK as usize]; guests.len()];
+    let mut model = vec![vec![0u8; disk_len as usize]; guests.len()];
     for (g, m) in guests.iter_mut().zip(&mut model) {
-        ok(g.read(0, m));
+        for (i, chunk) in m.chunks_mut(1 << 20).enumerate() {
+            ok(g.read((i as u64) << 20, chunk));
+        }
     }
     let mut refs: Vec<(u64, Vec<blake3::Hash>)> = Vec::new();
+    // vm-0's data area at each checkpoint, for its test VM's check.
+    let mut areas: Vec<Vec<u8>> = Vec::new();
     let mut n = 0u64;
     for round in 0..4 {
         for _ in 0..50 {
             n += 1;
             let which = (n % guests.len() as u64) as usize;
-            let off = (n * 7919 * 4096) % (DISK - 65536) + (n % 4096);
+            let off = area + (n * 7919 * 4096) % (area_len - 65536) + (n % 4096);
             let data: Vec<u8> = (0..(512 + (n * 37) % 60_000)).map(|i| (i * 31 + n) as u8).collect();
             ok(guests[which].write(off, &data));
             model[which][off as usize..off as usize + data.len()].copy_from_slice(&data);
@@ -82,6 +115,7 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
         let w = ok(sm.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=30000")));
         assert_eq!(w["durable"], true, "checkpoint {id}: {w}");
         refs.push((id, model.iter().map(|m| blake3::hash(m)).collect()));
+        areas.push(model[0][area as usize..].to_vec());
     }
     // Replication goes on during the tests: a writer keeps writing.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -91,7 +125,7 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
         let mut k = 0u64;
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
             k += 1;
-            let _ = writer_guest.write((k * 4096) % (DISK - 4096), &[0x5A; 4096]);
+            let _ = writer_guest.write(area + (k * 4096) % (area_len - 4096), &[0x5A; 4096]);
             std::thread::sleep(Duration::from_millis(2));
         }
         k
@@ -123,19 +157,75 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
         }
         println!("test at checkpoint {cp}: every export equals its reference");
     }
-    // A write in the first test is seen by it only.
-    let export_of = |t: &Value, disk: usize| {
+    // A real guest per test boots through its firmware from the test's
+    // export of vm-0's disk, checks its data area against the reference at
+    // that checkpoint and writes a marker of its own (two at a time: TCG on
+    // two cores).
+    let export_uri = |t: &Value, disk: usize| {
         let e = t["exports"].as_array().and_then(|a| a.iter().find(|e| e["disk"] == json!(site.disks[disk]))).cloned();
-        split_uri(e.and_then(|e| e["uri"].as_str().map(str::to_string)).unwrap_or_default().as_str())
+        e.and_then(|e| e["uri"].as_str().map(str::to_string)).unwrap_or_default()
     };
+    let mut markers = Vec::new();
+    for pair in tests.chunks(2) {
+        let mut vms = Vec::new();
+        for t in pair {
+            let cp = t["checkpoint"].as_u64().unwrap_or(0);
+            let console = dir.path().join(format!("test-vm-{cp}.log"));
+            let vm = ok(kit.boot(&GuestConfig {
+                boot: Boot::FirstDisk,
+                memory_mb: 256,
+                disks: Vec::new(),
+                nbd_disks: vec![export_uri(t, 0)],
+                forwards: Vec::new(),
+                console,
+            }));
+            vms.push((t, cp, vm));
+        }
+        for (t, cp, mut vm) in vms {
+            ok(vm.wait_for("TESTVM: wrote", Duration::from_secs(180)));
+            ok(vm.wait_exit(Duration::from_secs(60)));
+            let console = vm.console_text();
+            let k = refs.iter().position(|(id, _)| *id == cp).unwrap_or(0);
+            let want = sha256_hex(&areas[k], &scratch);
+            assert!(
+                console.contains(&format!("TESTVM: data {want}")),
+                "checkpoint {cp}: the test VM saw another data area:\n{console}"
+            );
+            let marker =
+                console.lines().find_map(|l| l.trim().strip_prefix("TESTVM: wrote ")).unwrap_or_default().to_string();
+            assert!(marker.starts_with("test-vm-"), "{console}");
+            println!("test VM at checkpoint {cp} booted from its export, checked its data area and wrote {marker}");
+            markers.push((t.clone(), marker));
+        }
+    }
+    for (t, marker) in &markers {
+        let (addr, name) = split_uri(&export_uri(t, 0));
+        let mut c = ok(NbdClient::connect_tcp(&addr, &name));
+        let mut sector = vec![0u8; 512];
+        ok(c.read(area + 3 * 512, &mut sector));
+        assert!(sector.starts_with(marker.as_bytes()), "the test's export lacks its VM's write");
+        for (other, m) in &markers {
+            if other["id"] != t["id"] {
+                let (addr, name) = split_uri(&export_uri(other, 0));
+                let mut sector = vec![0u8; 512];
+                ok(ok(NbdClient::connect_tcp(&addr, &name)).read(area + 3 * 512, &mut sector));
+                assert!(
+                    !sector.starts_with(marker.as_bytes()) && sector.starts_with(m.as_bytes()),
+                    "writes leak between tests"
+                );
+            }
+        }
+    }
+    // A write in the first test is seen by it only.
+    let export_of = |t: &Value, disk: usize| split_uri(&export_uri(t, disk));
     let (addr, name) = export_of(&tests[0], 0);
     let mut c = ok(NbdClient::connect_tcp(&addr, &name));
-    ok(c.write(4096, &[0xEE; 65536]));
+    ok(c.write(area + 4096, &[0xEE; 65536]));
     ok(c.flush());
     drop(c);
     let (addr1, name1) = export_of(&tests[1], 0);
     let mut other = vec![0u8; 65536];
-    ok(ok(NbdClient::connect_tcp(&addr1, &name1)).read(4096, &mut other));
+    ok(ok(NbdClient::connect_tcp(&addr1, &name1)).read(area + 4096, &mut other));
     assert!(other.iter().any(|&b| b != 0xEE), "another test sees the first test's write");
     // Stop them with verdicts; their space is freed and records kept.
     let du_running = du(&recovery_stacks);
@@ -183,4 +273,21 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.join().unwrap_or(0);
     assert!(writes > 10, "replication ran on during the tests ({writes} writes)");
+    // The replica never saw a test's write: no checkpoint of the journal
+    // holds a test VM's marker.
+    let journal_dir = site.agents[spec.hosts].journal(&vpg);
+    for a in site.agents.iter_mut() {
+        a.stop();
+    }
+    let journal = ok(vdsa::journal::Journal::open(journal_dir, vdsa::journal::JournalConfig::default()));
+    for cp in ok(journal.checkpoints()) {
+        let view = ok(journal.open_view(cp.id));
+        let mut sector = vec![0u8; 512];
+        ok(view.read(site.disks[0], area + 3 * 512, &mut sector));
+        assert!(
+            !markers.iter().any(|(_, m)| sector.starts_with(m.as_bytes())),
+            "checkpoint {} holds a test's write",
+            cp.id
+        );
+    }
 }

@@ -34,6 +34,7 @@ fn quiesced_checkpoints_are_application_consistent_and_a_failed_quiesce_says_why
     let spec = SiteSpec {
         checkpoint_interval_ms: 3_600_000,
         quiesce_hook: vec!["sh".into(), hook.display().to_string()],
+        disk_image: None,
         ..SiteSpec::one_vm()
     };
     let site = ok(ProtectedSite::start(lab, d, &spec, |m| println!("{m}")));
