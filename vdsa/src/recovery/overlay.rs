@@ -62,6 +62,9 @@ impl Overlay {
             .map_err(io("opening", &data_path))?;
         let blocks = size.div_ceil(BLOCK);
         let words = blocks.div_ceil(64) as usize;
+        // No map yet: nothing written (or nothing flushed), all from below.
+        // It is written at the first flush that has something to say, so
+        // opening costs the same for any disk size.
         let map = match std::fs::read(&map_path) {
             Ok(bytes) => {
                 parse_map(&bytes, size, words).map_err(|reason| Error::Corrupt { path: map_path.clone(), reason })?
@@ -75,18 +78,16 @@ impl Overlay {
         if data.metadata().map_err(io("reading the size of", &data_path))?.len() != size {
             data.set_len(size).map_err(io("sizing", &data_path))?;
         }
-        let o = Overlay {
+        Ok(Overlay {
             data,
             data_path,
             map_path,
             size,
             map: RwLock::new(map),
-            dirty: AtomicBool::new(true),
+            dirty: AtomicBool::new(false),
             writing: Mutex::new(()),
             written_bytes: AtomicU64::new(0),
-        };
-        o.flush()?;
-        Ok(o)
+        })
     }
 
     pub fn size(&self) -> u64 {

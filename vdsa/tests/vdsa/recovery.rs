@@ -180,8 +180,14 @@ fn a_corrupt_overlay_map_is_named_not_read() {
     let id = StackId::new();
     let at = dir.path().join("s");
     let s = ok(ProcessingStack::open(&journal, &at, id, CheckpointId(2)));
-    drop(s);
     let map = at.join(format!("{}.map", disks[0].0));
+    assert!(!map.exists(), "an overlay nobody wrote has no map (opening costs the same for any disk size)");
+    {
+        use vdsa::nbd::server::BlockExport;
+        ok(s.disks()[0].write(8192, &[7u8; 4096]));
+    }
+    ok(s.flush());
+    drop(s);
     let mut bytes = ok(std::fs::read(&map));
     bytes[30] ^= 0xFF;
     ok(std::fs::write(&map, bytes));
