@@ -480,3 +480,40 @@ impl FailoverTest {
         matches!(self.state, TestState::Starting | TestState::Running)
     }
 }
+
+/// Tests to start: one per entry, at that checkpoint, or at the newest
+/// testable one where the entry is null.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTests {
+    pub checkpoints: Vec<Option<u64>>,
+}
+
+/// The tests started and the task that ends when all of them run.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StartedTests {
+    pub task: Task,
+    pub tests: Vec<FailoverTest>,
+}
+
+/// The verdict that stops a test.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopTest {
+    pub result: TestResult,
+    #[serde(default)]
+    pub notes: String,
+}
+
+/// A stop and the task that ends when its space is freed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StoppingTest {
+    pub task: Task,
+    pub test: FailoverTest,
+}
+
+/// How many records were discarded.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Discarded {
+    pub discarded: usize,
+}

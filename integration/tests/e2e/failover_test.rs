@@ -229,12 +229,33 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
     assert!(other.iter().any(|&b| b != 0xEE), "another test sees the first test's write");
     // Stop them with verdicts; their space is freed and records kept.
     let du_running = du(&recovery_stacks);
+    // The operator command lists them and stops the second with a fail
+    // verdict; the others are stopped through the API.
+    let api = format!("https://127.0.0.1:{}", site.api_port);
+    let cli = |args: &[&str]| {
+        let out = ok(Command::new(lab)
+            .arg("site-manager")
+            .args(args)
+            .arg("--data")
+            .arg(site.site_manager_dir.join("data"))
+            .args(["--api", &api])
+            .output());
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "site-manager {args:?}: {stdout}{stderr}");
+        stdout.into_owned()
+    };
+    let listed: Value = ok(serde_json::from_str(&cli(&["test", "list", &vpg, "--json"])));
+    assert_eq!(listed.as_array().map(Vec::len), Some(4), "{listed}");
     for (k, t) in tests.iter().enumerate() {
         let id = t["id"].as_str().unwrap_or_default();
-        let verdict = if k == 1 { "fail" } else { "pass" };
+        if k == 1 {
+            let out = cli(&["test", "stop", id, "--result", "fail", "--notes", "note 1"]);
+            assert!(out.contains("Stopped") && out.contains("fail"), "{out}");
+            continue;
+        }
         let r = ok(sm.post(
             &format!("/api/v1/failover-tests/{id}/stop"),
-            json!({"result": verdict, "notes": format!("note {k}")}),
+            json!({"result": "pass", "notes": format!("note {k}")}),
         ));
         let stop_task = r["task"]["id"].as_str().unwrap_or_default().to_string();
         ok(sm.wait_until(&format!("/api/v1/tasks/{stop_task}"), Duration::from_secs(30), "the test to stop", |t| {

@@ -4,14 +4,17 @@
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
-use crate::model::{now_ms, ErrorBody, FailoverTest, Role, Task, TaskDriver, TestResult, TestState, Vpg};
+use crate::model::{
+    now_ms, Discarded, ErrorBody, FailoverTest, NewTests, Role, StartedTests, StopTest, StoppingTest, TaskDriver,
+    TestState, Vpg,
+};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use protection_groups::mgmt::RoleKind;
 use protection_groups::{CheckpointId, StackId, VpgId};
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Deserialize;
+use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -26,49 +29,12 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// The most tests one request starts.
 const MAX_TESTS_AT_ONCE: usize = 16;
 
-/// Tests to start: one per entry, at that checkpoint, or at the newest
-/// testable one where the entry is null.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewTests {
-    pub checkpoints: Vec<Option<u64>>,
-}
-
-/// The tests started and the task that ends when all of them run.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct StartedTests {
-    pub task: Task,
-    pub tests: Vec<FailoverTest>,
-}
-
-/// The verdict that stops a test.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct StopTest {
-    pub result: TestResult,
-    #[serde(default)]
-    pub notes: String,
-}
-
-/// A stop and the task that ends when its space is freed.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct StoppingTest {
-    pub task: Task,
-    pub test: FailoverTest,
-}
-
 /// Which records to discard.
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct DiscardQuery {
     /// Only records of tests stopped before this time (ms since the epoch);
     /// all stopped ones if absent.
     pub before_ms: Option<u64>,
-}
-
-/// How many records were discarded.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct Discarded {
-    pub discarded: usize,
 }
 
 /// The VPG `id`, whether defined here or a paired site's copy that

@@ -5,8 +5,9 @@
 
 use crate::client::{ApiClient, ClientError};
 use crate::model::{
-    AuditEntry, Checkpoint, CreatedToken, Host, Hypervisor, NewCheckpoint, NewHost, NewToken, PairRequest,
-    PairingToken, Peer, RegistrationToken, Role, Site, SiteUpdate, Task, Token, Vpg,
+    AuditEntry, Checkpoint, CreatedToken, Discarded, FailoverTest, Host, Hypervisor, NewCheckpoint, NewHost, NewTests,
+    NewToken, PairRequest, PairingToken, Peer, RegistrationToken, Role, Site, SiteUpdate, StartedTests, StopTest,
+    StoppingTest, Task, TestResult, Token, Vpg,
 };
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -73,6 +74,13 @@ pub enum ApiOp {
         conn: ApiConnection,
         #[command(subcommand)]
         op: CheckpointOp,
+    },
+    /// Failover tests: several checkpoints at once, each exported over NBD.
+    Test {
+        #[command(flatten)]
+        conn: ApiConnection,
+        #[command(subcommand)]
+        op: TestOp,
     },
     /// The command tracker.
     Task {
@@ -210,6 +218,38 @@ pub enum CheckpointOp {
         /// Quiesce the VMs around it (those that name a way).
         #[arg(long)]
         app_consistent: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TestOp {
+    /// Start one test per --checkpoint (an id, or `latest`), at once;
+    /// waits until every one is exported unless --no-wait.
+    Start {
+        vpg: String,
+        #[arg(long = "checkpoint", required = true)]
+        checkpoints: Vec<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// The VPG's tests, running and recorded.
+    List { vpg: String },
+    /// One test, with its export URIs while it runs.
+    Show { id: String },
+    /// Stop a test with a verdict: its overlays are freed, its record kept.
+    Stop {
+        id: String,
+        /// pass or fail.
+        #[arg(long)]
+        result: String,
+        #[arg(long, default_value = "")]
+        notes: String,
+    },
+    /// Discard the VPG's records of stopped tests (older than --before-ms).
+    Discard {
+        vpg: String,
+        #[arg(long)]
+        before_ms: Option<u64>,
     },
 }
 
@@ -392,6 +432,7 @@ pub fn run(op: ApiOp) -> Result<()> {
         ApiOp::Vpg { conn, op } => (conn, Op::Vpg(op)),
         ApiOp::Checkpoint { conn, op } => (conn, Op::Checkpoint(op)),
         ApiOp::Task { conn, op } => (conn, Op::Task(op)),
+        ApiOp::Test { conn, op } => (conn, Op::Test(op)),
         ApiOp::Peer { conn, op } => (conn, Op::Peer(op)),
         ApiOp::Logs { conn, op } => (conn, Op::Logs(op)),
     };
@@ -416,6 +457,7 @@ enum Op {
     Host(HostOp),
     Vpg(VpgOp),
     Checkpoint(CheckpointOp),
+    Test(TestOp),
     Task(TaskOp),
     Peer(PeerOp),
     Logs(LogsOp),
@@ -550,6 +592,7 @@ fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
                 Ok(())
             }
         },
+        Op::Test(op) => run_test_op(api, c, op),
         Op::Task(op) => match op {
             TaskOp::List => show(c, &api.get::<Vec<Task>>("/api/v1/tasks")?, |t| task_rows(t)),
             TaskOp::Show { id } => {
@@ -666,4 +709,74 @@ fn peer_rows(p: &Peer) -> Vec<Vec<String>> {
         ("last contact", p.last_contact_ms.map_or("never".into(), when)),
         ("last error", if p.last_error.is_empty() { "-".into() } else { p.last_error.clone() }),
     ])
+}
+
+fn test_rows(tests: &[FailoverTest]) -> Vec<Vec<String>> {
+    let mut rows =
+        vec![["TEST", "CHECKPOINT", "STATE", "STARTED", "RESULT", "WRITTEN", "EXPORTS"].map(String::from).to_vec()];
+    for t in tests {
+        rows.push(vec![
+            t.id.0.to_string(),
+            t.checkpoint.0.to_string(),
+            word(&t.state),
+            when(t.started_ms),
+            t.result.as_ref().map(word).unwrap_or_default(),
+            t.written_bytes.to_string(),
+            t.exports.iter().map(|e| e.uri.as_str()).collect::<Vec<_>>().join(" "),
+        ]);
+    }
+    rows
+}
+
+fn run_test_op(api: &ApiClient, c: &ApiConnection, op: TestOp) -> Result<()> {
+    match op {
+        TestOp::Start { vpg, checkpoints, no_wait } => {
+            let checkpoints = checkpoints
+                .iter()
+                .map(|s| match s.as_str() {
+                    "latest" => Ok(None),
+                    n => n.parse().map(Some).with_context(|| format!("--checkpoint {n}: an id or `latest`")),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let started: StartedTests =
+                api.post(&format!("/api/v1/vpgs/{vpg}/failover-tests"), &NewTests { checkpoints })?;
+            if !no_wait {
+                let t = follow(api, c, &started.task)?;
+                if t.completion != crate::model::CompletionCode::Success {
+                    anyhow::bail!("the tests did not start: {}", t.exception.unwrap_or_default());
+                }
+            }
+            let tests: Vec<FailoverTest> = started
+                .tests
+                .iter()
+                .map(|t| api.get(&format!("/api/v1/failover-tests/{}", t.id.0)))
+                .collect::<Result<_, _>>()?;
+            show(c, &tests, |t| test_rows(t))
+        }
+        TestOp::List { vpg } => {
+            show(c, &api.get::<Vec<FailoverTest>>(&format!("/api/v1/vpgs/{vpg}/failover-tests"))?, |t| test_rows(t))
+        }
+        TestOp::Show { id } => {
+            let t: FailoverTest = api.get(&format!("/api/v1/failover-tests/{id}"))?;
+            show(c, &t, |t| test_rows(std::slice::from_ref(t)))
+        }
+        TestOp::Stop { id, result, notes } => {
+            let result = match result.as_str() {
+                "pass" => TestResult::Pass,
+                "fail" => TestResult::Fail,
+                other => anyhow::bail!("--result {other}: pass or fail"),
+            };
+            let stopping: StoppingTest =
+                api.post(&format!("/api/v1/failover-tests/{id}/stop"), &StopTest { result, notes })?;
+            follow(api, c, &stopping.task)?;
+            let t: FailoverTest = api.get(&format!("/api/v1/failover-tests/{id}"))?;
+            show(c, &t, |t| test_rows(std::slice::from_ref(t)))
+        }
+        TestOp::Discard { vpg, before_ms } => {
+            let q = before_ms.map(|b| format!("?before_ms={b}")).unwrap_or_default();
+            let d: Discarded =
+                api.call(Method::DELETE, &format!("/api/v1/vpgs/{vpg}/failover-tests{q}"), None::<&()>)?;
+            show(c, &d, |d| fields(&[("discarded", d.discarded.to_string())]))
+        }
+    }
 }
