@@ -446,13 +446,27 @@ pub enum TestResult {
     Fail,
 }
 
-/// A failover test: a VPG's disks at one checkpoint, exported with a
-/// private write overlay (a processing stack per recovery VDSA), and
-/// afterwards the record of it.
+/// What a stack of a VPG is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StackPurpose {
+    /// A failover test: replication goes on.
+    #[default]
+    Test,
+    /// The VPG's failover: replication stopped, the recovered VMs run on
+    /// it until it is committed or rolled back.
+    Failover,
+}
+
+/// A failover test (or the VPG's failover): a VPG's disks at one
+/// checkpoint, exported with a private write overlay (a processing stack
+/// per recovery VDSA), and afterwards the record of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct FailoverTest {
     /// The test's stack id at every recovery VDSA.
     pub id: protection_groups::StackId,
+    #[serde(default)]
+    pub purpose: StackPurpose,
     pub vpg: VpgId,
     pub vpg_name: String,
     pub checkpoint: protection_groups::CheckpointId,
@@ -516,4 +530,23 @@ pub struct StoppingTest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Discarded {
     pub discarded: usize,
+}
+
+/// Where to fail a VPG over to.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewFailover {
+    /// A checkpoint id, or null for the newest one every recovery VDSA
+    /// holds.
+    #[serde(default)]
+    pub checkpoint: Option<u64>,
+}
+
+/// A failover (or its roll back) under way: the VPG, its stack and the
+/// task that ends when the stack is served (or discarded).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FailoverTask {
+    pub vpg: Vpg,
+    pub failover: FailoverTest,
+    pub task: Task,
 }

@@ -65,7 +65,10 @@ pub fn desired_states(
             .or_else(|| peer.hosts.iter().find(|h| h.id == id).and_then(|h| h.replication_address.clone()))
     };
     let all = vpgs.iter().map(|v| (v, true)).chain(peer.vpgs.iter().map(|v| (v, false)));
-    for (v, ours) in all.filter(|(v, _)| replicates(v)) {
+    // A failed-over VPG keeps its target roles (journals open, no stream
+    // accepted) for its failover stack; its sources stop.
+    for (v, ours) in all.filter(|(v, _)| replicates(v) || v.status == VpgStatus::Failover) {
+        let failed_over = v.status == VpgStatus::Failover;
         // (source host, target host) -> disks
         let mut pairs: BTreeMap<(HostId, HostId), Vec<protection_groups::DiskSpec>> = BTreeMap::new();
         let mut taps: BTreeMap<(HostId, HostId), Vec<TapAttach>> = BTreeMap::new();
@@ -94,7 +97,7 @@ pub fn desired_states(
         for &(src, dst) in pairs.keys() {
             into.entry(dst).or_default().push(stream_id(v.id, src, dst));
         }
-        for (&(src, dst), disks) in pairs.iter().filter(|((src, _), _)| ours && own(*src)) {
+        for (&(src, dst), disks) in pairs.iter().filter(|((src, _), _)| ours && own(*src) && !failed_over) {
             let Some(target_address) = address(dst) else { continue };
             let streams_to_target = u16::try_from(into.get(&dst).map_or(1, Vec::len)).unwrap_or(u16::MAX);
             out.entry(src).or_default().sources.push(SourceRole {
@@ -115,7 +118,7 @@ pub fn desired_states(
             out.entry(dst).or_default().targets.push(TargetRole {
                 vpg: v.id,
                 epoch: v.epoch,
-                streams,
+                streams: if failed_over { Vec::new() } else { streams },
                 disks,
                 retention: v.settings.retention(),
                 stacks: tests

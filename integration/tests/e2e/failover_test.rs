@@ -312,3 +312,119 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
         );
     }
 }
+
+/// Failover to checkpoint k reads back the reference at k and stops
+/// replication into it; roll back, fail over to k+3, which reads the
+/// reference at k+3; roll back again and the VPG protects again. Nothing
+/// the recovered VM wrote reaches the journal.
+#[test]
+fn failover_to_a_checkpoint_rolls_back_and_fails_over_to_another() {
+    if !qemu_available() {
+        panic!("qemu-storage-daemon is missing: integration/run-tests installs qemu-utils");
+    }
+    let _turn = crate::take_turns();
+    let dir = ok(tempfile::tempdir());
+    let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
+    const SIZE: u64 = 8 << 20;
+    let spec = SiteSpec {
+        hosts: 1,
+        disk_bytes: SIZE,
+        site_manager_args: Vec::new(),
+        vdsa_args: Vec::new(),
+        checkpoint_interval_ms: 3_600_000,
+        quiesce_hook: Vec::new(),
+        disk_image: None,
+    };
+    let site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
+    let sm = ok(site.sm());
+    let vpg = site.vpg.clone();
+    let mut guest = ok(site.vms[0].guest());
+    let mut model = vec![0u8; SIZE as usize];
+    let mut refs: Vec<(u64, blake3::Hash)> = Vec::new();
+    let mut n = 0u64;
+    let mut write = |guest: &mut NbdClient, model: &mut Vec<u8>| {
+        for _ in 0..30 {
+            n += 1;
+            let off = (n * 7919 * 4096) % (SIZE - 65536) + (n % 4096);
+            let data: Vec<u8> = (0..(512 + (n * 37) % 60_000)).map(|i| (i * 31 + n) as u8).collect();
+            ok(guest.write(off, &data));
+            model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        }
+    };
+    for round in 0..4 {
+        write(&mut guest, &mut model);
+        let cp = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": format!("fo-{round}")})));
+        let id = cp["id"].as_u64().unwrap_or(0);
+        let w = ok(sm.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=30000")));
+        assert_eq!(w["durable"], true, "checkpoint {id}: {w}");
+        refs.push((id, blake3::hash(&model)));
+    }
+    let scratch = dir.path().join("scratch");
+    ok(std::fs::create_dir_all(&scratch));
+    let failover_to = |cp: u64| -> Value {
+        let r = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/failover"), json!({"checkpoint": cp})));
+        assert_eq!(r["vpg"]["status"], "Failover", "{r}");
+        let task = r["task"]["id"].as_str().unwrap_or_default().to_string();
+        let done = ok(sm.wait_until(&format!("/api/v1/tasks/{task}"), Duration::from_secs(60), "the failover", |t| {
+            t["status"] == "Completed"
+        }));
+        assert_eq!(done["completion"], "Success", "{done}");
+        ok(sm.get(&format!("/api/v1/failover-tests/{}", r["failover"]["id"].as_str().unwrap_or_default())))
+    };
+    let roll_back = || {
+        let r = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/failover/rollback"), json!({})));
+        assert_eq!(r["vpg"]["status"], "Protecting", "{r}");
+        let task = r["task"]["id"].as_str().unwrap_or_default().to_string();
+        ok(sm.wait_until(&format!("/api/v1/tasks/{task}"), Duration::from_secs(60), "the roll back", |t| {
+            t["status"] == "Completed"
+        }));
+    };
+    // Fail over to the first checkpoint: the export is that checkpoint;
+    // the source's later writes do not reach it; the recovered VM writes.
+    let (k, k_hash) = refs[0];
+    let f = failover_to(k);
+    let uri = f["exports"][0]["uri"].as_str().unwrap_or_default().to_string();
+    assert_eq!(export_hash(&uri, &scratch), k_hash, "failover to {k}");
+    let vpg_now = ok(sm.get(&format!("/api/v1/vpgs/{vpg}")));
+    assert_eq!(vpg_now["status"], "Failover", "{vpg_now}");
+    let refused = sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": "during failover"}));
+    assert!(refused.is_err(), "no checkpoint is taken while failed over: {refused:?}");
+    write(&mut guest, &mut model);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(export_hash(&uri, &scratch), k_hash, "replication into a failed-over VPG stopped");
+    let (addr, name) = split_uri(&uri);
+    let mut recovered = ok(NbdClient::connect_tcp(&addr, &name));
+    ok(recovered.write(65536, &[0xC3; 8192]));
+    ok(recovered.flush());
+    drop(recovered);
+    // Roll back; fail over to k+3, which knows nothing of that write.
+    roll_back();
+    let (k3, k3_hash) = refs[3];
+    let f = failover_to(k3);
+    let uri = f["exports"][0]["uri"].as_str().unwrap_or_default().to_string();
+    assert_eq!(export_hash(&uri, &scratch), k3_hash, "failover to {k3} after the roll back");
+    roll_back();
+    // The VPG protects again: a new checkpoint becomes durable and holds
+    // the source's writes made meanwhile.
+    write(&mut guest, &mut model);
+    let durable =
+        ok(sm.wait_until(&format!("/api/v1/vpgs/{vpg}"), Duration::from_secs(120), "protection again", |v| {
+            v["status"] == "Protecting"
+        }));
+    assert_eq!(durable["status"], "Protecting");
+    let mut last = Value::Null;
+    for attempt in 0..30 {
+        let cp = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": format!("after-{attempt}")})));
+        let id = cp["id"].as_u64().unwrap_or(0);
+        last = ok(sm.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=20000")));
+        if last["durable"] == true && last["consistent"] == true {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(last["durable"] == true && last["consistent"] == true, "replication did not resume: {last}");
+    let records: Vec<Value> =
+        ok(sm.get(&format!("/api/v1/vpgs/{vpg}/failover-tests"))).as_array().cloned().unwrap_or_default();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(records.iter().all(|r| r["purpose"] == "failover" && r["state"] == "Stopped"), "{records:?}");
+}

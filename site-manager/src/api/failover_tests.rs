@@ -39,7 +39,7 @@ pub struct DiscardQuery {
 
 /// The VPG `id`, whether defined here or a paired site's copy that
 /// recovers to this site.
-fn find_vpg(sm: &AppState, id: Uuid) -> ApiResult<Vpg> {
+pub(super) fn find_vpg(sm: &AppState, id: Uuid) -> ApiResult<Vpg> {
     let key = VpgId(id);
     if let Some(v) = sm.with_store(|s| s.vpgs.get(key.as_bytes()))? {
         return Ok(v);
@@ -49,7 +49,7 @@ fn find_vpg(sm: &AppState, id: Uuid) -> ApiResult<Vpg> {
 
 /// The checkpoints every recovery VDSA of this site holds for `vpg`,
 /// oldest first; empty when none of its target roles runs here.
-fn testable_checkpoints(sm: &AppState, vpg: VpgId) -> (usize, Vec<CheckpointId>) {
+pub(super) fn testable_checkpoints(sm: &AppState, vpg: VpgId) -> (usize, Vec<CheckpointId>) {
     let targets: Vec<_> = sm.links.roles().into_iter().filter(|r| r.vpg == vpg && r.kind == RoleKind::Target).collect();
     let mut common: Vec<CheckpointId> = targets.first().map(|t| t.recoverable_checkpoints.clone()).unwrap_or_default();
     for t in targets.iter().skip(1) {
@@ -118,6 +118,7 @@ async fn start_tests(
             .into_iter()
             .map(|checkpoint| FailoverTest {
                 id: StackId::new(),
+                purpose: crate::model::StackPurpose::Test,
                 vpg: v.id,
                 vpg_name: v.settings.name.clone(),
                 checkpoint,
@@ -193,6 +194,12 @@ async fn stop_test(
     }
     blocking(move || {
         let mut t = test(&sm, id)?;
+        if t.purpose == crate::model::StackPurpose::Failover {
+            return Err(ApiError::Conflict(format!(
+                "{id} is VPG {:?}'s failover: commit it or roll it back",
+                t.vpg_name
+            )));
+        }
         if !t.serves() {
             return Err(ApiError::Conflict(format!("failover test {id} is {:?}, not running", t.state)));
         }

@@ -5,6 +5,7 @@
 
 mod error;
 mod extract;
+mod failover;
 mod failover_tests;
 mod hosts;
 mod logs;
@@ -70,6 +71,7 @@ fn documented() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(hosts::routes())
         .merge(vpgs::routes())
         .merge(failover_tests::routes())
+        .merge(failover::routes())
         .merge(tasks::routes())
         .merge(peering::routes())
         .merge(logs::routes())

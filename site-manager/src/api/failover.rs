@@ -1,0 +1,170 @@
+//! Failover to a checkpoint and its roll back (architecture.md §6): the
+//! VPG's replication stops, its disks at the checkpoint are served as a
+//! processing stack per recovery VDSA, and the recovered VMs' writes go to
+//! the stacks' overlays; nothing touches the replica, so a roll back (and
+//! a failover to another checkpoint) is always possible until commit.
+
+use super::extract::{ApiJson, ApiPath, Caller};
+use super::failover_tests::testable_checkpoints;
+use super::{blocking, ApiError, ApiResult, AppState};
+use crate::model::{
+    now_ms, ErrorBody, FailoverTask, FailoverTest, NewFailover, Role, StackPurpose, TaskDriver, TestState, Vpg,
+};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use protection_groups::{CheckpointId, StackId, VpgId, VpgStatus};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(fail_over)).routes(routes!(roll_back))
+}
+
+/// A VPG defined at this site (a failover changes its status).
+fn own_vpg(sm: &AppState, id: Uuid) -> ApiResult<Vpg> {
+    sm.with_store(|s| s.vpgs.get(VpgId(id).as_bytes()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no VPG {}", VpgId(id))))
+}
+
+/// Fails the VPG over to a checkpoint (the newest if none is named): its
+/// replication stops and its disks at that checkpoint are exported; the
+/// task ends when every disk is served.
+#[utoipa::path(post, path = "/api/v1/vpgs/{id}/failover", tag = "failover", params(("id" = Uuid, Path)),
+    request_body = NewFailover,
+    responses((status = 202, body = FailoverTask), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn fail_over(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(req): ApiJson<NewFailover>,
+) -> ApiResult<(StatusCode, Json<FailoverTask>)> {
+    caller.require(Role::Operator)?;
+    blocking(move || {
+        let mut v = own_vpg(&sm, id)?;
+        if !v.status.can_recover() {
+            return Err(ApiError::Conflict(format!(
+                "VPG {:?} is {}; it fails over from Protecting",
+                v.settings.name, v.status
+            )));
+        }
+        let running = sm.with_store(|s| s.tests.list())?.into_iter().any(|t| t.vpg == v.id && t.serves());
+        if running {
+            return Err(ApiError::Conflict(format!(
+                "VPG {:?} has failover tests running; stop them first",
+                v.settings.name
+            )));
+        }
+        let (targets, held) = testable_checkpoints(&sm, v.id);
+        if targets == 0 {
+            return Err(ApiError::Conflict(format!(
+                "VPG {:?} has no recovery VDSA of this site serving its journal",
+                v.settings.name
+            )));
+        }
+        let checkpoint = match req.checkpoint {
+            None => *held.last().ok_or_else(|| {
+                ApiError::Conflict(format!("VPG {:?} has no recoverable checkpoint yet", v.settings.name))
+            })?,
+            Some(n) if held.contains(&CheckpointId(n)) => CheckpointId(n),
+            Some(n) => {
+                return Err(ApiError::bad(
+                    "checkpoint",
+                    format!(
+                        "checkpoint: {} is not a recoverable checkpoint held by every recovery VDSA of VPG {:?}",
+                        CheckpointId(n),
+                        v.settings.name
+                    ),
+                ))
+            }
+        };
+        let task = sm.start_task(
+            "failover",
+            format!("fail VPG {:?} over to {checkpoint}", v.settings.name),
+            Some(v.id),
+            None,
+            TaskDriver::Vdsa,
+        )?;
+        let failover = FailoverTest {
+            id: StackId::new(),
+            purpose: StackPurpose::Failover,
+            vpg: v.id,
+            vpg_name: v.settings.name.clone(),
+            checkpoint,
+            state: TestState::Starting,
+            started_ms: now_ms(),
+            ready_ms: None,
+            stopped_ms: None,
+            result: None,
+            notes: String::new(),
+            written_bytes: 0,
+            exports: Vec::new(),
+            detail: String::new(),
+            start_task: task.id,
+            stop_task: None,
+        };
+        v.status = v.status.transition(VpgStatus::Failover).map_err(|e| ApiError::Conflict(e.to_string()))?;
+        v.status_reason = format!("failed over to {checkpoint}: commit or roll back");
+        sm.with_store(|s| {
+            s.tests.put(failover.id.as_bytes(), &failover)?;
+            s.vpgs.put(v.id.as_bytes(), &v)
+        })?;
+        tracing::warn!(vpg = %v.id, %checkpoint, "VPG failing over");
+        sm.changed();
+        Ok((StatusCode::ACCEPTED, Json(FailoverTask { vpg: v, failover, task })))
+    })
+    .await
+}
+
+/// Rolls a failover back: its stacks (and every write the recovered VMs
+/// made) are discarded and the VPG protects again from its source. The
+/// task ends when every recovery VDSA has discarded the stack.
+#[utoipa::path(post, path = "/api/v1/vpgs/{id}/failover/rollback", tag = "failover", params(("id" = Uuid, Path)),
+    responses((status = 202, body = FailoverTask), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn roll_back(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<(StatusCode, Json<FailoverTask>)> {
+    caller.require(Role::Operator)?;
+    blocking(move || {
+        let mut v = own_vpg(&sm, id)?;
+        let failover = sm
+            .with_store(|s| s.tests.list())?
+            .into_iter()
+            .find(|t| t.vpg == v.id && t.purpose == StackPurpose::Failover && t.serves());
+        let (Some(mut failover), VpgStatus::Failover) = (failover, v.status) else {
+            return Err(ApiError::Conflict(format!("VPG {:?} is {}, not failed over", v.settings.name, v.status)));
+        };
+        let task = sm.start_task(
+            "rollback",
+            format!("roll VPG {:?} back from its failover to {}", v.settings.name, failover.checkpoint),
+            Some(v.id),
+            None,
+            TaskDriver::Vdsa,
+        )?;
+        if failover.state == TestState::Starting {
+            sm.finish_task(
+                failover.start_task,
+                crate::model::CompletionCode::Aborted,
+                serde_json::json!({"failover": failover.id}),
+                Some("rolled back before it was served".into()),
+            )?;
+        }
+        failover.state = TestState::Stopping;
+        failover.notes = "rolled back".into();
+        failover.stop_task = Some(task.id);
+        v.status = v.status.transition(VpgStatus::Protecting).map_err(|e| ApiError::Conflict(e.to_string()))?;
+        v.status_reason = format!("rolled back from the failover to {}", failover.checkpoint);
+        sm.with_store(|s| {
+            s.tests.put(failover.id.as_bytes(), &failover)?;
+            s.vpgs.put(v.id.as_bytes(), &v)
+        })?;
+        tracing::warn!(vpg = %v.id, "failover rolled back");
+        sm.changed();
+        Ok((StatusCode::ACCEPTED, Json(FailoverTask { vpg: v, failover, task })))
+    })
+    .await
+}
