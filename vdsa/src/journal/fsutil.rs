@@ -56,6 +56,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
 }
 
+/// How long a journal waits for its lock before it says another process
+/// holds it. A child forked by this process (a hook, qemu-img) shares the
+/// lock's open file until it execs, so a journal closed and opened again
+/// at that moment finds it held for a few milliseconds
+/// (docs/journal-format.md).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Takes an exclusive advisory lock on `dir/LOCK`, held as long as the
 /// returned file is open: one process at a time writes a journal.
 pub fn lock_dir(dir: &Path) -> Result<File> {
@@ -67,13 +74,19 @@ pub fn lock_dir(dir: &Path) -> Result<File> {
         .write(true)
         .open(&path)
         .map_err(|e| JournalError::io("opening", &path, e))?;
-    // SAFETY: flock takes a file descriptor we own for the duration of the
-    // call and touches no memory of ours.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(JournalError::Locked(dir.to_path_buf()));
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: flock takes a file descriptor we own for the duration of
+        // the call and touches no memory of ours.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(f);
+        }
+        if start.elapsed() >= LOCK_WAIT {
+            return Err(JournalError::Locked(dir.to_path_buf()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(f)
 }
 
 /// Bytes free for unprivileged writers on the file system holding `path`.
