@@ -489,6 +489,28 @@ pub struct FailoverTest {
 }
 
 impl FailoverTest {
+    /// A test (or failover) of `vpg` at `checkpoint`, started by `task`.
+    pub fn starting(purpose: StackPurpose, vpg: &Vpg, checkpoint: CheckpointId, task: Uuid) -> FailoverTest {
+        FailoverTest {
+            id: protection_groups::StackId::new(),
+            purpose,
+            vpg: vpg.id,
+            vpg_name: vpg.settings.name.clone(),
+            checkpoint,
+            state: TestState::Starting,
+            started_ms: now_ms(),
+            ready_ms: None,
+            stopped_ms: None,
+            result: None,
+            notes: String::new(),
+            written_bytes: 0,
+            exports: Vec::new(),
+            detail: String::new(),
+            start_task: task,
+            stop_task: None,
+        }
+    }
+
     /// Whether its stacks should be served.
     pub fn serves(&self) -> bool {
         matches!(self.state, TestState::Starting | TestState::Running)

@@ -8,12 +8,12 @@ use super::extract::{ApiJson, ApiPath, Caller};
 use super::failover_tests::testable_checkpoints;
 use super::{blocking, ApiError, ApiResult, AppState};
 use crate::model::{
-    now_ms, ErrorBody, FailoverTask, FailoverTest, NewFailover, Role, StackPurpose, TaskDriver, TestState, Vpg,
+    ErrorBody, FailoverTask, FailoverTest, NewFailover, Role, StackPurpose, TaskDriver, TestState, Vpg,
 };
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use protection_groups::{CheckpointId, StackId, VpgId, VpgStatus};
+use protection_groups::{CheckpointId, VpgId, VpgStatus};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -87,24 +87,7 @@ async fn fail_over(
             None,
             TaskDriver::Vdsa,
         )?;
-        let failover = FailoverTest {
-            id: StackId::new(),
-            purpose: StackPurpose::Failover,
-            vpg: v.id,
-            vpg_name: v.settings.name.clone(),
-            checkpoint,
-            state: TestState::Starting,
-            started_ms: now_ms(),
-            ready_ms: None,
-            stopped_ms: None,
-            result: None,
-            notes: String::new(),
-            written_bytes: 0,
-            exports: Vec::new(),
-            detail: String::new(),
-            start_task: task.id,
-            stop_task: None,
-        };
+        let failover = FailoverTest::starting(StackPurpose::Failover, &v, checkpoint, task.id);
         v.status = v.status.transition(VpgStatus::Failover).map_err(|e| ApiError::Conflict(e.to_string()))?;
         v.status_reason = format!("failed over to {checkpoint}: commit or roll back");
         sm.with_store(|s| {

@@ -5,7 +5,7 @@
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
 use crate::model::{
-    now_ms, Discarded, ErrorBody, FailoverTest, NewTests, Role, StartedTests, StopTest, StoppingTest, TaskDriver,
+    Discarded, ErrorBody, FailoverTest, NewTests, Role, StackPurpose, StartedTests, StopTest, StoppingTest, TaskDriver,
     TestState, Vpg,
 };
 use axum::extract::State;
@@ -116,24 +116,7 @@ async fn start_tests(
         )?;
         let tests: Vec<FailoverTest> = picked
             .into_iter()
-            .map(|checkpoint| FailoverTest {
-                id: StackId::new(),
-                purpose: crate::model::StackPurpose::Test,
-                vpg: v.id,
-                vpg_name: v.settings.name.clone(),
-                checkpoint,
-                state: TestState::Starting,
-                started_ms: now_ms(),
-                ready_ms: None,
-                stopped_ms: None,
-                result: None,
-                notes: String::new(),
-                written_bytes: 0,
-                exports: Vec::new(),
-                detail: String::new(),
-                start_task: task.id,
-                stop_task: None,
-            })
+            .map(|checkpoint| FailoverTest::starting(StackPurpose::Test, &v, checkpoint, task.id))
             .collect();
         sm.with_store(|s| tests.iter().try_for_each(|t| s.tests.put(t.id.as_bytes(), t)))?;
         sm.changed();
@@ -194,7 +177,7 @@ async fn stop_test(
     }
     blocking(move || {
         let mut t = test(&sm, id)?;
-        if t.purpose == crate::model::StackPurpose::Failover {
+        if t.purpose == StackPurpose::Failover {
             return Err(ApiError::Conflict(format!(
                 "{id} is VPG {:?}'s failover: commit it or roll it back",
                 t.vpg_name
