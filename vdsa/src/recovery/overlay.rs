@@ -298,18 +298,6 @@ impl Overlay {
         }
         r
     }
-
-    /// Removes the overlay's files (the stack is discarded).
-    pub fn remove(self) -> Result<()> {
-        for p in [&self.data_path, &self.map_path] {
-            match std::fs::remove_file(p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("removing", p, e)),
-            }
-        }
-        Ok(())
-    }
 }
 
 fn bit(map: &[u64], b: u64) -> bool {
