@@ -514,6 +514,9 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
         let reported: Vec<_> = targets.iter().filter_map(|r| r.stacks.iter().find(|s| s.id == t.id)).collect();
         let stacks: Vec<_> = reported.iter().copied().filter(|s| !s.discarded).collect();
         let mut next = t.clone();
+        // The task finishes only after the record is stored: a client that
+        // sees the task completed reads the record with its exports.
+        let mut finish = None;
         match t.state {
             TestState::Starting | TestState::Running => {
                 next.written_bytes = stacks.iter().map(|s| s.written_bytes).sum();
@@ -522,12 +525,12 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
                     next.detail = format!("a recovery VDSA cannot serve the test: {problem}");
                     next.stopped_ms = Some(now_ms());
                     next.exports.clear();
-                    sm.finish_task(
+                    finish = Some((
                         t.start_task,
                         CompletionCode::Failed,
                         serde_json::json!({"test": t.id}),
                         Some(next.detail.clone()),
-                    )?;
+                    ));
                 } else if t.state == TestState::Starting && !targets.is_empty() && stacks.len() == targets.len() {
                     next.state = TestState::Running;
                     next.ready_ms = Some(now_ms());
@@ -541,7 +544,7 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
                         .filter(|o| o.start_task == t.start_task && o.id != t.id)
                         .all(|o| o.state == TestState::Running);
                     if all_running {
-                        sm.finish_task(t.start_task, CompletionCode::Success, result, None)?;
+                        finish = Some((t.start_task, CompletionCode::Success, result, None));
                     }
                     tracing::info!(vpg = %t.vpg, test = %t.id, checkpoint = %t.checkpoint,
                         ms = next.ready_ms.unwrap_or(0).saturating_sub(t.started_ms), "failover test running");
@@ -555,12 +558,8 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
                 next.stopped_ms = Some(now_ms());
                 next.exports.clear();
                 if let Some(task) = t.stop_task {
-                    sm.finish_task(
-                        task,
-                        CompletionCode::Success,
-                        serde_json::to_value(&next).unwrap_or_default(),
-                        None,
-                    )?;
+                    finish =
+                        Some((task, CompletionCode::Success, serde_json::to_value(&next).unwrap_or_default(), None));
                 }
                 tracing::info!(vpg = %t.vpg, test = %t.id, result = ?t.result, "failover test stopped");
             }
@@ -568,6 +567,9 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
         }
         if next != *t {
             sm.with_store(|s| s.tests.put(t.id.as_bytes(), &next))?;
+        }
+        if let Some((task, code, result, detail)) = finish {
+            sm.finish_task(task, code, result, detail)?;
         }
     }
     Ok(())
