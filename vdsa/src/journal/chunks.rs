@@ -111,7 +111,7 @@ fn prefix(hash: &Hash) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn pack_path(dir: &Path, no: u32) -> PathBuf {
+pub(super) fn pack_path(dir: &Path, no: u32) -> PathBuf {
     dir.join(format!("{no:08}.pack"))
 }
 

@@ -44,6 +44,8 @@ pub enum JournalError {
     CutGoesBack { stream: StreamId, lsn: u64, previous: u64 },
     #[error("block {block} of {disk} arrived as hash {hash} only, and the journal holds no such content")]
     BlockNotHeld { disk: DiskId, block: u64, hash: String },
+    #[error("cannot promote to checkpoint {promote} while a view at checkpoint {open} is open: stop the failover tests first")]
+    ViewsOpen { promote: CheckpointId, open: CheckpointId },
     #[error("the journal at {0} is open in another process")]
     Locked(PathBuf),
     #[error("the journal failed earlier ({0}) and accepts no more writes; reopen it")]

@@ -17,6 +17,7 @@ mod index;
 mod ingest;
 mod log;
 mod model;
+mod promotion;
 mod replay;
 mod retention;
 mod view;
@@ -82,13 +83,17 @@ pub const MAX_DATA_WRITE: u64 = 256 << 20;
 const META_FORMAT: u32 = 1;
 
 /// The small metadata file, replaced atomically: the disks, the replica's
-/// checkpoint (base) and a retention step in flight (intent).
+/// checkpoint (base), a retention step in flight (intent) and a promotion
+/// in flight (promote; absent in journals written before promotion
+/// existed, which read it as none).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Meta {
     format: u32,
     disks: Vec<DiskInfo>,
     base: Option<Checkpoint>,
     intent: Option<Checkpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    promote: Option<Checkpoint>,
 }
 
 #[derive(Debug)]
@@ -211,6 +216,12 @@ impl Journal {
         fsutil::create_dir(&dir)?;
         let lock = fsutil::lock_dir(&dir)?;
         let meta = read_meta(&dir)?;
+        if let (Some(p), Some(b)) = (&meta.promote, &meta.base) {
+            if p.id == b.id {
+                // A promotion was deleting the history after its base.
+                promotion::wipe_history(&dir)?;
+            }
+        }
         let chunks = ChunkStore::open(&dir.join("chunks"), config.pack_bytes)?;
         let records = log::scan(&dir.join("log"))?;
         fsutil::create_dir(&dir.join("replica"))?;
@@ -261,6 +272,13 @@ impl Journal {
         if let Some(intent) = st.meta.intent.clone() {
             tracing::info!(checkpoint = %intent.id, "finishing a retention step interrupted by a crash");
             st.advance_base(&dir, &intent)?;
+        }
+        if let Some(target) = st.meta.promote.clone() {
+            tracing::info!(checkpoint = %target.id, "finishing a promotion interrupted by a crash");
+            if st.base_id() < Some(target.id) {
+                st.advance_base(&dir, &target)?;
+            }
+            st.discard_after_base(&dir, config.segment_bytes, config.pack_bytes)?;
         }
         st.chunks.sync(&mut st.writer)?;
         st.log.sync(&mut st.writer)?;
@@ -381,6 +399,14 @@ impl Journal {
     }
 
     /// The disks and their sizes now (after the newest logged resize).
+    /// The replica file of `disk` (a promoted stack reads and writes it in
+    /// place; nothing else may).
+    pub fn replica_path(&self, disk: DiskId) -> Result<PathBuf> {
+        let st = self.read_state()?;
+        let d = st.disk(disk)?;
+        Ok(st.disks[d as usize].replica_path.clone())
+    }
+
     pub fn disks(&self) -> Result<Vec<DiskInfo>> {
         Ok(self.read_state()?.disks.iter().map(|d| DiskInfo { id: d.info.id, size: d.head_size() }).collect())
     }
@@ -581,6 +607,7 @@ fn is_refusal(e: &JournalError) -> bool {
             | JournalError::BadCut { .. }
             | JournalError::CutGoesBack { .. }
             | JournalError::BlockNotHeld { .. }
+            | JournalError::ViewsOpen { .. }
     )
 }
 
@@ -596,7 +623,7 @@ fn read_meta(dir: &Path) -> Result<Meta> {
             Ok(meta)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let meta = Meta { format: META_FORMAT, disks: Vec::new(), base: None, intent: None };
+            let meta = Meta { format: META_FORMAT, disks: Vec::new(), base: None, intent: None, promote: None };
             let bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
             fsutil::write_atomic(&path, &bytes)?;
             Ok(meta)

@@ -63,7 +63,7 @@ impl Journal {
 }
 
 impl State {
-    fn base_id(&self) -> Option<CheckpointId> {
+    pub(super) fn base_id(&self) -> Option<CheckpointId> {
         self.meta.base.as_ref().map(|b| b.id)
     }
 

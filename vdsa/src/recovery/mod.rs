@@ -9,10 +9,12 @@
 
 mod error;
 mod overlay;
+mod promotion;
 mod stack;
 
 pub use error::{Error, Result};
 pub use overlay::Overlay;
+pub use promotion::PromotionProgress;
 pub use stack::{ProcessingStack, StackDisk};
 
 /// The NBD export name of one disk of a stack.

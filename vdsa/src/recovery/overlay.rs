@@ -41,6 +41,9 @@ pub struct Overlay {
     writing: Mutex<()>,
     /// Bytes the stack's users wrote (and zeroed), for the test record.
     written_bytes: AtomicU64,
+    /// While a promotion copies the overlay: blocks written since its pass
+    /// began, which the next pass copies again.
+    changed: Mutex<Option<Vec<u64>>>,
 }
 
 impl Overlay {
@@ -87,6 +90,7 @@ impl Overlay {
             dirty: AtomicBool::new(false),
             writing: Mutex::new(()),
             written_bytes: AtomicU64::new(0),
+            changed: Mutex::new(None),
         })
     }
 
@@ -209,30 +213,7 @@ impl Overlay {
             self.write(whole_hi, &vec![0u8; (end - whole_hi) as usize], base)?;
         }
         let _one = self.writing.lock().map_err(|_| Error::Failed("the overlay write lock is poisoned".into()))?;
-        let mode = if punch {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        };
-        // SAFETY: fallocate on a descriptor this File owns, within the
-        // file's length; it touches no memory of ours.
-        let r = unsafe {
-            libc::fallocate(self.data.as_raw_fd(), mode, whole_lo as libc::off_t, (whole_hi - whole_lo) as libc::off_t)
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            // A file system without the call gets the zeroes written.
-            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(Error::io("zeroing", &self.data_path, e));
-            }
-            let zeroes = vec![0u8; (1 << 20).min(whole_hi - whole_lo) as usize];
-            let mut pos = whole_lo;
-            while pos < whole_hi {
-                let n = (whole_hi - pos).min(zeroes.len() as u64) as usize;
-                self.pwrite(&zeroes[..n], pos)?;
-                pos += n as u64;
-            }
-        }
+        zero_range(&self.data, &self.data_path, whole_lo, whole_hi - whole_lo, punch)?;
         self.mark(whole_lo / BLOCK, (whole_hi - 1) / BLOCK)?;
         self.written_bytes.fetch_add(whole_hi - whole_lo, Ordering::Relaxed);
         Ok(())
@@ -248,37 +229,58 @@ impl Overlay {
             map[(b / 64) as usize] |= 1 << (b % 64);
         }
         self.dirty.store(true, Ordering::SeqCst);
+        if let Some(changed) = self.changed.lock().map_err(|_| poisoned("changed"))?.as_mut() {
+            for b in first..=last {
+                changed[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
+        Ok(())
+    }
+
+    /// The blocks read from the overlay, ascending; from now on, blocks
+    /// written are also collected for [`Overlay::take_changed`].
+    pub fn track_changes(&self) -> Result<Vec<u64>> {
+        let map = self.map_read()?;
+        *self.changed.lock().map_err(|_| poisoned("changed"))? = Some(vec![0u64; map.len()]);
+        Ok(set_bits(&map))
+    }
+
+    /// The blocks written since the last call (or [`Overlay::track_changes`]).
+    pub fn take_changed(&self) -> Result<Vec<u64>> {
+        let mut changed = self.changed.lock().map_err(|_| poisoned("changed"))?;
+        Ok(changed
+            .as_mut()
+            .map(|c| {
+                let blocks = set_bits(c);
+                c.fill(0);
+                blocks
+            })
+            .unwrap_or_default())
+    }
+
+    /// The overlay's own bytes at `offset` (whatever the map says).
+    pub fn read_own(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        self.data.read_exact_at(buf, offset).map_err(|e| Error::io("reading", &self.data_path, e))
+    }
+
+    /// Removes the overlay's files (after it was promoted: nothing reads
+    /// them any more).
+    pub fn remove_files(dir: &Path, name: &str) -> Result<()> {
+        for path in [dir.join(format!("{name}.overlay")), dir.join(format!("{name}.map"))] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("removing", &path, e)),
+            }
+        }
         Ok(())
     }
 
     /// Whether each block of `first..=last` is in a hole of the data file
     /// (a trimmed block: reads zeroes, holds nothing).
     pub fn holes(&self, first: u64, last: u64) -> Vec<bool> {
-        let mut out = vec![false; (last - first + 1) as usize];
-        let fd = self.data.as_raw_fd();
-        let (lo, hi) = (first * BLOCK, ((last + 1) * BLOCK).min(self.size));
-        let mut pos = lo;
-        while pos < hi {
-            // SAFETY: lseek on a descriptor this File owns; reads and
-            // writes here are positional, so its offset does not matter.
-            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-            let data = if data < 0 { hi } else { (data as u64).min(hi) };
-            for b in pos.div_ceil(BLOCK)..data / BLOCK {
-                if b >= first && b <= last && (b + 1) * BLOCK <= data {
-                    out[(b - first) as usize] = true;
-                }
-            }
-            if data >= hi {
-                break;
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-            if hole < 0 {
-                break;
-            }
-            pos = hole as u64;
-        }
-        out
+        holes(&self.data, first, last, self.size)
     }
 
     /// Makes every write acknowledged so far durable: the data file first,
@@ -298,6 +300,81 @@ impl Overlay {
         }
         r
     }
+}
+
+/// Whether each block of `first..=last` of `file` (`size` bytes) is in a
+/// hole (reads zeroes, holds nothing).
+pub(super) fn holes(file: &File, first: u64, last: u64, size: u64) -> Vec<bool> {
+    let mut out = vec![false; (last - first + 1) as usize];
+    let fd = file.as_raw_fd();
+    let (lo, hi) = (first * BLOCK, ((last + 1) * BLOCK).min(size));
+    let mut pos = lo;
+    while pos < hi {
+        // SAFETY: lseek on a descriptor this File owns; reads and
+        // writes here are positional, so its offset does not matter.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        let data = if data < 0 { hi } else { (data as u64).min(hi) };
+        for b in pos.div_ceil(BLOCK)..data / BLOCK {
+            if b >= first && b <= last && (b + 1) * BLOCK <= data {
+                out[(b - first) as usize] = true;
+            }
+        }
+        if data >= hi {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            break;
+        }
+        pos = hole as u64;
+    }
+    out
+}
+
+/// Makes `len` bytes at `offset` of `file` read as zeroes: a hole punched
+/// (`punch`) or the range zeroed in place (stays provisioned); written
+/// zeroes where the file system has neither.
+pub(super) fn zero_range(file: &File, path: &Path, offset: u64, len: u64, punch: bool) -> Result<()> {
+    let mode = if punch {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    };
+    // SAFETY: fallocate on a descriptor `file` owns; it touches no memory
+    // of ours.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(Error::io("zeroing", path, e));
+        }
+        let zeroes = vec![0u8; (1 << 20).min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
+            file.write_all_at(&zeroes[..n], pos).map_err(|e| Error::io("writing", path, e))?;
+            pos += n as u64;
+        }
+    }
+    Ok(())
+}
+
+fn poisoned(what: &str) -> Error {
+    Error::Failed(format!("the overlay's {what} lock is poisoned"))
+}
+
+fn set_bits(map: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (i, &w) in map.iter().enumerate() {
+        let mut w = w;
+        while w != 0 {
+            let t = w.trailing_zeros() as u64;
+            out.push(i as u64 * 64 + t);
+            w &= w - 1;
+        }
+    }
+    out
 }
 
 fn bit(map: &[u64], b: u64) -> bool {
@@ -338,8 +415,10 @@ fn parse_map(bytes: &[u8], size: u64, words: usize) -> std::result::Result<Vec<u
 
 /// Writes `bytes` to `path` so that after a crash it holds either the old
 /// or the new content.
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("map.tmp");
+pub(super) fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let io = |action: &'static str, p: &Path| {
         let p = p.to_path_buf();
         move |e| Error::io(action, &p, e)

@@ -173,6 +173,109 @@ fn stacks_at_several_checkpoints_are_isolated_and_keep_the_journal_as_it_was() {
     assert!(used > 0 && du(&stacks) == 0);
 }
 
+/// Random writes, zeroes and trims to `stack`, mirrored in `model`.
+fn scribble(stack: &ProcessingStack, model: &mut [Vec<u8>; 2], rng: &mut StdRng, n: usize) {
+    use vdsa::nbd::server::BlockExport;
+    for _ in 0..n {
+        let i = rng.gen_range(0..2);
+        let off = rng.gen_range(0..SIZE - 1);
+        let len = rng.gen_range(1..=(SIZE - off).min(50_000));
+        match rng.gen_range(0..10) {
+            0 => ok(stack.disks()[i].write_zeroes(off, len)),
+            1 => ok(stack.disks()[i].trim(off, len)),
+            _ => {
+                let mut d = vec![0u8; len as usize];
+                rng.fill_bytes(&mut d);
+                ok(stack.disks()[i].write(off, &d));
+                model[i][off as usize..(off + len) as usize].copy_from_slice(&d);
+                continue;
+            }
+        }
+        model[i][off as usize..(off + len) as usize].fill(0);
+    }
+}
+
+fn replica_bytes(journal: &Journal, disk: DiskId) -> Vec<u8> {
+    let mut bytes = ok(std::fs::read(ok(journal.replica_path(disk))));
+    bytes.truncate(SIZE as usize);
+    bytes
+}
+
+#[test]
+fn promotion_makes_the_replica_the_checkpoint_plus_the_stacks_writes_while_they_go_on() {
+    let seed = rand::random::<u64>();
+    println!("seed {seed}");
+    let dir = ok(tempfile::tempdir());
+    let (journal, disks, refs) = journal_with_history(dir.path(), seed);
+    let stacks = dir.path().join("stacks");
+    let id = StackId::new();
+    // Failover to checkpoint 2: the writes after it (checkpoint 3) must
+    // never reach the replica.
+    let stack = Arc::new(ok(ProcessingStack::open(&journal, &stacks.join("f"), id, CheckpointId(2))));
+    let mut model = refs[1].clone();
+    let mut rng = StdRng::seed_from_u64(seed ^ 1);
+    scribble(&stack, &mut model, &mut rng, 100);
+    ok(stack.flush());
+
+    // A test at another checkpoint blocks the promotion, with a reason.
+    let test = ok(ProcessingStack::open(&journal, &stacks.join("t"), StackId::new(), CheckpointId(3)));
+    let progress = vdsa::recovery::PromotionProgress::default();
+    let refused = stack.promote(&journal, None, &progress);
+    assert!(refused.as_ref().is_err_and(|e| e.to_string().contains("stop the failover tests")), "{refused:?}");
+    ok(test.discard());
+
+    // A crash after the journal's part: the stack reopens and reads the
+    // same; the promotion then runs again from the start.
+    ok(journal.promote_to(CheckpointId(2)));
+    drop(stack);
+    drop(journal);
+    let journal = ok(Journal::open(dir.path().join("journal"), JournalConfig::default()));
+    let kept: Vec<_> = ok(journal.checkpoints()).iter().map(|c| c.id).collect();
+    assert_eq!(kept, vec![CheckpointId(2)], "the journal holds nothing after the promoted checkpoint");
+    assert_eq!(ok(journal.stats()).log_bytes, 0);
+    let stack = Arc::new(ok(ProcessingStack::open(&journal, &stacks.join("f"), id, CheckpointId(2))));
+    for (i, want) in model.iter().enumerate() {
+        assert!(read_all(&stack, i) == *want, "disk {i} after the journal's promotion and a reopen");
+    }
+
+    // The VMs keep writing while the overlays are copied (slowly, so that
+    // the writes land in every pass).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stack, stop, mut model) = (stack.clone(), stop.clone(), model.clone());
+        std::thread::spawn(move || {
+            let mut rng = StdRng::seed_from_u64(seed ^ 2);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                scribble(&stack, &mut model, &mut rng, 5);
+            }
+            ok(stack.flush());
+            model
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    ok(stack.promote(&journal, Some(4 << 20), &progress));
+    assert!(stack.is_promoted());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let model = writer.join().unwrap_or_else(|_| panic!("the writer panicked"));
+    let done = progress.done_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(done > 0, "progress counted the copy");
+    for i in 0..2 {
+        assert!(read_all(&stack, i) == model[i], "the promoted stack reads disk {i} as written");
+        assert!(replica_bytes(&journal, disks[i]) == model[i], "replica {i} = checkpoint 2 + every write");
+    }
+    assert!(walk(&stacks.join("f")).iter().all(|p| !p.to_string_lossy().ends_with(".overlay")), "overlays freed");
+    // Reopened (a VDSA restart): the stack is its replica files.
+    drop(stack);
+    drop(journal);
+    let journal = ok(Journal::open(dir.path().join("journal"), JournalConfig::default()));
+    let stack = ok(ProcessingStack::open(&journal, &stacks.join("f"), id, CheckpointId(2)));
+    assert!(stack.is_promoted());
+    for (i, want) in model.iter().enumerate() {
+        assert!(read_all(&stack, i) == *want, "disk {i} after a restart");
+    }
+}
+
 #[test]
 fn a_corrupt_overlay_map_is_named_not_read() {
     let dir = ok(tempfile::tempdir());
