@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides put in their first message. A peer of
 /// another version is refused with a message that names both.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest frame either side accepts.
 pub const MAX_FRAME_BYTES: u32 = 4 << 20;
@@ -230,6 +230,10 @@ pub struct TargetRole {
 pub struct StackSpec {
     pub id: StackId,
     pub checkpoint: CheckpointId,
+    /// A committed failover: promote the stack into the replica, in the
+    /// background, while it keeps serving (docs/recovery.md).
+    #[serde(default)]
+    pub promote: bool,
 }
 
 /// A stack as its VDSA serves it.
@@ -252,6 +256,26 @@ pub struct StackState {
     /// site manager learns its final `written_bytes`.
     #[serde(default)]
     pub discarded: bool,
+    /// Its promotion, once asked for.
+    #[serde(default)]
+    pub promotion: Option<PromotionState>,
+}
+
+/// How far a stack's promotion got.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromotionState {
+    /// Overlay bytes copied onto the replica, of `total_bytes` (which grows
+    /// while the recovered VMs write).
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Blocks the journal wrote into the replica.
+    pub journal_blocks: u64,
+    /// Done: the stack's disks are the replica files.
+    pub promoted: bool,
+    /// Why the last attempt failed (it is tried again), or empty.
+    pub error: String,
 }
 
 /// One disk of a stack, as an NBD export.

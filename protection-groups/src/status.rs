@@ -115,6 +115,22 @@ impl VpgStatus {
         }
     }
 
+    /// Whether the VPG runs at its recovery site (failed over, committed or
+    /// not): its sources stop, its target roles accept no stream and serve
+    /// the failover's stack.
+    pub fn is_failed_over(self) -> bool {
+        use VpgStatus::*;
+        matches!(
+            self,
+            Failover
+                | Promoting
+                | PromotingAndNeedReverseConfiguration
+                | PromotingAndMissingConfiguration
+                | NeedReverseConfiguration
+                | PromotionCompleteMirrorsNotYetActivated
+        )
+    }
+
     /// Whether an operator may start a failover or failover test now.
     pub fn can_recover(self) -> bool {
         matches!(self, VpgStatus::Protecting | VpgStatus::Test)

@@ -383,6 +383,20 @@ pub struct PeerExchange {
     pub vpgs: Vec<Vpg>,
     pub hosts: Vec<PeerHost>,
     pub target_roles: Vec<protection_groups::mgmt::RoleState>,
+    /// The other site's VPGs this site failed over (as recovery site):
+    /// their status here, which the defining site takes (its sources stop).
+    #[serde(default)]
+    pub failed_over: Vec<RemoteFailover>,
+}
+
+/// A VPG failed over at its recovery site, as that site tells the site
+/// that defines it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteFailover {
+    pub vpg: VpgId,
+    pub status: VpgStatus,
+    pub reason: String,
 }
 
 /// How the site manager reaches its vCenter, and the VDSA OVA it deploys.
@@ -486,6 +500,14 @@ pub struct FailoverTest {
     /// The task that starts it, and the one that stops it.
     pub start_task: Uuid,
     pub stop_task: Option<Uuid>,
+    /// A failover's commit: its task, when it was asked for and when the
+    /// stacks were promoted (the replicas are the recovered disks).
+    #[serde(default)]
+    pub commit_task: Option<Uuid>,
+    #[serde(default)]
+    pub committed_ms: Option<u64>,
+    #[serde(default)]
+    pub promoted_ms: Option<u64>,
 }
 
 impl FailoverTest {
@@ -508,6 +530,9 @@ impl FailoverTest {
             detail: String::new(),
             start_task: task,
             stop_task: None,
+            commit_task: None,
+            committed_ms: None,
+            promoted_ms: None,
         }
     }
 

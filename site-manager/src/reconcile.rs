@@ -67,8 +67,8 @@ pub fn desired_states(
     let all = vpgs.iter().map(|v| (v, true)).chain(peer.vpgs.iter().map(|v| (v, false)));
     // A failed-over VPG keeps its target roles (journals open, no stream
     // accepted) for its failover stack; its sources stop.
-    for (v, ours) in all.filter(|(v, _)| replicates(v) || v.status == VpgStatus::Failover) {
-        let failed_over = v.status == VpgStatus::Failover;
+    for (v, ours) in all.filter(|(v, _)| replicates(v) || v.status.is_failed_over()) {
+        let failed_over = v.status.is_failed_over();
         // (source host, target host) -> disks
         let mut pairs: BTreeMap<(HostId, HostId), Vec<protection_groups::DiskSpec>> = BTreeMap::new();
         let mut taps: BTreeMap<(HostId, HostId), Vec<TapAttach>> = BTreeMap::new();
@@ -124,7 +124,11 @@ pub fn desired_states(
                 stacks: tests
                     .iter()
                     .filter(|t| t.vpg == v.id && t.serves())
-                    .map(|t| protection_groups::mgmt::StackSpec { id: t.id, checkpoint: t.checkpoint })
+                    .map(|t| protection_groups::mgmt::StackSpec {
+                        id: t.id,
+                        checkpoint: t.checkpoint,
+                        promote: t.commit_task.is_some(),
+                    })
                     .collect(),
             });
         }
@@ -332,6 +336,29 @@ fn advance_statuses(
     Ok(())
 }
 
+/// A committed failover's stacks are promoted: its VPG's status says so.
+fn promotion_complete(sm: &SiteManager, t: &crate::model::FailoverTest) -> Result<(), crate::store::StoreError> {
+    // A copy of the other site's VPG is this site's to set; that site
+    // learns it from the exchange.
+    let (Some(mut v), copy) = (match sm.with_store(|s| s.vpgs.get(t.vpg.as_bytes()))? {
+        Some(v) => (Some(v), false),
+        None => (sm.with_store(|s| s.peer_vpgs.get(t.vpg.as_bytes()))?, true),
+    }) else {
+        return Ok(());
+    };
+    let next = match v.status {
+        VpgStatus::PromotingAndNeedReverseConfiguration => VpgStatus::NeedReverseConfiguration,
+        VpgStatus::Promoting => VpgStatus::PromotionCompleteMirrorsNotYetActivated,
+        VpgStatus::PromotingAndMissingConfiguration => VpgStatus::MissingConfiguration,
+        _ => return Ok(()),
+    };
+    v.status = next;
+    v.status_reason = format!("failed over to {} and committed: the replica is the recovered disks", t.checkpoint);
+    sm.with_store(|s| if copy { s.peer_vpgs.put(v.id.as_bytes(), &v) } else { s.vpgs.put(v.id.as_bytes(), &v) })?;
+    sm.changed();
+    Ok(())
+}
+
 /// Pauses protection while a role cannot work, naming why: a target whose
 /// journal refuses writes (status Error), a source whose VM's monitor does
 /// not answer (status MissingConfiguration: the VM was deleted or shut
@@ -517,9 +544,20 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
         // The task finishes only after the record is stored: a client that
         // sees the task completed reads the record with its exports.
         let mut finish = None;
+        let mut promoted = false;
         match t.state {
             TestState::Starting | TestState::Running => {
-                next.written_bytes = stacks.iter().map(|s| s.written_bytes).sum();
+                // Counted since each stack was opened: a VDSA restart (or a
+                // promotion) starts it again, the record keeps the most.
+                next.written_bytes = t.written_bytes.max(stacks.iter().map(|s| s.written_bytes).sum());
+                if t.state == TestState::Running && !targets.is_empty() && stacks.len() == targets.len() {
+                    // A restarted VDSA serves on a new address.
+                    let mut exports: Vec<_> = stacks.iter().flat_map(|s| s.exports.iter().cloned()).collect();
+                    exports.sort_by_key(|e| e.disk);
+                    if !exports.is_empty() {
+                        next.exports = exports;
+                    }
+                }
                 if let Some(problem) = stacks.iter().find(|s| !s.problem.is_empty()).map(|s| s.problem.clone()) {
                     next.state = TestState::Failed;
                     next.detail = format!("a recovery VDSA cannot serve the test: {problem}");
@@ -548,6 +586,35 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
                     }
                     tracing::info!(vpg = %t.vpg, test = %t.id, checkpoint = %t.checkpoint,
                         ms = next.ready_ms.unwrap_or(0).saturating_sub(t.started_ms), "failover test running");
+                } else if let (TestState::Running, Some(task), None) = (t.state, t.commit_task, t.promoted_ms) {
+                    let promotions: Vec<_> = stacks.iter().filter_map(|s| s.promotion.as_ref()).collect();
+                    let all_promoted = !targets.is_empty()
+                        && stacks.len() == targets.len()
+                        && promotions.len() == stacks.len()
+                        && promotions.iter().all(|p| p.promoted);
+                    if all_promoted {
+                        next.promoted_ms = Some(now_ms());
+                        promoted = true;
+                        finish = Some((
+                            task,
+                            CompletionCode::Success,
+                            serde_json::to_value(&next).unwrap_or_default(),
+                            None,
+                        ));
+                        tracing::info!(vpg = %t.vpg, checkpoint = %t.checkpoint,
+                            ms = now_ms().saturating_sub(t.committed_ms.unwrap_or(0)), "failover promoted");
+                    } else {
+                        let (done, total) =
+                            promotions.iter().fold((0u64, 0u64), |(d, n), p| (d + p.done_bytes, n + p.total_bytes));
+                        let pct = done.saturating_mul(100).checked_div(total).map_or(0, |p| p.min(99) as u8);
+                        let error = promotions.iter().find(|p| !p.error.is_empty()).map(|p| p.error.clone());
+                        sm.update_task(task, |k| {
+                            k.progress = pct;
+                            if let Some(e) = error {
+                                k.exception = Some(format!("a recovery VDSA retries the promotion: {e}"));
+                            }
+                        })?;
+                    }
                 }
             }
             TestState::Stopping if stacks.is_empty() => {
@@ -567,6 +634,9 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
         }
         if next != *t {
             sm.with_store(|s| s.tests.put(t.id.as_bytes(), &next))?;
+        }
+        if promoted {
+            promotion_complete(sm, t)?;
         }
         if let Some((task, code, result, detail)) = finish {
             sm.finish_task(task, code, result, detail)?;

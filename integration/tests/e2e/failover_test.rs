@@ -317,114 +317,239 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
 /// replication into it; roll back, fail over to k+3, which reads the
 /// reference at k+3; roll back again and the VPG protects again. Nothing
 /// the recovered VM wrote reaches the journal.
+/// What the failover tests below share: a one-VM site with an 8 MiB disk,
+/// four checkpoints after random writes, and their reference hashes.
+struct FailoverSite {
+    dir: tempfile::TempDir,
+    site: ProtectedSite,
+    guest: NbdClient,
+    model: Vec<u8>,
+    refs: Vec<(u64, Vec<u8>)>,
+    n: u64,
+}
+
+const FO_SIZE: u64 = 8 << 20;
+
+impl FailoverSite {
+    fn start(vdsa_args: Vec<(usize, Vec<String>)>) -> FailoverSite {
+        let dir = ok(tempfile::tempdir());
+        let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
+        let spec = SiteSpec {
+            hosts: 1,
+            disk_bytes: FO_SIZE,
+            site_manager_args: Vec::new(),
+            vdsa_args,
+            checkpoint_interval_ms: 3_600_000,
+            quiesce_hook: Vec::new(),
+            disk_image: None,
+        };
+        let site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
+        let guest = ok(site.vms[0].guest());
+        let mut fs = FailoverSite { dir, site, guest, model: vec![0u8; FO_SIZE as usize], refs: Vec::new(), n: 0 };
+        for round in 0..4 {
+            fs.write();
+            let id = fs.checkpoint(&format!("fo-{round}"));
+            fs.refs.push((id, fs.model.clone()));
+        }
+        fs
+    }
+
+    fn vpg(&self) -> String {
+        self.site.vpg.clone()
+    }
+
+    /// 30 writes by the protected VM, mirrored in the model.
+    fn write(&mut self) {
+        for _ in 0..30 {
+            self.n += 1;
+            let n = self.n;
+            let off = (n * 7919 * 4096) % (FO_SIZE - 65536) + (n % 4096);
+            let data: Vec<u8> = (0..(512 + (n * 37) % 60_000)).map(|i| (i * 31 + n) as u8).collect();
+            ok(self.guest.write(off, &data));
+            self.model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        }
+    }
+
+    /// A named checkpoint, once durable.
+    fn checkpoint(&self, name: &str) -> u64 {
+        let sm = ok(self.site.sm());
+        let cp = ok(sm.post(&format!("/api/v1/vpgs/{}/checkpoints", self.vpg()), json!({ "name": name })));
+        let id = cp["id"].as_u64().unwrap_or(0);
+        let w = ok(sm.get(&format!("/api/v1/vpgs/{}/checkpoints/{id}/wait?timeout_ms=30000", self.vpg())));
+        assert_eq!(w["durable"], true, "checkpoint {id}: {w}");
+        id
+    }
+
+    /// Fails over to `cp`; the failover's record once it is served.
+    fn failover_to(&self, cp: u64) -> Value {
+        let sm = ok(self.site.sm());
+        let r = ok(sm.post(&format!("/api/v1/vpgs/{}/failover", self.vpg()), json!({ "checkpoint": cp })));
+        assert_eq!(r["vpg"]["status"], "Failover", "{r}");
+        let done = self.wait_task(&r["task"], "the failover");
+        assert_eq!(done["completion"], "Success", "{done}");
+        ok(sm.get(&format!("/api/v1/failover-tests/{}", r["failover"]["id"].as_str().unwrap_or_default())))
+    }
+
+    fn roll_back(&self) {
+        let sm = ok(self.site.sm());
+        let r = ok(sm.post(&format!("/api/v1/vpgs/{}/failover/rollback", self.vpg()), json!({})));
+        assert_eq!(r["vpg"]["status"], "Protecting", "{r}");
+        self.wait_task(&r["task"], "the roll back");
+    }
+
+    fn wait_task(&self, task: &Value, what: &str) -> Value {
+        let id = task["id"].as_str().unwrap_or_default();
+        ok(ok(self.site.sm())
+            .wait_until(&format!("/api/v1/tasks/{id}"), Duration::from_secs(120), what, |t| t["status"] == "Completed"))
+    }
+
+    /// The recovery VDSA's replica file of the VM's disk, cut to the disk.
+    fn replica_hash(&self) -> blake3::Hash {
+        let path =
+            self.site.agents[1].journal(&self.vpg()).join("replica").join(format!("{}.img", self.site.disks[0].0));
+        let mut bytes = ok(std::fs::read(&path));
+        bytes.truncate(FO_SIZE as usize);
+        blake3::hash(&bytes)
+    }
+}
+
+/// Random bytes written through an export by a recovered VM, mirrored in
+/// `image`.
+fn recovered_vm_writes(uri: &str, image: &mut [u8], seed: u64, writes: usize, max_len: u64) {
+    let (addr, name) = split_uri(uri);
+    let mut recovered = ok(NbdClient::connect_tcp(&addr, &name));
+    let mut x = seed;
+    for _ in 0..writes {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let len = 4096 + (x >> 20) % max_len;
+        let off = (x >> 7) % (FO_SIZE - len);
+        let data: Vec<u8> = (0..len).map(|i| ((x >> 3) as u8).wrapping_add(i as u8)).collect();
+        ok(recovered.write(off, &data));
+        image[off as usize..(off + len) as usize].copy_from_slice(&data);
+    }
+    ok(recovered.flush());
+}
+
 #[test]
-fn failover_to_a_checkpoint_rolls_back_and_fails_over_to_another() {
+fn failover_rolls_back_fails_over_to_another_checkpoint_and_commits_it_into_the_replica() {
     if !qemu_available() {
         panic!("qemu-storage-daemon is missing: integration/run-tests installs qemu-utils");
     }
     let _turn = crate::take_turns();
-    let dir = ok(tempfile::tempdir());
-    let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
-    const SIZE: u64 = 8 << 20;
-    let spec = SiteSpec {
-        hosts: 1,
-        disk_bytes: SIZE,
-        site_manager_args: Vec::new(),
-        vdsa_args: Vec::new(),
-        checkpoint_interval_ms: 3_600_000,
-        quiesce_hook: Vec::new(),
-        disk_image: None,
-    };
-    let site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
-    let sm = ok(site.sm());
-    let vpg = site.vpg.clone();
-    let mut guest = ok(site.vms[0].guest());
-    let mut model = vec![0u8; SIZE as usize];
-    let mut refs: Vec<(u64, blake3::Hash)> = Vec::new();
-    let mut n = 0u64;
-    let mut write = |guest: &mut NbdClient, model: &mut Vec<u8>| {
-        for _ in 0..30 {
-            n += 1;
-            let off = (n * 7919 * 4096) % (SIZE - 65536) + (n % 4096);
-            let data: Vec<u8> = (0..(512 + (n * 37) % 60_000)).map(|i| (i * 31 + n) as u8).collect();
-            ok(guest.write(off, &data));
-            model[off as usize..off as usize + data.len()].copy_from_slice(&data);
-        }
-    };
-    for round in 0..4 {
-        write(&mut guest, &mut model);
-        let cp = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": format!("fo-{round}")})));
-        let id = cp["id"].as_u64().unwrap_or(0);
-        let w = ok(sm.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=30000")));
-        assert_eq!(w["durable"], true, "checkpoint {id}: {w}");
-        refs.push((id, blake3::hash(&model)));
-    }
-    let scratch = dir.path().join("scratch");
+    let mut fs = FailoverSite::start(Vec::new());
+    let vpg = fs.vpg();
+    let scratch = fs.dir.path().join("scratch");
     ok(std::fs::create_dir_all(&scratch));
-    let failover_to = |cp: u64| -> Value {
-        let r = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/failover"), json!({"checkpoint": cp})));
-        assert_eq!(r["vpg"]["status"], "Failover", "{r}");
-        let task = r["task"]["id"].as_str().unwrap_or_default().to_string();
-        let done = ok(sm.wait_until(&format!("/api/v1/tasks/{task}"), Duration::from_secs(60), "the failover", |t| {
-            t["status"] == "Completed"
-        }));
-        assert_eq!(done["completion"], "Success", "{done}");
-        ok(sm.get(&format!("/api/v1/failover-tests/{}", r["failover"]["id"].as_str().unwrap_or_default())))
-    };
-    let roll_back = || {
-        let r = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/failover/rollback"), json!({})));
-        assert_eq!(r["vpg"]["status"], "Protecting", "{r}");
-        let task = r["task"]["id"].as_str().unwrap_or_default().to_string();
-        ok(sm.wait_until(&format!("/api/v1/tasks/{task}"), Duration::from_secs(60), "the roll back", |t| {
-            t["status"] == "Completed"
-        }));
-    };
+    let replica_before = fs.replica_hash();
     // Fail over to the first checkpoint: the export is that checkpoint;
     // the source's later writes do not reach it; the recovered VM writes.
-    let (k, k_hash) = refs[0];
-    let f = failover_to(k);
+    let (k, k_image) = fs.refs[0].clone();
+    let f = fs.failover_to(k);
     let uri = f["exports"][0]["uri"].as_str().unwrap_or_default().to_string();
-    assert_eq!(export_hash(&uri, &scratch), k_hash, "failover to {k}");
-    let vpg_now = ok(sm.get(&format!("/api/v1/vpgs/{vpg}")));
-    assert_eq!(vpg_now["status"], "Failover", "{vpg_now}");
-    let refused = sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": "during failover"}));
-    assert!(refused.is_err(), "no checkpoint is taken while failed over: {refused:?}");
-    write(&mut guest, &mut model);
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(export_hash(&uri, &scratch), k_hash, "replication into a failed-over VPG stopped");
-    let (addr, name) = split_uri(&uri);
-    let mut recovered = ok(NbdClient::connect_tcp(&addr, &name));
-    ok(recovered.write(65536, &[0xC3; 8192]));
-    ok(recovered.flush());
-    drop(recovered);
-    // Roll back; fail over to k+3, which knows nothing of that write.
-    roll_back();
-    let (k3, k3_hash) = refs[3];
-    let f = failover_to(k3);
-    let uri = f["exports"][0]["uri"].as_str().unwrap_or_default().to_string();
-    assert_eq!(export_hash(&uri, &scratch), k3_hash, "failover to {k3} after the roll back");
-    roll_back();
-    // The VPG protects again: a new checkpoint becomes durable and holds
-    // the source's writes made meanwhile.
-    write(&mut guest, &mut model);
-    let durable =
-        ok(sm.wait_until(&format!("/api/v1/vpgs/{vpg}"), Duration::from_secs(120), "protection again", |v| {
-            v["status"] == "Protecting"
-        }));
-    assert_eq!(durable["status"], "Protecting");
-    let mut last = Value::Null;
-    for attempt in 0..30 {
-        let cp = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": format!("after-{attempt}")})));
-        let id = cp["id"].as_u64().unwrap_or(0);
-        last = ok(sm.get(&format!("/api/v1/vpgs/{vpg}/checkpoints/{id}/wait?timeout_ms=20000")));
-        if last["durable"] == true && last["consistent"] == true {
-            break;
-        }
-        std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(export_hash(&uri, &scratch), blake3::hash(&k_image), "failover to {k}");
+    {
+        let sm = ok(fs.site.sm());
+        let vpg_now = ok(sm.get(&format!("/api/v1/vpgs/{vpg}")));
+        assert_eq!(vpg_now["status"], "Failover", "{vpg_now}");
+        let refused = sm.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), json!({"name": "during failover"}));
+        assert!(refused.is_err(), "no checkpoint is taken while failed over: {refused:?}");
     }
-    assert!(last["durable"] == true && last["consistent"] == true, "replication did not resume: {last}");
+    fs.write();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(export_hash(&uri, &scratch), blake3::hash(&k_image), "replication into a failed-over VPG stopped");
+    let mut scribbled = k_image.clone();
+    recovered_vm_writes(&uri, &mut scribbled, 1, 4, 8192);
+    assert_eq!(fs.replica_hash(), replica_before, "nothing touches the replica before commit");
+    // Roll back: the VPG protects again, and a new checkpoint holds the
+    // source's writes made meanwhile.
+    fs.roll_back();
+    fs.write();
+    ok(ok(fs.site.sm()).wait_until(
+        &format!("/api/v1/vpgs/{vpg}"),
+        Duration::from_secs(120),
+        "protection again",
+        |v| v["status"] == "Protecting",
+    ));
+    let after = fs.checkpoint("after the roll back");
+    let after_image = fs.model.clone();
+    // Fail over to k+3, which knows nothing of the first failover's write.
+    let (k3, k3_image) = fs.refs[3].clone();
+    let f = fs.failover_to(k3);
+    let uri = f["exports"][0]["uri"].as_str().unwrap_or_default().to_string();
+    assert_eq!(export_hash(&uri, &scratch), blake3::hash(&k3_image), "failover to {k3} after the roll back");
+    // The recovered VM writes; then commit: the replica becomes k+3 plus
+    // those writes, while the export keeps serving.
+    let mut expected = k3_image.clone();
+    recovered_vm_writes(&uri, &mut expected, 2, 40, 60_000);
+    let sm = ok(fs.site.sm());
+    let r = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/failover/commit"), json!({})));
+    assert_eq!(r["vpg"]["status"], "PromotingAndNeedReverseConfiguration", "{r}");
+    let done = fs.wait_task(&r["task"], "the promotion");
+    assert_eq!(done["completion"], "Success", "{done}");
+    assert_eq!(done["progress"], 100, "{done}");
+    let v = ok(sm.get(&format!("/api/v1/vpgs/{vpg}")));
+    assert_eq!(v["status"], "NeedReverseConfiguration", "{v}");
+    assert_eq!(fs.replica_hash(), blake3::hash(&expected), "replica = checkpoint {k3} + the recovered VM's writes");
+    assert_ne!(blake3::hash(&expected), blake3::hash(&after_image), "the checkpoint taken after k+3 is not in it");
+    assert_eq!(export_hash(&uri, &scratch), blake3::hash(&expected), "the export serves the promoted replica");
+    // The recovered VM keeps writing: into the replica itself now.
+    recovered_vm_writes(&uri, &mut expected, 3, 5, 8192);
+    assert_eq!(fs.replica_hash(), blake3::hash(&expected), "writes after promotion land in the replica");
+    let refused = sm.post(&format!("/api/v1/vpgs/{vpg}/failover/rollback"), json!({}));
+    assert!(
+        refused.as_ref().is_err_and(|e| e.to_string().contains("cannot be rolled back")),
+        "a committed failover is not rolled back: {refused:?}"
+    );
     let records: Vec<Value> =
         ok(sm.get(&format!("/api/v1/vpgs/{vpg}/failover-tests"))).as_array().cloned().unwrap_or_default();
     assert_eq!(records.len(), 2, "{records:?}");
-    assert!(records.iter().all(|r| r["purpose"] == "failover" && r["state"] == "Stopped"), "{records:?}");
+    assert!(records.iter().all(|r| r["purpose"] == "failover"), "{records:?}");
+    assert!(
+        records.iter().any(|r| r["checkpoint"] == k3 && r["state"] == "Running" && r["promoted_ms"].is_u64()),
+        "{records:?}"
+    );
+    println!("checkpoint {after} (after the roll back) protected; failover to {k3} committed and promoted");
+}
+
+#[test]
+fn sigkill_of_the_recovery_vdsa_during_promotion_resumes_it_exactly() {
+    if !qemu_available() {
+        panic!("qemu-storage-daemon is missing: integration/run-tests installs qemu-utils");
+    }
+    let _turn = crate::take_turns();
+    // The promotion is paced to 1 MiB/s, so that it is still running when
+    // the recovery VDSA is killed.
+    let pace = vec![(1, vec!["--promotion-bytes-per-sec".to_string(), (1u64 << 20).to_string()])];
+    let mut fs = FailoverSite::start(pace);
+    let vpg = fs.vpg();
+    let scratch = fs.dir.path().join("scratch");
+    ok(std::fs::create_dir_all(&scratch));
+    let (k, k_image) = fs.refs[2].clone();
+    let f = fs.failover_to(k);
+    let uri = f["exports"][0]["uri"].as_str().unwrap_or_default().to_string();
+    let mut expected = k_image.clone();
+    recovered_vm_writes(&uri, &mut expected, 7, 100, 65_536);
+    let r = ok(ok(fs.site.sm()).post(&format!("/api/v1/vpgs/{vpg}/failover/commit"), json!({})));
+    let task = r["task"]["id"].as_str().unwrap_or_default().to_string();
+    let midway = ok(ok(fs.site.sm()).wait_until(
+        &format!("/api/v1/tasks/{task}"),
+        Duration::from_secs(60),
+        "the promotion to be under way",
+        |t| t["progress"].as_u64().is_some_and(|p| p >= 10) || t["status"] == "Completed",
+    ));
+    assert_ne!(midway["status"], "Completed", "the promotion ended before the kill: {midway}");
+    fs.site.agents[1].kill();
+    println!("recovery VDSA SIGKILLed during the promotion at {}%", midway["progress"]);
+    let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
+    let dir = fs.dir.path().to_path_buf();
+    ok(fs.site.restart_agent(lab, &dir, 1));
+    let done = fs.wait_task(&r["task"], "the promotion after the restart");
+    assert_eq!(done["completion"], "Success", "{done}");
+    assert!(fs.site.agents[1].log_text().contains("promotion complete"), "the restarted VDSA finished it");
+    assert_eq!(fs.replica_hash(), blake3::hash(&expected), "replica = checkpoint {k} + every acknowledged write");
+    let f =
+        ok(ok(fs.site.sm())
+            .get(&format!("/api/v1/failover-tests/{}", r["failover"]["id"].as_str().unwrap_or_default())));
+    let uri = f["exports"][0]["uri"].as_str().unwrap_or_default().to_string();
+    assert_eq!(export_hash(&uri, &scratch), blake3::hash(&expected), "the export serves it after the restart");
 }

@@ -19,13 +19,35 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(fail_over)).routes(routes!(roll_back))
+    OpenApiRouter::new().routes(routes!(fail_over)).routes(routes!(roll_back)).routes(routes!(commit))
 }
 
-/// A VPG defined at this site (a failover changes its status).
-fn own_vpg(sm: &AppState, id: Uuid) -> ApiResult<Vpg> {
-    sm.with_store(|s| s.vpgs.get(VpgId(id).as_bytes()))?
-        .ok_or_else(|| ApiError::NotFound(format!("no VPG {}", VpgId(id))))
+/// A VPG this site fails over: one defined here, or the copy of one the
+/// paired site defines that recovers here (also while that site is gone:
+/// the copy's status is then this site's to set, and the defining site
+/// takes it from the exchange). The flag says it is a copy.
+fn recoverable_vpg(sm: &AppState, id: Uuid) -> ApiResult<(Vpg, bool)> {
+    let key = VpgId(id);
+    if let Some(v) = sm.with_store(|s| s.vpgs.get(key.as_bytes()))? {
+        return Ok((v, false));
+    }
+    sm.with_store(|s| s.peer_vpgs.get(key.as_bytes()))?
+        .map(|v| (v, true))
+        .ok_or_else(|| ApiError::NotFound(format!("no VPG {key}")))
+}
+
+/// Stores a failover's record and its VPG (or the VPG's copy).
+fn store_failover(sm: &AppState, failover: &FailoverTest, v: &Vpg, copy: bool) -> ApiResult<()> {
+    sm.with_store(|s| {
+        s.tests.put(failover.id.as_bytes(), failover)?;
+        if copy {
+            s.peer_vpgs.put(v.id.as_bytes(), v)?;
+            s.flush()
+        } else {
+            s.vpgs.put(v.id.as_bytes(), v)
+        }
+    })?;
+    Ok(())
 }
 
 /// Fails the VPG over to a checkpoint (the newest if none is named): its
@@ -43,7 +65,7 @@ async fn fail_over(
 ) -> ApiResult<(StatusCode, Json<FailoverTask>)> {
     caller.require(Role::Operator)?;
     blocking(move || {
-        let mut v = own_vpg(&sm, id)?;
+        let (mut v, copy) = recoverable_vpg(&sm, id)?;
         if !v.status.can_recover() {
             return Err(ApiError::Conflict(format!(
                 "VPG {:?} is {}; it fails over from Protecting",
@@ -90,10 +112,7 @@ async fn fail_over(
         let failover = FailoverTest::starting(StackPurpose::Failover, &v, checkpoint, task.id);
         v.status = v.status.transition(VpgStatus::Failover).map_err(|e| ApiError::Conflict(e.to_string()))?;
         v.status_reason = format!("failed over to {checkpoint}: commit or roll back");
-        sm.with_store(|s| {
-            s.tests.put(failover.id.as_bytes(), &failover)?;
-            s.vpgs.put(v.id.as_bytes(), &v)
-        })?;
+        store_failover(&sm, &failover, &v, copy)?;
         tracing::warn!(vpg = %v.id, %checkpoint, "VPG failing over");
         sm.changed();
         Ok((StatusCode::ACCEPTED, Json(FailoverTask { vpg: v, failover, task })))
@@ -113,11 +132,17 @@ async fn roll_back(
 ) -> ApiResult<(StatusCode, Json<FailoverTask>)> {
     caller.require(Role::Operator)?;
     blocking(move || {
-        let mut v = own_vpg(&sm, id)?;
+        let (mut v, copy) = recoverable_vpg(&sm, id)?;
         let failover = sm
             .with_store(|s| s.tests.list())?
             .into_iter()
             .find(|t| t.vpg == v.id && t.purpose == StackPurpose::Failover && t.serves());
+        if v.status.is_failed_over() && v.status != VpgStatus::Failover {
+            return Err(ApiError::Conflict(format!(
+                "VPG {:?} is {}: its failover was committed and cannot be rolled back",
+                v.settings.name, v.status
+            )));
+        }
         let (Some(mut failover), VpgStatus::Failover) = (failover, v.status) else {
             return Err(ApiError::Conflict(format!("VPG {:?} is {}, not failed over", v.settings.name, v.status)));
         };
@@ -141,11 +166,67 @@ async fn roll_back(
         failover.stop_task = Some(task.id);
         v.status = v.status.transition(VpgStatus::Protecting).map_err(|e| ApiError::Conflict(e.to_string()))?;
         v.status_reason = format!("rolled back from the failover to {}", failover.checkpoint);
-        sm.with_store(|s| {
-            s.tests.put(failover.id.as_bytes(), &failover)?;
-            s.vpgs.put(v.id.as_bytes(), &v)
-        })?;
+        store_failover(&sm, &failover, &v, copy)?;
         tracing::warn!(vpg = %v.id, "failover rolled back");
+        sm.changed();
+        Ok((StatusCode::ACCEPTED, Json(FailoverTask { vpg: v, failover, task })))
+    })
+    .await
+}
+
+/// Commits a failover: the journal up to its checkpoint and the recovered
+/// VMs' writes are promoted into the replica in the background while the
+/// VMs keep running from the exports (task progress: bytes copied); no
+/// roll back after this. The task ends when every recovery VDSA has
+/// promoted its stack; the VPG then needs reverse protection.
+#[utoipa::path(post, path = "/api/v1/vpgs/{id}/failover/commit", tag = "failover", params(("id" = Uuid, Path)),
+    responses((status = 202, body = FailoverTask), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn commit(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<(StatusCode, Json<FailoverTask>)> {
+    caller.require(Role::Operator)?;
+    blocking(move || {
+        let (mut v, copy) = recoverable_vpg(&sm, id)?;
+        if v.status != VpgStatus::Failover {
+            return Err(ApiError::Conflict(format!("VPG {:?} is {}, not failed over", v.settings.name, v.status)));
+        }
+        let failover = sm
+            .with_store(|s| s.tests.list())?
+            .into_iter()
+            .find(|t| t.vpg == v.id && t.purpose == StackPurpose::Failover && t.serves());
+        let Some(mut failover) = failover else {
+            return Err(ApiError::Conflict(format!("VPG {:?} has no failover to commit", v.settings.name)));
+        };
+        if failover.state != TestState::Running {
+            return Err(ApiError::Conflict(format!(
+                "the failover of VPG {:?} to {} is not served yet: wait for its task {}",
+                v.settings.name, failover.checkpoint, failover.start_task
+            )));
+        }
+        let task = sm.start_task(
+            "commit",
+            format!(
+                "commit VPG {:?}'s failover to {}: promote it into the replica",
+                v.settings.name, failover.checkpoint
+            ),
+            Some(v.id),
+            None,
+            TaskDriver::Vdsa,
+        )?;
+        failover.commit_task = Some(task.id);
+        failover.committed_ms = Some(crate::model::now_ms());
+        v.status = v
+            .status
+            .transition(VpgStatus::PromotingAndNeedReverseConfiguration)
+            .map_err(|e| ApiError::Conflict(e.to_string()))?;
+        v.status_reason = format!(
+            "failed over to {} and committed: promoting the journal and the recovered VMs' writes into the replica",
+            failover.checkpoint
+        );
+        store_failover(&sm, &failover, &v, copy)?;
+        tracing::warn!(vpg = %v.id, checkpoint = %failover.checkpoint, "failover committed");
         sm.changed();
         Ok((StatusCode::ACCEPTED, Json(FailoverTask { vpg: v, failover, task })))
     })

@@ -5,9 +5,9 @@
 
 use crate::client::{ApiClient, ClientError};
 use crate::model::{
-    AuditEntry, Checkpoint, CreatedToken, Discarded, FailoverTest, Host, Hypervisor, NewCheckpoint, NewHost, NewTests,
-    NewToken, PairRequest, PairingToken, Peer, RegistrationToken, Role, Site, SiteUpdate, StartedTests, StopTest,
-    StoppingTest, Task, TestResult, Token, Vpg,
+    AuditEntry, Checkpoint, CreatedToken, Discarded, FailoverTask, FailoverTest, Host, Hypervisor, NewCheckpoint,
+    NewFailover, NewHost, NewTests, NewToken, PairRequest, PairingToken, Peer, RegistrationToken, Role, Site,
+    SiteUpdate, StartedTests, StopTest, StoppingTest, Task, TestResult, Token, Vpg,
 };
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -202,6 +202,28 @@ pub enum VpgOp {
     },
     /// Remove a VM from a VPG.
     RemoveVm { id: String, vm: String },
+    /// Fail over to a checkpoint (the newest with none named): replication
+    /// stops and the disks at it are exported; waits until they are.
+    Failover {
+        id: String,
+        #[arg(long)]
+        checkpoint: Option<u64>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Roll a failover back (before commit): its writes are discarded and
+    /// protection resumes.
+    Rollback {
+        id: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Commit a failover: promote it into the replica (no roll back after).
+    Commit {
+        id: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -397,6 +419,16 @@ fn follow(client: &ApiClient, c: &ApiConnection, task: &Task) -> Result<Task> {
     Ok(done)
 }
 
+/// Follows a failover, roll back or commit task (unless `no_wait`), then
+/// shows the failover's record as it stands.
+fn failover_outcome(api: &ApiClient, c: &ApiConnection, ft: &FailoverTask, no_wait: bool) -> Result<()> {
+    if !no_wait {
+        follow(api, c, &ft.task)?;
+    }
+    let t: FailoverTest = api.get(&format!("/api/v1/failover-tests/{}", ft.failover.id.0))?;
+    show(c, &t, |t| test_rows(std::slice::from_ref(t)))
+}
+
 fn vpg_rows(v: &[Vpg]) -> Vec<Vec<String>> {
     let mut rows = vec![vec!["ID".into(), "NAME".into(), "STATUS".into(), "VMS".into(), "RECOVERY SITE".into()]];
     rows.extend(v.iter().map(|v| {
@@ -566,6 +598,18 @@ fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
                 let v: Vpg = api.call(Method::DELETE, &format!("/api/v1/vpgs/{id}/vms/{vm}"), None::<&()>)?;
                 show(c, &v, |v| vpg_rows(std::slice::from_ref(v)))
             }
+            VpgOp::Failover { id, checkpoint, no_wait } => {
+                let ft: FailoverTask = api.post(&format!("/api/v1/vpgs/{id}/failover"), &NewFailover { checkpoint })?;
+                failover_outcome(api, c, &ft, no_wait)
+            }
+            VpgOp::Rollback { id, no_wait } => {
+                let ft: FailoverTask = api.post(&format!("/api/v1/vpgs/{id}/failover/rollback"), &())?;
+                failover_outcome(api, c, &ft, no_wait)
+            }
+            VpgOp::Commit { id, no_wait } => {
+                let ft: FailoverTask = api.post(&format!("/api/v1/vpgs/{id}/failover/commit"), &())?;
+                failover_outcome(api, c, &ft, no_wait)
+            }
         },
         Op::Checkpoint(op) => match op {
             CheckpointOp::List { vpg } => {
@@ -718,7 +762,11 @@ fn test_rows(tests: &[FailoverTest]) -> Vec<Vec<String>> {
         rows.push(vec![
             t.id.0.to_string(),
             t.checkpoint.0.to_string(),
-            word(&t.state),
+            match (t.commit_task, t.promoted_ms) {
+                (_, Some(_)) => format!("{}, promoted", word(&t.state)),
+                (Some(_), None) => format!("{}, promoting", word(&t.state)),
+                _ => word(&t.state),
+            },
             when(t.started_ms),
             t.result.as_ref().map(word).unwrap_or_default(),
             t.written_bytes.to_string(),

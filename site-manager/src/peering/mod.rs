@@ -19,12 +19,14 @@
 
 pub mod tls;
 
-use crate::model::{now_ms, PairRequest, PairingAnswer, PairingOffer, PairingToken, Peer, PeerExchange, PeerHost, Vpg};
+use crate::model::{
+    now_ms, PairRequest, PairingAnswer, PairingOffer, PairingToken, Peer, PeerExchange, PeerHost, RemoteFailover, Vpg,
+};
 use crate::pki::sha256_hex;
 use crate::state::SiteManager;
 use crate::store::{StoreError, StoredPairingToken, StoredPeer, PEER_KEY};
 use protection_groups::mgmt::{RoleKind, RoleState, TrustedSite};
-use protection_groups::SiteId;
+use protection_groups::{SiteId, VpgStatus};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tls::{parse_ca, PeerClientVerifier, PeerPin};
@@ -375,10 +377,16 @@ pub fn own_exchange(sm: &SiteManager) -> Result<PeerExchange, PeeringError> {
         .into_iter()
         .map(|h| PeerHost { id: h.id, name: h.name, replication_address: h.replication_address })
         .collect();
-    let copies: Vec<_> = sm.with_store(|s| s.peer_vpgs.list())?.into_iter().map(|v| v.id).collect();
+    let copies = sm.with_store(|s| s.peer_vpgs.list())?;
+    let failed_over = copies
+        .iter()
+        .filter(|v| v.status.is_failed_over())
+        .map(|v| RemoteFailover { vpg: v.id, status: v.status, reason: v.status_reason.clone() })
+        .collect();
+    let copies: Vec<_> = copies.into_iter().map(|v| v.id).collect();
     let target_roles =
         sm.links.roles().into_iter().filter(|r| r.kind == RoleKind::Target && copies.contains(&r.vpg)).collect();
-    Ok(PeerExchange { site: sm.site()?.id, vpgs, hosts, target_roles })
+    Ok(PeerExchange { site: sm.site()?.id, vpgs, hosts, target_roles, failed_over })
 }
 
 /// Takes in the other site's half: its VPGs that recover here become the
@@ -401,10 +409,37 @@ pub fn take_exchange(sm: &SiteManager, theirs: PeerExchange) -> Result<(), Peeri
             }
         }
         for v in new {
-            if !old.contains(v) {
-                s.peer_vpgs.put(v.id.as_bytes(), v)?;
+            // A copy failed over here keeps its status: this site decides
+            // it, and the defining site takes it from the exchange.
+            let mut v = v.clone();
+            if let Some(local) = old.iter().find(|o| o.id == v.id && o.status.is_failed_over()) {
+                v.status = local.status;
+                v.status_reason.clone_from(&local.status_reason);
+            }
+            if !old.contains(&v) {
+                s.peer_vpgs.put(v.id.as_bytes(), &v)?;
                 changed = true;
             }
+        }
+        // This site's VPGs that recover there take the status of their
+        // failover there; one no longer failed over there was rolled back.
+        for mut v in s.vpgs.list()?.into_iter().filter(|v| v.settings.recovery_site == theirs.site) {
+            let remote = theirs.failed_over.iter().find(|f| f.vpg == v.id);
+            let (status, reason) = match remote {
+                Some(f) => (f.status, format!("at the recovery site: {}", f.reason)),
+                None if v.status.is_failed_over() => {
+                    (VpgStatus::Protecting, "the recovery site rolled its failover back".to_string())
+                }
+                None => continue,
+            };
+            if v.status == status {
+                continue;
+            }
+            tracing::warn!(vpg = %v.id, from = %v.status, to = %status, "the recovery site changed the VPG's failover");
+            v.status = status;
+            v.status_reason = reason;
+            s.vpgs.put(v.id.as_bytes(), &v)?;
+            changed = true;
         }
         if changed {
             s.flush()?;

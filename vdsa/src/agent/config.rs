@@ -33,6 +33,11 @@ pub struct AgentConfig {
     /// Port 0 lets the kernel choose; the bound address is reported.
     #[serde(default = "defaults::export_listen")]
     pub export_listen: String,
+    /// Paces a committed failover's promotion (copying the recovered VMs'
+    /// writes onto the replica), so that the running VMs keep their I/O;
+    /// 0: as fast as the disk goes.
+    #[serde(default)]
+    pub promotion_bytes_per_sec: u64,
     /// The longest a checkpoint barrier may hold tap acknowledgements.
     #[serde(default = "defaults::hold_limit_ms")]
     pub hold_limit_ms: u64,

@@ -99,7 +99,8 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         server: server_tls,
         client: std::sync::Mutex::new(site.client_config()?),
     };
-    let stacks = recovery::Stacks::new(cfg.data.join("stacks"), stack_exports, export_address);
+    let stacks =
+        recovery::Stacks::new(cfg.data.join("stacks"), stack_exports, export_address, cfg.promotion_bytes_per_sec);
     let roles = Arc::new(Roles::new(cfg.clone(), target, exports, tls, stacks));
     let r = roles.clone();
     std::thread::spawn(move || loop {

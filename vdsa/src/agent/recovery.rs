@@ -1,17 +1,33 @@
 //! The processing stacks this VDSA serves, reconciled to the stacks its
 //! target roles name (docs/recovery.md): each opened over its VPG's
-//! journal, its disks published on the stack export listener, and
-//! discarded (exports gone, overlays freed) once no role names it.
+//! journal, its disks published on the stack export listener, promoted in
+//! the background when its failover is committed, and discarded (exports
+//! gone, overlays freed) once no role names it.
 
 use crate::journal::Journal;
 use crate::nbd::server::{BlockExport, Exports};
-use crate::recovery::{export_name, ProcessingStack};
-use protection_groups::mgmt::{StackExport, StackSpec, StackState};
+use crate::recovery::{export_name, ProcessingStack, PromotionProgress};
+use protection_groups::mgmt::{PromotionState, StackExport, StackSpec, StackState};
 use protection_groups::{StackId, VpgId};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A failed promotion is tried again after this long (a test still open
+/// at another checkpoint, a full volume).
+const PROMOTION_RETRY: Duration = Duration::from_secs(3);
+
+/// A promotion running in the background.
+#[derive(Debug, Default)]
+struct PromotionJob {
+    progress: PromotionProgress,
+    /// The last attempt's error, or empty.
+    error: Mutex<String>,
+    /// Set when the stack is discarded: no further attempt.
+    cancelled: AtomicBool,
+}
 
 /// How many discarded stacks are remembered for the reports.
 const DISCARDED_KEPT: usize = 256;
@@ -23,7 +39,10 @@ pub struct Stacks {
     exports: Arc<Exports>,
     /// HOST:PORT of the stack export listener.
     address: String,
-    open: Mutex<HashMap<StackId, (VpgId, ProcessingStack)>>,
+    open: Mutex<HashMap<StackId, (VpgId, Arc<ProcessingStack>)>>,
+    promotions: Mutex<HashMap<StackId, Arc<PromotionJob>>>,
+    /// Paces promotions' overlay copies (0: unpaced).
+    promotion_bytes_per_sec: u64,
     /// Stacks named but not served, and why.
     problems: Mutex<HashMap<StackId, (VpgId, StackSpec, String)>>,
     /// Stacks discarded lately, as last seen (reported until no role
@@ -35,12 +54,14 @@ pub struct Stacks {
 }
 
 impl Stacks {
-    pub fn new(root: PathBuf, exports: Arc<Exports>, address: String) -> Stacks {
+    pub fn new(root: PathBuf, exports: Arc<Exports>, address: String, promotion_bytes_per_sec: u64) -> Stacks {
         Stacks {
             root,
             exports,
             address,
             open: Mutex::default(),
+            promotions: Mutex::default(),
+            promotion_bytes_per_sec,
             problems: Mutex::default(),
             discarded: Mutex::default(),
             swept: AtomicBool::new(false),
@@ -76,12 +97,16 @@ impl Stacks {
                             allocated_bytes: 0,
                             problem: String::new(),
                             discarded: true,
+                            promotion: None,
                         },
                     ));
                     let excess = d.len().saturating_sub(DISCARDED_KEPT);
                     d.drain(..excess);
                 }
-                match stack.discard() {
+                if let Some(job) = self.promotions.lock().ok().and_then(|mut p| p.remove(&id)) {
+                    job.cancelled.store(true, Ordering::SeqCst);
+                }
+                match ProcessingStack::discard_shared(stack) {
                     Ok(()) => tracing::info!(%vpg, stack = %id, written, "processing stack discarded"),
                     Err(e) => tracing::error!(%vpg, stack = %id, "cannot free the stack's overlays: {e}"),
                 }
@@ -115,7 +140,7 @@ impl Stacks {
                     tracing::info!(%vpg, stack = %spec.id, checkpoint = %spec.checkpoint,
                         ms = started.elapsed().as_millis() as u64, "processing stack served");
                     problems.remove(&spec.id);
-                    open.insert(spec.id, (*vpg, stack));
+                    open.insert(spec.id, (*vpg, Arc::new(stack)));
                 }
                 Err(e) => {
                     if problems.get(&spec.id).is_none_or(|(_, _, p)| *p != e) {
@@ -124,6 +149,52 @@ impl Stacks {
                     problems.insert(spec.id, (*vpg, spec.clone(), e));
                 }
             }
+        }
+        for (vpg, spec) in want.iter().filter(|(_, s)| s.promote) {
+            if let (Some((_, stack)), Ok(journal)) = (open.get(&spec.id), journal_of(*vpg)) {
+                self.start_promotion(*vpg, stack.clone(), journal);
+            }
+        }
+    }
+
+    /// Starts promoting `stack` in the background unless it is promoted or
+    /// on its way; a failed attempt is retried until it succeeds or the
+    /// stack is discarded.
+    fn start_promotion(&self, vpg: VpgId, stack: Arc<ProcessingStack>, journal: Journal) {
+        let Ok(mut jobs) = self.promotions.lock() else { return };
+        if jobs.contains_key(&stack.id) {
+            return;
+        }
+        let job = Arc::new(PromotionJob::default());
+        jobs.insert(stack.id, job.clone());
+        let pace = Some(self.promotion_bytes_per_sec).filter(|&r| r > 0);
+        let id = stack.id;
+        let spawned = std::thread::Builder::new().name("promotion".into()).spawn(move || {
+            let started = std::time::Instant::now();
+            tracing::info!(%vpg, stack = %stack.id, checkpoint = %stack.checkpoint, "promotion started");
+            while !job.cancelled.load(Ordering::SeqCst) {
+                match stack.promote(&journal, pace, &job.progress) {
+                    Ok(()) => {
+                        if let Ok(mut e) = job.error.lock() {
+                            e.clear();
+                        }
+                        tracing::info!(%vpg, stack = %stack.id, ms = started.elapsed().as_millis() as u64,
+                            bytes = job.progress.done_bytes.load(Ordering::Relaxed), "promotion complete");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(%vpg, stack = %stack.id, "promotion failed, trying again: {e}");
+                        if let Ok(mut slot) = job.error.lock() {
+                            *slot = e.to_string();
+                        }
+                        std::thread::sleep(PROMOTION_RETRY);
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(%vpg, "cannot start the promotion thread: {e}");
+            jobs.remove(&id);
         }
     }
 
@@ -144,6 +215,23 @@ impl Stacks {
                         size_bytes: d.size(),
                     })
                     .collect();
+                let job = self.promotions.lock().ok().and_then(|p| p.get(id).cloned());
+                let promoted = s.is_promoted();
+                let promotion = match job {
+                    Some(j) => Some(PromotionState {
+                        done_bytes: j.progress.done_bytes.load(Ordering::Relaxed),
+                        total_bytes: j.progress.total_bytes.load(Ordering::Relaxed),
+                        journal_blocks: j.progress.journal_blocks.load(Ordering::Relaxed),
+                        promoted,
+                        error: if promoted {
+                            String::new()
+                        } else {
+                            j.error.lock().map(|e| e.clone()).unwrap_or_default()
+                        },
+                    }),
+                    None if promoted => Some(PromotionState { promoted, ..PromotionState::default() }),
+                    None => None,
+                };
                 out.push(StackState {
                     id: *id,
                     checkpoint: s.checkpoint,
@@ -152,6 +240,7 @@ impl Stacks {
                     allocated_bytes: s.allocated_bytes(),
                     problem: String::new(),
                     discarded: false,
+                    promotion,
                 });
             }
         }
@@ -169,6 +258,7 @@ impl Stacks {
                         allocated_bytes: 0,
                         problem: why.clone(),
                         discarded: false,
+                        promotion: None,
                     });
                 }
             }

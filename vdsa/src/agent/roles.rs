@@ -516,6 +516,12 @@ impl Roles {
                     }
                     continue;
                 }
+                // A failed-over VPG (no stream accepted) keeps its journal
+                // as it is: the failover's checkpoint must stay, and a
+                // promotion owns the replica.
+                if t.streams.is_empty() {
+                    continue;
+                }
                 // The checkpoints its failover tests read stay retained.
                 let keep: Vec<CheckpointId> = t.stacks.iter().map(|s| s.checkpoint).collect();
                 if let Err(e) = r.journal.apply_retention_keeping(&t.retention, crate::replication::now_ms(), &keep) {

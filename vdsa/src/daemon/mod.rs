@@ -98,6 +98,12 @@ struct AgentArgs {
     /// Where taps connect (repeatable; replaces the file's list).
     #[arg(long)]
     tap_listen: Vec<String>,
+    /// Where processing stacks are served over NBD (HOST:PORT).
+    #[arg(long)]
+    export_listen: Option<String>,
+    /// Paces a committed failover's promotion (0: unpaced).
+    #[arg(long)]
+    promotion_bytes_per_sec: Option<u64>,
     #[arg(long)]
     hold_limit_ms: Option<u64>,
     #[arg(long)]
@@ -141,6 +147,12 @@ fn agent_config(a: AgentArgs) -> Result<crate::agent::AgentConfig> {
     }
     if !a.tap_listen.is_empty() {
         cfg.tap_listen = a.tap_listen;
+    }
+    if let Some(v) = a.export_listen {
+        cfg.export_listen = v;
+    }
+    if let Some(v) = a.promotion_bytes_per_sec {
+        cfg.promotion_bytes_per_sec = v;
     }
     if let Some(v) = a.hold_limit_ms {
         cfg.hold_limit_ms = v;

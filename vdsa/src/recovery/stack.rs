@@ -148,6 +148,19 @@ impl ProcessingStack {
         self.disks.iter().all(|d| matches!(d.layer().as_deref(), Ok(Layer::Replica(_))))
     }
 
+    /// Discards a stack others may still hold (a promotion thread): its
+    /// folder goes now, its pin on the journal when the last holder lets go.
+    pub fn discard_shared(stack: Arc<ProcessingStack>) -> Result<()> {
+        match Arc::try_unwrap(stack) {
+            Ok(stack) => stack.discard(),
+            Err(shared) => match std::fs::remove_dir_all(&shared.dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io("removing", &shared.dir, e)),
+            },
+        }
+    }
+
     /// Discards the stack: its overlays' space is freed and its pin on the
     /// journal released. Exports of it must be gone first (a client still
     /// connected keeps the files open until it leaves).
