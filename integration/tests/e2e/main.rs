@@ -11,6 +11,7 @@ mod pairing;
 mod power_loss;
 mod quiesce;
 mod replication;
+mod site_loss;
 mod site_manager;
 mod vsphere;
 mod write_order;
