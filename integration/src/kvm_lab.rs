@@ -185,6 +185,11 @@ impl StorageDaemon {
         Ok(kvm::detach(&mut self.qmp, job, &format!("{job}-tgt"))?)
     }
 
+    /// Whether the daemon still runs (a move powers it off).
+    pub fn is_running(&mut self) -> bool {
+        self._child.is_running()
+    }
+
     pub fn image_hash(&self) -> Result<blake3::Hash> {
         Ok(blake3::hash(&std::fs::read(&self.image)?))
     }

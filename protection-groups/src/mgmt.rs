@@ -194,6 +194,19 @@ pub struct SourceRole {
     /// How to quiesce the stream's VMs (those that name a way).
     #[serde(default)]
     pub quiesce: Vec<VmQuiesce>,
+    /// A move: power the VMs of `taps` off (a clean shutdown, then QEMU's
+    /// quit) and keep the stream so that their last writes drain. Changing
+    /// it does not restart the role.
+    #[serde(default)]
+    pub power_off: bool,
+}
+
+impl SourceRole {
+    /// Whether `other` is the same run of the role (only `power_off` may
+    /// differ: it is obeyed by the running role).
+    pub fn same_run(&self, other: &SourceRole) -> bool {
+        SourceRole { power_off: other.power_off, ..self.clone() } == *other
+    }
 }
 
 /// A disk whose tap the VDSA attaches through its host's QEMU monitor.
@@ -354,6 +367,9 @@ pub struct RoleState {
     /// Target: the processing stacks it serves.
     #[serde(default)]
     pub stacks: Vec<StackState>,
+    /// Source: asked to power its VMs off, it did (every VM's QEMU is gone).
+    #[serde(default)]
+    pub powered_off: bool,
 }
 
 #[cfg(test)]

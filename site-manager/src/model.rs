@@ -194,6 +194,26 @@ pub struct Vpg {
     /// Protecting on its own once the journal takes writes again.
     #[serde(default)]
     pub paused: bool,
+    /// A move is under way: its source VDSAs power the VMs off (their
+    /// streams stay, so that the last writes drain).
+    #[serde(default)]
+    pub moving: bool,
+}
+
+/// A VPG and the task that brings it to Protecting (or removes it, or
+/// moves it).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VpgTask {
+    pub vpg: Vpg,
+    pub task: Task,
+}
+
+/// The id a checkpoint insertion was given: it is recorded once its
+/// barrier ends (wait for it with the wait call).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InsertedCheckpoint {
+    pub vpg: VpgId,
+    pub id: CheckpointId,
 }
 
 /// A VM to add to a VPG.

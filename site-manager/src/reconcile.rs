@@ -111,6 +111,7 @@ pub fn desired_states(
                 bandwidth_bytes_per_sec: 0,
                 taps: taps.get(&(src, dst)).cloned().unwrap_or_default(),
                 quiesce: quiesce.get(&(src, dst)).cloned().unwrap_or_default(),
+                power_off: v.moving,
             });
         }
         for (dst, streams) in into.into_iter().filter(|(dst, _)| own(*dst)) {

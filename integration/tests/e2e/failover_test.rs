@@ -35,7 +35,7 @@ fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
 }
 
 /// Copies an `nbd://HOST:PORT/NAME` export with qemu-img and hashes it.
-fn export_hash(uri: &str, scratch: &Path) -> blake3::Hash {
+pub(crate) fn export_hash(uri: &str, scratch: &Path) -> blake3::Hash {
     let out = scratch.join("copy.raw");
     let _ = std::fs::remove_file(&out);
     let r = ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", uri]).arg(&out).output());
@@ -319,19 +319,19 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
 /// the recovered VM wrote reaches the journal.
 /// What the failover tests below share: a one-VM site with an 8 MiB disk,
 /// four checkpoints after random writes, and their reference hashes.
-struct FailoverSite {
-    dir: tempfile::TempDir,
-    site: ProtectedSite,
-    guest: NbdClient,
-    model: Vec<u8>,
-    refs: Vec<(u64, Vec<u8>)>,
+pub(crate) struct FailoverSite {
+    pub dir: tempfile::TempDir,
+    pub site: ProtectedSite,
+    pub guest: NbdClient,
+    pub model: Vec<u8>,
+    pub refs: Vec<(u64, Vec<u8>)>,
     n: u64,
 }
 
-const FO_SIZE: u64 = 8 << 20;
+pub(crate) const FO_SIZE: u64 = 8 << 20;
 
 impl FailoverSite {
-    fn start(vdsa_args: Vec<(usize, Vec<String>)>) -> FailoverSite {
+    pub fn start(vdsa_args: Vec<(usize, Vec<String>)>) -> FailoverSite {
         let dir = ok(tempfile::tempdir());
         let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
         let spec = SiteSpec {
@@ -354,7 +354,7 @@ impl FailoverSite {
         fs
     }
 
-    fn vpg(&self) -> String {
+    pub fn vpg(&self) -> String {
         self.site.vpg.clone()
     }
 
@@ -397,14 +397,14 @@ impl FailoverSite {
         self.wait_task(&r["task"], "the roll back");
     }
 
-    fn wait_task(&self, task: &Value, what: &str) -> Value {
+    pub fn wait_task(&self, task: &Value, what: &str) -> Value {
         let id = task["id"].as_str().unwrap_or_default();
         ok(ok(self.site.sm())
             .wait_until(&format!("/api/v1/tasks/{id}"), Duration::from_secs(120), what, |t| t["status"] == "Completed"))
     }
 
     /// The recovery VDSA's replica file of the VM's disk, cut to the disk.
-    fn replica_hash(&self) -> blake3::Hash {
+    pub fn replica_hash(&self) -> blake3::Hash {
         let path =
             self.site.agents[1].journal(&self.vpg()).join("replica").join(format!("{}.img", self.site.disks[0].0));
         let mut bytes = ok(std::fs::read(&path));

@@ -64,60 +64,67 @@ async fn fail_over(
     ApiJson(req): ApiJson<NewFailover>,
 ) -> ApiResult<(StatusCode, Json<FailoverTask>)> {
     caller.require(Role::Operator)?;
-    blocking(move || {
-        let (mut v, copy) = recoverable_vpg(&sm, id)?;
-        if !v.status.can_recover() {
-            return Err(ApiError::Conflict(format!(
-                "VPG {:?} is {}; it fails over from Protecting",
-                v.settings.name, v.status
-            )));
+    let checkpoint = req.checkpoint;
+    let ft = blocking(move || start_failover(&sm, id, checkpoint)).await?;
+    Ok((StatusCode::ACCEPTED, Json(ft)))
+}
+
+/// Fails VPG `id` over to `checkpoint` (the newest if none): what the API
+/// and a move do.
+pub(crate) fn start_failover(sm: &AppState, id: Uuid, checkpoint: Option<u64>) -> ApiResult<FailoverTask> {
+    let req = NewFailover { checkpoint };
+    let (mut v, copy) = recoverable_vpg(sm, id)?;
+    if !v.status.can_recover() {
+        return Err(ApiError::Conflict(format!(
+            "VPG {:?} is {}; it fails over from Protecting",
+            v.settings.name, v.status
+        )));
+    }
+    let running = sm.with_store(|s| s.tests.list())?.into_iter().any(|t| t.vpg == v.id && t.serves());
+    if running {
+        return Err(ApiError::Conflict(format!(
+            "VPG {:?} has failover tests running; stop them first",
+            v.settings.name
+        )));
+    }
+    let (targets, held) = testable_checkpoints(sm, v.id);
+    if targets == 0 {
+        return Err(ApiError::Conflict(format!(
+            "VPG {:?} has no recovery VDSA of this site serving its journal",
+            v.settings.name
+        )));
+    }
+    let checkpoint = match req.checkpoint {
+        None => *held.last().ok_or_else(|| {
+            ApiError::Conflict(format!("VPG {:?} has no recoverable checkpoint yet", v.settings.name))
+        })?,
+        Some(n) if held.contains(&CheckpointId(n)) => CheckpointId(n),
+        Some(n) => {
+            return Err(ApiError::bad(
+                "checkpoint",
+                format!(
+                    "checkpoint: {} is not a recoverable checkpoint held by every recovery VDSA of VPG {:?}",
+                    CheckpointId(n),
+                    v.settings.name
+                ),
+            ))
         }
-        let running = sm.with_store(|s| s.tests.list())?.into_iter().any(|t| t.vpg == v.id && t.serves());
-        if running {
-            return Err(ApiError::Conflict(format!(
-                "VPG {:?} has failover tests running; stop them first",
-                v.settings.name
-            )));
-        }
-        let (targets, held) = testable_checkpoints(&sm, v.id);
-        if targets == 0 {
-            return Err(ApiError::Conflict(format!(
-                "VPG {:?} has no recovery VDSA of this site serving its journal",
-                v.settings.name
-            )));
-        }
-        let checkpoint = match req.checkpoint {
-            None => *held.last().ok_or_else(|| {
-                ApiError::Conflict(format!("VPG {:?} has no recoverable checkpoint yet", v.settings.name))
-            })?,
-            Some(n) if held.contains(&CheckpointId(n)) => CheckpointId(n),
-            Some(n) => {
-                return Err(ApiError::bad(
-                    "checkpoint",
-                    format!(
-                        "checkpoint: {} is not a recoverable checkpoint held by every recovery VDSA of VPG {:?}",
-                        CheckpointId(n),
-                        v.settings.name
-                    ),
-                ))
-            }
-        };
-        let task = sm.start_task(
-            "failover",
-            format!("fail VPG {:?} over to {checkpoint}", v.settings.name),
-            Some(v.id),
-            None,
-            TaskDriver::Vdsa,
-        )?;
-        let failover = FailoverTest::starting(StackPurpose::Failover, &v, checkpoint, task.id);
-        v.status = v.status.transition(VpgStatus::Failover).map_err(|e| ApiError::Conflict(e.to_string()))?;
-        v.status_reason = format!("failed over to {checkpoint}: commit or roll back");
-        store_failover(&sm, &failover, &v, copy)?;
-        tracing::warn!(vpg = %v.id, %checkpoint, "VPG failing over");
-        sm.changed();
-        Ok((StatusCode::ACCEPTED, Json(FailoverTask { vpg: v, failover, task })))
-    })
-    .await
+    };
+    let task = sm.start_task(
+        "failover",
+        format!("fail VPG {:?} over to {checkpoint}", v.settings.name),
+        Some(v.id),
+        None,
+        TaskDriver::Vdsa,
+    )?;
+    let failover = FailoverTest::starting(StackPurpose::Failover, &v, checkpoint, task.id);
+    v.status = v.status.transition(VpgStatus::Failover).map_err(|e| ApiError::Conflict(e.to_string()))?;
+    v.moving = false;
+    v.status_reason = format!("failed over to {checkpoint}: commit or roll back");
+    store_failover(sm, &failover, &v, copy)?;
+    tracing::warn!(vpg = %v.id, %checkpoint, "VPG failing over");
+    sm.changed();
+    Ok(FailoverTask { vpg: v, failover, task })
 }
 
 /// Rolls a failover back: its stacks (and every write the recovered VMs
@@ -187,48 +194,48 @@ async fn commit(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<(StatusCode, Json<FailoverTask>)> {
     caller.require(Role::Operator)?;
-    blocking(move || {
-        let (mut v, copy) = recoverable_vpg(&sm, id)?;
-        if v.status != VpgStatus::Failover {
-            return Err(ApiError::Conflict(format!("VPG {:?} is {}, not failed over", v.settings.name, v.status)));
-        }
-        let failover = sm
-            .with_store(|s| s.tests.list())?
-            .into_iter()
-            .find(|t| t.vpg == v.id && t.purpose == StackPurpose::Failover && t.serves());
-        let Some(mut failover) = failover else {
-            return Err(ApiError::Conflict(format!("VPG {:?} has no failover to commit", v.settings.name)));
-        };
-        if failover.state != TestState::Running {
-            return Err(ApiError::Conflict(format!(
-                "the failover of VPG {:?} to {} is not served yet: wait for its task {}",
-                v.settings.name, failover.checkpoint, failover.start_task
-            )));
-        }
-        let task = sm.start_task(
-            "commit",
-            format!(
-                "commit VPG {:?}'s failover to {}: promote it into the replica",
-                v.settings.name, failover.checkpoint
-            ),
-            Some(v.id),
-            None,
-            TaskDriver::Vdsa,
-        )?;
-        failover.commit_task = Some(task.id);
-        failover.committed_ms = Some(crate::model::now_ms());
-        v.status = v
-            .status
-            .transition(VpgStatus::PromotingAndNeedReverseConfiguration)
-            .map_err(|e| ApiError::Conflict(e.to_string()))?;
-        v.status_reason = format!(
-            "failed over to {} and committed: promoting the journal and the recovered VMs' writes into the replica",
-            failover.checkpoint
-        );
-        store_failover(&sm, &failover, &v, copy)?;
-        tracing::warn!(vpg = %v.id, checkpoint = %failover.checkpoint, "failover committed");
-        sm.changed();
-        Ok((StatusCode::ACCEPTED, Json(FailoverTask { vpg: v, failover, task })))
-    })
-    .await
+    let ft = blocking(move || start_commit(&sm, id)).await?;
+    Ok((StatusCode::ACCEPTED, Json(ft)))
+}
+
+/// Commits VPG `id`'s failover: what the API and a move do.
+pub(crate) fn start_commit(sm: &AppState, id: Uuid) -> ApiResult<FailoverTask> {
+    let (mut v, copy) = recoverable_vpg(sm, id)?;
+    if v.status != VpgStatus::Failover {
+        return Err(ApiError::Conflict(format!("VPG {:?} is {}, not failed over", v.settings.name, v.status)));
+    }
+    let failover = sm
+        .with_store(|s| s.tests.list())?
+        .into_iter()
+        .find(|t| t.vpg == v.id && t.purpose == StackPurpose::Failover && t.serves());
+    let Some(mut failover) = failover else {
+        return Err(ApiError::Conflict(format!("VPG {:?} has no failover to commit", v.settings.name)));
+    };
+    if failover.state != TestState::Running {
+        return Err(ApiError::Conflict(format!(
+            "the failover of VPG {:?} to {} is not served yet: wait for its task {}",
+            v.settings.name, failover.checkpoint, failover.start_task
+        )));
+    }
+    let task = sm.start_task(
+        "commit",
+        format!("commit VPG {:?}'s failover to {}: promote it into the replica", v.settings.name, failover.checkpoint),
+        Some(v.id),
+        None,
+        TaskDriver::Vdsa,
+    )?;
+    failover.commit_task = Some(task.id);
+    failover.committed_ms = Some(crate::model::now_ms());
+    v.status = v
+        .status
+        .transition(VpgStatus::PromotingAndNeedReverseConfiguration)
+        .map_err(|e| ApiError::Conflict(e.to_string()))?;
+    v.status_reason = format!(
+        "failed over to {} and committed: promoting the journal and the recovered VMs' writes into the replica",
+        failover.checkpoint
+    );
+    store_failover(sm, &failover, &v, copy)?;
+    tracing::warn!(vpg = %v.id, checkpoint = %failover.checkpoint, "failover committed");
+    sm.changed();
+    Ok(FailoverTask { vpg: v, failover, task })
 }

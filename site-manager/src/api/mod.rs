@@ -9,6 +9,7 @@ mod failover;
 mod failover_tests;
 mod hosts;
 mod logs;
+mod migration;
 mod peering;
 mod site;
 mod tasks;
@@ -72,6 +73,7 @@ fn documented() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(vpgs::routes())
         .merge(failover_tests::routes())
         .merge(failover::routes())
+        .merge(migration::routes())
         .merge(tasks::routes())
         .merge(peering::routes())
         .merge(logs::routes())

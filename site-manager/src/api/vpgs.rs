@@ -2,14 +2,16 @@
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
-use crate::model::{now_ms, Checkpoint, ErrorBody, NewCheckpoint, NewVm, Role, Task, TaskDriver, Vpg};
+use crate::model::{
+    now_ms, Checkpoint, ErrorBody, InsertedCheckpoint, NewCheckpoint, NewVm, Role, TaskDriver, Vpg, VpgTask,
+};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use protection_groups::{CheckpointId, CheckpointKind, VpgId, VpgSettings, VpgStatus};
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Deserialize;
+use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -22,13 +24,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(remove_vm))
         .routes(routes!(list_checkpoints, insert_checkpoint))
         .routes(routes!(wait_checkpoint))
-}
-
-/// A VPG and the task that brings it to Protecting (or removes it).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct VpgTask {
-    pub vpg: Vpg,
-    pub task: Task,
 }
 
 /// Every VPG of this site.
@@ -110,6 +105,7 @@ async fn create_vpg(
             epoch: 1,
             settings,
             paused: false,
+            moving: false,
         };
         let task = sm.start_task(
             "create_vpg",
@@ -286,14 +282,6 @@ async fn list_checkpoints(
         Ok(Json(sm.with_store(|s| s.checkpoints.list_prefix(v.id.as_bytes()))?))
     })
     .await
-}
-
-/// The id a checkpoint insertion was given: it is recorded once its
-/// barrier ends (wait for it with the wait call).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct InsertedCheckpoint {
-    pub vpg: VpgId,
-    pub id: CheckpointId,
 }
 
 /// Inserts a named checkpoint; returns at once with its id.

@@ -5,9 +5,9 @@
 
 use crate::client::{ApiClient, ClientError};
 use crate::model::{
-    AuditEntry, Checkpoint, CreatedToken, Discarded, FailoverTask, FailoverTest, Host, Hypervisor, NewCheckpoint,
-    NewFailover, NewHost, NewTests, NewToken, PairRequest, PairingToken, Peer, RegistrationToken, Role, Site,
-    SiteUpdate, StartedTests, StopTest, StoppingTest, Task, TestResult, Token, Vpg,
+    AuditEntry, Checkpoint, CreatedToken, Discarded, FailoverTask, FailoverTest, Host, Hypervisor, InsertedCheckpoint,
+    NewCheckpoint, NewFailover, NewHost, NewTests, NewToken, PairRequest, PairingToken, Peer, RegistrationToken, Role,
+    Site, SiteUpdate, StartedTests, StopTest, StoppingTest, Task, TestResult, Token, Vpg, VpgTask,
 };
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -220,6 +220,13 @@ pub enum VpgOp {
     },
     /// Commit a failover: promote it into the replica (no roll back after).
     Commit {
+        id: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Move to the recovery site with no data lost: power the VMs off, take
+    /// a last checkpoint, fail over to it and commit.
+    Move {
         id: String,
         #[arg(long)]
         no_wait: bool,
@@ -443,18 +450,6 @@ fn vpg_rows(v: &[Vpg]) -> Vec<Vec<String>> {
     rows
 }
 
-#[derive(Debug, serde::Deserialize, Serialize)]
-struct VpgTask {
-    vpg: Vpg,
-    task: Task,
-}
-
-#[derive(Debug, serde::Deserialize, Serialize)]
-struct Inserted {
-    vpg: protection_groups::VpgId,
-    id: protection_groups::CheckpointId,
-}
-
 /// Runs one API operation.
 pub fn run(op: ApiOp) -> Result<()> {
     let (c, op) = match op {
@@ -610,6 +605,14 @@ fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
                 let ft: FailoverTask = api.post(&format!("/api/v1/vpgs/{id}/failover/commit"), &())?;
                 failover_outcome(api, c, &ft, no_wait)
             }
+            VpgOp::Move { id, no_wait } => {
+                let vt: VpgTask = api.post(&format!("/api/v1/vpgs/{id}/move"), &())?;
+                if !no_wait {
+                    follow(api, c, &vt.task)?;
+                }
+                let v: Vpg = api.get(&format!("/api/v1/vpgs/{id}"))?;
+                show(c, &v, |v| vpg_rows(std::slice::from_ref(v)))
+            }
         },
         Op::Checkpoint(op) => match op {
             CheckpointOp::List { vpg } => {
@@ -619,7 +622,7 @@ fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
             }
             CheckpointOp::Insert { vpg, name, wait, app_consistent } => {
                 let new = NewCheckpoint { name, application_consistent: app_consistent };
-                let ins: Inserted = api.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), &new)?;
+                let ins: InsertedCheckpoint = api.post(&format!("/api/v1/vpgs/{vpg}/checkpoints"), &new)?;
                 if !wait {
                     return show(c, &ins, |i| fields(&[("checkpoint", i.id.0.to_string())]));
                 }

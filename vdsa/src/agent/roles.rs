@@ -32,6 +32,8 @@ struct SourceRun {
     /// Disks to grow, for the tap thread (it detaches the tap, resizes the
     /// disk in QEMU, puts the resize in the stream and attaches again).
     resizes: Arc<Mutex<Vec<(DiskId, u64)>>>,
+    /// A move's power-off, obeyed by the tap thread.
+    power: Arc<super::taps::PowerOff>,
 }
 
 /// The disks `want` grows, if growing disks is all that differs between
@@ -154,11 +156,17 @@ impl Roles {
                     if let Some(grown) = grown_disks(&run.role, r) {
                         self.grow(run, r, grown);
                     }
+                    if run.role.same_run(r) {
+                        run.power.asked.store(r.power_off, Ordering::SeqCst);
+                        run.role.power_off = r.power_off;
+                    }
                 }
             }
             for id in sources.keys().copied().collect::<Vec<_>>() {
-                let keep =
-                    desired.sources.iter().any(|r| r.stream == id && sources.get(&id).is_some_and(|s| s.role == *r));
+                let keep = desired
+                    .sources
+                    .iter()
+                    .any(|r| r.stream == id && sources.get(&id).is_some_and(|s| s.role.same_run(r)));
                 if !keep {
                     if let Some(run) = sources.remove(&id) {
                         self.stop_source(run);
@@ -296,13 +304,15 @@ impl Roles {
         let mut taps = None;
         let tap_problem = Arc::new(Mutex::new(None));
         let resizes = Arc::new(Mutex::new(Vec::new()));
+        let power = Arc::new(super::taps::PowerOff::default());
+        power.asked.store(r.power_off, Ordering::SeqCst);
         if !r.taps.is_empty() {
             match self.nbd_address() {
                 Some(server) => {
                     let (role, s, stop, problem) = (r.clone(), stream.clone(), stopped.clone(), tap_problem.clone());
-                    let (grow, exports) = (resizes.clone(), self.exports.clone());
+                    let (grow, exports, pw) = (resizes.clone(), self.exports.clone(), power.clone());
                     taps = Some(std::thread::spawn(move || {
-                        super::taps::run(&role, &s, server, &stop, &problem, &grow, &exports)
+                        super::taps::run(&role, &s, server, &stop, &problem, &grow, &exports, &pw)
                     }));
                 }
                 None => {
@@ -310,7 +320,7 @@ impl Roles {
                 }
             }
         }
-        Ok(SourceRun { role: r.clone(), stream, stopped, taps, tap_problem, resizes })
+        Ok(SourceRun { role: r.clone(), stream, stopped, taps, tap_problem, resizes, power })
     }
 
     /// Where QEMU's mirror jobs reach this VDSA's taps: its first NBD
@@ -435,14 +445,18 @@ impl Roles {
         let mut roles = Vec::new();
         // Taken out first: the barrier's PREPARE needs the roles' lock, and
         // a status waits on locks the data path holds.
-        type Run = (VpgId, StreamId, Arc<SourceStream>, Arc<Mutex<Option<String>>>);
+        type Run = (VpgId, StreamId, Arc<SourceStream>, Arc<Mutex<Option<String>>>, Arc<super::taps::PowerOff>);
         let runs: Vec<Run> = self
             .sources
             .lock()
-            .map(|s| s.values().map(|r| (r.role.vpg, r.role.stream, r.stream.clone(), r.tap_problem.clone())).collect())
+            .map(|s| {
+                s.values()
+                    .map(|r| (r.role.vpg, r.role.stream, r.stream.clone(), r.tap_problem.clone(), r.power.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         {
-            for (vpg, stream_id, stream, tap_problem) in runs {
+            for (vpg, stream_id, stream, tap_problem, power) in runs {
                 let st = stream.status();
                 let syncing = stream.is_syncing();
                 let connected = st["connected"].as_bool().unwrap_or(false);
@@ -469,6 +483,7 @@ impl Roles {
                     written_bytes: st["raw_bytes"].as_u64().unwrap_or(0),
                     link_bytes: st["wire_bytes"].as_u64().unwrap_or(0),
                     stacks: Vec::new(),
+                    powered_off: power.done.load(Ordering::SeqCst),
                 });
             }
         }
@@ -493,6 +508,7 @@ impl Roles {
                 written_bytes: stats.as_ref().map_or(0, |s| s.log_bytes + s.pack_bytes),
                 link_bytes: 0,
                 stacks: self.stacks.states(vpg),
+                powered_off: false,
             });
         }
         let data_free_bytes = crate::journal::free_bytes_at(&self.cfg.data).unwrap_or(0);

@@ -111,6 +111,74 @@ fn monitor_gone(e: &str) -> bool {
     e.starts_with("cannot reach") && (e.contains("(os error 2)") || e.contains("(os error 111)"))
 }
 
+/// How long a guest may take to shut down cleanly before QEMU is told to
+/// quit.
+const CLEAN_SHUTDOWN: Duration = Duration::from_secs(60);
+
+/// A move's request to power the role's VMs off, and its outcome.
+#[derive(Debug, Default)]
+pub struct PowerOff {
+    pub asked: AtomicBool,
+    /// Every VM's QEMU is gone.
+    pub done: AtomicBool,
+}
+
+/// Whether the monitor at `socket` is gone (its QEMU exited).
+fn vm_gone(socket: &str) -> bool {
+    matches!(with_monitor(socket, |qmp| qmp.execute("query-status", json!({})).map_err(|e| e.to_string())),
+        Err(e) if monitor_gone(&e))
+}
+
+/// Powers the VM whose monitor is `socket` off: a clean shutdown (ACPI
+/// power button) first, then QEMU's quit if the guest has not gone within
+/// [`CLEAN_SHUTDOWN`] or the QEMU runs no guest (a storage daemon). Every
+/// write QEMU acknowledged went through the write-blocking tap first, so
+/// the stream holds all of them.
+fn power_off_vm(socket: &str) -> Result<(), String> {
+    let powerdown = with_monitor(socket, |qmp| match qmp.execute("system_powerdown", json!({})) {
+        Ok(_) => Ok(true),
+        Err(kvm::QmpError::Command { class, .. }) if class == "CommandNotFound" => Ok(false),
+        Err(e) => Err(e.to_string()),
+    });
+    let clean = match powerdown {
+        Err(e) if monitor_gone(&e) => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(sent) => sent,
+    };
+    if clean {
+        let until = Instant::now() + CLEAN_SHUTDOWN;
+        while Instant::now() < until {
+            if vm_gone(socket) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        tracing::warn!(%socket, "the guest did not shut down in {} s: quitting QEMU", CLEAN_SHUTDOWN.as_secs());
+    }
+    // QEMU may close the monitor before it answers.
+    let _ = with_monitor(socket, |qmp| qmp.execute("quit", json!({})).map_err(|e| e.to_string()));
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        if vm_gone(socket) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("the VM's QEMU at {socket} did not exit after quit"))
+}
+
+/// Powers every VM of the role off (see [`power_off_vm`]).
+fn power_off_vms(role: &SourceRole) -> Result<(), String> {
+    let mut sockets: Vec<&str> = role.taps.iter().map(|t| t.qmp_socket.as_str()).collect();
+    sockets.sort_unstable();
+    sockets.dedup();
+    for socket in sockets {
+        power_off_vm(socket)?;
+        tracing::warn!(vpg = %role.vpg, %socket, "VM powered off for a move");
+    }
+    Ok(())
+}
+
 /// How often an attached tap's job is looked at.
 const WATCH_EVERY: Duration = Duration::from_secs(3);
 
@@ -154,6 +222,7 @@ fn grow_node(qmp: &mut Qmp, device: &str, size: u64) -> Result<(), String> {
 /// full copy; a monitor that does not answer (the VM was deleted or shut
 /// down) is put in `problem`, which the role reports; a disk to grow
 /// (from `grow`) is detached, resized and attached again. Then it detaches.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     role: &SourceRole,
     stream: &Arc<SourceStream>,
@@ -162,6 +231,7 @@ pub fn run(
     problem: &Mutex<Option<String>>,
     grow: &Mutex<Vec<(DiskId, u64)>>,
     exports: &Exports,
+    power: &PowerOff,
 ) {
     let mut growing: Vec<(DiskId, u64, Instant)> = Vec::new();
     let set_problem = |p: Option<String>| {
@@ -178,7 +248,7 @@ pub fn run(
         for t in std::mem::take(&mut pending) {
             let Some(disk) = role.disks.iter().find(|d| d.id == t.disk) else { continue };
             let mut attempt = 0u32;
-            while !stopped.load(Ordering::SeqCst) {
+            while !stopped.load(Ordering::SeqCst) && !power.asked.load(Ordering::SeqCst) {
                 attempt += 1;
                 let size = stream.disk_size(t.disk).unwrap_or(disk.size_bytes);
                 let publish = || {
@@ -208,11 +278,32 @@ pub fn run(
         if stopped.load(Ordering::SeqCst) {
             break;
         }
+        if power.asked.load(Ordering::SeqCst) {
+            // A move: the VMs go, their taps with them; the stream stays
+            // so that their last writes drain.
+            match power_off_vms(role) {
+                Ok(()) => {
+                    power.done.store(true, Ordering::SeqCst);
+                    set_problem(None);
+                    attached.clear();
+                    while !stopped.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(vpg = %role.vpg, "cannot power the VMs off: {e}; trying again");
+                    set_problem(Some(format!("cannot power the VMs off for the move: {e}")));
+                    std::thread::sleep(RETRY);
+                    continue;
+                }
+            }
+        }
         stream.set_syncing(false);
         tracing::info!(vpg = %role.vpg, stream = %role.stream, "initial sync done: checkpoints are consistent");
         // Watch until the role stops or a job needs attaching again.
         let mut last = std::time::Instant::now();
-        while !stopped.load(Ordering::SeqCst) && pending.is_empty() {
+        while !stopped.load(Ordering::SeqCst) && pending.is_empty() && !power.asked.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(50));
             if let Ok(mut g) = grow.lock() {
                 growing.extend(g.drain(..).map(|(d, size)| (d, size, Instant::now())));
