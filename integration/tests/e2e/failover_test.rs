@@ -380,14 +380,21 @@ impl FailoverSite {
         id
     }
 
-    /// Fails over to `cp`; the failover's record once it is served.
+    /// Fails over to `cp`; the failover's record once it is served. Prints
+    /// the RTO: from the command to the first block read from the export.
     fn failover_to(&self, cp: u64) -> Value {
         let sm = ok(self.site.sm());
+        let t = std::time::Instant::now();
         let r = ok(sm.post(&format!("/api/v1/vpgs/{}/failover", self.vpg()), json!({ "checkpoint": cp })));
         assert_eq!(r["vpg"]["status"], "Failover", "{r}");
         let done = self.wait_task(&r["task"], "the failover");
         assert_eq!(done["completion"], "Success", "{done}");
-        ok(sm.get(&format!("/api/v1/failover-tests/{}", r["failover"]["id"].as_str().unwrap_or_default())))
+        let f = ok(sm.get(&format!("/api/v1/failover-tests/{}", r["failover"]["id"].as_str().unwrap_or_default())));
+        let (addr, name) = split_uri(f["exports"][0]["uri"].as_str().unwrap_or_default());
+        let mut first = [0u8; 4096];
+        ok(ok(NbdClient::connect_tcp(&addr, &name)).read(0, &mut first));
+        println!("failover RTO (command to the first 4 KiB read from the export): {} ms", t.elapsed().as_millis());
+        f
     }
 
     fn roll_back(&self) {
