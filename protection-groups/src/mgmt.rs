@@ -234,6 +234,20 @@ pub struct TargetRole {
     /// stack not listed is discarded, its overlays freed.
     #[serde(default)]
     pub stacks: Vec<StackSpec>,
+    /// Disks whose replica starts as a copy of a file on this host (reverse
+    /// protection: the former source disk), so that the initial sync sends
+    /// only the blocks that differ. Used when the disk is first added.
+    #[serde(default)]
+    pub seeds: Vec<DiskSeed>,
+}
+
+/// A disk's seed: a file on the target host the replica starts from.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSeed {
+    pub disk: crate::DiskId,
+    pub path: String,
 }
 
 /// A processing stack the target VDSA serves: the VPG's disks at

@@ -84,6 +84,14 @@ impl Links {
         self.by_host.lock().map(|l| l.values().map(|x| (x.host, x.session)).collect()).unwrap_or_default()
     }
 
+    /// Every role every connected VDSA reported last, with its host.
+    pub fn roles_by_host(&self) -> Vec<(HostId, RoleState)> {
+        self.by_host
+            .lock()
+            .map(|l| l.values().flat_map(|x| x.actual.roles.iter().map(|r| (x.host, r.clone()))).collect())
+            .unwrap_or_default()
+    }
+
     /// Every role every connected VDSA reported last.
     pub fn roles(&self) -> Vec<RoleState> {
         self.by_host.lock().map(|l| l.values().flat_map(|x| x.actual.roles.clone()).collect()).unwrap_or_default()

@@ -198,6 +198,11 @@ pub struct Vpg {
     /// streams stay, so that the last writes drain).
     #[serde(default)]
     pub moving: bool,
+    /// Reverse protection: the files the new recovery hosts' replicas
+    /// start as (the former source disks), so that the sync sends only
+    /// the blocks that differ.
+    #[serde(default)]
+    pub seeds: Vec<protection_groups::mgmt::DiskSeed>,
 }
 
 /// A VPG and the task that brings it to Protecting (or removes it, or
@@ -214,6 +219,44 @@ pub struct VpgTask {
 pub struct InsertedCheckpoint {
     pub vpg: VpgId,
     pub id: CheckpointId,
+}
+
+/// Reverse protection of a committed failover: for each VM, how the
+/// recovered VM's hypervisor reaches it at its recovery host (where it runs
+/// now) and, per disk, its device there and the former source disk at the
+/// original host that the new replica starts from.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseProtection {
+    pub vms: Vec<ReversedVm>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReversedVm {
+    pub vm: protection_groups::VmId,
+    /// KVM: the QMP socket of the recovered VM's QEMU on its recovery host.
+    pub hypervisor_ref: String,
+    pub disks: Vec<ReversedDisk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReversedDisk {
+    pub disk: protection_groups::DiskId,
+    /// The block node the tap mirrors in the recovered VM's QEMU.
+    pub device: String,
+    /// The former source disk's file at the original host (none: the whole
+    /// disk is sent).
+    #[serde(default)]
+    pub seed_path: Option<String>,
+}
+
+/// A role of a VPG as the VDSA of `host` reported it last.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VpgRole {
+    pub host: HostId,
+    pub role: protection_groups::mgmt::RoleState,
 }
 
 /// A VM to add to a VPG.

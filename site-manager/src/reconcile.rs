@@ -115,7 +115,9 @@ pub fn desired_states(
             });
         }
         for (dst, streams) in into.into_iter().filter(|(dst, _)| own(*dst)) {
-            let disks = pairs.iter().filter(|((_, d), _)| *d == dst).flat_map(|(_, ds)| ds.iter().cloned()).collect();
+            let disks: Vec<protection_groups::DiskSpec> =
+                pairs.iter().filter(|((_, d), _)| *d == dst).flat_map(|(_, ds)| ds.iter().cloned()).collect();
+            let seeds = v.seeds.iter().filter(|s| disks.iter().any(|d| d.id == s.disk)).cloned().collect();
             out.entry(dst).or_default().targets.push(TargetRole {
                 vpg: v.id,
                 epoch: v.epoch,
@@ -131,11 +133,15 @@ pub fn desired_states(
                         promote: t.commit_task.is_some(),
                     })
                     .collect(),
+                seeds,
             });
         }
     }
     out
 }
+
+/// Tasks that end when their VPG's initial sync does.
+const INITIAL_SYNC_TASKS: [&str; 2] = ["create_vpg", "reverse_protection"];
 
 /// The reconciler runs at least this often (automatic checkpoints are
 /// scheduled to this resolution), and at once after any change.
@@ -308,9 +314,9 @@ fn advance_statuses(
                     })?;
                     nv.status_reason = String::new();
                     sm.with_store(|s| s.vpgs.put(nv.id.as_bytes(), &nv))?;
-                    for t in
-                        tasks()?.iter().filter(|t| t.vpg == Some(v.id) && t.kind == "create_vpg" && !t.is_finished())
-                    {
+                    for t in tasks()?.iter().filter(|t| {
+                        t.vpg == Some(v.id) && INITIAL_SYNC_TASKS.contains(&t.kind.as_str()) && !t.is_finished()
+                    }) {
                         sm.finish_task(
                             t.id,
                             CompletionCode::Success,
@@ -320,9 +326,9 @@ fn advance_statuses(
                     }
                 } else if let Some(pct) = done.saturating_mul(100).checked_div(total) {
                     let pct = u8::try_from(pct).unwrap_or(100).min(99);
-                    for t in
-                        tasks()?.iter().filter(|t| t.vpg == Some(v.id) && t.kind == "create_vpg" && !t.is_finished())
-                    {
+                    for t in tasks()?.iter().filter(|t| {
+                        t.vpg == Some(v.id) && INITIAL_SYNC_TASKS.contains(&t.kind.as_str()) && !t.is_finished()
+                    }) {
                         if t.progress != pct {
                             sm.update_task(t.id, |t| t.progress = pct)?;
                         }

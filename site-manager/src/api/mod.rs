@@ -11,6 +11,7 @@ mod hosts;
 mod logs;
 mod migration;
 mod peering;
+mod reverse;
 mod site;
 mod tasks;
 mod tokens;
@@ -74,6 +75,7 @@ fn documented() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(failover_tests::routes())
         .merge(failover::routes())
         .merge(migration::routes())
+        .merge(reverse::routes())
         .merge(tasks::routes())
         .merge(peering::routes())
         .merge(logs::routes())

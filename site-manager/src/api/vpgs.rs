@@ -3,7 +3,7 @@
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
 use crate::model::{
-    now_ms, Checkpoint, ErrorBody, InsertedCheckpoint, NewCheckpoint, NewVm, Role, TaskDriver, Vpg, VpgTask,
+    now_ms, Checkpoint, ErrorBody, InsertedCheckpoint, NewCheckpoint, NewVm, Role, TaskDriver, Vpg, VpgRole, VpgTask,
 };
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -23,6 +23,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(add_vm))
         .routes(routes!(remove_vm))
         .routes(routes!(list_checkpoints, insert_checkpoint))
+        .routes(routes!(vpg_roles))
         .routes(routes!(wait_checkpoint))
 }
 
@@ -106,6 +107,7 @@ async fn create_vpg(
             settings,
             paused: false,
             moving: false,
+            seeds: Vec::new(),
         };
         let task = sm.start_task(
             "create_vpg",
@@ -265,6 +267,31 @@ async fn remove_vm(
             )));
         }
         Ok(Json(save_settings(&sm, v, settings)?))
+    })
+    .await
+}
+
+/// The VPG's roles as its connected VDSAs reported them last (sources:
+/// sync progress, bytes written and on the link; targets: journal,
+/// checkpoints, stacks).
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/roles", tag = "vpgs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Vec<VpgRole>), (status = 404, body = ErrorBody)))]
+async fn vpg_roles(
+    State(sm): State<AppState>,
+    _caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Vec<VpgRole>>> {
+    blocking(move || {
+        let v = vpg(&sm, id)?;
+        let mut roles: Vec<VpgRole> = sm
+            .links
+            .roles_by_host()
+            .into_iter()
+            .filter(|(_, r)| r.vpg == v.id)
+            .map(|(host, role)| VpgRole { host, role })
+            .collect();
+        roles.sort_by_key(|r| (r.host, r.role.stream));
+        Ok(Json(roles))
     })
     .await
 }

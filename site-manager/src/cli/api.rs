@@ -6,8 +6,9 @@
 use crate::client::{ApiClient, ClientError};
 use crate::model::{
     AuditEntry, Checkpoint, CreatedToken, Discarded, FailoverTask, FailoverTest, Host, Hypervisor, InsertedCheckpoint,
-    NewCheckpoint, NewFailover, NewHost, NewTests, NewToken, PairRequest, PairingToken, Peer, RegistrationToken, Role,
-    Site, SiteUpdate, StartedTests, StopTest, StoppingTest, Task, TestResult, Token, Vpg, VpgTask,
+    NewCheckpoint, NewFailover, NewHost, NewTests, NewToken, PairRequest, PairingToken, Peer, RegistrationToken,
+    ReverseProtection, Role, Site, SiteUpdate, StartedTests, StopTest, StoppingTest, Task, TestResult, Token, Vpg,
+    VpgRole, VpgTask,
 };
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -224,6 +225,18 @@ pub enum VpgOp {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Reverse-protect a committed failover from a JSON file
+    /// (`{vms: [{vm, hypervisor_ref, disks: [{disk, device, seed_path}]}]}`,
+    /// docs/api.md); waits for the delta sync unless --no-wait.
+    ReverseProtect {
+        id: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// The VPG's roles as their VDSAs report them.
+    Roles { id: String },
     /// Move to the recovery site with no data lost: power the VMs off, take
     /// a last checkpoint, fail over to it and commit.
     Move {
@@ -604,6 +617,31 @@ fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
             VpgOp::Commit { id, no_wait } => {
                 let ft: FailoverTask = api.post(&format!("/api/v1/vpgs/{id}/failover/commit"), &())?;
                 failover_outcome(api, c, &ft, no_wait)
+            }
+            VpgOp::ReverseProtect { id, file, no_wait } => {
+                let req: ReverseProtection = json_file(&file)?;
+                let vt: VpgTask = api.post(&format!("/api/v1/vpgs/{id}/reverse-protection"), &req)?;
+                let t = if no_wait { vt.task } else { follow(api, c, &vt.task)? };
+                show(c, &t, |t| task_rows(std::slice::from_ref(t)))
+            }
+            VpgOp::Roles { id } => {
+                let roles: Vec<VpgRole> = api.get(&format!("/api/v1/vpgs/{id}/roles"))?;
+                show(c, &roles, |roles| {
+                    let mut rows =
+                        vec![["HOST", "KIND", "PHASE", "SYNC", "WRITTEN", "LINK", "DETAIL"].map(String::from).to_vec()];
+                    for r in roles {
+                        rows.push(vec![
+                            r.host.to_string(),
+                            word(&r.role.kind),
+                            word(&r.role.phase),
+                            format!("{}/{}", r.role.sync_done_bytes, r.role.sync_total_bytes),
+                            r.role.written_bytes.to_string(),
+                            r.role.link_bytes.to_string(),
+                            r.role.detail.clone(),
+                        ]);
+                    }
+                    rows
+                })
             }
             VpgOp::Move { id, no_wait } => {
                 let vt: VpgTask = api.post(&format!("/api/v1/vpgs/{id}/move"), &())?;

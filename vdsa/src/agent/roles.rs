@@ -124,7 +124,10 @@ impl Roles {
         let defined = desired
             .targets
             .iter()
-            .map(|t| (t.vpg, TargetDefinition { streams: t.streams.clone() }))
+            .map(|t| {
+                let seeds = t.seeds.iter().map(|s| (s.disk, std::path::PathBuf::from(&s.path))).collect();
+                (t.vpg, TargetDefinition { streams: t.streams.clone(), seeds })
+            })
             .collect::<HashMap<_, _>>();
         self.target.set_defined(defined);
         if let Ok(mut targets) = self.targets.lock() {

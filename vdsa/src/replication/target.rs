@@ -159,6 +159,8 @@ impl VpgReplica {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetDefinition {
     pub streams: Vec<StreamId>,
+    /// Files that disks first added start as (reverse protection).
+    pub seeds: HashMap<protection_groups::DiskId, std::path::PathBuf>,
 }
 
 /// The TLS configuration links are accepted with; replaced when the
@@ -224,6 +226,12 @@ impl TargetServer {
     }
 
     /// Refuses a stream its site manager did not define here.
+    /// The file disk `disk` of `vpg` starts as, if its site manager named one.
+    fn seed_of(&self, vpg: VpgId, disk: protection_groups::DiskId) -> Option<std::path::PathBuf> {
+        let d = self.defined.lock().ok()?;
+        d.as_ref()?.get(&vpg)?.seeds.get(&disk).cloned()
+    }
+
     fn check_defined(&self, vpg: VpgId, stream: StreamId) -> Result<(), LinkError> {
         let d = self.defined.lock().map_err(|_| LinkError::Refused("definitions poisoned".into()))?;
         match d.as_ref() {
@@ -436,7 +444,21 @@ impl TargetServer {
                     )))
                 }
                 Some(_) => {}
-                None => replica.journal.add_disk(*disk, *size)?,
+                None => match self.seed_of(hello.vpg, *disk) {
+                    Some(seed) => {
+                        let seeded = std::fs::metadata(&seed).map(|m| m.len()).unwrap_or(0);
+                        if seeded != *size {
+                            return Err(LinkError::Refused(format!(
+                                "disk {} is {size} bytes at the source, its seed {} here is {seeded}",
+                                disk.0,
+                                seed.display()
+                            )));
+                        }
+                        replica.journal.add_seeded_disk(*disk, &seed)?;
+                        tracing::info!(vpg = %hello.vpg, disk = %disk.0, seed = %seed.display(), "disk seeded");
+                    }
+                    None => replica.journal.add_disk(*disk, *size)?,
+                },
             }
         }
         let slot = replica.slot(hello.stream)?;
