@@ -255,6 +255,9 @@ impl GuestKit {
         for uri in &config.nbd_disks {
             cmd.arg("-drive").arg(format!("file={uri},format=raw,if=virtio,cache=writeback"));
         }
+        for uri in &config.read_only_nbd_disks {
+            cmd.arg("-drive").arg(format!("file={uri},format=raw,if=virtio,readonly=on"));
+        }
         if config.forwards.is_empty() {
             cmd.args(["-nic", "none"]);
         } else {
@@ -406,6 +409,8 @@ pub struct GuestConfig {
     /// NBD exports (`nbd://HOST:PORT/NAME`), attached after `disks`: a
     /// failover test's VM boots from its stacks' exports.
     pub nbd_disks: Vec<String>,
+    /// Read-only NBD exports attached after those (a VM's config disk).
+    pub read_only_nbd_disks: Vec<String>,
     /// TCP ports forwarded from 127.0.0.1 on the host to the guest (whose
     /// address is 10.0.2.15; it reaches the host as 10.0.2.2).
     pub forwards: Vec<(u16, u16)>,

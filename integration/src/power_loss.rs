@@ -117,6 +117,7 @@ pub fn run(dir: &Path, opts: PowerLossOptions, vdsa: &Path) -> Result<PowerLossR
             disks: vec![data.clone()],
             forwards: vec![(port, GUEST_PORT)],
             nbd_disks: Vec::new(),
+            read_only_nbd_disks: Vec::new(),
             console: dir.join(format!("console-{round}.log")),
         };
         let mut guest = kit.boot(&config)?;

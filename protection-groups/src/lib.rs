@@ -11,11 +11,13 @@
 mod ids;
 pub mod logs;
 pub mod mgmt;
+mod network;
 mod retention;
 mod status;
 mod vpg;
 
 pub use ids::{CheckpointId, DiskId, HostId, SiteId, StackId, StreamId, VmId, VpgId};
+pub use network::VmNetwork;
 pub use retention::{RetentionPolicy, SparseTier};
 pub use status::{IllegalTransition, VpgStatus};
 pub use vpg::{

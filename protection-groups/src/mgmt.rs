@@ -261,6 +261,28 @@ pub struct StackSpec {
     /// background, while it keeps serving (docs/recovery.md).
     #[serde(default)]
     pub promote: bool,
+    /// Per VM, a read-only config disk served beside the stack's disks: its
+    /// network settings at recovery, for the guest to apply (KVM).
+    #[serde(default)]
+    pub vm_configs: Vec<VmConfig>,
+}
+
+/// A VM's config disk: `text` at its start, zeros after.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub vm: crate::VmId,
+    pub text: String,
+}
+
+/// A VM's config disk as an NBD export.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigExport {
+    pub vm: crate::VmId,
+    pub uri: String,
 }
 
 /// A stack as its VDSA serves it.
@@ -286,6 +308,9 @@ pub struct StackState {
     /// Its promotion, once asked for.
     #[serde(default)]
     pub promotion: Option<PromotionState>,
+    /// The VMs' config disks (read-only NBD exports).
+    #[serde(default)]
+    pub configs: Vec<ConfigExport>,
 }
 
 /// How far a stack's promotion got.

@@ -99,6 +99,7 @@ impl VpgStatus {
                 | (PromotionCompleteMirrorsNotYetActivated, Initializing)
                 | (PromotionCompleteMirrorsNotYetActivated, Protecting)
                 | (Protecting, MissingConfiguration)
+                | (Test, MissingConfiguration)
                 | (MissingConfiguration, Protecting)
                 | (MissingConfiguration, Initializing)
                 | (Error, Initializing)

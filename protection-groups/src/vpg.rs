@@ -50,6 +50,14 @@ pub struct ProtectedVm {
     /// its checkpoints are crash-consistent).
     #[serde(default)]
     pub quiesce: Option<QuiesceSpec>,
+    /// Its network and address after a failover (none: the VPG's failover
+    /// network, addresses kept).
+    #[serde(default)]
+    pub failover_network: Option<crate::VmNetwork>,
+    /// Its network and address in failover tests (none: the VPG's test
+    /// network, addresses kept).
+    #[serde(default)]
+    pub test_network: Option<crate::VmNetwork>,
 }
 
 /// How a VM is quiesced around the barrier, on its host: the QEMU guest
@@ -233,6 +241,11 @@ impl VpgSettings {
             if vm.disks.is_empty() {
                 return Err(invalid(format!("{at}.disks"), "a protected VM needs at least one disk"));
             }
+            for (field, n) in [("failover_network", &vm.failover_network), ("test_network", &vm.test_network)] {
+                if let Some(n) = n {
+                    n.check().map_err(|problem| invalid(format!("{at}.{field}"), problem))?;
+                }
+            }
             if let Some(q) = &vm.quiesce {
                 if q.guest_agent_socket.is_empty() && q.hook.first().is_none_or(|p| p.trim().is_empty()) {
                     return Err(invalid(format!("{at}.quiesce"), "names neither a guest agent socket nor a hook"));
@@ -308,6 +321,8 @@ mod tests {
     fn vm(name: &str) -> ProtectedVm {
         ProtectedVm {
             quiesce: None,
+            failover_network: None,
+            test_network: None,
             id: VmId::new(),
             name: name.into(),
             host: HostId::new(),

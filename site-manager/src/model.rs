@@ -571,6 +571,72 @@ pub struct FailoverTest {
     pub committed_ms: Option<u64>,
     #[serde(default)]
     pub promoted_ms: Option<u64>,
+    /// Per VM, the network it joins and how it is re-addressed (the VM's
+    /// test or failover settings, else the VPG's network), with the KVM
+    /// guest's `ip=` argument and its config disk's export while it runs.
+    #[serde(default)]
+    pub vm_networks: Vec<RecoveryNetwork>,
+}
+
+/// A recovered (or test) VM's network, as the hypervisor adapter applies
+/// it (docs/recovery.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RecoveryNetwork {
+    pub vm: protection_groups::VmId,
+    pub name: String,
+    pub settings: protection_groups::VmNetwork,
+    /// The Linux kernel's `ip=` argument, when the VM is re-addressed.
+    pub kernel_ip: Option<String>,
+    /// The VM's config disk (read-only NBD) while the stack runs.
+    #[serde(default)]
+    pub config_uri: String,
+}
+
+impl RecoveryNetwork {
+    /// Every VM of `vpg` with its settings for a test or a failover.
+    pub fn of(vpg: &Vpg, purpose: StackPurpose) -> Vec<RecoveryNetwork> {
+        vpg.settings
+            .vms
+            .iter()
+            .map(|vm| {
+                let (own, network) = match purpose {
+                    StackPurpose::Test => (&vm.test_network, &vpg.settings.test_network),
+                    StackPurpose::Failover => (&vm.failover_network, &vpg.settings.failover_network),
+                };
+                let mut settings = own.clone().unwrap_or(protection_groups::VmNetwork {
+                    network: String::new(),
+                    address: String::new(),
+                    gateway: String::new(),
+                    dns: Vec::new(),
+                });
+                if settings.network.is_empty() {
+                    settings.network.clone_from(network);
+                }
+                RecoveryNetwork {
+                    vm: vm.id,
+                    name: vm.name.clone(),
+                    kernel_ip: settings.kernel_ip_arg(&vm.name),
+                    settings,
+                    config_uri: String::new(),
+                }
+            })
+            .collect()
+    }
+
+    /// The config disk's text: one `key=value` per line.
+    pub fn config_text(&self) -> String {
+        let s = &self.settings;
+        format!(
+            "# VDSA recovery network (docs/recovery.md)\nvm={}\nname={}\nnetwork={}\naddress={}\ngateway={}\ndns={}\nkernel_ip={}\n",
+            self.vm,
+            self.name,
+            s.network,
+            s.address,
+            s.gateway,
+            s.dns.join(","),
+            self.kernel_ip.as_deref().unwrap_or("")
+        )
+    }
 }
 
 impl FailoverTest {
@@ -596,6 +662,7 @@ impl FailoverTest {
             commit_task: None,
             committed_ms: None,
             promoted_ms: None,
+            vm_networks: RecoveryNetwork::of(vpg, purpose),
         }
     }
 

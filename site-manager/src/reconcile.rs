@@ -131,6 +131,11 @@ pub fn desired_states(
                         id: t.id,
                         checkpoint: t.checkpoint,
                         promote: t.commit_task.is_some(),
+                        vm_configs: t
+                            .vm_networks
+                            .iter()
+                            .map(|n| protection_groups::mgmt::VmConfig { vm: n.vm, text: n.config_text() })
+                            .collect(),
                     })
                     .collect(),
                 seeds,
@@ -201,6 +206,12 @@ pub async fn run(sm: Arc<SiteManager>) {
             Err(_) => continue,
         };
         push_desired(&sm, &mut mem, &vpgs, &hosts, &peer, &tests).await;
+        {
+            let (sm2, v2, t2) = (sm.clone(), vpgs.clone(), tests.clone());
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || test_status(&sm2, &v2, &t2)).await {
+                tracing::error!(error = %e, "reconciler cannot set the test status");
+            }
+        }
         if tests.iter().any(|t| matches!(t.state, TestState::Starting | TestState::Running | TestState::Stopping)) {
             let sm2 = sm.clone();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || advance_tests(&sm2, &tests)).await {
@@ -382,7 +393,7 @@ fn pause_or_resume(
     let (targets_failed, sources_failed) = (failed(RoleKind::Target), failed(RoleKind::Source));
     let targets_reporting = roles.iter().any(|r| r.kind == RoleKind::Target);
     let next = match (v.status, v.paused) {
-        (VpgStatus::Protecting | VpgStatus::Initializing, false)
+        (VpgStatus::Protecting | VpgStatus::Initializing | VpgStatus::Test, false)
             if !targets_failed.is_empty() || !sources_failed.is_empty() =>
         {
             let mut nv = v.clone();
@@ -541,6 +552,40 @@ fn schedule_checkpoints(
 /// Moves failover tests on from what this site's recovery VDSAs report: a
 /// starting test runs once every target role of its VPG serves its stack
 /// (or fails, naming why); a stopping one is a record once none does.
+/// A VPG of this site is Test while a failover test of it runs, and
+/// Protecting again when none does.
+fn test_status(
+    sm: &SiteManager,
+    vpgs: &[Vpg],
+    tests: &[crate::model::FailoverTest],
+) -> Result<(), crate::store::StoreError> {
+    for v in vpgs {
+        let testing =
+            tests.iter().any(|t| t.vpg == v.id && t.purpose == crate::model::StackPurpose::Test && t.serves());
+        let next = match (v.status, testing) {
+            (VpgStatus::Protecting, true) => VpgStatus::Test,
+            (VpgStatus::Test, false) => VpgStatus::Protecting,
+            _ => continue,
+        };
+        let changed = sm.with_store(|s| {
+            // Read again: the API may have changed it since this pass read it.
+            let Some(mut now) = s.vpgs.get(v.id.as_bytes())? else { return Ok(false) };
+            if now.status != v.status {
+                return Ok(false);
+            }
+            now.status = next;
+            now.status_reason =
+                if testing { "failover tests running; replication goes on".into() } else { String::new() };
+            s.vpgs.put(v.id.as_bytes(), &now)?;
+            Ok(true)
+        })?;
+        if changed {
+            sm.changed();
+        }
+    }
+    Ok(())
+}
+
 fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Result<(), crate::store::StoreError> {
     let reports = sm.links.roles();
     for t in tests {
@@ -563,6 +608,12 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
                     exports.sort_by_key(|e| e.disk);
                     if !exports.is_empty() {
                         next.exports = exports;
+                    }
+                }
+                // The VMs' config disks, as served.
+                for n in &mut next.vm_networks {
+                    if let Some(c) = stacks.iter().flat_map(|s| s.configs.iter()).find(|c| c.vm == n.vm) {
+                        n.config_uri.clone_from(&c.uri);
                     }
                 }
                 if let Some(problem) = stacks.iter().find(|s| !s.problem.is_empty()).map(|s| s.problem.clone()) {

@@ -21,7 +21,8 @@ const TEST_VM_INIT: &str = "i=0; while [ ! -b /dev/vda2 ] && [ $i -lt 100 ]; do 
     echo \"TESTVM: data $(sha256sum /dev/vda2 | cut -d' ' -f1)\"\n\
     m=test-vm-$(cat /proc/sys/kernel/random/uuid)\n\
     echo $m | dd of=/dev/vda2 bs=512 seek=3 conv=notrunc,fsync 2>/dev/null\n\
-    echo \"TESTVM: wrote $m\"";
+    echo \"TESTVM: wrote $m\"\n\
+    [ -b /dev/vdb ] && dd if=/dev/vdb bs=512 count=1 2>/dev/null | while read l; do case \"$l\" in address=*) echo \"TESTVM: config $l\";; esac; done";
 
 fn sha256_hex(bytes: &[u8], scratch: &Path) -> String {
     let f = scratch.join("area.bin");
@@ -130,6 +131,13 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
         }
         k
     });
+    // vm-0 is re-addressed in tests: its test VM reads it from its config
+    // disk.
+    let mut v = ok(sm.get(&format!("/api/v1/vpgs/{vpg}")));
+    v["settings"]["vms"][0]["test_network"] =
+        json!({"network": "dr-test", "address": "10.9.0.10/24", "gateway": "10.9.0.1", "dns": ["10.9.0.53"]});
+    ok(sm.call("PUT", &format!("/api/v1/vpgs/{vpg}"), Some(v["settings"].clone())));
+    let vm0 = v["settings"]["vms"][0]["id"].clone();
     let recovery_stacks = site.agents[spec.hosts].dir.join("data/stacks");
     let du_before = du(&recovery_stacks);
     let ids: Vec<u64> = refs.iter().map(|(id, _)| *id).collect();
@@ -139,6 +147,9 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
         t["status"] == "Completed"
     }));
     assert_eq!(done["completion"], "Success", "{done}");
+    ok(sm.wait_until(&format!("/api/v1/vpgs/{vpg}"), Duration::from_secs(10), "the VPG's Test status", |v| {
+        v["status"] == "Test"
+    }));
     let tests: Vec<Value> =
         ok(sm.get(&format!("/api/v1/vpgs/{vpg}/failover-tests"))).as_array().cloned().unwrap_or_default();
     assert_eq!(tests.len(), 4, "{tests:?}");
@@ -165,6 +176,17 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
         let e = t["exports"].as_array().and_then(|a| a.iter().find(|e| e["disk"] == json!(site.disks[disk]))).cloned();
         e.and_then(|e| e["uri"].as_str().map(str::to_string)).unwrap_or_default()
     };
+    let config_uri = |t: &Value| {
+        let n = t["vm_networks"].as_array().and_then(|a| a.iter().find(|n| n["vm"] == vm0)).cloned();
+        n.and_then(|n| n["config_uri"].as_str().map(str::to_string)).unwrap_or_default()
+    };
+    for t in &tests {
+        let n = t["vm_networks"].as_array().and_then(|a| a.iter().find(|n| n["vm"] == vm0)).cloned();
+        let n = n.unwrap_or_default();
+        assert_eq!(n["kernel_ip"], "ip=10.9.0.10::10.9.0.1:255.255.255.0:vm-0:eth0:off:10.9.0.53", "{t}");
+        assert_eq!(n["settings"]["network"], "dr-test", "{t}");
+        assert!(config_uri(t).starts_with("nbd://"), "{t}");
+    }
     let mut markers = Vec::new();
     for pair in tests.chunks(2) {
         let mut vms = Vec::new();
@@ -176,6 +198,7 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
                 memory_mb: 256,
                 disks: Vec::new(),
                 nbd_disks: vec![export_uri(t, 0)],
+                read_only_nbd_disks: vec![config_uri(t)],
                 forwards: Vec::new(),
                 console,
             }));
@@ -190,6 +213,10 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
             assert!(
                 console.contains(&format!("TESTVM: data {want}")),
                 "checkpoint {cp}: the test VM saw another data area:\n{console}"
+            );
+            assert!(
+                console.contains("TESTVM: config address=10.9.0.10/24"),
+                "checkpoint {cp}: the test VM did not read its network from its config disk:\n{console}"
             );
             let marker =
                 console.lines().find_map(|l| l.trim().strip_prefix("TESTVM: wrote ")).unwrap_or_default().to_string();
@@ -269,6 +296,9 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
         assert!(r["stopped_ms"].as_u64() >= r["started_ms"].as_u64(), "{r}");
         assert!(r["exports"].as_array().is_some_and(Vec::is_empty), "{r}");
     }
+    ok(sm.wait_until(&format!("/api/v1/vpgs/{vpg}"), Duration::from_secs(10), "Protecting after the tests", |v| {
+        v["status"] == "Protecting"
+    }));
     let first = records.iter().find(|r| r["id"] == tests[0]["id"]).cloned().unwrap_or_default();
     assert!(first["written_bytes"].as_u64().unwrap_or(0) >= 65536, "{first}");
     assert_eq!(first["result"], "pass");

@@ -34,6 +34,7 @@ fn a_guest_boots_from_a_disk_the_kit_built_and_writes_its_data_area() {
             disks: vec![disk.path.clone()],
             forwards: Vec::new(),
             nbd_disks: Vec::new(),
+            read_only_nbd_disks: Vec::new(),
             console: dir.path().join("console.log"),
         })
         .unwrap_or_else(|e| panic!("{e:#}"));

@@ -6,8 +6,8 @@
 
 use crate::journal::Journal;
 use crate::nbd::server::{BlockExport, Exports};
-use crate::recovery::{export_name, ProcessingStack, PromotionProgress};
-use protection_groups::mgmt::{PromotionState, StackExport, StackSpec, StackState};
+use crate::recovery::{config_export_name, export_name, ConfigDisk, ProcessingStack, PromotionProgress};
+use protection_groups::mgmt::{ConfigExport, PromotionState, StackExport, StackSpec, StackState, VmConfig};
 use protection_groups::{StackId, VpgId};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,6 +40,8 @@ pub struct Stacks {
     /// HOST:PORT of the stack export listener.
     address: String,
     open: Mutex<HashMap<StackId, (VpgId, Arc<ProcessingStack>)>>,
+    /// The config disks served beside each open stack.
+    configs: Mutex<HashMap<StackId, Vec<VmConfig>>>,
     promotions: Mutex<HashMap<StackId, Arc<PromotionJob>>>,
     /// Paces promotions' overlay copies (0: unpaced).
     promotion_bytes_per_sec: u64,
@@ -60,6 +62,7 @@ impl Stacks {
             exports,
             address,
             open: Mutex::default(),
+            configs: Mutex::default(),
             promotions: Mutex::default(),
             promotion_bytes_per_sec,
             problems: Mutex::default(),
@@ -85,6 +88,9 @@ impl Stacks {
                 for d in stack.disks() {
                     self.exports.remove(&export_name(id, d.disk));
                 }
+                for c in self.configs.lock().ok().and_then(|mut m| m.remove(&id)).unwrap_or_default() {
+                    self.exports.remove(&config_export_name(id, c.vm));
+                }
                 let written = stack.written_bytes();
                 if let Ok(mut d) = self.discarded.lock() {
                     d.push((
@@ -98,6 +104,7 @@ impl Stacks {
                             problem: String::new(),
                             discarded: true,
                             promotion: None,
+                            configs: Vec::new(),
                         },
                     ));
                     let excess = d.len().saturating_sub(DISCARDED_KEPT);
@@ -136,6 +143,13 @@ impl Stacks {
                 Ok(stack) => {
                     for d in stack.disks() {
                         self.exports.insert(export_name(spec.id, d.disk), d.clone() as Arc<dyn BlockExport>);
+                    }
+                    for c in &spec.vm_configs {
+                        let disk = Arc::new(ConfigDisk::new(&c.text));
+                        self.exports.insert(config_export_name(spec.id, c.vm), disk as Arc<dyn BlockExport>);
+                    }
+                    if let Ok(mut m) = self.configs.lock() {
+                        m.insert(spec.id, spec.vm_configs.clone());
                     }
                     tracing::info!(%vpg, stack = %spec.id, checkpoint = %spec.checkpoint,
                         ms = started.elapsed().as_millis() as u64, "processing stack served");
@@ -232,6 +246,18 @@ impl Stacks {
                     None if promoted => Some(PromotionState { promoted, ..PromotionState::default() }),
                     None => None,
                 };
+                let configs = self
+                    .configs
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(id).cloned())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|c| ConfigExport {
+                        vm: c.vm,
+                        uri: format!("nbd://{}/{}", self.address, config_export_name(*id, c.vm)),
+                    })
+                    .collect();
                 out.push(StackState {
                     id: *id,
                     checkpoint: s.checkpoint,
@@ -241,6 +267,7 @@ impl Stacks {
                     problem: String::new(),
                     discarded: false,
                     promotion,
+                    configs,
                 });
             }
         }
@@ -259,6 +286,7 @@ impl Stacks {
                         problem: why.clone(),
                         discarded: false,
                         promotion: None,
+                        configs: Vec::new(),
                     });
                 }
             }

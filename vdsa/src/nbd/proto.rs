@@ -39,6 +39,7 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 
 // Transmission flags.
 pub const TFLAG_HAS_FLAGS: u16 = 1;
+pub const TFLAG_READ_ONLY: u16 = 2;
 pub const TFLAG_SEND_FLUSH: u16 = 4;
 pub const TFLAG_SEND_FUA: u16 = 8;
 pub const TFLAG_SEND_TRIM: u16 = 32;

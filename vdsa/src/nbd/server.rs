@@ -57,6 +57,11 @@ pub trait BlockExport: Send + Sync {
     fn offers_durability(&self) -> bool {
         true
     }
+    /// Whether the export is offered read-only (NBD_FLAG_READ_ONLY): its
+    /// write, trim and zero calls then answer EPERM.
+    fn read_only(&self) -> bool {
+        false
+    }
     /// What `offset..offset + len` holds, as consecutive extents from
     /// `offset` (at least one; they may stop short of `len`). States are
     /// `base:allocation`'s: [`STATE_HOLE`] and [`STATE_ZERO`]; 0 (data) is
@@ -132,6 +137,9 @@ fn transmission_flags(export: &dyn BlockExport, structured: bool) -> u16 {
     let mut base = TFLAG_HAS_FLAGS | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
     if structured {
         base |= TFLAG_SEND_DF;
+    }
+    if export.read_only() {
+        base |= TFLAG_READ_ONLY;
     }
     if export.offers_durability() {
         base | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA
