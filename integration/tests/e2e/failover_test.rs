@@ -351,6 +351,8 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
 /// four checkpoints after random writes, and their reference hashes.
 pub(crate) struct FailoverSite {
     pub dir: tempfile::TempDir,
+    /// Where exports are copied to be hashed.
+    pub scratch: std::path::PathBuf,
     pub site: ProtectedSite,
     pub guest: NbdClient,
     pub model: Vec<u8>,
@@ -362,7 +364,12 @@ pub(crate) const FO_SIZE: u64 = 8 << 20;
 
 impl FailoverSite {
     pub fn start(vdsa_args: Vec<(usize, Vec<String>)>) -> FailoverSite {
+        if !qemu_available() {
+            panic!("qemu-storage-daemon is missing: integration/run-tests installs qemu-utils");
+        }
         let dir = ok(tempfile::tempdir());
+        let scratch = dir.path().join("scratch");
+        ok(std::fs::create_dir_all(&scratch));
         let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
         let spec = SiteSpec {
             hosts: 1,
@@ -375,7 +382,8 @@ impl FailoverSite {
         };
         let site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
         let guest = ok(site.vms[0].guest());
-        let mut fs = FailoverSite { dir, site, guest, model: vec![0u8; FO_SIZE as usize], refs: Vec::new(), n: 0 };
+        let mut fs =
+            FailoverSite { dir, scratch, site, guest, model: vec![0u8; FO_SIZE as usize], refs: Vec::new(), n: 0 };
         for round in 0..4 {
             fs.write();
             let id = fs.checkpoint(&format!("fo-{round}"));
@@ -469,14 +477,10 @@ fn recovered_vm_writes(uri: &str, image: &mut [u8], seed: u64, writes: usize, ma
 
 #[test]
 fn failover_rolls_back_fails_over_to_another_checkpoint_and_commits_it_into_the_replica() {
-    if !qemu_available() {
-        panic!("qemu-storage-daemon is missing: integration/run-tests installs qemu-utils");
-    }
     let _turn = crate::take_turns();
     let mut fs = FailoverSite::start(Vec::new());
     let vpg = fs.vpg();
-    let scratch = fs.dir.path().join("scratch");
-    ok(std::fs::create_dir_all(&scratch));
+    let scratch = fs.scratch.clone();
     let replica_before = fs.replica_hash();
     // Fail over to the first checkpoint: the export is that checkpoint;
     // the source's later writes do not reach it; the recovered VM writes.
@@ -550,17 +554,13 @@ fn failover_rolls_back_fails_over_to_another_checkpoint_and_commits_it_into_the_
 
 #[test]
 fn sigkill_of_the_recovery_vdsa_during_promotion_resumes_it_exactly() {
-    if !qemu_available() {
-        panic!("qemu-storage-daemon is missing: integration/run-tests installs qemu-utils");
-    }
     let _turn = crate::take_turns();
     // The promotion is paced to 1 MiB/s, so that it is still running when
     // the recovery VDSA is killed.
     let pace = vec![(1, vec!["--promotion-bytes-per-sec".to_string(), (1u64 << 20).to_string()])];
     let mut fs = FailoverSite::start(pace);
     let vpg = fs.vpg();
-    let scratch = fs.dir.path().join("scratch");
-    ok(std::fs::create_dir_all(&scratch));
+    let scratch = fs.scratch.clone();
     let (k, k_image) = fs.refs[2].clone();
     let f = fs.failover_to(k);
     let uri = f["exports"][0]["uri"].as_str().unwrap_or_default().to_string();

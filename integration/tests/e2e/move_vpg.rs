@@ -11,7 +11,7 @@
 //! disk equal to the recovered one.
 
 use crate::failover_test::{export_hash, FailoverSite, FO_SIZE};
-use integration::kvm_lab::{qemu_available, StorageDaemon};
+use integration::kvm_lab::StorageDaemon;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -23,14 +23,10 @@ fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
 
 #[test]
 fn a_move_loses_no_write_and_failback_after_reverse_protection_sends_only_the_delta() {
-    if !qemu_available() {
-        panic!("qemu-storage-daemon is missing: integration/run-tests installs qemu-utils");
-    }
     let _turn = crate::take_turns();
     let mut fs = FailoverSite::start(Vec::new());
     let vpg = fs.vpg();
-    let scratch = fs.dir.path().join("scratch");
-    ok(std::fs::create_dir_all(&scratch));
+    let scratch = fs.scratch.clone();
     // The VM writes until it is powered off; `acked` counts the writes it
     // was told are done.
     let mut guest = std::mem::replace(&mut fs.guest, ok(fs.site.vms[0].guest()));

@@ -36,6 +36,18 @@ fn recoverable_vpg(sm: &AppState, id: Uuid) -> ApiResult<(Vpg, bool)> {
         .ok_or_else(|| ApiError::NotFound(format!("no VPG {key}")))
 }
 
+/// Refuses a failover or a move while a test (or a failover) of the VPG
+/// is served.
+pub(super) fn refuse_while_testing(sm: &AppState, v: &Vpg) -> ApiResult<()> {
+    if sm.with_store(|s| s.tests.list())?.iter().any(|t| t.vpg == v.id && t.serves()) {
+        return Err(ApiError::Conflict(format!(
+            "VPG {:?} has failover tests running; stop them first",
+            v.settings.name
+        )));
+    }
+    Ok(())
+}
+
 /// Stores a failover's record and its VPG (or the VPG's copy).
 fn store_failover(sm: &AppState, failover: &FailoverTest, v: &Vpg, copy: bool) -> ApiResult<()> {
     sm.with_store(|s| {
@@ -80,13 +92,7 @@ pub(crate) fn start_failover(sm: &AppState, id: Uuid, checkpoint: Option<u64>) -
             v.settings.name, v.status
         )));
     }
-    let running = sm.with_store(|s| s.tests.list())?.into_iter().any(|t| t.vpg == v.id && t.serves());
-    if running {
-        return Err(ApiError::Conflict(format!(
-            "VPG {:?} has failover tests running; stop them first",
-            v.settings.name
-        )));
-    }
+    refuse_while_testing(sm, &v)?;
     let (targets, held) = testable_checkpoints(sm, v.id);
     if targets == 0 {
         return Err(ApiError::Conflict(format!(

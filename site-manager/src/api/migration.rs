@@ -74,12 +74,7 @@ async fn move_vpg(
                 v.settings.name
             )));
         }
-        if sm.with_store(|s| s.tests.list())?.iter().any(|t| t.vpg == v.id && t.serves()) {
-            return Err(ApiError::Conflict(format!(
-                "VPG {:?} has failover tests running; stop them first",
-                v.settings.name
-            )));
-        }
+        super::failover::refuse_while_testing(&sm, &v)?;
         let task = sm.start_task(
             "move",
             format!("move VPG {:?} to its recovery site", v.settings.name),
