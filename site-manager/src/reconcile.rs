@@ -358,10 +358,7 @@ fn advance_statuses(
 fn promotion_complete(sm: &SiteManager, t: &crate::model::FailoverTest) -> Result<(), crate::store::StoreError> {
     // A copy of the other site's VPG is this site's to set; that site
     // learns it from the exchange.
-    let (Some(mut v), copy) = (match sm.with_store(|s| s.vpgs.get(t.vpg.as_bytes()))? {
-        Some(v) => (Some(v), false),
-        None => (sm.with_store(|s| s.peer_vpgs.get(t.vpg.as_bytes()))?, true),
-    }) else {
+    let Some((mut v, copy)) = sm.with_store(|s| s.vpg_or_copy(t.vpg))? else {
         return Ok(());
     };
     let next = match v.status {
@@ -372,7 +369,7 @@ fn promotion_complete(sm: &SiteManager, t: &crate::model::FailoverTest) -> Resul
     };
     v.status = next;
     v.status_reason = format!("failed over to {} and committed: the replica is the recovered disks", t.checkpoint);
-    sm.with_store(|s| if copy { s.peer_vpgs.put(v.id.as_bytes(), &v) } else { s.vpgs.put(v.id.as_bytes(), &v) })?;
+    sm.with_store(|s| s.put_vpg(&v, copy))?;
     sm.changed();
     Ok(())
 }
@@ -441,7 +438,9 @@ fn pause_or_resume(
     Ok(())
 }
 
-fn desired_source_count(v: &Vpg) -> usize {
+/// How many source roles (one per protected host and recovery host pair)
+/// the VPG runs.
+pub(crate) fn desired_source_count(v: &Vpg) -> usize {
     let pairs: HashSet<(HostId, HostId)> = v.settings.vms.iter().map(|m| (m.host, m.recovery_host)).collect();
     pairs.len()
 }

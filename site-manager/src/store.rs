@@ -371,6 +371,24 @@ impl Store {
         Ok(())
     }
 
+    /// VPG `id`, defined here (`false`) or the paired site's copy kept
+    /// here (`true`).
+    pub fn vpg_or_copy(&self, id: protection_groups::VpgId) -> Result<Option<(Vpg, bool)>> {
+        if let Some(v) = self.vpgs.get(id.as_bytes())? {
+            return Ok(Some((v, false)));
+        }
+        Ok(self.peer_vpgs.get(id.as_bytes())?.map(|v| (v, true)))
+    }
+
+    /// Stores a VPG where [`Store::vpg_or_copy`] found it.
+    pub fn put_vpg(&self, v: &Vpg, copy: bool) -> Result<()> {
+        if copy {
+            self.peer_vpgs.put(v.id.as_bytes(), v)
+        } else {
+            self.vpgs.put(v.id.as_bytes(), v)
+        }
+    }
+
     /// Stores a checkpoint record without flushing (the coordinator flushes
     /// once per barrier).
     pub fn put_checkpoint_unflushed(&self, cp: &Checkpoint) -> Result<()> {

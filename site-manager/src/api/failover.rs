@@ -5,7 +5,7 @@
 //! a failover to another checkpoint) is always possible until commit.
 
 use super::extract::{ApiJson, ApiPath, Caller};
-use super::failover_tests::testable_checkpoints;
+use super::failover_tests::{find_vpg_or_copy, testable_checkpoints};
 use super::{blocking, ApiError, ApiResult, AppState};
 use crate::model::{
     ErrorBody, FailoverTask, FailoverTest, NewFailover, Role, StackPurpose, TaskDriver, TestState, Vpg,
@@ -13,27 +13,13 @@ use crate::model::{
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use protection_groups::{CheckpointId, VpgId, VpgStatus};
+use protection_groups::{CheckpointId, VpgStatus};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(fail_over)).routes(routes!(roll_back)).routes(routes!(commit))
-}
-
-/// A VPG this site fails over: one defined here, or the copy of one the
-/// paired site defines that recovers here (also while that site is gone:
-/// the copy's status is then this site's to set, and the defining site
-/// takes it from the exchange). The flag says it is a copy.
-fn recoverable_vpg(sm: &AppState, id: Uuid) -> ApiResult<(Vpg, bool)> {
-    let key = VpgId(id);
-    if let Some(v) = sm.with_store(|s| s.vpgs.get(key.as_bytes()))? {
-        return Ok((v, false));
-    }
-    sm.with_store(|s| s.peer_vpgs.get(key.as_bytes()))?
-        .map(|v| (v, true))
-        .ok_or_else(|| ApiError::NotFound(format!("no VPG {key}")))
 }
 
 /// Refuses a failover or a move while a test (or a failover) of the VPG
@@ -48,16 +34,13 @@ pub(super) fn refuse_while_testing(sm: &AppState, v: &Vpg) -> ApiResult<()> {
     Ok(())
 }
 
-/// Stores a failover's record and its VPG (or the VPG's copy).
+/// Stores a failover's record and its VPG (or the VPG's copy: this site
+/// fails over a paired site's VPG, also while that site is gone, and the
+/// defining site takes the status from the exchange).
 fn store_failover(sm: &AppState, failover: &FailoverTest, v: &Vpg, copy: bool) -> ApiResult<()> {
     sm.with_store(|s| {
         s.tests.put(failover.id.as_bytes(), failover)?;
-        if copy {
-            s.peer_vpgs.put(v.id.as_bytes(), v)?;
-            s.flush()
-        } else {
-            s.vpgs.put(v.id.as_bytes(), v)
-        }
+        s.put_vpg(v, copy)
     })?;
     Ok(())
 }
@@ -84,8 +67,7 @@ async fn fail_over(
 /// Fails VPG `id` over to `checkpoint` (the newest if none): what the API
 /// and a move do.
 pub(crate) fn start_failover(sm: &AppState, id: Uuid, checkpoint: Option<u64>) -> ApiResult<FailoverTask> {
-    let req = NewFailover { checkpoint };
-    let (mut v, copy) = recoverable_vpg(sm, id)?;
+    let (mut v, copy) = find_vpg_or_copy(sm, id)?;
     if !v.status.can_recover() {
         return Err(ApiError::Conflict(format!(
             "VPG {:?} is {}; it fails over from Protecting",
@@ -100,7 +82,7 @@ pub(crate) fn start_failover(sm: &AppState, id: Uuid, checkpoint: Option<u64>) -
             v.settings.name
         )));
     }
-    let checkpoint = match req.checkpoint {
+    let checkpoint = match checkpoint {
         None => *held.last().ok_or_else(|| {
             ApiError::Conflict(format!("VPG {:?} has no recoverable checkpoint yet", v.settings.name))
         })?,
@@ -145,7 +127,7 @@ async fn roll_back(
 ) -> ApiResult<(StatusCode, Json<FailoverTask>)> {
     caller.require(Role::Operator)?;
     blocking(move || {
-        let (mut v, copy) = recoverable_vpg(&sm, id)?;
+        let (mut v, copy) = find_vpg_or_copy(&sm, id)?;
         let failover = sm
             .with_store(|s| s.tests.list())?
             .into_iter()
@@ -206,7 +188,7 @@ async fn commit(
 
 /// Commits VPG `id`'s failover: what the API and a move do.
 pub(crate) fn start_commit(sm: &AppState, id: Uuid) -> ApiResult<FailoverTask> {
-    let (mut v, copy) = recoverable_vpg(sm, id)?;
+    let (mut v, copy) = find_vpg_or_copy(sm, id)?;
     if v.status != VpgStatus::Failover {
         return Err(ApiError::Conflict(format!("VPG {:?} is {}, not failed over", v.settings.name, v.status)));
     }

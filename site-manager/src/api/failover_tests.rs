@@ -38,13 +38,15 @@ pub struct DiscardQuery {
 }
 
 /// The VPG `id`, whether defined here or a paired site's copy that
-/// recovers to this site.
-pub(super) fn find_vpg(sm: &AppState, id: Uuid) -> ApiResult<Vpg> {
+/// recovers to this site; the flag says it is a copy.
+pub(super) fn find_vpg_or_copy(sm: &AppState, id: Uuid) -> ApiResult<(Vpg, bool)> {
     let key = VpgId(id);
-    if let Some(v) = sm.with_store(|s| s.vpgs.get(key.as_bytes()))? {
-        return Ok(v);
-    }
-    sm.with_store(|s| s.peer_vpgs.get(key.as_bytes()))?.ok_or_else(|| ApiError::NotFound(format!("no VPG {key}")))
+    sm.with_store(|s| s.vpg_or_copy(key))?.ok_or_else(|| ApiError::NotFound(format!("no VPG {key}")))
+}
+
+/// As [`find_vpg_or_copy`], the VPG alone.
+pub(super) fn find_vpg(sm: &AppState, id: Uuid) -> ApiResult<Vpg> {
+    find_vpg_or_copy(sm, id).map(|(v, _)| v)
 }
 
 /// The checkpoints every recovery VDSA of this site holds for `vpg`,

@@ -143,10 +143,7 @@ async fn drive(sm: &AppState, vpg: VpgId, task: Uuid) -> Result<serde_json::Valu
         }
     };
     // 1. The VMs go off; their source streams stay.
-    let sources = {
-        let v = read_vpg(sm, vpg).await?;
-        v.settings.vms.iter().map(|m| (m.host, m.recovery_host)).collect::<std::collections::HashSet<_>>().len()
-    };
+    let sources = crate::reconcile::desired_source_count(&read_vpg(sm, vpg).await?);
     wait_for(POWER_OFF_WAIT, "the source VDSAs to power the VMs off", || async {
         let off =
             sm.links.roles().iter().filter(|r| r.vpg == vpg && r.kind == RoleKind::Source && r.powered_off).count();
@@ -156,11 +153,7 @@ async fn drive(sm: &AppState, vpg: VpgId, task: Uuid) -> Result<serde_json::Valu
     progress(30, "moving: the VMs are off; taking the last checkpoint").await;
     // 2. A checkpoint after the last write.
     let v = read_vpg(sm, vpg).await?;
-    let sm2 = sm.clone();
-    let id = tokio::task::spawn_blocking(move || sm2.with_store(|s| s.next_checkpoint_id()))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let id = off_thread(sm, |sm| sm.with_store(|s| s.next_checkpoint_id())).await?;
     let request = crate::coordinator::CheckpointRequest {
         vpg,
         hosts: v.settings.protected_hosts(),
@@ -171,13 +164,8 @@ async fn drive(sm: &AppState, vpg: VpgId, task: Uuid) -> Result<serde_json::Valu
     };
     sm.take_checkpoint(request).await.map_err(|e| format!("taking the move's checkpoint: {e}"))?;
     wait_for(CHECKPOINT_WAIT, "the move's checkpoint to be durable at the recovery site", || async {
-        let sm = sm.clone();
-        let cp = tokio::task::spawn_blocking(move || {
-            sm.with_store(|s| s.checkpoints.get(&crate::store::checkpoint_key(vpg, id)))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        let cp = off_thread(sm, move |sm| sm.with_store(|s| s.checkpoints.get(&crate::store::checkpoint_key(vpg, id))))
+            .await?;
         match cp {
             Some(c) if !c.consistent && !c.reason.is_empty() => {
                 Err(format!("the move's checkpoint {id} is not consistent: {}", c.reason))
@@ -189,18 +177,12 @@ async fn drive(sm: &AppState, vpg: VpgId, task: Uuid) -> Result<serde_json::Valu
     .await?;
     progress(50, "moving: failing over to the last checkpoint").await;
     // 3. Fail over to it.
-    let sm2 = sm.clone();
-    let ft = tokio::task::spawn_blocking(move || start_failover(&sm2, vpg.0, Some(id.0)))
+    let ft = off_thread(sm, move |sm| start_failover(sm, vpg.0, Some(id.0)))
         .await
-        .map_err(|e| e.to_string())?
         .map_err(|e| format!("failing over to {id}: {e}"))?;
     let failover = ft.failover.id;
     wait_for(FAILOVER_WAIT, "the failover's disks to be served", || async {
-        let sm = sm.clone();
-        let t = tokio::task::spawn_blocking(move || sm.with_store(|s| s.tests.get(failover.as_bytes())))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let t = off_thread(sm, move |sm| sm.with_store(|s| s.tests.get(failover.as_bytes()))).await?;
         match t {
             Some(t) if t.state == TestState::Failed => Err(format!("the failover failed: {}", t.detail)),
             Some(t) => Ok(t.state == TestState::Running),
@@ -214,19 +196,11 @@ async fn drive(sm: &AppState, vpg: VpgId, task: Uuid) -> Result<serde_json::Valu
     })
     .await;
     // 4. Commit: the replica becomes the moved disks.
-    let sm2 = sm.clone();
-    let committed = tokio::task::spawn_blocking(move || start_commit(&sm2, vpg.0))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("committing the failover: {e}"))?;
+    let committed =
+        off_thread(sm, move |sm| start_commit(sm, vpg.0)).await.map_err(|e| format!("committing the failover: {e}"))?;
     let commit_task = committed.task.id;
     wait_for(PROMOTION_WAIT, "the promotion", || async {
-        let sm = sm.clone();
-        let t =
-            tokio::task::spawn_blocking(move || sm.with_store(|s| s.tasks.get(&crate::store::uuid_key(&commit_task))))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+        let t = off_thread(sm, move |sm| sm.with_store(|s| s.tasks.get(&crate::store::uuid_key(&commit_task)))).await?;
         match t {
             Some(t) if t.is_finished() && t.completion != CompletionCode::Success => {
                 Err(format!("the promotion ended {:?}: {}", t.completion, t.exception.unwrap_or_default()))
@@ -240,12 +214,23 @@ async fn drive(sm: &AppState, vpg: VpgId, task: Uuid) -> Result<serde_json::Valu
 }
 
 async fn read_vpg(sm: &AppState, vpg: VpgId) -> Result<crate::model::Vpg, String> {
-    let sm = sm.clone();
-    tokio::task::spawn_blocking(move || sm.with_store(|s| s.vpgs.get(vpg.as_bytes())))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?
+    off_thread(sm, move |sm| sm.with_store(|s| s.vpgs.get(vpg.as_bytes())))
+        .await?
         .ok_or_else(|| format!("VPG {vpg} was removed"))
+}
+
+/// Runs a store or API step of the move off the async threads; its error
+/// as text (the move's task names it).
+async fn off_thread<T, E>(
+    sm: &AppState,
+    f: impl FnOnce(&AppState) -> Result<T, E> + Send + 'static,
+) -> Result<T, String>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let sm = sm.clone();
+    tokio::task::spawn_blocking(move || f(&sm)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
 }
 
 /// Polls `done` until it says yes (or fails), or `limit` passes.
