@@ -32,6 +32,10 @@ struct PromotionJob {
 /// How many discarded stacks are remembered for the reports.
 const DISCARDED_KEPT: usize = 256;
 
+/// An open stack: its VPG, the stack, and the VMs' config disks served
+/// beside it.
+type OpenStack = (VpgId, Arc<ProcessingStack>, Vec<VmConfig>);
+
 /// Every stack of this VDSA.
 #[derive(Debug)]
 pub struct Stacks {
@@ -39,9 +43,7 @@ pub struct Stacks {
     exports: Arc<Exports>,
     /// HOST:PORT of the stack export listener.
     address: String,
-    open: Mutex<HashMap<StackId, (VpgId, Arc<ProcessingStack>)>>,
-    /// The config disks served beside each open stack.
-    configs: Mutex<HashMap<StackId, Vec<VmConfig>>>,
+    open: Mutex<HashMap<StackId, OpenStack>>,
     promotions: Mutex<HashMap<StackId, Arc<PromotionJob>>>,
     /// Paces promotions' overlay copies (0: unpaced).
     promotion_bytes_per_sec: u64,
@@ -62,7 +64,6 @@ impl Stacks {
             exports,
             address,
             open: Mutex::default(),
-            configs: Mutex::default(),
             promotions: Mutex::default(),
             promotion_bytes_per_sec,
             problems: Mutex::default(),
@@ -78,17 +79,17 @@ impl Stacks {
         let Ok(mut problems) = self.problems.lock() else { return };
         problems.retain(|id, _| want.iter().any(|(_, s)| s.id == *id));
         for id in open.keys().copied().collect::<Vec<_>>() {
-            let keep = open.get(&id).is_some_and(|(vpg, s)| {
+            let keep = open.get(&id).is_some_and(|(vpg, s, _)| {
                 want.iter().any(|(v, w)| w.id == id && w.checkpoint == s.checkpoint && v == vpg)
             });
             if keep {
                 continue;
             }
-            if let Some((vpg, stack)) = open.remove(&id) {
+            if let Some((vpg, stack, configs)) = open.remove(&id) {
                 for d in stack.disks() {
                     self.exports.remove(&export_name(id, d.disk));
                 }
-                for c in self.configs.lock().ok().and_then(|mut m| m.remove(&id)).unwrap_or_default() {
+                for c in configs {
                     self.exports.remove(&config_export_name(id, c.vm));
                 }
                 let written = stack.written_bytes();
@@ -148,13 +149,10 @@ impl Stacks {
                         let disk = Arc::new(ConfigDisk::new(&c.text));
                         self.exports.insert(config_export_name(spec.id, c.vm), disk as Arc<dyn BlockExport>);
                     }
-                    if let Ok(mut m) = self.configs.lock() {
-                        m.insert(spec.id, spec.vm_configs.clone());
-                    }
                     tracing::info!(%vpg, stack = %spec.id, checkpoint = %spec.checkpoint,
                         ms = started.elapsed().as_millis() as u64, "processing stack served");
                     problems.remove(&spec.id);
-                    open.insert(spec.id, (*vpg, Arc::new(stack)));
+                    open.insert(spec.id, (*vpg, Arc::new(stack), spec.vm_configs.clone()));
                 }
                 Err(e) => {
                     if problems.get(&spec.id).is_none_or(|(_, _, p)| *p != e) {
@@ -165,7 +163,7 @@ impl Stacks {
             }
         }
         for (vpg, spec) in want.iter().filter(|(_, s)| s.promote) {
-            if let (Some((_, stack)), Ok(journal)) = (open.get(&spec.id), journal_of(*vpg)) {
+            if let (Some((_, stack, _)), Ok(journal)) = (open.get(&spec.id), journal_of(*vpg)) {
                 self.start_promotion(*vpg, stack.clone(), journal);
             }
         }
@@ -216,7 +214,7 @@ impl Stacks {
     pub fn states(&self, vpg: VpgId) -> Vec<StackState> {
         let mut out = Vec::new();
         if let Ok(open) = self.open.lock() {
-            for (id, (v, s)) in open.iter() {
+            for (id, (v, s, configs)) in open.iter() {
                 if *v != vpg {
                     continue;
                 }
@@ -246,13 +244,8 @@ impl Stacks {
                     None if promoted => Some(PromotionState { promoted, ..PromotionState::default() }),
                     None => None,
                 };
-                let configs = self
-                    .configs
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(id).cloned())
-                    .unwrap_or_default()
-                    .into_iter()
+                let configs = configs
+                    .iter()
                     .map(|c| ConfigExport {
                         vm: c.vm,
                         uri: format!("nbd://{}/{}", self.address, config_export_name(*id, c.vm)),

@@ -146,25 +146,29 @@ fn power_off_vm(socket: &str) -> Result<(), String> {
         Ok(sent) => sent,
     };
     if clean {
-        let until = Instant::now() + CLEAN_SHUTDOWN;
-        while Instant::now() < until {
-            if vm_gone(socket) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        if wait_gone(socket, CLEAN_SHUTDOWN) {
+            return Ok(());
         }
         tracing::warn!(%socket, "the guest did not shut down in {} s: quitting QEMU", CLEAN_SHUTDOWN.as_secs());
     }
     // QEMU may close the monitor before it answers.
     let _ = with_monitor(socket, |qmp| qmp.execute("quit", json!({})).map_err(|e| e.to_string()));
-    let until = Instant::now() + Duration::from_secs(30);
+    if wait_gone(socket, Duration::from_secs(30)) {
+        return Ok(());
+    }
+    Err(format!("the VM's QEMU at {socket} did not exit after quit"))
+}
+
+/// Whether the VM's QEMU at `socket` is gone within `limit`.
+fn wait_gone(socket: &str, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
     while Instant::now() < until {
         if vm_gone(socket) {
-            return Ok(());
+            return true;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!("the VM's QEMU at {socket} did not exit after quit"))
+    false
 }
 
 /// Powers every VM of the role off (see [`power_off_vm`]).

@@ -255,15 +255,7 @@ impl Journal {
             zero_blocks: 0,
             compression_level: config.compression_level,
         };
-        if let Some(base) = st.meta.base.clone() {
-            for cut in &base.cuts {
-                let s = st.intern(cut.stream);
-                st.stream_pos[s as usize] = Some(cut.position());
-            }
-            st.head_lsn = base.lsn;
-            st.base_cuts = st.cutset(&base);
-            st.checkpoints.insert(base.id, base);
-        }
+        st.reset_to_base();
         let summaries = st.replay(&dir, records)?;
         for d in &st.disks {
             d.grow_replica(d.head_size())?;
@@ -664,6 +656,25 @@ fn open_replica(dir: &Path, info: DiskInfo, create: bool) -> Result<DiskState> {
 }
 
 impl State {
+    /// Stream positions, head and checkpoints as the base alone says: at
+    /// open before the log is replayed, and after a promotion dropped the
+    /// log.
+    fn reset_to_base(&mut self) {
+        self.checkpoints.clear();
+        for pos in &mut self.stream_pos {
+            *pos = None;
+        }
+        if let Some(base) = self.meta.base.clone() {
+            for cut in &base.cuts {
+                let s = self.intern(cut.stream);
+                self.stream_pos[s as usize] = Some(cut.position());
+            }
+            self.head_lsn = base.lsn;
+            self.base_cuts = self.cutset(&base);
+            self.checkpoints.insert(base.id, base);
+        }
+    }
+
     fn intern(&mut self, stream: StreamId) -> u16 {
         if let Some(&s) = self.stream_ix.get(&stream) {
             return s;

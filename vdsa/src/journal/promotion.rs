@@ -62,20 +62,8 @@ impl State {
             disk.index = Default::default();
             disk.resizes.clear();
         }
-        let base = self.meta.base.clone();
-        self.checkpoints.clear();
-        for pos in &mut self.stream_pos {
-            *pos = None;
-        }
-        if let Some(base) = base {
-            for cut in &base.cuts {
-                let s = self.intern(cut.stream);
-                self.stream_pos[s as usize] = Some(cut.position());
-            }
-            self.head_lsn = base.lsn;
-            self.durable_lsn = base.lsn;
-            self.checkpoints.insert(base.id, base);
-        }
+        self.reset_to_base();
+        self.durable_lsn = self.head_lsn;
         self.meta.promote = None;
         self.write_meta(dir)
     }

@@ -122,10 +122,7 @@ impl Overlay {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Error::OutOfRange { offset, len, size: self.size });
-        }
-        Ok(())
+        check_range(offset, len, self.size)
     }
 
     /// Reads `buf.len()` bytes at `offset`: written blocks from the data
@@ -356,6 +353,15 @@ pub(super) fn zero_range(file: &File, path: &Path, offset: u64, len: u64, punch:
             file.write_all_at(&zeroes[..n], pos).map_err(|e| Error::io("writing", path, e))?;
             pos += n as u64;
         }
+    }
+    Ok(())
+}
+
+/// `offset..offset + len` within a disk of `size` bytes, or the error
+/// naming all three.
+pub(super) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(Error::OutOfRange { offset, len, size });
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! its replica file itself.
 
 use super::error::{Error, Result};
-use super::overlay::{holes, zero_range, Overlay, BLOCK};
+use super::overlay::{check_range, holes, zero_range, Overlay, BLOCK};
 use crate::journal::{Journal, PitView};
 use crate::nbd::proto::{EINVAL, EIO, ENOSPC, STATE_HOLE, STATE_ZERO};
 use crate::nbd::server::{BlockExport, ExportError, Extent};
@@ -201,10 +201,7 @@ impl StackDisk {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Error::OutOfRange { offset, len, size: self.size });
-        }
-        Ok(())
+        check_range(offset, len, self.size)
     }
 
     fn zero(&self, offset: u64, len: u64, punch: bool) -> Result<()> {
@@ -215,6 +212,15 @@ impl StackDisk {
                 zero_range(&r.file, &r.path, offset, len, punch)
             }
         }
+    }
+}
+
+/// Appends `length` bytes in `state`, merged into the last extent when it
+/// is in the same state.
+fn push_extent(out: &mut Vec<Extent>, length: u64, state: u32) {
+    match out.last_mut() {
+        Some(e) if e.state == state => e.length += length,
+        _ => out.push(Extent { length, state }),
     }
 }
 
@@ -285,10 +291,7 @@ impl BlockExport for StackDisk {
                 for b in first..=last {
                     let (lo, hi) = ((b * BLOCK).max(offset), ((b + 1) * BLOCK).min(end));
                     let state = if holes[(b - first) as usize] { STATE_HOLE | STATE_ZERO } else { 0 };
-                    match out.last_mut() {
-                        Some(e) if e.state == state => e.length += hi - lo,
-                        _ => out.push(Extent { length: hi - lo, state }),
-                    }
+                    push_extent(&mut out, hi - lo, state);
                 }
                 return Ok(out);
             }
@@ -324,10 +327,7 @@ impl BlockExport for StackDisk {
             } else {
                 0
             };
-            match out.last_mut() {
-                Some(e) if e.state == state => e.length += hi - lo,
-                _ => out.push(Extent { length: hi - lo, state }),
-            }
+            push_extent(&mut out, hi - lo, state);
         }
         Ok(out)
     }

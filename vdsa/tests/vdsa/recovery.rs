@@ -88,7 +88,6 @@ fn walk(path: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn stacks_at_several_checkpoints_are_isolated_and_keep_the_journal_as_it_was() {
-    use vdsa::nbd::server::BlockExport;
     let dir = ok(tempfile::tempdir());
     let (journal, disks, refs) = journal_with_history(dir.path(), 7);
     let stacks = dir.path().join("stacks");
@@ -105,23 +104,7 @@ fn stacks_at_several_checkpoints_are_isolated_and_keep_the_journal_as_it_was() {
     // Writes, zeroes and trims in stack a, checked against its own model.
     let mut model = refs[0].clone();
     let mut rng = StdRng::seed_from_u64(11);
-    for _ in 0..200 {
-        let i = rng.gen_range(0..2);
-        let off = rng.gen_range(0..SIZE - 1);
-        let len = rng.gen_range(1..=(SIZE - off).min(50_000));
-        match rng.gen_range(0..10) {
-            0 => ok(a.disks()[i].write_zeroes(off, len)),
-            1 => ok(a.disks()[i].trim(off, len)),
-            _ => {
-                let mut d = vec![0u8; len as usize];
-                rng.fill_bytes(&mut d);
-                ok(a.disks()[i].write(off, &d));
-                model[i][off as usize..(off + len) as usize].copy_from_slice(&d);
-                continue;
-            }
-        }
-        model[i][off as usize..(off + len) as usize].fill(0);
-    }
+    scribble(&a, &mut model, &mut rng, 200);
     ok(a.flush());
     for i in 0..2 {
         assert!(read_all(&a, i) == model[i], "stack a holds its writes, disk {i}");
