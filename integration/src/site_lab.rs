@@ -284,8 +284,6 @@ pub struct ProtectedSite {
     pub agents: Vec<AgentProcess>,
     /// (name, registration token, replication port) per agent.
     pub agent_names: Vec<(String, String, u16)>,
-    /// The extra flags each agent was started with (kept on a restart).
-    pub agent_args: Vec<Vec<String>>,
     pub host_ids: Vec<String>,
     pub vms: Vec<crate::kvm_lab::StorageDaemon>,
     pub disks: Vec<protection_groups::DiskId>,
@@ -299,8 +297,7 @@ impl ProtectedSite {
         let args: Vec<&str> = spec.site_manager_args.iter().map(String::as_str).collect();
         let sm = SiteManagerProcess::start_on(lab, &site_manager_dir, api_port, management_port, &args)?;
         let site = sm.get("/api/v1/site")?["id"].as_str().context("site id")?.to_string();
-        let (mut agents, mut host_ids, mut agent_names, mut agent_args) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut agents, mut host_ids, mut agent_names) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..=spec.hosts {
             let name = if i < spec.hosts { format!("kvm-{i}") } else { "recovery-0".to_string() };
             let (id, token) = sm.add_host(&name)?;
@@ -322,7 +319,6 @@ impl ProtectedSite {
             )?);
             host_ids.push(id);
             agent_names.push((name, token, port));
-            agent_args.push(extra.iter().map(|a| a.to_string()).collect());
         }
         let n = spec.hosts + 1;
         sm.wait_until("/api/v1/hosts", Duration::from_secs(120), "every VDSA to register", |v| {
@@ -379,7 +375,6 @@ impl ProtectedSite {
             management_port,
             agents,
             agent_names,
-            agent_args,
             host_ids,
             vms,
             disks,
@@ -420,14 +415,14 @@ impl ProtectedSite {
         Ok(blake3::hash(&bytes))
     }
 
-    /// Starts agent `i` again (it is registered already).
-    pub fn restart_agent(&mut self, lab: &Path, dir: &Path, i: usize) -> Result<()> {
+    /// Starts agent `i` again (it is registered already) with the flags
+    /// `extra`: a caller that injected a fault at the first start leaves
+    /// it out, so that it strikes once.
+    pub fn restart_agent(&mut self, lab: &Path, dir: &Path, i: usize, extra: &[&str]) -> Result<()> {
         let (name, token, port) = self.agent_names[i].clone();
         let addr = format!("127.0.0.1:{}", self.management_port);
         self.agents[i].kill();
-        let extra: Vec<&str> =
-            self.agent_args.get(i).map(|a| a.iter().map(String::as_str).collect()).unwrap_or_default();
-        self.agents[i] = AgentProcess::start_on(lab, &dir.join(&name), &name, &addr, &token, port, &extra)?;
+        self.agents[i] = AgentProcess::start_on(lab, &dir.join(&name), &name, &addr, &token, port, extra)?;
         Ok(())
     }
 }

@@ -335,7 +335,7 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
             let (id, _) = inserted.last().cloned().unwrap_or((0, Value::Null));
             say(format!("the VDSA of kvm-1 died between PREPARE and COMMIT of checkpoint {id}; restarting it"));
             faulted = Some(id);
-            site.restart_agent(lab, dir, 1)?;
+            site.restart_agent(lab, dir, 1, &[])?;
         }
         // Each change waits until a checkpoint after the one before was
         // offered: protection resumed.

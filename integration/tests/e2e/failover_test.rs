@@ -557,8 +557,8 @@ fn sigkill_of_the_recovery_vdsa_during_promotion_resumes_it_exactly() {
     let _turn = crate::take_turns();
     // The promotion is paced to 1 MiB/s, so that it is still running when
     // the recovery VDSA is killed.
-    let pace = vec![(1, vec!["--promotion-bytes-per-sec".to_string(), (1u64 << 20).to_string()])];
-    let mut fs = FailoverSite::start(pace);
+    let pace = ["--promotion-bytes-per-sec".to_string(), (1u64 << 20).to_string()];
+    let mut fs = FailoverSite::start(vec![(1, pace.to_vec())]);
     let vpg = fs.vpg();
     let scratch = fs.scratch.clone();
     let (k, k_image) = fs.refs[2].clone();
@@ -579,7 +579,8 @@ fn sigkill_of_the_recovery_vdsa_during_promotion_resumes_it_exactly() {
     println!("recovery VDSA SIGKILLed during the promotion at {}%", midway["progress"]);
     let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
     let dir = fs.dir.path().to_path_buf();
-    ok(fs.site.restart_agent(lab, &dir, 1));
+    let pace: Vec<&str> = pace.iter().map(String::as_str).collect();
+    ok(fs.site.restart_agent(lab, &dir, 1, &pace));
     let done = fs.wait_task(&r["task"], "the promotion after the restart");
     assert_eq!(done["completion"], "Success", "{done}");
     assert!(fs.site.agents[1].log_text().contains("promotion complete"), "the restarted VDSA finished it");
