@@ -125,6 +125,7 @@ fn barrier(lab: &Path, hosts: usize, seconds: u64) -> Result<()> {
         checkpoint_interval_ms: 3_600_000,
         quiesce_hook: Vec::new(),
         disk_image: None,
+        recovery_vsphere_host: None,
     };
     let site = ProtectedSite::start(lab, dir.path(), &spec, |m| eprintln!("  {m}"))?;
     let sm = site.sm()?;

@@ -125,7 +125,13 @@ impl SiteManagerProcess {
 
     /// Adds a KVM host and returns its id and a registration token.
     pub fn add_host(&self, name: &str) -> Result<(String, String)> {
-        let h = self.post("/api/v1/hosts", json!({"name": name, "hypervisor": "kvm"}))?;
+        self.add_host_on(name, "kvm")
+    }
+
+    /// Adds a host of `hypervisor` (`kvm`, `vsphere`) and returns its id
+    /// and a registration token.
+    pub fn add_host_on(&self, name: &str, hypervisor: &str) -> Result<(String, String)> {
+        let h = self.post("/api/v1/hosts", json!({"name": name, "hypervisor": hypervisor}))?;
         let id = h["id"].as_str().context("host id")?.to_string();
         let t = self.call("POST", &format!("/api/v1/hosts/{id}/registration-token"), None)?;
         Ok((id, t["token"].as_str().context("token")?.to_string()))
@@ -254,6 +260,9 @@ pub struct SiteSpec {
     /// A template every VM's disk starts as (a bootable image, say); its
     /// size replaces `disk_bytes`.
     pub disk_image: Option<PathBuf>,
+    /// The recovery host is this vSphere host (a vcsim host's name) rather
+    /// than a KVM one: its tests' VMs are made in vCenter.
+    pub recovery_vsphere_host: Option<String>,
 }
 
 impl SiteSpec {
@@ -267,6 +276,7 @@ impl SiteSpec {
             checkpoint_interval_ms: 1000,
             quiesce_hook: Vec::new(),
             disk_image: None,
+            recovery_vsphere_host: None,
         }
     }
 }
@@ -299,8 +309,12 @@ impl ProtectedSite {
         let site = sm.get("/api/v1/site")?["id"].as_str().context("site id")?.to_string();
         let (mut agents, mut host_ids, mut agent_names) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..=spec.hosts {
-            let name = if i < spec.hosts { format!("kvm-{i}") } else { "recovery-0".to_string() };
-            let (id, token) = sm.add_host(&name)?;
+            let (name, hypervisor) = match (i < spec.hosts, &spec.recovery_vsphere_host) {
+                (true, _) => (format!("kvm-{i}"), "kvm"),
+                (false, None) => ("recovery-0".to_string(), "kvm"),
+                (false, Some(h)) => (h.clone(), "vsphere"),
+            };
+            let (id, token) = sm.add_host_on(&name, hypervisor)?;
             let extra: Vec<&str> = spec
                 .vdsa_args
                 .iter()

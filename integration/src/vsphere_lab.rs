@@ -159,6 +159,8 @@ pub fn run(say: impl Fn(&str)) -> Result<Report> {
             networks: vec!["lab-test-net".into()],
             boot_group: *group,
             test_id: Some("lab".into()),
+            extra_config: Vec::new(),
+            customization: None,
         })?;
         vms.push((vm, *group));
     }

@@ -241,6 +241,7 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
         checkpoint_interval_ms: 3_600_000,
         quiesce_hook: Vec::new(),
         disk_image: None,
+        recovery_vsphere_host: None,
     };
     let mut site = ProtectedSite::start(lab, dir, &spec, &mut say)?;
     let plain: Vec<&str> = if o.control { vec!["--unsafe-no-barrier"] } else { Vec::new() };

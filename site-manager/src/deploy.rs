@@ -93,7 +93,7 @@ pub fn expire_register_waits(sm: &SiteManager) -> Result<usize, crate::store::St
     Ok(failed)
 }
 
-fn connect(v: &VcenterSettings) -> Result<VsphereSite, String> {
+pub(crate) fn connect(v: &VcenterSettings) -> Result<VsphereSite, String> {
     let trust = if !v.thumbprint.is_empty() {
         vsphere_client::ServerTrust::thumbprint(&v.thumbprint).map_err(|e| e.to_string())?
     } else if !v.ca_pem.is_empty() {

@@ -6,7 +6,8 @@
 //! docs/architecture.md §3, with the quiesce step of application-consistent
 //! checkpoints), pairing with the other site and the site-to-site exchange
 //! (`peering`), the log collector (`logs`), vSphere deploys as tasks
-//! (`deploy`, over the vSphere adapter), and the operator CLI over a typed
+//! (`deploy`, over the vSphere adapter), the test and recovered VMs on
+//! vSphere recovery hosts (`recovery_vms`), and the operator CLI over a typed
 //! client (`cli`, `client`). On KVM the VDSA attaches its own taps over
 //! QMP, on the desired state's word.
 //!
@@ -26,6 +27,7 @@ pub mod model;
 pub mod peering;
 pub mod pki;
 pub mod reconcile;
+pub mod recovery_vms;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -478,7 +478,9 @@ pub struct VcenterSettings {
     pub ca_pem: String,
     #[serde(default)]
     pub thumbprint: String,
-    /// The VDSA OVA on the site manager's machine.
+    /// The VDSA OVA on the site manager's machine (empty: this site
+    /// deploys no VDSAs, it only recovers to vSphere hosts).
+    #[serde(default)]
     pub ova_path: String,
 }
 
@@ -576,6 +578,58 @@ pub struct FailoverTest {
     /// guest's `ip=` argument and its config disk's export while it runs.
     #[serde(default)]
     pub vm_networks: Vec<RecoveryNetwork>,
+    /// The VMs the hypervisor adapter brought up from the exports, where
+    /// the VMs recover to vSphere hosts (docs/recovery.md).
+    #[serde(default)]
+    pub recovery_vms: RecoveryVms,
+}
+
+/// The test (or recovered) VMs the vSphere adapter made for a test or a
+/// failover, and where that work stands.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct RecoveryVms {
+    pub phase: RecoveryVmsPhase,
+    /// The isolated network made for a test (removed with its VMs).
+    pub made_network: Option<String>,
+    /// In boot order.
+    pub vms: Vec<RecoveryVm>,
+    /// Why the VMs could not be made or removed.
+    pub detail: String,
+}
+
+/// Where a test's (or failover's) vSphere VMs are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RecoveryVmsPhase {
+    /// No VM of the VPG recovers to a vSphere host: nothing to make.
+    #[default]
+    None,
+    /// Being made, customised and powered on in boot order.
+    Creating,
+    /// Made and powered on.
+    Ready,
+    /// They could not be made (`detail`); whatever was made is removed.
+    Failed,
+    /// Being powered off and removed (the test stopped, the failover was
+    /// rolled back).
+    Removing,
+    Removed,
+}
+
+/// One VM the vSphere adapter made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RecoveryVm {
+    pub vm: protection_groups::VmId,
+    /// Its name in vCenter.
+    pub name: String,
+    /// Its managed object reference (`vm-123`).
+    pub moref: String,
+    pub host: String,
+    pub network: String,
+    /// When the server powered it on (its task's completion time).
+    pub powered_on: Option<String>,
+    /// Whether guest customisation re-addresses it at power-on.
+    pub customized: bool,
 }
 
 /// A recovered (or test) VM's network, as the hypervisor adapter applies
@@ -663,6 +717,7 @@ impl FailoverTest {
             committed_ms: None,
             promoted_ms: None,
             vm_networks: RecoveryNetwork::of(vpg, purpose),
+            recovery_vms: RecoveryVms::default(),
         }
     }
 

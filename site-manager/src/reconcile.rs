@@ -212,7 +212,10 @@ pub async fn run(sm: Arc<SiteManager>) {
                 tracing::error!(error = %e, "reconciler cannot set the test status");
             }
         }
-        if tests.iter().any(|t| matches!(t.state, TestState::Starting | TestState::Running | TestState::Stopping)) {
+        if tests.iter().any(|t| {
+            matches!(t.state, TestState::Starting | TestState::Running | TestState::Stopping)
+                || crate::recovery_vms::still_there(&t.recovery_vms)
+        }) {
             let sm2 = sm.clone();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || advance_tests(&sm2, &tests)).await {
                 tracing::error!(error = %e, "reconciler cannot advance failover tests");
@@ -585,7 +588,44 @@ fn test_status(
     Ok(())
 }
 
-fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Result<(), crate::store::StoreError> {
+/// Whether a test runs with its VMs settled (made, or failed to be).
+fn is_ready(t: &crate::model::FailoverTest) -> bool {
+    t.state == TestState::Running && crate::recovery_vms::settled(&t.recovery_vms)
+}
+
+type Finish = (uuid::Uuid, CompletionCode, serde_json::Value, Option<String>);
+
+/// The start task's end once `t` is ready: it completes when every test
+/// it started is ready (`t`'s stored record is older), failed if any
+/// test's VMs could not be made.
+fn start_finished(
+    sm: &SiteManager,
+    t: &crate::model::FailoverTest,
+) -> Result<Option<Finish>, crate::store::StoreError> {
+    let siblings = sm.with_store(|s| s.tests.list())?;
+    let others: Vec<_> = siblings.iter().filter(|o| o.start_task == t.start_task && o.id != t.id).collect();
+    if !others.iter().all(|o| is_ready(o)) {
+        return Ok(None);
+    }
+    let failed = std::iter::once(t)
+        .chain(others.iter().copied())
+        .find(|o| o.recovery_vms.phase == crate::model::RecoveryVmsPhase::Failed);
+    let result = serde_json::to_value(t).unwrap_or_default();
+    Ok(Some(match failed {
+        None => (t.start_task, CompletionCode::Success, result, None),
+        Some(f) => (
+            t.start_task,
+            CompletionCode::Failed,
+            result,
+            Some(format!(
+                "test {} runs (its exports serve) but its VMs could not be made: {}",
+                f.id, f.recovery_vms.detail
+            )),
+        ),
+    }))
+}
+
+fn advance_tests(sm: &Arc<SiteManager>, tests: &[crate::model::FailoverTest]) -> Result<(), crate::store::StoreError> {
     let reports = sm.links.roles();
     for t in tests {
         let targets: Vec<_> = reports.iter().filter(|r| r.vpg == t.vpg && r.kind == RoleKind::Target).collect();
@@ -631,16 +671,6 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
                     next.ready_ms = Some(now_ms());
                     next.exports = stacks.iter().flat_map(|s| s.exports.iter().cloned()).collect();
                     next.exports.sort_by_key(|e| e.disk);
-                    let result = serde_json::to_value(&next).unwrap_or_default();
-                    // The task completes once every test it started runs.
-                    let siblings = sm.with_store(|s| s.tests.list())?;
-                    let all_running = siblings
-                        .iter()
-                        .filter(|o| o.start_task == t.start_task && o.id != t.id)
-                        .all(|o| o.state == TestState::Running);
-                    if all_running {
-                        finish = Some((t.start_task, CompletionCode::Success, result, None));
-                    }
                     tracing::info!(vpg = %t.vpg, test = %t.id, checkpoint = %t.checkpoint,
                         ms = next.ready_ms.unwrap_or(0).saturating_sub(t.started_ms), "failover test running");
                 } else if let (TestState::Running, Some(task), None) = (t.state, t.commit_task, t.promoted_ms) {
@@ -674,7 +704,7 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
                     }
                 }
             }
-            TestState::Stopping if stacks.is_empty() => {
+            TestState::Stopping if stacks.is_empty() && !crate::recovery_vms::still_there(&t.recovery_vms) => {
                 // The final count comes with the discarded stacks' reports.
                 let last: u64 = reported.iter().map(|s| s.written_bytes).sum();
                 next.written_bytes = next.written_bytes.max(last);
@@ -688,6 +718,10 @@ fn advance_tests(sm: &SiteManager, tests: &[crate::model::FailoverTest]) -> Resu
                 tracing::info!(vpg = %t.vpg, test = %t.id, result = ?t.result, "failover test stopped");
             }
             _ => {}
+        }
+        crate::recovery_vms::advance(sm, t, &mut next);
+        if is_ready(&next) && !is_ready(t) {
+            finish = start_finished(sm, &next)?.or(finish);
         }
         if next != *t {
             sm.with_store(|s| s.tests.put(t.id.as_bytes(), &next))?;

@@ -7,7 +7,7 @@ use crate::store::{uuid_key, Store, StoreError, StoredToken};
 use protection_groups::{HostId, VpgId};
 use rand::RngCore;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use uuid::Uuid;
 
 /// What `serve` was started with.
@@ -42,6 +42,8 @@ pub struct SiteManager {
     pub logs: crate::logs::LogCollector,
     /// Where the management links and the barrier's rounds run.
     pub barrier: crate::barrier_thread::BarrierThread,
+    /// vCenter jobs that make and remove tests' VMs.
+    pub recovery_vms: Arc<crate::recovery_vms::RecoveryVmJobs>,
 }
 
 /// A VDSA without a heartbeat for this long shows as down.
@@ -81,6 +83,7 @@ impl SiteManager {
             coordinator: Default::default(),
             peering: Default::default(),
             logs: Default::default(),
+            recovery_vms: Default::default(),
         }
     }
 

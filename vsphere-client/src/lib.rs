@@ -4,8 +4,8 @@
 //! certificates checked against a CA or a pinned thumbprint), inventory
 //! retrieval through the PropertyCollector (with continuation), tasks, OVF
 //! import from an OVA with NFC lease upload, VM create/reconfigure/power/
-//! destroy, and standard port groups; SOAP faults become typed [`Error`]s.
-//! Nothing the server sends is unwrapped.
+//! destroy, guest customisation, and standard port groups; SOAP faults
+//! become typed [`Error`]s. Nothing the server sends is unwrapped.
 //!
 //! It must not know about protection groups, VDSAs or replication: it is a
 //! client of one API, used by the site manager and the operator command.
@@ -14,6 +14,7 @@
 //! logged-in [`Client`] serves concurrent calls from several threads.
 
 mod client;
+mod customize;
 mod error;
 mod inventory;
 mod network;
@@ -26,6 +27,7 @@ pub mod xml;
 pub use client::{
     Client, ObjectContent, PropertySpec, ServiceContent, TaskInfo, TaskState, CALL_TIMEOUT, TASK_TIMEOUT,
 };
+pub use customize::{Customization, NicIp};
 pub use error::{Error, Result};
 pub use inventory::{
     ComputeResource, Datacenter, Datastore, Host, Inventory, Network, NicInfo, ResourcePool, VirtualDiskInfo, Vm,

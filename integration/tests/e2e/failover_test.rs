@@ -85,6 +85,7 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
         checkpoint_interval_ms: 3_600_000,
         quiesce_hook: Vec::new(),
         disk_image: Some(boot.path.clone()),
+        recovery_vsphere_host: None,
     };
     let mut site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
     let sm = ok(site.sm());
@@ -379,6 +380,7 @@ impl FailoverSite {
             checkpoint_interval_ms: 3_600_000,
             quiesce_hook: Vec::new(),
             disk_image: None,
+            recovery_vsphere_host: None,
         };
         let site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
         let guest = ok(site.vms[0].guest());

@@ -15,6 +15,7 @@ mod replication;
 mod site_loss;
 mod site_manager;
 mod vsphere;
+mod vsphere_recovery;
 mod write_order;
 
 /// Tests that keep a core busy for a long time (guests under TCG) and tests

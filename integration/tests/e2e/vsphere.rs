@@ -272,7 +272,7 @@ fn bad_logins_names_certificates_and_dropped_connections_give_typed_errors() -> 
 }
 
 /// Seconds and nanoseconds of an xsd:dateTime in UTC ("…T01:32:37.8998Z").
-fn instant(t: &str) -> Result<(u64, u32)> {
+pub(crate) fn instant(t: &str) -> Result<(u64, u32)> {
     let (date, time) = t.trim_end_matches('Z').split_once('T').context("dateTime")?;
     let d: Vec<u64> = date.split('-').map(str::parse).collect::<Result<_, _>>()?;
     let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
@@ -308,6 +308,8 @@ fn recovery_vms_land_on_their_host_datastore_and_networks_and_boot_in_order() ->
             networks: nets.iter().map(|n| n.to_string()).collect(),
             boot_group: *group,
             test_id: None,
+            extra_config: Vec::new(),
+            customization: None,
         })?;
         created.push((vm, *group));
     }
@@ -378,6 +380,8 @@ fn recovery_vms_land_on_their_host_datastore_and_networks_and_boot_in_order() ->
             networks: vec!["No Such Net".into()],
             boot_group: 1,
             test_id: None,
+            extra_config: Vec::new(),
+            customization: None,
         })
         .expect_err("unknown network");
     assert!(matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "network", .. })), "{e:?}");
@@ -448,6 +452,8 @@ fn test_vms_on_an_isolated_network_are_removed_with_it() -> Result<()> {
             networks: vec!["test-net-42".into()],
             boot_group: 1,
             test_id: Some("42".into()),
+            extra_config: Vec::new(),
+            customization: None,
         })?);
     }
     let test_net_ref = site.client().inventory()?.network_for(inv.host("DC0_C0_H0")?, "test-net-42")?.moref.clone();

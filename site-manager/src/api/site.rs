@@ -166,7 +166,7 @@ async fn set_vcenter(
         vsphere_client::ServerTrust::ca_pem(v.ca_pem.as_bytes())
             .map_err(|e| ApiError::bad("ca_pem", format!("ca_pem: {e}")))?;
     }
-    if !std::path::Path::new(&v.ova_path).is_file() {
+    if !v.ova_path.is_empty() && !std::path::Path::new(&v.ova_path).is_file() {
         return Err(ApiError::bad("ova_path", format!("ova_path: {} is not a file here", v.ova_path)));
     }
     blocking(move || {
