@@ -54,6 +54,16 @@ pub const BLOCK_MODULES: &[&str] = &[
     "drivers/block/virtio_blk",
 ];
 
+/// The test VM's init: waits for its data area, prints its SHA-256 and a
+/// marker of its own, writes the marker into the data area (sector 3) and
+/// powers off.
+pub const TEST_VM_INIT: &str = "i=0; while [ ! -b /dev/vda2 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
+    echo \"TESTVM: data $(sha256sum /dev/vda2 | cut -d' ' -f1)\"\n\
+    m=test-vm-$(cat /proc/sys/kernel/random/uuid)\n\
+    echo $m | dd of=/dev/vda2 bs=512 seek=3 conv=notrunc,fsync 2>/dev/null\n\
+    echo \"TESTVM: wrote $m\"\n\
+    [ -b /dev/vdb ] && dd if=/dev/vdb bs=512 count=1 2>/dev/null | while read l; do case \"$l\" in address=*) echo \"TESTVM: config $l\";; esac; done";
+
 /// Kernel modules for a virtio NIC, loaded after [`BLOCK_MODULES`].
 pub const NET_MODULES: &[&str] = &["net/core/failover", "drivers/net/net_failover", "drivers/net/virtio_net"];
 

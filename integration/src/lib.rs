@@ -14,6 +14,7 @@ pub mod power_loss;
 pub mod process;
 pub mod replication_lab;
 pub mod site_lab;
+pub mod two_site_lab;
 pub mod two_sites;
 pub mod vcsim;
 pub mod vsphere_lab;

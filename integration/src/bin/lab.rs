@@ -27,12 +27,26 @@ use vdsa::journal::{Journal, JournalConfig, TapWrite};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Write the two-site lab's report here as JSON.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Leave both sites running at the end (until Ctrl-C) and print their
+    /// API addresses and admin tokens.
+    #[arg(long)]
+    keep: bool,
+    /// Keep the sites' folders here (default: a temporary folder).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// The journal demo (the default).
+    /// The journal demo.
     JournalDemo(DemoArgs),
+    /// The data path's demos one after another (journal, power loss, KVM
+    /// tap, two VDSAs over a faulty link, write order, vSphere), as the
+    /// lab ran them before the two-site lab.
+    DataPathDemos,
     /// The KVM tap demo: real QEMU mirroring a guest's writes to the VDSA.
     KvmTapDemo,
     /// Two sites on this machine: QEMU taps, a source and a target VDSA
@@ -136,6 +150,21 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => {
+            let lab = std::env::current_exe().context("finding the lab binary")?;
+            let opts = integration::two_site_lab::LabOptions { dir: cli.dir, keep: cli.keep };
+            let report = integration::two_site_lab::run(&lab, &opts)?;
+            report.print_summary();
+            if let Some(path) = &cli.report {
+                std::fs::write(path, serde_json::to_vec_pretty(&report.to_json())?)
+                    .with_context(|| format!("writing the report to {}", path.display()))?;
+                println!("  report written to {}", path.display());
+            }
+            if !report.verified() {
+                bail!("the lab found failed checks (above)");
+            }
+            Ok(())
+        }
+        Some(Command::DataPathDemos) => {
             journal_demo(DemoArgs::default())?;
             power_loss_demo()?;
             kvm_tap_demo()?;

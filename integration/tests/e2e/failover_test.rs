@@ -5,7 +5,7 @@
 //! data area and writes, writes kept private to their test, and stopping
 //! frees their space and keeps a record.
 
-use integration::guest::{Boot, GuestConfig, GuestKit, Initramfs, BLOCK_MODULES};
+use integration::guest::{Boot, GuestConfig, GuestKit, Initramfs, BLOCK_MODULES, TEST_VM_INIT};
 use integration::kvm_lab::qemu_available;
 use integration::site_lab::{ProtectedSite, SiteSpec};
 use serde_json::{json, Value};
@@ -13,16 +13,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use vdsa::nbd::client::NbdClient;
-
-/// The test VM's init: waits for its data area, prints its SHA-256 and a
-/// marker of its own, writes the marker into the data area (sector 3) and
-/// powers off.
-const TEST_VM_INIT: &str = "i=0; while [ ! -b /dev/vda2 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
-    echo \"TESTVM: data $(sha256sum /dev/vda2 | cut -d' ' -f1)\"\n\
-    m=test-vm-$(cat /proc/sys/kernel/random/uuid)\n\
-    echo $m | dd of=/dev/vda2 bs=512 seek=3 conv=notrunc,fsync 2>/dev/null\n\
-    echo \"TESTVM: wrote $m\"\n\
-    [ -b /dev/vdb ] && dd if=/dev/vdb bs=512 count=1 2>/dev/null | while read l; do case \"$l\" in address=*) echo \"TESTVM: config $l\";; esac; done";
 
 fn sha256_hex(bytes: &[u8], scratch: &Path) -> String {
     let f = scratch.join("area.bin");

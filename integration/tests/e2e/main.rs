@@ -7,6 +7,7 @@ mod full_disk;
 mod guest_kit;
 mod journal_full;
 mod kvm_tap;
+mod main_job;
 mod move_vpg;
 mod pairing;
 mod power_loss;

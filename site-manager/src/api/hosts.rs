@@ -158,9 +158,7 @@ async fn deploy(
         }
         let v = vcenter(&sm)?;
         if v.ova_path.is_empty() {
-            return Err(ApiError::Conflict(
-                "no VDSA OVA is set: PUT /api/v1/site/vcenter with ova_path first".into(),
-            ));
+            return Err(ApiError::Conflict("no VDSA OVA is set: PUT /api/v1/site/vcenter with ova_path first".into()));
         }
         Ok((StatusCode::ACCEPTED, Json(crate::deploy::start_deploy(&sm, h, v, req)?)))
     })
