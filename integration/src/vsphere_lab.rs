@@ -46,6 +46,13 @@ pub fn workspace_binary(package: &str, name: &str) -> Result<PathBuf> {
     bail!("{} is missing: build the workspace first (cargo build --release --workspace)", bin.display())
 }
 
+/// Whether the vCenter simulator can be built here (Go and Debian's
+/// govmomi source).
+pub fn simulator_available() -> bool {
+    let have_go = Command::new("go").arg("version").output().is_ok_and(|o| o.status.success());
+    have_go && Path::new("/usr/share/gocode/src/github.com/vmware/govmomi/simulator").is_dir()
+}
+
 /// The release `vdsa` binary.
 pub fn vdsa_binary() -> Result<PathBuf> {
     workspace_binary("vdsa", "vdsa")

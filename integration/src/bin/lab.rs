@@ -506,8 +506,7 @@ fn kvm_tap_demo() -> Result<()> {
 
 fn vsphere_demo() -> Result<()> {
     let started = Instant::now();
-    let have_go = std::process::Command::new("go").arg("version").output().is_ok_and(|o| o.status.success());
-    if !have_go || !std::path::Path::new("/usr/share/gocode/src/github.com/vmware/govmomi/simulator").is_dir() {
+    if !integration::vsphere_lab::simulator_available() {
         println!("lab: vSphere demo skipped: the vCenter simulator needs apt-get install golang-go golang-github-vmware-govmomi-dev (integration/run-tests installs them)");
         return Ok(());
     }

@@ -514,6 +514,7 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
         others == web.vms.len() - 1,
         format!("{others} of {} other disks equal the reference", web.vms.len() - 1),
     );
+    vsphere_stage(&mut report);
     report.not_run.push((
         "reverse protection and failback".into(),
         "reverse protection is built for VPGs within one site manager; across two sites it is not yet".into(),
@@ -530,4 +531,38 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
     }
     drop(guests);
     Ok(report)
+}
+
+/// The vSphere stage, when the simulator can be built: the VDSA OVA
+/// deployed to every host of a simulated vCenter, a test's VMs on an
+/// isolated network in boot order, removed with it.
+fn vsphere_stage(report: &mut Report) {
+    if !crate::vsphere_lab::simulator_available() {
+        report.not_run.push((
+            "the vSphere stage".into(),
+            "the vCenter simulator needs golang-go and golang-github-vmware-govmomi-dev (integration/run-tests \
+             installs them)"
+                .into(),
+        ));
+        return;
+    }
+    println!("lab: vSphere — the VDSA OVA deployed to a simulated vCenter (vcsim from Debian's govmomi)");
+    match crate::vsphere_lab::run(|line| println!("    {line}")) {
+        Ok(r) => {
+            report.check(
+                "vSphere: the OVA deployed to every host",
+                r.deployed == r.hosts && r.properties_checked == 2 * r.deployed,
+                format!(
+                    "{} of {} hosts show their VDSA installed with its vApp properties ({:.2} s)",
+                    r.deployed, r.hosts, r.deploy_secs
+                ),
+            );
+            report.check(
+                "vSphere: test VMs in boot order on an isolated network",
+                r.recovery_vms == r.removed_test_vms && r.recovery_vms > 0,
+                format!("{} VMs in {} boot groups, removed with the network", r.recovery_vms, r.boot_groups),
+            );
+        }
+        Err(e) => report.check("vSphere stage", false, format!("{e:#}")),
+    }
 }
