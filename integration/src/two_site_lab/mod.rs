@@ -127,13 +127,28 @@ fn wait_task(sm: &SiteManagerProcess, task: &Value, what: &str, timeout: Duratio
     }
 }
 
+/// Installs what the lab needs when it is absent (`integration/install-deps`,
+/// shared with the test command), so that the README's first command works
+/// on a fresh machine.
+fn install_deps() -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("install-deps");
+    if script.is_file() {
+        let status = std::process::Command::new("bash").arg(&script).status().context("running install-deps")?;
+        if !status.success() {
+            bail!("{} failed ({status}): the lab needs qemu-utils and the guest kit's libraries", script.display());
+        }
+    }
+    if !crate::kvm_lab::qemu_available() {
+        bail!("qemu-storage-daemon is not installed: apt-get install qemu-utils");
+    }
+    Ok(())
+}
+
 /// Runs the lab; the report says what was verified.
 pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
     let started = Instant::now();
     let mut report = Report::default();
-    if !crate::kvm_lab::qemu_available() {
-        bail!("qemu-storage-daemon is not installed: integration/run-tests installs it (apt-get install qemu-utils)");
-    }
+    install_deps()?;
     let tmp;
     let dir = match &o.dir {
         Some(d) => {
