@@ -34,6 +34,10 @@ struct Cli {
     /// API addresses and admin tokens.
     #[arg(long)]
     keep: bool,
+    /// Kill a VDSA, the site-to-site link and a site manager during the
+    /// run: every check must still pass.
+    #[arg(long)]
+    faults: bool,
     /// Keep the sites' folders here (default: a temporary folder).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -151,7 +155,7 @@ fn main() -> Result<()> {
     match cli.command {
         None => {
             let lab = std::env::current_exe().context("finding the lab binary")?;
-            let opts = integration::two_site_lab::LabOptions { dir: cli.dir, keep: cli.keep };
+            let opts = integration::two_site_lab::LabOptions { dir: cli.dir, keep: cli.keep, faults: cli.faults };
             let report = integration::two_site_lab::run(&lab, &opts)?;
             report.print_summary();
             if let Some(path) = &cli.report {

@@ -39,6 +39,34 @@ pub struct LabOptions {
     pub dir: Option<PathBuf>,
     /// Leave both sites running at the end, until Ctrl-C.
     pub keep: bool,
+    /// During the rounds of writes: SIGKILL a protected host's VDSA, cut
+    /// and stall the site-to-site link, SIGKILL the protected site's
+    /// manager; every check must still pass.
+    pub faults: bool,
+}
+
+/// A VDSA as the lab starts it, to start it again after a kill.
+struct AgentSpec {
+    name: String,
+    token: String,
+    site_manager: String,
+    port: u16,
+    extra: Vec<String>,
+}
+
+impl AgentSpec {
+    fn start(&self, lab: &Path, dir: &Path) -> Result<AgentProcess> {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        AgentProcess::start_on(
+            lab,
+            &dir.join(&self.name),
+            &self.name,
+            &self.site_manager,
+            &self.token,
+            self.port,
+            &extra,
+        )
+    }
 }
 
 const PROTECTED_HOSTS: usize = 3;
@@ -177,7 +205,8 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
     let template = std::fs::read(&boot.path)?;
 
     // Two site managers, paired.
-    let prod = SiteManagerProcess::start(lab, &dir.join("prod"), &["--name", "prod"])?;
+    let (prod_api, prod_mgmt) = (crate::site_lab::free_port(), crate::site_lab::free_port());
+    let mut prod = SiteManagerProcess::start_on(lab, &dir.join("prod"), prod_api, prod_mgmt, &["--name", "prod"])?;
     let dr = SiteManagerProcess::start(lab, &dir.join("dr"), &["--name", "dr"])?;
     let token = dr.post("/api/v1/site/pairing-tokens", json!({}))?;
     let peer = prod
@@ -186,13 +215,26 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
     report.check("pairing", peer["site"] == dr_site, format!("prod paired with dr ({dr_site})"));
 
     // Hosts: a VDSA each, registered with a one-time token.
+    // The site-to-site link: dr's VDSAs are reached through a proxy each
+    // (they advertise its address), which `--faults` cuts and stalls.
     let mut agents: Vec<AgentProcess> = Vec::new();
+    let mut specs: Vec<AgentSpec> = Vec::new();
+    let mut wan = Vec::new();
     let mut hosts: Vec<(String, String)> = Vec::new(); // (name, id)
     for (sm, prefix, n) in [(&prod, "prod", PROTECTED_HOSTS), (&dr, "dr", RECOVERY_HOSTS)] {
         for i in 0..n {
             let name = format!("{prefix}-kvm-{i}");
             let (id, token) = sm.add_host(&name)?;
-            agents.push(AgentProcess::start(lab, &dir.join(&name), &name, &sm.management_address(), &token)?);
+            let port = crate::site_lab::free_port();
+            let mut extra = Vec::new();
+            if prefix == "dr" {
+                let proxy = crate::replication_lab::FaultProxy::start(port)?;
+                extra = vec!["--replication-address".to_string(), proxy.addr()];
+                wan.push(proxy);
+            }
+            let spec = AgentSpec { name: name.clone(), token, site_manager: sm.management_address(), port, extra };
+            agents.push(spec.start(lab, &dir)?);
+            specs.push(spec);
             hosts.push((name, id));
         }
     }
@@ -276,6 +318,7 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
         let round_start = Instant::now();
         let stop = AtomicBool::new(false);
         let rpo = Mutex::new(Vec::new());
+        let mut fault: Option<Fault> = None;
         std::thread::scope(|s| -> Result<()> {
             // RPO sampler: at each VPG, now minus the newest durable
             // checkpoint's time.
@@ -335,6 +378,10 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
                     Ok(n)
                 }));
             }
+            if o.faults {
+                std::thread::sleep(ROUND_WRITES / 2);
+                fault = Some(inject_fault(round, lab, &dir, &prod, &mut agents, &specs, &wan)?);
+            }
             for h in handles {
                 match h.join() {
                     Ok(r) => {
@@ -348,20 +395,54 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
         })?;
         write_time += round_start.elapsed();
         report.rpo_ms.extend(rpo.into_inner().unwrap_or_default());
+        if fault == Some(Fault::SiteManager) {
+            // The killed site manager starts again on its folder and
+            // ports; its VDSAs dial back in.
+            prod = SiteManagerProcess::start_on(lab, &dir.join("prod"), prod_api, prod_mgmt, &["--name", "prod"])?;
+        }
         // A named checkpoint per VPG with the writers paused: its
-        // reference is the model now.
+        // reference is the model now. After a fault the VPG may still be
+        // catching up (a delta sync makes a cut inconsistent): the
+        // operator's way is to insert another one, as here.
+        let after_fault = Instant::now();
+        let mut attempts = 0;
         for g in &mut vpgs {
-            let c =
-                prod.post(&format!("/api/v1/vpgs/{}/checkpoints", g.id), json!({"name": format!("lab-{round}")}))?;
-            let id = c["id"].as_u64().context("checkpoint id")?;
-            let w = prod.get(&format!("/api/v1/vpgs/{}/checkpoints/{id}/wait?timeout_ms=60000", g.id))?;
+            let mut last;
+            let ok = loop {
+                attempts += 1;
+                let c =
+                    prod.post(&format!("/api/v1/vpgs/{}/checkpoints", g.id), json!({"name": format!("lab-{round}")}))?;
+                let id = c["id"].as_u64().context("checkpoint id")?;
+                last = prod.get(&format!("/api/v1/vpgs/{}/checkpoints/{id}/wait?timeout_ms=30000", g.id))?;
+                if last["consistent"] == true && last["durable"] == true {
+                    let hashes = g.vms.iter().map(|&i| blake3::hash(&vms[i].model)).collect();
+                    g.refs.push((id, hashes, vms[g.vms[0]].model[area as usize..].to_vec()));
+                    break true;
+                }
+                if fault.is_none() || after_fault.elapsed() > Duration::from_secs(180) {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            };
             report.check(
                 &format!("VPG {} checkpoint lab-{round}", g.name),
-                w["consistent"] == true && w["durable"] == true,
-                format!("checkpoint {id}: consistent {}, durable at dr {}", w["consistent"], w["durable"]),
+                ok,
+                format!(
+                    "checkpoint {}: consistent {}, durable at dr {}",
+                    last["id"], last["consistent"], last["durable"]
+                ),
             );
-            let hashes = g.vms.iter().map(|&i| blake3::hash(&vms[i].model)).collect();
-            g.refs.push((id, hashes, vms[g.vms[0]].model[area as usize..].to_vec()));
+        }
+        if let Some(f) = fault {
+            report.check(
+                &format!("fault: {}", f.what()),
+                vpgs.iter().all(|g| g.refs.len() == round + 1),
+                format!(
+                    "both VPGs gave a consistent checkpoint durable at dr {:.1} s after the writes paused ({attempts} \
+                     checkpoints inserted)",
+                    after_fault.elapsed().as_secs_f64()
+                ),
+            );
         }
     }
     report.write_seconds = write_time.as_secs_f64();
@@ -580,4 +661,60 @@ fn vsphere_stage(report: &mut Report) {
         }
         Err(e) => report.check("vSphere stage", false, format!("{e:#}")),
     }
+}
+
+/// A fault `--faults` injects while the writers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Vdsa,
+    Link,
+    SiteManager,
+}
+
+impl Fault {
+    fn what(self) -> &'static str {
+        match self {
+            Fault::Vdsa => "a protected host's VDSA SIGKILLed and restarted",
+            Fault::Link => "the site-to-site link cut, then stalled for 2 s",
+            Fault::SiteManager => "the protected site's manager SIGKILLed",
+        }
+    }
+}
+
+/// Injects round `round`'s fault (a VDSA, the link, the site manager).
+fn inject_fault(
+    round: usize,
+    lab: &Path,
+    dir: &Path,
+    prod: &SiteManagerProcess,
+    agents: &mut [AgentProcess],
+    specs: &[AgentSpec],
+    wan: &[crate::replication_lab::FaultProxy],
+) -> Result<Fault> {
+    let f = [Fault::Vdsa, Fault::Link, Fault::SiteManager][round % 3];
+    println!("  fault: {}", f.what());
+    match f {
+        Fault::Vdsa => {
+            agents[1].kill();
+            agents[1] = specs[1].start(lab, dir)?;
+        }
+        Fault::Link => {
+            for p in wan {
+                p.cut();
+                p.stall(true);
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            for p in wan {
+                p.stall(false);
+            }
+        }
+        Fault::SiteManager => {
+            if let Some(pid) = prod.pid() {
+                // SAFETY: kill(2) on our own child; it is reaped when its
+                // guard is dropped.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+    Ok(f)
 }

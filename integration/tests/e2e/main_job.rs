@@ -7,11 +7,27 @@ use std::process::Command;
 
 #[test]
 fn the_two_site_lab_verifies_everything_and_writes_its_report() {
+    run_lab(&[]);
+}
+
+/// `--faults`: a VDSA, the site-to-site link and the protected site's
+/// manager are killed while the guests write; every check still passes.
+#[test]
+fn the_two_site_lab_verifies_everything_under_faults() {
+    let r = run_lab(&["--faults"]);
+    let faults = r["checks"]
+        .as_array()
+        .map_or(0, |c| c.iter().filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with("fault:"))).count());
+    assert_eq!(faults, 3, "{r}");
+}
+
+fn run_lab(args: &[&str]) -> serde_json::Value {
     let _turn = crate::take_turns();
     let dir = tempfile::tempdir().expect("a temporary folder");
     let report = dir.path().join("report.json");
     let lab = Path::new(env!("CARGO_BIN_EXE_lab"));
     let out = Command::new(lab)
+        .args(args)
         .arg("--report")
         .arg(&report)
         .arg("--dir")
@@ -37,4 +53,5 @@ fn the_two_site_lab_verifies_everything_and_writes_its_report() {
     assert!(r["rto_s"].as_f64().is_some_and(|s| s > 0.0 && s < 2.0), "{r}");
     assert!(r["link_bytes_per_written_byte"].as_f64().is_some_and(|x| x > 0.0), "{r}");
     assert!(r["duration_s"].as_f64().is_some_and(|s| s < 300.0), "{r}");
+    r
 }
