@@ -610,11 +610,8 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
         others == web.vms.len() - 1,
         format!("{others} of {} other disks equal the reference", web.vms.len() - 1),
     );
+    reverse_and_fail_back(&mut report, &dir, &prod, &dr, &agents, &vms, web, template.len())?;
     vsphere_stage(&mut report);
-    report.not_run.push((
-        "reverse protection and failback".into(),
-        "reverse protection is built for VPGs within one site manager; across two sites it is not yet".into(),
-    ));
     report.duration_s = started.elapsed().as_secs_f64();
     if o.keep {
         println!("\nlab: both sites keep running (Ctrl-C stops them)");
@@ -717,4 +714,114 @@ fn inject_fault(
         }
     }
     Ok(f)
+}
+
+/// Reverse protection and failback of `web`, failed over and committed at
+/// dr: dr takes the VPG over; the recovered VMs run from the promoted
+/// replicas at dr and are protected back to their original hosts, whose
+/// disks seed the new replicas (a delta sync); they write; a checkpoint
+/// at dr becomes durable at prod; prod fails over to it and commits, and
+/// its disks then equal the recovered ones.
+#[allow(clippy::too_many_arguments)]
+fn reverse_and_fail_back(
+    report: &mut Report,
+    dir: &Path,
+    prod: &SiteManagerProcess,
+    dr: &SiteManagerProcess,
+    agents: &[AgentProcess],
+    vms: &[LabVm],
+    web: &LabVpg,
+    disk_len: usize,
+) -> Result<()> {
+    let scratch = dir.join("scratch");
+    let mut recovered = Vec::new();
+    for (j, &i) in web.vms.iter().enumerate() {
+        // The recovery host the lab gave VM j of the first VPG.
+        let agent = &agents[PROTECTED_HOSTS + j % RECOVERY_HOSTS];
+        let image = agent.journal(&web.id).join("replica").join(format!("{}.img", vms[i].disk));
+        let d = dir.join(format!("recovered-{}", vms[i].name));
+        std::fs::create_dir_all(&d)?;
+        recovered.push((i, StorageDaemon::start(&d, &image, false)?, image));
+    }
+    let body = json!({"vms": recovered.iter().map(|(i, q, _)| json!({
+        "vm": vms[*i].id, "hypervisor_ref": q.vdsa_qmp_sock,
+        "disks": [{"disk": vms[*i].disk, "device": "src", "seed_path": vms[*i].qsd.image}]})).collect::<Vec<_>>()});
+    let r = dr.post(&format!("/api/v1/vpgs/{}/reverse-protection", web.id), body)?;
+    let t = wait_task(dr, &r["task"], "reverse protection: delta sync", Duration::from_secs(300))?;
+    let roles = dr.get(&format!("/api/v1/vpgs/{}/roles", web.id))?;
+    let link: u64 = roles
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| &r["role"])
+        .filter(|r| r["kind"] == "source")
+        .map(|r| r["link_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    report.check(
+        "reverse protection",
+        t["completion"] == "Success",
+        format!(
+            "dr protects the recovered VMs back to prod: {} by delta sync, {:.1} MiB on the link for {} disks of {} MiB",
+            t["completion"],
+            link as f64 / 1048576.0,
+            recovered.len(),
+            disk_len >> 20
+        ),
+    );
+    let copies = prod.get("/api/v1/site/peer/vpgs")?;
+    let copy = copies.as_array().into_iter().flatten().any(|v| v["id"] == web.id.as_str());
+    report.check("prod keeps a copy", copy, "the VPG is defined at dr now; prod holds its copy for the failback");
+    // The recovered VMs write, protected now.
+    for (k, (_, q, _)) in recovered.iter().enumerate() {
+        let mut g = q.guest()?;
+        for n in 0..16u64 {
+            let mut data = vec![0u8; 8192];
+            rand::RngCore::fill_bytes(&mut rand::rngs::StdRng::seed_from_u64(n + 100 * k as u64), &mut data);
+            g.write(4096 * (17 + n * 13 + k as u64), &data)?;
+        }
+        g.flush()?;
+    }
+    let c = dr.post(&format!("/api/v1/vpgs/{}/checkpoints", web.id), json!({"name": "before failback"}))?;
+    let id = c["id"].as_u64().context("checkpoint id")?;
+    let w = dr.get(&format!("/api/v1/vpgs/{}/checkpoints/{id}/wait?timeout_ms=60000", web.id))?;
+    report.check(
+        "checkpoint at dr, durable at prod",
+        w["consistent"] == true && w["durable"] == true,
+        format!("checkpoint {id}: consistent {}, durable {}", w["consistent"], w["durable"]),
+    );
+    let mut want = Vec::new();
+    for (_, _, image) in &recovered {
+        let mut bytes = std::fs::read(image)?;
+        bytes.truncate(disk_len);
+        want.push(blake3::hash(&bytes));
+    }
+    // Failback: prod fails over to that checkpoint and commits.
+    let f = prod.post(&format!("/api/v1/vpgs/{}/failover", web.id), json!({ "checkpoint": id }))?;
+    let done = wait_task(prod, &f["task"], "failback", Duration::from_secs(120))?;
+    report.check("failback", done["completion"] == "Success", format!("at prod, to checkpoint {id}"));
+    let commit = prod.post(&format!("/api/v1/vpgs/{}/failover/commit", web.id), json!({}))?;
+    let done = wait_task(prod, &commit["task"], "failback: commit and promotion", Duration::from_secs(300))?;
+    let fid = f["failover"]["id"].as_str().context("failover id")?;
+    let rec = prod.get(&format!("/api/v1/failover-tests/{fid}"))?;
+    let mut same = 0;
+    for ((i, _, _), h) in recovered.iter().zip(&want) {
+        let uri = rec["exports"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["disk"] == vms[*i].disk.as_str()))
+            .and_then(|e| e["uri"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        if export_hash(&uri, &scratch)? == *h {
+            same += 1;
+        }
+    }
+    report.check(
+        "failed back",
+        done["completion"] == "Success" && same == recovered.len(),
+        format!(
+            "after the failback's promotion {same} of {} disks at prod equal the recovered VMs' disks",
+            recovered.len()
+        ),
+    );
+    Ok(())
 }

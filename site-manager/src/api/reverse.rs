@@ -5,7 +5,9 @@
 //! replicas start as copies of the former source disks, so that the
 //! initial sync through the taps (hashes of every block, DESIGN's delta
 //! sync) sends only the blocks that differ. Failback is then a failover
-//! the other way.
+//! the other way. A VPG of the paired site failed over here is taken over:
+//! its definition moves to this site with a higher epoch, and the other
+//! site's stale definition becomes its copy at the next exchange.
 
 use super::extract::{ApiJson, ApiPath, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
@@ -40,9 +42,9 @@ async fn reverse_protect(
 ) -> ApiResult<(StatusCode, Json<VpgTask>)> {
     caller.require(Role::Operator)?;
     blocking(move || {
-        let mut v = sm
-            .with_store(|s| s.vpgs.get(VpgId(id).as_bytes()))?
-            .ok_or_else(|| ApiError::NotFound(format!("no VPG {} is defined at this site", VpgId(id))))?;
+        let (mut v, copy) = sm
+            .with_store(|s| s.vpg_or_copy(VpgId(id)))?
+            .ok_or_else(|| ApiError::NotFound(format!("no VPG {} is defined or recovered at this site", VpgId(id))))?;
         if !matches!(v.status, VpgStatus::NeedReverseConfiguration | VpgStatus::PromotionCompleteMirrorsNotYetActivated)
         {
             return Err(ApiError::Conflict(format!(
@@ -93,6 +95,19 @@ async fn reverse_protect(
             .with_store(|s| s.tests.list())?
             .into_iter()
             .find(|t| t.vpg == v.id && t.purpose == StackPurpose::Failover && t.serves());
+        // A VPG of the paired site failed over here: this site takes it
+        // over (its definition moves here, a copy goes back there, fenced
+        // by the new epoch: docs/recovery.md).
+        let previous_owner = if copy {
+            let peer = crate::peering::stored_peer(&sm)?
+                .ok_or_else(|| ApiError::Conflict("this site is no longer paired with the VPG's site".into()))?;
+            Some(peer.peer.site)
+        } else {
+            None
+        };
+        if let Some(site) = previous_owner {
+            v.settings.recovery_site = site;
+        }
         v.status = v.status.transition(VpgStatus::Initializing).map_err(|e| ApiError::Conflict(e.to_string()))?;
         v.status_reason = "reverse protection: delta sync from the recovered VMs".into();
         v.epoch += 1;
@@ -106,7 +121,11 @@ async fn reverse_protect(
                 f.notes = "reverse protected: the recovered VMs are protected back".into();
                 s.tests.put(f.id.as_bytes(), &f)?;
             }
-            s.vpgs.put(v.id.as_bytes(), &v)
+            if copy {
+                s.peer_vpgs.remove(v.id.as_bytes())?;
+            }
+            s.vpgs.put(v.id.as_bytes(), &v)?;
+            s.flush()
         })?;
         tracing::warn!(vpg = %v.id, epoch = v.epoch, "VPG reverse-protected");
         sm.changed();

@@ -397,11 +397,25 @@ pub fn take_exchange(sm: &SiteManager, theirs: PeerExchange) -> Result<(), Peeri
         return Err(PeeringError::Refused(format!("site {} is not the paired site", theirs.site)));
     }
     let here = sm.site()?.id;
-    let mine: Vec<protection_groups::VpgId> = sm.with_store(|s| s.vpgs.list())?.iter().map(|v| v.id).collect();
+    let own: Vec<Vpg> = sm.with_store(|s| s.vpgs.list())?;
+    let mine: Vec<protection_groups::VpgId> = own.iter().map(|v| v.id).collect();
     let changed = sm.with_store(|s| {
         let old = s.peer_vpgs.list()?;
-        let new: Vec<&Vpg> = theirs.vpgs.iter().filter(|v| v.settings.recovery_site == here).collect();
+        // One VPG, one defining site: where both define it, the higher
+        // epoch wins (the site that reverse-protected it took it over).
+        let new: Vec<&Vpg> = theirs
+            .vpgs
+            .iter()
+            .filter(|v| v.settings.recovery_site == here)
+            .filter(|v| own.iter().find(|o| o.id == v.id).is_none_or(|o| o.epoch < v.epoch))
+            .collect();
         let mut changed = false;
+        for v in new.iter().filter(|v| mine.contains(&v.id)) {
+            tracing::warn!(vpg = %v.id, epoch = v.epoch, "the paired site took the VPG over (reverse protection there): \
+                           this site keeps its copy");
+            s.vpgs.remove(v.id.as_bytes())?;
+            changed = true;
+        }
         for v in &old {
             if !new.iter().any(|n| n.id == v.id) {
                 s.peer_vpgs.remove(v.id.as_bytes())?;
