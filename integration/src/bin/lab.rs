@@ -1,15 +1,16 @@
-//! The lab: runs the most complete end-to-end path built so far on this
-//! machine and prints what it verified.
+//! The lab, the README's first command: with no subcommand it runs the
+//! two-site lab (`integration::two_site_lab`: two paired site managers,
+//! five hosts with their VDSAs, six VMs in two VPGs, parallel failover
+//! tests with real guests, failover, commit, reverse protection and
+//! failback, all verified, with a JSON report).
 //!
-//! Today: the journal engine (a generated workload over several disks,
-//! checkpoints, retention with sparse tiers, a view held across retention,
-//! a restart, every retained checkpoint compared (blake3) with a reference
-//! model); power cuts of a VDSA in a real guest (`integration::power_loss`);
-//! the KVM tap through the real QEMU; and two sites replicating
-//! through a faulty link with both daemons SIGKILLed
-//! (`integration::two_sites`); and the vSphere side against the vCenter
-//! simulator: the VDSA OVA deployed to every host, a failover test's
-//! recovery VMs on an isolated network (`integration::vsphere_lab`).
+//! Subcommands run the data path's demos (`data-path-demos`: the journal
+//! engine against a reference model, power cuts of a VDSA in a real
+//! guest, the KVM tap through the real QEMU, two VDSAs through a faulty
+//! link, write order under a site manager, the vSphere side against the
+//! vCenter simulator) and the torture runs (`power-loss`, `write-order`,
+//! with `--long`). `lab vdsa …` and `lab site-manager …` run the daemons
+//! themselves, so that tests always run the code of this tree.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
