@@ -137,6 +137,22 @@ impl SiteManagerProcess {
         Ok((id, t["token"].as_str().context("token")?.to_string()))
     }
 
+    /// `POST /api/v1/vpgs`; a cross-site VPG is retried (up to 30 s) while
+    /// this site has not yet learnt the paired site's hosts from an
+    /// exchange.
+    pub fn create_vpg(&self, settings: &Value) -> Result<Value> {
+        let start = Instant::now();
+        loop {
+            match self.post("/api/v1/vpgs", settings.clone()) {
+                Ok(v) => return Ok(v),
+                Err(e) if format!("{e:#}").contains("not known yet") && start.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Waits until `done` holds for `GET path`.
     pub fn wait_until(
         &self,

@@ -284,16 +284,7 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
         let settings =
             json!({"name": g.name, "recovery_site": dr_site, "vms": members, "checkpoint_interval_ms": 2000});
         // prod learns dr's hosts at its next exchange with dr.
-        let begun = Instant::now();
-        let created = loop {
-            match prod.post("/api/v1/vpgs", settings.clone()) {
-                Ok(v) => break v,
-                Err(e) if format!("{e:#}").contains("not known yet") && begun.elapsed() < Duration::from_secs(30) => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let created = prod.create_vpg(&settings)?;
         g.id = created["vpg"]["id"].as_str().context("VPG id")?.to_string();
         tasks.push((g.name.clone(), created["task"].clone()));
     }

@@ -146,16 +146,7 @@ fn paired_sites_replicate_and_unpairing_revokes_trust() {
         "checkpoint_interval_ms": 1000,
     });
     // prod learns dr's hosts at the next exchange.
-    let start = Instant::now();
-    let created = loop {
-        match prod.post("/api/v1/vpgs", settings.clone()) {
-            Ok(v) => break v,
-            Err(e) if format!("{e:#}").contains("not known yet") && start.elapsed() < Duration::from_secs(20) => {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("{e:#}"),
-        }
-    };
+    let created = ok(prod.create_vpg(&settings));
     let vpg = created["vpg"]["id"].as_str().unwrap_or_default().to_string();
     let task = created["task"]["id"].as_str().unwrap_or_default().to_string();
     let t = ok(prod.get(&format!("/api/v1/tasks/{task}/wait?timeout_ms=120000")));

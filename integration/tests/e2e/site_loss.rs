@@ -10,7 +10,7 @@
 use integration::site_lab::{free_port, AgentProcess, SiteManagerProcess};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vdsa::nbd::client::NbdClient;
 
 fn lab() -> &'static Path {
@@ -78,16 +78,7 @@ fn with_the_protected_site_gone_the_recovery_site_fails_over_exactly_from_its_co
                  "recovery_host": dr_host}],
         "checkpoint_interval_ms": 3_600_000,
     });
-    let start = Instant::now();
-    let created = loop {
-        match prod.post("/api/v1/vpgs", settings.clone()) {
-            Ok(v) => break v,
-            Err(e) if format!("{e:#}").contains("not known yet") && start.elapsed() < Duration::from_secs(30) => {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("{e:#}"),
-        }
-    };
+    let created = ok(prod.create_vpg(&settings));
     let vpg = created["vpg"]["id"].as_str().unwrap_or_default().to_string();
     wait_task(&prod, &created["task"], "the cross-site VPG to protect");
 
