@@ -607,7 +607,12 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
     if o.keep {
         println!("\nlab: both sites keep running (Ctrl-C stops them)");
         for (name, sm) in [("prod", &prod), ("dr", &dr)] {
-            println!("  {name}: API http://127.0.0.1:{}/api/v1  admin token {}", sm.api_port, sm.admin);
+            println!(
+                "  {name}: API https://127.0.0.1:{}/api/v1 (CA {}), admin token {}",
+                sm.api_port,
+                sm.dir.join("data/pki/ca.pem").display(),
+                sm.admin
+            );
         }
         loop {
             std::thread::sleep(Duration::from_secs(3600));
