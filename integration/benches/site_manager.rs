@@ -126,6 +126,7 @@ fn barrier(lab: &Path, hosts: usize, seconds: u64) -> Result<()> {
         quiesce_hook: Vec::new(),
         disk_image: None,
         recovery_vsphere_host: None,
+        recovery_link_proxy: false,
     };
     let site = ProtectedSite::start(lab, dir.path(), &spec, |m| eprintln!("  {m}"))?;
     let sm = site.sm()?;

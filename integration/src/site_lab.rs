@@ -110,6 +110,18 @@ impl SiteManagerProcess {
 
     /// GET, the body's bytes as they came (for timing the server, not the
     /// client's JSON parser).
+    /// `GET path` with `token` as the bearer (none: no Authorization):
+    /// the status and the body, whatever the status.
+    pub fn get_as(&self, path: &str, token: Option<&str>) -> Result<(u16, Vec<u8>)> {
+        let url = format!("https://127.0.0.1:{}{path}", self.api_port);
+        let mut req = self.client.get(&url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().with_context(|| format!("GET {path}"))?;
+        Ok((resp.status().as_u16(), resp.bytes()?.to_vec()))
+    }
+
     pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
         let url = format!("https://127.0.0.1:{}{path}", self.api_port);
         let resp = self.client.get(&url).bearer_auth(&self.admin).send().with_context(|| format!("GET {path}"))?;
@@ -279,6 +291,9 @@ pub struct SiteSpec {
     /// The recovery host is this vSphere host (a vcsim host's name) rather
     /// than a KVM one: its tests' VMs are made in vCenter.
     pub recovery_vsphere_host: Option<String>,
+    /// The recovery VDSA is reached through a fault proxy (it advertises
+    /// the proxy's address), so that the link can be cut and stalled.
+    pub recovery_link_proxy: bool,
 }
 
 impl SiteSpec {
@@ -293,6 +308,7 @@ impl SiteSpec {
             quiesce_hook: Vec::new(),
             disk_image: None,
             recovery_vsphere_host: None,
+            recovery_link_proxy: false,
         }
     }
 }
@@ -314,6 +330,8 @@ pub struct ProtectedSite {
     pub vms: Vec<crate::kvm_lab::StorageDaemon>,
     pub disks: Vec<protection_groups::DiskId>,
     pub vpg: String,
+    /// The link to the recovery VDSA, when the spec asked for a proxy.
+    pub recovery_link: Option<crate::replication_lab::FaultProxy>,
 }
 
 impl ProtectedSite {
@@ -324,6 +342,7 @@ impl ProtectedSite {
         let sm = SiteManagerProcess::start_on(lab, &site_manager_dir, api_port, management_port, &args)?;
         let site = sm.get("/api/v1/site")?["id"].as_str().context("site id")?.to_string();
         let (mut agents, mut host_ids, mut agent_names) = (Vec::new(), Vec::new(), Vec::new());
+        let mut recovery_link = None;
         for i in 0..=spec.hosts {
             let (name, hypervisor) = match (i < spec.hosts, &spec.recovery_vsphere_host) {
                 (true, _) => (format!("kvm-{i}"), "kvm"),
@@ -331,13 +350,15 @@ impl ProtectedSite {
                 (false, Some(h)) => (h.clone(), "vsphere"),
             };
             let (id, token) = sm.add_host_on(&name, hypervisor)?;
-            let extra: Vec<&str> = spec
-                .vdsa_args
-                .iter()
-                .filter(|(h, _)| *h == i)
-                .flat_map(|(_, a)| a.iter().map(String::as_str))
-                .collect();
+            let mut extra: Vec<String> =
+                spec.vdsa_args.iter().filter(|(h, _)| *h == i).flat_map(|(_, a)| a.iter().cloned()).collect();
             let port = free_port();
+            if i == spec.hosts && spec.recovery_link_proxy {
+                let proxy = crate::replication_lab::FaultProxy::start(port)?;
+                extra.extend(["--replication-address".to_string(), proxy.addr()]);
+                recovery_link = Some(proxy);
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             agents.push(AgentProcess::start_on(
                 lab,
                 &dir.join(&name),
@@ -409,6 +430,7 @@ impl ProtectedSite {
             vms,
             disks,
             vpg,
+            recovery_link,
         })
     }
 

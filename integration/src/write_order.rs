@@ -242,6 +242,7 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
         quiesce_hook: Vec::new(),
         disk_image: None,
         recovery_vsphere_host: None,
+        recovery_link_proxy: false,
     };
     let mut site = ProtectedSite::start(lab, dir, &spec, &mut say)?;
     let plain: Vec<&str> = if o.control { vec!["--unsafe-no-barrier"] } else { Vec::new() };

@@ -114,7 +114,9 @@ fn record(store: &std::sync::RwLock<Store>, cp: &Checkpoint) -> Result<(), crate
         why: "store lock poisoned".into(),
     })?;
     s.put_checkpoint_unflushed(cp)?;
-    s.flush()
+    s.flush()?;
+    crate::metrics::BARRIER_HOLD.observe(cp.hold_us);
+    Ok(())
 }
 
 impl Coordinator {

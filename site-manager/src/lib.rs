@@ -7,13 +7,16 @@
 //! checkpoints), pairing with the other site and the site-to-site exchange
 //! (`peering`), the log collector (`logs`), vSphere deploys as tasks
 //! (`deploy`, over the vSphere adapter), the test and recovered VMs on
-//! vSphere recovery hosts (`recovery_vms`), and the operator CLI over a typed
+//! vSphere recovery hosts (`recovery_vms`), what it measures for the API
+//! and Prometheus (`metrics`), alerts with their webhook (`alerts`), and
+//! the operator CLI over a typed
 //! client (`cli`, `client`). On KVM the VDSA attaches its own taps over
 //! QMP, on the desired state's word.
 //!
 //! It must not touch replicated data itself: bytes flow through the VDSAs;
 //! the site manager only tells them what to do.
 
+pub mod alerts;
 pub mod api;
 pub mod barrier_thread;
 pub mod cli;
@@ -22,6 +25,7 @@ pub mod coordinator;
 pub mod deploy;
 pub mod links;
 pub mod logs;
+pub mod metrics;
 pub mod mgmt;
 pub mod model;
 pub mod peering;

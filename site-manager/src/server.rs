@@ -121,6 +121,7 @@ pub async fn serve(config: ServeConfig, site_name: &str) -> Result<()> {
     });
     let reconciler = tokio::spawn(crate::reconcile::run(sm.clone()));
     let peering = tokio::spawn(crate::peering::run(sm.clone()));
+    let alerts = tokio::spawn(crate::alerts::run(sm.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
@@ -129,6 +130,7 @@ pub async fn serve(config: ServeConfig, site_name: &str) -> Result<()> {
         r = mgmt_task => tracing::error!("the management server stopped: {r:?}"),
         r = reconciler => tracing::error!("the reconciler stopped: {r:?}"),
         r = peering => tracing::error!("the exchange with the paired site stopped: {r:?}"),
+        r = alerts => tracing::error!("the alert evaluation stopped: {r:?}"),
     }
     let sm2 = sm.clone();
     tokio::task::spawn_blocking(move || sm2.with_store(|s| s.flush())).await??;

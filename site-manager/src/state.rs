@@ -44,6 +44,8 @@ pub struct SiteManager {
     pub barrier: crate::barrier_thread::BarrierThread,
     /// vCenter jobs that make and remove tests' VMs.
     pub recovery_vms: Arc<crate::recovery_vms::RecoveryVmJobs>,
+    /// Raised and cleared alerts, and the webhook's queue.
+    pub alerts: crate::alerts::Alerts,
 }
 
 /// A VDSA without a heartbeat for this long shows as down.
@@ -84,6 +86,7 @@ impl SiteManager {
             peering: Default::default(),
             logs: Default::default(),
             recovery_vms: Default::default(),
+            alerts: Default::default(),
         }
     }
 

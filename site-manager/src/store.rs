@@ -126,6 +126,19 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
             .collect()
     }
 
+    /// The last entry under `prefix` (in key order) for which `keep`
+    /// holds, scanning from the end.
+    pub fn last_prefix_where(&self, prefix: &[u8], keep: impl Fn(&T) -> bool) -> Result<Option<T>> {
+        for kv in self.tree.scan_prefix(prefix).rev() {
+            let (k, v) = kv?;
+            let t = self.decode(&k, &v)?;
+            if keep(&t) {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+
     pub fn len(&self) -> usize {
         self.tree.len()
     }
@@ -248,6 +261,8 @@ pub struct Store {
     pub pairing_tokens: Table<StoredPairingToken>,
     /// How to reach vCenter (under `deploy::VCENTER_KEY`).
     pub vcenter: Table<crate::model::VcenterSettings>,
+    /// Alert settings (under `alerts::SETTINGS_KEY`).
+    pub alert_settings: Table<crate::alerts::AlertSettings>,
     checkpoint_ids: Mutex<CheckpointIds>,
     generation: u64,
 }
@@ -312,6 +327,7 @@ impl Store {
             peer: Table::open(&db, "peer")?,
             pairing_tokens: Table::open(&db, "pairing_tokens")?,
             vcenter: Table::open(&db, "vcenter")?,
+            alert_settings: Table::open(&db, "alert_settings")?,
             checkpoint_ids: Mutex::new(CheckpointIds { next: leased, leased }),
             generation,
             meta,
@@ -393,6 +409,12 @@ impl Store {
     /// once per barrier).
     pub fn put_checkpoint_unflushed(&self, cp: &Checkpoint) -> Result<()> {
         self.checkpoints.put_unflushed(&checkpoint_key(cp.vpg, cp.id), cp)
+    }
+
+    /// A VPG's newest checkpoint that is consistent and durable at the
+    /// recovery site.
+    pub fn newest_durable_checkpoint(&self, vpg: protection_groups::VpgId) -> Result<Option<Checkpoint>> {
+        self.checkpoints.last_prefix_where(vpg.as_bytes(), |c| c.consistent && c.durable)
     }
 }
 

@@ -76,6 +76,7 @@ fn four_failover_tests_at_four_checkpoints_while_the_vpg_replicates() {
         quiesce_hook: Vec::new(),
         disk_image: Some(boot.path.clone()),
         recovery_vsphere_host: None,
+        recovery_link_proxy: false,
     };
     let mut site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
     let sm = ok(site.sm());
@@ -371,6 +372,7 @@ impl FailoverSite {
             quiesce_hook: Vec::new(),
             disk_image: None,
             recovery_vsphere_host: None,
+            recovery_link_proxy: false,
         };
         let site = ok(ProtectedSite::start(lab, dir.path(), &spec, |m| println!("{m}")));
         let guest = ok(site.vms[0].guest());

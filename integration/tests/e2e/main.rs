@@ -1,6 +1,7 @@
 //! End-to-end tests that run, kill and verify real processes: the journal
 //! under SIGKILL, and the KVM tap with the real QEMU.
 
+mod alerts;
 mod crash;
 mod failover_test;
 mod full_disk;
@@ -8,6 +9,7 @@ mod guest_kit;
 mod journal_full;
 mod kvm_tap;
 mod main_job;
+mod metrics;
 mod move_vpg;
 mod pairing;
 mod power_loss;

@@ -3,12 +3,14 @@
 //! OpenAPI document at `/openapi.json` come from the same annotations, so
 //! they cannot drift apart.
 
+mod alerts;
 mod error;
 mod extract;
 mod failover;
 mod failover_tests;
 mod hosts;
 mod logs;
+mod metrics;
 mod migration;
 mod peering;
 mod reverse;
@@ -79,6 +81,8 @@ fn documented() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(tasks::routes())
         .merge(peering::routes())
         .merge(logs::routes())
+        .merge(metrics::routes())
+        .merge(alerts::routes())
         .split_for_parts()
 }
 

@@ -1,0 +1,326 @@
+//! Alerts: conditions an operator must hear about, evaluated every second
+//! from what the site manager measures (`crate::metrics`), raised while
+//! they hold and cleared when they end, shown by the API and posted to a
+//! webhook (docs/api.md, "Alerts").
+//!
+//! Conditions: a VPG's RPO over its threshold; a host's VDSA down; the
+//! site-to-site link down; a failover test running longer than the set
+//! limit; a recovery journal paused because its volume is full.
+//!
+//! The webhook is posted from a task of its own through a bounded queue,
+//! with retries and a timeout per attempt: a slow or failing receiver
+//! never holds up the evaluation, the API or the reconciler. Alerts live
+//! in memory: after a restart the conditions that still hold are raised
+//! again.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::model::{now_ms, TestState, VdsaState};
+use crate::state::SiteManager;
+use crate::store::StoreError;
+
+/// Alert settings (`PUT /site/alerts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlertSettings {
+    /// Where raised and cleared alerts are posted (JSON); empty: nowhere.
+    #[serde(default)]
+    pub webhook_url: String,
+    /// A failover test running longer than this raises an alert.
+    #[serde(default = "default_test_limit")]
+    pub test_running_limit_secs: u64,
+}
+
+fn default_test_limit() -> u64 {
+    4 * 3600
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        AlertSettings { webhook_url: String::new(), test_running_limit_secs: default_test_limit() }
+    }
+}
+
+/// The key of the settings in their table.
+pub const SETTINGS_KEY: &[u8] = b"alerts";
+
+/// What an alert is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    RpoOverThreshold,
+    VdsaDown,
+    SiteLinkDown,
+    TestRunningLong,
+    JournalFull,
+}
+
+/// One alert, raised while its condition holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Alert {
+    pub kind: AlertKind,
+    /// What it is about: a VPG, host, test id, or the paired site.
+    pub subject: String,
+    /// The subject's name, for people.
+    pub subject_name: String,
+    pub message: String,
+    pub raised_ms: u64,
+    /// Set when the condition ended.
+    pub cleared_ms: Option<u64>,
+}
+
+/// What the webhook receives.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AlertEvent {
+    /// `raised` or `cleared`.
+    pub event: String,
+    pub site: String,
+    pub alert: Alert,
+}
+
+/// Cleared alerts kept for the API.
+const KEEP_CLEARED: usize = 200;
+/// Webhook deliveries waiting at most; beyond that the oldest are dropped
+/// (and said so in the log).
+const QUEUE: usize = 1000;
+/// Attempts per delivery, and the first retry's wait (doubled each time).
+const ATTEMPTS: u32 = 6;
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+
+/// The alert book and the webhook queue.
+#[derive(Debug)]
+pub struct Alerts {
+    book: Mutex<Book>,
+    tx: tokio::sync::mpsc::Sender<AlertEvent>,
+    rx: Mutex<Option<tokio::sync::mpsc::Receiver<AlertEvent>>>,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    active: BTreeMap<(AlertKind, String), Alert>,
+    cleared: Vec<Alert>,
+}
+
+impl Default for Alerts {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        Alerts { book: Mutex::new(Book::default()), tx, rx: Mutex::new(Some(rx)) }
+    }
+}
+
+impl Alerts {
+    /// Active alerts, then the recently cleared ones, newest first.
+    pub fn list(&self) -> Vec<Alert> {
+        let Ok(b) = self.book.lock() else { return Vec::new() };
+        let mut out: Vec<Alert> = b.active.values().cloned().collect();
+        out.sort_by_key(|a| std::cmp::Reverse(a.raised_ms));
+        out.extend(b.cleared.iter().rev().cloned());
+        out
+    }
+
+    /// Takes in the conditions that hold now: raises the new ones, clears
+    /// the ended ones; returns the events to post.
+    fn update(&self, now: Vec<(AlertKind, String, String, String)>, at: u64) -> Vec<(&'static str, Alert)> {
+        let Ok(mut b) = self.book.lock() else { return Vec::new() };
+        let mut events = Vec::new();
+        let holding: Vec<(AlertKind, String)> = now.iter().map(|(k, s, _, _)| (*k, s.clone())).collect();
+        let ended: Vec<(AlertKind, String)> = b.active.keys().filter(|k| !holding.contains(k)).cloned().collect();
+        for key in ended {
+            if let Some(mut a) = b.active.remove(&key) {
+                a.cleared_ms = Some(at);
+                events.push(("cleared", a.clone()));
+                b.cleared.push(a);
+            }
+        }
+        let excess = b.cleared.len().saturating_sub(KEEP_CLEARED);
+        b.cleared.drain(..excess);
+        for (kind, subject, subject_name, message) in now {
+            match b.active.get_mut(&(kind, subject.clone())) {
+                Some(a) => a.message = message,
+                None => {
+                    let a = Alert {
+                        kind,
+                        subject: subject.clone(),
+                        subject_name,
+                        message,
+                        raised_ms: at,
+                        cleared_ms: None,
+                    };
+                    events.push(("raised", a.clone()));
+                    b.active.insert((kind, subject), a);
+                }
+            }
+        }
+        events
+    }
+}
+
+/// The conditions that hold now: (kind, subject, subject name, message).
+fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String)>, StoreError> {
+    let settings = sm.with_store(|s| s.alert_settings.get(SETTINGS_KEY))?.unwrap_or_default();
+    let mut out = Vec::new();
+    let now = now_ms();
+    for v in sm.with_store(|s| s.vpgs.list())? {
+        if v.paused {
+            out.push((AlertKind::JournalFull, v.id.0.to_string(), v.settings.name.clone(), v.status_reason.clone()));
+        }
+        // RPO matters while the VPG protects (a failed-over or paused VPG
+        // has its own alert or none).
+        if !matches!(v.status, protection_groups::VpgStatus::Protecting | protection_groups::VpgStatus::Test) {
+            continue;
+        }
+        let stats = crate::metrics::vpg_stats(sm, &v)?;
+        if let Some(rpo) = stats.rpo_ms.filter(|r| *r > stats.rpo_threshold_ms) {
+            out.push((
+                AlertKind::RpoOverThreshold,
+                v.id.0.to_string(),
+                v.settings.name.clone(),
+                format!("RPO {:.1} s is over the threshold of {} s", rpo as f64 / 1000.0, v.settings.rpo_alert_secs),
+            ));
+        }
+    }
+    for h in sm.with_store(|s| s.hosts.list())? {
+        if h.vdsa == VdsaState::Down {
+            let age =
+                h.last_heartbeat_ms.map_or("never".to_string(), |t| format!("{} s ago", now.saturating_sub(t) / 1000));
+            out.push((
+                AlertKind::VdsaDown,
+                h.id.0.to_string(),
+                h.name.clone(),
+                format!("the VDSA of host {} does not answer (last heartbeat {age})", h.name),
+            ));
+        }
+    }
+    if let Some(p) = crate::peering::stored_peer(sm)? {
+        let stale = p.peer.last_contact_ms.is_none_or(|t| now.saturating_sub(t) > 15_000);
+        if !p.peer.last_error.is_empty() || stale {
+            let why =
+                if p.peer.last_error.is_empty() { "no exchange for 15 s".into() } else { p.peer.last_error.clone() };
+            out.push((
+                AlertKind::SiteLinkDown,
+                p.peer.site.0.to_string(),
+                p.peer.name.clone(),
+                format!("the paired site {} does not answer: {why}", p.peer.name),
+            ));
+        }
+    }
+    let limit_ms = settings.test_running_limit_secs.saturating_mul(1000);
+    for t in sm.with_store(|s| s.tests.list())? {
+        let running = matches!(t.state, TestState::Running) && t.purpose == crate::model::StackPurpose::Test;
+        if running && now.saturating_sub(t.started_ms) > limit_ms {
+            out.push((
+                AlertKind::TestRunningLong,
+                t.id.0.to_string(),
+                t.vpg_name.clone(),
+                format!(
+                    "a failover test of {} has run {} min, longer than the limit of {} min",
+                    t.vpg_name,
+                    now.saturating_sub(t.started_ms) / 60_000,
+                    settings.test_running_limit_secs / 60
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Evaluates the conditions every second and posts what changed; runs
+/// for the daemon's life.
+pub async fn run(sm: std::sync::Arc<SiteManager>) {
+    let rx = sm.alerts.rx.lock().ok().and_then(|mut r| r.take());
+    if let Some(rx) = rx {
+        tokio::spawn(deliver(sm.clone(), rx));
+    }
+    let site = sm.site().map(|s| s.id.0.to_string()).unwrap_or_default();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let sm2 = sm.clone();
+        let Ok(Ok(now)) = tokio::task::spawn_blocking(move || conditions(&sm2)).await else { continue };
+        for (event, alert) in sm.alerts.update(now, now_ms()) {
+            match event {
+                "raised" => {
+                    tracing::warn!(kind = ?alert.kind, subject = %alert.subject_name, "alert: {}", alert.message)
+                }
+                _ => tracing::info!(kind = ?alert.kind, subject = %alert.subject_name, "alert cleared"),
+            }
+            let e = AlertEvent { event: event.to_string(), site: site.clone(), alert };
+            if sm.alerts.tx.try_send(e).is_err() {
+                tracing::warn!("the webhook queue is full: an alert event is dropped");
+            }
+        }
+    }
+}
+
+/// Posts events to the webhook in order, each retried with a doubling
+/// wait; the receiver's slowness delays only this task.
+async fn deliver(sm: std::sync::Arc<SiteManager>, mut rx: tokio::sync::mpsc::Receiver<AlertEvent>) {
+    let client = match reqwest::Client::builder().timeout(Duration::from_secs(5)).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "no HTTP client for the alert webhook");
+            return;
+        }
+    };
+    while let Some(e) = rx.recv().await {
+        let sm2 = sm.clone();
+        let settings = tokio::task::spawn_blocking(move || sm2.with_store(|s| s.alert_settings.get(SETTINGS_KEY)))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+            .unwrap_or_default();
+        if settings.webhook_url.is_empty() {
+            continue;
+        }
+        let body = match serde_json::to_vec(&e) {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot encode an alert event");
+                continue;
+            }
+        };
+        let mut wait = FIRST_RETRY;
+        for attempt in 1..=ATTEMPTS {
+            let req = client
+                .post(&settings.webhook_url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+            match req.send().await {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => tracing::warn!(status = %r.status(), attempt, "the alert webhook refused an event"),
+                Err(err) => tracing::warn!(error = %err, attempt, "the alert webhook did not answer"),
+            }
+            if attempt == ATTEMPTS {
+                tracing::error!(kind = ?e.alert.kind, "an alert event could not be delivered to the webhook");
+            } else {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_raise_once_and_clear_when_they_end() {
+        let a = Alerts::default();
+        let c = |s: &str| (AlertKind::VdsaDown, s.to_string(), s.to_string(), format!("{s} is down"));
+        let ev = a.update(vec![c("h1")], 10);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].0, "raised");
+        assert!(a.update(vec![c("h1")], 11).is_empty(), "still holding: no new event");
+        let ev = a.update(vec![c("h2")], 12);
+        assert_eq!(ev.iter().map(|e| e.0).collect::<Vec<_>>(), vec!["cleared", "raised"]);
+        let list = a.list();
+        assert_eq!(list[0].subject, "h2");
+        assert_eq!(list[1].cleared_ms, Some(12));
+    }
+}

@@ -1,0 +1,46 @@
+//! Measurements: a VPG's stats, and the Prometheus exposition of every
+//! VPG, host and the site link (`crate::metrics` computes both).
+
+use super::extract::{ApiPath, Caller};
+use super::{blocking, ApiError, ApiResult, AppState};
+use crate::metrics::VpgStats;
+use crate::model::ErrorBody;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use protection_groups::VpgId;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(vpg_stats)).routes(routes!(metrics))
+}
+
+/// A VPG's RPO, bytes written, sent and journalled, and test counts (a
+/// VPG defined here or recovering here).
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/stats", tag = "metrics", params(("id" = Uuid, Path)),
+    responses((status = 200, body = VpgStats), (status = 404, body = ErrorBody)))]
+async fn vpg_stats(
+    State(sm): State<AppState>,
+    _caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<VpgStats>> {
+    blocking(move || {
+        let (v, _) = sm
+            .with_store(|s| s.vpg_or_copy(VpgId(id)))?
+            .ok_or_else(|| ApiError::NotFound(format!("no VPG {} is defined or recovered here", VpgId(id))))?;
+        Ok(Json(crate::metrics::vpg_stats(&sm, &v)?))
+    })
+    .await
+}
+
+/// Prometheus metrics (text exposition format 0.0.4); scrape with a
+/// viewer token as the bearer.
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
+async fn metrics(State(sm): State<AppState>, _caller: Caller) -> ApiResult<impl IntoResponse> {
+    let text = blocking(move || Ok(crate::metrics::render(&sm)?)).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text))
+}

@@ -1,0 +1,285 @@
+//! What the site manager measures, for the API (`GET /vpgs/{id}/stats`)
+//! and for Prometheus (`GET /metrics`, the text exposition format 0.0.4).
+//! Both read the same [`VpgStats`], so that a scrape and an API call agree
+//! (docs/api.md, "Metrics").
+//!
+//! The figures come from what the site manager holds anyway: the
+//! checkpoint store (RPO), the VDSAs' role reports (bytes written, sent on
+//! the link, held by the journals), the host records (VDSA heartbeats),
+//! the pairing record (the site-to-site link) and the failover test
+//! records; the barrier's hold times are counted as the coordinator
+//! records each checkpoint.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use protection_groups::mgmt::{RoleKind, RoleState};
+use protection_groups::VpgId;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::model::{now_ms, Checkpoint, TestState, VdsaState, Vpg};
+use crate::state::SiteManager;
+use crate::store::StoreError;
+
+/// A VPG's measured state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VpgStats {
+    pub vpg: VpgId,
+    /// Now minus the time of the newest checkpoint durable at the recovery
+    /// site: what a failover now would lose at most. None until a
+    /// checkpoint is durable.
+    pub rpo_ms: Option<u64>,
+    pub newest_durable_checkpoint: Option<u64>,
+    /// The VPG's RPO threshold (its alert setting).
+    pub rpo_threshold_ms: u64,
+    /// Bytes the protected VMs wrote, as the source VDSAs' taps saw them
+    /// (since each VDSA started).
+    pub written_bytes: u64,
+    /// Bytes the source VDSAs sent on the site-to-site link for them.
+    pub link_bytes: u64,
+    /// Bytes the recovery journals hold (log and packs).
+    pub journal_bytes: u64,
+    /// Failover tests (and failovers) by state.
+    pub tests_running: u64,
+    pub tests_stopped: u64,
+    pub failovers: u64,
+    /// When the figures were taken.
+    pub at_ms: u64,
+}
+
+/// The barrier's hold times, in seconds: the histogram's upper bounds.
+const HOLD_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0];
+
+/// A histogram of the barrier's hold times since the site manager
+/// started (counts per bucket, not cumulative; summed when rendered).
+#[derive(Debug)]
+pub struct HoldHistogram {
+    buckets: [AtomicU64; HOLD_BUCKETS.len()],
+    over: AtomicU64,
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+/// The process's barrier hold times (one site manager per process).
+pub static BARRIER_HOLD: HoldHistogram = HoldHistogram::new();
+
+impl HoldHistogram {
+    pub const fn new() -> Self {
+        HoldHistogram {
+            buckets: [const { AtomicU64::new(0) }; HOLD_BUCKETS.len()],
+            over: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, hold_us: u64) {
+        let secs = hold_us as f64 / 1e6;
+        match HOLD_BUCKETS.iter().position(|b| secs <= *b) {
+            Some(i) => self.buckets[i].fetch_add(1, Ordering::Relaxed),
+            None => self.over.fetch_add(1, Ordering::Relaxed),
+        };
+        self.sum_us.fetch_add(hold_us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The stats of `v` now. `roles` are the role reports that concern it
+/// (this site's VDSAs, and for a VPG recovering to the paired site, the
+/// target roles that site reported).
+pub fn vpg_stats(sm: &SiteManager, v: &Vpg) -> Result<VpgStats, StoreError> {
+    let newest: Option<Checkpoint> = sm.with_store(|s| s.newest_durable_checkpoint(v.id))?;
+    let now = now_ms();
+    let roles = roles_of(sm, v.id);
+    let (mut written, mut link, mut journal) = (0, 0, 0);
+    for r in &roles {
+        match r.kind {
+            RoleKind::Source => {
+                written += r.written_bytes;
+                link += r.link_bytes;
+            }
+            RoleKind::Target => journal += r.written_bytes,
+        }
+    }
+    let tests = sm.with_store(|s| s.tests.list())?;
+    let mine = tests.iter().filter(|t| t.vpg == v.id);
+    let (mut running, mut stopped, mut failovers) = (0, 0, 0);
+    for t in mine {
+        match (t.purpose, t.state) {
+            (crate::model::StackPurpose::Failover, _) => failovers += 1,
+            (_, TestState::Starting | TestState::Running | TestState::Stopping) => running += 1,
+            (_, TestState::Stopped | TestState::Failed) => stopped += 1,
+        }
+    }
+    Ok(VpgStats {
+        vpg: v.id,
+        rpo_ms: newest.as_ref().map(|c| now.saturating_sub(c.time_ms)),
+        newest_durable_checkpoint: newest.map(|c| c.id.0),
+        rpo_threshold_ms: v.settings.rpo_alert_secs.saturating_mul(1000),
+        written_bytes: written,
+        link_bytes: link,
+        journal_bytes: journal,
+        tests_running: running,
+        tests_stopped: stopped,
+        failovers,
+        at_ms: now,
+    })
+}
+
+fn roles_of(sm: &SiteManager, vpg: VpgId) -> Vec<RoleState> {
+    let mut roles: Vec<RoleState> = sm.links.roles().into_iter().filter(|r| r.vpg == vpg).collect();
+    if !roles.iter().any(|r| r.kind == RoleKind::Target) {
+        roles.extend(sm.peering.target_roles().into_iter().filter(|r| r.vpg == vpg));
+    }
+    roles
+}
+
+/// A label value, escaped as the exposition format asks.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// `GET /metrics`: the text exposition format, one family after another,
+/// each with its HELP and TYPE.
+pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            if labels.is_empty() {
+                let _ = writeln!(out, "{name} {value}");
+            } else {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        }
+    };
+    let own = sm.with_store(|s| s.vpgs.list())?;
+    let copies = sm.with_store(|s| s.peer_vpgs.list())?;
+    let mut stats = Vec::new();
+    for (v, side) in own.iter().map(|v| (v, "protected")).chain(copies.iter().map(|v| (v, "recovery"))) {
+        stats.push((v, side, vpg_stats(sm, v)?));
+    }
+    let l =
+        |v: &Vpg, side: &str| format!("vpg=\"{}\",name=\"{}\",site_role=\"{side}\"", v.id.0, label(&v.settings.name));
+    family(
+        "vdsa_vpg_status",
+        "gauge",
+        "1 for the VPG's current status.",
+        stats.iter().map(|(v, side, _)| (format!("{},status=\"{}\"", l(v, side), v.status), 1.0)).collect(),
+    );
+    family(
+        "vdsa_vpg_rpo_seconds",
+        "gauge",
+        "Now minus the newest checkpoint durable at the recovery site.",
+        stats.iter().filter_map(|(v, side, s)| s.rpo_ms.map(|ms| (l(v, side), ms as f64 / 1000.0))).collect(),
+    );
+    family(
+        "vdsa_vpg_rpo_threshold_seconds",
+        "gauge",
+        "The VPG's RPO alert threshold.",
+        stats.iter().map(|(v, side, s)| (l(v, side), s.rpo_threshold_ms as f64 / 1000.0)).collect(),
+    );
+    family(
+        "vdsa_vpg_written_bytes_total",
+        "counter",
+        "Bytes the protected VMs wrote, as the source VDSAs' taps saw them.",
+        stats.iter().map(|(v, side, s)| (l(v, side), s.written_bytes as f64)).collect(),
+    );
+    family(
+        "vdsa_vpg_link_bytes_total",
+        "counter",
+        "Bytes sent on the site-to-site link for the VPG (after dedup and compression).",
+        stats.iter().map(|(v, side, s)| (l(v, side), s.link_bytes as f64)).collect(),
+    );
+    family(
+        "vdsa_vpg_journal_bytes",
+        "gauge",
+        "Bytes the VPG's recovery journals hold.",
+        stats.iter().map(|(v, side, s)| (l(v, side), s.journal_bytes as f64)).collect(),
+    );
+    family(
+        "vdsa_vpg_failover_tests",
+        "gauge",
+        "Failover tests of the VPG by state (running or stopped), and its failovers.",
+        stats
+            .iter()
+            .flat_map(|(v, side, s)| {
+                [("running", s.tests_running), ("stopped", s.tests_stopped), ("failover", s.failovers)]
+                    .into_iter()
+                    .map(move |(state, n)| (format!("{},state=\"{state}\"", l(v, side)), n as f64))
+            })
+            .collect(),
+    );
+    let hosts = sm.with_store(|s| s.hosts.list())?;
+    let now = now_ms();
+    family(
+        "vdsa_host_up",
+        "gauge",
+        "1 if the host's VDSA is installed and answers heartbeats.",
+        hosts
+            .iter()
+            .map(|h| {
+                (
+                    format!("host=\"{}\",name=\"{}\"", h.id.0, label(&h.name)),
+                    f64::from(u8::from(h.vdsa == VdsaState::Installed)),
+                )
+            })
+            .collect(),
+    );
+    family(
+        "vdsa_host_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since the host's VDSA last reported.",
+        hosts
+            .iter()
+            .filter_map(|h| {
+                h.last_heartbeat_ms.map(|t| {
+                    (format!("host=\"{}\",name=\"{}\"", h.id.0, label(&h.name)), now.saturating_sub(t) as f64 / 1000.0)
+                })
+            })
+            .collect(),
+    );
+    if let Some(p) = crate::peering::stored_peer(sm).ok().flatten() {
+        let up = p.peer.last_error.is_empty() && p.peer.last_contact_ms.is_some_and(|t| now.saturating_sub(t) < 15_000);
+        family(
+            "vdsa_site_link_up",
+            "gauge",
+            "1 if the last exchange with the paired site succeeded within 15 s.",
+            vec![(format!("peer=\"{}\",name=\"{}\"", p.peer.site.0, label(&p.peer.name)), f64::from(u8::from(up)))],
+        );
+    }
+    // The barrier's hold histogram: cumulative buckets, +Inf, sum, count.
+    let h = &BARRIER_HOLD;
+    let _ = writeln!(out, "# HELP vdsa_barrier_hold_seconds How long the checkpoint barrier held the guests' writes.");
+    let _ = writeln!(out, "# TYPE vdsa_barrier_hold_seconds histogram");
+    let mut cumulative = 0;
+    for (i, b) in HOLD_BUCKETS.iter().enumerate() {
+        cumulative += h.buckets[i].load(Ordering::Relaxed);
+        let _ = writeln!(out, "vdsa_barrier_hold_seconds_bucket{{le=\"{b}\"}} {cumulative}");
+    }
+    let count = h.count.load(Ordering::Relaxed);
+    let _ = writeln!(out, "vdsa_barrier_hold_seconds_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "vdsa_barrier_hold_seconds_sum {}", h.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+    let _ = writeln!(out, "vdsa_barrier_hold_seconds_count {count}");
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_times_fall_into_their_buckets() {
+        let h = HoldHistogram::new();
+        for us in [100, 400, 1_500, 2_000_000] {
+            h.observe(us);
+        }
+        assert_eq!(h.buckets[0].load(Ordering::Relaxed), 2);
+        assert_eq!(h.buckets[2].load(Ordering::Relaxed), 1, "1.5 ms is under 2 ms");
+        assert_eq!(h.over.load(Ordering::Relaxed), 1);
+        assert_eq!(h.count.load(Ordering::Relaxed), 4);
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
