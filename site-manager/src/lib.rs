@@ -8,8 +8,8 @@
 //! (`peering`), the log collector (`logs`), vSphere deploys as tasks
 //! (`deploy`, over the vSphere adapter), the test and recovered VMs on
 //! vSphere recovery hosts (`recovery_vms`), what it measures for the API
-//! and Prometheus (`metrics`), alerts with their webhook (`alerts`), and
-//! the operator CLI over a typed
+//! and Prometheus (`metrics`), alerts with their webhook (`alerts`), the
+//! sizing analyzer (`sizing`), and the operator CLI over a typed
 //! client (`cli`, `client`). On KVM the VDSA attaches its own taps over
 //! QMP, on the desired state's word.
 //!
@@ -33,6 +33,7 @@ pub mod pki;
 pub mod reconcile;
 pub mod recovery_vms;
 pub mod server;
+pub mod sizing;
 pub mod state;
 pub mod store;
 pub mod vsphere;

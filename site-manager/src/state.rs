@@ -46,6 +46,8 @@ pub struct SiteManager {
     pub recovery_vms: Arc<crate::recovery_vms::RecoveryVmJobs>,
     /// Raised and cleared alerts, and the webhook's queue.
     pub alerts: crate::alerts::Alerts,
+    /// Each VPG's bytes written and sent over the last hour, for sizing.
+    pub rates: crate::sizing::RateRecorder,
 }
 
 /// A VDSA without a heartbeat for this long shows as down.
@@ -87,6 +89,7 @@ impl SiteManager {
             logs: Default::default(),
             recovery_vms: Default::default(),
             alerts: Default::default(),
+            rates: Default::default(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Measurements: a VPG's stats, and the Prometheus exposition of every
 //! VPG, host and the site link (`crate::metrics` computes both).
 
-use super::extract::{ApiPath, Caller};
+use super::extract::{ApiJson, ApiPath, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
 use crate::metrics::VpgStats;
 use crate::model::ErrorBody;
@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(vpg_stats)).routes(routes!(metrics))
+    OpenApiRouter::new().routes(routes!(vpg_stats)).routes(routes!(metrics)).routes(routes!(sizing))
 }
 
 /// A VPG's RPO, bytes written, sent and journalled, and test counts (a
@@ -43,4 +43,29 @@ async fn vpg_stats(
 async fn metrics(State(sm): State<AppState>, _caller: Caller) -> ApiResult<impl IntoResponse> {
     let text = blocking(move || Ok(crate::metrics::render(&sm)?)).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text))
+}
+
+/// The sizing analyzer: the bandwidth a target RPO needs and the journal a
+/// target history needs, from a typed change rate or the one the taps
+/// observed for `vpg` (over the last hour).
+#[utoipa::path(post, path = "/api/v1/sizing", tag = "metrics", request_body = crate::sizing::SizingRequest,
+    responses((status = 200, body = crate::sizing::SizingAnswer), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn sizing(
+    State(sm): State<AppState>,
+    _caller: Caller,
+    ApiJson(req): ApiJson<crate::sizing::SizingRequest>,
+) -> ApiResult<Json<crate::sizing::SizingAnswer>> {
+    blocking(move || {
+        let observed = match req.vpg {
+            Some(id) => {
+                sm.with_store(|s| s.vpg_or_copy(id))?
+                    .ok_or_else(|| ApiError::NotFound(format!("no VPG {id} is defined or recovered here")))?;
+                sm.rates.observed(id, req.rpo_secs.max(10))
+            }
+            None => None,
+        };
+        crate::sizing::size(&req, observed).map(Json).map_err(|e| ApiError::bad("sizing", e))
+    })
+    .await
 }
