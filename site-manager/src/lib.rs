@@ -9,7 +9,8 @@
 //! (`deploy`, over the vSphere adapter), the test and recovered VMs on
 //! vSphere recovery hosts (`recovery_vms`), what it measures for the API
 //! and Prometheus (`metrics`), alerts with their webhook (`alerts`), the
-//! sizing analyzer (`sizing`), and the operator CLI over a typed
+//! sizing analyzer (`sizing`), the health report (`health`), and the
+//! operator CLI over a typed
 //! client (`cli`, `client`). On KVM the VDSA attaches its own taps over
 //! QMP, on the desired state's word.
 //!
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod client;
 pub mod coordinator;
 pub mod deploy;
+pub mod health;
 pub mod links;
 pub mod logs;
 pub mod metrics;

@@ -135,6 +135,31 @@ fn roles_of(sm: &SiteManager, vpg: VpgId) -> Vec<RoleState> {
     roles
 }
 
+/// How often [`run_sampler`] samples.
+pub const SAMPLE_SECS: u64 = 10;
+
+/// Samples every VPG's stats every [`SAMPLE_SECS`]: its rates for the
+/// sizing analyzer and its day for the health report. Runs for the
+/// daemon's life.
+pub async fn run_sampler(sm: std::sync::Arc<SiteManager>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(SAMPLE_SECS)).await;
+        let sm2 = sm.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            for v in sm2.with_store(|s| s.vpgs.list())? {
+                let st = vpg_stats(&sm2, &v)?;
+                sm2.rates.record(v.id, st.at_ms, st.written_bytes, st.link_bytes);
+                sm2.with_store(|s| crate::health::record(s, &st, SAMPLE_SECS, v.settings.journal_history_secs))?;
+            }
+            Ok(())
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "cannot sample the VPGs' figures");
+        }
+    }
+}
+
 /// A label value, escaped as the exposition format asks.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")

@@ -122,7 +122,7 @@ pub async fn serve(config: ServeConfig, site_name: &str) -> Result<()> {
     let reconciler = tokio::spawn(crate::reconcile::run(sm.clone()));
     let peering = tokio::spawn(crate::peering::run(sm.clone()));
     let alerts = tokio::spawn(crate::alerts::run(sm.clone()));
-    tokio::spawn(crate::sizing::run(sm.clone()));
+    tokio::spawn(crate::metrics::run_sampler(sm.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),

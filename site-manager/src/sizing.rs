@@ -220,20 +220,3 @@ mod tests {
         assert!(r.observed(v, 10).is_none());
     }
 }
-
-/// Samples every VPG's bytes written and sent every 10 s, for the
-/// analyzer's observed rates; runs for the daemon's life.
-pub async fn run(sm: std::sync::Arc<crate::state::SiteManager>) {
-    loop {
-        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
-        let sm2 = sm.clone();
-        let _ = tokio::task::spawn_blocking(move || -> Result<(), crate::store::StoreError> {
-            for v in sm2.with_store(|s| s.vpgs.list())? {
-                let st = crate::metrics::vpg_stats(&sm2, &v)?;
-                sm2.rates.record(v.id, st.at_ms, st.written_bytes, st.link_bytes);
-            }
-            Ok(())
-        })
-        .await;
-    }
-}

@@ -97,7 +97,7 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
     }
 
     /// Writes without flushing: for callers that flush once after several.
-    fn put_unflushed(&self, key: &[u8], value: &T) -> Result<()> {
+    pub(crate) fn put_unflushed(&self, key: &[u8], value: &T) -> Result<()> {
         self.tree.insert(key, serde_json::to_vec(value)?)?;
         Ok(())
     }
@@ -263,6 +263,8 @@ pub struct Store {
     pub vcenter: Table<crate::model::VcenterSettings>,
     /// Alert settings (under `alerts::SETTINGS_KEY`).
     pub alert_settings: Table<crate::alerts::AlertSettings>,
+    /// Health report days (key: VPG id ‖ `YYYY-MM-DD`).
+    pub health: Table<crate::health::HealthDay>,
     checkpoint_ids: Mutex<CheckpointIds>,
     generation: u64,
 }
@@ -328,6 +330,7 @@ impl Store {
             pairing_tokens: Table::open(&db, "pairing_tokens")?,
             vcenter: Table::open(&db, "vcenter")?,
             alert_settings: Table::open(&db, "alert_settings")?,
+            health: Table::open(&db, "health")?,
             checkpoint_ids: Mutex::new(CheckpointIds { next: leased, leased }),
             generation,
             meta,

@@ -176,4 +176,36 @@ fn metrics_parse_and_their_rpo_equals_the_apis() {
     let up: Vec<&Sample> = samples.iter().filter(|s| s.0 == "vdsa_host_up").collect();
     assert!(up.len() == 2 && up.iter().all(|s| s.2 == 1.0), "{text}");
     println!("metrics RPO {rpo} s; API {lo}..{hi} ms; {} samples", samples.len());
+
+    // The health report and the sizing analyzer from the recorded
+    // workload, once the 10 s sampler has two samples with writes between.
+    for k in 0..64u64 {
+        guest.write(k * 65536 + 8192, &[k as u8 ^ 0x55; 4096]).expect("a guest write");
+    }
+    let health = sm
+        .wait_until(&format!("/api/v1/vpgs/{vpg}/health"), std::time::Duration::from_secs(60), "a health row", |h| {
+            h[0]["written_bytes"].as_u64().is_some_and(|b| b >= 64 * 4096)
+        })
+        .expect("a health report");
+    let day = &health[0];
+    assert!(day["sampled_secs"].as_u64().is_some_and(|s| s >= 10), "{health}");
+    assert!(day["consistent_points"].as_u64().is_some_and(|n| n >= 1), "{health}");
+    assert!(day["max_rpo_ms"].as_u64().is_some_and(|r| r > 0), "{health}");
+    let (status, csv) = sm.get_as(&format!("/api/v1/vpgs/{vpg}/health?format=csv"), Some(&viewer)).expect("CSV");
+    let csv = String::from_utf8_lossy(&csv).into_owned();
+    assert_eq!(status, 200);
+    assert!(csv.starts_with("vpg,day,written_bytes,") && csv.lines().count() == 2, "{csv}");
+    let sized =
+        sm.post("/api/v1/sizing", json!({"vpg": vpg, "rpo_secs": 10, "history_secs": 3600})).expect("a sizing answer");
+    // By hand, from the rates it observed: the link carries the peak, the
+    // journal holds an hour at the average plus 5 %.
+    let avg = sized["average_bytes_per_sec"].as_f64().unwrap_or(0.0);
+    let peak = sized["peak_bytes_per_sec"].as_f64().unwrap_or(0.0);
+    let ratio = sized["compression_ratio"].as_f64().unwrap_or(0.0);
+    assert!(avg > 0.0 && peak >= avg && ratio > 0.0 && ratio <= 1.0, "{sized}");
+    assert_eq!(sized["sources"], json!(["observed", "observed", "observed"]), "{sized}");
+    assert_eq!(sized["bandwidth_bytes_per_sec"].as_f64(), Some(peak));
+    let journal = avg * 3600.0 * 1.05;
+    assert!((sized["journal_bytes"].as_f64().unwrap_or(0.0) - journal).abs() < 1.0, "{sized}");
+    assert!((sized["journal_with_compression_bytes"].as_f64().unwrap_or(0.0) - journal * ratio).abs() < 1.0);
 }

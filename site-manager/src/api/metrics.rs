@@ -1,7 +1,7 @@
 //! Measurements: a VPG's stats, and the Prometheus exposition of every
 //! VPG, host and the site link (`crate::metrics` computes both).
 
-use super::extract::{ApiJson, ApiPath, Caller};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
 use crate::metrics::VpgStats;
 use crate::model::ErrorBody;
@@ -15,7 +15,11 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(vpg_stats)).routes(routes!(metrics)).routes(routes!(sizing))
+    OpenApiRouter::new()
+        .routes(routes!(vpg_stats))
+        .routes(routes!(metrics))
+        .routes(routes!(sizing))
+        .routes(routes!(health_report))
 }
 
 /// A VPG's RPO, bytes written, sent and journalled, and test counts (a
@@ -66,6 +70,43 @@ async fn sizing(
             None => None,
         };
         crate::sizing::size(&req, observed).map(Json).map_err(|e| ApiError::bad("sizing", e))
+    })
+    .await
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct HealthQuery {
+    /// `json` (the default) or `csv`.
+    format: Option<String>,
+}
+
+/// A VPG's health report: one row per UTC day (data changed as written and
+/// as sent, worst RPO, time over the threshold, consistent points, history
+/// available against the policy), as JSON or CSV.
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/health", tag = "metrics", params(("id" = Uuid, Path), HealthQuery),
+    responses((status = 200, body = Vec<crate::health::HealthDay>), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn health_report(
+    State(sm): State<AppState>,
+    _caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<HealthQuery>,
+) -> ApiResult<axum::response::Response> {
+    let csv = match q.format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => return Err(ApiError::bad("format", format!("format: {other:?} is not json or csv"))),
+    };
+    blocking(move || {
+        sm.with_store(|s| s.vpg_or_copy(VpgId(id)))?
+            .ok_or_else(|| ApiError::NotFound(format!("no VPG {} is defined or recovered here", VpgId(id))))?;
+        let days = sm.with_store(|s| crate::health::report(s, VpgId(id), crate::model::now_ms()))?;
+        Ok(if csv {
+            ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], crate::health::csv(&days)).into_response()
+        } else {
+            Json(days).into_response()
+        })
     })
     .await
 }
