@@ -179,6 +179,10 @@ fn metrics_parse_and_their_rpo_equals_the_apis() {
 
     // The health report and the sizing analyzer from the recorded
     // workload, once the 10 s sampler has two samples with writes between.
+    sm.wait_until(&format!("/api/v1/vpgs/{vpg}/health"), std::time::Duration::from_secs(60), "a first sample", |h| {
+        h[0]["sampled_secs"].as_u64().is_some_and(|s| s >= 10)
+    })
+    .expect("a first sample");
     for k in 0..64u64 {
         guest.write(k * 65536 + 8192, &[k as u8 ^ 0x55; 4096]).expect("a guest write");
     }
