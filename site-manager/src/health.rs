@@ -71,7 +71,7 @@ fn key(vpg: VpgId, day: &str) -> Vec<u8> {
 pub fn record(s: &Store, stats: &VpgStats, interval_secs: u64, history_policy_secs: u64) -> Result<(), StoreError> {
     let day = day_of(stats.at_ms);
     let k = key(stats.vpg, &day);
-    let mut h = s.health.get(&k)?.unwrap_or_else(|| HealthDay {
+    let mut h = s.health.get(&k)?.unwrap_or(HealthDay {
         vpg: stats.vpg,
         day,
         written_bytes: 0,
