@@ -61,6 +61,12 @@ pub struct HoldHistogram {
     count: AtomicU64,
 }
 
+impl Default for HoldHistogram {
+    fn default() -> Self {
+        HoldHistogram::new()
+    }
+}
+
 /// The process's barrier hold times (one site manager per process).
 pub static BARRIER_HOLD: HoldHistogram = HoldHistogram::new();
 

@@ -108,11 +108,14 @@ pub fn size(req: &SizingRequest, observed: Option<Observed>) -> Result<SizingAns
     })
 }
 
-/// Samples of each VPG's (time, bytes written, bytes on the link), taken
-/// every few seconds, an hour's worth.
+/// One sample: (time in ms, bytes written, bytes on the link).
+type RateSample = (u64, u64, u64);
+
+/// Samples of each VPG's figures, taken every few seconds, an hour's
+/// worth.
 #[derive(Debug, Default)]
 pub struct RateRecorder {
-    samples: Mutex<BTreeMap<VpgId, VecDeque<(u64, u64, u64)>>>,
+    samples: Mutex<BTreeMap<VpgId, VecDeque<RateSample>>>,
 }
 
 /// Samples kept per VPG (an hour at one every 10 s).
