@@ -18,6 +18,9 @@ use std::process::Command;
 pub const UNIT_VDSA: &str = include_str!("../files/vdsa@.service");
 pub const UNIT_FIRSTBOOT: &str = include_str!("../files/vdsa-firstboot.service");
 pub const FIRST_BOOT: &str = include_str!("../files/first-boot");
+/// A Grafana dashboard over the site manager's `/metrics` (import it and
+/// pick the Prometheus data source that scrapes the site manager).
+pub const GRAFANA_DASHBOARD: &str = include_str!("../files/grafana-dashboard.json");
 
 /// The vApp properties the OVA asks for at deploy: (key, label, description).
 pub const VAPP_PROPERTIES: &[(&str, &str, &str)] = &[

@@ -176,6 +176,24 @@ fn metrics_parse_and_their_rpo_equals_the_apis() {
     let up: Vec<&Sample> = samples.iter().filter(|s| s.0 == "vdsa_host_up").collect();
     assert!(up.len() == 2 && up.iter().all(|s| s.2 == 1.0), "{text}");
     println!("metrics RPO {rpo} s; API {lo}..{hi} ms; {} samples", samples.len());
+    // The Grafana dashboard asks only for what the site manager serves
+    // (the site link once paired).
+    let dashboard: serde_json::Value = serde_json::from_str(packaging::GRAFANA_DASHBOARD).expect("the dashboard");
+    let served: Vec<&str> = samples.iter().map(|s| s.0.as_str()).collect();
+    for p in dashboard["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            for name in
+                expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("vdsa_"))
+            {
+                assert!(
+                    served.contains(&name) || name == "vdsa_site_link_up",
+                    "panel {:?} asks for {name}, which /metrics does not serve",
+                    p["title"]
+                );
+            }
+        }
+    }
 
     // The health report and the sizing analyzer from the recorded
     // workload, once the 10 s sampler has two samples with writes between.
