@@ -97,6 +97,13 @@ pub enum ApiOp {
         #[command(subcommand)]
         op: PeerOp,
     },
+    /// Alerts, a VPG's stats and health report, the sizing analyzer.
+    Monitor {
+        #[command(flatten)]
+        conn: ApiConnection,
+        #[command(subcommand)]
+        op: super::monitor::MonitorOp,
+    },
     /// The log collector.
     #[command(subcommand_required = true)]
     Logs {
@@ -354,7 +361,11 @@ fn client(c: &ApiConnection) -> Result<ApiClient> {
 }
 
 /// Prints `value` as JSON, or `table` for people.
-fn show<T: Serialize>(c: &ApiConnection, value: &T, table: impl FnOnce(&T) -> Vec<Vec<String>>) -> Result<()> {
+pub(super) fn show<T: Serialize>(
+    c: &ApiConnection,
+    value: &T,
+    table: impl FnOnce(&T) -> Vec<Vec<String>>,
+) -> Result<()> {
     if c.json {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
@@ -405,7 +416,7 @@ fn word<T: Serialize>(v: &T) -> String {
     }
 }
 
-fn fields(pairs: &[(&str, String)]) -> Vec<Vec<String>> {
+pub(super) fn fields(pairs: &[(&str, String)]) -> Vec<Vec<String>> {
     pairs.iter().map(|(k, v)| vec![format!("{k}:"), v.clone()]).collect()
 }
 
@@ -475,6 +486,7 @@ pub fn run(op: ApiOp) -> Result<()> {
         ApiOp::Test { conn, op } => (conn, Op::Test(op)),
         ApiOp::Peer { conn, op } => (conn, Op::Peer(op)),
         ApiOp::Logs { conn, op } => (conn, Op::Logs(op)),
+        ApiOp::Monitor { conn, op } => (conn, Op::Monitor(op)),
     };
     let c = &c;
     let api = client(c)?;
@@ -501,6 +513,7 @@ enum Op {
     Task(TaskOp),
     Peer(PeerOp),
     Logs(LogsOp),
+    Monitor(super::monitor::MonitorOp),
 }
 
 fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
@@ -701,6 +714,7 @@ fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
             PeerOp::Unpair => show(c, &api.call::<Peer>(Method::DELETE, "/api/v1/site/peer", None::<&()>)?, peer_rows),
             PeerOp::Vpgs => show(c, &api.get::<Vec<Vpg>>("/api/v1/site/peer/vpgs")?, |v| vpg_rows(v)),
         },
+        Op::Monitor(op) => super::monitor::run(api, c, op),
         Op::Logs(LogsOp::Collect { minutes, level, out }) => {
             let level: protection_groups::logs::LogLevel = serde_json::from_value(serde_json::json!(level))?;
             let until = crate::model::now_ms();

@@ -1,6 +1,6 @@
 //! The operator command: `site-manager serve` runs the daemon; `site`,
-//! `token`, `host`, `vpg`, `checkpoint`, `task` and `peer` call its API
-//! (`api`); `site-manager vsphere …` lists hosts with their
+//! `token`, `host`, `vpg`, `checkpoint`, `task`, `peer`, `logs` and
+//! `monitor` call its API (`api`, `monitor`); `site-manager vsphere …` lists hosts with their
 //! VDSA state, deploys the VDSA OVA to a host or a whole cluster with a
 //! progress bar per host, undeploys, lists VMs with their disks, and makes
 //! or removes an isolated test network.
@@ -25,6 +25,7 @@ struct Cli {
 }
 
 mod api;
+mod monitor;
 
 #[derive(Subcommand)]
 enum Top {
