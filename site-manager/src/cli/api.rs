@@ -3,6 +3,7 @@
 //! while a task runs, and a non-zero exit with the server's message when
 //! it refuses.
 
+use super::output::fields;
 use crate::client::{ApiClient, ClientError};
 use crate::model::{
     AuditEntry, Checkpoint, CreatedToken, Discarded, FailoverTask, FailoverTest, Host, Hypervisor, InsertedCheckpoint,
@@ -360,50 +361,16 @@ fn client(c: &ApiConnection) -> Result<ApiClient> {
     Ok(ApiClient::new(&api, &token, &ca)?)
 }
 
-/// Prints `value` as JSON, or `table` for people.
-pub(super) fn show<T: Serialize>(
-    c: &ApiConnection,
-    value: &T,
-    table: impl FnOnce(&T) -> Vec<Vec<String>>,
-) -> Result<()> {
-    if c.json {
-        println!("{}", serde_json::to_string_pretty(value)?);
-    } else {
-        print_table(&table(value));
-    }
-    Ok(())
-}
-
-/// Column-aligned rows; the first is the header.
-fn print_table(rows: &[Vec<String>]) {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..cols).map(|i| rows.iter().filter_map(|r| r.get(i)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, s)| if i + 1 == r.len() { s.clone() } else { format!("{s:<w$}", w = widths[i]) })
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+/// Prints `value` as JSON (`--json`), or `table` for people.
+fn show<T: Serialize>(c: &ApiConnection, value: &T, table: impl FnOnce(&T) -> Vec<Vec<String>>) -> Result<()> {
+    super::output::show(c.json, value, table)
 }
 
 /// UTC time of milliseconds since the epoch, for tables.
 fn when(ms: u64) -> String {
     let secs = ms / 1000;
     let (h, m, s) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    // The civil date of a day count (the proleptic Gregorian calendar in
-    // 400-year eras).
-    let z = i64::try_from(secs / 86_400).unwrap_or(0) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
+    let (y, mo, d) = crate::model::civil_date(secs / 86_400);
     format!("{y:04}-{mo:02}-{d:02} {h:02}:{m:02}:{s:02}Z")
 }
 
@@ -414,10 +381,6 @@ fn word<T: Serialize>(v: &T) -> String {
         Ok(other) => other.to_string(),
         Err(_) => String::new(),
     }
-}
-
-pub(super) fn fields(pairs: &[(&str, String)]) -> Vec<Vec<String>> {
-    pairs.iter().map(|(k, v)| vec![format!("{k}:"), v.clone()]).collect()
 }
 
 fn json_file<T: serde::de::DeserializeOwned>(path: &PathBuf) -> Result<T> {
@@ -714,7 +677,7 @@ fn run_op(api: &ApiClient, c: &ApiConnection, op: Op) -> Result<()> {
             PeerOp::Unpair => show(c, &api.call::<Peer>(Method::DELETE, "/api/v1/site/peer", None::<&()>)?, peer_rows),
             PeerOp::Vpgs => show(c, &api.get::<Vec<Vpg>>("/api/v1/site/peer/vpgs")?, |v| vpg_rows(v)),
         },
-        Op::Monitor(op) => super::monitor::run(api, c, op),
+        Op::Monitor(op) => super::monitor::run(api, c.json, op),
         Op::Logs(LogsOp::Collect { minutes, level, out }) => {
             let level: protection_groups::logs::LogLevel = serde_json::from_value(serde_json::json!(level))?;
             let until = crate::model::now_ms();

@@ -26,6 +26,7 @@ struct Cli {
 
 mod api;
 mod monitor;
+mod output;
 
 #[derive(Subcommand)]
 enum Top {

@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::Subcommand;
 use reqwest::Method;
 
-use super::api::{fields, show, ApiConnection};
+use super::output::{fields, show};
 use crate::alerts::{Alert, AlertSettings};
 use crate::client::ApiClient;
 use crate::health::HealthDay;
@@ -55,9 +55,9 @@ fn mib(b: f64) -> String {
     format!("{:.1} MiB", b / 1048576.0)
 }
 
-pub fn run(api: &ApiClient, c: &ApiConnection, op: MonitorOp) -> Result<()> {
+pub fn run(api: &ApiClient, json: bool, op: MonitorOp) -> Result<()> {
     match op {
-        MonitorOp::Alerts => show(c, &api.get::<Vec<Alert>>("/api/v1/alerts")?, |alerts| {
+        MonitorOp::Alerts => show(json, &api.get::<Vec<Alert>>("/api/v1/alerts")?, |alerts| {
             let mut rows =
                 vec![vec!["kind".into(), "subject".into(), "raised".into(), "cleared".into(), "message".into()]];
             for a in alerts {
@@ -82,14 +82,14 @@ pub fn run(api: &ApiClient, c: &ApiConnection, op: MonitorOp) -> Result<()> {
                 }
                 s = api.call(Method::PUT, "/api/v1/site/alerts", Some(&s))?;
             }
-            show(c, &s, |s| {
+            show(json, &s, |s| {
                 fields(&[
                     ("webhook", s.webhook_url.clone()),
                     ("test running limit", format!("{} s", s.test_running_limit_secs)),
                 ])
             })
         }
-        MonitorOp::Stats { vpg } => show(c, &api.get::<VpgStats>(&format!("/api/v1/vpgs/{vpg}/stats"))?, |s| {
+        MonitorOp::Stats { vpg } => show(json, &api.get::<VpgStats>(&format!("/api/v1/vpgs/{vpg}/stats"))?, |s| {
             fields(&[
                 ("RPO", s.rpo_ms.map_or("none durable yet".into(), |r| format!("{:.1} s", r as f64 / 1000.0))),
                 ("threshold", format!("{} s", s.rpo_threshold_ms / 1000)),
@@ -105,7 +105,7 @@ pub fn run(api: &ApiClient, c: &ApiConnection, op: MonitorOp) -> Result<()> {
                 print!("{}", String::from_utf8_lossy(&bytes));
                 return Ok(());
             }
-            show(c, &api.get::<Vec<HealthDay>>(&format!("/api/v1/vpgs/{vpg}/health"))?, |days| {
+            show(json, &api.get::<Vec<HealthDay>>(&format!("/api/v1/vpgs/{vpg}/health"))?, |days| {
                 let mut rows =
                     vec![["day", "written", "on the link", "max RPO", "over threshold", "points", "history"]
                         .map(String::from)
@@ -144,7 +144,7 @@ pub fn run(api: &ApiClient, c: &ApiConnection, op: MonitorOp) -> Result<()> {
                 rpo_secs,
                 history_secs,
             };
-            show(c, &api.post::<SizingAnswer>("/api/v1/sizing", &req)?, |a| {
+            show(json, &api.post::<SizingAnswer>("/api/v1/sizing", &req)?, |a| {
                 fields(&[
                     (
                         "change rate",
