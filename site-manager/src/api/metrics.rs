@@ -2,6 +2,7 @@
 //! VPG, host and the site link (`crate::metrics` computes both).
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::failover_tests::find_vpg;
 use super::{blocking, ApiError, ApiResult, AppState};
 use crate::metrics::VpgStats;
 use crate::model::ErrorBody;
@@ -32,9 +33,7 @@ async fn vpg_stats(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<VpgStats>> {
     blocking(move || {
-        let (v, _) = sm
-            .with_store(|s| s.vpg_or_copy(VpgId(id)))?
-            .ok_or_else(|| ApiError::NotFound(format!("no VPG {} is defined or recovered here", VpgId(id))))?;
+        let v = find_vpg(&sm, id)?;
         Ok(Json(crate::metrics::vpg_stats(&sm, &v)?))
     })
     .await
@@ -63,8 +62,7 @@ async fn sizing(
     blocking(move || {
         let observed = match req.vpg {
             Some(id) => {
-                sm.with_store(|s| s.vpg_or_copy(id))?
-                    .ok_or_else(|| ApiError::NotFound(format!("no VPG {id} is defined or recovered here")))?;
+                find_vpg(&sm, id.0)?;
                 sm.rates.observed(id, req.rpo_secs.max(10))
             }
             None => None,
@@ -99,8 +97,7 @@ async fn health_report(
         Some(other) => return Err(ApiError::bad("format", format!("format: {other:?} is not json or csv"))),
     };
     blocking(move || {
-        sm.with_store(|s| s.vpg_or_copy(VpgId(id)))?
-            .ok_or_else(|| ApiError::NotFound(format!("no VPG {} is defined or recovered here", VpgId(id))))?;
+        find_vpg(&sm, id)?;
         let days = sm.with_store(|s| crate::health::report(s, VpgId(id), crate::model::now_ms()))?;
         Ok(if csv {
             ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], crate::health::csv(&days)).into_response()

@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use protection_groups::mgmt::DiskSeed;
-use protection_groups::{VpgId, VpgStatus};
+use protection_groups::VpgStatus;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -42,9 +42,7 @@ async fn reverse_protect(
 ) -> ApiResult<(StatusCode, Json<VpgTask>)> {
     caller.require(Role::Operator)?;
     blocking(move || {
-        let (mut v, copy) = sm
-            .with_store(|s| s.vpg_or_copy(VpgId(id)))?
-            .ok_or_else(|| ApiError::NotFound(format!("no VPG {} is defined or recovered at this site", VpgId(id))))?;
+        let (mut v, copy) = super::failover_tests::find_vpg_or_copy(&sm, id)?;
         if !matches!(v.status, VpgStatus::NeedReverseConfiguration | VpgStatus::PromotionCompleteMirrorsNotYetActivated)
         {
             return Err(ApiError::Conflict(format!(
