@@ -165,6 +165,7 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
     let settings = sm.with_store(|s| s.alert_settings.get(SETTINGS_KEY))?.unwrap_or_default();
     let mut out = Vec::new();
     let now = now_ms();
+    let src = crate::metrics::StatsSources::read(sm)?;
     for v in sm.with_store(|s| s.vpgs.list())? {
         if v.paused {
             out.push((AlertKind::JournalFull, v.id.0.to_string(), v.settings.name.clone(), v.status_reason.clone()));
@@ -174,7 +175,7 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
         if !matches!(v.status, protection_groups::VpgStatus::Protecting | protection_groups::VpgStatus::Test) {
             continue;
         }
-        let stats = crate::metrics::vpg_stats(sm, &v)?;
+        let stats = crate::metrics::vpg_stats(sm, &src, &v)?;
         if let Some(rpo) = stats.rpo_ms.filter(|r| *r > stats.rpo_threshold_ms) {
             out.push((
                 AlertKind::RpoOverThreshold,
@@ -210,7 +211,7 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
         }
     }
     let limit_ms = settings.test_running_limit_secs.saturating_mul(1000);
-    for t in sm.with_store(|s| s.tests.list())? {
+    for t in src.tests() {
         let running = matches!(t.state, TestState::Running) && t.purpose == crate::model::StackPurpose::Test;
         if running && now.saturating_sub(t.started_ms) > limit_ms {
             out.push((

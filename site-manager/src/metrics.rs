@@ -91,15 +91,47 @@ impl HoldHistogram {
     }
 }
 
-/// The stats of `v` now. `roles` are the role reports that concern it
-/// (this site's VDSAs, and for a VPG recovering to the paired site, the
-/// target roles that site reported).
-pub fn vpg_stats(sm: &SiteManager, v: &Vpg) -> Result<VpgStats, StoreError> {
+/// What every VPG's stats are computed from, read once per pass over
+/// the VPGs (not once per VPG): this site's VDSAs' role reports, the target
+/// roles the paired site reported for this site's VPGs, and the failover
+/// test records.
+#[derive(Debug)]
+pub struct StatsSources {
+    roles: Vec<RoleState>,
+    peer_targets: Vec<RoleState>,
+    tests: Vec<crate::model::FailoverTest>,
+}
+
+impl StatsSources {
+    pub fn read(sm: &SiteManager) -> Result<StatsSources, StoreError> {
+        Ok(StatsSources {
+            roles: sm.links.roles(),
+            peer_targets: sm.peering.target_roles(),
+            tests: sm.with_store(|s| s.tests.list())?,
+        })
+    }
+
+    pub fn tests(&self) -> &[crate::model::FailoverTest] {
+        &self.tests
+    }
+
+    /// The role reports that concern `vpg`: this site's, and for a VPG
+    /// recovering to the paired site, the targets that site reported.
+    fn roles_of(&self, vpg: VpgId) -> Vec<&RoleState> {
+        let mut roles: Vec<&RoleState> = self.roles.iter().filter(|r| r.vpg == vpg).collect();
+        if !roles.iter().any(|r| r.kind == RoleKind::Target) {
+            roles.extend(self.peer_targets.iter().filter(|r| r.vpg == vpg));
+        }
+        roles
+    }
+}
+
+/// The stats of `v` now.
+pub fn vpg_stats(sm: &SiteManager, src: &StatsSources, v: &Vpg) -> Result<VpgStats, StoreError> {
     let newest: Option<Checkpoint> = sm.with_store(|s| s.newest_durable_checkpoint(v.id))?;
     let now = now_ms();
-    let roles = roles_of(sm, v.id);
     let (mut written, mut link, mut journal) = (0, 0, 0);
-    for r in &roles {
+    for r in src.roles_of(v.id) {
         match r.kind {
             RoleKind::Source => {
                 written += r.written_bytes;
@@ -108,10 +140,8 @@ pub fn vpg_stats(sm: &SiteManager, v: &Vpg) -> Result<VpgStats, StoreError> {
             RoleKind::Target => journal += r.written_bytes,
         }
     }
-    let tests = sm.with_store(|s| s.tests.list())?;
-    let mine = tests.iter().filter(|t| t.vpg == v.id);
     let (mut running, mut stopped, mut failovers) = (0, 0, 0);
-    for t in mine {
+    for t in src.tests.iter().filter(|t| t.vpg == v.id) {
         match (t.purpose, t.state) {
             (crate::model::StackPurpose::Failover, _) => failovers += 1,
             (_, TestState::Starting | TestState::Running | TestState::Stopping) => running += 1,
@@ -133,14 +163,6 @@ pub fn vpg_stats(sm: &SiteManager, v: &Vpg) -> Result<VpgStats, StoreError> {
     })
 }
 
-fn roles_of(sm: &SiteManager, vpg: VpgId) -> Vec<RoleState> {
-    let mut roles: Vec<RoleState> = sm.links.roles().into_iter().filter(|r| r.vpg == vpg).collect();
-    if !roles.iter().any(|r| r.kind == RoleKind::Target) {
-        roles.extend(sm.peering.target_roles().into_iter().filter(|r| r.vpg == vpg));
-    }
-    roles
-}
-
 /// How often [`run_sampler`] samples.
 pub const SAMPLE_SECS: u64 = 10;
 
@@ -152,8 +174,9 @@ pub async fn run_sampler(sm: std::sync::Arc<SiteManager>) {
         tokio::time::sleep(std::time::Duration::from_secs(SAMPLE_SECS)).await;
         let sm2 = sm.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let src = StatsSources::read(&sm2)?;
             for v in sm2.with_store(|s| s.vpgs.list())? {
-                let st = vpg_stats(&sm2, &v)?;
+                let st = vpg_stats(&sm2, &src, &v)?;
                 sm2.rates.record(v.id, st.at_ms, st.written_bytes, st.link_bytes);
                 sm2.with_store(|s| crate::health::record(s, &st, SAMPLE_SECS, v.settings.journal_history_secs))?;
             }
@@ -188,9 +211,10 @@ pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
     };
     let own = sm.with_store(|s| s.vpgs.list())?;
     let copies = sm.with_store(|s| s.peer_vpgs.list())?;
+    let src = StatsSources::read(sm)?;
     let mut stats = Vec::new();
     for (v, side) in own.iter().map(|v| (v, "protected")).chain(copies.iter().map(|v| (v, "recovery"))) {
-        stats.push((v, side, vpg_stats(sm, v)?));
+        stats.push((v, side, vpg_stats(sm, &src, v)?));
     }
     let l =
         |v: &Vpg, side: &str| format!("vpg=\"{}\",name=\"{}\",site_role=\"{side}\"", v.id.0, label(&v.settings.name));

@@ -34,7 +34,8 @@ async fn vpg_stats(
 ) -> ApiResult<Json<VpgStats>> {
     blocking(move || {
         let v = find_vpg(&sm, id)?;
-        Ok(Json(crate::metrics::vpg_stats(&sm, &v)?))
+        let src = crate::metrics::StatsSources::read(&sm)?;
+        Ok(Json(crate::metrics::vpg_stats(&sm, &src, &v)?))
     })
     .await
 }
