@@ -101,9 +101,13 @@ pub fn report(s: &Store, vpg: VpgId, now_ms: u64) -> Result<Vec<HealthDay>, Stor
     let mut days = s.health.list_prefix(vpg.as_bytes())?;
     let checkpoints = s.checkpoints.list_prefix(vpg.as_bytes())?;
     let oldest = checkpoints.iter().filter(|c| c.consistent && c.durable).map(|c| c.time_ms).min();
+    let mut points: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for c in checkpoints.iter().filter(|c| c.consistent) {
+        *points.entry(day_of(c.time_ms)).or_default() += 1;
+    }
     let today = day_of(now_ms);
     for d in &mut days {
-        d.consistent_points = checkpoints.iter().filter(|c| c.consistent && day_of(c.time_ms) == d.day).count() as u64;
+        d.consistent_points = points.get(&d.day).copied().unwrap_or(0);
         if d.day == today {
             let age = oldest.map_or(0, |t| now_ms.saturating_sub(t) / 1000);
             d.history_available_secs = age.min(d.history_policy_secs);
