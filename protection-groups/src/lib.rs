@@ -17,7 +17,7 @@ mod status;
 mod vpg;
 
 pub use ids::{CheckpointId, DiskId, HostId, SiteId, StackId, StreamId, VmId, VpgId};
-pub use network::VmNetwork;
+pub use network::{host_name, StaticIpv4, VmNetwork};
 pub use retention::{RetentionPolicy, SparseTier};
 pub use status::{IllegalTransition, VpgStatus};
 pub use vpg::{

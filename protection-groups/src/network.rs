@@ -7,8 +7,9 @@
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
-/// Where a recovered (or test) VM is attached and how it is re-addressed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a recovered (or test) VM is attached and how it is re-addressed
+/// (the default: the VPG's network, addresses kept).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VmNetwork {
@@ -31,51 +32,71 @@ impl VmNetwork {
         if self.network.chars().any(char::is_control) || self.network.len() > 128 {
             return Err("network: at most 128 printable characters".into());
         }
-        if self.address.is_empty() {
-            if !self.gateway.is_empty() || !self.dns.is_empty() {
-                return Err("gateway and dns need an address".into());
-            }
-            return Ok(());
+        if self.address.is_empty() && (!self.gateway.is_empty() || !self.dns.is_empty()) {
+            return Err("gateway and dns need an address".into());
         }
-        let (ip, prefix) = self.cidr()?;
-        if !self.gateway.is_empty() {
+        self.static_ipv4().map(|_| ())
+    }
+
+    /// The re-addressing parsed and checked (None: the guest keeps its
+    /// own address); an error names the field.
+    pub fn static_ipv4(&self) -> Result<Option<StaticIpv4>, String> {
+        if self.address.is_empty() {
+            return Ok(None);
+        }
+        let bad = || format!("address: {:?} is not an IPv4 address with a prefix (10.1.2.3/24)", self.address);
+        let (ip, prefix) = self.address.split_once('/').ok_or_else(bad)?;
+        let address: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| (1..=32).contains(p)).ok_or_else(bad)?;
+        let mask = mask_of(prefix);
+        let gateway = if self.gateway.is_empty() {
+            None
+        } else {
             let gw: Ipv4Addr =
                 self.gateway.parse().map_err(|_| format!("gateway: {:?} is not an IPv4 address", self.gateway))?;
-            let mask = mask_of(prefix);
-            if u32::from(gw) & mask != u32::from(ip) & mask {
+            if u32::from(gw) & mask != u32::from(address) & mask {
                 return Err(format!("gateway: {gw} is outside {}", self.address));
             }
-        }
+            Some(gw)
+        };
         if self.dns.len() > 2 {
             return Err("dns: at most 2 servers".into());
         }
-        for d in &self.dns {
-            d.parse::<Ipv4Addr>().map_err(|_| format!("dns: {d:?} is not an IPv4 address"))?;
-        }
-        Ok(())
-    }
-
-    fn cidr(&self) -> Result<(Ipv4Addr, u8), String> {
-        let bad = || format!("address: {:?} is not an IPv4 address with a prefix (10.1.2.3/24)", self.address);
-        let (ip, prefix) = self.address.split_once('/').ok_or_else(bad)?;
-        let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().ok().filter(|p| (1..=32).contains(p)).ok_or_else(bad)?;
-        Ok((ip, prefix))
+        let dns = self
+            .dns
+            .iter()
+            .map(|d| d.parse::<Ipv4Addr>().map_err(|_| format!("dns: {d:?} is not an IPv4 address")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(StaticIpv4 { address, netmask: Ipv4Addr::from(mask), gateway, dns }))
     }
 
     /// The Linux kernel's `ip=` argument for these settings (static, on
     /// the first interface), or None if the address is kept.
-    pub fn kernel_ip_arg(&self, hostname: &str) -> Option<String> {
-        let (ip, prefix) = self.cidr().ok()?;
-        let mask = Ipv4Addr::from(mask_of(prefix));
-        let dns: Vec<&str> = self.dns.iter().map(String::as_str).collect();
-        let host: String = hostname.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(63).collect();
+    pub fn kernel_ip_arg(&self, vm_name: &str) -> Option<String> {
+        let ip = self.static_ipv4().ok()??;
+        let dns: Vec<String> = ip.dns.iter().map(Ipv4Addr::to_string).collect();
+        let gateway = ip.gateway.map(|g| g.to_string()).unwrap_or_default();
         Some(
-            format!("ip={ip}::{}:{mask}:{host}:eth0:off:{}", self.gateway, dns.join(":"))
+            format!("ip={}::{gateway}:{}:{}:eth0:off:{}", ip.address, ip.netmask, host_name(vm_name), dns.join(":"))
                 .trim_end_matches(':')
                 .to_string(),
         )
     }
+}
+
+/// Static IPv4 settings, parsed from a [`VmNetwork`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticIpv4 {
+    pub address: Ipv4Addr,
+    pub netmask: Ipv4Addr,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+}
+
+/// A guest host name from a VM's name: its letters, digits and hyphens,
+/// at most 63.
+pub fn host_name(vm_name: &str) -> String {
+    vm_name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(63).collect()
 }
 
 fn mask_of(prefix: u8) -> u32 {

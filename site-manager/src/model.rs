@@ -671,12 +671,7 @@ impl RecoveryNetwork {
                     StackPurpose::Test => (&vm.test_network, &vpg.settings.test_network),
                     StackPurpose::Failover => (&vm.failover_network, &vpg.settings.failover_network),
                 };
-                let mut settings = own.clone().unwrap_or(protection_groups::VmNetwork {
-                    network: String::new(),
-                    address: String::new(),
-                    gateway: String::new(),
-                    dns: Vec::new(),
-                });
+                let mut settings = own.clone().unwrap_or_default();
                 if settings.network.is_empty() {
                     settings.network.clone_from(network);
                 }

@@ -88,24 +88,16 @@ pub fn advance(sm: &Arc<SiteManager>, t: &FailoverTest, next: &mut FailoverTest)
     }
     let phase = next.recovery_vms.phase;
     let wanted = next.serves();
+    // Made once the stacks run; made again when a site manager restart
+    // lost the job (it first removes what the lost one made).
+    let just_running = next.state == TestState::Running && t.state == TestState::Starting;
+    let make = wanted && (phase == RecoveryVmsPhase::Creating || (phase == RecoveryVmsPhase::None && just_running));
     match (wanted, phase) {
-        (true, RecoveryVmsPhase::None) if next.state == TestState::Running && t.state == TestState::Starting => {
-            match plan(sm, next) {
-                Ok(None) => {}
-                Ok(Some(work)) => {
-                    next.recovery_vms.phase = RecoveryVmsPhase::Creating;
-                    jobs.spawn(sm, t.id, move || work.create());
-                }
-                Err(e) => {
-                    next.recovery_vms.phase = RecoveryVmsPhase::Failed;
-                    next.recovery_vms.detail = e;
-                }
+        _ if make => match plan(sm, next) {
+            Ok(Some(work)) => {
+                next.recovery_vms.phase = RecoveryVmsPhase::Creating;
+                jobs.spawn(sm, t.id, move || work.create());
             }
-        }
-        // A site manager restart lost the job: start it again (it first
-        // removes what the lost one made).
-        (true, RecoveryVmsPhase::Creating) => match plan(sm, next) {
-            Ok(Some(work)) => jobs.spawn(sm, t.id, move || work.create()),
             Ok(None) => next.recovery_vms.phase = RecoveryVmsPhase::None,
             Err(e) => {
                 next.recovery_vms.phase = RecoveryVmsPhase::Failed;
@@ -157,12 +149,7 @@ fn plan(sm: &SiteManager, t: &FailoverTest) -> Result<Option<Creation>, String> 
         let Some(host) = hosts.iter().find(|h| h.id == vm.recovery_host && h.hypervisor == Hypervisor::Vsphere) else {
             continue;
         };
-        let net = t.vm_networks.iter().find(|n| n.vm == vm.id).map(|n| n.settings.clone()).unwrap_or(VmNetwork {
-            network: String::new(),
-            address: String::new(),
-            gateway: String::new(),
-            dns: Vec::new(),
-        });
+        let net = t.vm_networks.iter().find(|n| n.vm == vm.id).map(|n| n.settings.clone()).unwrap_or_default();
         let customization = customization(&vm.name, &net)?;
         let mut extra_config = Vec::new();
         for d in &vm.disks {
@@ -204,20 +191,20 @@ fn plan(sm: &SiteManager, t: &FailoverTest) -> Result<Option<Creation>, String> 
 
 /// Guest customisation for `net`, or None where the VM keeps its address.
 fn customization(vm_name: &str, net: &VmNetwork) -> Result<Option<vsphere_client::Customization>, String> {
-    let Some((address, prefix)) = net.address.split_once('/') else {
+    let Some(ip) = net.static_ipv4()? else {
         return Ok(None);
     };
-    let parse = |s: &str, what: &str| s.parse::<std::net::Ipv4Addr>().map_err(|_| format!("{what}: {s:?}"));
-    let prefix: u32 = prefix.parse().map_err(|_| format!("prefix: {prefix:?}"))?;
-    let netmask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - prefix.min(32)).unwrap_or(0));
-    let gateway = if net.gateway.is_empty() { None } else { Some(parse(&net.gateway, "gateway")?) };
-    let dns = net.dns.iter().map(|d| parse(d, "dns")).collect::<Result<Vec<_>, _>>()?;
-    let host_name: String = vm_name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(63).collect();
     Ok(Some(vsphere_client::Customization {
-        host_name: host_name.trim_start_matches('-').to_string(),
+        // vSphere refuses a host name that starts with a hyphen.
+        host_name: protection_groups::host_name(vm_name).trim_start_matches('-').to_string(),
         domain: "localdomain".into(),
-        dns_servers: dns.clone(),
-        nics: vec![vsphere_client::NicIp::Fixed { address: parse(address, "address")?, netmask, gateway, dns }],
+        dns_servers: ip.dns.clone(),
+        nics: vec![vsphere_client::NicIp::Fixed {
+            address: ip.address,
+            netmask: ip.netmask,
+            gateway: ip.gateway,
+            dns: ip.dns,
+        }],
     }))
 }
 
