@@ -19,6 +19,7 @@ mod report;
 
 pub use report::{Check, Report, TestRun};
 
+use crate::exports::{export_hash, sha256_hex, split_uri};
 use crate::guest::{Boot, GuestConfig, GuestKit, Initramfs, BLOCK_MODULES, TEST_VM_INIT};
 use crate::kvm_lab::StorageDaemon;
 use crate::site_lab::{AgentProcess, SiteManagerProcess};
@@ -100,34 +101,30 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn split_uri(uri: &str) -> Result<(String, String)> {
-    let rest = uri.strip_prefix("nbd://").with_context(|| format!("{uri:?} is not an nbd:// URI"))?;
-    let (addr, name) = rest.split_once('/').with_context(|| format!("{uri:?} names no export"))?;
-    Ok((addr.to_string(), name.to_string()))
+/// The URI of `disk`'s export in a test's (or failover's) record.
+fn export_of(rec: &Value, disk: &str) -> String {
+    rec["exports"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["disk"] == disk))
+        .and_then(|e| e["uri"].as_str())
+        .unwrap_or_default()
+        .to_string()
 }
 
-/// blake3 of an export as a real NBD client (qemu-img) reads it.
-fn export_hash(uri: &str, scratch: &Path) -> Result<blake3::Hash> {
-    let out = scratch.join("copy.raw");
-    let _ = std::fs::remove_file(&out);
-    let r = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", uri])
-        .arg(&out)
-        .output()
-        .context("running qemu-img")?;
-    if !r.status.success() {
-        bail!("qemu-img convert {uri}: {}", String::from_utf8_lossy(&r.stderr));
+/// How many of `disks` (each with the hash it must have) read back equal
+/// through their exports in `rec`.
+fn exports_equal<'a>(
+    rec: &Value,
+    disks: impl Iterator<Item = (&'a str, blake3::Hash)>,
+    scratch: &Path,
+) -> Result<usize> {
+    let mut same = 0;
+    for (disk, want) in disks {
+        if export_hash(&export_of(rec, disk), scratch)? == want {
+            same += 1;
+        }
     }
-    let h = blake3::hash(&std::fs::read(&out)?);
-    let _ = std::fs::remove_file(&out);
-    Ok(h)
-}
-
-fn sha256_hex(bytes: &[u8], scratch: &Path) -> Result<String> {
-    let f = scratch.join("area.bin");
-    std::fs::write(&f, bytes)?;
-    let out = std::process::Command::new("sha256sum").arg(&f).output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string())
+    Ok(same)
 }
 
 /// Waits for a task, showing its progress; returns the finished task.
@@ -465,24 +462,11 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
         let id = t["id"].as_str().context("test id")?;
         records.push(dr.get(&format!("/api/v1/failover-tests/{id}"))?);
     }
-    let export_of = |rec: &Value, disk: &str| -> String {
-        rec["exports"]
-            .as_array()
-            .and_then(|a| a.iter().find(|e| e["disk"] == disk))
-            .and_then(|e| e["uri"].as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
     let mut verdicts = Vec::new();
     for rec in &records {
         let cp = rec["checkpoint"].as_u64().unwrap_or(0);
         let (_, want, _) = web.refs.iter().find(|r| r.0 == cp).context("a test at an unknown checkpoint")?;
-        let mut same = 0;
-        for (j, &i) in web.vms.iter().enumerate() {
-            if export_hash(&export_of(rec, &vms[i].disk), &scratch)? == want[j] {
-                same += 1;
-            }
-        }
+        let same = exports_equal(rec, web.vms.iter().zip(want).map(|(&i, h)| (vms[i].disk.as_str(), *h)), &scratch)?;
         report.check(
             &format!("failover test at checkpoint {cp}: exports"),
             same == web.vms.len(),
@@ -556,12 +540,7 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
     c.read(0, &mut block)?;
     report.rto_s = Some(t0.elapsed().as_secs_f64());
     report.check("failover", done["completion"] == "Success", format!("to checkpoint {cp}: {}", done["completion"]));
-    let mut same = 0;
-    for (j, &i) in web.vms.iter().enumerate() {
-        if export_hash(&export_of(&rec, &vms[i].disk), &scratch)? == want[j] {
-            same += 1;
-        }
-    }
+    let same = exports_equal(&rec, web.vms.iter().zip(&want).map(|(&i, h)| (vms[i].disk.as_str(), *h)), &scratch)?;
     report.check(
         "failover exports",
         same == web.vms.len(),
@@ -590,12 +569,8 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
         got == blake3::hash(&expected),
         "after promotion vm-0's disk reads the reference at the checkpoint plus the recovered VM's write",
     );
-    let mut others = 0;
-    for (j, &i) in web.vms.iter().enumerate().skip(1) {
-        if export_hash(&export_of(&rec, &vms[i].disk), &scratch)? == want[j] {
-            others += 1;
-        }
-    }
+    let others =
+        exports_equal(&rec, web.vms.iter().zip(&want).skip(1).map(|(&i, h)| (vms[i].disk.as_str(), *h)), &scratch)?;
     report.check(
         "promoted disks unchanged elsewhere",
         others == web.vms.len() - 1,
@@ -799,18 +774,8 @@ fn reverse_and_fail_back(
     let done = wait_task(prod, &commit["task"], "failback: commit and promotion", Duration::from_secs(300))?;
     let fid = f["failover"]["id"].as_str().context("failover id")?;
     let rec = prod.get(&format!("/api/v1/failover-tests/{fid}"))?;
-    let mut same = 0;
-    for ((i, _, _), h) in recovered.iter().zip(&want) {
-        let uri = rec["exports"]
-            .as_array()
-            .and_then(|a| a.iter().find(|e| e["disk"] == vms[*i].disk.as_str()))
-            .and_then(|e| e["uri"].as_str())
-            .unwrap_or_default()
-            .to_string();
-        if export_hash(&uri, &scratch)? == *h {
-            same += 1;
-        }
-    }
+    let same =
+        exports_equal(&rec, recovered.iter().zip(&want).map(|((i, _, _), h)| (vms[*i].disk.as_str(), *h)), &scratch)?;
     report.check(
         "failed back",
         done["completion"] == "Success" && same == recovered.len(),

@@ -15,10 +15,7 @@ use std::time::Duration;
 use vdsa::nbd::client::NbdClient;
 
 fn sha256_hex(bytes: &[u8], scratch: &Path) -> String {
-    let f = scratch.join("area.bin");
-    ok(std::fs::write(&f, bytes));
-    let out = ok(Command::new("sha256sum").arg(&f).output());
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    ok(integration::exports::sha256_hex(bytes, scratch))
 }
 
 fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
@@ -27,11 +24,7 @@ fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
 
 /// Copies an `nbd://HOST:PORT/NAME` export with qemu-img and hashes it.
 pub(crate) fn export_hash(uri: &str, scratch: &Path) -> blake3::Hash {
-    let out = scratch.join("copy.raw");
-    let _ = std::fs::remove_file(&out);
-    let r = ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", uri]).arg(&out).output());
-    assert!(r.status.success(), "qemu-img convert {uri}: {}", String::from_utf8_lossy(&r.stderr));
-    blake3::hash(&ok(std::fs::read(&out)))
+    ok(integration::exports::export_hash(uri, scratch))
 }
 
 fn du(path: &Path) -> u64 {
@@ -42,9 +35,7 @@ fn du(path: &Path) -> u64 {
 
 /// `nbd://HOST:PORT/NAME` split for our own client.
 fn split_uri(uri: &str) -> (String, String) {
-    let rest = uri.trim_start_matches("nbd://");
-    let (addr, name) = rest.split_once('/').unwrap_or((rest, ""));
-    (addr.to_string(), name.to_string())
+    ok(integration::exports::split_uri(uri))
 }
 
 #[test]

@@ -25,9 +25,8 @@ const SIZE: u64 = 8 << 20;
 
 /// Reads a whole `nbd://HOST:PORT/NAME` export with our own client.
 fn export_hash(uri: &str) -> blake3::Hash {
-    let rest = uri.trim_start_matches("nbd://");
-    let (addr, name) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut c = ok(NbdClient::connect_tcp(addr, name).map_err(Into::into));
+    let (addr, name) = ok(integration::exports::split_uri(uri));
+    let mut c = ok(NbdClient::connect_tcp(&addr, &name).map_err(Into::into));
     let mut bytes = vec![0u8; SIZE as usize];
     for (i, chunk) in bytes.chunks_mut(1 << 20).enumerate() {
         ok(c.read((i as u64) << 20, chunk).map_err(Into::into));
