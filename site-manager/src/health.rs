@@ -166,6 +166,8 @@ mod tests {
             written_bytes: written,
             link_bytes: written / 2,
             journal_bytes: 0,
+            history_available_secs: 0,
+            history_policy_secs: 3600,
             tests_running: 0,
             tests_stopped: 0,
             failovers: 0,

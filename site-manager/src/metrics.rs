@@ -40,6 +40,11 @@ pub struct VpgStats {
     pub link_bytes: u64,
     /// Bytes the recovery journals hold (log and packs).
     pub journal_bytes: u64,
+    /// From the oldest durable checkpoint to now, at most the policy's
+    /// history: how far back a failover can go.
+    pub history_available_secs: u64,
+    /// The VPG's journal history setting.
+    pub history_policy_secs: u64,
     /// Failover tests (and failovers) by state.
     pub tests_running: u64,
     pub tests_stopped: u64,
@@ -129,7 +134,9 @@ impl StatsSources {
 /// The stats of `v` now.
 pub fn vpg_stats(sm: &SiteManager, src: &StatsSources, v: &Vpg) -> Result<VpgStats, StoreError> {
     let newest: Option<Checkpoint> = sm.with_store(|s| s.newest_durable_checkpoint(v.id))?;
+    let oldest: Option<Checkpoint> = sm.with_store(|s| s.oldest_durable_checkpoint(v.id))?;
     let now = now_ms();
+    let history_policy_secs = v.settings.journal_history_secs;
     let (mut written, mut link, mut journal) = (0, 0, 0);
     for r in src.roles_of(v.id) {
         match r.kind {
@@ -156,6 +163,8 @@ pub fn vpg_stats(sm: &SiteManager, src: &StatsSources, v: &Vpg) -> Result<VpgSta
         written_bytes: written,
         link_bytes: link,
         journal_bytes: journal,
+        history_available_secs: oldest.map_or(0, |c| now.saturating_sub(c.time_ms) / 1000).min(history_policy_secs),
+        history_policy_secs,
         tests_running: running,
         tests_stopped: stopped,
         failovers,
@@ -253,6 +262,18 @@ pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
         "gauge",
         "Bytes the VPG's recovery journals hold.",
         stats.iter().map(|(v, side, s)| (l(v, side), s.journal_bytes as f64)).collect(),
+    );
+    family(
+        "vdsa_vpg_history_available_seconds",
+        "gauge",
+        "How far back a failover can go: the oldest durable checkpoint's age, at most the policy's history.",
+        stats.iter().map(|(v, side, s)| (l(v, side), s.history_available_secs as f64)).collect(),
+    );
+    family(
+        "vdsa_vpg_history_policy_seconds",
+        "gauge",
+        "The journal history the VPG's policy asks for.",
+        stats.iter().map(|(v, side, s)| (l(v, side), s.history_policy_secs as f64)).collect(),
     );
     family(
         "vdsa_vpg_failover_tests",
