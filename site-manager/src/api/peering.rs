@@ -4,7 +4,9 @@
 
 use super::extract::{ApiJson, Caller};
 use super::{blocking, ApiError, ApiResult, AppState, ClientCertificate};
-use crate::model::{ErrorBody, PairRequest, PairingAnswer, PairingOffer, PairingToken, Peer, PeerExchange, Vpg};
+use crate::model::{
+    ErrorBody, PairRequest, PairingAnswer, PairingOffer, PairingToken, Peer, PeerExchange, PeerHost, Vpg,
+};
 use crate::peering::{self, PeeringError};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -18,6 +20,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(pairing_token))
         .routes(routes!(get_peer, pair, unpair))
         .routes(routes!(peer_vpgs))
+        .routes(routes!(peer_hosts))
         .routes(routes!(pairing_offer))
         .routes(routes!(exchange))
         .routes(routes!(peer_unpaired))
@@ -90,6 +93,15 @@ async fn peer_vpgs(State(sm): State<AppState>, _caller: Caller) -> ApiResult<Jso
         Ok(Json(v))
     })
     .await
+}
+
+/// The paired site's hosts, as its last exchange named them: where a VPG
+/// defined here may recover to.
+#[utoipa::path(get, path = "/api/v1/site/peer/hosts", tag = "pairing", responses((status = 200, body = Vec<PeerHost>)))]
+async fn peer_hosts(State(sm): State<AppState>, _caller: Caller) -> Json<Vec<PeerHost>> {
+    let mut hosts = sm.peering.hosts();
+    hosts.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(hosts)
 }
 
 /// Called by a site manager that pairs with this one: the secret of this

@@ -12,7 +12,10 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list_tokens, create_token)).routes(routes!(revoke_token))
+    OpenApiRouter::new()
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(session))
 }
 
 /// Every token (secrets are never shown again).
@@ -26,6 +29,14 @@ async fn list_tokens(State(sm): State<AppState>, caller: Caller) -> ApiResult<Js
         Ok(Json(all))
     })
     .await
+}
+
+/// The caller's own token: its name and role, so that a client (the
+/// console) offers only what the role may do.
+#[utoipa::path(get, path = "/api/v1/session", tag = "site",
+    responses((status = 200, body = Token), (status = 401, body = ErrorBody)))]
+async fn session(caller: Caller) -> Json<Token> {
+    Json(caller.token)
 }
 
 /// A new token with a role; its secret is in this answer only.

@@ -296,17 +296,34 @@ async fn vpg_roles(
     .await
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct CheckpointQuery {
+    /// Only checkpoints recorded at or after this time (ms since the epoch).
+    since_ms: Option<u64>,
+    /// Only the newest this many (of those since `since_ms`).
+    limit: Option<usize>,
+}
+
 /// A VPG's checkpoints, oldest first.
-#[utoipa::path(get, path = "/api/v1/vpgs/{id}/checkpoints", tag = "vpgs", params(("id" = Uuid, Path)),
-    responses((status = 200, body = Vec<Checkpoint>), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/checkpoints", tag = "vpgs", params(("id" = Uuid, Path), CheckpointQuery),
+    responses((status = 200, body = Vec<Checkpoint>), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn list_checkpoints(
     State(sm): State<AppState>,
     _caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<CheckpointQuery>,
 ) -> ApiResult<Json<Vec<Checkpoint>>> {
     blocking(move || {
         let v = vpg(&sm, id)?;
-        Ok(Json(sm.with_store(|s| s.checkpoints.list_prefix(v.id.as_bytes()))?))
+        let mut all: Vec<Checkpoint> = sm.with_store(|s| s.checkpoints.list_prefix(v.id.as_bytes()))?;
+        if let Some(since) = q.since_ms {
+            all.retain(|c| c.time_ms >= since);
+        }
+        if let Some(limit) = q.limit {
+            all.drain(..all.len().saturating_sub(limit));
+        }
+        Ok(Json(all))
     })
     .await
 }
