@@ -9,9 +9,9 @@
 //! (`deploy`, over the vSphere adapter), the test and recovered VMs on
 //! vSphere recovery hosts (`recovery_vms`), what it measures for the API
 //! and Prometheus (`metrics`), alerts with their webhook (`alerts`), the
-//! sizing analyzer (`sizing`), the health report (`health`), and the
-//! operator CLI over a typed
-//! client (`cli`, `client`). On KVM the VDSA attaches its own taps over
+//! sizing analyzer (`sizing`), the health report (`health`), the web
+//! console served beside the API (`console`), and the operator CLI over a
+//! typed client (`cli`, `client`). On KVM the VDSA attaches its own taps over
 //! QMP, on the desired state's word.
 //!
 //! It must not touch replicated data itself: bytes flow through the VDSAs;
@@ -22,6 +22,7 @@ pub mod api;
 pub mod barrier_thread;
 pub mod cli;
 pub mod client;
+pub mod console;
 pub mod coordinator;
 pub mod deploy;
 pub mod health;

@@ -106,7 +106,7 @@ pub async fn serve(config: ServeConfig, site_name: &str) -> Result<()> {
         sm.config.management_listen,
         sm.generation()
     );
-    let app = crate::api::router(sm.clone());
+    let app = crate::api::router(sm.clone()).merge(crate::console::router());
     let tls = tokio_rustls::TlsAcceptor::from(sm.pki.api_server_config(sm.peering.verifier.clone())?);
     let api_task = tokio::spawn(serve_api(api, tls, app));
     // The management links run on the barrier thread (its own runtime:

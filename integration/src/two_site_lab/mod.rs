@@ -583,10 +583,10 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
         println!("\nlab: both sites keep running (Ctrl-C stops them)");
         for (name, sm) in [("prod", &prod), ("dr", &dr)] {
             println!(
-                "  {name}: API https://127.0.0.1:{}/api/v1 (CA {}), admin token {}",
-                sm.api_port,
-                sm.dir.join("data/pki/ca.pem").display(),
-                sm.admin
+                "  {name}: console https://127.0.0.1:{port}/ , API https://127.0.0.1:{port}/api/v1 (CA {ca}), admin token {token}",
+                port = sm.api_port,
+                ca = sm.dir.join("data/pki/ca.pem").display(),
+                token = sm.admin
             );
         }
         loop {

@@ -308,3 +308,41 @@ fn the_openapi_document_and_the_routes_match_both_ways() {
         }
     }
 }
+
+#[test]
+fn the_console_is_served_beside_the_api_and_the_session_names_the_role() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = Daemon::start(dir.path(), None);
+    // The page and its files need no token (every call they make does).
+    let (status, headers, body) = d.get_raw("/");
+    assert_eq!(status, 200, "/ leads to the console");
+    assert!(body.contains("<title>Site manager</title>"), "{body}");
+    let csp = headers.get("content-security-policy").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+    let (status, headers, _) = d.get_raw("/console/js/vpg.js");
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("content-type").and_then(|v| v.to_str().ok()), Some("text/javascript; charset=utf-8"));
+    assert_eq!(d.get_raw("/console/js/nothing.js").0, 404);
+    assert_eq!(d.get_raw("/console/../Cargo.toml").0, 404);
+    // The session: the caller's own token and role, for any role; none
+    // without a token.
+    assert_eq!(d.send(Method::GET, "/api/v1/session", None, None).0, 401);
+    assert_eq!(d.ok(Method::GET, "/api/v1/session", None)["role"], "admin");
+    let viewer = d.ok(Method::POST, "/api/v1/tokens", Some(r#"{"name":"ro","role":"viewer"}"#));
+    let secret = viewer["secret"].as_str().unwrap_or_default().to_string();
+    let (status, session) = d.send(Method::GET, "/api/v1/session", Some(&secret), None);
+    assert_eq!(status, 200);
+    assert_eq!(session["role"], "viewer");
+    assert_eq!(session["name"], "ro");
+    assert_eq!(session["id"], viewer["token"]["id"]);
+    // The checkpoint list's window is checked like any query.
+    let site = d.ok(Method::GET, "/api/v1/site", None)["id"].as_str().unwrap_or_default().to_string();
+    let host = d.ok(Method::POST, "/api/v1/hosts", Some(r#"{"name":"kvm-1","hypervisor":"kvm"}"#));
+    let host = host["id"].as_str().unwrap_or_default().to_string();
+    let created = d.ok(Method::POST, "/api/v1/vpgs", Some(&vpg_body(&site, &host, "web")));
+    let vpg = created["vpg"]["id"].as_str().unwrap_or_default().to_string();
+    let empty = d.ok(Method::GET, &format!("/api/v1/vpgs/{vpg}/checkpoints?since_ms=0&limit=10"), None);
+    assert_eq!(empty, json!([]));
+    let (status, e) = d.send(Method::GET, &format!("/api/v1/vpgs/{vpg}/checkpoints?limit=many"), Some(&d.admin), None);
+    assert_eq!(status, 400, "{e}");
+}

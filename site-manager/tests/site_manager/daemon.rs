@@ -62,6 +62,13 @@ impl Daemon {
         format!("https://127.0.0.1:{}{path}", self.port)
     }
 
+    /// `GET path` without a token: status, headers and body as text.
+    pub fn get_raw(&self, path: &str) -> (u16, reqwest::header::HeaderMap, String) {
+        let resp = self.client.get(self.url(path)).send().unwrap_or_else(|e| panic!("{path}: {e}"));
+        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+        (status, headers, resp.text().unwrap_or_default())
+    }
+
     /// Sends a request with `token` (None: no Authorization header) and a
     /// raw JSON body.
     pub fn send(&self, method: Method, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
