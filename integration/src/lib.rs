@@ -8,6 +8,7 @@
 //! It must not contain product logic: what it checks, it checks through the
 //! product's public APIs and processes.
 
+pub mod browser;
 pub mod exports;
 pub mod guest;
 pub mod kvm_lab;

@@ -108,10 +108,25 @@ impl SiteManagerProcess {
         self.call("GET", path, None)
     }
 
-    /// GET, the body's bytes as they came (for timing the server, not the
-    /// client's JSON parser).
+    /// A call with `token` as the bearer (none: no Authorization): the
+    /// status and the body, whatever the status.
+    pub fn call_as(&self, method: &str, path: &str, body: Option<Value>, token: Option<&str>) -> Result<(u16, Value)> {
+        let url = format!("https://127.0.0.1:{}{path}", self.api_port);
+        let mut req = self.client.request(reqwest::Method::from_bytes(method.as_bytes())?, &url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        let resp = req.send().with_context(|| format!("{method} {path}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.text()?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
     /// `GET path` with `token` as the bearer (none: no Authorization):
-    /// the status and the body, whatever the status.
+    /// the status and the body's bytes as they came, whatever the status.
     pub fn get_as(&self, path: &str, token: Option<&str>) -> Result<(u16, Vec<u8>)> {
         let url = format!("https://127.0.0.1:{}{path}", self.api_port);
         let mut req = self.client.get(&url);
@@ -329,6 +344,8 @@ pub struct ProtectedSite {
     pub host_ids: Vec<String>,
     pub vms: Vec<crate::kvm_lab::StorageDaemon>,
     pub disks: Vec<protection_groups::DiskId>,
+    /// Each VM's disk size.
+    pub disk_bytes: Vec<u64>,
     pub vpg: String,
     /// The link to the recovery VDSA, when the spec asked for a proxy.
     pub recovery_link: Option<crate::replication_lab::FaultProxy>,
@@ -336,11 +353,67 @@ pub struct ProtectedSite {
 
 impl ProtectedSite {
     pub fn start(lab: &Path, dir: &Path, spec: &SiteSpec, mut say: impl FnMut(String)) -> Result<ProtectedSite> {
+        let mut site = ProtectedSite::start_unprotected(lab, dir, spec, &mut say)?;
+        site.protect(spec)?;
+        say("the VPG protects: every tap is in sync".into());
+        Ok(site)
+    }
+
+    /// The VMs of one VPG, as `protect` defines it: one per protected host,
+    /// recovering to the recovery host.
+    pub fn vm_specs(&self, spec: &SiteSpec) -> Vec<serde_json::Value> {
+        let recovery = self.host_ids.len() - 1;
+        self.vms
+            .iter()
+            .enumerate()
+            .map(|(i, qsd)| {
+                let mut vm = json!({
+                    "id": uuid::Uuid::new_v4(),
+                    "name": format!("vm-{i}"),
+                    "host": self.host_ids[i],
+                    "hypervisor_ref": qsd.vdsa_qmp_sock,
+                    "disks": [{"id": self.disks[i].0, "name": format!("vm-{i}-disk"), "size_bytes": self.disk_bytes[i], "device": "src"}],
+                    "recovery_host": self.host_ids[recovery],
+                });
+                if !spec.quiesce_hook.is_empty() {
+                    vm["quiesce"] = json!({"hook": spec.quiesce_hook});
+                }
+                vm
+            })
+            .collect()
+    }
+
+    /// Defines the VPG over every VM and waits until it protects.
+    pub fn protect(&mut self, spec: &SiteSpec) -> Result<()> {
+        let sm = self.sm()?;
+        let site = sm.get("/api/v1/site")?["id"].as_str().context("site id")?.to_string();
+        let created = sm.post(
+            "/api/v1/vpgs",
+            json!({"name": "vpg-1", "recovery_site": site, "vms": self.vm_specs(spec),
+                   "checkpoint_interval_ms": spec.checkpoint_interval_ms}),
+        )?;
+        let vpg = created["vpg"]["id"].as_str().context("vpg id")?.to_string();
+        let task = created["task"]["id"].as_str().context("task id")?.to_string();
+        let t = sm.get(&format!("/api/v1/tasks/{task}/wait?timeout_ms=300000"))?;
+        if t["completion"] != "Success" {
+            bail!("the VPG did not reach Protecting: {t}");
+        }
+        self.vpg = vpg;
+        Ok(())
+    }
+
+    /// The site manager, every host with its registered VDSA and every VM
+    /// running, but no VPG yet (`vpg` is empty).
+    pub fn start_unprotected(
+        lab: &Path,
+        dir: &Path,
+        spec: &SiteSpec,
+        mut say: impl FnMut(String),
+    ) -> Result<ProtectedSite> {
         let site_manager_dir = dir.join("site-manager");
         let (api_port, management_port) = (free_port(), free_port());
         let args: Vec<&str> = spec.site_manager_args.iter().map(String::as_str).collect();
         let sm = SiteManagerProcess::start_on(lab, &site_manager_dir, api_port, management_port, &args)?;
-        let site = sm.get("/api/v1/site")?["id"].as_str().context("site id")?.to_string();
         let (mut agents, mut host_ids, mut agent_names) = (Vec::new(), Vec::new(), Vec::new());
         let mut recovery_link = None;
         for i in 0..=spec.hosts {
@@ -376,12 +449,12 @@ impl ProtectedSite {
             v.as_array().is_some_and(|hs| hs.len() == n && hs.iter().all(|h| h["vdsa"] == "installed"))
         })?;
         say(format!("{n} VDSAs registered"));
-        let (mut vms, mut vm_specs, mut disks) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut vms, mut disks, mut disk_bytes) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..spec.hosts {
             let d = dir.join(format!("vm-{i}"));
             std::fs::create_dir_all(&d)?;
             let image = d.join("disk.raw");
-            let disk_bytes = match &spec.disk_image {
+            let bytes = match &spec.disk_image {
                 Some(template) => std::fs::copy(template, &image)
                     .with_context(|| format!("copying {} to {}", template.display(), image.display()))?,
                 None => {
@@ -389,36 +462,10 @@ impl ProtectedSite {
                     spec.disk_bytes
                 }
             };
-            let qsd = crate::kvm_lab::StorageDaemon::start(&d, &image, false)?;
-            let disk = protection_groups::DiskId::new();
-            vm_specs.push(json!({
-                "id": uuid::Uuid::new_v4(),
-                "name": format!("vm-{i}"),
-                "host": host_ids[i],
-                "hypervisor_ref": qsd.vdsa_qmp_sock,
-                "disks": [{"id": disk.0, "name": format!("vm-{i}-disk"), "size_bytes": disk_bytes, "device": "src"}],
-                "recovery_host": host_ids[spec.hosts],
-            }));
-            if !spec.quiesce_hook.is_empty() {
-                if let Some(vm) = vm_specs.last_mut() {
-                    vm["quiesce"] = json!({"hook": spec.quiesce_hook});
-                }
-            }
-            vms.push(qsd);
-            disks.push(disk);
+            vms.push(crate::kvm_lab::StorageDaemon::start(&d, &image, false)?);
+            disks.push(protection_groups::DiskId::new());
+            disk_bytes.push(bytes);
         }
-        let created = sm.post(
-            "/api/v1/vpgs",
-            json!({"name": "vpg-1", "recovery_site": site, "vms": vm_specs,
-                   "checkpoint_interval_ms": spec.checkpoint_interval_ms}),
-        )?;
-        let vpg = created["vpg"]["id"].as_str().context("vpg id")?.to_string();
-        let task = created["task"]["id"].as_str().context("task id")?.to_string();
-        let t = sm.get(&format!("/api/v1/tasks/{task}/wait?timeout_ms=300000"))?;
-        if t["completion"] != "Success" {
-            bail!("the VPG did not reach Protecting: {t}");
-        }
-        say("the VPG protects: every tap is in sync".into());
         Ok(ProtectedSite {
             site_manager: Some(sm),
             site_manager_dir,
@@ -429,7 +476,8 @@ impl ProtectedSite {
             host_ids,
             vms,
             disks,
-            vpg,
+            disk_bytes,
+            vpg: String::new(),
             recovery_link,
         })
     }
