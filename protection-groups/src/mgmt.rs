@@ -399,6 +399,10 @@ pub struct RoleState {
     /// durable for the VPG when every target lists it.
     #[serde(default)]
     pub recoverable_checkpoints: Vec<CheckpointId>,
+    /// Target only: the oldest recoverable checkpoint its journal still
+    /// holds (retention moves it on): how far back a failover can go.
+    #[serde(default)]
+    pub oldest_recoverable_checkpoint: Option<CheckpointId>,
     /// Source: what the tap wrote; target: its journal's bytes on disk.
     pub written_bytes: u64,
     /// Source: bytes on the link.

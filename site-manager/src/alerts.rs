@@ -58,6 +58,7 @@ pub enum AlertKind {
     SiteLinkDown,
     TestRunningLong,
     JournalFull,
+    HistoryBelowPolicy,
 }
 
 /// One alert, raised while its condition holds.
@@ -160,6 +161,17 @@ impl Alerts {
     }
 }
 
+/// Whether a VPG's journals hold less history than its policy asks,
+/// counted only once the VPG is older than that history (a young VPG
+/// cannot have it yet). Retention trims at checkpoint granularity, so a
+/// shortfall of two checkpoint intervals (or 5 % of the policy, if more)
+/// is no alert.
+fn history_short(age_ms: u64, stats: &crate::metrics::VpgStats, checkpoint_interval_ms: u64) -> bool {
+    let policy = stats.history_policy_secs;
+    let slack = (2 * checkpoint_interval_ms / 1000).max(policy / 20).max(1);
+    age_ms / 1000 > policy + slack && stats.history_available_secs + slack < policy
+}
+
 /// The conditions that hold now: (kind, subject, subject name, message).
 fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String)>, StoreError> {
     let settings = sm.with_store(|s| s.alert_settings.get(SETTINGS_KEY))?.unwrap_or_default();
@@ -176,6 +188,17 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
             continue;
         }
         let stats = crate::metrics::vpg_stats(sm, &src, &v)?;
+        if history_short(now.saturating_sub(v.created_ms), &stats, v.settings.checkpoint_interval_ms) {
+            out.push((
+                AlertKind::HistoryBelowPolicy,
+                v.id.0.to_string(),
+                v.settings.name.clone(),
+                format!(
+                    "the recovery journals hold {} s of history, less than the policy's {} s",
+                    stats.history_available_secs, stats.history_policy_secs
+                ),
+            ));
+        }
         if let Some(rpo) = stats.rpo_ms.filter(|r| *r > stats.rpo_threshold_ms) {
             out.push((
                 AlertKind::RpoOverThreshold,
@@ -309,6 +332,35 @@ async fn deliver(sm: std::sync::Arc<SiteManager>, mut rx: tokio::sync::mpsc::Rec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_is_short_only_for_a_vpg_older_than_its_policy_and_beyond_the_slack() {
+        let stats = |available: u64| crate::metrics::VpgStats {
+            vpg: protection_groups::VpgId::new(),
+            rpo_ms: Some(1000),
+            newest_durable_checkpoint: None,
+            rpo_threshold_ms: 30_000,
+            written_bytes: 0,
+            link_bytes: 0,
+            journal_bytes: 0,
+            history_available_secs: available,
+            history_policy_secs: 3600,
+            tests_running: 0,
+            tests_stopped: 0,
+            failovers: 0,
+            at_ms: 0,
+        };
+        let hour = 3_600_000;
+        // Young: an hour's history cannot be there after ten minutes.
+        assert!(!history_short(hour / 6, &stats(600), 5000));
+        // Old enough, and the journals hold only half: short.
+        assert!(history_short(2 * hour, &stats(1800), 5000));
+        // Within the slack (5 % of an hour is 180 s): not short.
+        assert!(!history_short(2 * hour, &stats(3600 - 170), 5000));
+        assert!(history_short(2 * hour, &stats(3600 - 190), 5000));
+        // Nothing held at all by an old VPG: short.
+        assert!(history_short(2 * hour, &stats(0), 5000));
+    }
 
     #[test]
     fn conditions_raise_once_and_clear_when_they_end() {

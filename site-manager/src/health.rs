@@ -33,8 +33,8 @@ pub struct HealthDay {
     pub sampled_secs: u64,
     /// Consistent checkpoints taken that day.
     pub consistent_points: u64,
-    /// The history the journal can hold now (up to the policy): from the
-    /// oldest durable checkpoint to now, at most the policy's.
+    /// The history the recovery journals held at the day's last sample
+    /// (up to the policy): from the oldest checkpoint they all still hold.
     pub history_available_secs: u64,
     pub history_policy_secs: u64,
     /// The taps' and the link's counters at the last sample: the next
@@ -58,7 +58,7 @@ fn key(vpg: VpgId, day: &str) -> Vec<u8> {
 }
 
 /// Adds one sample (`interval_secs` long) of `stats` to its day.
-pub fn record(s: &Store, stats: &VpgStats, interval_secs: u64, history_policy_secs: u64) -> Result<(), StoreError> {
+pub fn record(s: &Store, stats: &VpgStats, interval_secs: u64) -> Result<(), StoreError> {
     let day = day_of(stats.at_ms);
     let k = key(stats.vpg, &day);
     let mut h = s.health.get(&k)?.unwrap_or(HealthDay {
@@ -71,7 +71,7 @@ pub fn record(s: &Store, stats: &VpgStats, interval_secs: u64, history_policy_se
         sampled_secs: 0,
         consistent_points: 0,
         history_available_secs: 0,
-        history_policy_secs,
+        history_policy_secs: stats.history_policy_secs,
         last_written_counter: None,
         last_link_counter: None,
     });
@@ -91,27 +91,22 @@ pub fn record(s: &Store, stats: &VpgStats, interval_secs: u64, history_policy_se
         }
     }
     h.sampled_secs += interval_secs;
-    h.history_policy_secs = history_policy_secs;
+    h.history_available_secs = stats.history_available_secs;
+    h.history_policy_secs = stats.history_policy_secs;
     s.health.put_unflushed(&k, &h)
 }
 
 /// The report of `vpg`, oldest day first, with the checkpoints counted
-/// and today's history available.
-pub fn report(s: &Store, vpg: VpgId, now_ms: u64) -> Result<Vec<HealthDay>, StoreError> {
+/// per day.
+pub fn report(s: &Store, vpg: VpgId) -> Result<Vec<HealthDay>, StoreError> {
     let mut days = s.health.list_prefix(vpg.as_bytes())?;
     let checkpoints = s.checkpoints.list_prefix(vpg.as_bytes())?;
-    let oldest = checkpoints.iter().filter(|c| c.consistent && c.durable).map(|c| c.time_ms).min();
     let mut points: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     for c in checkpoints.iter().filter(|c| c.consistent) {
         *points.entry(day_of(c.time_ms)).or_default() += 1;
     }
-    let today = day_of(now_ms);
     for d in &mut days {
         d.consistent_points = points.get(&d.day).copied().unwrap_or(0);
-        if d.day == today {
-            let age = oldest.map_or(0, |t| now_ms.saturating_sub(t) / 1000);
-            d.history_available_secs = age.min(d.history_policy_secs);
-        }
     }
     Ok(days)
 }
@@ -174,9 +169,9 @@ mod tests {
             at_ms: at + i * 10_000,
         };
         for (i, (w, rpo)) in [(100, 1000), (300, 7000), (600, 2000), (50, 9000), (150, 1000)].iter().enumerate() {
-            record(&s, &stats(i as u64, *w, *rpo), 10, 3600).expect("a sample");
+            record(&s, &stats(i as u64, *w, *rpo), 10).expect("a sample");
         }
-        let r = report(&s, v, at + 60_000).expect("a report");
+        let r = report(&s, v).expect("a report");
         assert_eq!(r.len(), 1);
         let d = &r[0];
         // 200 + 300, then a restart (50 < 600) adds nothing, then 100.

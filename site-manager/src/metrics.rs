@@ -40,8 +40,8 @@ pub struct VpgStats {
     pub link_bytes: u64,
     /// Bytes the recovery journals hold (log and packs).
     pub journal_bytes: u64,
-    /// From the oldest durable checkpoint to now, at most the policy's
-    /// history: how far back a failover can go.
+    /// From the oldest checkpoint every recovery journal still holds to
+    /// now, at most the policy's history: how far back a failover can go.
     pub history_available_secs: u64,
     /// The VPG's journal history setting.
     pub history_policy_secs: u64,
@@ -134,11 +134,19 @@ impl StatsSources {
 /// The stats of `v` now.
 pub fn vpg_stats(sm: &SiteManager, src: &StatsSources, v: &Vpg) -> Result<VpgStats, StoreError> {
     let newest: Option<Checkpoint> = sm.with_store(|s| s.newest_durable_checkpoint(v.id))?;
-    let oldest: Option<Checkpoint> = sm.with_store(|s| s.oldest_durable_checkpoint(v.id))?;
     let now = now_ms();
     let history_policy_secs = v.settings.journal_history_secs;
+    let roles = src.roles_of(v.id);
+    // The oldest point every recovery journal still holds (retention moves
+    // it on; the catalog keeps older records).
+    let oldest_held =
+        roles.iter().filter(|r| r.kind == RoleKind::Target).map(|r| r.oldest_recoverable_checkpoint).max();
+    let oldest_time = match oldest_held.flatten() {
+        Some(id) => sm.with_store(|s| s.checkpoints.get(&crate::store::checkpoint_key(v.id, id)))?.map(|c| c.time_ms),
+        None => None,
+    };
     let (mut written, mut link, mut journal) = (0, 0, 0);
-    for r in src.roles_of(v.id) {
+    for r in &roles {
         match r.kind {
             RoleKind::Source => {
                 written += r.written_bytes;
@@ -163,7 +171,7 @@ pub fn vpg_stats(sm: &SiteManager, src: &StatsSources, v: &Vpg) -> Result<VpgSta
         written_bytes: written,
         link_bytes: link,
         journal_bytes: journal,
-        history_available_secs: oldest.map_or(0, |c| now.saturating_sub(c.time_ms) / 1000).min(history_policy_secs),
+        history_available_secs: oldest_time.map_or(0, |t| now.saturating_sub(t) / 1000).min(history_policy_secs),
         history_policy_secs,
         tests_running: running,
         tests_stopped: stopped,
@@ -187,7 +195,7 @@ pub async fn run_sampler(sm: std::sync::Arc<SiteManager>) {
             for v in sm2.with_store(|s| s.vpgs.list())? {
                 let st = vpg_stats(&sm2, &src, &v)?;
                 sm2.rates.record(v.id, st.at_ms, st.written_bytes, st.link_bytes);
-                sm2.with_store(|s| crate::health::record(s, &st, SAMPLE_SECS, v.settings.journal_history_secs))?;
+                sm2.with_store(|s| crate::health::record(s, &st, SAMPLE_SECS))?;
             }
             Ok(())
         })
@@ -266,7 +274,7 @@ pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
     family(
         "vdsa_vpg_history_available_seconds",
         "gauge",
-        "How far back a failover can go: the oldest durable checkpoint's age, at most the policy's history.",
+        "How far back a failover can go: the age of the oldest checkpoint every recovery journal holds, at most the policy.",
         stats.iter().map(|(v, side, s)| (l(v, side), s.history_available_secs as f64)).collect(),
     );
     family(

@@ -128,17 +128,6 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
 
     /// The last entry under `prefix` (in key order) for which `keep`
     /// holds, scanning from the end.
-    pub fn first_prefix_where(&self, prefix: &[u8], keep: impl Fn(&T) -> bool) -> Result<Option<T>> {
-        for kv in self.tree.scan_prefix(prefix) {
-            let (k, v) = kv?;
-            let t = self.decode(&k, &v)?;
-            if keep(&t) {
-                return Ok(Some(t));
-            }
-        }
-        Ok(None)
-    }
-
     pub fn last_prefix_where(&self, prefix: &[u8], keep: impl Fn(&T) -> bool) -> Result<Option<T>> {
         for kv in self.tree.scan_prefix(prefix).rev() {
             let (k, v) = kv?;
@@ -429,11 +418,6 @@ impl Store {
     /// recovery site.
     pub fn newest_durable_checkpoint(&self, vpg: protection_groups::VpgId) -> Result<Option<Checkpoint>> {
         self.checkpoints.last_prefix_where(vpg.as_bytes(), |c| c.consistent && c.durable)
-    }
-
-    /// The oldest point a failover can still go back to.
-    pub fn oldest_durable_checkpoint(&self, vpg: protection_groups::VpgId) -> Result<Option<Checkpoint>> {
-        self.checkpoints.first_prefix_where(vpg.as_bytes(), |c| c.consistent && c.durable)
     }
 }
 

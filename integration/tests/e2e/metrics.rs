@@ -175,6 +175,21 @@ fn metrics_parse_and_their_rpo_equals_the_apis() {
     assert!(samples.iter().any(|s| s.0 == "vdsa_barrier_hold_seconds_count" && s.2 >= 1.0), "{text}");
     let up: Vec<&Sample> = samples.iter().filter(|s| s.0 == "vdsa_host_up").collect();
     assert!(up.len() == 2 && up.iter().all(|s| s.2 == 1.0), "{text}");
+    // History available comes from what the recovery VDSA's journal still
+    // holds: since the first recoverable point (after the initial sync),
+    // never more than the VPG's age.
+    let metric = of("vdsa_vpg_history_available_seconds").first().map(|s| s.2).unwrap_or(-1.0);
+    let history = after["history_available_secs"].as_f64().unwrap_or(-10.0);
+    assert!((metric - history).abs() <= 2.0, "metrics history {metric} s, API {history} s");
+    let v = sm.get(&format!("/api/v1/vpgs/{vpg}")).expect("the VPG");
+    let stats = sm
+        .wait_until(&format!("/api/v1/vpgs/{vpg}/stats"), std::time::Duration::from_secs(30), "history", |s| {
+            s["history_available_secs"].as_u64().is_some_and(|h| h >= 3)
+        })
+        .expect("some history");
+    let age = stats["at_ms"].as_u64().unwrap_or(0).saturating_sub(v["created_ms"].as_u64().unwrap_or(0)) / 1000;
+    let history = stats["history_available_secs"].as_u64().unwrap_or(0);
+    assert!(history <= age && history + 30 >= age, "history {history} s for a VPG {age} s old: {stats}");
     println!("metrics RPO {rpo} s; API {lo}..{hi} ms; {} samples", samples.len());
     // The Grafana dashboard asks only for what the site manager serves
     // (the site link once paired).

@@ -99,7 +99,7 @@ async fn health_report(
     };
     blocking(move || {
         find_vpg(&sm, id)?;
-        let days = sm.with_store(|s| crate::health::report(s, VpgId(id), crate::model::now_ms()))?;
+        let days = sm.with_store(|s| crate::health::report(s, VpgId(id)))?;
         Ok(if csv {
             ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], crate::health::csv(&days)).into_response()
         } else {
