@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides put in their first message. A peer of
 /// another version is refused with a message that names both.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest frame either side accepts.
 pub const MAX_FRAME_BYTES: u32 = 4 << 20;
@@ -350,6 +350,9 @@ pub struct ActualState {
     pub roles: Vec<RoleState>,
     /// Free bytes on the volume of its journals and spill files.
     pub data_free_bytes: u64,
+    /// The VDSA process's resident memory.
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 /// Source or target.
@@ -403,6 +406,20 @@ pub struct RoleState {
     /// holds (retention moves it on): how far back a failover can go.
     #[serde(default)]
     pub oldest_recoverable_checkpoint: Option<CheckpointId>,
+    /// Source only: guest writes the tap passed on (IOPS by their rate),
+    /// blocks offered to the target and blocks it lacked and was sent
+    /// (the rest were deduplicated), and the send queue in memory and
+    /// spilled to disk.
+    #[serde(default)]
+    pub write_count: u64,
+    #[serde(default)]
+    pub blocks_offered: u64,
+    #[serde(default)]
+    pub blocks_sent: u64,
+    #[serde(default)]
+    pub queue_bytes: u64,
+    #[serde(default)]
+    pub spill_bytes: u64,
     /// Source: what the tap wrote; target: its journal's bytes on disk.
     pub written_bytes: u64,
     /// Source: bytes on the link.

@@ -336,19 +336,9 @@ mod tests {
     #[test]
     fn history_is_short_only_for_a_vpg_older_than_its_policy_and_beyond_the_slack() {
         let stats = |available: u64| crate::metrics::VpgStats {
-            vpg: protection_groups::VpgId::new(),
-            rpo_ms: Some(1000),
-            newest_durable_checkpoint: None,
-            rpo_threshold_ms: 30_000,
-            written_bytes: 0,
-            link_bytes: 0,
-            journal_bytes: 0,
             history_available_secs: available,
             history_policy_secs: 3600,
-            tests_running: 0,
-            tests_stopped: 0,
-            failovers: 0,
-            at_ms: 0,
+            ..crate::metrics::VpgStats::empty(protection_groups::VpgId::new())
         };
         let hour = 3_600_000;
         // Young: an hour's history cannot be there after ten minutes.

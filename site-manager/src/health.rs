@@ -154,19 +154,13 @@ mod tests {
         let v = VpgId::new();
         let at = 1_795_737_600_000;
         let stats = |i: u64, written: u64, rpo: u64| VpgStats {
-            vpg: v,
             rpo_ms: Some(rpo),
-            newest_durable_checkpoint: None,
             rpo_threshold_ms: 5000,
             written_bytes: written,
             link_bytes: written / 2,
-            journal_bytes: 0,
-            history_available_secs: 0,
             history_policy_secs: 3600,
-            tests_running: 0,
-            tests_stopped: 0,
-            failovers: 0,
             at_ms: at + i * 10_000,
+            ..VpgStats::empty(v)
         };
         for (i, (w, rpo)) in [(100, 1000), (300, 7000), (600, 2000), (50, 9000), (150, 1000)].iter().enumerate() {
             record(&s, &stats(i as u64, *w, *rpo), 10).expect("a sample");

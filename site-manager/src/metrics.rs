@@ -40,6 +40,15 @@ pub struct VpgStats {
     pub link_bytes: u64,
     /// Bytes the recovery journals hold (log and packs).
     pub journal_bytes: u64,
+    /// Guest writes the source VDSAs passed on (IOPS by their rate).
+    #[serde(default)]
+    pub write_count: u64,
+    /// Blocks offered to the recovery VDSAs, and those they lacked and
+    /// were sent: the rest crossed the link as hashes only.
+    #[serde(default)]
+    pub blocks_offered: u64,
+    #[serde(default)]
+    pub blocks_sent: u64,
     /// From the oldest checkpoint every recovery journal still holds to
     /// now, at most the policy's history: how far back a failover can go.
     pub history_available_secs: u64,
@@ -51,6 +60,31 @@ pub struct VpgStats {
     pub failovers: u64,
     /// When the figures were taken.
     pub at_ms: u64,
+}
+
+impl VpgStats {
+    /// Nothing measured yet for `vpg` (what a sample is built on in
+    /// tests).
+    pub fn empty(vpg: VpgId) -> VpgStats {
+        VpgStats {
+            vpg,
+            rpo_ms: None,
+            newest_durable_checkpoint: None,
+            rpo_threshold_ms: 0,
+            written_bytes: 0,
+            link_bytes: 0,
+            journal_bytes: 0,
+            write_count: 0,
+            blocks_offered: 0,
+            blocks_sent: 0,
+            history_available_secs: 0,
+            history_policy_secs: 0,
+            tests_running: 0,
+            tests_stopped: 0,
+            failovers: 0,
+            at_ms: 0,
+        }
+    }
 }
 
 /// The barrier's hold times, in seconds: the histogram's upper bounds.
@@ -146,11 +180,15 @@ pub fn vpg_stats(sm: &SiteManager, src: &StatsSources, v: &Vpg) -> Result<VpgSta
         None => None,
     };
     let (mut written, mut link, mut journal) = (0, 0, 0);
+    let (mut writes, mut offered, mut sent) = (0, 0, 0);
     for r in &roles {
         match r.kind {
             RoleKind::Source => {
                 written += r.written_bytes;
                 link += r.link_bytes;
+                writes += r.write_count;
+                offered += r.blocks_offered;
+                sent += r.blocks_sent;
             }
             RoleKind::Target => journal += r.written_bytes,
         }
@@ -171,6 +209,9 @@ pub fn vpg_stats(sm: &SiteManager, src: &StatsSources, v: &Vpg) -> Result<VpgSta
         written_bytes: written,
         link_bytes: link,
         journal_bytes: journal,
+        write_count: writes,
+        blocks_offered: offered,
+        blocks_sent: sent,
         history_available_secs: oldest_time.map_or(0, |t| now.saturating_sub(t) / 1000).min(history_policy_secs),
         history_policy_secs,
         tests_running: running,
@@ -272,6 +313,32 @@ pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
         stats.iter().map(|(v, side, s)| (l(v, side), s.journal_bytes as f64)).collect(),
     );
     family(
+        "vdsa_vpg_writes_total",
+        "counter",
+        "Guest writes the source VDSAs passed on (IOPS by its rate).",
+        stats.iter().map(|(v, side, s)| (l(v, side), s.write_count as f64)).collect(),
+    );
+    family(
+        "vdsa_vpg_dedup_ratio",
+        "gauge",
+        "Share of offered blocks the recovery site held already (sent as hashes only).",
+        stats
+            .iter()
+            .filter(|(_, _, s)| s.blocks_offered > 0)
+            .map(|(v, side, s)| (l(v, side), 1.0 - s.blocks_sent as f64 / s.blocks_offered as f64))
+            .collect(),
+    );
+    family(
+        "vdsa_vpg_compression_ratio",
+        "gauge",
+        "Link bytes per written byte (after dedup and compression; lower is better).",
+        stats
+            .iter()
+            .filter(|(_, _, s)| s.written_bytes > 0)
+            .map(|(v, side, s)| (l(v, side), s.link_bytes as f64 / s.written_bytes as f64))
+            .collect(),
+    );
+    family(
         "vdsa_vpg_history_available_seconds",
         "gauge",
         "How far back a failover can go: the age of the oldest checkpoint every recovery journal holds, at most the policy.",
@@ -312,6 +379,30 @@ pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
             })
             .collect(),
     );
+    let links = sm.links.snapshot();
+    let per_host = |what: &dyn Fn(&protection_groups::mgmt::ActualState) -> u64| -> Vec<(String, f64)> {
+        hosts
+            .iter()
+            .filter_map(|h| {
+                links
+                    .get(&h.id)
+                    .map(|x| (format!("host=\"{}\",name=\"{}\"", h.id.0, label(&h.name)), what(&x.actual) as f64))
+            })
+            .collect()
+    };
+    family(
+        "vdsa_host_queue_bytes",
+        "gauge",
+        "Bytes in the VDSA's send queues in memory.",
+        per_host(&|a| a.roles.iter().map(|r| r.queue_bytes).sum()),
+    );
+    family(
+        "vdsa_host_spill_bytes",
+        "gauge",
+        "Bytes the VDSA's send queues spilled to disk.",
+        per_host(&|a| a.roles.iter().map(|r| r.spill_bytes).sum()),
+    );
+    family("vdsa_host_memory_bytes", "gauge", "The VDSA process's resident memory.", per_host(&|a| a.memory_bytes));
     family(
         "vdsa_host_heartbeat_age_seconds",
         "gauge",

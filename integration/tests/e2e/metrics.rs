@@ -175,6 +175,16 @@ fn metrics_parse_and_their_rpo_equals_the_apis() {
     assert!(samples.iter().any(|s| s.0 == "vdsa_barrier_hold_seconds_count" && s.2 >= 1.0), "{text}");
     let up: Vec<&Sample> = samples.iter().filter(|s| s.0 == "vdsa_host_up").collect();
     assert!(up.len() == 2 && up.iter().all(|s| s.2 == 1.0), "{text}");
+    // The tap's write count (64 guest writes at least), the dedup and
+    // compression ratios, and each VDSA's queue and memory.
+    assert!(of("vdsa_vpg_writes_total").first().is_some_and(|s| s.2 >= 64.0), "{text}");
+    assert!(of("vdsa_vpg_dedup_ratio").first().is_some_and(|s| (0.0..=1.0).contains(&s.2)), "{text}");
+    assert!(of("vdsa_vpg_compression_ratio").first().is_some_and(|s| s.2 > 0.0), "{text}");
+    for family in ["vdsa_host_memory_bytes", "vdsa_host_queue_bytes", "vdsa_host_spill_bytes"] {
+        let per_host: Vec<&Sample> = samples.iter().filter(|s| s.0 == family).collect();
+        assert_eq!(per_host.len(), 2, "{family} for both VDSAs: {text}");
+    }
+    assert!(samples.iter().filter(|s| s.0 == "vdsa_host_memory_bytes").all(|s| s.2 > 1e6), "{text}");
     // History available comes from what the recovery VDSA's journal still
     // holds: since the first recoverable point (after the initial sync),
     // never more than the VPG's age.

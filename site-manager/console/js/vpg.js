@@ -272,6 +272,8 @@ export async function render(ctx) {
         h('dl', { class: 'kv' },
           h('dt', {}, 'Written'), h('dd', {}, stats ? fmtBytes(stats.written_bytes) : '—'),
           h('dt', {}, 'Sent'), h('dd', {}, stats ? fmtBytes(stats.link_bytes) : '—'),
+          h('dt', {}, 'Writes'), h('dd', {}, stats ? stats.write_count.toLocaleString('en') : '—'),
+          h('dt', {}, 'Deduplicated'), h('dd', {}, stats && stats.blocks_offered ? `${Math.round(100 * (1 - stats.blocks_sent / stats.blocks_offered))} % of blocks` : '—'),
           h('dt', {}, 'Checkpoints'), h('dd', {}, `every ${v.settings.checkpoint_interval_ms / 1000} s`))));
     const hostName = (hid) => hosts.find((x) => x.id === hid)?.name || hid;
     refill(vms, table(['VM', 'Runs on', 'Disks', 'Recovers to', '#Boot delay'], v.settings.vms.map((vm) => h('tr', {},

@@ -486,6 +486,11 @@ impl Roles {
                     oldest_recoverable_checkpoint: None,
                     written_bytes: st["raw_bytes"].as_u64().unwrap_or(0),
                     link_bytes: st["wire_bytes"].as_u64().unwrap_or(0),
+                    write_count: st["writes"].as_u64().unwrap_or(0),
+                    blocks_offered: st["blocks_offered"].as_u64().unwrap_or(0),
+                    blocks_sent: st["blocks_sent"].as_u64().unwrap_or(0),
+                    queue_bytes: st["queue"]["memory_bytes"].as_u64().unwrap_or(0),
+                    spill_bytes: st["queue"]["spill_bytes"].as_u64().unwrap_or(0),
                     stacks: Vec::new(),
                     powered_off: power.done.load(Ordering::SeqCst),
                 });
@@ -512,12 +517,22 @@ impl Roles {
                 oldest_recoverable_checkpoint: cps.iter().find(|c| c.kind.is_recoverable()).map(|c| c.id),
                 written_bytes: stats.as_ref().map_or(0, |s| s.log_bytes + s.pack_bytes),
                 link_bytes: 0,
+                write_count: 0,
+                blocks_offered: 0,
+                blocks_sent: 0,
+                queue_bytes: 0,
+                spill_bytes: 0,
                 stacks: self.stacks.states(vpg),
                 powered_off: false,
             });
         }
         let data_free_bytes = crate::journal::free_bytes_at(&self.cfg.data).unwrap_or(0);
-        ActualState { desired_version: self.applied_version.load(Ordering::SeqCst), roles, data_free_bytes }
+        ActualState {
+            desired_version: self.applied_version.load(Ordering::SeqCst),
+            roles,
+            data_free_bytes,
+            memory_bytes: resident_bytes(),
+        }
     }
 
     /// Applies each target role's retention (every few seconds), and
@@ -551,4 +566,16 @@ impl Roles {
             }
         }
     }
+}
+
+/// This process's resident memory, from /proc/self/statm (0 where that
+/// cannot be read).
+fn resident_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages.saturating_mul(u64::try_from(page).unwrap_or(4096))
 }

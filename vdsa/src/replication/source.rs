@@ -55,6 +55,8 @@ pub struct LinkCounters {
     pub wire_bytes: AtomicU64,
     pub blocks_offered: AtomicU64,
     pub blocks_sent: AtomicU64,
+    /// Guest writes offered.
+    pub writes: AtomicU64,
     pub links: AtomicU64,
     pub durable_seq: AtomicU64,
     /// Source time of the newest consistent checkpoint durable at the target.
@@ -402,6 +404,7 @@ impl SourceStream {
             "wire_bytes": c.wire_bytes.load(Ordering::Relaxed),
             "blocks_offered": c.blocks_offered.load(Ordering::Relaxed),
             "blocks_sent": c.blocks_sent.load(Ordering::Relaxed),
+            "writes": c.writes.load(Ordering::Relaxed),
             "links": c.links.load(Ordering::Relaxed),
             "durable_seq": c.durable_seq.load(Ordering::Relaxed),
             "rpo_ms": if newest == 0 { serde_json::Value::Null } else { serde_json::json!(now_ms().saturating_sub(newest)) },
@@ -628,6 +631,7 @@ impl SourceStream {
         let mut items = Vec::with_capacity(entries.len());
         let mut raw = 0u64;
         let mut hashed = 0u64;
+        let mut writes = 0u64;
         let mut zero = Vec::new();
         for e in &entries {
             items.push(match e {
@@ -651,6 +655,7 @@ impl SourceStream {
                         Vec::new()
                     };
                     raw += x.data.len() as u64;
+                    writes += 1;
                     OfferItem::Write(OfferedWrite { write: StreamWrite { seq: base + x.write.seq, ..x.write }, blocks })
                 }
                 Entry::Marker(m) => OfferItem::Marker(Marker { cut_seq: base + m.cut_seq, ..m.clone() }),
@@ -660,6 +665,7 @@ impl SourceStream {
         self.send_frame(w, msg::OFFER, &offer.encode())?;
         self.counters.raw_bytes.fetch_add(raw, Ordering::Relaxed);
         self.counters.blocks_offered.fetch_add(hashed, Ordering::Relaxed);
+        self.counters.writes.fetch_add(writes, Ordering::Relaxed);
         Ok(PendingBatch { batch, entries, zero, hashed: hashed as usize })
     }
 
