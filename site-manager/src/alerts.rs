@@ -34,15 +34,27 @@ pub struct AlertSettings {
     /// A failover test running longer than this raises an alert.
     #[serde(default = "default_test_limit")]
     pub test_running_limit_secs: u64,
+    /// A recovery VDSA whose journal volume has less free space than this
+    /// raises an alert (before its journals fill and pause their VPGs).
+    #[serde(default = "default_journal_volume_free")]
+    pub journal_volume_free_min_bytes: u64,
 }
 
 fn default_test_limit() -> u64 {
     4 * 3600
 }
 
+fn default_journal_volume_free() -> u64 {
+    2 << 30
+}
+
 impl Default for AlertSettings {
     fn default() -> Self {
-        AlertSettings { webhook_url: String::new(), test_running_limit_secs: default_test_limit() }
+        AlertSettings {
+            webhook_url: String::new(),
+            test_running_limit_secs: default_test_limit(),
+            journal_volume_free_min_bytes: default_journal_volume_free(),
+        }
     }
 }
 
@@ -59,6 +71,7 @@ pub enum AlertKind {
     TestRunningLong,
     JournalFull,
     HistoryBelowPolicy,
+    JournalVolumeLow,
 }
 
 /// One alert, raised while its condition holds.
@@ -208,7 +221,24 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
             ));
         }
     }
+    let links = sm.links.snapshot();
     for h in sm.with_store(|s| s.hosts.list())? {
+        let holds_journals = links
+            .get(&h.id)
+            .filter(|l| l.actual.roles.iter().any(|r| r.kind == protection_groups::mgmt::RoleKind::Target));
+        if let Some(l) = holds_journals.filter(|l| l.actual.data_free_bytes < settings.journal_volume_free_min_bytes) {
+            out.push((
+                AlertKind::JournalVolumeLow,
+                h.id.0.to_string(),
+                h.name.clone(),
+                format!(
+                    "the journal volume of host {} has {} MiB free, under the {} MiB alert level",
+                    h.name,
+                    l.actual.data_free_bytes >> 20,
+                    settings.journal_volume_free_min_bytes >> 20
+                ),
+            ));
+        }
         if h.vdsa == VdsaState::Down {
             let age =
                 h.last_heartbeat_ms.map_or("never".to_string(), |t| format!("{} s ago", now.saturating_sub(t) / 1000));

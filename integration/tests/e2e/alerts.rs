@@ -136,4 +136,35 @@ fn an_rpo_alert_reaches_the_webhook_when_the_link_is_cut_and_clears_when_it_is_b
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(delivered("cleared") >= 1, "the cleared event reached the webhook");
+
+    // The journal volume's alert level: above what the recovery host has
+    // free, its VDSA (and only it: the protected host holds no journal) is
+    // named; back under it, the alert clears.
+    let volume_alerts = |a: &serde_json::Value| -> Vec<serde_json::Value> {
+        a.as_array()
+            .map(|a| {
+                a.iter().filter(|x| x["kind"] == "journal_volume_low" && x["cleared_ms"].is_null()).cloned().collect()
+            })
+            .unwrap_or_default()
+    };
+    sm.call(
+        "PUT",
+        "/api/v1/site/alerts",
+        Some(json!({"webhook_url": url, "journal_volume_free_min_bytes": 1u64 << 62})),
+    )
+    .expect("alert settings");
+    let raised = sm
+        .wait_until("/api/v1/alerts", Duration::from_secs(30), "the journal volume alert", |a| {
+            !volume_alerts(a).is_empty()
+        })
+        .expect("the journal volume alert");
+    let named: Vec<String> =
+        volume_alerts(&raised).iter().map(|x| x["subject_name"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(named, vec!["recovery-0".to_string()], "{raised}");
+    sm.call("PUT", "/api/v1/site/alerts", Some(json!({"webhook_url": url, "journal_volume_free_min_bytes": 0})))
+        .expect("alert settings");
+    sm.wait_until("/api/v1/alerts", Duration::from_secs(30), "the journal volume alert to clear", |a| {
+        volume_alerts(a).is_empty()
+    })
+    .expect("cleared");
 }

@@ -23,6 +23,9 @@ pub enum MonitorOp {
         webhook_url: Option<String>,
         #[arg(long)]
         test_running_limit_secs: Option<u64>,
+        /// Alert when a recovery VDSA's journal volume has less free.
+        #[arg(long)]
+        journal_volume_free_min_bytes: Option<u64>,
     },
     /// A VPG's RPO, bytes written, sent and journalled, tests.
     Stats { vpg: String },
@@ -71,14 +74,17 @@ pub fn run(api: &ApiClient, json: bool, op: MonitorOp) -> Result<()> {
             }
             rows
         }),
-        MonitorOp::AlertSettings { webhook_url, test_running_limit_secs } => {
+        MonitorOp::AlertSettings { webhook_url, test_running_limit_secs, journal_volume_free_min_bytes } => {
             let mut s: AlertSettings = api.get("/api/v1/site/alerts")?;
-            if webhook_url.is_some() || test_running_limit_secs.is_some() {
+            if webhook_url.is_some() || test_running_limit_secs.is_some() || journal_volume_free_min_bytes.is_some() {
                 if let Some(u) = webhook_url {
                     s.webhook_url = u;
                 }
                 if let Some(l) = test_running_limit_secs {
                     s.test_running_limit_secs = l;
+                }
+                if let Some(b) = journal_volume_free_min_bytes {
+                    s.journal_volume_free_min_bytes = b;
                 }
                 s = api.call(Method::PUT, "/api/v1/site/alerts", Some(&s))?;
             }
@@ -86,6 +92,7 @@ pub fn run(api: &ApiClient, json: bool, op: MonitorOp) -> Result<()> {
                 fields(&[
                     ("webhook", s.webhook_url.clone()),
                     ("test running limit", format!("{} s", s.test_running_limit_secs)),
+                    ("journal volume alert under", format!("{} MiB free", s.journal_volume_free_min_bytes >> 20)),
                 ])
             })
         }
