@@ -221,12 +221,10 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
             ));
         }
     }
-    let links = sm.links.snapshot();
     for h in sm.with_store(|s| s.hosts.list())? {
-        let holds_journals = links
-            .get(&h.id)
-            .filter(|l| l.actual.roles.iter().any(|r| r.kind == protection_groups::mgmt::RoleKind::Target));
-        if let Some(l) = holds_journals.filter(|l| l.actual.data_free_bytes < settings.journal_volume_free_min_bytes) {
+        let holds_journals =
+            src.vdsa(h.id).filter(|a| a.roles.iter().any(|r| r.kind == protection_groups::mgmt::RoleKind::Target));
+        if let Some(a) = holds_journals.filter(|a| a.data_free_bytes < settings.journal_volume_free_min_bytes) {
             out.push((
                 AlertKind::JournalVolumeLow,
                 h.id.0.to_string(),
@@ -234,7 +232,7 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
                 format!(
                     "the journal volume of host {} has {} MiB free, under the {} MiB alert level",
                     h.name,
-                    l.actual.data_free_bytes >> 20,
+                    a.data_free_bytes >> 20,
                     settings.journal_volume_free_min_bytes >> 20
                 ),
             ));

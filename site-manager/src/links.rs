@@ -92,6 +92,11 @@ impl Links {
             .unwrap_or_default()
     }
 
+    /// What every connected VDSA reported last, by host.
+    pub fn actual_states(&self) -> HashMap<HostId, ActualState> {
+        self.by_host.lock().map(|l| l.iter().map(|(h, x)| (*h, x.actual.clone())).collect()).unwrap_or_default()
+    }
+
     /// Every role every connected VDSA reported last.
     pub fn roles(&self) -> Vec<RoleState> {
         self.by_host.lock().map(|l| l.values().flat_map(|x| x.actual.roles.clone()).collect()).unwrap_or_default()

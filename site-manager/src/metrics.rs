@@ -13,9 +13,11 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use protection_groups::mgmt::{RoleKind, RoleState};
+use protection_groups::mgmt::{ActualState, RoleKind, RoleState};
+use protection_groups::HostId;
 use protection_groups::VpgId;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use utoipa::ToSchema;
 
 use crate::model::{now_ms, Checkpoint, TestState, VdsaState, Vpg};
@@ -131,12 +133,12 @@ impl HoldHistogram {
 }
 
 /// What every VPG's stats are computed from, read once per pass over
-/// the VPGs (not once per VPG): this site's VDSAs' role reports, the target
+/// the VPGs (not once per VPG): this site's VDSAs' reports, the target
 /// roles the paired site reported for this site's VPGs, and the failover
 /// test records.
 #[derive(Debug)]
 pub struct StatsSources {
-    roles: Vec<RoleState>,
+    vdsas: HashMap<HostId, ActualState>,
     peer_targets: Vec<RoleState>,
     tests: Vec<crate::model::FailoverTest>,
 }
@@ -144,7 +146,7 @@ pub struct StatsSources {
 impl StatsSources {
     pub fn read(sm: &SiteManager) -> Result<StatsSources, StoreError> {
         Ok(StatsSources {
-            roles: sm.links.roles(),
+            vdsas: sm.links.actual_states(),
             peer_targets: sm.peering.target_roles(),
             tests: sm.with_store(|s| s.tests.list())?,
         })
@@ -154,10 +156,16 @@ impl StatsSources {
         &self.tests
     }
 
+    /// What `host`'s VDSA reported last, if it is connected.
+    pub fn vdsa(&self, host: HostId) -> Option<&ActualState> {
+        self.vdsas.get(&host)
+    }
+
     /// The role reports that concern `vpg`: this site's, and for a VPG
     /// recovering to the paired site, the targets that site reported.
     fn roles_of(&self, vpg: VpgId) -> Vec<&RoleState> {
-        let mut roles: Vec<&RoleState> = self.roles.iter().filter(|r| r.vpg == vpg).collect();
+        let mut roles: Vec<&RoleState> =
+            self.vdsas.values().flat_map(|a| a.roles.iter()).filter(|r| r.vpg == vpg).collect();
         if !roles.iter().any(|r| r.kind == RoleKind::Target) {
             roles.extend(self.peer_targets.iter().filter(|r| r.vpg == vpg));
         }
@@ -172,10 +180,11 @@ pub fn vpg_stats(sm: &SiteManager, src: &StatsSources, v: &Vpg) -> Result<VpgSta
     let history_policy_secs = v.settings.journal_history_secs;
     let roles = src.roles_of(v.id);
     // The oldest point every recovery journal still holds (retention moves
-    // it on; the catalog keeps older records).
-    let oldest_held =
-        roles.iter().filter(|r| r.kind == RoleKind::Target).map(|r| r.oldest_recoverable_checkpoint).max();
-    let oldest_time = match oldest_held.flatten() {
+    // it on; the catalog keeps older records): none if any journal holds
+    // none.
+    let oldest_held: Option<Vec<_>> =
+        roles.iter().filter(|r| r.kind == RoleKind::Target).map(|r| r.oldest_recoverable_checkpoint).collect();
+    let oldest_time = match oldest_held.and_then(|ids| ids.into_iter().max()) {
         Some(id) => sm.with_store(|s| s.checkpoints.get(&crate::store::checkpoint_key(v.id, id)))?.map(|c| c.time_ms),
         None => None,
     };
@@ -250,6 +259,11 @@ pub async fn run_sampler(sm: std::sync::Arc<SiteManager>) {
 /// A label value, escaped as the exposition format asks.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// A host's labels: its id and name.
+fn host_label(h: &crate::model::Host) -> String {
+    format!("host=\"{}\",name=\"{}\"", h.id.0, label(&h.name))
 }
 
 /// `GET /metrics`: the text exposition format, one family after another,
@@ -369,26 +383,10 @@ pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
         "vdsa_host_up",
         "gauge",
         "1 if the host's VDSA is installed and answers heartbeats.",
-        hosts
-            .iter()
-            .map(|h| {
-                (
-                    format!("host=\"{}\",name=\"{}\"", h.id.0, label(&h.name)),
-                    f64::from(u8::from(h.vdsa == VdsaState::Installed)),
-                )
-            })
-            .collect(),
+        hosts.iter().map(|h| (host_label(h), f64::from(u8::from(h.vdsa == VdsaState::Installed)))).collect(),
     );
-    let links = sm.links.snapshot();
-    let per_host = |what: &dyn Fn(&protection_groups::mgmt::ActualState) -> u64| -> Vec<(String, f64)> {
-        hosts
-            .iter()
-            .filter_map(|h| {
-                links
-                    .get(&h.id)
-                    .map(|x| (format!("host=\"{}\",name=\"{}\"", h.id.0, label(&h.name)), what(&x.actual) as f64))
-            })
-            .collect()
+    let per_host = |what: &dyn Fn(&ActualState) -> u64| -> Vec<(String, f64)> {
+        hosts.iter().filter_map(|h| src.vdsa(h.id).map(|a| (host_label(h), what(a) as f64))).collect()
     };
     family(
         "vdsa_host_queue_bytes",
@@ -409,11 +407,7 @@ pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
         "Seconds since the host's VDSA last reported.",
         hosts
             .iter()
-            .filter_map(|h| {
-                h.last_heartbeat_ms.map(|t| {
-                    (format!("host=\"{}\",name=\"{}\"", h.id.0, label(&h.name)), now.saturating_sub(t) as f64 / 1000.0)
-                })
-            })
+            .filter_map(|h| h.last_heartbeat_ms.map(|t| (host_label(h), now.saturating_sub(t) as f64 / 1000.0)))
             .collect(),
     );
     if let Some(p) = crate::peering::stored_peer(sm).ok().flatten() {
