@@ -88,16 +88,8 @@ impl SiteManagerProcess {
 
     /// One API call as the admin; a non-2xx answer is an error naming it.
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-        let url = format!("https://127.0.0.1:{}{path}", self.api_port);
-        let method = reqwest::Method::from_bytes(method.as_bytes())?;
-        let mut r = self.client.request(method.clone(), &url).bearer_auth(&self.admin);
-        if let Some(b) = body {
-            r = r.header("content-type", "application/json").body(b.to_string());
-        }
-        let resp = r.send().with_context(|| format!("{method} {path}"))?;
-        let status = resp.status();
-        let text = resp.text()?;
-        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let (status, v) = self.call_as(method, path, body, Some(&self.admin))?;
+        let status = reqwest::StatusCode::from_u16(status)?;
         if !status.is_success() {
             bail!("{method} {path}: {status}: {v}");
         }
