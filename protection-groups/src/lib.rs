@@ -8,6 +8,7 @@
 //! appliance, the site manager and the clients all depend on it, so it stays
 //! small, pure and cheap to compile.
 
+pub mod appliance;
 mod ids;
 pub mod logs;
 pub mod mgmt;

@@ -3,14 +3,15 @@
 //! and the deb write). Everything else comes from the site manager.
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// The configuration file (JSON); flags override each field.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// This host's name, as the site manager lists it.
+    /// This host's name, as the site manager lists it (empty: the
+    /// machine's host name).
     pub name: String,
     /// Journals, spill files, identity, state.
     pub data: PathBuf,

@@ -7,6 +7,7 @@
 //! its VMs when asked), answers the log collector, and reports its actual
 //! state every heartbeat.
 
+pub mod appliance;
 mod config;
 mod identity;
 mod link;
@@ -187,7 +188,13 @@ fn collect_logs(
     (s, truncated)
 }
 
-fn is_refusal(e: &anyhow::Error) -> bool {
+/// `vdsa agent`'s exit status when its registration was refused: a wrong,
+/// used or expired token, or a site manager that is not the one the token
+/// names. Restarting cannot help (the appliance's init stops).
+pub const EXIT_REFUSED: i32 = 3;
+
+/// Whether an error of [`run`] is a refusal that retrying cannot mend.
+pub fn is_refusal(e: &anyhow::Error) -> bool {
     let s = format!("{e:#}");
     // Retrying cannot help these: the token or the site manager is wrong.
     s.contains("refused the registration")

@@ -71,6 +71,20 @@ enum Command {
     /// The long-lived VDSA of a host under a site manager: registers,
     /// then runs the roles its site manager asks for.
     Agent(AgentArgs),
+    /// The appliance's boot step: turns its OVF environment into the
+    /// agent's configuration file and prints the network settings as shell
+    /// assignments; a missing or bad property stops it, naming the property.
+    ApplianceConfig {
+        /// The OVF environment (ovf-env.xml from the appliance's CD-ROM).
+        #[arg(long)]
+        ovf_env: PathBuf,
+        /// The agent's data folder on the appliance's data volume.
+        #[arg(long)]
+        data: PathBuf,
+        /// The agent's configuration file to write.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Site certificates for the replication link.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -162,6 +176,11 @@ fn agent_config(a: AgentArgs) -> Result<crate::agent::AgentConfig> {
     }
     if let Some(v) = a.fault_kill_after_prepare {
         cfg.fault_kill_after_prepare = v;
+    }
+    if cfg.name.trim().is_empty() {
+        // The deb's default configuration names no host: the machine's.
+        cfg.name =
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     }
     Ok(cfg)
 }
@@ -325,7 +344,19 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
     if let Command::Agent(a) = cli.command {
         let cfg = agent_config(a)?;
         init_tracing(Some(&cfg.log_file()));
-        return crate::agent::run(cfg);
+        return match crate::agent::run(cfg) {
+            Err(e) if crate::agent::is_refusal(&e) => {
+                // Restarting cannot help: the appliance's init stops here.
+                tracing::error!("{e:#}");
+                eprintln!("vdsa agent: {e:#}");
+                std::process::exit(crate::agent::EXIT_REFUSED)
+            }
+            r => r,
+        };
+    }
+    if let Command::ApplianceConfig { ovf_env, data, config } = &cli.command {
+        print!("{}", crate::agent::appliance::configure(ovf_env, data, config)?);
+        return Ok(());
     }
     init_tracing(None);
     match cli.command {
@@ -347,7 +378,7 @@ pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
         }
         Command::Source(a) => source(*a),
         Command::Target(a) => target(a),
-        Command::Agent(_) => Ok(()),
+        Command::Agent(_) | Command::ApplianceConfig { .. } => Ok(()),
         Command::Certs(CertsCommand::Create { site, dir }) => {
             for p in crate::wire::tls::create_site_certificates(&dir, &site)? {
                 println!("wrote {}", p.display());
