@@ -14,29 +14,19 @@
 
 use crate::process::ChildGuard;
 use anyhow::{bail, ensure, Context, Result};
-use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Debian packages unpacked into the kit (the kernel's comes from
-/// `linux-image-cloud-amd64`'s dependency): QEMU and its firmware, busybox
-/// for the guests' userland, and what makes a bootable disk from files
-/// alone (sfdisk, mkfs.vfat, SYSLINUX with mtools).
-const PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "qemu-system-common",
-    "qemu-system-data",
-    "seabios",
-    "busybox-static",
-    "syslinux",
-    "syslinux-common",
-    "mtools",
-    "dosfstools",
-    "fdisk",
-];
+use packaging::debian::{DebianRoot, IMAGE_PACKAGES};
+pub use packaging::image::BootDisk;
+use packaging::image::{build_boot_disk, build_initramfs, InitramfsSpec};
+
+/// Debian packages unpacked into the kit besides the image packages
+/// (`packaging::debian::IMAGE_PACKAGES`) and the kernel: QEMU and its
+/// firmware.
+const QEMU_PACKAGES: &[&str] = &["qemu-system-x86", "qemu-system-common", "qemu-system-data", "seabios"];
 
 /// Shared libraries the unpacked QEMU links against, installed with apt
 /// when missing (they do not conflict with anything).
@@ -70,8 +60,7 @@ pub const NET_MODULES: &[&str] = &["net/core/failover", "drivers/net/net_failove
 /// The unpacked kit.
 #[derive(Debug, Clone)]
 pub struct GuestKit {
-    root: PathBuf,
-    kernel_version: String,
+    debian: DebianRoot,
 }
 
 /// The kit's folder: under the build's target folder, shared by every test
@@ -88,30 +77,6 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn apt_update() -> Result<()> {
-    run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")
-}
-
-/// The kernel package the cloud kernel's meta package points at.
-fn kernel_package() -> Result<String> {
-    for attempt in 0..2 {
-        let out = Command::new("apt-cache")
-            .args(["depends", "linux-image-cloud-amd64"])
-            .output()
-            .context("running apt-cache (is this Debian?)")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let found =
-            text.lines().filter_map(|l| l.trim().strip_prefix("Depends: ")).find(|p| p.starts_with("linux-image-"));
-        if let Some(p) = found {
-            return Ok(p.trim().to_string());
-        }
-        if attempt == 0 {
-            apt_update()?;
-        }
-    }
-    bail!("apt-cache knows no dependency of linux-image-cloud-amd64")
-}
-
 impl GuestKit {
     /// The kit in [`default_kit_dir`], unpacked on first use.
     pub fn prepare() -> Result<GuestKit> {
@@ -119,60 +84,33 @@ impl GuestKit {
     }
 
     /// Unpacks the kit into `dir` unless it is there already. Safe to call
-    /// from several threads and processes at once (a lock file serialises
-    /// them).
+    /// from several threads and processes at once.
     pub fn prepare_in(dir: &Path) -> Result<GuestKit> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let lock = std::fs::File::create(dir.join(".lock")).context("the guest kit's lock file")?;
-        // SAFETY: flock takes a descriptor we own for the duration of the
-        // call and touches no memory of ours.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            bail!("locking the guest kit: {}", std::io::Error::last_os_error());
-        }
-        let root = dir.join("root");
-        let ready = root.join(".ready");
-        let wanted = PACKAGES.join(" ");
-        if std::fs::read_to_string(&ready).ok().as_deref() != Some(wanted.as_str()) {
-            let debs = dir.join("debs");
-            let _ = std::fs::remove_dir_all(&debs);
-            let _ = std::fs::remove_dir_all(&root);
-            std::fs::create_dir_all(&debs)?;
-            let mut packages: Vec<String> = PACKAGES.iter().map(|s| s.to_string()).collect();
-            packages.push(kernel_package()?);
-            let download =
-                || run(Command::new("apt-get").arg("download").args(&packages).current_dir(&debs), "apt-get download");
-            if download().is_err() {
-                apt_update()?;
-                download()?;
-            }
-            for deb in std::fs::read_dir(&debs)?.flatten() {
-                run(Command::new("dpkg-deb").arg("-x").arg(deb.path()).arg(&root), "dpkg-deb -x")?;
-            }
-        }
-        let modules = root.join("lib/modules");
-        let kernel_version = std::fs::read_dir(&modules)
-            .with_context(|| format!("listing {}", modules.display()))?
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .next()
-            .context("the kit holds no kernel")?;
-        let kit = GuestKit { root, kernel_version };
+        let packages: Vec<&str> = IMAGE_PACKAGES.iter().chain(QEMU_PACKAGES).copied().collect();
+        let debian = DebianRoot::prepare_in(dir, &packages).context("unpacking the guest kit")?;
+        let kit = GuestKit { debian };
         if kit.qemu_version().is_err() {
             let mut apt = Command::new("apt-get");
             apt.args(["install", "-y", "-qq"]).args(QEMU_LIBRARIES).env("DEBIAN_FRONTEND", "noninteractive");
             if run(&mut apt, "apt-get install").is_err() {
-                apt_update()?;
+                run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
                 run(&mut apt, "apt-get install")?;
             }
             kit.qemu_version()?;
         }
-        std::fs::write(&ready, wanted)?;
         Ok(kit)
     }
 
+    /// The Debian packages the kit is made of (for images built by
+    /// `packaging`, such as the appliance).
+    pub fn debian(&self) -> &DebianRoot {
+        &self.debian
+    }
+
     fn qemu(&self) -> Command {
-        let mut cmd = Command::new(self.root.join("usr/bin/qemu-system-x86_64"));
-        cmd.env("QEMU_MODULE_DIR", self.root.join("usr/lib/x86_64-linux-gnu/qemu"));
+        let root = self.debian.root();
+        let mut cmd = Command::new(root.join("usr/bin/qemu-system-x86_64"));
+        cmd.env("QEMU_MODULE_DIR", root.join("usr/lib/x86_64-linux-gnu/qemu"));
         cmd
     }
 
@@ -183,40 +121,18 @@ impl GuestKit {
     }
 
     pub fn kernel(&self) -> PathBuf {
-        self.root.join(format!("boot/vmlinuz-{}", self.kernel_version))
-    }
-
-    fn module(&self, name: &str) -> PathBuf {
-        self.root.join("lib/modules").join(&self.kernel_version).join("kernel").join(format!("{name}.ko"))
+        self.debian.kernel()
     }
 
     /// Builds an initramfs at `out` from `spec` (an uncompressed newc cpio,
     /// which the kernel reads as it is).
     pub fn build_initramfs(&self, spec: &Initramfs, out: &Path) -> Result<()> {
-        let stage = tempfile::tempdir().context("staging folder")?;
-        let s = stage.path();
-        for d in ["bin", "dev", "proc", "sys", "mods", "data", "run", "tmp", "etc"] {
-            std::fs::create_dir_all(s.join(d))?;
-        }
-        std::fs::copy(self.root.join("bin/busybox"), s.join("bin/busybox")).context("copying busybox")?;
-        let mut load = String::new();
-        for m in &spec.modules {
-            let src = self.module(m);
-            let name = Path::new(m).file_name().and_then(|n| n.to_str()).context("module name")?;
-            std::fs::copy(&src, s.join("mods").join(format!("{name}.ko")))
-                .with_context(|| format!("copying {}", src.display()))?;
-            load.push_str(&format!("insmod /mods/{name}.ko\n"));
-        }
-        for (host, guest) in &spec.programs {
-            copy_program(host, &s.join(guest.trim_start_matches('/')))?;
-            for lib in shared_libraries(host)? {
-                let to = s.join(lib.strip_prefix("/").unwrap_or(&lib));
-                if !to.exists() {
-                    std::fs::create_dir_all(to.parent().context("library folder")?)?;
-                    std::fs::copy(&lib, &to).with_context(|| format!("copying {}", lib.display()))?;
-                }
-            }
-        }
+        let load: String = spec
+            .modules
+            .iter()
+            .filter_map(|m| Path::new(m).file_name().and_then(|n| n.to_str()))
+            .map(|name| format!("insmod /mods/{name}.ko\n"))
+            .collect();
         let init = format!(
             "#!/bin/busybox sh\n\
              /bin/busybox --install -s /bin\n\
@@ -227,26 +143,22 @@ impl GuestKit {
              poweroff -f\n",
             body = spec.init
         );
-        write_mode(&s.join("init"), init.as_bytes(), 0o755)?;
-        let f = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-        let status = Command::new("sh")
-            .args(["-c", "find . | ./bin/busybox cpio -o -H newc"])
-            .current_dir(s)
-            .stdout(f)
-            .stderr(Stdio::null())
-            .status()
-            .context("running busybox cpio")?;
-        ensure!(status.success(), "busybox cpio failed ({status})");
-        Ok(())
+        let image = InitramfsSpec {
+            modules: spec.modules.iter().map(|m| self.debian.module(m)).collect(),
+            programs: spec.programs.clone(),
+            files: Vec::new(),
+            init,
+        };
+        Ok(build_initramfs(&self.debian, &image, out)?)
     }
 
     /// Boots a guest. Its serial console goes to `config.console`.
     pub fn boot(&self, config: &GuestConfig) -> Result<Guest> {
         let mut cmd = self.qemu();
         cmd.arg("-L")
-            .arg(self.root.join("usr/share/qemu"))
+            .arg(self.debian.root().join("usr/share/qemu"))
             .arg("-L")
-            .arg(self.root.join("usr/share/seabios"))
+            .arg(self.debian.root().join("usr/share/seabios"))
             .args(["-machine", "q35,accel=tcg", "-display", "none", "-monitor", "none", "-no-reboot"])
             .args(["-m", &config.memory_mb.to_string()])
             .arg("-serial")
@@ -278,54 +190,86 @@ impl GuestKit {
                 .collect();
             cmd.args(["-netdev", &format!("user,id=n0{fwd}"), "-device", "virtio-net-pci,netdev=n0,romfile="]);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        // SAFETY: prctl in the forked child before exec touches no memory of
-        // ours; it asks the kernel to SIGKILL QEMU when the thread that
-        // started it dies, so a killed test leaves no guest running.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let _ = std::fs::remove_file(&config.console);
-        let child = ChildGuard::spawn(&mut cmd, "QEMU")?;
-        Ok(Guest { child, console: config.console.clone() })
+        spawn(cmd, &config.console)
     }
+
+    /// Boots a VM on ESXi's usual virtual hardware, as QEMU offers it: a
+    /// PC with a PVSCSI controller holding `disks` (the first boots through
+    /// the firmware), an IDE CD-ROM holding `cdrom`, and a vmxnet3 NIC on
+    /// user-mode networking (the guest reaches this machine's loopback as
+    /// 10.0.2.2). The first disk is opened as a snapshot: the VM's writes
+    /// to it are dropped, so one image serves many boots.
+    pub fn boot_esxi_like(&self, config: &EsxiVmConfig) -> Result<Guest> {
+        let mut cmd = self.qemu();
+        cmd.arg("-L")
+            .arg(self.debian.root().join("usr/share/qemu"))
+            .arg("-L")
+            .arg(self.debian.root().join("usr/share/seabios"))
+            .args(["-machine", "pc,accel=tcg", "-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-m", &config.memory_mb.to_string()])
+            .arg("-serial")
+            .arg(format!("file:{}", config.console.display()))
+            .args(["-device", "pvscsi,id=pvscsi0"]);
+        for (i, d) in config.disks.iter().enumerate() {
+            let snapshot = if i == 0 { ",snapshot=on" } else { "" };
+            cmd.arg("-drive")
+                .arg(format!("file={},format=raw,if=none,id=d{i},cache=writeback{snapshot}", d.display()))
+                .arg("-device")
+                .arg(format!(
+                    "scsi-hd,drive=d{i},bus=pvscsi0.0,scsi-id={i}{}",
+                    if i == 0 { ",bootindex=0" } else { "" }
+                ));
+        }
+        if let Some(iso) = &config.cdrom {
+            cmd.arg("-drive")
+                .arg(format!("file={},format=raw,if=none,id=cd0,media=cdrom,readonly=on", iso.display()))
+                .args(["-device", "ide-cd,drive=cd0,bus=ide.1"]);
+        }
+        cmd.args(["-netdev", "user,id=n0", "-device", "vmxnet3,netdev=n0,romfile="]);
+        spawn(cmd, &config.console)
+    }
+}
+
+/// Starts QEMU with its serial console in `console`; killed with its
+/// parent.
+fn spawn(mut cmd: Command, console: &Path) -> Result<Guest> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: prctl in the forked child before exec touches no memory of
+    // ours; it asks the kernel to SIGKILL QEMU when the thread that
+    // started it dies, so a killed test leaves no guest running.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _ = std::fs::remove_file(console);
+    let child = ChildGuard::spawn(&mut cmd, "QEMU")?;
+    Ok(Guest { child, console: console.to_path_buf() })
+}
+
+/// A VM on ESXi-like virtual hardware ([`GuestKit::boot_esxi_like`]).
+#[derive(Debug, Clone)]
+pub struct EsxiVmConfig {
+    /// Raw images on the PVSCSI controller; the first boots.
+    pub disks: Vec<PathBuf>,
+    /// An ISO image in the CD-ROM (the OVF environment).
+    pub cdrom: Option<PathBuf>,
+    pub memory_mb: u32,
+    pub console: PathBuf,
 }
 
 /// The kernel command line every guest gets: the serial console, and a
 /// panic powers the guest off rather than hanging it.
 const KERNEL_COMMAND_LINE: &str = "console=ttyS0 quiet panic=-1";
 
-/// A disk that boots by itself: an MBR partition table, a FAT32 partition
-/// holding SYSLINUX, the kit's kernel and an initramfs, and after it an
-/// optional data area (a second partition, `/dev/vda2` in the guest).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootDisk {
-    pub path: PathBuf,
-    /// Where the data area starts in the image, and its length (bytes).
-    pub data_offset: u64,
-    pub data_len: u64,
-}
-
 impl GuestKit {
-    fn tool(&self, name: &str) -> Command {
-        let mut cmd = Command::new(name);
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let mut dirs = vec![self.root.join("usr/bin"), self.root.join("sbin"), self.root.join("usr/sbin")];
-        dirs.extend(std::env::split_paths(&path));
-        if let Ok(joined) = std::env::join_paths(dirs) {
-            cmd.env("PATH", joined);
-        }
-        cmd
-    }
-
     /// Builds a bootable raw disk at `out` (made from files alone: no root,
     /// no loop device): `boot_mb` MiB for the partition table and the boot
-    /// partition (at least 48), then `data_mb` MiB of data area.
+    /// partition (at least 48), then `data_mb` MiB of data area
+    /// (`/dev/vda2` in the guest).
     pub fn build_boot_disk(
         &self,
         initramfs: &Path,
@@ -334,56 +278,8 @@ impl GuestKit {
         data_mb: u64,
         out: &Path,
     ) -> Result<BootDisk> {
-        ensure!(boot_mb >= 48, "a boot partition of {boot_mb} MiB is too small for FAT32 and the kernel (48 at least)");
-        const SECTOR: u64 = 512;
-        let (part_start, part_sectors) = (2048u64, boot_mb * 2048 - 2048);
-        let total = (boot_mb + data_mb) << 20;
-        let disk = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-        disk.set_len(total)?;
-        drop(disk);
-        let mut table = format!("label: dos\nstart={part_start}, size={part_sectors}, type=c, bootable\n");
-        if data_mb > 0 {
-            table.push_str(&format!("start={}, size={}, type=83\n", boot_mb * 2048, data_mb * 2048));
-        }
-        let mut sfdisk = self
-            .tool("sfdisk")
-            .arg("-q")
-            .arg(out)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running sfdisk")?;
-        sfdisk.stdin.take().context("sfdisk stdin")?.write_all(table.as_bytes())?;
-        let done = sfdisk.wait_with_output()?;
-        ensure!(done.status.success(), "sfdisk failed: {}", String::from_utf8_lossy(&done.stderr).trim());
-        let stage = tempfile::tempdir().context("staging folder")?;
-        let part = stage.path().join("part.img");
-        std::fs::File::create(&part)?.set_len(part_sectors * SECTOR)?;
-        run(self.tool("mkfs.vfat").args(["-F", "32", "-n", "VDSA"]).arg(&part), "mkfs.vfat")?;
-        run(self.tool("syslinux").arg("--install").arg(&part), "syslinux --install")?;
-        let cfg = stage.path().join("syslinux.cfg");
-        std::fs::write(
-            &cfg,
-            format!(
-                "DEFAULT guest\nPROMPT 0\nTIMEOUT 0\nLABEL guest\n  KERNEL /vmlinuz\n  INITRD /initrd\n  APPEND {KERNEL_COMMAND_LINE} {append}\n"
-            ),
-        )?;
-        for (file, name) in
-            [(cfg.as_path(), "::/syslinux.cfg"), (&self.kernel(), "::/vmlinuz"), (initramfs, "::/initrd")]
-        {
-            run(self.tool("mcopy").arg("-i").arg(&part).arg(file).arg(name), "mcopy")?;
-        }
-        // The partition goes in at its place, and SYSLINUX's MBR code in
-        // front of the partition table.
-        let disk = std::fs::OpenOptions::new().write(true).open(out)?;
-        let bytes = std::fs::read(&part)?;
-        std::os::unix::fs::FileExt::write_all_at(&disk, &bytes, part_start * SECTOR)?;
-        let mbr = std::fs::read(self.root.join("usr/lib/syslinux/mbr/mbr.bin")).context("SYSLINUX's mbr.bin")?;
-        ensure!(mbr.len() >= 440, "mbr.bin is {} bytes", mbr.len());
-        std::os::unix::fs::FileExt::write_all_at(&disk, &mbr[..440], 0)?;
-        disk.sync_all()?;
-        Ok(BootDisk { path: out.to_path_buf(), data_offset: boot_mb << 20, data_len: data_mb << 20 })
+        let cmdline = format!("{KERNEL_COMMAND_LINE} {append}");
+        Ok(build_boot_disk(&self.debian, initramfs, cmdline.trim_end(), boot_mb, data_mb, out)?)
     }
 }
 
@@ -501,33 +397,6 @@ fn tail(text: &str) -> String {
 /// A free TCP port on 127.0.0.1 (for a guest's forwarded port).
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    Ok(())
-}
-
-/// Copies a program without its debug information (a release build of ours
-/// carries tens of MB of it, which a guest would have to unpack).
-fn copy_program(host: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to.parent().context("program folder")?)?;
-    let stripped = Command::new("objcopy").arg("--strip-debug").arg(host).arg(to).status();
-    if !stripped.is_ok_and(|s| s.success()) {
-        std::fs::copy(host, to).with_context(|| format!("copying {}", host.display()))?;
-    }
-    Ok(())
-}
-
-/// The shared libraries `program` loads, as `ldd` lists them (the loader
-/// included).
-fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(program).output().context("running ldd")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.lines().filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/'))).map(PathBuf::from).collect())
 }
 
 /// Makes an ext4 image of `size_mb` MiB at `path` (mkfs.ext4 works on a

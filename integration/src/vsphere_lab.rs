@@ -59,11 +59,13 @@ pub fn vdsa_binary() -> Result<PathBuf> {
 }
 
 /// Builds the VDSA OVA into `dir` from the real binary (debug info
-/// stripped).
+/// stripped) and the guest kit's Debian packages.
 pub fn build_vdsa_ova(dir: &Path) -> Result<PathBuf> {
     let vdsa = packaging::stripped_copy(&vdsa_binary()?, dir)?;
     let out = dir.join("vdsa.ova");
-    packaging::build_ova(&packaging::OvaInputs { vdsa, version: env!("CARGO_PKG_VERSION").into(), out: out.clone() })?;
+    let debian = crate::guest::GuestKit::prepare()?.debian().clone();
+    let version = env!("CARGO_PKG_VERSION").into();
+    packaging::build_ova(&packaging::OvaInputs { vdsa, version, debian, out: out.clone() })?;
     Ok(out)
 }
 

@@ -22,6 +22,10 @@ enum What {
         out: PathBuf,
         #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
         version: String,
+        /// Where Debian's packages for the appliance are downloaded and
+        /// unpacked (kept for the next build).
+        #[arg(long, default_value = "target/appliance-packages")]
+        packages: PathBuf,
     },
     /// The Debian package of vdsa and site-manager for KVM hosts.
     Deb {
@@ -40,11 +44,13 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let scratch = tempfile::tempdir()?;
     match cli.what {
-        What::Ova { vdsa, out, version } => {
+        What::Ova { vdsa, out, version, packages } => {
             let vdsa = packaging::stripped_copy(&vdsa, scratch.path())?;
-            let built =
-                packaging::build_ova(&packaging::OvaInputs { vdsa, version, out }).context("building the OVA")?;
-            println!("{}", built.path.display());
+            let debian = packaging::debian::DebianRoot::prepare_in(&packages, packaging::debian::IMAGE_PACKAGES)
+                .context("unpacking Debian's packages for the appliance")?;
+            let built = packaging::build_ova(&packaging::OvaInputs { vdsa, version, debian, out })
+                .context("building the OVA")?;
+            println!("{} ({} bytes)", built.path.display(), built.size);
             for (name, sha) in &built.files {
                 println!("  SHA256({name})= {sha}");
             }
