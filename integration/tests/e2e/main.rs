@@ -2,6 +2,7 @@
 //! under SIGKILL, and the KVM tap with the real QEMU.
 
 mod alerts;
+mod appliance;
 mod console;
 mod crash;
 mod failover_test;
