@@ -57,8 +57,8 @@ fn deploy_32(ova: &Ova, parallel: usize, delay_ms: u32) -> Result<f64> {
     let sim =
         Vcsim::start(&VcsimOptions { clusters: 2, hosts_per_cluster: 16, vms: 0, delay_ms, ..Default::default() })?;
     let site = VsphereSite::connect(&sim.url, lab_trust(&sim)?, LAB_USER, LAB_PASSWORD)?;
-    let mut reqs = site.plan_cluster("DC0_C0", &lab_settings(Ipv4Addr::new(10, 0, 0, 10)))?;
-    reqs.extend(site.plan_cluster("DC0_C1", &lab_settings(Ipv4Addr::new(10, 0, 1, 10)))?);
+    let mut reqs = site.plan_cluster("DC0_C0", &lab_settings(Ipv4Addr::new(10, 0, 0, 10)))?.requests;
+    reqs.extend(site.plan_cluster("DC0_C1", &lab_settings(Ipv4Addr::new(10, 0, 1, 10)))?.requests);
     ensure!(reqs.len() == 32, "{} hosts", reqs.len());
     let t = Instant::now();
     let results = site.deploy_many(ova, &reqs, parallel, &|_, _| {})?;

@@ -183,6 +183,22 @@ impl Vcsim {
         bail!("vcsim did not start; its log:\n{last}")
     }
 
+    /// SIGSTOP: the server stops answering while its connections stay
+    /// open (a frozen vCenter). [`Vcsim::thaw`] resumes it.
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe { libc::kill(c.id() as i32, libc::SIGSTOP) };
+        }
+    }
+
+    pub fn thaw(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: as in freeze.
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        }
+    }
+
     /// SIGKILL: the server vanishes mid-session (a dropped connection).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -195,8 +211,11 @@ impl Vcsim {
 impl Drop for Vcsim {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SIGTERM lets it remove its datastore folders.
+            // SIGTERM lets it remove its datastore folders (a frozen one is
+            // resumed first, or it would not act on it).
             // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            // SAFETY: as above.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             for _ in 0..50 {
                 if let Ok(Some(_)) = c.try_wait() {

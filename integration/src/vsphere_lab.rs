@@ -75,16 +75,21 @@ pub fn lab_trust(sim: &Vcsim) -> Result<ServerTrust> {
     Ok(ServerTrust::ca_pem(&std::fs::read(ca)?)?)
 }
 
+/// A registration token of the right shape (vcsim runs no appliance that
+/// would use it).
+pub const LAB_REGISTRATION_TOKEN: &str = "lab-secret.abababababababababababababababababababababababababababababababab";
+
 pub fn lab_settings(first_ip: Ipv4Addr) -> DeploySettings {
     DeploySettings {
         datastore: "LocalDS_0".into(),
         network: "VM Network".into(),
         ip: first_ip,
         netmask: Ipv4Addr::new(255, 255, 255, 0),
-        gateway: Some(Ipv4Addr::new(192, 0, 2, 1)),
+        // The subnet's first address.
+        gateway: Some(Ipv4Addr::from((u32::from(first_ip) & 0xffff_ff00) | 1)),
         dns: vec![Ipv4Addr::new(192, 0, 2, 53)],
         site_manager: "127.0.0.1:8443".into(),
-        registration_token: "lab-registration-token".into(),
+        registration_token: LAB_REGISTRATION_TOKEN.into(),
     }
 }
 
@@ -114,8 +119,8 @@ pub fn run(say: impl Fn(&str)) -> Result<Report> {
 
     let sim = Vcsim::start(&VcsimOptions { clusters: 2, hosts_per_cluster: 3, vms: 1, ..Default::default() })?;
     let site = VsphereSite::connect(&sim.url, lab_trust(&sim)?, LAB_USER, LAB_PASSWORD)?;
-    let mut reqs = site.plan_cluster("DC0_C0", &lab_settings(Ipv4Addr::new(192, 0, 2, 10)))?;
-    reqs.extend(site.plan_cluster("DC0_C1", &lab_settings(Ipv4Addr::new(192, 0, 2, 20)))?);
+    let mut reqs = site.plan_cluster("DC0_C0", &lab_settings(Ipv4Addr::new(192, 0, 2, 10)))?.requests;
+    reqs.extend(site.plan_cluster("DC0_C1", &lab_settings(Ipv4Addr::new(192, 0, 2, 20)))?.requests);
     let started = Instant::now();
     let seen = Mutex::new(Vec::<String>::new());
     let results = site.deploy_many(&ova, &reqs, reqs.len(), &|host, e| {

@@ -27,6 +27,7 @@ pub fn mint_registration(sm: &SiteManager, h: &mut Host) -> Result<(String, u64)
     let reg = StoredRegistration { host: h.id, expires_ms, used: false };
     sm.with_store(|s| s.registrations.put(sha256_hex(secret.as_bytes()).as_bytes(), &reg))?;
     h.vdsa = VdsaState::Installing;
+    h.vdsa_reason = None;
     sm.with_store(|s| {
         s.hosts.put(h.id.as_bytes(), h)?;
         s.flush()
@@ -68,7 +69,7 @@ pub fn finish_register_wait(sm: &SiteManager, h: &Host) -> Result<(), crate::sto
 }
 
 /// Fails the waits whose registration token expired before its VDSA
-/// registered (the host goes back to NotInstalled; a deploy makes a new
+/// registered (the host shows Failed with the reason; a deploy makes a new
 /// token). Returns how many it failed.
 pub fn expire_register_waits(sm: &SiteManager) -> Result<usize, crate::store::StoreError> {
     let mut failed = 0;
@@ -80,12 +81,13 @@ pub fn expire_register_waits(sm: &SiteManager) -> Result<usize, crate::store::St
             "the registration token expired after {} h before the VDSA registered; deploy again for a new one",
             REGISTRATION_VALID_MS / 3_600_000
         );
-        sm.finish_task(t.id, CompletionCode::Failed, serde_json::Value::Null, Some(why))?;
+        sm.finish_task(t.id, CompletionCode::Failed, serde_json::Value::Null, Some(why.clone()))?;
         if let Some(h) = t.host {
-            let installing =
-                sm.with_store(|s| s.hosts.get(h.as_bytes()))?.is_some_and(|h| h.vdsa == VdsaState::Installing);
-            if installing {
-                set_host_state(sm, h, VdsaState::NotInstalled);
+            let waiting = sm
+                .with_store(|s| s.hosts.get(h.as_bytes()))?
+                .is_some_and(|h| matches!(h.vdsa, VdsaState::Installing | VdsaState::Booting));
+            if waiting {
+                set_host_state(sm, h, VdsaState::Failed, Some(why.clone()));
             }
         }
         failed += 1;
@@ -104,10 +106,11 @@ pub(crate) fn connect(v: &VcenterSettings) -> Result<VsphereSite, String> {
     VsphereSite::connect(&v.url, trust, &v.user, &v.password).map_err(|e| format!("vCenter {}: {e}", v.url))
 }
 
-fn set_host_state(sm: &SiteManager, id: protection_groups::HostId, state: VdsaState) {
+fn set_host_state(sm: &SiteManager, id: protection_groups::HostId, state: VdsaState, reason: Option<String>) {
     let r = sm.with_store(|s| {
         if let Some(mut h) = s.hosts.get(id.as_bytes())? {
             h.vdsa = state;
+            h.vdsa_reason = reason;
             s.hosts.put(id.as_bytes(), &h)?;
             s.flush()?;
         }
@@ -161,12 +164,17 @@ pub fn start_deploy(
         });
         match outcome {
             Ok(vm) => {
-                tracing::info!(host = %h.name, vm = ?vm, "VDSA deployed; waiting for it to register");
-                let _ = sm.finish_task(id, CompletionCode::Success, serde_json::json!({"vm": format!("{vm:?}")}), None);
+                // Installed only once the appliance has booted, registered
+                // and reported: a task of the VDSA's waits for that.
+                tracing::info!(host = %h.name, vm = ?vm, "VDSA deployed; waiting for it to boot and register");
+                set_host_state(&sm, h.id, VdsaState::Booting, None);
+                let wait = start_register_wait(&sm, &h).map(|t| t.id.to_string()).unwrap_or_default();
+                let result = serde_json::json!({"vm": vm.value, "register_task": wait});
+                let _ = sm.finish_task(id, CompletionCode::Success, result, None);
             }
             Err(e) => {
                 tracing::error!(host = %h.name, error = %e, "VDSA deploy failed");
-                set_host_state(&sm, h.id, VdsaState::NotInstalled);
+                set_host_state(&sm, h.id, VdsaState::Failed, Some(e.clone()));
                 let _ = sm.finish_task(id, CompletionCode::Failed, serde_json::Value::Null, Some(e));
             }
         }
@@ -187,7 +195,7 @@ pub fn start_undeploy(
         Some(h.id),
         TaskDriver::SiteManager,
     )?;
-    set_host_state(sm, h.id, VdsaState::Uninstalling);
+    set_host_state(sm, h.id, VdsaState::Uninstalling, None);
     let (sm, id) = (sm.clone(), task.id);
     std::thread::spawn(move || {
         let outcome = connect(&vcenter).and_then(|site| {
@@ -197,11 +205,11 @@ pub fn start_undeploy(
         });
         match outcome {
             Ok(()) => {
-                set_host_state(&sm, h.id, VdsaState::NotInstalled);
+                set_host_state(&sm, h.id, VdsaState::NotInstalled, None);
                 let _ = sm.finish_task(id, CompletionCode::Success, serde_json::json!({"host": h.name}), None);
             }
             Err(e) => {
-                set_host_state(&sm, h.id, h.vdsa);
+                set_host_state(&sm, h.id, h.vdsa, Some(format!("the undeploy failed: {e}")));
                 let _ = sm.finish_task(id, CompletionCode::Failed, serde_json::Value::Null, Some(e));
             }
         }
@@ -226,7 +234,7 @@ mod tests {
     use crate::model::{Host, Hypervisor};
 
     /// A KVM deploy whose VDSA never registers: once its token expired,
-    /// the wait fails with the reason and the host is NotInstalled again; a
+    /// the wait fails with the reason and the host shows Failed with it; a
     /// wait still within its token's life is left running.
     #[test]
     fn a_wait_whose_registration_token_expired_fails_and_the_host_goes_back() {
@@ -256,7 +264,10 @@ mod tests {
         let t = task(old.id).unwrap_or_else(|| panic!("the task is gone"));
         assert_eq!(t.completion, CompletionCode::Failed);
         assert!(t.exception.as_deref().is_some_and(|e| e.contains("expired")), "{t:?}");
-        assert_eq!(host(&hosts[0].0), Some(VdsaState::NotInstalled));
+        assert_eq!(host(&hosts[0].0), Some(VdsaState::Failed));
+        let reason =
+            sm.with_store(|s| s.hosts.get(hosts[0].0.id.as_bytes())).ok().flatten().and_then(|h| h.vdsa_reason);
+        assert!(reason.is_some_and(|r| r.contains("expired")), "the host names why");
         assert!(task(hosts[1].1.id).is_some_and(|t| !t.is_finished()), "a live wait was ended");
         assert_eq!(host(&hosts[1].0), Some(VdsaState::Installing));
     }

@@ -166,6 +166,7 @@ async fn handle(
                 tracing::warn!(%host, hold_limit_ms, "the VDSA's hold limit is not longer than the barrier deadline");
             }
             record.vdsa = VdsaState::Installed;
+            record.vdsa_reason = None;
             record.software_version = Some(software_version);
             record.replication_address = Some(replication_address);
             record.vdsa_generation = newest_generation;
@@ -219,7 +220,9 @@ fn register(
     let cert = sm.pki.sign_vdsa(csr_pem, &host.id.0.to_string()).map_err(|e| e.to_string())?;
     reg.used = true;
     sm.with_store(|s| s.registrations.put(key.as_bytes(), &reg)).map_err(fail)?;
-    host.vdsa = VdsaState::Installed;
+    // Installed once it reports (its first hello).
+    host.vdsa = VdsaState::Registering;
+    host.vdsa_reason = None;
     host.software_version = Some(version.to_string());
     sm.with_store(|s| s.hosts.put(host.id.as_bytes(), &host)).map_err(fail)?;
     tracing::info!(host = %host.id, name = %host.name, vdsa_name = %host_name, "VDSA registered");

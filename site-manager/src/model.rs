@@ -123,9 +123,17 @@ pub enum Hypervisor {
 #[serde(rename_all = "snake_case")]
 pub enum VdsaState {
     NotInstalled,
+    /// Its VM is being made (vSphere), or a registration token waits for
+    /// it (KVM).
     Installing,
+    /// Its VM is powered on; the appliance boots and has not registered.
+    Booting,
+    /// It registered and has not reported yet.
+    Registering,
     /// Registered and answering heartbeats.
     Installed,
+    /// The deploy failed: `vdsa_reason` says why. Deploy again.
+    Failed,
     /// Registered, but no heartbeat for longer than the limit.
     Down,
     Uninstalling,
@@ -138,6 +146,9 @@ pub struct Host {
     pub name: String,
     pub hypervisor: Hypervisor,
     pub vdsa: VdsaState,
+    /// Why the VDSA is in its state, where that needs saying (Failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vdsa_reason: Option<String>,
     /// HOST:PORT of its VDSA's replication listener, once it registered.
     pub replication_address: Option<String>,
     pub last_heartbeat_ms: Option<u64>,
@@ -156,6 +167,7 @@ impl Host {
             name,
             hypervisor,
             vdsa: VdsaState::NotInstalled,
+            vdsa_reason: None,
             replication_address: None,
             last_heartbeat_ms: None,
             software_version: None,

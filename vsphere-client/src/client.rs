@@ -74,15 +74,15 @@ impl Client {
     }
 
     pub fn connect_with_timeout(url: &str, trust: ServerTrust, timeout: Duration) -> Result<Client> {
-        let mut parsed = reqwest::Url::parse(url).map_err(|e| Error::InvalidArgument {
-            property: Some("url".into()),
-            message: format!("{url:?} is not a URL: {e}"),
+        let mut parsed = reqwest::Url::parse(url).map_err(|e| Error::BadUrl {
+            url: url.to_string(),
+            message: format!("not a URL ({e}); give https://vcenter or https://vcenter/sdk"),
         })?;
         if parsed.scheme() != "https" && parsed.scheme() != "http" {
-            return Err(Error::InvalidArgument {
-                property: Some("url".into()),
-                message: format!("{url:?} is not an http(s) URL"),
-            });
+            return Err(Error::BadUrl { url: url.to_string(), message: "not an http(s) URL".into() });
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(Error::BadUrl { url: url.to_string(), message: "it names no host".into() });
         }
         if parsed.path() == "/" || parsed.path().is_empty() {
             parsed.set_path("/sdk");
@@ -157,8 +157,20 @@ impl Client {
 
     /// Calls a `*_Task` method and waits for the task to succeed.
     pub fn run_task(&self, method: &str, this: &MoRef, args: impl FnOnce(&mut Writer)) -> Result<TaskInfo> {
+        self.run_task_within(method, this, TASK_TIMEOUT, args)
+    }
+
+    /// [`Client::run_task`] that fails once the task takes longer than
+    /// `timeout`.
+    pub fn run_task_within(
+        &self,
+        method: &str,
+        this: &MoRef,
+        timeout: Duration,
+        args: impl FnOnce(&mut Writer),
+    ) -> Result<TaskInfo> {
         let task = self.invoke_task(method, this, args)?;
-        self.wait_for_task(&task, TASK_TIMEOUT)
+        self.wait_for_task(&task, timeout)
     }
 }
 

@@ -15,7 +15,7 @@ pub enum Error {
     ObjectNotFound { obj: MoRef },
     /// A name we looked up in the inventory is not there (a host, a
     /// datastore, a network…).
-    #[error("no {kind} named {name:?} in the inventory{}", if .known.is_empty() { String::new() } else { format!(" (there are: {})", .known.join(", ")) })]
+    #[error("no {kind} named {name} in the inventory{}", if .known.is_empty() { String::new() } else { format!(" (there are: {})", .known.join(", ")) })]
     NotFound { kind: &'static str, name: String, known: Vec<String> },
     /// The server rejected an argument.
     #[error("vCenter rejected an argument{}: {message}", .property.as_ref().map(|p| format!(" ({p})")).unwrap_or_default())]
@@ -32,6 +32,13 @@ pub enum Error {
     /// The server's certificate did not match what we trust.
     #[error("the TLS connection to {url} failed: {message}")]
     Tls { url: String, message: String },
+    /// The certificate trust given is unusable (a CA file, a thumbprint):
+    /// nothing was sent.
+    #[error("bad certificate trust setting: {0}")]
+    Trust(String),
+    /// The vCenter URL given is unusable: nothing was sent.
+    #[error("bad vCenter URL {url:?}: {message}")]
+    BadUrl { url: String, message: String },
     /// The connection failed or dropped (refused, reset, timed out).
     #[error("the connection to {url} failed: {message}")]
     Connection { url: String, message: String },

@@ -34,7 +34,7 @@ pub use inventory::{
 };
 pub use network::HostNetworkInfo;
 pub use ova::{Ova, OvaEntry};
-pub use ovf::{ImportProgress, ImportTarget};
+pub use ovf::{ImportDeadlines, ImportProgress, ImportTarget};
 pub use soap::ServerTrust;
 pub use vm::{datastore_name, DiskSpec, NicSpec, VmChange, VmSpec};
 pub use xml::MoRef;

@@ -41,8 +41,34 @@ pub enum ImportProgress {
     Completing,
 }
 
-/// How long the lease may take to become ready.
-const LEASE_READY_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long each phase of an import may take: a server that stops
+/// answering with the connection open fails the import, naming the phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportDeadlines {
+    /// The lease becoming ready (the server making the VM).
+    pub lease_ready: Duration,
+    /// The disk upload: this plus the time the slowest accepted rate takes.
+    pub upload_base: Duration,
+    /// The slowest upload rate accepted, bytes per second.
+    pub upload_min_rate: u64,
+}
+
+impl Default for ImportDeadlines {
+    fn default() -> Self {
+        ImportDeadlines {
+            lease_ready: Duration::from_secs(600),
+            upload_base: Duration::from_secs(120),
+            upload_min_rate: 1 << 20,
+        }
+    }
+}
+
+impl ImportDeadlines {
+    /// The deadline of uploading `bytes`.
+    pub fn upload(&self, bytes: u64) -> Duration {
+        self.upload_base + Duration::from_secs(bytes / self.upload_min_rate.max(1))
+    }
+}
 /// How often lease progress is reported; vCenter's lease times out after
 /// five minutes without it.
 const LEASE_KEEPALIVE: Duration = Duration::from_secs(2);
@@ -84,6 +110,17 @@ impl Client {
         &self,
         ova: &Ova,
         target: &ImportTarget,
+        progress: &(dyn Fn(ImportProgress) + Sync),
+    ) -> Result<MoRef> {
+        self.import_ova_within(ova, target, &ImportDeadlines::default(), progress)
+    }
+
+    /// [`Client::import_ova`] with the phases' deadlines.
+    pub fn import_ova_within(
+        &self,
+        ova: &Ova,
+        target: &ImportTarget,
+        deadlines: &ImportDeadlines,
         progress: &(dyn Fn(ImportProgress) + Sync),
     ) -> Result<MoRef> {
         for (k, _) in &target.properties {
@@ -166,7 +203,7 @@ impl Client {
             .moref()?;
 
         let entity = std::cell::RefCell::new(None);
-        match self.upload_through_lease(ova, &lease, &file_items, &entity, progress) {
+        match self.upload_through_lease(ova, &lease, &file_items, &entity, deadlines, progress) {
             Ok(vm) => Ok(vm),
             Err(e) => {
                 let abort = self.invoke("HttpNfcLeaseAbort", &lease, |_| {});
@@ -191,6 +228,7 @@ impl Client {
         lease: &MoRef,
         file_items: &[(String, String, bool)],
         entity: &std::cell::RefCell<Option<MoRef>>,
+        deadlines: &ImportDeadlines,
         progress: &(dyn Fn(ImportProgress) + Sync),
     ) -> Result<MoRef> {
         let start = Instant::now();
@@ -205,10 +243,10 @@ impl Client {
                 Some("initializing") | None => {}
                 Some(other) => return Err(Error::Protocol(format!("import lease {lease} is in state {other:?}"))),
             }
-            if start.elapsed() > LEASE_READY_TIMEOUT {
+            if start.elapsed() > deadlines.lease_ready {
                 return Err(Error::Timeout {
-                    what: format!("import lease {lease}"),
-                    secs: LEASE_READY_TIMEOUT.as_secs(),
+                    what: format!("import lease {lease} becoming ready"),
+                    secs: deadlines.lease_ready.as_secs(),
                 });
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -262,7 +300,7 @@ impl Client {
                 for (path, url, thumb, create, size) in &uploads {
                     let (reader, _) = ova.open_entry(path)?;
                     let counting = Counting { inner: reader, done: done.clone() };
-                    self.upload(url, thumb.as_deref(), *create, *size, counting)?;
+                    self.upload(url, thumb.as_deref(), *create, *size, deadlines.upload(*size), counting)?;
                 }
                 Ok(())
             })();
@@ -299,6 +337,7 @@ impl Client {
         thumbprint: Option<&str>,
         create: bool,
         size: u64,
+        deadline: Duration,
         body: impl Read + Send + 'static,
     ) -> Result<()> {
         // A host named by the lease with its own thumbprint gets a client
@@ -316,12 +355,18 @@ impl Client {
             .request(method, url.clone())
             .header("Content-Type", "application/x-vnd.vmware-streamVmdk")
             .header("Content-Length", size.to_string())
-            .timeout(Duration::from_secs(3600))
+            .timeout(deadline)
             .body(reqwest::blocking::Body::sized(body, size));
         if let Some(c) = self.soap().cookie() {
             req = req.header("Cookie", c);
         }
-        let resp = req.send().map_err(|e| soap::transport_error(url.as_str(), &e))?;
+        let resp = req.send().map_err(|e| {
+            if e.is_timeout() {
+                Error::Timeout { what: format!("the disk upload to {url} ({size} bytes)"), secs: deadline.as_secs() }
+            } else {
+                soap::transport_error(url.as_str(), &e)
+            }
+        })?;
         if !resp.status().is_success() {
             return Err(Error::Fault {
                 method: "disk upload".into(),

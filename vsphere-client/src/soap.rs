@@ -49,9 +49,9 @@ impl ServerTrust {
         use rustls::pki_types::pem::PemObject;
         let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
             .collect::<std::result::Result<_, _>>()
-            .map_err(|e| Error::Tls { url: String::new(), message: format!("the CA file is not PEM: {e}") })?;
+            .map_err(|e| Error::Trust(format!("the CA file is not PEM: {e}")))?;
         if certs.is_empty() {
-            return Err(Error::Tls { url: String::new(), message: "the CA file holds no certificate".into() });
+            return Err(Error::Trust("the CA file holds no certificate".into()));
         }
         Ok(ServerTrust::Ca(certs))
     }
@@ -60,10 +60,7 @@ impl ServerTrust {
     /// colons, SHA-1 or SHA-256.
     pub fn thumbprint(s: &str) -> Result<Self> {
         let hex: String = s.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
-        let bad = || Error::Tls {
-            url: String::new(),
-            message: format!("{s:?} is not a SHA-1 or SHA-256 thumbprint (hex bytes, colons optional)"),
-        };
+        let bad = || Error::Trust(format!("{s:?} is not a SHA-1 or SHA-256 thumbprint (hex bytes, colons optional)"));
         if !hex.len().is_multiple_of(2) {
             return Err(bad());
         }
@@ -82,15 +79,12 @@ impl ServerTrust {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| Error::Tls { url: String::new(), message: e.to_string() })?;
+            .map_err(|e| Error::Trust(e.to_string()))?;
         let config = match self {
             ServerTrust::Ca(certs) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for c in certs {
-                    roots.add(c.clone()).map_err(|e| Error::Tls {
-                        url: String::new(),
-                        message: format!("the CA certificate is unusable: {e}"),
-                    })?;
+                    roots.add(c.clone()).map_err(|e| Error::Trust(format!("the CA certificate is unusable: {e}")))?;
                 }
                 builder.with_root_certificates(roots).with_no_client_auth()
             }
@@ -144,8 +138,15 @@ pub fn fetch_server_certificate(url: &str) -> Result<Vec<u8>> {
         .ok_or_else(|| Error::Tls { url: url.to_string(), message: "the server sent no certificate".into() })
 }
 
-#[derive(Debug)]
 struct ThumbprintMismatch(String);
+
+// rustls shows a custom certificate error through its Debug form: the
+// operator reads the message, not a structure.
+impl std::fmt::Debug for ThumbprintMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 impl std::fmt::Display for ThumbprintMismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -224,6 +225,34 @@ pub(crate) fn http_client(trust: &ServerTrust, timeout: Option<Duration>) -> Res
 }
 
 /// Maps a failed HTTP exchange to a TLS or a connection error.
+/// A TLS failure as an operator reads it: the pinned thumbprint's
+/// mismatch in its own words (not rustls's debug form of a custom error),
+/// and a bad signature with its usual cause named.
+fn tls_message(e: &rustls::Error) -> String {
+    use rustls::CertificateError;
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::Other(o)) => o.0.to_string(),
+        rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+            "the server's certificate has a signature \
+            this client does not accept: RSA keys under 2048 bits (and SHA-1 signatures) are refused; give the \
+            server a certificate with a 2048-bit or larger key"
+                .into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// [`tls_message`] for a rustls error seen only as text.
+fn tls_text(detail: &str) -> String {
+    if let Some(i) = detail.find("the server's certificate has thumbprint") {
+        return detail[i..].trim_end_matches([')', '"']).to_string();
+    }
+    if detail.contains("BadSignature") {
+        return tls_message(&rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature));
+    }
+    detail.to_string()
+}
+
 pub(crate) fn transport_error(url: &str, e: &reqwest::Error) -> Error {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut detail = e.to_string();
@@ -234,7 +263,7 @@ pub(crate) fn transport_error(url: &str, e: &reqwest::Error) -> Error {
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         });
         if let Some(t) = tls {
-            return Error::Tls { url: url.to_string(), message: t.to_string() };
+            return Error::Tls { url: url.to_string(), message: tls_message(t) };
         }
         detail = s.to_string();
         // hyper-util boxes the rustls error in ways a downcast cannot see
@@ -243,7 +272,7 @@ pub(crate) fn transport_error(url: &str, e: &reqwest::Error) -> Error {
             .iter()
             .any(|m| detail.contains(m))
         {
-            return Error::Tls { url: url.to_string(), message: detail };
+            return Error::Tls { url: url.to_string(), message: tls_text(&detail) };
         }
         source = s.source();
     }

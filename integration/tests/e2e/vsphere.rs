@@ -47,7 +47,7 @@ fn settings() -> DeploySettings {
     let mut s = vsphere_lab::lab_settings(Ipv4Addr::new(192, 0, 2, 10));
     s.dns = vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)];
     s.site_manager = "192.0.2.2:8443".into();
-    s.registration_token = "pair-7f3a".into();
+    s.registration_token = vsphere_lab::LAB_REGISTRATION_TOKEN.into();
     s
 }
 
@@ -58,7 +58,8 @@ fn deploys_the_ova_to_every_host_of_two_clusters_then_undeploys_one() -> Result<
     let site = site(&sim)?;
     let ova_path = vdsa_ova()?;
     let ova = Ova::open(&ova_path)?;
-    let vmdk_size = ova.entry("vdsa-disk1.vmdk").context("the OVA's disk")?.size;
+    let vmdk_size = ova.entry("vdsa-disk1.vmdk").context("the OVA's boot disk")?.size
+        + ova.entry("vdsa-disk2.vmdk").context("the OVA's data disk")?.size;
 
     let before = site.hosts()?;
     assert_eq!(before.len(), 5, "{before:?}");
@@ -66,10 +67,10 @@ fn deploys_the_ova_to_every_host_of_two_clusters_then_undeploys_one() -> Result<
 
     // Both clusters, one plan each, run together with every deploy in
     // parallel.
-    let mut reqs = site.plan_cluster("DC0_C0", &settings())?;
+    let mut reqs = site.plan_cluster("DC0_C0", &settings())?.requests;
     let mut c1 = settings();
     c1.ip = Ipv4Addr::new(192, 0, 2, 20);
-    reqs.extend(site.plan_cluster("DC0_C1", &c1)?);
+    reqs.extend(site.plan_cluster("DC0_C1", &c1)?.requests);
     assert_eq!(reqs.len(), 4);
     let events: Mutex<Vec<(String, DeployEvent)>> = Mutex::new(Vec::new());
     let results = site.deploy_many(&ova, &reqs, 4, &|h, e| {
@@ -235,15 +236,15 @@ fn bad_logins_names_certificates_and_dropped_connections_give_typed_errors() -> 
     // Names not in the inventory.
     let site = site(&sim)?;
     let ova = Ova::open(&vdsa_ova()?)?;
-    let mut req = site.plan_cluster("DC0_C0", &settings())?.remove(0);
+    let mut req = site.plan_cluster("DC0_C0", &settings())?.requests.remove(0);
     req.host = "esx-nowhere".into();
     let e = site.deploy(&ova, &req, &|_| {}).expect_err("an unknown host");
     assert!(
         matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "host", known, .. }) if known.contains(&"DC0_C0_H0".to_string())),
         "{e:?}"
     );
-    assert!(e.to_string().contains("no host named \"esx-nowhere\""), "{e}");
-    let mut req = site.plan_cluster("DC0_C0", &settings())?.remove(0);
+    assert!(e.to_string().contains("no host named esx-nowhere in the inventory"), "{e}");
+    let mut req = site.plan_cluster("DC0_C0", &settings())?.requests.remove(0);
     req.settings.datastore = "NoSuchDS".into();
     let e = site.deploy(&ova, &req, &|_| {}).expect_err("a bad datastore");
     assert!(
@@ -253,7 +254,7 @@ fn bad_logins_names_certificates_and_dropped_connections_give_typed_errors() -> 
     let mut near_end = settings();
     near_end.ip = Ipv4Addr::new(192, 0, 2, 254);
     let e = site.plan_cluster("DC0_C0", &near_end).expect_err("addresses past the subnet");
-    assert!(e.to_string().contains("leave the subnet 192.0.2.0/24"), "{e}");
+    assert!(e.to_string().contains("the subnet 192.0.2.0/24 has no free address left"), "{e}");
     let e = site.plan_cluster("NoCluster", &settings()).expect_err("an unknown cluster");
     assert!(matches!(&e, site_manager::vsphere::Error::Vsphere(Error::NotFound { kind: "cluster", .. })), "{e:?}");
     // A reference the server does not know.
@@ -532,7 +533,7 @@ fn the_operator_command_deploys_lists_and_undeploys_with_clear_errors() -> Resul
             "--site-manager",
             "192.0.2.2:8443",
             "--registration-token",
-            "t0k",
+            vsphere_lab::LAB_REGISTRATION_TOKEN,
         ],
     )?;
     assert!(ok, "deploy failed: {out}{err}");
@@ -565,13 +566,62 @@ fn the_operator_command_deploys_lists_and_undeploys_with_clear_errors() -> Resul
     let (ok, _, err) = run(&wrong, &["hosts"])?;
     assert!(!ok && err.contains("wrong user name or password"), "{err}");
     let (ok, _, err) = run(&password, &["undeploy", "--host", "esx-99"])?;
-    assert!(!ok && err.contains("no host named \"esx-99\""), "{err}");
+    assert!(!ok && err.contains("no host named esx-99 in the inventory"), "{err}");
+    let (ok, _, err) = run(
+        &password,
+        &[
+            "deploy",
+            "--ova",
+            ova.to_str().context("path")?,
+            "--datastore",
+            "NoDS",
+            "--network",
+            "VM Network",
+            "--host",
+            "DC0_C0_H0",
+            "--ip",
+            "192.0.2.40",
+            "--netmask",
+            "255.255.255.0",
+            "--site-manager",
+            "192.0.2.2:8443",
+            "--registration-token",
+            vsphere_lab::LAB_REGISTRATION_TOKEN,
+        ],
+    )?;
+    assert!(!ok && err.contains("no datastore named NoDS on host DC0_C0_H0 in the inventory"), "{err}");
+    // A malformed URL is the operator's, not vCenter's.
+    let out = std::process::Command::new(&bin)
+        .args(["vsphere", "--url", "https//vc", "--user", USER, "--password-file"])
+        .arg(&password)
+        .args(["--insecure", "hosts"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad vCenter URL \"https//vc\"") && !err.contains("vCenter rejected"),
+        "{err}"
+    );
+    // Output into a pipe closed early (`| head -1`) ends quietly.
+    let mut child = std::process::Command::new(&bin)
+        .args(["vsphere", "--url", &sim.url, "--user", USER, "--password-file"])
+        .arg(&password)
+        .arg("--ca-file")
+        .arg(&ca)
+        .arg("hosts")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    let out = child.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "a closed pipe made it panic: {err}");
     Ok(())
 }
 
 /// The site manager's API deploys a host's VDSA to vCenter as a task (the
-/// appliance carries a registration token minted for it, so the host shows
-/// installing) and undeploys it as a task.
+/// appliance carries a registration token minted for it; the host shows
+/// booting until a VDSA registers with it, then installed) and undeploys
+/// it as a task.
 #[test]
 fn the_site_manager_deploys_and_undeploys_a_vdsa_as_tasks() -> Result<()> {
     use integration::site_lab::SiteManagerProcess;
@@ -597,17 +647,192 @@ fn the_site_manager_deploys_and_undeploys_a_vdsa_as_tasks() -> Result<()> {
         Some(json!({"url": sim.url, "user": USER, "password": PASSWORD, "ca_pem": ca, "ova_path": ova})),
     )?;
     assert!(set.get("password").is_none(), "the password came back: {set}");
+    // What the appliance would refuse is refused before any vCenter call.
+    for (field, value) in [("netmask", "255.0.255.0"), ("gateway", "192.0.3.1"), ("ip", "192.0.2.255")] {
+        let mut bad = deploy.clone();
+        bad[field] = json!(value);
+        let (code, body) = sm.call_as("POST", &format!("/api/v1/hosts/{id}/deploy"), Some(bad), Some(&sm.admin))?;
+        assert_eq!(code, 400, "{field}={value}: {body}");
+        assert_eq!(body["field"], field, "{body}");
+    }
     let task = sm.post(&format!("/api/v1/hosts/{id}/deploy"), deploy)?;
     let t = sm.get(&format!("/api/v1/tasks/{}/wait?timeout_ms=120000", task["id"].as_str().unwrap_or_default()))?;
     assert_eq!(t["completion"], "Success", "{t}");
-    assert_eq!(sm.get(&format!("/api/v1/hosts/{id}"))?["vdsa"], "installing");
+    // Powered on is not installed: the host waits for its VDSA to boot
+    // and register.
+    assert_eq!(sm.get(&format!("/api/v1/hosts/{id}"))?["vdsa"], "booting");
     let deployed = site(&sim)?.hosts()?;
     let vm = deployed.iter().find(|x| x.host == host_name).context("the host")?;
     assert_eq!(vm.state, VdsaState::Installed, "{deployed:?}");
+    // vcsim runs no guests: a real VDSA started with the properties read
+    // back from the deployed VM stands in for the appliance's boot.
+    let vdsa_vm = vm.vm.as_ref().context("the VDSA VM")?;
+    let prop = |k: &str| vdsa_vm.vapp_property(k).map(str::to_string).with_context(|| format!("property {k}"));
+    assert_eq!(prop("site_manager")?, sm.management_address());
+    let mut agent = integration::site_lab::AgentProcess::start(
+        lab,
+        &dir.path().join("appliance"),
+        &format!("vdsa-{}", prop("ip")?),
+        &prop("site_manager")?,
+        &prop("registration_token")?,
+    )?;
+    sm.wait_until(&format!("/api/v1/hosts/{id}"), Duration::from_secs(30), "installed", |h| h["vdsa"] == "installed")?;
+    agent.stop();
     let task = sm.post(&format!("/api/v1/hosts/{id}/undeploy"), json!({}))?;
     let t = sm.get(&format!("/api/v1/tasks/{}/wait?timeout_ms=120000", task["id"].as_str().unwrap_or_default()))?;
     assert_eq!(t["completion"], "Success", "{t}");
     assert_eq!(sm.get(&format!("/api/v1/hosts/{id}"))?["vdsa"], "not_installed");
     assert!(site(&sim)?.hosts()?.iter().all(|x| x.state == VdsaState::NotInstalled));
+    Ok(())
+}
+
+/// What an independent run of `site-manager vsphere deploy` found, each
+/// shown failing before its fix: addresses handed out twice on a re-run,
+/// settings the appliance would refuse accepted, a re-run failing on the
+/// hosts already done, hosts in maintenance mode or disconnected deployed
+/// to, two deploys at once tearing down each other's VMs, and a deploy
+/// that waited forever on a frozen vCenter.
+#[test]
+fn deploys_keep_addresses_refuse_bad_settings_finish_re_runs_skip_unavailable_hosts_serialise_and_time_out(
+) -> Result<()> {
+    use site_manager::vsphere::{DeployDeadlines, Error as DeployError};
+    let sim =
+        Vcsim::start(&VcsimOptions { clusters: 1, hosts_per_cluster: 3, standalone_hosts: 0, ..Default::default() })?;
+    let site = site(&sim)?;
+    let ova = Ova::open(&vdsa_ova()?)?;
+    let mut hosts: Vec<String> = site.hosts()?.into_iter().map(|h| h.host).collect();
+    hosts.sort();
+    assert_eq!(hosts.len(), 3);
+
+    // Settings the appliance would refuse, on both paths, before any call.
+    type Spoil = Box<dyn Fn(&mut DeploySettings)>;
+    let bad: Vec<(&str, Spoil)> = vec![
+        ("netmask", Box::new(|s| s.netmask = Ipv4Addr::new(255, 0, 255, 0))),
+        ("site_manager", Box::new(|s| s.site_manager = String::new())),
+        ("site_manager", Box::new(|s| s.site_manager = "192.0.2.2".into())),
+        ("registration_token", Box::new(|s| s.registration_token = String::new())),
+        ("gateway", Box::new(|s| s.gateway = Some(Ipv4Addr::new(198, 51, 100, 1)))),
+        // The cluster's addresses run from .10: the first VDSA would be
+        // the gateway.
+        ("gateway", Box::new(|s| s.gateway = Some(Ipv4Addr::new(192, 0, 2, 10)))),
+    ];
+    for (property, spoil) in &bad {
+        let mut s = settings();
+        spoil(&mut s);
+        let e = site.plan_cluster("DC0_C0", &s).expect_err("refused");
+        assert!(e.to_string().contains(&format!("the property {property}:")), "{property}: {e}");
+    }
+    let mut s = settings();
+    s.gateway = Some(Ipv4Addr::new(192, 0, 2, 11));
+    let e = site.plan_host(&hosts[0], Ipv4Addr::new(192, 0, 2, 11), &s).expect_err("the gateway as the address");
+    assert!(e.to_string().contains("the property gateway:"), "{e}");
+    let e = site.plan_host(&hosts[0], Ipv4Addr::new(192, 0, 2, 255), &settings()).expect_err("broadcast");
+    assert!(e.to_string().contains("broadcast address"), "{e}");
+
+    // One host first (as if it had joined the cluster's VDSAs earlier) at
+    // .10; then the cluster from .10: the held address is kept by its host
+    // and never handed to another.
+    let one = site.plan_host(&hosts[1], Ipv4Addr::new(192, 0, 2, 10), &settings())?;
+    site.deploy(&ova, &one, &|_| {})?;
+    let plan = site.plan_cluster("DC0_C0", &settings())?;
+    let ips: Vec<(String, String)> = plan.requests.iter().map(|r| (r.host.clone(), r.ip.to_string())).collect();
+    assert_eq!(
+        ips,
+        [
+            (hosts[0].clone(), "192.0.2.11".to_string()),
+            (hosts[1].clone(), "192.0.2.10".to_string()),
+            (hosts[2].clone(), "192.0.2.12".to_string())
+        ]
+    );
+    // The address another VDSA holds is refused for a single host, and as
+    // the gateway.
+    let e = site.plan_host(&hosts[0], Ipv4Addr::new(192, 0, 2, 10), &settings()).expect_err("held");
+    assert!(e.to_string().contains("is held by the VDSA"), "{e}");
+    let mut s = settings();
+    s.gateway = Some(Ipv4Addr::new(192, 0, 2, 10));
+    s.ip = Ipv4Addr::new(192, 0, 2, 20);
+    let e = site.plan_cluster("DC0_C0", &s).expect_err("a VDSA as the gateway");
+    assert!(e.to_string().contains("the property gateway: 192.0.2.10 is the address of a VDSA"), "{e}");
+
+    // A host in maintenance mode is skipped with the reason and shown so.
+    let inv = site.client().inventory()?;
+    let h2 = inv.host(&hosts[2])?.moref.clone();
+    site.client().run_task("EnterMaintenanceMode_Task", &h2, |w| {
+        w.text("timeout", "0");
+    })?;
+    let plan = site.plan_cluster("DC0_C0", &settings())?;
+    assert_eq!(plan.skipped, [(hosts[2].clone(), "it is in maintenance mode".to_string())]);
+    assert_eq!(
+        site.hosts()?.iter().find(|h| h.host == hosts[2]).map(|h| h.host_state.clone()).as_deref(),
+        Some("maintenance")
+    );
+
+    // Two deploys of the cluster at once (two operators): every host ends
+    // with exactly one VDSA, installed; nothing installed is torn down;
+    // the re-run reports the host that was done as already installed.
+    let other = VsphereSite::connect(&sim.url, trust(&sim)?, USER, PASSWORD)?;
+    let events: Mutex<Vec<(String, DeployEvent)>> = Mutex::new(Vec::new());
+    let (a, b) = std::thread::scope(|sc| {
+        let ta = sc.spawn(|| {
+            site.deploy_many(&ova, &plan.requests, 2, &|h, e| {
+                events.lock().unwrap_or_else(|p| p.into_inner()).push((h.into(), e))
+            })
+        });
+        let tb = sc.spawn(|| {
+            other.deploy_many(&ova, &plan.requests, 2, &|h, e| {
+                events.lock().unwrap_or_else(|p| p.into_inner()).push((h.into(), e))
+            })
+        });
+        (ta.join(), tb.join())
+    });
+    let (a, b) = (a.map_err(|_| anyhow::anyhow!("panicked"))??, b.map_err(|_| anyhow::anyhow!("panicked"))??);
+    for ((host, ra), (_, rb)) in a.iter().zip(&b) {
+        let ok_or_busy = |r: &std::result::Result<MoRef, DeployError>| {
+            r.is_ok() || matches!(r, Err(DeployError::DeployInProgress { .. }))
+        };
+        assert!(ok_or_busy(ra) && ok_or_busy(rb), "{host}: {ra:?} / {rb:?}");
+    }
+    let events = events.into_inner().unwrap_or_else(|p| p.into_inner());
+    assert!(
+        events.iter().any(|(h, e)| h == &hosts[1] && matches!(e, DeployEvent::AlreadyInstalled { .. })),
+        "{events:?}"
+    );
+    let vms = site.client().vms()?;
+    for h in &hosts[..2] {
+        let href = inv.host(h)?.moref.value.clone();
+        let vdsas: Vec<&vsphere_client::Vm> = vms
+            .iter()
+            .filter(|v| v.extra(site_manager::vsphere::MARK_ROLE) == Some("vdsa"))
+            .filter(|v| v.extra(site_manager::vsphere::MARK_HOST) == Some(href.as_str()))
+            .collect();
+        assert_eq!(vdsas.len(), 1, "{h}: {:?}", vdsas.iter().map(|v| &v.name).collect::<Vec<_>>());
+        assert_eq!(vdsas[0].extra(site_manager::vsphere::MARK_STATE), Some("installed"), "{h}");
+    }
+
+    // A frozen vCenter (SIGSTOP: the connection stays open) during the
+    // upload: the upload's deadline fails the deploy, naming the phase.
+    site.client().run_task("ExitMaintenanceMode_Task", &h2, |w| {
+        w.text("timeout", "0");
+    })?;
+    let mut deadlines = DeployDeadlines::standard();
+    deadlines.import.upload_base = Duration::from_secs(5);
+    deadlines.import.upload_min_rate = 1 << 40;
+    let quick = VsphereSite::connect_within(&sim.url, trust(&sim)?, USER, PASSWORD, Duration::from_secs(5))?
+        .with_deadlines(deadlines);
+    let req =
+        quick.plan_cluster("DC0_C0", &settings())?.requests.into_iter().find(|r| r.host == hosts[2]).context("plan")?;
+    let frozen = std::sync::atomic::AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    let r = quick.deploy(&ova, &req, &|e| {
+        if matches!(e, DeployEvent::Uploading { .. }) && !frozen.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            sim.freeze();
+        }
+    });
+    let took = started.elapsed();
+    sim.thaw();
+    let e = r.expect_err("a frozen vCenter fails the deploy");
+    assert!(frozen.load(std::sync::atomic::Ordering::SeqCst), "the upload never started");
+    assert!(e.to_string().contains("timed out") && e.to_string().contains("disk upload"), "{e}");
+    assert!(took < Duration::from_secs(40), "the deploy took {took:?} with a 5 s upload deadline");
     Ok(())
 }

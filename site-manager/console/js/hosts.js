@@ -6,7 +6,7 @@ import * as api from './api.js';
 import { taskStatus } from './tasks.js';
 import { h, refill, table, pageHead, can, fmtAgo, pill, words, toast, openDialog, field } from './ui.js';
 
-const VDSA_TONE = { installed: 'ok', installing: 'info', down: 'bad', uninstalling: 'warn', not_installed: '' };
+const VDSA_TONE = { installed: 'ok', installing: 'info', booting: 'info', registering: 'info', down: 'bad', failed: 'bad', uninstalling: 'warn', not_installed: '' };
 
 export async function render(ctx) {
   const admin = can(ctx.session, 'admin');
@@ -113,7 +113,7 @@ export async function render(ctx) {
   function actions(x) {
     if (!admin) return null;
     const out = [];
-    if (x.hypervisor === 'vsphere' && x.vdsa === 'not_installed') out.push(h('button', { type: 'button', class: 'small', dataset: { action: 'deploy', key: `deploy-${x.id}` }, onclick: () => deploy(x) }, 'Deploy…'));
+    if (x.hypervisor === 'vsphere' && (x.vdsa === 'not_installed' || x.vdsa === 'failed')) out.push(h('button', { type: 'button', class: 'small', dataset: { action: 'deploy', key: `deploy-${x.id}` }, onclick: () => deploy(x) }, 'Deploy…'));
     if (x.hypervisor === 'kvm' && (x.vdsa === 'not_installed' || x.vdsa === 'installing')) out.push(h('button', { type: 'button', class: 'small', dataset: { action: 'registration-token', key: `token-${x.id}` }, onclick: () => registrationToken(x) }, 'Install…'));
     if (x.hypervisor === 'vsphere' && x.vdsa !== 'not_installed' && x.vdsa !== 'uninstalling') out.push(h('button', { type: 'button', class: 'small', dataset: { action: 'undeploy', key: `undeploy-${x.id}` }, onclick: () => confirm(x, 'undeploy') }, 'Undeploy…'));
     out.push(h('button', { type: 'button', class: 'small', dataset: { action: 'remove-host', key: `remove-${x.id}` }, onclick: () => confirm(x, 'remove') }, 'Remove…'));
@@ -127,7 +127,7 @@ export async function render(ctx) {
       hosts.map((x) => h('tr', { dataset: { host: x.id, vdsa: x.vdsa } },
         h('td', {}, x.name),
         h('td', {}, x.hypervisor === 'kvm' ? 'KVM' : 'vSphere'),
-        h('td', {}, pill(words(x.vdsa), VDSA_TONE[x.vdsa])),
+        h('td', { title: x.vdsa_reason || '' }, pill(words(x.vdsa), VDSA_TONE[x.vdsa]), x.vdsa_reason ? h('div', { class: 'muted small' }, x.vdsa_reason) : null),
         h('td', { class: 'mono' }, x.replication_address || '—'),
         h('td', {}, fmtAgo(x.last_heartbeat_ms)),
         h('td', {}, x.software_version || '—'),

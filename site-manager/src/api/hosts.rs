@@ -147,10 +147,22 @@ async fn deploy(
     if req.network.trim().is_empty() {
         return Err(ApiError::bad("network", "network: must not be empty"));
     }
+    // What the appliance would refuse at boot is refused here, by field.
+    let appliance = protection_groups::appliance::ApplianceSettings {
+        ip: req.ip,
+        netmask: req.netmask,
+        gateway: req.gateway,
+        dns: req.dns.clone(),
+        site_manager: sm.management_address(),
+        registration_token: format!("unminted.{}", sm.pki.ca_sha256()),
+    };
+    if let Err(e) = appliance.check() {
+        return Err(ApiError::bad(e.property, e.to_string()));
+    }
     blocking(move || {
         let h = host(&sm, id)?;
         crate::deploy::check_vsphere(&h).map_err(ApiError::Conflict)?;
-        if !matches!(h.vdsa, VdsaState::NotInstalled) {
+        if !matches!(h.vdsa, VdsaState::NotInstalled | VdsaState::Failed) {
             return Err(ApiError::Conflict(format!(
                 "host {} has a VDSA already (state {:?}); undeploy it first",
                 h.name, h.vdsa

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use vsphere_client::{Ova, ServerTrust};
 
-use crate::vsphere::{DeployEvent, DeployRequest, DeploySettings, VsphereSite};
+use crate::vsphere::{ClusterPlan, DeployEvent, DeployRequest, DeploySettings, VsphereSite};
 
 #[derive(Parser)]
 #[command(name = "site-manager", about = "The site manager's operator command")]
@@ -198,7 +198,15 @@ pub fn main_with<I: IntoIterator<Item = String>>(args: I) -> ExitCode {
     let cli = Cli::parse_from(args);
     match &cli.command {
         Top::Serve(a) => init_tracing("info", Some(&a.data.join("logs/site-manager.log"))),
-        _ => init_tracing("warn", None),
+        _ => {
+            init_tracing("warn", None);
+            // A command's output piped into `head` ends it quietly, as
+            // other tools do, rather than panicking in println!. Sockets
+            // are written with MSG_NOSIGNAL and keep their errors.
+            // SAFETY: setting a signal's disposition to its default before
+            // any thread is started touches no memory of ours.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        }
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -244,12 +252,13 @@ fn run(cli: Cli) -> Result<()> {
     let site = connect(&conn)?;
     match op {
         VsphereOp::Hosts => {
-            println!("{:<24} {:<16} {:<14} VM", "HOST", "CLUSTER", "VDSA");
+            println!("{:<24} {:<16} {:<14} {:<14} VM", "HOST", "CLUSTER", "HOST STATE", "VDSA");
             for h in site.hosts()? {
                 println!(
-                    "{:<24} {:<16} {:<14} {}",
+                    "{:<24} {:<16} {:<14} {:<14} {}",
                     h.host,
                     h.cluster.as_deref().unwrap_or("-"),
+                    h.host_state,
                     h.state.to_string(),
                     h.vm.as_ref().map(|v| v.name.as_str()).unwrap_or("-")
                 );
@@ -272,12 +281,15 @@ fn run(cli: Cli) -> Result<()> {
             let ova = Ova::open(&ova)?;
             let settings =
                 DeploySettings { datastore, network, ip, netmask, gateway, dns, site_manager, registration_token };
-            let reqs = match (host, cluster) {
-                (Some(h), _) => vec![DeployRequest { host: h, ip, settings }],
+            let plan = match (host, cluster) {
+                (Some(h), _) => ClusterPlan { requests: vec![site.plan_host(&h, ip, &settings)?], skipped: Vec::new() },
                 (None, Some(c)) => site.plan_cluster(&c, &settings)?,
                 (None, None) => bail!("give --host or --cluster"),
             };
-            deploy_with_bars(&site, &ova, &reqs, parallel)?;
+            for (host, reason) in &plan.skipped {
+                println!("{host}: skipped: {reason}");
+            }
+            deploy_with_bars(&site, &ova, &plan.requests, parallel)?;
         }
         VsphereOp::Undeploy { host } => {
             site.undeploy(&host)?;
@@ -336,9 +348,11 @@ fn deploy_with_bars(site: &VsphereSite, ova: &Ova, reqs: &[DeployRequest], paral
             }
             DeployEvent::PoweringOn => "powering on".to_string(),
             DeployEvent::Installed { vm } => format!("installed ({vm})"),
+            DeployEvent::AlreadyInstalled { vm } => format!("already installed ({vm})"),
+            DeployEvent::Skipped { reason } => format!("skipped: {reason}"),
             DeployEvent::Failed { error } => format!("FAILED: {error}"),
         };
-        if matches!(e, DeployEvent::Installed { .. } | DeployEvent::Failed { .. }) {
+        if !matches!(e, DeployEvent::Preparing | DeployEvent::Uploading { .. } | DeployEvent::PoweringOn) {
             bar.finish_with_message(msg.clone());
         } else {
             bar.set_message(msg.clone());
@@ -351,8 +365,18 @@ fn deploy_with_bars(site: &VsphereSite, ova: &Ova, reqs: &[DeployRequest], paral
         }
     };
     let results = site.deploy_many(ova, reqs, parallel, &on_event)?;
-    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
-    println!("{} of {} hosts have the VDSA installed", results.len() - failed.len(), results.len());
+    let skipped =
+        results.iter().filter(|(_, r)| matches!(r, Err(crate::vsphere::Error::HostUnavailable { .. }))).count();
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|(_, r)| r.as_ref().is_err_and(|e| !matches!(e, crate::vsphere::Error::HostUnavailable { .. })))
+        .collect();
+    println!(
+        "{} of {} hosts have the VDSA installed{}",
+        results.len() - failed.len() - skipped,
+        results.len(),
+        if skipped > 0 { format!(", {skipped} skipped") } else { String::new() }
+    );
     if !failed.is_empty() {
         for (h, r) in &failed {
             if let Err(e) = r {

@@ -15,8 +15,10 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use protection_groups::appliance::ApplianceSettings;
 use vsphere_client::{
-    Client, ImportProgress, ImportTarget, Inventory, MoRef, Ova, ServerTrust, VirtualDiskInfo, Vm, VmChange,
+    Client, ImportDeadlines, ImportProgress, ImportTarget, Inventory, MoRef, Ova, ServerTrust, VirtualDiskInfo, Vm,
+    VmChange,
 };
 
 /// Extra-config keys the product sets on the VMs it owns.
@@ -25,6 +27,11 @@ pub const MARK_STATE: &str = "vdsa.state";
 pub const MARK_HOST: &str = "vdsa.host";
 pub const MARK_TEST: &str = "vdsa.test";
 pub const MARK_BOOT_GROUP: &str = "vdsa.bootGroup";
+/// Until when (ms since the epoch) the deploy that made a VDSA VM owns it:
+/// another deploy leaves an `installing` VDSA alone until then.
+pub const MARK_DEPLOY_UNTIL: &str = "vdsa.deployUntil";
+/// The deploy that made it (a random id), to tell two deploys apart.
+pub const MARK_DEPLOY_ID: &str = "vdsa.deployId";
 const ROLE_VDSA: &str = "vdsa";
 const ROLE_RECOVERY: &str = "recovery";
 
@@ -36,13 +43,17 @@ pub enum Error {
     #[error(transparent)]
     Vsphere(#[from] vsphere_client::Error),
     #[error("host {host} already has a VDSA ({vm}); undeploy it first")]
-    AlreadyDeployed { host: String, vm: String },
+    AlreadyDeployed { host: String, vm: String, vm_ref: MoRef },
     #[error("host {host} has no VDSA to undeploy")]
     NotDeployed { host: String },
     #[error("a network named {name:?} exists already; a test network must not share a name with a real one")]
     NetworkExists { name: String },
     #[error("bad settings: {0}")]
     Settings(String),
+    #[error("host {host} is skipped: {reason}")]
+    HostUnavailable { host: String, reason: String },
+    #[error("another deploy is installing the VDSA of host {host} ({vm}) until {until_ms} ms since the epoch; wait for it, or undeploy the host if that deploy is gone")]
+    DeployInProgress { host: String, vm: String, until_ms: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -76,6 +87,8 @@ pub struct HostVdsa {
     pub datacenter: String,
     pub state: VdsaState,
     pub vm: Option<Vm>,
+    /// The host itself: connected, maintenance, disconnected, notResponding.
+    pub host_state: String,
 }
 
 /// Network and site settings for deploying VDSAs.
@@ -93,6 +106,66 @@ pub struct DeploySettings {
     pub registration_token: String,
 }
 
+impl DeploySettings {
+    /// The appliance's settings for a VDSA at `ip`, checked by the rule the
+    /// appliance applies when it boots: what it would refuse is refused
+    /// here, before any call to vCenter.
+    pub fn appliance(&self, ip: Ipv4Addr) -> Result<ApplianceSettings> {
+        let a = ApplianceSettings {
+            ip,
+            netmask: self.netmask,
+            gateway: self.gateway,
+            dns: self.dns.clone(),
+            site_manager: self.site_manager.clone(),
+            registration_token: self.registration_token.clone(),
+        };
+        a.check().map_err(|e| Error::Settings(e.to_string()))?;
+        Ok(a)
+    }
+}
+
+/// How long each phase of a deploy may take before it fails with the
+/// phase named: a vCenter that stops answering (frozen, the connection
+/// still open) must not hold a deploy forever. SOAP calls are bounded by
+/// the client's call timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeployDeadlines {
+    /// The lease and the disk upload.
+    pub import: ImportDeadlines,
+    /// Power-on.
+    pub power_on: std::time::Duration,
+}
+
+impl DeployDeadlines {
+    pub fn standard() -> Self {
+        DeployDeadlines { import: ImportDeadlines::default(), power_on: std::time::Duration::from_secs(300) }
+    }
+
+    /// The longest a deploy uploading `bytes` may own its VM.
+    pub fn total(&self, bytes: u64) -> std::time::Duration {
+        self.import.lease_ready + self.import.upload(bytes) + self.power_on
+    }
+}
+
+/// A cluster's deploy, as planned: one request per host that can take a
+/// VDSA, and the hosts skipped with the reason.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterPlan {
+    pub requests: Vec<DeployRequest>,
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Why a host cannot take a VDSA now, if it cannot.
+fn unavailable(h: &vsphere_client::Host) -> Option<String> {
+    if h.in_maintenance {
+        Some("it is in maintenance mode".into())
+    } else if h.connection_state != "connected" {
+        Some(format!("it is {} (not connected to vCenter)", h.connection_state))
+    } else {
+        None
+    }
+}
+
 /// One host's deploy, as planned.
 #[derive(Debug, Clone)]
 pub struct DeployRequest {
@@ -105,10 +178,25 @@ pub struct DeployRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeployEvent {
     Preparing,
-    Uploading { done: u64, total: u64 },
+    Uploading {
+        done: u64,
+        total: u64,
+    },
     PoweringOn,
-    Installed { vm: String },
-    Failed { error: String },
+    Installed {
+        vm: String,
+    },
+    /// A re-run found the host's VDSA installed already.
+    AlreadyInstalled {
+        vm: String,
+    },
+    /// The host cannot take a VDSA now.
+    Skipped {
+        reason: String,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// A VM with its disks, for protection groups.
@@ -125,6 +213,7 @@ pub struct VmDisks {
 #[derive(Debug, Clone)]
 pub struct VsphereSite {
     client: Arc<Client>,
+    deadlines: DeployDeadlines,
 }
 
 impl VsphereSite {
@@ -132,7 +221,26 @@ impl VsphereSite {
     pub fn connect(url: &str, trust: ServerTrust, user: &str, password: &str) -> Result<Self> {
         let client = Client::connect(url, trust)?;
         client.login(user, password)?;
-        Ok(VsphereSite { client: Arc::new(client) })
+        Ok(VsphereSite { client: Arc::new(client), deadlines: DeployDeadlines::standard() })
+    }
+
+    /// Connects with a SOAP call timeout of `call_timeout`.
+    pub fn connect_within(
+        url: &str,
+        trust: ServerTrust,
+        user: &str,
+        password: &str,
+        call_timeout: std::time::Duration,
+    ) -> Result<Self> {
+        let client = Client::connect_with_timeout(url, trust, call_timeout)?;
+        client.login(user, password)?;
+        Ok(VsphereSite { client: Arc::new(client), deadlines: DeployDeadlines::standard() })
+    }
+
+    /// The deploys' phase deadlines.
+    pub fn with_deadlines(mut self, deadlines: DeployDeadlines) -> Self {
+        self.deadlines = deadlines;
+        self
     }
 
     pub fn client(&self) -> &Client {
@@ -150,49 +258,108 @@ impl VsphereSite {
         Ok(hosts_with_vdsas(&inv, &vms))
     }
 
-    /// One deploy request per host of `cluster`, with consecutive addresses.
-    pub fn plan_cluster(&self, cluster: &str, settings: &DeploySettings) -> Result<Vec<DeployRequest>> {
-        let inv = self.client.inventory()?;
-        let c = inv.cluster(cluster)?;
-        let hosts = inv.hosts_of(c);
-        let mask = u32::from(settings.netmask);
-        let first = u32::from(settings.ip);
-        let subnet = first & mask;
-        let broadcast = subnet | !mask;
-        let mut out = Vec::new();
-        for (i, h) in hosts.iter().enumerate() {
-            // Every address in the subnet, neither its network nor its
-            // broadcast address.
-            let ip = first
-                .checked_add(i as u32)
-                .filter(|ip| ip & mask == subnet && *ip != subnet && (*ip != broadcast || mask == u32::MAX))
-                .map(Ipv4Addr::from)
-                .ok_or_else(|| {
-                    Error::Settings(format!(
-                        "{} hosts from {} leave the subnet {}/{} at host {}",
-                        hosts.len(),
-                        settings.ip,
-                        Ipv4Addr::from(subnet),
-                        mask.count_ones(),
-                        h.name
-                    ))
-                })?;
-            out.push(DeployRequest { host: h.name.clone(), ip, settings: settings.clone() });
-        }
-        Ok(out)
-    }
-
-    /// Deploys the VDSA to one host: import (marked installing), power on,
-    /// mark installed. A VDSA left `installing` or `uninstalling` by an
-    /// interrupted run is removed first.
-    pub fn deploy(&self, ova: &Ova, req: &DeployRequest, progress: &(dyn Fn(DeployEvent) + Sync)) -> Result<MoRef> {
+    /// The deploy of every host of `cluster` that can take a VDSA. A host
+    /// whose VDSA exists keeps its address; the others get the free
+    /// addresses from `settings.ip` on, in host name order, skipping every
+    /// address a VDSA of this vCenter holds: an address is never handed out
+    /// twice. A gateway equal to a VDSA's address is refused. Every request is checked by the appliance's
+    /// rule before anything is deployed.
+    pub fn plan_cluster(&self, cluster: &str, settings: &DeploySettings) -> Result<ClusterPlan> {
         let inv = self.client.inventory()?;
         let vms = self.client.vms()?;
-        self.deploy_with(&inv, &vms, ova, req, progress)
+        let c = inv.cluster(cluster)?;
+        let held: std::collections::HashSet<Ipv4Addr> = vms
+            .iter()
+            .filter(|v| v.extra(MARK_ROLE) == Some(ROLE_VDSA))
+            .filter_map(|v| v.vapp_property("ip").and_then(|ip| ip.parse().ok()))
+            .collect();
+        let mask = u32::from(settings.netmask);
+        let subnet = u32::from(settings.ip) & mask;
+        let mut next = u32::from(settings.ip);
+        if let Some(gw) = settings.gateway.filter(|g| held.contains(g)) {
+            return Err(Error::Settings(format!(
+                "the property gateway: {gw} is the address of a VDSA of this vCenter"
+            )));
+        }
+        let mut plan = ClusterPlan::default();
+        for h in inv.hosts_of(c) {
+            if let Some(reason) = unavailable(h) {
+                plan.skipped.push((h.name.clone(), reason));
+                continue;
+            }
+            let kept = vdsa_of(&vms, &h.moref).and_then(|v| v.vapp_property("ip")).and_then(|ip| ip.parse().ok());
+            let ip = match kept {
+                Some(ip) => ip,
+                None => loop {
+                    let candidate = Ipv4Addr::from(next);
+                    if next & mask != subnet {
+                        return Err(Error::Settings(format!(
+                            "the subnet {}/{} has no free address left for host {} (from {} on; held by VDSAs: {})",
+                            Ipv4Addr::from(subnet),
+                            mask.count_ones(),
+                            h.name,
+                            settings.ip,
+                            held.len()
+                        )));
+                    }
+                    next = next.wrapping_add(1);
+                    let network_or_broadcast =
+                        protection_groups::appliance::check_host_address(candidate, settings.netmask).is_err();
+                    if !held.contains(&candidate) && !network_or_broadcast {
+                        break candidate;
+                    }
+                },
+            };
+            settings.appliance(ip).map_err(|e| Error::Settings(format!("host {}: {e}", h.name)))?;
+            plan.requests.push(DeployRequest { host: h.name.clone(), ip, settings: settings.clone() });
+        }
+        Ok(plan)
+    }
+
+    /// One host's deploy request, checked by the appliance's rule and
+    /// against the addresses the VDSAs of this vCenter hold.
+    pub fn plan_host(&self, host: &str, ip: Ipv4Addr, settings: &DeploySettings) -> Result<DeployRequest> {
+        settings.appliance(ip)?;
+        let vms = self.client.vms()?;
+        let inv = self.client.inventory()?;
+        let h = inv.host(host)?;
+        let others = || {
+            vms.iter()
+                .filter(|v| v.extra(MARK_ROLE) == Some(ROLE_VDSA) && v.extra(MARK_HOST) != Some(h.moref.value.as_str()))
+        };
+        if let Some(other) = others().find(|v| v.vapp_property("ip") == Some(ip.to_string().as_str())) {
+            return Err(Error::Settings(format!("{ip} is held by the VDSA {}; choose another address", other.name)));
+        }
+        if let Some(gw) = settings.gateway {
+            if let Some(other) = others().find(|v| v.vapp_property("ip") == Some(gw.to_string().as_str())) {
+                return Err(Error::Settings(format!(
+                    "the property gateway: {gw} is the address of the VDSA {}",
+                    other.name
+                )));
+            }
+        }
+        Ok(DeployRequest { host: host.to_string(), ip, settings: settings.clone() })
+    }
+
+    /// Deploys the VDSA to one host: import (marked installing, owned by
+    /// this deploy until its deadlines run out), power on, mark installed.
+    /// A VDSA left `installing` by a deploy whose time is up, or
+    /// `uninstalling`, is removed first; one another deploy still owns is
+    /// left alone (`DeployInProgress`).
+    pub fn deploy(&self, ova: &Ova, req: &DeployRequest, progress: &(dyn Fn(DeployEvent) + Sync)) -> Result<MoRef> {
+        let r = self.deploy_inner(ova, req, progress);
+        match &r {
+            Ok(vm) => progress(DeployEvent::Installed { vm: vm.value.clone() }),
+            Err(Error::HostUnavailable { reason, .. }) => progress(DeployEvent::Skipped { reason: reason.clone() }),
+            Err(e) => progress(DeployEvent::Failed { error: e.to_string() }),
+        }
+        r
     }
 
     /// Deploys to several hosts, `parallel` at a time; one result per host,
-    /// in the order given. Progress names the host.
+    /// in the order given. Progress names the host. A host whose VDSA is
+    /// installed already is reported so (`AlreadyInstalled`, and its VM as
+    /// the result): a re-run finishes what a partial deploy left.
     pub fn deploy_many(
         &self,
         ova: &Ova,
@@ -200,8 +367,6 @@ impl VsphereSite {
         parallel: usize,
         progress: &(dyn Fn(&str, DeployEvent) + Sync),
     ) -> Result<Vec<(String, Result<MoRef>)>> {
-        let inv = self.client.inventory()?;
-        let vms = self.client.vms()?;
         let next = AtomicUsize::new(0);
         let results: Mutex<Vec<Option<Result<MoRef>>>> = Mutex::new((0..reqs.len()).map(|_| None).collect());
         std::thread::scope(|s| {
@@ -209,7 +374,28 @@ impl VsphereSite {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(req) = reqs.get(i) else { return };
-                    let r = self.deploy_with(&inv, &vms, ova, req, &|e| progress(&req.host, e));
+                    let r = match self.deploy_inner(ova, req, &|e| progress(&req.host, e)) {
+                        Ok(vm) => {
+                            progress(&req.host, DeployEvent::Installed { vm: vm.value.clone() });
+                            Ok(vm)
+                        }
+                        Err(Error::AlreadyDeployed { vm, vm_ref, .. }) => {
+                            progress(&req.host, DeployEvent::AlreadyInstalled { vm });
+                            Ok(vm_ref)
+                        }
+                        Err(e) => {
+                            progress(
+                                &req.host,
+                                match &e {
+                                    Error::HostUnavailable { reason, .. } => {
+                                        DeployEvent::Skipped { reason: reason.clone() }
+                                    }
+                                    e => DeployEvent::Failed { error: e.to_string() },
+                                },
+                            );
+                            Err(e)
+                        }
+                    };
                     results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
                 });
             }
@@ -225,40 +411,34 @@ impl VsphereSite {
             .collect())
     }
 
-    fn deploy_with(
-        &self,
-        inv: &Inventory,
-        vms: &[Vm],
-        ova: &Ova,
-        req: &DeployRequest,
-        progress: &(dyn Fn(DeployEvent) + Sync),
-    ) -> Result<MoRef> {
-        let r = self.deploy_inner(inv, vms, ova, req, progress);
-        match &r {
-            Ok(vm) => progress(DeployEvent::Installed { vm: vm.value.clone() }),
-            Err(e) => progress(DeployEvent::Failed { error: e.to_string() }),
-        }
-        r
-    }
-
-    fn deploy_inner(
-        &self,
-        inv: &Inventory,
-        vms: &[Vm],
-        ova: &Ova,
-        req: &DeployRequest,
-        progress: &(dyn Fn(DeployEvent) + Sync),
-    ) -> Result<MoRef> {
+    fn deploy_inner(&self, ova: &Ova, req: &DeployRequest, progress: &(dyn Fn(DeployEvent) + Sync)) -> Result<MoRef> {
         let s = &req.settings;
+        let appliance = s.appliance(req.ip)?;
+        let inv = self.client.inventory()?;
         let host = inv.host(&req.host)?;
+        if let Some(reason) = unavailable(host) {
+            return Err(Error::HostUnavailable { host: host.name.clone(), reason });
+        }
         let datastore = inv.datastore_for(host, &s.datastore)?;
         let network = inv.network_for(host, &s.network)?;
         let dc = inv.datacenter_of(host)?;
         let pool = inv.resource_pool_of(host)?;
-        if let Some(existing) = vdsa_of(vms, &host.moref) {
+        let vms = self.client.vms()?;
+        if let Some(existing) = vdsa_of(&vms, &host.moref) {
             match state_of(existing) {
                 VdsaState::Installed => {
-                    return Err(Error::AlreadyDeployed { host: host.name.clone(), vm: existing.name.clone() })
+                    return Err(Error::AlreadyDeployed {
+                        host: host.name.clone(),
+                        vm: existing.name.clone(),
+                        vm_ref: existing.moref.clone(),
+                    })
+                }
+                VdsaState::Installing if owned_until(existing) > now_ms() => {
+                    return Err(Error::DeployInProgress {
+                        host: host.name.clone(),
+                        vm: existing.name.clone(),
+                        until_ms: owned_until(existing),
+                    })
                 }
                 _ => {
                     tracing::info!(host = %host.name, vm = %existing.name, "removing a VDSA an interrupted run left");
@@ -266,8 +446,10 @@ impl VsphereSite {
                 }
             }
         }
+        let upload_bytes: u64 = ova.references.iter().filter_map(|r| ova.entry(r)).map(|e| e.size).sum();
+        let until = now_ms() + self.deadlines.total(upload_bytes).as_millis() as u64;
+        let deploy_id = uuid::Uuid::new_v4().to_string();
         let ovf_network = ova.networks.first().cloned().unwrap_or_default();
-        let dns = s.dns.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>().join(",");
         let target = ImportTarget {
             name: format!("VDSA-{}", host.name),
             host: host.moref.clone(),
@@ -275,28 +457,69 @@ impl VsphereSite {
             folder: dc.vm_folder.clone(),
             datastore: datastore.moref.clone(),
             network_mapping: vec![(ovf_network, network.moref.clone())],
-            properties: vec![
-                ("ip".into(), req.ip.to_string()),
-                ("netmask".into(), s.netmask.to_string()),
-                ("gateway".into(), s.gateway.map(|g| g.to_string()).unwrap_or_default()),
-                ("dns".into(), dns),
-                ("site_manager".into(), s.site_manager.clone()),
-                ("registration_token".into(), s.registration_token.clone()),
-            ],
+            properties: appliance.properties(),
             extra_config: vec![
                 (MARK_ROLE.into(), ROLE_VDSA.into()),
                 (MARK_STATE.into(), "installing".into()),
                 (MARK_HOST.into(), host.moref.value.clone()),
+                (MARK_DEPLOY_UNTIL.into(), until.to_string()),
+                (MARK_DEPLOY_ID.into(), deploy_id.clone()),
             ],
         };
-        let vm = self.client.import_ova(ova, &target, &|p| match p {
+        let imported = self.client.import_ova_within(ova, &target, &self.deadlines.import, &|p| match p {
             ImportProgress::Preparing | ImportProgress::Completing => progress(DeployEvent::Preparing),
             ImportProgress::Uploading { done, total } => progress(DeployEvent::Uploading { done, total }),
-        })?;
+        });
+        let vm = match imported {
+            Ok(vm) => vm,
+            // The VM's name or files exist: another deploy made them since
+            // we looked.
+            Err(e @ vsphere_client::Error::Fault { .. }) | Err(e @ vsphere_client::Error::AlreadyExists { .. })
+                if ["FileAlreadyExists", "DuplicateName", "exists already"]
+                    .iter()
+                    .any(|m| e.to_string().contains(m)) =>
+            {
+                let vms = self.client.vms()?;
+                return Err(match vdsa_of(&vms, &host.moref) {
+                    Some(v) if state_of(v) == VdsaState::Installed => {
+                        Error::AlreadyDeployed { host: host.name.clone(), vm: v.name.clone(), vm_ref: v.moref.clone() }
+                    }
+                    Some(v) => Error::DeployInProgress {
+                        host: host.name.clone(),
+                        vm: v.name.clone(),
+                        until_ms: owned_until(v),
+                    },
+                    None => Error::Vsphere(e),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Two deploys to one host at once: the one that started first keeps
+        // the host; the other removes what it made.
+        let rivals: Vec<Vm> = self
+            .client
+            .vms()?
+            .into_iter()
+            .filter(|v| v.moref != vm && v.extra(MARK_ROLE) == Some(ROLE_VDSA))
+            .filter(|v| v.extra(MARK_HOST) == Some(host.moref.value.as_str()))
+            .collect();
+        let first = rivals.iter().find(|r| {
+            state_of(r) == VdsaState::Installed
+                || (owned_until(r) > now_ms()
+                    && (owned_until(r), r.extra(MARK_DEPLOY_ID).unwrap_or("")) < (until, deploy_id.as_str()))
+        });
+        if let Some(first) = first {
+            self.client.power_off_and_destroy(&vm)?;
+            return Err(Error::DeployInProgress {
+                host: host.name.clone(),
+                vm: first.name.clone(),
+                until_ms: owned_until(first),
+            });
+        }
         // Marked installed only once it runs: a VDSA that failed to start
         // stays `installing`, and the next deploy replaces it.
         progress(DeployEvent::PoweringOn);
-        self.client.power_on(&vm)?;
+        self.client.run_task_within("PowerOnVM_Task", &vm, self.deadlines.power_on, |_| {})?;
         self.client.reconfigure_vm(
             &vm,
             &VmChange { extra_config: vec![(MARK_STATE.into(), "installed".into())], ..Default::default() },
@@ -339,6 +562,15 @@ impl VsphereSite {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Until when the deploy that made `vm` owns it (0: no deploy does).
+fn owned_until(vm: &Vm) -> u64 {
+    vm.extra(MARK_DEPLOY_UNTIL).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 fn state_of(vm: &Vm) -> VdsaState {
     match vm.extra(MARK_STATE) {
         Some("installed") => VdsaState::Installed,
@@ -366,6 +598,7 @@ fn hosts_with_vdsas(inv: &Inventory, vms: &[Vm]) -> Vec<HostVdsa> {
                 datacenter: inv.datacenter(&h.datacenter).map(|d| d.name.clone()).unwrap_or_default(),
                 state: vm.map(state_of).unwrap_or(VdsaState::NotInstalled),
                 vm: vm.cloned(),
+                host_state: if h.in_maintenance { "maintenance".into() } else { h.connection_state.clone() },
             }
         })
         .collect();
