@@ -152,17 +152,24 @@ impl GuestKit {
         Ok(build_initramfs(&self.debian, &image, out)?)
     }
 
-    /// Boots a guest. Its serial console goes to `config.console`.
-    pub fn boot(&self, config: &GuestConfig) -> Result<Guest> {
+    /// QEMU for a `machine` (q35, pc) under TCG with its firmware, no
+    /// display, `memory_mb` and the serial console into `console`.
+    fn machine(&self, machine: &str, memory_mb: u32, console: &Path) -> Command {
         let mut cmd = self.qemu();
         cmd.arg("-L")
             .arg(self.debian.root().join("usr/share/qemu"))
             .arg("-L")
             .arg(self.debian.root().join("usr/share/seabios"))
-            .args(["-machine", "q35,accel=tcg", "-display", "none", "-monitor", "none", "-no-reboot"])
-            .args(["-m", &config.memory_mb.to_string()])
+            .args(["-machine", &format!("{machine},accel=tcg"), "-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-m", &memory_mb.to_string()])
             .arg("-serial")
-            .arg(format!("file:{}", config.console.display()));
+            .arg(format!("file:{}", console.display()));
+        cmd
+    }
+
+    /// Boots a guest. Its serial console goes to `config.console`.
+    pub fn boot(&self, config: &GuestConfig) -> Result<Guest> {
+        let mut cmd = self.machine("q35", config.memory_mb, &config.console);
         if let Boot::Kernel { initramfs, append } = &config.boot {
             cmd.arg("-kernel")
                 .arg(self.kernel())
@@ -200,16 +207,8 @@ impl GuestKit {
     /// 10.0.2.2). The first disk is opened as a snapshot: the VM's writes
     /// to it are dropped, so one image serves many boots.
     pub fn boot_esxi_like(&self, config: &EsxiVmConfig) -> Result<Guest> {
-        let mut cmd = self.qemu();
-        cmd.arg("-L")
-            .arg(self.debian.root().join("usr/share/qemu"))
-            .arg("-L")
-            .arg(self.debian.root().join("usr/share/seabios"))
-            .args(["-machine", "pc,accel=tcg", "-display", "none", "-monitor", "none", "-no-reboot"])
-            .args(["-m", &config.memory_mb.to_string()])
-            .arg("-serial")
-            .arg(format!("file:{}", config.console.display()))
-            .args(["-device", "pvscsi,id=pvscsi0"]);
+        let mut cmd = self.machine("pc", config.memory_mb, &config.console);
+        cmd.args(["-device", "pvscsi,id=pvscsi0"]);
         for (i, d) in config.disks.iter().enumerate() {
             let snapshot = if i == 0 { ",snapshot=on" } else { "" };
             cmd.arg("-drive")
