@@ -153,7 +153,7 @@ pub fn run(say: impl Fn(&str)) -> Result<Report> {
         let vm = h.vm.as_ref().context("VDSA VM")?;
         ensure!(vm.host.as_ref() == Some(&h.host_ref), "{} runs elsewhere", vm.name);
         ensure!(vm.vapp_property("ip") == Some(r.ip.to_string().as_str()), "{} ip", vm.name);
-        ensure!(vm.vapp_property("registration_token") == Some("lab-registration-token"), "{} token", vm.name);
+        ensure!(vm.vapp_property("registration_token") == Some(LAB_REGISTRATION_TOKEN), "{} token", vm.name);
         properties_checked += 2;
     }
 

@@ -227,11 +227,31 @@ fn bad_logins_names_certificates_and_dropped_connections_give_typed_errors() -> 
     wrong[0] ^= 0xff;
     let e = Client::connect(&sim.url, ServerTrust::Thumbprint(wrong)).expect_err("another thumbprint");
     assert!(matches!(&e, Error::Tls { message, .. } if message.contains("not the pinned")), "{e:?}");
+    // In the operator's words, not rustls's debug form of a custom error.
+    assert!(!e.to_string().contains("OtherError") && !e.to_string().contains("Other("), "{e}");
+    // A trust setting that is wrong before any connection names no URL.
+    let e = ServerTrust::thumbprint("zz").expect_err("not a thumbprint");
+    assert!(matches!(e, Error::Trust(_)) && e.to_string().starts_with("bad certificate trust setting"), "{e}");
     let elsewhere = tempfile::tempdir()?;
     vdsa::wire::tls::create_site_certificates(elsewhere.path(), "elsewhere")?;
     let other_ca = std::fs::read(elsewhere.path().join("ca.pem"))?;
     let e = Client::connect(&sim.url, ServerTrust::ca_pem(&other_ca)?).expect_err("another CA");
     assert!(matches!(&e, Error::Tls { .. }), "{e:?}");
+    // A server whose key has under 2048 bits: refused, saying why (it
+    // read as a bad signature).
+    let weak = tempfile::tempdir()?;
+    let (cert, key) = (weak.path().join("cert.pem"), weak.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:1024", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    anyhow::ensure!(made.status.success(), "openssl: {}", String::from_utf8_lossy(&made.stderr));
+    let weak_sim = Vcsim::start(&VcsimOptions { cert: Some((cert, key)), ..Default::default() })?;
+    let e = Client::connect(&weak_sim.url, ServerTrust::Insecure).expect_err("a 1024-bit server key");
+    assert!(matches!(&e, Error::Tls { .. }) && e.to_string().contains("under 2048 bits"), "{e}");
+    drop(weak_sim);
 
     // Names not in the inventory.
     let site = site(&sim)?;
