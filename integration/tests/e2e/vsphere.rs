@@ -834,7 +834,7 @@ fn deploys_keep_addresses_refuse_bad_settings_finish_re_runs_skip_unavailable_ho
     site.client().run_task("ExitMaintenanceMode_Task", &h2, |w| {
         w.text("timeout", "0");
     })?;
-    let mut deadlines = DeployDeadlines::standard();
+    let mut deadlines = DeployDeadlines::default();
     deadlines.import.upload_base = Duration::from_secs(5);
     deadlines.import.upload_min_rate = 1 << 40;
     let quick = VsphereSite::connect_within(&sim.url, trust(&sim)?, USER, PASSWORD, Duration::from_secs(5))?

@@ -128,7 +128,7 @@ impl DeploySettings {
 /// phase named: a vCenter that stops answering (frozen, the connection
 /// still open) must not hold a deploy forever. SOAP calls are bounded by
 /// the client's call timeout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeployDeadlines {
     /// The lease and the disk upload.
     pub import: ImportDeadlines,
@@ -136,11 +136,13 @@ pub struct DeployDeadlines {
     pub power_on: std::time::Duration,
 }
 
-impl DeployDeadlines {
-    pub fn standard() -> Self {
+impl Default for DeployDeadlines {
+    fn default() -> Self {
         DeployDeadlines { import: ImportDeadlines::default(), power_on: std::time::Duration::from_secs(300) }
     }
+}
 
+impl DeployDeadlines {
     /// The longest a deploy uploading `bytes` may own its VM.
     pub fn total(&self, bytes: u64) -> std::time::Duration {
         self.import.lease_ready + self.import.upload(bytes) + self.power_on
@@ -221,7 +223,7 @@ impl VsphereSite {
     pub fn connect(url: &str, trust: ServerTrust, user: &str, password: &str) -> Result<Self> {
         let client = Client::connect(url, trust)?;
         client.login(user, password)?;
-        Ok(VsphereSite { client: Arc::new(client), deadlines: DeployDeadlines::standard() })
+        Ok(VsphereSite { client: Arc::new(client), deadlines: DeployDeadlines::default() })
     }
 
     /// Connects with a SOAP call timeout of `call_timeout`.
@@ -234,7 +236,7 @@ impl VsphereSite {
     ) -> Result<Self> {
         let client = Client::connect_with_timeout(url, trust, call_timeout)?;
         client.login(user, password)?;
-        Ok(VsphereSite { client: Arc::new(client), deadlines: DeployDeadlines::standard() })
+        Ok(VsphereSite { client: Arc::new(client), deadlines: DeployDeadlines::default() })
     }
 
     /// The deploys' phase deadlines.
@@ -348,11 +350,7 @@ impl VsphereSite {
     /// left alone (`DeployInProgress`).
     pub fn deploy(&self, ova: &Ova, req: &DeployRequest, progress: &(dyn Fn(DeployEvent) + Sync)) -> Result<MoRef> {
         let r = self.deploy_inner(ova, req, progress);
-        match &r {
-            Ok(vm) => progress(DeployEvent::Installed { vm: vm.value.clone() }),
-            Err(Error::HostUnavailable { reason, .. }) => progress(DeployEvent::Skipped { reason: reason.clone() }),
-            Err(e) => progress(DeployEvent::Failed { error: e.to_string() }),
-        }
+        report_end(&r, progress);
         r
     }
 
@@ -374,26 +372,15 @@ impl VsphereSite {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(req) = reqs.get(i) else { return };
-                    let r = match self.deploy_inner(ova, req, &|e| progress(&req.host, e)) {
-                        Ok(vm) => {
-                            progress(&req.host, DeployEvent::Installed { vm: vm.value.clone() });
-                            Ok(vm)
-                        }
+                    let host_progress = |e| progress(&req.host, e);
+                    let r = match self.deploy_inner(ova, req, &host_progress) {
                         Err(Error::AlreadyDeployed { vm, vm_ref, .. }) => {
-                            progress(&req.host, DeployEvent::AlreadyInstalled { vm });
+                            host_progress(DeployEvent::AlreadyInstalled { vm });
                             Ok(vm_ref)
                         }
-                        Err(e) => {
-                            progress(
-                                &req.host,
-                                match &e {
-                                    Error::HostUnavailable { reason, .. } => {
-                                        DeployEvent::Skipped { reason: reason.clone() }
-                                    }
-                                    e => DeployEvent::Failed { error: e.to_string() },
-                                },
-                            );
-                            Err(e)
+                        r => {
+                            report_end(&r, &host_progress);
+                            r
                         }
                     };
                     results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
@@ -560,6 +547,15 @@ impl VsphereSite {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
+}
+
+/// The event that ends a host's deploy.
+fn report_end(r: &Result<MoRef>, progress: &(dyn Fn(DeployEvent) + Sync)) {
+    progress(match r {
+        Ok(vm) => DeployEvent::Installed { vm: vm.value.clone() },
+        Err(Error::HostUnavailable { reason, .. }) => DeployEvent::Skipped { reason: reason.clone() },
+        Err(e) => DeployEvent::Failed { error: e.to_string() },
+    });
 }
 
 fn now_ms() -> u64 {
