@@ -139,9 +139,116 @@ fn disk_write(dir: &Path, bytes: u64) -> Result<f64> {
     Ok(r)
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let stat = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok()).unwrap_or_default();
+    // Fields after the command name's closing parenthesis: utime is the
+    // 12th, stime the 13th (0-based from the state field).
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// The work replication cannot avoid, in CPU seconds per GB, measured in
+/// this process on the same kind of data: (source, target). The source
+/// hashes every block once and encrypts it (TLS 1.3 with the sites' own
+/// certificates, in memory); the target decrypts it and copies it once
+/// into the page cache (a file written without fsync).
+fn unavoidable_cost(sites: (&Path, &Path), dir: &Path, base: &[u8], mib: u64) -> Result<(f64, f64)> {
+    use rustls::{ClientConnection, ServerConnection};
+    use vdsa::wire::tls::{SiteIdentity, NODE_NAME};
+    let client_cfg = SiteIdentity::load(sites.0)?.client_config()?;
+    let server_cfg = SiteIdentity::load(sites.1)?.server_config()?;
+    let name = rustls_pki_types::ServerName::try_from(NODE_NAME.to_string())?;
+    let mut client = ClientConnection::new(client_cfg, name)?;
+    let mut server = ServerConnection::new(server_cfg)?;
+    // A megabyte goes in whole; the link's writer hands over frames whole.
+    client.set_buffer_limit(None);
+    let mut wire = Vec::new();
+    // The handshake, in memory.
+    while client.is_handshaking() || server.is_handshaking() {
+        wire.clear();
+        while client.wants_write() {
+            client.write_tls(&mut wire)?;
+        }
+        server.read_tls(&mut wire.as_slice())?;
+        server.process_new_packets()?;
+        wire.clear();
+        while server.wants_write() {
+            server.write_tls(&mut wire)?;
+        }
+        client.read_tls(&mut wire.as_slice())?;
+        client.process_new_packets()?;
+    }
+    // Per megabyte, each step's CPU time; the median of each is taken, as
+    // this VM's neighbours make single samples noisy. The file is a
+    // rotating 64 MiB region, so the copy is measured, not the page
+    // allocation and writeback that a growing file adds.
+    let (mut hash, mut enc, mut dec, mut copy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut plain = vec![0u8; base.len()];
+    let path = dir.join("unavoidable.raw");
+    let file = std::fs::File::create(&path)?;
+    for i in 0..mib {
+        let mut buf = base.to_vec();
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        let t = thread_cpu();
+        for block in buf.chunks(4096) {
+            std::hint::black_box(blake3::hash(block));
+        }
+        let t1 = thread_cpu();
+        std::io::Write::write_all(&mut client.writer(), &buf)?;
+        wire.clear();
+        while client.wants_write() {
+            client.write_tls(&mut wire)?;
+        }
+        let t2 = thread_cpu();
+        let mut rest = wire.as_slice();
+        let mut got = 0;
+        while got < plain.len() {
+            if !rest.is_empty() {
+                server.read_tls(&mut rest)?;
+                server.process_new_packets()?;
+            }
+            match server.reader().read(&mut plain[got..]) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !rest.is_empty() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let t3 = thread_cpu();
+        std::os::unix::fs::FileExt::write_all_at(&file, &plain, (i % 64) << 20)?;
+        let t4 = thread_cpu();
+        hash.push(t1 - t);
+        enc.push(t2 - t1);
+        dec.push(t3 - t2);
+        copy.push(t4 - t3);
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    let per_gb = 1e9 / (1u64 << 20) as f64;
+    let (hash, enc, dec, copy) =
+        (median(hash) * per_gb, median(enc) * per_gb, median(dec) * per_gb, median(copy) * per_gb);
+    eprintln!(
+        "unavoidable, CPU s/GB: hash {hash:.3}, TLS encrypt {enc:.3}, TLS decrypt {dec:.3}, page-cache copy {copy:.3}"
+    );
+    Ok((hash + enc, dec + copy))
+}
+
 /// A source/target pair with a counting proxy between them.
 struct Pair {
     _dir: tempfile::TempDir,
+    /// The two sites' certificate folders: (source, target).
+    sites: (PathBuf, PathBuf),
     source: Daemon,
     target: Daemon,
     /// Counts link bytes; left out where its copying would cost the
@@ -156,6 +263,7 @@ impl Pair {
         let dir = tempfile::tempdir_in(base)?;
         let lab = lab();
         let (src, dst) = paired_sites(&lab, dir.path(), "prod", "dr")?;
+        let sites = (src.clone(), dst.clone());
         let tspec = TargetSpec::new(dir.path(), &dst, 1000)?;
         let target = tspec.start(&lab)?;
         let proxy = if counted { Some(FaultProxy::start(tspec.port)?) } else { None };
@@ -164,7 +272,7 @@ impl Pair {
         sspec.extra = extra.iter().map(|s| s.to_string()).collect();
         sspec.extra.push("--no-initial-sync".into());
         let source = sspec.start(&lab)?;
-        Ok(Pair { _dir: dir, source, target, proxy, sspec })
+        Ok(Pair { _dir: dir, sites, source, target, proxy, sspec })
     }
 
     fn tap(&self, disk: &str) -> Result<NbdClient> {
@@ -239,6 +347,7 @@ fn main() -> Result<()> {
     let (mut tcp, mut disk, mut repl) = (Vec::new(), Vec::new(), Vec::new());
     let mut first = 0u64;
     let mut ratios = Vec::new();
+    let (mut cpu_source, mut cpu_target) = (Vec::new(), Vec::new());
     for rep in 0..a.reps {
         tcp.push(loopback_tcp(a.mib << 20)?);
         // This VM's disk is fast for its first gigabytes, then throttled:
@@ -253,11 +362,15 @@ fn main() -> Result<()> {
             measure_disk(&mut disk)?;
         }
         settle();
+        let cpu_before = (cpu_seconds(pair.source.pid()), cpu_seconds(pair.target.pid()));
         let start = Instant::now();
         unique_writes(&mut tap, &base, first, a.mib, disk_mib)?;
         first += a.mib;
         pair.drained(Duration::from_secs(600))?;
         repl.push((a.mib << 20) as f64 / start.elapsed().as_secs_f64());
+        let gb = (a.mib << 20) as f64 / 1e9;
+        cpu_source.push((cpu_seconds(pair.source.pid()) - cpu_before.0) / gb);
+        cpu_target.push((cpu_seconds(pair.target.pid()) - cpu_before.1) / gb);
         if rep % 2 == 1 {
             measure_disk(&mut disk)?;
         }
@@ -271,6 +384,16 @@ fn main() -> Result<()> {
         );
     }
     let (tcp, disk, repl) = (median(tcp), median(disk), median(repl));
+    let (cpu_source, cpu_target) = (median(cpu_source), median(cpu_target));
+    let (floor_source, floor_target) = unavoidable_cost((&pair.sites.0, &pair.sites.1), &a.dir, &base, 256)?;
+    eprintln!(
+        "CPU s per replicated GB: source {cpu_source:.2} (unavoidable {floor_source:.2}, ratio {:.1}), target \
+         {cpu_target:.2} (unavoidable {floor_target:.2}, ratio {:.1})",
+        cpu_source / floor_source,
+        cpu_target / floor_target
+    );
+    let queue = pair.source.call(json!({"op": "status"}))?["queue"].clone();
+    eprintln!("source queue after the runs: {queue}");
     let (rss_s1, rss_t1) = pair.peak_rss();
     drop(tap);
     drop(pair);

@@ -34,8 +34,8 @@ pub type Hash = [u8; 32];
 pub type ChunkId = u32;
 
 /// The hash's own bytes are uniformly random; hashing them again is waste.
-#[derive(Default)]
-struct PrefixHasher(u64);
+#[derive(Debug, Default)]
+pub struct PrefixHasher(u64);
 
 impl Hasher for PrefixHasher {
     fn finish(&self) -> u64 {
@@ -52,6 +52,9 @@ impl Hasher for PrefixHasher {
 }
 
 type PrefixMap = HashMap<u64, ChunkId, BuildHasherDefault<PrefixHasher>>;
+
+/// A set of block hashes, hashed by their own first bytes.
+pub type HashSetOfBlocks = std::collections::HashSet<Hash, BuildHasherDefault<PrefixHasher>>;
 
 /// Where one chunk lives. 48 bytes: the catalog is the store's only
 /// per-chunk memory besides the 12-byte prefix map entry.

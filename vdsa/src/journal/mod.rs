@@ -23,6 +23,7 @@ mod retention;
 mod view;
 mod writer;
 
+pub use chunks::HashSetOfBlocks;
 pub use error::{JournalError, Result};
 pub use format::check_checkpoint_name;
 pub use fsutil::free_bytes as free_bytes_at;

@@ -112,7 +112,9 @@ pub struct Blocks {
     pub batch: u64,
     pub compressed: bool,
     pub raw_len: u32,
-    pub data: Vec<u8>,
+    /// The frame's whole payload: the data is read where it arrived, after
+    /// the header, never moved (a batch is megabytes).
+    payload: Vec<u8>,
 }
 
 /// Target → source: what is durable (fsynced) at the target.
@@ -449,13 +451,17 @@ impl Blocks {
 
     /// Decodes a frame's payload it takes over: the data stays where it is
     /// (a batch is megabytes; a copy would cost more than the decoding).
-    pub fn decode_owned(mut p: Vec<u8>) -> Result<Self, FrameError> {
+    pub fn decode_owned(p: Vec<u8>) -> Result<Self, FrameError> {
         let mut d = Dec::new(&p, "blocks");
         let batch = d.u64()?;
         let compressed = d.u8()? != 0;
         let raw_len = d.u32()?;
-        p.drain(..Self::HEADER_LEN);
-        Ok(Blocks { batch, compressed, raw_len, data: p })
+        Ok(Blocks { batch, compressed, raw_len, payload: p })
+    }
+
+    /// The batch's bytes as sent (zstd-compressed if `compressed`).
+    pub fn data(&self) -> &[u8] {
+        self.payload.get(Self::HEADER_LEN..).unwrap_or_default()
     }
 
     /// Bytes before the data: batch, compressed flag, raw length.

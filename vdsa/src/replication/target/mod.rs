@@ -3,27 +3,26 @@
 //! asks only for the blocks its journal lacks, ingests each stream strictly
 //! in seq order, records checkpoints once every stream of the VPG placed
 //! its marker, and acknowledges what is durable (architecture.md §2–§5).
+//! Each link after its welcome runs as a receive/ingest pipeline
+//! ([`link`]).
 
+mod link;
+
+use self::link::{send, LinkLease, StreamSlot, Welcomed};
 use super::now_ms;
-use super::source::split;
 use super::LinkError;
-use crate::journal::{
-    BlockQuery, CheckpointSpec, Cut, Journal, JournalConfig, JournalError, TapWrite, WireBlock, WriteData, BLOCK_SIZE,
-};
+use crate::journal::{Cut, Journal, JournalConfig, JournalError};
 use crate::wire::frame::{read_frame, write_frame, FrameError, VERSION};
-use crate::wire::msg::{
-    self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, Welcome,
-};
+use crate::wire::msg::{self, Hello, Marker, Refuse, Welcome};
 use crate::wire::tls::{self, LinkWriter};
-use protection_groups::{CheckpointId, CheckpointKind, StreamId, VpgId, WriteKind};
-use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use protection_groups::{StreamId, VpgId};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct TargetOptions {
@@ -31,13 +30,6 @@ pub struct TargetOptions {
     pub root: PathBuf,
     pub heartbeat: Duration,
     pub journal: JournalConfig,
-}
-
-/// A stream's ingest slot: one link at a time ingests it.
-#[derive(Debug, Default)]
-struct StreamSlot {
-    generation: AtomicU64,
-    ingest: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -346,6 +338,13 @@ impl TargetServer {
     }
 
     fn serve_tls(self: &Arc<Self>, link_id: u64, peer: &str, tcp: TcpStream, cfg: Arc<rustls::ServerConfig>) {
+        let socket = match tcp.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, "link setup failed: {e}");
+                return;
+            }
+        };
         let (mut r, w) = match tls::accept(cfg, tcp) {
             Ok(x) => x,
             Err(e) => {
@@ -360,7 +359,7 @@ impl TargetServer {
         };
         let w = Arc::new(Mutex::new(w));
         let stop = Arc::new(AtomicBool::new(false));
-        let result = self.run_link(link_id, peer, &mut r, &w, &stop);
+        let result = self.run_link(link_id, peer, &mut r, &w, &socket, &stop);
         stop.store(true, Ordering::SeqCst);
         match result {
             Ok(()) => tracing::info!(%peer, "link closed"),
@@ -408,6 +407,7 @@ impl TargetServer {
         peer: &str,
         r: &mut tls::LinkReader,
         w: &Arc<Mutex<LinkWriter>>,
+        tcp: &TcpStream,
         stop: &Arc<AtomicBool>,
     ) -> Result<(), LinkError> {
         let f = read_frame(r)?;
@@ -472,392 +472,8 @@ impl TargetServer {
         };
         send(w, msg::WELCOME, &welcome.encode())?;
         tracing::info!(%peer, site = %hello.site, vpg = %hello.vpg.0, resume_after = welcome.resume_after_seq, "link up");
-        let link = Link {
-            replica: replica.clone(),
-            stream: hello.stream,
-            epoch: hello.epoch,
-            slot,
-            generation,
-            pending: VecDeque::new(),
-            promised: HashSet::new(),
-            acked: AtomicU64::new(welcome.resume_after_seq),
-            acked_marker: AtomicU64::new(welcome.last_checkpoint),
-            last_marker: AtomicU64::new(welcome.last_checkpoint),
-        };
-        let link = Arc::new(Mutex::new(link));
-        self.spawn_ticker(link.clone(), w.clone(), stop.clone());
-        loop {
-            let f = read_frame(r)?;
-            let mut l = link.lock().map_err(|_| io::Error::other("link poisoned"))?;
-            match f.kind {
-                msg::OFFER => {
-                    let need = l.on_offer(Offer::decode(&f.payload)?)?;
-                    send(w, msg::NEED, &need.encode())?;
-                }
-                msg::BLOCKS => {
-                    let acked = l.on_blocks(Blocks::decode_owned(f.payload)?)?;
-                    if let Some(ack) = acked {
-                        send(w, msg::ACK, &ack.encode())?;
-                    }
-                }
-                msg::HEARTBEAT => {}
-                k => return Err(FrameError::UnexpectedKind(k).into()),
-            }
-        }
+        let lease = LinkLease { replica, stream: hello.stream, epoch: hello.epoch, slot, generation };
+        let welcomed = Welcomed { durable_seq: welcome.resume_after_seq, last_checkpoint: welcome.last_checkpoint };
+        link::serve(lease, welcomed, r, w, tcp, self.opts.heartbeat, stop)
     }
-
-    /// Group commit and liveness: every 50 ms makes the stream durable and
-    /// acknowledges it if it moved; a heartbeat at least every interval.
-    fn spawn_ticker(&self, link: Arc<Mutex<Link>>, w: Arc<Mutex<LinkWriter>>, stop: Arc<AtomicBool>) {
-        let hb = self.opts.heartbeat;
-        std::thread::spawn(move || {
-            let mut last_beat = Instant::now();
-            while !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(50));
-                let ack = match link.lock() {
-                    Ok(l) => l.durable_ack(false),
-                    Err(_) => return,
-                };
-                match ack {
-                    Ok(Some(a)) => {
-                        if send(&w, msg::ACK, &a.encode()).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!("group commit failed: {e}");
-                        return;
-                    }
-                }
-                if last_beat.elapsed() >= hb {
-                    if send(&w, msg::HEARTBEAT, &now_ms().to_be_bytes()).is_err() {
-                        return;
-                    }
-                    last_beat = Instant::now();
-                }
-            }
-        });
-    }
-}
-
-fn send(w: &Arc<Mutex<LinkWriter>>, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
-    let mut w = w.lock().map_err(|_| io::Error::other("link writer poisoned"))?;
-    write_frame(&mut *w, VERSION, kind, payload)?;
-    Ok(())
-}
-
-/// Writes of a batch between two markers, ready for the journal: each with
-/// its bytes (borrowed from the batch where possible) and block kinds.
-type Run<'a> = Vec<(OfferedWrite, Cow<'a, [u8]>, Vec<WireBlock>)>;
-
-/// One link's ingest state.
-#[derive(Debug)]
-struct Link {
-    replica: Arc<VpgReplica>,
-    stream: StreamId,
-    epoch: u64,
-    slot: Arc<StreamSlot>,
-    generation: u64,
-    /// Offers answered and waiting for their blocks, with which hashed
-    /// blocks were asked for.
-    pending: VecDeque<(Offer, Vec<bool>)>,
-    /// Hashes asked for in pending offers: a later offer need not ask again.
-    promised: HashSet<[u8; 32]>,
-    /// What the last ACK said: the stream's durable seq and its newest
-    /// marker.
-    acked: AtomicU64,
-    acked_marker: AtomicU64,
-    /// The newest marker of this stream placed (recorded, or waiting for
-    /// the VPG's other streams): the source may forget it once durable.
-    last_marker: AtomicU64,
-}
-
-impl Link {
-    fn check_current(&self) -> Result<(), LinkError> {
-        if self.slot.generation.load(Ordering::SeqCst) != self.generation {
-            return Err(LinkError::Superseded);
-        }
-        let epoch = self.replica.epoch();
-        if self.epoch < epoch {
-            return Err(LinkError::Refused(format!(
-                "epoch {} is older than the VPG's epoch {epoch}: this source was demoted",
-                self.epoch
-            )));
-        }
-        Ok(())
-    }
-
-    /// Which offered blocks this site lacks.
-    fn on_offer(&mut self, offer: Offer) -> Result<Need, LinkError> {
-        self.check_current()?;
-        if offer.epoch != self.epoch {
-            return Err(LinkError::Refused(format!(
-                "batch {} carries epoch {}, the link was opened with {}",
-                offer.batch, offer.epoch, self.epoch
-            )));
-        }
-        let mut queries = Vec::new();
-        for item in &offer.items {
-            if let OfferItem::Write(w) = item {
-                check_shape(w)?;
-                let first = w.write.offset / BLOCK_SIZE as u64 + u64::from(w.write.offset % BLOCK_SIZE as u64 != 0);
-                for (i, b) in w.blocks.iter().enumerate() {
-                    if let OfferedBlock::Hash(h) = b {
-                        queries.push(BlockQuery {
-                            disk: w.write.disk,
-                            block: first + i as u64,
-                            hash: *h,
-                            at_position: w.write.sync,
-                        });
-                    }
-                }
-            }
-        }
-        let held = self.replica.journal.holds(&queries)?;
-        let mut bits = Vec::with_capacity(queries.len());
-        for (q, held) in queries.iter().zip(held) {
-            let need = !held && self.promised.insert(q.hash);
-            bits.push(need);
-        }
-        self.pending.push_back((offer, bits.clone()));
-        Ok(Need { batch: self.pending.back().map_or(0, |p| p.0.batch), bits })
-    }
-
-    /// Ingests the batch the blocks fill, in order, with its markers.
-    fn on_blocks(&mut self, blocks: Blocks) -> Result<Option<Ack>, LinkError> {
-        self.check_current()?;
-        let (offer, bits) = self
-            .pending
-            .pop_front()
-            .ok_or_else(|| LinkError::Refused(format!("blocks for batch {} that was never offered", blocks.batch)))?;
-        if offer.batch != blocks.batch {
-            return Err(LinkError::Refused(format!(
-                "blocks for batch {} arrived, batch {} was next",
-                blocks.batch, offer.batch
-            )));
-        }
-        let data = if blocks.compressed {
-            zstd::bulk::decompress(&blocks.data, blocks.raw_len as usize).map_err(|e| {
-                LinkError::Refused(format!("batch {}: zstd data does not decompress: {e}", blocks.batch))
-            })?
-        } else {
-            blocks.data
-        };
-        if data.len() != blocks.raw_len as usize {
-            return Err(LinkError::Refused(format!(
-                "batch {}: {} data bytes, {} announced",
-                blocks.batch,
-                data.len(),
-                blocks.raw_len
-            )));
-        }
-        let _g = self.slot.ingest.lock().map_err(|_| io::Error::other("stream slot poisoned"))?;
-        self.check_current()?;
-        let mut cursor = 0usize;
-        let mut bit = 0usize;
-        let mut run: Run<'_> = Vec::new();
-        let mut ack = None;
-        for item in &offer.items {
-            match item {
-                OfferItem::Write(w) => {
-                    let (buf, wb) = assemble(w, &data, &mut cursor, &bits, &mut bit)?;
-                    run.push((w.clone(), buf, wb));
-                }
-                OfferItem::Marker(m) => {
-                    self.ingest_run(&mut run)?;
-                    if self.on_marker(m)? {
-                        ack = self.durable_ack(true)?;
-                    }
-                }
-            }
-        }
-        self.ingest_run(&mut run)?;
-        if cursor != data.len() {
-            return Err(LinkError::Refused(format!(
-                "batch {}: {} data bytes left over",
-                offer.batch,
-                data.len() - cursor
-            )));
-        }
-        for item in &offer.items {
-            if let OfferItem::Write(w) = item {
-                for b in &w.blocks {
-                    if let OfferedBlock::Hash(h) = b {
-                        self.promised.remove(h);
-                    }
-                }
-            }
-        }
-        Ok(ack)
-    }
-
-    fn ingest_run(&self, run: &mut Run<'_>) -> Result<(), LinkError> {
-        if run.is_empty() {
-            return Ok(());
-        }
-        let writes: Vec<TapWrite<'_>> = run
-            .iter()
-            .map(|(w, buf, _)| TapWrite {
-                seq: w.write.seq,
-                disk: w.write.disk,
-                offset: w.write.offset,
-                data: match w.write.kind {
-                    WriteKind::Data => WriteData::Data(buf),
-                    WriteKind::Zero => WriteData::Zero { len: w.write.len },
-                    WriteKind::Trim => WriteData::Trim { len: w.write.len },
-                    WriteKind::Resize => WriteData::Resize { size: w.write.len },
-                },
-            })
-            .collect();
-        let blocks: Vec<WireBlock> = run.iter().flat_map(|(_, _, b)| b.iter().copied()).collect();
-        self.replica.journal.ingest_wire(self.stream, &writes, &blocks)?;
-        run.clear();
-        Ok(())
-    }
-
-    /// Places this stream's cut for the checkpoint; records the checkpoint
-    /// (durably) once every stream of the VPG has. Returns whether it did.
-    fn on_marker(&self, m: &Marker) -> Result<bool, LinkError> {
-        let pos = self.replica.journal.stream_position(self.stream)?;
-        let cut = pos.unwrap_or(Cut { stream: self.stream, lsn: 0, seq: 0 });
-        if cut.seq != m.cut_seq {
-            return Err(LinkError::Refused(format!(
-                "checkpoint {} is cut at seq {}, but the stream is at seq {}",
-                m.id, m.cut_seq, cut.seq
-            )));
-        }
-        self.last_marker.fetch_max(m.id, Ordering::Relaxed);
-        if m.id <= self.replica.newest_checkpoint()? {
-            return Ok(false); // a resent marker
-        }
-        let mut pending = self.replica.pending.lock().map_err(|_| io::Error::other("checkpoints poisoned"))?;
-        let p = pending.entry(m.id).or_insert_with(|| PendingCheckpoint { marker: m.clone(), cuts: Vec::new() });
-        p.cuts.retain(|c| c.stream != self.stream);
-        p.cuts.push(cut);
-        // Any stream's marker saying inconsistent makes the cut inconsistent.
-        if m.kind == CheckpointKind::Inconsistent {
-            p.marker.kind = CheckpointKind::Inconsistent;
-        }
-        if p.cuts.len() < m.streams.max(1) as usize {
-            return Ok(false);
-        }
-        let Some(p) = pending.remove(&m.id) else { return Ok(false) };
-        // Older checkpoints some stream never completed are abandoned.
-        pending.retain(|&id, _| id > m.id);
-        drop(pending);
-        let cp = self.replica.journal.mark_checkpoint(CheckpointSpec {
-            id: CheckpointId(m.id),
-            kind: p.marker.kind,
-            name: p.marker.name.clone(),
-            source_time_ms: p.marker.source_time_ms,
-            cuts: p.cuts,
-        })?;
-        if cp.kind.is_recoverable() {
-            self.replica.newest_consistent_ms.fetch_max(cp.source_time_ms, Ordering::Relaxed);
-        }
-        Ok(true)
-    }
-
-    /// Makes the stream durable and returns the ack to send, if its seq or
-    /// its newest marker moved (or `force`). A marker alone in its batch
-    /// moves no seq, and the source keeps it queued until it is acked.
-    fn durable_ack(&self, force: bool) -> Result<Option<Ack>, JournalError> {
-        let seq = self.replica.journal.stream_position(self.stream)?.map_or(0, |c| c.seq);
-        let marker = self.last_marker.load(Ordering::Relaxed);
-        if !force && seq == self.acked.load(Ordering::Relaxed) && marker == self.acked_marker.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
-        self.replica.journal.sync()?;
-        self.acked.store(seq, Ordering::Relaxed);
-        self.acked_marker.store(marker, Ordering::Relaxed);
-        Ok(Some(Ack {
-            durable_seq: seq,
-            durable_checkpoint: marker,
-            newest_consistent_ms: self.replica.newest_consistent_ms.load(Ordering::Relaxed),
-        }))
-    }
-}
-
-fn check_shape(w: &OfferedWrite) -> Result<(), LinkError> {
-    let (_, full, _) = split(w.write.offset, w.write.len);
-    let want = if w.write.kind == WriteKind::Data { full } else { 0 };
-    if w.write.kind == WriteKind::Resize && w.write.offset != 0 {
-        return Err(LinkError::Refused(format!("resize seq {} names offset {}, not 0", w.write.seq, w.write.offset)));
-    }
-    if w.blocks.len() != want || w.write.len == 0 {
-        return Err(LinkError::Refused(format!(
-            "write seq {} of {} bytes at {} lists {} whole blocks, not {want}",
-            w.write.seq,
-            w.write.len,
-            w.write.offset,
-            w.blocks.len()
-        )));
-    }
-    Ok(())
-}
-
-/// The write's bytes from the batch data: partial edges and the blocks
-/// that were sent; held blocks are left zero (the journal supplies them).
-/// When every block was sent the bytes are one piece of the batch data and
-/// are not copied.
-fn assemble<'a>(
-    w: &OfferedWrite,
-    data: &'a [u8],
-    cursor: &mut usize,
-    bits: &[bool],
-    bit: &mut usize,
-) -> Result<(Cow<'a, [u8]>, Vec<WireBlock>), LinkError> {
-    if w.write.kind != WriteKind::Data {
-        return Ok((Cow::Borrowed(&[]), Vec::new()));
-    }
-    let n_hashed = w.blocks.iter().filter(|b| matches!(b, OfferedBlock::Hash(_))).count();
-    let all_sent = n_hashed == w.blocks.len() && bits.get(*bit..*bit + n_hashed).is_some_and(|b| b.iter().all(|&x| x));
-    if all_sent {
-        let piece = data
-            .get(*cursor..*cursor + w.write.len as usize)
-            .ok_or_else(|| LinkError::Refused(format!("batch data ends inside write seq {}", w.write.seq)))?;
-        *cursor += w.write.len as usize;
-        *bit += n_hashed;
-        let wb = w
-            .blocks
-            .iter()
-            .map(|b| match b {
-                OfferedBlock::Hash(h) => WireBlock::Sent { hash: *h },
-                OfferedBlock::Zero => WireBlock::Zero,
-            })
-            .collect();
-        return Ok((Cow::Borrowed(piece), wb));
-    }
-    let short = || LinkError::Refused(format!("batch data ends inside write seq {}", w.write.seq));
-    let take = |n: usize, cursor: &mut usize| -> Result<&[u8], LinkError> {
-        let s = data.get(*cursor..*cursor + n).ok_or_else(short)?;
-        *cursor += n;
-        Ok(s)
-    };
-    let (head, _, tail) = split(w.write.offset, w.write.len);
-    let mut buf = Vec::with_capacity(w.write.len as usize);
-    buf.extend_from_slice(take(head, cursor)?);
-    let mut wb = Vec::with_capacity(w.blocks.len());
-    for b in &w.blocks {
-        match b {
-            OfferedBlock::Zero => {
-                buf.resize(buf.len() + BLOCK_SIZE, 0);
-                wb.push(WireBlock::Zero);
-            }
-            OfferedBlock::Hash(h) => {
-                let sent = bits.get(*bit).copied().ok_or_else(short)?;
-                *bit += 1;
-                if sent {
-                    buf.extend_from_slice(take(BLOCK_SIZE, cursor)?);
-                    wb.push(WireBlock::Sent { hash: *h });
-                } else {
-                    buf.resize(buf.len() + BLOCK_SIZE, 0);
-                    wb.push(WireBlock::Held { hash: *h });
-                }
-            }
-        }
-    }
-    buf.extend_from_slice(take(tail, cursor)?);
-    Ok((Cow::Owned(buf), wb))
 }

@@ -1,0 +1,537 @@
+//! One accepted link after its welcome, as a pipeline of two threads
+//! (docs/architecture.md §5, docs/performance.md "Replication"):
+//!
+//! - the link's own thread receives: TLS decryption, frame checks,
+//!   decoding, answering each offer with the blocks this site lacks, and
+//!   decompressing each batch's blocks;
+//! - an ingest thread takes the received batches in order, assembles each
+//!   write and ingests it into the journal, places markers and acknowledges
+//!   what is durable.
+//!
+//! A bounded queue of [`RECEIVED_BATCHES`] sits between the two, so a slow
+//! journal stops the reader (and through TCP the source) rather than
+//! growing memory.
+
+use super::VpgReplica;
+use crate::journal::{
+    BlockQuery, CheckpointSpec, Cut, HashSetOfBlocks, JournalError, TapWrite, WireBlock, WriteData, BLOCK_SIZE,
+};
+use crate::replication::now_ms;
+use crate::replication::source::split;
+use crate::replication::LinkError;
+use crate::wire::frame::{read_frame, write_frame, FrameError, VERSION};
+use crate::wire::msg::{self, Ack, Blocks, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite};
+use crate::wire::tls::{LinkReader, LinkWriter};
+use protection_groups::{CheckpointId, CheckpointKind, StreamId, WriteKind};
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Batches received and waiting for the ingest thread. Two keep the
+/// journal busy while the next one is decrypted; a batch is a few MiB.
+pub(super) const RECEIVED_BATCHES: usize = 2;
+
+/// A stream's ingest slot: one link at a time ingests it.
+#[derive(Debug, Default)]
+pub(super) struct StreamSlot {
+    pub(super) generation: AtomicU64,
+    pub(super) ingest: Mutex<()>,
+}
+
+/// What makes a link current: its stream's slot generation and its epoch.
+/// Both halves of the pipeline check it before they act.
+#[derive(Debug, Clone)]
+pub(super) struct LinkLease {
+    pub(super) replica: Arc<VpgReplica>,
+    pub(super) stream: StreamId,
+    pub(super) epoch: u64,
+    pub(super) slot: Arc<StreamSlot>,
+    pub(super) generation: u64,
+}
+
+impl LinkLease {
+    fn check_current(&self) -> Result<(), LinkError> {
+        if self.slot.generation.load(Ordering::SeqCst) != self.generation {
+            return Err(LinkError::Superseded);
+        }
+        let epoch = self.replica.epoch();
+        if self.epoch < epoch {
+            return Err(LinkError::Refused(format!(
+                "epoch {} is older than the VPG's epoch {epoch}: this source was demoted",
+                self.epoch
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Hashes asked for in offers whose blocks are not ingested yet: a later
+/// offer need not ask for them again. The receiver adds, the ingest thread
+/// removes once the batch that carries them is in the journal.
+type Promised = Arc<Mutex<HashSetOfBlocks>>;
+
+/// A batch whose blocks arrived, checked and decompressed, with the offer
+/// it fills and which of its hashed blocks were sent.
+struct ReceivedBatch {
+    offer: Offer,
+    sent: Vec<bool>,
+    data: BatchData,
+}
+
+/// The batch's bytes: where they arrived when they came uncompressed.
+enum BatchData {
+    Plain(Blocks),
+    Decompressed(Vec<u8>),
+}
+
+impl BatchData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            BatchData::Plain(b) => b.data(),
+            BatchData::Decompressed(v) => v,
+        }
+    }
+}
+
+/// The receiving half: offers answered and waiting for their blocks.
+struct Receiver {
+    lease: LinkLease,
+    pending: VecDeque<(Offer, Vec<bool>)>,
+    promised: Promised,
+}
+
+impl Receiver {
+    /// Which offered blocks this site lacks.
+    fn on_offer(&mut self, offer: Offer) -> Result<Need, LinkError> {
+        self.lease.check_current()?;
+        if offer.epoch != self.lease.epoch {
+            return Err(LinkError::Refused(format!(
+                "batch {} carries epoch {}, the link was opened with {}",
+                offer.batch, offer.epoch, self.lease.epoch
+            )));
+        }
+        let mut queries = Vec::new();
+        for item in &offer.items {
+            if let OfferItem::Write(w) = item {
+                check_shape(w)?;
+                let first = w.write.offset / BLOCK_SIZE as u64 + u64::from(w.write.offset % BLOCK_SIZE as u64 != 0);
+                for (i, b) in w.blocks.iter().enumerate() {
+                    if let OfferedBlock::Hash(h) = b {
+                        queries.push(BlockQuery {
+                            disk: w.write.disk,
+                            block: first + i as u64,
+                            hash: *h,
+                            at_position: w.write.sync,
+                        });
+                    }
+                }
+            }
+        }
+        let held = self.lease.replica.journal.holds(&queries)?;
+        let mut promised = self.promised.lock().map_err(|_| io::Error::other("promised blocks poisoned"))?;
+        // A hash promised by an earlier batch is not asked again: that batch
+        // is ingested first. One whose batch was ingested between `holds`
+        // and here is asked again, which costs a block on the link only.
+        let bits: Vec<bool> = queries.iter().zip(held).map(|(q, held)| !held && promised.insert(q.hash)).collect();
+        drop(promised);
+        let batch = offer.batch;
+        self.pending.push_back((offer, bits.clone()));
+        Ok(Need { batch, bits })
+    }
+
+    /// Matches the blocks to their offer and decompresses them.
+    fn on_blocks(&mut self, blocks: Blocks) -> Result<ReceivedBatch, LinkError> {
+        self.lease.check_current()?;
+        let (offer, sent) = self
+            .pending
+            .pop_front()
+            .ok_or_else(|| LinkError::Refused(format!("blocks for batch {} that was never offered", blocks.batch)))?;
+        if offer.batch != blocks.batch {
+            return Err(LinkError::Refused(format!(
+                "blocks for batch {} arrived, batch {} was next",
+                blocks.batch, offer.batch
+            )));
+        }
+        let raw_len = blocks.raw_len as usize;
+        let batch = blocks.batch;
+        let data = if blocks.compressed {
+            BatchData::Decompressed(
+                zstd::bulk::decompress(blocks.data(), raw_len)
+                    .map_err(|e| LinkError::Refused(format!("batch {batch}: zstd data does not decompress: {e}")))?,
+            )
+        } else {
+            BatchData::Plain(blocks)
+        };
+        let got = data.bytes().len();
+        if got != raw_len {
+            return Err(LinkError::Refused(format!("batch {batch}: {got} data bytes, {raw_len} announced")));
+        }
+        Ok(ReceivedBatch { offer, sent, data })
+    }
+}
+
+/// Writes of a batch between two markers, ready for the journal: each with
+/// its bytes (borrowed from the batch where possible) and block kinds.
+type Run<'a> = Vec<(&'a OfferedWrite, Cow<'a, [u8]>, Vec<WireBlock>)>;
+
+/// The ingesting half, shared with the group-commit ticker.
+#[derive(Debug)]
+struct StreamIngest {
+    lease: LinkLease,
+    promised: Promised,
+    /// What the last ACK said: the stream's durable seq and its newest
+    /// marker.
+    acked: AtomicU64,
+    acked_marker: AtomicU64,
+    /// The newest marker of this stream placed (recorded, or waiting for
+    /// the VPG's other streams): the source may forget it once durable.
+    last_marker: AtomicU64,
+}
+
+impl StreamIngest {
+    /// Ingests the batch, in order, with its markers.
+    fn ingest(&self, batch: &ReceivedBatch) -> Result<Option<Ack>, LinkError> {
+        let _g = self.lease.slot.ingest.lock().map_err(|_| io::Error::other("stream slot poisoned"))?;
+        self.lease.check_current()?;
+        let data = batch.data.bytes();
+        let mut cursor = 0usize;
+        let mut bit = 0usize;
+        let mut run: Run<'_> = Vec::new();
+        let mut ack = None;
+        for item in &batch.offer.items {
+            match item {
+                OfferItem::Write(w) => {
+                    let (buf, wb) = assemble(w, data, &mut cursor, &batch.sent, &mut bit)?;
+                    run.push((w, buf, wb));
+                }
+                OfferItem::Marker(m) => {
+                    self.ingest_run(&mut run)?;
+                    if self.on_marker(m)? {
+                        ack = self.durable_ack(true)?;
+                    }
+                }
+            }
+        }
+        self.ingest_run(&mut run)?;
+        if cursor != data.len() {
+            return Err(LinkError::Refused(format!(
+                "batch {}: {} data bytes left over",
+                batch.offer.batch,
+                data.len() - cursor
+            )));
+        }
+        let mut promised = self.promised.lock().map_err(|_| io::Error::other("promised blocks poisoned"))?;
+        for item in &batch.offer.items {
+            if let OfferItem::Write(w) = item {
+                for b in &w.blocks {
+                    if let OfferedBlock::Hash(h) = b {
+                        promised.remove(h);
+                    }
+                }
+            }
+        }
+        Ok(ack)
+    }
+
+    fn ingest_run(&self, run: &mut Run<'_>) -> Result<(), LinkError> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let writes: Vec<TapWrite<'_>> = run
+            .iter()
+            .map(|(w, buf, _)| TapWrite {
+                seq: w.write.seq,
+                disk: w.write.disk,
+                offset: w.write.offset,
+                data: match w.write.kind {
+                    WriteKind::Data => WriteData::Data(buf),
+                    WriteKind::Zero => WriteData::Zero { len: w.write.len },
+                    WriteKind::Trim => WriteData::Trim { len: w.write.len },
+                    WriteKind::Resize => WriteData::Resize { size: w.write.len },
+                },
+            })
+            .collect();
+        let blocks: Vec<WireBlock> = run.iter().flat_map(|(_, _, b)| b.iter().copied()).collect();
+        self.lease.replica.journal.ingest_wire(self.lease.stream, &writes, &blocks)?;
+        run.clear();
+        Ok(())
+    }
+
+    /// Places this stream's cut for the checkpoint; records the checkpoint
+    /// (durably) once every stream of the VPG has. Returns whether it did.
+    fn on_marker(&self, m: &Marker) -> Result<bool, LinkError> {
+        let replica = &self.lease.replica;
+        let stream = self.lease.stream;
+        let pos = replica.journal.stream_position(stream)?;
+        let cut = pos.unwrap_or(Cut { stream, lsn: 0, seq: 0 });
+        if cut.seq != m.cut_seq {
+            return Err(LinkError::Refused(format!(
+                "checkpoint {} is cut at seq {}, but the stream is at seq {}",
+                m.id, m.cut_seq, cut.seq
+            )));
+        }
+        self.last_marker.fetch_max(m.id, Ordering::Relaxed);
+        if m.id <= replica.newest_checkpoint()? {
+            return Ok(false); // a resent marker
+        }
+        let mut pending = replica.pending.lock().map_err(|_| io::Error::other("checkpoints poisoned"))?;
+        let p = pending.entry(m.id).or_insert_with(|| super::PendingCheckpoint { marker: m.clone(), cuts: Vec::new() });
+        p.cuts.retain(|c| c.stream != stream);
+        p.cuts.push(cut);
+        // Any stream's marker saying inconsistent makes the cut inconsistent.
+        if m.kind == CheckpointKind::Inconsistent {
+            p.marker.kind = CheckpointKind::Inconsistent;
+        }
+        if p.cuts.len() < m.streams.max(1) as usize {
+            return Ok(false);
+        }
+        let Some(p) = pending.remove(&m.id) else { return Ok(false) };
+        // Older checkpoints some stream never completed are abandoned.
+        pending.retain(|&id, _| id > m.id);
+        drop(pending);
+        let cp = replica.journal.mark_checkpoint(CheckpointSpec {
+            id: CheckpointId(m.id),
+            kind: p.marker.kind,
+            name: p.marker.name.clone(),
+            source_time_ms: p.marker.source_time_ms,
+            cuts: p.cuts,
+        })?;
+        if cp.kind.is_recoverable() {
+            replica.newest_consistent_ms.fetch_max(cp.source_time_ms, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
+    /// Makes the stream durable and returns the ack to send, if its seq or
+    /// its newest marker moved (or `force`). A marker alone in its batch
+    /// moves no seq, and the source keeps it queued until it is acked.
+    fn durable_ack(&self, force: bool) -> Result<Option<Ack>, JournalError> {
+        let journal = &self.lease.replica.journal;
+        let seq = journal.stream_position(self.lease.stream)?.map_or(0, |c| c.seq);
+        let marker = self.last_marker.load(Ordering::Relaxed);
+        if !force && seq == self.acked.load(Ordering::Relaxed) && marker == self.acked_marker.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        journal.sync()?;
+        self.acked.store(seq, Ordering::Relaxed);
+        self.acked_marker.store(marker, Ordering::Relaxed);
+        Ok(Some(Ack {
+            durable_seq: seq,
+            durable_checkpoint: marker,
+            newest_consistent_ms: self.lease.replica.newest_consistent_ms.load(Ordering::Relaxed),
+        }))
+    }
+}
+
+/// Sends one frame on the link.
+pub(super) fn send(w: &Arc<Mutex<LinkWriter>>, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
+    let mut w = w.lock().map_err(|_| io::Error::other("link writer poisoned"))?;
+    write_frame(&mut *w, VERSION, kind, payload)?;
+    Ok(())
+}
+
+/// Where the stream stood when its link was welcomed.
+pub(super) struct Welcomed {
+    pub(super) durable_seq: u64,
+    pub(super) last_checkpoint: u64,
+}
+
+/// Runs the link from its welcome until it fails or closes: the calling
+/// thread receives, a scoped thread ingests. `tcp` is the link's socket,
+/// shut for reading when ingest fails so that the receiver stops at once;
+/// the error returned is then the ingest's (the one the source is told).
+pub(super) fn serve(
+    lease: LinkLease,
+    welcomed: Welcomed,
+    r: &mut LinkReader,
+    w: &Arc<Mutex<LinkWriter>>,
+    tcp: &TcpStream,
+    heartbeat: Duration,
+    stop: &Arc<AtomicBool>,
+) -> Result<(), LinkError> {
+    let promised: Promised = Arc::default();
+    let ingest = Arc::new(Mutex::new(StreamIngest {
+        lease: lease.clone(),
+        promised: promised.clone(),
+        acked: AtomicU64::new(welcomed.durable_seq),
+        acked_marker: AtomicU64::new(welcomed.last_checkpoint),
+        last_marker: AtomicU64::new(welcomed.last_checkpoint),
+    }));
+    spawn_ticker(ingest.clone(), w.clone(), stop.clone(), heartbeat);
+    let mut receiver = Receiver { lease, pending: VecDeque::new(), promised };
+    let (to_ingest, received) = mpsc::sync_channel::<ReceivedBatch>(RECEIVED_BATCHES);
+    let ingest_failed: Mutex<Option<LinkError>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for batch in received {
+                let done =
+                    ingest.lock().map_err(|_| LinkError::from(io::Error::other("link poisoned"))).and_then(|i| {
+                        let ack = i.ingest(&batch)?;
+                        drop(i);
+                        match ack {
+                            Some(ack) => send(w, msg::ACK, &ack.encode()),
+                            None => Ok(()),
+                        }
+                    });
+                if let Err(e) = done {
+                    if let Ok(mut slot) = ingest_failed.lock() {
+                        *slot = Some(e);
+                    }
+                    let _ = tcp.shutdown(Shutdown::Read);
+                    return;
+                }
+            }
+        });
+        let received = receive(&mut receiver, r, w, &to_ingest);
+        drop(to_ingest);
+        received
+    })
+    .map_err(|e| ingest_failed.lock().ok().and_then(|mut f| f.take()).unwrap_or(e))
+}
+
+/// The receiving loop: runs until the link fails or ingest stops.
+fn receive(
+    receiver: &mut Receiver,
+    r: &mut LinkReader,
+    w: &Arc<Mutex<LinkWriter>>,
+    to_ingest: &mpsc::SyncSender<ReceivedBatch>,
+) -> Result<(), LinkError> {
+    loop {
+        let f = read_frame(r)?;
+        match f.kind {
+            msg::OFFER => {
+                let need = receiver.on_offer(Offer::decode(&f.payload)?)?;
+                send(w, msg::NEED, &need.encode())?;
+            }
+            msg::BLOCKS => {
+                let batch = receiver.on_blocks(Blocks::decode_owned(f.payload)?)?;
+                if to_ingest.send(batch).is_err() {
+                    return Err(io::Error::other("the link's ingest stopped").into());
+                }
+            }
+            msg::HEARTBEAT => {}
+            k => return Err(FrameError::UnexpectedKind(k).into()),
+        }
+    }
+}
+
+/// Group commit and liveness: every 50 ms makes the stream durable and
+/// acknowledges it if it moved; a heartbeat at least every interval.
+fn spawn_ticker(ingest: Arc<Mutex<StreamIngest>>, w: Arc<Mutex<LinkWriter>>, stop: Arc<AtomicBool>, hb: Duration) {
+    std::thread::spawn(move || {
+        let mut last_beat = Instant::now();
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            let ack = match ingest.lock() {
+                Ok(i) => i.durable_ack(false),
+                Err(_) => return,
+            };
+            match ack {
+                Ok(Some(a)) => {
+                    if send(&w, msg::ACK, &a.encode()).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!("group commit failed: {e}");
+                    return;
+                }
+            }
+            if last_beat.elapsed() >= hb {
+                if send(&w, msg::HEARTBEAT, &now_ms().to_be_bytes()).is_err() {
+                    return;
+                }
+                last_beat = Instant::now();
+            }
+        }
+    });
+}
+
+fn check_shape(w: &OfferedWrite) -> Result<(), LinkError> {
+    let (_, full, _) = split(w.write.offset, w.write.len);
+    let want = if w.write.kind == WriteKind::Data { full } else { 0 };
+    if w.write.kind == WriteKind::Resize && w.write.offset != 0 {
+        return Err(LinkError::Refused(format!("resize seq {} names offset {}, not 0", w.write.seq, w.write.offset)));
+    }
+    if w.blocks.len() != want || w.write.len == 0 {
+        return Err(LinkError::Refused(format!(
+            "write seq {} of {} bytes at {} lists {} whole blocks, not {want}",
+            w.write.seq,
+            w.write.len,
+            w.write.offset,
+            w.blocks.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The write's bytes from the batch data: partial edges and the blocks
+/// that were sent; held blocks are left zero (the journal supplies them).
+/// When every block was sent the bytes are one piece of the batch data and
+/// are not copied.
+fn assemble<'a>(
+    w: &OfferedWrite,
+    data: &'a [u8],
+    cursor: &mut usize,
+    bits: &[bool],
+    bit: &mut usize,
+) -> Result<(Cow<'a, [u8]>, Vec<WireBlock>), LinkError> {
+    if w.write.kind != WriteKind::Data {
+        return Ok((Cow::Borrowed(&[]), Vec::new()));
+    }
+    let n_hashed = w.blocks.iter().filter(|b| matches!(b, OfferedBlock::Hash(_))).count();
+    let all_sent = n_hashed == w.blocks.len() && bits.get(*bit..*bit + n_hashed).is_some_and(|b| b.iter().all(|&x| x));
+    if all_sent {
+        let piece = data
+            .get(*cursor..*cursor + w.write.len as usize)
+            .ok_or_else(|| LinkError::Refused(format!("batch data ends inside write seq {}", w.write.seq)))?;
+        *cursor += w.write.len as usize;
+        *bit += n_hashed;
+        let wb = w
+            .blocks
+            .iter()
+            .map(|b| match b {
+                OfferedBlock::Hash(h) => WireBlock::Sent { hash: *h },
+                OfferedBlock::Zero => WireBlock::Zero,
+            })
+            .collect();
+        return Ok((Cow::Borrowed(piece), wb));
+    }
+    let short = || LinkError::Refused(format!("batch data ends inside write seq {}", w.write.seq));
+    let take = |n: usize, cursor: &mut usize| -> Result<&[u8], LinkError> {
+        let s = data.get(*cursor..*cursor + n).ok_or_else(short)?;
+        *cursor += n;
+        Ok(s)
+    };
+    let (head, _, tail) = split(w.write.offset, w.write.len);
+    let mut buf = Vec::with_capacity(w.write.len as usize);
+    buf.extend_from_slice(take(head, cursor)?);
+    let mut wb = Vec::with_capacity(w.blocks.len());
+    for b in &w.blocks {
+        match b {
+            OfferedBlock::Zero => {
+                buf.resize(buf.len() + BLOCK_SIZE, 0);
+                wb.push(WireBlock::Zero);
+            }
+            OfferedBlock::Hash(h) => {
+                let sent = bits.get(*bit).copied().ok_or_else(short)?;
+                *bit += 1;
+                if sent {
+                    buf.extend_from_slice(take(BLOCK_SIZE, cursor)?);
+                    wb.push(WireBlock::Sent { hash: *h });
+                } else {
+                    buf.resize(buf.len() + BLOCK_SIZE, 0);
+                    wb.push(WireBlock::Held { hash: *h });
+                }
+            }
+        }
+    }
+    buf.extend_from_slice(take(tail, cursor)?);
+    Ok((Cow::Owned(buf), wb))
+}
