@@ -10,6 +10,7 @@ use super::error::{JournalError, Result};
 use super::format::crc32c;
 use super::fsutil;
 use super::model::BLOCK_SIZE;
+use super::pack_index::{self, IndexedChunk};
 use super::writer::Writer;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -106,6 +107,11 @@ pub struct ChunkStore {
     dir_dirty: bool,
     pack_bytes: u64,
     live_chunks: u64,
+    /// The active pack's entries in pack order: its index once sealed.
+    active_index: Vec<IndexedChunk>,
+    /// Sealed packs whose index is written at the next sync, after the
+    /// pack's own fsync: (pack, length, entries).
+    sealed: Vec<(u32, u64, Vec<IndexedChunk>)>,
 }
 
 fn prefix(hash: &Hash) -> u64 {
@@ -176,12 +182,23 @@ impl ChunkStore {
             dir_dirty: false,
             pack_bytes: pack_bytes.clamp(64 << 10, 1 << 30),
             live_chunks: 0,
+            active_index: Vec::new(),
+            sealed: Vec::new(),
         };
         let numbers = fsutil::numbered_files(dir, "pack")?;
-        for no in numbers {
+        for &no in &numbers {
             let no32 = u32::try_from(no)
                 .map_err(|_| JournalError::corrupt(pack_path(dir, 0), 0, "pack number out of range"))?;
             store.load_pack(no32)?;
+        }
+        // An index whose pack is gone (removed between the two, or a
+        // leftover temporary file) is removed.
+        for no in fsutil::numbered_files(dir, "idx")? {
+            match u32::try_from(no) {
+                Ok(no) if store.packs.contains_key(&no) => {}
+                Ok(no) => pack_index::remove(dir, no)?,
+                Err(_) => {}
+            }
         }
         // The next pack is created at the first insert: opening writes
         // nothing, so a journal on a full disk still opens.
@@ -190,6 +207,9 @@ impl ChunkStore {
     }
 
     fn load_pack(&mut self, no: u32) -> Result<()> {
+        if self.load_indexed_pack(no)? {
+            return Ok(());
+        }
         let path = pack_path(&self.dir, no);
         let bytes = std::fs::read(&path).map_err(|e| JournalError::io("reading", &path, e))?;
         if bytes.len() < PACK_HEADER_LEN {
@@ -211,10 +231,12 @@ impl ChunkStore {
             return Err(JournalError::corrupt(&path, 0, "pack header does not match its file name or checksum"));
         }
         let mut pos = PACK_HEADER_LEN;
+        let mut index = Vec::new();
         while pos < bytes.len() {
             match parse_entry(&bytes[pos..]) {
                 Ok((hash, _flags, stored_len)) => {
                     let total = CHUNK_HEADER_LEN + stored_len;
+                    index.push(IndexedChunk { hash, offset: pos as u32, stored_len: stored_len as u16 });
                     if self.lookup(&hash).is_none() {
                         let offset = u32::try_from(pos)
                             .map_err(|_| JournalError::corrupt(&path, pos as u64, "pack larger than 4 GiB"))?;
@@ -245,7 +267,41 @@ impl ChunkStore {
         file.sync_data().map_err(|e| JournalError::io("syncing", &path, e))?;
         let len = pos.min(bytes.len()) as u64;
         self.packs.insert(no, Pack { file: Arc::new(file), path, len, live_bytes: 0 });
+        // Every pack is sealed at open (the next insert starts a new one)
+        // and now synced: a journal written before pack indexes gets them
+        // here, once. Best effort: opening must work on a full disk.
+        if let Err(e) = pack_index::write(&self.dir, no, len, &index) {
+            tracing::warn!(pack = no, "could not write the pack's index (it is scanned at the next open): {e}");
+        }
         Ok(())
+    }
+
+    /// Loads a pack from its index, reading only the pack's header. False
+    /// when it has no usable index.
+    fn load_indexed_pack(&mut self, no: u32) -> Result<bool> {
+        let path = pack_path(&self.dir, no);
+        let file = File::open(&path).map_err(|e| JournalError::io("opening", &path, e))?;
+        let len = file.metadata().map_err(|e| JournalError::io("reading the size of", &path, e))?.len();
+        let mut header = [0u8; PACK_HEADER_LEN];
+        if len < PACK_HEADER_LEN as u64 || file.read_exact_at(&mut header, 0).is_err() || header != pack_header(no) {
+            return Ok(false); // the scan names the problem
+        }
+        let Some(entries) = pack_index::read(&self.dir, no, len)? else {
+            return Ok(false);
+        };
+        for e in &entries {
+            if self.lookup(&e.hash).is_none() {
+                self.add_entry(ChunkEntry {
+                    hash: e.hash,
+                    pack: no,
+                    offset: e.offset,
+                    stored_len: e.stored_len,
+                    refs: 0,
+                });
+            }
+        }
+        self.packs.insert(no, Pack { file: Arc::new(file), path, len, live_bytes: 0 });
+        Ok(true)
     }
 
     /// Creates the pack after the newest and makes it the active one.
@@ -330,6 +386,7 @@ impl ChunkStore {
             None => (0, block),
         };
         append_entry(&mut self.pending, &prepared.hash, flags, stored);
+        self.active_index.push(IndexedChunk { hash: prepared.hash, offset, stored_len: stored.len() as u16 });
         Ok(self.add_entry(ChunkEntry {
             hash: prepared.hash,
             pack: self.active,
@@ -353,6 +410,9 @@ impl ChunkStore {
 
     fn roll_pack(&mut self, w: &mut Writer) -> Result<()> {
         self.flush_pending(w)?;
+        if let Some(p) = self.packs.get(&self.active) {
+            self.sealed.push((self.active, p.len, std::mem::take(&mut self.active_index)));
+        }
         self.start_pack()
     }
 
@@ -418,6 +478,14 @@ impl ChunkStore {
         }
         if std::mem::take(&mut self.dir_dirty) {
             fsutil::sync_dir(&self.dir)?;
+        }
+        // The sealed packs were among those just synced.
+        for (no, len, entries) in std::mem::take(&mut self.sealed) {
+            if self.packs.contains_key(&no) {
+                if let Err(e) = pack_index::write(&self.dir, no, len, &entries) {
+                    tracing::warn!(pack = no, "could not write the pack's index (it is scanned at the next open): {e}");
+                }
+            }
         }
         Ok(())
     }
@@ -608,6 +676,7 @@ impl ChunkStore {
             parse_entry(&raw).map_err(|reason| JournalError::corrupt(&pack.path, u64::from(e.offset), reason))?;
             let offset = self.next_offset(w)?;
             self.pending.extend_from_slice(&raw);
+            self.active_index.push(IndexedChunk { hash: e.hash, offset, stored_len: e.stored_len });
             let bytes = total as u64;
             if let Some(p) = self.packs.get_mut(&e.pack) {
                 p.live_bytes = p.live_bytes.saturating_sub(bytes);
@@ -624,6 +693,8 @@ impl ChunkStore {
         for no in victims {
             if let Some(p) = self.packs.remove(&no) {
                 reclaimed += p.len;
+                // The index first: an index never outlives its pack.
+                pack_index::remove(&self.dir, no)?;
                 std::fs::remove_file(&p.path).map_err(|e| JournalError::io("removing", &p.path, e))?;
             }
         }

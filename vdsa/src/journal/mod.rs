@@ -17,6 +17,7 @@ mod index;
 mod ingest;
 mod log;
 mod model;
+mod pack_index;
 mod promotion;
 mod replay;
 mod retention;
@@ -81,7 +82,12 @@ const HANDOFF_BYTES: usize = 256 << 10;
 /// its record, which lists every block, stays far inside what a reader
 /// accepts.
 pub const MAX_DATA_WRITE: u64 = 256 << 20;
-const META_FORMAT: u32 = 1;
+/// 2: chunk packs may have indexes (docs/journal-format.md). A format 1
+/// journal is upgraded in place when it opens; a build that reads only 1
+/// refuses a format 2 journal, so it never deletes a pack and leaves its
+/// index behind.
+const META_FORMAT: u32 = 2;
+const META_FORMAT_BEFORE_PACK_INDEXES: u32 = 1;
 
 /// The small metadata file, replaced atomically: the disks, the replica's
 /// checkpoint (base), a retention step in flight (intent) and a promotion
@@ -608,8 +614,21 @@ fn read_meta(dir: &Path) -> Result<Meta> {
     let path = dir.join(META_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let meta: Meta = serde_json::from_slice(&bytes)
+            let mut meta: Meta = serde_json::from_slice(&bytes)
                 .map_err(|e| JournalError::corrupt(&path, e.column() as u64, format!("journal metadata: {e}")))?;
+            if meta.format == META_FORMAT_BEFORE_PACK_INDEXES {
+                // Nothing else changed: the upgrade is the version number.
+                // Best effort, so that a journal on a full disk still opens;
+                // its packs are then indexed on a later open.
+                meta.format = META_FORMAT;
+                let bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
+                match fsutil::write_atomic(&path, &bytes) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "journal upgraded to format {META_FORMAT} (pack indexes)")
+                    }
+                    Err(e) => tracing::warn!(path = %path.display(), "journal left at format 1 for now: {e}"),
+                }
+            }
             if meta.format != META_FORMAT {
                 return Err(JournalError::UnsupportedVersion { path, found: meta.format, supported: META_FORMAT });
             }

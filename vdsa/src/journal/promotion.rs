@@ -69,10 +69,11 @@ impl State {
     }
 }
 
-/// Deletes the log segments, then the packs: the history after a promoted
+/// Deletes the log segments, then the pack indexes and packs: the history after a promoted
 /// base. Other files are left alone.
 pub(super) fn wipe_history(dir: &Path) -> Result<()> {
-    for (sub, ext) in [("log", "log"), ("chunks", "pack")] {
+    // Pack indexes before their packs: an index never outlives its pack.
+    for (sub, ext) in [("log", "log"), ("chunks", "idx"), ("chunks", "pack")] {
         let folder = dir.join(sub);
         if !folder.exists() {
             continue;
@@ -80,6 +81,7 @@ pub(super) fn wipe_history(dir: &Path) -> Result<()> {
         for no in fsutil::numbered_files(&folder, ext)? {
             let path = match (ext, u32::try_from(no)) {
                 ("pack", Ok(no)) => super::chunks::pack_path(&folder, no),
+                ("idx", Ok(no)) => super::pack_index::index_path(&folder, no),
                 _ => super::log::segment_path(&folder, no),
             };
             match std::fs::remove_file(&path) {

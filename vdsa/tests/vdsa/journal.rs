@@ -706,3 +706,119 @@ fn a_disk_grows_at_its_place_in_the_stream_and_earlier_checkpoints_keep_the_old_
     assert!(meta.contains(&format!("\"size\": {big}")), "the base's size is the new one: {meta}");
     check(&open(dir.path()), false);
 }
+
+/// Bytes this thread has read through read(2) and friends so far, page
+/// cache hits included (`rchar` of /proc/thread-self/io).
+fn thread_read_bytes() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/io")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("rchar: ").and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Every retained checkpoint's disk hash.
+fn checkpoint_hashes(j: &Journal, disk: DiskId) -> Vec<(u64, String)> {
+    let cps = j.checkpoints().unwrap_or_else(|e| panic!("{e}"));
+    cps.iter()
+        .map(|c| {
+            let view = j.open_view(c.id).unwrap_or_else(|e| panic!("{e}"));
+            (c.id.0, view.disk_hash(disk).unwrap_or_else(|e| panic!("{e}")).to_hex().to_string())
+        })
+        .collect()
+}
+
+fn set_meta_format(dir: &Path, format: u64) {
+    let path = dir.join("journal.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+    meta["format"] = serde_json::json!(format);
+    std::fs::write(&path, serde_json::to_vec(&meta).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn meta_format(dir: &Path) -> u64 {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("journal.json")).unwrap_or_default()).unwrap_or_default();
+    meta["format"].as_u64().unwrap_or(0)
+}
+
+/// A journal opens from its packs' indexes: it reads a small share of what
+/// its packs hold (control: the same open with the indexes removed reads
+/// all of it). A journal of the format before indexes (format 1, no
+/// index files) is upgraded in place and reads the same; a damaged index
+/// is passed over and written again; an unknown format is refused by name.
+#[test]
+fn a_journal_opens_from_its_pack_indexes_and_an_old_one_is_upgraded() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // 8 MiB of distinct, incompressible blocks in 64 KiB packs, four
+    // checkpoints.
+    let disk = DiskId::new();
+    {
+        let j = open(dir.path());
+        let stream = StreamId::new();
+        j.add_disk(disk, 16 << 20).unwrap_or_else(|e| panic!("{e}"));
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut data = vec![0u8; 64 << 10];
+        for seq in 1..=128u64 {
+            for b in data.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes());
+            }
+            let w = TapWrite { seq, disk, offset: (seq * 7 % 256) << 16, data: WriteData::Data(&data) };
+            j.ingest(stream, &[w]).unwrap_or_else(|e| panic!("{e}"));
+            if seq % 32 == 0 {
+                j.mark_checkpoint(spec(seq / 32, seq, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+    let chunks = dir.path().join("chunks");
+    let expected = checkpoint_hashes(&open(dir.path()), disk);
+    assert_eq!(expected.len(), 4);
+    let packs = files(&chunks, "pack");
+    let pack_bytes: u64 = packs.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    assert!(packs.len() >= 4, "test needs several packs, has {}", packs.len());
+    assert_eq!(files(&chunks, "idx").len(), packs.len(), "every sealed pack has its index");
+
+    let read_at_open = |dir: &Path| {
+        let before = thread_read_bytes();
+        let j = open(dir);
+        let read = thread_read_bytes() - before;
+        assert_eq!(checkpoint_hashes(&j, disk), expected, "the journal reads the same after this open");
+        read
+    };
+    let indexed = read_at_open(dir.path());
+    assert!(indexed * 8 < pack_bytes, "open read {indexed} bytes with indexes, the packs hold {pack_bytes}");
+
+    // The format before indexes: no index files, format 1.
+    for idx in files(&chunks, "idx") {
+        std::fs::remove_file(idx).unwrap_or_else(|e| panic!("{e}"));
+    }
+    set_meta_format(dir.path(), 1);
+    let scanned = read_at_open(dir.path());
+    assert!(scanned >= pack_bytes, "without indexes the open reads every pack ({scanned} of {pack_bytes} bytes)");
+    assert_eq!(meta_format(dir.path()), 2, "an old journal is upgraded in place");
+    assert_eq!(files(&chunks, "idx").len(), files(&chunks, "pack").len(), "and gets its indexes");
+    assert!(read_at_open(dir.path()) * 8 < pack_bytes, "the next open reads the indexes");
+
+    // A damaged index: passed over (the pack scanned), written again.
+    let victim = files(&chunks, "idx")[1].clone();
+    let mut bytes = std::fs::read(&victim).unwrap_or_default();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&victim, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    read_at_open(dir.path());
+    let rewritten = std::fs::read(&victim).unwrap_or_default();
+    assert!(rewritten.len() == bytes.len() && rewritten != bytes, "the damaged index was written again");
+
+    // A format this build does not know is refused, by name.
+    set_meta_format(dir.path(), 3);
+    match Journal::open(dir.path(), small_config()) {
+        Err(e @ JournalError::UnsupportedVersion { found: 3, supported: 2, .. }) => {
+            assert!(e.to_string().contains("journal.json"), "{e}")
+        }
+        Err(e) => panic!("expected UnsupportedVersion, got {e}"),
+        Ok(_) => panic!("a journal of format 3 opened"),
+    }
+}
