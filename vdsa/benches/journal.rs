@@ -1,7 +1,8 @@
 //! Journal benchmark: the journal against plain file I/O of the same bytes
 //! with the same fsync cadence, in one process, reported as ratios.
 //!
-//! `cargo bench -p vdsa --bench journal [-- --mib N --reps N --dir PATH]`
+//! `cargo bench -p vdsa --bench journal [-- --mib N --reps N --dir PATH --only CASE --open-gib 1,16]`
+//! (cases: random, sequential, dedup, dedup-wire, read, index, flush, reopen)
 
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, RetentionPolicy, StreamId};
 use rand::rngs::StdRng;
@@ -13,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
-use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, TapWrite, WriteData, BLOCK_SIZE};
+use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, TapWrite, WireBlock, WriteData, BLOCK_SIZE};
 
 /// Counts live heap bytes, to measure the index's memory for real.
 struct Counting;
@@ -50,10 +51,12 @@ struct Args {
     mib: usize,
     reps: usize,
     dir: PathBuf,
+    /// Journal sizes for the reopen case, in GiB.
+    open_gib: Vec<u64>,
 }
 
 fn args() -> Args {
-    let mut a = Args { only: None, workers: None, mib: 512, reps: 3, dir: std::env::temp_dir() };
+    let mut a = Args { only: None, workers: None, mib: 512, reps: 3, dir: std::env::temp_dir(), open_gib: vec![1, 16] };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < argv.len() {
@@ -63,6 +66,7 @@ fn args() -> Args {
             "--reps" => a.reps = v.parse().unwrap_or(a.reps),
             "--dir" => a.dir = PathBuf::from(v),
             "--only" => a.only = Some(v),
+            "--open-gib" => a.open_gib = v.split(',').filter_map(|g| g.trim().parse().ok()).collect(),
             "--workers" => a.workers = v.parse().ok(),
             "--no-compress" => {
                 let _ = NO_COMPRESS.set(true);
@@ -89,6 +93,10 @@ struct Workload {
     batches: Vec<Vec<(u64, Vec<u8>)>>,
     cadence: usize,
     bytes: usize,
+    /// Ingest as a replication target does (`ingest_wire`): every block
+    /// comes with the sender's hash, and one the journal already holds
+    /// comes as its hash only.
+    wire: bool,
 }
 
 fn random_block(rng: &mut StdRng) -> Vec<u8> {
@@ -129,6 +137,7 @@ fn writes_4k(name: &'static str, total: usize, seed: u64, repeat: f64) -> Worklo
         batches,
         cadence: 32 * MIB / (per_batch * BLOCK_SIZE),
         bytes: blocks / per_batch * per_batch * BLOCK_SIZE,
+        wire: false,
     }
 }
 
@@ -156,6 +165,7 @@ fn sequential_64k(total: usize) -> Workload {
         batches,
         cadence: 32 * MIB / (per_batch * (64 << 10)),
         bytes: writes / per_batch * per_batch * (64 << 10),
+        wire: false,
     }
 }
 
@@ -193,6 +203,30 @@ fn run_pair(w: &Workload, dir: &Path) -> (Duration, Duration) {
     let (mut seq, mut cp) = (0u64, 0u64);
     let mut buf = Vec::with_capacity(2 * MIB);
     let (mut tb, mut tj) = (Duration::ZERO, Duration::ZERO);
+    // The sender's work, done before the clock starts: each block's hash,
+    // and whether an earlier block of the stream had it.
+    let wire_blocks: Vec<Vec<WireBlock>> = if w.wire {
+        let mut seen = std::collections::HashSet::new();
+        w.batches
+            .iter()
+            .map(|batch| {
+                batch
+                    .iter()
+                    .flat_map(|(_, d)| d.chunks_exact(BLOCK_SIZE))
+                    .map(|b| {
+                        let hash = *blake3::hash(b).as_bytes();
+                        if seen.insert(hash) {
+                            WireBlock::Sent { hash }
+                        } else {
+                            WireBlock::Held { hash }
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     flush_dirty();
     for (n, interval) in w.batches.chunks(w.cadence).enumerate() {
         let mut baseline = || {
@@ -209,7 +243,7 @@ fn run_pair(w: &Workload, dir: &Path) -> (Duration, Duration) {
         };
         let mut journal = || {
             let t = Instant::now();
-            for batch in interval {
+            for (i, batch) in interval.iter().enumerate() {
                 let taps: Vec<TapWrite<'_>> = batch
                     .iter()
                     .map(|(off, d)| {
@@ -217,7 +251,11 @@ fn run_pair(w: &Workload, dir: &Path) -> (Duration, Duration) {
                         TapWrite { seq, disk, offset: *off, data: WriteData::Data(d) }
                     })
                     .collect();
-                j.ingest(stream, &taps).unwrap_or_else(|e| panic!("{e}"));
+                match wire_blocks.get(n * w.cadence + i) {
+                    Some(blocks) => j.ingest_wire(stream, &taps, blocks).map(|_| ()),
+                    None => j.ingest(stream, &taps).map(|_| ()),
+                }
+                .unwrap_or_else(|e| panic!("{e}"));
             }
             cp += 1;
             j.mark_checkpoint(spec(cp)).unwrap_or_else(|e| panic!("{e}"));
@@ -458,6 +496,132 @@ fn time_open(j: &Journal, id: CheckpointId) -> Duration {
     times[50]
 }
 
+/// Bytes this process has read: (through read calls, from storage), from
+/// `/proc/self/io`.
+fn io_read() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<u64>().ok())).unwrap_or(0)
+    };
+    (field("rchar:"), field("read_bytes:"))
+}
+
+/// Empties the page cache if this process may (root), so that an open
+/// reads from the disk; says whether it could.
+fn drop_caches() -> bool {
+    flush_dirty();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+fn bytes_under(dir: &Path, ext: &str) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == ext))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Opening a journal of each size: wall time and bytes read, with the pack
+/// indexes and (control) with them removed, so that every pack is scanned.
+/// The journal holds unique incompressible data written as 1 MiB writes
+/// with a checkpoint every 64 MiB.
+fn reopen(dir: &Path, sizes_gib: &[u64]) {
+    let cfg = || JournalConfig { compression_level: None, ..config() };
+    let mut rows = Vec::new();
+    for &gib in sizes_gib {
+        let jdir = dir.join(format!("journal-reopen-{gib}"));
+        let _ = std::fs::remove_dir_all(&jdir);
+        let fill = Instant::now();
+        {
+            let j = Journal::open(&jdir, cfg()).unwrap_or_else(|e| panic!("{e}"));
+            let disk = DiskId::new();
+            j.add_disk(disk, 2 * (gib << 30)).unwrap_or_else(|e| panic!("{e}"));
+            let stream = StreamId::new();
+            let mut rng = StdRng::seed_from_u64(gib);
+            let mut data = vec![vec![0u8; MIB]; 16];
+            let mut seq = 0u64;
+            for batch in 0..(gib << 30) / (16 * MIB as u64) {
+                for d in &mut data {
+                    rng.fill_bytes(d);
+                }
+                let taps: Vec<TapWrite<'_>> = data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        seq += 1;
+                        let offset = (batch * 16 + i as u64) * MIB as u64;
+                        TapWrite { seq, disk, offset, data: WriteData::Data(d) }
+                    })
+                    .collect();
+                j.ingest(stream, &taps).unwrap_or_else(|e| panic!("{e}"));
+                if batch % 4 == 3 {
+                    j.mark_checkpoint(spec(batch + 1)).unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+            j.mark_checkpoint(spec(u64::MAX / 2)).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let (packs, log) = (bytes_under(&jdir.join("chunks"), "pack"), bytes_under(&jdir.join("log"), "log"));
+        let indexes = bytes_under(&jdir.join("chunks"), "idx");
+        let fill = fill.elapsed();
+        let measure = || {
+            let cold = drop_caches();
+            let (r0, d0) = io_read();
+            let t = Instant::now();
+            let j = Journal::open(&jdir, cfg()).unwrap_or_else(|e| panic!("{e}"));
+            let took = t.elapsed();
+            let (r1, d1) = io_read();
+            drop(j);
+            (took, r1 - r0, d1 - d0, cold)
+        };
+        // Twice with the indexes (the first open after writing may still
+        // index the packs sealed by the close), then without.
+        let _ = measure();
+        let indexed = measure();
+        for e in std::fs::read_dir(jdir.join("chunks")).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "idx") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let scanned = measure();
+        println!(
+            "journal of {gib} GiB (filled in {:.0} s): packs {} MiB, log {} MiB, pack indexes {} MiB",
+            fill.as_secs_f64(),
+            packs >> 20,
+            log >> 20,
+            indexes >> 20
+        );
+        for (what, (took, rchar, disk_read, cold)) in [("with pack indexes", indexed), ("scanning packs", scanned)] {
+            println!(
+                "  open {what:<18} {:>8.2} s, read {:>7.1} MiB ({:>7.1} MiB from storage{})",
+                took.as_secs_f64(),
+                rchar as f64 / MIB as f64,
+                disk_read as f64 / MIB as f64,
+                if cold { ", page cache dropped first" } else { ", page cache NOT dropped (not root)" }
+            );
+        }
+        rows.push((gib, indexed, scanned));
+        let _ = std::fs::remove_dir_all(&jdir);
+    }
+    if let (Some(small), Some(large)) = (rows.first(), rows.last()) {
+        if large.0 > small.0 {
+            let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+            let (ti, ts) = (ratio(large.1 .0, small.1 .0), ratio(large.2 .0, small.2 .0));
+            let (bi, bs) = (large.1 .1 as f64 / small.1 .1.max(1) as f64, large.2 .1 as f64 / small.2 .1.max(1) as f64);
+            println!(
+                "open of {} GiB against {} GiB: time {ti:.2}x, bytes read {bi:.2}x with indexes (goal <= 2x: {}); \
+                 scanning: time {ts:.2}x, bytes {bs:.2}x",
+                large.0,
+                small.0,
+                if ti <= 2.0 && bi <= 2.0 { "ok" } else { "MISSED" }
+            );
+        }
+    }
+}
+
 /// What a guest's FUA write (or a write and a FLUSH) costs: one 4 KiB
 /// write made durable before the next, `n` times, through the journal
 /// (ingest, then the group commit: pack fsync, log fsync, commit record,
@@ -520,6 +684,10 @@ fn main() {
     if run("dedup") {
         ingest(&writes_4k("4 KiB writes, half repeating earlier blocks", total, 3, 0.5), &dir, a.reps, 1.5);
     }
+    if run("dedup-wire") {
+        let w = Workload { wire: true, ..writes_4k("same, as received: held blocks as hashes", total, 3, 0.5) };
+        ingest(&w, &dir, a.reps, 1.5);
+    }
     if run("read") {
         view_read(&dir, a.mib.min(512), a.reps);
     }
@@ -528,6 +696,9 @@ fn main() {
     }
     if run("flush") {
         durable_writes(&dir, 2000);
+    }
+    if run("reopen") {
+        reopen(&dir, &a.open_gib);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
