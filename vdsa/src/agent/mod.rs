@@ -19,7 +19,7 @@ mod taps;
 pub use config::AgentConfig;
 pub use identity::{newest_generation, Identity};
 
-use crate::daemon::listen::{claim_listeners, serve_taps, TapListener};
+use crate::daemon::listen::{claim_listeners, fresh_nbd_unix_paths, serve_taps, TapListener};
 use crate::journal::JournalConfig;
 use crate::nbd::server::Exports;
 use crate::replication::target::{TargetOptions, TargetServer};
@@ -55,13 +55,16 @@ fn serve_stacks(listen: &str, exports: Arc<Exports>) -> Result<String> {
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
-pub fn run(cfg: AgentConfig) -> Result<()> {
+pub fn run(mut cfg: AgentConfig) -> Result<()> {
     cfg.check()?;
     let stop = install_signal_thread()?;
     std::fs::create_dir_all(&cfg.data).with_context(|| format!("creating {}", cfg.data.display()))?;
     // The addresses are taken before anything is created.
-    let listeners = TapListener::parse_all(&cfg.tap_listen)?;
+    let mut listeners = TapListener::parse_all(&cfg.tap_listen)?;
     let claims = claim_listeners(&listeners)?;
+    // The mirror jobs this agent attaches reach it at this run's own path.
+    fresh_nbd_unix_paths(&mut listeners);
+    cfg.tap_listen = listeners.iter().map(TapListener::spec).collect();
     let replication = TcpListener::bind(&cfg.replication_listen)
         .with_context(|| format!("listening for replication on {}", cfg.replication_listen))?;
     let identity = loop {

@@ -47,6 +47,49 @@ impl TapListener {
     }
 }
 
+impl TapListener {
+    /// The `--listen` form of this address.
+    pub(crate) fn spec(&self) -> String {
+        let native = if self.native { "native-" } else { "" };
+        match &self.endpoint {
+            Endpoint::Unix(p) => format!("{native}unix:{}", p.display()),
+            Endpoint::Tcp(a) => format!("{native}tcp:{a}"),
+        }
+    }
+}
+
+/// The longest path a unix socket address holds (`sun_path`, with its NUL).
+const UNIX_PATH_MAX: usize = 107;
+
+/// Moves each NBD unix listener to a path fresh for this process run
+/// (`PATH.run-XXXXXXXX`), after removing the sockets earlier runs left at
+/// `PATH.run-*`; call it after the paths are claimed, so no live process
+/// owns those. Why: a mirror job an earlier run attached keeps
+/// reconnecting to the address it was given; at a fresh address it never
+/// reaches this run, so cancelling it never races a reconnect (QEMU 10.0
+/// has crashed in that race; docs/architecture.md, "Taps").
+pub(crate) fn fresh_nbd_unix_paths(listeners: &mut [TapListener]) {
+    let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    for l in listeners.iter_mut().filter(|l| !l.native) {
+        let Endpoint::Unix(path) = &mut l.endpoint else { continue };
+        let fresh = PathBuf::from(format!("{}.run-{run}", path.display()));
+        if fresh.as_os_str().len() > UNIX_PATH_MAX {
+            tracing::warn!(path = %path.display(), "the tap path is too long for a per-run suffix; using it as given");
+            continue;
+        }
+        if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+            let earlier = format!("{name}.run-");
+            let dir = if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir };
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_name().to_str().is_some_and(|n| n.starts_with(&earlier)) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        *path = fresh;
+    }
+}
+
 /// Claims every unix path among `listeners` (see [`claim_path`]).
 pub(crate) fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<PathClaim>> {
     listeners
