@@ -158,8 +158,15 @@ fn session<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports
         }
         payload.clear();
         if header.kind == WRITE {
-            payload.resize(header.length as usize, 0);
-            r.read_exact(&mut payload)?;
+            // Into the buffer as it arrives (no zeroing first).
+            payload.reserve(header.length as usize);
+            (&mut *r).take(u64::from(header.length)).read_to_end(&mut payload)?;
+            if payload.len() != header.length as usize {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the filter went away inside request {id}'s payload"),
+                ));
+            }
         }
         if crc(&h[..28], &payload) != be_u32(&h[28..32]) {
             ack(w, EBADMSG, id)?;
@@ -169,7 +176,7 @@ fn session<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports
         // Flags are reserved in version 1: a filter that sets them expects
         // something this VDSA does not do.
         let result = match h[5] {
-            0 => apply(export.as_ref(), &header, &payload),
+            0 => apply(export.as_ref(), &header, &mut payload),
             flags => Err(ExportError::new(EINVAL, format!("request flags {flags:#x}; version 1 has none"))),
         };
         if header.kind == BYE {
@@ -186,7 +193,9 @@ fn session<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports
     }
 }
 
-fn apply(export: &dyn BlockExport, h: &Header, payload: &[u8]) -> Result<(), ExportError> {
+/// Applies a checked request; a write's payload goes to an export that
+/// keeps it without a copy (the buffer is then replaced).
+fn apply(export: &dyn BlockExport, h: &Header, payload: &mut Vec<u8>) -> Result<(), ExportError> {
     let size = export.size();
     let len = u64::from(h.length);
     let in_range = h.offset.checked_add(len).is_some_and(|end| end <= size);
@@ -198,6 +207,7 @@ fn apply(export: &dyn BlockExport, h: &Header, payload: &[u8]) -> Result<(), Exp
             format!("range {}+{len} beyond the end ({size})", h.offset),
         )),
         WRITE if payload.is_empty() => Ok(()),
+        WRITE if export.keeps_write_buffers() => export.write_owned(h.offset, std::mem::take(payload)),
         WRITE => export.write(h.offset, payload),
         ZERO | TRIM if len == 0 => Ok(()),
         ZERO => export.write_zeroes(h.offset, len),

@@ -40,6 +40,18 @@ pub trait BlockExport: Send + Sync {
     fn size(&self) -> u64;
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError>;
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), ExportError>;
+    /// A write whose payload buffer the server no longer needs: an export
+    /// that keeps the bytes (a source VDSA's send queue) takes the buffer
+    /// instead of copying it. By default [`BlockExport::write`].
+    fn write_owned(&self, offset: u64, data: Vec<u8>) -> Result<(), ExportError> {
+        self.write(offset, &data)
+    }
+    /// Whether [`BlockExport::write_owned`] keeps the buffer: the server
+    /// then reads each write's payload into a buffer of its own, else it
+    /// reuses one.
+    fn keeps_write_buffers(&self) -> bool {
+        false
+    }
     /// WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE: the range reads as zeroes
     /// and stays provisioned.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError>;
@@ -435,6 +447,7 @@ impl<R: Read, W: Write> Conn<R, W> {
         let allocation = self.allocation_for.as_deref() == Some(name);
         let size = export.size();
         let durable = export.offers_durability();
+        let keeps_buffers = export.keeps_write_buffers();
         let mut header = [0u8; Request::LEN];
         let mut buf = Vec::new();
         loop {
@@ -470,12 +483,33 @@ impl<R: Read, W: Write> Conn<R, W> {
                         // Its payload cannot be skipped safely: drop the peer.
                         return Err(protocol(format!("write of {len} bytes exceeds {MAX_REQUEST}")));
                     }
-                    buf.resize(req.length as usize, 0);
-                    self.r.read_exact(&mut buf)?;
-                    if !in_range {
-                        Err(ExportError::new(ENOSPC, format!("write {off}+{len} beyond the end ({size})")))
+                    if keeps_buffers {
+                        // Read straight into a buffer the export keeps (no
+                        // zeroing first, no copy after).
+                        let mut data = Vec::with_capacity(req.length as usize);
+                        (&mut self.r).take(len).read_to_end(&mut data)?;
+                        if data.len() as u64 != len {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                format!(
+                                    "the client went away inside a write's payload ({} of {len} bytes)",
+                                    data.len()
+                                ),
+                            ));
+                        }
+                        if !in_range {
+                            Err(ExportError::new(ENOSPC, format!("write {off}+{len} beyond the end ({size})")))
+                        } else {
+                            export.write_owned(off, data)
+                        }
                     } else {
-                        export.write(off, &buf)
+                        buf.resize(req.length as usize, 0);
+                        self.r.read_exact(&mut buf)?;
+                        if !in_range {
+                            Err(ExportError::new(ENOSPC, format!("write {off}+{len} beyond the end ({size})")))
+                        } else {
+                            export.write(off, &buf)
+                        }
                     }
                 }
                 CMD_READ => {

@@ -811,6 +811,19 @@ impl BlockExport for SourceDisk {
         self.stream.put(self.disk, offset, data.len() as u64, WriteKind::Data, data.to_vec())
     }
 
+    /// The queue keeps the tap's buffer itself: no copy.
+    fn write_owned(&self, offset: u64, data: Vec<u8>) -> Result<(), ExportError> {
+        self.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.stream.put(self.disk, offset, data.len() as u64, WriteKind::Data, data)
+    }
+
+    fn keeps_write_buffers(&self) -> bool {
+        true
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError> {
         self.check(offset, len)?;
         if len == 0 {
