@@ -291,6 +291,11 @@ impl Roles {
             backpressure: Backpressure::Block,
         };
         let stream = SourceStream::new(opts, queue)?;
+        // Disks tapped from outside (an ESXi filter) copy themselves whole
+        // through the tap first: that coverage ends the sync.
+        if r.taps.is_empty() {
+            stream.end_sync_when_covered();
+        }
         // Every run states its disks' sizes first: a resize that a crash
         // took with the send queue still reaches the target.
         stream.state_sizes().map_err(|e| std::io::Error::other(e.to_string()))?;

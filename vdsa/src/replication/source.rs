@@ -125,6 +125,11 @@ pub struct SourceStream {
     /// Signalled when a hold ends.
     released: Condvar,
     syncing: AtomicBool,
+    /// The sync ends by itself once every block of every disk was written
+    /// through the tap since it began (taps outside this VDSA's control,
+    /// which copy the whole disk first); otherwise whoever attached the
+    /// taps ends it.
+    sync_ends_when_covered: AtomicBool,
     progress: Mutex<SyncProgress>,
     /// Each disk's size now: `opts.disks` until a resize.
     sizes: Mutex<Vec<(DiskId, u64)>>,
@@ -152,6 +157,7 @@ impl SourceStream {
             held: Mutex::new(None),
             released: Condvar::new(),
             syncing: AtomicBool::new(false),
+            sync_ends_when_covered: AtomicBool::new(false),
             progress: Mutex::new(SyncProgress { started: None, covered, done_blocks: 0 }),
             sizes: Mutex::new(opts.disks.clone()),
             counters: LinkCounters::default(),
@@ -183,6 +189,13 @@ impl SourceStream {
 
     pub fn is_syncing(&self) -> bool {
         self.syncing.load(Ordering::SeqCst)
+    }
+
+    /// Lets the sync end by itself once the tap has covered every block of
+    /// every disk (see `sync_ends_when_covered`); ends it now if it has.
+    pub fn end_sync_when_covered(&self) {
+        self.sync_ends_when_covered.store(true, Ordering::SeqCst);
+        self.note_synced_blocks();
     }
 
     /// Numbers and queues one tap write and acknowledges it; while a
@@ -280,6 +293,23 @@ impl SourceStream {
             }
         }
         p.done_blocks += added;
+        drop(p);
+        if added > 0 {
+            self.note_synced_blocks();
+        }
+    }
+
+    /// Ends a sync that the tap has covered whole, if it may end so.
+    fn note_synced_blocks(&self) {
+        if !self.sync_ends_when_covered.load(Ordering::SeqCst) || !self.is_syncing() {
+            return;
+        }
+        let total: u64 = self.disks().iter().map(|(_, size)| size.div_ceil(BLOCK_SIZE as u64)).sum();
+        let done = self.progress.lock().map(|p| p.done_blocks).unwrap_or(0);
+        if done >= total {
+            tracing::info!(blocks = total, "every block of every disk came through the tap: the sync is done");
+            self.syncing.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Places checkpoint `id` in the stream after the last queued write at

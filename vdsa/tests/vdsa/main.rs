@@ -7,6 +7,7 @@ mod journal;
 mod native_tap;
 mod nbd;
 mod recovery;
+mod source;
 mod wire;
 
 use std::os::unix::net::{UnixListener, UnixStream};
