@@ -139,6 +139,11 @@ pub struct SourceStream {
     stop: AtomicBool,
 }
 
+/// How long the send loop waits for a need while batches are offered and
+/// the queue has nothing new: at most what a write arriving meanwhile waits
+/// before it is offered (a busy queue is read again at once).
+const NEED_WAIT_WHEN_IDLE: Duration = Duration::from_millis(1);
+
 fn refused_by_target(reason: String) -> LinkError {
     LinkError::Refused(format!("the target refused: {reason}"))
 }
@@ -588,9 +593,19 @@ impl SourceStream {
         let mut next_batch = 1u64;
         let mut last_send = Instant::now();
         let mut compress = CompressProbe::default();
+        // The queue had nothing new at the last look: with batches offered,
+        // wait a little for their needs rather than spinning between the
+        // two (one spinning loop per stream burnt both cores at scale).
+        let mut nothing_new = false;
         while !self.stop.load(Ordering::SeqCst) {
             // Needs first: they unblock the target.
-            let wait = if pending.len() >= self.opts.window { Duration::from_millis(20) } else { Duration::ZERO };
+            let wait = if pending.len() >= self.opts.window {
+                Duration::from_millis(20)
+            } else if nothing_new && !pending.is_empty() {
+                NEED_WAIT_WHEN_IDLE
+            } else {
+                Duration::ZERO
+            };
             match rx.recv_timeout(wait) {
                 Ok(Ok(need)) => {
                     let batch = pending.pop_front().ok_or_else(|| {
@@ -614,6 +629,7 @@ impl SourceStream {
                         Entry::Marker(m) => m.id > skip_cp,
                     })
                     .collect();
+                nothing_new = entries.is_empty();
                 if !entries.is_empty() {
                     let batch = self.offer(w, next_batch, entries, base)?;
                     next_batch += 1;
