@@ -155,7 +155,7 @@ fn run(lab: &Path, dir: &Path, a: &Args) -> Result<()> {
     }
     let defined = setup.elapsed();
     // The initial copy of each disk: the disks are empty, so zeros.
-    let sock = agents[0].live_tap_socket()?;
+    let sock = agents[0].tap_sock.clone();
     let mut clients = Vec::new();
     let connect_deadline = Instant::now() + Duration::from_secs(120);
     for d in &disks {

@@ -256,20 +256,6 @@ impl AgentProcess {
         self.child.id()
     }
 
-    /// Where this run of the agent serves NBD taps: it binds `tap_sock`
-    /// under a name fresh for each run (`tap.sock.run-XXXXXXXX`), for the
-    /// mirror jobs it attaches itself; a test that writes as an outside tap
-    /// finds it here.
-    pub fn live_tap_socket(&self) -> Result<PathBuf> {
-        let name = self.tap_sock.file_name().and_then(|n| n.to_str()).context("tap socket name")?;
-        let prefix = format!("{name}.run-");
-        std::fs::read_dir(&self.dir)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
-            .with_context(|| format!("no {prefix}* socket in {}", self.dir.display()))
-    }
-
     /// The journal folder of a VPG at this (recovery) VDSA.
     pub fn journal(&self, vpg: &str) -> PathBuf {
         self.dir.join("data/journals").join(vpg).join("journal")

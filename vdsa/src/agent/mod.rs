@@ -19,7 +19,7 @@ mod taps;
 pub use config::AgentConfig;
 pub use identity::{newest_generation, Identity};
 
-use crate::daemon::listen::{claim_listeners, fresh_nbd_unix_paths, serve_taps, TapListener};
+use crate::daemon::listen::{add_per_run_nbd_listener, claim_listeners, serve_taps, TapListener};
 use crate::journal::JournalConfig;
 use crate::nbd::server::Exports;
 use crate::replication::target::{TargetOptions, TargetServer};
@@ -62,8 +62,9 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
     // The addresses are taken before anything is created.
     let mut listeners = TapListener::parse_all(&cfg.tap_listen)?;
     let claims = claim_listeners(&listeners)?;
-    // The mirror jobs this agent attaches reach it at this run's own path.
-    fresh_nbd_unix_paths(&mut listeners);
+    // The mirror jobs this agent attaches reach it at this run's own path
+    // (the first NBD listener); outside taps at the configured one.
+    add_per_run_nbd_listener(&mut listeners);
     cfg.tap_listen = listeners.iter().map(TapListener::spec).collect();
     let replication = TcpListener::bind(&cfg.replication_listen)
         .with_context(|| format!("listening for replication on {}", cfg.replication_listen))?;

@@ -61,33 +61,38 @@ impl TapListener {
 /// The longest path a unix socket address holds (`sun_path`, with its NUL).
 const UNIX_PATH_MAX: usize = 107;
 
-/// Moves each NBD unix listener to a path fresh for this process run
-/// (`PATH.run-XXXXXXXX`), after removing the sockets earlier runs left at
-/// `PATH.run-*`; call it after the paths are claimed, so no live process
-/// owns those. Why: a mirror job an earlier run attached keeps
-/// reconnecting to the address it was given; at a fresh address it never
-/// reaches this run, so cancelling it never races a reconnect (QEMU 10.0
-/// has crashed in that race; docs/architecture.md, "Taps").
-pub(crate) fn fresh_nbd_unix_paths(listeners: &mut [TapListener]) {
+/// Adds, in front of the first NBD unix listener `PATH`, a listener at a
+/// path fresh for this process run (`PATH.run-XXXXXXXX`) for the mirror
+/// jobs this process attaches itself, after removing the sockets earlier
+/// runs left at `PATH.run-*`; `PATH` stays served for taps from outside.
+/// Call it after the paths are claimed, so no live process owns those. Why:
+/// a mirror job an earlier run attached keeps reconnecting to the address
+/// it was given; at a fresh address it never reaches this run, so
+/// cancelling it never races a reconnect (QEMU 10.0 has crashed in that
+/// race; docs/architecture.md, "Taps").
+pub(crate) fn add_per_run_nbd_listener(listeners: &mut Vec<TapListener>) {
+    let Some((i, path)) = listeners.iter().enumerate().find_map(|(i, l)| match (&l.endpoint, l.native) {
+        (Endpoint::Unix(p), false) => Some((i, p.clone())),
+        _ => None,
+    }) else {
+        return;
+    };
     let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    for l in listeners.iter_mut().filter(|l| !l.native) {
-        let Endpoint::Unix(path) = &mut l.endpoint else { continue };
-        let fresh = PathBuf::from(format!("{}.run-{run}", path.display()));
-        if fresh.as_os_str().len() > UNIX_PATH_MAX {
-            tracing::warn!(path = %path.display(), "the tap path is too long for a per-run suffix; using it as given");
-            continue;
-        }
-        if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-            let earlier = format!("{name}.run-");
-            let dir = if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir };
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                if e.file_name().to_str().is_some_and(|n| n.starts_with(&earlier)) {
-                    let _ = std::fs::remove_file(e.path());
-                }
+    let fresh = PathBuf::from(format!("{}.run-{run}", path.display()));
+    if fresh.as_os_str().len() > UNIX_PATH_MAX {
+        tracing::warn!(path = %path.display(), "the tap path is too long for a per-run suffix; mirror jobs use it as given");
+        return;
+    }
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        let earlier = format!("{name}.run-");
+        let dir = if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir };
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_name().to_str().is_some_and(|n| n.starts_with(&earlier)) {
+                let _ = std::fs::remove_file(e.path());
             }
         }
-        *path = fresh;
     }
+    listeners.insert(i, TapListener { native: false, endpoint: Endpoint::Unix(fresh) });
 }
 
 /// Claims every unix path among `listeners` (see [`claim_path`]).
@@ -195,5 +200,29 @@ impl BlockExport for NoDurability {
     }
     fn flush(&self) -> Result<(), ExportError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_run_listener_comes_first_and_earlier_runs_sockets_go() {
+        let dir = tempfile::tempdir().expect("a folder");
+        let base = dir.path().join("tap.sock");
+        std::fs::write(dir.path().join("tap.sock.run-deadbeef"), b"").expect("a leftover");
+        std::fs::write(dir.path().join("tap.sock.lock"), b"").expect("the claim");
+        let specs = vec![format!("native-unix:{}/n.sock", dir.path().display()), format!("unix:{}", base.display())];
+        let mut listeners = TapListener::parse_all(&specs).expect("addresses");
+        add_per_run_nbd_listener(&mut listeners);
+        let specs: Vec<String> = listeners.iter().map(TapListener::spec).collect();
+        assert_eq!(specs.len(), 3);
+        assert!(specs[0].starts_with("native-unix:"), "{specs:?}");
+        let fresh = specs[1].strip_prefix("unix:").expect("an NBD unix listener");
+        assert!(fresh.starts_with(&format!("{}.run-", base.display())) && !fresh.ends_with("deadbeef"), "{specs:?}");
+        assert_eq!(specs[2], format!("unix:{}", base.display()), "the configured path stays served");
+        assert!(!dir.path().join("tap.sock.run-deadbeef").exists(), "an earlier run's socket is removed");
+        assert!(dir.path().join("tap.sock.lock").exists(), "the claim is not touched");
     }
 }
