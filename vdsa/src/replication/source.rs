@@ -10,7 +10,9 @@ use super::LinkError;
 use crate::journal::BLOCK_SIZE;
 use crate::nbd::proto::{EIO, ENOSPC};
 use crate::nbd::server::{BlockExport, ExportError};
-use crate::wire::frame::{encode_header, read_frame, write_frame, FrameError, HEADER_LEN, VERSION};
+use crate::wire::frame::{
+    encode_header, encode_header_of_pieces, read_frame, write_frame, FrameError, HEADER_LEN, VERSION,
+};
 use crate::wire::msg::{
     self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, StreamWrite, Welcome,
 };
@@ -672,6 +674,27 @@ impl SourceStream {
         Ok(())
     }
 
+    /// Sends a frame whose payload is `pieces` one after another, without
+    /// gathering them first unless the link is throttled.
+    fn send_frame_pieces(&self, w: &mut LinkWriter, kind: u16, pieces: &[&[u8]]) -> Result<(), LinkError> {
+        if self.throttle.rate() != 0 {
+            return self.send_frame(w, kind, &pieces.concat());
+        }
+        let header = encode_header_of_pieces(VERSION, kind, pieces);
+        let mut all = Vec::with_capacity(pieces.len() + 1);
+        all.push(&header[..]);
+        all.extend_from_slice(pieces);
+        w.write_all_pieces(&all).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                LinkError::Protocol("the link took nothing within three heartbeats: it is stalled".into())
+            }
+            _ => LinkError::Io(e),
+        })?;
+        let n: usize = all.iter().map(|p| p.len()).sum();
+        self.counters.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Hashes the batch's whole blocks and offers them.
     fn offer(&self, w: &mut LinkWriter, batch: u64, entries: Vec<Entry>, base: u64) -> Result<PendingBatch, LinkError> {
         let mut items = Vec::with_capacity(entries.len());
@@ -733,44 +756,67 @@ impl SourceStream {
                 p.hashed
             )));
         }
-        // The message header goes in front, so the data is copied once.
-        let mut data = vec![0u8; Blocks::HEADER_LEN];
+        // The data as ranges of the queued writes' buffers (adjacent ones
+        // joined): the bytes are copied only by TLS, unless the batch is
+        // compressed or the link throttled.
+        let mut ranges: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut push = |entry: usize, r: std::ops::Range<usize>| {
+            if r.is_empty() {
+                return;
+            }
+            match ranges.last_mut() {
+                Some((e, last)) if *e == entry && last.end == r.start => last.end = r.end,
+                _ => ranges.push((entry, r)),
+            }
+        };
         let mut bit = 0usize;
         let mut sent = 0u64;
         let mut zero = p.zero.iter();
-        for e in &p.entries {
+        for (i, e) in p.entries.iter().enumerate() {
             let Entry::Write(x) = e else { continue };
             if x.write.kind != WriteKind::Data {
                 continue;
             }
             let (head, full, _) = split(x.write.offset, x.write.len);
-            data.extend_from_slice(&x.data[..head]);
-            for b in x.data[head..head + full * BLOCK_SIZE].chunks_exact(BLOCK_SIZE) {
+            push(i, 0..head);
+            for b in 0..full {
                 if zero.next().copied().unwrap_or(false) {
                     continue;
                 }
                 if need.bits[bit] {
-                    data.extend_from_slice(b);
+                    let start = head + b * BLOCK_SIZE;
+                    push(i, start..start + BLOCK_SIZE);
                     sent += 1;
                 }
                 bit += 1;
             }
-            data.extend_from_slice(&x.data[head + full * BLOCK_SIZE..]);
+            push(i, head + full * BLOCK_SIZE..x.data.len());
         }
-        let raw_len = (data.len() - Blocks::HEADER_LEN) as u32;
-        let frame = match compress.try_compress(&data[Blocks::HEADER_LEN..]) {
+        let pieces: Vec<&[u8]> = ranges
+            .into_iter()
+            .filter_map(|(i, r)| match &p.entries[i] {
+                Entry::Write(x) => x.data.get(r),
+                Entry::Marker(_) => None,
+            })
+            .collect();
+        let raw_len: usize = pieces.iter().map(|p| p.len()).sum();
+        let raw_len32 = u32::try_from(raw_len)
+            .map_err(|_| LinkError::Protocol(format!("batch {} of {raw_len} bytes does not fit a frame", p.batch)))?;
+        let mut header = [0u8; Blocks::HEADER_LEN];
+        let compressed = if compress.worth_trying(raw_len) { compress.try_compress(&pieces.concat()) } else { None };
+        match compressed {
             Some(c) => {
-                let mut f = vec![0u8; Blocks::HEADER_LEN];
-                f.extend_from_slice(&c);
-                Blocks::put_header(&mut f, p.batch, true, raw_len);
-                f
+                Blocks::put_header(&mut header, p.batch, true, raw_len32);
+                self.send_frame_pieces(w, msg::BLOCKS, &[&header, &c])?;
             }
             None => {
-                Blocks::put_header(&mut data, p.batch, false, raw_len);
-                data
+                Blocks::put_header(&mut header, p.batch, false, raw_len32);
+                let mut all = Vec::with_capacity(pieces.len() + 1);
+                all.push(&header[..]);
+                all.extend_from_slice(&pieces);
+                self.send_frame_pieces(w, msg::BLOCKS, &all)?;
             }
-        };
-        self.send_frame(w, msg::BLOCKS, &frame)?;
+        }
         self.counters.blocks_sent.fetch_add(sent, Ordering::Relaxed);
         Ok(())
     }
@@ -803,11 +849,18 @@ struct CompressProbe {
 }
 
 impl CompressProbe {
-    fn try_compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
-        if data.len() < 512 || (self.misses > 0 && !self.misses.is_multiple_of(8)) {
+    /// Whether to try compressing a batch of `len` bytes: always after a
+    /// batch that compressed, one batch in 8 while they do not.
+    fn worth_trying(&mut self, len: usize) -> bool {
+        if len < 512 || (self.misses > 0 && !self.misses.is_multiple_of(8)) {
             self.misses += u32::from(self.misses > 0);
-            return None;
+            return false;
         }
+        true
+    }
+
+    /// The batch compressed, if that saves at least a tenth.
+    fn try_compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
         match zstd::bulk::compress(data, 1) {
             Ok(c) if c.len() < data.len() - data.len() / 10 => {
                 self.misses = 0;

@@ -51,12 +51,23 @@ pub fn write_frame(w: &mut impl Write, version: u16, kind: u16, payload: &[u8]) 
 }
 
 pub fn encode_header(version: u16, kind: u16, payload: &[u8]) -> [u8; HEADER_LEN] {
+    encode_header_of_pieces(version, kind, &[payload])
+}
+
+/// The header of a frame whose payload is `pieces` one after another.
+pub fn encode_header_of_pieces(version: u16, kind: u16, pieces: &[&[u8]]) -> [u8; HEADER_LEN] {
+    let mut crc = crc32fast::Hasher::new();
+    let mut len = 0usize;
+    for p in pieces {
+        crc.update(p);
+        len += p.len();
+    }
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
     h[4..6].copy_from_slice(&version.to_be_bytes());
     h[6..8].copy_from_slice(&kind.to_be_bytes());
-    h[8..12].copy_from_slice(&(payload.len() as u32).to_be_bytes());
-    h[12..16].copy_from_slice(&crc32fast::hash(payload).to_be_bytes());
+    h[8..12].copy_from_slice(&(len as u32).to_be_bytes());
+    h[12..16].copy_from_slice(&crc.finalize().to_be_bytes());
     h
 }
 

@@ -295,6 +295,38 @@ impl LinkWriter {
     pub fn set_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         self.tcp.set_write_timeout(t)
     }
+
+    /// Sends `pieces` as one stream of bytes: rustls encrypts them into
+    /// records that span pieces (its write of the ciphertext is the only
+    /// copy), and the records go out in one send. This spares the caller
+    /// gathering a message into one buffer first.
+    pub fn write_all_pieces(&mut self, pieces: &[&[u8]]) -> io::Result<()> {
+        self.out.clear();
+        {
+            let mut conn = self.conn.lock().map_err(|_| poisoned())?;
+            let (mut first, mut skip) = (0usize, 0usize);
+            while first < pieces.len() {
+                let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(pieces.len() - first);
+                slices.push(io::IoSlice::new(&pieces[first][skip..]));
+                slices.extend(pieces[first + 1..].iter().map(|p| io::IoSlice::new(p)));
+                let mut n = conn.writer().write_vectored(&slices)?;
+                if n == 0 && slices.iter().any(|s| !s.is_empty()) {
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "TLS took no bytes"));
+                }
+                // Advance past what was taken.
+                while first < pieces.len() && n >= pieces[first].len() - skip {
+                    n -= pieces[first].len() - skip;
+                    first += 1;
+                    skip = 0;
+                }
+                skip += n;
+                while conn.wants_write() {
+                    conn.write_tls(&mut self.out)?;
+                }
+            }
+        }
+        self.tcp.write_all(&self.out)
+    }
 }
 
 impl Write for LinkWriter {
