@@ -479,12 +479,20 @@ fn vm_from(o: &ObjectContent) -> Result<Vm> {
     })
 }
 
+/// The VMs of a listing. A VM listed without a name is being created (an
+/// import in progress: vcsim lists it so for a moment) and is passed over,
+/// not an error for the whole listing: another deploy running at the same
+/// time must not fail because of it.
+fn vms_from(objects: &[ObjectContent]) -> Result<Vec<Vm>> {
+    objects.iter().filter(|o| o.text("name").is_some()).map(vm_from).collect()
+}
+
 impl Client {
     /// Every VM with its disks and NICs, in one round-trip series.
     pub fn vms(&self) -> Result<Vec<Vm>> {
         let root = self.content().root_folder.clone();
         let objects = self.retrieve_from_view(&root, &[PropertySpec { kind: "VirtualMachine", paths: VM_PATHS }])?;
-        objects.iter().map(vm_from).collect()
+        vms_from(&objects)
     }
 
     /// One VM.
@@ -496,6 +504,23 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vm_listed_without_a_name_is_passed_over_in_a_listing_but_not_alone() {
+        let doc = br#"<r xmlns:x="http://www.w3.org/2001/XMLSchema-instance"><objects>
+          <obj type="VirtualMachine">vm-1</obj>
+          <propSet><name>name</name><val x:type="xsd:string">kept</val></propSet>
+        </objects><objects>
+          <obj type="VirtualMachine">vm-2</obj>
+          <propSet><name>runtime.powerState</name><val x:type="VirtualMachinePowerState">poweredOff</val></propSet>
+        </objects></r>"#;
+        let node = crate::xml::parse(doc).expect("parses");
+        let objects: Vec<ObjectContent> =
+            node.children.iter().map(|o| ObjectContent::from_node(o).expect("object")).collect();
+        let vms = vms_from(&objects).expect("a listing");
+        assert_eq!(vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["kept"]);
+        assert!(vm_from(&objects[1]).is_err_and(|e| e.to_string().contains("vm-2 has no name")));
+    }
 
     #[test]
     fn disks_nics_and_extra_config_are_read_from_device_lists() {
