@@ -555,3 +555,63 @@ fn a_full_disk_at_the_target_is_named_at_the_source() {
     drop(target);
     drop(small);
 }
+
+/// Two VPGs whose disks hold the same content (VMs cloned from one
+/// template) replicate to one target VDSA: the second VPG's blocks are
+/// borrowed from the first VPG's journal instead of crossing the link, and
+/// the second VPG's checkpoint is still exactly its source disk.
+#[test]
+fn a_second_vpg_with_the_same_content_borrows_it_at_the_target_instead_of_sending_it() {
+    use rand::{RngCore, SeedableRng};
+    let dir = ok(tempfile::tempdir().map_err(Into::into));
+    let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
+    let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 300));
+    let target = ok(tspec.start(lab()));
+    let size = 16u64 << 20;
+    let mut template = vec![0u8; size as usize];
+    rand::rngs::StdRng::seed_from_u64(5).fill_bytes(&mut template);
+    let mut own = vec![0u8; 1 << 20];
+    rand::rngs::StdRng::seed_from_u64(6).fill_bytes(&mut own);
+    let mut link_bytes = Vec::new();
+    for (vpg, extra) in [("vpg-a", false), ("vpg-b", true)] {
+        let proxy = ok(FaultProxy::start(tspec.port));
+        let sub = dir.path().join(vpg);
+        ok(std::fs::create_dir_all(&sub).map_err(Into::into));
+        let mut sspec = SourceSpec::new(&sub, &src_certs, &proxy.addr(), vpg, &[("d0".into(), size)]);
+        sspec.extra = vec!["--heartbeat-ms".into(), "300".into()];
+        let source = ok(sspec.start(lab()));
+        ok(source.call(json!({"op": "sync", "syncing": false})));
+        let mut tap = ok(NbdClient::connect_unix(&sspec.tap_sock, "d0").map_err(Into::into));
+        for (i, piece) in template.chunks(2 << 20).enumerate() {
+            ok(tap.write((i as u64) << 21, piece).map_err(Into::into));
+        }
+        if extra {
+            // A MiB of its own, beside the shared content.
+            ok(tap.write(3 << 20, &own).map_err(Into::into));
+        }
+        ok(source.call(json!({"op": "checkpoint", "id": 1})));
+        ok(wait_until("the target to make everything durable", Duration::from_secs(60), || {
+            Ok(status(&source)["drained"] == json!(true))
+        }));
+        link_bytes.push(proxy.forwarded());
+        ok(source.shutdown());
+        eprintln!("{vpg}: {} link bytes for {} written", link_bytes.last().unwrap_or(&0), size);
+    }
+    ok(target.shutdown());
+    // Each VPG's checkpoint is exactly its source disk (the journals are
+    // read once the target is down: it holds their locks).
+    for (vpg, extra) in [("vpg-a", false), ("vpg-b", true)] {
+        let mut image = template.clone();
+        if extra {
+            image[3 << 20..4 << 20].copy_from_slice(&own);
+        }
+        let expected = BTreeMap::from([(1u64, vec![blake3::hash(&image)])]);
+        assert_eq!(verify_checkpoints(&tspec.journal_dir(vpg), &["d0".to_string()], &expected, &[]), 1, "{vpg}");
+    }
+    let (first, second) = (link_bytes[0] as f64, link_bytes[1] as f64);
+    assert!(first > size as f64 * 0.9, "the first VPG sends its content: {first} bytes");
+    assert!(
+        second < first * 0.15,
+        "the second VPG sent {second} bytes on the link against the first's {first}: its shared blocks crossed the link"
+    );
+}

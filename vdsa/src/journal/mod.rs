@@ -449,6 +449,25 @@ impl Journal {
             .collect()
     }
 
+    /// Whether the chunk store holds each of `hashes` (the content alone,
+    /// at any position): what another journal of the same VDSA asks before
+    /// it borrows a block instead of receiving it.
+    pub fn holds_chunks(&self, hashes: &[[u8; 32]]) -> Result<Vec<bool>> {
+        let st = self.read_state()?;
+        Ok(hashes.iter().map(|h| st.chunks.lookup(h).is_some()).collect())
+    }
+
+    /// Reads the block whose hash is `hash` from the chunk store into `out`
+    /// (4 KiB), checked as every chunk read is; false if the store no
+    /// longer holds it (collected since it was asked about).
+    pub fn read_chunk(&self, hash: &[u8; 32], out: &mut [u8]) -> Result<bool> {
+        let st = self.read_state()?;
+        match st.chunks.lookup(hash) {
+            Some(id) => st.chunks.read(id, out).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// Ingests replicated writes whose whole blocks come as [`WireBlock`]s,
     /// in the order of [`TapWrite`] data's aligned whole blocks. Sent blocks
     /// are not hashed again; a held block's bytes in `writes` are ignored.

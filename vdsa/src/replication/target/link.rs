@@ -75,11 +75,24 @@ impl LinkLease {
 /// removes once the batch that carries them is in the journal.
 type Promised = Arc<Mutex<HashSetOfBlocks>>;
 
+/// Blocks of a batch that another VPG's journal on this VDSA holds: they
+/// are not asked for, and are copied from that journal at ingest
+/// (docs/architecture.md §5, "Site-wide dedup on the link").
+type Borrowed = std::collections::HashMap<[u8; 32], Arc<VpgReplica>>;
+
+/// Blocks of a batch asked about first in each other journal.
+const SIBLING_SAMPLE: usize = 8;
+
+/// The other VPG replicas of this VDSA, asked when an offer's block is not
+/// in the link's own journal.
+pub(super) type Siblings = Arc<dyn Fn() -> Vec<Arc<VpgReplica>> + Send + Sync>;
+
 /// A batch whose blocks arrived, checked and decompressed, with the offer
-/// it fills and which of its hashed blocks were sent.
+/// it fills, which of its hashed blocks were sent and which are borrowed.
 struct ReceivedBatch {
     offer: Offer,
     sent: Vec<bool>,
+    borrowed: Borrowed,
     data: BatchData,
 }
 
@@ -101,8 +114,9 @@ impl BatchData {
 /// The receiving half: offers answered and waiting for their blocks.
 struct Receiver {
     lease: LinkLease,
-    pending: VecDeque<(Offer, Vec<bool>)>,
+    pending: VecDeque<(Offer, Vec<bool>, Borrowed)>,
     promised: Promised,
+    siblings: Siblings,
 }
 
 impl Receiver {
@@ -137,17 +151,56 @@ impl Receiver {
         // A hash promised by an earlier batch is not asked again: that batch
         // is ingested first. One whose batch was ingested between `holds`
         // and here is asked again, which costs a block on the link only.
-        let bits: Vec<bool> = queries.iter().zip(held).map(|(q, held)| !held && promised.insert(q.hash)).collect();
+        let mut bits: Vec<bool> = queries.iter().zip(held).map(|(q, held)| !held && promised.insert(q.hash)).collect();
         drop(promised);
+        let borrowed = self.borrow(&queries, &mut bits)?;
         let batch = offer.batch;
-        self.pending.push_back((offer, bits.clone()));
+        self.pending.push_back((offer, bits.clone(), borrowed));
         Ok(Need { batch, bits })
+    }
+
+    /// Of the blocks still to ask for, those another VPG's journal on this
+    /// VDSA holds are borrowed from it instead (their bits cleared): a site
+    /// whose VMs share content receives it once. They stay promised: this
+    /// batch brings them into the link's own journal.
+    fn borrow(&self, queries: &[BlockQuery], bits: &mut [bool]) -> Result<Borrowed, LinkError> {
+        let mut borrowed = Borrowed::new();
+        let wanted: Vec<usize> = (0..bits.len()).filter(|&i| bits[i]).collect();
+        if wanted.is_empty() {
+            return Ok(borrowed);
+        }
+        let own = self.lease.replica.vpg;
+        // A few blocks spread over the batch first: a journal holding none
+        // of them is not asked about the rest, so that many VPGs with
+        // nothing in common cost a few lookups per batch, not one per block
+        // and VPG. Shared content (clones of a template) comes in runs.
+        let sample: Vec<[u8; 32]> =
+            wanted.iter().step_by((wanted.len() / SIBLING_SAMPLE).max(1)).map(|&i| queries[i].hash).collect();
+        for sibling in (self.siblings)().into_iter().filter(|r| r.vpg != own) {
+            let open: Vec<usize> = wanted.iter().copied().filter(|&i| bits[i]).collect();
+            if open.is_empty() {
+                break;
+            }
+            // A sibling that cannot answer (being removed, say) lends nothing.
+            if !sibling.journal.holds_chunks(&sample).is_ok_and(|h| h.contains(&true)) {
+                continue;
+            }
+            let hashes: Vec<[u8; 32]> = open.iter().map(|&i| queries[i].hash).collect();
+            let Ok(held) = sibling.journal.holds_chunks(&hashes) else { continue };
+            for (&i, held) in open.iter().zip(held) {
+                if held {
+                    bits[i] = false;
+                    borrowed.insert(queries[i].hash, sibling.clone());
+                }
+            }
+        }
+        Ok(borrowed)
     }
 
     /// Matches the blocks to their offer and decompresses them.
     fn on_blocks(&mut self, blocks: Blocks) -> Result<ReceivedBatch, LinkError> {
         self.lease.check_current()?;
-        let (offer, sent) = self
+        let (offer, sent, borrowed) = self
             .pending
             .pop_front()
             .ok_or_else(|| LinkError::Refused(format!("blocks for batch {} that was never offered", blocks.batch)))?;
@@ -171,7 +224,7 @@ impl Receiver {
         if got != raw_len {
             return Err(LinkError::Refused(format!("batch {batch}: {got} data bytes, {raw_len} announced")));
         }
-        Ok(ReceivedBatch { offer, sent, data })
+        Ok(ReceivedBatch { offer, sent, borrowed, data })
     }
 }
 
@@ -206,7 +259,7 @@ impl StreamIngest {
         for item in &batch.offer.items {
             match item {
                 OfferItem::Write(w) => {
-                    let (buf, wb) = assemble(w, data, &mut cursor, &batch.sent, &mut bit)?;
+                    let (buf, wb) = assemble(w, data, &mut cursor, &batch.sent, &mut bit, &batch.borrowed)?;
                     run.push((w, buf, wb));
                 }
                 OfferItem::Marker(m) => {
@@ -341,6 +394,14 @@ pub(super) struct Welcomed {
     pub(super) last_checkpoint: u64,
 }
 
+/// What a link runs with besides its socket: the heartbeat interval, the
+/// server's stop flag and the VDSA's other VPG replicas.
+pub(super) struct LinkSurroundings {
+    pub(super) heartbeat: Duration,
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) siblings: Siblings,
+}
+
 /// Runs the link from its welcome until it fails or closes: the calling
 /// thread receives, a scoped thread ingests. `tcp` is the link's socket,
 /// shut for reading when ingest fails so that the receiver stops at once;
@@ -351,9 +412,10 @@ pub(super) fn serve(
     r: &mut LinkReader,
     w: &Arc<Mutex<LinkWriter>>,
     tcp: &TcpStream,
-    heartbeat: Duration,
-    stop: &Arc<AtomicBool>,
+    around: LinkSurroundings,
 ) -> Result<(), LinkError> {
+    let LinkSurroundings { heartbeat, stop, siblings } = around;
+    let stop = &stop;
     let promised: Promised = Arc::default();
     let ingest = Arc::new(Mutex::new(StreamIngest {
         lease: lease.clone(),
@@ -363,7 +425,7 @@ pub(super) fn serve(
         last_marker: AtomicU64::new(welcomed.last_checkpoint),
     }));
     spawn_ticker(ingest.clone(), w.clone(), stop.clone(), heartbeat);
-    let mut receiver = Receiver { lease, pending: VecDeque::new(), promised };
+    let mut receiver = Receiver { lease, pending: VecDeque::new(), promised, siblings };
     let (to_ingest, received) = mpsc::sync_channel::<ReceivedBatch>(RECEIVED_BATCHES);
     let ingest_failed: Mutex<Option<LinkError>> = Mutex::new(None);
     std::thread::scope(|scope| {
@@ -481,6 +543,7 @@ fn assemble<'a>(
     cursor: &mut usize,
     bits: &[bool],
     bit: &mut usize,
+    borrowed: &Borrowed,
 ) -> Result<(Cow<'a, [u8]>, Vec<WireBlock>), LinkError> {
     if w.write.kind != WriteKind::Data {
         return Ok((Cow::Borrowed(&[]), Vec::new()));
@@ -524,6 +587,19 @@ fn assemble<'a>(
                 *bit += 1;
                 if sent {
                     buf.extend_from_slice(take(BLOCK_SIZE, cursor)?);
+                    wb.push(WireBlock::Sent { hash: *h });
+                } else if let Some(lender) = borrowed.get(h) {
+                    // Copied from the other VPG's journal (its read checks
+                    // the chunk); if that journal dropped the block since
+                    // the offer, the batch is refused and sent again.
+                    let at = buf.len();
+                    buf.resize(at + BLOCK_SIZE, 0);
+                    if !lender.journal.read_chunk(h, &mut buf[at..])? {
+                        return Err(LinkError::Refused(format!(
+                            "write seq {}: a block borrowed from VPG {} is no longer there; send the batch again",
+                            w.write.seq, lender.vpg.0
+                        )));
+                    }
                     wb.push(WireBlock::Sent { hash: *h });
                 } else {
                     buf.resize(buf.len() + BLOCK_SIZE, 0);

@@ -474,6 +474,9 @@ impl TargetServer {
         tracing::info!(%peer, site = %hello.site, vpg = %hello.vpg.0, resume_after = welcome.resume_after_seq, "link up");
         let lease = LinkLease { replica, stream: hello.stream, epoch: hello.epoch, slot, generation };
         let welcomed = Welcomed { durable_seq: welcome.resume_after_seq, last_checkpoint: welcome.last_checkpoint };
-        link::serve(lease, welcomed, r, w, tcp, self.opts.heartbeat, stop)
+        let server = Arc::downgrade(self);
+        let siblings: link::Siblings = Arc::new(move || server.upgrade().map(|s| s.replicas()).unwrap_or_default());
+        let around = link::LinkSurroundings { heartbeat: self.opts.heartbeat, stop: stop.clone(), siblings };
+        link::serve(lease, welcomed, r, w, tcp, around)
     }
 }
