@@ -9,10 +9,13 @@
 //!    checkpoints every second: p50 and p99;
 //! 3. bytes on the link (TLS included, counted by a proxy) for ten disks
 //!    written alike (clones patched alike), as a share of bytes written;
+//!    the same for ten clones of a template each in a VPG of its own (ten
+//!    source daemons, one target), with the target's journal bytes against
+//!    one copy;
 //! 4. the same for half-compressible data;
 //! 5. the peak resident memory of each daemon.
 //!
-//! `cargo bench -p integration --bench replication [-- --mib N --reps N --rpo-secs N --rpo-rate MBps --dir PATH]`
+//! `cargo bench -p integration --bench replication [-- --mib N --reps N --rpo-secs N --rpo-rate MBps --dir PATH --only throughput|vpg-clones]`
 
 use anyhow::{bail, Context, Result};
 use integration::replication_lab::{paired_sites, wait_until, Daemon, FaultProxy, SourceSpec, TargetSpec};
@@ -34,6 +37,8 @@ struct Args {
     dir: PathBuf,
     /// Only the throughput part (for profiling).
     only_throughput: bool,
+    /// Only the ten clones in ten VPGs.
+    only_vpg_clones: bool,
 }
 
 fn args() -> Args {
@@ -44,6 +49,7 @@ fn args() -> Args {
         rpo_rate: 100,
         dir: PathBuf::from("target/bench-replication"),
         only_throughput: false,
+        only_vpg_clones: false,
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -54,7 +60,10 @@ fn args() -> Args {
             "--rpo-secs" => a.rpo_secs = v[i + 1].parse().unwrap_or(a.rpo_secs),
             "--rpo-rate" => a.rpo_rate = v[i + 1].parse().unwrap_or(a.rpo_rate),
             "--dir" => a.dir = PathBuf::from(&v[i + 1]),
-            "--only" => a.only_throughput = v[i + 1] == "throughput",
+            "--only" => {
+                a.only_throughput = v[i + 1] == "throughput";
+                a.only_vpg_clones = v[i + 1] == "vpg-clones";
+            }
             _ => {
                 i += 1;
                 continue;
@@ -255,6 +264,7 @@ struct Pair {
     /// measurement CPU.
     proxy: Option<FaultProxy>,
     sspec: SourceSpec,
+    tspec: TargetSpec,
 }
 
 impl Pair {
@@ -272,7 +282,7 @@ impl Pair {
         sspec.extra = extra.iter().map(|s| s.to_string()).collect();
         sspec.extra.push("--no-initial-sync".into());
         let source = sspec.start(&lab)?;
-        Ok(Pair { _dir: dir, sites, source, target, proxy, sspec })
+        Ok(Pair { _dir: dir, sites, source, target, proxy, sspec, tspec })
     }
 
     fn tap(&self, disk: &str) -> Result<NbdClient> {
@@ -307,6 +317,65 @@ impl Pair {
     }
 }
 
+/// Bytes of the files under `dir`, recursively.
+fn bytes_under(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => bytes_under(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Ten clones of a 64 MiB template, one per VPG, each written whole
+/// through its own source daemon after the previous one drained; one proxy
+/// counts the link bytes of all. Returns (link bytes / written, journal
+/// bytes of the ten VPGs at the target / the template's size).
+fn clones_in_ten_vpgs(base: &Path) -> Result<(f64, f64)> {
+    let size = 64u64 << 20;
+    let mut template = vec![0u8; size as usize];
+    fill(&mut StdRng::seed_from_u64(17), &mut template, false);
+    let pair = Pair::start(base, &[("clone".into(), size)], &[], true)?;
+    let lab = lab();
+    let addr = pair.proxy.as_ref().map(FaultProxy::addr).context("the counting proxy")?;
+    let mut extra_sources = Vec::new();
+    let mut journals = vec![pair.tspec.journal_dir("bench")];
+    for k in 0..10 {
+        let (sock, source) = if k == 0 {
+            (pair.sspec.tap_sock.clone(), None)
+        } else {
+            let dir = pair._dir.path().join(format!("clone-vpg-{k}"));
+            std::fs::create_dir_all(&dir)?;
+            let vpg = format!("clone-vpg-{k}");
+            let mut spec = SourceSpec::new(&dir, &pair.sites.0, &addr, &vpg, &[("clone".into(), size)]);
+            spec.extra.push("--no-initial-sync".into());
+            let d = spec.start(&lab)?;
+            journals.push(pair.tspec.journal_dir(&vpg));
+            (spec.tap_sock.clone(), Some(d))
+        };
+        let mut tap = NbdClient::connect_unix(&sock, "clone").context("tap")?;
+        for (i, piece) in template.chunks(4 << 20).enumerate() {
+            tap.write((i as u64) << 22, piece)?;
+        }
+        let daemon = source.as_ref().unwrap_or(&pair.source);
+        wait_until("the clone's VPG to be durable at the target", Duration::from_secs(300), || {
+            Ok(daemon.call(json!({"op": "status"}))?["drained"] == json!(true))
+        })?;
+        extra_sources.extend(source);
+    }
+    let link = pair.link_bytes() as f64 / (10 * size) as f64;
+    for d in extra_sources {
+        d.shutdown()?;
+    }
+    let journal: u64 = journals.iter().map(|j| bytes_under(&j.join("chunks"))).sum();
+    Ok((link, journal as f64 / size as f64))
+}
+
 /// Unique incompressible 1 MiB writes: each 4 KiB block carries a counter.
 fn unique_writes(client: &mut NbdClient, base: &[u8], first: u64, mib: u64, disk_mib: u64) -> Result<()> {
     let mut buf = base.to_vec();
@@ -332,6 +401,14 @@ fn unique_writes(client: &mut NbdClient, base: &[u8], first: u64, mib: u64, disk
 
 fn main() -> Result<()> {
     let a = args();
+    if a.only_vpg_clones {
+        let (link, journal) = clones_in_ten_vpgs(&a.dir)?;
+        println!(
+            "ten clones in ten VPGs: link bytes / written {link:.3} (goal <= 0.12); target journal bytes / one copy \
+             {journal:.2} (goal <= 1.15)"
+        );
+        return Ok(());
+    }
     if !lab().exists() {
         bail!("{} is missing: cargo build --release -p integration first", lab().display());
     }
@@ -481,6 +558,11 @@ fn main() -> Result<()> {
     drop(taps);
     drop(pair);
 
+    // 3b. Ten VMs cloned from one template, each in a VPG of its own (ten
+    // source daemons, one target VDSA): link bytes against bytes written,
+    // and the target's journal bytes against one copy.
+    let (vpg_link_ratio, vpg_journal_ratio) = clones_in_ten_vpgs(&a.dir)?;
+
     // 4. Half-compressible data.
     let pair = Pair::start(&a.dir, &[("d0".into(), 1u64 << 30)], &[], true)?;
     let mut tap = pair.tap("d0")?;
@@ -519,6 +601,10 @@ fn main() -> Result<()> {
         samples.len()
     );
     println!("  ten clones patched alike: link bytes / written {:.3}  (goal <= 0.15)", clone_ratio);
+    println!(
+        "  ten clones in ten VPGs:   link bytes / written {vpg_link_ratio:.3}  (goal <= 0.12); target journal \
+         bytes / one copy {vpg_journal_ratio:.2}  (goal <= 1.15)"
+    );
     println!("  half-compressible data:   link bytes / written {:.3}  (goal <= 0.6)", half_ratio);
     println!("  peak RSS: source {rss_s:.0} MiB, target {rss_t:.0} MiB  (goal <= 512 MiB each)");
     Ok(())
