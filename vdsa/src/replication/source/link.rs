@@ -1,0 +1,456 @@
+//! The source's side of the link: connect and resume, offer each batch's
+//! hashes, send the blocks the target lacks, read its acknowledgements
+//! (architecture.md §5; the copies a block takes: docs/performance.md).
+
+use crate::journal::BLOCK_SIZE;
+use crate::replication::now_ms;
+use crate::replication::queue::Entry;
+use crate::replication::LinkError;
+use crate::wire::frame::{
+    encode_header, encode_header_of_pieces, read_frame, write_frame, FrameError, HEADER_LEN, VERSION,
+};
+use crate::wire::msg::{
+    self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, StreamWrite, Welcome,
+};
+use crate::wire::tls::{self, LinkWriter};
+use protection_groups::WriteKind;
+use std::collections::VecDeque;
+use std::io;
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::SourceStream;
+
+/// How long the send loop waits for a need while batches are offered and
+/// the queue has nothing new: at most what a write arriving meanwhile waits
+/// before it is offered (a busy queue is read again at once).
+const NEED_WAIT_WHEN_IDLE: Duration = Duration::from_millis(1);
+
+fn refused_by_target(reason: String) -> LinkError {
+    LinkError::Refused(format!("the target refused: {reason}"))
+}
+
+impl SourceStream {
+    /// Runs the link until [`SourceStream::stop`]: connects, resumes where
+    /// the target is, sends, and reconnects after any failure.
+    pub fn run_link(self: &Arc<Self>, cfg: Arc<rustls::ClientConfig>) {
+        let mut backoff = Duration::from_millis(50);
+        while !self.stop.load(Ordering::SeqCst) {
+            let started = Instant::now();
+            let r = self.one_link(&cfg);
+            if let Ok(mut l) = self.link.lock() {
+                l.connected = false;
+                l.last_error = r.as_ref().err().map(|e| e.to_string());
+            }
+            if let Err(e) = r {
+                tracing::warn!(target = %self.opts.target, "replication link lost: {e}");
+            }
+            if let Err(e) = self.queue.rewind() {
+                tracing::error!("send queue: {e}");
+                return;
+            }
+            backoff = if started.elapsed() > Duration::from_secs(5) {
+                Duration::from_millis(50)
+            } else {
+                (backoff * 2).min(Duration::from_secs(1))
+            };
+            std::thread::sleep(backoff);
+        }
+    }
+
+    fn one_link(self: &Arc<Self>, cfg: &Arc<rustls::ClientConfig>) -> Result<(), LinkError> {
+        let hb = self.opts.heartbeat;
+        let addr = self
+            .opts
+            .target
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| LinkError::Protocol(format!("{} resolves to nothing", self.opts.target)))?;
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(hb * 3))?;
+        tcp.set_write_timeout(Some(hb * 3))?;
+        let (mut r, mut w) = tls::connect(cfg.clone(), tcp)?;
+        let hello = Hello {
+            site: self.opts.site.clone(),
+            vpg: self.opts.vpg,
+            stream: self.opts.stream,
+            epoch: self.opts.epoch,
+            disks: self.disks(),
+        };
+        write_frame(&mut w, VERSION, msg::HELLO, &hello.encode())?;
+        let f = read_frame(&mut r)?;
+        let welcome = match f.kind {
+            msg::WELCOME => Welcome::decode(&f.payload)?,
+            msg::REFUSE => return Err(refused_by_target(Refuse::decode(&f.payload)?.reason)),
+            k => return Err(FrameError::UnexpectedKind(k).into()),
+        };
+        let base = {
+            let mut l = self.link.lock().map_err(|_| LinkError::Protocol("poisoned".into()))?;
+            l.connected = true;
+            *l.base.get_or_insert(welcome.resume_after_seq)
+        };
+        if welcome.resume_after_seq < base {
+            return Err(LinkError::Protocol(format!(
+                "the target holds the stream only up to seq {}, before this source's start at {base}: it lost writes; a full sync is needed",
+                welcome.resume_after_seq
+            )));
+        }
+        self.counters.links.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(target = %self.opts.target, resume_after = welcome.resume_after_seq, "replication link up");
+        let skip_seq = welcome.resume_after_seq - base;
+        let skip_cp = welcome.last_checkpoint;
+
+        let (tx, rx) = mpsc::channel::<Result<Need, LinkError>>();
+        let me = self.clone();
+        let reader = std::thread::spawn(move || {
+            let r = me.read_replies(&mut r, base, &tx);
+            let _ = tx.send(Err(r));
+        });
+        let result = self.send_loop(&mut w, &rx, base, skip_seq, skip_cp);
+        w.shutdown();
+        let _ = reader.join();
+        result
+    }
+
+    /// Reads needs, acks and heartbeats until the link fails.
+    fn read_replies(
+        &self,
+        r: &mut tls::LinkReader,
+        base: u64,
+        tx: &mpsc::Sender<Result<Need, LinkError>>,
+    ) -> LinkError {
+        loop {
+            let f = match read_frame(r) {
+                Ok(f) => f,
+                Err(e) => return e.into(),
+            };
+            match f.kind {
+                msg::NEED => match Need::decode(&f.payload) {
+                    Ok(n) => {
+                        if tx.send(Ok(n)).is_err() {
+                            return LinkError::Protocol("sender gone".into());
+                        }
+                    }
+                    Err(e) => return e.into(),
+                },
+                msg::ACK => match Ack::decode(&f.payload) {
+                    Ok(a) => {
+                        self.counters.durable_seq.store(a.durable_seq, Ordering::Relaxed);
+                        if a.newest_consistent_ms > 0 {
+                            self.counters.newest_consistent_ms.fetch_max(a.newest_consistent_ms, Ordering::Relaxed);
+                        }
+                        if let Err(e) = self.queue.acknowledge(a.durable_seq.saturating_sub(base), a.durable_checkpoint)
+                        {
+                            return e.into();
+                        }
+                    }
+                    Err(e) => return e.into(),
+                },
+                msg::HEARTBEAT => {}
+                msg::REFUSE => {
+                    return match Refuse::decode(&f.payload) {
+                        Ok(r) => refused_by_target(r.reason),
+                        Err(e) => e.into(),
+                    }
+                }
+                k => return FrameError::UnexpectedKind(k).into(),
+            }
+        }
+    }
+
+    fn send_loop(
+        &self,
+        w: &mut LinkWriter,
+        rx: &Receiver<Result<Need, LinkError>>,
+        base: u64,
+        skip_seq: u64,
+        skip_cp: u64,
+    ) -> Result<(), LinkError> {
+        let hb = self.opts.heartbeat;
+        let mut pending: VecDeque<PendingBatch> = VecDeque::new();
+        let mut next_batch = 1u64;
+        let mut last_send = Instant::now();
+        let mut compress = CompressProbe::default();
+        // The queue had nothing new at the last look: with batches offered,
+        // wait a little for their needs rather than spinning between the
+        // two (one spinning loop per stream burnt both cores at scale).
+        let mut nothing_new = false;
+        while !self.stop.load(Ordering::SeqCst) {
+            // Needs first: they unblock the target.
+            let wait = if pending.len() >= self.opts.window {
+                Duration::from_millis(20)
+            } else if nothing_new && !pending.is_empty() {
+                NEED_WAIT_WHEN_IDLE
+            } else {
+                Duration::ZERO
+            };
+            match rx.recv_timeout(wait) {
+                Ok(Ok(need)) => {
+                    let batch = pending.pop_front().ok_or_else(|| {
+                        LinkError::Protocol(format!("need for batch {} that was not offered", need.batch))
+                    })?;
+                    self.send_blocks(w, batch, need, &mut compress)?;
+                    last_send = Instant::now();
+                    continue;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(RecvTimeoutError::Disconnected) => return Err(LinkError::Protocol("reader gone".into())),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if pending.len() < self.opts.window {
+                let wait = if pending.is_empty() { Duration::from_millis(5) } else { Duration::ZERO };
+                let entries = self.queue.next_unsent(self.throttle.batch_bytes(self.opts.batch_bytes), 4096, wait)?;
+                let entries: Vec<Entry> = entries
+                    .into_iter()
+                    .filter(|e| match e {
+                        Entry::Write(x) => x.write.seq > skip_seq,
+                        Entry::Marker(m) => m.id > skip_cp,
+                    })
+                    .collect();
+                nothing_new = entries.is_empty();
+                if !entries.is_empty() {
+                    let batch = self.offer(w, next_batch, entries, base)?;
+                    next_batch += 1;
+                    pending.push_back(batch);
+                    last_send = Instant::now();
+                    continue;
+                }
+            }
+            if last_send.elapsed() >= hb {
+                self.send_frame(w, msg::HEARTBEAT, &now_ms().to_be_bytes())?;
+                last_send = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a frame. Under a bandwidth limit it goes in pieces of at most
+    /// 16 KiB, each after its tokens, so that a slow link trickles rather
+    /// than falling silent for longer than the peer's heartbeat timeout.
+    fn send_frame(&self, w: &mut LinkWriter, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
+        let stalled = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                LinkError::Protocol("the link took nothing within three heartbeats: it is stalled".into())
+            }
+            _ => LinkError::Io(e),
+        };
+        let n = (HEADER_LEN + payload.len()) as u64;
+        if self.throttle.rate() == 0 {
+            write_frame(w, VERSION, kind, payload).map_err(stalled)?;
+        } else {
+            let header = encode_header(VERSION, kind, payload);
+            self.throttle.take(HEADER_LEN as u64);
+            w.write_all(&header).map_err(stalled)?;
+            for piece in payload.chunks(16 << 10) {
+                self.throttle.take(piece.len() as u64);
+                w.write_all(piece).map_err(stalled)?;
+            }
+        }
+        self.counters.wire_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends a frame whose payload is `pieces` one after another, without
+    /// gathering them first unless the link is throttled.
+    fn send_frame_pieces(&self, w: &mut LinkWriter, kind: u16, pieces: &[&[u8]]) -> Result<(), LinkError> {
+        if self.throttle.rate() != 0 {
+            return self.send_frame(w, kind, &pieces.concat());
+        }
+        let header = encode_header_of_pieces(VERSION, kind, pieces);
+        let mut all = Vec::with_capacity(pieces.len() + 1);
+        all.push(&header[..]);
+        all.extend_from_slice(pieces);
+        w.write_all_pieces(&all).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                LinkError::Protocol("the link took nothing within three heartbeats: it is stalled".into())
+            }
+            _ => LinkError::Io(e),
+        })?;
+        let n: usize = all.iter().map(|p| p.len()).sum();
+        self.counters.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Hashes the batch's whole blocks and offers them.
+    fn offer(&self, w: &mut LinkWriter, batch: u64, entries: Vec<Entry>, base: u64) -> Result<PendingBatch, LinkError> {
+        let mut items = Vec::with_capacity(entries.len());
+        let mut raw = 0u64;
+        let mut hashed = 0u64;
+        let mut writes = 0u64;
+        let mut zero = Vec::new();
+        for e in &entries {
+            items.push(match e {
+                Entry::Write(x) => {
+                    let blocks = if x.write.kind == WriteKind::Data {
+                        let (head, full, _) = split(x.write.offset, x.write.len);
+                        x.data[head..head + full * BLOCK_SIZE]
+                            .chunks_exact(BLOCK_SIZE)
+                            .map(|b| {
+                                let is_zero = b.iter().all(|&v| v == 0);
+                                zero.push(is_zero);
+                                if is_zero {
+                                    OfferedBlock::Zero
+                                } else {
+                                    hashed += 1;
+                                    OfferedBlock::Hash(*blake3::hash(b).as_bytes())
+                                }
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    raw += x.data.len() as u64;
+                    writes += 1;
+                    OfferItem::Write(OfferedWrite { write: StreamWrite { seq: base + x.write.seq, ..x.write }, blocks })
+                }
+                Entry::Marker(m) => OfferItem::Marker(Marker { cut_seq: base + m.cut_seq, ..m.clone() }),
+            });
+        }
+        let offer = Offer { batch, epoch: self.opts.epoch, items };
+        self.send_frame(w, msg::OFFER, &offer.encode())?;
+        self.counters.raw_bytes.fetch_add(raw, Ordering::Relaxed);
+        self.counters.blocks_offered.fetch_add(hashed, Ordering::Relaxed);
+        self.counters.writes.fetch_add(writes, Ordering::Relaxed);
+        Ok(PendingBatch { batch, entries, zero, hashed: hashed as usize })
+    }
+
+    /// Sends the bytes the target lacks: partial blocks always, whole
+    /// blocks as asked.
+    fn send_blocks(
+        &self,
+        w: &mut LinkWriter,
+        p: PendingBatch,
+        need: Need,
+        compress: &mut CompressProbe,
+    ) -> Result<(), LinkError> {
+        if need.batch != p.batch || need.bits.len() != p.hashed {
+            return Err(LinkError::Protocol(format!(
+                "need for batch {} with {} bits, but batch {} offered {} hashes",
+                need.batch,
+                need.bits.len(),
+                p.batch,
+                p.hashed
+            )));
+        }
+        // The data as ranges of the queued writes' buffers (adjacent ones
+        // joined): the bytes are copied only by TLS, unless the batch is
+        // compressed or the link throttled.
+        let mut ranges: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut push = |entry: usize, r: std::ops::Range<usize>| {
+            if r.is_empty() {
+                return;
+            }
+            match ranges.last_mut() {
+                Some((e, last)) if *e == entry && last.end == r.start => last.end = r.end,
+                _ => ranges.push((entry, r)),
+            }
+        };
+        let mut bit = 0usize;
+        let mut sent = 0u64;
+        let mut zero = p.zero.iter();
+        for (i, e) in p.entries.iter().enumerate() {
+            let Entry::Write(x) = e else { continue };
+            if x.write.kind != WriteKind::Data {
+                continue;
+            }
+            let (head, full, _) = split(x.write.offset, x.write.len);
+            push(i, 0..head);
+            for b in 0..full {
+                if zero.next().copied().unwrap_or(false) {
+                    continue;
+                }
+                if need.bits[bit] {
+                    let start = head + b * BLOCK_SIZE;
+                    push(i, start..start + BLOCK_SIZE);
+                    sent += 1;
+                }
+                bit += 1;
+            }
+            push(i, head + full * BLOCK_SIZE..x.data.len());
+        }
+        let pieces: Vec<&[u8]> = ranges
+            .into_iter()
+            .filter_map(|(i, r)| match &p.entries[i] {
+                Entry::Write(x) => x.data.get(r),
+                Entry::Marker(_) => None,
+            })
+            .collect();
+        let raw_len: usize = pieces.iter().map(|p| p.len()).sum();
+        let raw_len32 = u32::try_from(raw_len)
+            .map_err(|_| LinkError::Protocol(format!("batch {} of {raw_len} bytes does not fit a frame", p.batch)))?;
+        let mut header = [0u8; Blocks::HEADER_LEN];
+        let compressed = if compress.worth_trying(raw_len) { compress.try_compress(&pieces.concat()) } else { None };
+        match compressed {
+            Some(c) => {
+                Blocks::put_header(&mut header, p.batch, true, raw_len32);
+                self.send_frame_pieces(w, msg::BLOCKS, &[&header, &c])?;
+            }
+            None => {
+                Blocks::put_header(&mut header, p.batch, false, raw_len32);
+                let mut all = Vec::with_capacity(pieces.len() + 1);
+                all.push(&header[..]);
+                all.extend_from_slice(&pieces);
+                self.send_frame_pieces(w, msg::BLOCKS, &all)?;
+            }
+        }
+        self.counters.blocks_sent.fetch_add(sent, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// (bytes of a partial first block, whole blocks, bytes of a partial last
+/// block) of a write at `offset` of `len` bytes.
+pub fn split(offset: u64, len: u64) -> (usize, usize, usize) {
+    let bs = BLOCK_SIZE as u64;
+    let head = if offset.is_multiple_of(bs) { 0 } else { (bs - offset % bs).min(len) };
+    let rest = len - head;
+    (head as usize, (rest / bs) as usize, (rest % bs) as usize)
+}
+
+#[derive(Debug)]
+struct PendingBatch {
+    batch: u64,
+    entries: Vec<Entry>,
+    /// Per whole block of the batch's data writes, in order: all zeros
+    /// (offered as such, never sent), as found when the batch was offered.
+    zero: Vec<bool>,
+    hashed: usize,
+}
+
+/// zstd per batch, skipped when data does not compress: after a miss,
+/// only every 8th batch is tried until one pays again.
+#[derive(Debug, Default)]
+struct CompressProbe {
+    misses: u32,
+}
+
+impl CompressProbe {
+    /// Whether to try compressing a batch of `len` bytes: always after a
+    /// batch that compressed, one batch in 8 while they do not.
+    fn worth_trying(&mut self, len: usize) -> bool {
+        if len < 512 || (self.misses > 0 && !self.misses.is_multiple_of(8)) {
+            self.misses += u32::from(self.misses > 0);
+            return false;
+        }
+        true
+    }
+
+    /// The batch compressed, if that saves at least a tenth.
+    fn try_compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        match zstd::bulk::compress(data, 1) {
+            Ok(c) if c.len() < data.len() - data.len() / 10 => {
+                self.misses = 0;
+                Some(c)
+            }
+            _ => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+}
