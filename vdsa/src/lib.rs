@@ -18,6 +18,7 @@
 //! its VMs' guest agents or quiesce hooks, which it runs when asked.
 
 pub mod agent;
+pub mod conn_limit;
 pub mod daemon;
 pub mod journal;
 pub mod kvm;

@@ -40,6 +40,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(20);
 /// Serves the processing stacks' exports on `listen` (plain NBD, a
 /// thread per connection); returns the address bound.
 fn serve_stacks(listen: &str, exports: Arc<Exports>) -> Result<String> {
+    use crate::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
     use crate::daemon::listen::{accept_each, halves};
     let l = TcpListener::bind(listen).with_context(|| format!("listening for stack exports on {listen}"))?;
     let addr = l.local_addr()?.to_string();
@@ -47,7 +48,8 @@ fn serve_stacks(listen: &str, exports: Arc<Exports>) -> Result<String> {
         let _ = c.set_nodelay(true);
         Some(halves(c.try_clone().ok()?, c))
     });
-    accept_each(conns, exports, |exports, r, w| match crate::nbd::server::serve(r, w, exports) {
+    let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, "stack export connections");
+    accept_each(conns, exports, limit, |exports, r, w| match crate::nbd::server::serve(r, w, exports) {
         Ok(end) => tracing::debug!("stack export connection ended: {end:?}"),
         Err(e) => tracing::warn!("stack export connection failed: {e}"),
     });

@@ -3,6 +3,7 @@
 //! process, and a thread per connection serving the exports.
 
 use super::control::{claim_path, PathClaim};
+use crate::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
 use crate::nbd::server::{serve, BlockExport, Ending, ExportError, Exports};
 use crate::tap::TapDisk;
 use anyhow::{bail, Context, Result};
@@ -131,7 +132,7 @@ pub(crate) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<PathClaim>, ex
                 let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c)))
                     .flatten()
                     .filter_map(|c| Some(halves(c.try_clone().ok()?, c)));
-                accept_each(conns, exports, session);
+                accept_each(conns, exports, ConnectionLimit::new(MAX_TAP_CONNECTIONS, "tap connections"), session);
             }
             Endpoint::Tcp(addr) => {
                 let l = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
@@ -139,7 +140,7 @@ pub(crate) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<PathClaim>, ex
                     let _ = c.set_nodelay(true);
                     Some(halves(c.try_clone().ok()?, c))
                 });
-                accept_each(conns, exports, session);
+                accept_each(conns, exports, ConnectionLimit::new(MAX_TAP_CONNECTIONS, "tap connections"), session);
             }
         }
     }
@@ -155,16 +156,23 @@ pub(crate) fn halves(r: impl Read + Send + 'static, w: impl Write + Send + 'stat
     (Box::new(r), Box::new(w))
 }
 
-/// Serves each accepted connection on a thread of its own.
+/// Serves each accepted connection on a thread of its own, as many at once
+/// as `limit` allows: past that a connection is closed at once (its halves
+/// dropped).
 pub(crate) fn accept_each(
     conns: impl Iterator<Item = (Reader, Writer)> + Send + 'static,
     exports: Arc<Exports>,
+    limit: Arc<ConnectionLimit>,
     session: impl Fn(&Exports, Reader, Writer) + Copy + Send + 'static,
 ) {
     std::thread::spawn(move || {
         for (r, w) in conns {
+            let Some(slot) = limit.try_take() else { continue };
             let exports = exports.clone();
-            std::thread::spawn(move || session(&exports, r, w));
+            std::thread::spawn(move || {
+                session(&exports, r, w);
+                drop(slot);
+            });
         }
     });
 }
@@ -206,6 +214,37 @@ impl BlockExport for NoDurability {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether the server closed `c` (EOF) rather than holding it open.
+    fn closed_by_server(c: &mut std::os::unix::net::UnixStream) -> bool {
+        c.set_read_timeout(Some(std::time::Duration::from_millis(300))).expect("a timeout");
+        matches!(c.read(&mut [0u8; 1]), Ok(0))
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_closed_and_a_freed_place_serves_again() {
+        let dir = tempfile::tempdir().expect("a folder");
+        let path = dir.path().join("tap.sock");
+        let l = UnixListener::bind(&path).expect("a listener");
+        let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c)))
+            .flatten()
+            .filter_map(|c| Some(halves(c.try_clone().ok()?, c)));
+        // Each session holds its connection until the client sends a byte.
+        accept_each(conns, Arc::new(Exports::default()), ConnectionLimit::new(2, "test"), |_, mut r, _| {
+            let _ = r.read(&mut [0u8; 1]);
+        });
+        let connect = || std::os::unix::net::UnixStream::connect(&path).expect("connected");
+        let (mut a, mut b, mut c) = (connect(), connect(), connect());
+        assert!(!closed_by_server(&mut a) && !closed_by_server(&mut b), "two are served");
+        assert!(closed_by_server(&mut c), "the third is closed at once");
+        a.write_all(b"x").expect("ends the first session");
+        assert!(closed_by_server(&mut a), "the first session ended");
+        // Its place is given back just after its socket closes.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut d = connect();
+        assert!(!closed_by_server(&mut d), "its place serves a new connection");
+        drop(b);
+    }
 
     #[test]
     fn the_per_run_listener_comes_first_and_earlier_runs_sockets_go() {

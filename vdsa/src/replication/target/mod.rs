@@ -11,6 +11,7 @@ mod link;
 use self::link::{send, LinkLease, StreamSlot, Welcomed};
 use super::now_ms;
 use super::LinkError;
+use crate::conn_limit::{ConnectionLimit, MAX_REPLICATION_LINKS};
 use crate::journal::{Cut, Journal, JournalConfig, JournalError};
 use crate::wire::frame::{read_frame, write_frame, FrameError, VERSION};
 use crate::wire::msg::{self, Hello, Marker, Refuse, Welcome};
@@ -295,6 +296,7 @@ impl TargetServer {
 
     /// Accepts links forever, each on a thread of its own.
     pub fn serve(self: &Arc<Self>, listener: TcpListener, tls: ServerTls) {
+        let limit = ConnectionLimit::new(MAX_REPLICATION_LINKS, "replication links");
         for conn in listener.incoming() {
             let tcp = match conn {
                 Ok(t) => t,
@@ -307,8 +309,14 @@ impl TargetServer {
                 Ok(c) => c.clone(),
                 Err(_) => continue,
             };
+            // Past the limit the connection is closed before its handshake;
+            // the source retries with its back-off.
+            let Some(slot) = limit.try_take() else { continue };
             let me = self.clone();
-            std::thread::spawn(move || me.serve_link(tcp, cfg));
+            std::thread::spawn(move || {
+                me.serve_link(tcp, cfg);
+                drop(slot);
+            });
         }
     }
 
