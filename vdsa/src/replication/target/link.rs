@@ -611,3 +611,40 @@ fn assemble<'a>(
     buf.extend_from_slice(take(tail, cursor)?);
     Ok((Cow::Owned(buf), wb))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::JournalConfig;
+    use crate::wire::msg::StreamWrite;
+    use protection_groups::{DiskId, VpgId};
+
+    /// A block borrowed from another VPG's journal is copied from it; if
+    /// that journal no longer holds it, the batch is refused (and sent
+    /// again by the source), never filled with anything else.
+    #[test]
+    fn a_borrowed_block_is_copied_from_its_lender_or_the_batch_is_refused() {
+        let dir = tempfile::tempdir().expect("a folder");
+        let lender = Arc::new(VpgReplica::open(dir.path(), VpgId::new(), JournalConfig::default()).expect("a replica"));
+        let block: Vec<u8> = (0..BLOCK_SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        let hash = *blake3::hash(&block).as_bytes();
+        let disk = DiskId::new();
+        let w = OfferedWrite {
+            write: StreamWrite { seq: 1, disk, offset: 0, len: BLOCK_SIZE as u64, kind: WriteKind::Data, sync: false },
+            blocks: vec![OfferedBlock::Hash(hash)],
+        };
+        let borrowed = Borrowed::from([(hash, lender.clone())]);
+        let refused = assemble(&w, &[], &mut 0, &[false], &mut 0, &borrowed);
+        assert!(
+            matches!(&refused, Err(LinkError::Refused(why)) if why.contains("no longer there")),
+            "{:?}",
+            refused.map(|(b, _)| b.len())
+        );
+        lender.journal.add_disk(disk, 1 << 20).expect("a disk");
+        let tap = TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&block) };
+        lender.journal.ingest(StreamId::new(), &[tap]).expect("the lender holds the block");
+        let (bytes, kinds) = assemble(&w, &[], &mut 0, &[false], &mut 0, &borrowed).expect("borrowed");
+        assert_eq!(&bytes[..], &block[..]);
+        assert_eq!(kinds, vec![WireBlock::Sent { hash }]);
+    }
+}
