@@ -27,7 +27,7 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -232,7 +232,7 @@ impl Receiver {
 /// its bytes (borrowed from the batch where possible) and block kinds.
 type Run<'a> = Vec<(&'a OfferedWrite, Cow<'a, [u8]>, Vec<WireBlock>)>;
 
-/// The ingesting half, shared with the group-commit ticker.
+/// The ingesting half: the ingest thread's, which also commits the group.
 #[derive(Debug)]
 struct StreamIngest {
     lease: LinkLease,
@@ -394,11 +394,10 @@ pub(super) struct Welcomed {
     pub(super) last_checkpoint: u64,
 }
 
-/// What a link runs with besides its socket: the heartbeat interval, the
-/// server's stop flag and the VDSA's other VPG replicas.
+/// What a link runs with besides its socket: the heartbeat interval and
+/// the VDSA's other VPG replicas.
 pub(super) struct LinkSurroundings {
     pub(super) heartbeat: Duration,
-    pub(super) stop: Arc<AtomicBool>,
     pub(super) siblings: Siblings,
 }
 
@@ -414,39 +413,26 @@ pub(super) fn serve(
     tcp: &TcpStream,
     around: LinkSurroundings,
 ) -> Result<(), LinkError> {
-    let LinkSurroundings { heartbeat, stop, siblings } = around;
-    let stop = &stop;
+    let LinkSurroundings { heartbeat, siblings } = around;
     let promised: Promised = Arc::default();
-    let ingest = Arc::new(Mutex::new(StreamIngest {
+    let ingest = StreamIngest {
         lease: lease.clone(),
         promised: promised.clone(),
         acked: AtomicU64::new(welcomed.durable_seq),
         acked_marker: AtomicU64::new(welcomed.last_checkpoint),
         last_marker: AtomicU64::new(welcomed.last_checkpoint),
-    }));
-    spawn_ticker(ingest.clone(), w.clone(), stop.clone(), heartbeat);
+    };
     let mut receiver = Receiver { lease, pending: VecDeque::new(), promised, siblings };
     let (to_ingest, received) = mpsc::sync_channel::<ReceivedBatch>(RECEIVED_BATCHES);
     let ingest_failed: Mutex<Option<LinkError>> = Mutex::new(None);
+    let (ingest, failed) = (&ingest, &ingest_failed);
     std::thread::scope(|scope| {
-        scope.spawn(|| {
-            for batch in received {
-                let done =
-                    ingest.lock().map_err(|_| LinkError::from(io::Error::other("link poisoned"))).and_then(|i| {
-                        let ack = i.ingest(&batch)?;
-                        drop(i);
-                        match ack {
-                            Some(ack) => send(w, msg::ACK, &ack.encode()),
-                            None => Ok(()),
-                        }
-                    });
-                if let Err(e) = done {
-                    if let Ok(mut slot) = ingest_failed.lock() {
-                        *slot = Some(e);
-                    }
-                    let _ = tcp.shutdown(Shutdown::Read);
-                    return;
+        scope.spawn(move || {
+            if let Err(e) = ingest_and_commit(ingest, &received, w, heartbeat) {
+                if let Ok(mut slot) = failed.lock() {
+                    *slot = Some(e);
                 }
+                let _ = tcp.shutdown(Shutdown::Read);
             }
         });
         let received = receive(&mut receiver, r, w, &to_ingest);
@@ -454,6 +440,45 @@ pub(super) fn serve(
         received
     })
     .map_err(|e| ingest_failed.lock().ok().and_then(|mut f| f.take()).unwrap_or(e))
+}
+
+/// How often the ingest thread makes its stream durable (group commit) and
+/// acknowledges it, if it moved.
+const GROUP_COMMIT: Duration = Duration::from_millis(50);
+
+/// The ingest thread: ingests each received batch in order and
+/// acknowledges what its markers made durable; every [`GROUP_COMMIT`] makes
+/// the stream durable and acknowledges it if it moved, and sends a
+/// heartbeat at least every `heartbeat`. Ends when the receiver does (Ok),
+/// or at the first failure, which ends the link.
+fn ingest_and_commit(
+    ingest: &StreamIngest,
+    received: &mpsc::Receiver<ReceivedBatch>,
+    w: &Arc<Mutex<LinkWriter>>,
+    heartbeat: Duration,
+) -> Result<(), LinkError> {
+    let (mut last_commit, mut last_beat) = (Instant::now(), Instant::now());
+    loop {
+        match received.recv_timeout(GROUP_COMMIT.saturating_sub(last_commit.elapsed())) {
+            Ok(batch) => {
+                if let Some(ack) = ingest.ingest(&batch)? {
+                    send(w, msg::ACK, &ack.encode())?;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+        if last_commit.elapsed() >= GROUP_COMMIT {
+            last_commit = Instant::now();
+            if let Some(ack) = ingest.durable_ack(false)? {
+                send(w, msg::ACK, &ack.encode())?;
+            }
+            if last_beat.elapsed() >= heartbeat {
+                send(w, msg::HEARTBEAT, &now_ms().to_be_bytes())?;
+                last_beat = Instant::now();
+            }
+        }
+    }
 }
 
 /// The receiving loop: runs until the link fails or ingest stops.
@@ -480,39 +505,6 @@ fn receive(
             k => return Err(FrameError::UnexpectedKind(k).into()),
         }
     }
-}
-
-/// Group commit and liveness: every 50 ms makes the stream durable and
-/// acknowledges it if it moved; a heartbeat at least every interval.
-fn spawn_ticker(ingest: Arc<Mutex<StreamIngest>>, w: Arc<Mutex<LinkWriter>>, stop: Arc<AtomicBool>, hb: Duration) {
-    std::thread::spawn(move || {
-        let mut last_beat = Instant::now();
-        while !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
-            let ack = match ingest.lock() {
-                Ok(i) => i.durable_ack(false),
-                Err(_) => return,
-            };
-            match ack {
-                Ok(Some(a)) => {
-                    if send(&w, msg::ACK, &a.encode()).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!("group commit failed: {e}");
-                    return;
-                }
-            }
-            if last_beat.elapsed() >= hb {
-                if send(&w, msg::HEARTBEAT, &now_ms().to_be_bytes()).is_err() {
-                    return;
-                }
-                last_beat = Instant::now();
-            }
-        }
-    });
 }
 
 fn check_shape(w: &OfferedWrite) -> Result<(), LinkError> {

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -366,9 +366,7 @@ impl TargetServer {
             }
         };
         let w = Arc::new(Mutex::new(w));
-        let stop = Arc::new(AtomicBool::new(false));
-        let result = self.run_link(link_id, peer, &mut r, &w, &socket, &stop);
-        stop.store(true, Ordering::SeqCst);
+        let result = self.run_link(link_id, peer, &mut r, &w, &socket);
         match result {
             Ok(()) => tracing::info!(%peer, "link closed"),
             Err(LinkError::Refused(reason)) => {
@@ -416,7 +414,6 @@ impl TargetServer {
         r: &mut tls::LinkReader,
         w: &Arc<Mutex<LinkWriter>>,
         tcp: &TcpStream,
-        stop: &Arc<AtomicBool>,
     ) -> Result<(), LinkError> {
         let f = read_frame(r)?;
         if f.kind != msg::HELLO {
@@ -484,7 +481,7 @@ impl TargetServer {
         let welcomed = Welcomed { durable_seq: welcome.resume_after_seq, last_checkpoint: welcome.last_checkpoint };
         let server = Arc::downgrade(self);
         let siblings: link::Siblings = Arc::new(move || server.upgrade().map(|s| s.replicas()).unwrap_or_default());
-        let around = link::LinkSurroundings { heartbeat: self.opts.heartbeat, stop: stop.clone(), siblings };
+        let around = link::LinkSurroundings { heartbeat: self.opts.heartbeat, siblings };
         link::serve(lease, welcomed, r, w, tcp, around)
     }
 }
