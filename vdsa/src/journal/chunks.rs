@@ -186,7 +186,7 @@ impl ChunkStore {
             sealed: Vec::new(),
         };
         let numbers = fsutil::numbered_files(dir, "pack")?;
-        for &no in &numbers {
+        for no in numbers {
             let no32 = u32::try_from(no)
                 .map_err(|_| JournalError::corrupt(pack_path(dir, 0), 0, "pack number out of range"))?;
             store.load_pack(no32)?;

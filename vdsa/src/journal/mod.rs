@@ -640,8 +640,7 @@ fn read_meta(dir: &Path) -> Result<Meta> {
                 // Best effort, so that a journal on a full disk still opens;
                 // its packs are then indexed on a later open.
                 meta.format = META_FORMAT;
-                let bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
-                match fsutil::write_atomic(&path, &bytes) {
+                match write_meta_file(dir, &meta) {
                     Ok(()) => {
                         tracing::info!(path = %path.display(), "journal upgraded to format {META_FORMAT} (pack indexes)")
                     }
@@ -655,12 +654,19 @@ fn read_meta(dir: &Path) -> Result<Meta> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let meta = Meta { format: META_FORMAT, disks: Vec::new(), base: None, intent: None, promote: None };
-            let bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
-            fsutil::write_atomic(&path, &bytes)?;
+            write_meta_file(dir, &meta)?;
             Ok(meta)
         }
         Err(e) => Err(JournalError::io("reading", &path, e)),
     }
+}
+
+/// Replaces the metadata file atomically (write-temp, fsync, rename,
+/// fsync-directory).
+fn write_meta_file(dir: &Path, meta: &Meta) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(meta)
+        .map_err(|e| JournalError::Failed(format!("encoding journal metadata: {e}")))?;
+    fsutil::write_atomic(&dir.join(META_FILE), &bytes)
 }
 
 fn replica_path(dir: &Path, id: DiskId) -> PathBuf {
@@ -736,9 +742,7 @@ impl State {
     }
 
     fn write_meta(&self, dir: &Path) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(&self.meta)
-            .map_err(|e| JournalError::Failed(format!("encoding journal metadata: {e}")))?;
-        fsutil::write_atomic(&dir.join(META_FILE), &bytes)
+        write_meta_file(dir, &self.meta)
     }
 
     fn disk(&self, id: DiskId) -> Result<u32> {
