@@ -664,8 +664,8 @@ fn read_meta(dir: &Path) -> Result<Meta> {
 /// Replaces the metadata file atomically (write-temp, fsync, rename,
 /// fsync-directory).
 fn write_meta_file(dir: &Path, meta: &Meta) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(meta)
-        .map_err(|e| JournalError::Failed(format!("encoding journal metadata: {e}")))?;
+    let bytes =
+        serde_json::to_vec_pretty(meta).map_err(|e| JournalError::Failed(format!("encoding journal metadata: {e}")))?;
     fsutil::write_atomic(&dir.join(META_FILE), &bytes)
 }
 

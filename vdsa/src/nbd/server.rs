@@ -483,33 +483,26 @@ impl<R: Read, W: Write> Conn<R, W> {
                         // Its payload cannot be skipped safely: drop the peer.
                         return Err(protocol(format!("write of {len} bytes exceeds {MAX_REQUEST}")));
                     }
-                    if keeps_buffers {
-                        // Read straight into a buffer the export keeps (no
-                        // zeroing first, no copy after).
-                        let mut data = Vec::with_capacity(req.length as usize);
-                        (&mut self.r).take(len).read_to_end(&mut data)?;
-                        if data.len() as u64 != len {
-                            return Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                format!(
-                                    "the client went away inside a write's payload ({} of {len} bytes)",
-                                    data.len()
-                                ),
-                            ));
-                        }
-                        if !in_range {
-                            Err(ExportError::new(ENOSPC, format!("write {off}+{len} beyond the end ({size})")))
-                        } else {
-                            export.write_owned(off, data)
-                        }
+                    // Read without zeroing first, into a buffer of its own
+                    // when the export keeps it (no copy after).
+                    let mut data = if keeps_buffers { Vec::new() } else { std::mem::take(&mut buf) };
+                    data.clear();
+                    data.reserve(req.length as usize);
+                    (&mut self.r).take(len).read_to_end(&mut data)?;
+                    if data.len() as u64 != len {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the client went away inside a write's payload ({} of {len} bytes)", data.len()),
+                        ));
+                    }
+                    if !in_range {
+                        Err(ExportError::new(ENOSPC, format!("write {off}+{len} beyond the end ({size})")))
+                    } else if keeps_buffers {
+                        export.write_owned(off, data)
                     } else {
-                        buf.resize(req.length as usize, 0);
-                        self.r.read_exact(&mut buf)?;
-                        if !in_range {
-                            Err(ExportError::new(ENOSPC, format!("write {off}+{len} beyond the end ({size})")))
-                        } else {
-                            export.write(off, &buf)
-                        }
+                        let done = export.write(off, &data);
+                        buf = data;
+                        done
                     }
                 }
                 CMD_READ => {

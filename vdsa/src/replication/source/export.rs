@@ -37,11 +37,7 @@ impl BlockExport for SourceDisk {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), ExportError> {
-        self.check(offset, data.len() as u64)?;
-        if data.is_empty() {
-            return Ok(());
-        }
-        self.stream.put(self.disk, offset, data.len() as u64, WriteKind::Data, data.to_vec())
+        self.write_owned(offset, data.to_vec())
     }
 
     /// The queue keeps the tap's buffer itself: no copy.
