@@ -233,12 +233,6 @@ impl SourceStream {
     /// 16 KiB, each after its tokens, so that a slow link trickles rather
     /// than falling silent for longer than the peer's heartbeat timeout.
     fn send_frame(&self, w: &mut LinkWriter, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
-        let stalled = |e: io::Error| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                LinkError::Protocol("the link took nothing within three heartbeats: it is stalled".into())
-            }
-            _ => LinkError::Io(e),
-        };
         let n = (HEADER_LEN + payload.len()) as u64;
         if self.throttle.rate() == 0 {
             write_frame(w, VERSION, kind, payload).map_err(stalled)?;
@@ -265,12 +259,7 @@ impl SourceStream {
         let mut all = Vec::with_capacity(pieces.len() + 1);
         all.push(&header[..]);
         all.extend_from_slice(pieces);
-        w.write_all_pieces(&all).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                LinkError::Protocol("the link took nothing within three heartbeats: it is stalled".into())
-            }
-            _ => LinkError::Io(e),
-        })?;
+        w.write_all_pieces(&all).map_err(stalled)?;
         let n: usize = all.iter().map(|p| p.len()).sum();
         self.counters.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
@@ -340,66 +329,66 @@ impl SourceStream {
         // The data as ranges of the queued writes' buffers (adjacent ones
         // joined): the bytes are copied only by TLS, unless the batch is
         // compressed or the link throttled.
-        let mut ranges: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
-        let mut push = |entry: usize, r: std::ops::Range<usize>| {
+        type Ranges<'a> = Vec<(&'a [u8], std::ops::Range<usize>)>;
+        fn push<'a>(ranges: &mut Ranges<'a>, data: &'a [u8], r: std::ops::Range<usize>) {
             if r.is_empty() {
                 return;
             }
             match ranges.last_mut() {
-                Some((e, last)) if *e == entry && last.end == r.start => last.end = r.end,
-                _ => ranges.push((entry, r)),
+                Some((d, last)) if std::ptr::eq(*d, data) && last.end == r.start => last.end = r.end,
+                _ => ranges.push((data, r)),
             }
-        };
+        }
+        let mut ranges: Ranges<'_> = Vec::new();
         let mut bit = 0usize;
         let mut sent = 0u64;
         let mut zero = p.zero.iter();
-        for (i, e) in p.entries.iter().enumerate() {
+        for e in &p.entries {
             let Entry::Write(x) = e else { continue };
             if x.write.kind != WriteKind::Data {
                 continue;
             }
             let (head, full, _) = split(x.write.offset, x.write.len);
-            push(i, 0..head);
+            push(&mut ranges, &x.data, 0..head);
             for b in 0..full {
                 if zero.next().copied().unwrap_or(false) {
                     continue;
                 }
                 if need.bits[bit] {
                     let start = head + b * BLOCK_SIZE;
-                    push(i, start..start + BLOCK_SIZE);
+                    push(&mut ranges, &x.data, start..start + BLOCK_SIZE);
                     sent += 1;
                 }
                 bit += 1;
             }
-            push(i, head + full * BLOCK_SIZE..x.data.len());
+            push(&mut ranges, &x.data, head + full * BLOCK_SIZE..x.data.len());
         }
-        let pieces: Vec<&[u8]> = ranges
-            .into_iter()
-            .filter_map(|(i, r)| match &p.entries[i] {
-                Entry::Write(x) => x.data.get(r),
-                Entry::Marker(_) => None,
-            })
-            .collect();
+        let pieces: Vec<&[u8]> = ranges.into_iter().map(|(d, r)| &d[r]).collect();
         let raw_len: usize = pieces.iter().map(|p| p.len()).sum();
         let raw_len32 = u32::try_from(raw_len)
             .map_err(|_| LinkError::Protocol(format!("batch {} of {raw_len} bytes does not fit a frame", p.batch)))?;
-        let mut header = [0u8; Blocks::HEADER_LEN];
         let compressed = if compress.worth_trying(raw_len) { compress.try_compress(&pieces.concat()) } else { None };
-        match compressed {
-            Some(c) => {
-                Blocks::put_header(&mut header, p.batch, true, raw_len32);
-                self.send_frame_pieces(w, msg::BLOCKS, &[&header, &c])?;
-            }
-            None => {
-                Blocks::put_header(&mut header, p.batch, false, raw_len32);
-                let mut all = Vec::with_capacity(pieces.len() + 1);
-                all.push(&header[..]);
-                all.extend_from_slice(&pieces);
-                self.send_frame_pieces(w, msg::BLOCKS, &all)?;
-            }
+        let mut header = [0u8; Blocks::HEADER_LEN];
+        Blocks::put_header(&mut header, p.batch, compressed.is_some(), raw_len32);
+        let mut frame = vec![&header[..]];
+        match &compressed {
+            Some(c) => frame.push(c),
+            None => frame.extend_from_slice(&pieces),
         }
+        self.send_frame_pieces(w, msg::BLOCKS, &frame)?;
         self.counters.blocks_sent.fetch_add(sent, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// A write to the link that timed out (the socket's timeout is three
+/// heartbeats) means the link is stalled.
+fn stalled(e: io::Error) -> LinkError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            LinkError::Protocol("the link took nothing within three heartbeats: it is stalled".into())
+        }
+        _ => LinkError::Io(e),
     }
 }
 
