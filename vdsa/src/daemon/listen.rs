@@ -46,9 +46,7 @@ impl TapListener {
             })
             .collect()
     }
-}
 
-impl TapListener {
     /// The `--listen` form of this address.
     pub(crate) fn spec(&self) -> String {
         let native = if self.native { "native-" } else { "" };

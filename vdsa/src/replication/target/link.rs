@@ -153,7 +153,7 @@ impl Receiver {
         // and here is asked again, which costs a block on the link only.
         let mut bits: Vec<bool> = queries.iter().zip(held).map(|(q, held)| !held && promised.insert(q.hash)).collect();
         drop(promised);
-        let borrowed = self.borrow(&queries, &mut bits)?;
+        let borrowed = self.borrow(&queries, &mut bits);
         let batch = offer.batch;
         self.pending.push_back((offer, bits.clone(), borrowed));
         Ok(Need { batch, bits })
@@ -163,11 +163,11 @@ impl Receiver {
     /// VDSA holds are borrowed from it instead (their bits cleared): a site
     /// whose VMs share content receives it once. They stay promised: this
     /// batch brings them into the link's own journal.
-    fn borrow(&self, queries: &[BlockQuery], bits: &mut [bool]) -> Result<Borrowed, LinkError> {
+    fn borrow(&self, queries: &[BlockQuery], bits: &mut [bool]) -> Borrowed {
         let mut borrowed = Borrowed::new();
         let wanted: Vec<usize> = (0..bits.len()).filter(|&i| bits[i]).collect();
         if wanted.is_empty() {
-            return Ok(borrowed);
+            return borrowed;
         }
         let own = self.lease.replica.vpg;
         // A few blocks spread over the batch first: a journal holding none
@@ -194,7 +194,7 @@ impl Receiver {
                 }
             }
         }
-        Ok(borrowed)
+        borrowed
     }
 
     /// Matches the blocks to their offer and decompresses them.
