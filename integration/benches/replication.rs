@@ -18,6 +18,7 @@
 //! `cargo bench -p integration --bench replication [-- --mib N --reps N --rpo-secs N --rpo-rate MBps --dir PATH --only throughput|vpg-clones]`
 
 use anyhow::{bail, Context, Result};
+use integration::measure::{percentile, proc_status};
 use integration::replication_lab::{paired_sites, wait_until, Daemon, FaultProxy, SourceSpec, TargetSpec};
 use integration::workload::{fill, Pacer};
 use rand::rngs::StdRng;
@@ -91,12 +92,6 @@ fn settle() {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v.get(i).copied().unwrap_or(f64::NAN)
 }
 
 /// Bytes per second of one TCP stream over loopback.
@@ -305,15 +300,7 @@ impl Pair {
 
     /// Peak resident set of (source, target), in MiB.
     fn peak_rss(&self) -> (f64, f64) {
-        let hwm = |pid: Option<u32>| -> f64 {
-            let s = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok()).unwrap_or_default();
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|k| k.parse::<f64>().ok())
-                .map_or(f64::NAN, |kib| kib / 1024.0)
-        };
-        (hwm(self.source.pid()), hwm(self.target.pid()))
+        (proc_status(self.source.pid()).peak_rss_mib, proc_status(self.target.pid()).peak_rss_mib)
     }
 }
 
@@ -531,8 +518,8 @@ fn main() -> Result<()> {
     let achieved = pair.raw_bytes()? as f64 / start.elapsed().as_secs_f64();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sampler.join();
-    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
-    let (p50, p99) = (percentile(samples.clone(), 0.5), percentile(samples.clone(), 0.99));
+    let mut samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let (p50, p99) = (percentile(&mut samples, 0.5), percentile(&mut samples, 0.99));
     let (rss_s2, rss_t2) = pair.peak_rss();
     drop(tap);
     drop(pair);

@@ -18,6 +18,7 @@
 //! `cargo bench -p integration --bench scale [-- --disks 200 --vpgs 50 --disk-mib 64 --rate 100 --seconds 60 --dir PATH]`
 
 use anyhow::{bail, Context, Result};
+use integration::measure::{percentile, proc_status};
 use integration::site_lab::{free_port, AgentProcess, SiteManagerProcess};
 use integration::workload::Pacer;
 use rand::rngs::StdRng;
@@ -65,26 +66,6 @@ fn args() -> Result<Args> {
         bail!("--disks must be at least --vpgs, and --vpgs at least 1");
     }
     Ok(a)
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[(((v.len() - 1) as f64) * p).round() as usize]
-}
-
-/// (peak RSS in MiB, threads now) of a process, from `/proc/PID/status`.
-fn memory_and_threads(pid: Option<u32>) -> (f64, u64) {
-    let s = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok()).unwrap_or_default();
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    (field("VmHWM:").map_or(f64::NAN, |kib| kib as f64 / 1024.0), field("Threads:").unwrap_or(0))
 }
 
 /// Every `vdsa_vpg_rpo_seconds` sample of a scrape: (labels, seconds).
@@ -243,9 +224,9 @@ fn run(lab: &Path, dir: &Path, a: &Args) -> Result<()> {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_secs(1));
                     for (i, pid) in pids.iter().enumerate() {
-                        let (rss, threads) = memory_and_threads(*pid);
+                        let now = proc_status(*pid);
                         if let Ok(mut p) = peaks.lock() {
-                            p[i] = (p[i].0.max(rss), p[i].1.max(threads));
+                            p[i] = (p[i].0.max(now.peak_rss_mib), p[i].1.max(now.threads));
                         }
                     }
                     if warmup.elapsed() < Duration::from_secs(5) {

@@ -12,6 +12,7 @@
 
 use anyhow::{bail, Context, Result};
 use integration::kvm_lab::qemu_available;
+use integration::measure::percentile;
 use integration::site_lab::{ProtectedSite, SiteManagerProcess, SiteSpec};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -19,15 +20,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
-}
 
 struct Args {
     hosts: Vec<usize>,

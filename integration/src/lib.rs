@@ -12,6 +12,7 @@ pub mod browser;
 pub mod exports;
 pub mod guest;
 pub mod kvm_lab;
+pub mod measure;
 pub mod power_loss;
 pub mod process;
 pub mod replication_lab;

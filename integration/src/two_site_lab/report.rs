@@ -50,9 +50,9 @@ fn spread(mut v: Vec<f64>) -> Value {
     if v.is_empty() {
         return json!({"p50": 0, "p99": 0, "max": 0, "samples": 0});
     }
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    json!({"p50": at(0.5), "p99": at(0.99), "max": v[v.len() - 1], "samples": v.len()})
+    let mut at = |q: f64| crate::measure::percentile(&mut v, q);
+    let (p50, p99, max) = (at(0.5), at(0.99), at(1.0));
+    json!({"p50": p50, "p99": p99, "max": max, "samples": v.len()})
 }
 
 impl Report {
