@@ -24,6 +24,7 @@ pub mod journal;
 pub mod kvm;
 pub mod native_tap;
 pub mod nbd;
+mod payload;
 pub mod recovery;
 pub mod replication;
 pub mod tap;

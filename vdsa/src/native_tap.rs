@@ -3,6 +3,7 @@
 //! exports as the NBD server, so both kinds of tap feed the same streams.
 
 use crate::nbd::server::{BlockExport, ExportError, Exports};
+use crate::payload::read_payload;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
 pub const MAGIC: u32 = 0x5654_4150; // "VTAP"
@@ -158,15 +159,7 @@ fn session<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports
         }
         payload.clear();
         if header.kind == WRITE {
-            // Into the buffer as it arrives (no zeroing first).
-            payload.reserve(header.length as usize);
-            (&mut *r).take(u64::from(header.length)).read_to_end(&mut payload)?;
-            if payload.len() != header.length as usize {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the filter went away inside request {id}'s payload"),
-                ));
-            }
+            read_payload(r, u64::from(header.length), &mut payload, &format_args!("request {id}'s payload"))?;
         }
         if crc(&h[..28], &payload) != be_u32(&h[28..32]) {
             ack(w, EBADMSG, id)?;

@@ -11,6 +11,7 @@
 //! a write whose payload did not arrive whole is never applied.
 
 use super::proto::*;
+use crate::payload::read_payload;
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::Arc;
@@ -483,18 +484,10 @@ impl<R: Read, W: Write> Conn<R, W> {
                         // Its payload cannot be skipped safely: drop the peer.
                         return Err(protocol(format!("write of {len} bytes exceeds {MAX_REQUEST}")));
                     }
-                    // Read without zeroing first, into a buffer of its own
-                    // when the export keeps it (no copy after).
+                    // Into a buffer of its own when the export keeps it (no
+                    // copy after).
                     let mut data = if keeps_buffers { Vec::new() } else { std::mem::take(&mut buf) };
-                    data.clear();
-                    data.reserve(req.length as usize);
-                    (&mut self.r).take(len).read_to_end(&mut data)?;
-                    if data.len() as u64 != len {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("the client went away inside a write's payload ({} of {len} bytes)", data.len()),
-                        ));
-                    }
+                    read_payload(&mut self.r, len, &mut data, &"a write's payload")?;
                     if !in_range {
                         Err(ExportError::new(ENOSPC, format!("write {off}+{len} beyond the end ({size})")))
                     } else if keeps_buffers {

@@ -6,6 +6,7 @@
 //! All integers big-endian. The CRC covers the payload. TLS already
 //! protects the link; the CRC catches our own bugs and a peer that lies.
 
+use crate::payload::read_payload;
 use std::io::{self, Read, Write};
 
 pub const MAGIC: u32 = 0x5A57_4952;
@@ -90,16 +91,8 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, FrameError> {
     if len > MAX_PAYLOAD {
         return Err(FrameError::TooLong { kind, len });
     }
-    // read_to_end fills spare capacity without zeroing it first: a batch
-    // is megabytes, and the memset showed in profiles.
-    let mut payload = Vec::with_capacity(len as usize);
-    r.take(u64::from(len)).read_to_end(&mut payload).map_err(silent)?;
-    if payload.len() != len as usize {
-        return Err(FrameError::Io(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("the link ended inside a frame of {len} bytes, after {}", payload.len()),
-        )));
-    }
+    let mut payload = Vec::new();
+    read_payload(r, u64::from(len), &mut payload, &format_args!("a frame of kind {kind}")).map_err(silent)?;
     let got = crc32fast::hash(&payload);
     if got != want {
         return Err(FrameError::Checksum { kind, len, got, want });
