@@ -160,6 +160,24 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// The hashes of the chunks stored in the packs of `dir`, read from the
+/// files alone (no catalog, no index): what a scrub compares with what the
+/// journals reference. A pack is read up to its first damaged entry.
+pub fn stored_chunk_hashes(dir: &Path) -> Result<HashSetOfBlocks> {
+    let mut out = HashSetOfBlocks::default();
+    for no in fsutil::numbered_files(dir, "pack")? {
+        let path = dir.join(format!("{no:08}.pack"));
+        let bytes = std::fs::read(&path).map_err(|e| JournalError::io("reading", &path, e))?;
+        let mut pos = PACK_HEADER_LEN;
+        while pos < bytes.len() {
+            let Ok((hash, _flags, stored_len)) = parse_entry(&bytes[pos..]) else { break };
+            out.insert(hash);
+            pos += CHUNK_HEADER_LEN + stored_len;
+        }
+    }
+    Ok(out)
+}
+
 impl ChunkStore {
     /// Opens (or creates) the store in `dir`, rebuilding the catalog from the
     /// packs. A pack that holds nothing is removed, a torn tail is cut and
@@ -639,14 +657,20 @@ impl ChunkStore {
     }
 
     /// Drops garbage: deletes packs with nothing live and copies the live
-    /// chunks of mostly-dead packs into the active pack. The copies are made
-    /// durable before an old pack is deleted. Returns bytes reclaimed.
-    pub fn collect_garbage(&mut self, w: &mut Writer) -> Result<u64> {
+    /// chunks of mostly-dead packs (with `all`, of every pack holding any
+    /// garbage, the active one included) into the active pack. The copies
+    /// are made durable before an old pack is deleted. Returns bytes
+    /// reclaimed.
+    pub fn collect_garbage(&mut self, w: &mut Writer, all: bool) -> Result<u64> {
+        let has_garbage = |p: &Pack| p.live_bytes + (PACK_HEADER_LEN as u64) < p.len;
+        if all && self.packs.get(&self.active).is_some_and(has_garbage) {
+            self.roll_pack(w)?;
+        }
         self.sync(w)?; // victims are read from their files below
         let victims: Vec<u32> = self
             .packs
             .iter()
-            .filter(|(&no, p)| no != self.active && p.live_bytes * 2 < p.len)
+            .filter(|(&no, p)| no != self.active && (p.live_bytes * 2 < p.len || (all && has_garbage(p))))
             .map(|(&no, _)| no)
             .collect();
         if victims.is_empty() {
@@ -710,6 +734,22 @@ impl ChunkStore {
     /// Bytes of pack entries that something still references.
     pub fn live_bytes(&self) -> u64 {
         self.packs.values().map(|p| p.live_bytes).sum()
+    }
+
+    /// Bytes of the distinct chunks among `ids` (each counted once), as
+    /// stored in their packs.
+    pub fn bytes_of_distinct(&self, ids: impl Iterator<Item = ChunkId>) -> u64 {
+        let mut seen = vec![0u64; self.catalog.len().div_ceil(64)];
+        let mut total = 0;
+        for id in ids {
+            let Some(e) = self.catalog.get(id as usize) else { continue };
+            let (word, bit) = (id as usize / 64, 1u64 << (id % 64));
+            if e.pack != FREE && seen[word] & bit == 0 {
+                seen[word] |= bit;
+                total += Self::entry_bytes(e);
+            }
+        }
+        total
     }
 
     pub fn live_chunks(&self) -> u64 {

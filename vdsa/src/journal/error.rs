@@ -18,7 +18,7 @@ pub enum JournalError {
     DiskFull { action: &'static str, path: PathBuf },
     #[error("{path} is corrupt at offset {offset}: {reason}")]
     Corrupt { path: PathBuf, offset: u64, reason: String },
-    #[error("{path} has format version {found}; this build reads version {supported}")]
+    #[error("{path} has format version {found}; this build reads versions up to {supported}")]
     UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
     #[error("the write record at {path} offset {offset} (before a durable commit) references chunk {hash}, which no pack holds: a pack file was lost or truncated")]
     MissingChunk { path: PathBuf, offset: u64, hash: String },

@@ -90,6 +90,15 @@ pub(super) fn par_map<T: Sync, R: Send>(
     outs.into_iter().flatten().collect()
 }
 
+/// What [`State::capture_held`] found for a batch's held blocks.
+#[derive(Debug, Default)]
+pub(super) struct HeldBlocks {
+    /// Head contents that the batch may overwrite, by hash.
+    pub(super) captured: HashMap<Hash, Vec<u8>>,
+    /// References to held blocks in the store, given back after the batch.
+    pub(super) pins: Vec<ChunkId>,
+}
+
 impl State {
     pub(super) fn validate(&self, stream: StreamId, writes: &[TapWrite<'_>]) -> Result<()> {
         if !self.stream_ix.contains_key(&stream) && self.streams.len() > usize::from(u16::MAX) {
@@ -151,45 +160,67 @@ impl State {
             self.zero_blocks += 1;
             return Ok(ZERO_CHUNK);
         };
-        let id = match self.chunks.lookup(&hash) {
-            Some(id) => {
-                self.dedup_hits += 1;
-                id
-            }
+        let prepared = match prepared {
+            Some(p) => p,
             None => {
-                let prepared = match prepared {
-                    Some(p) => p,
-                    None => PreparedChunk {
-                        hash,
-                        compressed: self.compression_level.and_then(|l| chunks::compress_block(block, l)),
-                    },
-                };
-                self.chunks.insert(block, &prepared, &mut self.writer)?
+                // Compress only what the store lacks.
+                if let Some(id) = self.chunks.reference(&hash)? {
+                    self.dedup_hits += 1;
+                    return Ok(id);
+                }
+                PreparedChunk {
+                    hash,
+                    compressed: self.compression_level.and_then(|l| chunks::compress_block(block, l)),
+                }
             }
         };
-        self.chunks.incref(id);
+        let (id, hit) = self.chunks.intern(block, prepared)?;
+        if hit {
+            self.dedup_hits += 1;
+        }
         Ok(id)
     }
 
     /// Checks, before anything changes, that every block sent as a hash
     /// only is here: in the chunk store, or as the block's head content at
     /// its position (captured, since the batch may overwrite it). A batch
-    /// with one block not held is refused whole.
+    /// with one block not held is refused whole. Held blocks found in the
+    /// store are pinned (a reference each, returned to give back after the
+    /// batch), so that another journal's garbage collection cannot take
+    /// them before the batch stores its own references.
     pub(super) fn capture_held(
         &self,
         writes: &[TapWrite<'_>],
         hashes: &[Option<Hash>],
         held: &[bool],
-    ) -> Result<HashMap<Hash, Vec<u8>>> {
-        let mut captured = HashMap::new();
+    ) -> Result<HeldBlocks> {
+        let mut out = HeldBlocks::default();
         if !held.contains(&true) {
-            return Ok(captured);
+            return Ok(out);
         }
+        match self.capture_into(writes, hashes, held, &mut out.captured, &mut out.pins) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                self.chunks.decref_all(out.pins.into_iter())?;
+                Err(e)
+            }
+        }
+    }
+
+    fn capture_into(
+        &self,
+        writes: &[TapWrite<'_>],
+        hashes: &[Option<Hash>],
+        held: &[bool],
+        captured: &mut HashMap<Hash, Vec<u8>>,
+        pins: &mut Vec<ChunkId>,
+    ) -> Result<()> {
         let bs = BLOCK_SIZE as u64;
         let mut i = 0usize;
         // Blocks sent earlier in this batch are stored before a later held
         // block with their hash is.
         let mut sent_before = HashSet::new();
+        let mut pinned = HashSet::new();
         for w in writes {
             let first = w.offset.div_ceil(bs);
             for k in 0..full_blocks(w).count() {
@@ -200,7 +231,12 @@ impl State {
                     sent_before.insert(hash);
                     continue;
                 }
-                if self.chunks.lookup(&hash).is_some() || captured.contains_key(&hash) || sent_before.contains(&hash) {
+                if pinned.contains(&hash) || captured.contains_key(&hash) || sent_before.contains(&hash) {
+                    continue;
+                }
+                if let Some(id) = self.chunks.reference(&hash)? {
+                    pins.push(id);
+                    pinned.insert(hash);
                     continue;
                 }
                 let d = self.disk(w.disk)?;
@@ -212,7 +248,7 @@ impl State {
                 captured.insert(hash, content);
             }
         }
-        Ok(captured)
+        Ok(())
     }
 
     pub(super) fn apply_batch(
@@ -274,7 +310,7 @@ impl State {
                             Some(hash) if is_held => {
                                 // capture_held vouched for it: stored, sent
                                 // earlier in the batch, or captured.
-                                let content = match (self.chunks.lookup(&hash), captured.get(&hash)) {
+                                let content = match (self.chunks.lookup(&hash)?, captured.get(&hash)) {
                                     (Some(_), _) => content,
                                     (None, Some(c)) => c.as_slice(),
                                     // Not a refusal: the batch is half
@@ -316,7 +352,7 @@ impl State {
                 let listed = kind == WriteKind::Data || !whole;
                 if listed {
                     let r =
-                        if chunk == ZERO_CHUNK { BlockRef::Zero } else { BlockRef::Chunk(self.chunks.hash_of(chunk)) };
+                        if chunk == ZERO_CHUNK { BlockRef::Zero } else { BlockRef::Chunk(self.chunks.hash_of(chunk)?) };
                     blocks.push((block, r));
                 }
                 self.disks[d as usize].index.insert(block, lsn, Version { chunk, stream: s });
@@ -343,8 +379,8 @@ impl State {
         // than per write. Chunks go before the records naming them, so the
         // page cache never holds a record without its data.
         self.log.append(&buf, &summary);
-        if self.chunks.pending_len() + self.log.pending_len() >= HANDOFF_BYTES {
-            self.chunks.flush_pending(&mut self.writer)?;
+        if self.chunks.pending_len()? + self.log.pending_len() >= HANDOFF_BYTES {
+            self.chunks.flush_pending()?;
             self.log.flush(&mut self.writer)?;
         }
         Ok(self.head_lsn)

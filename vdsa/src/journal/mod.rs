@@ -21,10 +21,11 @@ mod pack_index;
 mod promotion;
 mod replay;
 mod retention;
+mod store;
 mod view;
 mod writer;
 
-pub use chunks::HashSetOfBlocks;
+pub use chunks::{stored_chunk_hashes, HashSetOfBlocks};
 pub use error::{JournalError, Result};
 pub use format::check_checkpoint_name;
 pub use fsutil::free_bytes as free_bytes_at;
@@ -35,7 +36,7 @@ pub use model::{
 pub use retention::RetentionReport;
 pub use view::PitView;
 
-use chunks::{ChunkId, ChunkStore, Hash};
+use chunks::{ChunkId, Hash};
 use format::Record;
 use index::{CutSet, DiskIndex, ZERO_CHUNK};
 use ingest::{full_blocks, is_zero, par_map, Compression};
@@ -48,6 +49,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use store::Store;
 
 /// Tunables of a journal. The defaults suit a VPG of a few disks.
 #[derive(Debug, Clone)]
@@ -60,6 +62,11 @@ pub struct JournalConfig {
     pub compression_level: Option<i32>,
     /// Threads that hash and compress a batch.
     pub workers: usize,
+    /// A journal created with this set keeps its chunks in the chunk store
+    /// shared by the journals of this folder (format 3), so that a block
+    /// many VPGs hold is stored once; None: in its own folder (format 2).
+    /// An existing journal keeps where it has them.
+    pub chunk_store: Option<PathBuf>,
 }
 
 impl Default for JournalConfig {
@@ -71,6 +78,7 @@ impl Default for JournalConfig {
             // The ingesting thread and the background writer already keep two
             // cores busy; helpers only pay with more cores than that.
             workers: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 4)),
+            chunk_store: None,
         }
     }
 }
@@ -88,6 +96,9 @@ pub const MAX_DATA_WRITE: u64 = 256 << 20;
 /// index behind.
 const META_FORMAT: u32 = 2;
 const META_FORMAT_BEFORE_PACK_INDEXES: u32 = 1;
+/// 3: the chunks are in a shared chunk store that `chunk_store` names; a
+/// build that reads only 2 would find none of them, so it refuses.
+const META_FORMAT_SHARED_CHUNKS: u32 = 3;
 
 /// The small metadata file, replaced atomically: the disks, the replica's
 /// checkpoint (base), a retention step in flight (intent) and a promotion
@@ -101,6 +112,9 @@ struct Meta {
     intent: Option<Checkpoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     promote: Option<Checkpoint>,
+    /// Format 3: the shared chunk store's folder, relative to the journal's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunk_store: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -176,10 +190,11 @@ struct State {
     stream_ix: HashMap<StreamId, u16>,
     /// Per interned stream: where its last write stands.
     stream_pos: Vec<Option<StreamPosition>>,
-    chunks: ChunkStore,
+    /// This journal's own store, or the one it shares (`store`).
+    chunks: Arc<Store>,
     log: Log,
-    /// Writes packs and log on its own thread (declared after them, so it
-    /// is dropped, and finishes its queue, after their last use).
+    /// Writes the log on its own thread (declared after it, so it is
+    /// dropped, and finishes its queue, after its last use).
     writer: writer::Writer,
     checkpoints: BTreeMap<CheckpointId, Checkpoint>,
     base_cuts: CutSet,
@@ -222,14 +237,14 @@ impl Journal {
         let dir = dir.as_ref().to_path_buf();
         fsutil::create_dir(&dir)?;
         let lock = fsutil::lock_dir(&dir)?;
-        let meta = read_meta(&dir)?;
+        let (meta, chunks) = open_meta(&dir, &config)?;
         if let (Some(p), Some(b)) = (&meta.promote, &meta.base) {
             if p.id == b.id {
                 // A promotion was deleting the history after its base.
                 promotion::wipe_history(&dir)?;
+                chunks.reset_private(&dir.join("chunks"), config.pack_bytes)?;
             }
         }
-        let chunks = ChunkStore::open(&dir.join("chunks"), config.pack_bytes)?;
         let records = log::scan(&dir.join("log"))?;
         fsutil::create_dir(&dir.join("replica"))?;
         let mut disks = Vec::new();
@@ -279,9 +294,10 @@ impl Journal {
             }
             st.discard_after_base(&dir, config.segment_bytes, config.pack_bytes)?;
         }
-        st.chunks.sync(&mut st.writer)?;
+        st.chunks.sync()?;
         st.log.sync(&mut st.writer)?;
         st.durable_lsn = st.head_lsn;
+        st.chunks.attach(&dir)?;
         Ok(Journal {
             inner: Arc::new(Inner {
                 pool: match config.workers {
@@ -339,6 +355,58 @@ impl Journal {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// Removes the journal in `dir` for good; it must not be open. A
+    /// journal in a shared chunk store is first marked as being removed
+    /// there, so that a crash midway is finished when the store next opens,
+    /// and its chunks no other journal uses become garbage.
+    pub fn remove(dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        if !dir.exists() {
+            return Ok(());
+        }
+        let lock = fsutil::lock_dir(dir)?;
+        match read_meta(dir)?.and_then(|m| m.chunk_store) {
+            Some(rel) => {
+                let store = Store::shared(&dir.join(rel), JournalConfig::default().pack_bytes)?;
+                store.remove_member(dir)?;
+                drop(lock);
+                if let Err(why) = store.collect_garbage(false)? {
+                    tracing::info!("the removed journal's chunks are collected later: {why}");
+                }
+                Ok(())
+            }
+            None => {
+                drop(lock);
+                std::fs::remove_dir_all(dir).map_err(|e| JournalError::io("removing journal", dir, e))?;
+                match dir.parent() {
+                    Some(parent) => fsutil::sync_dir(parent),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// The shared chunk store's folder, if the journal keeps its chunks in
+    /// one.
+    pub fn chunk_store_dir(&self) -> Result<Option<PathBuf>> {
+        Ok(self.read_state()?.chunks.root().map(Path::to_path_buf))
+    }
+
+    /// Collects the chunk store's garbage now; with `all`, every pack
+    /// holding any garbage is compacted (a scrub then finds no chunk that
+    /// nothing references). A shared store refuses while one of its member
+    /// journals is not open in this process. Returns the bytes reclaimed.
+    pub fn collect_chunk_garbage(&self, all: bool) -> Result<u64> {
+        let st = self.write_state()?;
+        st.chunks.collect_garbage(all)?.map_err(|why| JournalError::Failed(format!("garbage not collected: {why}")))
+    }
+
+    /// The hashes of every chunk this journal references.
+    pub fn referenced_chunks(&self) -> Result<HashSetOfBlocks> {
+        let st = self.read_state()?;
+        st.held_chunks().map(|c| st.chunks.hash_of(c)).collect()
     }
 
     /// Why the journal refuses writes until it is reopened, if it does.
@@ -433,7 +501,7 @@ impl Journal {
         queries
             .iter()
             .map(|q| {
-                if st.chunks.lookup(&q.hash).is_some() {
+                if st.chunks.lookup(&q.hash)?.is_some() {
                     return Ok(true);
                 }
                 if !q.at_position {
@@ -454,7 +522,7 @@ impl Journal {
     /// it borrows a block instead of receiving it.
     pub fn holds_chunks(&self, hashes: &[[u8; 32]]) -> Result<Vec<bool>> {
         let st = self.read_state()?;
-        Ok(hashes.iter().map(|h| st.chunks.lookup(h).is_some()).collect())
+        hashes.iter().map(|h| Ok(st.chunks.lookup(h)?.is_some())).collect()
     }
 
     /// Reads the block whose hash is `hash` from the chunk store into `out`
@@ -462,7 +530,7 @@ impl Journal {
     /// longer holds it (collected since it was asked about).
     pub fn read_chunk(&self, hash: &[u8; 32], out: &mut [u8]) -> Result<bool> {
         let st = self.read_state()?;
-        match st.chunks.lookup(hash) {
+        match st.chunks.lookup(hash)? {
             Some(id) => st.chunks.read(id, out).map(|()| true),
             None => Ok(false),
         }
@@ -510,7 +578,7 @@ impl Journal {
                 .enumerate()
                 .filter_map(|(i, h)| h.map(|h| (i, h)))
                 .filter(|(i, _)| !held.get(*i).copied().unwrap_or(false))
-                .filter(|(_, h)| st.chunks.lookup(h).is_none() && seen.insert(*h))
+                .filter(|(_, h)| !matches!(st.chunks.lookup(h), Ok(Some(_))) && seen.insert(*h))
                 .map(|(i, _)| i)
                 .collect();
             let c = Compression { level, misses: &self.inner.compress_misses };
@@ -519,8 +587,11 @@ impl Journal {
             for (&i, out) in new.iter().zip(done) {
                 compressed[i] = out;
             }
-            let captured = st.capture_held(writes, hashes, held)?;
-            st.apply_batch(stream, writes, hashes, held, &captured, compressed)
+            let found = st.capture_held(writes, hashes, held)?;
+            let applied = st.apply_batch(stream, writes, hashes, held, &found.captured, compressed);
+            // The batch's versions hold their own references now.
+            st.chunks.decref_all(found.pins.into_iter())?;
+            applied
         })
     }
 
@@ -580,16 +651,17 @@ impl Journal {
 
     pub fn stats(&self) -> Result<JournalStats> {
         let st = self.read_state()?;
+        let (live_chunks, stored_chunks, pack_bytes) = st.chunks.counts()?;
         Ok(JournalStats {
             head_lsn: st.head_lsn,
             durable_lsn: st.durable_lsn,
             disks: st.disks.len(),
             checkpoints: st.checkpoints.len(),
             index_versions: st.disks.iter().map(|d| d.index.len() as u64).sum(),
-            live_chunks: st.chunks.live_chunks(),
-            stored_chunks: st.chunks.stored_chunks(),
+            live_chunks,
+            stored_chunks,
             log_bytes: st.log.bytes(),
-            pack_bytes: st.chunks.bytes(),
+            pack_bytes,
             dedup_hits: st.dedup_hits,
             zero_blocks: st.zero_blocks,
             open_views: st.views.len(),
@@ -598,14 +670,22 @@ impl Journal {
 }
 
 impl Drop for Inner {
-    /// A clean close makes everything ingested durable.
+    /// A clean close makes everything ingested durable, and gives a shared
+    /// store back this journal's references.
     fn drop(&mut self) {
-        if let Ok(st) = self.state.get_mut() {
-            if st.failed.is_none() {
-                if let Err(e) = st.sync() {
-                    tracing::error!(dir = %self.dir.display(), error = %e, "syncing the journal at close failed");
-                }
+        let Ok(st) = self.state.get_mut() else { return };
+        if st.failed.is_none() {
+            if let Err(e) = st.sync() {
+                tracing::error!(dir = %self.dir.display(), error = %e, "syncing the journal at close failed");
             }
+        }
+        if st.chunks.root().is_some() {
+            // Every reference was counted before its version entered the
+            // index and is given back after it left, so what the index
+            // holds is never more than what was counted (a failure in
+            // between leaks a count, never frees a chunk in use).
+            let released = st.chunks.decref_all(st.held_chunks());
+            st.chunks.detach(&self.dir, st.failed.is_none() && released.is_ok());
         }
     }
 }
@@ -629,7 +709,64 @@ fn is_refusal(e: &JournalError) -> bool {
     )
 }
 
-fn read_meta(dir: &Path) -> Result<Meta> {
+/// Reads the metadata (a new journal's is written first) and opens the
+/// chunk store it names: its own, or the shared one (format 3), which
+/// must list it as a member.
+fn open_meta(dir: &Path, config: &JournalConfig) -> Result<(Meta, Arc<Store>)> {
+    let path = dir.join(META_FILE);
+    let meta = match read_meta(dir)? {
+        Some(meta) => meta,
+        None => {
+            let mut meta = Meta {
+                format: META_FORMAT,
+                disks: Vec::new(),
+                base: None,
+                intent: None,
+                promote: None,
+                chunk_store: None,
+            };
+            if let Some(root) = &config.chunk_store {
+                // Listed in the store before anything names it; a crash in
+                // between leaves a member the store drops when it opens.
+                let store = Store::shared(root, config.pack_bytes)?;
+                store.add_member(dir)?;
+                let root = store.root().unwrap_or(root);
+                meta.format = META_FORMAT_SHARED_CHUNKS;
+                meta.chunk_store = Some(store::relative_path(&store::canonical(dir)?, root));
+            }
+            write_meta_file(dir, &meta)?;
+            meta
+        }
+    };
+    let store = match (&meta.chunk_store, meta.format) {
+        (None, META_FORMAT) => Store::private(&dir.join("chunks"), config.pack_bytes)?,
+        (Some(rel), META_FORMAT_SHARED_CHUNKS) => {
+            let store = Store::shared(&dir.join(rel), config.pack_bytes)?;
+            if !store.is_member(dir)? {
+                return Err(JournalError::corrupt(
+                    &path,
+                    0,
+                    format!("the chunk store {} does not list this journal as a member", dir.join(rel).display()),
+                ));
+            }
+            store
+        }
+        (None, _) => return Err(JournalError::corrupt(&path, 0, "a format 3 journal that names no chunk store")),
+        (Some(_), _) => return Err(JournalError::corrupt(&path, 0, "a format 2 journal that names a chunk store")),
+    };
+    Ok((meta, store))
+}
+
+/// Whether the journal in `dir` keeps its chunks in the shared store at
+/// `root` (canonical). No journal there: false.
+fn names_store(dir: &Path, root: &Path) -> Result<bool> {
+    let Some(meta) = read_meta(dir)? else { return Ok(false) };
+    Ok(meta.chunk_store.is_some_and(|rel| dir.join(rel).canonicalize().is_ok_and(|p| p == root)))
+}
+
+/// The metadata of the journal in `dir`, upgraded from format 1; None if
+/// there is none yet.
+fn read_meta(dir: &Path) -> Result<Option<Meta>> {
     let path = dir.join(META_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
@@ -647,16 +784,16 @@ fn read_meta(dir: &Path) -> Result<Meta> {
                     Err(e) => tracing::warn!(path = %path.display(), "journal left at format 1 for now: {e}"),
                 }
             }
-            if meta.format != META_FORMAT {
-                return Err(JournalError::UnsupportedVersion { path, found: meta.format, supported: META_FORMAT });
+            if meta.format > META_FORMAT_SHARED_CHUNKS {
+                return Err(JournalError::UnsupportedVersion {
+                    path,
+                    found: meta.format,
+                    supported: META_FORMAT_SHARED_CHUNKS,
+                });
             }
-            Ok(meta)
+            Ok(Some(meta))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let meta = Meta { format: META_FORMAT, disks: Vec::new(), base: None, intent: None, promote: None };
-            write_meta_file(dir, &meta)?;
-            Ok(meta)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(JournalError::io("reading", &path, e)),
     }
 }
@@ -783,7 +920,7 @@ impl State {
         for r in records {
             format::encode_record(r, &mut buf).map_err(JournalError::Failed)?;
         }
-        self.chunks.sync(&mut self.writer)?;
+        self.chunks.sync()?;
         self.log.sync(&mut self.writer)?;
         let mut summary = SegmentSummary::default();
         if let Some(lsn) = noted {
@@ -844,6 +981,18 @@ impl State {
         self.commit_records(&[Record::Checkpoint(cp.clone())], Some(cp.lsn))?;
         self.checkpoints.insert(cp.id, cp.clone());
         Ok(cp)
+    }
+
+    /// The chunk of every version in the index, one per reference it holds.
+    fn indexed_chunks(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.disks.iter().flat_map(|d| d.index.iter()).map(|(_, _, v)| v.chunk).filter(|&c| index::is_stored(c))
+    }
+
+    /// Every reference this journal holds: its versions', and those of the
+    /// blocks retention kept for its open views.
+    fn held_chunks(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        let preserved = self.views.values().flat_map(|v| v.preserved.values().copied());
+        self.indexed_chunks().chain(preserved.filter(|&c| c != ZERO_CHUNK))
     }
 
     /// Where `view` reads `block` of disk `d`.

@@ -9,7 +9,6 @@
 //! mark set whose base already is the checkpoint deletes the log and packs
 //! before reading them, so a half-deleted history is never replayed.
 
-use super::chunks::ChunkStore;
 use super::error::Result;
 use super::log::Log;
 use super::{fsutil, Journal, JournalError, State};
@@ -53,10 +52,15 @@ impl State {
     /// Drops the log, the packs and every version and checkpoint after the
     /// base, in memory and on disk, then clears the promotion mark.
     pub(super) fn discard_after_base(&mut self, dir: &Path, segment_bytes: u64, pack_bytes: u64) -> Result<()> {
-        self.chunks.sync(&mut self.writer)?;
+        self.chunks.sync()?;
         self.log.sync(&mut self.writer)?;
         wipe_history(dir)?;
-        self.chunks = ChunkStore::open(&dir.join("chunks"), pack_bytes)?;
+        // Own packs were just deleted; a shared store gets back the
+        // references of the versions dropped below.
+        self.chunks.reset_private(&dir.join("chunks"), pack_bytes)?;
+        if self.chunks.root().is_some() {
+            self.chunks.decref_all(self.indexed_chunks())?;
+        }
         self.log = Log::open(&dir.join("log"), segment_bytes, BTreeMap::new())?;
         for disk in &mut self.disks {
             disk.index = Default::default();

@@ -30,7 +30,7 @@ impl State {
                     let s = self.intern(w.stream);
                     summary.note(w.lsn, Some(s));
                     let missing = w.blocks.iter().find_map(|(_, r)| match r {
-                        BlockRef::Chunk(h) if self.chunks.lookup(h).is_none() => Some(*h),
+                        BlockRef::Chunk(h) if !self.chunks.lookup(h).is_ok_and(|c| c.is_some()) => Some(*h),
                         _ => None,
                     });
                     let path = log::segment_path(&dir.join("log"), rec.segment);
@@ -63,7 +63,7 @@ impl State {
                         // Durable, yet its chunk is gone: legitimate only if
                         // thinning had dropped this version; checked below.
                         for (block, r) in &w.blocks {
-                            if matches!(r, BlockRef::Chunk(h) if self.chunks.lookup(h).is_none()) {
+                            if matches!(r, BlockRef::Chunk(h) if !self.chunks.lookup(h).is_ok_and(|c| c.is_some())) {
                                 missing_at.push((d, *block, w.lsn, path.clone(), rec.offset, hash));
                             }
                         }
@@ -107,12 +107,11 @@ impl State {
                     st.zero_blocks += 1;
                     ZERO_CHUNK
                 }
-                BlockRef::Chunk(h) => match st.chunks.lookup(h) {
-                    Some(id) => {
-                        st.chunks.incref(id);
-                        id
-                    }
-                    None => MISSING_CHUNK, // checked by replay
+                // Found and counted at once: another journal's collection
+                // may run meanwhile.
+                BlockRef::Chunk(h) => match st.chunks.reference(h) {
+                    Ok(Some(id)) => id,
+                    _ => MISSING_CHUNK, // checked by replay
                 },
             };
             st.disks[d as usize].index.insert(block, w.lsn, Version { chunk, stream: s });

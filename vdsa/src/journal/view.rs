@@ -72,11 +72,7 @@ impl Drop for PitView {
         // A poisoned lock means the journal is being torn down anyway.
         if let Ok(mut st) = self.journal.inner.state.write() {
             if let Some(view) = st.views.remove(&self.id) {
-                for chunk in view.preserved.into_values() {
-                    if chunk != ZERO_CHUNK {
-                        st.chunks.decref(chunk);
-                    }
-                }
+                let _ = st.chunks.decref_all(view.preserved.into_values().filter(|&c| c != ZERO_CHUNK));
             }
         }
     }

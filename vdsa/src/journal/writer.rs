@@ -1,9 +1,11 @@
-//! The background writer: appends to pack and log files on its own thread,
-//! in submission order, so that the ingesting thread only hashes and
-//! indexes.
+//! The background writer: appends to files on its own thread, in
+//! submission order, so that the ingesting thread only hashes and indexes.
+//! A journal has one for its log; a chunk store has one for its packs.
 //!
-//! FIFO order keeps the write-order rule: a batch's pack bytes are written
-//! before the log records that name them. A buffer stays readable in memory
+//! The two run apart, so after a kill the log may hold a record whose
+//! chunk never reached its pack; such a record is always after the last
+//! commit (a commit syncs the packs first) and replay cuts it
+//! (docs/journal-format.md, "Recovery"). A buffer stays readable in memory
 //! (the caller keeps its `Arc`) until the writer reports it done. The first
 //! error is kept and returned by every later call: the journal then stops
 //! accepting writes.

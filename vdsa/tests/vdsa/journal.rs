@@ -11,7 +11,13 @@ use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, JournalError, PitVie
 const DISK_SIZE: u64 = 32 * BLOCK_SIZE as u64;
 
 fn small_config() -> JournalConfig {
-    JournalConfig { segment_bytes: 64 << 10, pack_bytes: 64 << 10, compression_level: Some(1), workers: 2 }
+    JournalConfig {
+        segment_bytes: 64 << 10,
+        pack_bytes: 64 << 10,
+        compression_level: Some(1),
+        workers: 2,
+        chunk_store: None,
+    }
 }
 
 /// Content of byte `pos` of a write with pattern `seed`: the same seed at
@@ -88,12 +94,34 @@ struct Harness {
     held: Vec<(PitView, Vec<Vec<u8>>)>,
     next_cp: u64,
     clock: u64,
+    /// With a shared chunk store: another journal in it, holding blocks of
+    /// the same patterns at its checkpoint 1, and what its disk reads there.
+    neighbour: Option<(Journal, DiskId, Vec<u8>)>,
 }
 
 impl Harness {
     fn new() -> Harness {
+        Harness::in_store(false)
+    }
+
+    /// The journal at `<dir>/journal`; with `shared`, its chunks in the
+    /// store `<dir>/chunk-store`, next to a neighbour's.
+    fn in_store(shared: bool) -> Harness {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let journal = Journal::open(dir.path(), small_config()).unwrap_or_else(|e| panic!("open: {e}"));
+        let store = shared.then(|| dir.path().join("chunk-store"));
+        let neighbour = store.as_ref().map(|store| {
+            let config = JournalConfig { chunk_store: Some(store.clone()), ..small_config() };
+            let n = Journal::open(dir.path().join("neighbour"), config).unwrap_or_else(|e| panic!("open: {e}"));
+            let disk = DiskId::new();
+            n.add_disk(disk, DISK_SIZE).unwrap_or_else(|e| panic!("add disk: {e}"));
+            let image: Vec<u8> = (0..DISK_SIZE).map(|p| pattern((p / BLOCK_SIZE as u64 % 7) as u8 + 1, p)).collect();
+            let write = TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&image) };
+            n.ingest(StreamId::new(), &[write]).unwrap_or_else(|e| panic!("{e}"));
+            n.mark_checkpoint(spec(1, 1000, CheckpointKind::Automatic)).unwrap_or_else(|e| panic!("{e}"));
+            (n, disk, image)
+        });
+        let config = JournalConfig { chunk_store: store, ..small_config() };
+        let journal = Journal::open(dir.path().join("journal"), config).unwrap_or_else(|e| panic!("open: {e}"));
         let disks: Vec<DiskId> = (0..3).map(|_| DiskId::new()).collect();
         for d in &disks {
             journal.add_disk(*d, DISK_SIZE).unwrap_or_else(|e| panic!("add disk: {e}"));
@@ -109,6 +137,25 @@ impl Harness {
             held: Vec::new(),
             next_cp: 1,
             clock: 0,
+            neighbour,
+        }
+    }
+
+    /// The neighbour still reads what it wrote, whatever the journal's
+    /// retention and compaction freed in the store they share.
+    fn check_neighbour(&self) {
+        if let Some((n, disk, image)) = &self.neighbour {
+            // Compacted all the way: any count the store lost shows here.
+            self.j().collect_chunk_garbage(true).unwrap_or_else(|e| panic!("{e}"));
+            let mut referenced = self.j().referenced_chunks().unwrap_or_else(|e| panic!("{e}"));
+            referenced.extend(n.referenced_chunks().unwrap_or_else(|e| panic!("{e}")));
+            let stored = vdsa::journal::stored_chunk_hashes(&self.dir.path().join("chunk-store/chunks"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let orphans = stored.iter().filter(|h| !referenced.contains(*h)).count();
+            let missing = referenced.iter().filter(|h| !stored.contains(*h)).count();
+            assert_eq!((orphans, missing), (0, 0), "the shared store after a full collection: orphans, missing");
+            let view = n.open_view(CheckpointId(1)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(read_disk(&view, *disk) == *image, "the neighbour's blocks changed in the shared store");
         }
     }
 
@@ -196,8 +243,10 @@ impl Harness {
             Op::Restart => {
                 self.held.clear();
                 self.journal = None;
-                self.journal =
-                    Some(Journal::open(self.dir.path(), small_config()).unwrap_or_else(|e| panic!("reopen: {e}")));
+                self.journal = Some(
+                    Journal::open(self.dir.path().join("journal"), small_config())
+                        .unwrap_or_else(|e| panic!("reopen: {e}")),
+                );
                 self.verify_all();
             }
             Op::HoldView { pick } => {
@@ -261,6 +310,23 @@ proptest! {
         }
         h.run(&Op::Checkpoint { named: false });
         h.run(&Op::Restart);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    /// The same in a shared chunk store whose other member holds blocks of
+    /// the same patterns: retention and compaction of one journal never
+    /// take a block the other reads.
+    #[test]
+    fn every_retained_checkpoint_reads_back_the_model_in_a_shared_store(ops in prop::collection::vec(op(), 1..80)) {
+        let mut h = Harness::in_store(true);
+        for op in &ops {
+            h.run(op);
+        }
+        h.run(&Op::Checkpoint { named: false });
+        h.run(&Op::Restart);
+        h.check_neighbour();
     }
 }
 
@@ -813,12 +879,19 @@ fn a_journal_opens_from_its_pack_indexes_and_an_old_one_is_upgraded() {
     assert!(rewritten.len() == bytes.len() && rewritten != bytes, "the damaged index was written again");
 
     // A format this build does not know is refused, by name.
-    set_meta_format(dir.path(), 3);
+    set_meta_format(dir.path(), 4);
     match Journal::open(dir.path(), small_config()) {
-        Err(e @ JournalError::UnsupportedVersion { found: 3, supported: 2, .. }) => {
+        Err(e @ JournalError::UnsupportedVersion { found: 4, supported: 3, .. }) => {
             assert!(e.to_string().contains("journal.json"), "{e}")
         }
         Err(e) => panic!("expected UnsupportedVersion, got {e}"),
-        Ok(_) => panic!("a journal of format 3 opened"),
+        Ok(_) => panic!("a journal of format 4 opened"),
+    }
+    // Format 3 keeps its chunks in a shared store, which it must name.
+    set_meta_format(dir.path(), 3);
+    match Journal::open(dir.path(), small_config()) {
+        Err(e @ JournalError::Corrupt { .. }) => assert!(e.to_string().contains("names no chunk store"), "{e}"),
+        Err(e) => panic!("expected a format 3 journal without a store to be refused, got {e}"),
+        Ok(_) => panic!("a format 3 journal without a chunk store opened"),
     }
 }

@@ -7,6 +7,7 @@ mod journal;
 mod native_tap;
 mod nbd;
 mod recovery;
+mod shared_store;
 mod source;
 mod wire;
 

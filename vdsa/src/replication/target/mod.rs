@@ -25,6 +25,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The shared chunk store's folder under a target's root (its name is no
+/// VPG id, so [`TargetServer::open_existing`] passes it over).
+pub const CHUNK_STORE_DIR: &str = "chunk-store";
+
 #[derive(Debug, Clone)]
 pub struct TargetOptions {
     /// One folder per VPG under here: `<vpg id>/journal`, `<vpg id>/epoch`.
@@ -182,7 +186,13 @@ pub struct TargetServer {
 }
 
 impl TargetServer {
-    pub fn new(opts: TargetOptions) -> Arc<TargetServer> {
+    /// The VPGs' journals under `opts.root` share one chunk store there
+    /// (`chunk-store`) unless `opts.journal` names another: a block that
+    /// many VPGs hold is stored once (architecture.md §4).
+    pub fn new(mut opts: TargetOptions) -> Arc<TargetServer> {
+        if opts.journal.chunk_store.is_none() {
+            opts.journal.chunk_store = Some(opts.root.join(CHUNK_STORE_DIR));
+        }
         Arc::new(TargetServer {
             opts,
             vpgs: Mutex::new(HashMap::new()),
