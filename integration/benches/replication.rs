@@ -359,8 +359,11 @@ fn clones_in_ten_vpgs(base: &Path) -> Result<(f64, f64)> {
     for d in extra_sources {
         d.shutdown()?;
     }
-    let journal: u64 = journals.iter().map(|j| bytes_under(&j.join("chunks"))).sum();
-    Ok((link, journal as f64 / size as f64))
+    // Chunks live in the journals' own folders (format 2) or in the
+    // target's shared store (format 3): both are counted.
+    let own: u64 = journals.iter().map(|j| bytes_under(&j.join("chunks"))).sum();
+    let shared = bytes_under(&pair.tspec.root.join(vdsa::replication::target::CHUNK_STORE_DIR).join("chunks"));
+    Ok((link, (own + shared) as f64 / size as f64))
 }
 
 /// Unique incompressible 1 MiB writes: each 4 KiB block carries a counter.

@@ -17,6 +17,7 @@ pub mod power_loss;
 pub mod process;
 pub mod replication_lab;
 pub mod site_lab;
+pub mod store_crash;
 pub mod two_site_lab;
 pub mod two_sites;
 pub mod vcsim;
