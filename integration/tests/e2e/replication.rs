@@ -558,10 +558,10 @@ fn a_full_disk_at_the_target_is_named_at_the_source() {
 
 /// Two VPGs whose disks hold the same content (VMs cloned from one
 /// template) replicate to one target VDSA: the second VPG's blocks are
-/// borrowed from the first VPG's journal instead of crossing the link, and
-/// the second VPG's checkpoint is still exactly its source disk.
+/// found in the VDSA's shared chunk store instead of crossing the link,
+/// and the second VPG's checkpoint is still exactly its source disk.
 #[test]
-fn a_second_vpg_with_the_same_content_borrows_it_at_the_target_instead_of_sending_it() {
+fn a_second_vpg_with_the_same_content_finds_it_at_the_target_instead_of_sending_it() {
     use rand::{RngCore, SeedableRng};
     let dir = ok(tempfile::tempdir().map_err(Into::into));
     let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
