@@ -136,7 +136,10 @@ pub fn child(dir: &Path, seed: u64) -> Result<()> {
                 let data: Vec<u8> = (0..n).flat_map(|_| content(&mut rng)).collect();
                 l.seq += 1;
                 let off = first * BLOCK_SIZE as u64;
-                l.journal.ingest(l.stream, &[TapWrite { seq: l.seq, disk: l.disk, offset: off, data: WriteData::Data(&data) }])?;
+                l.journal.ingest(
+                    l.stream,
+                    &[TapWrite { seq: l.seq, disk: l.disk, offset: off, data: WriteData::Data(&data) }],
+                )?;
                 l.image[off as usize..off as usize + data.len()].copy_from_slice(&data);
             }
             let id = l.next_cp;
@@ -189,7 +192,8 @@ pub fn run(dir: &Path, lab: &Path, runs: u64, seed: u64) -> Result<StoreCrashRep
             .context("spawning the store crash child")?;
         let mut child = ChildGuard::adopt(spawned, "the store crash child");
         let stdout = child.child_mut().and_then(|c| c.stdout.take()).context("the child's stdout")?;
-        let reader = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
+        let reader =
+            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
         std::thread::sleep(Duration::from_millis(rng.gen_range(5..350)));
         if let Some(status) = child.child_mut().and_then(|c| c.try_wait().ok().flatten()) {
             bail!("run {run}: the child exited by itself ({status})");

@@ -205,7 +205,9 @@ fn main() -> Result<()> {
             power_loss(cuts.unwrap_or(if long { 100 } else { 10 }), seed)
         }
         Some(Command::CrashChild { dir, seed, writes_per_checkpoint }) => crash_child(dir, seed, writes_per_checkpoint),
-        Some(Command::StoreCrash { long, runs, seed }) => store_crash(runs.unwrap_or(if long { 1000 } else { 100 }), seed),
+        Some(Command::StoreCrash { long, runs, seed }) => {
+            store_crash(runs.unwrap_or(if long { 1000 } else { 100 }), seed)
+        }
         Some(Command::StoreCrashChild { dir, seed }) => integration::store_crash::child(&dir, seed),
         Some(Command::WriteOrder { long, checkpoints, seed, control, fault, dir, changes }) => {
             use integration::write_order::Fault;

@@ -135,8 +135,7 @@ fn the_shared_chunk_store_keeps_every_needed_block_and_leaks_none_under_sigkill(
     println!("store crash seed {seed}");
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let lab = std::path::Path::new(env!("CARGO_BIN_EXE_lab"));
-    let r = integration::store_crash::run(dir.path(), lab, 100, seed)
-        .unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
+    let r = integration::store_crash::run(dir.path(), lab, 100, seed).unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
     println!("{r:?}");
     assert_eq!(r.runs, 100);
     assert!(r.removals_finished > 0 && r.checkpoints_verified > 100, "the runs did something: {r:?}");

@@ -1,6 +1,7 @@
-//! The background writer: appends to files on its own thread, in
-//! submission order, so that the ingesting thread only hashes and indexes.
-//! A journal has one for its log; a chunk store has one for its packs.
+//! The background writers: append to files on a few threads shared by the
+//! whole process, each queue in submission order, so that the ingesting
+//! thread only hashes and indexes. A journal has a queue for its log; a
+//! chunk store has one for its packs.
 //!
 //! The two run apart, so after a kill the log may hold a record whose
 //! chunk never reached its pack; such a record is always after the last
@@ -14,12 +15,14 @@ use super::error::{JournalError, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 
-/// How many buffers may wait for the writer before submitters block.
+/// How many buffers may wait for a writer thread before submitters block.
 pub const QUEUE_DEPTH: usize = 16;
+/// Writer threads of the process, shared by every journal and chunk store:
+/// their number does not grow with the number of VPGs.
+const THREADS: usize = 4;
 
 struct Job {
     seq: u64,
@@ -27,6 +30,7 @@ struct Job {
     path: PathBuf,
     offset: u64,
     data: Arc<Vec<u8>>,
+    progress: Arc<(Mutex<Progress>, Condvar)>,
 }
 
 #[derive(Debug, Default)]
@@ -35,41 +39,54 @@ struct Progress {
     error: Option<String>,
 }
 
+/// One journal's (or chunk store's) queue on one of the shared writer
+/// threads: always the same thread, so its writes are done in submission
+/// order.
 #[derive(Debug)]
 pub struct Writer {
-    tx: Option<SyncSender<Job>>,
+    tx: SyncSender<Job>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
     submitted: u64,
-    thread: Option<JoinHandle<()>>,
+}
+
+/// The shared writer threads, started at first use.
+static POOL: Mutex<Vec<SyncSender<Job>>> = Mutex::new(Vec::new());
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn run(rx: Receiver<Job>) {
+    for job in rx {
+        let r = job.file.write_all_at(&job.data, job.offset);
+        if r.is_ok() {
+            start_writeback(&job.file, job.offset, job.data.len() as u64);
+        }
+        drop(job.data); // before reporting, so the owner can reuse it
+        let (lock, cv) = &*job.progress;
+        let Ok(mut st) = lock.lock() else { continue };
+        if let Err(e) = r {
+            if st.error.is_none() {
+                st.error = Some(JournalError::io("writing", &job.path, e).to_string());
+            }
+        }
+        st.completed = job.seq;
+        cv.notify_all();
+    }
 }
 
 impl Writer {
     pub fn start() -> Result<Writer> {
-        let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
-        let progress: Arc<(Mutex<Progress>, Condvar)> = Arc::default();
-        let p = progress.clone();
-        let thread = std::thread::Builder::new()
-            .name("journal-writer".into())
-            .spawn(move || {
-                for job in rx {
-                    let r = job.file.write_all_at(&job.data, job.offset);
-                    if r.is_ok() {
-                        start_writeback(&job.file, job.offset, job.data.len() as u64);
-                    }
-                    drop(job.data); // before reporting, so the owner can reuse it
-                    let (lock, cv) = &*p;
-                    let Ok(mut st) = lock.lock() else { return };
-                    if let Err(e) = r {
-                        if st.error.is_none() {
-                            st.error = Some(JournalError::io("writing", &job.path, e).to_string());
-                        }
-                    }
-                    st.completed = job.seq;
-                    cv.notify_all();
-                }
-            })
-            .map_err(|e| JournalError::Failed(format!("starting the journal writer: {e}")))?;
-        Ok(Writer { tx: Some(tx), progress, submitted: 0, thread: Some(thread) })
+        let mut pool = POOL.lock().map_err(|_| JournalError::Failed("journal writer pool poisoned".into()))?;
+        if pool.is_empty() {
+            for i in 0..THREADS {
+                let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
+                std::thread::Builder::new()
+                    .name(format!("journal-writer-{i}"))
+                    .spawn(move || run(rx))
+                    .map_err(|e| JournalError::Failed(format!("starting the journal writers: {e}")))?;
+                pool.push(tx);
+            }
+        }
+        let tx = pool[NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.len()].clone();
+        Ok(Writer { tx, progress: Arc::default(), submitted: 0 })
     }
 
     fn check(&self) -> Result<u64> {
@@ -84,11 +101,15 @@ impl Writer {
     pub fn submit(&mut self, file: &Arc<File>, path: &std::path::Path, offset: u64, data: Arc<Vec<u8>>) -> Result<u64> {
         self.check()?;
         self.submitted += 1;
-        let job = Job { seq: self.submitted, file: file.clone(), path: path.to_path_buf(), offset, data };
-        match &self.tx {
-            Some(tx) => tx.send(job).map_err(|_| JournalError::Failed("the journal writer stopped".into()))?,
-            None => return Err(JournalError::Failed("the journal writer stopped".into())),
-        }
+        let job = Job {
+            seq: self.submitted,
+            file: file.clone(),
+            path: path.to_path_buf(),
+            offset,
+            data,
+            progress: self.progress.clone(),
+        };
+        self.tx.send(job).map_err(|_| JournalError::Failed("the journal writer stopped".into()))?;
         Ok(self.submitted)
     }
 
@@ -127,10 +148,8 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 impl Drop for Writer {
+    /// What was submitted is written before the files' owner goes on.
     fn drop(&mut self) {
-        self.tx = None; // ends the thread's loop once the queue is empty
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.drain();
     }
 }
