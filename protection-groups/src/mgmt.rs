@@ -430,6 +430,10 @@ pub struct RoleState {
     /// Source: asked to power its VMs off, it did (every VM's QEMU is gone).
     #[serde(default)]
     pub powered_off: bool,
+    /// Source: the encryption signal's last checkpoint intervals, oldest
+    /// first (`crate::encryption`).
+    #[serde(default)]
+    pub entropy: Vec<crate::encryption::EntropySample>,
 }
 
 #[cfg(test)]

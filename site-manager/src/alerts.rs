@@ -5,7 +5,8 @@
 //!
 //! Conditions: a VPG's RPO over its threshold; a host's VDSA down; the
 //! site-to-site link down; a failover test running longer than the set
-//! limit; a recovery journal paused because its volume is full.
+//! limit; a recovery journal paused because its volume is full; writes
+//! that look encrypted overwriting a VPG's data (`crate::encryption`).
 //!
 //! The webhook is posted from a task of its own through a bounded queue,
 //! with retries and a timeout per attempt: a slow or failing receiver
@@ -72,6 +73,9 @@ pub enum AlertKind {
     JournalFull,
     HistoryBelowPolicy,
     JournalVolumeLow,
+    /// Writes that look encrypted overwrite a VPG's data at a rate far
+    /// above its own baseline: ransomware at work, most likely.
+    EncryptionSuspected,
 }
 
 /// One alert, raised while its condition holds.
@@ -185,6 +189,38 @@ fn history_short(age_ms: u64, stats: &crate::metrics::VpgStats, checkpoint_inter
     age_ms / 1000 > policy + slack && stats.history_available_secs + slack < policy
 }
 
+/// Names the VMs, disks and the first checkpoint of an encryption alert.
+fn encryption_message(
+    sm: &SiteManager,
+    v: &crate::model::Vpg,
+    a: &protection_groups::encryption::EncryptionAlert,
+) -> Result<String, StoreError> {
+    let mut vms = Vec::new();
+    let mut disks = Vec::new();
+    for d in &a.disks {
+        match v.settings.vms.iter().find(|vm| vm.disks.iter().any(|x| x.id == *d)) {
+            Some(vm) => {
+                if !vms.contains(&vm.name) {
+                    vms.push(vm.name.clone());
+                }
+                let name = vm.disks.iter().find(|x| x.id == *d).map_or(String::new(), |x| x.name.clone());
+                disks.push(format!("{}:{name}", vm.name));
+            }
+            None => disks.push(d.to_string()),
+        }
+    }
+    let first = sm.with_store(|s| s.checkpoints.get(&crate::store::checkpoint_key(v.id, a.first_checkpoint)))?;
+    let when = first.map_or(String::new(), |c| format!(" (source time {} ms)", c.time_ms));
+    Ok(format!(
+        "writes that look encrypted overwrite existing data on VM(s) {} (disks {}): {:.0} % of blocks written, against          a baseline of {:.1} %; they began in the interval of checkpoint {}{when}, so the last clean checkpoint is          most likely the one before it",
+        vms.join(", "),
+        disks.join(", "),
+        a.share * 100.0,
+        a.baseline_share * 100.0,
+        a.first_checkpoint.0
+    ))
+}
+
 /// The conditions that hold now: (kind, subject, subject name, message).
 fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String)>, StoreError> {
     let settings = sm.with_store(|s| s.alert_settings.get(SETTINGS_KEY))?.unwrap_or_default();
@@ -199,6 +235,15 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
         // has its own alert or none).
         if !matches!(v.status, protection_groups::VpgStatus::Protecting | protection_groups::VpgStatus::Test) {
             continue;
+        }
+        sm.encryption.update(v.id, &src.roles_of(v.id));
+        if let Some((a, _)) = sm.encryption.alert(v.id) {
+            out.push((
+                AlertKind::EncryptionSuspected,
+                v.id.0.to_string(),
+                v.settings.name.clone(),
+                encryption_message(sm, &v, &a)?,
+            ));
         }
         let stats = crate::metrics::vpg_stats(sm, &src, &v)?;
         if history_short(now.saturating_sub(v.created_ms), &stats, v.settings.checkpoint_interval_ms) {

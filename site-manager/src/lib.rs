@@ -25,6 +25,7 @@ pub mod client;
 pub mod console;
 pub mod coordinator;
 pub mod deploy;
+pub mod encryption;
 pub mod health;
 pub mod links;
 pub mod logs;

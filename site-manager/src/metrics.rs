@@ -163,7 +163,7 @@ impl StatsSources {
 
     /// The role reports that concern `vpg`: this site's, and for a VPG
     /// recovering to the paired site, the targets that site reported.
-    fn roles_of(&self, vpg: VpgId) -> Vec<&RoleState> {
+    pub fn roles_of(&self, vpg: VpgId) -> Vec<&RoleState> {
         let mut roles: Vec<&RoleState> =
             self.vdsas.values().flat_map(|a| a.roles.iter()).filter(|r| r.vpg == vpg).collect();
         if !roles.iter().any(|r| r.kind == RoleKind::Target) {
@@ -301,6 +301,26 @@ pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
         "gauge",
         "Now minus the newest checkpoint durable at the recovery site.",
         stats.iter().filter_map(|(v, side, s)| s.rpo_ms.map(|ms| (l(v, side), ms as f64 / 1000.0))).collect(),
+    );
+    family(
+        "vdsa_vpg_encrypting_rewrite_share",
+        "gauge",
+        "Of the blocks written in the newest checkpoint interval, the share that overwrote plain content with \
+         encrypted-looking content (the encryption signal).",
+        stats
+            .iter()
+            .filter_map(|(v, side, _)| sm.encryption.signal(v.id).map(|s| (l(v, side), s.newest_rewritten_share)))
+            .collect(),
+    );
+    family(
+        "vdsa_vpg_encryption_suspected",
+        "gauge",
+        "1 while the VPG's encryption alert holds.",
+        stats
+            .iter()
+            .filter(|(_, side, _)| *side == "protected")
+            .map(|(v, side, _)| (l(v, side), f64::from(u8::from(sm.encryption.alert(v.id).is_some()))))
+            .collect(),
     );
     family(
         "vdsa_vpg_rpo_threshold_seconds",

@@ -48,6 +48,8 @@ pub struct SiteManager {
     pub alerts: crate::alerts::Alerts,
     /// Each VPG's bytes written and sent over the last hour, for sizing.
     pub rates: crate::sizing::RateRecorder,
+    /// Each protected VPG's encryption detector.
+    pub encryption: crate::encryption::EncryptionWatch,
 }
 
 /// A VDSA without a heartbeat for this long shows as down.
@@ -89,6 +91,7 @@ impl SiteManager {
             logs: Default::default(),
             recovery_vms: Default::default(),
             alerts: Default::default(),
+            encryption: Default::default(),
             rates: Default::default(),
         }
     }

@@ -21,6 +21,25 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(metrics))
         .routes(routes!(sizing))
         .routes(routes!(health_report))
+        .routes(routes!(encryption_signal))
+}
+
+/// A protected VPG's encryption signal: its alert while it holds, its
+/// baseline share of encrypting rewrites and the newest interval's
+/// (docs/architecture.md, "The encryption signal"). Zeros before the first
+/// interval was taken in.
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/encryption", tag = "metrics", params(("id" = Uuid, Path)),
+    responses((status = 200, body = crate::encryption::EncryptionSignal), (status = 404, body = ErrorBody)))]
+async fn encryption_signal(
+    State(sm): State<AppState>,
+    _caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<crate::encryption::EncryptionSignal>> {
+    blocking(move || {
+        let v = find_vpg(&sm, id)?;
+        Ok(Json(sm.encryption.signal(v.id).unwrap_or_default()))
+    })
+    .await
 }
 
 /// A VPG's RPO, bytes written, sent and journalled, and test counts (a

@@ -283,6 +283,7 @@ impl Roles {
             streams: r.streams_to_target,
             batch_bytes: 4 << 20,
             window: 4,
+            entropy_signal: true,
         };
         let queue = QueueConfig {
             memory_bytes: self.cfg.queue_memory_bytes,
@@ -498,6 +499,7 @@ impl Roles {
                     spill_bytes: st["queue"]["spill_bytes"].as_u64().unwrap_or(0),
                     stacks: Vec::new(),
                     powered_off: power.done.load(Ordering::SeqCst),
+                    entropy: stream.entropy_samples(),
                 });
             }
         }
@@ -529,6 +531,7 @@ impl Roles {
                 spill_bytes: 0,
                 stacks: self.stacks.states(vpg),
                 powered_off: false,
+                entropy: Vec::new(),
             });
         }
         let data_free_bytes = crate::journal::free_bytes_at(&self.cfg.data).unwrap_or(0);

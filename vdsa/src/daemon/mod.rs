@@ -533,6 +533,7 @@ fn source(a: SourceArgs) -> Result<()> {
         streams: a.streams,
         batch_bytes: 4 << 20,
         window: 4,
+        entropy_signal: true,
     };
     let queue = QueueConfig {
         memory_bytes: parse_size(&a.queue_memory)?,

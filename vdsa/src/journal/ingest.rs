@@ -28,7 +28,7 @@ pub(super) fn full_blocks<'a>(w: &TapWrite<'a>) -> impl Iterator<Item = &'a [u8]
     data[skip..].chunks_exact(BLOCK_SIZE)
 }
 
-pub(super) fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     let (pre, mid, post) = {
         // SAFETY: u64 has no invalid bit patterns; align_to only splits the
         // slice at alignment boundaries.

@@ -35,6 +35,8 @@ pub use model::{
 };
 pub use retention::RetentionReport;
 pub use view::PitView;
+/// Whether a block is all zeros (word at a time).
+pub(crate) use ingest::is_zero as is_zero_block;
 
 use chunks::{ChunkId, Hash};
 use format::Record;

@@ -21,6 +21,7 @@ fn stream(dir: &std::path::Path, disks: &[(DiskId, u64)]) -> Arc<SourceStream> {
         streams: 1,
         batch_bytes: 1 << 20,
         window: 4,
+        entropy_signal: true,
     };
     let queue = QueueConfig {
         memory_bytes: 64 << 20,

@@ -14,12 +14,13 @@ use crate::replication::now_ms;
 use crate::replication::queue::{Pushed, QueueConfig, QueueStats, QueuedWrite, SendQueue};
 use crate::replication::throttle::Throttle;
 use crate::wire::msg::{Marker, StreamWrite};
-use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId, WriteKind};
+use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId, VpgId, WriteKind};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod entropy;
 mod export;
 mod link;
 
@@ -45,6 +46,9 @@ pub struct SourceOptions {
     pub batch_bytes: u64,
     /// Batches offered and not yet filled, at most.
     pub window: usize,
+    /// Count encrypting rewrites per checkpoint interval (the encryption
+    /// signal; off only to measure what it costs).
+    pub entropy_signal: bool,
 }
 
 /// Counters of the link, for status and benchmarks.
@@ -132,6 +136,9 @@ pub struct SourceStream {
     /// taps ends it.
     sync_ends_when_covered: AtomicBool,
     progress: Mutex<SyncProgress>,
+    /// The encryption signal: updated in seq order under the sequencer's
+    /// lock, so a checkpoint's interval holds exactly its writes.
+    entropy: Mutex<entropy::EntropySignal>,
     /// Each disk's size now: `opts.disks` until a resize.
     sizes: Mutex<Vec<(DiskId, u64)>>,
     pub throttle: Throttle,
@@ -156,6 +163,7 @@ impl SourceStream {
             syncing: AtomicBool::new(false),
             sync_ends_when_covered: AtomicBool::new(false),
             progress: Mutex::new(SyncProgress { started: None, covered, done_blocks: 0 }),
+            entropy: Mutex::new(entropy::EntropySignal::new(&opts.disks)),
             sizes: Mutex::new(opts.disks.clone()),
             counters: LinkCounters::default(),
             link: Mutex::new(LinkState::default()),
@@ -202,7 +210,9 @@ impl SourceStream {
         if sync {
             self.note_synced(disk, offset, len);
         }
-        self.sequence(StreamWrite { seq: 0, disk, offset, len, kind, sync }, data)
+        // Classed before the sequencer's lock: it is the signal's CPU.
+        let classes = (self.opts.entropy_signal && kind == WriteKind::Data).then(|| entropy::classify_write(offset, &data));
+        self.sequence(StreamWrite { seq: 0, disk, offset, len, kind, sync }, data, classes)
     }
 
     /// The disks and their sizes now.
@@ -231,7 +241,11 @@ impl SourceStream {
         self.sequence(
             StreamWrite { seq: 0, disk, offset: 0, len: size, kind: WriteKind::Resize, sync: true },
             Vec::new(),
+            None,
         )?;
+        if let Ok(mut e) = self.entropy.lock() {
+            e.resize(disk, size);
+        }
         if let Ok(mut sizes) = self.sizes.lock() {
             if let Some(d) = sizes.iter().position(|(id, _)| *id == disk) {
                 sizes[d].1 = size;
@@ -255,12 +269,22 @@ impl SourceStream {
         Ok(())
     }
 
-    /// Numbers `w` (its seq is set here) and queues it.
-    fn sequence(&self, w: StreamWrite, data: Vec<u8>) -> Result<(), ExportError> {
+    /// Numbers `w` (its seq is set here) and queues it; a data write's
+    /// block `classes` go to the encryption signal in the same order.
+    fn sequence(&self, w: StreamWrite, data: Vec<u8>, classes: Option<(u64, Vec<u8>)>) -> Result<(), ExportError> {
         let poisoned = || ExportError::new(EIO, "sequencer poisoned");
         let mut sq = self.sequencer.lock().map_err(|_| poisoned())?;
         while self.holding.load(Ordering::SeqCst) != 0 {
             sq = self.released.wait(sq).map_err(|_| poisoned())?;
+        }
+        if self.opts.entropy_signal {
+            if let Ok(mut e) = self.entropy.lock() {
+                match (&classes, w.kind) {
+                    (Some((first, classes)), _) => e.note_write(w.disk, *first, classes),
+                    (None, WriteKind::Zero | WriteKind::Trim) => e.note_cleared(w.disk, w.offset, w.len),
+                    _ => {}
+                }
+            }
         }
         let w = QueuedWrite { write: StreamWrite { seq: sq.next, ..w }, data: Arc::new(data) };
         match self.queue.push_write(w) {
@@ -387,6 +411,9 @@ impl SourceStream {
             streams: self.opts.streams,
         };
         let r = self.queue.push_marker(marker);
+        if let Ok(mut e) = self.entropy.lock() {
+            e.close(CheckpointId(id));
+        }
         self.counters.note_hold(h.since.elapsed());
         drop(sq);
         self.released.notify_all();
@@ -436,7 +463,13 @@ impl SourceStream {
             "durable_seq": c.durable_seq.load(Ordering::Relaxed),
             "rpo_ms": if newest == 0 { serde_json::Value::Null } else { serde_json::json!(now_ms().saturating_sub(newest)) },
             "bandwidth": self.throttle.rate(),
+            "entropy": self.entropy_samples(),
         })
+    }
+
+    /// The encryption signal's last checkpoint intervals, oldest first.
+    pub fn entropy_samples(&self) -> Vec<protection_groups::encryption::EntropySample> {
+        self.entropy.lock().map(|e| e.samples()).unwrap_or_default()
     }
 
     pub fn stop(&self) {
