@@ -10,6 +10,7 @@
 
 pub mod browser;
 pub mod exports;
+pub mod ext4_lab;
 pub mod guest;
 pub mod kvm_lab;
 pub mod measure;

@@ -190,11 +190,7 @@ fn history_short(age_ms: u64, stats: &crate::metrics::VpgStats, checkpoint_inter
 }
 
 /// Names the VMs, disks and the first checkpoint of an encryption alert.
-fn encryption_message(
-    sm: &SiteManager,
-    v: &crate::model::Vpg,
-    a: &protection_groups::encryption::EncryptionAlert,
-) -> Result<String, StoreError> {
+fn encryption_message(v: &crate::model::Vpg, a: &protection_groups::encryption::EncryptionAlert) -> String {
     let mut vms = Vec::new();
     let mut disks = Vec::new();
     for d in &a.disks {
@@ -209,16 +205,17 @@ fn encryption_message(
             None => disks.push(d.to_string()),
         }
     }
-    let first = sm.with_store(|s| s.checkpoints.get(&crate::store::checkpoint_key(v.id, a.first_checkpoint)))?;
-    let when = first.map_or(String::new(), |c| format!(" (source time {} ms)", c.time_ms));
-    Ok(format!(
-        "writes that look encrypted overwrite existing data on VM(s) {} (disks {}): {:.0} % of blocks written, against          a baseline of {:.1} %; they began in the interval of checkpoint {}{when}, so the last clean checkpoint is          most likely the one before it",
+    format!(
+        "writes that look encrypted overwrite existing data on VM(s) {} (disks {}): {:.0} % of the blocks written, \
+         against a baseline of {:.1} %; they began in the interval of checkpoint {}, so the last clean checkpoint is \
+         most likely {}",
         vms.join(", "),
         disks.join(", "),
         a.share * 100.0,
         a.baseline_share * 100.0,
-        a.first_checkpoint.0
-    ))
+        a.first_checkpoint.0,
+        a.first_checkpoint.0.saturating_sub(1)
+    )
 }
 
 /// The conditions that hold now: (kind, subject, subject name, message).
@@ -242,7 +239,7 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
                 AlertKind::EncryptionSuspected,
                 v.id.0.to_string(),
                 v.settings.name.clone(),
-                encryption_message(sm, &v, &a)?,
+                encryption_message(&v, &a),
             ));
         }
         let stats = crate::metrics::vpg_stats(sm, &src, &v)?;

@@ -5,6 +5,7 @@ mod alerts;
 mod appliance;
 mod console;
 mod crash;
+mod encryption;
 mod failover_test;
 mod full_disk;
 mod guest_kit;

@@ -29,14 +29,14 @@ pub use chunks::{stored_chunk_hashes, HashSetOfBlocks};
 pub use error::{JournalError, Result};
 pub use format::check_checkpoint_name;
 pub use fsutil::free_bytes as free_bytes_at;
+/// Whether a block is all zeros (word at a time).
+pub(crate) use ingest::is_zero as is_zero_block;
 pub use model::{
     BlockQuery, Checkpoint, CheckpointSpec, Cut, DiskInfo, JournalStats, StreamPosition, TapWrite, WireBlock,
     WriteData, BLOCK_SIZE,
 };
 pub use retention::RetentionReport;
 pub use view::PitView;
-/// Whether a block is all zeros (word at a time).
-pub(crate) use ingest::is_zero as is_zero_block;
 
 use chunks::{ChunkId, Hash};
 use format::Record;

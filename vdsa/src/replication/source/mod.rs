@@ -211,7 +211,8 @@ impl SourceStream {
             self.note_synced(disk, offset, len);
         }
         // Classed before the sequencer's lock: it is the signal's CPU.
-        let classes = (self.opts.entropy_signal && kind == WriteKind::Data).then(|| entropy::classify_write(offset, &data));
+        let classes =
+            (self.opts.entropy_signal && kind == WriteKind::Data).then(|| entropy::classify_write(offset, &data));
         self.sequence(StreamWrite { seq: 0, disk, offset, len, kind, sync }, data, classes)
     }
 
