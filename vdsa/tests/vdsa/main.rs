@@ -3,6 +3,7 @@
 //! hostile input.
 
 mod daemon;
+mod encryption_signal;
 mod journal;
 mod native_tap;
 mod nbd;
