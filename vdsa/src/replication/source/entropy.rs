@@ -13,7 +13,6 @@
 use protection_groups::encryption::EntropySample;
 use protection_groups::{CheckpointId, DiskId};
 use std::collections::VecDeque;
-use std::sync::OnceLock;
 
 use crate::journal::BLOCK_SIZE;
 
@@ -22,41 +21,36 @@ pub const ZEROS: u8 = 0;
 pub const PLAIN: u8 = 1;
 pub const ENCRYPTED: u8 = 2;
 
-/// Bytes of a block the entropy estimate reads: every 8th.
-const STRIDE: usize = 8;
-const SAMPLES: usize = BLOCK_SIZE / STRIDE;
-/// Σ c·log2(c) over the byte counts of the samples at or below which they
-/// look encrypted: an entropy of at least 7 bits per byte, as
-/// log2(512) − Σ c·log2(c) / 512 ≥ 7. Text and code measure 4–6; random
-/// and compressed bytes about 7.6 (with 512 samples of 256 values).
-const ENCRYPTED_MAX_SUM: f32 = ((9 - 7) * SAMPLES) as f32;
+/// Bytes of a block the estimate reads: every 32nd.
+const STRIDE: usize = 32;
+const SAMPLES: u32 = (BLOCK_SIZE / STRIDE) as u32;
+/// The sum of the squared byte counts of the samples at or below which
+/// they look encrypted. It estimates the collision entropy (Rényi order
+/// 2): Σc² ≈ N + N(N−1)·Σp², so uniform bytes give 192 ± 11 for 128
+/// samples, text (Σp² ≈ 0.05) about 940 and machine code (≈ 0.02) about
+/// 450; 350 is about 6.6 bits per byte. Compressed bytes measure as
+/// random ones.
+const ENCRYPTED_MAX_SQUARES: u32 = 350;
 /// Intervals kept for the report.
 const KEPT: usize = 64;
 
-fn c_log2_c() -> &'static [f32; SAMPLES + 1] {
-    static TABLE: OnceLock<[f32; SAMPLES + 1]> = OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut t = [0f32; SAMPLES + 1];
-        for (c, v) in t.iter_mut().enumerate().skip(2) {
-            *v = c as f32 * (c as f32).log2();
-        }
-        t
-    })
-}
-
-/// The class of one 4 KiB block: a byte histogram of every 8th byte, its
-/// entropy against 7 bits per byte. About 0.3 µs.
+/// The class of one 4 KiB block: the collision entropy of every 32nd
+/// byte against 6.6 bits per byte. One pass of 128 loads and adds, no
+/// logarithm: about 50 ns.
 pub fn classify_block(block: &[u8]) -> u8 {
     if crate::journal::is_zero_block(block) {
         return ZEROS;
     }
     let mut counts = [0u16; 256];
+    let mut squares = 0u32;
     for &b in block.iter().step_by(STRIDE) {
-        counts[b as usize] += 1;
+        let c = &mut counts[b as usize];
+        // (c + 1)² − c² = 2c + 1
+        squares += 2 * u32::from(*c) + 1;
+        *c += 1;
     }
-    let table = c_log2_c();
-    let sum: f32 = counts.iter().map(|&c| table[usize::from(c).min(SAMPLES)]).sum();
-    if sum <= ENCRYPTED_MAX_SUM {
+    debug_assert!(squares >= SAMPLES);
+    if squares <= ENCRYPTED_MAX_SQUARES {
         ENCRYPTED
     } else {
         PLAIN
