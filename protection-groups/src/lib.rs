@@ -9,6 +9,7 @@
 //! small, pure and cheap to compile.
 
 pub mod appliance;
+pub mod clean_point;
 pub mod encryption;
 mod ids;
 pub mod logs;
