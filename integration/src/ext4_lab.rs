@@ -166,3 +166,32 @@ pub fn file_hashes(image: &Path, names: &[&str]) -> Result<Vec<blake3::Hash>> {
         })
         .collect()
 }
+
+/// The host-side check of the clean-point search: copies the disk behind
+/// the NBD URI `nbd://HOST:PORT/EXPORT` (the first of a test's exports)
+/// into `scratch` and compares the hashes of `expected` files as `debugfs`
+/// reads them. Ok(None): every file is as expected; Ok(Some(why)) names
+/// the first that is not (or a file system `debugfs` cannot read).
+pub fn check_export(uri: &str, scratch: &Path, expected: &[(String, blake3::Hash)]) -> Result<Option<String>> {
+    let rest = uri.strip_prefix("nbd://").with_context(|| format!("{uri}: not an nbd:// URI"))?;
+    let (addr, export) = rest.split_once('/').with_context(|| format!("{uri}: no export name"))?;
+    let mut nbd =
+        vdsa::nbd::client::NbdClient::connect_tcp(addr, export).with_context(|| format!("connecting to {uri}"))?;
+    let size = nbd.size;
+    let mut image = std::fs::File::create(scratch)?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = (size - pos).min(buf.len() as u64) as usize;
+        nbd.read(pos, &mut buf[..n]).with_context(|| format!("reading {uri} at {pos}"))?;
+        std::io::Write::write_all(&mut image, &buf[..n])?;
+        pos += n as u64;
+    }
+    drop(image);
+    let names: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let got = match file_hashes(scratch, &names) {
+        Ok(h) => h,
+        Err(e) => return Ok(Some(format!("the file system does not read: {e:#}"))),
+    };
+    Ok(expected.iter().zip(got).find(|((_, want), got)| want != got).map(|((name, _), _)| format!("{name} differs")))
+}

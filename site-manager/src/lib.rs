@@ -20,6 +20,7 @@
 pub mod alerts;
 pub mod api;
 pub mod barrier_thread;
+pub mod clean_point;
 pub mod cli;
 pub mod client;
 pub mod console;

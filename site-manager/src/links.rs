@@ -101,4 +101,21 @@ impl Links {
     pub fn roles(&self) -> Vec<RoleState> {
         self.by_host.lock().map(|l| l.values().flat_map(|x| x.actual.roles.clone()).collect()).unwrap_or_default()
     }
+
+    /// The checkpoints every recovery VDSA of this site holds for `vpg`,
+    /// oldest first, and how many recovery VDSAs serve it (none: its tests
+    /// run at the site it recovers to).
+    pub fn testable_checkpoints(&self, vpg: protection_groups::VpgId) -> (usize, Vec<protection_groups::CheckpointId>) {
+        let targets: Vec<RoleState> = self
+            .roles()
+            .into_iter()
+            .filter(|r| r.vpg == vpg && r.kind == protection_groups::mgmt::RoleKind::Target)
+            .collect();
+        let mut common = targets.first().map(|t| t.recoverable_checkpoints.clone()).unwrap_or_default();
+        for t in targets.iter().skip(1) {
+            common.retain(|c| t.recoverable_checkpoints.contains(c));
+        }
+        common.sort();
+        (targets.len(), common)
+    }
 }

@@ -57,7 +57,8 @@ fn arg(name: &str, default: usize) -> usize {
 fn main() {
     let (mib, reps) = (arg("--mib", 256), arg("--reps", 5));
     let mut rng = StdRng::seed_from_u64(3);
-    let text: Vec<u8> = (0..WRITE).map(|i| b"the journal holds every write\n"[i % 30] ^ (rng.gen::<u8>() & 1)).collect();
+    let text: Vec<u8> =
+        (0..WRITE).map(|i| b"the journal holds every write\n"[i % 30] ^ (rng.gen::<u8>() & 1)).collect();
     let mut random = vec![0u8; WRITE];
     rng.fill(&mut random[..]);
 

@@ -116,6 +116,14 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// A host-side check for the clean-point search: reads the ext4 file
+    /// system of the first disk in `CLEAN_POINT_EXPORTS` and exits 0 if
+    /// every file that `--expect` lists (JSON: name to blake3 hash) reads
+    /// back with its hash, 1 if not.
+    CleanPointCheck {
+        #[arg(long)]
+        expect: PathBuf,
+    },
     /// Used by the store crash test: ingests into two journals until killed.
     StoreCrashChild {
         #[arg(long)]
@@ -209,6 +217,7 @@ fn main() -> Result<()> {
             store_crash(runs.unwrap_or(if long { 1000 } else { 100 }), seed)
         }
         Some(Command::StoreCrashChild { dir, seed }) => integration::store_crash::child(&dir, seed),
+        Some(Command::CleanPointCheck { expect }) => clean_point_check(&expect),
         Some(Command::WriteOrder { long, checkpoints, seed, control, fault, dir, changes }) => {
             use integration::write_order::Fault;
             let fault = match fault.as_deref() {
@@ -314,6 +323,28 @@ fn power_loss(cuts: u64, seed: Option<u64>) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn clean_point_check(expect: &std::path::Path) -> Result<()> {
+    let text = std::fs::read(expect).with_context(|| format!("reading {}", expect.display()))?;
+    let map: std::collections::BTreeMap<String, String> = serde_json::from_slice(&text)?;
+    let expected: Vec<(String, blake3::Hash)> = map
+        .into_iter()
+        .map(|(n, h)| Ok((n, blake3::Hash::from_hex(&h).map_err(|e| anyhow::anyhow!("{h}: {e}"))?)))
+        .collect::<Result<_>>()?;
+    let exports = std::env::var("CLEAN_POINT_EXPORTS").context("CLEAN_POINT_EXPORTS is not set")?;
+    let uri = exports.split_whitespace().next().context("no export")?;
+    let scratch = tempfile::NamedTempFile::new()?;
+    match integration::ext4_lab::check_export(uri, scratch.path(), &expected)? {
+        None => {
+            println!("{} files read back with their hashes", expected.len());
+            Ok(())
+        }
+        Some(why) => {
+            println!("{why}");
+            std::process::exit(1);
+        }
+    }
 }
 
 fn store_crash(runs: u64, seed: Option<u64>) -> Result<()> {

@@ -5,7 +5,11 @@
 //! nothing; then an attack rewrites most files in place with
 //! encrypted-looking bytes, and the `encryption_suspected` alert must come
 //! within 10 s, name the VM and the first checkpoint of the attack
-//! (within one).
+//! (within one). Then the clean-point search, with k = 4 and with k = 1
+//! and a host-side check that reads the attacked files from each test's
+//! export with `debugfs`, must return exactly the checkpoint a scan of
+//! every checkpoint in the range (read from the recovery journal) finds:
+//! the last one before the attack's first write.
 
 use integration::ext4_lab::{self, Ext4Image, BLOCK};
 use integration::site_lab::{ProtectedSite, SiteSpec};
@@ -69,8 +73,10 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
     let free = &image.free[..(archive.len() as u64).div_ceil(BLOCK).min(image.free.len() as u64) as usize];
     let ordinary_until = Instant::now() + Duration::from_secs(8);
     let mut copied = 0usize;
+    let mut touched = std::collections::HashSet::new();
     while Instant::now() < ordinary_until {
         let f = &image.files[rng.gen_range(0..image.files.len())];
+        touched.insert(f.name.clone());
         let seed = rng.gen();
         rewrite(&mut guest, &f.blocks, |n| ext4_lab::plain_text(seed, n));
         if copied < free.len() {
@@ -92,7 +98,13 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
     // encrypted-looking bytes, over about two seconds.
     let before = newest_checkpoint(&site);
     let started = Instant::now();
-    let victims: Vec<_> = image.files.iter().filter(|_| rng.gen_ratio(7, 10)).collect();
+    // The files the check reads: attacked ones ordinary work left alone,
+    // the first of them attacked first.
+    let mut victims: Vec<_> = image.files.iter().filter(|_| rng.gen_ratio(7, 10)).collect();
+    victims.sort_by_key(|f| touched.contains(&f.name));
+    let checked: Vec<(String, blake3::Hash)> =
+        victims.iter().filter(|f| !touched.contains(&f.name)).take(20).map(|f| (f.name.clone(), f.hash)).collect();
+    assert!(checked.len() >= 10, "{} files to check", checked.len());
     for f in &victims {
         rewrite(&mut guest, &f.blocks, |n| ext4_lab::random_bytes(&mut rng, n));
         std::thread::sleep(Duration::from_millis(8));
@@ -125,4 +137,66 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
         metrics.lines().any(|l| l.starts_with("vdsa_vpg_encryption_suspected{") && l.ends_with(" 1")),
         "the metric says so too"
     );
+
+    // The clean-point search over the checkpoints around the attack.
+    std::thread::sleep(Duration::from_secs(3));
+    let expect = dir.path().join("expect.json");
+    let map: serde_json::Map<String, Value> =
+        checked.iter().map(|(n, h)| (n.clone(), Value::String(h.to_hex().to_string()))).collect();
+    std::fs::write(&expect, serde_json::to_vec(&map).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+    let check =
+        vec![lab().display().to_string(), "clean-point-check".into(), "--expect".into(), expect.display().to_string()];
+    let from = before.saturating_sub(8);
+    let mut answers = Vec::new();
+    for k in [4, 1] {
+        let sm = site.sm().unwrap_or_else(|e| panic!("{e}"));
+        let task = sm
+            .post(
+                &format!("/api/v1/vpgs/{}/clean-point-search", site.vpg),
+                serde_json::json!({"from": from, "k": k, "check": check, "test_timeout_secs": 120}),
+            )
+            .unwrap_or_else(|e| panic!("starting the search: {e}"));
+        let id = task["id"].as_str().unwrap_or_default().to_string();
+        let done = sm.get(&format!("/api/v1/tasks/{id}/wait?timeout_ms=300000")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(done["completion"], "Success", "{done}");
+        let r = &done["result"];
+        println!("k = {k}: {} in {} rounds over {} checkpoints", r["summary"], r["rounds"], r["checkpoints_in_range"]);
+        assert_eq!(r["outcome"]["outcome"], "found", "{r}");
+        assert_eq!(r["monotonic"], true, "{r}");
+        answers.push((r["outcome"]["clean"].as_u64().unwrap_or(0), r["range"][1].as_u64().unwrap_or(0)));
+    }
+    // The truth, by a scan of every checkpoint of the range read straight
+    // from the recovery journal.
+    let newest = answers.iter().map(|a| a.1).min().unwrap_or(0);
+    let (mut site, agents_dir) = (site, dir.path().join("scan"));
+    std::fs::create_dir_all(&agents_dir).unwrap_or_else(|e| panic!("{e}"));
+    for a in site.agents.iter_mut() {
+        a.stop();
+    }
+    let recovery = site.agents.last().unwrap_or_else(|| panic!("no recovery VDSA"));
+    let journal = vdsa::journal::Journal::open(recovery.journal(&site.vpg), vdsa::journal::JournalConfig::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = checked.iter().map(|(n, _)| n.as_str()).collect();
+    let mut last_clean = 0;
+    for cp in journal.checkpoints().unwrap_or_default().iter().filter(|c| c.id.0 >= from && c.id.0 <= newest) {
+        if !cp.kind.is_recoverable() {
+            continue;
+        }
+        let view = journal.open_view(cp.id).unwrap_or_else(|e| panic!("{e}"));
+        let mut bytes = vec![0u8; site.disk_bytes[0] as usize];
+        view.read(site.disks[0], 0, &mut bytes).unwrap_or_else(|e| panic!("{e}"));
+        let img = agents_dir.join("scan.raw");
+        std::fs::write(&img, &bytes).unwrap_or_else(|e| panic!("{e}"));
+        let hashes = ext4_lab::file_hashes(&img, &names).unwrap_or_default();
+        let clean = hashes.len() == checked.len() && hashes.iter().zip(&checked).all(|(h, (_, want))| h == want);
+        if clean {
+            assert!(last_clean == 0 || last_clean < cp.id.0, "not monotonic");
+            last_clean = cp.id.0;
+        }
+    }
+    assert!(last_clean >= from, "the scan found no clean checkpoint");
+    for (k, (answer, _)) in [4, 1].iter().zip(&answers) {
+        assert_eq!(*answer, last_clean, "k = {k}: the search answered {answer}, the scan finds {last_clean}");
+    }
+    assert!(last_clean < first, "the last clean checkpoint {last_clean} is before the alert's first {first}");
 }

@@ -11,7 +11,6 @@ use crate::model::{
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use protection_groups::mgmt::RoleKind;
 use protection_groups::{CheckpointId, StackId, VpgId};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -24,6 +23,30 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_tests, start_tests, discard_records))
         .routes(routes!(get_test))
         .routes(routes!(stop_test))
+        .routes(routes!(clean_point_search))
+}
+
+/// Starts a clean-point search on the VPG: rounds of `k` failover tests,
+/// each checked by `check` on this host, narrowing to the newest
+/// checkpoint that passes with the next one failing. The task's result
+/// shows the rounds, the map of verdicts and, at the end, the answer.
+#[utoipa::path(post, path = "/api/v1/vpgs/{id}/clean-point-search", tag = "failover tests", params(("id" = Uuid, Path)),
+    request_body = crate::clean_point::CleanPointRequest,
+    responses((status = 202, body = crate::model::Task), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn clean_point_search(
+    State(sm): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(req): ApiJson<crate::clean_point::CleanPointRequest>,
+) -> ApiResult<(StatusCode, Json<crate::model::Task>)> {
+    caller.require(Role::Operator)?;
+    blocking(move || {
+        let v = find_vpg(&sm, id)?;
+        let task = crate::clean_point::start(&sm, &v, req).map_err(|why| ApiError::bad("clean-point search", why))?;
+        Ok((StatusCode::ACCEPTED, Json(task)))
+    })
+    .await
 }
 
 /// The most tests one request starts.
@@ -49,16 +72,10 @@ pub(super) fn find_vpg(sm: &AppState, id: Uuid) -> ApiResult<Vpg> {
     find_vpg_or_copy(sm, id).map(|(v, _)| v)
 }
 
-/// The checkpoints every recovery VDSA of this site holds for `vpg`,
-/// oldest first; empty when none of its target roles runs here.
-pub(super) fn testable_checkpoints(sm: &AppState, vpg: VpgId) -> (usize, Vec<CheckpointId>) {
-    let targets: Vec<_> = sm.links.roles().into_iter().filter(|r| r.vpg == vpg && r.kind == RoleKind::Target).collect();
-    let mut common: Vec<CheckpointId> = targets.first().map(|t| t.recoverable_checkpoints.clone()).unwrap_or_default();
-    for t in targets.iter().skip(1) {
-        common.retain(|c| t.recoverable_checkpoints.contains(c));
-    }
-    common.sort();
-    (targets.len(), common)
+/// The checkpoints every recovery VDSA of this site holds for `vpg`
+/// ([`crate::links::Links::testable_checkpoints`]).
+pub(crate) fn testable_checkpoints(sm: &AppState, vpg: VpgId) -> (usize, Vec<CheckpointId>) {
+    sm.links.testable_checkpoints(vpg)
 }
 
 /// Starts one failover test per entry, each at its own checkpoint; the

@@ -41,7 +41,8 @@ struct Pools {
 
 impl Pools {
     fn new(rng: &mut StdRng) -> Pools {
-        let words = ["invoice ", "total ", "customer ", "2026-12-07 ", "INSERT INTO ", "VALUES (", "42, ", "'paid');\n"];
+        let words =
+            ["invoice ", "total ", "customer ", "2026-12-07 ", "INSERT INTO ", "VALUES (", "42, ", "'paid');\n"];
         let text = |rng: &mut StdRng| {
             let mut b = Vec::with_capacity(BLOCK_SIZE + 16);
             while b.len() < BLOCK_SIZE {
