@@ -123,14 +123,15 @@ pub fn start(sm: &Arc<SiteManager>, v: &Vpg, req: CleanPointRequest) -> Result<c
         outcome: None,
         summary: "starting".into(),
     };
-    let (sm2, v2, id) = (sm.clone(), v.clone(), task.id);
+    let (sm2, v2, id, mut progress) = (sm.clone(), v.clone(), task.id, progress);
     std::thread::Builder::new()
         .name("clean-point-search".into())
         .spawn(move || {
-            let r = run(&sm2, &v2, id, &req, search, progress);
-            let (code, result, why) = match r {
-                Ok(p) => (CompletionCode::Success, serde_json::to_value(&p).unwrap_or_default(), None),
-                Err((p, why)) => (CompletionCode::Failed, serde_json::to_value(&p).unwrap_or_default(), Some(why)),
+            let r = run(&sm2, &v2, id, &req, search, &mut progress);
+            let result = serde_json::to_value(&progress).unwrap_or_default();
+            let (code, why) = match r {
+                Ok(()) => (CompletionCode::Success, None),
+                Err(why) => (CompletionCode::Failed, Some(why)),
             };
             if let Err(e) = sm2.finish_task(id, code, result, why) {
                 tracing::error!(task = %id, "cannot finish the clean-point search's task: {e}");
@@ -140,16 +141,14 @@ pub fn start(sm: &Arc<SiteManager>, v: &Vpg, req: CleanPointRequest) -> Result<c
     Ok(task)
 }
 
-type Failed = (CleanPointProgress, String);
-
 fn run(
     sm: &SiteManager,
     v: &Vpg,
     task: Uuid,
     req: &CleanPointRequest,
     mut search: CleanPointSearch,
-    mut p: CleanPointProgress,
-) -> Result<CleanPointProgress, Failed> {
+    p: &mut CleanPointProgress,
+) -> Result<(), String> {
     let timeout = Duration::from_secs(req.test_timeout_secs.max(1));
     loop {
         let round = search.next_round();
@@ -158,11 +157,8 @@ fn run(
         }
         p.rounds = search.rounds();
         p.summary = format!("round {}: testing {}", p.rounds, list(&round));
-        publish(sm, task, &p, &search);
-        let verdicts = match run_round(sm, v, task, p.rounds, &round, &req.check, timeout) {
-            Ok(v) => v,
-            Err(why) => return Err((p, why)),
-        };
+        publish(sm, task, p, &search);
+        let verdicts = run_round(sm, v, task, p.rounds, &round, &req.check, timeout)?;
         for (cp, verdict) in verdicts {
             search.record(cp, verdict);
         }
@@ -192,7 +188,7 @@ fn run(
         }
         None => "the search ended without an answer".into(),
     };
-    Ok(p)
+    Ok(())
 }
 
 fn list(cps: &[CheckpointId]) -> String {
