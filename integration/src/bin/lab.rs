@@ -116,13 +116,16 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
-    /// A host-side check for the clean-point search: reads the ext4 file
-    /// system of the first disk in `CLEAN_POINT_EXPORTS` and exits 0 if
-    /// every file that `--expect` lists (JSON: name to blake3 hash) reads
-    /// back with its hash, 1 if not.
+    /// A host-side check for the clean-point search, on the first disk in
+    /// `CLEAN_POINT_EXPORTS`: with `--expect`, its ext4 file system's files
+    /// that the JSON file lists (name to blake3 hash) must read back with
+    /// their hashes; with `--region OFFSET:LEN:HASH`, those bytes must.
+    /// Exits 0 if so, 1 if not.
     CleanPointCheck {
         #[arg(long)]
-        expect: PathBuf,
+        expect: Option<PathBuf>,
+        #[arg(long)]
+        region: Option<String>,
     },
     /// Used by the store crash test: ingests into two journals until killed.
     StoreCrashChild {
@@ -217,7 +220,7 @@ fn main() -> Result<()> {
             store_crash(runs.unwrap_or(if long { 1000 } else { 100 }), seed)
         }
         Some(Command::StoreCrashChild { dir, seed }) => integration::store_crash::child(&dir, seed),
-        Some(Command::CleanPointCheck { expect }) => clean_point_check(&expect),
+        Some(Command::CleanPointCheck { expect, region }) => clean_point_check(expect.as_deref(), region.as_deref()),
         Some(Command::WriteOrder { long, checkpoints, seed, control, fault, dir, changes }) => {
             use integration::write_order::Fault;
             let fault = match fault.as_deref() {
@@ -325,15 +328,32 @@ fn power_loss(cuts: u64, seed: Option<u64>) -> Result<()> {
     Ok(())
 }
 
-fn clean_point_check(expect: &std::path::Path) -> Result<()> {
+fn clean_point_check(expect: Option<&std::path::Path>, region: Option<&str>) -> Result<()> {
+    let exports = std::env::var("CLEAN_POINT_EXPORTS").context("CLEAN_POINT_EXPORTS is not set")?;
+    let uri = exports.split_whitespace().next().context("no export")?;
+    if let Some(region) = region {
+        let parts: Vec<&str> = region.split(':').collect();
+        let [off, len, hash] = parts[..] else { bail!("--region {region}: OFFSET:LEN:HASH") };
+        let (off, len): (u64, usize) = (off.parse()?, len.parse()?);
+        let want = blake3::Hash::from_hex(hash).map_err(|e| anyhow::anyhow!("{hash}: {e}"))?;
+        let (addr, name) = integration::exports::split_uri(uri)?;
+        let mut c = vdsa::nbd::client::NbdClient::connect_tcp(&addr, &name)?;
+        let mut buf = vec![0u8; len];
+        c.read(off, &mut buf)?;
+        if blake3::hash(&buf) == want {
+            println!("the region reads back with its hash");
+            return Ok(());
+        }
+        println!("the region differs");
+        std::process::exit(1);
+    }
+    let expect = expect.context("--expect or --region")?;
     let text = std::fs::read(expect).with_context(|| format!("reading {}", expect.display()))?;
     let map: std::collections::BTreeMap<String, String> = serde_json::from_slice(&text)?;
     let expected: Vec<(String, blake3::Hash)> = map
         .into_iter()
         .map(|(n, h)| Ok((n, blake3::Hash::from_hex(&h).map_err(|e| anyhow::anyhow!("{h}: {e}"))?)))
         .collect::<Result<_>>()?;
-    let exports = std::env::var("CLEAN_POINT_EXPORTS").context("CLEAN_POINT_EXPORTS is not set")?;
-    let uri = exports.split_whitespace().next().context("no export")?;
     let scratch = tempfile::NamedTempFile::new()?;
     match integration::ext4_lab::check_export(uri, scratch.path(), &expected)? {
         None => {

@@ -17,7 +17,7 @@
 
 mod report;
 
-pub use report::{Check, Report, TestRun};
+pub use report::{Check, CleanPoint, Report, TestRun};
 
 use crate::exports::{export_hash, sha256_hex, split_uri};
 use crate::guest::{Boot, GuestConfig, GuestKit, Initramfs, BLOCK_MODULES, TEST_VM_INIT};
@@ -577,6 +577,28 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
         format!("{others} of {} other disks equal the reference", web.vms.len() - 1),
     );
     reverse_and_fail_back(&mut report, &dir, &prod, &dr, &agents, &vms, web, template.len())?;
+    let db = &vpgs[1];
+    let guest = &mut guests[db.vms[0]];
+    match ransomware_stage(lab, &prod, &dr, db, guest, area + area_len / 2) {
+        Ok(c) => {
+            report.check(
+                "ransomware alert",
+                c.alert_delay_s <= 10.0,
+                format!("encryption_suspected at prod {:.1} s after the attack on VPG db began", c.alert_delay_s),
+            );
+            report.check(
+                "clean-point search",
+                c.found == c.expected,
+                format!(
+                    "4 failover tests a round at dr found checkpoint {} in {} rounds; the last one before the attack \
+                     is {}",
+                    c.found, c.rounds, c.expected
+                ),
+            );
+            report.clean_point = Some(c);
+        }
+        Err(e) => report.check("ransomware stage", false, format!("{e:#}")),
+    }
     vsphere_stage(&mut report);
     report.duration_s = started.elapsed().as_secs_f64();
     if o.keep {
@@ -595,6 +617,85 @@ pub fn run(lab: &Path, o: &LabOptions) -> Result<Report> {
     }
     drop(guests);
     Ok(report)
+}
+
+/// The ransomware stage, on VPG `db` (docs/architecture.md, "The
+/// encryption signal" and "The clean-point search"): text files written
+/// into vm-3's disk at `at`, protected for a few checkpoints; right after a
+/// checkpoint is recorded the attack overwrites them with random bytes.
+/// The alert must come at prod, and the clean-point search at dr (4 tests
+/// a round, a host-side check of the files' bytes in each test's export)
+/// must find that checkpoint.
+fn ransomware_stage(
+    lab: &Path,
+    prod: &SiteManagerProcess,
+    dr: &SiteManagerProcess,
+    db: &LabVpg,
+    guest: &mut NbdClient,
+    at: u64,
+) -> Result<CleanPoint> {
+    const FILES: usize = 2 << 20;
+    let text = crate::ext4_lab::plain_text(31, FILES);
+    guest.write(at, &text)?;
+    let newest = |sm: &SiteManagerProcess| -> Result<u64> {
+        let cps = sm.get(&format!("/api/v1/vpgs/{}/checkpoints?limit=1", db.id))?;
+        Ok(cps[0]["id"].as_u64().unwrap_or(0))
+    };
+    // A few checkpoints with the files in place (the second one recorded
+    // after the write is the first sure to hold them), then the attack
+    // right after one is recorded (the next comes a whole interval later).
+    let files_from = newest(prod)? + 2;
+    std::thread::sleep(Duration::from_secs(8));
+    let seen = newest(prod)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let expected = loop {
+        let n = newest(prod)?;
+        if n > seen {
+            break n;
+        }
+        if Instant::now() > deadline {
+            bail!("no checkpoint of VPG db for 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let started = Instant::now();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    for piece in 0..FILES / (256 << 10) {
+        let mut enc = vec![0u8; 256 << 10];
+        rand::RngCore::fill_bytes(&mut rng, &mut enc);
+        guest.write(at + (piece * (256 << 10)) as u64, &enc)?;
+    }
+    let alert_delay_s = loop {
+        let alerts = prod.get("/api/v1/alerts")?;
+        let raised = alerts.as_array().into_iter().flatten().any(|a| {
+            a["kind"] == "encryption_suspected" && a["subject"] == db.id.as_str() && a["cleared_ms"].is_null()
+        });
+        if raised {
+            break started.elapsed().as_secs_f64();
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("no encryption alert for VPG db 30 s after the attack");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("lab: the attack on VPG db raised encryption_suspected after {alert_delay_s:.1} s; searching for the last clean checkpoint at dr");
+    // Give dr's journals the attack's checkpoints, then search from a few
+    // checkpoints before it.
+    std::thread::sleep(Duration::from_secs(5));
+    let region = format!("{at}:{FILES}:{}", blake3::hash(&text).to_hex());
+    let check = json!([lab.display().to_string(), "clean-point-check", "--region", region]);
+    let task = dr.post(
+        &format!("/api/v1/vpgs/{}/clean-point-search", db.id),
+        json!({"from": files_from, "k": 4, "check": check, "test_timeout_secs": 120}),
+    )?;
+    let done = wait_task(dr, &task, "the clean-point search", Duration::from_secs(600))?;
+    let r = &done["result"];
+    println!("lab: {}", r["summary"].as_str().unwrap_or_default());
+    if done["completion"] != "Success" {
+        bail!("the clean-point search failed: {done}");
+    }
+    let found = r["outcome"]["clean"].as_u64().unwrap_or(0);
+    Ok(CleanPoint { expected, found, rounds: r["rounds"].as_u64().unwrap_or(0), alert_delay_s })
 }
 
 /// The vSphere stage, when the simulator can be built: the VDSA OVA

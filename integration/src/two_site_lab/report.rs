@@ -22,6 +22,15 @@ pub struct TestRun {
     pub verified: bool,
 }
 
+/// What the ransomware stage found.
+#[derive(Debug, Clone, Default)]
+pub struct CleanPoint {
+    pub expected: u64,
+    pub found: u64,
+    pub rounds: u64,
+    pub alert_delay_s: f64,
+}
+
 /// The lab's report, filled in as it runs.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -40,6 +49,10 @@ pub struct Report {
     pub tapped_bytes: u64,
     pub link_bytes: u64,
     pub write_seconds: f64,
+    /// The ransomware stage: the last clean checkpoint before the attack,
+    /// the one the clean-point search found, its rounds, and the seconds
+    /// from the attack's start to the alert.
+    pub clean_point: Option<CleanPoint>,
     /// Steps the lab does not run yet, with the reason.
     pub not_run: Vec<(String, String)>,
     pub duration_s: f64,
@@ -92,6 +105,9 @@ impl Report {
             "write_throughput_mib_s": if self.write_seconds > 0.0 {
                 self.written_bytes as f64 / f64::from(1u32 << 20) / self.write_seconds
             } else { 0.0 },
+            "clean_point": self.clean_point.as_ref().map(|c| json!({
+                "expected": c.expected, "found": c.found, "rounds": c.rounds, "alert_delay_s": c.alert_delay_s,
+            })),
             "not_run": self.not_run.iter().map(|(s, why)| json!({"step": s, "why": why})).collect::<Vec<_>>(),
             "duration_s": self.duration_s,
         })
@@ -122,6 +138,12 @@ impl Report {
                 t.checkpoint,
                 t.start_s,
                 if t.verified { "verified" } else { "NOT verified" }
+            );
+        }
+        if let Some(c) = &self.clean_point {
+            println!(
+                "  ransomware: alert {:.1} s after the attack began; clean-point search found {} (expected {}) in {} rounds",
+                c.alert_delay_s, c.found, c.expected, c.rounds
             );
         }
         if let Some(rto) = self.rto_s {

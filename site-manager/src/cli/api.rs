@@ -301,6 +301,27 @@ pub enum TestOp {
         #[arg(long)]
         before_ms: Option<u64>,
     },
+    /// The clean-point search: rounds of --k failover tests, each checked
+    /// by the command after `--` on the site manager's host (exit 0
+    /// passes; the test's exports are in CLEAN_POINT_EXPORTS), narrowing
+    /// to the newest checkpoint that passes. Prints each round as it
+    /// ends, then the map of verdicts and the answer.
+    CleanPoint {
+        vpg: String,
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        to: Option<u64>,
+        #[arg(long, default_value_t = 4)]
+        k: usize,
+        /// 1, or 3 (each verdict the best two of three runs).
+        #[arg(long, default_value_t = 1)]
+        repeats: u8,
+        #[arg(long, default_value_t = 600)]
+        test_timeout_secs: u64,
+        #[arg(last = true, required = true)]
+        check: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -837,6 +858,33 @@ fn run_test_op(api: &ApiClient, c: &ApiConnection, op: TestOp) -> Result<()> {
             follow(api, c, &stopping.task)?;
             let t: FailoverTest = api.get(&format!("/api/v1/failover-tests/{id}"))?;
             show(c, &t, |t| test_rows(std::slice::from_ref(t)))
+        }
+        TestOp::CleanPoint { vpg, from, to, k, repeats, test_timeout_secs, check } => {
+            let req = crate::clean_point::CleanPointRequest { from, to, k, repeats, check, test_timeout_secs };
+            let task: Task = api.post(&format!("/api/v1/vpgs/{vpg}/clean-point-search"), &req)?;
+            let mut said = String::new();
+            let done = api.wait_task(task.id, Duration::from_secs(24 * 3600), |t| {
+                let summary = t.result["summary"].as_str().unwrap_or_default().to_string();
+                if !c.json && !summary.is_empty() && summary != said {
+                    println!("{summary}");
+                    said = summary;
+                }
+            })?;
+            let p: crate::clean_point::CleanPointProgress = serde_json::from_value(done.result.clone())
+                .with_context(|| format!("the search's result: {}", done.result))?;
+            show(c, &p, |p| {
+                let mut rows = vec![vec!["checkpoint".into(), "round".into(), "runs".into(), "verdict".into()]];
+                for t in &p.map {
+                    rows.push(vec![t.checkpoint.0.to_string(), t.round.to_string(), word(&t.runs), word(&t.verdict)]);
+                }
+                rows.push(vec![String::new(); 4]);
+                rows.push(vec!["answer".into(), p.summary.clone(), String::new(), String::new()]);
+                rows
+            })?;
+            if done.completion != crate::model::CompletionCode::Success {
+                anyhow::bail!("the search ended {:?}: {}", done.completion, done.exception.unwrap_or_default());
+            }
+            Ok(())
         }
         TestOp::Discard { vpg, before_ms } => {
             let q = before_ms.map(|b| format!("?before_ms={b}")).unwrap_or_default();
