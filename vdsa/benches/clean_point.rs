@@ -39,7 +39,7 @@ fn main() {
         .unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
     for cp in 1..=n {
-        seq += 1;
+        let seq = cp + 1;
         let (offset, data): (u64, Vec<u8>) = if cp == attack {
             let mut enc = vec![0u8; text.len()];
             rng.fill(&mut enc[..]);
