@@ -33,7 +33,7 @@ fn main() {
     let text: Vec<u8> = (0..FILE_BLOCKS * BLOCK_SIZE).map(|i| b"quarterly report, customer total\n"[i % 33]).collect();
     let want = blake3::hash(&text);
     let attack = rng.gen_range(n / 2..n);
-    let mut seq = 1;
+
     journal
         .ingest(stream, &[TapWrite { seq, disk, offset: 0, data: WriteData::Data(&text) }])
         .unwrap_or_else(|e| panic!("{e}"));
