@@ -35,7 +35,7 @@ fn main() {
     let attack = rng.gen_range(n / 2..n);
 
     journal
-        .ingest(stream, &[TapWrite { seq, disk, offset: 0, data: WriteData::Data(&text) }])
+        .ingest(stream, &[TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&text) }])
         .unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
     for cp in 1..=n {

@@ -20,7 +20,10 @@ export async function render() {
     const [tasks, vpgs] = await Promise.all([api.get('/api/v1/tasks'), api.get('/api/v1/vpgs')]);
     const vpgName = new Map(vpgs.map((v) => [v.id, v.settings.name]));
     const row = (t) => h('tr', { dataset: { task: t.id, kind: t.kind } },
-      h('td', {}, t.description || words(t.kind)),
+      h('td', {}, t.description || words(t.kind),
+        // A clean-point search says where it stands and, at the end, its answer.
+        t.kind === 'clean_point_search' && t.result && t.result.summary
+          ? h('div', { class: 'muted', dataset: { role: 'clean-point' } }, t.result.summary) : null),
       h('td', {}, t.vpg ? h('a', { href: `#/vpgs/${t.vpg}` }, vpgName.get(t.vpg) || t.vpg) : '—'),
       h('td', {}, taskStatus(t)),
       h('td', {}, progress(t.progress)),
