@@ -167,18 +167,15 @@ pub fn file_hashes(image: &Path, names: &[&str]) -> Result<Vec<blake3::Hash>> {
         .collect()
 }
 
-/// The host-side check of the clean-point search: copies the disk behind
-/// the NBD URI `nbd://HOST:PORT/EXPORT` (the first of a test's exports)
-/// into `scratch` and compares the hashes of `expected` files as `debugfs`
-/// reads them. Ok(None): every file is as expected; Ok(Some(why)) names
-/// the first that is not (or a file system `debugfs` cannot read).
-pub fn check_export(uri: &str, scratch: &Path, expected: &[(String, blake3::Hash)]) -> Result<Option<String>> {
+/// Copies the disk behind the NBD URI `nbd://HOST:PORT/EXPORT` into
+/// the file `to`.
+pub fn copy_export(uri: &str, to: &Path) -> Result<()> {
     let rest = uri.strip_prefix("nbd://").with_context(|| format!("{uri}: not an nbd:// URI"))?;
     let (addr, export) = rest.split_once('/').with_context(|| format!("{uri}: no export name"))?;
     let mut nbd =
         vdsa::nbd::client::NbdClient::connect_tcp(addr, export).with_context(|| format!("connecting to {uri}"))?;
     let size = nbd.size;
-    let mut image = std::fs::File::create(scratch)?;
+    let mut image = std::fs::File::create(to)?;
     let mut buf = vec![0u8; 4 << 20];
     let mut pos = 0u64;
     while pos < size {
@@ -187,11 +184,35 @@ pub fn check_export(uri: &str, scratch: &Path, expected: &[(String, blake3::Hash
         std::io::Write::write_all(&mut image, &buf[..n])?;
         pos += n as u64;
     }
-    drop(image);
-    let names: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    let got = match file_hashes(scratch, &names) {
-        Ok(h) => h,
-        Err(e) => return Ok(Some(format!("the file system does not read: {e:#}"))),
-    };
-    Ok(expected.iter().zip(got).find(|((_, want), got)| want != got).map(|((name, _), _)| format!("{name} differs")))
+    Ok(())
+}
+
+/// The host-side check of the clean-point search: copies each disk a
+/// file of `expected` is on (its index in `uris`, a test's exports in the
+/// VPG's disk order) into `scratch` and compares the files' hashes as
+/// `debugfs` reads them. Ok(None): every file is as expected; Ok(Some(why))
+/// names the first that is not (or a file system `debugfs` cannot read).
+pub fn check_exports(
+    uris: &[&str],
+    scratch: &Path,
+    expected: &[(usize, String, blake3::Hash)],
+) -> Result<Option<String>> {
+    let mut disks: Vec<usize> = expected.iter().map(|(d, _, _)| *d).collect();
+    disks.sort_unstable();
+    disks.dedup();
+    for d in disks {
+        let uri = uris.get(d).with_context(|| format!("no export for disk {d} (of {})", uris.len()))?;
+        let image = scratch.join(format!("disk-{d}.raw"));
+        copy_export(uri, &image)?;
+        let files: Vec<&(usize, String, blake3::Hash)> = expected.iter().filter(|(x, _, _)| *x == d).collect();
+        let names: Vec<&str> = files.iter().map(|(_, n, _)| n.as_str()).collect();
+        let got = match file_hashes(&image, &names) {
+            Ok(h) => h,
+            Err(e) => return Ok(Some(format!("disk {d}'s file system does not read: {e:#}"))),
+        };
+        if let Some(((_, name, _), _)) = files.iter().zip(got).find(|((_, _, want), got)| want != got) {
+            return Ok(Some(format!("disk {d}: {name} differs")));
+        }
+    }
+    Ok(None)
 }

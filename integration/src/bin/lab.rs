@@ -349,13 +349,21 @@ fn clean_point_check(expect: Option<&std::path::Path>, region: Option<&str>) -> 
     }
     let expect = expect.context("--expect or --region")?;
     let text = std::fs::read(expect).with_context(|| format!("reading {}", expect.display()))?;
+    // "DISK:NAME" (DISK the export's index, 0 if left out) to the hash.
     let map: std::collections::BTreeMap<String, String> = serde_json::from_slice(&text)?;
-    let expected: Vec<(String, blake3::Hash)> = map
+    let expected: Vec<(usize, String, blake3::Hash)> = map
         .into_iter()
-        .map(|(n, h)| Ok((n, blake3::Hash::from_hex(&h).map_err(|e| anyhow::anyhow!("{h}: {e}"))?)))
+        .map(|(key, h)| {
+            let (disk, name) = match key.split_once(':') {
+                Some((d, n)) => (d.parse().with_context(|| format!("{key}: DISK:NAME"))?, n.to_string()),
+                None => (0, key),
+            };
+            Ok((disk, name, blake3::Hash::from_hex(&h).map_err(|e| anyhow::anyhow!("{h}: {e}"))?))
+        })
         .collect::<Result<_>>()?;
-    let scratch = tempfile::NamedTempFile::new()?;
-    match integration::ext4_lab::check_export(uri, scratch.path(), &expected)? {
+    let uris: Vec<&str> = exports.split_whitespace().collect();
+    let scratch = tempfile::tempdir()?;
+    match integration::ext4_lab::check_exports(&uris, scratch.path(), &expected)? {
         None => {
             println!("{} files read back with their hashes", expected.len());
             Ok(())

@@ -1,15 +1,16 @@
-//! The encryption signal end to end: a VM whose disk is an ext4 file
-//! system of plain text files is protected by a real site manager and
-//! VDSAs (QEMU's mirror as the tap). Ordinary work (files rewritten in
+//! The encryption signal end to end: two VMs on two hosts whose disks are
+//! ext4 file systems of plain text files are protected in one VPG by a
+//! real site manager and VDSAs (QEMU's mirror as the tap). Ordinary work (files rewritten in
 //! place with text, a compressed archive copied into free space) raises
-//! nothing; then an attack rewrites most files in place with
-//! encrypted-looking bytes, and the `encryption_suspected` alert must come
-//! within 10 s, name the VM and the first checkpoint of the attack
-//! (within one). Then the clean-point search, with k = 4 and with k = 1
+//! nothing; then an attack spread over both hosts rewrites most files in
+//! place with encrypted-looking bytes, and the `encryption_suspected`
+//! alert must come within 10 s, name both VMs and the first checkpoint of
+//! the attack (within one). Then the clean-point search, with k = 4 and with k = 1
 //! and a host-side check that reads the attacked files from each test's
 //! export with `debugfs`, must return exactly the checkpoint a scan of
 //! every checkpoint in the range (read from the recovery journal) finds:
-//! the last one before the attack's first write.
+//! the last one before the attack's first write; a check that always
+//! passes or always fails must say so instead of naming a checkpoint.
 
 use integration::ext4_lab::{self, Ext4Image, BLOCK};
 use integration::site_lab::{ProtectedSite, SiteSpec};
@@ -60,10 +61,11 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
     let image: Ext4Image = ext4_lab::build(dir.path(), 240, 24 << 10, 48 << 20, 7)
         .unwrap_or_else(|e| panic!("making the ext4 image: {e:#}"));
     let mut spec = SiteSpec::one_vm();
+    spec.hosts = 2;
     spec.disk_image = Some(image.path.clone());
     let site = ProtectedSite::start(&lab(), dir.path(), &spec, |s| println!("{s}"))
         .unwrap_or_else(|e| panic!("starting the site: {e:#}"));
-    let mut guest = site.vms[0].guest().unwrap_or_else(|e| panic!("{e}"));
+    let mut guests: Vec<NbdClient> = site.vms.iter().map(|v| v.guest().unwrap_or_else(|e| panic!("{e}"))).collect();
     let mut rng = StdRng::seed_from_u64(11);
 
     // Ordinary work for 8 s: files rewritten in place with new text, and a
@@ -75,13 +77,14 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
     let mut copied = 0usize;
     let mut touched = std::collections::HashSet::new();
     while Instant::now() < ordinary_until {
+        let vm = rng.gen_range(0..guests.len());
         let f = &image.files[rng.gen_range(0..image.files.len())];
-        touched.insert(f.name.clone());
+        touched.insert((vm, f.name.clone()));
         let seed = rng.gen();
-        rewrite(&mut guest, &f.blocks, |n| ext4_lab::plain_text(seed, n));
+        rewrite(&mut guests[vm], &f.blocks, |n| ext4_lab::plain_text(seed, n));
         if copied < free.len() {
             let run = &free[copied..(copied + 8).min(free.len())];
-            rewrite(&mut guest, run, |n| {
+            rewrite(&mut guests[vm], run, |n| {
                 let from = (copied * BLOCK as usize).min(archive.len());
                 let mut piece = archive[from..(from + n).min(archive.len())].to_vec();
                 piece.resize(n, 0);
@@ -98,15 +101,21 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
     // encrypted-looking bytes, over about two seconds.
     let before = newest_checkpoint(&site);
     let started = Instant::now();
-    // The files the check reads: attacked ones ordinary work left alone,
-    // the first of them attacked first.
-    let mut victims: Vec<_> = image.files.iter().filter(|_| rng.gen_ratio(7, 10)).collect();
-    victims.sort_by_key(|f| touched.contains(&f.name));
-    let checked: Vec<(String, blake3::Hash)> =
-        victims.iter().filter(|f| !touched.contains(&f.name)).take(20).map(|f| (f.name.clone(), f.hash)).collect();
-    assert!(checked.len() >= 10, "{} files to check", checked.len());
-    for f in &victims {
-        rewrite(&mut guest, &f.blocks, |n| ext4_lab::random_bytes(&mut rng, n));
+    // The attack takes files of both VMs in turn. The files the check
+    // reads: attacked ones ordinary work left alone, the first of them
+    // attacked first.
+    let mut victims: Vec<(usize, &ext4_lab::Ext4File)> =
+        image.files.iter().enumerate().filter(|_| rng.gen_ratio(7, 10)).map(|(i, f)| (i % 2, f)).collect();
+    victims.sort_by_key(|(vm, f)| touched.contains(&(*vm, f.name.clone())));
+    let checked: Vec<(usize, String, blake3::Hash)> = victims
+        .iter()
+        .filter(|(vm, f)| !touched.contains(&(*vm, f.name.clone())))
+        .take(20)
+        .map(|(vm, f)| (*vm, f.name.clone(), f.hash))
+        .collect();
+    assert!(checked.iter().any(|c| c.0 == 0) && checked.iter().any(|c| c.0 == 1), "files of both VMs are checked");
+    for (vm, f) in &victims {
+        rewrite(&mut guests[*vm], &f.blocks, |n| ext4_lab::random_bytes(&mut rng, n));
         std::thread::sleep(Duration::from_millis(8));
     }
     let alert = loop {
@@ -119,7 +128,7 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
     let delay = started.elapsed();
     println!("alert after {:.1} s: {}", delay.as_secs_f64(), alert["message"]);
     assert_eq!(alert["subject"], site.vpg.as_str());
-    assert!(alert["message"].as_str().is_some_and(|m| m.contains("vm-0")), "{alert}");
+    assert!(alert["message"].as_str().is_some_and(|m| m.contains("vm-0") && m.contains("vm-1")), "{alert}");
     let signal = site
         .sm()
         .and_then(|sm| sm.get(&format!("/api/v1/vpgs/{}/encryption", site.vpg)))
@@ -142,7 +151,7 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
     std::thread::sleep(Duration::from_secs(3));
     let expect = dir.path().join("expect.json");
     let map: serde_json::Map<String, Value> =
-        checked.iter().map(|(n, h)| (n.clone(), Value::String(h.to_hex().to_string()))).collect();
+        checked.iter().map(|(vm, n, h)| (format!("{vm}:{n}"), Value::String(h.to_hex().to_string()))).collect();
     std::fs::write(&expect, serde_json::to_vec(&map).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
     let check =
         vec![lab().display().to_string(), "clean-point-check".into(), "--expect".into(), expect.display().to_string()];
@@ -165,6 +174,21 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
         assert_eq!(r["monotonic"], true, "{r}");
         answers.push((r["outcome"]["clean"].as_u64().unwrap_or(0), r["range"][1].as_u64().unwrap_or(0)));
     }
+    // A check that always passes, or always fails: a clear answer, not a
+    // checkpoint.
+    for (check, want) in [("true", "no_failing_point"), ("false", "no_passing_point")] {
+        let sm = site.sm().unwrap_or_else(|e| panic!("{e}"));
+        let task = sm
+            .post(
+                &format!("/api/v1/vpgs/{}/clean-point-search", site.vpg),
+                serde_json::json!({"from": from, "k": 4, "check": [check]}),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let id = task["id"].as_str().unwrap_or_default().to_string();
+        let done = sm.get(&format!("/api/v1/tasks/{id}/wait?timeout_ms=300000")).unwrap_or_else(|e| panic!("{e}"));
+        println!("check {check:?}: {}", done["result"]["summary"]);
+        assert_eq!(done["result"]["outcome"]["outcome"], want, "{done}");
+    }
     // The truth, by a scan of every checkpoint of the range read straight
     // from the recovery journal.
     let newest = answers.iter().map(|a| a.1).min().unwrap_or(0);
@@ -176,19 +200,23 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
     let recovery = site.agents.last().unwrap_or_else(|| panic!("no recovery VDSA"));
     let journal = vdsa::journal::Journal::open(recovery.journal(&site.vpg), vdsa::journal::JournalConfig::default())
         .unwrap_or_else(|e| panic!("{e}"));
-    let names: Vec<&str> = checked.iter().map(|(n, _)| n.as_str()).collect();
     let mut last_clean = 0;
     for cp in journal.checkpoints().unwrap_or_default().iter().filter(|c| c.id.0 >= from && c.id.0 <= newest) {
         if !cp.kind.is_recoverable() {
             continue;
         }
         let view = journal.open_view(cp.id).unwrap_or_else(|e| panic!("{e}"));
-        let mut bytes = vec![0u8; site.disk_bytes[0] as usize];
-        view.read(site.disks[0], 0, &mut bytes).unwrap_or_else(|e| panic!("{e}"));
-        let img = agents_dir.join("scan.raw");
-        std::fs::write(&img, &bytes).unwrap_or_else(|e| panic!("{e}"));
-        let hashes = ext4_lab::file_hashes(&img, &names).unwrap_or_default();
-        let clean = hashes.len() == checked.len() && hashes.iter().zip(&checked).all(|(h, (_, want))| h == want);
+        let mut clean = true;
+        for vm in 0..2 {
+            let mut bytes = vec![0u8; site.disk_bytes[vm] as usize];
+            view.read(site.disks[vm], 0, &mut bytes).unwrap_or_else(|e| panic!("{e}"));
+            let img = agents_dir.join("scan.raw");
+            std::fs::write(&img, &bytes).unwrap_or_else(|e| panic!("{e}"));
+            let files: Vec<&(usize, String, blake3::Hash)> = checked.iter().filter(|c| c.0 == vm).collect();
+            let names: Vec<&str> = files.iter().map(|c| c.1.as_str()).collect();
+            let hashes = ext4_lab::file_hashes(&img, &names).unwrap_or_default();
+            clean &= hashes.len() == files.len() && hashes.iter().zip(&files).all(|(h, c)| *h == c.2);
+        }
         if clean {
             assert!(last_clean == 0 || last_clean < cp.id.0, "not monotonic");
             last_clean = cp.id.0;
