@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::model::{CompletionCode, FailoverTest, StackPurpose, TaskDriver, TestResult, TestState, Vpg};
+use crate::model::{CompletionCode, TaskDriver, TestResult, TestState, Vpg};
 use crate::state::SiteManager;
 
 /// What to search and how (`POST /vpgs/{id}/clean-point-search`).
@@ -217,19 +217,9 @@ fn run_round(
     check: &[String],
     timeout: Duration,
 ) -> Result<Vec<(CheckpointId, Verdict)>, String> {
-    let start_task = sm
-        .start_task(
-            "failover_test",
-            format!("clean-point search round {round}: failover tests of VPG {:?} at {}", v.settings.name, list(cps)),
-            Some(v.id),
-            None,
-            TaskDriver::Vdsa,
-        )
-        .map_err(|e| e.to_string())?;
-    let tests: Vec<FailoverTest> =
-        cps.iter().map(|&cp| FailoverTest::starting(StackPurpose::Test, v, cp, start_task.id)).collect();
-    sm.with_store(|s| tests.iter().try_for_each(|t| s.tests.put(t.id.as_bytes(), t))).map_err(|e| e.to_string())?;
-    sm.changed();
+    let what =
+        format!("clean-point search round {round}: failover tests of VPG {:?} at {}", v.settings.name, list(cps));
+    let (_, tests) = crate::failover_tests::start(sm, v, cps, what).map_err(|e| e.to_string())?;
     let order: Vec<protection_groups::DiskId> =
         v.settings.vms.iter().flat_map(|vm| vm.disks.iter().map(|d| d.id)).collect();
     let results: Vec<(CheckpointId, Verdict, String)> = std::thread::scope(|scope| {
@@ -323,34 +313,14 @@ fn one_test(
 
 /// Stops a test with the check's verdict (as `POST /failover-tests/{id}/stop`).
 fn stop(sm: &SiteManager, id: protection_groups::StackId, verdict: Verdict, notes: &str) {
-    let r = (|| -> Result<(), crate::store::StoreError> {
-        let Some(mut t) = sm.with_store(|s| s.tests.get(id.as_bytes()))? else { return Ok(()) };
-        if !t.serves() {
-            return Ok(());
+    let r = sm.with_store(|s| s.tests.get(id.as_bytes())).and_then(|t| match t {
+        Some(t) if t.serves() => {
+            let result = if verdict == Verdict::Pass { TestResult::Pass } else { TestResult::Fail };
+            let notes = format!("clean-point search: {}", notes.chars().take(4000).collect::<String>());
+            crate::failover_tests::stop(sm, t, result, notes).map(|_| ())
         }
-        let task = sm.start_task(
-            "stop_failover_test",
-            format!("stop the failover test of VPG {:?} at {}", t.vpg_name, t.checkpoint),
-            Some(t.vpg),
-            None,
-            TaskDriver::Vdsa,
-        )?;
-        if t.state == TestState::Starting {
-            sm.finish_task(
-                t.start_task,
-                CompletionCode::Aborted,
-                serde_json::json!({"test": t.id}),
-                Some("stopped before it ran".into()),
-            )?;
-        }
-        t.state = TestState::Stopping;
-        t.result = Some(if verdict == Verdict::Pass { TestResult::Pass } else { TestResult::Fail });
-        t.notes = format!("clean-point search: {}", notes.chars().take(4000).collect::<String>());
-        t.stop_task = Some(task.id);
-        sm.with_store(|s| s.tests.put(t.id.as_bytes(), &t))?;
-        sm.changed();
-        Ok(())
-    })();
+        _ => Ok(()),
+    });
     if let Err(e) = r {
         tracing::error!(test = %id, "cannot stop a clean-point search's test: {e}");
     }

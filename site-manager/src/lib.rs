@@ -27,6 +27,7 @@ pub mod console;
 pub mod coordinator;
 pub mod deploy;
 pub mod encryption;
+pub mod failover_tests;
 pub mod health;
 pub mod links;
 pub mod logs;

@@ -5,8 +5,8 @@
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
 use crate::model::{
-    Discarded, ErrorBody, FailoverTest, NewTests, Role, StackPurpose, StartedTests, StopTest, StoppingTest, TaskDriver,
-    TestState, Vpg,
+    Discarded, ErrorBody, FailoverTest, NewTests, Role, StackPurpose, StartedTests, StopTest, StoppingTest, TestState,
+    Vpg,
 };
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -126,19 +126,8 @@ async fn start_tests(
             picked.push(cp);
         }
         let list: Vec<String> = picked.iter().map(ToString::to_string).collect();
-        let task = sm.start_task(
-            "failover_test",
-            format!("failover test of VPG {:?} at {}", v.settings.name, list.join(", ")),
-            Some(v.id),
-            None,
-            TaskDriver::Vdsa,
-        )?;
-        let tests: Vec<FailoverTest> = picked
-            .into_iter()
-            .map(|checkpoint| FailoverTest::starting(StackPurpose::Test, &v, checkpoint, task.id))
-            .collect();
-        sm.with_store(|s| tests.iter().try_for_each(|t| s.tests.put(t.id.as_bytes(), t)))?;
-        sm.changed();
+        let what = format!("failover test of VPG {:?} at {}", v.settings.name, list.join(", "));
+        let (task, tests) = crate::failover_tests::start(&sm, &v, &picked, what)?;
         Ok((StatusCode::ACCEPTED, Json(StartedTests { task, tests })))
     })
     .await
@@ -195,7 +184,7 @@ async fn stop_test(
         return Err(ApiError::bad("notes", "notes: at most 64 KiB"));
     }
     blocking(move || {
-        let mut t = test(&sm, id)?;
+        let t = test(&sm, id)?;
         if t.purpose == StackPurpose::Failover {
             return Err(ApiError::Conflict(format!(
                 "{id} is VPG {:?}'s failover: commit it or roll it back",
@@ -205,28 +194,7 @@ async fn stop_test(
         if !t.serves() {
             return Err(ApiError::Conflict(format!("failover test {id} is {:?}, not running", t.state)));
         }
-        let task = sm.start_task(
-            "stop_failover_test",
-            format!("stop the failover test of VPG {:?} at {}", t.vpg_name, t.checkpoint),
-            Some(t.vpg),
-            None,
-            TaskDriver::Vdsa,
-        )?;
-        if t.state == TestState::Starting {
-            // Stopped before it ran: its start task ends with it.
-            sm.finish_task(
-                t.start_task,
-                crate::model::CompletionCode::Aborted,
-                serde_json::json!({"test": t.id}),
-                Some("stopped before it ran".into()),
-            )?;
-        }
-        t.state = TestState::Stopping;
-        t.result = Some(req.result);
-        t.notes = req.notes;
-        t.stop_task = Some(task.id);
-        sm.with_store(|s| s.tests.put(t.id.as_bytes(), &t))?;
-        sm.changed();
+        let (task, t) = crate::failover_tests::stop(&sm, t, req.result, req.notes)?;
         Ok((StatusCode::ACCEPTED, Json(StoppingTest { task, test: t })))
     })
     .await
