@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides put in their first message. A peer of
 /// another version is refused with a message that names both.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest frame either side accepts.
 pub const MAX_FRAME_BYTES: u32 = 4 << 20;
