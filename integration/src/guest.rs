@@ -406,3 +406,39 @@ pub fn make_ext4(path: &Path, size_mb: u64) -> Result<()> {
     drop(f);
     run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(path), "mkfs.ext4")
 }
+
+/// Runs the shell `command` inside a check VM (the kit's kernel, an
+/// initramfs of busybox) with `uris` attached over NBD as `/dev/vda`,
+/// `/dev/vdb`, ... (the clean-point search's in-guest check); returns the
+/// command's exit code, or 1 if the VM reports none within `timeout`.
+pub fn run_check_vm(uris: &[String], command: &str, timeout: Duration) -> Result<i32> {
+    let kit = GuestKit::prepare()?;
+    let dir = tempfile::tempdir()?;
+    let initramfs = dir.path().join("check-initrd");
+    let init = format!(
+        "i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
+         ( {command} ) > /dev/console 2>&1; echo \"CHECKVM: exit $?\""
+    );
+    kit.build_initramfs(&Initramfs { modules: BLOCK_MODULES.to_vec(), programs: Vec::new(), init }, &initramfs)?;
+    let console = dir.path().join("console.log");
+    let mut guest = kit.boot(&GuestConfig {
+        boot: Boot::Kernel { initramfs, append: String::new() },
+        memory_mb: 256,
+        disks: Vec::new(),
+        nbd_disks: uris.to_vec(),
+        read_only_nbd_disks: Vec::new(),
+        forwards: Vec::new(),
+        console: console.clone(),
+    })?;
+    let reported = guest.wait_for("CHECKVM: exit ", timeout).is_ok();
+    let _ = guest.wait_exit(Duration::from_secs(30));
+    let text = guest.console_text();
+    print!("{text}");
+    if !reported {
+        return Ok(1);
+    }
+    Ok(text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("CHECKVM: exit ").and_then(|c| c.trim().parse().ok()))
+        .unwrap_or(1))
+}

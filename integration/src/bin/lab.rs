@@ -127,6 +127,17 @@ enum Command {
         #[arg(long)]
         region: Option<String>,
     },
+    /// A check for the clean-point search run inside a VM: boots a check
+    /// VM (the guest kit's kernel under QEMU) with every disk of
+    /// `CLEAN_POINT_EXPORTS` attached over NBD (`/dev/vda`, `/dev/vdb`,
+    /// ...), runs the shell `--command` in it, and exits with the
+    /// command's exit code (1 if the VM does not report one in time).
+    CleanPointGuestCheck {
+        #[arg(long)]
+        command: String,
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+    },
     /// Used by the store crash test: ingests into two journals until killed.
     StoreCrashChild {
         #[arg(long)]
@@ -221,6 +232,12 @@ fn main() -> Result<()> {
         }
         Some(Command::StoreCrashChild { dir, seed }) => integration::store_crash::child(&dir, seed),
         Some(Command::CleanPointCheck { expect, region }) => clean_point_check(expect.as_deref(), region.as_deref()),
+        Some(Command::CleanPointGuestCheck { command, timeout_secs }) => {
+            let exports = std::env::var("CLEAN_POINT_EXPORTS").context("CLEAN_POINT_EXPORTS is not set")?;
+            let uris: Vec<String> = exports.split_whitespace().map(str::to_string).collect();
+            let code = integration::guest::run_check_vm(&uris, &command, Duration::from_secs(timeout_secs))?;
+            std::process::exit(code);
+        }
         Some(Command::WriteOrder { long, checkpoints, seed, control, fault, dir, changes }) => {
             use integration::write_order::Fault;
             let fault = match fault.as_deref() {

@@ -228,3 +228,69 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
     }
     assert!(last_clean < first, "the last clean checkpoint {last_clean} is before the alert's first {first}");
 }
+
+/// The clean-point search with its check inside a VM: each test's export
+/// is attached to a check VM (the guest kit's kernel under QEMU) that
+/// hashes the files' blocks with the guest's own tools; the search (k = 2)
+/// must find the checkpoint recorded just before the attack.
+#[test]
+fn the_clean_point_search_runs_its_check_inside_a_vm() {
+    if !integration::kvm_lab::qemu_available() {
+        println!("skipped: qemu-storage-daemon is not installed");
+        return;
+    }
+    if let Err(e) = integration::guest::GuestKit::prepare() {
+        println!("skipped: the guest kit is not available: {e:#}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let site = ProtectedSite::start(&lab(), dir.path(), &SiteSpec::one_vm(), |s| println!("{s}"))
+        .unwrap_or_else(|e| panic!("starting the site: {e:#}"));
+    let mut guest = site.vms[0].guest().unwrap_or_else(|e| panic!("{e}"));
+    let (at, len) = (1u64 << 20, 2usize << 20);
+    let text = ext4_lab::plain_text(5, len);
+    guest.write(at, &text).unwrap_or_else(|e| panic!("{e}"));
+    let files_from = newest_checkpoint(&site) + 2;
+    std::thread::sleep(Duration::from_secs(5));
+    let seen = newest_checkpoint(&site);
+    let expected = loop {
+        let n = newest_checkpoint(&site);
+        if n > seen {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut rng = StdRng::seed_from_u64(3);
+    guest.write(at, &ext4_lab::random_bytes(&mut rng, len)).unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(4));
+    let sha = integration::exports::sha256_hex(&text, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let command = format!(
+        "[ \"$(dd if=/dev/vda bs=4096 skip={} count={} 2>/dev/null | sha256sum | cut -d' ' -f1)\" = \"{sha}\" ]",
+        at / 4096,
+        len / 4096
+    );
+    let check = vec![lab().display().to_string(), "clean-point-guest-check".into(), "--command".into(), command];
+    let sm = site.sm().unwrap_or_else(|e| panic!("{e}"));
+    let task = sm
+        .post(
+            &format!("/api/v1/vpgs/{}/clean-point-search", site.vpg),
+            serde_json::json!({"from": files_from, "k": 2, "check": check, "test_timeout_secs": 300}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let id = task["id"].as_str().unwrap_or_default().to_string();
+    let done = sm.get(&format!("/api/v1/tasks/{id}/wait?timeout_ms=900000")).unwrap_or_else(|e| panic!("{e}"));
+    let r = &done["result"];
+    println!("{} in {} rounds over {} checkpoints", r["summary"], r["rounds"], r["checkpoints_in_range"]);
+    assert_eq!(done["completion"], "Success", "{done}");
+    assert_eq!(r["outcome"]["clean"].as_u64(), Some(expected), "{r}");
+    // The verdicts and what the check VM said are in the tests' records.
+    let tests = sm.get(&format!("/api/v1/vpgs/{}/failover-tests", site.vpg)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        tests
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["notes"].as_str().is_some_and(|n| n.contains("CHECKVM: exit 0"))),
+        "a passing check VM's console is in its test's notes"
+    );
+}
