@@ -294,3 +294,87 @@ fn the_clean_point_search_runs_its_check_inside_a_vm() {
         "a passing check VM's console is in its test's notes"
     );
 }
+
+/// The signal against a real guest kernel: a Linux guest (the guest kit's
+/// kernel under QEMU) mounts the ext4 file system of a protected VM's
+/// disk through that VM's QEMU, whose mirror is the VDSA's tap; it
+/// rewrites some files with text, then encrypts every file in place with
+/// `dd` from `/dev/urandom`. The alert must come within 10 s of the
+/// attack's start (the guest's console says when) and name the attack's
+/// first checkpoint within one; the text rewrites raise nothing.
+#[test]
+fn a_real_guest_encrypting_its_ext4_files_raises_the_alert() {
+    if !integration::kvm_lab::qemu_available() {
+        println!("skipped: qemu-storage-daemon is not installed");
+        return;
+    }
+    let kit = match integration::guest::GuestKit::prepare() {
+        Ok(k) => k,
+        Err(e) => {
+            println!("skipped: the guest kit is not available: {e:#}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let image = ext4_lab::build(dir.path(), 160, 24 << 10, 32 << 20, 17).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut spec = SiteSpec::one_vm();
+    spec.disk_image = Some(image.path.clone());
+    let site = ProtectedSite::start(&lab(), dir.path(), &spec, |s| println!("{s}"))
+        .unwrap_or_else(|e| panic!("starting the site: {e:#}"));
+    let init = "i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
+        mkdir -p /mnt; mount -t ext4 /dev/vda /mnt || echo 'GUESTWL: mount failed'\n\
+        for f in /mnt/doc-000*.txt /mnt/doc-001*.txt; do tr a-z A-Z < $f > /tmp/x; dd if=/tmp/x of=$f conv=notrunc,fsync 2>/dev/null; done\n\
+        echo 'GUESTWL: ordinary done'; sleep 6\n\
+        echo 'GUESTWL: attack'\n\
+        for f in /mnt/doc-*.txt; do dd if=/dev/urandom of=$f bs=4096 count=6 conv=notrunc,fsync 2>/dev/null; done\n\
+        echo 'GUESTWL: attack done'; sleep 20";
+    let initramfs = dir.path().join("workload-initrd");
+    kit.build_initramfs(
+        &integration::guest::Initramfs {
+            modules: integration::guest::BLOCK_MODULES.to_vec(),
+            programs: Vec::new(),
+            init: init.into(),
+        },
+        &initramfs,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let console = dir.path().join("workload.log");
+    let mut vm = kit
+        .boot(&integration::guest::GuestConfig {
+            boot: integration::guest::Boot::Kernel { initramfs, append: String::new() },
+            memory_mb: 256,
+            disks: Vec::new(),
+            nbd_disks: vec![format!("nbd+unix:///vmdisk?socket={}", site.vms[0].guest_sock.display())],
+            read_only_nbd_disks: Vec::new(),
+            forwards: Vec::new(),
+            console: console.clone(),
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    vm.wait_for("GUESTWL: ordinary done", Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e:#}"));
+    vm.wait_for("GUESTWL: attack", Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e:#}"));
+    let before = newest_checkpoint(&site);
+    let started = Instant::now();
+    assert!(alerts_of(&site, "encryption_suspected").is_empty(), "the text rewrites raised the alert");
+    let alert = loop {
+        if let Some(a) = alerts_of(&site, "encryption_suspected").into_iter().next() {
+            break a;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no alert 10 s after the guest's attack began: {}",
+            vm.console_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("alert {:.1} s after the guest's attack began: {}", started.elapsed().as_secs_f64(), alert["message"]);
+    assert!(alert["message"].as_str().is_some_and(|m| m.contains("vm-0")), "{alert}");
+    let signal = site
+        .sm()
+        .and_then(|sm| sm.get(&format!("/api/v1/vpgs/{}/encryption", site.vpg)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let first = signal["alert"]["first_checkpoint"].as_u64().unwrap_or(0);
+    assert!(
+        (before..=before + 2).contains(&first),
+        "the guest's attack began after checkpoint {before} was recorded; the alert names {first}: {signal}"
+    );
+}
