@@ -3,7 +3,8 @@
 //! with the form, waits until it protects, inserts three named checkpoints,
 //! picks them on the timeline and starts three failover tests at once
 //! (each export's bytes equal the disk at its checkpoint), stops them with
-//! results and notes, fails over to a checkpoint with the wizard (the
+//! results and notes, follows a clean-point search to its answer on the
+//! tasks page, fails over to a checkpoint with the wizard (the
 //! export equals that checkpoint) and commits. A viewer then sees no
 //! action on any page, while the operator did (the control), and the API
 //! refuses the viewer's writes. Screenshots of every step are saved in
@@ -181,6 +182,30 @@ fn an_operator_protects_tests_three_points_and_fails_over_in_the_console_and_a_v
         assert!(t["notes"].as_str().unwrap_or_default().starts_with("checked by hash"), "{t}");
     }
     ok(b.screenshot("tests-stopped-with-results"));
+
+    // A clean-point search (its check always passes): the tasks page shows
+    // its answer under its description.
+    let search = ok(sm.post(&format!("/api/v1/vpgs/{vpg}/clean-point-search"), json!({"k": 4, "check": ["true"]})));
+    let search_id = search["id"].as_str().unwrap_or_default().to_string();
+    let done = ok(sm.get(&format!("/api/v1/tasks/{search_id}/wait?timeout_ms=300000")));
+    assert_eq!(done["result"]["outcome"]["outcome"], "no_failing_point", "{done}");
+    open(&b, &base, "/tasks", "tr[data-task]");
+    ok(b.wait_for_text(
+        &format!("tr[data-task=\"{search_id}\"] [data-role=clean-point]"),
+        "no failing point in the range",
+        SECS(10),
+    ));
+    ok(b.screenshot("clean-point-search"));
+    // Its tests are stopped before the failover.
+    let deadline = std::time::Instant::now() + SECS(120);
+    while ok(sm.get(&format!("/api/v1/vpgs/{vpg}/failover-tests")))
+        .as_array()
+        .is_some_and(|a| a.iter().any(|t| !matches!(t["state"].as_str(), Some("Stopped" | "Failed"))))
+    {
+        assert!(std::time::Instant::now() < deadline, "the search's tests did not stop");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    open(&b, &base, &format!("/vpgs/{vpg}"), ".page-head [data-status]");
 
     // The failover wizard: the second point, confirm, then commit.
     let (target, reference) = points[1];
