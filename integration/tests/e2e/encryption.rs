@@ -31,6 +31,16 @@ fn alerts_of(site: &ProtectedSite, kind: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// The first checkpoint the VPG's encryption alert names, and the signal
+/// as the API shows it.
+fn alert_first_checkpoint(site: &ProtectedSite) -> (u64, Value) {
+    let signal = site
+        .sm()
+        .and_then(|sm| sm.get(&format!("/api/v1/vpgs/{}/encryption", site.vpg)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (signal["alert"]["first_checkpoint"].as_u64().unwrap_or(0), signal)
+}
+
 fn newest_checkpoint(site: &ProtectedSite) -> u64 {
     let path = format!("/api/v1/vpgs/{}/checkpoints?limit=1", site.vpg);
     site.sm().and_then(|sm| sm.get(&path)).ok().and_then(|v| v[0]["id"].as_u64()).unwrap_or(0)
@@ -129,11 +139,7 @@ fn an_attack_that_encrypts_files_in_place_raises_the_alert_within_ten_seconds_an
     println!("alert after {:.1} s: {}", delay.as_secs_f64(), alert["message"]);
     assert_eq!(alert["subject"], site.vpg.as_str());
     assert!(alert["message"].as_str().is_some_and(|m| m.contains("vm-0") && m.contains("vm-1")), "{alert}");
-    let signal = site
-        .sm()
-        .and_then(|sm| sm.get(&format!("/api/v1/vpgs/{}/encryption", site.vpg)))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let first = signal["alert"]["first_checkpoint"].as_u64().unwrap_or(0);
+    let (first, signal) = alert_first_checkpoint(&site);
     assert!(
         first == before + 1 || first == before + 2,
         "the attack's first checkpoint is {}..={}, the alert names {first}: {signal}",
@@ -368,11 +374,7 @@ fn a_real_guest_encrypting_its_ext4_files_raises_the_alert() {
     };
     println!("alert {:.1} s after the guest's attack began: {}", started.elapsed().as_secs_f64(), alert["message"]);
     assert!(alert["message"].as_str().is_some_and(|m| m.contains("vm-0")), "{alert}");
-    let signal = site
-        .sm()
-        .and_then(|sm| sm.get(&format!("/api/v1/vpgs/{}/encryption", site.vpg)))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let first = signal["alert"]["first_checkpoint"].as_u64().unwrap_or(0);
+    let (first, signal) = alert_first_checkpoint(&site);
     assert!(
         (before..=before + 2).contains(&first),
         "the guest's attack began after checkpoint {before} was recorded; the alert names {first}: {signal}"
