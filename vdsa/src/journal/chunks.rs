@@ -166,7 +166,9 @@ thread_local! {
 pub fn stored_chunk_hashes(dir: &Path) -> Result<HashSetOfBlocks> {
     let mut out = HashSetOfBlocks::default();
     for no in fsutil::numbered_files(dir, "pack")? {
-        let path = dir.join(format!("{no:08}.pack"));
+        let no =
+            u32::try_from(no).map_err(|_| JournalError::corrupt(pack_path(dir, 0), 0, "pack number out of range"))?;
+        let path = pack_path(dir, no);
         let bytes = std::fs::read(&path).map_err(|e| JournalError::io("reading", &path, e))?;
         let mut pos = PACK_HEADER_LEN;
         while pos < bytes.len() {

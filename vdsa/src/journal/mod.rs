@@ -381,19 +381,9 @@ impl Journal {
             }
             None => {
                 drop(lock);
-                std::fs::remove_dir_all(dir).map_err(|e| JournalError::io("removing journal", dir, e))?;
-                match dir.parent() {
-                    Some(parent) => fsutil::sync_dir(parent),
-                    None => Ok(()),
-                }
+                store::remove_journal_dir(dir)
             }
         }
-    }
-
-    /// The shared chunk store's folder, if the journal keeps its chunks in
-    /// one.
-    pub fn chunk_store_dir(&self) -> Result<Option<PathBuf>> {
-        Ok(self.read_state()?.chunks.root().map(Path::to_path_buf))
     }
 
     /// Collects the chunk store's garbage now; with `all`, every pack

@@ -43,7 +43,7 @@ struct Member {
 #[derive(Debug)]
 struct Packs {
     store: ChunkStore,
-    /// Appends packs on its own thread (one for all member journals).
+    /// Queues the packs' writes (one queue for all member journals).
     writer: Writer,
 }
 
@@ -125,10 +125,7 @@ impl Store {
         };
         let mut m = self.membership()?;
         if !m.meta.members.iter().any(|x| x.journal == rel) {
-            let mut meta = m.meta.clone();
-            meta.members.push(Member { journal: rel, removing: false });
-            write_store_meta(root, &meta)?;
-            m.meta = meta;
+            change_meta(root, &mut m, |meta| meta.members.push(Member { journal: rel, removing: false }))?;
         }
         Ok(())
     }
@@ -210,20 +207,14 @@ impl Store {
                     journal.display()
                 )));
             }
-            let mut meta = m.meta.clone();
-            for x in meta.members.iter_mut().filter(|x| x.journal == rel) {
-                x.removing = true;
-            }
-            write_store_meta(root, &meta)?;
-            m.meta = meta;
+            change_meta(root, &mut m, |meta| {
+                for x in meta.members.iter_mut().filter(|x| x.journal == rel) {
+                    x.removing = true;
+                }
+            })?;
         }
         remove_journal_dir(journal)?;
-        let mut m = self.membership()?;
-        let mut meta = m.meta.clone();
-        meta.members.retain(|x| x.journal != rel);
-        write_store_meta(root, &meta)?;
-        m.meta = meta;
-        Ok(())
+        change_meta(root, &mut *self.membership()?, |meta| meta.members.retain(|x| x.journal != rel))
     }
 
     fn read_packs(&self) -> Result<RwLockReadGuard<'_, Packs>> {
@@ -390,6 +381,16 @@ fn finish_membership(root: &Path) -> Result<StoreMeta> {
     Ok(meta)
 }
 
+/// Changes the members' list on disk (atomically), then in memory: a
+/// failed write leaves both as they were.
+fn change_meta(root: &Path, m: &mut Membership, change: impl FnOnce(&mut StoreMeta)) -> Result<()> {
+    let mut meta = m.meta.clone();
+    change(&mut meta);
+    write_store_meta(root, &meta)?;
+    m.meta = meta;
+    Ok(())
+}
+
 fn write_store_meta(root: &Path, meta: &StoreMeta) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(meta)
         .map_err(|e| JournalError::Failed(format!("encoding chunk store metadata: {e}")))?;
@@ -397,7 +398,7 @@ fn write_store_meta(root: &Path, meta: &StoreMeta) -> Result<()> {
 }
 
 /// Deletes a journal's folder (gone already is fine) and makes that durable.
-fn remove_journal_dir(dir: &Path) -> Result<()> {
+pub(super) fn remove_journal_dir(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
