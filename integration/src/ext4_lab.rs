@@ -96,7 +96,8 @@ pub fn random_bytes(rng: &mut StdRng, len: usize) -> Vec<u8> {
     out
 }
 
-fn debugfs(image: &Path, request: &str) -> Result<String> {
+/// What `debugfs -R request image` prints (a file's bytes, for `cat`).
+fn debugfs_output(image: &Path, request: &str) -> Result<Vec<u8>> {
     let out = Command::new("debugfs")
         .args(["-R", request])
         .arg(image)
@@ -105,7 +106,11 @@ fn debugfs(image: &Path, request: &str) -> Result<String> {
     if !out.status.success() {
         bail!("debugfs -R {request:?} {}: {}", image.display(), String::from_utf8_lossy(&out.stderr));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out.stdout)
+}
+
+fn debugfs(image: &Path, request: &str) -> Result<String> {
+    Ok(String::from_utf8_lossy(&debugfs_output(image, request)?).into_owned())
 }
 
 /// Makes `dir/disk.raw`: `disk_bytes` of ext4 holding `files` plain text
@@ -155,25 +160,15 @@ pub fn build(dir: &Path, files: usize, file_bytes: usize, disk_bytes: u64, seed:
 /// The hashes of `names` as the ext4 image at `image` holds them (read
 /// with `debugfs`, as a host-side check would).
 pub fn file_hashes(image: &Path, names: &[&str]) -> Result<Vec<blake3::Hash>> {
-    names
-        .iter()
-        .map(|n| {
-            let out = Command::new("debugfs").args(["-R", &format!("cat /{n}")]).arg(image).output()?;
-            if !out.status.success() {
-                bail!("debugfs cat /{n}: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            Ok(blake3::hash(&out.stdout))
-        })
-        .collect()
+    names.iter().map(|n| Ok(blake3::hash(&debugfs_output(image, &format!("cat /{n}"))?))).collect()
 }
 
 /// Copies the disk behind the NBD URI `nbd://HOST:PORT/EXPORT` into
 /// the file `to`.
 pub fn copy_export(uri: &str, to: &Path) -> Result<()> {
-    let rest = uri.strip_prefix("nbd://").with_context(|| format!("{uri}: not an nbd:// URI"))?;
-    let (addr, export) = rest.split_once('/').with_context(|| format!("{uri}: no export name"))?;
+    let (addr, export) = crate::exports::split_uri(uri)?;
     let mut nbd =
-        vdsa::nbd::client::NbdClient::connect_tcp(addr, export).with_context(|| format!("connecting to {uri}"))?;
+        vdsa::nbd::client::NbdClient::connect_tcp(&addr, &export).with_context(|| format!("connecting to {uri}"))?;
     let size = nbd.size;
     let mut image = std::fs::File::create(to)?;
     let mut buf = vec![0u8; 4 << 20];
