@@ -276,6 +276,17 @@ fn one_test(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // SAFETY: prctl in the forked child before exec touches no memory of
+    // ours; it has the kernel SIGKILL the check if the thread that started
+    // it dies (the site manager killed mid-search), so no check outlives it.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return (cp, Verdict::Fail, format!("the check {:?} did not start: {e}", check[0])),
