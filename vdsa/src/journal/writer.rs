@@ -33,10 +33,27 @@ struct Job {
     progress: Arc<(Mutex<Progress>, Condvar)>,
 }
 
+/// The first write that failed: a full disk keeps its kind, so that the
+/// caller answers it as such (a tap's ENOSPC), not as a failure.
+#[derive(Debug, Clone)]
+enum WriteFailure {
+    DiskFull(PathBuf),
+    Other(String),
+}
+
+impl WriteFailure {
+    fn error(&self) -> JournalError {
+        match self {
+            WriteFailure::DiskFull(path) => JournalError::DiskFull { action: "writing", path: path.clone() },
+            WriteFailure::Other(why) => JournalError::Failed(why.clone()),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Progress {
     completed: u64,
-    error: Option<String>,
+    error: Option<WriteFailure>,
 }
 
 /// One journal's (or chunk store's) queue on one of the shared writer
@@ -64,7 +81,10 @@ fn run(rx: Receiver<Job>) {
         let Ok(mut st) = lock.lock() else { continue };
         if let Err(e) = r {
             if st.error.is_none() {
-                st.error = Some(JournalError::io("writing", &job.path, e).to_string());
+                st.error = Some(match JournalError::io("writing", &job.path, e) {
+                    JournalError::DiskFull { path, .. } => WriteFailure::DiskFull(path),
+                    other => WriteFailure::Other(other.to_string()),
+                });
             }
         }
         st.completed = job.seq;
@@ -92,7 +112,7 @@ impl Writer {
     fn check(&self) -> Result<u64> {
         let st = self.progress.0.lock().map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
         match &st.error {
-            Some(e) => Err(JournalError::Failed(e.clone())),
+            Some(e) => Err(e.error()),
             None => Ok(st.completed),
         }
     }
@@ -126,7 +146,7 @@ impl Writer {
             st = cv.wait(st).map_err(|_| JournalError::Failed("journal writer state poisoned".into()))?;
         }
         match &st.error {
-            Some(e) => Err(JournalError::Failed(e.clone())),
+            Some(e) => Err(e.error()),
             None => Ok(()),
         }
     }
