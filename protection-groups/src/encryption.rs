@@ -196,8 +196,13 @@ impl EncryptionDetector {
             return None;
         }
         // The rise began where the run of intervals whose own share left
-        // the baseline (half the alert level) began, traced back from now.
-        let level = (baseline * s.baseline_factor + s.min_share) / 2.0;
+        // the baseline began, traced back from now. "Left" is half the
+        // alert level, and at least a third of the share that raised the
+        // alert: an ordinary workload with a raised share of its own (a
+        // copy into deleted files' blocks, 10 %) just before an attack is
+        // not the attack's start, while the attack's first, partial
+        // interval usually still is.
+        let level = ((baseline * s.baseline_factor + s.min_share) / 2.0).max(share / 3.0);
         let left = |&(_, written, rewritten): &(CheckpointId, u64, u64)| {
             written > 0 && rewritten as f64 / written as f64 >= level
         };
@@ -271,5 +276,21 @@ mod tests {
             assert!(high.observe(sample(cp, 2000, 300)).is_none());
         }
         assert!(high.observe(sample(2001, 2000, 700)).is_none(), "35 % against a 15 % baseline");
+    }
+
+    #[test]
+    fn a_copy_with_some_rewrites_just_before_an_attack_is_not_taken_for_its_start() {
+        let mut d = EncryptionDetector::default();
+        for cp in 1..=500 {
+            assert!(d.observe(sample(cp, 50, 0)).is_none());
+        }
+        // A copy of compressed files reusing deleted text: 15 % rewrites.
+        for cp in 501..=510 {
+            assert!(d.observe(sample(cp, 300, 45)).is_none());
+        }
+        // The attack's first interval is partial (40 % of its writes).
+        assert!(d.observe(sample(511, 300, 120)).is_none());
+        let a = d.observe(sample(512, 800, 800)).cloned();
+        assert_eq!(a.map(|a| a.first_checkpoint), Some(CheckpointId(511)));
     }
 }
