@@ -28,7 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, TapWrite, WriteData, BLOCK_SIZE};
 use vdsa::nbd::client::NbdClient;
-use vdsa::nbd::server::{serve, BlockExport, Exports};
+use vdsa::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
+use vdsa::nbd::server::{BlockExport, Exports};
+use vdsa::serving::{accept_each, Listener, Protocol};
 use vdsa::recovery::{export_name, ProcessingStack};
 
 const MIB: u64 = 1 << 20;
@@ -66,21 +68,13 @@ fn args() -> Args {
     a
 }
 
-/// Serves `exports` on a loopback TCP port; returns the address.
+/// Serves `exports` on a loopback TCP port as a VDSA does (on the
+/// connection runtime); returns the address.
 fn serve_tcp(exports: Arc<Exports>) -> String {
     let l = ok(TcpListener::bind("127.0.0.1:0"));
     let addr = ok(l.local_addr()).to_string();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let exports = exports.clone();
-            let _ = c.set_nodelay(true);
-            std::thread::spawn(move || {
-                if let Ok(r) = c.try_clone() {
-                    let _ = serve(r, c, &exports);
-                }
-            });
-        }
-    });
+    let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, "bench connections");
+    ok(accept_each(Listener::Tcp(l), exports, limit, Protocol::Nbd, "bench connections"));
     addr
 }
 

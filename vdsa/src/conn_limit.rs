@@ -1,7 +1,8 @@
-//! A bound on the connections a listener serves at once, each on a thread
-//! of its own. Past it a new connection is closed at once and the refusal
-//! logged, so a client that opens connections without end cannot exhaust
-//! the process's threads (docs/architecture.md, "Threads").
+//! A bound on the connections a listener serves at once. Past it a new
+//! connection is closed at once and the refusal logged, so a client that
+//! opens connections without end cannot exhaust the process (its threads
+//! for replication links, its memory and file descriptors for taps;
+//! docs/architecture.md, "Threads").
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

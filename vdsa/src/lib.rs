@@ -27,5 +27,6 @@ pub mod nbd;
 mod payload;
 pub mod recovery;
 pub mod replication;
+pub mod serving;
 pub mod tap;
 pub mod wire;

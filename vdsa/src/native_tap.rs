@@ -1,10 +1,13 @@
 //! The native tap protocol (docs/tap-protocol.md): how an I/O filter that
 //! is not QEMU hands every write of a disk to its VDSA. Serves the same
-//! exports as the NBD server, so both kinds of tap feed the same streams.
+//! exports as the NBD server, so both kinds of tap feed the same streams,
+//! served on tokio's streams ([`crate::serving`]).
 
-use crate::nbd::server::{BlockExport, ExportError, Exports};
-use crate::payload::read_payload;
+use crate::nbd::server::{blocking, BlockExport, ExportError, Exports};
+use crate::payload::read_payload_async;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const MAGIC: u32 = 0x5654_4150; // "VTAP"
 pub const VERSION: u16 = 1;
@@ -75,105 +78,107 @@ fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn ack(w: &mut impl Write, status: u32, id: u64) -> io::Result<()> {
-    let mut b = [0u8; 16];
-    b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-    b[4..8].copy_from_slice(&status.to_be_bytes());
-    b[8..16].copy_from_slice(&id.to_be_bytes());
-    w.write_all(&b)
+fn ack(out: &mut Vec<u8>, status: u32, id: u64) {
+    out.extend_from_slice(&MAGIC.to_be_bytes());
+    out.extend_from_slice(&status.to_be_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
 }
 
-/// Serves one filter connection until BYE, close, or a protocol breach.
-pub fn serve<R: Read, W: Write>(reader: R, writer: W, exports: &Exports) -> io::Result<Ending> {
-    let mut r = BufReader::with_capacity(256 << 10, reader);
-    let mut w = BufWriter::with_capacity(64 << 10, writer);
-    match session(&mut r, &mut w, exports) {
-        Ok(end) => Ok(end),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Ending::Closed),
-        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => Ok(Ending::Closed),
-        Err(e) => Err(e),
-    }
+/// One filter connection's protocol state, apart from its I/O: the
+/// driver ([`serve`]) reads whole units (the hello, the disk's name and size, a request with
+/// its payload) and hand them here; ACKs collect in `out` until the driver
+/// sends them.
+struct Session<'a> {
+    exports: &'a Exports,
+    export: Option<Arc<dyn BlockExport>>,
+    out: Vec<u8>,
+    payload: Vec<u8>,
 }
 
-fn session<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports) -> io::Result<Ending> {
-    let mut hello = [0u8; 8];
-    r.read_exact(&mut hello)?;
-    let welcome = |w: &mut W, status: u32, size: u64| -> io::Result<()> {
-        let mut b = [0u8; 20];
-        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&VERSION.to_be_bytes());
-        b[8..12].copy_from_slice(&status.to_be_bytes());
-        b[12..20].copy_from_slice(&size.to_be_bytes());
-        w.write_all(&b)?;
-        w.flush()
-    };
-    if be_u32(&hello) != MAGIC {
-        return Ok(Ending::Refused("bad hello magic".into()));
+impl<'a> Session<'a> {
+    fn new(exports: &'a Exports) -> Session<'a> {
+        Session { exports, export: None, out: Vec::new(), payload: Vec::new() }
     }
-    let version = u16::from_be_bytes([hello[4], hello[5]]);
-    let name_len = u16::from_be_bytes([hello[6], hello[7]]) as usize;
-    if version != VERSION {
-        welcome(w, EPROTONOSUPPORT, 0)?;
-        return Ok(Ending::Refused(format!("protocol version {version}")));
+
+    fn welcome(&mut self, status: u32, size: u64) {
+        self.out.extend_from_slice(&MAGIC.to_be_bytes());
+        self.out.extend_from_slice(&VERSION.to_be_bytes());
+        self.out.extend_from_slice(&[0u8; 2]);
+        self.out.extend_from_slice(&status.to_be_bytes());
+        self.out.extend_from_slice(&size.to_be_bytes());
     }
-    if name_len == 0 || name_len > 255 {
-        welcome(w, EINVAL, 0)?;
-        return Ok(Ending::Refused(format!("disk name of {name_len} bytes")));
-    }
-    let mut name = vec![0u8; name_len];
-    r.read_exact(&mut name)?;
-    let mut size = [0u8; 8];
-    r.read_exact(&mut size)?;
-    let name = String::from_utf8_lossy(&name).into_owned();
-    let Some(export) = exports.find(&name) else {
-        welcome(w, ENOENT, 0)?;
-        return Ok(Ending::Refused(format!("no disk named {name:?}")));
-    };
-    if u64::from_be_bytes(size) != export.size() {
-        welcome(w, EINVAL, export.size())?;
-        return Ok(Ending::Refused(format!(
-            "disk {name} is {} bytes, the filter says {}",
-            export.size(),
-            u64::from_be_bytes(size)
-        )));
-    }
-    welcome(w, 0, export.size())?;
-    let mut h = [0u8; HEADER_LEN];
-    let mut payload = Vec::new();
-    loop {
-        // Acknowledge what is done before blocking for more; while requests
-        // are already buffered, ACKs are batched into one send.
-        if r.buffer().is_empty() {
-            w.flush()?;
+
+    /// The hello; the length of the disk name that follows it.
+    fn hello(&mut self, hello: &[u8; 8]) -> Result<usize, Ending> {
+        if be_u32(hello) != MAGIC {
+            return Err(Ending::Refused("bad hello magic".into()));
         }
-        r.read_exact(&mut h)?;
+        let version = u16::from_be_bytes([hello[4], hello[5]]);
+        let name_len = u16::from_be_bytes([hello[6], hello[7]]) as usize;
+        if version != VERSION {
+            self.welcome(EPROTONOSUPPORT, 0);
+            return Err(Ending::Refused(format!("protocol version {version}")));
+        }
+        if name_len == 0 || name_len > 255 {
+            self.welcome(EINVAL, 0);
+            return Err(Ending::Refused(format!("disk name of {name_len} bytes")));
+        }
+        Ok(name_len)
+    }
+
+    /// The disk's name and the size the filter sees.
+    fn disk(&mut self, name: &[u8], size: [u8; 8]) -> Result<(), Ending> {
+        let name = String::from_utf8_lossy(name).into_owned();
+        let Some(export) = self.exports.find(&name) else {
+            self.welcome(ENOENT, 0);
+            return Err(Ending::Refused(format!("no disk named {name:?}")));
+        };
+        if u64::from_be_bytes(size) != export.size() {
+            self.welcome(EINVAL, export.size());
+            return Err(Ending::Refused(format!(
+                "disk {name} is {} bytes, the filter says {}",
+                export.size(),
+                u64::from_be_bytes(size)
+            )));
+        }
+        self.welcome(0, export.size());
+        self.export = Some(export);
+        Ok(())
+    }
+
+    /// A request's header: the request and the payload that follows it.
+    fn header(&mut self, h: &[u8; HEADER_LEN]) -> Result<(Header, u64), Ending> {
         let id = be_u64(&h[8..16]);
-        if be_u32(&h) != MAGIC {
-            return Ok(Ending::Refused("bad request magic".into()));
+        if be_u32(h) != MAGIC {
+            return Err(Ending::Refused("bad request magic".into()));
         }
         let header = Header { kind: h[4], id, offset: be_u64(&h[16..24]), length: be_u32(&h[24..28]) };
         if header.length > MAX_PAYLOAD {
-            ack(w, EBADMSG, id)?;
-            w.flush()?;
-            return Ok(Ending::Refused(format!("request of {} bytes", header.length)));
+            ack(&mut self.out, EBADMSG, id);
+            return Err(Ending::Refused(format!("request of {} bytes", header.length)));
         }
-        payload.clear();
-        if header.kind == WRITE {
-            read_payload(r, u64::from(header.length), &mut payload, &format_args!("request {id}'s payload"))?;
+        let payload = if header.kind == WRITE { u64::from(header.length) } else { 0 };
+        Ok((header, payload))
+    }
+
+    /// A request with its payload (in `self.payload`); Some at its end.
+    fn request(&mut self, h: &[u8; HEADER_LEN], header: Header) -> Option<Ending> {
+        let id = header.id;
+        if crc(&h[..28], &self.payload) != be_u32(&h[28..32]) {
+            ack(&mut self.out, EBADMSG, id);
+            return Some(Ending::Refused(format!("request {id}: bad CRC")));
         }
-        if crc(&h[..28], &payload) != be_u32(&h[28..32]) {
-            ack(w, EBADMSG, id)?;
-            w.flush()?;
-            return Ok(Ending::Refused(format!("request {id}: bad CRC")));
-        }
+        let Some(export) = self.export.clone() else {
+            return Some(Ending::Refused("a request before the hello".into()));
+        };
         // Flags are reserved in version 1: a filter that sets them expects
         // something this VDSA does not do.
         let result = match h[5] {
-            0 => apply(export.as_ref(), &header, &mut payload),
+            0 => apply(export.as_ref(), &header, &mut self.payload),
             flags => Err(ExportError::new(EINVAL, format!("request flags {flags:#x}; version 1 has none"))),
         };
         if header.kind == BYE {
-            return Ok(Ending::Bye);
+            return Some(Ending::Bye);
         }
         let status = match result {
             Ok(()) => 0,
@@ -182,7 +187,79 @@ fn session<R: Read, W: Write>(r: &mut BufReader<R>, w: &mut W, exports: &Exports
                 e.errno
             }
         };
-        ack(w, status, id)?;
+        ack(&mut self.out, status, id);
+        None
+    }
+}
+
+/// ACKs held back while more requests are buffered, at most.
+const HOLD_ACKS: usize = 64 << 10;
+
+fn closed(end: io::Result<Ending>) -> io::Result<Ending> {
+    match end {
+        Ok(end) => Ok(end),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Ending::Closed),
+        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => Ok(Ending::Closed),
+        Err(e) => Err(e),
+    }
+}
+
+/// Serves one filter connection until BYE, close, or a protocol breach
+/// (on tokio's streams; see [`crate::nbd::server::serve`]).
+pub async fn serve<R, W>(reader: R, mut writer: W, exports: &Exports) -> io::Result<Ending>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut r = tokio::io::BufReader::with_capacity(256 << 10, reader);
+    let mut s = Session::new(exports);
+    let end = drive(&mut s, &mut r, &mut writer).await;
+    closed(end)
+}
+
+async fn drive<R, W>(s: &mut Session<'_>, r: &mut tokio::io::BufReader<R>, w: &mut W) -> io::Result<Ending>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    async fn send<W: AsyncWrite + Unpin>(s: &mut Session<'_>, w: &mut W) -> io::Result<()> {
+        w.write_all(&s.out).await?;
+        s.out.clear();
+        w.flush().await
+    }
+    let mut hello = [0u8; 8];
+    r.read_exact(&mut hello).await?;
+    let name_len = match s.hello(&hello) {
+        Ok(n) => n,
+        Err(end) => return send(s, w).await.map(|()| end),
+    };
+    let mut name = vec![0u8; name_len];
+    r.read_exact(&mut name).await?;
+    let mut size = [0u8; 8];
+    r.read_exact(&mut size).await?;
+    let welcomed = s.disk(&name, size);
+    send(s, w).await?;
+    if let Err(end) = welcomed {
+        return Ok(end);
+    }
+    let mut h = [0u8; HEADER_LEN];
+    loop {
+        if r.buffer().is_empty() || s.out.len() >= HOLD_ACKS {
+            send(s, w).await?;
+        }
+        r.read_exact(&mut h).await?;
+        let (header, len) = match s.header(&h) {
+            Ok(x) => x,
+            Err(end) => return send(s, w).await.map(|()| end),
+        };
+        s.payload.clear();
+        if len > 0 {
+            let inside = format!("request {}'s payload", header.id);
+            read_payload_async(r, len, &mut s.payload, &inside).await?;
+        }
+        if let Some(end) = blocking(|| s.request(&h, header)) {
+            return send(s, w).await.map(|()| end);
+        }
     }
 }
 

@@ -27,6 +27,26 @@ pub(crate) fn read_payload<R: Read + ?Sized>(
     Ok(())
 }
 
+/// [`read_payload`] from a tokio stream.
+pub(crate) async fn read_payload_async<R: tokio::io::AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    len: u64,
+    buf: &mut Vec<u8>,
+    inside: &(dyn Display + Sync),
+) -> io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    buf.clear();
+    buf.reserve(usize::try_from(len).unwrap_or(usize::MAX));
+    (&mut *r).take(len).read_to_end(buf).await?;
+    if buf.len() as u64 != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the peer went away inside {inside} ({} of {len} bytes)", buf.len()),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,22 +37,16 @@ use std::time::Duration;
 /// How long a clean stop waits for the send queues to drain.
 const DRAIN_LIMIT: Duration = Duration::from_secs(20);
 
-/// Serves the processing stacks' exports on `listen` (plain NBD, a
-/// thread per connection); returns the address bound.
+/// Serves the processing stacks' exports on `listen` (plain NBD, on the
+/// connection runtime); returns the address bound.
 fn serve_stacks(listen: &str, exports: Arc<Exports>) -> Result<String> {
     use crate::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
-    use crate::daemon::listen::{accept_each, halves};
+    use crate::serving::{accept_each, Listener, Protocol};
     let l = TcpListener::bind(listen).with_context(|| format!("listening for stack exports on {listen}"))?;
     let addr = l.local_addr()?.to_string();
-    let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c))).flatten().filter_map(|c| {
-        let _ = c.set_nodelay(true);
-        Some(halves(c.try_clone().ok()?, c))
-    });
-    let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, "stack export connections");
-    accept_each(conns, exports, limit, |exports, r, w| match crate::nbd::server::serve(r, w, exports) {
-        Ok(end) => tracing::debug!("stack export connection ended: {end:?}"),
-        Err(e) => tracing::warn!("stack export connection failed: {e}"),
-    });
+    let what = "stack export connections";
+    let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, what);
+    accept_each(Listener::Tcp(l), exports, limit, Protocol::Nbd, what).context("serving stack exports")?;
     Ok(addr)
 }
 

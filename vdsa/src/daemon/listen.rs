@@ -1,13 +1,13 @@
 //! Where taps connect: each `--listen` address (NBD or the native tap
 //! protocol, over a unix or TCP socket), its unix path claimed for this
-//! process, and a thread per connection serving the exports.
+//! process, and its connections served on the connection runtime.
 
 use super::control::{claim_path, PathClaim};
 use crate::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
-use crate::nbd::server::{serve, BlockExport, Ending, ExportError, Exports};
+use crate::nbd::server::{BlockExport, ExportError, Exports};
+use crate::serving::{accept_each, Listener, Protocol};
 use crate::tap::TapDisk;
 use anyhow::{bail, Context, Result};
-use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -106,81 +106,27 @@ pub(crate) fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<PathClaim
 }
 
 /// Serves the exports to taps on each listener: NBD (QEMU's block mirror)
-/// or the native tap protocol, unix or TCP. The claims of the unix paths
-/// are held for the life of the process.
+/// or the native tap protocol, unix or TCP, every connection on the
+/// process's connection runtime ([`crate::serving`]). The claims of the
+/// unix paths are held for the life of the process.
 pub(crate) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<PathClaim>, exports: Arc<Exports>) -> Result<()> {
     for TapListener { native, endpoint } in listeners {
-        // Both kinds of tap serve the same exports; each connection gets a
-        // thread of its own.
-        let session = move |exports: &Exports, r: Reader, w: Writer| {
-            if native {
-                match crate::native_tap::serve(r, w, exports) {
-                    Ok(crate::native_tap::Ending::Refused(why)) => tracing::warn!("native tap refused: {why}"),
-                    Ok(end) => tracing::info!("native tap ended: {end:?}"),
-                    Err(e) => tracing::warn!("native tap failed: {e}"),
-                }
-            } else {
-                log_end(serve(r, w, exports));
+        let listener = match endpoint {
+            Endpoint::Unix(path) => Listener::Unix(
+                UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?,
+            ),
+            Endpoint::Tcp(addr) => {
+                Listener::Tcp(TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?)
             }
         };
-        let exports = exports.clone();
-        match endpoint {
-            Endpoint::Unix(path) => {
-                let l = UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
-                let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c)))
-                    .flatten()
-                    .filter_map(|c| Some(halves(c.try_clone().ok()?, c)));
-                accept_each(conns, exports, ConnectionLimit::new(MAX_TAP_CONNECTIONS, "tap connections"), session);
-            }
-            Endpoint::Tcp(addr) => {
-                let l = TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
-                let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c))).flatten().filter_map(|c| {
-                    let _ = c.set_nodelay(true);
-                    Some(halves(c.try_clone().ok()?, c))
-                });
-                accept_each(conns, exports, ConnectionLimit::new(MAX_TAP_CONNECTIONS, "tap connections"), session);
-            }
-        }
+        let (protocol, what) =
+            if native { (Protocol::NativeTap, "native tap connections") } else { (Protocol::Nbd, "tap connections") };
+        let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, what);
+        accept_each(listener, exports.clone(), limit, protocol, what).context("serving taps")?;
     }
     // The paths stay ours until the process ends.
     std::mem::forget(claims);
     Ok(())
-}
-
-pub(crate) type Reader = Box<dyn Read + Send>;
-pub(crate) type Writer = Box<dyn Write + Send>;
-
-pub(crate) fn halves(r: impl Read + Send + 'static, w: impl Write + Send + 'static) -> (Reader, Writer) {
-    (Box::new(r), Box::new(w))
-}
-
-/// Serves each accepted connection on a thread of its own, as many at once
-/// as `limit` allows: past that a connection is closed at once (its halves
-/// dropped).
-pub(crate) fn accept_each(
-    conns: impl Iterator<Item = (Reader, Writer)> + Send + 'static,
-    exports: Arc<Exports>,
-    limit: Arc<ConnectionLimit>,
-    session: impl Fn(&Exports, Reader, Writer) + Copy + Send + 'static,
-) {
-    std::thread::spawn(move || {
-        for (r, w) in conns {
-            let Some(slot) = limit.try_take() else { continue };
-            let exports = exports.clone();
-            std::thread::spawn(move || {
-                session(&exports, r, w);
-                drop(slot);
-            });
-        }
-    });
-}
-
-pub(crate) fn log_end(r: std::io::Result<Ending>) {
-    match r {
-        Ok(Ending::Protocol(why)) => tracing::warn!("tap connection dropped: {why}"),
-        Ok(end) => tracing::info!("tap connection ended: {end:?}"),
-        Err(e) => tracing::warn!("tap connection failed: {e}"),
-    }
 }
 
 /// A tap disk whose FLUSH (and so FUA) makes nothing durable: only for the
@@ -213,10 +159,21 @@ impl BlockExport for NoDurability {
 mod tests {
     use super::*;
 
+    use std::io::{Read, Write};
+
     /// Whether the server closed `c` (EOF) rather than holding it open.
     fn closed_by_server(c: &mut std::os::unix::net::UnixStream) -> bool {
         c.set_read_timeout(Some(std::time::Duration::from_millis(300))).expect("a timeout");
         matches!(c.read(&mut [0u8; 1]), Ok(0))
+    }
+
+    /// Connects and reads the NBD greeting; None if the server closed the
+    /// connection instead.
+    fn greeted(path: &std::path::Path) -> Option<std::os::unix::net::UnixStream> {
+        let mut c = std::os::unix::net::UnixStream::connect(path).expect("connected");
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("a timeout");
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).ok().map(|()| c)
     }
 
     #[test]
@@ -224,24 +181,38 @@ mod tests {
         let dir = tempfile::tempdir().expect("a folder");
         let path = dir.path().join("tap.sock");
         let l = UnixListener::bind(&path).expect("a listener");
-        let conns = std::iter::from_fn(move || Some(l.accept().map(|(c, _)| c)))
-            .flatten()
-            .filter_map(|c| Some(halves(c.try_clone().ok()?, c)));
-        // Each session holds its connection until the client sends a byte.
-        accept_each(conns, Arc::new(Exports::default()), ConnectionLimit::new(2, "test"), |_, mut r, _| {
-            let _ = r.read(&mut [0u8; 1]);
-        });
-        let connect = || std::os::unix::net::UnixStream::connect(&path).expect("connected");
-        let (mut a, mut b, mut c) = (connect(), connect(), connect());
-        assert!(!closed_by_server(&mut a) && !closed_by_server(&mut b), "two are served");
-        assert!(closed_by_server(&mut c), "the third is closed at once");
-        a.write_all(b"x").expect("ends the first session");
+        let limit = ConnectionLimit::new(2, "test connections");
+        accept_each(Listener::Unix(l), Arc::new(Exports::default()), limit, Protocol::Nbd, "test connections")
+            .expect("served");
+        let (Some(mut a), Some(mut b)) = (greeted(&path), greeted(&path)) else { panic!("two are served") };
+        assert!(greeted(&path).is_none(), "the third is closed at once");
+        // Flags no server accepts end the first session.
+        a.write_all(&[0xff; 4]).expect("bad flags");
         assert!(closed_by_server(&mut a), "the first session ended");
         // Its place is given back just after its socket closes.
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let mut d = connect();
-        assert!(!closed_by_server(&mut d), "its place serves a new connection");
-        drop(b);
+        assert!(greeted(&path).is_some(), "its place serves a new connection");
+        assert!(!closed_by_server(&mut b), "the second is still served");
+    }
+
+    /// Many connections at once are served by the runtime's fixed threads,
+    /// not a thread each (a thread each would add 300; other tests of this
+    /// process may start a few meanwhile).
+    #[test]
+    fn three_hundred_waiting_connections_hold_no_thread_each() {
+        let threads = || std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
+        let dir = tempfile::tempdir().expect("a folder");
+        let path = dir.path().join("tap.sock");
+        let l = UnixListener::bind(&path).expect("a listener");
+        let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, "test connections");
+        accept_each(Listener::Unix(l), Arc::new(Exports::default()), limit, Protocol::Nbd, "test connections")
+            .expect("served");
+        assert!(greeted(&path).is_some());
+        let before = threads();
+        let conns: Vec<_> = (0..300).filter_map(|_| greeted(&path)).collect();
+        assert_eq!(conns.len(), 300, "every connection is greeted");
+        let during = threads();
+        assert!(during < before + 100, "{before} threads before, {during} with 300 connections waiting");
     }
 
     #[test]

@@ -12,24 +12,19 @@ mod shared_store;
 mod source;
 mod wire;
 
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
+use vdsa::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
 use vdsa::nbd::server::Exports;
+use vdsa::serving::{accept_each, Listener, Protocol};
 
-/// Serves `exports` on a Unix socket at `sock`, a thread per connection,
-/// with `session` (the NBD server or the native tap protocol).
-fn serve_exports(sock: &Path, exports: Exports, session: fn(UnixStream, UnixStream, &Exports)) {
+/// Serves `exports` on a Unix socket at `sock` with `protocol` (the NBD
+/// server or the native tap protocol), as a VDSA does: on the connection
+/// runtime.
+fn serve_exports(sock: &Path, exports: Exports, protocol: Protocol) {
     let listener = UnixListener::bind(sock).unwrap_or_else(|e| panic!("{e}"));
-    let exports = Arc::new(exports);
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let exports = exports.clone();
-            std::thread::spawn(move || {
-                if let Ok(r) = conn.try_clone() {
-                    session(r, conn, &exports);
-                }
-            });
-        }
-    });
+    let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, "test connections");
+    accept_each(Listener::Unix(listener), Arc::new(exports), limit, protocol, "test connections")
+        .unwrap_or_else(|e| panic!("{e}"));
 }

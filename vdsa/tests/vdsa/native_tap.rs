@@ -34,9 +34,7 @@ fn a_native_tap_feeds_the_journal_and_refuses_bad_input() {
     let exports = Exports::default();
     exports.insert("disk0", Arc::new(TapDisk { stream: tap.clone(), disk, size: SIZE }));
     let sock = dir.path().join("native.sock");
-    super::serve_exports(&sock, exports, |r, w, e| {
-        let _ = native_tap::serve(r, w, e);
-    });
+    super::serve_exports(&sock, exports, vdsa::serving::Protocol::NativeTap);
 
     // Refused at hello: unknown disk, wrong size.
     assert!(connect(&sock, "nope", SIZE).is_err());

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use vdsa::journal::{Journal, JournalConfig};
 use vdsa::nbd::client::NbdClient;
 use vdsa::nbd::proto::*;
-use vdsa::nbd::server::{serve, Exports};
+use vdsa::nbd::server::Exports;
+use vdsa::serving::Protocol;
 use vdsa::tap::{TapDisk, TapStream};
 
 pub const SIZE: u64 = 1 << 20;
@@ -28,9 +29,7 @@ fn start_server(dir: &Path) -> (Journal, [DiskId; 2], std::path::PathBuf) {
         exports.insert(*name, Arc::new(TapDisk { stream: tap.clone(), disk: d, size: SIZE }));
     }
     let sock = dir.join("nbd.sock");
-    super::serve_exports(&sock, exports, |r, w, e| {
-        let _ = serve(r, w, e);
-    });
+    super::serve_exports(&sock, exports, Protocol::Nbd);
     (journal, disks, sock)
 }
 

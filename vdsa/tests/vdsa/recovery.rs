@@ -12,7 +12,8 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, TapWrite, WriteData};
-use vdsa::nbd::server::{serve, Exports};
+use vdsa::nbd::server::Exports;
+use vdsa::serving::Protocol;
 use vdsa::recovery::{export_name, ProcessingStack};
 
 fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
@@ -292,9 +293,7 @@ fn serve_stacks(sock: &Path, stacks: &[&ProcessingStack]) {
             exports.insert(export_name(s.id, d.disk), d.clone() as Arc<dyn vdsa::nbd::server::BlockExport>);
         }
     }
-    super::serve_exports(sock, exports, |r, w, e| {
-        let _ = serve(r, w, e);
-    });
+    super::serve_exports(sock, exports, Protocol::Nbd);
 }
 
 fn uri(sock: &Path, name: &str) -> String {

@@ -373,8 +373,7 @@ impl SourceStream {
         drop(held);
         if let Some(limit) = hold_limit {
             let me = Arc::downgrade(self);
-            std::thread::spawn(move || {
-                std::thread::sleep(limit);
+            crate::serving::after(limit, move || {
                 if let Some(s) = me.upgrade() {
                     if let Ok(Some(_)) = s.decide(id, false) {
                         tracing::warn!(
