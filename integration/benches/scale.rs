@@ -18,7 +18,7 @@
 //! `cargo bench -p integration --bench scale [-- --disks 200 --vpgs 50 --disk-mib 64 --rate 100 --seconds 60 --dir PATH]`
 
 use anyhow::{bail, Context, Result};
-use integration::measure::{percentile, proc_status};
+use integration::measure::{percentile, proc_status, threads_by_name};
 use integration::site_lab::{free_port, AgentProcess, SiteManagerProcess};
 use integration::workload::Pacer;
 use rand::rngs::StdRng;
@@ -27,6 +27,9 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Threads counted by name.
+type ThreadNames = Vec<(String, usize)>;
 use std::time::{Duration, Instant};
 use vdsa::nbd::client::NbdClient;
 
@@ -178,6 +181,8 @@ fn run(lab: &Path, dir: &Path, a: &Args) -> Result<()> {
     let rpo = Arc::new(Mutex::new(Vec::<f64>::new()));
     let missing = Arc::new(Mutex::new(0usize));
     let peaks = Arc::new(Mutex::new([(0.0f64, 0u64); 2]));
+    // Each VDSA's threads by name when it had the most.
+    let peak_names: Arc<Mutex<[ThreadNames; 2]>> = Arc::default();
     let pids = [agents[0].pid(), agents[1].pid()];
     let writers = 4.min(clients.len());
     let per_writer = a.rate_mb * 1_000_000 / writers as u64;
@@ -218,6 +223,7 @@ fn run(lab: &Path, dir: &Path, a: &Args) -> Result<()> {
         }
         let sampler = {
             let (stop, rpo, missing, peaks) = (stop.clone(), rpo.clone(), missing.clone(), peaks.clone());
+            let peak_names = peak_names.clone();
             let sm = &sm;
             scope.spawn(move || {
                 let warmup = Instant::now();
@@ -226,6 +232,11 @@ fn run(lab: &Path, dir: &Path, a: &Args) -> Result<()> {
                     for (i, pid) in pids.iter().enumerate() {
                         let now = proc_status(*pid);
                         if let Ok(mut p) = peaks.lock() {
+                            if now.threads > p[i].1 {
+                                if let (Some(pid), Ok(mut names)) = (pid, peak_names.lock()) {
+                                    names[i] = threads_by_name(*pid);
+                                }
+                            }
                             p[i] = (p[i].0.max(now.peak_rss_mib), p[i].1.max(now.threads));
                         }
                     }
@@ -281,6 +292,9 @@ fn run(lab: &Path, dir: &Path, a: &Args) -> Result<()> {
             peaks[i].1,
             peaks[i].1 as f64 / a.disks as f64
         );
+        let names = peak_names.lock().map(|n| n[i].clone()).unwrap_or_default();
+        let names: Vec<String> = names.iter().map(|(name, n)| format!("{name} {n}")).collect();
+        println!("    by name then: {}", names.join(", "));
     }
     for mut agent in agents {
         agent.stop();

@@ -35,6 +35,21 @@ pub fn proc_status(pid: Option<u32>) -> ProcStatus {
     }
 }
 
+/// A process's threads counted by name (`/proc/PID/task/*/comm`; an
+/// unnamed thread has the process's name), most first.
+pub fn threads_by_name(pid: u32) -> Vec<(String, usize)> {
+    let mut names: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    for t in tasks {
+        if let Ok(name) = std::fs::read_to_string(t.path().join("comm")) {
+            *names.entry(name.trim().to_string()).or_default() += 1;
+        }
+    }
+    let mut v: Vec<(String, usize)> = names.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +62,7 @@ mod tests {
         let me = proc_status(Some(std::process::id()));
         assert!(me.peak_rss_mib > 0.0 && me.threads >= 1, "{me:?}");
         assert!(proc_status(None).peak_rss_mib.is_nan());
+        let named: usize = threads_by_name(std::process::id()).iter().map(|(_, n)| n).sum();
+        assert!(named >= 1);
     }
 }

@@ -307,7 +307,7 @@ impl Roles {
         }
         let tls = self.tls.client.lock().map_err(|_| std::io::Error::other("TLS configuration poisoned"))?.clone();
         let link = stream.clone();
-        std::thread::spawn(move || link.run_link(tls));
+        std::thread::Builder::new().name("stream-send".into()).spawn(move || link.run_link(tls))?;
         tracing::info!(vpg = %r.vpg, stream = %r.stream, target = %r.target_address, disks = r.disks.len(), "source role started");
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut taps = None;
@@ -320,9 +320,9 @@ impl Roles {
                 Some(server) => {
                     let (role, s, stop, problem) = (r.clone(), stream.clone(), stopped.clone(), tap_problem.clone());
                     let (grow, exports, pw) = (resizes.clone(), self.exports.clone(), power.clone());
-                    taps = Some(std::thread::spawn(move || {
+                    taps = Some(std::thread::Builder::new().name("stream-taps".into()).spawn(move || {
                         super::taps::run(&role, &s, server, &stop, &problem, &grow, &exports, &pw)
-                    }));
+                    })?);
                 }
                 None => {
                     tracing::error!(vpg = %r.vpg, "the role has taps to attach but this VDSA has no NBD tap listener")

@@ -107,10 +107,10 @@ impl SourceStream {
 
         let (tx, rx) = mpsc::channel::<Result<Need, LinkError>>();
         let me = self.clone();
-        let reader = std::thread::spawn(move || {
+        let reader = std::thread::Builder::new().name("stream-replies".into()).spawn(move || {
             let r = me.read_replies(&mut r, base, &tx);
             let _ = tx.send(Err(r));
-        });
+        })?;
         let result = self.send_loop(&mut w, &rx, base, skip_seq, skip_cp);
         w.shutdown();
         let _ = reader.join();

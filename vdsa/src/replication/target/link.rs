@@ -427,14 +427,14 @@ pub(super) fn serve(
     let ingest_failed: Mutex<Option<LinkError>> = Mutex::new(None);
     let (ingest, failed) = (&ingest, &ingest_failed);
     std::thread::scope(|scope| {
-        scope.spawn(move || {
+        std::thread::Builder::new().name("link-ingest".into()).spawn_scoped(scope, move || {
             if let Err(e) = ingest_and_commit(ingest, &received, w, heartbeat) {
                 if let Ok(mut slot) = failed.lock() {
                     *slot = Some(e);
                 }
                 let _ = tcp.shutdown(Shutdown::Read);
             }
-        });
+        })?;
         let received = receive(&mut receiver, r, w, &to_ingest);
         drop(to_ingest);
         received

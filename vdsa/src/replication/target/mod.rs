@@ -323,10 +323,13 @@ impl TargetServer {
             // the source retries with its back-off.
             let Some(slot) = limit.try_take() else { continue };
             let me = self.clone();
-            std::thread::spawn(move || {
+            let spawned = std::thread::Builder::new().name("link-receive".into()).spawn(move || {
                 me.serve_link(tcp, cfg);
                 drop(slot);
             });
+            if let Err(e) = spawned {
+                tracing::warn!("no thread for a replication link: {e}");
+            }
         }
     }
 
