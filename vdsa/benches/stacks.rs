@@ -26,12 +26,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vdsa::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
 use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, TapWrite, WriteData, BLOCK_SIZE};
 use vdsa::nbd::client::NbdClient;
-use vdsa::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
 use vdsa::nbd::server::{BlockExport, Exports};
-use vdsa::serving::{accept_each, Listener, Protocol};
 use vdsa::recovery::{export_name, ProcessingStack};
+use vdsa::serving::{accept_each, Listener, Protocol};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;

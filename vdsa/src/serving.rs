@@ -177,7 +177,7 @@ where
 }
 
 fn log_end(what: &str, end: io::Result<End>) {
-    use crate::{nbd::server::Ending, native_tap::Ending as NativeEnding};
+    use crate::{native_tap::Ending as NativeEnding, nbd::server::Ending};
     match end {
         Ok(End::Nbd(Ending::Protocol(why))) => tracing::warn!("{what}: one dropped: {why}"),
         Ok(End::Native(NativeEnding::Refused(why))) => tracing::warn!("{what}: one refused: {why}"),

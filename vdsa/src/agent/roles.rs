@@ -320,9 +320,10 @@ impl Roles {
                 Some(server) => {
                     let (role, s, stop, problem) = (r.clone(), stream.clone(), stopped.clone(), tap_problem.clone());
                     let (grow, exports, pw) = (resizes.clone(), self.exports.clone(), power.clone());
-                    taps = Some(std::thread::Builder::new().name("stream-taps".into()).spawn(move || {
-                        super::taps::run(&role, &s, server, &stop, &problem, &grow, &exports, &pw)
-                    })?);
+                    taps =
+                        Some(std::thread::Builder::new().name("stream-taps".into()).spawn(move || {
+                            super::taps::run(&role, &s, server, &stop, &problem, &grow, &exports, &pw)
+                        })?);
                 }
                 None => {
                     tracing::error!(vpg = %r.vpg, "the role has taps to attach but this VDSA has no NBD tap listener")

@@ -112,9 +112,9 @@ pub(crate) fn claim_listeners(listeners: &[TapListener]) -> Result<Vec<PathClaim
 pub(crate) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<PathClaim>, exports: Arc<Exports>) -> Result<()> {
     for TapListener { native, endpoint } in listeners {
         let listener = match endpoint {
-            Endpoint::Unix(path) => Listener::Unix(
-                UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?,
-            ),
+            Endpoint::Unix(path) => {
+                Listener::Unix(UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?)
+            }
             Endpoint::Tcp(addr) => {
                 Listener::Tcp(TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?)
             }

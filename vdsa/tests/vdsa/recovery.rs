@@ -13,8 +13,8 @@ use std::process::Command;
 use std::sync::Arc;
 use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, TapWrite, WriteData};
 use vdsa::nbd::server::Exports;
-use vdsa::serving::Protocol;
 use vdsa::recovery::{export_name, ProcessingStack};
+use vdsa::serving::Protocol;
 
 fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
