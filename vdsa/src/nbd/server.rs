@@ -253,5 +253,11 @@ where
         if blocking(|| s.request(req, payload))? == AfterRequest::Disconnect {
             return Ok(Ending::Disconnect);
         }
+        if let Some(data) = s.take_data() {
+            w.write_all(&s.out).await?;
+            sent(&mut s.out);
+            w.write_all(&data).await?;
+            s.data_sent(data);
+        }
     }
 }

@@ -93,7 +93,13 @@ pub(super) struct Session<'a> {
     pub(super) out: Vec<u8>,
     /// A read's buffer, and a write's when the export does not keep it.
     buf: Vec<u8>,
+    /// A large read's data, to be sent right after `out` (not copied into
+    /// it).
+    data: Option<Vec<u8>>,
 }
+
+/// Reads of at least this many bytes are sent from their own buffer.
+const SEND_APART: usize = 64 << 10;
 
 impl<'a> Session<'a> {
     /// A new connection; the server's greeting is in `out`.
@@ -110,6 +116,7 @@ impl<'a> Session<'a> {
             chosen: None,
             out,
             buf: Vec::new(),
+            data: None,
         }
     }
 
@@ -335,8 +342,12 @@ impl<'a> Session<'a> {
                         } else {
                             self.out.extend_from_slice(&simple_reply(0, req.handle));
                         }
-                        self.out.extend_from_slice(&buf);
-                        self.buf = buf;
+                        if buf.len() >= SEND_APART {
+                            self.data = Some(buf);
+                        } else {
+                            self.out.extend_from_slice(&buf);
+                            self.buf = buf;
+                        }
                         return Ok(AfterRequest::More);
                     }
                     self.buf = buf;
@@ -385,6 +396,16 @@ impl<'a> Session<'a> {
         };
         self.out.extend_from_slice(&simple_reply(errno, req.handle));
         Ok(AfterRequest::More)
+    }
+
+    /// A large read's data, to be sent right after [`Session::out`]; give
+    /// the buffer back with [`Session::data_sent`].
+    pub(super) fn take_data(&mut self) -> Option<Vec<u8>> {
+        self.data.take()
+    }
+
+    pub(super) fn data_sent(&mut self, buf: Vec<u8>) {
+        self.buf = buf;
     }
 
     /// Keeps a payload's buffer for the next request when it is ours.
