@@ -34,6 +34,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Reports go at most this often (a busy recovery VDSA makes checkpoints
+/// durable many times a second).
+const REPORT_SPACING: Duration = Duration::from_millis(200);
+/// How often the reporter looks for a newly durable checkpoint.
+const REPORT_POLL: Duration = Duration::from_millis(20);
+
 /// How long a clean stop waits for the send queues to drain.
 const DRAIN_LIMIT: Duration = Duration::from_secs(20);
 
@@ -297,6 +303,10 @@ impl Agent {
         let (roles, w2, ended2) = (self.roles.clone(), w.clone(), ended.clone());
         let beat = Duration::from_millis(self.cfg.heartbeat_ms);
         let reporter = std::thread::spawn(move || {
+            // Every heartbeat, and soon after a recovery journal made a
+            // checkpoint durable: the site manager's RPO counts until it
+            // hears of it.
+            let mut durable_seen = roles.target.markers_made_durable();
             while !ended2.load(Ordering::SeqCst) {
                 let m = VdsaMessage::Report { actual: roles.actual() };
                 let ok = w2.lock().map_err(|_| ()).and_then(|mut g| write_message(&mut *g, &m).map_err(|_| ()));
@@ -306,7 +316,16 @@ impl Agent {
                     }
                     break;
                 }
-                std::thread::sleep(beat);
+                let sent = std::time::Instant::now();
+                std::thread::sleep(REPORT_SPACING.min(beat));
+                while sent.elapsed() < beat && !ended2.load(Ordering::SeqCst) {
+                    let durable = roles.target.markers_made_durable();
+                    if durable != durable_seen {
+                        durable_seen = durable;
+                        break;
+                    }
+                    std::thread::sleep(REPORT_POLL);
+                }
             }
         });
         let result = self.obey(&mut r, &send, &mut current);

@@ -372,7 +372,9 @@ impl StreamIngest {
         }
         journal.sync()?;
         self.acked.store(seq, Ordering::Relaxed);
-        self.acked_marker.store(marker, Ordering::Relaxed);
+        if self.acked_marker.swap(marker, Ordering::Relaxed) != marker {
+            self.lease.replica.markers_made_durable.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Some(Ack {
             durable_seq: seq,
             durable_checkpoint: marker,

@@ -55,6 +55,9 @@ pub struct VpgReplica {
     streams: Mutex<HashMap<StreamId, Arc<StreamSlot>>>,
     pending: Mutex<BTreeMap<u64, PendingCheckpoint>>,
     newest_consistent_ms: AtomicU64,
+    /// The target's count of acknowledged markers, shared by its VPGs (see
+    /// [`TargetServer::markers_made_durable`]).
+    markers_made_durable: Arc<AtomicU64>,
 }
 
 impl VpgReplica {
@@ -85,6 +88,7 @@ impl VpgReplica {
             streams: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             newest_consistent_ms: AtomicU64::new(newest),
+            markers_made_durable: Arc::default(),
         })
     }
 
@@ -183,9 +187,18 @@ pub struct TargetServer {
     defined: Mutex<Option<HashMap<VpgId, TargetDefinition>>>,
     live: Mutex<HashMap<u64, LiveLink>>,
     next_link: AtomicU64,
+    markers_made_durable: Arc<AtomicU64>,
 }
 
 impl TargetServer {
+    /// How many times a stream's newest marker became durable and was
+    /// acknowledged, over all VPGs: the agent reports soon after it moves,
+    /// so that the site manager learns of a durable checkpoint within a
+    /// fraction of a heartbeat (the RPO it shows includes that delay).
+    pub fn markers_made_durable(&self) -> u64 {
+        self.markers_made_durable.load(Ordering::Relaxed)
+    }
+
     /// The VPGs' journals under `opts.root` share one chunk store there
     /// (`chunk-store`) unless `opts.journal` names another: a block that
     /// many VPGs hold is stored once (architecture.md §4).
@@ -199,6 +212,7 @@ impl TargetServer {
             defined: Mutex::new(None),
             live: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
+            markers_made_durable: Arc::default(),
         })
     }
 
@@ -275,7 +289,9 @@ impl TargetServer {
         if let Some(r) = m.get(&vpg) {
             return Ok(r.clone());
         }
-        let r = Arc::new(VpgReplica::open(&self.opts.root, vpg, self.opts.journal.clone()).map_err(|e| e.to_string())?);
+        let mut r = VpgReplica::open(&self.opts.root, vpg, self.opts.journal.clone()).map_err(|e| e.to_string())?;
+        r.markers_made_durable = self.markers_made_durable.clone();
+        let r = Arc::new(r);
         m.insert(vpg, r.clone());
         Ok(r)
     }
