@@ -7,7 +7,7 @@ use crate::nbd::server::{blocking, BlockExport, ExportError, Exports};
 use crate::payload::read_payload_async;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 pub const MAGIC: u32 = 0x5654_4150; // "VTAP"
 pub const VERSION: u16 = 1;
@@ -223,9 +223,7 @@ where
     W: AsyncWrite + Unpin,
 {
     async fn send<W: AsyncWrite + Unpin>(s: &mut Session<'_>, w: &mut W) -> io::Result<()> {
-        w.write_all(&s.out).await?;
-        s.out.clear();
-        w.flush().await
+        crate::serving::send_out(&mut s.out, w).await
     }
     let mut hello = [0u8; 8];
     r.read_exact(&mut hello).await?;

@@ -163,23 +163,12 @@ fn ending(e: io::Error) -> io::Result<Ending> {
 /// go out anyway.
 const HOLD_REPLIES: usize = 256 << 10;
 
-/// Replies beyond this much buffer are not kept between sends.
-const KEEP_REPLY_BUFFER: usize = 1 << 20;
-
-fn sent(out: &mut Vec<u8>) {
-    out.clear();
-    if out.capacity() > KEEP_REPLY_BUFFER {
-        out.shrink_to(KEEP_REPLY_BUFFER);
-    }
-}
-
 /// Serves one client until it disconnects, reading requests from `reader`
 /// and writing replies to `writer` (two halves of one socket; the reader is
 /// buffered here). I/O errors other than the peer going away are returned.
-/// The connection holds no thread while it waits for its client. The exports are called in place
-/// (`block_in_place`: a slow disk read holds one thread, and the runtime
-/// moves the other connections off it), so the runtime must be a
-/// multi-threaded one.
+/// The connection holds no thread while it waits for its client. The
+/// exports are called in place ([`blocking`]: a slow disk read holds one
+/// thread, and the runtime moves the other connections off it).
 pub async fn serve<R, W>(reader: R, mut writer: W, exports: &Exports) -> io::Result<Ending>
 where
     R: AsyncRead + Unpin,
@@ -208,9 +197,7 @@ where
     W: AsyncWrite + Unpin,
 {
     async fn send<W: AsyncWrite + Unpin>(s: &mut Session<'_>, w: &mut W) -> io::Result<()> {
-        w.write_all(&s.out).await?;
-        sent(&mut s.out);
-        w.flush().await
+        crate::serving::send_out(&mut s.out, w).await
     }
     send(s, w).await?;
     let flags = r.read_u32().await?;
@@ -254,8 +241,7 @@ where
             return Ok(Ending::Disconnect);
         }
         if let Some(data) = s.take_data() {
-            w.write_all(&s.out).await?;
-            sent(&mut s.out);
+            send(s, w).await?;
             w.write_all(&data).await?;
             s.data_sent(data);
         }
