@@ -31,7 +31,7 @@ use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, TapWrite, WriteData,
 use vdsa::nbd::client::NbdClient;
 use vdsa::nbd::server::{BlockExport, Exports};
 use vdsa::recovery::{export_name, ProcessingStack};
-use vdsa::serving::{accept_each, Listener, Protocol};
+use vdsa::serving::{accept_each, Listener, Pool, Protocol};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -74,7 +74,7 @@ fn serve_tcp(exports: Arc<Exports>) -> String {
     let l = ok(TcpListener::bind("127.0.0.1:0"));
     let addr = ok(l.local_addr()).to_string();
     let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, "bench connections");
-    ok(accept_each(Listener::Tcp(l), exports, limit, Protocol::Nbd, "bench connections"));
+    ok(accept_each(Listener::Tcp(l), exports, limit, Pool::Exports, Protocol::Nbd, "bench connections"));
     addr
 }
 

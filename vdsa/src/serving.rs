@@ -1,9 +1,10 @@
 //! Serving tap and export connections: one thread per listener accepts,
-//! and every connection, whatever their number, is served on one shared
-//! tokio runtime of a fixed size (docs/architecture.md, "Threads"). A
-//! connection waiting for its client holds no thread; a request calls its
-//! export in place, on a thread the runtime can spare while it blocks.
-//! Short timers ([`after`]) run on one thread of their own.
+//! and every connection, whatever their number, is served on a shared
+//! tokio runtime of a fixed size, one for the taps and one for the
+//! recovery exports (docs/architecture.md, "Threads"). A connection
+//! waiting for its client holds no thread; a request calls its export in
+//! place, on a thread the runtime can spare while it blocks. Short timers
+//! ([`after`]) run on one thread of their own.
 //!
 //! What this module must not do: speak a protocol (that is
 //! [`crate::nbd::server`] and [`crate::native_tap`]).
@@ -13,29 +14,47 @@ use crate::nbd::server::Exports;
 use std::io;
 use std::sync::{Arc, OnceLock};
 
-/// Worker threads of the connection runtime: the protocol work is small
+/// Worker threads of a connection runtime: the protocol work is small
 /// (headers, copies into buffers), so two keep up with this machine's
 /// disks.
 const WORKERS: usize = 2;
-/// Threads that may be blocked in exports at once (a slow disk read, a
-/// tap write waiting out a checkpoint's hold); past them a request waits
-/// for one to come free.
-const BLOCKED_AT_MOST: usize = 64;
+/// Threads of a runtime that may be blocked in exports at once (a tap
+/// write waiting out its VPG's checkpoint hold or, under the block policy,
+/// for room in a full send queue; a slow disk read); past them a request
+/// waits for one to come free. So more than this many disks blocked at
+/// once delay the writes of other VPGs' disks on the same VDSA.
+const BLOCKED_AT_MOST: usize = 128;
 
-static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+/// Which runtime serves a listener's connections. Two, so that taps
+/// blocked by a full send queue never hold up a failover test's reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Tap connections (QEMU's mirror jobs, native filters).
+    Taps,
+    /// Readers and writers of recovery exports (failover tests).
+    Exports,
+}
 
-/// The process's connection runtime, started on first use.
-pub fn runtime() -> io::Result<&'static tokio::runtime::Runtime> {
-    let rt = RUNTIME.get_or_init(|| {
+type Started = OnceLock<Result<tokio::runtime::Runtime, String>>;
+
+/// The process's connection runtime for `pool`, started on first use.
+pub fn runtime(pool: Pool) -> io::Result<&'static tokio::runtime::Runtime> {
+    static TAPS: Started = OnceLock::new();
+    static EXPORTS: Started = OnceLock::new();
+    let (cell, name) = match pool {
+        Pool::Taps => (&TAPS, "vdsa-tap"),
+        Pool::Exports => (&EXPORTS, "vdsa-export"),
+    };
+    let rt = cell.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKERS)
             .max_blocking_threads(BLOCKED_AT_MOST)
-            .thread_name("vdsa-conn")
+            .thread_name(name)
             .enable_io()
             .build()
             .map_err(|e| e.to_string())
     });
-    rt.as_ref().map_err(|e| io::Error::other(format!("starting the connection runtime: {e}")))
+    rt.as_ref().map_err(|e| io::Error::other(format!("starting the {name} runtime: {e}")))
 }
 
 /// Runs `f` once `delay` has passed, on the process's timer thread: a
@@ -113,17 +132,18 @@ pub enum Protocol {
     NativeTap,
 }
 
-/// Serves each connection `listener` accepts on the connection runtime, as
-/// many at once as `limit` allows: past that a connection is closed at once.
+/// Serves each connection `listener` accepts on `pool`'s runtime, as many
+/// at once as `limit` allows: past that a connection is closed at once.
 /// `what` names the connections in the log.
 pub fn accept_each(
     listener: Listener,
     exports: Arc<Exports>,
     limit: Arc<ConnectionLimit>,
+    pool: Pool,
     protocol: Protocol,
     what: &'static str,
 ) -> io::Result<()> {
-    let rt = runtime()?;
+    let rt = runtime(pool)?;
     std::thread::Builder::new().name("vdsa-accept".into()).spawn(move || loop {
         let conn = match listener.accept() {
             Ok(c) => c,

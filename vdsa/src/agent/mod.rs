@@ -47,12 +47,13 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(20);
 /// connection runtime); returns the address bound.
 fn serve_stacks(listen: &str, exports: Arc<Exports>) -> Result<String> {
     use crate::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
-    use crate::serving::{accept_each, Listener, Protocol};
+    use crate::serving::{accept_each, Listener, Pool, Protocol};
     let l = TcpListener::bind(listen).with_context(|| format!("listening for stack exports on {listen}"))?;
     let addr = l.local_addr()?.to_string();
     let what = "stack export connections";
     let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, what);
-    accept_each(Listener::Tcp(l), exports, limit, Protocol::Nbd, what).context("serving stack exports")?;
+    accept_each(Listener::Tcp(l), exports, limit, Pool::Exports, Protocol::Nbd, what)
+        .context("serving stack exports")?;
     Ok(addr)
 }
 

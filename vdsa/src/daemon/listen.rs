@@ -5,7 +5,7 @@
 use super::control::{claim_path, PathClaim};
 use crate::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
 use crate::nbd::server::{BlockExport, ExportError, Exports};
-use crate::serving::{accept_each, Listener, Protocol};
+use crate::serving::{accept_each, Listener, Pool, Protocol};
 use crate::tap::TapDisk;
 use anyhow::{bail, Context, Result};
 use std::net::TcpListener;
@@ -122,7 +122,7 @@ pub(crate) fn serve_taps(listeners: Vec<TapListener>, claims: Vec<PathClaim>, ex
         let (protocol, what) =
             if native { (Protocol::NativeTap, "native tap connections") } else { (Protocol::Nbd, "tap connections") };
         let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, what);
-        accept_each(listener, exports.clone(), limit, protocol, what).context("serving taps")?;
+        accept_each(listener, exports.clone(), limit, Pool::Taps, protocol, what).context("serving taps")?;
     }
     // The paths stay ours until the process ends.
     std::mem::forget(claims);
@@ -182,8 +182,15 @@ mod tests {
         let path = dir.path().join("tap.sock");
         let l = UnixListener::bind(&path).expect("a listener");
         let limit = ConnectionLimit::new(2, "test connections");
-        accept_each(Listener::Unix(l), Arc::new(Exports::default()), limit, Protocol::Nbd, "test connections")
-            .expect("served");
+        accept_each(
+            Listener::Unix(l),
+            Arc::new(Exports::default()),
+            limit,
+            Pool::Taps,
+            Protocol::Nbd,
+            "test connections",
+        )
+        .expect("served");
         let (Some(mut a), Some(mut b)) = (greeted(&path), greeted(&path)) else { panic!("two are served") };
         assert!(greeted(&path).is_none(), "the third is closed at once");
         // Flags no server accepts end the first session.
@@ -205,8 +212,15 @@ mod tests {
         let path = dir.path().join("tap.sock");
         let l = UnixListener::bind(&path).expect("a listener");
         let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, "test connections");
-        accept_each(Listener::Unix(l), Arc::new(Exports::default()), limit, Protocol::Nbd, "test connections")
-            .expect("served");
+        accept_each(
+            Listener::Unix(l),
+            Arc::new(Exports::default()),
+            limit,
+            Pool::Taps,
+            Protocol::Nbd,
+            "test connections",
+        )
+        .expect("served");
         assert!(greeted(&path).is_some());
         let before = threads();
         let conns: Vec<_> = (0..300).filter_map(|_| greeted(&path)).collect();

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use vdsa::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
 use vdsa::nbd::server::Exports;
-use vdsa::serving::{accept_each, Listener, Protocol};
+use vdsa::serving::{accept_each, Listener, Pool, Protocol};
 
 /// Serves `exports` on a Unix socket at `sock` with `protocol` (the NBD
 /// server or the native tap protocol), as a VDSA does: on the connection
@@ -25,6 +25,6 @@ use vdsa::serving::{accept_each, Listener, Protocol};
 fn serve_exports(sock: &Path, exports: Exports, protocol: Protocol) {
     let listener = UnixListener::bind(sock).unwrap_or_else(|e| panic!("{e}"));
     let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, "test connections");
-    accept_each(Listener::Unix(listener), Arc::new(exports), limit, protocol, "test connections")
+    accept_each(Listener::Unix(listener), Arc::new(exports), limit, Pool::Taps, protocol, "test connections")
         .unwrap_or_else(|e| panic!("{e}"));
 }
