@@ -255,6 +255,11 @@ where
             let inside = format!("request {}'s payload", header.id);
             read_payload_async(r, len, &mut s.payload, &inside).await?;
         }
+        if let Some(export) = s.export.clone().filter(|_| matches!(header.kind, WRITE | ZERO | TRIM)) {
+            if let Some(wait) = export.write_wait() {
+                wait.await;
+            }
+        }
         if let Some(end) = blocking(|| s.request(&h, header)) {
             return send(s, w).await.map(|()| end);
         }

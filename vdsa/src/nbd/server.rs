@@ -12,7 +12,7 @@
 //! peer that vanishes mid-request) gets an NBD error or a clean disconnect;
 //! a write whose payload did not arrive whole is never applied.
 
-use super::proto::Request;
+use super::proto::{Request, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
 use super::session::{AfterOption, AfterRequest, Session};
 use crate::payload::read_payload_async;
 use std::collections::BTreeMap;
@@ -40,6 +40,9 @@ impl std::fmt::Display for ExportError {
     }
 }
 
+/// A wait a write would block on, awaited by the server before it.
+pub type WriteWait<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 /// A block device an NBD client can read and write.
 pub trait BlockExport: Send + Sync {
     fn size(&self) -> u64;
@@ -56,6 +59,12 @@ pub trait BlockExport: Send + Sync {
     /// reuses one.
     fn keeps_write_buffers(&self) -> bool {
         false
+    }
+    /// What a write would wait for now (a source stream's checkpoint
+    /// hold), for the server to await first without holding a thread; None
+    /// when a write would not wait.
+    fn write_wait(&self) -> Option<WriteWait<'_>> {
+        None
     }
     /// WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE: the range reads as zeroes
     /// and stays provisioned.
@@ -236,6 +245,11 @@ where
         if len > 0 {
             payload = s.payload_buffer();
             read_payload_async(r, len, &mut payload, &"a write's payload").await?;
+        }
+        if let Some(export) = s.export().filter(|_| matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM)) {
+            if let Some(wait) = export.write_wait() {
+                wait.await;
+            }
         }
         if blocking(|| s.request(req, payload))? == AfterRequest::Disconnect {
             return Ok(Ending::Disconnect);

@@ -398,6 +398,11 @@ impl<'a> Session<'a> {
         Ok(AfterRequest::More)
     }
 
+    /// The export chosen, once the transmission phase began.
+    pub(super) fn export(&self) -> Option<Arc<dyn BlockExport>> {
+        self.chosen.as_ref().map(|c| c.export.clone())
+    }
+
     /// A large read's data, to be sent right after [`Session::out`]; give
     /// the buffer back with [`Session::data_sent`].
     pub(super) fn take_data(&mut self) -> Option<Vec<u8>> {

@@ -2,7 +2,7 @@
 //! protocol): each write is numbered and queued, never stored here.
 
 use crate::nbd::proto::{EIO, ENOSPC};
-use crate::nbd::server::{BlockExport, ExportError};
+use crate::nbd::server::{BlockExport, ExportError, WriteWait};
 use protection_groups::{DiskId, WriteKind};
 use std::sync::Arc;
 
@@ -51,6 +51,12 @@ impl BlockExport for SourceDisk {
 
     fn keeps_write_buffers(&self) -> bool {
         true
+    }
+
+    /// A write waits while the stream holds a checkpoint: the server
+    /// awaits the release first, holding no thread.
+    fn write_wait(&self) -> Option<WriteWait<'_>> {
+        self.stream.held().map(|_| Box::pin(self.stream.until_released()) as WriteWait<'_>)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ExportError> {

@@ -127,8 +127,10 @@ pub struct SourceStream {
     holding: AtomicU64,
     /// The PREPAREd checkpoint (what its marker will say).
     held: Mutex<Option<HeldCut>>,
-    /// Signalled when a hold ends.
+    /// Signalled when a hold ends: threads blocked in a write, and tap
+    /// connections waiting for the hold without a thread.
     released: Condvar,
+    released_tasks: tokio::sync::Notify,
     syncing: AtomicBool,
     /// The sync ends by itself once every block of every disk was written
     /// through the tap since it began (taps outside this VDSA's control,
@@ -160,6 +162,7 @@ impl SourceStream {
             holding: AtomicU64::new(0),
             held: Mutex::new(None),
             released: Condvar::new(),
+            released_tasks: tokio::sync::Notify::new(),
             syncing: AtomicBool::new(false),
             sync_ends_when_covered: AtomicBool::new(false),
             progress: Mutex::new(SyncProgress { started: None, covered, done_blocks: 0 }),
@@ -417,12 +420,30 @@ impl SourceStream {
         self.counters.note_hold(h.since.elapsed());
         drop(sq);
         self.released.notify_all();
+        self.released_tasks.notify_waiters();
         r.map(Some)
     }
 
     /// The checkpoint held now, if any.
     pub fn held(&self) -> Option<u64> {
         Some(self.holding.load(Ordering::SeqCst)).filter(|&id| id != 0)
+    }
+
+    /// Returns once no checkpoint is held, waiting without a thread: a tap
+    /// connection awaits it before a write, so that a write arriving during
+    /// a hold holds no thread while it waits (the write itself still waits
+    /// under the sequencer's lock if a hold began meanwhile).
+    pub async fn until_released(&self) {
+        loop {
+            let mut notified = std::pin::pin!(self.released_tasks.notified());
+            // Registered before the check, so a release between the two
+            // wakes it.
+            notified.as_mut().enable();
+            if self.holding.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn queue_stats(&self) -> QueueStats {
