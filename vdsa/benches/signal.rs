@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vdsa::nbd::server::BlockExport;
+use vdsa::nbd::export::BlockExport;
 use vdsa::replication::queue::{Backpressure, QueueConfig};
 use vdsa::replication::source::entropy::classify_block;
 use vdsa::replication::source::{SourceDisk, SourceOptions, SourceStream};

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use vdsa::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
 use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, TapWrite, WriteData, BLOCK_SIZE};
 use vdsa::nbd::client::NbdClient;
-use vdsa::nbd::server::{BlockExport, Exports};
+use vdsa::nbd::export::{BlockExport, Exports};
 use vdsa::recovery::{export_name, ProcessingStack};
 use vdsa::serving::{accept_each, Listener, Pool, Protocol};
 

@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod conn_limit;
+mod conn_task;
 pub mod daemon;
 pub mod journal;
 pub mod kvm;

@@ -1,9 +1,10 @@
 //! The native tap protocol (docs/tap-protocol.md): how an I/O filter that
 //! is not QEMU hands every write of a disk to its VDSA. Serves the same
 //! exports as the NBD server, so both kinds of tap feed the same streams,
-//! served on tokio's streams ([`crate::serving`]).
+//! served on tokio's streams (see `vdsa::serving`).
 
-use crate::nbd::server::{blocking, BlockExport, ExportError, Exports};
+use crate::conn_task::blocking;
+use crate::nbd::export::{BlockExport, ExportError, Exports};
 use crate::payload::read_payload_async;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::Arc;
@@ -223,7 +224,7 @@ where
     W: AsyncWrite + Unpin,
 {
     async fn send<W: AsyncWrite + Unpin>(s: &mut Session<'_>, w: &mut W) -> io::Result<()> {
-        crate::serving::send_out(&mut s.out, w).await
+        crate::conn_task::send_out(&mut s.out, w).await
     }
     let mut hello = [0u8; 8];
     r.read_exact(&mut hello).await?;

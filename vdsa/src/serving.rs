@@ -10,7 +10,7 @@
 //! [`crate::nbd::server`] and [`crate::native_tap`]).
 
 use crate::conn_limit::ConnectionLimit;
-use crate::nbd::server::Exports;
+use crate::nbd::export::Exports;
 use std::io;
 use std::sync::{Arc, OnceLock};
 
@@ -162,21 +162,6 @@ pub fn accept_each(
         });
     })?;
     Ok(())
-}
-
-/// Reply buffers beyond this size are not kept between sends.
-const KEEP_REPLY_BUFFER: usize = 1 << 20;
-
-/// Sends the replies collected in `out` and empties it (keeping a buffer
-/// of modest size for the next ones).
-pub(crate) async fn send_out<W: tokio::io::AsyncWrite + Unpin>(out: &mut Vec<u8>, w: &mut W) -> io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    w.write_all(out).await?;
-    out.clear();
-    if out.capacity() > KEEP_REPLY_BUFFER {
-        out.shrink_to(KEEP_REPLY_BUFFER);
-    }
-    w.flush().await
 }
 
 /// How a connection ended, for the log.

@@ -4,8 +4,8 @@
 //! acknowledgements (architecture.md §3).
 
 use crate::journal::{Checkpoint, CheckpointSpec, Cut, Journal, JournalError, StreamPosition, TapWrite, WriteData};
+use crate::nbd::export::{BlockExport, ExportError};
 use crate::nbd::proto::{EINVAL, EIO, ENOSPC};
-use crate::nbd::server::{BlockExport, ExportError};
 use protection_groups::{CheckpointId, CheckpointKind, DiskId, StreamId};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

@@ -21,7 +21,7 @@ pub use identity::{newest_generation, Identity};
 
 use crate::daemon::listen::{add_per_run_nbd_listener, claim_listeners, serve_taps, TapListener};
 use crate::journal::JournalConfig;
-use crate::nbd::server::Exports;
+use crate::nbd::export::Exports;
 use crate::replication::target::{TargetOptions, TargetServer};
 use crate::wire::tls;
 use anyhow::{bail, Context, Result};

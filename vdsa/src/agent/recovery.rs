@@ -5,7 +5,7 @@
 //! gone, overlays freed) once no role names it.
 
 use crate::journal::Journal;
-use crate::nbd::server::{BlockExport, Exports};
+use crate::nbd::export::{BlockExport, Exports};
 use crate::recovery::{config_export_name, export_name, ConfigDisk, ProcessingStack, PromotionProgress};
 use protection_groups::mgmt::{ConfigExport, PromotionState, StackExport, StackSpec, StackState, VmConfig};
 use protection_groups::{StackId, VpgId};

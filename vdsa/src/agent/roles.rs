@@ -5,7 +5,7 @@
 //! land here for every source stream of a VPG.
 
 use super::AgentConfig;
-use crate::nbd::server::Exports;
+use crate::nbd::export::Exports;
 use crate::replication::queue::{Backpressure, QueueConfig};
 use crate::replication::source::{SourceDisk, SourceOptions, SourceStream};
 use crate::replication::target::{ServerTls, TargetDefinition, TargetServer};

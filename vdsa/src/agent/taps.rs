@@ -12,7 +12,7 @@
 //! detach never cancels the job of the role that replaced it.
 
 use crate::kvm::{self, NbdAddress, Qmp, TapSpec};
-use crate::nbd::server::Exports;
+use crate::nbd::export::Exports;
 use crate::replication::source::{SourceDisk, SourceStream};
 use protection_groups::mgmt::{SourceRole, TapAttach};
 use protection_groups::DiskId;

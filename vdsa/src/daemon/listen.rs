@@ -4,7 +4,7 @@
 
 use super::control::{claim_path, PathClaim};
 use crate::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
-use crate::nbd::server::{BlockExport, ExportError, Exports};
+use crate::nbd::export::{BlockExport, ExportError, Exports};
 use crate::serving::{accept_each, Listener, Pool, Protocol};
 use crate::tap::TapDisk;
 use anyhow::{bail, Context, Result};

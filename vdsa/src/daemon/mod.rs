@@ -15,7 +15,7 @@ pub mod control;
 pub(crate) mod listen;
 
 use crate::journal::{Journal, JournalConfig};
-use crate::nbd::server::Exports;
+use crate::nbd::export::Exports;
 use crate::tap::{TapDisk, TapStream};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};

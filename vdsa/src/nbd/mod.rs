@@ -2,6 +2,7 @@
 //! and a small client (used to play the guest in tests and benchmarks).
 
 pub mod client;
+pub mod export;
 pub mod proto;
 pub mod server;
 mod session;

@@ -6,8 +6,8 @@
 //! checked) without the asynchronous I/O around them (docs/architecture.md,
 //! "Threads").
 
+use super::export::{BlockExport, ExportError, Exports, Extent};
 use super::proto::*;
-use super::server::{BlockExport, ExportError, Exports, Extent};
 use std::io;
 use std::sync::Arc;
 

@@ -2,8 +2,8 @@
 //! (its network settings at recovery), served beside a stack's disks so
 //! that a KVM guest can read and apply them (docs/recovery.md).
 
+use crate::nbd::export::{BlockExport, ExportError};
 use crate::nbd::proto::{EINVAL, EPERM};
-use crate::nbd::server::{BlockExport, ExportError};
 
 /// The disk's size: the text is at most this, zeros after it.
 pub const CONFIG_DISK_BYTES: u64 = 1 << 20;

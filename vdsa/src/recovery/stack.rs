@@ -6,8 +6,8 @@
 use super::error::{Error, Result};
 use super::overlay::{check_range, holes, zero_range, Overlay, BLOCK};
 use crate::journal::{Journal, PitView};
+use crate::nbd::export::{BlockExport, ExportError, Extent};
 use crate::nbd::proto::{EINVAL, EIO, ENOSPC, STATE_HOLE, STATE_ZERO};
-use crate::nbd::server::{BlockExport, ExportError, Extent};
 use protection_groups::{CheckpointId, DiskId, StackId};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};

@@ -16,7 +16,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
 use vdsa::conn_limit::{ConnectionLimit, MAX_TAP_CONNECTIONS};
-use vdsa::nbd::server::Exports;
+use vdsa::nbd::export::Exports;
 use vdsa::serving::{accept_each, Listener, Pool, Protocol};
 
 /// Serves `exports` on a Unix socket at `sock` with `protocol` (the NBD

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use vdsa::journal::{Journal, JournalConfig};
 use vdsa::native_tap::{self, NativeTapClient, EBADMSG, TRIM, WRITE, ZERO};
-use vdsa::nbd::server::Exports;
+use vdsa::nbd::export::Exports;
 use vdsa::tap::{TapDisk, TapStream};
 
 const SIZE: u64 = 2 << 20;

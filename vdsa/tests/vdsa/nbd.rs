@@ -12,8 +12,8 @@ use std::path::Path;
 use std::sync::Arc;
 use vdsa::journal::{Journal, JournalConfig};
 use vdsa::nbd::client::NbdClient;
+use vdsa::nbd::export::Exports;
 use vdsa::nbd::proto::*;
-use vdsa::nbd::server::Exports;
 use vdsa::serving::Protocol;
 use vdsa::tap::{TapDisk, TapStream};
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use vdsa::journal::{CheckpointSpec, Journal, JournalConfig, TapWrite, WriteData};
-use vdsa::nbd::server::Exports;
+use vdsa::nbd::export::Exports;
 use vdsa::recovery::{export_name, ProcessingStack};
 use vdsa::serving::Protocol;
 
@@ -59,7 +59,7 @@ fn journal_with_history(dir: &Path, seed: u64) -> (Journal, [DiskId; 2], Vec<[Ve
 }
 
 fn read_all(stack: &ProcessingStack, i: usize) -> Vec<u8> {
-    use vdsa::nbd::server::BlockExport;
+    use vdsa::nbd::export::BlockExport;
     let mut buf = vec![0u8; SIZE as usize];
     ok(stack.disks()[i].read(0, &mut buf));
     buf
@@ -159,7 +159,7 @@ fn stacks_at_several_checkpoints_are_isolated_and_keep_the_journal_as_it_was() {
 
 /// Random writes, zeroes and trims to `stack`, mirrored in `model`.
 fn scribble(stack: &ProcessingStack, model: &mut [Vec<u8>; 2], rng: &mut StdRng, n: usize) {
-    use vdsa::nbd::server::BlockExport;
+    use vdsa::nbd::export::BlockExport;
     for _ in 0..n {
         let i = rng.gen_range(0..2);
         let off = rng.gen_range(0..SIZE - 1);
@@ -270,7 +270,7 @@ fn a_corrupt_overlay_map_is_named_not_read() {
     let map = at.join(format!("{}.map", disks[0].0));
     assert!(!map.exists(), "an overlay nobody wrote has no map (opening costs the same for any disk size)");
     {
-        use vdsa::nbd::server::BlockExport;
+        use vdsa::nbd::export::BlockExport;
         ok(s.disks()[0].write(8192, &[7u8; 4096]));
     }
     ok(s.flush());
@@ -290,7 +290,7 @@ fn serve_stacks(sock: &Path, stacks: &[&ProcessingStack]) {
     let exports = Exports::default();
     for s in stacks {
         for d in s.disks() {
-            exports.insert(export_name(s.id, d.disk), d.clone() as Arc<dyn vdsa::nbd::server::BlockExport>);
+            exports.insert(export_name(s.id, d.disk), d.clone() as Arc<dyn vdsa::nbd::export::BlockExport>);
         }
     }
     super::serve_exports(sock, exports, Protocol::Nbd);

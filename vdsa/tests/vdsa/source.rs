@@ -4,7 +4,7 @@
 use protection_groups::{DiskId, StreamId, VpgId};
 use std::sync::Arc;
 use std::time::Duration;
-use vdsa::nbd::server::BlockExport;
+use vdsa::nbd::export::BlockExport;
 use vdsa::replication::queue::{Backpressure, QueueConfig};
 use vdsa::replication::source::{SourceDisk, SourceOptions, SourceStream};
 
@@ -75,7 +75,7 @@ fn writes_during_a_hold_wait_for_the_decision_without_a_thread_each() {
     let dir = tempfile::tempdir().expect("a folder");
     let disk = DiskId::new();
     let s = stream(dir.path(), &[(disk, 1 << 20)]);
-    let exports = vdsa::nbd::server::Exports::default();
+    let exports = vdsa::nbd::export::Exports::default();
     exports.insert("d", Arc::new(SourceDisk { stream: s.clone(), disk }));
     let sock = dir.path().join("tap.sock");
     super::serve_exports(&sock, exports, vdsa::serving::Protocol::Nbd);

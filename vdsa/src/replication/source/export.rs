@@ -1,8 +1,8 @@
 //! A source stream's disks as tap exports (NBD or the native tap
 //! protocol): each write is numbered and queued, never stored here.
 
+use crate::nbd::export::{BlockExport, ExportError, WriteWait};
 use crate::nbd::proto::{EIO, ENOSPC};
-use crate::nbd::server::{BlockExport, ExportError, WriteWait};
 use protection_groups::{DiskId, WriteKind};
 use std::sync::Arc;
 

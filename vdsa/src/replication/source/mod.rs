@@ -8,8 +8,8 @@
 //! stream's disks as tap exports.
 
 use crate::journal::BLOCK_SIZE;
+use crate::nbd::export::ExportError;
 use crate::nbd::proto::EIO;
-use crate::nbd::server::ExportError;
 use crate::replication::now_ms;
 use crate::replication::queue::{Pushed, QueueConfig, QueueStats, QueuedWrite, SendQueue};
 use crate::replication::throttle::Throttle;
