@@ -176,12 +176,13 @@ mod tests {
         c.read_exact(&mut greeting).ok().map(|()| c)
     }
 
-    #[test]
-    fn connections_past_the_limit_are_closed_and_a_freed_place_serves_again() {
+    /// An NBD tap listener serving no export, at most `limit` connections
+    /// at once: its folder (kept while the test runs) and socket.
+    fn served(limit: usize) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().expect("a folder");
         let path = dir.path().join("tap.sock");
         let l = UnixListener::bind(&path).expect("a listener");
-        let limit = ConnectionLimit::new(2, "test connections");
+        let limit = ConnectionLimit::new(limit, "test connections");
         accept_each(
             Listener::Unix(l),
             Arc::new(Exports::default()),
@@ -191,6 +192,12 @@ mod tests {
             "test connections",
         )
         .expect("served");
+        (dir, path)
+    }
+
+    #[test]
+    fn connections_past_the_limit_are_closed_and_a_freed_place_serves_again() {
+        let (_dir, path) = served(2);
         let (Some(mut a), Some(mut b)) = (greeted(&path), greeted(&path)) else { panic!("two are served") };
         assert!(greeted(&path).is_none(), "the third is closed at once");
         // Flags no server accepts end the first session.
@@ -208,19 +215,7 @@ mod tests {
     #[test]
     fn three_hundred_waiting_connections_hold_no_thread_each() {
         let threads = || std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
-        let dir = tempfile::tempdir().expect("a folder");
-        let path = dir.path().join("tap.sock");
-        let l = UnixListener::bind(&path).expect("a listener");
-        let limit = ConnectionLimit::new(MAX_TAP_CONNECTIONS, "test connections");
-        accept_each(
-            Listener::Unix(l),
-            Arc::new(Exports::default()),
-            limit,
-            Pool::Taps,
-            Protocol::Nbd,
-            "test connections",
-        )
-        .expect("served");
+        let (_dir, path) = served(MAX_TAP_CONNECTIONS);
         assert!(greeted(&path).is_some());
         let before = threads();
         let conns: Vec<_> = (0..300).filter_map(|_| greeted(&path)).collect();
