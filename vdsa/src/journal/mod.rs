@@ -16,6 +16,7 @@ mod fsutil;
 mod index;
 mod ingest;
 mod log;
+mod migrate;
 mod model;
 mod pack_index;
 mod promotion;
@@ -238,6 +239,13 @@ impl Journal {
     pub fn open(dir: impl AsRef<Path>, config: JournalConfig) -> Result<Journal> {
         let dir = dir.as_ref().to_path_buf();
         fsutil::create_dir(&dir)?;
+        if let Some(root) = &config.chunk_store {
+            // A journal that keeps its own chunks (format 2, an earlier
+            // build's) moves into the shared store first.
+            if read_meta(&dir)?.is_some_and(|m| m.format == META_FORMAT && m.chunk_store.is_none()) {
+                migrate::into_shared_store(&dir, &config, root)?;
+            }
+        }
         let lock = fsutil::lock_dir(&dir)?;
         let (meta, chunks) = open_meta(&dir, &config)?;
         if let (Some(p), Some(b)) = (&meta.promote, &meta.base) {
@@ -731,7 +739,7 @@ fn open_meta(dir: &Path, config: &JournalConfig) -> Result<(Meta, Arc<Store>)> {
         }
     };
     let store = match (&meta.chunk_store, meta.format) {
-        (None, META_FORMAT) => Store::private(&dir.join("chunks"), config.pack_bytes)?,
+        (None, META_FORMAT) => Store::private(&dir.join(migrate::PRIVATE_CHUNKS_DIR), config.pack_bytes)?,
         (Some(rel), META_FORMAT_SHARED_CHUNKS) => {
             let store = Store::shared(&dir.join(rel), config.pack_bytes)?;
             if !store.is_member(dir)? {
@@ -741,6 +749,8 @@ fn open_meta(dir: &Path, config: &JournalConfig) -> Result<(Meta, Arc<Store>)> {
                     format!("the chunk store {} does not list this journal as a member", dir.join(rel).display()),
                 ));
             }
+            // Left by a move into the store that a crash interrupted.
+            migrate::remove_private_chunks(dir);
             store
         }
         (None, _) => return Err(JournalError::corrupt(&path, 0, "a format 3 journal that names no chunk store")),

@@ -182,3 +182,54 @@ fn a_membership_change_a_crash_interrupted_is_finished_at_the_next_open() {
         Ok(_) => panic!("a journal its store does not list opened"),
     }
 }
+
+/// A journal an earlier build wrote with its own chunk store (format 2)
+/// moves into the shared store when it is opened with one configured: the
+/// blocks the store holds already are not stored again, it reads back as
+/// before, its own packs go, and after a collection a scrub finds nothing
+/// missing and no orphan. Old packs that a crash left after the move are
+/// removed at the next open.
+#[test]
+fn a_journal_with_its_own_store_moves_into_the_shared_store() {
+    let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = root.path().join("chunk-store");
+    let (a, old) = (root.path().join("a"), root.path().join("old"));
+    let (disk_a, want_a) = written(&a, Some(&store), &[1, 2]);
+    let (disk_old, want_old) = written(&old, None, &[1, 3]);
+    assert_eq!(read_json(&old.join("journal.json"))["format"], 2);
+    assert!(bytes_under(&old.join("chunks")) >= DISK, "the old journal keeps its own packs");
+    let before = bytes_under(&store.join("chunks"));
+
+    drop(Journal::open(&old, config(Some(&store))).unwrap_or_else(|e| panic!("moving: {e}")));
+    let meta = read_json(&old.join("journal.json"));
+    assert_eq!(meta["format"], 3, "{meta}");
+    assert!(meta["chunk_store"].is_string(), "{meta}");
+    assert!(members(&store).iter().any(|m| m.ends_with("old")), "the store lists the moved journal");
+    assert!(!old.join("chunks").exists(), "its own packs are gone");
+    let grown = bytes_under(&store.join("chunks")) - before;
+    assert!(
+        grown < DISK / 2 + DISK / 10,
+        "half its blocks were in the store already: the store grew by {grown} bytes for {} of new blocks",
+        DISK / 2
+    );
+    reads_back(&old, disk_old, want_old);
+    reads_back(&a, disk_a, want_a);
+
+    let ja = Journal::open(&a, config(None)).unwrap_or_else(|e| panic!("{e}"));
+    let jo = Journal::open(&old, config(None)).unwrap_or_else(|e| panic!("{e}"));
+    ja.collect_chunk_garbage(true).unwrap_or_else(|e| panic!("both members are open: {e}"));
+    let mut referenced = ja.referenced_chunks().unwrap_or_else(|e| panic!("{e}"));
+    referenced.extend(jo.referenced_chunks().unwrap_or_else(|e| panic!("{e}")));
+    let stored = stored_chunk_hashes(&store.join("chunks")).unwrap_or_else(|e| panic!("{e}"));
+    let orphans = stored.iter().filter(|h| !referenced.contains(*h)).count();
+    let missing = referenced.iter().filter(|h| !stored.contains(*h)).count();
+    assert_eq!((orphans, missing), (0, 0), "after the move and a collection: orphans, missing");
+    drop((ja, jo));
+
+    // A crash between the metadata naming the store and the removal of
+    // the old packs: they go at the next open.
+    std::fs::create_dir_all(old.join("chunks")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(old.join("chunks/00000001.pack"), [7u8; 4096]).unwrap_or_else(|e| panic!("{e}"));
+    reads_back(&old, disk_old, want_old);
+    assert!(!old.join("chunks").exists(), "left-over packs of the move are removed");
+}
