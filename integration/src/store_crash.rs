@@ -2,13 +2,15 @@
 //! "The shared chunk store"): a child process ingests into two journals
 //! that share one store, takes checkpoints, applies retention (which
 //! collects garbage), and now and then removes the second journal and
-//! creates it again; it is killed at a random moment, many times. After
-//! each kill:
+//! creates it again, half the time as an earlier build made it (its own
+//! chunk store) and then moves it into the shared store; it is killed at a
+//! random moment, many times. After each kill:
 //! - every checkpoint the child reported durable and retention kept is
 //!   there and reads back the content the child computed for it (so no
 //!   block one journal needs was taken by the other's collection or
 //!   removal);
-//! - a journal whose removal had begun is either whole or gone;
+//! - a journal whose removal had begun is either whole or gone, and one
+//!   whose move had begun is whole in its own store or in the shared one;
 //! - after a full collection, a scrub of the packs finds no chunk that no
 //!   journal references (nothing leaks forever) and no referenced chunk
 //!   missing.
@@ -86,8 +88,16 @@ struct Live {
     image: Vec<u8>,
 }
 
-fn open_live(dir: &Path, name: &str) -> Result<Live> {
-    let journal = Journal::open(journal_dir(dir, name), config(&store_dir(dir)))?;
+/// Opens (or creates) journal `name`: in the shared store, or with
+/// `own_store` in a store of its own, as an earlier build (format 2) made
+/// it. A format-2 journal opened in the shared store moves into it.
+fn open_live(dir: &Path, name: &str, own_store: bool) -> Result<Live> {
+    let config = if own_store {
+        JournalConfig { chunk_store: None, ..config(&store_dir(dir)) }
+    } else {
+        config(&store_dir(dir))
+    };
+    let journal = Journal::open(journal_dir(dir, name), config)?;
     let disk = match journal.disks()?.first() {
         Some(d) => d.id,
         None => {
@@ -111,56 +121,91 @@ fn say(line: &str) -> Result<()> {
     Ok(())
 }
 
+/// A few writes into journal `name`, then a checkpoint (and now and then
+/// retention, which collects garbage).
+fn round(l: &mut Live, name: &str, rng: &mut StdRng) -> Result<()> {
+    let blocks = DISK_BYTES / BLOCK_SIZE as u64;
+    for _ in 0..rng.gen_range(1..6) {
+        let n = rng.gen_range(1..8u64);
+        let first = rng.gen_range(0..blocks - n);
+        let data: Vec<u8> = (0..n).flat_map(|_| content(rng)).collect();
+        l.seq += 1;
+        let off = first * BLOCK_SIZE as u64;
+        l.journal
+            .ingest(l.stream, &[TapWrite { seq: l.seq, disk: l.disk, offset: off, data: WriteData::Data(&data) }])?;
+        l.image[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    let id = l.next_cp;
+    l.next_cp += 1;
+    say(&format!("PENDING {name} {id} {}", blake3::hash(&l.image)))?;
+    l.journal.mark_checkpoint(crate::checkpoint_spec(id, id * 1000, CheckpointKind::Automatic))?;
+    say(&format!("DURABLE {name} {id}"))?;
+    if id.is_multiple_of(5) {
+        let policy = RetentionPolicy::Time { history: Duration::from_secs(8) };
+        l.journal.apply_retention(&policy, id * 1000)?;
+    }
+    Ok(())
+}
+
 /// The child: ingests into journals a and b until killed, printing
 /// `PENDING name id hash` before each checkpoint, `DURABLE name id` once
 /// it is durable, and `REMOVING b`, `REMOVED b`, `CREATED b` around a
-/// removal and a creation.
+/// removal and a creation. Half the time b is created as an earlier build
+/// made it (its own chunk store), written, and then moved into the shared
+/// store: `MOVING b`, `MOVED b`.
 pub fn child(dir: &Path, seed: u64) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut live: Vec<Option<Live>> = Vec::new();
     for name in NAMES {
         let fresh = !exists(dir, name);
-        live.push(Some(open_live(dir, name)?));
+        let moving = !fresh && !in_shared_store(dir, name);
+        if moving {
+            say(&format!("MOVING {name}"))?;
+        }
+        live.push(Some(open_live(dir, name, false)?));
         if fresh {
             say(&format!("CREATED {name}"))?;
         }
+        if moving {
+            say(&format!("MOVED {name}"))?;
+        }
     }
     say("READY")?;
-    let blocks = DISK_BYTES / BLOCK_SIZE as u64;
     loop {
         for (i, slot) in live.iter_mut().enumerate() {
             let Some(l) = slot else { continue };
-            for _ in 0..rng.gen_range(1..6) {
-                let n = rng.gen_range(1..8u64);
-                let first = rng.gen_range(0..blocks - n);
-                let data: Vec<u8> = (0..n).flat_map(|_| content(&mut rng)).collect();
-                l.seq += 1;
-                let off = first * BLOCK_SIZE as u64;
-                l.journal.ingest(
-                    l.stream,
-                    &[TapWrite { seq: l.seq, disk: l.disk, offset: off, data: WriteData::Data(&data) }],
-                )?;
-                l.image[off as usize..off as usize + data.len()].copy_from_slice(&data);
-            }
-            let id = l.next_cp;
-            l.next_cp += 1;
-            say(&format!("PENDING {} {id} {}", NAMES[i], blake3::hash(&l.image)))?;
-            l.journal.mark_checkpoint(crate::checkpoint_spec(id, id * 1000, CheckpointKind::Automatic))?;
-            say(&format!("DURABLE {} {id}", NAMES[i]))?;
-            if id % 5 == 0 {
-                let policy = RetentionPolicy::Time { history: Duration::from_secs(8) };
-                l.journal.apply_retention(&policy, id * 1000)?;
-            }
+            round(l, NAMES[i], &mut rng)?;
         }
         if rng.gen_ratio(1, 12) {
             say("REMOVING b")?;
             live[1] = None;
             Journal::remove(journal_dir(dir, "b"))?;
             say("REMOVED b")?;
-            live[1] = Some(open_live(dir, "b")?);
-            say("CREATED b")?;
+            if rng.gen_bool(0.5) {
+                let mut own = open_live(dir, "b", true)?;
+                say("CREATED b")?;
+                for _ in 0..rng.gen_range(1..4) {
+                    round(&mut own, "b", &mut rng)?;
+                }
+                drop(own);
+                say("MOVING b")?;
+                live[1] = Some(open_live(dir, "b", false)?);
+                say("MOVED b")?;
+            } else {
+                live[1] = Some(open_live(dir, "b", false)?);
+                say("CREATED b")?;
+            }
         }
     }
+}
+
+/// Whether journal `name` keeps its chunks in the shared store (format 3);
+/// false for one with its own store (format 2).
+fn in_shared_store(dir: &Path, name: &str) -> bool {
+    std::fs::read(journal_dir(dir, name).join("journal.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|m| m["format"] == 3)
 }
 
 /// What one run of the torture found.
@@ -169,6 +214,10 @@ pub struct StoreCrashReport {
     pub runs: u64,
     pub kills_during_removal: u64,
     pub removals_finished: u64,
+    /// Moves of a format-2 journal into the shared store, and kills
+    /// during one.
+    pub kills_during_move: u64,
+    pub moves_finished: u64,
     pub checkpoints_verified: u64,
     pub chunks_scrubbed: u64,
 }
@@ -200,7 +249,7 @@ pub fn run(dir: &Path, lab: &Path, runs: u64, seed: u64) -> Result<StoreCrashRep
         }
         child.kill();
         let lines = reader.join().unwrap_or_default();
-        let mut removing = false;
+        let (mut removing, mut moving) = (false, false);
         for line in &lines {
             let words: Vec<&str> = line.split(' ').collect();
             let which = |w: &str| NAMES.iter().position(|n| *n == w);
@@ -224,11 +273,19 @@ pub fn run(dir: &Path, lab: &Path, runs: u64, seed: u64) -> Result<StoreCrashRep
                     expected.retain(|(j, _), _| *j != 1);
                 }
                 ["CREATED", "b"] => expected.retain(|(j, _), _| *j != 1),
+                ["MOVING", _] => moving = true,
+                ["MOVED", _] => {
+                    moving = false;
+                    report.moves_finished += 1;
+                }
                 _ => {}
             }
         }
         if removing {
             report.kills_during_removal += 1;
+        }
+        if moving {
+            report.kills_during_move += 1;
         }
         report.checkpoints_verified += check(dir, &mut expected).with_context(|| format!("after kill {run}"))?;
         report.chunks_scrubbed += scrub(dir).with_context(|| format!("scrub after kill {run}"))?;
@@ -286,9 +343,13 @@ fn scrub(dir: &Path) -> Result<u64> {
         .collect::<Result<_, _>>()?;
     let Some(first) = journals.first() else { bail!("no journal to scrub") };
     first.collect_chunk_garbage(true)?;
+    // A journal with its own store (a move a kill stopped before its
+    // metadata named the shared store) references nothing in it.
     let mut referenced = HashSetOfBlocks::default();
-    for j in &journals {
-        referenced.extend(j.referenced_chunks()?);
+    for (j, name) in journals.iter().zip(NAMES.iter().filter(|n| exists(dir, n))) {
+        if in_shared_store(dir, name) {
+            referenced.extend(j.referenced_chunks()?);
+        }
     }
     let stored = stored_chunk_hashes(&store_dir(dir).join("chunks"))?;
     let orphans = stored.iter().filter(|h| !referenced.contains(*h)).count();

@@ -401,10 +401,12 @@ fn store_crash(runs: u64, seed: Option<u64>) -> Result<()> {
     let started = Instant::now();
     let r = integration::store_crash::run(dir.path(), &std::env::current_exe()?, runs, seed)?;
     println!(
-        "  {} kills ({} during a removal, {} removals finished), {} checkpoints verified, {} chunks scrubbed: no orphan, nothing missing, in {:.0} s",
+        "  {} kills ({} during a removal, {} during a move into the store; {} removals, {} moves finished), {} checkpoints verified, {} chunks scrubbed: no orphan, nothing missing, in {:.0} s",
         r.runs,
         r.kills_during_removal,
+        r.kills_during_move,
         r.removals_finished,
+        r.moves_finished,
         r.checkpoints_verified,
         r.chunks_scrubbed,
         started.elapsed().as_secs_f64()
