@@ -20,7 +20,9 @@ use std::path::Path;
 /// The folder of a format-2 journal's own chunk store.
 pub(super) const PRIVATE_CHUNKS_DIR: &str = "chunks";
 
-/// Moves the format-2 journal in `dir` into the shared store at `root`.
+/// Moves the format-2 journal in `dir` into the shared store at `root`. An
+/// error before its metadata names the store (a full disk while copying)
+/// leaves it a whole format-2 journal.
 pub(super) fn into_shared_store(dir: &Path, config: &JournalConfig, root: &Path) -> Result<()> {
     let own = JournalConfig { chunk_store: None, ..config.clone() };
     let journal = Journal::open(dir, own)?;
@@ -31,13 +33,20 @@ pub(super) fn into_shared_store(dir: &Path, config: &JournalConfig, root: &Path)
     let mut copied = Vec::with_capacity(hashes.len());
     let mut moved = Ok(());
     for hash in &hashes {
-        if !journal.read_chunk(hash, &mut block)? {
-            moved = Err(JournalError::corrupt(
-                dir.join(PRIVATE_CHUNKS_DIR),
-                0,
-                format!("a chunk the journal references is missing: {}", super::hex(hash)),
-            ));
-            break;
+        match journal.read_chunk(hash, &mut block) {
+            Ok(true) => {}
+            Ok(false) => {
+                moved = Err(JournalError::corrupt(
+                    dir.join(PRIVATE_CHUNKS_DIR),
+                    0,
+                    format!("a chunk the journal references is missing: {}", super::hex(hash)),
+                ));
+                break;
+            }
+            Err(e) => {
+                moved = Err(e);
+                break;
+            }
         }
         let compressed = config.compression_level.and_then(|l| compress_block(&block, l));
         match shared.intern(&block, PreparedChunk { hash: *hash, compressed }) {
@@ -51,9 +60,15 @@ pub(super) fn into_shared_store(dir: &Path, config: &JournalConfig, root: &Path)
     // The journal counts its references when it opens in the store; these
     // copies hold none until then (the store collects nothing meanwhile:
     // this member is not open).
-    shared.decref_all(copied.into_iter())?;
-    moved?;
-    shared.sync()?;
+    let copied = shared.decref_all(copied.into_iter()).and(moved).and_then(|()| shared.sync());
+    if let Err(e) = copied {
+        // Not moved: the journal stays whole in its own store; the copies
+        // are garbage for the next collection.
+        if let Err(f) = shared.forget_member(dir) {
+            tracing::warn!(dir = %dir.display(), "a failed move stays listed in the chunk store until it reopens: {f}");
+        }
+        return Err(e);
+    }
     let mut meta = read_meta(dir)?.ok_or_else(|| JournalError::corrupt(dir, 0, "the journal's metadata is gone"))?;
     meta.format = META_FORMAT_SHARED_CHUNKS;
     meta.chunk_store = Some(store::relative_path(&store::canonical(dir)?, shared.root().unwrap_or(root)));
@@ -145,5 +160,55 @@ mod tests {
         let stored = stored_chunk_hashes(&store_root.join("chunks")).expect("stored");
         assert_eq!(stored, referenced, "the store holds exactly what the journal references");
         assert!(!dir.join(PRIVATE_CHUNKS_DIR).exists());
+    }
+
+    /// A move that fails while copying (here a damaged chunk) leaves the
+    /// journal whole in its own store, opened as it is, and not listed in
+    /// the shared store (where it would block collection).
+    #[test]
+    fn a_move_that_fails_leaves_the_journal_in_its_own_store_and_the_store_as_it_was() {
+        let root = tempfile::tempdir().expect("a folder");
+        let (dir, store_root) = (root.path().join("j"), root.path().join("chunk-store"));
+        let own = JournalConfig {
+            segment_bytes: 64 << 10,
+            pack_bytes: 64 << 10,
+            compression_level: None,
+            workers: 1,
+            chunk_store: None,
+        };
+        let disk = DiskId::new();
+        {
+            let j = Journal::open(&dir, own.clone()).expect("a format 2 journal");
+            j.add_disk(disk, 256 << 10).expect("a disk");
+            let data: Vec<u8> = (0..(256u32 << 10)).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+            j.ingest(StreamId::new(), &[TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&data) }])
+                .expect("written");
+        }
+        let pack = std::fs::read_dir(dir.join(PRIVATE_CHUNKS_DIR))
+            .expect("its packs")
+            .flatten()
+            .map(|e| e.path())
+            // A sealed pack (one with an index): an open reads its index,
+            // not its chunks, so only the copy meets the damage.
+            .find(|p| p.extension().is_some_and(|x| x == "pack") && p.with_extension("idx").exists())
+            .expect("a sealed pack");
+        let mut bytes = std::fs::read(&pack).expect("the pack");
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&pack, &bytes).expect("damaged");
+
+        let shared = JournalConfig { chunk_store: Some(store_root.clone()), ..own };
+        let j = Journal::open(&dir, shared).expect("opened in its own store");
+        assert_eq!(read_meta(&dir).ok().flatten().map(|m| m.format), Some(super::super::META_FORMAT));
+        assert!(dir.join(PRIVATE_CHUNKS_DIR).exists(), "its own packs stay");
+        drop(j);
+        let listed: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(store_root.join("store.json")).expect("the store's list"))
+                .expect("its JSON");
+        let members = listed["members"].as_array().cloned().unwrap_or_default();
+        assert!(
+            !members.iter().any(|m| m["journal"].as_str().is_some_and(|j| j.ends_with('j'))),
+            "the failed move is not listed: {listed}"
+        );
     }
 }

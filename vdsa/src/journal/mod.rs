@@ -242,8 +242,12 @@ impl Journal {
         if let Some(root) = &config.chunk_store {
             // A journal that keeps its own chunks (format 2, an earlier
             // build's) moves into the shared store first.
+            // A move that fails (a full disk) leaves it in its own store,
+            // opened as it is; the move is tried again at the next open.
             if read_meta(&dir)?.is_some_and(|m| m.format == META_FORMAT && m.chunk_store.is_none()) {
-                migrate::into_shared_store(&dir, &config, root)?;
+                if let Err(e) = migrate::into_shared_store(&dir, &config, root) {
+                    tracing::warn!(dir = %dir.display(), "the journal stays in its own chunk store for now: {e}");
+                }
             }
         }
         let lock = fsutil::lock_dir(&dir)?;

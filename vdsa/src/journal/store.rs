@@ -130,6 +130,16 @@ impl Store {
         Ok(())
     }
 
+    /// Drops `journal` from the members, its folder untouched: a move into
+    /// the store that failed before the journal's metadata named the store
+    /// (left listed, it would block collection until the store reopens).
+    pub(super) fn forget_member(&self, journal: &Path) -> Result<()> {
+        let (Some(root), Some(rel)) = (&self.root, self.member_name(journal)?) else {
+            return Ok(());
+        };
+        change_meta(root, &mut *self.membership()?, |meta| meta.members.retain(|x| x.journal != rel))
+    }
+
     /// Whether `journal` is a member (not being removed).
     pub(super) fn is_member(&self, journal: &Path) -> Result<bool> {
         let Some(rel) = self.member_name(journal)? else {
