@@ -15,16 +15,9 @@ pub(crate) fn read_payload<R: Read + ?Sized>(
     buf: &mut Vec<u8>,
     inside: &dyn Display,
 ) -> io::Result<()> {
-    buf.clear();
-    buf.reserve(usize::try_from(len).unwrap_or(usize::MAX));
+    make_room(buf, len);
     r.take(len).read_to_end(buf)?;
-    if buf.len() as u64 != len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("the peer went away inside {inside} ({} of {len} bytes)", buf.len()),
-        ));
-    }
-    Ok(())
+    whole(buf, len, inside)
 }
 
 /// [`read_payload`] from a tokio stream.
@@ -35,9 +28,20 @@ pub(crate) async fn read_payload_async<R: tokio::io::AsyncRead + Unpin + ?Sized>
     inside: &(dyn Display + Sync),
 ) -> io::Result<()> {
     use tokio::io::AsyncReadExt;
+    make_room(buf, len);
+    (&mut *r).take(len).read_to_end(buf).await?;
+    whole(buf, len, inside)
+}
+
+/// Empties `buf` and makes room for `len` bytes (its capacity reused).
+fn make_room(buf: &mut Vec<u8>, len: u64) {
     buf.clear();
     buf.reserve(usize::try_from(len).unwrap_or(usize::MAX));
-    (&mut *r).take(len).read_to_end(buf).await?;
+}
+
+/// Whether all `len` bytes arrived; if not, an `UnexpectedEof` naming
+/// `inside` and how much did.
+fn whole(buf: &[u8], len: u64, inside: &dyn Display) -> io::Result<()> {
     if buf.len() as u64 != len {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
