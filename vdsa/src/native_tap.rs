@@ -86,9 +86,9 @@ fn ack(out: &mut Vec<u8>, status: u32, id: u64) {
 }
 
 /// One filter connection's protocol state, apart from its I/O: the
-/// driver ([`serve`]) reads whole units (the hello, the disk's name and size, a request with
-/// its payload) and hand them here; ACKs collect in `out` until the driver
-/// sends them.
+/// driver ([`serve`]) reads whole units (the hello, the disk's name and
+/// size, a request with its payload) and hands them here; ACKs collect in
+/// `out` until the driver sends them.
 struct Session<'a> {
     exports: &'a Exports,
     export: Option<Arc<dyn BlockExport>>,
@@ -193,6 +193,16 @@ impl<'a> Session<'a> {
     }
 }
 
+/// Names request `id`'s payload in a short-read error, formatted only
+/// then (not once per write).
+struct PayloadOf(u64);
+
+impl std::fmt::Display for PayloadOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request {}'s payload", self.0)
+    }
+}
+
 /// ACKs held back while more requests are buffered, at most.
 const HOLD_ACKS: usize = 64 << 10;
 
@@ -253,8 +263,7 @@ where
         };
         s.payload.clear();
         if len > 0 {
-            let inside = format!("request {}'s payload", header.id);
-            read_payload_async(r, len, &mut s.payload, &inside).await?;
+            read_payload_async(r, len, &mut s.payload, &PayloadOf(header.id)).await?;
         }
         if let Some(export) = s.export.clone().filter(|_| matches!(header.kind, WRITE | ZERO | TRIM)) {
             if let Some(wait) = export.write_wait() {

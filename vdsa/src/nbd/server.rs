@@ -97,11 +97,8 @@ where
         if r.buffer().is_empty() || s.out.len() >= HOLD_REPLIES {
             send(s, w).await?;
         }
-        match r.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Ending::Closed),
-            Err(e) => return Err(e),
-        }
+        // A peer gone here is `Ending::Closed` (see `ending`).
+        r.read_exact(&mut header).await?;
         let req = Request::parse(&header).map_err(|m| super::session::protocol(format!("bad request magic {m:#x}")))?;
         let len = s.payload_len(&req)?;
         let mut payload = Vec::new();
