@@ -619,7 +619,9 @@ mod tests {
     #[test]
     fn a_borrowed_block_is_copied_from_its_lender_or_the_batch_is_refused() {
         let dir = tempfile::tempdir().expect("a folder");
-        let lender = Arc::new(VpgReplica::open(dir.path(), VpgId::new(), JournalConfig::default()).expect("a replica"));
+        let lender = Arc::new(
+            VpgReplica::open(dir.path(), VpgId::new(), JournalConfig::default(), Arc::default()).expect("a replica"),
+        );
         let block: Vec<u8> = (0..BLOCK_SIZE).map(|i| (i * 7 % 251) as u8).collect();
         let hash = *blake3::hash(&block).as_bytes();
         let disk = DiskId::new();

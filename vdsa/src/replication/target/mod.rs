@@ -61,7 +61,13 @@ pub struct VpgReplica {
 }
 
 impl VpgReplica {
-    fn open(root: &Path, vpg: VpgId, cfg: JournalConfig) -> Result<VpgReplica, LinkError> {
+    /// `markers_made_durable`: the target's count it adds to.
+    fn open(
+        root: &Path,
+        vpg: VpgId,
+        cfg: JournalConfig,
+        markers_made_durable: Arc<AtomicU64>,
+    ) -> Result<VpgReplica, LinkError> {
         let dir = root.join(vpg.0.to_string());
         std::fs::create_dir_all(&dir)?;
         let journal = Journal::open(dir.join("journal"), cfg)?;
@@ -88,7 +94,7 @@ impl VpgReplica {
             streams: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             newest_consistent_ms: AtomicU64::new(newest),
-            markers_made_durable: Arc::default(),
+            markers_made_durable,
         })
     }
 
@@ -289,8 +295,8 @@ impl TargetServer {
         if let Some(r) = m.get(&vpg) {
             return Ok(r.clone());
         }
-        let mut r = VpgReplica::open(&self.opts.root, vpg, self.opts.journal.clone()).map_err(|e| e.to_string())?;
-        r.markers_made_durable = self.markers_made_durable.clone();
+        let r = VpgReplica::open(&self.opts.root, vpg, self.opts.journal.clone(), self.markers_made_durable.clone())
+            .map_err(|e| e.to_string())?;
         let r = Arc::new(r);
         m.insert(vpg, r.clone());
         Ok(r)
