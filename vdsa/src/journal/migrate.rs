@@ -104,34 +104,44 @@ mod tests {
     /// named the store is done again at the next open, and the first
     /// copies are not left behind: after a collection the store holds
     /// exactly what the journal references.
-    #[test]
-    fn a_move_a_crash_stopped_before_the_metadata_is_done_again_leaving_no_orphan() {
-        let root = tempfile::tempdir().expect("a folder");
-        let (dir, store_root) = (root.path().join("j"), root.path().join("chunk-store"));
-        let own = JournalConfig {
+    /// Small packs and segments, no compression, a chunk store of its own
+    /// (format 2).
+    fn own_store() -> JournalConfig {
+        JournalConfig {
             segment_bytes: 64 << 10,
             pack_bytes: 64 << 10,
             compression_level: None,
             workers: 1,
             chunk_store: None,
-        };
+        }
+    }
+
+    /// A format-2 journal at `dir`: one disk of `bytes` written whole with
+    /// distinct blocks, and checkpoint 1; the disk and its content's hash.
+    fn format_2_journal(dir: &Path, bytes: u32) -> (DiskId, blake3::Hash) {
+        let j = Journal::open(dir, own_store()).expect("a format 2 journal");
         let disk = DiskId::new();
-        let want = {
-            let j = Journal::open(&dir, own.clone()).expect("a format 2 journal");
-            j.add_disk(disk, 1 << 20).expect("a disk");
-            let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-            j.ingest(StreamId::new(), &[TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&data) }])
-                .expect("written");
-            let cp = CheckpointSpec {
-                id: CheckpointId(1),
-                kind: CheckpointKind::Automatic,
-                name: "cp1".into(),
-                source_time_ms: 1,
-                cuts: vec![],
-            };
-            j.mark_checkpoint(cp).expect("a checkpoint");
-            blake3::hash(&data)
+        j.add_disk(disk, u64::from(bytes)).expect("a disk");
+        let data: Vec<u8> = (0..bytes).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        j.ingest(StreamId::new(), &[TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&data) }])
+            .expect("written");
+        let cp = CheckpointSpec {
+            id: CheckpointId(1),
+            kind: CheckpointKind::Automatic,
+            name: "cp1".into(),
+            source_time_ms: 1,
+            cuts: vec![],
         };
+        j.mark_checkpoint(cp).expect("a checkpoint");
+        (disk, blake3::hash(&data))
+    }
+
+    #[test]
+    fn a_move_a_crash_stopped_before_the_metadata_is_done_again_leaving_no_orphan() {
+        let root = tempfile::tempdir().expect("a folder");
+        let (dir, store_root) = (root.path().join("j"), root.path().join("chunk-store"));
+        let own = own_store();
+        let (disk, want) = format_2_journal(&dir, 1 << 20);
         // The move's first steps, then the crash: listed, copied and
         // synced, the metadata not written, the counts lost.
         {
@@ -169,21 +179,7 @@ mod tests {
     fn a_move_that_fails_leaves_the_journal_in_its_own_store_and_the_store_as_it_was() {
         let root = tempfile::tempdir().expect("a folder");
         let (dir, store_root) = (root.path().join("j"), root.path().join("chunk-store"));
-        let own = JournalConfig {
-            segment_bytes: 64 << 10,
-            pack_bytes: 64 << 10,
-            compression_level: None,
-            workers: 1,
-            chunk_store: None,
-        };
-        let disk = DiskId::new();
-        {
-            let j = Journal::open(&dir, own.clone()).expect("a format 2 journal");
-            j.add_disk(disk, 256 << 10).expect("a disk");
-            let data: Vec<u8> = (0..(256u32 << 10)).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
-            j.ingest(StreamId::new(), &[TapWrite { seq: 1, disk, offset: 0, data: WriteData::Data(&data) }])
-                .expect("written");
-        }
+        format_2_journal(&dir, 256 << 10);
         let pack = std::fs::read_dir(dir.join(PRIVATE_CHUNKS_DIR))
             .expect("its packs")
             .flatten()
@@ -197,7 +193,7 @@ mod tests {
         bytes[middle] ^= 0xff;
         std::fs::write(&pack, &bytes).expect("damaged");
 
-        let shared = JournalConfig { chunk_store: Some(store_root.clone()), ..own };
+        let shared = JournalConfig { chunk_store: Some(store_root.clone()), ..own_store() };
         let j = Journal::open(&dir, shared).expect("opened in its own store");
         assert_eq!(read_meta(&dir).ok().flatten().map(|m| m.format), Some(super::super::META_FORMAT));
         assert!(dir.join(PRIVATE_CHUNKS_DIR).exists(), "its own packs stay");
