@@ -92,11 +92,10 @@ struct Live {
 /// `own_store` in a store of its own, as an earlier build (format 2) made
 /// it. A format-2 journal opened in the shared store moves into it.
 fn open_live(dir: &Path, name: &str, own_store: bool) -> Result<Live> {
-    let config = if own_store {
-        JournalConfig { chunk_store: None, ..config(&store_dir(dir)) }
-    } else {
-        config(&store_dir(dir))
-    };
+    let mut config = config(&store_dir(dir));
+    if own_store {
+        config.chunk_store = None;
+    }
     let journal = Journal::open(journal_dir(dir, name), config)?;
     let disk = match journal.disks()?.first() {
         Some(d) => d.id,
