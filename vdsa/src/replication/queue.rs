@@ -9,7 +9,8 @@ use crate::wire::msg::{kind_code, kind_from_code, write_kind_code, write_kind_fr
 use protection_groups::{CheckpointKind, DiskId};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -214,10 +215,7 @@ impl SendQueue {
             st.mem_bytes += c;
             st.mem.push_back(e);
         } else {
-            let buf = encode_entry(&e);
-            st.spill.file.seek(SeekFrom::Start(st.spill.write_at))?;
-            st.spill.file.write_all(&buf)?;
-            st.spill.write_at += buf.len() as u64;
+            st.spill.write_at += write_spilled(&st.spill.file, st.spill.write_at, &e)?;
             st.spill.entries += 1;
             st.spilled_total += 1;
         }
@@ -228,14 +226,8 @@ impl SendQueue {
     /// Moves spilled entries back into memory while there is room.
     fn refill(&self, st: &mut State) -> io::Result<()> {
         while st.spill.entries > 0 && st.mem_bytes < self.cfg.memory_bytes {
-            st.spill.file.seek(SeekFrom::Start(st.spill.read_at))?;
-            let mut len = [0u8; 4];
-            st.spill.file.read_exact(&mut len)?;
-            let n = u32::from_be_bytes(len) as usize;
-            let mut buf = vec![0u8; n];
-            st.spill.file.read_exact(&mut buf)?;
-            let e = decode_entry(&buf).ok_or_else(|| io::Error::other("spill file entry unreadable"))?;
-            st.spill.read_at += 4 + n as u64;
+            let (e, n) = read_spilled(&st.spill.file, st.spill.read_at)?;
+            st.spill.read_at += n;
             st.spill.entries -= 1;
             st.mem_bytes += e.cost();
             st.mem.push_back(e);
@@ -339,60 +331,97 @@ fn mark_dirty(st: &mut State, w: &QueuedWrite) {
     }
 }
 
-/// Spill file records: length, then the entry. Not crash-safe by design:
-/// after a source restart the queue is gone and a delta sync follows.
-fn encode_entry(e: &Entry) -> Vec<u8> {
-    let mut b = vec![0u8; 4];
-    match e {
+/// Spill file records: the length of what follows (u32), then the entry:
+/// its kind and fields, and a write's bytes last, so that they go to the
+/// file from the queued buffer and come back into the buffer the entry
+/// keeps, with no copy on either side (docs/performance.md, "Copies of a
+/// block"). Not crash-safe by design: after a source restart the queue is
+/// gone and a delta sync follows.
+const WRITE_FIELDS: usize = 43;
+
+/// Writes `e` at `at`; returns the bytes the record takes.
+fn write_spilled(file: &File, at: u64, e: &Entry) -> io::Result<u64> {
+    let mut head = vec![0u8; 4];
+    let data: &[u8] = match e {
         Entry::Write(w) => {
-            b.push(1);
-            b.extend_from_slice(&w.write.seq.to_be_bytes());
-            b.extend_from_slice(w.write.disk.as_bytes());
-            b.extend_from_slice(&w.write.offset.to_be_bytes());
-            b.extend_from_slice(&w.write.len.to_be_bytes());
-            b.push(write_kind_code(w.write.kind));
-            b.push(w.write.sync as u8);
-            b.extend_from_slice(&w.data);
+            head.push(1);
+            head.extend_from_slice(&w.write.seq.to_be_bytes());
+            head.extend_from_slice(w.write.disk.as_bytes());
+            head.extend_from_slice(&w.write.offset.to_be_bytes());
+            head.extend_from_slice(&w.write.len.to_be_bytes());
+            head.push(write_kind_code(w.write.kind));
+            head.push(w.write.sync as u8);
+            &w.data
         }
         Entry::Marker(m) => {
-            b.push(2);
-            b.extend_from_slice(&m.id.to_be_bytes());
-            b.push(kind_code(m.kind));
-            b.extend_from_slice(&m.source_time_ms.to_be_bytes());
-            b.extend_from_slice(&m.cut_seq.to_be_bytes());
-            b.extend_from_slice(&m.streams.to_be_bytes());
-            b.extend_from_slice(m.name.as_bytes());
+            head.push(2);
+            head.extend_from_slice(&m.id.to_be_bytes());
+            head.push(kind_code(m.kind));
+            head.extend_from_slice(&m.source_time_ms.to_be_bytes());
+            head.extend_from_slice(&m.cut_seq.to_be_bytes());
+            head.extend_from_slice(&m.streams.to_be_bytes());
+            head.extend_from_slice(m.name.as_bytes());
+            &[]
         }
-    }
-    let n = (b.len() - 4) as u32;
-    b[..4].copy_from_slice(&n.to_be_bytes());
-    b
+    };
+    let body = head.len() - 4 + data.len();
+    let n = u32::try_from(body).map_err(|_| io::Error::other(format!("a queued entry of {body} bytes")))?;
+    head[..4].copy_from_slice(&n.to_be_bytes());
+    file.write_all_at(&head, at)?;
+    file.write_all_at(data, at + head.len() as u64)?;
+    Ok(4 + body as u64)
 }
 
-fn decode_entry(b: &[u8]) -> Option<Entry> {
-    let u64_at = |i: usize| b.get(i..i + 8).map(|s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])));
-    match b.first()? {
-        1 => {
-            let seq = u64_at(1)?;
-            let disk = DiskId::from_bytes(b.get(9..25)?.try_into().ok()?);
-            let offset = u64_at(25)?;
-            let len = u64_at(33)?;
-            let kind = write_kind_from_code(*b.get(41)?)?;
-            let sync = *b.get(42)? != 0;
-            let data = Arc::new(b.get(43..)?.to_vec());
-            Some(Entry::Write(QueuedWrite { write: StreamWrite { seq, disk, offset, len, kind, sync }, data }))
-        }
-        2 => {
-            let id = u64_at(1)?;
-            let kind = kind_from_code(*b.get(9)?)?;
-            let source_time_ms = u64_at(10)?;
-            let cut_seq = u64_at(18)?;
-            let streams = u16::from_be_bytes(b.get(26..28)?.try_into().ok()?);
-            let name = String::from_utf8(b.get(28..)?.to_vec()).ok()?;
-            Some(Entry::Marker(Marker { id, kind, name, source_time_ms, cut_seq, streams }))
-        }
-        _ => None,
+/// Reads the record at `at`: the entry and the bytes the record took.
+fn read_spilled(file: &File, at: u64) -> io::Result<(Entry, u64)> {
+    let unreadable = |what: &str| io::Error::other(format!("spill file entry at {at} unreadable: {what}"));
+    let mut len = [0u8; 4];
+    file.read_exact_at(&mut len, at)?;
+    let n = u32::from_be_bytes(len) as usize;
+    let mut kind = [0u8; 1];
+    file.read_exact_at(&mut kind, at + 4)?;
+    let entry = if kind[0] == 1 {
+        let data_len = n.checked_sub(WRITE_FIELDS).ok_or_else(|| unreadable("shorter than a write's fields"))?;
+        let mut head = [0u8; WRITE_FIELDS];
+        file.read_exact_at(&mut head, at + 4)?;
+        let mut data = vec![0u8; data_len];
+        file.read_exact_at(&mut data, at + 4 + WRITE_FIELDS as u64)?;
+        decode_write(&head, data)
+    } else {
+        let mut body = vec![0u8; n];
+        file.read_exact_at(&mut body, at + 4)?;
+        decode_marker(&body)
+    };
+    Ok((entry.ok_or_else(|| unreadable("bad fields"))?, 4 + n as u64))
+}
+
+fn u64_at(b: &[u8], i: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(i..i + 8)?.try_into().ok()?))
+}
+
+/// A write's fields (kind byte first) and its bytes.
+fn decode_write(head: &[u8; WRITE_FIELDS], data: Vec<u8>) -> Option<Entry> {
+    let seq = u64_at(head, 1)?;
+    let disk = DiskId::from_bytes(head.get(9..25)?.try_into().ok()?);
+    let offset = u64_at(head, 25)?;
+    let len = u64_at(head, 33)?;
+    let kind = write_kind_from_code(head[41])?;
+    let sync = head[42] != 0;
+    let write = StreamWrite { seq, disk, offset, len, kind, sync };
+    Some(Entry::Write(QueuedWrite { write, data: Arc::new(data) }))
+}
+
+fn decode_marker(b: &[u8]) -> Option<Entry> {
+    if b.first() != Some(&2) {
+        return None;
     }
+    let id = u64_at(b, 1)?;
+    let kind = kind_from_code(*b.get(9)?)?;
+    let source_time_ms = u64_at(b, 10)?;
+    let cut_seq = u64_at(b, 18)?;
+    let streams = u16::from_be_bytes(b.get(26..28)?.try_into().ok()?);
+    let name = String::from_utf8(b.get(28..)?.to_vec()).ok()?;
+    Some(Entry::Marker(Marker { id, kind, name, source_time_ms, cut_seq, streams }))
 }
 
 #[cfg(test)]
@@ -444,6 +473,64 @@ mod tests {
         }
         assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
         assert!(q.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn spilled_entries_come_back_as_they_went() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let q = SendQueue::new(QueueConfig {
+            memory_bytes: 4096 + 96,
+            spill_path: dir.path().join("spill"),
+            spill_bytes: 1 << 20,
+            backpressure: Backpressure::Block,
+        })?;
+        let marker = Marker {
+            id: 9,
+            kind: CheckpointKind::Named,
+            name: "before the upgrade".into(),
+            source_time_ms: 1_700_000_000_000,
+            cut_seq: 2,
+            streams: 3,
+        };
+        let mut sent = vec![Entry::Write(w(1, 4096)), Entry::Write(w(2, 8192))];
+        q.push_write(w(1, 4096))?;
+        q.push_write(w(2, 8192))?;
+        q.push_marker(marker.clone())?;
+        sent.push(Entry::Marker(marker));
+        let mut odd = w(3, 5);
+        odd.write.sync = true;
+        q.push_write(odd.clone())?;
+        sent.push(Entry::Write(odd));
+        assert_eq!(q.stats().spilled_total, 3);
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            let batch = q.next_unsent(1 << 20, 100, Duration::ZERO)?;
+            assert!(!batch.is_empty(), "entries lost: got {} of {}", got.len(), sent.len());
+            for e in batch {
+                let (seq, id) = match &e {
+                    Entry::Write(x) => (x.write.seq, 0),
+                    Entry::Marker(m) => (m.cut_seq, m.id),
+                };
+                got.push(e);
+                q.acknowledge(seq, id)?;
+            }
+        }
+        assert_eq!(got, sent);
+        assert!(q.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_damaged_spill_record_is_an_error_that_names_it() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file =
+            std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dir.path().join("spill"))?;
+        let n = write_spilled(&file, 0, &Entry::Write(w(1, 4096)))?;
+        assert_eq!(read_spilled(&file, 0)?, (Entry::Write(w(1, 4096)), n));
+        file.write_all_at(&7u32.to_be_bytes(), 0)?;
+        let e = read_spilled(&file, 0).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("spill file entry at 0 unreadable"), "{e}");
         Ok(())
     }
 }
