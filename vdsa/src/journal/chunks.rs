@@ -72,6 +72,10 @@ struct ChunkEntry {
 #[derive(Debug)]
 struct Pack {
     file: Arc<File>,
+    /// The active pack's descriptor opened with `O_DIRECT`, which the
+    /// writer appends through (none where the filesystem refuses it, and
+    /// for sealed packs).
+    direct: Option<Arc<File>>,
     path: PathBuf,
     /// Bytes in the file (for the active pack: written, not pending).
     len: u64,
@@ -98,6 +102,9 @@ pub struct ChunkStore {
     active: u32,
     /// Entries appended to the active pack but not yet handed to the writer.
     pending: Vec<u8>,
+    /// The active pack's bytes from its last block boundary to its length:
+    /// a direct write starts on the boundary, so it writes them again.
+    tail: Vec<u8>,
     /// Buffers handed to the writer, readable here until it wrote them:
     /// (pack, offset, bytes, writer sequence number).
     inflight: Vec<(u32, u64, Arc<Vec<u8>>, u64)>,
@@ -196,6 +203,7 @@ impl ChunkStore {
             packs: BTreeMap::new(),
             active: 0,
             pending: Vec::new(),
+            tail: Vec::new(),
             inflight: Vec::new(),
             spare: Vec::new(),
             unsynced: Vec::new(),
@@ -286,7 +294,7 @@ impl ChunkStore {
         // What survived a kill may not have been synced yet.
         file.sync_data().map_err(|e| JournalError::io("syncing", &path, e))?;
         let len = pos.min(bytes.len()) as u64;
-        self.packs.insert(no, Pack { file: Arc::new(file), path, len, live_bytes: 0 });
+        self.packs.insert(no, Pack { file: Arc::new(file), direct: None, path, len, live_bytes: 0 });
         // Every pack is sealed at open (the next insert starts a new one)
         // and now synced: a journal written before pack indexes gets them
         // here, once. Best effort: opening must work on a full disk.
@@ -320,7 +328,7 @@ impl ChunkStore {
                 });
             }
         }
-        self.packs.insert(no, Pack { file: Arc::new(file), path, len, live_bytes: 0 });
+        self.packs.insert(no, Pack { file: Arc::new(file), direct: None, path, len, live_bytes: 0 });
         Ok(true)
     }
 
@@ -339,7 +347,10 @@ impl ChunkStore {
             .and_then(|()| file.sync_data())
             .map_err(|e| JournalError::io("writing the header of", &path, e))?;
         fsutil::sync_dir(&self.dir)?;
-        self.packs.insert(self.active, Pack { file: Arc::new(file), path, len: PACK_HEADER_LEN as u64, live_bytes: 0 });
+        let direct = open_direct(&path);
+        self.tail = pack_header(self.active).to_vec();
+        let pack = Pack { file: Arc::new(file), direct, path, len: PACK_HEADER_LEN as u64, live_bytes: 0 };
+        self.packs.insert(self.active, pack);
         Ok(())
     }
 
@@ -430,7 +441,8 @@ impl ChunkStore {
 
     fn roll_pack(&mut self, w: &mut Writer) -> Result<()> {
         self.flush_pending(w)?;
-        if let Some(p) = self.packs.get(&self.active) {
+        if let Some(p) = self.packs.get_mut(&self.active) {
+            p.direct = None;
             self.sealed.push((self.active, p.len, std::mem::take(&mut self.active_index)));
         }
         self.start_pack()
@@ -453,7 +465,14 @@ impl ChunkStore {
         let fresh = self.spare.pop().unwrap_or_default();
         let data = Arc::new(std::mem::replace(&mut self.pending, fresh));
         let len = data.len() as u64;
-        let seq = w.submit(&pack.file, &pack.path, pack.len, data.clone())?;
+        let seq = match &pack.direct {
+            Some(direct) => {
+                let head = std::mem::take(&mut self.tail);
+                self.tail = tail_after(&head, &data, pack.len + len);
+                w.submit_direct(direct, &pack.path, pack.len, head, data.clone())?
+            }
+            None => w.submit(&pack.file, &pack.path, pack.len, data.clone())?,
+        };
         self.inflight.push((self.active, pack.len, data, seq));
         pack.len += len;
         if !self.unsynced.contains(&self.active) {
@@ -491,6 +510,14 @@ impl ChunkStore {
     /// written them (the caller drained it).
     pub fn sync_files(&mut self, w: &Writer) -> Result<()> {
         self.reclaim(w.completed()?);
+        // A sealed pack's last direct write was padded to a block boundary:
+        // the padding is cut before the fsync, so that the index written
+        // after it covers the file exactly.
+        for (no, len, _) in &self.sealed {
+            if let Some(p) = self.packs.get(no) {
+                cut_padding(p, *len)?;
+            }
+        }
         for no in std::mem::take(&mut self.unsynced) {
             if let Some(p) = self.packs.get(&no) {
                 p.file.sync_data().map_err(|e| JournalError::io("syncing", &p.path, e))?;
@@ -761,6 +788,57 @@ impl ChunkStore {
     pub fn stored_chunks(&self) -> u64 {
         (self.catalog.len() - self.free_ids.len()) as u64
     }
+}
+
+impl ChunkStore {
+    /// Cuts the active pack's padding after its last direct write, when
+    /// the store closes (the caller drained the writer). Best effort: a
+    /// pack left padded has its zeros cut as a torn tail at the next open.
+    pub fn cut_active_padding(&mut self) {
+        if let Some(p) = self.packs.get(&self.active).filter(|p| p.direct.is_some()) {
+            if let Err(e) = cut_padding(p, p.len) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
+/// The pack file opened again with `O_DIRECT`, for appends that skip the
+/// page cache (docs/journal-format.md, "Direct writes"); None where the
+/// filesystem has no direct I/O (tmpfs), and then appends go through the
+/// page cache.
+fn open_direct(path: &Path) -> Option<Arc<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => Some(Arc::new(f)),
+        Err(e) => {
+            tracing::debug!(path = %path.display(), "no direct I/O for the pack: {e}");
+            None
+        }
+    }
+}
+
+/// The bytes from the last block boundary before `end` to `end`, where
+/// `head` + `data` are the file's bytes just before `end`.
+fn tail_after(head: &[u8], data: &[u8], end: u64) -> Vec<u8> {
+    let r = (end % super::writer::DIRECT_ALIGN as u64) as usize;
+    if r <= data.len() {
+        data[data.len() - r..].to_vec()
+    } else {
+        let from_head = r - data.len();
+        let mut t = head[head.len().saturating_sub(from_head)..].to_vec();
+        t.extend_from_slice(data);
+        t
+    }
+}
+
+/// Cuts a pack file longer than `len` (the zeros after a direct write).
+fn cut_padding(p: &Pack, len: u64) -> Result<()> {
+    let on_disk = p.file.metadata().map_err(|e| JournalError::io("reading the length of", &p.path, e))?.len();
+    if on_disk > len {
+        p.file.set_len(len).map_err(|e| JournalError::io("cutting the padding of", &p.path, e))?;
+    }
+    Ok(())
 }
 
 fn append_entry(out: &mut Vec<u8>, hash: &Hash, flags: u8, stored: &[u8]) {

@@ -47,6 +47,15 @@ struct Packs {
     writer: Writer,
 }
 
+impl Drop for Packs {
+    /// The active pack's padding is cut once its writes are done.
+    fn drop(&mut self) {
+        if self.writer.drain().is_ok() {
+            self.store.cut_active_padding();
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Membership {
     meta: StoreMeta,

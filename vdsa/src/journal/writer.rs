@@ -30,6 +30,10 @@ struct Job {
     path: PathBuf,
     offset: u64,
     data: Arc<Vec<u8>>,
+    /// Set for a file opened with `O_DIRECT`: the file's bytes from the
+    /// block boundary before `offset` up to it, written again in front of
+    /// `data` so that the write starts and ends on a block boundary.
+    direct_head: Option<Vec<u8>>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
 }
 
@@ -71,11 +75,14 @@ static POOL: Mutex<Vec<SyncSender<Job>>> = Mutex::new(Vec::new());
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn run(rx: Receiver<Job>) {
+    let mut aligned = AlignedBuf::default();
     for job in rx {
-        let r = job.file.write_all_at(&job.data, job.offset);
-        if r.is_ok() {
-            start_writeback(&job.file, job.offset, job.data.len() as u64);
-        }
+        let r = match &job.direct_head {
+            Some(head) => write_direct(&job.file, &mut aligned, head, &job.data, job.offset),
+            None => job.file.write_all_at(&job.data, job.offset).map(|()| {
+                start_writeback(&job.file, job.offset, job.data.len() as u64);
+            }),
+        };
         drop(job.data); // before reporting, so the owner can reuse it
         let (lock, cv) = &*job.progress;
         let Ok(mut st) = lock.lock() else { continue };
@@ -119,6 +126,40 @@ impl Writer {
 
     /// Queues `data` to be written at `offset`; returns its sequence number.
     pub fn submit(&mut self, file: &Arc<File>, path: &std::path::Path, offset: u64, data: Arc<Vec<u8>>) -> Result<u64> {
+        self.submit_job(file, path, offset, data, None)
+    }
+
+    /// Queues `data` to be written at `offset` of a file opened with
+    /// `O_DIRECT` (no copy into the page cache): `head` is what the file
+    /// holds from the block boundary before `offset`, and the write is
+    /// padded with zeros to the next boundary. The padding is overwritten
+    /// by the next write and cut at the file's end by its owner.
+    pub fn submit_direct(
+        &mut self,
+        file: &Arc<File>,
+        path: &std::path::Path,
+        offset: u64,
+        head: Vec<u8>,
+        data: Arc<Vec<u8>>,
+    ) -> Result<u64> {
+        if offset.checked_sub(head.len() as u64).is_none_or(|start| start % DIRECT_ALIGN as u64 != 0) {
+            return Err(JournalError::Failed(format!(
+                "{}: a direct write at {offset} with {} bytes before it starts off a block boundary",
+                path.display(),
+                head.len()
+            )));
+        }
+        self.submit_job(file, path, offset, data, Some(head))
+    }
+
+    fn submit_job(
+        &mut self,
+        file: &Arc<File>,
+        path: &std::path::Path,
+        offset: u64,
+        data: Arc<Vec<u8>>,
+        direct_head: Option<Vec<u8>>,
+    ) -> Result<u64> {
         self.check()?;
         self.submitted += 1;
         let job = Job {
@@ -127,6 +168,7 @@ impl Writer {
             path: path.to_path_buf(),
             offset,
             data,
+            direct_head,
             progress: self.progress.clone(),
         };
         self.tx.send(job).map_err(|_| JournalError::Failed("the journal writer stopped".into()))?;
@@ -150,6 +192,62 @@ impl Writer {
             None => Ok(()),
         }
     }
+}
+
+/// The alignment of a direct write's offset, length and memory: the page
+/// size, which covers every logical block size a disk reports.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A buffer whose start is aligned for `O_DIRECT`, reused by a writer
+/// thread (a fresh one per write would cost page faults).
+#[derive(Default)]
+struct AlignedBuf(Vec<u8>);
+
+impl AlignedBuf {
+    /// `len` bytes starting on a `DIRECT_ALIGN` boundary.
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.0.len() < len + DIRECT_ALIGN {
+            self.0 = vec![0; len + DIRECT_ALIGN];
+        }
+        let start = self.0.as_ptr().align_offset(DIRECT_ALIGN);
+        &mut self.0[start..start + len]
+    }
+}
+
+/// Writes `head` + `data` + zeros to the next block boundary at
+/// `offset - head.len()`, through a descriptor opened with `O_DIRECT`. A
+/// filesystem that refuses direct I/O at the write (EINVAL) gets the same
+/// bytes through the page cache from then on.
+fn write_direct(file: &File, aligned: &mut AlignedBuf, head: &[u8], data: &[u8], offset: u64) -> std::io::Result<()> {
+    let total = head.len() + data.len();
+    let buf = aligned.get(total.next_multiple_of(DIRECT_ALIGN));
+    buf[..head.len()].copy_from_slice(head);
+    buf[head.len()..total].copy_from_slice(data);
+    buf[total..].fill(0);
+    let start = offset - head.len() as u64;
+    match file.write_all_at(buf, start) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!("the filesystem refused a direct write ({e}); writing through the page cache");
+            clear_direct(file)?;
+            file.write_all_at(buf, start)
+        }
+        r => r,
+    }
+}
+
+/// Turns `O_DIRECT` off on an open descriptor.
+fn clear_direct(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL and F_SETFL read and set the descriptor's status
+    // flags and touch no memory of ours; the descriptor is open (we hold
+    // the File).
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Starts writing the range back to the device without waiting for it, so

@@ -895,3 +895,68 @@ fn a_journal_opens_from_its_pack_indexes_and_an_old_one_is_upgraded() {
         Ok(_) => panic!("a format 3 journal without a chunk store opened"),
     }
 }
+
+/// Bytes of `path` in the page cache, by util-linux's `fincore`.
+fn cached_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("fincore (util-linux): {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().unwrap_or_else(|e| panic!("fincore printed {text:?}: {e}"))
+}
+
+/// The end of a pack's last whole entry (docs/journal-format.md, "Chunk
+/// packs"): 32-byte header, then entries of 45 header bytes and their
+/// stored bytes.
+fn pack_entries_end(bytes: &[u8]) -> usize {
+    let mut pos = 32;
+    while pos + 45 <= bytes.len() && bytes[pos..pos + 4] == 0x4B4E4843u32.to_le_bytes() {
+        let len = u32::from_le_bytes(bytes[pos + 37..pos + 41].try_into().unwrap_or_default()) as usize;
+        pos += 45 + len;
+    }
+    pos
+}
+
+#[test]
+fn packs_are_written_past_the_page_cache_and_end_at_their_last_entry() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (disk, _) = populated(dir.path());
+    let packs = files(&dir.path().join("chunks"), "pack");
+    assert!(packs.len() > 3, "the test needs packs that rolled over: {packs:?}");
+    let mut written = 0;
+    for p in &packs {
+        let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{e}"));
+        // Closed cleanly: no padding after the last entry, sealed or not.
+        assert_eq!(pack_entries_end(&bytes), bytes.len(), "{} ends at its last entry", p.display());
+        written += bytes.len() as u64;
+    }
+    // Reading them above cached them: the same packs written again are
+    // looked at before anything reads them.
+    let dir2 = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    populated(dir2.path());
+    let packs2 = files(&dir2.path().join("chunks"), "pack");
+    let cached: u64 = packs2.iter().map(|p| cached_bytes(p)).sum();
+    assert!(
+        cached <= written / 8,
+        "{cached} of {written} bytes of the packs are in the page cache: their appends went through it"
+    );
+
+    // A kill leaves the active pack padded to a block boundary: the zeros
+    // are cut as a torn tail and every checkpoint still reads.
+    let before = {
+        let j = open(dir.path());
+        let v = j.open_view(CheckpointId(4)).unwrap_or_else(|e| panic!("{e}"));
+        v.disk_hash(disk).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let last = packs.last().cloned().unwrap_or_default();
+    let len = std::fs::metadata(&last).map(|m| m.len()).unwrap_or(0);
+    let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap_or_else(|e| panic!("{e}"));
+    f.set_len(len.next_multiple_of(4096) + 4096).unwrap_or_else(|e| panic!("{e}"));
+    drop(f);
+    let j = open(dir.path());
+    let v = j.open_view(CheckpointId(4)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(v.disk_hash(disk).unwrap_or_else(|e| panic!("{e}")), before);
+    assert_eq!(std::fs::metadata(&last).map(|m| m.len()).unwrap_or(0), len, "the padding was cut");
+}
