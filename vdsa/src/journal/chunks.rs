@@ -7,9 +7,12 @@
 //! at a chunk that a crash could lose.
 
 use super::error::{JournalError, Result};
-use super::format::crc32c;
 use super::fsutil;
 use super::model::BLOCK_SIZE;
+use super::pack_format::{
+    append_entry, next_valid_entry, pack_header, parse_entry, CHUNK_HEADER_LEN, FLAG_ZSTD, PACK_HEADER_LEN,
+};
+pub use super::pack_format::{pack_path, Hash};
 use super::pack_index::{self, IndexedChunk};
 use super::writer::Writer;
 use std::cell::RefCell;
@@ -20,18 +23,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub const PACK_MAGIC: &[u8; 8] = b"VDSAPAK1";
-pub const PACK_HEADER_LEN: usize = 32;
-pub const CHUNK_MAGIC: u32 = 0x4B4E_4843; // "CHNK"
-pub const CHUNK_HEADER_LEN: usize = 4 + 32 + 1 + 4 + 4;
-const FLAG_ZSTD: u8 = 1;
 /// Store compressed only if it saves at least an eighth of the block.
 const COMPRESSED_LIMIT: usize = BLOCK_SIZE - BLOCK_SIZE / 8;
 const FREE: u32 = u32::MAX;
 /// `active` before the first insert after an open: pack numbers start at 1.
 const NO_PACK: u32 = 0;
 
-pub type Hash = [u8; 32];
 pub type ChunkId = u32;
 
 /// The hash's own bytes are uniformly random; hashing them again is waste.
@@ -125,20 +122,6 @@ fn prefix(hash: &Hash) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&hash[..8]);
     u64::from_le_bytes(a)
-}
-
-pub(super) fn pack_path(dir: &Path, no: u32) -> PathBuf {
-    dir.join(format!("{no:08}.pack"))
-}
-
-fn pack_header(no: u32) -> [u8; PACK_HEADER_LEN] {
-    let mut h = [0u8; PACK_HEADER_LEN];
-    h[..8].copy_from_slice(PACK_MAGIC);
-    h[8..12].copy_from_slice(&1u32.to_le_bytes());
-    h[12..16].copy_from_slice(&no.to_le_bytes());
-    let crc = crc32c(&h[..16]);
-    h[16..20].copy_from_slice(&crc.to_le_bytes());
-    h
 }
 
 /// zstd at `level`, if that saves at least an eighth of the block. Each
@@ -839,60 +822,4 @@ fn cut_padding(p: &Pack, len: u64) -> Result<()> {
         p.file.set_len(len).map_err(|e| JournalError::io("cutting the padding of", &p.path, e))?;
     }
     Ok(())
-}
-
-fn append_entry(out: &mut Vec<u8>, hash: &Hash, flags: u8, stored: &[u8]) {
-    let start = out.len();
-    out.extend_from_slice(&CHUNK_MAGIC.to_le_bytes());
-    out.extend_from_slice(hash);
-    out.push(flags);
-    out.extend_from_slice(&(stored.len() as u32).to_le_bytes());
-    let crc_pos = out.len();
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(stored);
-    let mut h = crc32fast::Hasher::new();
-    h.update(&out[start + 4..crc_pos]);
-    h.update(stored);
-    let crc = h.finalize();
-    out[crc_pos..crc_pos + 4].copy_from_slice(&crc.to_le_bytes());
-}
-
-/// Parses one entry at the start of `buf`: (hash, flags, stored length).
-fn parse_entry(buf: &[u8]) -> std::result::Result<(Hash, u8, usize), String> {
-    if buf.len() < CHUNK_HEADER_LEN {
-        return Err("chunk entry header cut short".into());
-    }
-    let mut m = [0u8; 4];
-    m.copy_from_slice(&buf[0..4]);
-    if u32::from_le_bytes(m) != CHUNK_MAGIC {
-        return Err("bad chunk magic".into());
-    }
-    let mut hash = [0u8; 32];
-    hash.copy_from_slice(&buf[4..36]);
-    let flags = buf[36];
-    m.copy_from_slice(&buf[37..41]);
-    let stored_len = u32::from_le_bytes(m) as usize;
-    if stored_len == 0 || stored_len > BLOCK_SIZE || flags & !FLAG_ZSTD != 0 {
-        return Err(format!("chunk entry with flags {flags} and length {stored_len}"));
-    }
-    if buf.len() < CHUNK_HEADER_LEN + stored_len {
-        return Err("chunk data cut short".into());
-    }
-    m.copy_from_slice(&buf[41..45]);
-    let crc = u32::from_le_bytes(m);
-    let mut h = crc32fast::Hasher::new();
-    h.update(&buf[4..41]);
-    h.update(&buf[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + stored_len]);
-    if h.finalize() != crc {
-        return Err("chunk checksum mismatch".into());
-    }
-    Ok((hash, flags, stored_len))
-}
-
-/// Where the next valid entry starts at or after `from`, if any.
-fn next_valid_entry(bytes: &[u8], from: usize) -> Option<usize> {
-    let magic = CHUNK_MAGIC.to_le_bytes();
-    (from..bytes.len().saturating_sub(CHUNK_HEADER_LEN))
-        .filter(|&i| bytes[i..i + 4] == magic)
-        .find(|&i| parse_entry(&bytes[i..]).is_ok())
 }

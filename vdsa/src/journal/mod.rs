@@ -18,6 +18,7 @@ mod ingest;
 mod log;
 mod migrate;
 mod model;
+mod pack_format;
 mod pack_index;
 mod promotion;
 mod replay;

@@ -9,9 +9,9 @@
 //! beyond its checksum and the pack's length: a damaged or mismatched one
 //! is removed, and the pack is scanned as if it had none.
 
-use super::chunks::Hash;
 use super::error::{JournalError, Result};
 use super::fsutil;
+use super::pack_format::{Hash, CHUNK_HEADER_LEN, PACK_HEADER_LEN};
 use std::path::{Path, PathBuf};
 
 pub const INDEX_MAGIC: &[u8; 8] = b"VDSAIDX1";
@@ -98,13 +98,13 @@ pub fn decode(bytes: &[u8], pack: u32, pack_len: u64) -> std::result::Result<Vec
         .collect::<Vec<_>>();
     // Entries in pack order, inside the pack: anything else is not an index
     // this code wrote.
-    let mut end = super::chunks::PACK_HEADER_LEN as u64;
+    let mut end = PACK_HEADER_LEN as u64;
     for e in &entries {
         let start = u64::from(e.offset);
         if start < end || e.stored_len == 0 || e.stored_len as usize > super::model::BLOCK_SIZE {
             return Err(format!("entry at {start} out of order or malformed"));
         }
-        end = start + (super::chunks::CHUNK_HEADER_LEN + e.stored_len as usize) as u64;
+        end = start + (CHUNK_HEADER_LEN + e.stored_len as usize) as u64;
     }
     if end > pack_len {
         return Err(format!("entries run to {end}, past the pack's end"));

@@ -84,7 +84,7 @@ pub(super) fn wipe_history(dir: &Path) -> Result<()> {
         }
         for no in fsutil::numbered_files(&folder, ext)? {
             let path = match (ext, u32::try_from(no)) {
-                ("pack", Ok(no)) => super::chunks::pack_path(&folder, no),
+                ("pack", Ok(no)) => super::pack_format::pack_path(&folder, no),
                 ("idx", Ok(no)) => super::pack_index::index_path(&folder, no),
                 _ => super::log::segment_path(&folder, no),
             };
