@@ -150,12 +150,8 @@ fn disk_write_direct(dir: &Path, bytes: u64) -> Result<f64> {
     use std::os::unix::fs::OpenOptionsExt;
     const ALIGN: usize = 4096;
     let path = dir.join("baseline-direct.raw");
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)?;
+    let f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(&path)?;
     let mut backing = vec![0u8; (1 << 20) + ALIGN];
     let at = backing.as_ptr().align_offset(ALIGN);
     let buf = &mut backing[at..at + (1 << 20)];
