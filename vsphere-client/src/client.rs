@@ -5,8 +5,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::moref::MoRef;
 use crate::soap::{ServerTrust, Soap};
-use crate::xml::{MoRef, Node, Writer};
+use crate::xml::{Node, Writer};
 
 /// The managers of a vim25 endpoint, from `RetrieveServiceContent`.
 #[derive(Debug, Clone)]

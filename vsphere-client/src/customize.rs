@@ -7,7 +7,8 @@
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::xml::{MoRef, Writer};
+use crate::moref::MoRef;
+use crate::xml::Writer;
 use std::net::Ipv4Addr;
 
 /// One NIC's settings, in the VM's NIC order.

@@ -1,6 +1,6 @@
 //! Errors, by what a caller does about them.
 
-use crate::xml::MoRef;
+use crate::moref::MoRef;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

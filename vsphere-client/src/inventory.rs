@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use crate::client::{Client, ObjectContent, PropertySpec};
 use crate::error::{Error, Result};
-use crate::xml::{MoRef, Node};
+use crate::moref::MoRef;
+use crate::xml::Node;
 
 #[derive(Debug, Clone)]
 pub struct Datacenter {

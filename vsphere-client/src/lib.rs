@@ -17,6 +17,7 @@ mod client;
 mod customize;
 mod error;
 mod inventory;
+mod moref;
 mod network;
 mod ova;
 mod ovf;
@@ -32,20 +33,20 @@ pub use error::{Error, Result};
 pub use inventory::{
     ComputeResource, Datacenter, Datastore, Host, Inventory, Network, NicInfo, ResourcePool, VirtualDiskInfo, Vm,
 };
+pub use moref::MoRef;
 pub use network::HostNetworkInfo;
 pub use ova::{Ova, OvaEntry};
 pub use ovf::{ImportDeadlines, ImportProgress, ImportTarget};
 pub use soap::ServerTrust;
 pub use vm::{datastore_name, DiskSpec, NicSpec, VmChange, VmSpec};
-pub use xml::MoRef;
 
 /// Parser tests on bodies captured from vcsim byte for byte
 /// (`tests/fixtures/`).
 #[cfg(test)]
 mod fixtures {
     use crate::client::{ObjectContent, ServiceContent, TaskInfo, TaskState};
+    use crate::moref::MoRef;
     use crate::soap::parse_response;
-    use crate::xml::MoRef;
 
     fn body(method: &str, bytes: &[u8]) -> crate::xml::Node {
         parse_response(method, 200, bytes).expect("a response element")

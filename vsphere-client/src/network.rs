@@ -3,7 +3,7 @@
 
 use crate::client::Client;
 use crate::error::Result;
-use crate::xml::MoRef;
+use crate::moref::MoRef;
 
 /// A host's virtual switches and port groups.
 #[derive(Debug, Clone, Default)]

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::client::{localized_fault, Client};
 use crate::error::{Error, Result};
+use crate::moref::MoRef;
 use crate::ova::Ova;
 use crate::soap::{self, ServerTrust};
-use crate::xml::{MoRef, Node};
+use crate::xml::Node;
 
 /// Where and how an OVA is imported.
 #[derive(Debug, Clone)]

@@ -7,7 +7,8 @@
 use crate::client::{Client, TaskInfo};
 use crate::error::{Error, Result};
 use crate::inventory::Network;
-use crate::xml::{MoRef, Writer};
+use crate::moref::MoRef;
+use crate::xml::Writer;
 
 /// A disk to add.
 #[derive(Debug, Clone)]

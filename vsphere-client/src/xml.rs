@@ -12,6 +12,7 @@ use quick_xml::name::ResolveResult;
 use quick_xml::NsReader;
 
 use crate::error::Error;
+use crate::moref::MoRef;
 
 const XSI_NS: &[u8] = b"http://www.w3.org/2001/XMLSchema-instance";
 
@@ -110,26 +111,6 @@ impl Node {
             Some(i) => self.children.insert(i + 1, node),
             None => self.children.push(node),
         }
-    }
-}
-
-/// A managed object reference: the server's handle on an object. Its value
-/// is opaque (vcsim's datastore values are file paths).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MoRef {
-    pub kind: String,
-    pub value: String,
-}
-
-impl MoRef {
-    pub fn new(kind: &str, value: &str) -> Self {
-        MoRef { kind: kind.to_string(), value: value.to_string() }
-    }
-}
-
-impl std::fmt::Display for MoRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.kind, self.value)
     }
 }
 
