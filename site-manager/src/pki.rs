@@ -159,10 +159,10 @@ impl SitePki {
 
     /// The server side of the API: TLS 1.3; a client certificate is asked
     /// for and, when offered, must be signed by the paired site's CA
-    /// (`peer`, replaced at pairing and unpairing).
+    /// (`peer`: the peering's verifier, replaced at pairing and unpairing).
     pub fn api_server_config(
         &self,
-        peer: Arc<crate::peering::tls::PeerClientVerifier>,
+        peer: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     ) -> Result<Arc<rustls::ServerConfig>, PkiError> {
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
