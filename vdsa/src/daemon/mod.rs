@@ -13,6 +13,7 @@
 
 pub mod control;
 pub(crate) mod listen;
+mod memory;
 
 use crate::journal::{Journal, JournalConfig};
 use crate::nbd::export::Exports;
@@ -340,6 +341,7 @@ fn init_tracing(file: Option<&Path>) {
 
 /// Runs the daemon with `args` (the first is the program name).
 pub fn main<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
+    memory::keep_freed_memory();
     let cli = Cli::parse_from(args);
     if let Command::Agent(a) = cli.command {
         let cfg = agent_config(a)?;
