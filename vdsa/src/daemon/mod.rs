@@ -14,6 +14,7 @@
 pub mod control;
 pub(crate) mod listen;
 mod memory;
+pub use memory::keep_freed_memory;
 
 use crate::journal::{Journal, JournalConfig};
 use crate::nbd::export::Exports;
