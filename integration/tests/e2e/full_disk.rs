@@ -17,6 +17,20 @@ fn start(dir: &std::path::Path, journal: &std::path::Path) -> VdsaProcess {
 fn a_vdsa_on_a_full_journal_disk_starts_and_says_so() {
     let dir = ok(tempfile::tempdir().map_err(Into::into));
     let small = SmallDisk::mount(&dir.path().join("small"), "24M");
+    full_journal_disk(&dir, small);
+}
+
+/// The same on ext4, where the journal's packs are written with `O_DIRECT`
+/// (tmpfs has no direct I/O, so the test above writes them through the
+/// page cache).
+#[test]
+fn a_vdsa_on_a_full_ext4_journal_disk_starts_and_says_so() {
+    let dir = ok(tempfile::tempdir().map_err(Into::into));
+    let small = SmallDisk::mount_ext4(&dir.path().join("small"), 32 << 20);
+    full_journal_disk(&dir, small);
+}
+
+fn full_journal_disk(dir: &tempfile::TempDir, small: SmallDisk) {
     let journal = small.0.join("journal");
     let daemon = start(dir.path(), &journal);
     let mut tap = ok(NbdClient::connect_unix(&daemon.tap_sock, "d0").map_err(Into::into));

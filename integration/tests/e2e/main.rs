@@ -51,10 +51,27 @@ impl SmallDisk {
         );
         SmallDisk(path.to_path_buf())
     }
+
+    /// A small ext4 file system on a loop device (its image beside `path`).
+    pub fn mount_ext4(path: &std::path::Path, bytes: u64) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap_or_else(|e| panic!("{e}"));
+        let image = path.with_extension("img");
+        let f = std::fs::File::create(&image).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+        f.set_len(bytes).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+        drop(f);
+        let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+            let st = std::process::Command::new(cmd).args(args).status();
+            assert!(st.is_ok_and(|s| s.success()), "{cmd} {args:?} (the test suite runs as root, with loop devices)");
+        };
+        run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), image.as_os_str()]);
+        run("mount", &["-o".as_ref(), "loop".as_ref(), image.as_os_str(), path.as_os_str()]);
+        SmallDisk(path.to_path_buf())
+    }
 }
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_file(self.0.with_extension("img"));
     }
 }
