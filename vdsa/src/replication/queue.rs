@@ -75,6 +75,41 @@ struct Spill {
     read_at: u64,
     write_at: u64,
     entries: u64,
+    /// Everything before this has been read back and its space given up.
+    released_to: u64,
+}
+
+/// Read-back spill is given up in steps of at least this much.
+const RELEASE_STEP: u64 = 1 << 20;
+
+impl Spill {
+    /// Gives up the space, and the page cache, of what was read back
+    /// (a hole punched in the file): a spill that never empties would
+    /// otherwise fill the page cache with bytes nobody reads again, and
+    /// write them all to the disk. Where the filesystem cannot punch
+    /// holes the bytes stay until the spill empties, as before.
+    fn release_read_back(&mut self) {
+        let end = self.read_at / 4096 * 4096;
+        if end < self.released_to + RELEASE_STEP {
+            return;
+        }
+        let (Ok(off), Ok(len)) = (i64::try_from(self.released_to), i64::try_from(end - self.released_to)) else {
+            return;
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate reads no memory of ours; the descriptor is
+        // open (we hold the File). The range lies before `read_at`: only
+        // entries already read back are in it.
+        let r = unsafe {
+            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len)
+        };
+        if r == 0 {
+            self.released_to = end;
+        } else {
+            // Not supported here: stop trying until the spill empties.
+            self.released_to = u64::MAX / 2;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -124,7 +159,7 @@ impl SendQueue {
                 mem: VecDeque::new(),
                 mem_bytes: 0,
                 sent: 0,
-                spill: Spill { file, read_at: 0, write_at: 0, entries: 0 },
+                spill: Spill { file, read_at: 0, write_at: 0, entries: 0, released_to: 0 },
                 spilled_total: 0,
                 dirty: HashMap::new(),
                 needs_resync: false,
@@ -236,6 +271,9 @@ impl SendQueue {
             st.spill.file.set_len(0)?;
             st.spill.read_at = 0;
             st.spill.write_at = 0;
+            st.spill.released_to = 0;
+        } else {
+            st.spill.release_read_back();
         }
         Ok(())
     }
@@ -518,6 +556,41 @@ mod tests {
         }
         assert_eq!(got, sent);
         assert!(q.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn spill_that_was_read_back_gives_up_its_space() -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        // ext4, xfs and tmpfs all punch holes.
+        let dir = tempfile::tempdir()?;
+        let spill_path = dir.path().join("spill");
+        let q = SendQueue::new(QueueConfig {
+            memory_bytes: 1 << 20,
+            spill_path: spill_path.clone(),
+            spill_bytes: 64 << 20,
+            backpressure: Backpressure::Block,
+        })?;
+        for s in 1..=40 {
+            q.push_write(w(s, 1 << 20))?;
+        }
+        let allocated = || std::fs::metadata(&spill_path).map(|m| m.blocks() * 512);
+        let full = allocated()?;
+        assert!(full >= 38 << 20, "{full} bytes allocated for 39 spilled MiB");
+        // The sender takes and the target acknowledges 30 of the 40.
+        let mut acked = 0;
+        while acked < 30 {
+            for e in q.next_unsent(1 << 20, 1, Duration::ZERO)? {
+                if let Entry::Write(x) = e {
+                    assert_eq!(x.write.seq, acked + 1);
+                    acked = x.write.seq;
+                    q.acknowledge(acked, 0)?;
+                }
+            }
+        }
+        let left = allocated()?;
+        assert!(left <= 12 << 20, "{left} bytes still allocated with 10 MiB queued: what was read back was kept");
+        assert!(q.stats().spill_bytes > 0, "the spill is not empty (it would have been cut to nothing)");
         Ok(())
     }
 
