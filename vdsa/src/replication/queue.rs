@@ -9,7 +9,7 @@ use crate::wire::msg::{kind_code, kind_from_code, write_kind_code, write_kind_fr
 use protection_groups::{CheckpointKind, DiskId};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -422,8 +422,15 @@ fn read_spilled(file: &File, at: u64) -> io::Result<(Entry, u64)> {
         let data_len = n.checked_sub(WRITE_FIELDS).ok_or_else(|| unreadable("shorter than a write's fields"))?;
         let mut head = [0u8; WRITE_FIELDS];
         file.read_exact_at(&mut head, at + 4)?;
-        let mut data = vec![0u8; data_len];
-        file.read_exact_at(&mut data, at + 4 + WRITE_FIELDS as u64)?;
+        // Read into the vector's spare room: no zeroing of bytes that the
+        // read overwrites at once.
+        let mut data = Vec::with_capacity(data_len);
+        let mut f = file;
+        f.seek(SeekFrom::Start(at + 4 + WRITE_FIELDS as u64))?;
+        f.take(data_len as u64).read_to_end(&mut data)?;
+        if data.len() != data_len {
+            return Err(unreadable("cut short"));
+        }
         decode_write(&head, data)
     } else {
         let mut body = vec![0u8; n];
@@ -604,6 +611,10 @@ mod tests {
         file.write_all_at(&7u32.to_be_bytes(), 0)?;
         let e = read_spilled(&file, 0).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("spill file entry at 0 unreadable"), "{e}");
+        // A length past the file's end.
+        file.write_all_at(&(n as u32 + 100).to_be_bytes(), 0)?;
+        let e = read_spilled(&file, 0).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("spill file entry at 0 unreadable: cut short"), "{e}");
         Ok(())
     }
 }
