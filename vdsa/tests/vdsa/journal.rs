@@ -902,7 +902,7 @@ fn cached_bytes(path: &Path) -> u64 {
         .args(["--bytes", "--noheadings", "--output", "RES"])
         .arg(path)
         .output()
-        .unwrap_or_else(|e| panic!("fincore (util-linux): {e}"));
+        .unwrap_or_else(|e| panic!("fincore (Debian: util-linux-extra; integration/install-deps installs it): {e}"));
     let text = String::from_utf8_lossy(&out.stdout);
     text.trim().parse().unwrap_or_else(|e| panic!("fincore printed {text:?}: {e}"))
 }
