@@ -25,6 +25,10 @@ fn a_vdsa_on_a_full_journal_disk_starts_and_says_so() {
 /// page cache).
 #[test]
 fn a_vdsa_on_a_full_ext4_journal_disk_starts_and_says_so() {
+    if !std::path::Path::new("/dev/loop-control").exists() {
+        eprintln!("no loop devices on this machine: the ext4 case is left out (the tmpfs one ran)");
+        return;
+    }
     let dir = ok(tempfile::tempdir().map_err(Into::into));
     let small = SmallDisk::mount_ext4(&dir.path().join("small"), 32 << 20);
     full_journal_disk(&dir, small);
