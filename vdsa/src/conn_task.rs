@@ -13,6 +13,12 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Whether an I/O error means the peer went away (it closed or reset the
+/// connection): a normal end of a connection, not a failure.
+pub(crate) fn peer_gone(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+}
+
 /// Reply buffers beyond this size are not kept between sends.
 const KEEP_REPLY_BUFFER: usize = 1 << 20;
 

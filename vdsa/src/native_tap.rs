@@ -3,7 +3,7 @@
 //! exports as the NBD server, so both kinds of tap feed the same streams,
 //! served on tokio's streams (see `vdsa::serving`).
 
-use crate::conn_task::blocking;
+use crate::conn_task::{blocking, peer_gone};
 use crate::nbd::export::{BlockExport, ExportError, Exports};
 use crate::payload::read_payload_async;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -209,8 +209,7 @@ const HOLD_ACKS: usize = 64 << 10;
 fn closed(end: io::Result<Ending>) -> io::Result<Ending> {
     match end {
         Ok(end) => Ok(end),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Ending::Closed),
-        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => Ok(Ending::Closed),
+        Err(e) if peer_gone(&e) => Ok(Ending::Closed),
         Err(e) => Err(e),
     }
 }

@@ -16,7 +16,7 @@
 use super::export::Exports;
 use super::proto::{Request, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
 use super::session::{AfterOption, AfterRequest, Session};
-use crate::conn_task::{blocking, send_out};
+use crate::conn_task::{blocking, peer_gone, send_out};
 use crate::payload::read_payload_async;
 use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -33,8 +33,10 @@ pub enum Ending {
 }
 
 fn ending(e: io::Error) -> io::Result<Ending> {
+    if peer_gone(&e) {
+        return Ok(Ending::Closed);
+    }
     match e.kind() {
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Ok(Ending::Closed),
         io::ErrorKind::InvalidData => Ok(Ending::Protocol(e.to_string())),
         _ => Err(e),
     }
