@@ -413,12 +413,11 @@ fn write_spilled(file: &File, at: u64, e: &Entry) -> io::Result<u64> {
 /// Reads the record at `at`: the entry and the bytes the record took.
 fn read_spilled(file: &File, at: u64) -> io::Result<(Entry, u64)> {
     let unreadable = |what: &str| io::Error::other(format!("spill file entry at {at} unreadable: {what}"));
-    let mut len = [0u8; 4];
-    file.read_exact_at(&mut len, at)?;
-    let n = u32::from_be_bytes(len) as usize;
-    let mut kind = [0u8; 1];
-    file.read_exact_at(&mut kind, at + 4)?;
-    let entry = if kind[0] == 1 {
+    // The length and the kind byte after it, in one read.
+    let mut lead = [0u8; 5];
+    file.read_exact_at(&mut lead, at)?;
+    let n = u32::from_be_bytes([lead[0], lead[1], lead[2], lead[3]]) as usize;
+    let entry = if lead[4] == 1 {
         let data_len = n.checked_sub(WRITE_FIELDS).ok_or_else(|| unreadable("shorter than a write's fields"))?;
         let mut head = [0u8; WRITE_FIELDS];
         file.read_exact_at(&mut head, at + 4)?;
