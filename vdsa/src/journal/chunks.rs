@@ -520,6 +520,17 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Cuts the active pack's padding after its last direct write, when
+    /// the store closes (the caller drained the writer). Best effort: a
+    /// pack left padded has its zeros cut as a torn tail at the next open.
+    pub fn cut_active_padding(&self) {
+        if let Some(p) = self.packs.get(&self.active).filter(|p| p.direct.is_some()) {
+            if let Err(e) = cut_padding(p, p.len) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
     fn entry_bytes(e: &ChunkEntry) -> u64 {
         (CHUNK_HEADER_LEN + e.stored_len as usize) as u64
     }
@@ -770,19 +781,6 @@ impl ChunkStore {
 
     pub fn stored_chunks(&self) -> u64 {
         (self.catalog.len() - self.free_ids.len()) as u64
-    }
-}
-
-impl ChunkStore {
-    /// Cuts the active pack's padding after its last direct write, when
-    /// the store closes (the caller drained the writer). Best effort: a
-    /// pack left padded has its zeros cut as a torn tail at the next open.
-    pub fn cut_active_padding(&mut self) {
-        if let Some(p) = self.packs.get(&self.active).filter(|p| p.direct.is_some()) {
-            if let Err(e) = cut_padding(p, p.len) {
-                tracing::warn!("{e}");
-            }
-        }
     }
 }
 
