@@ -6,6 +6,7 @@
 //! All integers big-endian. The CRC covers the payload. TLS already
 //! protects the link; the CRC catches our own bugs and a peer that lies.
 
+use super::async_link::AsyncLinkReader;
 use crate::payload::read_payload;
 use std::io::{self, Read, Write};
 
@@ -76,6 +77,27 @@ pub fn encode_header_of_pieces(version: u16, kind: u16, pieces: &[&[u8]]) -> [u8
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, FrameError> {
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h).map_err(silent)?;
+    let (kind, len, want) = parse_header(&h)?;
+    let mut payload = Vec::new();
+    read_payload(r, u64::from(len), &mut payload, &format_args!("a frame of kind {kind}")).map_err(silent)?;
+    checked(kind, payload, want)
+}
+
+/// [`read_frame`] from a link half on a tokio runtime.
+pub async fn read_frame_async(r: &mut AsyncLinkReader) -> Result<Frame, FrameError> {
+    let mut h = Vec::with_capacity(HEADER_LEN);
+    r.read_exact_into(HEADER_LEN, &mut h).await.map_err(silent)?;
+    let h = <[u8; HEADER_LEN]>::try_from(h.as_slice())
+        .map_err(|_| FrameError::Malformed { what: "frame header", why: format!("{} bytes", h.len()) })?;
+    let (kind, len, want) = parse_header(&h)?;
+    let mut payload = Vec::new();
+    r.read_exact_into(len as usize, &mut payload).await.map_err(silent)?;
+    checked(kind, payload, want)
+}
+
+/// (kind, payload length, payload CRC) of a frame header that passes its
+/// checks.
+fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(u16, u32, u32), FrameError> {
     let be32 = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     let magic = be32(0);
     if magic != MAGIC {
@@ -84,18 +106,19 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, FrameError> {
     let version = u16::from_be_bytes([h[4], h[5]]);
     let kind = u16::from_be_bytes([h[6], h[7]]);
     let len = be32(8);
-    let want = be32(12);
     if version != VERSION {
         return Err(FrameError::Version { got: version });
     }
     if len > MAX_PAYLOAD {
         return Err(FrameError::TooLong { kind, len });
     }
-    let mut payload = Vec::new();
-    read_payload(r, u64::from(len), &mut payload, &format_args!("a frame of kind {kind}")).map_err(silent)?;
+    Ok((kind, len, be32(12)))
+}
+
+fn checked(kind: u16, payload: Vec<u8>, want: u32) -> Result<Frame, FrameError> {
     let got = crc32fast::hash(&payload);
     if got != want {
-        return Err(FrameError::Checksum { kind, len, got, want });
+        return Err(FrameError::Checksum { kind, len: payload.len() as u32, got, want });
     }
     Ok(Frame { kind, payload })
 }

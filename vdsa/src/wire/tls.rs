@@ -196,17 +196,25 @@ pub fn connect(cfg: Arc<ClientConfig>, tcp: TcpStream) -> io::Result<(LinkReader
 /// Completes the handshake as a client over `tcp`, checking that the
 /// server's certificate names `server_name`.
 pub fn connect_to(cfg: Arc<ClientConfig>, tcp: TcpStream, server_name: &str) -> io::Result<(LinkReader, LinkWriter)> {
-    let name =
-        ServerName::try_from(server_name.to_string()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let conn = ClientConnection::new(cfg, name).map_err(io::Error::other)?;
-    handshake(Connection::Client(conn), tcp)
+    handshake(client_connection(cfg, server_name)?, tcp)
 }
 
 /// Completes the handshake as a server over `tcp`. A client certificate
 /// not signed by a trusted peer CA fails here.
 pub fn accept(cfg: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<(LinkReader, LinkWriter)> {
-    let conn = ServerConnection::new(cfg).map_err(io::Error::other)?;
-    handshake(Connection::Server(conn), tcp)
+    handshake(server_connection(cfg)?, tcp)
+}
+
+/// A client's TLS state before its handshake, for a server whose
+/// certificate must name `server_name`.
+pub(super) fn client_connection(cfg: Arc<ClientConfig>, server_name: &str) -> io::Result<Connection> {
+    let name =
+        ServerName::try_from(server_name.to_string()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    Ok(Connection::Client(ClientConnection::new(cfg, name).map_err(io::Error::other)?))
+}
+
+pub(super) fn server_connection(cfg: Arc<ServerConfig>) -> io::Result<Connection> {
+    Ok(Connection::Server(ServerConnection::new(cfg).map_err(io::Error::other)?))
 }
 
 fn handshake(mut conn: Connection, mut tcp: TcpStream) -> io::Result<(LinkReader, LinkWriter)> {
@@ -218,14 +226,90 @@ fn handshake(mut conn: Connection, mut tcp: TcpStream) -> io::Result<(LinkReader
     }
     let conn = Arc::new(Mutex::new(conn));
     let w = tcp.try_clone()?;
-    Ok((
-        LinkReader { conn: conn.clone(), tcp, cipher: vec![0u8; 64 << 10], start: 0, end: 0 },
-        LinkWriter { conn, tcp: w, out: Vec::new() },
-    ))
+    Ok((LinkReader { conn: conn.clone(), tcp, cipher: CipherIn::new() }, LinkWriter { conn, tcp: w, out: Vec::new() }))
 }
 
-fn poisoned() -> io::Error {
+pub(super) fn poisoned() -> io::Error {
     io::Error::other("TLS state poisoned by a panic")
+}
+
+/// Ciphertext read from the socket and not yet given to rustls. Shared by
+/// the blocking and the asynchronous link halves: only where the bytes
+/// come from differs.
+#[derive(Debug)]
+pub(super) struct CipherIn {
+    pub(super) buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl CipherIn {
+    pub(super) fn new() -> CipherIn {
+        CipherIn { buf: vec![0u8; 64 << 10], start: 0, end: 0 }
+    }
+
+    /// `n` bytes were read into the start of `buf`.
+    pub(super) fn filled(&mut self, n: usize) {
+        self.start = 0;
+        self.end = n;
+    }
+
+    /// Hands plaintext to `take` (the reader of the connection), feeding
+    /// rustls the ciphertext held here as needed. None: rustls needs more
+    /// ciphertext from the socket first.
+    pub(super) fn plaintext<T>(
+        &mut self,
+        conn: &Mutex<Connection>,
+        mut take: impl FnMut(&mut rustls::Reader<'_>) -> io::Result<T>,
+    ) -> io::Result<Option<T>> {
+        let mut conn = conn.lock().map_err(|_| poisoned())?;
+        loop {
+            match take(&mut conn.reader()) {
+                Ok(t) => return Ok(Some(t)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            // Feed ciphertext only once the plaintext is drained: rustls
+            // refuses more while its plaintext buffer is full.
+            if self.start >= self.end {
+                return Ok(None);
+            }
+            let mut rest = &self.buf[self.start..self.end];
+            let before = rest.len();
+            conn.read_tls(&mut rest)?;
+            self.start += before - rest.len();
+            conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+    }
+}
+
+/// Encrypts `pieces`, one stream of bytes, into `out` (emptied first):
+/// rustls encrypts them into records that span pieces, its write of the
+/// ciphertext being the only copy.
+pub(super) fn encrypt_pieces(conn: &Mutex<Connection>, pieces: &[&[u8]], out: &mut Vec<u8>) -> io::Result<()> {
+    out.clear();
+    let mut conn = conn.lock().map_err(|_| poisoned())?;
+    let (mut first, mut skip) = (0usize, 0usize);
+    while first < pieces.len() {
+        let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(pieces.len() - first);
+        slices.push(io::IoSlice::new(&pieces[first][skip..]));
+        slices.extend(pieces[first + 1..].iter().map(|p| io::IoSlice::new(p)));
+        let mut n = conn.writer().write_vectored(&slices)?;
+        if n == 0 && slices.iter().any(|s| !s.is_empty()) {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "TLS took no bytes"));
+        }
+        // Advance past what was taken.
+        while first < pieces.len() && n >= pieces[first].len() - skip {
+            n -= pieces[first].len() - skip;
+            first += 1;
+            skip = 0;
+        }
+        skip += n;
+        while conn.wants_write() {
+            conn.write_tls(out)?;
+        }
+    }
+    Ok(())
 }
 
 /// The receiving half of a link: one thread reads while another writes.
@@ -233,9 +317,7 @@ fn poisoned() -> io::Error {
 pub struct LinkReader {
     conn: Arc<Mutex<Connection>>,
     tcp: TcpStream,
-    cipher: Vec<u8>,
-    start: usize,
-    end: usize,
+    cipher: CipherIn,
 }
 
 impl LinkReader {
@@ -248,34 +330,22 @@ impl LinkReader {
 impl Read for LinkReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            {
-                let mut conn = self.conn.lock().map_err(|_| poisoned())?;
-                match conn.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-                // Feed ciphertext only once the plaintext is drained: rustls
-                // refuses more while its plaintext buffer is full.
-                if self.start < self.end {
-                    let mut rest = &self.cipher[self.start..self.end];
-                    let before = rest.len();
-                    conn.read_tls(&mut rest)?;
-                    self.start += before - rest.len();
-                    conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    continue;
-                }
+            if let Some(n) = self.cipher.plaintext(&self.conn, |r| r.read(buf))? {
+                return Ok(n);
             }
             // Read ciphertext without the lock, so the writer is never
             // held up by a quiet peer.
-            let n = self.tcp.read(&mut self.cipher)?;
+            let n = self.tcp.read(&mut self.cipher.buf)?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the link"));
+                return Err(peer_closed());
             }
-            self.start = 0;
-            self.end = n;
+            self.cipher.filled(n);
         }
     }
+}
+
+pub(super) fn peer_closed() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the link")
 }
 
 /// The sending half of a link.
@@ -296,35 +366,11 @@ impl LinkWriter {
         self.tcp.set_write_timeout(t)
     }
 
-    /// Sends `pieces` as one stream of bytes: rustls encrypts them into
-    /// records that span pieces (its write of the ciphertext is the only
-    /// copy), and the records go out in one send. This spares the caller
+    /// Sends `pieces` as one stream of bytes, encrypted in one go
+    /// ([`encrypt_pieces`]) and sent in one send. This spares the caller
     /// gathering a message into one buffer first.
     pub fn write_all_pieces(&mut self, pieces: &[&[u8]]) -> io::Result<()> {
-        self.out.clear();
-        {
-            let mut conn = self.conn.lock().map_err(|_| poisoned())?;
-            let (mut first, mut skip) = (0usize, 0usize);
-            while first < pieces.len() {
-                let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(pieces.len() - first);
-                slices.push(io::IoSlice::new(&pieces[first][skip..]));
-                slices.extend(pieces[first + 1..].iter().map(|p| io::IoSlice::new(p)));
-                let mut n = conn.writer().write_vectored(&slices)?;
-                if n == 0 && slices.iter().any(|s| !s.is_empty()) {
-                    return Err(io::Error::new(io::ErrorKind::WriteZero, "TLS took no bytes"));
-                }
-                // Advance past what was taken.
-                while first < pieces.len() && n >= pieces[first].len() - skip {
-                    n -= pieces[first].len() - skip;
-                    first += 1;
-                    skip = 0;
-                }
-                skip += n;
-                while conn.wants_write() {
-                    conn.write_tls(&mut self.out)?;
-                }
-            }
-        }
+        encrypt_pieces(&self.conn, pieces, &mut self.out)?;
         self.tcp.write_all(&self.out)
     }
 }
@@ -337,19 +383,7 @@ impl Write for LinkWriter {
 
     /// Encrypts under the lock, sends without it.
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.out.clear();
-        {
-            let mut conn = self.conn.lock().map_err(|_| poisoned())?;
-            let mut rest = buf;
-            while !rest.is_empty() {
-                let n = conn.writer().write(rest)?;
-                rest = &rest[n..];
-                while conn.wants_write() {
-                    conn.write_tls(&mut self.out)?;
-                }
-            }
-        }
-        self.tcp.write_all(&self.out)
+        self.write_all_pieces(&[buf])
     }
 
     fn flush(&mut self) -> io::Result<()> {
