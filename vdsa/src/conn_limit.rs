@@ -1,8 +1,7 @@
 //! A bound on the connections a listener serves at once. Past it a new
 //! connection is closed at once and the refusal logged, so a client that
-//! opens connections without end cannot exhaust the process (its threads
-//! for replication links, its memory and file descriptors for taps;
-//! docs/architecture.md, "Threads").
+//! opens connections without end cannot exhaust the process (its memory
+//! and file descriptors; docs/architecture.md, "Threads").
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

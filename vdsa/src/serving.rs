@@ -1,7 +1,8 @@
 //! Serving tap and export connections: one thread per listener accepts,
 //! and every connection, whatever their number, is served on a shared
 //! tokio runtime of a fixed size, one for the taps and one for the
-//! recovery exports (docs/architecture.md, "Threads"). A connection
+//! recovery exports (docs/architecture.md, "Threads"). The replication
+//! links run on a third ([`Pool::Links`]). A connection
 //! waiting for its client holds no thread; a request calls its export in
 //! place, on a thread the runtime can spare while it blocks. Short timers
 //! ([`after`]) run on one thread of their own.
@@ -25,14 +26,19 @@ const WORKERS: usize = 2;
 /// once delay the writes of other VPGs' disks on the same VDSA.
 const BLOCKED_AT_MOST: usize = 128;
 
-/// Which runtime serves a listener's connections. Two, so that taps
-/// blocked by a full send queue never hold up a failover test's reads.
+/// Which runtime serves a listener's connections. Taps and exports apart,
+/// so that taps blocked by a full send queue never hold up a failover
+/// test's reads; links apart, so that neither holds up replication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pool {
     /// Tap connections (QEMU's mirror jobs, native filters).
     Taps,
     /// Readers and writers of recovery exports (failover tests).
     Exports,
+    /// Replication links, both their ends: a source stream's sender and
+    /// the reader of its replies, a target's receiver and ingest
+    /// (`crate::replication`). Ingest blocks on the journal's fsyncs.
+    Links,
 }
 
 type Started = OnceLock<Result<tokio::runtime::Runtime, String>>;
@@ -41,9 +47,11 @@ type Started = OnceLock<Result<tokio::runtime::Runtime, String>>;
 pub fn runtime(pool: Pool) -> io::Result<&'static tokio::runtime::Runtime> {
     static TAPS: Started = OnceLock::new();
     static EXPORTS: Started = OnceLock::new();
+    static LINKS: Started = OnceLock::new();
     let (cell, name) = match pool {
         Pool::Taps => (&TAPS, "vdsa-tap"),
         Pool::Exports => (&EXPORTS, "vdsa-export"),
+        Pool::Links => (&LINKS, "vdsa-link"),
     };
     let rt = cell.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -51,6 +59,7 @@ pub fn runtime(pool: Pool) -> io::Result<&'static tokio::runtime::Runtime> {
             .max_blocking_threads(BLOCKED_AT_MOST)
             .thread_name(name)
             .enable_io()
+            .enable_time()
             .build()
             .map_err(|e| e.to_string())
     });

@@ -307,7 +307,7 @@ impl Roles {
         }
         let tls = self.tls.client.lock().map_err(|_| std::io::Error::other("TLS configuration poisoned"))?.clone();
         let link = stream.clone();
-        std::thread::Builder::new().name("stream-send".into()).spawn(move || link.run_link(tls))?;
+        link.start_link(tls)?;
         tracing::info!(vpg = %r.vpg, stream = %r.stream, target = %r.target_address, disks = r.disks.len(), "source role started");
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut taps = None;

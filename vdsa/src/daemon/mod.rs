@@ -559,7 +559,7 @@ fn source(a: SourceArgs) -> Result<()> {
     serve_taps(listeners, claims, Arc::new(exports))?;
     let cfg = identity.client_config()?;
     let link = stream.clone();
-    std::thread::spawn(move || link.run_link(cfg));
+    link.start_link(cfg).context("starting the replication link")?;
     let lock = Arc::new(Mutex::new(()));
     let last_id = Arc::new(Mutex::new(0u64));
     if a.checkpoint_interval_ms > 0 {

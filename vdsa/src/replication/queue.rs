@@ -135,6 +135,9 @@ pub struct SendQueue {
     state: Mutex<State>,
     /// Signalled when room is freed (producers wait) or entries arrive.
     changed: Condvar,
+    /// Signalled when entries arrive, for the sender, a task that waits
+    /// without a thread ([`SendQueue::next_unsent_or_wait`]).
+    arrived: tokio::sync::Notify,
 }
 
 /// What became of a pushed write.
@@ -166,6 +169,7 @@ impl SendQueue {
                 closed: false,
             }),
             changed: Condvar::new(),
+            arrived: tokio::sync::Notify::new(),
         })
     }
 
@@ -255,6 +259,7 @@ impl SendQueue {
             st.spilled_total += 1;
         }
         self.changed.notify_all();
+        self.arrived.notify_one();
         Ok(())
     }
 
@@ -279,14 +284,28 @@ impl SendQueue {
     }
 
     /// Up to `max_bytes` of entries not yet on the link (at least one if
-    /// any), waiting up to `wait` for one to arrive.
-    pub fn next_unsent(&self, max_bytes: u64, max_items: usize, wait: Duration) -> io::Result<Vec<Entry>> {
+    /// any), waiting up to `wait` for one to arrive. The wait holds no
+    /// thread: a notification left by an arrival while the sender was busy
+    /// ends the next wait at once, so none is missed.
+    pub async fn next_unsent_or_wait(
+        &self,
+        max_bytes: u64,
+        max_items: usize,
+        wait: Duration,
+    ) -> io::Result<Vec<Entry>> {
+        let found = self.next_unsent(max_bytes, max_items)?;
+        if !found.is_empty() || wait.is_zero() {
+            return Ok(found);
+        }
+        let _ = tokio::time::timeout(wait, self.arrived.notified()).await;
+        self.next_unsent(max_bytes, max_items)
+    }
+
+    /// Up to `max_bytes` of entries not yet on the link (at least one if
+    /// any), without waiting.
+    pub fn next_unsent(&self, max_bytes: u64, max_items: usize) -> io::Result<Vec<Entry>> {
         let mut st = lock(&self.state)?;
         if st.sent >= st.mem.len() {
-            self.refill(&mut st)?;
-        }
-        if st.sent >= st.mem.len() && !wait.is_zero() {
-            st = self.changed.wait_timeout(st, wait).map_err(|_| io::Error::other("send queue poisoned"))?.0;
             self.refill(&mut st)?;
         }
         let mut out = Vec::new();
@@ -503,7 +522,7 @@ mod tests {
         assert!(q.stats().needs_resync);
         let mut got = Vec::new();
         loop {
-            let batch = q.next_unsent(1 << 20, 100, Duration::ZERO)?;
+            let batch = q.next_unsent(1 << 20, 100)?;
             if batch.is_empty() {
                 break;
             }
@@ -549,7 +568,7 @@ mod tests {
         assert_eq!(q.stats().spilled_total, 3);
         let mut got = Vec::new();
         while got.len() < sent.len() {
-            let batch = q.next_unsent(1 << 20, 100, Duration::ZERO)?;
+            let batch = q.next_unsent(1 << 20, 100)?;
             assert!(!batch.is_empty(), "entries lost: got {} of {}", got.len(), sent.len());
             for e in batch {
                 let (seq, id) = match &e {
@@ -586,7 +605,7 @@ mod tests {
         // The sender takes and the target acknowledges 30 of the 40.
         let mut acked = 0;
         while acked < 30 {
-            for e in q.next_unsent(1 << 20, 1, Duration::ZERO)? {
+            for e in q.next_unsent(1 << 20, 1)? {
                 if let Entry::Write(x) = e {
                     assert_eq!(x.write.seq, acked + 1);
                     acked = x.write.seq;

@@ -29,32 +29,32 @@ impl Throttle {
     /// it. The bucket holds at most a tenth of a second of tokens, so a
     /// quiet spell does not turn into a burst. The wait re-reads the rate
     /// every 50 ms, so lifting or changing the limit acts at once.
-    pub fn take(&self, n: u64) {
-        if self.rate() == 0 {
-            return;
-        }
+    pub async fn take(&self, n: u64) {
         let mut charge = n as f64;
-        loop {
-            let rate = self.rate();
-            let wait = {
-                let Ok(mut b) = self.bucket.lock() else { return };
-                let now = Instant::now();
-                if rate == 0 {
-                    b.0 = 0.0;
-                    return;
-                }
-                let burst = (rate as f64 / 10.0).max(64.0 * 1024.0);
-                let refill = now.duration_since(b.1).as_secs_f64() * rate as f64;
-                b.0 = (b.0 + refill).min(burst) - charge;
-                b.1 = now;
-                charge = 0.0;
-                if b.0 >= 0.0 {
-                    return;
-                }
-                Duration::from_secs_f64(-b.0 / rate as f64)
-            };
-            std::thread::sleep(wait.min(Duration::from_millis(50)));
+        while let Some(wait) = self.charge(&mut charge) {
+            tokio::time::sleep(wait.min(Duration::from_millis(50))).await;
         }
+    }
+
+    /// Charges `charge` (then zero) to the bucket: None when the bucket
+    /// allows it, else how long until it does.
+    fn charge(&self, charge: &mut f64) -> Option<Duration> {
+        let rate = self.rate();
+        let Ok(mut b) = self.bucket.lock() else { return None };
+        let now = Instant::now();
+        if rate == 0 {
+            b.0 = 0.0;
+            return None;
+        }
+        let burst = (rate as f64 / 10.0).max(64.0 * 1024.0);
+        let refill = now.duration_since(b.1).as_secs_f64() * rate as f64;
+        b.0 = (b.0 + refill).min(burst) - *charge;
+        b.1 = now;
+        *charge = 0.0;
+        if b.0 >= 0.0 {
+            return None;
+        }
+        Some(Duration::from_secs_f64(-b.0 / rate as f64))
     }
 
     /// A batch size that keeps the link smooth at the current rate: a
@@ -71,12 +71,12 @@ impl Throttle {
 mod tests {
     use super::*;
 
-    #[test]
-    fn holds_the_rate() {
+    #[tokio::test]
+    async fn holds_the_rate() {
         let t = Throttle::new(10 << 20);
         let start = Instant::now();
         for _ in 0..40 {
-            t.take(128 << 10);
+            t.take(128 << 10).await;
         }
         // 5 MiB at 10 MiB/s: about half a second (less the first burst).
         let took = start.elapsed().as_secs_f64();

@@ -2,26 +2,24 @@
 //! hashes, send the blocks the target lacks, read its acknowledgements
 //! (architecture.md §5; the copies a block takes: docs/performance.md).
 
+use crate::conn_task::blocking;
 use crate::journal::BLOCK_SIZE;
 use crate::replication::now_ms;
 use crate::replication::queue::Entry;
 use crate::replication::LinkError;
-use crate::wire::frame::{
-    encode_header, encode_header_of_pieces, read_frame, write_frame, FrameError, HEADER_LEN, VERSION,
-};
+use crate::serving::{self, Pool};
+use crate::wire::async_link::{self, AsyncLinkReader, AsyncLinkWriter};
+use crate::wire::frame::{encode_header, encode_header_of_pieces, read_frame_async, FrameError, HEADER_LEN, VERSION};
 use crate::wire::msg::{
     self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, StreamWrite, Welcome,
 };
-use crate::wire::tls::{self, LinkWriter};
 use protection_groups::WriteKind;
 use std::collections::VecDeque;
 use std::io;
-use std::io::Write;
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
 use super::SourceStream;
 
@@ -30,18 +28,33 @@ use super::SourceStream;
 /// before it is offered (a busy queue is read again at once).
 const NEED_WAIT_WHEN_IDLE: Duration = Duration::from_millis(1);
 
+/// How long connecting to the target may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn reader_gone() -> LinkError {
+    LinkError::Protocol("reader gone".into())
+}
+
 fn refused_by_target(reason: String) -> LinkError {
     LinkError::Refused(format!("the target refused: {reason}"))
 }
 
 impl SourceStream {
-    /// Runs the link until [`SourceStream::stop`]: connects, resumes where
-    /// the target is, sends, and reconnects after any failure.
-    pub fn run_link(self: &Arc<Self>, cfg: Arc<rustls::ClientConfig>) {
+    /// Starts the stream's link on the links' runtime (it holds no thread
+    /// of its own: docs/architecture.md, "Threads"). Until
+    /// [`SourceStream::stop`] it connects, resumes where the target is,
+    /// sends, and reconnects after any failure.
+    pub fn start_link(self: &Arc<Self>, cfg: Arc<rustls::ClientConfig>) -> io::Result<()> {
+        let me = self.clone();
+        serving::runtime(Pool::Links)?.spawn(async move { me.run_link(cfg).await });
+        Ok(())
+    }
+
+    async fn run_link(self: &Arc<Self>, cfg: Arc<rustls::ClientConfig>) {
         let mut backoff = Duration::from_millis(50);
         while !self.stop.load(Ordering::SeqCst) {
             let started = Instant::now();
-            let r = self.one_link(&cfg);
+            let r = self.one_link(&cfg).await;
             if let Ok(mut l) = self.link.lock() {
                 l.connected = false;
                 l.last_error = r.as_ref().err().map(|e| e.to_string());
@@ -58,23 +71,21 @@ impl SourceStream {
             } else {
                 (backoff * 2).min(Duration::from_secs(1))
             };
-            std::thread::sleep(backoff);
+            tokio::time::sleep(backoff).await;
         }
     }
 
-    fn one_link(self: &Arc<Self>, cfg: &Arc<rustls::ClientConfig>) -> Result<(), LinkError> {
+    async fn one_link(self: &Arc<Self>, cfg: &Arc<rustls::ClientConfig>) -> Result<(), LinkError> {
         let hb = self.opts.heartbeat;
-        let addr = self
-            .opts
-            .target
-            .to_socket_addrs()?
+        let addr = tokio::net::lookup_host(&self.opts.target)
+            .await?
             .next()
             .ok_or_else(|| LinkError::Protocol(format!("{} resolves to nothing", self.opts.target)))?;
-        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| LinkError::Protocol(format!("connecting to {addr} took longer than {CONNECT_TIMEOUT:?}")))??;
         tcp.set_nodelay(true)?;
-        tcp.set_read_timeout(Some(hb * 3))?;
-        tcp.set_write_timeout(Some(hb * 3))?;
-        let (mut r, mut w) = tls::connect(cfg.clone(), tcp)?;
+        let (mut r, mut w) = async_link::connect(cfg.clone(), tcp, hb * 3).await?;
         let hello = Hello {
             site: self.opts.site.clone(),
             vpg: self.opts.vpg,
@@ -82,8 +93,8 @@ impl SourceStream {
             epoch: self.opts.epoch,
             disks: self.disks(),
         };
-        write_frame(&mut w, VERSION, msg::HELLO, &hello.encode())?;
-        let f = read_frame(&mut r)?;
+        w.write_frame(msg::HELLO, &hello.encode()).await?;
+        let f = read_frame_async(&mut r).await?;
         let welcome = match f.kind {
             msg::WELCOME => Welcome::decode(&f.payload)?,
             msg::REFUSE => return Err(refused_by_target(Refuse::decode(&f.payload)?.reason)),
@@ -105,27 +116,28 @@ impl SourceStream {
         let skip_seq = welcome.resume_after_seq - base;
         let skip_cp = welcome.last_checkpoint;
 
-        let (tx, rx) = mpsc::channel::<Result<Need, LinkError>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Result<Need, LinkError>>();
         let me = self.clone();
-        let reader = std::thread::Builder::new().name("stream-replies".into()).spawn(move || {
-            let r = me.read_replies(&mut r, base, &tx);
+        let reader = tokio::spawn(async move {
+            let r = me.read_replies(&mut r, base, &tx).await;
             let _ = tx.send(Err(r));
-        })?;
-        let result = self.send_loop(&mut w, &rx, base, skip_seq, skip_cp);
-        w.shutdown();
-        let _ = reader.join();
+        });
+        let result = self.send_loop(&mut w, &mut rx, base, skip_seq, skip_cp).await;
+        w.shutdown().await;
+        reader.abort();
+        let _ = reader.await;
         result
     }
 
     /// Reads needs, acks and heartbeats until the link fails.
-    fn read_replies(
+    async fn read_replies(
         &self,
-        r: &mut tls::LinkReader,
+        r: &mut AsyncLinkReader,
         base: u64,
-        tx: &mpsc::Sender<Result<Need, LinkError>>,
+        tx: &mpsc::UnboundedSender<Result<Need, LinkError>>,
     ) -> LinkError {
         loop {
-            let f = match read_frame(r) {
+            let f = match read_frame_async(r).await {
                 Ok(f) => f,
                 Err(e) => return e.into(),
             };
@@ -144,8 +156,11 @@ impl SourceStream {
                         if a.newest_consistent_ms > 0 {
                             self.counters.newest_consistent_ms.fetch_max(a.newest_consistent_ms, Ordering::Relaxed);
                         }
-                        if let Err(e) = self.queue.acknowledge(a.durable_seq.saturating_sub(base), a.durable_checkpoint)
-                        {
+                        // Refilling the queue from its spill reads the file.
+                        let acked = blocking(|| {
+                            self.queue.acknowledge(a.durable_seq.saturating_sub(base), a.durable_checkpoint)
+                        });
+                        if let Err(e) = acked {
                             return e.into();
                         }
                     }
@@ -163,10 +178,10 @@ impl SourceStream {
         }
     }
 
-    fn send_loop(
+    async fn send_loop(
         &self,
-        w: &mut LinkWriter,
-        rx: &Receiver<Result<Need, LinkError>>,
+        w: &mut AsyncLinkWriter,
+        rx: &mut mpsc::UnboundedReceiver<Result<Need, LinkError>>,
         base: u64,
         skip_seq: u64,
         skip_cp: u64,
@@ -189,22 +204,32 @@ impl SourceStream {
             } else {
                 Duration::ZERO
             };
-            match rx.recv_timeout(wait) {
-                Ok(Ok(need)) => {
-                    let batch = pending.pop_front().ok_or_else(|| {
-                        LinkError::Protocol(format!("need for batch {} that was not offered", need.batch))
-                    })?;
-                    self.send_blocks(w, batch, need, &mut compress)?;
-                    last_send = Instant::now();
-                    continue;
+            let need = if wait.is_zero() {
+                match rx.try_recv() {
+                    Ok(n) => Some(n),
+                    Err(mpsc::error::TryRecvError::Empty) => None,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Err(reader_gone()),
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(RecvTimeoutError::Disconnected) => return Err(LinkError::Protocol("reader gone".into())),
-                Err(RecvTimeoutError::Timeout) => {}
+            } else {
+                match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(Some(n)) => Some(n),
+                    Ok(None) => return Err(reader_gone()),
+                    Err(_) => None,
+                }
+            };
+            if let Some(need) = need {
+                let need = need?;
+                let batch = pending.pop_front().ok_or_else(|| {
+                    LinkError::Protocol(format!("need for batch {} that was not offered", need.batch))
+                })?;
+                self.send_blocks(w, batch, need, &mut compress).await?;
+                last_send = Instant::now();
+                continue;
             }
             if pending.len() < self.opts.window {
                 let wait = if pending.is_empty() { Duration::from_millis(5) } else { Duration::ZERO };
-                let entries = self.queue.next_unsent(self.throttle.batch_bytes(self.opts.batch_bytes), 4096, wait)?;
+                let max_bytes = self.throttle.batch_bytes(self.opts.batch_bytes);
+                let entries = self.queue.next_unsent_or_wait(max_bytes, 4096, wait).await?;
                 let entries: Vec<Entry> = entries
                     .into_iter()
                     .filter(|e| match e {
@@ -214,7 +239,7 @@ impl SourceStream {
                     .collect();
                 nothing_new = entries.is_empty();
                 if !entries.is_empty() {
-                    let batch = self.offer(w, next_batch, entries, base)?;
+                    let batch = self.offer(w, next_batch, entries, base).await?;
                     next_batch += 1;
                     pending.push_back(batch);
                     last_send = Instant::now();
@@ -222,7 +247,7 @@ impl SourceStream {
                 }
             }
             if last_send.elapsed() >= hb {
-                self.send_frame(w, msg::HEARTBEAT, &now_ms().to_be_bytes())?;
+                self.send_frame(w, msg::HEARTBEAT, &now_ms().to_be_bytes()).await?;
                 last_send = Instant::now();
             }
         }
@@ -232,17 +257,17 @@ impl SourceStream {
     /// Sends a frame. Under a bandwidth limit it goes in pieces of at most
     /// 16 KiB, each after its tokens, so that a slow link trickles rather
     /// than falling silent for longer than the peer's heartbeat timeout.
-    fn send_frame(&self, w: &mut LinkWriter, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
+    async fn send_frame(&self, w: &mut AsyncLinkWriter, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
         let n = (HEADER_LEN + payload.len()) as u64;
         if self.throttle.rate() == 0 {
-            write_frame(w, VERSION, kind, payload).map_err(stalled)?;
+            w.write_frame(kind, payload).await.map_err(stalled)?;
         } else {
             let header = encode_header(VERSION, kind, payload);
-            self.throttle.take(HEADER_LEN as u64);
-            w.write_all(&header).map_err(stalled)?;
+            self.throttle.take(HEADER_LEN as u64).await;
+            w.write_all_pieces(&[&header]).await.map_err(stalled)?;
             for piece in payload.chunks(16 << 10) {
-                self.throttle.take(piece.len() as u64);
-                w.write_all(piece).map_err(stalled)?;
+                self.throttle.take(piece.len() as u64).await;
+                w.write_all_pieces(&[piece]).await.map_err(stalled)?;
             }
         }
         self.counters.wire_bytes.fetch_add(n, Ordering::Relaxed);
@@ -251,22 +276,28 @@ impl SourceStream {
 
     /// Sends a frame whose payload is `pieces` one after another, without
     /// gathering them first unless the link is throttled.
-    fn send_frame_pieces(&self, w: &mut LinkWriter, kind: u16, pieces: &[&[u8]]) -> Result<(), LinkError> {
+    async fn send_frame_pieces(&self, w: &mut AsyncLinkWriter, kind: u16, pieces: &[&[u8]]) -> Result<(), LinkError> {
         if self.throttle.rate() != 0 {
-            return self.send_frame(w, kind, &pieces.concat());
+            return self.send_frame(w, kind, &pieces.concat()).await;
         }
         let header = encode_header_of_pieces(VERSION, kind, pieces);
         let mut all = Vec::with_capacity(pieces.len() + 1);
         all.push(&header[..]);
         all.extend_from_slice(pieces);
-        w.write_all_pieces(&all).map_err(stalled)?;
+        w.write_all_pieces(&all).await.map_err(stalled)?;
         let n: usize = all.iter().map(|p| p.len()).sum();
         self.counters.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
 
     /// Hashes the batch's whole blocks and offers them.
-    fn offer(&self, w: &mut LinkWriter, batch: u64, entries: Vec<Entry>, base: u64) -> Result<PendingBatch, LinkError> {
+    async fn offer(
+        &self,
+        w: &mut AsyncLinkWriter,
+        batch: u64,
+        entries: Vec<Entry>,
+        base: u64,
+    ) -> Result<PendingBatch, LinkError> {
         let mut items = Vec::with_capacity(entries.len());
         let mut raw = 0u64;
         let mut hashed = 0u64;
@@ -301,7 +332,7 @@ impl SourceStream {
             });
         }
         let offer = Offer { batch, epoch: self.opts.epoch, items };
-        self.send_frame(w, msg::OFFER, &offer.encode())?;
+        self.send_frame(w, msg::OFFER, &offer.encode()).await?;
         self.counters.raw_bytes.fetch_add(raw, Ordering::Relaxed);
         self.counters.blocks_offered.fetch_add(hashed, Ordering::Relaxed);
         self.counters.writes.fetch_add(writes, Ordering::Relaxed);
@@ -310,9 +341,9 @@ impl SourceStream {
 
     /// Sends the bytes the target lacks: partial blocks always, whole
     /// blocks as asked.
-    fn send_blocks(
+    async fn send_blocks(
         &self,
-        w: &mut LinkWriter,
+        w: &mut AsyncLinkWriter,
         p: PendingBatch,
         need: Need,
         compress: &mut CompressProbe,
@@ -375,7 +406,7 @@ impl SourceStream {
             Some(c) => frame.push(c),
             None => frame.extend_from_slice(&pieces),
         }
-        self.send_frame_pieces(w, msg::BLOCKS, &frame)?;
+        self.send_frame_pieces(w, msg::BLOCKS, &frame).await?;
         self.counters.blocks_sent.fetch_add(sent, Ordering::Relaxed);
         Ok(())
     }

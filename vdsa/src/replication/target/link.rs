@@ -1,36 +1,40 @@
-//! One accepted link after its welcome, as a pipeline of two threads
-//! (docs/architecture.md §5, docs/performance.md "Replication"):
+//! One accepted link after its welcome, as a pipeline of two tasks on the
+//! links' runtime (docs/architecture.md §5 and "Threads",
+//! docs/performance.md "Replication"):
 //!
-//! - the link's own thread receives: TLS decryption, frame checks,
+//! - the link's own task receives: TLS decryption, frame checks,
 //!   decoding, answering each offer with the blocks this site lacks, and
 //!   decompressing each batch's blocks;
-//! - an ingest thread takes the received batches in order, assembles each
+//! - an ingest task takes the received batches in order, assembles each
 //!   write and ingests it into the journal, places markers and acknowledges
-//!   what is durable.
+//!   what is durable. The journal calls block (fsync), so they run where
+//!   the runtime allows blocking (`conn_task::blocking`).
 //!
 //! A bounded queue of [`RECEIVED_BATCHES`] sits between the two, so a slow
 //! journal stops the reader (and through TCP the source) rather than
 //! growing memory.
 
 use super::VpgReplica;
+use crate::conn_task::blocking;
 use crate::journal::{
     BlockQuery, CheckpointSpec, Cut, HashSetOfBlocks, JournalError, TapWrite, WireBlock, WriteData, BLOCK_SIZE,
 };
 use crate::replication::now_ms;
 use crate::replication::source::split;
 use crate::replication::LinkError;
-use crate::wire::frame::{read_frame, write_frame, FrameError, VERSION};
+use crate::wire::async_link::{AsyncLinkReader, AsyncLinkWriter};
+use crate::wire::frame::{read_frame_async, FrameError};
 use crate::wire::msg::{self, Ack, Blocks, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite};
-use crate::wire::tls::{LinkReader, LinkWriter};
 use protection_groups::{CheckpointId, CheckpointKind, StreamId, WriteKind};
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// Batches received and waiting for the ingest thread. Two keep the
 /// journal busy while the next one is decrypted; a batch is a few MiB.
@@ -383,10 +387,12 @@ impl StreamIngest {
     }
 }
 
+/// The link's sending half, shared by its receiving and ingest tasks.
+pub(super) type SharedWriter = Arc<tokio::sync::Mutex<AsyncLinkWriter>>;
+
 /// Sends one frame on the link.
-pub(super) fn send(w: &Arc<Mutex<LinkWriter>>, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
-    let mut w = w.lock().map_err(|_| io::Error::other("link writer poisoned"))?;
-    write_frame(&mut *w, VERSION, kind, payload)?;
+pub(super) async fn send(w: &SharedWriter, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
+    w.lock().await.write_frame(kind, payload).await?;
     Ok(())
 }
 
@@ -404,14 +410,14 @@ pub(super) struct LinkSurroundings {
 }
 
 /// Runs the link from its welcome until it fails or closes: the calling
-/// thread receives, a scoped thread ingests. `tcp` is the link's socket,
+/// task receives, a task of its own ingests. `tcp` is the link's socket,
 /// shut for reading when ingest fails so that the receiver stops at once;
 /// the error returned is then the ingest's (the one the source is told).
-pub(super) fn serve(
+pub(super) async fn serve(
     lease: LinkLease,
     welcomed: Welcomed,
-    r: &mut LinkReader,
-    w: &Arc<Mutex<LinkWriter>>,
+    r: &mut AsyncLinkReader,
+    w: &SharedWriter,
     tcp: &TcpStream,
     around: LinkSurroundings,
 ) -> Result<(), LinkError> {
@@ -425,58 +431,57 @@ pub(super) fn serve(
         last_marker: AtomicU64::new(welcomed.last_checkpoint),
     };
     let mut receiver = Receiver { lease, pending: VecDeque::new(), promised, siblings };
-    let (to_ingest, received) = mpsc::sync_channel::<ReceivedBatch>(RECEIVED_BATCHES);
-    let ingest_failed: Mutex<Option<LinkError>> = Mutex::new(None);
-    let (ingest, failed) = (&ingest, &ingest_failed);
-    std::thread::scope(|scope| {
-        std::thread::Builder::new().name("link-ingest".into()).spawn_scoped(scope, move || {
-            if let Err(e) = ingest_and_commit(ingest, &received, w, heartbeat) {
-                if let Ok(mut slot) = failed.lock() {
-                    *slot = Some(e);
-                }
-                let _ = tcp.shutdown(Shutdown::Read);
+    let (to_ingest, received) = mpsc::channel::<ReceivedBatch>(RECEIVED_BATCHES);
+    let ingest_failed: Arc<Mutex<Option<LinkError>>> = Arc::default();
+    let (failed, socket, writer) = (ingest_failed.clone(), tcp.try_clone()?, w.clone());
+    let ingesting = tokio::spawn(async move {
+        if let Err(e) = ingest_and_commit(&ingest, received, &writer, heartbeat).await {
+            if let Ok(mut slot) = failed.lock() {
+                *slot = Some(e);
             }
-        })?;
-        let received = receive(&mut receiver, r, w, &to_ingest);
-        drop(to_ingest);
-        received
-    })
-    .map_err(|e| ingest_failed.lock().ok().and_then(|mut f| f.take()).unwrap_or(e))
+            let _ = socket.shutdown(Shutdown::Read);
+        }
+    });
+    let result = receive(&mut receiver, r, w, &to_ingest).await;
+    // The ingest task takes what was received, then ends.
+    drop(to_ingest);
+    let _ = ingesting.await;
+    result.map_err(|e| ingest_failed.lock().ok().and_then(|mut f| f.take()).unwrap_or(e))
 }
 
-/// How often the ingest thread makes its stream durable (group commit) and
+/// How often the ingest task makes its stream durable (group commit) and
 /// acknowledges it, if it moved.
 const GROUP_COMMIT: Duration = Duration::from_millis(50);
 
-/// The ingest thread: ingests each received batch in order and
-/// acknowledges what its markers made durable; every [`GROUP_COMMIT`] makes
-/// the stream durable and acknowledges it if it moved, and sends a
-/// heartbeat at least every `heartbeat`. Ends when the receiver does (Ok),
-/// or at the first failure, which ends the link.
-fn ingest_and_commit(
+/// The ingest task: ingests each received batch in order and acknowledges
+/// what its markers made durable; every [`GROUP_COMMIT`] makes the stream
+/// durable and acknowledges it if it moved, and sends a heartbeat at least
+/// every `heartbeat`. Ends when the receiver does (Ok), or at the first
+/// failure, which ends the link.
+async fn ingest_and_commit(
     ingest: &StreamIngest,
-    received: &mpsc::Receiver<ReceivedBatch>,
-    w: &Arc<Mutex<LinkWriter>>,
+    mut received: mpsc::Receiver<ReceivedBatch>,
+    w: &SharedWriter,
     heartbeat: Duration,
 ) -> Result<(), LinkError> {
-    let (mut last_commit, mut last_beat) = (Instant::now(), Instant::now());
+    let (mut next_commit, mut last_beat) = (Instant::now() + GROUP_COMMIT, Instant::now());
     loop {
-        match received.recv_timeout(GROUP_COMMIT.saturating_sub(last_commit.elapsed())) {
-            Ok(batch) => {
-                if let Some(ack) = ingest.ingest(&batch)? {
-                    send(w, msg::ACK, &ack.encode())?;
+        tokio::select! {
+            batch = received.recv() => {
+                let Some(batch) = batch else { return Ok(()) };
+                if let Some(ack) = blocking(|| ingest.ingest(&batch))? {
+                    send(w, msg::ACK, &ack.encode()).await?;
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            () = tokio::time::sleep_until(next_commit) => {}
         }
-        if last_commit.elapsed() >= GROUP_COMMIT {
-            last_commit = Instant::now();
-            if let Some(ack) = ingest.durable_ack(false)? {
-                send(w, msg::ACK, &ack.encode())?;
+        if Instant::now() >= next_commit {
+            next_commit = Instant::now() + GROUP_COMMIT;
+            if let Some(ack) = blocking(|| ingest.durable_ack(false))? {
+                send(w, msg::ACK, &ack.encode()).await?;
             }
             if last_beat.elapsed() >= heartbeat {
-                send(w, msg::HEARTBEAT, &now_ms().to_be_bytes())?;
+                send(w, msg::HEARTBEAT, &now_ms().to_be_bytes()).await?;
                 last_beat = Instant::now();
             }
         }
@@ -484,22 +489,24 @@ fn ingest_and_commit(
 }
 
 /// The receiving loop: runs until the link fails or ingest stops.
-fn receive(
+async fn receive(
     receiver: &mut Receiver,
-    r: &mut LinkReader,
-    w: &Arc<Mutex<LinkWriter>>,
-    to_ingest: &mpsc::SyncSender<ReceivedBatch>,
+    r: &mut AsyncLinkReader,
+    w: &SharedWriter,
+    to_ingest: &mpsc::Sender<ReceivedBatch>,
 ) -> Result<(), LinkError> {
     loop {
-        let f = read_frame(r)?;
+        let f = read_frame_async(r).await?;
         match f.kind {
             msg::OFFER => {
-                let need = receiver.on_offer(Offer::decode(&f.payload)?)?;
-                send(w, msg::NEED, &need.encode())?;
+                let offer = Offer::decode(&f.payload)?;
+                // Asks the journals, which may wait for an ingest's fsync.
+                let need = blocking(|| receiver.on_offer(offer))?;
+                send(w, msg::NEED, &need.encode()).await?;
             }
             msg::BLOCKS => {
                 let batch = receiver.on_blocks(Blocks::decode_owned(f.payload)?)?;
-                if to_ingest.send(batch).is_err() {
+                if to_ingest.send(batch).await.is_err() {
                     return Err(io::Error::other("the link's ingest stopped").into());
                 }
             }

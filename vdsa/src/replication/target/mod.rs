@@ -3,19 +3,21 @@
 //! asks only for the blocks its journal lacks, ingests each stream strictly
 //! in seq order, records checkpoints once every stream of the VPG placed
 //! its marker, and acknowledges what is durable (architecture.md §2–§5).
-//! Each link after its welcome runs as a receive/ingest pipeline
-//! ([`link`]).
+//! Each link is served on the links' runtime (no thread of its own), after
+//! its welcome as a receive/ingest pipeline ([`link`]).
 
 mod link;
 
-use self::link::{send, LinkLease, StreamSlot, Welcomed};
+use self::link::{send, LinkLease, SharedWriter, StreamSlot, Welcomed};
 use super::now_ms;
 use super::LinkError;
 use crate::conn_limit::{ConnectionLimit, MAX_REPLICATION_LINKS};
+use crate::conn_task::blocking;
 use crate::journal::{Cut, Journal, JournalConfig, JournalError};
-use crate::wire::frame::{read_frame, write_frame, FrameError, VERSION};
+use crate::serving::{self, Pool};
+use crate::wire::async_link::{self, AsyncLinkReader};
+use crate::wire::frame::{read_frame_async, FrameError};
 use crate::wire::msg::{self, Hello, Marker, Refuse, Welcome};
-use crate::wire::tls::{self, LinkWriter};
 use protection_groups::{StreamId, VpgId};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -326,9 +328,17 @@ impl TargetServer {
         }
     }
 
-    /// Accepts links forever, each on a thread of its own.
+    /// Accepts links forever on the calling thread; each is served on the
+    /// links' runtime (docs/architecture.md, "Threads").
     pub fn serve(self: &Arc<Self>, listener: TcpListener, tls: ServerTls) {
         let limit = ConnectionLimit::new(MAX_REPLICATION_LINKS, "replication links");
+        let rt = match serving::runtime(Pool::Links) {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("replication links cannot be served: {e}");
+                return;
+            }
+        };
         for conn in listener.incoming() {
             let tcp = match conn {
                 Ok(t) => t,
@@ -345,24 +355,16 @@ impl TargetServer {
             // the source retries with its back-off.
             let Some(slot) = limit.try_take() else { continue };
             let me = self.clone();
-            let spawned = std::thread::Builder::new().name("link-receive".into()).spawn(move || {
-                me.serve_link(tcp, cfg);
+            rt.spawn(async move {
+                me.serve_link(tcp, cfg).await;
                 drop(slot);
             });
-            if let Err(e) = spawned {
-                tracing::warn!("no thread for a replication link: {e}");
-            }
         }
     }
 
-    fn serve_link(self: &Arc<Self>, tcp: TcpStream, cfg: Arc<rustls::ServerConfig>) {
+    async fn serve_link(self: &Arc<Self>, tcp: TcpStream, cfg: Arc<rustls::ServerConfig>) {
         let peer = tcp.peer_addr().map_or_else(|_| "?".to_string(), |a: SocketAddr| a.to_string());
-        let hb = self.opts.heartbeat;
-        let setup = tcp
-            .set_nodelay(true)
-            .and_then(|_| tcp.set_read_timeout(Some(hb * 3)))
-            .and_then(|_| tcp.set_write_timeout(Some(hb * 3)));
-        let registered = setup.and_then(|_| tcp.try_clone());
+        let registered = tcp.set_nodelay(true).and_then(|_| tcp.try_clone());
         let tcp_clone = match registered {
             Ok(t) => t,
             Err(e) => {
@@ -374,21 +376,26 @@ impl TargetServer {
         if let Ok(mut live) = self.live.lock() {
             live.insert(link_id, LiveLink { tcp: tcp_clone, stream: None });
         }
-        self.serve_tls(link_id, &peer, tcp, cfg);
+        self.serve_tls(link_id, &peer, tcp, cfg).await;
         if let Ok(mut live) = self.live.lock() {
             live.remove(&link_id);
         }
     }
 
-    fn serve_tls(self: &Arc<Self>, link_id: u64, peer: &str, tcp: TcpStream, cfg: Arc<rustls::ServerConfig>) {
-        let socket = match tcp.try_clone() {
+    async fn serve_tls(self: &Arc<Self>, link_id: u64, peer: &str, tcp: TcpStream, cfg: Arc<rustls::ServerConfig>) {
+        let timeout = self.opts.heartbeat * 3;
+        let setup = tcp.try_clone().and_then(|socket| {
+            tcp.set_nonblocking(true)?;
+            Ok((socket, tokio::net::TcpStream::from_std(tcp)?))
+        });
+        let (socket, tcp) = match setup {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(%peer, "link setup failed: {e}");
                 return;
             }
         };
-        let (mut r, w) = match tls::accept(cfg, tcp) {
+        let (mut r, w) = match async_link::accept(cfg, tcp, timeout).await {
             Ok(x) => x,
             Err(e) => {
                 let hint = if e.to_string().contains("certificate") {
@@ -400,15 +407,16 @@ impl TargetServer {
                 return;
             }
         };
-        let w = Arc::new(Mutex::new(w));
-        let result = self.run_link(link_id, peer, &mut r, &w, &socket);
-        match result {
-            Ok(()) => tracing::info!(%peer, "link closed"),
+        let w: SharedWriter = Arc::new(tokio::sync::Mutex::new(w));
+        let result = self.run_link(link_id, peer, &mut r, &w, &socket).await;
+        let refusal = match result {
+            Ok(()) => {
+                tracing::info!(%peer, "link closed");
+                None
+            }
             Err(LinkError::Refused(reason)) => {
                 tracing::warn!(%peer, "refused link: {reason}");
-                if let Ok(mut w) = w.lock() {
-                    let _ = write_frame(&mut *w, VERSION, msg::REFUSE, &Refuse { reason }.encode());
-                }
+                Some(reason)
             }
             Err(LinkError::Frame(
                 e @ (FrameError::Checksum { .. }
@@ -420,9 +428,7 @@ impl TargetServer {
             )) => {
                 let reason = format!("bad frame: {e}");
                 tracing::warn!(%peer, "refused link: {reason}");
-                if let Ok(mut w) = w.lock() {
-                    let _ = write_frame(&mut *w, VERSION, msg::REFUSE, &Refuse { reason }.encode());
-                }
+                Some(reason)
             }
             // The journal failed (a full disk, an I/O error): the source is
             // told why, so its status names the cause rather than a closed
@@ -430,31 +436,49 @@ impl TargetServer {
             Err(LinkError::Journal(e)) => {
                 let reason = format!("the recovery site's journal failed: {e}");
                 tracing::error!(%peer, "{reason}");
-                if let Ok(mut w) = w.lock() {
-                    let _ = write_frame(&mut *w, VERSION, msg::REFUSE, &Refuse { reason }.encode());
-                }
+                Some(reason)
             }
-            Err(e) => tracing::warn!(%peer, "link lost: {e}"),
+            Err(e) => {
+                tracing::warn!(%peer, "link lost: {e}");
+                None
+            }
+        };
+        let mut w = w.lock().await;
+        if let Some(reason) = refusal {
+            let _ = w.write_frame(msg::REFUSE, &Refuse { reason }.encode()).await;
         }
-        let guard = w.lock();
-        if let Ok(w) = guard {
-            w.shutdown();
-        }
+        w.shutdown().await;
+        let _ = socket.shutdown(std::net::Shutdown::Both);
     }
 
-    fn run_link(
+    async fn run_link(
         self: &Arc<Self>,
         link_id: u64,
         peer: &str,
-        r: &mut tls::LinkReader,
-        w: &Arc<Mutex<LinkWriter>>,
+        r: &mut AsyncLinkReader,
+        w: &SharedWriter,
         tcp: &TcpStream,
     ) -> Result<(), LinkError> {
-        let f = read_frame(r)?;
+        let f = read_frame_async(r).await?;
         if f.kind != msg::HELLO {
             return Err(FrameError::UnexpectedKind(f.kind).into());
         }
         let hello = Hello::decode(&f.payload)?;
+        // Opening the journal, adding disks and the sync block.
+        let (lease, welcome) = blocking(|| self.welcome(link_id, &hello))?;
+        send(w, msg::WELCOME, &welcome.encode()).await?;
+        tracing::info!(%peer, site = %hello.site, vpg = %hello.vpg.0, resume_after = welcome.resume_after_seq, "link up");
+        let welcomed = Welcomed { durable_seq: welcome.resume_after_seq, last_checkpoint: welcome.last_checkpoint };
+        let server = Arc::downgrade(self);
+        let siblings: link::Siblings = Arc::new(move || server.upgrade().map(|s| s.replicas()).unwrap_or_default());
+        let around = link::LinkSurroundings { heartbeat: self.opts.heartbeat, siblings };
+        link::serve(lease, welcomed, r, w, tcp, around).await
+    }
+
+    /// Checks a link's hello against the VPG's definition and epoch, adds
+    /// the disks the journal does not have yet, and takes the stream's
+    /// slot: the lease the link runs under and where its stream resumes.
+    fn welcome(&self, link_id: u64, hello: &Hello) -> Result<(LinkLease, Welcome), LinkError> {
         self.check_defined(hello.vpg, hello.stream)?;
         if let Ok(mut live) = self.live.lock() {
             if let Some(l) = live.get_mut(&link_id) {
@@ -510,13 +534,6 @@ impl TargetServer {
             let seq = replica.journal.stream_position(hello.stream)?.map_or(0, |c| c.seq);
             Welcome { resume_after_seq: seq, last_checkpoint: replica.newest_checkpoint()? }
         };
-        send(w, msg::WELCOME, &welcome.encode())?;
-        tracing::info!(%peer, site = %hello.site, vpg = %hello.vpg.0, resume_after = welcome.resume_after_seq, "link up");
-        let lease = LinkLease { replica, stream: hello.stream, epoch: hello.epoch, slot, generation };
-        let welcomed = Welcomed { durable_seq: welcome.resume_after_seq, last_checkpoint: welcome.last_checkpoint };
-        let server = Arc::downgrade(self);
-        let siblings: link::Siblings = Arc::new(move || server.upgrade().map(|s| s.replicas()).unwrap_or_default());
-        let around = link::LinkSurroundings { heartbeat: self.opts.heartbeat, siblings };
-        link::serve(lease, welcomed, r, w, tcp, around)
+        Ok((LinkLease { replica, stream: hello.stream, epoch: hello.epoch, slot, generation }, welcome))
     }
 }
