@@ -2,6 +2,7 @@
 //! its send queue and link, and the target server that ingests streams
 //! into per-VPG journals.
 
+mod calls;
 pub mod queue;
 pub mod source;
 pub mod target;

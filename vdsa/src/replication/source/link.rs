@@ -2,8 +2,8 @@
 //! hashes, send the blocks the target lacks, read its acknowledgements
 //! (architecture.md §5; the copies a block takes: docs/performance.md).
 
-use crate::conn_task::blocking;
 use crate::journal::BLOCK_SIZE;
+use crate::replication::calls::blocking_call;
 use crate::replication::now_ms;
 use crate::replication::queue::Entry;
 use crate::replication::LinkError;
@@ -16,6 +16,7 @@ use crate::wire::msg::{
 use protection_groups::WriteKind;
 use std::collections::VecDeque;
 use std::io;
+use std::net::ToSocketAddrs;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,8 +78,9 @@ impl SourceStream {
 
     async fn one_link(self: &Arc<Self>, cfg: &Arc<rustls::ClientConfig>) -> Result<(), LinkError> {
         let hb = self.opts.heartbeat;
-        let addr = tokio::net::lookup_host(&self.opts.target)
-            .await?
+        let target = self.opts.target.clone();
+        let addr = blocking_call(move || target.to_socket_addrs())
+            .await??
             .next()
             .ok_or_else(|| LinkError::Protocol(format!("{} resolves to nothing", self.opts.target)))?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
@@ -131,7 +133,7 @@ impl SourceStream {
 
     /// Reads needs, acks and heartbeats until the link fails.
     async fn read_replies(
-        &self,
+        self: &Arc<Self>,
         r: &mut AsyncLinkReader,
         base: u64,
         tx: &mpsc::UnboundedSender<Result<Need, LinkError>>,
@@ -157,11 +159,12 @@ impl SourceStream {
                             self.counters.newest_consistent_ms.fetch_max(a.newest_consistent_ms, Ordering::Relaxed);
                         }
                         // Refilling the queue from its spill reads the file.
-                        let acked = blocking(|| {
-                            self.queue.acknowledge(a.durable_seq.saturating_sub(base), a.durable_checkpoint)
-                        });
-                        if let Err(e) = acked {
-                            return e.into();
+                        let me = self.clone();
+                        let (seq, checkpoint) = (a.durable_seq.saturating_sub(base), a.durable_checkpoint);
+                        match blocking_call(move || me.queue.acknowledge(seq, checkpoint)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => return e.into(),
+                            Err(e) => return e,
                         }
                     }
                     Err(e) => return e.into(),

@@ -7,18 +7,19 @@
 //!   decompressing each batch's blocks;
 //! - an ingest task takes the received batches in order, assembles each
 //!   write and ingests it into the journal, places markers and acknowledges
-//!   what is durable. The journal calls block (fsync), so they run where
-//!   the runtime allows blocking (`conn_task::blocking`).
+//!   what is durable. The journal calls block (fsync), so they run on the
+//!   runtime's blocking threads, a bounded number at once
+//!   (`replication::calls`).
 //!
 //! A bounded queue of [`RECEIVED_BATCHES`] sits between the two, so a slow
 //! journal stops the reader (and through TCP the source) rather than
 //! growing memory.
 
 use super::VpgReplica;
-use crate::conn_task::blocking;
 use crate::journal::{
     BlockQuery, CheckpointSpec, Cut, HashSetOfBlocks, JournalError, TapWrite, WireBlock, WriteData, BLOCK_SIZE,
 };
+use crate::replication::calls::blocking_call;
 use crate::replication::now_ms;
 use crate::replication::source::split;
 use crate::replication::LinkError;
@@ -423,14 +424,14 @@ pub(super) async fn serve(
 ) -> Result<(), LinkError> {
     let LinkSurroundings { heartbeat, siblings } = around;
     let promised: Promised = Arc::default();
-    let ingest = StreamIngest {
+    let ingest = Arc::new(StreamIngest {
         lease: lease.clone(),
         promised: promised.clone(),
         acked: AtomicU64::new(welcomed.durable_seq),
         acked_marker: AtomicU64::new(welcomed.last_checkpoint),
         last_marker: AtomicU64::new(welcomed.last_checkpoint),
-    };
-    let mut receiver = Receiver { lease, pending: VecDeque::new(), promised, siblings };
+    });
+    let receiver = Receiver { lease, pending: VecDeque::new(), promised, siblings };
     let (to_ingest, received) = mpsc::channel::<ReceivedBatch>(RECEIVED_BATCHES);
     let ingest_failed: Arc<Mutex<Option<LinkError>>> = Arc::default();
     let (failed, socket, writer) = (ingest_failed.clone(), tcp.try_clone()?, w.clone());
@@ -442,7 +443,7 @@ pub(super) async fn serve(
             let _ = socket.shutdown(Shutdown::Read);
         }
     });
-    let result = receive(&mut receiver, r, w, &to_ingest).await;
+    let result = receive(receiver, r, w, &to_ingest).await;
     // The ingest task takes what was received, then ends.
     drop(to_ingest);
     let _ = ingesting.await;
@@ -459,7 +460,7 @@ const GROUP_COMMIT: Duration = Duration::from_millis(50);
 /// every `heartbeat`. Ends when the receiver does (Ok), or at the first
 /// failure, which ends the link.
 async fn ingest_and_commit(
-    ingest: &StreamIngest,
+    ingest: &Arc<StreamIngest>,
     mut received: mpsc::Receiver<ReceivedBatch>,
     w: &SharedWriter,
     heartbeat: Duration,
@@ -469,7 +470,10 @@ async fn ingest_and_commit(
         tokio::select! {
             batch = received.recv() => {
                 let Some(batch) = batch else { return Ok(()) };
-                if let Some(ack) = blocking(|| ingest.ingest(&batch))? {
+                if let Some(ack) = {
+                    let ingest = ingest.clone();
+                    blocking_call(move || ingest.ingest(&batch)).await??
+                } {
                     send(w, msg::ACK, &ack.encode()).await?;
                 }
             }
@@ -477,7 +481,10 @@ async fn ingest_and_commit(
         }
         if Instant::now() >= next_commit {
             next_commit = Instant::now() + GROUP_COMMIT;
-            if let Some(ack) = blocking(|| ingest.durable_ack(false))? {
+            if let Some(ack) = {
+                let ingest = ingest.clone();
+                blocking_call(move || ingest.durable_ack(false)).await??
+            } {
                 send(w, msg::ACK, &ack.encode()).await?;
             }
             if last_beat.elapsed() >= heartbeat {
@@ -490,7 +497,7 @@ async fn ingest_and_commit(
 
 /// The receiving loop: runs until the link fails or ingest stops.
 async fn receive(
-    receiver: &mut Receiver,
+    mut receiver: Receiver,
     r: &mut AsyncLinkReader,
     w: &SharedWriter,
     to_ingest: &mpsc::Sender<ReceivedBatch>,
@@ -501,7 +508,13 @@ async fn receive(
             msg::OFFER => {
                 let offer = Offer::decode(&f.payload)?;
                 // Asks the journals, which may wait for an ingest's fsync.
-                let need = blocking(|| receiver.on_offer(offer))?;
+                let (back, need) = blocking_call(move || {
+                    let need = receiver.on_offer(offer);
+                    (receiver, need)
+                })
+                .await?;
+                receiver = back;
+                let need = need?;
                 send(w, msg::NEED, &need.encode()).await?;
             }
             msg::BLOCKS => {

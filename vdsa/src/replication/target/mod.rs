@@ -9,10 +9,10 @@
 mod link;
 
 use self::link::{send, LinkLease, SharedWriter, StreamSlot, Welcomed};
+use super::calls::blocking_call;
 use super::now_ms;
 use super::LinkError;
 use crate::conn_limit::{ConnectionLimit, MAX_REPLICATION_LINKS};
-use crate::conn_task::blocking;
 use crate::journal::{Cut, Journal, JournalConfig, JournalError};
 use crate::serving::{self, Pool};
 use crate::wire::async_link::{self, AsyncLinkReader};
@@ -465,7 +465,8 @@ impl TargetServer {
         }
         let hello = Hello::decode(&f.payload)?;
         // Opening the journal, adding disks and the sync block.
-        let (lease, welcome) = blocking(|| self.welcome(link_id, &hello))?;
+        let (me, hi) = (self.clone(), hello.clone());
+        let (lease, welcome) = blocking_call(move || me.welcome(link_id, &hi)).await??;
         send(w, msg::WELCOME, &welcome.encode()).await?;
         tracing::info!(%peer, site = %hello.site, vpg = %hello.vpg.0, resume_after = welcome.resume_after_seq, "link up");
         let welcomed = Welcomed { durable_seq: welcome.resume_after_seq, last_checkpoint: welcome.last_checkpoint };
