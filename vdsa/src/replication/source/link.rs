@@ -401,7 +401,7 @@ impl SourceStream {
         let raw_len: usize = pieces.iter().map(|p| p.len()).sum();
         let raw_len32 = u32::try_from(raw_len)
             .map_err(|_| LinkError::Protocol(format!("batch {} of {raw_len} bytes does not fit a frame", p.batch)))?;
-        let compressed = if compress.worth_trying(raw_len) { compress.try_compress(&pieces.concat()) } else { None };
+        let compressed = compress.compress(&pieces, raw_len);
         let mut header = [0u8; Blocks::HEADER_LEN];
         Blocks::put_header(&mut header, p.batch, compressed.is_some(), raw_len32);
         let mut frame = vec![&header[..]];
@@ -445,35 +445,107 @@ struct PendingBatch {
     hashed: usize,
 }
 
-/// zstd per batch, skipped when data does not compress: after a miss,
-/// only every 8th batch is tried until one pays again.
+/// zstd per batch where it pays. A batch's sample (up to [`SAMPLES`]
+/// pieces of [`SAMPLE_LEN`] spread over it) is compressed first, and the
+/// whole batch only if the sample saves at least a tenth: incompressible
+/// data (encrypted, already compressed) then costs about 1/64 of a batch's
+/// compression, and data that turns compressible is found at the next
+/// batch.
 #[derive(Debug, Default)]
 struct CompressProbe {
-    misses: u32,
+    sample: Vec<u8>,
+}
+
+const SAMPLES: usize = 4;
+const SAMPLE_LEN: usize = 16 << 10;
+
+/// Whether `compressed` bytes save at least a tenth of `raw`.
+fn saves_a_tenth(compressed: usize, raw: usize) -> bool {
+    compressed < raw - raw / 10
 }
 
 impl CompressProbe {
-    /// Whether to try compressing a batch of `len` bytes: always after a
-    /// batch that compressed, one batch in 8 while they do not.
-    fn worth_trying(&mut self, len: usize) -> bool {
-        if len < 512 || (self.misses > 0 && !self.misses.is_multiple_of(8)) {
-            self.misses += u32::from(self.misses > 0);
-            return false;
+    /// The batch (`pieces`, `len` bytes in all) compressed, if its sample
+    /// says it may pay and it saves at least a tenth.
+    fn compress(&mut self, pieces: &[&[u8]], len: usize) -> Option<Vec<u8>> {
+        if len < 512 {
+            return None;
         }
-        true
+        // A small batch is its own sample.
+        if len > 4 * SAMPLES * SAMPLE_LEN {
+            self.take_sample(pieces, len);
+            let c = zstd::bulk::compress(&self.sample, 1).ok()?;
+            if !saves_a_tenth(c.len(), self.sample.len()) {
+                return None;
+            }
+        }
+        let data = pieces.concat();
+        let c = zstd::bulk::compress(&data, 1).ok()?;
+        saves_a_tenth(c.len(), data.len()).then_some(c)
     }
 
-    /// The batch compressed, if that saves at least a tenth.
-    fn try_compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
-        match zstd::bulk::compress(data, 1) {
-            Ok(c) if c.len() < data.len() - data.len() / 10 => {
-                self.misses = 0;
-                Some(c)
-            }
-            _ => {
-                self.misses += 1;
-                None
+    /// Copies [`SAMPLES`] ranges of [`SAMPLE_LEN`] bytes, at even steps
+    /// through the batch's `len` bytes, into `self.sample`.
+    fn take_sample(&mut self, pieces: &[&[u8]], len: usize) {
+        self.sample.clear();
+        for k in 0..SAMPLES {
+            let (start, end) = (len * k / SAMPLES, (len * k / SAMPLES + SAMPLE_LEN).min(len));
+            let mut at = 0usize;
+            for p in pieces {
+                let (from, to) = (start.max(at), end.min(at + p.len()));
+                if from < to {
+                    self.sample.extend_from_slice(&p[from - at..to - at]);
+                }
+                at += p.len();
+                if at >= end {
+                    break;
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_is_taken_across_pieces_at_even_steps() {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        // Pieces of uneven sizes, so that sample ranges straddle them.
+        let pieces: Vec<&[u8]> = data.chunks(7_777).collect();
+        let mut probe = CompressProbe::default();
+        probe.take_sample(&pieces, data.len());
+        let want: Vec<u8> = (0..SAMPLES)
+            .flat_map(|k| {
+                let start = data.len() * k / SAMPLES;
+                data[start..start + SAMPLE_LEN].iter().copied()
+            })
+            .collect();
+        assert_eq!(probe.sample, want);
+    }
+
+    #[test]
+    fn a_batch_is_compressed_only_where_it_pays() {
+        let mut probe = CompressProbe::default();
+        let text: Vec<u8> = b"a protected disk holds text too. ".iter().copied().cycle().take(1 << 20).collect();
+        let c = probe.compress(&[&text[..4096], &text[4096..]], text.len()).expect("text compresses");
+        assert_eq!(zstd::bulk::decompress(&c, text.len()).expect("it decompresses"), text);
+        let mut noise = vec![0u8; 1 << 20];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for b in &mut noise {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        assert!(probe.compress(&[&noise], noise.len()).is_none(), "random bytes were sent compressed");
+        // Noise where the sample falls, text elsewhere: not worth trying.
+        let mut mixed = text.clone();
+        for k in 0..SAMPLES {
+            let start = mixed.len() * k / SAMPLES;
+            mixed[start..start + SAMPLE_LEN].copy_from_slice(&noise[start..start + SAMPLE_LEN]);
+        }
+        assert!(probe.compress(&[&mixed], mixed.len()).is_none());
     }
 }
