@@ -2,13 +2,13 @@
 //! (docs/architecture.md, "Threads"): the same records and frames as the
 //! blocking halves of [`super::tls`], but a link waiting for its peer holds
 //! no thread. A read or a write that waits longer than the link's timeout
-//! (three heartbeats) fails with `TimedOut`, which the frame layer reports
-//! as a silent peer and the sender as a stalled link.
+//! (three heartbeats) fails with `TimedOut`, which the frame layer
+//! ([`super::frame`]) reports as a silent peer and the sender as a stalled
+//! link.
 //!
 //! What this module must not do: decide anything about the replication
 //! protocol (that is [`crate::replication`]).
 
-use super::frame::{encode_header, VERSION};
 use super::tls::{self, encrypt_pieces, peer_closed, CipherIn};
 use rustls::{ClientConfig, Connection, ServerConfig};
 use std::io::{self, BufRead};
@@ -154,12 +154,6 @@ impl AsyncLinkWriter {
         encrypt_pieces(&self.conn, pieces, &mut self.out)?;
         let write = self.tcp.write_all(&self.out);
         tokio::time::timeout(self.timeout, write).await.map_err(|_| timed_out("a write", self.timeout))?
-    }
-
-    /// Sends one frame.
-    pub async fn write_frame(&mut self, kind: u16, payload: &[u8]) -> io::Result<()> {
-        let header = encode_header(VERSION, kind, payload);
-        self.write_all_pieces(&[&header, payload]).await
     }
 
     /// Ends the sending direction (the peer reads the end of the link).

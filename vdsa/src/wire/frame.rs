@@ -6,7 +6,7 @@
 //! All integers big-endian. The CRC covers the payload. TLS already
 //! protects the link; the CRC catches our own bugs and a peer that lies.
 
-use super::async_link::AsyncLinkReader;
+use super::async_link::{AsyncLinkReader, AsyncLinkWriter};
 use crate::payload::read_payload;
 use std::io::{self, Read, Write};
 
@@ -50,6 +50,13 @@ pub struct Frame {
 pub fn write_frame(w: &mut impl Write, version: u16, kind: u16, payload: &[u8]) -> io::Result<()> {
     w.write_all(&encode_header(version, kind, payload))?;
     w.write_all(payload)
+}
+
+/// [`write_frame`] to a link half on a tokio runtime: header and payload
+/// are encrypted together and go out in one write.
+pub async fn write_frame_async(w: &mut AsyncLinkWriter, kind: u16, payload: &[u8]) -> io::Result<()> {
+    let header = encode_header(VERSION, kind, payload);
+    w.write_all_pieces(&[&header, payload]).await
 }
 
 pub fn encode_header(version: u16, kind: u16, payload: &[u8]) -> [u8; HEADER_LEN] {

@@ -9,7 +9,9 @@ use crate::replication::queue::Entry;
 use crate::replication::LinkError;
 use crate::serving::{self, Pool};
 use crate::wire::async_link::{self, AsyncLinkReader, AsyncLinkWriter};
-use crate::wire::frame::{encode_header, encode_header_of_pieces, read_frame_async, FrameError, HEADER_LEN, VERSION};
+use crate::wire::frame::{
+    encode_header, encode_header_of_pieces, read_frame_async, write_frame_async, FrameError, HEADER_LEN, VERSION,
+};
 use crate::wire::msg::{
     self, Ack, Blocks, Hello, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite, Refuse, StreamWrite, Welcome,
 };
@@ -95,7 +97,7 @@ impl SourceStream {
             epoch: self.opts.epoch,
             disks: self.disks(),
         };
-        w.write_frame(msg::HELLO, &hello.encode()).await?;
+        write_frame_async(&mut w, msg::HELLO, &hello.encode()).await?;
         let f = read_frame_async(&mut r).await?;
         let welcome = match f.kind {
             msg::WELCOME => Welcome::decode(&f.payload)?,
@@ -263,7 +265,7 @@ impl SourceStream {
     async fn send_frame(&self, w: &mut AsyncLinkWriter, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
         let n = (HEADER_LEN + payload.len()) as u64;
         if self.throttle.rate() == 0 {
-            w.write_frame(kind, payload).await.map_err(stalled)?;
+            write_frame_async(w, kind, payload).await.map_err(stalled)?;
         } else {
             let header = encode_header(VERSION, kind, payload);
             self.throttle.take(HEADER_LEN as u64).await;

@@ -24,7 +24,7 @@ use crate::replication::now_ms;
 use crate::replication::source::split;
 use crate::replication::LinkError;
 use crate::wire::async_link::{AsyncLinkReader, AsyncLinkWriter};
-use crate::wire::frame::{read_frame_async, FrameError};
+use crate::wire::frame::{read_frame_async, write_frame_async, FrameError};
 use crate::wire::msg::{self, Ack, Blocks, Marker, Need, Offer, OfferItem, OfferedBlock, OfferedWrite};
 use protection_groups::{CheckpointId, CheckpointKind, StreamId, WriteKind};
 use std::borrow::Cow;
@@ -393,7 +393,7 @@ pub(super) type SharedWriter = Arc<tokio::sync::Mutex<AsyncLinkWriter>>;
 
 /// Sends one frame on the link.
 pub(super) async fn send(w: &SharedWriter, kind: u16, payload: &[u8]) -> Result<(), LinkError> {
-    w.lock().await.write_frame(kind, payload).await?;
+    write_frame_async(&mut *w.lock().await, kind, payload).await?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use crate::conn_limit::{ConnectionLimit, MAX_REPLICATION_LINKS};
 use crate::journal::{Cut, Journal, JournalConfig, JournalError};
 use crate::serving::{self, Pool};
 use crate::wire::async_link::{self, AsyncLinkReader};
-use crate::wire::frame::{read_frame_async, FrameError};
+use crate::wire::frame::{read_frame_async, write_frame_async, FrameError};
 use crate::wire::msg::{self, Hello, Marker, Refuse, Welcome};
 use protection_groups::{StreamId, VpgId};
 use std::collections::{BTreeMap, HashMap};
@@ -445,7 +445,7 @@ impl TargetServer {
         };
         let mut w = w.lock().await;
         if let Some(reason) = refusal {
-            let _ = w.write_frame(msg::REFUSE, &Refuse { reason }.encode()).await;
+            let _ = write_frame_async(&mut w, msg::REFUSE, &Refuse { reason }.encode()).await;
         }
         w.shutdown().await;
         let _ = socket.shutdown(std::net::Shutdown::Both);
