@@ -249,6 +249,89 @@ fn refuses_bad_frames_strangers_and_stale_epochs_and_keeps_serving() {
     assert_eq!(checked, 2);
 }
 
+/// Connections that hold a link open without moving it (hundreds that
+/// never start their TLS handshake, and links of a trusted site that stop
+/// in the middle of a frame) cost the target no thread each: while they
+/// hang, a real source replicates exactly, the target runs a few dozen
+/// threads, and each hanging connection is closed after three heartbeats
+/// with a log line that says why.
+#[test]
+fn hanging_connections_hold_no_thread_and_are_closed_after_three_heartbeats() {
+    use std::io::{Read, Write};
+    use vdsa::wire::frame::{encode_header, VERSION};
+    const IDLE: usize = 200;
+    const STALLED: usize = 20;
+    let dir = ok(tempfile::tempdir().map_err(Into::into));
+    let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
+    let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 1000));
+    let target = ok(tspec.start(lab()));
+    let threads = |d: &Daemon| -> usize {
+        let pid = d.pid().expect("the target runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+        status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok()).expect("Threads")
+    };
+    let disks = vec![("d0".to_string(), 8u64 << 20)];
+    let mut sspec = SourceSpec::new(dir.path(), &src_certs, &format!("127.0.0.1:{}", tspec.port), "vpg1", &disks);
+    sspec.extra = vec!["--heartbeat-ms".into(), "1000".into()];
+    let source = ok(sspec.start(lab()));
+    ok(source.call(json!({"op": "sync", "syncing": false})));
+    let mut tap = ok(NbdClient::connect_unix(&sspec.tap_sock, "d0").map_err(Into::into));
+    let mut model = ReferenceModel::new(&[8 << 20]);
+    let mut work = Workload::new(5, &[8 << 20], Mix::default());
+    let mut expected = BTreeMap::new();
+
+    let opened = std::time::Instant::now();
+    let idle: Vec<std::net::TcpStream> =
+        (0..IDLE).map(|_| ok(std::net::TcpStream::connect(("127.0.0.1", tspec.port)).map_err(Into::into))).collect();
+    let payload = hello(1);
+    let header = encode_header(VERSION, vdsa::wire::msg::HELLO, &payload);
+    let stalled: Vec<_> = (0..STALLED)
+        .map(|_| {
+            let (r, mut w) = ok(raw_link(&src_certs, tspec.port).map_err(Into::into));
+            // The header and a third of the hello, then nothing.
+            ok(w.write_all(&header).and_then(|()| w.write_all(&payload[..payload.len() / 3])).map_err(Into::into));
+            (r, w)
+        })
+        .collect();
+    for _ in 0..200 {
+        let w = work.next_write();
+        tap_write(&mut tap, &w);
+        model.apply(&w);
+    }
+    let r = ok(source.call(json!({"op": "checkpoint", "id": 1})));
+    assert_eq!(r["kind"], "Automatic");
+    expected.insert(1, model.hashes());
+    ok(wait_until("the source to be replicated", Duration::from_secs(30), || {
+        Ok(status(&source)["drained"] == json!(true))
+    }));
+    let busy = threads(&target);
+    let hung_for = opened.elapsed();
+    assert!(
+        hung_for < Duration::from_millis(2500),
+        "the check took {hung_for:?}: the hanging connections may be closed already, so the thread count says little"
+    );
+    assert!(busy <= 64, "the target runs {busy} threads with {} connections hanging", IDLE + STALLED);
+
+    // Each is closed after three heartbeats (3 s).
+    for mut c in idle {
+        ok(c.set_read_timeout(Some(Duration::from_secs(10))).map_err(Into::into));
+        let mut b = [0u8; 1];
+        assert!(matches!(c.read(&mut b), Ok(0) | Err(_)), "an idle connection was not closed");
+    }
+    for (mut r, _w) in stalled {
+        assert!(vdsa::wire::read_frame(&mut r).is_err(), "a stalled link was not closed");
+    }
+    assert!(opened.elapsed() >= Duration::from_millis(2900), "closed before three heartbeats");
+    let log = target.log_text();
+    for want in ["TLS handshake failed: the TLS handshake took longer than 3000 ms", "the peer sent nothing within"] {
+        assert!(log.contains(want), "the target's log lacks {want:?}:\n{log}");
+    }
+    ok(source.shutdown());
+    ok(target.shutdown());
+    let checked = verify_checkpoints(&tspec.journal_dir("vpg1"), &["d0".to_string()], &expected, &[]);
+    assert_eq!(checked, 1);
+}
+
 /// Initial sync onto a pre-seeded replica: QEMU's full sync offers every
 /// block, and only the blocks that differ from the seed cross the link.
 /// Progress is reported, and the result is exactly the source.
