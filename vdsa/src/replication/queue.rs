@@ -133,10 +133,11 @@ struct State {
 pub struct SendQueue {
     cfg: QueueConfig,
     state: Mutex<State>,
-    /// Signalled when room is freed (producers wait) or entries arrive.
+    /// Signalled when room is freed (producers wait).
     changed: Condvar,
-    /// Signalled when entries arrive, for the sender, a task that waits
-    /// without a thread ([`SendQueue::next_unsent_or_wait`]).
+    /// Signalled when entries arrive or come back from the spill, for the
+    /// sender, a task that waits without a thread
+    /// ([`SendQueue::next_unsent_or_wait`]).
     arrived: tokio::sync::Notify,
 }
 
@@ -347,6 +348,7 @@ impl SendQueue {
         }
         self.refill(&mut st)?;
         self.changed.notify_all();
+        self.arrived.notify_one();
         Ok(())
     }
 
@@ -356,6 +358,7 @@ impl SendQueue {
             st.closed = true;
         }
         self.changed.notify_all();
+        self.arrived.notify_one();
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -504,6 +507,42 @@ mod tests {
             },
             data: Arc::new(vec![seq as u8; n]),
         }
+    }
+
+    /// The sender's wait ends when a write arrives, and a write that
+    /// arrived while the sender was busy elsewhere ends the next wait at
+    /// once: none waits out the timeout.
+    #[tokio::test]
+    async fn the_sender_wakes_for_each_arrival_and_misses_none() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let q = Arc::new(SendQueue::new(QueueConfig {
+            memory_bytes: 1 << 20,
+            spill_path: dir.path().join("spill"),
+            spill_bytes: 1 << 20,
+            backpressure: Backpressure::Block,
+        })?);
+        let long = Duration::from_secs(10);
+        let producer = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                q.push_write(w(1, 4096))
+            })
+        };
+        let start = std::time::Instant::now();
+        let got = q.next_unsent_or_wait(1 << 20, 10, long).await?;
+        assert_eq!(got.len(), 1);
+        assert!(producer.join().map_err(|_| io::Error::other("producer panicked"))?.is_ok());
+        // Two arrivals while the sender is away: the next wait returns at once.
+        q.push_write(w(2, 4096))?;
+        assert_eq!(q.next_unsent(1 << 20, 10)?.len(), 1);
+        q.push_write(w(3, 4096))?;
+        assert_eq!(q.next_unsent_or_wait(1 << 20, 10, long).await?.len(), 1);
+        // A notification left over with nothing new costs one empty look.
+        let empty = q.next_unsent_or_wait(1 << 20, 10, Duration::from_millis(20)).await?;
+        assert!(empty.is_empty());
+        assert!(start.elapsed() < Duration::from_secs(2), "a wait ran to its timeout: {:?}", start.elapsed());
+        Ok(())
     }
 
     #[test]
