@@ -146,6 +146,18 @@ fn hello(epoch: u64) -> Vec<u8> {
     .encode()
 }
 
+/// A source of VPG "vpg1" with one 8 MiB disk "d0" replicating to
+/// `tspec`'s target, out of its initial sync, and a tap to its disk.
+fn one_disk_source(dir: &Path, certs: &Path, tspec: &TargetSpec, heartbeat_ms: u64) -> (Daemon, NbdClient) {
+    let disks = vec![("d0".to_string(), 8u64 << 20)];
+    let mut sspec = SourceSpec::new(dir, certs, &format!("127.0.0.1:{}", tspec.port), "vpg1", &disks);
+    sspec.extra = vec!["--heartbeat-ms".into(), heartbeat_ms.to_string()];
+    let source = ok(sspec.start(lab()));
+    ok(source.call(json!({"op": "sync", "syncing": false})));
+    let tap = ok(NbdClient::connect_unix(&sspec.tap_sock, "d0").map_err(Into::into));
+    (source, tap)
+}
+
 /// Bad input on the link: a frame with a bad checksum, a wrong protocol
 /// version, the certificate of a site that was never paired, a source of a
 /// demoted (older) epoch. Each is refused with a clear log line, and the
@@ -172,12 +184,7 @@ fn refuses_bad_frames_strangers_and_stale_epochs_and_keeps_serving() {
     ));
     let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 300));
     let target = ok(tspec.start(lab()));
-    let disks = vec![("d0".to_string(), 8u64 << 20)];
-    let mut sspec = SourceSpec::new(dir.path(), &src_certs, &format!("127.0.0.1:{}", tspec.port), "vpg1", &disks);
-    sspec.extra = vec!["--heartbeat-ms".into(), "300".into()];
-    let source = ok(sspec.start(lab()));
-    ok(source.call(json!({"op": "sync", "syncing": false})));
-    let mut tap = ok(NbdClient::connect_unix(&sspec.tap_sock, "d0").map_err(Into::into));
+    let (source, mut tap) = one_disk_source(dir.path(), &src_certs, &tspec, 300);
     let mut model = ReferenceModel::new(&[8 << 20]);
     let mut work = Workload::new(3, &[8 << 20], Mix::default());
     let mut expected = BTreeMap::new();
@@ -270,12 +277,7 @@ fn hanging_connections_hold_no_thread_and_are_closed_after_three_heartbeats() {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
         status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok()).expect("Threads")
     };
-    let disks = vec![("d0".to_string(), 8u64 << 20)];
-    let mut sspec = SourceSpec::new(dir.path(), &src_certs, &format!("127.0.0.1:{}", tspec.port), "vpg1", &disks);
-    sspec.extra = vec!["--heartbeat-ms".into(), "1000".into()];
-    let source = ok(sspec.start(lab()));
-    ok(source.call(json!({"op": "sync", "syncing": false})));
-    let mut tap = ok(NbdClient::connect_unix(&sspec.tap_sock, "d0").map_err(Into::into));
+    let (source, mut tap) = one_disk_source(dir.path(), &src_certs, &tspec, 1000);
     let mut model = ReferenceModel::new(&[8 << 20]);
     let mut work = Workload::new(5, &[8 << 20], Mix::default());
     let mut expected = BTreeMap::new();
