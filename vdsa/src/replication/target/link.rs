@@ -37,7 +37,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Batches received and waiting for the ingest thread. Two keep the
+/// Batches received and waiting for the ingest task. Two keep the
 /// journal busy while the next one is decrypted; a batch is a few MiB.
 pub(super) const RECEIVED_BATCHES: usize = 2;
 
@@ -76,7 +76,7 @@ impl LinkLease {
 }
 
 /// Hashes asked for in offers whose blocks are not ingested yet: a later
-/// offer need not ask for them again. The receiver adds, the ingest thread
+/// offer need not ask for them again. The receiver adds, the ingest task
 /// removes once the batch that carries them is in the journal.
 type Promised = Arc<Mutex<HashSetOfBlocks>>;
 
@@ -237,7 +237,7 @@ impl Receiver {
 /// its bytes (borrowed from the batch where possible) and block kinds.
 type Run<'a> = Vec<(&'a OfferedWrite, Cow<'a, [u8]>, Vec<WireBlock>)>;
 
-/// The ingesting half: the ingest thread's, which also commits the group.
+/// The ingesting half: the ingest task's, which also commits the group.
 #[derive(Debug)]
 struct StreamIngest {
     lease: LinkLease,

@@ -176,7 +176,7 @@ pub struct TargetDefinition {
 /// trusted sites change (pairing, unpairing), read at each accept.
 pub type ServerTls = Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>;
 
-/// A live link, so it can be closed from outside its thread.
+/// A live link, so it can be closed from outside its task.
 #[derive(Debug)]
 struct LiveLink {
     tcp: TcpStream,
