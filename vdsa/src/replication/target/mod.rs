@@ -189,6 +189,13 @@ struct LiveLink {
 pub struct TargetServer {
     opts: TargetOptions,
     vpgs: Mutex<HashMap<VpgId, Arc<VpgReplica>>>,
+    /// Held while a journal opens or closes: one at a time, as the members
+    /// of the shared chunk store have always opened, but without holding
+    /// `vpgs`, so that the links of other VPGs (which ask the map for
+    /// their siblings at every offer) never wait for an open, which takes
+    /// seconds for a large journal and minutes for one moving into the
+    /// shared store.
+    opening: Mutex<()>,
     /// Under a site manager: only these VPGs and streams are accepted.
     /// None (the standalone `target` command) accepts any VPG a trusted
     /// peer sends.
@@ -217,6 +224,7 @@ impl TargetServer {
         Arc::new(TargetServer {
             opts,
             vpgs: Mutex::new(HashMap::new()),
+            opening: Mutex::new(()),
             defined: Mutex::new(None),
             live: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
@@ -274,33 +282,42 @@ impl TargetServer {
     /// from what is durable) and the journal is rebuilt from its files.
     pub fn reopen(&self, vpg: VpgId) -> Result<(), String> {
         self.close_links(|s| s.is_some_and(|(v, _)| v == vpg));
-        if let Ok(mut m) = self.vpgs.lock() {
-            m.remove(&vpg);
+        {
+            let _opening = self.opening.lock().map_err(|_| "poisoned".to_string())?;
+            if let Ok(mut m) = self.vpgs.lock() {
+                m.remove(&vpg);
+            }
         }
         self.replica(vpg).map(|_| ())
     }
 
-    /// Closes a VPG's journal (its role was removed); its files stay.
+    /// Closes a VPG's journal (its role was removed); its files stay. An
+    /// open of it under way finishes first, so it does not stay open.
     pub fn close(&self, vpg: VpgId) {
-        if let Ok(mut m) = self.vpgs.lock() {
-            if let Some(r) = m.remove(&vpg) {
-                if let Err(e) = r.journal.sync() {
-                    tracing::error!(%vpg, "sync on close failed: {e}");
-                }
+        let _opening = self.opening.lock();
+        let removed = self.vpgs.lock().ok().and_then(|mut m| m.remove(&vpg));
+        if let Some(r) = removed {
+            if let Err(e) = r.journal.sync() {
+                tracing::error!(%vpg, "sync on close failed: {e}");
             }
         }
     }
 
     /// The replica of `vpg`, opened on first use.
     pub fn replica(&self, vpg: VpgId) -> Result<Arc<VpgReplica>, String> {
-        let mut m = self.vpgs.lock().map_err(|_| "poisoned".to_string())?;
-        if let Some(r) = m.get(&vpg) {
-            return Ok(r.clone());
+        let open = |m: &HashMap<VpgId, Arc<VpgReplica>>| m.get(&vpg).cloned();
+        if let Some(r) = open(&*self.vpgs.lock().map_err(|_| "poisoned".to_string())?) {
+            return Ok(r);
+        }
+        let _opening = self.opening.lock().map_err(|_| "poisoned".to_string())?;
+        // Another caller may have opened it while this one waited.
+        if let Some(r) = open(&*self.vpgs.lock().map_err(|_| "poisoned".to_string())?) {
+            return Ok(r);
         }
         let r = VpgReplica::open(&self.opts.root, vpg, self.opts.journal.clone(), self.markers_made_durable.clone())
             .map_err(|e| e.to_string())?;
         let r = Arc::new(r);
-        m.insert(vpg, r.clone());
+        self.vpgs.lock().map_err(|_| "poisoned".to_string())?.insert(vpg, r.clone());
         Ok(r)
     }
 
