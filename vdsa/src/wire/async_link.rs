@@ -68,16 +68,15 @@ async fn handshake(
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the link in the handshake"));
             }
-            // Everything read goes to rustls: records after the handshake
-            // (the peer's first frame) are kept there as plaintext.
-            let mut rest = &cipher.buf[..n];
-            while !rest.is_empty() {
-                conn.read_tls(&mut rest)?;
-                if let Err(e) = conn.process_new_packets() {
+            cipher.filled(n);
+            // Records after the handshake (the peer's first frames) stay
+            // here for the reader: rustls holds only so much plaintext.
+            while conn.is_handshaking() && !cipher.is_empty() {
+                if let Err(e) = cipher.feed(&mut conn) {
                     // The alert that says why goes to the peer first.
                     while conn.wants_write() && conn.write_tls(&mut out).is_ok() {}
                     let _ = tcp.write_all(&out).await;
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                    return Err(e);
                 }
             }
         }

@@ -271,15 +271,27 @@ impl CipherIn {
             }
             // Feed ciphertext only once the plaintext is drained: rustls
             // refuses more while its plaintext buffer is full.
-            if self.start >= self.end {
+            if self.is_empty() {
                 return Ok(None);
             }
-            let mut rest = &self.buf[self.start..self.end];
-            let before = rest.len();
-            conn.read_tls(&mut rest)?;
-            self.start += before - rest.len();
-            conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            self.feed(&mut conn)?;
         }
+    }
+
+    /// Whether rustls has taken all the ciphertext held here.
+    pub(super) fn is_empty(&self) -> bool {
+        self.start >= self.end
+    }
+
+    /// Gives rustls what it takes of the ciphertext held here, and has it
+    /// processed.
+    pub(super) fn feed(&mut self, conn: &mut Connection) -> io::Result<()> {
+        let mut rest = &self.buf[self.start..self.end];
+        let before = rest.len();
+        conn.read_tls(&mut rest)?;
+        self.start += before - rest.len();
+        conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Ok(())
     }
 }
 

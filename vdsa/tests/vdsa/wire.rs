@@ -190,14 +190,17 @@ mod journal_side {
     }
 }
 
-/// A frame sent as pieces (`LinkWriter::write_all_pieces`, the BLOCKS path)
-/// arrives over a real TLS link as the one frame their concatenation makes,
-/// with pieces of every size around a TLS record (16 KiB), empty ones
-/// included.
-#[test]
-fn a_frame_sent_as_pieces_arrives_whole_over_tls() {
-    use vdsa::wire::frame::encode_header_of_pieces;
-    use vdsa::wire::tls::{accept, connect, create_site_certificates, trust_peer, SiteIdentity};
+/// A frame sent as pieces (`AsyncLinkWriter::write_all_pieces`, the BLOCKS
+/// path) arrives over a real TLS link as the one frame their concatenation
+/// makes, read as the target reads it (plaintext appended across TLS
+/// records), with pieces of every size around a TLS record (16 KiB), empty
+/// ones included.
+#[tokio::test]
+async fn a_frame_sent_as_pieces_arrives_whole_over_tls() {
+    use std::time::Duration;
+    use vdsa::wire::async_link::{accept, connect};
+    use vdsa::wire::frame::{encode_header_of_pieces, read_frame_async};
+    use vdsa::wire::tls::{create_site_certificates, trust_peer, SiteIdentity};
     let dir = tempfile::tempdir().expect("a folder");
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     create_site_certificates(&a, "site-a").expect("site a");
@@ -206,27 +209,28 @@ fn a_frame_sent_as_pieces_arrives_whole_over_tls() {
     trust_peer(&b, "site-a", &a.join("ca.pem")).expect("b trusts a");
     let server = SiteIdentity::load(&b).and_then(|i| i.server_config()).expect("server config");
     let client = SiteIdentity::load(&a).and_then(|i| i.client_config()).expect("client config");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let port = listener.local_addr().expect("its address").port();
     let sizes = [0usize, 1, 13, 4096, 16384, 16385, 70000, 0, 5, 300_000, 16379];
     let data: Vec<Vec<u8>> =
         sizes.iter().enumerate().map(|(i, n)| (0..*n).map(|j| (i * 31 + j * 7) as u8).collect()).collect();
     let pieces: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
     let whole = pieces.concat();
-    let reader = std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().expect("a connection");
-        let (mut r, _w) = accept(server, tcp).expect("TLS accepted");
-        (read_frame(&mut r).expect("frame 1"), read_frame(&mut r).expect("frame 2"))
+    let timeout = Duration::from_secs(10);
+    let reader = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("a connection");
+        let (mut r, _w) = accept(server, tcp, timeout).await.expect("TLS accepted");
+        (read_frame_async(&mut r).await.expect("frame 1"), read_frame_async(&mut r).await.expect("frame 2"))
     });
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connected");
-    let (_r, mut w) = connect(client, tcp).expect("TLS connected");
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connected");
+    let (_r, mut w) = connect(client, tcp, timeout).await.expect("TLS connected");
     for _ in 0..2 {
         let header = encode_header_of_pieces(VERSION, 7, &pieces);
         let mut all = vec![&header[..]];
         all.extend_from_slice(&pieces);
-        w.write_all_pieces(&all).expect("sent");
+        w.write_all_pieces(&all).await.expect("sent");
     }
-    let (f1, f2) = reader.join().expect("the reader");
+    let (f1, f2) = reader.await.expect("the reader");
     assert_eq!((f1.kind, f1.payload.len()), (7, whole.len()));
     assert!(f1.payload == whole && f2.payload == whole, "the payload is the pieces in order");
 }
