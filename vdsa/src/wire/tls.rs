@@ -199,12 +199,6 @@ pub fn connect_to(cfg: Arc<ClientConfig>, tcp: TcpStream, server_name: &str) -> 
     handshake(client_connection(cfg, server_name)?, tcp)
 }
 
-/// Completes the handshake as a server over `tcp`. A client certificate
-/// not signed by a trusted peer CA fails here.
-pub fn accept(cfg: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<(LinkReader, LinkWriter)> {
-    handshake(server_connection(cfg)?, tcp)
-}
-
 /// A client's TLS state before its handshake, for a server whose
 /// certificate must name `server_name`.
 pub(super) fn client_connection(cfg: Arc<ClientConfig>, server_name: &str) -> io::Result<Connection> {
