@@ -8,8 +8,7 @@
 //! - an ingest task takes the received batches in order, assembles each
 //!   write and ingests it into the journal, places markers and acknowledges
 //!   what is durable. The journal calls block (fsync), so they run on the
-//!   runtime's blocking threads, a bounded number at once
-//!   (`replication::calls`).
+//!   links' fixed pool of threads (`replication::calls`).
 //!
 //! A bounded queue of [`RECEIVED_BATCHES`] sits between the two, so a slow
 //! journal stops the reader (and through TCP the source) rather than
@@ -470,10 +469,8 @@ async fn ingest_and_commit(
         tokio::select! {
             batch = received.recv() => {
                 let Some(batch) = batch else { return Ok(()) };
-                if let Some(ack) = {
-                    let ingest = ingest.clone();
-                    blocking_call(move || ingest.ingest(&batch)).await??
-                } {
+                let ingesting = ingest.clone();
+                if let Some(ack) = blocking_call(move || ingesting.ingest(&batch)).await?? {
                     send(w, msg::ACK, &ack.encode()).await?;
                 }
             }
@@ -481,10 +478,8 @@ async fn ingest_and_commit(
         }
         if Instant::now() >= next_commit {
             next_commit = Instant::now() + GROUP_COMMIT;
-            if let Some(ack) = {
-                let ingest = ingest.clone();
-                blocking_call(move || ingest.durable_ack(false)).await??
-            } {
+            let committing = ingest.clone();
+            if let Some(ack) = blocking_call(move || committing.durable_ack(false)).await?? {
                 send(w, msg::ACK, &ack.encode()).await?;
             }
             if last_beat.elapsed() >= heartbeat {

@@ -460,11 +460,9 @@ impl TargetServer {
                 None
             }
         };
-        let mut w = w.lock().await;
         if let Some(reason) = refusal {
-            let _ = write_frame_async(&mut w, msg::REFUSE, &Refuse { reason }.encode()).await;
+            let _ = write_frame_async(&mut *w.lock().await, msg::REFUSE, &Refuse { reason }.encode()).await;
         }
-        w.shutdown().await;
         let _ = socket.shutdown(std::net::Shutdown::Both);
     }
 
