@@ -49,7 +49,10 @@ pub struct Datastore {
     pub name: String,
     pub datacenter: MoRef,
     pub capacity: u64,
-    pub free_space: u64,
+    /// Bytes free as the server reports them: a vim25 `long`, and below
+    /// zero on a datastore whose thin disks promise more than it holds
+    /// (vcsim reports that on a small disk; so can a real one).
+    pub free_space: i64,
     pub accessible: bool,
 }
 
@@ -175,14 +178,7 @@ impl Client {
                     connection_state: o.text("runtime.connectionState").unwrap_or("unknown").to_string(),
                     in_maintenance: o.text("runtime.inMaintenanceMode") == Some("true"),
                 }),
-                "Datastore" => inv.datastores.push(Datastore {
-                    moref: o.obj.clone(),
-                    name: name_of(o)?,
-                    datacenter: datacenter_of(&o.obj)?,
-                    capacity: o.number("summary.capacity")?.unwrap_or(0),
-                    free_space: o.number("summary.freeSpace")?.unwrap_or(0),
-                    accessible: o.text("summary.accessible") != Some("false"),
-                }),
+                "Datastore" => inv.datastores.push(datastore_from(o, datacenter_of(&o.obj)?)?),
                 "Network" | "DistributedVirtualPortgroup" | "OpaqueNetwork" => {
                     let distributed = if o.obj.kind == "DistributedVirtualPortgroup" {
                         let key = o.text("key").unwrap_or(&o.obj.value).to_string();
@@ -502,9 +498,33 @@ impl Client {
     }
 }
 
+fn datastore_from(o: &ObjectContent, datacenter: MoRef) -> Result<Datastore> {
+    Ok(Datastore {
+        moref: o.obj.clone(),
+        name: name_of(o)?,
+        datacenter,
+        capacity: o.number("summary.capacity")?.unwrap_or(0),
+        free_space: o.number("summary.freeSpace")?.unwrap_or(0),
+        accessible: o.text("summary.accessible") != Some("false"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_over_committed_datastore_reports_negative_free_space_and_is_listed() {
+        let doc =
+            br#"<objects xmlns:x="http://www.w3.org/2001/XMLSchema-instance"><obj type="Datastore">datastore-5</obj>
+          <propSet><name>name</name><val x:type="xsd:string">LocalDS_0</val></propSet>
+          <propSet><name>summary.capacity</name><val x:type="xsd:long">10737418240</val></propSet>
+          <propSet><name>summary.freeSpace</name><val x:type="xsd:long">-2286350336</val></propSet></objects>"#;
+        let node = crate::xml::parse(doc).expect("parses");
+        let o = ObjectContent::from_node(&node).expect("object");
+        let ds = datastore_from(&o, MoRef::new("Datacenter", "datacenter-2")).expect("a datastore");
+        assert_eq!((ds.capacity, ds.free_space, ds.accessible), (10737418240, -2286350336, true));
+    }
 
     #[test]
     fn a_vm_listed_without_a_name_is_passed_over_in_a_listing_but_not_alone() {
