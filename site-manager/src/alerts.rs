@@ -14,176 +14,25 @@
 //! in memory: after a restart the conditions that still hold are raised
 //! again.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
-
-use crate::model::{now_ms, TestState, VdsaState};
+use crate::model::{now_ms, AlertEvent, AlertKind, TestState, VdsaState, VpgStats};
 use crate::state::SiteManager;
 use crate::store::StoreError;
-
-/// Alert settings (`PUT /site/alerts`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AlertSettings {
-    /// Where raised and cleared alerts are posted (JSON); empty: nowhere.
-    #[serde(default)]
-    pub webhook_url: String,
-    /// A failover test running longer than this raises an alert.
-    #[serde(default = "default_test_limit")]
-    pub test_running_limit_secs: u64,
-    /// A recovery VDSA whose journal volume has less free space than this
-    /// raises an alert (before its journals fill and pause their VPGs).
-    #[serde(default = "default_journal_volume_free")]
-    pub journal_volume_free_min_bytes: u64,
-}
-
-fn default_test_limit() -> u64 {
-    4 * 3600
-}
-
-fn default_journal_volume_free() -> u64 {
-    2 << 30
-}
-
-impl Default for AlertSettings {
-    fn default() -> Self {
-        AlertSettings {
-            webhook_url: String::new(),
-            test_running_limit_secs: default_test_limit(),
-            journal_volume_free_min_bytes: default_journal_volume_free(),
-        }
-    }
-}
 
 /// The key of the settings in their table.
 pub const SETTINGS_KEY: &[u8] = b"alerts";
 
-/// What an alert is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertKind {
-    RpoOverThreshold,
-    VdsaDown,
-    SiteLinkDown,
-    TestRunningLong,
-    JournalFull,
-    HistoryBelowPolicy,
-    JournalVolumeLow,
-    /// Writes that look encrypted overwrite a VPG's data at a rate far
-    /// above its own baseline: ransomware at work, most likely.
-    EncryptionSuspected,
-}
-
-/// One alert, raised while its condition holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Alert {
-    pub kind: AlertKind,
-    /// What it is about: a VPG, host, test id, or the paired site.
-    pub subject: String,
-    /// The subject's name, for people.
-    pub subject_name: String,
-    pub message: String,
-    pub raised_ms: u64,
-    /// Set when the condition ended.
-    pub cleared_ms: Option<u64>,
-}
-
-/// What the webhook receives.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct AlertEvent {
-    /// `raised` or `cleared`.
-    pub event: String,
-    pub site: String,
-    pub alert: Alert,
-}
-
-/// Cleared alerts kept for the API.
-const KEEP_CLEARED: usize = 200;
-/// Webhook deliveries waiting at most; beyond that the oldest are dropped
-/// (and said so in the log).
-const QUEUE: usize = 1000;
 /// Attempts per delivery, and the first retry's wait (doubled each time).
 const ATTEMPTS: u32 = 6;
 const FIRST_RETRY: Duration = Duration::from_millis(500);
-
-/// The alert book and the webhook queue.
-#[derive(Debug)]
-pub struct Alerts {
-    book: Mutex<Book>,
-    tx: tokio::sync::mpsc::Sender<AlertEvent>,
-    rx: Mutex<Option<tokio::sync::mpsc::Receiver<AlertEvent>>>,
-}
-
-#[derive(Debug, Default)]
-struct Book {
-    active: BTreeMap<(AlertKind, String), Alert>,
-    cleared: Vec<Alert>,
-}
-
-impl Default for Alerts {
-    fn default() -> Self {
-        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-        Alerts { book: Mutex::new(Book::default()), tx, rx: Mutex::new(Some(rx)) }
-    }
-}
-
-impl Alerts {
-    /// Active alerts, then the recently cleared ones, newest first.
-    pub fn list(&self) -> Vec<Alert> {
-        let Ok(b) = self.book.lock() else { return Vec::new() };
-        let mut out: Vec<Alert> = b.active.values().cloned().collect();
-        out.sort_by_key(|a| std::cmp::Reverse(a.raised_ms));
-        out.extend(b.cleared.iter().rev().cloned());
-        out
-    }
-
-    /// Takes in the conditions that hold now: raises the new ones, clears
-    /// the ended ones; returns the events to post.
-    fn update(&self, now: Vec<(AlertKind, String, String, String)>, at: u64) -> Vec<(&'static str, Alert)> {
-        let Ok(mut b) = self.book.lock() else { return Vec::new() };
-        let mut events = Vec::new();
-        let holding: Vec<(AlertKind, String)> = now.iter().map(|(k, s, _, _)| (*k, s.clone())).collect();
-        let ended: Vec<(AlertKind, String)> = b.active.keys().filter(|k| !holding.contains(k)).cloned().collect();
-        for key in ended {
-            if let Some(mut a) = b.active.remove(&key) {
-                a.cleared_ms = Some(at);
-                events.push(("cleared", a.clone()));
-                b.cleared.push(a);
-            }
-        }
-        let excess = b.cleared.len().saturating_sub(KEEP_CLEARED);
-        b.cleared.drain(..excess);
-        for (kind, subject, subject_name, message) in now {
-            match b.active.get_mut(&(kind, subject.clone())) {
-                Some(a) => a.message = message,
-                None => {
-                    let a = Alert {
-                        kind,
-                        subject: subject.clone(),
-                        subject_name,
-                        message,
-                        raised_ms: at,
-                        cleared_ms: None,
-                    };
-                    events.push(("raised", a.clone()));
-                    b.active.insert((kind, subject), a);
-                }
-            }
-        }
-        events
-    }
-}
 
 /// Whether a VPG's journals hold less history than its policy asks,
 /// counted only once the VPG is older than that history (a young VPG
 /// cannot have it yet). Retention trims at checkpoint granularity, so a
 /// shortfall of two checkpoint intervals (or 5 % of the policy, if more)
 /// is no alert.
-fn history_short(age_ms: u64, stats: &crate::metrics::VpgStats, checkpoint_interval_ms: u64) -> bool {
+fn history_short(age_ms: u64, stats: &VpgStats, checkpoint_interval_ms: u64) -> bool {
     let policy = stats.history_policy_secs;
     let slack = (2 * checkpoint_interval_ms / 1000).max(policy / 20).max(1);
     age_ms / 1000 > policy + slack && stats.history_available_secs + slack < policy
@@ -326,7 +175,7 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
 /// Evaluates the conditions every second and posts what changed; runs
 /// for the daemon's life.
 pub async fn run(sm: std::sync::Arc<SiteManager>) {
-    let rx = sm.alerts.rx.lock().ok().and_then(|mut r| r.take());
+    let rx = sm.alerts.take_receiver();
     if let Some(rx) = rx {
         tokio::spawn(deliver(sm.clone(), rx));
     }
@@ -343,7 +192,7 @@ pub async fn run(sm: std::sync::Arc<SiteManager>) {
                 _ => tracing::info!(kind = ?alert.kind, subject = %alert.subject_name, "alert cleared"),
             }
             let e = AlertEvent { event: event.to_string(), site: site.clone(), alert };
-            if sm.alerts.tx.try_send(e).is_err() {
+            if !sm.alerts.queue(e) {
                 tracing::warn!("the webhook queue is full: an alert event is dropped");
             }
         }
@@ -405,10 +254,10 @@ mod tests {
 
     #[test]
     fn history_is_short_only_for_a_vpg_older_than_its_policy_and_beyond_the_slack() {
-        let stats = |available: u64| crate::metrics::VpgStats {
+        let stats = |available: u64| VpgStats {
             history_available_secs: available,
             history_policy_secs: 3600,
-            ..crate::metrics::VpgStats::empty(protection_groups::VpgId::new())
+            ..VpgStats::empty(protection_groups::VpgId::new())
         };
         let hour = 3_600_000;
         // Young: an hour's history cannot be there after ten minutes.
@@ -420,20 +269,5 @@ mod tests {
         assert!(history_short(2 * hour, &stats(3600 - 190), 5000));
         // Nothing held at all by an old VPG: short.
         assert!(history_short(2 * hour, &stats(0), 5000));
-    }
-
-    #[test]
-    fn conditions_raise_once_and_clear_when_they_end() {
-        let a = Alerts::default();
-        let c = |s: &str| (AlertKind::VdsaDown, s.to_string(), s.to_string(), format!("{s} is down"));
-        let ev = a.update(vec![c("h1")], 10);
-        assert_eq!(ev.len(), 1);
-        assert_eq!(ev[0].0, "raised");
-        assert!(a.update(vec![c("h1")], 11).is_empty(), "still holding: no new event");
-        let ev = a.update(vec![c("h2")], 12);
-        assert_eq!(ev.iter().map(|e| e.0).collect::<Vec<_>>(), vec!["cleared", "raised"]);
-        let list = a.list();
-        assert_eq!(list[0].subject, "h2");
-        assert_eq!(list[1].cleared_ms, Some(12));
     }
 }

@@ -115,7 +115,7 @@ fn record(store: &std::sync::RwLock<Store>, cp: &Checkpoint) -> Result<(), crate
     })?;
     s.put_checkpoint_unflushed(cp)?;
     s.flush()?;
-    crate::metrics::BARRIER_HOLD.observe(cp.hold_us);
+    crate::barrier_hold::BARRIER_HOLD.observe(cp.hold_us);
     Ok(())
 }
 

@@ -10,40 +10,9 @@
 //! the checkpoint store when the report is asked for.
 
 use protection_groups::VpgId;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-use crate::metrics::VpgStats;
+use crate::model::{HealthDay, VpgStats};
 use crate::store::{Store, StoreError};
-
-/// One VPG's day.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct HealthDay {
-    pub vpg: VpgId,
-    /// `YYYY-MM-DD`, UTC.
-    pub day: String,
-    /// Bytes the VMs wrote, as the taps saw them.
-    pub written_bytes: u64,
-    /// Bytes sent for them on the site-to-site link.
-    pub link_bytes: u64,
-    pub max_rpo_ms: u64,
-    /// Seconds during which the RPO was over the VPG's threshold.
-    pub over_threshold_secs: u64,
-    /// Seconds sampled (a day has 86,400).
-    pub sampled_secs: u64,
-    /// Consistent checkpoints taken that day.
-    pub consistent_points: u64,
-    /// The history the recovery journals held at the day's last sample
-    /// (up to the policy): from the oldest checkpoint they all still hold.
-    pub history_available_secs: u64,
-    pub history_policy_secs: u64,
-    /// The taps' and the link's counters at the last sample: the next
-    /// sample's deltas are taken from them.
-    #[serde(default)]
-    pub last_written_counter: Option<u64>,
-    #[serde(default)]
-    pub last_link_counter: Option<u64>,
-}
 
 /// `YYYY-MM-DD` of a time in ms since the epoch (UTC).
 pub fn day_of(ms: u64) -> String {

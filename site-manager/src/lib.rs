@@ -19,6 +19,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod barrier_hold;
 pub mod barrier_thread;
 pub mod clean_point;
 pub mod cli;

@@ -6,15 +6,13 @@
 
 use crate::model::{now_ms, CompletionCode, Task, TaskDriver};
 use crate::state::SiteManager;
+use crate::store::StoreError;
 use protection_groups::logs::{filter, LogLevel};
 use protection_groups::mgmt::ManagerMessage;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 
 /// How long a VDSA has to answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(15);
@@ -53,34 +51,27 @@ struct ManifestHost {
     error: Option<String>,
 }
 
-/// Requests to VDSAs waiting for their answer.
-#[derive(Debug, Default)]
-pub struct LogCollector {
-    next: AtomicU64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<(String, bool)>>>,
-}
-
-impl LogCollector {
-    /// A VDSA's answer arrived.
-    pub fn on_answer(&self, request: u64, text: String, truncated: bool) {
-        let waiter = self.pending.lock().ok().and_then(|mut p| p.remove(&request));
-        if let Some(tx) = waiter {
-            let _ = tx.send((text, truncated));
-        }
-    }
-}
-
 /// Where the bundle of task `id` is kept.
 pub fn bundle_path(sm: &SiteManager, id: uuid::Uuid) -> PathBuf {
     sm.config.data.join("bundles").join(format!("{id}.tar.gz"))
 }
 
+/// Why a bundle was not started.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The request's range is empty the wrong way round.
+    #[error("since_ms: {since} is after until_ms {until}")]
+    Range { since: u64, until: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Checks the request and starts the task that makes the bundle.
-pub fn start_bundle(sm: &Arc<SiteManager>, req: LogBundleRequest) -> Result<Task, crate::api::ApiError> {
+pub fn start_bundle(sm: &Arc<SiteManager>, req: LogBundleRequest) -> Result<Task, BundleError> {
     let until = req.until_ms.unwrap_or_else(now_ms);
     let since = req.since_ms.unwrap_or_else(|| until.saturating_sub(3_600_000));
     if since > until {
-        return Err(crate::api::ApiError::bad("since_ms", format!("since_ms: {since} is after until_ms {until}")));
+        return Err(BundleError::Range { since, until });
     }
     let level = req.level.unwrap_or(LogLevel::Info);
     let task = sm.start_task(
@@ -118,11 +109,7 @@ async fn make_bundle(
             asked.push((h.clone(), None));
             continue;
         };
-        let request = sm.logs.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let (answer_tx, answer_rx) = oneshot::channel();
-        if let Ok(mut p) = sm.logs.pending.lock() {
-            p.insert(request, answer_tx);
-        }
+        let (request, answer_rx) = sm.logs.ask();
         let m = ManagerMessage::CollectLogs { generation, request, since_ms: since, until_ms: until, level };
         if tx.send(m).await.is_err() {
             asked.push((h.clone(), None));
@@ -137,9 +124,7 @@ async fn make_bundle(
             Some((request, rx)) => match tokio::time::timeout(ANSWER_WAIT, rx).await {
                 Ok(Ok(a)) => (Some(a), None),
                 _ => {
-                    if let Ok(mut p) = sm.logs.pending.lock() {
-                        p.remove(&request);
-                    }
+                    sm.logs.forget(request);
                     (None, Some(format!("its VDSA did not answer in {} s", ANSWER_WAIT.as_secs())))
                 }
             },

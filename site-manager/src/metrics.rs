@@ -11,126 +11,15 @@
 //! records each checkpoint.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use protection_groups::mgmt::{ActualState, RoleKind, RoleState};
 use protection_groups::HostId;
 use protection_groups::VpgId;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use utoipa::ToSchema;
 
-use crate::model::{now_ms, Checkpoint, TestState, VdsaState, Vpg};
+use crate::model::{now_ms, Checkpoint, TestState, VdsaState, Vpg, VpgStats};
 use crate::state::SiteManager;
 use crate::store::StoreError;
-
-/// A VPG's measured state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct VpgStats {
-    pub vpg: VpgId,
-    /// Now minus the time of the newest checkpoint durable at the recovery
-    /// site: what a failover now would lose at most. None until a
-    /// checkpoint is durable.
-    pub rpo_ms: Option<u64>,
-    pub newest_durable_checkpoint: Option<u64>,
-    /// The VPG's RPO threshold (its alert setting).
-    pub rpo_threshold_ms: u64,
-    /// Bytes the protected VMs wrote, as the source VDSAs' taps saw them
-    /// (since each VDSA started).
-    pub written_bytes: u64,
-    /// Bytes the source VDSAs sent on the site-to-site link for them.
-    pub link_bytes: u64,
-    /// Bytes the recovery journals hold (log and packs).
-    pub journal_bytes: u64,
-    /// Guest writes the source VDSAs passed on (IOPS by their rate).
-    #[serde(default)]
-    pub write_count: u64,
-    /// Blocks offered to the recovery VDSAs, and those they lacked and
-    /// were sent: the rest crossed the link as hashes only.
-    #[serde(default)]
-    pub blocks_offered: u64,
-    #[serde(default)]
-    pub blocks_sent: u64,
-    /// From the oldest checkpoint every recovery journal still holds to
-    /// now, at most the policy's history: how far back a failover can go.
-    pub history_available_secs: u64,
-    /// The VPG's journal history setting.
-    pub history_policy_secs: u64,
-    /// Failover tests (and failovers) by state.
-    pub tests_running: u64,
-    pub tests_stopped: u64,
-    pub failovers: u64,
-    /// When the figures were taken.
-    pub at_ms: u64,
-}
-
-impl VpgStats {
-    /// Nothing measured yet for `vpg` (what a sample is built on in
-    /// tests).
-    pub fn empty(vpg: VpgId) -> VpgStats {
-        VpgStats {
-            vpg,
-            rpo_ms: None,
-            newest_durable_checkpoint: None,
-            rpo_threshold_ms: 0,
-            written_bytes: 0,
-            link_bytes: 0,
-            journal_bytes: 0,
-            write_count: 0,
-            blocks_offered: 0,
-            blocks_sent: 0,
-            history_available_secs: 0,
-            history_policy_secs: 0,
-            tests_running: 0,
-            tests_stopped: 0,
-            failovers: 0,
-            at_ms: 0,
-        }
-    }
-}
-
-/// The barrier's hold times, in seconds: the histogram's upper bounds.
-const HOLD_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0];
-
-/// A histogram of the barrier's hold times since the site manager
-/// started (counts per bucket, not cumulative; summed when rendered).
-#[derive(Debug)]
-pub struct HoldHistogram {
-    buckets: [AtomicU64; HOLD_BUCKETS.len()],
-    over: AtomicU64,
-    sum_us: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Default for HoldHistogram {
-    fn default() -> Self {
-        HoldHistogram::new()
-    }
-}
-
-/// The process's barrier hold times (one site manager per process).
-pub static BARRIER_HOLD: HoldHistogram = HoldHistogram::new();
-
-impl HoldHistogram {
-    pub const fn new() -> Self {
-        HoldHistogram {
-            buckets: [const { AtomicU64::new(0) }; HOLD_BUCKETS.len()],
-            over: AtomicU64::new(0),
-            sum_us: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, hold_us: u64) {
-        let secs = hold_us as f64 / 1e6;
-        match HOLD_BUCKETS.iter().position(|b| secs <= *b) {
-            Some(i) => self.buckets[i].fetch_add(1, Ordering::Relaxed),
-            None => self.over.fetch_add(1, Ordering::Relaxed),
-        };
-        self.sum_us.fetch_add(hold_us, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// What every VPG's stats are computed from, read once per pass over
 /// the VPGs (not once per VPG): this site's VDSAs' reports, the target
@@ -440,17 +329,15 @@ pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
         );
     }
     // The barrier's hold histogram: cumulative buckets, +Inf, sum, count.
-    let h = &BARRIER_HOLD;
+    let h = &crate::barrier_hold::BARRIER_HOLD;
     let _ = writeln!(out, "# HELP vdsa_barrier_hold_seconds How long the checkpoint barrier held the guests' writes.");
     let _ = writeln!(out, "# TYPE vdsa_barrier_hold_seconds histogram");
-    let mut cumulative = 0;
-    for (i, b) in HOLD_BUCKETS.iter().enumerate() {
-        cumulative += h.buckets[i].load(Ordering::Relaxed);
-        let _ = writeln!(out, "vdsa_barrier_hold_seconds_bucket{{le=\"{b}\"}} {cumulative}");
+    for (bound, cumulative) in h.cumulative() {
+        let _ = writeln!(out, "vdsa_barrier_hold_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
     }
-    let count = h.count.load(Ordering::Relaxed);
+    let count = h.count();
     let _ = writeln!(out, "vdsa_barrier_hold_seconds_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(out, "vdsa_barrier_hold_seconds_sum {}", h.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+    let _ = writeln!(out, "vdsa_barrier_hold_seconds_sum {}", h.sum_secs());
     let _ = writeln!(out, "vdsa_barrier_hold_seconds_count {count}");
     Ok(out)
 }
@@ -460,15 +347,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hold_times_fall_into_their_buckets() {
-        let h = HoldHistogram::new();
-        for us in [100, 400, 1_500, 2_000_000] {
-            h.observe(us);
-        }
-        assert_eq!(h.buckets[0].load(Ordering::Relaxed), 2);
-        assert_eq!(h.buckets[2].load(Ordering::Relaxed), 1, "1.5 ms is under 2 ms");
-        assert_eq!(h.over.load(Ordering::Relaxed), 1);
-        assert_eq!(h.count.load(Ordering::Relaxed), 4);
+    fn label_values_are_escaped() {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

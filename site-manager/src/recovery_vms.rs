@@ -13,8 +13,7 @@
 //! result here and the next reconciler pass stores it
 //! (docs/recovery.md, "Recovery VMs on vSphere").
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use protection_groups::{StackId, VmNetwork};
@@ -24,45 +23,6 @@ use crate::model::{
 };
 use crate::state::SiteManager;
 use crate::vsphere::{RecoveryVmSpec, VsphereSite};
-
-/// Jobs in flight and results waiting for the reconciler.
-#[derive(Debug, Default)]
-pub struct RecoveryVmJobs {
-    inner: Mutex<JobsInner>,
-}
-
-#[derive(Debug, Default)]
-struct JobsInner {
-    in_flight: HashSet<StackId>,
-    done: HashMap<StackId, RecoveryVms>,
-}
-
-impl RecoveryVmJobs {
-    fn take_done(&self, id: StackId) -> Option<RecoveryVms> {
-        self.inner.lock().ok()?.done.remove(&id)
-    }
-
-    fn in_flight(&self, id: StackId) -> bool {
-        self.inner.lock().map(|i| i.in_flight.contains(&id)).unwrap_or(true)
-    }
-
-    /// Runs `job` for test `id` on a thread unless one runs already.
-    fn spawn(self: &Arc<Self>, sm: &Arc<SiteManager>, id: StackId, job: impl FnOnce() -> RecoveryVms + Send + 'static) {
-        let started = self.inner.lock().map(|mut i| i.in_flight.insert(id)).unwrap_or(false);
-        if !started {
-            return;
-        }
-        let (jobs, sm) = (self.clone(), sm.clone());
-        std::thread::spawn(move || {
-            let result = job();
-            if let Ok(mut i) = jobs.inner.lock() {
-                i.in_flight.remove(&id);
-                i.done.insert(id, result);
-            }
-            sm.changed();
-        });
-    }
-}
 
 /// Whether a test's VMs still exist (or may): its record may not become
 /// a stopped one yet.
@@ -96,7 +56,8 @@ pub fn advance(sm: &Arc<SiteManager>, t: &FailoverTest, next: &mut FailoverTest)
         _ if make => match plan(sm, next) {
             Ok(Some(work)) => {
                 next.recovery_vms.phase = RecoveryVmsPhase::Creating;
-                jobs.spawn(sm, t.id, move || work.create());
+                let sm = sm.clone();
+                jobs.spawn(t.id, move || work.create(), move || sm.changed());
             }
             Ok(None) => next.recovery_vms.phase = RecoveryVmsPhase::None,
             Err(e) => {
@@ -109,7 +70,10 @@ pub fn advance(sm: &Arc<SiteManager>, t: &FailoverTest, next: &mut FailoverTest)
             next.recovery_vms.phase = RecoveryVmsPhase::Removing;
             let (id, made) = (t.id, next.recovery_vms.made_network.clone());
             match vcenter(sm) {
-                Ok(v) => jobs.spawn(sm, t.id, move || remove(&v, id, made)),
+                Ok(v) => {
+                    let sm = sm.clone();
+                    jobs.spawn(t.id, move || remove(&v, id, made), move || sm.changed())
+                }
                 // Without a vCenter none were made.
                 Err(_) if phase == RecoveryVmsPhase::Failed => next.recovery_vms.phase = RecoveryVmsPhase::Removed,
                 // Set back to the vCenter that has them: tried again then.

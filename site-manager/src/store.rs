@@ -262,9 +262,9 @@ pub struct Store {
     /// How to reach vCenter (under `deploy::VCENTER_KEY`).
     pub vcenter: Table<crate::model::VcenterSettings>,
     /// Alert settings (under `alerts::SETTINGS_KEY`).
-    pub alert_settings: Table<crate::alerts::AlertSettings>,
+    pub alert_settings: Table<crate::model::AlertSettings>,
     /// Health report days (key: VPG id ‖ `YYYY-MM-DD`).
-    pub health: Table<crate::health::HealthDay>,
+    pub health: Table<crate::model::HealthDay>,
     checkpoint_ids: Mutex<CheckpointIds>,
     generation: u64,
 }

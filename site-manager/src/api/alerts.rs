@@ -3,7 +3,8 @@
 
 use super::extract::{ApiJson, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
-use crate::alerts::{Alert, AlertSettings, SETTINGS_KEY};
+use crate::alerts::SETTINGS_KEY;
+use crate::model::{Alert, AlertSettings};
 use crate::model::{ErrorBody, Role};
 use axum::extract::State;
 use axum::Json;

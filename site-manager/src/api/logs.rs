@@ -2,7 +2,7 @@
 
 use super::extract::{ApiJson, ApiPath, Caller};
 use super::{blocking, ApiError, ApiResult, AppState};
-use crate::logs::LogBundleRequest;
+use crate::logs::{BundleError, LogBundleRequest};
 use crate::model::{ErrorBody, Role, Task};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -26,7 +26,10 @@ async fn collect(
     ApiJson(req): ApiJson<LogBundleRequest>,
 ) -> ApiResult<(StatusCode, Json<Task>)> {
     caller.require(Role::Admin)?;
-    let task = crate::logs::start_bundle(&sm, req)?;
+    let task = crate::logs::start_bundle(&sm, req).map_err(|e| match e {
+        BundleError::Range { .. } => ApiError::bad("since_ms", e.to_string()),
+        BundleError::Store(e) => e.into(),
+    })?;
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
 

@@ -4,8 +4,8 @@
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::failover_tests::find_vpg;
 use super::{blocking, ApiError, ApiResult, AppState};
-use crate::metrics::VpgStats;
 use crate::model::ErrorBody;
+use crate::model::VpgStats;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -103,7 +103,7 @@ struct HealthQuery {
 /// as sent, worst RPO, time over the threshold, consistent points, history
 /// available against the policy), as JSON or CSV.
 #[utoipa::path(get, path = "/api/v1/vpgs/{id}/health", tag = "metrics", params(("id" = Uuid, Path), HealthQuery),
-    responses((status = 200, body = Vec<crate::health::HealthDay>), (status = 400, body = ErrorBody),
+    responses((status = 200, body = Vec<crate::model::HealthDay>), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 async fn health_report(
     State(sm): State<AppState>,

@@ -6,10 +6,8 @@ use clap::Subcommand;
 use reqwest::Method;
 
 use super::output::{fields, show};
-use crate::alerts::{Alert, AlertSettings};
 use crate::client::ApiClient;
-use crate::health::HealthDay;
-use crate::metrics::VpgStats;
+use crate::model::{Alert, AlertSettings, HealthDay, VpgStats};
 use crate::sizing::{SizingAnswer, SizingRequest};
 
 #[derive(Subcommand, Debug)]

@@ -17,19 +17,17 @@
 //! Unpairing refuses while any VPG spans the two sites; afterwards neither
 //! site's VDSAs accept the other's.
 
-pub mod tls;
-
 use crate::model::{
     now_ms, PairRequest, PairingAnswer, PairingOffer, PairingToken, Peer, PeerExchange, PeerHost, RemoteFailover, Vpg,
 };
+use crate::pki::peer::{parse_ca, PeerPin};
 use crate::pki::sha256_hex;
 use crate::state::SiteManager;
 use crate::store::{StoreError, StoredPairingToken, StoredPeer, PEER_KEY};
-use protection_groups::mgmt::{RoleKind, RoleState, TrustedSite};
+use protection_groups::mgmt::{RoleKind, TrustedSite};
 use protection_groups::{SiteId, VpgStatus};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tls::{parse_ca, PeerClientVerifier, PeerPin};
 
 /// How long a site pairing token is good for.
 pub const PAIRING_TOKEN_TTL_MS: u64 = 60 * 60 * 1000;
@@ -60,36 +58,6 @@ pub enum PeeringError {
     Store(#[from] StoreError),
     #[error("TLS: {0}")]
     Tls(#[from] crate::pki::PkiError),
-}
-
-/// What the site knows of its paired site besides the store.
-#[derive(Debug, Default)]
-pub struct Peering {
-    /// The API's check of client certificates.
-    pub verifier: Arc<PeerClientVerifier>,
-    /// The other site's hosts, from the last exchange.
-    hosts: Mutex<Vec<PeerHost>>,
-    /// The target roles the other site's VDSAs run for this site's VPGs.
-    target_roles: Mutex<Vec<RoleState>>,
-}
-
-impl Peering {
-    pub fn hosts(&self) -> Vec<PeerHost> {
-        self.hosts.lock().map(|h| h.clone()).unwrap_or_default()
-    }
-
-    pub fn target_roles(&self) -> Vec<RoleState> {
-        self.target_roles.lock().map(|r| r.clone()).unwrap_or_default()
-    }
-
-    fn forget(&self) {
-        if let Ok(mut h) = self.hosts.lock() {
-            h.clear();
-        }
-        if let Ok(mut r) = self.target_roles.lock() {
-            r.clear();
-        }
-    }
 }
 
 /// The paired site as stored.
@@ -189,7 +157,7 @@ fn ca_hash(pem: &str) -> Result<String, PeeringError> {
 }
 
 fn client(sm: &SiteManager, pin: PeerPin) -> Result<reqwest::Client, PeeringError> {
-    let cfg = tls::peer_client_config(&sm.pki, pin)?;
+    let cfg = crate::pki::peer::peer_client_config(&sm.pki, pin)?;
     reqwest::Client::builder()
         .use_preconfigured_tls(cfg)
         .timeout(CALL_TIMEOUT)
@@ -460,12 +428,7 @@ pub fn take_exchange(sm: &SiteManager, theirs: PeerExchange) -> Result<(), Peeri
         }
         Ok(changed)
     })?;
-    if let Ok(mut h) = sm.peering.hosts.lock() {
-        *h = theirs.hosts;
-    }
-    if let Ok(mut r) = sm.peering.target_roles.lock() {
-        *r = theirs.target_roles.into_iter().filter(|r| mine.contains(&r.vpg)).collect();
-    }
+    sm.peering.remember(theirs.hosts, theirs.target_roles.into_iter().filter(|r| mine.contains(&r.vpg)).collect());
     if changed {
         sm.changed();
     }

@@ -6,6 +6,8 @@
 //! Files under `DIR/pki/`: `ca.pem`, `ca.key` (0600), `server.pem`,
 //! `server.key` (0600). Peer sites' CAs are kept in the store, not here.
 
+pub mod peer;
+
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,

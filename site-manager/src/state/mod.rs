@@ -1,5 +1,9 @@
 //! The running site manager: its store, its CA, and the services the API
-//! and the management link share (tokens, audit, tasks).
+//! and the management link share (tokens, audit, tasks), with the parts
+//! the daemon's services keep in memory (the alert book, log requests,
+//! what the paired site said, recovery VM jobs). Nothing here imports
+//! the services that use it: they take a `&SiteManager`, so the imports
+//! run one way (docs/architecture.md, "The site manager's modules").
 
 use crate::model::{now_ms, AuditEntry, CompletionCode, CreatedToken, Role, Site, Task, TaskDriver, TaskStatus, Token};
 use crate::pki::{sha256_hex, SitePki};
@@ -9,6 +13,16 @@ use rand::RngCore;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use uuid::Uuid;
+
+mod alerts;
+mod log_requests;
+mod peer;
+mod recovery_vm_jobs;
+
+pub use alerts::Alerts;
+pub use log_requests::LogCollector;
+pub use peer::Peering;
+pub use recovery_vm_jobs::RecoveryVmJobs;
 
 /// What `serve` was started with.
 #[derive(Debug, Clone)]
@@ -37,15 +51,15 @@ pub struct SiteManager {
     pub coordinator: crate::coordinator::Coordinator,
     /// The paired site: the API's certificate check, its hosts and the
     /// target roles it runs for this site's VPGs.
-    pub peering: crate::peering::Peering,
+    pub peering: Peering,
     /// Log requests to VDSAs waiting for their answers.
-    pub logs: crate::logs::LogCollector,
+    pub logs: LogCollector,
     /// Where the management links and the barrier's rounds run.
     pub barrier: crate::barrier_thread::BarrierThread,
     /// vCenter jobs that make and remove tests' VMs.
-    pub recovery_vms: Arc<crate::recovery_vms::RecoveryVmJobs>,
+    pub recovery_vms: Arc<RecoveryVmJobs>,
     /// Raised and cleared alerts, and the webhook's queue.
-    pub alerts: crate::alerts::Alerts,
+    pub alerts: Alerts,
     /// Each VPG's bytes written and sent over the last hour, for sizing.
     pub rates: crate::sizing::RateRecorder,
     /// Each protected VPG's encryption detector.
@@ -123,7 +137,7 @@ impl SiteManager {
 
     /// The paired site's id, if the site is paired.
     pub fn peer_site_id(&self) -> Result<Option<protection_groups::SiteId>, StoreError> {
-        Ok(crate::peering::stored_peer(self)?.map(|p| p.peer.site))
+        Ok(self.with_store(|s| s.peer.get(crate::store::PEER_KEY))?.map(|p| p.peer.site))
     }
 
     /// Where the other site and operators reach the API: the site's

@@ -7,6 +7,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+mod alerts;
+mod stats;
+
+pub use alerts::{Alert, AlertEvent, AlertKind, AlertSettings};
+pub use stats::{HealthDay, VpgStats};
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
