@@ -11,8 +11,8 @@ use super::{
     hex, JournalError, Result, SizeChange, State, StreamPosition, TapWrite, WriteData, BLOCK_SIZE, HANDOFF_BYTES,
     MAX_DATA_WRITE,
 };
-use protection_groups::StreamId;
 use protection_groups::WriteKind;
+use protection_groups::{DiskId, StreamId};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -95,8 +95,10 @@ pub(super) fn par_map<T: Sync, R: Send>(
 pub(super) struct HeldBlocks {
     /// Head contents that the batch may overwrite, by hash.
     pub(super) captured: HashMap<Hash, Vec<u8>>,
-    /// References to held blocks in the store, given back after the batch.
-    pub(super) pins: Vec<ChunkId>,
+    /// Held blocks found in the store, each with a reference that is
+    /// given back after the batch; the batch's versions take their own
+    /// from the id, without finding the hash again.
+    pub(super) pinned: HashMap<Hash, ChunkId>,
 }
 
 impl State {
@@ -181,6 +183,28 @@ impl State {
         Ok(id)
     }
 
+    /// A held block that capture_held did not pin: sent earlier in this
+    /// batch (stored by now) or captured from the head it overwrites.
+    fn store_unpinned_held(
+        &mut self,
+        content: &[u8],
+        hash: Hash,
+        block: u64,
+        disk: DiskId,
+        captured: &HashMap<Hash, Vec<u8>>,
+    ) -> Result<ChunkId> {
+        let content = match (self.chunks.lookup(&hash)?, captured.get(&hash)) {
+            (Some(_), _) => content,
+            (None, Some(c)) => c.as_slice(),
+            // Not a refusal: the batch is half applied, so the journal
+            // stops.
+            (None, None) => {
+                return Err(JournalError::Failed(format!("held block {block} of {disk} vanished mid-batch")));
+            }
+        };
+        self.store_block(content, Some(hash), None)
+    }
+
     /// Checks, before anything changes, that every block sent as a hash
     /// only is here: in the chunk store, or as the block's head content at
     /// its position (captured, since the batch may overwrite it). A batch
@@ -198,10 +222,10 @@ impl State {
         if !held.contains(&true) {
             return Ok(out);
         }
-        match self.capture_into(writes, hashes, held, &mut out.captured, &mut out.pins) {
+        match self.capture_into(writes, hashes, held, &mut out.captured, &mut out.pinned) {
             Ok(()) => Ok(out),
             Err(e) => {
-                self.chunks.decref_all(out.pins.into_iter())?;
+                self.chunks.decref_all(out.pinned.into_values())?;
                 Err(e)
             }
         }
@@ -213,14 +237,13 @@ impl State {
         hashes: &[Option<Hash>],
         held: &[bool],
         captured: &mut HashMap<Hash, Vec<u8>>,
-        pins: &mut Vec<ChunkId>,
+        pinned: &mut HashMap<Hash, ChunkId>,
     ) -> Result<()> {
         let bs = BLOCK_SIZE as u64;
         let mut i = 0usize;
         // Blocks sent earlier in this batch are stored before a later held
         // block with their hash is.
         let mut sent_before = HashSet::new();
-        let mut pinned = HashSet::new();
         for w in writes {
             let first = w.offset.div_ceil(bs);
             for k in 0..full_blocks(w).count() {
@@ -231,12 +254,11 @@ impl State {
                     sent_before.insert(hash);
                     continue;
                 }
-                if pinned.contains(&hash) || captured.contains_key(&hash) || sent_before.contains(&hash) {
+                if pinned.contains_key(&hash) || captured.contains_key(&hash) || sent_before.contains(&hash) {
                     continue;
                 }
                 if let Some(id) = self.chunks.reference(&hash)? {
-                    pins.push(id);
-                    pinned.insert(hash);
+                    pinned.insert(hash, id);
                     continue;
                 }
                 let d = self.disk(w.disk)?;
@@ -257,7 +279,7 @@ impl State {
         writes: &[TapWrite<'_>],
         hashes: &[Option<Hash>],
         held: &[bool],
-        captured: &HashMap<Hash, Vec<u8>>,
+        found: &HeldBlocks,
         mut compressed: Vec<Option<Vec<u8>>>,
     ) -> Result<u64> {
         let s = self.intern(stream);
@@ -295,7 +317,8 @@ impl State {
             for block in first..=last {
                 let start = block * bs;
                 let whole = start >= w.offset && start + bs <= w.offset + len;
-                let chunk = match (w.data, whole) {
+                // The chunk, and its hash (known here: never looked up).
+                let (chunk, hash) = match (w.data, whole) {
                     (WriteData::Data(data), true) => {
                         let from = (start - w.offset) as usize;
                         let content = &data[from..from + BLOCK_SIZE];
@@ -306,30 +329,23 @@ impl State {
                             compressed: compressed.get_mut(next_full).and_then(Option::take),
                         });
                         next_full += 1;
-                        match h {
-                            Some(hash) if is_held => {
-                                // capture_held vouched for it: stored, sent
-                                // earlier in the batch, or captured.
-                                let content = match (self.chunks.lookup(&hash)?, captured.get(&hash)) {
-                                    (Some(_), _) => content,
-                                    (None, Some(c)) => c.as_slice(),
-                                    // Not a refusal: the batch is half
-                                    // applied, so the journal stops.
-                                    (None, None) => {
-                                        return Err(JournalError::Failed(format!(
-                                            "held block {block} of {} vanished mid-batch",
-                                            w.disk
-                                        )))
-                                    }
-                                };
-                                self.store_block(content, Some(hash), None)?
-                            }
+                        let chunk = match h {
+                            Some(hash) if is_held => match found.pinned.get(&hash) {
+                                Some(&id) => {
+                                    // Pinned by capture_held: the id holds.
+                                    self.chunks.incref(id)?;
+                                    self.dedup_hits += 1;
+                                    id
+                                }
+                                None => self.store_unpinned_held(content, hash, block, w.disk, &found.captured)?,
+                            },
                             _ => self.store_block(content, h, p)?,
-                        }
+                        };
+                        (chunk, h)
                     }
                     (_, true) => {
                         self.zero_blocks += 1;
-                        ZERO_CHUNK
+                        (ZERO_CHUNK, None)
                     }
                     (data, false) => {
                         // A partial block: merge onto the block's current
@@ -346,14 +362,12 @@ impl State {
                         }
                         let h = if is_zero(&scratch) { None } else { Some(chunks::hash_block(&scratch)) };
                         let content = scratch.clone();
-                        self.store_block(&content, h, None)?
+                        (self.store_block(&content, h, None)?, h)
                     }
                 };
                 let listed = kind == WriteKind::Data || !whole;
                 if listed {
-                    let r =
-                        if chunk == ZERO_CHUNK { BlockRef::Zero } else { BlockRef::Chunk(self.chunks.hash_of(chunk)?) };
-                    blocks.push((block, r));
+                    blocks.push((block, hash.map_or(BlockRef::Zero, BlockRef::Chunk)));
                 }
                 self.disks[d as usize].index.insert(block, lsn, Version { chunk, stream: s });
             }

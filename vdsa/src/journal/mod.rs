@@ -593,9 +593,9 @@ impl Journal {
                 compressed[i] = out;
             }
             let found = st.capture_held(writes, hashes, held)?;
-            let applied = st.apply_batch(stream, writes, hashes, held, &found.captured, compressed);
+            let applied = st.apply_batch(stream, writes, hashes, held, &found, compressed);
             // The batch's versions hold their own references now.
-            st.chunks.decref_all(found.pins.into_iter())?;
+            st.chunks.decref_all(found.pinned.into_values())?;
             applied
         })
     }
