@@ -1,6 +1,8 @@
 //! SIGKILL torture of the shared chunk store (docs/journal-format.md,
 //! "The shared chunk store"): a child process ingests into two journals
-//! that share one store, takes checkpoints, applies retention (which
+//! that share one store (half its writes as a replication target receives
+//! them: blocks the store or the disk already holds come as hashes only),
+//! takes checkpoints, applies retention (which
 //! collects garbage), and now and then removes the second journal and
 //! creates it again, half the time as an earlier build made it (its own
 //! chunk store) and then moves it into the shared store; it is killed at a
@@ -28,7 +30,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use vdsa::journal::{stored_chunk_hashes, HashSetOfBlocks, Journal, JournalConfig, TapWrite, WriteData, BLOCK_SIZE};
+use vdsa::journal::{
+    stored_chunk_hashes, HashSetOfBlocks, Journal, JournalConfig, TapWrite, WireBlock, WriteData, BLOCK_SIZE,
+};
 
 const DISK_BYTES: u64 = 1 << 20;
 const NAMES: [&str; 2] = ["a", "b"];
@@ -127,12 +131,23 @@ fn round(l: &mut Live, name: &str, rng: &mut StdRng) -> Result<()> {
     for _ in 0..rng.gen_range(1..6) {
         let n = rng.gen_range(1..8u64);
         let first = rng.gen_range(0..blocks - n);
-        let data: Vec<u8> = (0..n).flat_map(|_| content(rng)).collect();
-        l.seq += 1;
         let off = first * BLOCK_SIZE as u64;
-        l.journal
-            .ingest(l.stream, &[TapWrite { seq: l.seq, disk: l.disk, offset: off, data: WriteData::Data(&data) }])?;
-        l.image[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        let range = off as usize..off as usize + (n as usize) * BLOCK_SIZE;
+        // One write in six writes again what the disk holds there.
+        let data: Vec<u8> = if rng.gen_ratio(1, 6) {
+            l.image[range.clone()].to_vec()
+        } else {
+            (0..n).flat_map(|_| content(rng)).collect()
+        };
+        l.seq += 1;
+        let write = |data| TapWrite { seq: l.seq, disk: l.disk, offset: off, data: WriteData::Data(data) };
+        if rng.gen_bool(0.5) {
+            let (sent, wire) = as_received(l, &data, off)?;
+            l.journal.ingest_wire(l.stream, &[write(&sent)], &wire)?;
+        } else {
+            l.journal.ingest(l.stream, &[write(&data)])?;
+        }
+        l.image[range].copy_from_slice(&data);
     }
     let id = l.next_cp;
     l.next_cp += 1;
@@ -144,6 +159,29 @@ fn round(l: &mut Live, name: &str, rng: &mut StdRng) -> Result<()> {
         l.journal.apply_retention(&policy, id * 1000)?;
     }
     Ok(())
+}
+
+/// A write's blocks as a replication target receives them: a block the
+/// chunk store holds (another journal's, or garbage not yet collected) or
+/// that the disk holds at its position comes as its hash only, its bytes
+/// zeroed here (the journal must take them from what it holds); the rest
+/// are sent.
+fn as_received(l: &Live, data: &[u8], off: u64) -> Result<(Vec<u8>, Vec<WireBlock>)> {
+    let hashes: Vec<[u8; 32]> = data.chunks(BLOCK_SIZE).map(|b| *blake3::hash(b).as_bytes()).collect();
+    let in_store = l.journal.holds_chunks(&hashes)?;
+    let mut sent = data.to_vec();
+    let mut wire = Vec::new();
+    for (i, (hash, stored)) in hashes.into_iter().zip(in_store).enumerate() {
+        let at = off as usize + i * BLOCK_SIZE;
+        let block = i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE;
+        if stored || l.image[at..at + BLOCK_SIZE] == data[block.clone()] {
+            sent[block].fill(0);
+            wire.push(WireBlock::Held { hash });
+        } else {
+            wire.push(WireBlock::Sent { hash });
+        }
+    }
+    Ok((sent, wire))
 }
 
 /// The child: ingests into journals a and b until killed, printing
