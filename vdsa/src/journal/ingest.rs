@@ -7,9 +7,9 @@ use super::chunks::{self, ChunkId, Hash, PreparedChunk};
 use super::format::{self, BlockRef, Record, WriteRecord};
 use super::index::{Version, ZERO_CHUNK};
 use super::log::SegmentSummary;
+use super::replica::SizeChange;
 use super::{
-    hex, JournalError, Result, SizeChange, State, StreamPosition, TapWrite, WriteData, BLOCK_SIZE, HANDOFF_BYTES,
-    MAX_DATA_WRITE,
+    hex, JournalError, Result, State, StreamPosition, TapWrite, WriteData, BLOCK_SIZE, HANDOFF_BYTES, MAX_DATA_WRITE,
 };
 use protection_groups::WriteKind;
 use protection_groups::{DiskId, StreamId};

@@ -12,9 +12,10 @@
 //! removes.
 
 use super::chunks::{compress_block, PreparedChunk};
+use super::meta::{read_meta, write_meta_file, META_FORMAT_SHARED_CHUNKS};
 use super::model::BLOCK_SIZE;
 use super::store::{self, Store};
-use super::{read_meta, write_meta_file, Journal, JournalConfig, JournalError, Result, META_FORMAT_SHARED_CHUNKS};
+use super::{Journal, JournalConfig, JournalError, Result};
 use std::path::Path;
 
 /// The folder of a format-2 journal's own chunk store.

@@ -16,12 +16,14 @@ mod fsutil;
 mod index;
 mod ingest;
 mod log;
+mod meta;
 mod migrate;
 mod model;
 mod pack_format;
 mod pack_index;
 mod promotion;
 mod replay;
+mod replica;
 mod retention;
 mod store;
 mod view;
@@ -42,14 +44,14 @@ pub use view::PitView;
 
 use chunks::{ChunkId, Hash};
 use format::Record;
-use index::{CutSet, DiskIndex, ZERO_CHUNK};
+use index::{CutSet, ZERO_CHUNK};
 use ingest::{full_blocks, is_zero, par_map, Compression};
 use log::{Log, SegmentSummary};
+use meta::{read_meta, write_meta_file, Meta, META_FILE, META_FORMAT, META_FORMAT_SHARED_CHUNKS};
 use protection_groups::{CheckpointId, DiskId, StreamId};
-use serde::{Deserialize, Serialize};
+use replica::{open_replica, read_replica, replica_path, DiskState};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -87,82 +89,12 @@ impl Default for JournalConfig {
     }
 }
 
-const META_FILE: &str = "journal.json";
 /// Appended bytes kept in memory before they go to the writer thread.
 const HANDOFF_BYTES: usize = 256 << 10;
 /// The largest data write accepted in one piece (taps send at most 32 MiB):
 /// its record, which lists every block, stays far inside what a reader
 /// accepts.
 pub const MAX_DATA_WRITE: u64 = 256 << 20;
-/// 2: chunk packs may have indexes (docs/journal-format.md). A format 1
-/// journal is upgraded in place when it opens; a build that reads only 1
-/// refuses a format 2 journal, so it never deletes a pack and leaves its
-/// index behind.
-const META_FORMAT: u32 = 2;
-const META_FORMAT_BEFORE_PACK_INDEXES: u32 = 1;
-/// 3: the chunks are in a shared chunk store that `chunk_store` names; a
-/// build that reads only 2 would find none of them, so it refuses.
-const META_FORMAT_SHARED_CHUNKS: u32 = 3;
-
-/// The small metadata file, replaced atomically: the disks, the replica's
-/// checkpoint (base), a retention step in flight (intent) and a promotion
-/// in flight (promote; absent in journals written before promotion
-/// existed, which read it as none).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Meta {
-    format: u32,
-    disks: Vec<DiskInfo>,
-    base: Option<Checkpoint>,
-    intent: Option<Checkpoint>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    promote: Option<Checkpoint>,
-    /// Format 3: the shared chunk store's folder, relative to the journal's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    chunk_store: Option<PathBuf>,
-}
-
-#[derive(Debug)]
-struct DiskState {
-    /// The disk at the base (the replica's checkpoint): its size then.
-    info: DiskInfo,
-    index: DiskIndex,
-    /// Resizes logged after the base, oldest first (docs/journal-format.md:
-    /// a disk only grows, and its replica file is at least the newest size).
-    resizes: Vec<SizeChange>,
-    replica: File,
-    replica_path: PathBuf,
-}
-
-/// A logged resize: from `lsn` of interned `stream` on, the disk is `size`.
-#[derive(Debug, Clone, Copy)]
-struct SizeChange {
-    lsn: u64,
-    stream: u16,
-    size: u64,
-}
-
-impl DiskState {
-    /// The size a reader at `cuts` sees.
-    fn size_at(&self, cuts: &CutSet) -> u64 {
-        self.resizes.iter().rev().find(|r| cuts.visible(r.lsn, r.stream)).map_or(self.info.size, |r| r.size)
-    }
-
-    /// The size after the newest logged write.
-    fn head_size(&self) -> u64 {
-        self.resizes.last().map_or(self.info.size, |r| r.size)
-    }
-
-    /// Makes the replica file at least `size` bytes (the grown part reads
-    /// as zeros). Not synced: after a crash, open grows it again from the
-    /// log.
-    fn grow_replica(&self, size: u64) -> Result<()> {
-        let len = self.replica.metadata().map_err(|e| JournalError::io("reading", &self.replica_path, e))?.len();
-        if len < size {
-            self.replica.set_len(size).map_err(|e| JournalError::io("growing replica", &self.replica_path, e))?;
-        }
-        Ok(())
-    }
-}
 
 /// An open view's checkpoint and the blocks retention copied out for it.
 #[derive(Debug)]
@@ -695,25 +627,6 @@ impl Drop for Inner {
     }
 }
 
-/// Errors that refuse a request before anything changed.
-fn is_refusal(e: &JournalError) -> bool {
-    matches!(
-        e,
-        JournalError::UnknownDisk(_)
-            | JournalError::DiskExists(_)
-            | JournalError::OutOfRange { .. }
-            | JournalError::InvalidWrite(_)
-            | JournalError::SeqGap { .. }
-            | JournalError::UnknownCheckpoint(_)
-            | JournalError::CheckpointNotNewer { .. }
-            | JournalError::InvalidCheckpoint(_)
-            | JournalError::BadCut { .. }
-            | JournalError::CutGoesBack { .. }
-            | JournalError::BlockNotHeld { .. }
-            | JournalError::ViewsOpen { .. }
-    )
-}
-
 /// Reads the metadata (a new journal's is written first) and opens the
 /// chunk store it names: its own, or the shared one (format 3), which
 /// must list it as a member.
@@ -764,84 +677,23 @@ fn open_meta(dir: &Path, config: &JournalConfig) -> Result<(Meta, Arc<Store>)> {
     Ok((meta, store))
 }
 
-/// Whether the journal in `dir` keeps its chunks in the shared store at
-/// `root` (canonical). No journal there: false.
-fn names_store(dir: &Path, root: &Path) -> Result<bool> {
-    let Some(meta) = read_meta(dir)? else { return Ok(false) };
-    Ok(meta.chunk_store.is_some_and(|rel| dir.join(rel).canonicalize().is_ok_and(|p| p == root)))
-}
-
-/// The metadata of the journal in `dir`, upgraded from format 1; None if
-/// there is none yet.
-fn read_meta(dir: &Path) -> Result<Option<Meta>> {
-    let path = dir.join(META_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let mut meta: Meta = serde_json::from_slice(&bytes)
-                .map_err(|e| JournalError::corrupt(&path, e.column() as u64, format!("journal metadata: {e}")))?;
-            if meta.format == META_FORMAT_BEFORE_PACK_INDEXES {
-                // Nothing else changed: the upgrade is the version number.
-                // Best effort, so that a journal on a full disk still opens;
-                // its packs are then indexed on a later open.
-                meta.format = META_FORMAT;
-                match write_meta_file(dir, &meta) {
-                    Ok(()) => {
-                        tracing::info!(path = %path.display(), "journal upgraded to format {META_FORMAT} (pack indexes)")
-                    }
-                    Err(e) => tracing::warn!(path = %path.display(), "journal left at format 1 for now: {e}"),
-                }
-            }
-            if meta.format > META_FORMAT_SHARED_CHUNKS {
-                return Err(JournalError::UnsupportedVersion {
-                    path,
-                    found: meta.format,
-                    supported: META_FORMAT_SHARED_CHUNKS,
-                });
-            }
-            Ok(Some(meta))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(JournalError::io("reading", &path, e)),
-    }
-}
-
-/// Replaces the metadata file atomically (write-temp, fsync, rename,
-/// fsync-directory).
-fn write_meta_file(dir: &Path, meta: &Meta) -> Result<()> {
-    let bytes =
-        serde_json::to_vec_pretty(meta).map_err(|e| JournalError::Failed(format!("encoding journal metadata: {e}")))?;
-    fsutil::write_atomic(&dir.join(META_FILE), &bytes)
-}
-
-fn replica_path(dir: &Path, id: DiskId) -> PathBuf {
-    dir.join("replica").join(format!("{}.img", id.0))
-}
-
-fn open_replica(dir: &Path, info: DiskInfo, create: bool) -> Result<DiskState> {
-    let path = replica_path(dir, info.id);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| JournalError::io("opening replica", &path, e))?;
-    let len = file.metadata().map_err(|e| JournalError::io("reading", &path, e))?.len();
-    if create {
-        // Zeros, whatever an interrupted earlier add left there.
-        file.set_len(0)
-            .and_then(|_| file.set_len(info.size))
-            .map_err(|e| JournalError::io("sizing replica", &path, e))?;
-        file.sync_all().map_err(|e| JournalError::io("syncing", &path, e))?;
-        if let Some(parent) = path.parent() {
-            fsutil::sync_dir(parent)?;
-        }
-    } else if len < info.size {
-        // Longer is fine: a resize grew the file before its record was
-        // durable, or one after the base did.
-        return Err(JournalError::corrupt(&path, len, format!("replica is {len} bytes, the disk {}", info.size)));
-    }
-    Ok(DiskState { info, index: DiskIndex::default(), resizes: Vec::new(), replica: file, replica_path: path })
+/// Errors that refuse a request before anything changed.
+fn is_refusal(e: &JournalError) -> bool {
+    matches!(
+        e,
+        JournalError::UnknownDisk(_)
+            | JournalError::DiskExists(_)
+            | JournalError::OutOfRange { .. }
+            | JournalError::InvalidWrite(_)
+            | JournalError::SeqGap { .. }
+            | JournalError::UnknownCheckpoint(_)
+            | JournalError::CheckpointNotNewer { .. }
+            | JournalError::InvalidCheckpoint(_)
+            | JournalError::BadCut { .. }
+            | JournalError::CutGoesBack { .. }
+            | JournalError::BlockNotHeld { .. }
+            | JournalError::ViewsOpen { .. }
+    )
 }
 
 impl State {
@@ -1012,10 +864,6 @@ impl State {
             None => Source::Replica,
         }
     }
-}
-
-fn read_replica(disk: &DiskState, offset: u64, out: &mut [u8]) -> Result<()> {
-    disk.replica.read_exact_at(out, offset).map_err(|e| JournalError::io("reading replica", &disk.replica_path, e))
 }
 
 fn hex(bytes: &[u8]) -> String {

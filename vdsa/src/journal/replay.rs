@@ -6,7 +6,8 @@
 use super::format::{BlockRef, Record, WriteRecord};
 use super::index::{Version, MISSING_CHUNK, ZERO_CHUNK};
 use super::log::{self, SegmentSummary};
-use super::{fsutil, hex, JournalError, Result, SizeChange, State, StreamPosition, BLOCK_SIZE};
+use super::replica::SizeChange;
+use super::{fsutil, hex, JournalError, Result, State, StreamPosition, BLOCK_SIZE};
 use protection_groups::WriteKind;
 use std::collections::BTreeMap;
 use std::path::Path;

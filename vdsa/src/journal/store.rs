@@ -387,7 +387,7 @@ fn finish_membership(root: &Path) -> Result<StoreMeta> {
             remove_journal_dir(&dir)?;
             continue;
         }
-        if !super::names_store(&dir, root)? {
+        if !super::meta::names_store(&dir, root)? {
             tracing::info!(journal = %dir.display(), "dropping a chunk store member whose journal never named the store");
             continue;
         }

@@ -4,7 +4,8 @@ use super::chunks::ChunkId;
 use super::error::{JournalError, Result};
 use super::index::{CutSet, ZERO_CHUNK};
 use super::model::{Checkpoint, BLOCK_SIZE};
-use super::{read_replica, Journal, Source, State};
+use super::replica::read_replica;
+use super::{Journal, Source, State};
 use protection_groups::DiskId;
 use std::collections::HashMap;
 
