@@ -14,6 +14,10 @@
 //! typed client (`cli`, `client`). On KVM the VDSA attaches its own taps over
 //! QMP, on the desired state's word.
 //!
+//! The daemon's shared state (`state`) is defined below the services that
+//! use it, and the API's types (`model`) below the store, so the imports
+//! run one way (docs/architecture.md, "The site manager's modules").
+//!
 //! It must not touch replicated data itself: bytes flow through the VDSAs;
 //! the site manager only tells them what to do.
 
