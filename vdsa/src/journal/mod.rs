@@ -9,6 +9,7 @@
 //!
 //! On-disk layout, write order and crash assumptions: docs/journal-format.md.
 
+mod block_hash;
 mod chunks;
 mod error;
 mod format;
@@ -29,6 +30,7 @@ mod store;
 mod view;
 mod writer;
 
+pub use block_hash::hash_blocks;
 pub use chunks::{stored_chunk_hashes, HashSetOfBlocks};
 pub use error::{JournalError, Result};
 pub use format::check_checkpoint_name;
@@ -421,10 +423,12 @@ impl Journal {
     /// checkpoint.
     pub fn ingest(&self, stream: StreamId, writes: &[TapWrite<'_>]) -> Result<u64> {
         // Hash full blocks before taking the lock: it is most of the CPU.
+        // Groups of blocks go to the helpers; in each, the blocks that are
+        // not zero are hashed together (block_hash: side by side).
         let full: Vec<&[u8]> = writes.iter().flat_map(full_blocks).collect();
         let pool = self.inner.pool.as_ref();
-        let hashes: Vec<Option<Hash>> =
-            par_map(pool, &full, |b| if is_zero(b) { None } else { Some(chunks::hash_block(b)) });
+        let groups: Vec<&[&[u8]]> = full.chunks(HASH_GROUP).collect();
+        let hashes: Vec<Option<Hash>> = par_map(pool, &groups, |g| hash_nonzero(g)).into_iter().flatten().collect();
         self.ingest_hashed(stream, writes, &hashes, &[])
     }
 
@@ -675,6 +679,26 @@ fn open_meta(dir: &Path, config: &JournalConfig) -> Result<(Meta, Arc<Store>)> {
         (Some(_), _) => return Err(JournalError::corrupt(&path, 0, "a format 2 journal that names a chunk store")),
     };
     Ok((meta, store))
+}
+
+/// Blocks per group that a helper hashes in [`Journal::ingest`] (a
+/// batch of 128 groups and more is shared with the helpers).
+const HASH_GROUP: usize = 16;
+
+/// Each block's hash, or None for a zero block (stored as no chunk).
+fn hash_nonzero(blocks: &[&[u8]]) -> Vec<Option<Hash>> {
+    let zero: Vec<bool> = blocks.iter().map(|b| is_zero(b)).collect();
+    let nonzero: Vec<&[u8]> = blocks.iter().zip(&zero).filter(|(_, z)| !**z).map(|(b, _)| *b).collect();
+    let hashes = block_hash::hash_blocks(&nonzero);
+    let mut next = 0;
+    zero.iter()
+        .map(|&z| {
+            (!z).then(|| {
+                next += 1;
+                hashes[next - 1]
+            })
+        })
+        .collect()
 }
 
 /// Errors that refuse a request before anything changed.
