@@ -12,6 +12,7 @@
 //! tried first: 1.06 times the crate's speed, not worth the code.)
 
 use super::chunks::Hash;
+use super::ingest::is_zero;
 use super::BLOCK_SIZE;
 
 /// The hash of each block (each exactly [`BLOCK_SIZE`] bytes), in order.
@@ -32,6 +33,23 @@ pub fn hash_blocks(blocks: &[&[u8]]) -> Vec<Hash> {
         *h = *blake3::hash(b).as_bytes();
     }
     out
+}
+
+/// Each block's hash, or None for a zero block (which is stored, and
+/// offered, as no chunk), the others hashed together as above.
+pub fn hash_nonzero_blocks(blocks: &[&[u8]]) -> Vec<Option<Hash>> {
+    let zero: Vec<bool> = blocks.iter().map(|b| is_zero(b)).collect();
+    let nonzero: Vec<&[u8]> = blocks.iter().zip(&zero).filter(|(_, z)| !**z).map(|(b, _)| *b).collect();
+    let hashes = hash_blocks(&nonzero);
+    let mut next = 0;
+    zero.iter()
+        .map(|&z| {
+            (!z).then(|| {
+                next += 1;
+                hashes[next - 1]
+            })
+        })
+        .collect()
 }
 
 /// BLAKE3's constants (the BLAKE3 specification, section 2).
@@ -295,6 +313,27 @@ mod tests {
             for (i, (b, h)) in blocks.iter().zip(&got).enumerate() {
                 assert_eq!(h, blake3::hash(b).as_bytes(), "block {i} of {n}");
             }
+        }
+    }
+
+    #[test]
+    fn zero_blocks_have_no_hash_and_the_others_keep_their_place() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let data: Vec<Vec<u8>> = (0..11)
+            .map(|i| {
+                let mut b = vec![0u8; BLOCK_SIZE];
+                if i % 3 != 1 {
+                    rng.fill_bytes(&mut b);
+                }
+                b
+            })
+            .collect();
+        let blocks: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        let got = hash_nonzero_blocks(&blocks);
+        assert_eq!(got.len(), blocks.len());
+        for (i, (b, h)) in blocks.iter().zip(&got).enumerate() {
+            let want = (i % 3 != 1).then(|| *blake3::hash(b).as_bytes());
+            assert_eq!(*h, want, "block {i}");
         }
     }
 

@@ -30,7 +30,7 @@ mod store;
 mod view;
 mod writer;
 
-pub use block_hash::hash_blocks;
+pub use block_hash::{hash_blocks, hash_nonzero_blocks};
 pub use chunks::{stored_chunk_hashes, HashSetOfBlocks};
 pub use error::{JournalError, Result};
 pub use format::check_checkpoint_name;
@@ -47,7 +47,7 @@ pub use view::PitView;
 use chunks::{ChunkId, Hash};
 use format::Record;
 use index::{CutSet, ZERO_CHUNK};
-use ingest::{full_blocks, is_zero, par_map, Compression};
+use ingest::{full_blocks, par_map, Compression};
 use log::{Log, SegmentSummary};
 use meta::{read_meta, write_meta_file, Meta, META_FILE, META_FORMAT, META_FORMAT_SHARED_CHUNKS};
 use protection_groups::{CheckpointId, DiskId, StreamId};
@@ -428,7 +428,8 @@ impl Journal {
         let full: Vec<&[u8]> = writes.iter().flat_map(full_blocks).collect();
         let pool = self.inner.pool.as_ref();
         let groups: Vec<&[&[u8]]> = full.chunks(HASH_GROUP).collect();
-        let hashes: Vec<Option<Hash>> = par_map(pool, &groups, |g| hash_nonzero(g)).into_iter().flatten().collect();
+        let hashes: Vec<Option<Hash>> =
+            par_map(pool, &groups, |g| hash_nonzero_blocks(g)).into_iter().flatten().collect();
         self.ingest_hashed(stream, writes, &hashes, &[])
     }
 
@@ -684,22 +685,6 @@ fn open_meta(dir: &Path, config: &JournalConfig) -> Result<(Meta, Arc<Store>)> {
 /// Blocks per group that a helper hashes in [`Journal::ingest`] (a
 /// batch of 128 groups and more is shared with the helpers).
 const HASH_GROUP: usize = 16;
-
-/// Each block's hash, or None for a zero block (stored as no chunk).
-fn hash_nonzero(blocks: &[&[u8]]) -> Vec<Option<Hash>> {
-    let zero: Vec<bool> = blocks.iter().map(|b| is_zero(b)).collect();
-    let nonzero: Vec<&[u8]> = blocks.iter().zip(&zero).filter(|(_, z)| !**z).map(|(b, _)| *b).collect();
-    let hashes = block_hash::hash_blocks(&nonzero);
-    let mut next = 0;
-    zero.iter()
-        .map(|&z| {
-            (!z).then(|| {
-                next += 1;
-                hashes[next - 1]
-            })
-        })
-        .collect()
-}
 
 /// Errors that refuse a request before anything changed.
 fn is_refusal(e: &JournalError) -> bool {

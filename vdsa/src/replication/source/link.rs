@@ -2,7 +2,7 @@
 //! hashes, send the blocks the target lacks, read its acknowledgements
 //! (architecture.md §5; the copies a block takes: docs/performance.md).
 
-use crate::journal::{hash_blocks, is_zero_block, BLOCK_SIZE};
+use crate::journal::{hash_nonzero_blocks, BLOCK_SIZE};
 use crate::replication::calls::blocking_call;
 use crate::replication::now_ms;
 use crate::replication::queue::Entry;
@@ -319,19 +319,10 @@ impl SourceStream {
             })
             .flatten()
             .collect();
-        let zero: Vec<bool> = whole.iter().map(|b| is_zero_block(b)).collect();
-        let nonzero: Vec<&[u8]> = whole.iter().zip(&zero).filter(|(_, z)| !**z).map(|(b, _)| *b).collect();
-        let hashed = nonzero.len() as u64;
-        let hashes = hash_blocks(&nonzero);
-        let mut next_hash = 0;
-        let mut offered = zero.iter().map(|&z| {
-            if z {
-                OfferedBlock::Zero
-            } else {
-                next_hash += 1;
-                OfferedBlock::Hash(hashes[next_hash - 1])
-            }
-        });
+        let hashes = hash_nonzero_blocks(&whole);
+        let zero: Vec<bool> = hashes.iter().map(Option::is_none).collect();
+        let hashed = hashes.iter().flatten().count() as u64;
+        let mut offered = hashes.into_iter().map(|h| h.map_or(OfferedBlock::Zero, OfferedBlock::Hash));
         for e in &entries {
             items.push(match e {
                 Entry::Write(x) => {
