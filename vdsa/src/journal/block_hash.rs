@@ -18,21 +18,34 @@ use super::BLOCK_SIZE;
 /// The hash of each block (each exactly [`BLOCK_SIZE`] bytes), in order.
 pub fn hash_blocks(blocks: &[&[u8]]) -> Vec<Hash> {
     let mut out = vec![[0u8; 32]; blocks.len()];
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if blocks.iter().all(|b| b.len() == BLOCK_SIZE) && std::arch::is_x86_feature_detected!("avx512f") {
-        for (group, hashes) in blocks.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
-            let group = [group[0], group[1], group[2], group[3]];
-            // SAFETY: AVX-512F is present (checked above) and every block
-            // is BLOCK_SIZE bytes long, as `hash4` reads.
-            unsafe { avx512::hash4(group, hashes) };
-            done += 4;
-        }
-    }
+    let done = hash_side_by_side(blocks, &mut out);
     for (b, h) in blocks[done..].iter().zip(&mut out[done..]) {
         *h = *blake3::hash(b).as_bytes();
     }
     out
+}
+
+/// Hashes the blocks in groups of four where the CPU allows; returns how
+/// many it hashed (a multiple of four from the start, or none).
+#[cfg(target_arch = "x86_64")]
+fn hash_side_by_side(blocks: &[&[u8]], out: &mut [Hash]) -> usize {
+    if !blocks.iter().all(|b| b.len() == BLOCK_SIZE) || !std::arch::is_x86_feature_detected!("avx512f") {
+        return 0;
+    }
+    let mut done = 0;
+    for (group, hashes) in blocks.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
+        let group = [group[0], group[1], group[2], group[3]];
+        // SAFETY: AVX-512F is present (checked above) and every block is
+        // BLOCK_SIZE bytes long, as `hash4` reads.
+        unsafe { avx512::hash4(group, hashes) };
+        done += 4;
+    }
+    done
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn hash_side_by_side(_: &[&[u8]], _: &mut [Hash]) -> usize {
+    0
 }
 
 /// Each block's hash, or None for a zero block (which is stored, and
