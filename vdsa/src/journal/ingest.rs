@@ -71,10 +71,21 @@ pub(super) fn par_map<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&T) -> R + Sync + Send,
 ) -> Vec<R> {
+    par_map_parts(pool, items, |part| part.iter().map(&f).collect())
+}
+
+/// As [`par_map`], with `f` given each part (a run of items) whole, and
+/// returning one result per item of it: for work that does better on many
+/// items at once (hashing blocks side by side).
+pub(super) fn par_map_parts<T: Sync, R: Send>(
+    pool: Option<&rayon::ThreadPool>,
+    items: &[T],
+    f: impl Fn(&[T]) -> Vec<R> + Sync + Send,
+) -> Vec<R> {
     // Handing work to another thread costs a wake-up each way (tens of us on
     // a VM): only worth it for batches of half a megabyte and more.
     let Some(pool) = pool.filter(|_| items.len() >= PARALLEL_MIN_BLOCKS) else {
-        return items.iter().map(&f).collect();
+        return f(items);
     };
     let per = items.len().div_ceil(pool.current_num_threads() + 1);
     let parts: Vec<&[T]> = items.chunks(per).collect();
@@ -83,9 +94,9 @@ pub(super) fn par_map<T: Sync, R: Send>(
     pool.in_place_scope(|scope| {
         let (mine, theirs) = outs.split_at_mut(1);
         for (part, out) in parts[1..].iter().zip(theirs.iter_mut()) {
-            scope.spawn(move |_| *out = part.iter().map(f).collect());
+            scope.spawn(move |_| *out = f(part));
         }
-        mine[0] = parts[0].iter().map(f).collect();
+        mine[0] = f(parts[0]);
     });
     outs.into_iter().flatten().collect()
 }

@@ -47,7 +47,7 @@ pub use view::PitView;
 use chunks::{ChunkId, Hash};
 use format::Record;
 use index::{CutSet, ZERO_CHUNK};
-use ingest::{full_blocks, par_map, Compression};
+use ingest::{full_blocks, par_map, par_map_parts, Compression};
 use log::{Log, SegmentSummary};
 use meta::{read_meta, write_meta_file, Meta, META_FILE, META_FORMAT, META_FORMAT_SHARED_CHUNKS};
 use protection_groups::{CheckpointId, DiskId, StreamId};
@@ -423,13 +423,10 @@ impl Journal {
     /// checkpoint.
     pub fn ingest(&self, stream: StreamId, writes: &[TapWrite<'_>]) -> Result<u64> {
         // Hash full blocks before taking the lock: it is most of the CPU.
-        // Groups of blocks go to the helpers; in each, the blocks that are
-        // not zero are hashed together (block_hash: side by side).
+        // Large batches are shared with the helpers, a run of blocks each,
+        // hashed side by side (block_hash); zero blocks get no hash.
         let full: Vec<&[u8]> = writes.iter().flat_map(full_blocks).collect();
-        let pool = self.inner.pool.as_ref();
-        let groups: Vec<&[&[u8]]> = full.chunks(HASH_GROUP).collect();
-        let hashes: Vec<Option<Hash>> =
-            par_map(pool, &groups, |g| hash_nonzero_blocks(g)).into_iter().flatten().collect();
+        let hashes: Vec<Option<Hash>> = par_map_parts(self.inner.pool.as_ref(), &full, hash_nonzero_blocks);
         self.ingest_hashed(stream, writes, &hashes, &[])
     }
 
@@ -681,10 +678,6 @@ fn open_meta(dir: &Path, config: &JournalConfig) -> Result<(Meta, Arc<Store>)> {
     };
     Ok((meta, store))
 }
-
-/// Blocks per group that a helper hashes in [`Journal::ingest`] (a
-/// batch of 128 groups and more is shared with the helpers).
-const HASH_GROUP: usize = 16;
 
 /// Errors that refuse a request before anything changed.
 fn is_refusal(e: &JournalError) -> bool {
