@@ -139,7 +139,7 @@ fn conditions(sm: &SiteManager) -> Result<Vec<(AlertKind, String, String, String
             ));
         }
     }
-    if let Some(p) = crate::peering::stored_peer(sm)? {
+    if let Some(p) = sm.stored_peer()? {
         let stale = p.peer.last_contact_ms.is_none_or(|t| now.saturating_sub(t) > 15_000);
         if !p.peer.last_error.is_empty() || stale {
             let why =

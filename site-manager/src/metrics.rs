@@ -319,7 +319,7 @@ pub fn render(sm: &SiteManager) -> Result<String, StoreError> {
             .filter_map(|h| h.last_heartbeat_ms.map(|t| (host_label(h), now.saturating_sub(t) as f64 / 1000.0)))
             .collect(),
     );
-    if let Some(p) = crate::peering::stored_peer(sm).ok().flatten() {
+    if let Some(p) = sm.stored_peer().ok().flatten() {
         let up = p.peer.last_error.is_empty() && p.peer.last_contact_ms.is_some_and(|t| now.saturating_sub(t) < 15_000);
         family(
             "vdsa_site_link_up",

@@ -60,14 +60,10 @@ pub enum PeeringError {
     Tls(#[from] crate::pki::PkiError),
 }
 
-/// The paired site as stored.
-pub fn stored_peer(sm: &SiteManager) -> Result<Option<StoredPeer>, StoreError> {
-    sm.with_store(|s| s.peer.get(PEER_KEY))
-}
-
 /// The paired site's CA as the VDSAs are to trust it.
 pub fn trusted_sites(sm: &SiteManager) -> Result<Vec<TrustedSite>, StoreError> {
-    Ok(stored_peer(sm)?
+    Ok(sm
+        .stored_peer()?
         .map(|p| TrustedSite { site: p.peer.site, name: p.peer.name, ca_pem: p.ca_pem })
         .into_iter()
         .collect())
@@ -75,7 +71,7 @@ pub fn trusted_sites(sm: &SiteManager) -> Result<Vec<TrustedSite>, StoreError> {
 
 /// Loads the paired site's CA into the API's verifier (at start).
 pub fn load(sm: &SiteManager) -> Result<(), PeeringError> {
-    if let Some(p) = stored_peer(sm)? {
+    if let Some(p) = sm.stored_peer()? {
         let ca = parse_ca(&p.ca_pem).map_err(|why| StoreError::Corrupt { tree: "peer", key: "peer".into(), why })?;
         sm.peering.verifier.set_peer(Some(&ca))?;
     }
@@ -92,7 +88,7 @@ pub fn create_pairing_token(sm: &SiteManager) -> Result<PairingToken, PeeringErr
 }
 
 fn refuse_if_paired(sm: &SiteManager, other: Option<SiteId>) -> Result<(), PeeringError> {
-    if let Some(p) = stored_peer(sm)? {
+    if let Some(p) = sm.stored_peer()? {
         if Some(p.peer.site) != other {
             return Err(PeeringError::Conflict(format!(
                 "this site is already paired with {:?} ({}): unpair it first",
@@ -288,7 +284,7 @@ fn drop_peer(sm: &SiteManager) -> Result<(), PeeringError> {
 pub async fn unpair(sm: Arc<SiteManager>) -> Result<(Peer, Option<String>), PeeringError> {
     let sm2 = sm.clone();
     let stored = tokio::task::spawn_blocking(move || -> Result<_, PeeringError> {
-        let p = stored_peer(&sm2)?.ok_or(PeeringError::NotPaired)?;
+        let p = sm2.stored_peer()?.ok_or(PeeringError::NotPaired)?;
         let spanning = spanning_vpgs(&sm2, p.peer.site)?;
         if !spanning.is_empty() {
             return Err(PeeringError::Conflict(format!(
@@ -318,7 +314,7 @@ pub async fn unpair(sm: Arc<SiteManager>) -> Result<(Peer, Option<String>), Peer
 
 /// The other site unpaired: forget it here too.
 pub fn peer_unpaired(sm: &SiteManager, from: SiteId) -> Result<(), PeeringError> {
-    let p = stored_peer(sm)?.ok_or(PeeringError::NotPaired)?;
+    let p = sm.stored_peer()?.ok_or(PeeringError::NotPaired)?;
     if p.peer.site != from {
         return Err(PeeringError::Refused(format!("site {from} is not the paired site")));
     }
@@ -337,7 +333,7 @@ pub fn is_peer_certificate(sm: &SiteManager, cert: &rustls::pki_types::Certifica
 
 /// This site's half of the exchange.
 pub fn own_exchange(sm: &SiteManager) -> Result<PeerExchange, PeeringError> {
-    let p = stored_peer(sm)?.ok_or(PeeringError::NotPaired)?;
+    let p = sm.stored_peer()?.ok_or(PeeringError::NotPaired)?;
     let vpgs: Vec<Vpg> =
         sm.with_store(|s| s.vpgs.list())?.into_iter().filter(|v| v.settings.recovery_site == p.peer.site).collect();
     let hosts = sm
@@ -360,7 +356,7 @@ pub fn own_exchange(sm: &SiteManager) -> Result<PeerExchange, PeeringError> {
 /// Takes in the other site's half: its VPGs that recover here become the
 /// copies, its hosts and target roles are remembered.
 pub fn take_exchange(sm: &SiteManager, theirs: PeerExchange) -> Result<(), PeeringError> {
-    let p = stored_peer(sm)?.ok_or(PeeringError::NotPaired)?;
+    let p = sm.stored_peer()?.ok_or(PeeringError::NotPaired)?;
     if theirs.site != p.peer.site {
         return Err(PeeringError::Refused(format!("site {} is not the paired site", theirs.site)));
     }
@@ -465,7 +461,7 @@ pub async fn run(sm: Arc<SiteManager>) {
         tokio::time::sleep(EXCHANGE_EVERY).await;
         let sm2 = sm.clone();
         let ours = tokio::task::spawn_blocking(move || -> Result<_, PeeringError> {
-            let Some(p) = stored_peer(&sm2)? else { return Ok(None) };
+            let Some(p) = sm2.stored_peer()? else { return Ok(None) };
             Ok(Some((p, own_exchange(&sm2)?)))
         })
         .await;

@@ -52,7 +52,7 @@ async fn pairing_token(State(sm): State<AppState>, caller: Caller) -> ApiResult<
 #[utoipa::path(get, path = "/api/v1/site/peer", tag = "pairing",
     responses((status = 200, body = Peer), (status = 404, body = ErrorBody)))]
 async fn get_peer(State(sm): State<AppState>, _caller: Caller) -> ApiResult<Json<Peer>> {
-    blocking(move || Ok(Json(peering::stored_peer(&sm)?.ok_or(PeeringError::NotPaired)?.peer))).await
+    blocking(move || Ok(Json(sm.stored_peer()?.ok_or(PeeringError::NotPaired)?.peer))).await
 }
 
 /// Pairs with the site whose API is at `address`, using its token.

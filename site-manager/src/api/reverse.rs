@@ -97,7 +97,8 @@ async fn reverse_protect(
         // over (its definition moves here, a copy goes back there, fenced
         // by the new epoch: docs/recovery.md).
         let previous_owner = if copy {
-            let peer = crate::peering::stored_peer(&sm)?
+            let peer = sm
+                .stored_peer()?
                 .ok_or_else(|| ApiError::Conflict("this site is no longer paired with the VPG's site".into()))?;
             Some(peer.peer.site)
         } else {

@@ -135,9 +135,14 @@ impl SiteManager {
         }
     }
 
+    /// The paired site as stored, if the site is paired.
+    pub fn stored_peer(&self) -> Result<Option<crate::store::StoredPeer>, StoreError> {
+        self.with_store(|s| s.peer.get(crate::store::PEER_KEY))
+    }
+
     /// The paired site's id, if the site is paired.
     pub fn peer_site_id(&self) -> Result<Option<protection_groups::SiteId>, StoreError> {
-        Ok(self.with_store(|s| s.peer.get(crate::store::PEER_KEY))?.map(|p| p.peer.site))
+        Ok(self.stored_peer()?.map(|p| p.peer.site))
     }
 
     /// Where the other site and operators reach the API: the site's
