@@ -37,7 +37,8 @@ pub enum Pool {
     Exports,
     /// Replication links, both their ends: a source stream's sender and
     /// the reader of its replies, a target's receiver and ingest
-    /// (`crate::replication`). Ingest blocks on the journal's fsyncs.
+    /// (`crate::replication`). What blocks (ingest, fsync, a journal's
+    /// open) runs on the links' own pool of threads, not here.
     Links,
 }
 

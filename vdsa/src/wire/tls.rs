@@ -223,7 +223,7 @@ fn handshake(mut conn: Connection, mut tcp: TcpStream) -> io::Result<(LinkReader
     Ok((LinkReader { conn: conn.clone(), tcp, cipher: CipherIn::new() }, LinkWriter { conn, tcp: w, out: Vec::new() }))
 }
 
-pub(super) fn poisoned() -> io::Error {
+fn poisoned() -> io::Error {
     io::Error::other("TLS state poisoned by a panic")
 }
 
