@@ -21,6 +21,7 @@ pub mod agent;
 pub mod conn_limit;
 mod conn_task;
 pub mod daemon;
+mod direct_io;
 pub mod journal;
 pub mod kvm;
 pub mod native_tap;

@@ -789,8 +789,7 @@ impl ChunkStore {
 /// filesystem has no direct I/O (tmpfs), and then appends go through the
 /// page cache.
 fn open_direct(path: &Path) -> Option<Arc<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+    match crate::direct_io::open_write(path) {
         Ok(f) => Some(Arc::new(f)),
         Err(e) => {
             tracing::debug!(path = %path.display(), "no direct I/O for the pack: {e}");
@@ -802,7 +801,7 @@ fn open_direct(path: &Path) -> Option<Arc<File>> {
 /// The bytes from the last block boundary before `end` to `end`, where
 /// `head` + `data` are the file's bytes just before `end`.
 fn tail_after(head: &[u8], data: &[u8], end: u64) -> Vec<u8> {
-    let r = (end % super::writer::DIRECT_ALIGN as u64) as usize;
+    let r = (end % crate::direct_io::DIRECT_ALIGN as u64) as usize;
     if r <= data.len() {
         data[data.len() - r..].to_vec()
     } else {

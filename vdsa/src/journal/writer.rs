@@ -12,6 +12,7 @@
 //! accepting writes.
 
 use super::error::{JournalError, Result};
+use crate::direct_io::{clear_direct, AlignedBuf, DIRECT_ALIGN};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -194,26 +195,6 @@ impl Writer {
     }
 }
 
-/// The alignment of a direct write's offset, length and memory: the page
-/// size, which covers every logical block size a disk reports.
-pub const DIRECT_ALIGN: usize = 4096;
-
-/// A buffer whose start is aligned for `O_DIRECT`, reused by a writer
-/// thread (a fresh one per write would cost page faults).
-#[derive(Default)]
-struct AlignedBuf(Vec<u8>);
-
-impl AlignedBuf {
-    /// `len` bytes starting on a `DIRECT_ALIGN` boundary.
-    fn get(&mut self, len: usize) -> &mut [u8] {
-        if self.0.len() < len + DIRECT_ALIGN {
-            self.0 = vec![0; len + DIRECT_ALIGN];
-        }
-        let start = self.0.as_ptr().align_offset(DIRECT_ALIGN);
-        &mut self.0[start..start + len]
-    }
-}
-
 /// Writes `head` + `data` + zeros to the next block boundary at
 /// `offset - head.len()`, through a descriptor opened with `O_DIRECT`. A
 /// filesystem that refuses direct I/O at the write (EINVAL) gets the same
@@ -233,21 +214,6 @@ fn write_direct(file: &File, aligned: &mut AlignedBuf, head: &[u8], data: &[u8],
         }
         r => r,
     }
-}
-
-/// Turns `O_DIRECT` off on an open descriptor.
-fn clear_direct(file: &File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    // SAFETY: F_GETFL and F_SETFL read and set the descriptor's status
-    // flags and touch no memory of ours; the descriptor is open (we hold
-    // the File).
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Starts writing the range back to the device without waiting for it, so

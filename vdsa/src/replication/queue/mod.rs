@@ -4,15 +4,19 @@
 //! (back-pressure) or writes are only marked in a dirty-block bitmap and
 //! the stream needs a resync.
 
+mod entry;
+mod spill;
+
+pub use entry::{Entry, QueuedWrite};
+
 use crate::journal::BLOCK_SIZE;
-use crate::wire::msg::{kind_code, kind_from_code, write_kind_code, write_kind_from_code, Marker, StreamWrite};
+use crate::wire::msg::Marker;
 use protection_groups::{CheckpointKind, DiskId};
+use spill::{FullPage, Spill};
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// What the queue does when memory and spill file are both full.
@@ -24,29 +28,6 @@ pub enum Backpressure {
     /// The tap goes on; writes are only marked dirty, and checkpoints are
     /// inconsistent until a resync.
     Bitmap,
-}
-
-/// One write of the stream with its bytes, numbered by the local
-/// sequencer (its seq counts from the queue's base).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueuedWrite {
-    pub write: StreamWrite,
-    pub data: Arc<Vec<u8>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Entry {
-    Write(QueuedWrite),
-    Marker(Marker),
-}
-
-impl Entry {
-    fn cost(&self) -> u64 {
-        match self {
-            Entry::Write(w) => w.data.len() as u64 + 96,
-            Entry::Marker(m) => m.name.len() as u64 + 96,
-        }
-    }
 }
 
 /// Limits of a queue.
@@ -67,49 +48,6 @@ pub struct QueueStats {
     pub spilled_total: u64,
     pub dirty_blocks: u64,
     pub needs_resync: bool,
-}
-
-#[derive(Debug)]
-struct Spill {
-    file: File,
-    read_at: u64,
-    write_at: u64,
-    entries: u64,
-    /// Everything before this has been read back and its space given up.
-    released_to: u64,
-}
-
-/// Read-back spill is given up in steps of at least this much.
-const RELEASE_STEP: u64 = 1 << 20;
-
-impl Spill {
-    /// Gives up the space, and the page cache, of what was read back
-    /// (a hole punched in the file): a spill that never empties would
-    /// otherwise fill the page cache with bytes nobody reads again, and
-    /// write them all to the disk. Where the filesystem cannot punch
-    /// holes the bytes stay until the spill empties, as before.
-    fn release_read_back(&mut self) {
-        let end = self.read_at / 4096 * 4096;
-        if end < self.released_to + RELEASE_STEP {
-            return;
-        }
-        let (Ok(off), Ok(len)) = (i64::try_from(self.released_to), i64::try_from(end - self.released_to)) else {
-            return;
-        };
-        use std::os::fd::AsRawFd;
-        // SAFETY: fallocate reads no memory of ours; the descriptor is
-        // open (we hold the File). The range lies before `read_at`: only
-        // entries already read back are in it.
-        let r = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len)
-        };
-        if r == 0 {
-            self.released_to = end;
-        } else {
-            // Not supported here: stop trying until the spill empties.
-            self.released_to = u64::MAX / 2;
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -155,15 +93,14 @@ fn lock(m: &Mutex<State>) -> io::Result<MutexGuard<'_, State>> {
 
 impl SendQueue {
     pub fn new(cfg: QueueConfig) -> io::Result<SendQueue> {
-        let file =
-            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&cfg.spill_path)?;
+        let spill = Spill::create(&cfg.spill_path)?;
         Ok(SendQueue {
             cfg,
             state: Mutex::new(State {
                 mem: VecDeque::new(),
                 mem_bytes: 0,
                 sent: 0,
-                spill: Spill { file, read_at: 0, write_at: 0, entries: 0, released_to: 0 },
+                spill,
                 spilled_total: 0,
                 dirty: HashMap::new(),
                 needs_resync: false,
@@ -186,7 +123,9 @@ impl SendQueue {
             }
             let e = Entry::Write(w.clone());
             if self.room(&st, &e) {
-                self.append(&mut st, e)?;
+                let full = self.append(&mut st, e)?;
+                drop(st);
+                self.write_pages(full);
                 return Ok(Pushed::Queued);
             }
             // A sync's writes are never dropped (the sync would have to
@@ -225,7 +164,9 @@ impl SendQueue {
             m.kind = CheckpointKind::Inconsistent;
         }
         let kind = m.kind;
-        self.append(&mut st, Entry::Marker(m))?;
+        let full = self.append(&mut st, Entry::Marker(m))?;
+        drop(st);
+        self.write_pages(full);
         Ok(kind)
     }
 
@@ -241,45 +182,53 @@ impl SendQueue {
     /// Whether an entry of cost `c` goes to memory: only while nothing is
     /// spilled (order) and within the budget.
     fn fits_memory(&self, st: &State, c: u64) -> bool {
-        st.spill.entries == 0 && st.mem_bytes + c <= self.cfg.memory_bytes
+        st.spill.entries() == 0 && st.mem_bytes + c <= self.cfg.memory_bytes
     }
 
     fn room(&self, st: &State, e: &Entry) -> bool {
         let c = e.cost();
-        self.fits_memory(st, c) || st.spill.write_at - st.spill.read_at + c <= self.cfg.spill_bytes
+        self.fits_memory(st, c) || st.spill.has_room(c, self.cfg.spill_bytes)
     }
 
-    fn append(&self, st: &mut State, e: Entry) -> io::Result<()> {
+    /// Queues `e` in memory or in the spill; returns the spill pages it
+    /// filled, for the caller to write once it has let the lock go
+    /// ([`SendQueue::write_pages`]).
+    fn append(&self, st: &mut State, e: Entry) -> io::Result<Vec<FullPage>> {
         let c = e.cost();
-        if self.fits_memory(st, c) {
+        let full = if self.fits_memory(st, c) {
             st.mem_bytes += c;
             st.mem.push_back(e);
+            Vec::new()
         } else {
-            st.spill.write_at += write_spilled(&st.spill.file, st.spill.write_at, &e)?;
-            st.spill.entries += 1;
+            let full = st.spill.push(&e)?;
             st.spilled_total += 1;
-        }
+            full
+        };
         self.changed.notify_all();
         self.arrived.notify_one();
-        Ok(())
+        Ok(full)
+    }
+
+    /// Writes full spill pages without the lock: the tap threads and the
+    /// sender go on meanwhile, reading the pages from memory. The entry
+    /// is queued whatever happens here: a page the disk refused stays in
+    /// memory (`spill.rs`).
+    fn write_pages(&self, full: Vec<FullPage>) {
+        for page in full {
+            let r = page.write();
+            match self.state.lock() {
+                Ok(mut st) => st.spill.page_written(page, r),
+                Err(_) => tracing::error!("send queue poisoned while a spill page was written"),
+            }
+        }
     }
 
     /// Moves spilled entries back into memory while there is room.
     fn refill(&self, st: &mut State) -> io::Result<()> {
-        while st.spill.entries > 0 && st.mem_bytes < self.cfg.memory_bytes {
-            let (e, n) = read_spilled(&st.spill.file, st.spill.read_at)?;
-            st.spill.read_at += n;
-            st.spill.entries -= 1;
+        while st.mem_bytes < self.cfg.memory_bytes {
+            let Some(e) = st.spill.pop()? else { break };
             st.mem_bytes += e.cost();
             st.mem.push_back(e);
-        }
-        if st.spill.entries == 0 && st.spill.write_at > 0 {
-            st.spill.file.set_len(0)?;
-            st.spill.read_at = 0;
-            st.spill.write_at = 0;
-            st.spill.released_to = 0;
-        } else {
-            st.spill.release_read_back();
         }
         Ok(())
     }
@@ -364,9 +313,9 @@ impl SendQueue {
     pub fn stats(&self) -> QueueStats {
         match self.state.lock() {
             Ok(st) => QueueStats {
-                entries: st.mem.len() as u64 + st.spill.entries,
+                entries: st.mem.len() as u64 + st.spill.entries(),
                 memory_bytes: st.mem_bytes,
-                spill_bytes: st.spill.write_at - st.spill.read_at,
+                spill_bytes: st.spill.bytes(),
                 spilled_total: st.spilled_total,
                 dirty_blocks: st.dirty.values().map(|s| s.len() as u64).sum(),
                 needs_resync: st.needs_resync,
@@ -377,7 +326,7 @@ impl SendQueue {
 
     /// Whether every queued entry has been acknowledged.
     pub fn is_empty(&self) -> bool {
-        self.state.lock().is_ok_and(|st| st.mem.is_empty() && st.spill.entries == 0)
+        self.state.lock().is_ok_and(|st| st.mem.is_empty() && st.spill.entries() == 0)
     }
 }
 
@@ -391,109 +340,12 @@ fn mark_dirty(st: &mut State, w: &QueuedWrite) {
     }
 }
 
-/// Spill file records: the length of what follows (u32), then the entry:
-/// its kind and fields, and a write's bytes last, so that they go to the
-/// file from the queued buffer and come back into the buffer the entry
-/// keeps, with no copy on either side (docs/performance.md, "Copies of a
-/// block"). Not crash-safe by design: after a source restart the queue is
-/// gone and a delta sync follows.
-const WRITE_FIELDS: usize = 43;
-
-/// Writes `e` at `at`; returns the bytes the record takes.
-fn write_spilled(file: &File, at: u64, e: &Entry) -> io::Result<u64> {
-    let mut head = vec![0u8; 4];
-    let data: &[u8] = match e {
-        Entry::Write(w) => {
-            head.push(1);
-            head.extend_from_slice(&w.write.seq.to_be_bytes());
-            head.extend_from_slice(w.write.disk.as_bytes());
-            head.extend_from_slice(&w.write.offset.to_be_bytes());
-            head.extend_from_slice(&w.write.len.to_be_bytes());
-            head.push(write_kind_code(w.write.kind));
-            head.push(w.write.sync as u8);
-            &w.data
-        }
-        Entry::Marker(m) => {
-            head.push(2);
-            head.extend_from_slice(&m.id.to_be_bytes());
-            head.push(kind_code(m.kind));
-            head.extend_from_slice(&m.source_time_ms.to_be_bytes());
-            head.extend_from_slice(&m.cut_seq.to_be_bytes());
-            head.extend_from_slice(&m.streams.to_be_bytes());
-            head.extend_from_slice(m.name.as_bytes());
-            &[]
-        }
-    };
-    let body = head.len() - 4 + data.len();
-    let n = u32::try_from(body).map_err(|_| io::Error::other(format!("a queued entry of {body} bytes")))?;
-    head[..4].copy_from_slice(&n.to_be_bytes());
-    file.write_all_at(&head, at)?;
-    file.write_all_at(data, at + head.len() as u64)?;
-    Ok(4 + body as u64)
-}
-
-/// Reads the record at `at`: the entry and the bytes the record took.
-fn read_spilled(file: &File, at: u64) -> io::Result<(Entry, u64)> {
-    let unreadable = |what: &str| io::Error::other(format!("spill file entry at {at} unreadable: {what}"));
-    // The length and the kind byte after it, in one read.
-    let mut lead = [0u8; 5];
-    file.read_exact_at(&mut lead, at)?;
-    let n = u32::from_be_bytes([lead[0], lead[1], lead[2], lead[3]]) as usize;
-    let entry = if lead[4] == 1 {
-        let data_len = n.checked_sub(WRITE_FIELDS).ok_or_else(|| unreadable("shorter than a write's fields"))?;
-        let mut head = [0u8; WRITE_FIELDS];
-        file.read_exact_at(&mut head, at + 4)?;
-        // Read into the vector's spare room: no zeroing of bytes that the
-        // read overwrites at once.
-        let mut data = Vec::with_capacity(data_len);
-        let mut f = file;
-        f.seek(SeekFrom::Start(at + 4 + WRITE_FIELDS as u64))?;
-        f.take(data_len as u64).read_to_end(&mut data)?;
-        if data.len() != data_len {
-            return Err(unreadable("cut short"));
-        }
-        decode_write(&head, data)
-    } else {
-        let mut body = vec![0u8; n];
-        file.read_exact_at(&mut body, at + 4)?;
-        decode_marker(&body)
-    };
-    Ok((entry.ok_or_else(|| unreadable("bad fields"))?, 4 + n as u64))
-}
-
-fn u64_at(b: &[u8], i: usize) -> Option<u64> {
-    Some(u64::from_be_bytes(b.get(i..i + 8)?.try_into().ok()?))
-}
-
-/// A write's fields (kind byte first) and its bytes.
-fn decode_write(head: &[u8; WRITE_FIELDS], data: Vec<u8>) -> Option<Entry> {
-    let seq = u64_at(head, 1)?;
-    let disk = DiskId::from_bytes(head.get(9..25)?.try_into().ok()?);
-    let offset = u64_at(head, 25)?;
-    let len = u64_at(head, 33)?;
-    let kind = write_kind_from_code(head[41])?;
-    let sync = head[42] != 0;
-    let write = StreamWrite { seq, disk, offset, len, kind, sync };
-    Some(Entry::Write(QueuedWrite { write, data: Arc::new(data) }))
-}
-
-fn decode_marker(b: &[u8]) -> Option<Entry> {
-    if b.first() != Some(&2) {
-        return None;
-    }
-    let id = u64_at(b, 1)?;
-    let kind = kind_from_code(*b.get(9)?)?;
-    let source_time_ms = u64_at(b, 10)?;
-    let cut_seq = u64_at(b, 18)?;
-    let streams = u16::from_be_bytes(b.get(26..28)?.try_into().ok()?);
-    let name = String::from_utf8(b.get(28..)?.to_vec()).ok()?;
-    Some(Entry::Marker(Marker { id, kind, name, source_time_ms, cut_seq, streams }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::msg::StreamWrite;
     use protection_groups::WriteKind;
+    use std::sync::Arc;
 
     fn w(seq: u64, n: usize) -> QueuedWrite {
         QueuedWrite {
@@ -542,6 +394,61 @@ mod tests {
         let empty = q.next_unsent_or_wait(1 << 20, 10, Duration::from_millis(20)).await?;
         assert!(empty.is_empty());
         assert!(start.elapsed() < Duration::from_secs(2), "a wait ran to its timeout: {:?}", start.elapsed());
+        Ok(())
+    }
+
+    /// Tap threads push through a sequencer (as the source does) into a
+    /// small memory budget, so nearly everything goes through the spill's
+    /// pages, written while the sender reads: every write arrives once, in
+    /// order, with its bytes.
+    #[test]
+    fn writes_pushed_from_many_threads_through_the_spill_arrive_in_order_with_their_bytes() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let q = Arc::new(SendQueue::new(QueueConfig {
+            memory_bytes: 256 << 10,
+            spill_path: dir.path().join("spill"),
+            spill_bytes: 6 << 20,
+            backpressure: Backpressure::Block,
+        })?);
+        let sequencer = Arc::new(Mutex::new(0u64));
+        let (threads, each) = (4u64, 150u64);
+        let producers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (q, sequencer) = (q.clone(), sequencer.clone());
+                std::thread::spawn(move || -> io::Result<()> {
+                    for i in 0..each {
+                        let mut next = sequencer.lock().map_err(|_| io::Error::other("poisoned"))?;
+                        *next += 1;
+                        let n = 4096 * (1 + ((t + i) % 24) as usize);
+                        let mut x = w(*next, n);
+                        x.data = Arc::new((0..n).map(|b| (*next as usize * 7 + b / 512) as u8).collect());
+                        assert_eq!(q.push_write(x)?, Pushed::Queued);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut expected = 1u64;
+        while expected <= threads * each {
+            let batch = q.next_unsent(512 << 10, 64)?;
+            if batch.is_empty() {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            for e in batch {
+                let Entry::Write(x) = e else { return Err(io::Error::other("a marker nobody pushed")) };
+                assert_eq!(x.write.seq, expected, "out of order");
+                let good = x.data.iter().enumerate().all(|(b, v)| *v == (x.write.seq as usize * 7 + b / 512) as u8);
+                assert!(good && x.data.len() as u64 == x.write.len, "write {} came back with other bytes", x.write.seq);
+                expected += 1;
+            }
+            q.acknowledge(expected - 1, 0)?;
+        }
+        for p in producers {
+            p.join().map_err(|_| io::Error::other("a producer panicked"))??;
+        }
+        assert!(q.stats().spilled_total > threads * each / 3, "too little went through the spill: {:?}", q.stats());
+        assert!(q.is_empty());
         Ok(())
     }
 
@@ -655,23 +562,6 @@ mod tests {
         let left = allocated()?;
         assert!(left <= 12 << 20, "{left} bytes still allocated with 10 MiB queued: what was read back was kept");
         assert!(q.stats().spill_bytes > 0, "the spill is not empty (it would have been cut to nothing)");
-        Ok(())
-    }
-
-    #[test]
-    fn a_damaged_spill_record_is_an_error_that_names_it() -> io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let file =
-            std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dir.path().join("spill"))?;
-        let n = write_spilled(&file, 0, &Entry::Write(w(1, 4096)))?;
-        assert_eq!(read_spilled(&file, 0)?, (Entry::Write(w(1, 4096)), n));
-        file.write_all_at(&7u32.to_be_bytes(), 0)?;
-        let e = read_spilled(&file, 0).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("spill file entry at 0 unreadable"), "{e}");
-        // A length past the file's end.
-        file.write_all_at(&(n as u32 + 100).to_be_bytes(), 0)?;
-        let e = read_spilled(&file, 0).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("spill file entry at 0 unreadable: cut short"), "{e}");
         Ok(())
     }
 }
