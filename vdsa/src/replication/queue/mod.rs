@@ -79,6 +79,25 @@ pub struct SendQueue {
     arrived: tokio::sync::Notify,
 }
 
+/// The spill pages an append filled, written to the disk when this is
+/// dropped. The caller drops it after letting its own locks go (the
+/// source's sequencer), so that other writes are queued meanwhile: until
+/// written, the pages are read back from memory.
+#[derive(Debug)]
+#[must_use = "dropping it writes the spill pages: drop it once the caller's locks are let go"]
+pub struct SpillWrites<'a> {
+    queue: &'a SendQueue,
+    pages: Vec<FullPage>,
+}
+
+impl Drop for SpillWrites<'_> {
+    fn drop(&mut self) {
+        if !self.pages.is_empty() {
+            self.queue.write_pages(std::mem::take(&mut self.pages));
+        }
+    }
+}
+
 /// What became of a pushed write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -113,20 +132,20 @@ impl SendQueue {
 
     /// Appends a write. With [`Backpressure::Block`] waits for room; with
     /// `Bitmap` marks it dirty when there is none (and from then on until
-    /// [`SendQueue::resync_started`]). Writes of a sync always wait.
-    pub fn push_write(&self, w: QueuedWrite) -> io::Result<Pushed> {
+    /// [`SendQueue::resync_started`]). Writes of a sync always wait. The
+    /// spill pages the write filled are written when the returned
+    /// [`SpillWrites`] is dropped.
+    pub fn push_write(&self, w: QueuedWrite) -> io::Result<(Pushed, SpillWrites<'_>)> {
         let mut st = lock(&self.state)?;
         loop {
             if st.needs_resync && !w.write.sync {
                 mark_dirty(&mut st, &w);
-                return Ok(Pushed::Dirty);
+                return Ok((Pushed::Dirty, self.no_writes()));
             }
             let e = Entry::Write(w.clone());
             if self.room(&st, &e) {
-                let full = self.append(&mut st, e)?;
-                drop(st);
-                self.write_pages(full);
-                return Ok(Pushed::Queued);
+                let pages = self.append(&mut st, e)?;
+                return Ok((Pushed::Queued, SpillWrites { queue: self, pages }));
             }
             // A sync's writes are never dropped (the sync would have to
             // start over): the sync goes at the link's pace.
@@ -150,24 +169,24 @@ impl SendQueue {
                     }
                     st.needs_resync = true;
                     mark_dirty(&mut st, &w);
-                    return Ok(Pushed::Dirty);
+                    return Ok((Pushed::Dirty, self.no_writes()));
                 }
             }
         }
     }
 
     /// Appends a checkpoint marker (small: never refused for room). A marker
-    /// placed while writes were dropped to the bitmap is inconsistent.
-    pub fn push_marker(&self, mut m: Marker) -> io::Result<CheckpointKind> {
+    /// placed while writes were dropped to the bitmap is inconsistent. As
+    /// for a write, the spill pages it filled are written when the returned
+    /// [`SpillWrites`] is dropped.
+    pub fn push_marker(&self, mut m: Marker) -> io::Result<(CheckpointKind, SpillWrites<'_>)> {
         let mut st = lock(&self.state)?;
         if st.needs_resync || !st.dirty.is_empty() {
             m.kind = CheckpointKind::Inconsistent;
         }
         let kind = m.kind;
-        let full = self.append(&mut st, Entry::Marker(m))?;
-        drop(st);
-        self.write_pages(full);
-        Ok(kind)
+        let pages = self.append(&mut st, Entry::Marker(m))?;
+        Ok((kind, SpillWrites { queue: self, pages }))
     }
 
     /// A resync (the tap re-sending every block) begins: writes are queued
@@ -192,7 +211,7 @@ impl SendQueue {
 
     /// Queues `e` in memory or in the spill; returns the spill pages it
     /// filled, for the caller to write once it has let the lock go
-    /// ([`SendQueue::write_pages`]).
+    /// ([`SpillWrites`]).
     fn append(&self, st: &mut State, e: Entry) -> io::Result<Vec<FullPage>> {
         let c = e.cost();
         let full = if self.fits_memory(st, c) {
@@ -207,6 +226,10 @@ impl SendQueue {
         self.changed.notify_all();
         self.arrived.notify_one();
         Ok(full)
+    }
+
+    fn no_writes(&self) -> SpillWrites<'_> {
+        SpillWrites { queue: self, pages: Vec::new() }
     }
 
     /// Writes full spill pages without the lock: the tap threads and the
@@ -347,6 +370,11 @@ mod tests {
     use protection_groups::WriteKind;
     use std::sync::Arc;
 
+    /// Pushes `w`; its spill pages are written before this returns.
+    fn push(q: &SendQueue, w: QueuedWrite) -> io::Result<Pushed> {
+        Ok(q.push_write(w)?.0)
+    }
+
     fn w(seq: u64, n: usize) -> QueuedWrite {
         QueuedWrite {
             write: StreamWrite {
@@ -378,7 +406,7 @@ mod tests {
             let q = q.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(50));
-                q.push_write(w(1, 4096))
+                q.push_write(w(1, 4096)).map(|(pushed, _)| pushed)
             })
         };
         let start = std::time::Instant::now();
@@ -386,9 +414,9 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert!(producer.join().map_err(|_| io::Error::other("producer panicked"))?.is_ok());
         // Two arrivals while the sender is away: the next wait returns at once.
-        q.push_write(w(2, 4096))?;
+        push(&q, w(2, 4096))?;
         assert_eq!(q.next_unsent(1 << 20, 10)?.len(), 1);
-        q.push_write(w(3, 4096))?;
+        push(&q, w(3, 4096))?;
         assert_eq!(q.next_unsent_or_wait(1 << 20, 10, long).await?.len(), 1);
         // A notification left over with nothing new costs one empty look.
         let empty = q.next_unsent_or_wait(1 << 20, 10, Duration::from_millis(20)).await?;
@@ -398,9 +426,9 @@ mod tests {
     }
 
     /// Tap threads push through a sequencer (as the source does) into a
-    /// small memory budget, so nearly everything goes through the spill's
-    /// pages, written while the sender reads: every write arrives once, in
-    /// order, with its bytes.
+    /// small memory budget, so much goes through the spill's pages, each
+    /// written while other threads append and the sender reads: every
+    /// write arrives once, in order, with its bytes.
     #[test]
     fn writes_pushed_from_many_threads_through_the_spill_arrive_in_order_with_their_bytes() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
@@ -422,7 +450,12 @@ mod tests {
                         let n = 4096 * (1 + ((t + i) % 24) as usize);
                         let mut x = w(*next, n);
                         x.data = Arc::new((0..n).map(|b| (*next as usize * 7 + b / 512) as u8).collect());
-                        assert_eq!(q.push_write(x)?, Pushed::Queued);
+                        let (pushed, spill_writes) = q.push_write(x)?;
+                        assert_eq!(pushed, Pushed::Queued);
+                        // As the source does: the pages are written after
+                        // the sequencer is let go.
+                        drop(next);
+                        drop(spill_writes);
                     }
                     Ok(())
                 })
@@ -462,9 +495,9 @@ mod tests {
             backpressure: Backpressure::Bitmap,
         })?;
         for s in 1..=6 {
-            assert_eq!(q.push_write(w(s, 4096))?, Pushed::Queued);
+            assert_eq!(push(&q, w(s, 4096))?, Pushed::Queued);
         }
-        assert_eq!(q.push_write(w(7, 4096))?, Pushed::Dirty);
+        assert_eq!(push(&q, w(7, 4096))?, Pushed::Dirty);
         assert!(q.stats().needs_resync);
         let mut got = Vec::new();
         loop {
@@ -503,13 +536,13 @@ mod tests {
             streams: 3,
         };
         let mut sent = vec![Entry::Write(w(1, 4096)), Entry::Write(w(2, 8192))];
-        q.push_write(w(1, 4096))?;
-        q.push_write(w(2, 8192))?;
-        q.push_marker(marker.clone())?;
+        push(&q, w(1, 4096))?;
+        push(&q, w(2, 8192))?;
+        drop(q.push_marker(marker.clone())?);
         sent.push(Entry::Marker(marker));
         let mut odd = w(3, 5);
         odd.write.sync = true;
-        q.push_write(odd.clone())?;
+        push(&q, odd.clone())?;
         sent.push(Entry::Write(odd));
         assert_eq!(q.stats().spilled_total, 3);
         let mut got = Vec::new();
@@ -543,7 +576,7 @@ mod tests {
             backpressure: Backpressure::Block,
         })?;
         for s in 1..=40 {
-            q.push_write(w(s, 1 << 20))?;
+            push(&q, w(s, 1 << 20))?;
         }
         let allocated = || std::fs::metadata(&spill_path).map(|m| m.blocks() * 512);
         let full = allocated()?;

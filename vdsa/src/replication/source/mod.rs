@@ -291,13 +291,17 @@ impl SourceStream {
             }
         }
         let w = QueuedWrite { write: StreamWrite { seq: sq.next, ..w }, data: Arc::new(data) };
-        match self.queue.push_write(w) {
-            // A write only marked dirty takes no seq: the stream the
-            // target sees has no gap.
-            Ok(Pushed::Queued) => sq.next += 1,
-            Ok(Pushed::Dirty) => {}
-            Err(e) => return Err(ExportError::new(EIO, format!("send queue: {e}"))),
+        let (pushed, spill_writes) =
+            self.queue.push_write(w).map_err(|e| ExportError::new(EIO, format!("send queue: {e}")))?;
+        // A write only marked dirty takes no seq: the stream the target
+        // sees has no gap.
+        if pushed == Pushed::Queued {
+            sq.next += 1;
         }
+        // The spill's pages go to the disk after the sequencer is let go:
+        // the other disks' writes are queued meanwhile.
+        drop(sq);
+        drop(spill_writes);
         Ok(())
     }
 
@@ -421,7 +425,8 @@ impl SourceStream {
         drop(sq);
         self.released.notify_all();
         self.released_tasks.notify_waiters();
-        r.map(Some)
+        // Any spill page the marker filled is written here, on drop.
+        r.map(|(kind, _spill_writes)| Some(kind))
     }
 
     /// The checkpoint held now, if any.
