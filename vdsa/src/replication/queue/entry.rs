@@ -27,3 +27,21 @@ impl Entry {
         }
     }
 }
+
+#[cfg(test)]
+impl QueuedWrite {
+    /// A data write of `data` at block `seq` of one fixed disk.
+    pub fn for_test(seq: u64, data: Vec<u8>) -> QueuedWrite {
+        QueuedWrite {
+            write: StreamWrite {
+                seq,
+                disk: protection_groups::DiskId::from_bytes([1; 16]),
+                offset: seq * 4096,
+                len: data.len() as u64,
+                kind: protection_groups::WriteKind::Data,
+                sync: false,
+            },
+            data: Arc::new(data),
+        }
+    }
+}

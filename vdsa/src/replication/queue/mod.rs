@@ -366,8 +366,6 @@ fn mark_dirty(st: &mut State, w: &QueuedWrite) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::msg::StreamWrite;
-    use protection_groups::WriteKind;
     use std::sync::Arc;
 
     /// Pushes `w`; its spill pages are written before this returns.
@@ -376,17 +374,7 @@ mod tests {
     }
 
     fn w(seq: u64, n: usize) -> QueuedWrite {
-        QueuedWrite {
-            write: StreamWrite {
-                seq,
-                disk: DiskId::from_bytes([1; 16]),
-                offset: seq * 4096,
-                len: n as u64,
-                kind: WriteKind::Data,
-                sync: false,
-            },
-            data: Arc::new(vec![seq as u8; n]),
-        }
+        QueuedWrite::for_test(seq, vec![seq as u8; n])
     }
 
     /// The sender's wait ends when a write arrives, and a write that

@@ -412,21 +412,13 @@ fn decode_marker(b: &[u8]) -> Option<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protection_groups::{CheckpointKind, WriteKind};
+    use protection_groups::CheckpointKind;
 
     fn w(seq: u64, n: usize) -> Entry {
         let bytes: Vec<u8> = (0..n).map(|i| (seq as usize * 31 + i / 4096) as u8).collect();
-        Entry::Write(QueuedWrite {
-            write: StreamWrite {
-                seq,
-                disk: DiskId::from_bytes([1; 16]),
-                offset: seq * 4096,
-                len: n as u64,
-                kind: WriteKind::Data,
-                sync: seq.is_multiple_of(3),
-            },
-            data: Arc::new(bytes),
-        })
+        let mut x = QueuedWrite::for_test(seq, bytes);
+        x.write.sync = seq.is_multiple_of(3);
+        Entry::Write(x)
     }
 
     fn marker(id: u64) -> Entry {
