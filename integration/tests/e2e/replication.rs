@@ -256,6 +256,58 @@ fn refuses_bad_frames_strangers_and_stale_epochs_and_keeps_serving() {
     assert_eq!(checked, 2);
 }
 
+/// A paired source that offers batch after batch and never sends their
+/// blocks is refused once it is more offers ahead than any source's window
+/// allows, with the reason in the refusal: its offers would otherwise hold
+/// the target's memory without end.
+#[test]
+fn a_link_that_offers_without_end_is_refused() {
+    use std::io::Write;
+    use vdsa::wire::frame::{encode_header, VERSION};
+    use vdsa::wire::msg::{self, Offer, OfferItem, OfferedBlock, OfferedWrite, StreamWrite};
+    let dir = ok(tempfile::tempdir().map_err(Into::into));
+    let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
+    let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 1000));
+    let target = ok(tspec.start(lab()));
+    let (mut r, mut w) = ok(raw_link(&src_certs, tspec.port).map_err(Into::into));
+    let mut send = |kind: u16, payload: &[u8]| {
+        let mut frame = encode_header(VERSION, kind, payload).to_vec();
+        frame.extend_from_slice(payload);
+        ok(w.write_all(&frame).map_err(Into::into));
+    };
+    send(msg::HELLO, &hello(1));
+    let welcome = ok(vdsa::wire::read_frame(&mut r).map_err(Into::into));
+    assert_eq!(welcome.kind, msg::WELCOME);
+    let offers = 4 * vdsa::replication::source::OFFER_WINDOW as u64 + 1;
+    for batch in 1..=offers {
+        let write = StreamWrite {
+            seq: batch,
+            disk: disk_id("d0"),
+            offset: (batch % 2048) * 4096,
+            len: 4096,
+            kind: protection_groups::WriteKind::Data,
+            sync: false,
+        };
+        let block = OfferedBlock::Hash(*blake3::hash(&batch.to_be_bytes()).as_bytes());
+        let offer =
+            Offer { batch, epoch: 1, items: vec![OfferItem::Write(OfferedWrite { write, blocks: vec![block] })] };
+        send(msg::OFFER, &offer.encode());
+    }
+    let mut needs = 0;
+    let reason = loop {
+        let f = ok(vdsa::wire::read_frame(&mut r).map_err(Into::into));
+        match f.kind {
+            msg::NEED => needs += 1,
+            msg::REFUSE => break ok(msg::Refuse::decode(&f.payload).map_err(Into::into)).reason,
+            _ => {}
+        }
+    };
+    assert_eq!(needs, offers - 1, "every offer within the bound is answered");
+    assert!(reason.contains(&format!("batch {offers}: {} batches offered and not yet filled", offers - 1)), "{reason}");
+    assert!(target.log_text().contains("a source may offer at most"), "the target's log does not say why");
+    ok(target.shutdown());
+}
+
 /// Connections that hold a link open without moving it (hundreds that
 /// never start their TLS handshake, and links of a trusted site that stop
 /// in the middle of a frame) cost the target no thread each: while they

@@ -281,8 +281,8 @@ impl Roles {
             heartbeat: Duration::from_millis(self.cfg.heartbeat_ms.max(50)),
             bandwidth: r.bandwidth_bytes_per_sec,
             streams: r.streams_to_target,
-            batch_bytes: 4 << 20,
-            window: 4,
+            batch_bytes: crate::replication::source::BATCH_BYTES,
+            window: crate::replication::source::OFFER_WINDOW,
             entropy_signal: true,
         };
         let queue = QueueConfig {

@@ -534,8 +534,8 @@ fn source(a: SourceArgs) -> Result<()> {
         heartbeat: Duration::from_millis(a.heartbeat_ms.max(50)),
         bandwidth: parse_size(&a.bandwidth)?,
         streams: a.streams,
-        batch_bytes: 4 << 20,
-        window: 4,
+        batch_bytes: crate::replication::source::BATCH_BYTES,
+        window: crate::replication::source::OFFER_WINDOW,
         entropy_signal: true,
     };
     let queue = QueueConfig {

@@ -27,6 +27,13 @@ mod link;
 pub use export::SourceDisk;
 pub use link::split;
 
+/// Data bytes per batch at most, for every source the VDSA runs.
+pub const BATCH_BYTES: u64 = 4 << 20;
+/// Batches offered and not yet filled, at most: enough that the offers'
+/// round trips overlap with the blocks on the link (docs/performance.md,
+/// "The offer window": 16 replicated about a tenth faster than 4).
+pub const OFFER_WINDOW: usize = 16;
+
 /// What a source stream replicates, and to where.
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
@@ -42,9 +49,9 @@ pub struct SourceOptions {
     pub bandwidth: u64,
     /// Streams of the VPG that place each checkpoint marker.
     pub streams: u16,
-    /// Data bytes per batch at most.
+    /// Data bytes per batch at most ([`BATCH_BYTES`]).
     pub batch_bytes: u64,
-    /// Batches offered and not yet filled, at most.
+    /// Batches offered and not yet filled, at most ([`OFFER_WINDOW`]).
     pub window: usize,
     /// Count encrypting rewrites per checkpoint interval (the encryption
     /// signal; off only to measure what it costs).

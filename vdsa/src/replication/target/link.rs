@@ -133,6 +133,13 @@ impl Receiver {
                 offer.batch, offer.epoch, self.lease.epoch
             )));
         }
+        if self.pending.len() >= MAX_OFFERS_AHEAD {
+            return Err(LinkError::Refused(format!(
+                "batch {}: {} batches offered and not yet filled; a source may offer at most {MAX_OFFERS_AHEAD} ahead",
+                offer.batch,
+                self.pending.len()
+            )));
+        }
         let mut queries = Vec::new();
         for item in &offer.items {
             if let OfferItem::Write(w) = item {
@@ -448,6 +455,12 @@ pub(super) async fn serve(
     let _ = ingesting.await;
     result.map_err(|e| ingest_failed.lock().ok().and_then(|mut f| f.take()).unwrap_or(e))
 }
+
+/// Batches a link may offer before it fills the oldest: a source offers
+/// at most its window ahead (`source::OFFER_WINDOW`), and this leaves room
+/// for an older or differently tuned one. A link that offers more is
+/// refused: its offers would hold the target's memory without end.
+const MAX_OFFERS_AHEAD: usize = 4 * crate::replication::source::OFFER_WINDOW;
 
 /// How often the ingest task makes its stream durable (group commit) and
 /// acknowledges it, if it moved.
