@@ -585,4 +585,137 @@ mod tests {
         assert!(q.stats().spill_bytes > 0, "the spill is not empty (it would have been cut to nothing)");
         Ok(())
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A write of this many 4 KiB blocks.
+        Push(usize),
+        Marker,
+        /// The sender takes up to this many entries.
+        Take(usize),
+        /// The target acknowledges this many of the entries sent.
+        Ack(usize),
+        /// The link broke.
+        Rewind,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (1usize..=64).prop_map(Op::Push),
+            1 => (300usize..=400).prop_map(Op::Push),
+            1 => Just(Op::Marker),
+            3 => (1usize..=20).prop_map(Op::Take),
+            2 => (1usize..=20).prop_map(Op::Ack),
+            1 => Just(Op::Rewind),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
+
+        /// Any mix of writes (most of them through the spill's pages,
+        /// some larger than a page), markers, sends, acknowledgements and
+        /// link breaks: the sender gets exactly the entries not yet
+        /// acknowledged, in order, with their bytes, as a model queue says.
+        #[test]
+        fn the_queue_hands_out_what_a_model_queue_would(ops in proptest::collection::vec(op(), 1..120)) {
+            let dir = tempfile::tempdir().map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            let q = SendQueue::new(QueueConfig {
+                memory_bytes: 256 << 10,
+                spill_path: dir.path().join("spill"),
+                spill_bytes: 1 << 30,
+                backpressure: Backpressure::Block,
+            }).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            let fail = |e: io::Error| proptest::test_runner::TestCaseError::fail(e.to_string());
+            // The model: entries not acknowledged, and how many were sent.
+            let mut model: VecDeque<Entry> = VecDeque::new();
+            let mut sent = 0usize;
+            let (mut seq, mut marker) = (0u64, 0u64);
+            for op in ops {
+                match op {
+                    Op::Push(blocks) => {
+                        seq += 1;
+                        let data: Vec<u8> = (0..blocks * 4096).map(|i| (seq as usize * 13 + i / 4096 + i % 7) as u8).collect();
+                        let w = QueuedWrite::for_test(seq, data);
+                        proptest::prop_assert_eq!(push(&q, w.clone()).map_err(fail)?, Pushed::Queued);
+                        model.push_back(Entry::Write(w));
+                    }
+                    Op::Marker => {
+                        marker += 1;
+                        let m = Marker {
+                            id: marker,
+                            kind: CheckpointKind::Automatic,
+                            name: format!("m{marker}"),
+                            source_time_ms: marker,
+                            cut_seq: seq,
+                            streams: 1,
+                        };
+                        drop(q.push_marker(m.clone()).map_err(fail)?);
+                        model.push_back(Entry::Marker(m));
+                    }
+                    Op::Take(n) => {
+                        // Up to `n`, in order.
+                        let got = q.next_unsent(u64::MAX, n).map_err(fail)?;
+                        let want: Vec<Entry> = model.iter().skip(sent).take(got.len()).cloned().collect();
+                        // None while the memory budget is taken by entries
+                        // sent and not acknowledged.
+                        proptest::prop_assert!(got.len() <= n && (model.len() > sent || got.is_empty()));
+                        proptest::prop_assert!(got == want, "took {} entries that differ from the model's next", got.len());
+                        sent += got.len();
+                    }
+                    Op::Ack(n) => {
+                        let n = n.min(sent);
+                        if n == 0 {
+                            continue;
+                        }
+                        let (mut upto, mut cp) = (0, 0);
+                        for e in model.iter().take(n) {
+                            match e {
+                                Entry::Write(w) => upto = upto.max(w.write.seq),
+                                Entry::Marker(m) => cp = cp.max(m.id),
+                            }
+                        }
+                        q.acknowledge(upto, cp).map_err(fail)?;
+                        while let Some(front) = model.front() {
+                            let done = match front {
+                                Entry::Write(w) => w.write.seq <= upto,
+                                Entry::Marker(m) => m.id <= cp && m.cut_seq <= upto,
+                            };
+                            if !done {
+                                break;
+                            }
+                            model.pop_front();
+                            sent = sent.saturating_sub(1);
+                        }
+                    }
+                    Op::Rewind => {
+                        q.rewind().map_err(fail)?;
+                        sent = 0;
+                    }
+                }
+                proptest::prop_assert_eq!(q.stats().entries, model.len() as u64);
+            }
+            // Whatever is left comes out whole, in order.
+            q.rewind().map_err(fail)?;
+            let mut rest = Vec::new();
+            loop {
+                let got = q.next_unsent(u64::MAX, 64).map_err(fail)?;
+                if got.is_empty() {
+                    break;
+                }
+                let (mut upto, mut cp) = (0, 0);
+                for e in &got {
+                    match e {
+                        Entry::Write(w) => upto = upto.max(w.write.seq),
+                        Entry::Marker(m) => (upto, cp) = (upto.max(m.cut_seq), cp.max(m.id)),
+                    }
+                }
+                q.acknowledge(upto, cp).map_err(fail)?;
+                rest.extend(got);
+            }
+            proptest::prop_assert!(rest == Vec::from(model), "the rest of the queue differs from the model");
+            proptest::prop_assert!(q.is_empty());
+        }
+    }
 }
