@@ -714,7 +714,7 @@ mod tests {
                 q.acknowledge(upto, cp).map_err(fail)?;
                 rest.extend(got);
             }
-            proptest::prop_assert!(rest == Vec::from(model), "the rest of the queue differs from the model");
+            proptest::prop_assert!(model == rest, "the rest of the queue differs from the model");
             proptest::prop_assert!(q.is_empty());
         }
     }
