@@ -29,11 +29,14 @@ pub struct TwoSiteOptions {
     pub seconds: f64,
     pub cuts: usize,
     pub heartbeat_ms: u64,
+    /// The source's send queue memory (`--queue-memory`); what does not
+    /// fit goes to its spill file.
+    pub queue_memory: String,
 }
 
 impl Default for TwoSiteOptions {
     fn default() -> Self {
-        TwoSiteOptions { disk_size: 32 << 20, seconds: 30.0, cuts: 5, heartbeat_ms: 300 }
+        TwoSiteOptions { disk_size: 32 << 20, seconds: 30.0, cuts: 5, heartbeat_ms: 300, queue_memory: "64M".into() }
     }
 }
 
@@ -125,7 +128,8 @@ pub fn run(lab: &Path, dir: &Path, o: &TwoSiteOptions, mut say: impl FnMut(Strin
     let disks: Vec<(String, u64)> = (0..3).map(|i| (format!("d{i}"), size)).collect();
     let names: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
     let mut sspec = SourceSpec::new(dir, &src_certs, &proxy.addr(), "vpg1", &disks);
-    sspec.extra = vec!["--heartbeat-ms".into(), o.heartbeat_ms.to_string(), "--queue-memory".into(), "64M".into()];
+    sspec.extra =
+        vec!["--heartbeat-ms".into(), o.heartbeat_ms.to_string(), "--queue-memory".into(), o.queue_memory.clone()];
     let mut source = Some(sspec.start(lab)?);
     let mut model = ReferenceModel::new(&[size; 3]);
     let mut qemu: Vec<QemuDisk> = (0..3).map(|i| qemu_disk(dir, i, size, &mut model)).collect::<Result<_>>()?;

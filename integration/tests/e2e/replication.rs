@@ -105,9 +105,16 @@ fn survives_cuts_stalls_and_kills_of_both_daemons() {
         "qemu-storage-daemon is needed (integration/run-tests installs qemu-utils)"
     );
     let dir = ok(tempfile::tempdir().map_err(Into::into));
-    let r = ok(run(lab(), dir.path(), &TwoSiteOptions::default(), |line| eprintln!("{line}")));
+    // A queue memory of 16 MiB: what waits through the cuts, the stall and
+    // the kills goes through the spill file's pages and back.
+    let options = TwoSiteOptions { queue_memory: "16M".into(), ..TwoSiteOptions::default() };
+    let r = ok(run(lab(), dir.path(), &options, |line| eprintln!("{line}")));
     eprintln!("{r:?}");
     assert_eq!((r.cuts, r.stalls), (5, 1));
+    // The source's last run alone (its counters start again after its
+    // kill) spilled some hundreds of writes: megabytes, so whole pages.
+    let spilled = r.source_status["queue"]["spilled_total"].as_u64().unwrap_or(0);
+    assert!(spilled > 100, "only {spilled} entries went through the spill: {}", r.source_status);
     // The first link, five cuts, the stall, the target's restart, the
     // source's restart: each time the link came back.
     assert!(r.links_up >= 9, "the link came up only {} times", r.links_up);
