@@ -256,29 +256,45 @@ impl SendQueue {
         Ok(())
     }
 
-    /// Up to `max_bytes` of entries not yet on the link (at least one if
-    /// any), waiting up to `wait` for one to arrive. The wait holds no
-    /// thread: a notification left by an arrival while the sender was busy
-    /// ends the next wait at once, so none is missed.
+    /// Up to `max_bytes` of entries in memory not yet on the link (at least
+    /// one if any), waiting up to `wait` for one to arrive. The wait holds
+    /// no thread: a notification left by an arrival while the sender was
+    /// busy ends the next wait at once, so none is missed. It never reads
+    /// the spill file (an async task must not wait for the disk): when
+    /// [`SendQueue::wants_spill_read`] says so, the caller takes entries
+    /// with [`SendQueue::next_unsent`] on a thread that may block.
     pub async fn next_unsent_or_wait(
         &self,
         max_bytes: u64,
         max_items: usize,
         wait: Duration,
     ) -> io::Result<Vec<Entry>> {
-        let found = self.next_unsent(max_bytes, max_items)?;
+        let found = self.take_unsent(max_bytes, max_items, false)?;
         if !found.is_empty() || wait.is_zero() {
             return Ok(found);
         }
         let _ = tokio::time::timeout(wait, self.arrived.notified()).await;
-        self.next_unsent(max_bytes, max_items)
+        self.take_unsent(max_bytes, max_items, false)
+    }
+
+    /// Whether every entry in memory is on the link and spilled ones wait
+    /// for the room there is: taking the next entries reads the spill file.
+    pub fn wants_spill_read(&self) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|st| st.sent >= st.mem.len() && st.spill.entries() > 0 && st.mem_bytes < self.cfg.memory_bytes)
     }
 
     /// Up to `max_bytes` of entries not yet on the link (at least one if
-    /// any), without waiting.
+    /// any), without waiting; reads spilled entries back into memory when
+    /// every entry there is on the link.
     pub fn next_unsent(&self, max_bytes: u64, max_items: usize) -> io::Result<Vec<Entry>> {
+        self.take_unsent(max_bytes, max_items, true)
+    }
+
+    fn take_unsent(&self, max_bytes: u64, max_items: usize, read_spill: bool) -> io::Result<Vec<Entry>> {
         let mut st = lock(&self.state)?;
-        if st.sent >= st.mem.len() {
+        if read_spill && st.sent >= st.mem.len() {
             self.refill(&mut st)?;
         }
         let mut out = Vec::new();

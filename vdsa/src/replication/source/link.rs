@@ -184,7 +184,7 @@ impl SourceStream {
     }
 
     async fn send_loop(
-        &self,
+        self: &Arc<Self>,
         w: &mut AsyncLinkWriter,
         rx: &mut mpsc::UnboundedReceiver<Result<Need, LinkError>>,
         base: u64,
@@ -234,7 +234,14 @@ impl SourceStream {
             if pending.len() < self.opts.window {
                 let wait = if pending.is_empty() { Duration::from_millis(5) } else { Duration::ZERO };
                 let max_bytes = self.throttle.batch_bytes(self.opts.batch_bytes);
-                let entries = self.queue.next_unsent_or_wait(max_bytes, 4096, wait).await?;
+                let entries = if self.queue.wants_spill_read() {
+                    // Reading the spill waits for the disk: not on the
+                    // link's runtime.
+                    let me = self.clone();
+                    blocking_call(move || me.queue.next_unsent(max_bytes, 4096)).await??
+                } else {
+                    self.queue.next_unsent_or_wait(max_bytes, 4096, wait).await?
+                };
                 let entries: Vec<Entry> = entries
                     .into_iter()
                     .filter(|e| match e {
