@@ -54,9 +54,28 @@ pub fn open_write(path: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path)
 }
 
+/// Runs the transfer `op` on `file`; if the filesystem refuses it as a
+/// direct transfer (EINVAL), turns `O_DIRECT` off on the descriptor and
+/// runs it again through the page cache, as every later transfer on it
+/// goes. `what` names the file's role in the warning.
+pub fn or_through_page_cache<T>(
+    file: &File,
+    what: &str,
+    mut op: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    match op() {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!("the filesystem refused a direct transfer to {what} ({e}); going through the page cache");
+            clear_direct(file)?;
+            op()
+        }
+        r => r,
+    }
+}
+
 /// Turns `O_DIRECT` off on an open descriptor, after the filesystem
 /// refused a direct transfer (EINVAL) that the caller then repeats.
-pub fn clear_direct(file: &File) -> std::io::Result<()> {
+fn clear_direct(file: &File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     // SAFETY: F_GETFL and F_SETFL read and set the descriptor's status

@@ -12,7 +12,7 @@
 //! accepting writes.
 
 use super::error::{JournalError, Result};
-use crate::direct_io::{clear_direct, AlignedBuf, DIRECT_ALIGN};
+use crate::direct_io::{or_through_page_cache, AlignedBuf, DIRECT_ALIGN};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -206,14 +206,7 @@ fn write_direct(file: &File, aligned: &mut AlignedBuf, head: &[u8], data: &[u8],
     buf[head.len()..total].copy_from_slice(data);
     buf[total..].fill(0);
     let start = offset - head.len() as u64;
-    match file.write_all_at(buf, start) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::warn!("the filesystem refused a direct write ({e}); writing through the page cache");
-            clear_direct(file)?;
-            file.write_all_at(buf, start)
-        }
-        r => r,
-    }
+    or_through_page_cache(file, "a chunk pack", || file.write_all_at(buf, start))
 }
 
 /// Starts writing the range back to the device without waiting for it, so

@@ -17,7 +17,7 @@
 //! a delta sync follows.
 
 use super::entry::{Entry, QueuedWrite};
-use crate::direct_io::{clear_direct, AlignedBuf};
+use crate::direct_io::{or_through_page_cache, AlignedBuf};
 use crate::wire::msg::{kind_code, kind_from_code, write_kind_code, write_kind_from_code, Marker, StreamWrite};
 use protection_groups::DiskId;
 use std::collections::VecDeque;
@@ -45,16 +45,7 @@ pub struct FullPage {
 impl FullPage {
     pub fn write(&self) -> io::Result<()> {
         let bytes = self.buf.first(PAGE).ok_or_else(|| io::Error::other("a spill page shorter than a page"))?;
-        match self.file.write_all_at(bytes, self.start) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(
-                    "the filesystem refused a direct write to the spill ({e}); writing through the page cache"
-                );
-                clear_direct(&self.file)?;
-                self.file.write_all_at(bytes, self.start)
-            }
-            r => r,
-        }
+        or_through_page_cache(&self.file, "the spill file", || self.file.write_all_at(bytes, self.start))
     }
 }
 
@@ -284,13 +275,8 @@ impl Spill {
             None => self.spare.pop().unwrap_or_default(),
         };
         let bytes = buf.get(PAGE);
-        let r = match self.file.read_exact_at(bytes, start) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                clear_direct(&self.file).and_then(|()| self.file.read_exact_at(bytes, start))
-            }
-            r => r,
-        };
-        r.map_err(|e| {
+        let file = &self.file;
+        or_through_page_cache(file, "the spill file", || file.read_exact_at(bytes, start)).map_err(|e| {
             io::Error::other(format!("reading back the spill page at {start} of {}: {e}", self.path.display()))
         })?;
         self.head = Some((start, buf));
