@@ -280,9 +280,11 @@ impl SendQueue {
     /// Whether every entry in memory is on the link and spilled ones wait
     /// for the room there is: taking the next entries reads the spill file.
     pub fn wants_spill_read(&self) -> bool {
-        self.state
-            .lock()
-            .is_ok_and(|st| st.sent >= st.mem.len() && st.spill.entries() > 0 && st.mem_bytes < self.cfg.memory_bytes)
+        self.state.lock().is_ok_and(|st| self.spill_read_due(&st))
+    }
+
+    fn spill_read_due(&self, st: &State) -> bool {
+        st.sent >= st.mem.len() && st.spill.entries() > 0 && st.mem_bytes < self.cfg.memory_bytes
     }
 
     /// Up to `max_bytes` of entries not yet on the link (at least one if
@@ -294,7 +296,7 @@ impl SendQueue {
 
     fn take_unsent(&self, max_bytes: u64, max_items: usize, read_spill: bool) -> io::Result<Vec<Entry>> {
         let mut st = lock(&self.state)?;
-        if read_spill && st.sent >= st.mem.len() {
+        if read_spill && self.spill_read_due(&st) {
             self.refill(&mut st)?;
         }
         let mut out = Vec::new();
