@@ -53,6 +53,8 @@ type PrefixMap = HashMap<u64, ChunkId, BuildHasherDefault<PrefixHasher>>;
 
 /// A set of block hashes, hashed by their own first bytes.
 pub type HashSetOfBlocks = std::collections::HashSet<Hash, BuildHasherDefault<PrefixHasher>>;
+/// A map keyed by block hashes, hashed by their own first bytes.
+pub type HashMapOfBlocks<V> = HashMap<Hash, V, BuildHasherDefault<PrefixHasher>>;
 
 /// Where one chunk lives. 48 bytes: the catalog is the store's only
 /// per-chunk memory besides the 12-byte prefix map entry.

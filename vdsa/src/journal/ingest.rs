@@ -3,7 +3,7 @@
 //! dedup against the chunk store, read-modify-write of partial blocks, and
 //! the write records handed to the log after their chunks.
 
-use super::chunks::{self, ChunkId, Hash, PreparedChunk};
+use super::chunks::{self, ChunkId, Hash, HashMapOfBlocks, HashSetOfBlocks, PreparedChunk};
 use super::format::{self, BlockRef, Record, WriteRecord};
 use super::index::{Version, ZERO_CHUNK};
 use super::log::SegmentSummary;
@@ -13,7 +13,7 @@ use super::{
 };
 use protection_groups::WriteKind;
 use protection_groups::{DiskId, StreamId};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The 4 KiB-aligned, whole blocks of a data write, in order.
@@ -105,11 +105,11 @@ pub(super) fn par_map_parts<T: Sync, R: Send>(
 #[derive(Debug, Default)]
 pub(super) struct HeldBlocks {
     /// Head contents that the batch may overwrite, by hash.
-    pub(super) captured: HashMap<Hash, Vec<u8>>,
+    pub(super) captured: HashMapOfBlocks<Vec<u8>>,
     /// Held blocks found in the store, each with a reference that is
     /// given back after the batch; the batch's versions take their own
     /// from the id, without finding the hash again.
-    pub(super) pinned: HashMap<Hash, ChunkId>,
+    pub(super) pinned: HashMapOfBlocks<ChunkId>,
 }
 
 impl State {
@@ -202,7 +202,7 @@ impl State {
         hash: Hash,
         block: u64,
         disk: DiskId,
-        captured: &HashMap<Hash, Vec<u8>>,
+        captured: &HashMapOfBlocks<Vec<u8>>,
     ) -> Result<ChunkId> {
         let content = match (self.chunks.lookup(&hash)?, captured.get(&hash)) {
             (Some(_), _) => content,
@@ -247,14 +247,14 @@ impl State {
         writes: &[TapWrite<'_>],
         hashes: &[Option<Hash>],
         held: &[bool],
-        captured: &mut HashMap<Hash, Vec<u8>>,
-        pinned: &mut HashMap<Hash, ChunkId>,
+        captured: &mut HashMapOfBlocks<Vec<u8>>,
+        pinned: &mut HashMapOfBlocks<ChunkId>,
     ) -> Result<()> {
         let bs = BLOCK_SIZE as u64;
         let mut i = 0usize;
         // Blocks sent earlier in this batch are stored before a later held
         // block with their hash is.
-        let mut sent_before = HashSet::new();
+        let mut sent_before = HashSetOfBlocks::default();
         for w in writes {
             let first = w.offset.div_ceil(bs);
             for k in 0..full_blocks(w).count() {

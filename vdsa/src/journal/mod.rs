@@ -52,7 +52,7 @@ use log::{Log, SegmentSummary};
 use meta::{read_meta, write_meta_file, Meta, META_FILE, META_FORMAT, META_FORMAT_SHARED_CHUNKS};
 use protection_groups::{CheckpointId, DiskId, StreamId};
 use replica::{open_replica, read_replica, replica_path, DiskState};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU32;
@@ -511,7 +511,7 @@ impl Journal {
             st.validate(stream, writes)?;
             // Compress, in parallel, only the blocks the store lacks (each
             // distinct one once); indexed like `full`.
-            let mut seen = HashSet::new();
+            let mut seen = HashSetOfBlocks::default();
             let new: Vec<usize> = hashes
                 .iter()
                 .enumerate()
