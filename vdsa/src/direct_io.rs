@@ -47,6 +47,90 @@ impl AlignedBuf {
     }
 }
 
+/// A growable byte buffer whose content starts aligned for `O_DIRECT`, so
+/// that it can be written straight to a file opened with it: the journal
+/// assembles chunk pack entries in one and hands it to the writer without
+/// a copy into an aligned buffer (docs/performance.md, "Copies of a
+/// block"). Growing it copies the content into a new aligned allocation.
+#[derive(Debug, Default)]
+pub struct AlignedVec {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedVec {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The content, starting at an aligned address.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[self.start..self.start + self.len]
+    }
+
+    /// Empties the buffer, keeping its memory.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Room for `extra` more bytes without moving the content again.
+    pub fn reserve(&mut self, extra: usize) {
+        let need = self.len + extra;
+        if self.start + need <= self.bytes.len() {
+            return;
+        }
+        let cap = need.max(2 * self.bytes.len().saturating_sub(self.start)).next_multiple_of(DIRECT_ALIGN);
+        let mut bytes = vec![0; cap + DIRECT_ALIGN];
+        let start = bytes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        bytes[start..start + self.len].copy_from_slice(self.as_slice());
+        self.bytes = bytes;
+        self.start = start;
+    }
+
+    pub fn extend_from_slice(&mut self, more: &[u8]) {
+        self.reserve(more.len());
+        let at = self.start + self.len;
+        self.bytes[at..at + more.len()].copy_from_slice(more);
+        self.len += more.len();
+    }
+
+    /// The buffer made ready for a direct write: zeros from its end to the
+    /// next aligned length.
+    pub fn into_padded(mut self) -> PaddedBuf {
+        let padded = self.len.next_multiple_of(DIRECT_ALIGN);
+        self.reserve(padded - self.len);
+        let end = self.start + self.len;
+        self.bytes[end..self.start + padded].fill(0);
+        PaddedBuf(self)
+    }
+}
+
+/// An [`AlignedVec`] followed by zeros up to the next aligned length:
+/// what a direct write of its content writes.
+#[derive(Debug)]
+pub struct PaddedBuf(AlignedVec);
+
+impl PaddedBuf {
+    /// The content, without the padding.
+    pub fn as_slice(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+
+    /// The content and the zeros after it: an aligned length.
+    pub fn padded(&self) -> &[u8] {
+        let v = &self.0;
+        &v.bytes[v.start..v.start + v.len.next_multiple_of(DIRECT_ALIGN)]
+    }
+
+    /// The buffer back, emptied, for reuse.
+    pub fn into_empty(self) -> AlignedVec {
+        let mut v = self.0;
+        v.clear();
+        v
+    }
+}
+
 /// `path` opened again for writing with `O_DIRECT`, or the reason the
 /// filesystem has none.
 pub fn open_write(path: &Path) -> std::io::Result<File> {
@@ -106,5 +190,31 @@ mod tests {
         assert_eq!(b.first(8192).map(|s| s[0]), Some(7));
         let big = AlignedBuf::with_len(1 << 20);
         assert_eq!(big.first(1 << 20).map(|s| s.as_ptr() as usize % DIRECT_ALIGN), Some(0));
+    }
+
+    #[test]
+    fn a_growing_vec_keeps_its_content_aligned_and_pads_with_zeros() {
+        let mut v = AlignedVec::default();
+        let mut model = Vec::new();
+        for i in 0..3000u32 {
+            let piece: Vec<u8> = (0..(i % 97) as u8).map(|b| b ^ i as u8).collect();
+            v.extend_from_slice(&piece);
+            model.extend_from_slice(&piece);
+            if v.len() > 0 {
+                assert_eq!(v.as_slice().as_ptr() as usize % DIRECT_ALIGN, 0);
+            }
+        }
+        assert_eq!(v.as_slice(), &model[..]);
+        assert_eq!(v.len(), model.len());
+        // Dirty the bytes after the content, as a reused buffer has them.
+        v.extend_from_slice(&[0xff; 5000]);
+        let mut v = v.into_padded().into_empty();
+        assert_eq!(v.len(), 0);
+        v.extend_from_slice(&model);
+        let p = v.into_padded();
+        assert_eq!(p.as_slice(), &model[..]);
+        assert_eq!(p.padded().len(), model.len().next_multiple_of(DIRECT_ALIGN));
+        assert!(p.padded()[model.len()..].iter().all(|&b| b == 0));
+        assert_eq!(p.padded().as_ptr() as usize % DIRECT_ALIGN, 0);
     }
 }

@@ -10,11 +10,12 @@ use super::error::{JournalError, Result};
 use super::fsutil;
 use super::model::BLOCK_SIZE;
 use super::pack_format::{
-    append_entry, next_valid_entry, pack_header, parse_entry, CHUNK_HEADER_LEN, FLAG_ZSTD, PACK_HEADER_LEN,
+    entry_header, next_valid_entry, pack_header, parse_entry, CHUNK_HEADER_LEN, FLAG_ZSTD, PACK_HEADER_LEN,
 };
 pub use super::pack_format::{pack_path, Hash};
 use super::pack_index::{self, IndexedChunk};
 use super::writer::Writer;
+use crate::direct_io::{AlignedVec, PaddedBuf, DIRECT_ALIGN};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -81,6 +82,25 @@ struct Pack {
     live_bytes: u64,
 }
 
+/// A buffer of entries handed to the writer.
+#[derive(Debug)]
+struct Inflight {
+    pack: u32,
+    /// The pack offset of the first entry byte (after the prefix).
+    offset: u64,
+    data: Arc<PaddedBuf>,
+    /// Bytes before the first entry: the file's bytes from a block boundary.
+    prefix: usize,
+    /// The writer's sequence number for it.
+    seq: u64,
+}
+
+impl Inflight {
+    fn entries(&self) -> &[u8] {
+        &self.data.as_slice()[self.prefix..]
+    }
+}
+
 /// A block made ready for the store outside the journal's lock.
 #[derive(Debug)]
 pub struct PreparedChunk {
@@ -99,16 +119,18 @@ pub struct ChunkStore {
     overflow: HashMap<Hash, ChunkId>,
     packs: BTreeMap<u32, Pack>,
     active: u32,
-    /// Entries appended to the active pack but not yet handed to the writer.
-    pending: Vec<u8>,
-    /// The active pack's bytes from its last block boundary to its length:
-    /// a direct write starts on the boundary, so it writes them again.
-    tail: Vec<u8>,
-    /// Buffers handed to the writer, readable here until it wrote them:
-    /// (pack, offset, bytes, writer sequence number).
-    inflight: Vec<(u32, u64, Arc<Vec<u8>>, u64)>,
+    /// Entries appended to the active pack but not yet handed to the
+    /// writer, after `pending_prefix` bytes the pack's file already holds.
+    pending: AlignedVec,
+    /// For a pack written with `O_DIRECT`: its bytes from the last block
+    /// boundary to its length, at the start of `pending`, so that the
+    /// buffer is written as it is from that boundary on (a direct write
+    /// starts on one). Zero for a pack written through the page cache.
+    pending_prefix: usize,
+    /// Buffers handed to the writer, readable here until it wrote them.
+    inflight: Vec<Inflight>,
     /// Written buffers kept for reuse (fresh ones cost page faults).
-    spare: Vec<Vec<u8>>,
+    spare: Vec<AlignedVec>,
     unsynced: Vec<u32>,
     dir_dirty: bool,
     pack_bytes: u64,
@@ -187,8 +209,8 @@ impl ChunkStore {
             overflow: HashMap::new(),
             packs: BTreeMap::new(),
             active: 0,
-            pending: Vec::new(),
-            tail: Vec::new(),
+            pending: AlignedVec::default(),
+            pending_prefix: 0,
             inflight: Vec::new(),
             spare: Vec::new(),
             unsynced: Vec::new(),
@@ -333,7 +355,12 @@ impl ChunkStore {
             .map_err(|e| JournalError::io("writing the header of", &path, e))?;
         fsutil::sync_dir(&self.dir)?;
         let direct = open_direct(&path);
-        self.tail = pack_header(self.active).to_vec();
+        self.pending.clear();
+        self.pending_prefix = 0;
+        if direct.is_some() {
+            self.pending.extend_from_slice(&pack_header(self.active));
+            self.pending_prefix = PACK_HEADER_LEN;
+        }
         let pack = Pack { file: Arc::new(file), direct, path, len: PACK_HEADER_LEN as u64, live_bytes: 0 };
         self.packs.insert(self.active, pack);
         Ok(())
@@ -401,7 +428,9 @@ impl ChunkStore {
             Some(c) => (FLAG_ZSTD, c),
             None => (0, block),
         };
-        append_entry(&mut self.pending, &prepared.hash, flags, stored);
+        self.pending.reserve(CHUNK_HEADER_LEN + stored.len());
+        self.pending.extend_from_slice(&entry_header(&prepared.hash, flags, stored));
+        self.pending.extend_from_slice(stored);
         self.active_index.push(IndexedChunk { hash: prepared.hash, offset, stored_len: stored.len() as u16 });
         Ok(self.add_entry(ChunkEntry {
             hash: prepared.hash,
@@ -416,11 +445,11 @@ impl ChunkStore {
     /// pack if this one is full.
     fn next_offset(&mut self, w: &mut Writer) -> Result<u32> {
         match self.packs.get(&self.active) {
-            Some(p) if p.len + self.pending.len() as u64 >= self.pack_bytes => self.roll_pack(w)?,
+            Some(p) if p.len + self.pending_len() as u64 >= self.pack_bytes => self.roll_pack(w)?,
             Some(_) => {}
             None => self.start_pack()?,
         }
-        let offset = self.packs.get(&self.active).map_or(0, |p| p.len) + self.pending.len() as u64;
+        let offset = self.packs.get(&self.active).map_or(0, |p| p.len) + self.pending_len() as u64;
         u32::try_from(offset).map_err(|_| JournalError::InvalidWrite("pack offset overflow".into()))
     }
 
@@ -435,30 +464,37 @@ impl ChunkStore {
 
     /// Bytes of entries not yet handed to the writer.
     pub fn pending_len(&self) -> usize {
-        self.pending.len()
+        self.pending.len() - self.pending_prefix
     }
 
     /// Hands pending entries to the writer for the active pack (no fsync).
     pub fn flush_pending(&mut self, w: &mut Writer) -> Result<()> {
         self.reclaim(w.completed()?);
-        if self.pending.is_empty() {
+        if self.pending_len() == 0 {
             return Ok(());
         }
         let Some(pack) = self.packs.get_mut(&self.active) else {
             return Ok(());
         };
-        let fresh = self.spare.pop().unwrap_or_default();
-        let data = Arc::new(std::mem::replace(&mut self.pending, fresh));
-        let len = data.len() as u64;
+        let prefix = self.pending_prefix;
+        let len = (self.pending.len() - prefix) as u64;
+        let mut fresh = self.spare.pop().unwrap_or_default();
+        fresh.clear();
+        self.pending_prefix = 0;
+        if pack.direct.is_some() {
+            // The next buffer starts at the block boundary before the new
+            // end of the pack, with the bytes from there on.
+            let r = ((pack.len + len) % DIRECT_ALIGN as u64) as usize;
+            let content = self.pending.as_slice();
+            fresh.extend_from_slice(&content[content.len() - r..]);
+            self.pending_prefix = r;
+        }
+        let data = Arc::new(std::mem::replace(&mut self.pending, fresh).into_padded());
         let seq = match &pack.direct {
-            Some(direct) => {
-                let head = std::mem::take(&mut self.tail);
-                self.tail = tail_after(&head, &data, pack.len + len);
-                w.submit_direct(direct, &pack.path, pack.len, head, data.clone())?
-            }
-            None => w.submit(&pack.file, &pack.path, pack.len, data.clone())?,
+            Some(direct) => w.submit_direct(direct, &pack.path, pack.len - prefix as u64, data.clone())?,
+            None => w.submit_pack(&pack.file, &pack.path, pack.len, data.clone())?,
         };
-        self.inflight.push((self.active, pack.len, data, seq));
+        self.inflight.push(Inflight { pack: self.active, offset: pack.len, data, prefix, seq });
         pack.len += len;
         if !self.unsynced.contains(&self.active) {
             self.unsynced.push(self.active);
@@ -468,20 +504,16 @@ impl ChunkStore {
 
     /// Forgets in-flight buffers the writer has written, keeping them for reuse.
     fn reclaim(&mut self, completed: u64) {
-        let spare = &mut self.spare;
-        self.inflight.retain_mut(|(_, _, data, seq)| {
-            if *seq > completed {
-                return true;
-            }
-            let taken = std::mem::take(data);
-            if let Ok(mut v) = Arc::try_unwrap(taken) {
-                if spare.len() < super::writer::QUEUE_DEPTH {
-                    v.clear();
-                    spare.push(v);
+        let (done, waiting): (Vec<Inflight>, Vec<Inflight>) =
+            std::mem::take(&mut self.inflight).into_iter().partition(|b| b.seq <= completed);
+        self.inflight = waiting;
+        for b in done {
+            if let Ok(buf) = Arc::try_unwrap(b.data) {
+                if self.spare.len() < super::writer::QUEUE_DEPTH {
+                    self.spare.push(buf.into_empty());
                 }
             }
-            false
-        });
+        }
     }
 
     /// Makes every chunk inserted so far durable.
@@ -592,12 +624,12 @@ impl ChunkStore {
     fn buffer_at(&self, pack_no: u32, off: u64) -> Option<(&[u8], u64)> {
         let file_len = self.packs.get(&pack_no)?.len;
         if pack_no == self.active && off >= file_len {
-            return Some((&self.pending, file_len));
+            return Some((&self.pending.as_slice()[self.pending_prefix..], file_len));
         }
         self.inflight
             .iter()
-            .find(|(p, start, data, _)| *p == pack_no && off >= *start && off < start + data.len() as u64)
-            .map(|(_, start, data, _)| (&data[..], *start))
+            .find(|b| b.pack == pack_no && off >= b.offset && off < b.offset + b.entries().len() as u64)
+            .map(|b| (b.entries(), b.offset))
     }
 
     /// Reads several chunks, each into `out[at..at + BLOCK_SIZE]`. Entries
@@ -753,7 +785,7 @@ impl ChunkStore {
 
     /// Bytes of pack files (including pending).
     pub fn bytes(&self) -> u64 {
-        self.packs.values().map(|p| p.len).sum::<u64>() + self.pending.len() as u64
+        self.packs.values().map(|p| p.len).sum::<u64>() + self.pending_len() as u64
     }
 
     /// Bytes of pack entries that something still references.
@@ -797,20 +829,6 @@ fn open_direct(path: &Path) -> Option<Arc<File>> {
             tracing::debug!(path = %path.display(), "no direct I/O for the pack: {e}");
             None
         }
-    }
-}
-
-/// The bytes from the last block boundary before `end` to `end`, where
-/// `head` + `data` are the file's bytes just before `end`.
-fn tail_after(head: &[u8], data: &[u8], end: u64) -> Vec<u8> {
-    let r = (end % crate::direct_io::DIRECT_ALIGN as u64) as usize;
-    if r <= data.len() {
-        data[data.len() - r..].to_vec()
-    } else {
-        let from_head = r - data.len();
-        let mut t = head[head.len().saturating_sub(from_head)..].to_vec();
-        t.extend_from_slice(data);
-        t
     }
 }
 

@@ -32,21 +32,19 @@ pub fn pack_header(no: u32) -> [u8; PACK_HEADER_LEN] {
     h
 }
 
-/// Appends one entry (header, then the stored bytes) to `out`.
-pub fn append_entry(out: &mut Vec<u8>, hash: &Hash, flags: u8, stored: &[u8]) {
-    let start = out.len();
-    out.extend_from_slice(&CHUNK_MAGIC.to_le_bytes());
-    out.extend_from_slice(hash);
-    out.push(flags);
-    out.extend_from_slice(&(stored.len() as u32).to_le_bytes());
-    let crc_pos = out.len();
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(stored);
-    let mut h = crc32fast::Hasher::new();
-    h.update(&out[start + 4..crc_pos]);
-    h.update(stored);
-    let crc = h.finalize();
-    out[crc_pos..crc_pos + 4].copy_from_slice(&crc.to_le_bytes());
+/// One entry's header: magic, hash, flags, stored length and the CRC of
+/// those and of the stored bytes, which follow it in the pack.
+pub fn entry_header(hash: &Hash, flags: u8, stored: &[u8]) -> [u8; CHUNK_HEADER_LEN] {
+    let mut h = [0u8; CHUNK_HEADER_LEN];
+    h[..4].copy_from_slice(&CHUNK_MAGIC.to_le_bytes());
+    h[4..36].copy_from_slice(hash);
+    h[36] = flags;
+    h[37..41].copy_from_slice(&(stored.len() as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[4..41]);
+    crc.update(stored);
+    h[41..45].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
 }
 
 /// Parses one entry at the start of `buf`: (hash, flags, stored length).

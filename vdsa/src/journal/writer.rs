@@ -12,7 +12,7 @@
 //! accepting writes.
 
 use super::error::{JournalError, Result};
-use crate::direct_io::{or_through_page_cache, AlignedBuf, DIRECT_ALIGN};
+use crate::direct_io::{or_through_page_cache, PaddedBuf, DIRECT_ALIGN};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -30,12 +30,20 @@ struct Job {
     file: Arc<File>,
     path: PathBuf,
     offset: u64,
-    data: Arc<Vec<u8>>,
-    /// Set for a file opened with `O_DIRECT`: the file's bytes from the
-    /// block boundary before `offset` up to it, written again in front of
-    /// `data` so that the write starts and ends on a block boundary.
-    direct_head: Option<Vec<u8>>,
+    data: Payload,
     progress: Arc<(Mutex<Progress>, Condvar)>,
+}
+
+/// What a job writes at its offset.
+enum Payload {
+    /// These bytes, through the page cache (log segments; chunk packs
+    /// where the filesystem has no direct I/O).
+    Buffered(Arc<Vec<u8>>),
+    /// A pack buffer's content, through the page cache.
+    BufferedPack(Arc<PaddedBuf>),
+    /// A pack buffer with its padding, to a file opened with `O_DIRECT`:
+    /// the offset is on a block boundary and so is the length.
+    Direct(Arc<PaddedBuf>),
 }
 
 /// The first write that failed: a full disk keeps its kind, so that the
@@ -76,13 +84,18 @@ static POOL: Mutex<Vec<SyncSender<Job>>> = Mutex::new(Vec::new());
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn run(rx: Receiver<Job>) {
-    let mut aligned = AlignedBuf::default();
     for job in rx {
-        let r = match &job.direct_head {
-            Some(head) => write_direct(&job.file, &mut aligned, head, &job.data, job.offset),
-            None => job.file.write_all_at(&job.data, job.offset).map(|()| {
-                start_writeback(&job.file, job.offset, job.data.len() as u64);
-            }),
+        let buffered = |bytes: &[u8]| {
+            job.file.write_all_at(bytes, job.offset).map(|()| {
+                start_writeback(&job.file, job.offset, bytes.len() as u64);
+            })
+        };
+        let r = match &job.data {
+            Payload::Buffered(bytes) => buffered(bytes),
+            Payload::BufferedPack(buf) => buffered(buf.as_slice()),
+            Payload::Direct(buf) => {
+                or_through_page_cache(&job.file, "a chunk pack", || job.file.write_all_at(buf.padded(), job.offset))
+            }
         };
         drop(job.data); // before reporting, so the owner can reuse it
         let (lock, cv) = &*job.progress;
@@ -127,40 +140,44 @@ impl Writer {
 
     /// Queues `data` to be written at `offset`; returns its sequence number.
     pub fn submit(&mut self, file: &Arc<File>, path: &std::path::Path, offset: u64, data: Arc<Vec<u8>>) -> Result<u64> {
-        self.submit_job(file, path, offset, data, None)
+        self.submit_job(file, path, offset, Payload::Buffered(data))
     }
 
-    /// Queues `data` to be written at `offset` of a file opened with
-    /// `O_DIRECT` (no copy into the page cache): `head` is what the file
-    /// holds from the block boundary before `offset`, and the write is
-    /// padded with zeros to the next boundary. The padding is overwritten
-    /// by the next write and cut at the file's end by its owner.
+    /// Queues a pack buffer's content to be written at `offset` through
+    /// the page cache.
+    pub fn submit_pack(
+        &mut self,
+        file: &Arc<File>,
+        path: &std::path::Path,
+        offset: u64,
+        data: Arc<PaddedBuf>,
+    ) -> Result<u64> {
+        self.submit_job(file, path, offset, Payload::BufferedPack(data))
+    }
+
+    /// Queues a pack buffer to be written with its padding at `start` of a
+    /// file opened with `O_DIRECT` (no copy into the page cache, none into
+    /// another buffer). `start` is on a block boundary: the buffer begins
+    /// with the file's bytes from that boundary on. The padding is
+    /// overwritten by the next write and cut at the file's end by its
+    /// owner.
     pub fn submit_direct(
         &mut self,
         file: &Arc<File>,
         path: &std::path::Path,
-        offset: u64,
-        head: Vec<u8>,
-        data: Arc<Vec<u8>>,
+        start: u64,
+        data: Arc<PaddedBuf>,
     ) -> Result<u64> {
-        if offset.checked_sub(head.len() as u64).is_none_or(|start| start % DIRECT_ALIGN as u64 != 0) {
+        if !start.is_multiple_of(DIRECT_ALIGN as u64) {
             return Err(JournalError::Failed(format!(
-                "{}: a direct write at {offset} with {} bytes before it starts off a block boundary",
-                path.display(),
-                head.len()
+                "{}: a direct write at {start} starts off a block boundary",
+                path.display()
             )));
         }
-        self.submit_job(file, path, offset, data, Some(head))
+        self.submit_job(file, path, start, Payload::Direct(data))
     }
 
-    fn submit_job(
-        &mut self,
-        file: &Arc<File>,
-        path: &std::path::Path,
-        offset: u64,
-        data: Arc<Vec<u8>>,
-        direct_head: Option<Vec<u8>>,
-    ) -> Result<u64> {
+    fn submit_job(&mut self, file: &Arc<File>, path: &std::path::Path, offset: u64, data: Payload) -> Result<u64> {
         self.check()?;
         self.submitted += 1;
         let job = Job {
@@ -169,7 +186,6 @@ impl Writer {
             path: path.to_path_buf(),
             offset,
             data,
-            direct_head,
             progress: self.progress.clone(),
         };
         self.tx.send(job).map_err(|_| JournalError::Failed("the journal writer stopped".into()))?;
@@ -193,20 +209,6 @@ impl Writer {
             None => Ok(()),
         }
     }
-}
-
-/// Writes `head` + `data` + zeros to the next block boundary at
-/// `offset - head.len()`, through a descriptor opened with `O_DIRECT`. A
-/// filesystem that refuses direct I/O at the write (EINVAL) gets the same
-/// bytes through the page cache from then on.
-fn write_direct(file: &File, aligned: &mut AlignedBuf, head: &[u8], data: &[u8], offset: u64) -> std::io::Result<()> {
-    let total = head.len() + data.len();
-    let buf = aligned.get(total.next_multiple_of(DIRECT_ALIGN));
-    buf[..head.len()].copy_from_slice(head);
-    buf[head.len()..total].copy_from_slice(data);
-    buf[total..].fill(0);
-    let start = offset - head.len() as u64;
-    or_through_page_cache(file, "a chunk pack", || file.write_all_at(buf, start))
 }
 
 /// Starts writing the range back to the device without waiting for it, so
