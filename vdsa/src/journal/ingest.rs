@@ -47,13 +47,21 @@ pub(super) struct Compression<'a> {
 }
 
 impl Compression<'_> {
-    pub(super) fn compress(&self, block: &[u8]) -> Option<Vec<u8>> {
-        let level = self.level?;
-        let m = self.misses.fetch_add(1, Ordering::Relaxed);
-        if (m >= 8 && !m.is_multiple_of(16)) || (m >= 256 && !m.is_multiple_of(64)) {
-            return None;
+    /// Whether to try compressing the next new block. After 8 misses in a
+    /// row only one block in 16 is tried, after 256 one in 64: a stream of
+    /// incompressible data costs a sample, not a compression per block.
+    pub(super) fn worth_trying(&self) -> bool {
+        if self.level.is_none() {
+            return false;
         }
-        let out = chunks::compress_block(block, level);
+        let m = self.misses.fetch_add(1, Ordering::Relaxed);
+        (m < 8 || m.is_multiple_of(16)) && (m < 256 || m.is_multiple_of(64))
+    }
+
+    /// The block compressed, if that saves enough (a success resets the
+    /// misses, so compressible data is tried block by block again).
+    pub(super) fn compress(&self, block: &[u8]) -> Option<Vec<u8>> {
+        let out = chunks::compress_block(block, self.level?);
         if out.is_some() {
             self.misses.store(0, Ordering::Relaxed);
         }

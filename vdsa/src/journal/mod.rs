@@ -509,18 +509,21 @@ impl Journal {
         let level = self.inner.config.compression_level;
         self.mutate(|st| {
             st.validate(stream, writes)?;
-            // Compress, in parallel, only the blocks the store lacks (each
-            // distinct one once); indexed like `full`.
+            // Compress, in parallel, only blocks the store lacks (each
+            // distinct one once) and that the sampling of misses says are
+            // worth a try: the store is asked only about those, since a
+            // look-up of a block not in the cache costs as much as storing
+            // it. Indexed like `full`.
+            let c = Compression { level, misses: &self.inner.compress_misses };
             let mut seen = HashSetOfBlocks::default();
             let new: Vec<usize> = hashes
                 .iter()
                 .enumerate()
                 .filter_map(|(i, h)| h.map(|h| (i, h)))
                 .filter(|(i, _)| !held.get(*i).copied().unwrap_or(false))
-                .filter(|(_, h)| !matches!(st.chunks.lookup(h), Ok(Some(_))) && seen.insert(*h))
+                .filter(|(_, h)| seen.insert(*h) && c.worth_trying() && !matches!(st.chunks.lookup(h), Ok(Some(_))))
                 .map(|(i, _)| i)
                 .collect();
-            let c = Compression { level, misses: &self.inner.compress_misses };
             let mut compressed: Vec<Option<Vec<u8>>> = vec![None; full.len()];
             let done = par_map(pool, &new, |&i| c.compress(full[i]));
             for (&i, out) in new.iter().zip(done) {
