@@ -91,12 +91,20 @@ const SIBLING_SAMPLE: usize = 8;
 /// in the link's own journal.
 pub(super) type Siblings = Arc<dyn Fn() -> Vec<Arc<VpgReplica>> + Send + Sync>;
 
-/// A batch whose blocks arrived, checked and decompressed, with the offer
-/// it fills, which of its hashed blocks were sent and which are borrowed.
-struct ReceivedBatch {
+/// An offer answered: which of its hashed blocks are to be sent, which are
+/// borrowed from another VPG's journal, and the hashes this offer
+/// promised (given up once its batch is ingested).
+struct Answered {
     offer: Offer,
     sent: Vec<bool>,
     borrowed: Borrowed,
+    promised: Vec<[u8; 32]>,
+}
+
+/// A batch whose blocks arrived, checked and decompressed, with the offer
+/// it fills.
+struct ReceivedBatch {
+    answered: Answered,
     data: BatchData,
 }
 
@@ -118,7 +126,7 @@ impl BatchData {
 /// The receiving half: offers answered and waiting for their blocks.
 struct Receiver {
     lease: LinkLease,
-    pending: VecDeque<(Offer, Vec<bool>, Borrowed)>,
+    pending: VecDeque<Answered>,
     promised: Promised,
     siblings: Siblings,
 }
@@ -164,9 +172,10 @@ impl Receiver {
         // and here is asked again, which costs a block on the link only.
         let mut bits: Vec<bool> = queries.iter().zip(held).map(|(q, held)| !held && promised.insert(q.hash)).collect();
         drop(promised);
+        let promised = queries.iter().zip(&bits).filter(|(_, &b)| b).map(|(q, _)| q.hash).collect();
         let borrowed = self.borrow(&queries, &mut bits);
         let batch = offer.batch;
-        self.pending.push_back((offer, bits.clone(), borrowed));
+        self.pending.push_back(Answered { offer, sent: bits.clone(), borrowed, promised });
         Ok(Need { batch, bits })
     }
 
@@ -211,14 +220,14 @@ impl Receiver {
     /// Matches the blocks to their offer and decompresses them.
     fn on_blocks(&mut self, blocks: Blocks) -> Result<ReceivedBatch, LinkError> {
         self.lease.check_current()?;
-        let (offer, sent, borrowed) = self
+        let answered = self
             .pending
             .pop_front()
             .ok_or_else(|| LinkError::Refused(format!("blocks for batch {} that was never offered", blocks.batch)))?;
-        if offer.batch != blocks.batch {
+        if answered.offer.batch != blocks.batch {
             return Err(LinkError::Refused(format!(
                 "blocks for batch {} arrived, batch {} was next",
-                blocks.batch, offer.batch
+                blocks.batch, answered.offer.batch
             )));
         }
         let raw_len = blocks.raw_len as usize;
@@ -235,7 +244,7 @@ impl Receiver {
         if got != raw_len {
             return Err(LinkError::Refused(format!("batch {batch}: {got} data bytes, {raw_len} announced")));
         }
-        Ok(ReceivedBatch { offer, sent, borrowed, data })
+        Ok(ReceivedBatch { answered, data })
     }
 }
 
@@ -263,14 +272,15 @@ impl StreamIngest {
         let _g = self.lease.slot.ingest.lock().map_err(|_| io::Error::other("stream slot poisoned"))?;
         self.lease.check_current()?;
         let data = batch.data.bytes();
+        let Answered { offer, sent, borrowed, .. } = &batch.answered;
         let mut cursor = 0usize;
         let mut bit = 0usize;
         let mut run: Run<'_> = Vec::new();
         let mut ack = None;
-        for item in &batch.offer.items {
+        for item in &offer.items {
             match item {
                 OfferItem::Write(w) => {
-                    let (buf, wb) = assemble(w, data, &mut cursor, &batch.sent, &mut bit, &batch.borrowed)?;
+                    let (buf, wb) = assemble(w, data, &mut cursor, sent, &mut bit, borrowed)?;
                     run.push((w, buf, wb));
                 }
                 OfferItem::Marker(m) => {
@@ -285,19 +295,13 @@ impl StreamIngest {
         if cursor != data.len() {
             return Err(LinkError::Refused(format!(
                 "batch {}: {} data bytes left over",
-                batch.offer.batch,
+                offer.batch,
                 data.len() - cursor
             )));
         }
         let mut promised = self.promised.lock().map_err(|_| io::Error::other("promised blocks poisoned"))?;
-        for item in &batch.offer.items {
-            if let OfferItem::Write(w) = item {
-                for b in &w.blocks {
-                    if let OfferedBlock::Hash(h) = b {
-                        promised.remove(h);
-                    }
-                }
-            }
+        for h in &batch.answered.promised {
+            promised.remove(h);
         }
         Ok(ack)
     }
