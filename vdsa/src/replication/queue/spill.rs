@@ -61,10 +61,15 @@ struct Unwritten {
 pub struct Spill {
     file: Arc<File>,
     path: PathBuf,
-    /// Stream positions: the next record to read back, and the end.
+    /// Stream positions: the oldest record still held, the next record
+    /// not yet handed to the sender, and the end.
     read_at: u64,
+    send_at: u64,
     write_at: u64,
     entries: u64,
+    /// Records between `read_at` and `send_at`: on the link, kept here
+    /// until acknowledged (the queue's memory is not their send window).
+    sent_entries: u64,
     /// Everything before this was read back and its space given up.
     released_to: u64,
     /// The page being filled: the stream's bytes from `tail_start` (a page
@@ -100,8 +105,10 @@ impl Spill {
             file: Arc::new(file),
             path: path.to_path_buf(),
             read_at: 0,
+            send_at: 0,
             write_at: 0,
             entries: 0,
+            sent_entries: 0,
             released_to: 0,
             tail: None,
             tail_start: 0,
@@ -112,9 +119,14 @@ impl Spill {
         })
     }
 
-    /// Entries spilled and not yet read back.
+    /// Entries spilled and not yet read back or dropped (sent ones too).
     pub fn entries(&self) -> u64 {
         self.entries
+    }
+
+    /// Entries spilled and not yet handed to the sender.
+    pub fn unsent_entries(&self) -> u64 {
+        self.entries - self.sent_entries
     }
 
     /// Bytes spilled and not yet read back.
@@ -192,12 +204,94 @@ impl Spill {
         }
     }
 
-    /// Reads back the oldest spilled entry; None when there is none.
-    pub fn pop(&mut self) -> io::Result<Option<Entry>> {
+    /// Reads back the oldest spilled entry, and whether it was handed to
+    /// the sender already ([`Spill::next_unsent`]); None when there is none.
+    pub fn pop(&mut self) -> io::Result<Option<(Entry, bool)>> {
         if self.entries == 0 {
             return Ok(None);
         }
-        let at = self.read_at;
+        let (entry, next) = self.read_entry(self.read_at)?;
+        let sent = self.read_at < self.send_at;
+        if sent {
+            self.sent_entries -= 1;
+        }
+        self.give_up_to(next);
+        Ok(Some((entry, sent)))
+    }
+
+    /// The oldest entry not yet handed to the sender, which stays here
+    /// until [`Spill::drop_sent`] (acknowledged) or [`Spill::pop`]; and
+    /// where its record ends.
+    pub fn next_unsent(&mut self) -> io::Result<Option<(Entry, u64)>> {
+        if self.unsent_entries() == 0 {
+            return Ok(None);
+        }
+        let (entry, next) = self.read_entry(self.send_at)?;
+        self.send_at = next;
+        self.sent_entries += 1;
+        Ok(Some((entry, next)))
+    }
+
+    /// The cost of the oldest entry not yet handed to the sender, as
+    /// [`Entry::cost`] counts it, without reading its bytes.
+    pub fn next_unsent_cost(&mut self) -> io::Result<Option<u64>> {
+        if self.unsent_entries() == 0 {
+            return Ok(None);
+        }
+        let at = self.send_at;
+        let mut lead = Vec::with_capacity(5);
+        self.read(at, 5, &mut lead)?;
+        let n = u32::from_be_bytes([lead[0], lead[1], lead[2], lead[3]]) as usize;
+        let cost = if lead[4] == 1 {
+            n.checked_sub(WRITE_FIELDS).ok_or_else(|| {
+                io::Error::other(format!("spill file entry at {at} unreadable: shorter than a write's fields"))
+            })?
+        } else {
+            // A marker's record holds its name and fixed fields: a cost
+            // at least the name's, which only makes a batch end sooner.
+            n
+        };
+        Ok(Some(cost as u64 + 96))
+    }
+
+    /// The oldest entry, which was sent and whose record ends at `end`,
+    /// was acknowledged: it leaves without being read again.
+    pub fn drop_sent(&mut self, end: u64) -> io::Result<()> {
+        if self.sent_entries == 0 || end <= self.read_at || end > self.send_at {
+            return Err(io::Error::other(format!(
+                "spill file: dropping a sent entry ending at {end}, with {} sent between {} and {}",
+                self.sent_entries, self.read_at, self.send_at
+            )));
+        }
+        self.sent_entries -= 1;
+        self.give_up_to(end);
+        Ok(())
+    }
+
+    /// The link broke: entries handed to the sender are handed out again.
+    pub fn rewind_sends(&mut self) {
+        self.send_at = self.read_at;
+        self.sent_entries = 0;
+    }
+
+    /// The oldest entry, whose record ends at `next`, leaves the spill.
+    fn give_up_to(&mut self, next: u64) {
+        self.read_at = next;
+        self.send_at = self.send_at.max(next);
+        self.entries -= 1;
+        // Refused pages wholly read back leave memory.
+        while self.unwritten.front().is_some_and(|u| u.refused && u.start + PAGE_BYTES <= self.read_at) {
+            if let Some(u) = self.unwritten.pop_front() {
+                self.recycle(u.buf);
+            }
+        }
+        if !self.reset_if_empty() {
+            self.release_read_back();
+        }
+    }
+
+    /// The record at `at`, and where the next one starts.
+    fn read_entry(&mut self, at: u64) -> io::Result<(Entry, u64)> {
         let unreadable = |what: &str| io::Error::other(format!("spill file entry at {at} unreadable: {what}"));
         // The length and the kind byte after it.
         let mut lead = Vec::with_capacity(5);
@@ -220,19 +314,7 @@ impl Spill {
             self.read(at + 4, n, &mut body)?;
             decode_marker(&body)
         };
-        let entry = entry.ok_or_else(|| unreadable("bad fields"))?;
-        self.read_at += 4 + n as u64;
-        self.entries -= 1;
-        // Refused pages wholly read back leave memory.
-        while self.unwritten.front().is_some_and(|u| u.refused && u.start + PAGE_BYTES <= self.read_at) {
-            if let Some(u) = self.unwritten.pop_front() {
-                self.recycle(u.buf);
-            }
-        }
-        if !self.reset_if_empty() {
-            self.release_read_back();
-        }
-        Ok(Some(entry))
+        Ok((entry.ok_or_else(|| unreadable("bad fields"))?, at + 4 + n as u64))
     }
 
     /// Appends the stream's `len` bytes at `at` to `out`.
@@ -293,6 +375,8 @@ impl Spill {
             tracing::warn!(path = %self.path.display(), "cutting the emptied spill file: {e}");
         }
         self.read_at = 0;
+        self.send_at = 0;
+        self.sent_entries = 0;
         self.write_at = 0;
         self.released_to = 0;
         self.tail = None;
@@ -437,7 +521,7 @@ mod tests {
         // The first three entries come back while no page is written yet.
         let mut got = Vec::new();
         for _ in 0..3 {
-            got.extend(s.pop()?);
+            got.extend(s.pop()?.map(|(e, _)| e));
         }
         // Then every page is written; the rest is read from the file.
         for page in full {
@@ -445,7 +529,7 @@ mod tests {
             s.page_written(page, r);
         }
         assert!(s.unwritten.is_empty());
-        while let Some(e) = s.pop()? {
+        while let Some((e, _)) = s.pop()? {
             got.push(e);
         }
         assert_eq!(got, sent);
@@ -473,11 +557,53 @@ mod tests {
         }
         assert!(!s.has_room(4096, 1 << 30), "the spill takes more after the disk refused a page");
         let mut got = Vec::new();
-        while let Some(e) = s.pop()? {
+        while let Some((e, _)) = s.pop()? {
             got.push(e);
         }
         assert_eq!(got, sent);
         assert!(s.has_room(4096, 1 << 30), "the emptied spill stays full");
+        Ok(())
+    }
+
+    /// Entries handed to the sender stay in the spill until acknowledged
+    /// (dropped), are handed out again after a rewind, and come back from
+    /// `pop` marked as sent.
+    #[test]
+    fn sent_entries_stay_until_dropped_and_come_again_after_a_rewind() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut s = Spill::create(&dir.path().join("spill"))?;
+        let all: Vec<Entry> = (1..=8).map(|i| w(i, PAGE / 3)).collect();
+        let mut full = Vec::new();
+        for e in &all {
+            full.extend(s.push(e)?);
+        }
+        for page in full {
+            let r = page.write();
+            s.page_written(page, r);
+        }
+        let mut ends = Vec::new();
+        for want in &all[..5] {
+            let (e, end) = s.next_unsent()?.ok_or_else(|| io::Error::other("nothing to send"))?;
+            assert_eq!(&e, want);
+            ends.push(end);
+        }
+        assert_eq!((s.entries(), s.unsent_entries()), (8, 3));
+        // The first two are acknowledged; the link then breaks.
+        s.drop_sent(ends[0])?;
+        s.drop_sent(ends[1])?;
+        assert!(s.drop_sent(ends[4] + 1).is_err(), "dropped an entry that was never sent");
+        s.rewind_sends();
+        assert_eq!((s.entries(), s.unsent_entries()), (6, 6));
+        let (e, _) = s.next_unsent()?.ok_or_else(|| io::Error::other("nothing to send"))?;
+        assert_eq!(e, all[2]);
+        // Popped: the sent one says so, the rest not.
+        let mut got = Vec::new();
+        while let Some(e) = s.pop()? {
+            got.push(e);
+        }
+        let want: Vec<(Entry, bool)> = all[2..].iter().enumerate().map(|(i, e)| (e.clone(), i == 0)).collect();
+        assert_eq!(got, want);
+        assert_eq!((s.bytes(), s.entries()), (0, 0));
         Ok(())
     }
 
