@@ -502,6 +502,18 @@ mod tests {
         })
     }
 
+    /// A spill in a new folder with `entries` pushed, and the pages they
+    /// filled (not yet written).
+    fn spill_with(entries: &[Entry]) -> io::Result<(tempfile::TempDir, Spill, Vec<FullPage>)> {
+        let dir = tempfile::tempdir()?;
+        let mut s = Spill::create(&dir.path().join("spill"))?;
+        let mut full = Vec::new();
+        for e in entries {
+            full.extend(s.push(e)?);
+        }
+        Ok((dir, s, full))
+    }
+
     /// Entries of every size, across page boundaries and larger than a
     /// page, come back as they went: from the page being filled, from
     /// pages still being written, and from the file.
@@ -543,13 +555,8 @@ mod tests {
     /// spill takes nothing more until it empties.
     #[test]
     fn a_refused_page_loses_nothing_and_fills_the_spill_until_it_empties() -> io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let mut s = Spill::create(&dir.path().join("spill"))?;
         let sent: Vec<Entry> = (1..=3).map(|i| w(i, PAGE / 2)).collect();
-        let mut full = Vec::new();
-        for e in &sent {
-            full.extend(s.push(e)?);
-        }
+        let (_dir, mut s, full) = spill_with(&sent)?;
         assert_eq!(full.len(), 1);
         assert!(s.has_room(4096, 1 << 30));
         for page in full {
@@ -570,13 +577,8 @@ mod tests {
     /// `pop` marked as sent.
     #[test]
     fn sent_entries_stay_until_dropped_and_come_again_after_a_rewind() -> io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let mut s = Spill::create(&dir.path().join("spill"))?;
         let all: Vec<Entry> = (1..=8).map(|i| w(i, PAGE / 3)).collect();
-        let mut full = Vec::new();
-        for e in &all {
-            full.extend(s.push(e)?);
-        }
+        let (_dir, mut s, full) = spill_with(&all)?;
         for page in full {
             let r = page.write();
             s.page_written(page, r);
