@@ -238,20 +238,10 @@ impl Spill {
         if self.unsent_entries() == 0 {
             return Ok(None);
         }
-        let at = self.send_at;
-        let mut lead = Vec::with_capacity(5);
-        self.read(at, 5, &mut lead)?;
-        let n = u32::from_be_bytes([lead[0], lead[1], lead[2], lead[3]]) as usize;
-        let cost = if lead[4] == 1 {
-            n.checked_sub(WRITE_FIELDS).ok_or_else(|| {
-                io::Error::other(format!("spill file entry at {at} unreadable: shorter than a write's fields"))
-            })?
-        } else {
-            // A marker's record holds its name and fixed fields: a cost
-            // at least the name's, which only makes a batch end sooner.
-            n
-        };
-        Ok(Some(cost as u64 + 96))
+        let lead = self.read_lead(self.send_at)?;
+        // A marker's record holds its name and fixed fields: a cost at
+        // least the name's, which only makes a batch end sooner.
+        Ok(Some(lead.write_data.unwrap_or(lead.body) as u64 + 96))
     }
 
     /// The oldest entry, which was sent and whose record ends at `end`,
@@ -290,18 +280,27 @@ impl Spill {
         }
     }
 
-    /// The record at `at`, and where the next one starts.
-    fn read_entry(&mut self, at: u64) -> io::Result<(Entry, u64)> {
-        let unreadable = |what: &str| io::Error::other(format!("spill file entry at {at} unreadable: {what}"));
+    /// The length of the record at `at` and, for a write, of its data:
+    /// checked against the spill's end and a write's fields.
+    fn read_lead(&mut self, at: u64) -> io::Result<RecordLead> {
         // The length and the kind byte after it.
         let mut lead = Vec::with_capacity(5);
         self.read(at, 5, &mut lead)?;
-        let n = u32::from_be_bytes([lead[0], lead[1], lead[2], lead[3]]) as usize;
-        if at + 4 + n as u64 > self.write_at {
-            return Err(unreadable("runs past the spill's end"));
+        let body = u32::from_be_bytes([lead[0], lead[1], lead[2], lead[3]]) as usize;
+        if at + 4 + body as u64 > self.write_at {
+            return Err(unreadable(at, "runs past the spill's end"));
         }
-        let entry = if lead[4] == 1 {
-            let data_len = n.checked_sub(WRITE_FIELDS).ok_or_else(|| unreadable("shorter than a write's fields"))?;
+        let write_data = match lead[4] {
+            1 => Some(body.checked_sub(WRITE_FIELDS).ok_or_else(|| unreadable(at, "shorter than a write's fields"))?),
+            _ => None,
+        };
+        Ok(RecordLead { body, write_data })
+    }
+
+    /// The record at `at`, and where the next one starts.
+    fn read_entry(&mut self, at: u64) -> io::Result<(Entry, u64)> {
+        let RecordLead { body: n, write_data } = self.read_lead(at)?;
+        let entry = if let Some(data_len) = write_data {
             let mut head = Vec::with_capacity(WRITE_FIELDS);
             self.read(at + 4, WRITE_FIELDS, &mut head)?;
             // Read into the vector's spare room: no zeroing of bytes that
@@ -314,7 +313,7 @@ impl Spill {
             self.read(at + 4, n, &mut body)?;
             decode_marker(&body)
         };
-        Ok((entry.ok_or_else(|| unreadable("bad fields"))?, at + 4 + n as u64))
+        Ok((entry.ok_or_else(|| unreadable(at, "bad fields"))?, at + 4 + n as u64))
     }
 
     /// Appends the stream's `len` bytes at `at` to `out`.
@@ -412,6 +411,18 @@ impl Spill {
         };
         self.released_to = if r == 0 { end } else { u64::MAX / 2 };
     }
+}
+
+fn unreadable(at: u64, what: &str) -> io::Error {
+    io::Error::other(format!("spill file entry at {at} unreadable: {what}"))
+}
+
+/// What a record's first bytes say: the length of its body (all after the
+/// length field) and, for a write, of the write's bytes at its end.
+#[derive(Debug, Clone, Copy)]
+struct RecordLead {
+    body: usize,
+    write_data: Option<usize>,
 }
 
 /// A spill record: the length of what follows (u32), then the entry: its
