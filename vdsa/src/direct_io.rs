@@ -35,8 +35,7 @@ impl AlignedBuf {
     /// replaced by a zeroed one (its bytes are not kept).
     pub fn get(&mut self, len: usize) -> &mut [u8] {
         if self.bytes.len() < self.start + len {
-            self.bytes = vec![0; len + DIRECT_ALIGN];
-            self.start = self.bytes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+            (self.bytes, self.start) = aligned_zeroed(len);
         }
         &mut self.bytes[self.start..self.start + len]
     }
@@ -81,8 +80,7 @@ impl AlignedVec {
             return;
         }
         let cap = need.max(2 * self.bytes.len().saturating_sub(self.start)).next_multiple_of(DIRECT_ALIGN);
-        let mut bytes = vec![0; cap + DIRECT_ALIGN];
-        let start = bytes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        let (mut bytes, start) = aligned_zeroed(cap);
         bytes[start..start + self.len].copy_from_slice(self.as_slice());
         self.bytes = bytes;
         self.start = start;
@@ -129,6 +127,15 @@ impl PaddedBuf {
         v.clear();
         v
     }
+}
+
+/// Zeroed memory with at least `len` bytes from an aligned address on, and
+/// that address's index: the allocator promises no alignment, so the
+/// vector has `DIRECT_ALIGN` bytes more to start within.
+fn aligned_zeroed(len: usize) -> (Vec<u8>, usize) {
+    let bytes = vec![0; len + DIRECT_ALIGN];
+    let start = bytes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    (bytes, start)
 }
 
 /// `path` opened again for writing with `O_DIRECT`, or the reason the

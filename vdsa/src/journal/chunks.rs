@@ -478,8 +478,8 @@ impl ChunkStore {
         };
         let prefix = self.pending_prefix;
         let len = (self.pending.len() - prefix) as u64;
+        // Spare buffers come back emptied (`into_empty`).
         let mut fresh = self.spare.pop().unwrap_or_default();
-        fresh.clear();
         self.pending_prefix = 0;
         if pack.direct.is_some() {
             // The next buffer starts at the block boundary before the new
