@@ -273,19 +273,15 @@ fn refuses_bad_frames_strangers_and_stale_epochs_and_keeps_serving() {
 /// the target's memory without end.
 #[test]
 fn a_link_that_offers_without_end_is_refused() {
-    use std::io::Write;
-    use vdsa::wire::frame::{encode_header, VERSION};
+    use vdsa::wire::frame::VERSION;
     use vdsa::wire::msg::{self, Offer, OfferItem, OfferedBlock, OfferedWrite, StreamWrite};
     let dir = ok(tempfile::tempdir().map_err(Into::into));
     let (src_certs, dst_certs) = ok(paired_sites(lab(), dir.path(), "prod", "dr"));
     let tspec = ok(TargetSpec::new(dir.path(), &dst_certs, 1000));
     let target = ok(tspec.start(lab()));
     let (mut r, mut w) = ok(raw_link(&src_certs, tspec.port).map_err(Into::into));
-    let mut send = |kind: u16, payload: &[u8]| {
-        let mut frame = encode_header(VERSION, kind, payload).to_vec();
-        frame.extend_from_slice(payload);
-        ok(w.write_all(&frame).map_err(Into::into));
-    };
+    let mut send =
+        |kind: u16, payload: &[u8]| ok(vdsa::wire::write_frame(&mut w, VERSION, kind, payload).map_err(Into::into));
     send(msg::HELLO, &hello(1));
     let welcome = ok(vdsa::wire::read_frame(&mut r).map_err(Into::into));
     assert_eq!(welcome.kind, msg::WELCOME);
