@@ -9,7 +9,7 @@
 //! What this module must not do: decide anything about the replication
 //! protocol (that is [`crate::replication`]).
 
-use super::tls::{self, encrypt_pieces, peer_closed, CipherIn};
+use super::tls::{self, peer_closed, poisoned, CipherIn, Pieces};
 use rustls::{ClientConfig, Connection, ServerConfig};
 use std::io::{self, BufRead};
 use std::sync::{Arc, Mutex};
@@ -37,6 +37,9 @@ pub async fn accept(
 ) -> io::Result<(AsyncLinkReader, AsyncLinkWriter)> {
     handshake(tls::server_connection(cfg)?, tcp, timeout).await
 }
+
+/// Encrypted bytes rustls may hold for the socket.
+const SENDABLE_TLS_LIMIT: usize = 1 << 20;
 
 fn timed_out(what: &str, t: Duration) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("{what} took longer than {} ms", t.as_millis()))
@@ -82,12 +85,14 @@ async fn handshake(
         }
     };
     tokio::time::timeout(timeout, exchange).await.map_err(|_| timed_out("the TLS handshake", timeout))??;
+    // rustls holds the records of up to a mebibyte of a message before
+    // the writer hands them to the socket in one vectored write (its
+    // default of 64 KiB made a system call, and a wake-up of the peer's
+    // loopback, per four records).
+    conn.set_buffer_limit(Some(SENDABLE_TLS_LIMIT));
     let conn = Arc::new(Mutex::new(conn));
     let (r, w) = tcp.into_split();
-    Ok((
-        AsyncLinkReader { conn: conn.clone(), tcp: r, cipher, timeout },
-        AsyncLinkWriter { conn, tcp: w, out: Vec::new(), timeout },
-    ))
+    Ok((AsyncLinkReader { conn: conn.clone(), tcp: r, cipher, timeout }, AsyncLinkWriter { conn, tcp: w, timeout }))
 }
 
 /// The receiving half of a link.
@@ -141,22 +146,67 @@ impl AsyncLinkReader {
 pub struct AsyncLinkWriter {
     conn: Arc<Mutex<Connection>>,
     tcp: OwnedWriteHalf,
-    out: Vec<u8>,
     timeout: Duration,
 }
 
 impl AsyncLinkWriter {
-    /// Sends `pieces` as one stream of bytes: encrypted in one go (the
-    /// only copy) and sent in one write, so a message need not be
-    /// gathered into one buffer first.
+    /// Sends `pieces` as one stream of bytes, so a message need not be
+    /// gathered into one buffer first. rustls encrypts them into its
+    /// records (the only copy in user space) and the records go from its
+    /// buffer to the socket: a socket that takes no more leaves them there
+    /// until it is writable again, rather than being copied out to wait.
     pub async fn write_all_pieces(&mut self, pieces: &[&[u8]]) -> io::Result<()> {
-        encrypt_pieces(&self.conn, pieces, &mut self.out)?;
-        let write = self.tcp.write_all(&self.out);
-        tokio::time::timeout(self.timeout, write).await.map_err(|_| timed_out("a write", self.timeout))?
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut left = Pieces::new(pieces);
+        while self.send_some(&mut left)? {
+            tokio::time::timeout_at(deadline, self.tcp.writable())
+                .await
+                .map_err(|_| timed_out("a write", self.timeout))??;
+        }
+        Ok(())
+    }
+
+    /// Encrypts and sends what the socket takes now. True: it would block
+    /// with bytes left (rustls holds them).
+    fn send_some(&mut self, left: &mut Pieces<'_>) -> io::Result<bool> {
+        let mut conn = self.conn.lock().map_err(|_| poisoned())?;
+        loop {
+            // Records first: those of earlier pieces, and any the reading
+            // half made rustls owe the peer (an alert, a key update).
+            while conn.wants_write() {
+                match conn.write_tls(&mut SocketNow(&self.tcp)) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                    Err(e) => return Err(e),
+                }
+            }
+            if left.is_empty() {
+                return Ok(false);
+            }
+            left.give_to(&mut conn)?;
+        }
     }
 
     /// Ends the sending direction (the peer reads the end of the link).
     pub async fn shutdown(&mut self) {
         let _ = self.tcp.shutdown().await;
+    }
+}
+
+/// The socket as rustls's sink for records: takes what it can without
+/// waiting (`WouldBlock` otherwise, and rustls keeps the rest).
+struct SocketNow<'a>(&'a OwnedWriteHalf);
+
+impl io::Write for SocketNow<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }

@@ -223,7 +223,7 @@ fn handshake(mut conn: Connection, mut tcp: TcpStream) -> io::Result<(LinkReader
     Ok((LinkReader { conn: conn.clone(), tcp, cipher: CipherIn::new() }, LinkWriter { conn, tcp: w, out: Vec::new() }))
 }
 
-fn poisoned() -> io::Error {
+pub(super) fn poisoned() -> io::Error {
     io::Error::other("TLS state poisoned by a panic")
 }
 
@@ -290,32 +290,67 @@ impl CipherIn {
 }
 
 /// Encrypts `pieces`, one stream of bytes, into `out` (emptied first):
-/// rustls encrypts them into records that span pieces, its write of the
-/// ciphertext being the only copy.
-pub(super) fn encrypt_pieces(conn: &Mutex<Connection>, pieces: &[&[u8]], out: &mut Vec<u8>) -> io::Result<()> {
+/// rustls encrypts them into records that span pieces. The blocking
+/// writer sends `out` after letting go of the connection's lock, so a
+/// slow send never holds up the reader.
+fn encrypt_pieces(conn: &Mutex<Connection>, pieces: &[&[u8]], out: &mut Vec<u8>) -> io::Result<()> {
     out.clear();
     let mut conn = conn.lock().map_err(|_| poisoned())?;
-    let (mut first, mut skip) = (0usize, 0usize);
-    while first < pieces.len() {
-        let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(pieces.len() - first);
-        slices.push(io::IoSlice::new(&pieces[first][skip..]));
-        slices.extend(pieces[first + 1..].iter().map(|p| io::IoSlice::new(p)));
-        let mut n = conn.writer().write_vectored(&slices)?;
-        if n == 0 && slices.iter().any(|s| !s.is_empty()) {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "TLS took no bytes"));
-        }
-        // Advance past what was taken.
-        while first < pieces.len() && n >= pieces[first].len() - skip {
-            n -= pieces[first].len() - skip;
-            first += 1;
-            skip = 0;
-        }
-        skip += n;
+    let mut left = Pieces::new(pieces);
+    while !left.is_empty() {
+        left.give_to(&mut conn)?;
         while conn.wants_write() {
             conn.write_tls(out)?;
         }
     }
     Ok(())
+}
+
+/// The part of a message's pieces that rustls has not taken yet.
+pub(super) struct Pieces<'a> {
+    pieces: &'a [&'a [u8]],
+    first: usize,
+    /// Bytes of `pieces[first]` already taken.
+    skip: usize,
+}
+
+impl<'a> Pieces<'a> {
+    pub(super) fn new(pieces: &'a [&'a [u8]]) -> Self {
+        Pieces { pieces, first: 0, skip: 0 }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        let rest = self.pieces.get(self.first + 1..).unwrap_or_default();
+        self.pieces.get(self.first).is_none_or(|p| self.skip >= p.len()) && rest.iter().all(|p| p.is_empty())
+    }
+
+    /// Has rustls encrypt what it takes of the rest into its records.
+    pub(super) fn give_to(&mut self, conn: &mut Connection) -> io::Result<()> {
+        let mut slices = Vec::with_capacity(self.pieces.len() - self.first);
+        if let Some(p) = self.pieces.get(self.first) {
+            slices.push(io::IoSlice::new(&p[self.skip..]));
+        }
+        slices.extend(self.pieces.iter().skip(self.first + 1).map(|p| io::IoSlice::new(p)));
+        let n = conn.writer().write_vectored(&slices)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "TLS took no bytes"));
+        }
+        self.advance(n);
+        Ok(())
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while let Some(p) = self.pieces.get(self.first) {
+            let rest = p.len() - self.skip;
+            if n < rest {
+                self.skip += n;
+                return;
+            }
+            n -= rest;
+            self.first += 1;
+            self.skip = 0;
+        }
+    }
 }
 
 /// The receiving half of a link: one thread reads while another writes.

@@ -3,6 +3,8 @@
 
 use proptest::prelude::*;
 use protection_groups::{CheckpointKind, DiskId, StreamId, VpgId, WriteKind};
+use std::sync::Arc;
+use std::time::Duration;
 use vdsa::wire::frame::{encode_header, read_frame, FrameError, HEADER_LEN, VERSION};
 use vdsa::wire::msg::*;
 
@@ -194,24 +196,17 @@ mod journal_side {
 /// path) arrives over a real TLS link as the one frame their concatenation
 /// makes, read as the target reads it (plaintext appended across TLS
 /// records), with pieces of every size around a TLS record (16 KiB), empty
-/// ones included.
+/// ones included. The frames are larger than what rustls holds for the
+/// socket (1 MiB) and the socket's buffers, and the reader starts late,
+/// so the writer waits with records held back in rustls.
 #[tokio::test]
 async fn a_frame_sent_as_pieces_arrives_whole_over_tls() {
-    use std::time::Duration;
     use vdsa::wire::async_link::{accept, connect};
     use vdsa::wire::frame::{encode_header_of_pieces, read_frame_async};
-    use vdsa::wire::tls::{create_site_certificates, trust_peer, SiteIdentity};
-    let dir = tempfile::tempdir().expect("a folder");
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    create_site_certificates(&a, "site-a").expect("site a");
-    create_site_certificates(&b, "site-b").expect("site b");
-    trust_peer(&a, "site-b", &b.join("ca.pem")).expect("a trusts b");
-    trust_peer(&b, "site-a", &a.join("ca.pem")).expect("b trusts a");
-    let server = SiteIdentity::load(&b).and_then(|i| i.server_config()).expect("server config");
-    let client = SiteIdentity::load(&a).and_then(|i| i.client_config()).expect("client config");
+    let (_dir, server, client) = paired_sites();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let port = listener.local_addr().expect("its address").port();
-    let sizes = [0usize, 1, 13, 4096, 16384, 16385, 70000, 0, 5, 300_000, 16379];
+    let sizes = [0usize, 1, 13, 4096, 16384, 16385, 70000, 0, 5, 300_000, 16379, 3_000_000, 7];
     let data: Vec<Vec<u8>> =
         sizes.iter().enumerate().map(|(i, n)| (0..*n).map(|j| (i * 31 + j * 7) as u8).collect()).collect();
     let pieces: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
@@ -220,6 +215,7 @@ async fn a_frame_sent_as_pieces_arrives_whole_over_tls() {
     let reader = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.expect("a connection");
         let (mut r, _w) = accept(server, tcp, timeout).await.expect("TLS accepted");
+        tokio::time::sleep(Duration::from_millis(300)).await;
         (read_frame_async(&mut r).await.expect("frame 1"), read_frame_async(&mut r).await.expect("frame 2"))
     });
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connected");
@@ -233,4 +229,46 @@ async fn a_frame_sent_as_pieces_arrives_whole_over_tls() {
     let (f1, f2) = reader.await.expect("the reader");
     assert_eq!((f1.kind, f1.payload.len()), (7, whole.len()));
     assert!(f1.payload == whole && f2.payload == whole, "the payload is the pieces in order");
+}
+
+/// Two paired sites' TLS configurations: (their folder, server, client).
+fn paired_sites() -> (tempfile::TempDir, Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    use vdsa::wire::tls::{create_site_certificates, trust_peer, SiteIdentity};
+    let dir = tempfile::tempdir().expect("a folder");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    create_site_certificates(&a, "site-a").expect("site a");
+    create_site_certificates(&b, "site-b").expect("site b");
+    trust_peer(&a, "site-b", &b.join("ca.pem")).expect("a trusts b");
+    trust_peer(&b, "site-a", &a.join("ca.pem")).expect("b trusts a");
+    let server = SiteIdentity::load(&b).and_then(|i| i.server_config()).expect("server config");
+    let client = SiteIdentity::load(&a).and_then(|i| i.client_config()).expect("client config");
+    (dir, server, client)
+}
+
+/// A peer that stops reading: the writer's wait for the socket ends at
+/// the link's timeout with `TimedOut`, whatever rustls still holds,
+/// instead of waiting for ever.
+#[tokio::test]
+async fn a_write_to_a_peer_that_reads_nothing_times_out() {
+    use vdsa::wire::async_link::{accept, connect};
+    let (_dir, server, client) = paired_sites();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let port = listener.local_addr().expect("its address").port();
+    let timeout = Duration::from_millis(500);
+    let (held, hold) = tokio::sync::oneshot::channel::<()>();
+    let peer = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("a connection");
+        let link = accept(server, tcp, Duration::from_secs(10)).await.expect("TLS accepted");
+        let _ = hold.await;
+        drop(link);
+    });
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connected");
+    let (_r, mut w) = connect(client, tcp, timeout).await.expect("TLS connected");
+    let big = vec![5u8; 64 << 20];
+    let started = std::time::Instant::now();
+    let err = w.write_all_pieces(&[&big[..]]).await.expect_err("a peer that reads nothing");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "gave up after {:?}", started.elapsed());
+    let _ = held.send(());
+    peer.await.expect("the peer");
 }
