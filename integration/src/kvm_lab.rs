@@ -108,7 +108,9 @@ impl VdsaProcess {
 /// guest, with its QMP monitor connected.
 #[derive(Debug)]
 pub struct StorageDaemon {
-    _child: ChildGuard,
+    child: ChildGuard,
+    /// Its stderr: what QEMU says when it fails.
+    log: PathBuf,
     pub qmp: Qmp,
     pub guest_sock: PathBuf,
     /// The monitor a VDSA agent uses to attach its taps.
@@ -125,7 +127,8 @@ impl StorageDaemon {
         let guest_sock = dir.join("qsd.sock");
         let cache = if direct { ",cache.direct=on,aio=native" } else { "" };
         // What QEMU says when it fails (an assertion, a crash) is kept.
-        let log = std::fs::File::create(dir.join("qsd.log")).context("creating qsd.log")?;
+        let log_path = dir.join("qsd.log");
+        let log = std::fs::File::create(&log_path).context("creating qsd.log")?;
         // A socket left by an earlier run would pass for this one's.
         for p in [&qmp_sock, &guest_sock, &vdsa_qmp_sock] {
             let _ = std::fs::remove_file(p);
@@ -156,7 +159,17 @@ impl StorageDaemon {
         wait_for_path(&vdsa_qmp_sock)?;
         wait_for_path(&guest_sock)?;
         let qmp = Qmp::connect(&qmp_sock)?;
-        Ok(StorageDaemon { _child: child, qmp, guest_sock, vdsa_qmp_sock, image: image.to_path_buf() })
+        Ok(StorageDaemon { child, log: log_path, qmp, guest_sock, vdsa_qmp_sock, image: image.to_path_buf() })
+    }
+
+    /// Whether the daemon has exited, and what it wrote to stderr, for a
+    /// failure's report (a VM whose QEMU died explains a tap that cannot
+    /// attach).
+    pub fn report(&mut self) -> String {
+        let state = if self.child.is_running() { "running" } else { "exited" };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
+        format!("qemu-storage-daemon {state}; its stderr ends:\n{}", tail.join("\n"))
     }
 
     /// A guest: an NBD client writing through QEMU.
@@ -187,7 +200,7 @@ impl StorageDaemon {
 
     /// Whether the daemon still runs (a move powers it off).
     pub fn is_running(&mut self) -> bool {
-        self._child.is_running()
+        self.child.is_running()
     }
 
     pub fn image_hash(&self) -> Result<blake3::Hash> {

@@ -210,13 +210,16 @@ fn slot_of(id: u64) -> (usize, u64) {
 
 /// What the site saw (the VPG's record and the ends of the protected
 /// VDSAs' logs), so a failure can be understood from the output alone.
-fn what_the_site_saw(site: &ProtectedSite, vpg: &str) -> String {
+fn what_the_site_saw(site: &mut ProtectedSite, vpg: &str) -> String {
     let vpg_now = site.sm().and_then(|sm| sm.get(&format!("/api/v1/vpgs/{vpg}"))).map(|v| v.to_string());
     let mut out = format!("VPG {vpg_now:?}");
     for (h, agent) in site.agents.iter().enumerate().take(HOSTS) {
         let log = agent.log_text();
         let tail: Vec<&str> = log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
         out.push_str(&format!("\nthe log of kvm-{h}'s VDSA ends:\n{}", tail.join("\n")));
+    }
+    for (h, vm) in site.vms.iter_mut().enumerate() {
+        out.push_str(&format!("\nvm-{h}'s {}", vm.report()));
     }
     out
 }
@@ -312,7 +315,7 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
             bail!(
                 "protection did not resume after the fault (faulted checkpoint {faulted:?}) or the changes \
                  ({changes:?}); last checkpoint {last}; {}",
-                what_the_site_saw(&site, &vpg)
+                what_the_site_saw(&mut site, &vpg)
             );
         }
         let api = site.sm()?;
@@ -331,7 +334,7 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
                 faulted = Some(inserted.last().map_or(0, |(id, _)| *id) + 1);
                 site.restart_site_manager(lab, &plain)?;
             }
-            Err(e) => return Err(e.context(format!("changes {changes:?}; {}", what_the_site_saw(&site, &vpg)))),
+            Err(e) => return Err(e.context(format!("changes {changes:?}; {}", what_the_site_saw(&mut site, &vpg)))),
         }
         if o.fault.is_some_and(|(f, _)| f == Fault::Vdsa) && faulted.is_none() && !site.agents[1].is_running() {
             let (id, _) = inserted.last().cloned().unwrap_or((0, Value::Null));
