@@ -66,7 +66,10 @@ fn remove_leftovers(qmp: &mut Qmp, disk: &protection_groups::DiskId) -> Result<(
         })
         .unwrap_or_default();
     for job in ids {
-        tracing::info!(%job, "cancelling a tap job left by an earlier role");
+        // Its state is logged: how QEMU holds a job a dead VDSA left
+        // decides how it must be cancelled (docs/management-protocol.md).
+        let state = kvm::state(qmp, &job).map_err(|e| e.to_string())?;
+        tracing::info!(%job, ?state, "cancelling a tap job left by an earlier role");
         kvm::detach(qmp, &job, &format!("{job}-tgt")).map_err(|e| e.to_string())?;
     }
     Ok(())
