@@ -309,6 +309,7 @@ fn encrypt_pieces(conn: &Mutex<Connection>, pieces: &[&[u8]], out: &mut Vec<u8>)
 /// The part of a message's pieces that rustls has not taken yet.
 pub(super) struct Pieces<'a> {
     pieces: &'a [&'a [u8]],
+    /// The first piece with bytes left (past the end: none left).
     first: usize,
     /// Bytes of `pieces[first]` already taken.
     skip: usize,
@@ -316,12 +317,13 @@ pub(super) struct Pieces<'a> {
 
 impl<'a> Pieces<'a> {
     pub(super) fn new(pieces: &'a [&'a [u8]]) -> Self {
-        Pieces { pieces, first: 0, skip: 0 }
+        let mut p = Pieces { pieces, first: 0, skip: 0 };
+        p.advance(0); // past empty pieces at the start
+        p
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        let rest = self.pieces.get(self.first + 1..).unwrap_or_default();
-        self.pieces.get(self.first).is_none_or(|p| self.skip >= p.len()) && rest.iter().all(|p| p.is_empty())
+        self.first >= self.pieces.len()
     }
 
     /// Has rustls encrypt what it takes of the rest into its records.
@@ -339,6 +341,7 @@ impl<'a> Pieces<'a> {
         Ok(())
     }
 
+    /// Past `n` more bytes, and past any piece that has none left.
     fn advance(&mut self, mut n: usize) {
         while let Some(p) = self.pieces.get(self.first) {
             let rest = p.len() - self.skip;
