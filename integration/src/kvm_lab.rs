@@ -168,8 +168,7 @@ impl StorageDaemon {
     pub fn report(&mut self) -> String {
         let state = if self.child.is_running() { "running" } else { "exited" };
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
-        format!("qemu-storage-daemon {state}; its stderr ends:\n{}", tail.join("\n"))
+        format!("qemu-storage-daemon {state}; its stderr ends:\n{}", crate::process::last_lines(&log, 10))
     }
 
     /// A guest: an NBD client writing through QEMU.

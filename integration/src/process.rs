@@ -65,3 +65,9 @@ impl Drop for ChildGuard {
         self.kill();
     }
 }
+
+/// The last `n` lines of a process's log, for a failure's report.
+pub fn last_lines(log: &str, n: usize) -> String {
+    let tail: Vec<&str> = log.lines().rev().take(n).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}

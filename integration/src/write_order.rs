@@ -214,9 +214,8 @@ fn what_the_site_saw(site: &mut ProtectedSite, vpg: &str) -> String {
     let vpg_now = site.sm().and_then(|sm| sm.get(&format!("/api/v1/vpgs/{vpg}"))).map(|v| v.to_string());
     let mut out = format!("VPG {vpg_now:?}");
     for (h, agent) in site.agents.iter().enumerate().take(HOSTS) {
-        let log = agent.log_text();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
-        out.push_str(&format!("\nthe log of kvm-{h}'s VDSA ends:\n{}", tail.join("\n")));
+        let log = crate::process::last_lines(&agent.log_text(), 20);
+        out.push_str(&format!("\nthe log of kvm-{h}'s VDSA ends:\n{log}"));
     }
     for (h, vm) in site.vms.iter_mut().enumerate() {
         out.push_str(&format!("\nvm-{h}'s {}", vm.report()));
