@@ -21,6 +21,8 @@ pub enum QmpError {
     Protocol(String),
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    #[error("the tap job {job} stopped before it was in sync (job {status}: {why})")]
+    TapStopped { job: String, status: String, why: String },
 }
 
 /// A QMP connection. Events that arrive while waiting for a command's
@@ -144,10 +146,24 @@ impl TapState {
         self.ready && self.actively_synced && self.io_status == "ok" && self.status == "ready"
     }
 
-    /// The target failed; the job stopped and tracks dirty blocks.
+    /// The target failed and the job stopped there (a job attached with
+    /// `on-target-error: stop`, as by a VDSA before this one): it tracks
+    /// dirty blocks and waits to be cancelled.
     pub fn failed(&self) -> bool {
         self.io_status == "failed" || self.status == "paused"
     }
+
+    /// The job is on its way out by itself: QEMU accepts no cancel now
+    /// and removes it when it has finished.
+    pub fn ending(&self) -> bool {
+        matches!(self.status.as_str(), "aborting" | "concluded" | "null" | "waiting" | "pending")
+    }
+}
+
+/// Whether the tap no longer mirrors: its job is gone (it ended, as one
+/// does when its target fails), ending, or stopped with a failed target.
+pub fn stopped_mirroring(s: Option<&TapState>) -> bool {
+    s.is_none_or(|s| s.failed() || s.ending())
 }
 
 /// Attaches the tap and waits until the initial copy is done and every
@@ -169,13 +185,30 @@ pub fn attach(qmp: &mut Qmp, spec: &TapSpec, timeout: Duration) -> Result<TapSta
         "sync": if spec.sync_full { "full" } else { "none" },
         "copy-mode": "write-blocking",
         "filter-node-name": format!("{}-filter", spec.job_id),
-        "on-target-error": "stop",
+        // A failed target ends the job by itself; a stopped one would have
+        // to be force-cancelled while the guest writes, which QEMU 10.0
+        // does not survive (docs/management-protocol.md, "Taps").
+        "on-target-error": "report",
     });
     if let Err(e) = qmp.execute("blockdev-mirror", mirror) {
         let _ = qmp.execute("blockdev-del", json!({"node-name": spec.target_node}));
         return Err(e);
     }
-    wait_for(qmp, &spec.job_id, timeout, "the tap to be in sync", |s| s.map(|s| s.in_sync()).unwrap_or(false))
+    let s = wait_for(qmp, &spec.job_id, timeout, "the tap to be in sync", |s| {
+        s.is_some_and(TapState::in_sync) || stopped_mirroring(s)
+    })?;
+    if s.in_sync() {
+        return Ok(s);
+    }
+    // It ended (or stopped) during the copy: say why, as QEMU told it.
+    let why = qmp
+        .events
+        .iter()
+        .rev()
+        .filter(|e| e.pointer("/data/device").and_then(Value::as_str) == Some(spec.job_id.as_str()))
+        .find_map(|e| e.pointer("/data/error").and_then(Value::as_str))
+        .unwrap_or("no reason given");
+    Err(QmpError::TapStopped { job: spec.job_id.clone(), status: s.status, why: why.to_string() })
 }
 
 /// The job's state, or None if there is no such job.
@@ -228,12 +261,16 @@ pub fn wait_for(
 /// to the target and ends without pivoting. Force-cancelling a ready
 /// write-blocking mirror while the guest writes corrupts QEMU 10.0's heap
 /// (the VM dies; docs/management-protocol.md), so force is used only on a job
-/// whose target failed (paused with io-status failed: nothing is in flight)
-/// or one that did not end gracefully within [`GRACEFUL_DETACH`].
+/// whose target failed and that stopped there (left by a VDSA that attached
+/// with `on-target-error: stop`) or one that did not end gracefully within
+/// [`GRACEFUL_DETACH`]. A job that is ending by itself is waited for; one
+/// that is gone leaves only its target node to remove.
 pub fn detach(qmp: &mut Qmp, job_id: &str, target_node: &str) -> Result<(), QmpError> {
     if let Some(s) = state(qmp, job_id)? {
         let ended = if s.failed() {
             false
+        } else if s.ending() {
+            wait_for(qmp, job_id, GRACEFUL_DETACH, "the tap job to end", |s| s.is_none()).is_ok()
         } else {
             qmp.execute("block-job-cancel", json!({"device": job_id, "force": false}))?;
             let gone_or_failed = |s: Option<&TapState>| s.is_none_or(TapState::failed);
@@ -300,6 +337,44 @@ mod tests {
         let r = q.execute("query-block-jobs", json!({})).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r, json!(["mine"]));
         assert_eq!(q.events.len(), 1);
+        let _ = t.join();
+    }
+
+    #[test]
+    fn a_tap_whose_job_ends_during_the_copy_fails_its_attach_with_qemus_reason() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("qmp.sock");
+        let t = monitor(
+            &path,
+            vec![
+                vec![r#"{"return": {}, "id": {id}}"#],
+                vec![r#"{"return": {}, "id": {id}}"#],
+                vec![r#"{"return": {}, "id": {id}}"#],
+                vec![
+                    r#"{"event": "BLOCK_JOB_COMPLETED", "data": {"device": "other", "error": "not this one"}}"#,
+                    r#"{"event": "BLOCK_JOB_COMPLETED", "data": {"device": "tap9", "error": "Input/output error"}}"#,
+                    r#"{"return": [], "id": {id}}"#,
+                ],
+            ],
+        );
+        let mut q = Qmp::connect(&path).unwrap_or_else(|e| panic!("{e}"));
+        let spec = TapSpec {
+            job_id: "tap9".into(),
+            device: "src".into(),
+            target_node: "tap9-tgt".into(),
+            server: NbdAddress::Unix("/nowhere".into()),
+            export: "vmdisk".into(),
+            sync_full: true,
+            reconnect_delay: Some(5),
+        };
+        let start = Instant::now();
+        match attach(&mut q, &spec, Duration::from_secs(60)) {
+            Err(QmpError::TapStopped { job, status, why }) => {
+                assert_eq!((job.as_str(), status.as_str(), why.as_str()), ("tap9", "gone", "Input/output error"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "it waited for the job that had ended");
         let _ = t.join();
     }
 }

@@ -182,9 +182,12 @@ fn a_killed_vdsa_catches_up_by_delta_sync() {
     std::thread::sleep(Duration::from_millis(300));
     eprintln!("killing the vdsa");
     vdsa.kill();
+    // A failed target ends the job by itself: no job is left for the
+    // restarted VDSA to cancel while the guest writes, which QEMU 10.0 may
+    // not survive (docs/management-protocol.md).
     let failed =
-        kvm::wait_for(&mut qsd.qmp, "tap0", Duration::from_secs(30), "the job to report the target's failure", |s| {
-            s.is_some_and(|s| s.failed())
+        kvm::wait_for(&mut qsd.qmp, "tap0", Duration::from_secs(30), "the job to end on the target's failure", |s| {
+            s.is_none()
         });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let failed = failed.unwrap_or_else(|e| panic!("{e}"));

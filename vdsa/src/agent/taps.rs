@@ -51,7 +51,9 @@ fn job_prefix(disk: &protection_groups::DiskId) -> String {
 }
 
 /// Cancels jobs of this disk left by an earlier run or role (their queue
-/// is gone, so the disk is copied again anyway).
+/// is gone, so the disk is copied again anyway), and removes the target
+/// nodes of jobs that ended by themselves (a failed target ends a job;
+/// its NBD node stays until it is deleted).
 fn remove_leftovers(qmp: &mut Qmp, disk: &protection_groups::DiskId) -> Result<(), String> {
     let prefix = job_prefix(disk);
     let jobs = qmp.execute("query-block-jobs", json!({})).map_err(|e| e.to_string())?;
@@ -71,6 +73,25 @@ fn remove_leftovers(qmp: &mut Qmp, disk: &protection_groups::DiskId) -> Result<(
         let state = kvm::state(qmp, &job).map_err(|e| e.to_string())?;
         tracing::info!(%job, ?state, "cancelling a tap job left by an earlier role");
         kvm::detach(qmp, &job, &format!("{job}-tgt")).map_err(|e| e.to_string())?;
+    }
+    let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true})).map_err(|e| e.to_string())?;
+    let targets: Vec<String> = nodes
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.get("node-name").and_then(Value::as_str))
+                .filter(|name| name.starts_with(&prefix) && name.ends_with("-tgt"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    for node in targets {
+        tracing::info!(%node, "removing the target node of a tap job that ended by itself");
+        // A node that stays only costs QEMU an idle NBD client: the next
+        // attach's node has a name of its own.
+        if let Err(e) = qmp.execute("blockdev-del", json!({"node-name": &node})) {
+            tracing::warn!(%node, "cannot remove the old tap's node: {e}");
+        }
     }
     Ok(())
 }
@@ -346,7 +367,7 @@ pub fn run(
                 };
                 let state = with_monitor(&t.qmp_socket, |qmp| kvm::state(qmp, job).map_err(|e| e.to_string()));
                 match state {
-                    Ok(Some(s)) if !s.failed() => set_problem(None),
+                    Ok(s) if !kvm::stopped_mirroring(s.as_ref()) => set_problem(None),
                     Ok(_) => {
                         tracing::warn!(%job, "the tap's job ended: attaching again with a full copy");
                         pending.push(t);
