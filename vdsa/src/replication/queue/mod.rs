@@ -182,7 +182,17 @@ impl SendQueue {
             }
             let e = Entry::Write(w.clone());
             if self.room(&st, &e) {
-                let pages = self.append(&mut st, e)?;
+                let pages = match self.append(&mut st, e) {
+                    Ok(pages) => pages,
+                    Err(err) => {
+                        // The tap is told the write failed, but the VM's
+                        // disk may hold it: the stream is behind the disk
+                        // until a resync, and no marker is consistent.
+                        st.needs_resync = true;
+                        mark_dirty(&mut st, &w);
+                        return Err(err);
+                    }
+                };
                 return Ok((Pushed::Queued, SpillWrites { queue: self, pages }));
             }
             // A sync's writes are never dropped (the sync would have to
