@@ -162,6 +162,23 @@ impl StorageDaemon {
         Ok(StorageDaemon { child, log: log_path, qmp, guest_sock, vdsa_qmp_sock, image: image.to_path_buf() })
     }
 
+    /// Tap target nodes (`JOB-tgt`) whose job `JOB` QEMU no longer runs:
+    /// what a tap that ended left behind and nobody removed.
+    pub fn stray_tap_nodes(&mut self) -> Result<Vec<String>> {
+        let names = |v: &Value, key: &str| -> Vec<String> {
+            v.as_array()
+                .map(|a| a.iter().filter_map(|j| j.get(key).and_then(Value::as_str)).map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        let jobs = names(&self.qmp.execute("query-block-jobs", serde_json::json!({}))?, "device");
+        let nodes =
+            names(&self.qmp.execute("query-named-block-nodes", serde_json::json!({"flat": true}))?, "node-name");
+        Ok(nodes
+            .into_iter()
+            .filter(|n| n.strip_suffix("-tgt").is_some_and(|job| !jobs.iter().any(|j| j == job)))
+            .collect())
+    }
+
     /// Whether the daemon has exited, and what it wrote to stderr, for a
     /// failure's report (a VM whose QEMU died explains a tap that cannot
     /// attach).

@@ -78,6 +78,9 @@ pub struct WriteOrderReport {
     /// resize with the new size, a size that went back, the last offered
     /// checkpoint without the new size).
     pub size_problems: Vec<String>,
+    /// At the end, before the VDSAs stop: per VM, tap target nodes whose
+    /// job is gone (left by a tap that ended, not removed).
+    pub stray_tap_nodes: Vec<Vec<String>>,
 }
 
 /// The VM changes of [`WriteOrderOptions::changes`], in order.
@@ -382,6 +385,11 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
         inserted.len(),
         started.elapsed().as_secs_f64()
     ));
+    let stray_tap_nodes = site
+        .vms
+        .iter_mut()
+        .map(|vm| if vm.is_running() { vm.stray_tap_nodes() } else { Ok(Vec::new()) })
+        .collect::<Result<Vec<_>>>()?;
     // Stop the sources (drained), then the recovery VDSA (journal synced).
     for a in site.agents.iter_mut() {
         a.stop();
@@ -400,6 +408,7 @@ pub fn run(lab: &Path, dir: &Path, o: &WriteOrderOptions, mut say: impl FnMut(St
         max_write_ms,
         faulted,
         offered_after_fault,
+        stray_tap_nodes,
         offered_after_changes: changes.last().map_or(0, |(_, c)| offered.iter().filter(|id| *id > c).count()),
         changes,
         ..Default::default()

@@ -80,6 +80,9 @@ fn a_sigkill_between_prepare_and_commit_offers_no_half_made_checkpoint() {
             "{fault:?}: checkpoint {id}, cut short by the fault, is durable: {record:?}"
         );
         assert!(r.offered_after_fault > 0, "{fault:?}: protection did not resume");
+        // The tap the dead VDSA left ended by itself; its node went with
+        // the next attach.
+        assert!(r.stray_tap_nodes.iter().all(Vec::is_empty), "{fault:?}: {:?}", r.stray_tap_nodes);
         for (host, ms) in r.max_write_ms.iter().enumerate() {
             if fault == Fault::Vdsa && host == 1 {
                 continue; // its VDSA died: its writes waited for the new one
@@ -111,4 +114,5 @@ fn write_order_holds_while_disks_are_added_grown_and_removed_and_a_vm_moves() {
     assert!(r.size_problems.is_empty(), "seed {seed}: {:?} (sizes {:?})", r.size_problems, r.grown_disk_sizes);
     assert!(r.offered_after_changes > 0, "seed {seed}: no checkpoint offered after the VM moved");
     assert!(r.checked >= 3, "seed {seed}: only {} checkpoints checked", r.checked);
+    assert!(r.stray_tap_nodes.iter().all(Vec::is_empty), "seed {seed}: {:?}", r.stray_tap_nodes);
 }
