@@ -317,23 +317,27 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_greeting_or_stale_reply_where_a_reply_is_expected_is_passed_over() {
+    /// A connection to a scripted monitor (its first answer is to the
+    /// capabilities negotiation), with the folder of its socket.
+    fn scripted(script: Vec<Vec<&'static str>>) -> (tempfile::TempDir, Qmp, std::thread::JoinHandle<()>) {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("qmp.sock");
-        let t = monitor(
-            &path,
+        let t = monitor(&path, script);
+        let q = Qmp::connect(&path).unwrap_or_else(|e| panic!("{e}"));
+        (dir, q, t)
+    }
+
+    #[test]
+    fn a_greeting_or_stale_reply_where_a_reply_is_expected_is_passed_over() {
+        let (_dir, mut q, t) = scripted(vec![
+            vec![r#"{"return": {}, "id": {id}}"#],
             vec![
-                vec![r#"{"return": {}, "id": {id}}"#],
-                vec![
-                    r#"{"QMP": {"version": {}, "capabilities": []}}"#,
-                    r#"{"return": ["stale"], "id": 999}"#,
-                    r#"{"event": "JOB_STATUS_CHANGE", "data": {}}"#,
-                    r#"{"return": ["mine"], "id": {id}}"#,
-                ],
+                r#"{"QMP": {"version": {}, "capabilities": []}}"#,
+                r#"{"return": ["stale"], "id": 999}"#,
+                r#"{"event": "JOB_STATUS_CHANGE", "data": {}}"#,
+                r#"{"return": ["mine"], "id": {id}}"#,
             ],
-        );
-        let mut q = Qmp::connect(&path).unwrap_or_else(|e| panic!("{e}"));
+        ]);
         let r = q.execute("query-block-jobs", json!({})).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r, json!(["mine"]));
         assert_eq!(q.events.len(), 1);
@@ -342,22 +346,16 @@ mod tests {
 
     #[test]
     fn a_tap_whose_job_ends_during_the_copy_fails_its_attach_with_qemus_reason() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.path().join("qmp.sock");
-        let t = monitor(
-            &path,
+        let (_dir, mut q, t) = scripted(vec![
+            vec![r#"{"return": {}, "id": {id}}"#],
+            vec![r#"{"return": {}, "id": {id}}"#],
+            vec![r#"{"return": {}, "id": {id}}"#],
             vec![
-                vec![r#"{"return": {}, "id": {id}}"#],
-                vec![r#"{"return": {}, "id": {id}}"#],
-                vec![r#"{"return": {}, "id": {id}}"#],
-                vec![
-                    r#"{"event": "BLOCK_JOB_COMPLETED", "data": {"device": "other", "error": "not this one"}}"#,
-                    r#"{"event": "BLOCK_JOB_COMPLETED", "data": {"device": "tap9", "error": "Input/output error"}}"#,
-                    r#"{"return": [], "id": {id}}"#,
-                ],
+                r#"{"event": "BLOCK_JOB_COMPLETED", "data": {"device": "other", "error": "not this one"}}"#,
+                r#"{"event": "BLOCK_JOB_COMPLETED", "data": {"device": "tap9", "error": "Input/output error"}}"#,
+                r#"{"return": [], "id": {id}}"#,
             ],
-        );
-        let mut q = Qmp::connect(&path).unwrap_or_else(|e| panic!("{e}"));
+        ]);
         let spec = TapSpec {
             job_id: "tap9".into(),
             device: "src".into(),
