@@ -165,17 +165,10 @@ impl StorageDaemon {
     /// Tap target nodes (`JOB-tgt`) whose job `JOB` QEMU no longer runs:
     /// what a tap that ended left behind and nobody removed.
     pub fn stray_tap_nodes(&mut self) -> Result<Vec<String>> {
-        let names = |v: &Value, key: &str| -> Vec<String> {
-            v.as_array()
-                .map(|a| a.iter().filter_map(|j| j.get(key).and_then(Value::as_str)).map(str::to_string).collect())
-                .unwrap_or_default()
-        };
-        let jobs = names(&self.qmp.execute("query-block-jobs", serde_json::json!({}))?, "device");
-        let nodes =
-            names(&self.qmp.execute("query-named-block-nodes", serde_json::json!({"flat": true}))?, "node-name");
-        Ok(nodes
+        let jobs = kvm::job_ids(&mut self.qmp)?;
+        Ok(kvm::node_names(&mut self.qmp)?
             .into_iter()
-            .filter(|n| n.strip_suffix("-tgt").is_some_and(|job| !jobs.iter().any(|j| j == job)))
+            .filter(|n| kvm::job_of_target_node(n).is_some_and(|job| !jobs.iter().any(|j| j == job)))
             .collect())
     }
 
@@ -199,7 +192,7 @@ impl StorageDaemon {
         let spec = TapSpec {
             job_id: job.into(),
             device: "src".into(),
-            target_node: format!("{job}-tgt"),
+            target_node: kvm::target_node(job),
             server: NbdAddress::Unix(tap_sock.display().to_string()),
             export: export.into(),
             sync_full: true,
@@ -211,7 +204,7 @@ impl StorageDaemon {
     /// Detaches the tap (gracefully unless its target failed; see
     /// `vdsa::kvm::detach`).
     pub fn detach(&mut self, job: &str) -> Result<()> {
-        Ok(kvm::detach(&mut self.qmp, job, &format!("{job}-tgt"))?)
+        Ok(kvm::detach(&mut self.qmp, job, &kvm::target_node(job))?)
     }
 
     /// Whether the daemon still runs (a move powers it off).

@@ -75,6 +75,18 @@ impl Qmp {
         }
     }
 
+    /// The error job `job_id` ended with, as the `BLOCK_JOB_COMPLETED`
+    /// event this connection received says (None: no such event yet, or
+    /// the job ended without an error).
+    pub fn job_error(&self, job_id: &str) -> Option<&str> {
+        self.events
+            .iter()
+            .rev()
+            .filter(|e| e.get("event").and_then(Value::as_str) == Some("BLOCK_JOB_COMPLETED"))
+            .filter(|e| e.pointer("/data/device").and_then(Value::as_str) == Some(job_id))
+            .find_map(|e| e.pointer("/data/error").and_then(Value::as_str))
+    }
+
     /// Runs a command and returns its "return" value.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let id = self.next_id;
@@ -201,14 +213,36 @@ pub fn attach(qmp: &mut Qmp, spec: &TapSpec, timeout: Duration) -> Result<TapSta
         return Ok(s);
     }
     // It ended (or stopped) during the copy: say why, as QEMU told it.
-    let why = qmp
-        .events
-        .iter()
-        .rev()
-        .filter(|e| e.pointer("/data/device").and_then(Value::as_str) == Some(spec.job_id.as_str()))
-        .find_map(|e| e.pointer("/data/error").and_then(Value::as_str))
-        .unwrap_or("no reason given");
-    Err(QmpError::TapStopped { job: spec.job_id.clone(), status: s.status, why: why.to_string() })
+    let why = qmp.job_error(&spec.job_id).unwrap_or("no reason given").to_string();
+    Err(QmpError::TapStopped { job: spec.job_id.clone(), status: s.status, why })
+}
+
+/// The NBD target node of tap job `job_id`: named after its job, so that
+/// a node a job left behind can be told to whom it belonged.
+pub fn target_node(job_id: &str) -> String {
+    format!("{job_id}-tgt")
+}
+
+/// The job whose target node `node` is, if it is a tap's target node.
+pub fn job_of_target_node(node: &str) -> Option<&str> {
+    node.strip_suffix("-tgt")
+}
+
+/// The ids of the block jobs QEMU runs.
+pub fn job_ids(qmp: &mut Qmp) -> Result<Vec<String>, QmpError> {
+    Ok(strings_under(&qmp.execute("query-block-jobs", json!({}))?, "device"))
+}
+
+/// The names of QEMU's named block nodes.
+pub fn node_names(qmp: &mut Qmp) -> Result<Vec<String>, QmpError> {
+    Ok(strings_under(&qmp.execute("query-named-block-nodes", json!({"flat": true}))?, "node-name"))
+}
+
+/// The string at `key` of each object of the array `v`.
+fn strings_under(v: &Value, key: &str) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|o| o.get(key).and_then(Value::as_str)).map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// The job's state, or None if there is no such job.

@@ -194,11 +194,8 @@ fn a_killed_vdsa_catches_up_by_delta_sync() {
     eprintln!("job after the kill: {failed:?}");
     assert!(!failed.actively_synced, "{failed:?}");
     // It ended on the target's error, not by a cancel.
-    let ended = qsd.qmp.events.iter().find(|e| {
-        e["event"] == "BLOCK_JOB_COMPLETED" && e.pointer("/data/device").and_then(|d| d.as_str()) == Some("tap0")
-    });
-    let error = ended.and_then(|e| e.pointer("/data/error")).and_then(|e| e.as_str());
-    assert!(error.is_some_and(|e| !e.is_empty()), "the job did not end with the target's error: {ended:?}");
+    let error = qsd.qmp.job_error("tap0");
+    assert!(error.is_some_and(|e| !e.is_empty()), "the job did not end with the target's error: {:?}", qsd.qmp.events);
     eprintln!("QEMU: the job ended with {error:?}");
     // The guest's writes after the kill all succeeded (guest_write panics
     // on an error).

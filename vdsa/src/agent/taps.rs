@@ -56,40 +56,21 @@ fn job_prefix(disk: &protection_groups::DiskId) -> String {
 /// its NBD node stays until it is deleted).
 fn remove_leftovers(qmp: &mut Qmp, disk: &protection_groups::DiskId) -> Result<(), String> {
     let prefix = job_prefix(disk);
-    let jobs = qmp.execute("query-block-jobs", json!({})).map_err(|e| e.to_string())?;
-    let ids: Vec<String> = jobs
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|j| j.get("device").and_then(Value::as_str))
-                .filter(|id| id.starts_with(&prefix))
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    for job in ids {
+    let jobs = kvm::job_ids(qmp).map_err(|e| e.to_string())?;
+    for job in jobs.into_iter().filter(|id| id.starts_with(&prefix)) {
         // Its state is logged: how QEMU holds a job a dead VDSA left
         // decides how it must be cancelled (docs/management-protocol.md).
         let state = kvm::state(qmp, &job).map_err(|e| e.to_string())?;
         tracing::info!(%job, ?state, "cancelling a tap job left by an earlier role");
-        kvm::detach(qmp, &job, &format!("{job}-tgt")).map_err(|e| e.to_string())?;
+        kvm::detach(qmp, &job, &kvm::target_node(&job)).map_err(|e| e.to_string())?;
     }
-    let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true})).map_err(|e| e.to_string())?;
-    let targets: Vec<String> = nodes
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|n| n.get("node-name").and_then(Value::as_str))
-                .filter(|name| name.starts_with(&prefix) && name.ends_with("-tgt"))
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
+    let nodes = kvm::node_names(qmp).map_err(|e| e.to_string())?;
+    let targets = nodes.iter().filter(|n| kvm::job_of_target_node(n).is_some_and(|job| job.starts_with(&prefix)));
     for node in targets {
         tracing::info!(%node, "removing the target node of a tap job that ended by itself");
         // A node that stays only costs QEMU an idle NBD client: the next
         // attach's node has a name of its own.
-        if let Err(e) = qmp.execute("blockdev-del", json!({"node-name": &node})) {
+        if let Err(e) = qmp.execute("blockdev-del", json!({"node-name": node})) {
             tracing::warn!(%node, "cannot remove the old tap's node: {e}");
         }
     }
@@ -118,7 +99,7 @@ fn attach_one(
         let spec = TapSpec {
             job_id: job.clone(),
             device: t.device.clone(),
-            target_node: format!("{job}-tgt"),
+            target_node: kvm::target_node(&job),
             server: server.clone(),
             export: export.to_string(),
             sync_full: true,
@@ -221,7 +202,7 @@ const RESIZE_RETRY: Duration = Duration::from_secs(30);
 fn grow_one(t: &TapAttach, job: Option<&str>, size: u64, stream: &SourceStream) -> Result<(), String> {
     if let Some(job) = job {
         with_monitor(&t.qmp_socket, |qmp| {
-            kvm::detach(qmp, job, &format!("{job}-tgt")).map_err(|e| format!("cannot detach the tap: {e}"))
+            kvm::detach(qmp, job, &kvm::target_node(job)).map_err(|e| format!("cannot detach the tap: {e}"))
         })?;
     }
     stream.resize(t.disk, size).map_err(|e| e.to_string())
@@ -389,7 +370,7 @@ pub fn run(
         }
     }
     for (socket, job) in attached {
-        let r = with_monitor(&socket, |qmp| kvm::detach(qmp, &job, &format!("{job}-tgt")).map_err(|e| e.to_string()));
+        let r = with_monitor(&socket, |qmp| kvm::detach(qmp, &job, &kvm::target_node(&job)).map_err(|e| e.to_string()));
         if let Err(e) = r {
             tracing::warn!(%job, "cannot detach the tap: {e}");
         }
